@@ -1,0 +1,156 @@
+"""Prometheus metrics of one hub (its own registry, so several hubs can live in one test process).
+
+Counters and histograms are updated in the hub as things happen. Series that describe the store
+(queue depth, oldest pending delivery, schedule lag) come from a snapshot that the alert loop reads
+every few seconds on its own thread: a scrape never runs a query on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+STEP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+@dataclass
+class StoreSnapshot:
+    """What the store held at `at`: pending deliveries per destination and how overdue each schedule is."""
+
+    at: float = 0.0
+    # (flow, destination) -> (pending deliveries, created_at of the oldest)
+    queue: dict[tuple[str, str], tuple[int, float | None]] = field(default_factory=dict)
+    schedule_lag: dict[str, float] = field(default_factory=dict)  # flow -> seconds overdue (0: on time)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "patchbay_events_received_total", "Webhook requests received.", ["flow"], registry=r
+        )
+        self.accepted = Counter(
+            "patchbay_events_accepted_total",
+            "Events persisted, by status after the steps.",
+            ["flow", "status"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "patchbay_events_duplicate_total", "Re-sent events acknowledged again.", ["flow"], registry=r
+        )
+        self.rejected = Counter(
+            "patchbay_requests_rejected_total",
+            "Inbound requests refused, by reason.",
+            ["flow", "code"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "patchbay_delivery_attempts_total",
+            "Delivery attempts by outcome class.",
+            ["flow", "destination", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "patchbay_delivery_latency_seconds",
+            "Latency of delivery attempts.",
+            ["flow", "destination"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.destination_paused = Gauge(
+            "patchbay_destination_paused",
+            "1 while a destination is paused or disabled.",
+            ["flow", "destination"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "patchbay_delivery_retries_total",
+            "Attempts that repeated an earlier attempt of the same delivery (after a transient failure, "
+            "a resume or a replay), counted from the store every few seconds.",
+            ["flow", "destination"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "patchbay_step_duration_seconds",
+            "Time one step of a flow took for one event (from the run trace).",
+            ["flow", "step"],
+            registry=r,
+            buckets=STEP_BUCKETS,
+        )
+        self.alerts_firing = Gauge(
+            "patchbay_alerts_firing",
+            "Alerts firing now, by kind of rule and flow.",
+            ["kind", "flow"],
+            registry=r,
+        )
+        self.snapshot = StoreSnapshot()
+        r.register(_StoreCollector(self))
+
+    def observe_steps(self, flow: str, trace: Iterable[dict[str, Any]]) -> None:
+        """Record each step's duration from a run trace (skipped steps and routing have none)."""
+        for entry in trace:
+            ms = entry.get("ms")
+            if ms is not None:
+                self.step_seconds.labels(flow, str(entry.get("step", "?"))).observe(ms / 1000)
+
+    def set_alerts_firing(self, counts: dict[tuple[str, str], int]) -> None:
+        self.alerts_firing.clear()  # no await between clear and set: a scrape never sees them half-done
+        for (kind, flow), n in counts.items():
+            self.alerts_firing.labels(kind, flow).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StoreCollector(Collector):
+    """Series read from the last store snapshot; the oldest pending age is computed at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.metrics.snapshot
+        depth, age, lag, at = self._families()
+        now = time.time()
+        for (flow, dest), (n, oldest) in sorted(snap.queue.items()):
+            depth.add_metric([flow, dest], n)
+            age.add_metric([flow, dest], max(0.0, now - oldest) if n and oldest is not None else 0.0)
+        for flow, seconds in sorted(snap.schedule_lag.items()):
+            lag.add_metric([flow], seconds)
+        if snap.at:
+            at.add_metric([], snap.at)
+        return iter((depth, age, lag, at))
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "patchbay_delivery_queue_depth",
+                "Deliveries waiting (pending) per destination.",
+                labels=["flow", "destination"],
+            ),
+            GaugeMetricFamily(
+                "patchbay_delivery_oldest_pending_age_seconds",
+                "Age of the oldest pending delivery per destination (0 when none waits).",
+                labels=["flow", "destination"],
+            ),
+            GaugeMetricFamily(
+                "patchbay_schedule_lag_seconds",
+                "How far a scheduled flow's next run is overdue (0 when on time).",
+                labels=["flow"],
+            ),
+            GaugeMetricFamily(
+                "patchbay_store_snapshot_timestamp_seconds",
+                "When the store-derived series were last read (Unix time).",
+            ),
+        )

@@ -1,0 +1,1 @@
+"""Steps a record passes through between trigger and destinations: map, validate, filter, ..."""

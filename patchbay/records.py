@@ -1,0 +1,96 @@
+"""Records and the dotted-path helpers every step uses; event ids."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+_MISSING: Any = object()
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+
+
+def new_id(prefix: str = "evt") -> str:
+    """A sortable unique id: 48 bits of milliseconds then 80 random bits (ULID layout)."""
+    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_B32[n & 31])
+        n >>= 5
+    return f"{prefix}_{''.join(reversed(chars))}"
+
+
+def dig(data: Any, path: str, default: Any = None) -> Any:
+    """Value at a dotted path (`properties.email`, `items.0.sku`), or `default`."""
+    if path in ("", "@"):
+        return data
+    cur = data
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part, _MISSING)
+        elif isinstance(cur, list) and part.lstrip("-").isdigit():
+            i = int(part)
+            cur = cur[i] if -len(cur) <= i < len(cur) else _MISSING
+        else:
+            return default
+        if cur is _MISSING:
+            return default
+    return cur
+
+
+def has_path(data: Any, path: str) -> bool:
+    return dig(data, path, _MISSING) is not _MISSING
+
+
+def put(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set a value at a dotted path, creating the objects on the way (nesting)."""
+    parts = path.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = cur[part] = {}
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def delete(data: dict[str, Any], path: str) -> None:
+    parts = path.split(".")
+    cur: Any = data
+    for part in parts[:-1]:
+        cur = cur.get(part) if isinstance(cur, dict) else None
+        if cur is None:
+            return
+    if isinstance(cur, dict):
+        cur.pop(parts[-1], None)
+
+
+def flatten(data: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists are kept as values."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict) and data:
+        for k, v in data.items():
+            key = f"{prefix}{sep}{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key, sep))
+            else:
+                out[key] = v
+    elif prefix:
+        out[prefix] = data
+    return out
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, counting stops once past `limit`."""
+    depth = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > depth:
+                depth = d
+                if depth > limit:
+                    return depth
+            children = v.values() if isinstance(v, dict) else v
+            stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
+    return depth

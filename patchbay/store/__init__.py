@@ -1,0 +1,1 @@
+"""Where events, runs, deliveries and attempts live: SQLite by default."""

@@ -1,0 +1,493 @@
+"""The embedded store: one SQLite file in WAL mode, synchronous=FULL, with group commit.
+
+Writes go through one writer thread that takes every operation waiting in its queue, runs each
+in its own savepoint inside one transaction, commits once (one fsync for the whole group) and
+only then resolves the callers' futures: an acknowledged event is on disk. Reads use a second
+connection on a reader thread, so a slow query never blocks the event loop or the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from patchbay.errors import PatchbayError
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  flow TEXT NOT NULL,
+  dedupe_key TEXT,
+  body_hash TEXT NOT NULL,
+  received_at REAL NOT NULL,
+  updated_at REAL NOT NULL,
+  status TEXT NOT NULL,
+  record_key TEXT,
+  reason TEXT,
+  payload BLOB NOT NULL,
+  meta TEXT NOT NULL DEFAULT '{}',
+  trace TEXT NOT NULL DEFAULT '[]'
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(flow, dedupe_key) WHERE dedupe_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_flow_time ON events(flow, received_at);
+CREATE INDEX IF NOT EXISTS events_status ON events(status, received_at);
+CREATE INDEX IF NOT EXISTS events_key ON events(record_key) WHERE record_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS deliveries(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  event_id TEXT NOT NULL,
+  flow TEXT NOT NULL,
+  destination TEXT NOT NULL,
+  status TEXT NOT NULL,
+  request TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  retries INTEGER NOT NULL DEFAULT 0,
+  next_at REAL NOT NULL,
+  last_error TEXT,
+  created_at REAL NOT NULL,
+  updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(flow, destination, status, next_at, id);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(status, updated_at);
+CREATE TABLE IF NOT EXISTS attempts(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  delivery_id INTEGER NOT NULL,
+  n INTEGER NOT NULL,
+  started_at REAL NOT NULL,
+  latency_ms REAL NOT NULL,
+  status_code INTEGER,
+  outcome TEXT NOT NULL,
+  excerpt TEXT NOT NULL DEFAULT '',
+  error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id, n);
+CREATE TABLE IF NOT EXISTS destinations(
+  flow TEXT NOT NULL,
+  destination TEXT NOT NULL,
+  state TEXT NOT NULL,
+  reason TEXT,
+  since REAL NOT NULL,
+  PRIMARY KEY(flow, destination)
+);
+CREATE TABLE IF NOT EXISTS cursors(
+  flow TEXT PRIMARY KEY,
+  value TEXT NOT NULL,
+  updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules(
+  flow TEXT PRIMARY KEY,
+  last_started_at REAL,
+  last_finished_at REAL,
+  last_status TEXT,
+  last_error TEXT,
+  next_due_at REAL,
+  runs INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS audit(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  at REAL NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  target TEXT NOT NULL DEFAULT '',
+  detail TEXT NOT NULL DEFAULT '{}',
+  origin TEXT NOT NULL DEFAULT ''
+);
+"""
+
+EVENT_FINAL = ("delivered", "dead", "quarantined", "filtered", "discarded")
+
+
+class StoreLocked(PatchbayError):
+    pass
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # an acknowledged event survives power loss, not only a crash
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def init_schema(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+_STOP = object()
+
+
+class _Writer(threading.Thread):
+    """Group commit: one transaction (and one fsync) per batch of queued operations."""
+
+    def __init__(self, path: Path, max_batch: int = 512) -> None:
+        super().__init__(name="patchbay-store-writer", daemon=True)
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.path = path
+        self.max_batch = max_batch
+        self.commits = 0
+        self.ops = 0
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        try:
+            while True:
+                item = self.q.get()
+                if item is _STOP:
+                    return
+                batch = [item]
+                while len(batch) < self.max_batch:
+                    try:
+                        nxt = self.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        self._run_batch(conn, batch)
+                        return
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[Any, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for loop, fut, fn, args in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    res = fn(conn, *args)
+                    conn.execute("RELEASE op")
+                    results.append((fut, True, res))
+                except Exception as exc:  # one bad operation must not sink the group
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.ops += len(batch)
+        except Exception as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(fut, False, exc) for _, fut, _, _ in batch]
+        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
+        for (loop, _, _, _), r in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append(r)
+        for loop, rs in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, rs)
+
+
+def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _j(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class SqliteStore:
+    """The default store. `await` its methods from the hub; the CLI uses `SqliteStore.sync()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path)
+        init_schema(conn)
+        conn.close()
+        self._writer = _Writer(self.path)
+        self._writer.start()
+        self._reader_local = threading.local()
+        self._rexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-reader")
+        self._lock_fd: int | None = None
+        self._closed = False
+
+    # -------------------------------------------------------------- plumbing
+    def lock(self) -> None:
+        """Only one hub may serve a SQLite store; a second `serve` is refused, not corrupting."""
+        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise StoreLocked(
+                f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
+            ) from exc
+        self._lock_fd = fd
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._writer.q.put((loop, fut, fn, args))
+        return fut
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._reader_local.conn = connect(self.path)
+        return conn
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._rexec, lambda: fn(self._reader(), *args))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.q.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._rexec.submit(lambda: getattr(self._reader_local, "conn", None) and self._reader_local.conn.close())
+        self._rexec.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"commits": self._writer.commits, "ops": self._writer.ops}
+
+    # -------------------------------------------------------------- hot path
+    async def accept(self, event: NewEvent) -> Accepted:
+        return await self._write(tx_accept, event)
+
+    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+        """Several events and the source cursor that covers them, committed together."""
+        return await self._write(tx_accept_batch, events, flow, cursor)
+
+    async def due(self, flow: str, destination: str, now: float, limit: int, skip: set[int]) -> list[DueDelivery]:
+        return await self._read(q_due, flow, destination, now, limit, frozenset(skip))
+
+    async def next_due_at(self, flow: str, destination: str) -> float | None:
+        return await self._read(q_next_due_at, flow, destination)
+
+    async def record(self, results: list[AttemptResult]) -> None:
+        await self._write(tx_record, results)
+
+    async def destination_states(self) -> dict[tuple[str, str], tuple[str, str | None, float]]:
+        return await self._read(q_destination_states)
+
+    async def set_destination_state(self, flow: str, destination: str, state: str, reason: str | None) -> None:
+        await self._write(tx_set_destination_state, flow, destination, state, reason)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run any query function `fn(conn, *args)` on the reader thread."""
+        return await self._read(fn, *args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run any transaction function `fn(conn, *args)` through the group-commit writer."""
+        return await self._write(fn, *args)
+
+
+class SyncStore:
+    """Direct, synchronous access for the CLI (WAL lets it run beside a serving hub)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = connect(self.path)
+        init_schema(self.conn)
+
+    def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self.conn, *args)
+
+    def write(self, fn: Callable[..., T], *args: Any) -> T:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            res = fn(self.conn, *args)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return res
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ================================================================== operations
+# Each takes a connection first; transactions (tx_*) run inside the writer's savepoint.
+
+
+def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
+    now = time.time()
+    if e.dedupe_key is not None:
+        row = conn.execute(
+            "SELECT id, body_hash FROM events WHERE flow=? AND dedupe_key=?", (e.flow, e.dedupe_key)
+        ).fetchone()
+        if row is not None:
+            return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    conn.execute(
+        "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
+        " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            e.id, e.flow, e.dedupe_key, e.body_hash, e.received_at, now, e.status, e.record_key, e.reason,
+            e.payload, _j(e.meta), _j(e.trace),
+        ),
+    )
+    if e.deliveries:
+        conn.executemany(
+            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
+            " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
+            [(e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now) for d in e.deliveries],
+        )
+    return Accepted(e.id)
+
+
+def tx_accept_batch(conn: sqlite3.Connection, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    out = [tx_accept(conn, e) for e in events]
+    if cursor is not None:
+        tx_set_cursor(conn, flow, cursor)
+    return out
+
+
+def tx_set_cursor(conn: sqlite3.Connection, flow: str, cursor: Any) -> None:
+    conn.execute(
+        "INSERT INTO cursors(flow, value, updated_at) VALUES(?,?,?)"
+        " ON CONFLICT(flow) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+        (flow, _j(cursor), time.time()),
+    )
+
+
+def q_cursor(conn: sqlite3.Connection, flow: str) -> Any:
+    row = conn.execute("SELECT value FROM cursors WHERE flow=?", (flow,)).fetchone()
+    return None if row is None else orjson.loads(row[0])
+
+
+def tx_reset_cursor(conn: sqlite3.Connection, flow: str) -> bool:
+    return conn.execute("DELETE FROM cursors WHERE flow=?", (flow,)).rowcount > 0
+
+
+def q_schedule(conn: sqlite3.Connection, flow: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM schedules WHERE flow=?", (flow,)).fetchone()
+    return None if row is None else dict(row)
+
+
+def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
+    conn.execute("INSERT OR IGNORE INTO schedules(flow) VALUES(?)", (flow,))
+    if fields.pop("count_run", False):
+        conn.execute("UPDATE schedules SET runs=runs+1 WHERE flow=?", (flow,))
+    if fields:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        conn.execute(f"UPDATE schedules SET {cols} WHERE flow=?", (*fields.values(), flow))
+
+
+def q_due(
+    conn: sqlite3.Connection, flow: str, destination: str, now: float, limit: int, skip: frozenset[int]
+) -> list[DueDelivery]:
+    rows = conn.execute(
+        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries"
+        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? ORDER BY id LIMIT ?",
+        (flow, destination, now, limit + len(skip)),
+    ).fetchall()
+    out = []
+    for r in rows:
+        if r["id"] in skip:
+            continue
+        out.append(
+            DueDelivery(
+                r["id"], r["event_id"], flow, destination, orjson.loads(r["request"]), r["idempotency_key"],
+                r["attempts"], r["retries"],
+            )
+        )
+        if len(out) >= limit:
+            break
+    return out
+
+
+def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
+    row = conn.execute(
+        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'", (flow, destination)
+    ).fetchone()
+    return row[0]
+
+
+def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
+    now = time.time()
+    events: set[str] = set()
+    for r in results:
+        conn.execute(
+            "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
+            " last_error=?, updated_at=? WHERE id=?",
+            (
+                r.new_status, 1 if r.consumed_retry else 0, r.next_at,
+                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"), now, r.delivery_id,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)"
+            " VALUES(?, (SELECT attempts FROM deliveries WHERE id=?), ?, ?, ?, ?, ?, ?)",
+            (r.delivery_id, r.delivery_id, r.started_at, r.latency_ms, r.status_code, r.outcome, r.excerpt, r.error),
+        )
+        if r.new_status != "pending":
+            events.add(r.event_id)
+    for ev in events:
+        refresh_event_status(conn, ev, now)
+
+
+def refresh_event_status(conn: sqlite3.Connection, event_id: str, now: float | None = None) -> str:
+    """An event's status follows its deliveries: pending while any is, dead if any died, else delivered."""
+    row = conn.execute(
+        "SELECT SUM(status='pending'), SUM(status='dead'), SUM(status='delivered'), COUNT(*)"
+        " FROM deliveries WHERE event_id=?",
+        (event_id,),
+    ).fetchone()
+    pending, dead, delivered, total = (x or 0 for x in row)
+    if total == 0:
+        return ""
+    status = "pending" if pending else "dead" if dead else "delivered" if delivered else "discarded"
+    conn.execute(
+        "UPDATE events SET status=?, updated_at=? WHERE id=? AND status NOT IN ('quarantined','filtered')",
+        (status, now or time.time(), event_id),
+    )
+    return status
+
+
+def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None, float]]:
+    return {
+        (r["flow"], r["destination"]): (r["state"], r["reason"], r["since"])
+        for r in conn.execute("SELECT * FROM destinations")
+    }
+
+
+def tx_set_destination_state(conn: sqlite3.Connection, flow: str, destination: str, state: str, reason: str | None) -> None:
+    conn.execute(
+        "INSERT INTO destinations(flow, destination, state, reason, since) VALUES(?,?,?,?,?)"
+        " ON CONFLICT(flow, destination) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
+        " since=CASE WHEN destinations.state=excluded.state THEN destinations.since ELSE excluded.since END",
+        (flow, destination, state, reason, time.time()),
+    )
+
+
+def tx_audit(conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any], origin: str = "") -> None:
+    conn.execute(
+        "INSERT INTO audit(at, actor, action, target, detail, origin) VALUES(?,?,?,?,?,?)",
+        (time.time(), actor, action, target, _j(detail), origin),
+    )
