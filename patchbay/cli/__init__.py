@@ -1,0 +1,11 @@
+"""The `patchbay` command: thin wrappers that parse arguments and call the engine and the store.
+
+Exit codes: 0 ok, 1 the thing asked about is not well (problems found, nothing matched), 2 usage or
+config errors, 3 the store or the hub could not be reached.
+"""
+
+from __future__ import annotations
+
+from patchbay.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,491 @@
+"""Command definitions."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from patchbay.errors import ConfigError, PatchbayError
+
+EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
+
+project_option = click.option(
+    "-p", "--project", "project_dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("PATCHBAY_PROJECT", "."),
+    show_default="PATCHBAY_PROJECT or .", help="Project folder.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def _ts(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _parse_time(value: str | None) -> float | None:
+    """`2026-11-23`, `2026-11-23T10:00`, or an age such as `15m`, `2h`, `1d` ago."""
+    if value is None:
+        return None
+    from patchbay.config.durations import parse_duration
+
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: write an ISO date/time (2026-11-23T10:00) or an age (15m, 2h, 1d)") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _load(project_dir: Path, check_secrets: bool = True) -> Any:
+    from patchbay.config.project import load_project
+    from patchbay.engine.hub import open_resolver_for
+
+    resolver = open_resolver_for(project_dir)
+    project, problems = load_project(project_dir, resolver.exists if check_secrets else None)
+    if project is None:
+        for p in problems:
+            click.echo(str(p), err=True)
+        click.echo(f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.", err=True)
+        sys.exit(EXIT_CONFIG)
+    return project, resolver
+
+
+def _store(project_dir: Path) -> Any:
+    from patchbay.config.project import load_project
+    from patchbay.store.sqlite import SyncStore
+
+    project, problems = load_project(project_dir)
+    if project is None:  # queries still work on a project whose config is broken right now
+        from patchbay.config.models import HubSettings
+        from patchbay.config.project import Project
+
+        project = Project(project_dir, HubSettings())
+    path = project.store_path
+    if not path.exists():
+        click.echo(f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True)
+        sys.exit(EXIT_STORE)
+    return SyncStore(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="patchbay")
+def main() -> None:
+    """Patchbay: integrations as code, delivered durably, every failure visible."""
+
+
+# ------------------------------------------------------------------------- init
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), default="demo")
+@click.option("--force", is_flag=True, help="Write into a non-empty folder.")
+def init(directory: Path, force: bool) -> None:
+    """Create an example project (lead capture: webhook -> map -> validate -> CRM + chat)."""
+    from patchbay.scaffold import create_project
+
+    try:
+        created = create_project(directory, force=force)
+    except PatchbayError as exc:
+        click.echo(f"init: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    for f in created:
+        click.echo(f"  created {f}")
+    click.echo(f"\nNext: patchbay serve {directory}")
+
+
+# ------------------------------------------------------------------------- check
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=".")
+@json_option
+def check(directory: Path, as_json: bool) -> None:
+    """Validate a project before it runs: every problem as file:line: what is wrong, how to fix."""
+    from patchbay.config.project import load_project
+    from patchbay.engine.hub import open_resolver_for
+    from patchbay.security.ssrf import outbound_warnings
+
+    resolver = open_resolver_for(directory)
+    project, problems = load_project(directory, resolver.exists)
+    warnings = outbound_warnings(project) if project is not None else []  # reported, never failing
+    if as_json:
+        _echo_json({"ok": project is not None, "problems": [p.__dict__ for p in problems],
+                    "warnings": [w.__dict__ for w in warnings],
+                    "flows": sorted(project.flows) if project else [], "systems": sorted(project.systems) if project else []})
+    else:
+        for p in problems:
+            click.echo(str(p))
+        for w in warnings:
+            click.echo(f"{w.file}:{w.line}: warning: {w.message}")
+        if project is not None:
+            click.echo(f"ok: {len(project.systems)} systems, {len(project.flows)} flows")
+            for f in project.flows.values():
+                trig = f"POST {f.webhook_path}" if f.webhook_path else "manual"
+                click.echo(f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})")
+        else:
+            click.echo(f"{len(problems)} problem(s)")
+    sys.exit(0 if project is not None else EXIT_CONFIG)
+
+
+# ------------------------------------------------------------------------- serve
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=".")
+@click.option("--host", default=None, help="Listen address (default from patchbay.yaml: 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Listen port (default from patchbay.yaml: 8787).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
+def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
+    """Run the hub: webhook endpoints, delivery workers, health and metrics."""
+    import asyncio
+
+    from patchbay import logs
+    from patchbay.engine.hub import Hub
+    from patchbay.server.app import run_hub
+    from patchbay.store.sqlite import StoreLocked
+
+    project, resolver = _load(directory)
+    logs.setup(log_format or project.settings.log_format, resolver.redactor)
+    hub = Hub(project, resolver=resolver)
+    h = host or project.settings.host
+    p = project.settings.port if port is None else port
+
+    def ready(bound: int) -> None:
+        from patchbay.scaffold import banner
+
+        click.echo(banner(project, h, bound), err=True)
+
+    try:
+        import uvloop
+
+        uvloop.install() if sys.version_info < (3, 12) else None
+    except ImportError:
+        pass
+    try:
+        asyncio.run(run_hub(hub, host=h, port=p, on_ready=ready))
+    except StoreLocked as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_STORE)
+    except OSError as exc:
+        click.echo(f"serve: cannot listen on {h}:{p}: {exc.strerror}; pick another --port", err=True)
+        sys.exit(EXIT_STORE)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
+    except PatchbayError as exc:
+        click.echo(f"serve: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+# ------------------------------------------------------------------------- send
+@main.command()
+@click.argument("flow")
+@project_option
+@click.option("--data", "-d", help="JSON body (default: an example lead). Use @file.json to read a file.")
+@click.option("--url", help="Hub base URL (default from patchbay.yaml).")
+@click.option("--id", "event_id", help="Sender event id (default: a new one).")
+def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_id: str | None) -> None:
+    """POST a correctly signed test event to FLOW's webhook on the running hub."""
+    import urllib.error
+    import urllib.request
+
+    from patchbay.scaffold import EXAMPLE_LEAD, signed_headers
+
+    project, resolver = _load(project_dir)
+    spec = project.flows.get(flow)
+    if spec is None or spec.webhook_path is None:
+        click.echo(f"send: no webhook flow {flow!r}; flows: {', '.join(sorted(project.flows))}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if data is None:
+        body = json.dumps(EXAMPLE_LEAD).encode()
+    elif data.startswith("@"):
+        body = Path(data[1:]).read_bytes()
+    else:
+        body = data.encode()
+    headers = signed_headers(project, spec, resolver, body, event_id)
+    base = url or f"http://{project.settings.host}:{project.settings.port}"
+    req = urllib.request.Request(base + spec.webhook_path, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            click.echo(f"{resp.status} {resp.read().decode()}")
+    except urllib.error.HTTPError as exc:
+        click.echo(f"{exc.code} {exc.read().decode()}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    except urllib.error.URLError as exc:
+        click.echo(f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True)
+        sys.exit(EXIT_STORE)
+
+
+# ------------------------------------------------------------------------- runs
+@main.group(invoke_without_command=True)
+@project_option
+@click.option("--flow", help="Only this flow.")
+@click.option("--status", type=click.Choice(["pending", "delivered", "dead", "quarantined", "filtered"]))
+@click.option("--since", help="From this time (ISO) or age (15m, 2h, 1d).")
+@click.option("--until", help="Before this time (ISO) or age.")
+@click.option("--key", help="Record key, e.g. an email address.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@json_option
+@click.pass_context
+def runs(ctx: click.Context, project_dir: Path, flow: str | None, status: str | None, since: str | None,
+         until: str | None, key: str | None, limit: int, as_json: bool) -> None:
+    """List runs (newest first); `runs show ID` prints one trace."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = project_dir
+        return
+    from patchbay.store.queries import RunFilter, list_runs
+
+    store = _store(project_dir)
+    rows = store.read(list_runs, RunFilter(flow, status, _parse_time(since), _parse_time(until), key, limit))
+    if as_json:
+        _echo_json(rows)
+        return
+    for name, late in late_schedules(store, project_dir):
+        click.echo(f"LATE: schedule of flow {name} should have run {late:.0f}s ago; is the hub running?")
+    if not rows:
+        click.echo("no runs match")
+        sys.exit(EXIT_PROBLEMS)
+    click.echo(f"{'RUN':<31} {'FLOW':<18} {'STATUS':<12} {'RECEIVED (UTC)':<20} {'KEY':<28} REASON")
+    for r in rows:
+        click.echo(f"{r['id']:<31} {r['flow']:<18} {_status(r['status']):<12} {_ts(r['received_at']):<20} "
+                   f"{(r['record_key'] or '-')[:28]:<28} {(r['reason'] or '')[:80]}")
+
+
+def _status(s: str) -> str:
+    return s
+
+
+@runs.command("show")
+@click.argument("run_id")
+@project_option
+@json_option
+def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
+    """Print a run's trace: trigger, each step's output, each destination's attempts."""
+    from patchbay.store.queries import get_run
+
+    store = _store(project_dir)
+    run = store.read(get_run, run_id)
+    if run is None:
+        click.echo(f"no run {run_id!r}; list them with `patchbay runs`", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    if as_json:
+        _echo_json(run)
+        return
+    from patchbay.cli.trace import render_trace
+
+    click.echo(render_trace(run))
+
+
+# ------------------------------------------------------------------------- dead
+@main.command()
+@project_option
+@click.option("--flow", help="Only this flow.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@json_option
+def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters and quarantined events with their reasons."""
+    from patchbay.store.queries import list_dead
+
+    store = _store(project_dir)
+    rows = store.read(list_dead, flow, limit)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no dead letters, nothing quarantined")
+        return
+    click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
+    for r in rows:
+        target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
+        click.echo(f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
+                   f"{(r['reason'] or '')[:100]}")
+    click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
+
+
+# ------------------------------------------------------------------------- replay
+@main.command()
+@click.argument("run_ids", nargs=-1)
+@project_option
+@click.option("--all", "all_", is_flag=True, help="Every dead letter and quarantined event (narrow with --flow).")
+@click.option("--flow", help="Only this flow.")
+@click.option("--destination", help="Only deliveries to this destination.")
+@json_option
+def replay(run_ids: tuple[str, ...], project_dir: Path, all_: bool, flow: str | None, destination: str | None,
+           as_json: bool) -> None:
+    """Run dead or quarantined events again through the flow as configured now."""
+    from patchbay.engine.hub import build_sinks
+    from patchbay.engine.pipeline import Pipeline
+    from patchbay.engine.replay import find_replayable, tx_replay
+
+    if not run_ids and not all_:
+        click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
+        sys.exit(EXIT_CONFIG)
+    project, resolver = _load(project_dir)
+    pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
+    store = _store(project_dir)
+    ids = store.read(lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination))
+    report = store.write(tx_replay, pipelines, ids, destination, os.environ.get("USER", "cli"))
+    if as_json:
+        _echo_json(report.__dict__)
+    else:
+        for eid in report.requeued:
+            click.echo(f"requeued {eid}")
+        for eid, why in report.still_invalid:
+            click.echo(f"still failing {eid}: {why}")
+        for eid, why in report.skipped:
+            click.echo(f"skipped {eid}: {why}")
+        click.echo(f"{len(report.requeued)} requeued; the running hub delivers them within a second.")
+    sys.exit(0 if report.requeued or not ids else EXIT_PROBLEMS)
+
+
+# ------------------------------------------------------------------------- resume
+@main.command()
+@click.argument("flow")
+@click.argument("destination", required=False)
+@project_option
+def resume(flow: str, destination: str | None, project_dir: Path) -> None:
+    """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival."""
+    from patchbay.store.sqlite import tx_audit, tx_set_destination_state
+
+    store = _store(project_dir)
+    rows = store.read(lambda c: [dict(r) for r in c.execute("SELECT * FROM destinations WHERE flow=? AND state!='active'", (flow,))])
+    targets = [r for r in rows if destination in (None, r["destination"])]
+    if not targets:
+        click.echo(f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}")
+        sys.exit(EXIT_PROBLEMS)
+    for r in targets:
+        store.write(tx_set_destination_state, flow, r["destination"], "active", None)
+        store.write(tx_audit, os.environ.get("USER", "cli"), "resume", f"{flow}/{r['destination']}", {"was": r["state"]})
+        click.echo(f"resumed {flow}/{r['destination']} (was {r['state']}: {r['reason']})")
+
+
+# ------------------------------------------------------------------------- state
+@main.command()
+@click.argument("flow")
+@project_option
+@click.option("--reset", is_flag=True, help="Forget the source cursor: the next poll reads from the start.")
+@json_option
+def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
+    """Show a flow's source cursor and schedule; --reset forgets the cursor."""
+    from patchbay.store.sqlite import q_cursor, q_schedule, tx_audit, tx_reset_cursor
+
+    store = _store(project_dir)
+    if reset:
+        done = store.write(tx_reset_cursor, flow)
+        store.write(tx_audit, os.environ.get("USER", "cli"), "cursor.reset", flow, {})
+        click.echo(f"cursor of {flow} reset; the next poll reads from the start (seen records are not repeated)"
+                   if done else f"{flow} had no cursor")
+        return
+    cursor = store.read(q_cursor, flow)
+    sched = store.read(q_schedule, flow)
+    spec = _schedule_spec(project_dir, flow)
+    if as_json:
+        _echo_json({"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec)})
+        return
+    click.echo(f"flow {flow}")
+    click.echo(f"  cursor: {json.dumps(cursor) if cursor is not None else '(none: the next poll reads from the start)'}")
+    if spec is not None:
+        click.echo(f"  schedule: {'cron ' + spec.cron + ' ' + spec.timezone if spec.cron else f'every {spec.every:g}s'}")
+    if sched:
+        click.echo(f"  last run: {_ts(sched['last_started_at'])} -> {sched['last_status'] or '-'}"
+                   + (f" ({sched['last_error']})" if sched["last_error"] else ""))
+        click.echo(f"  next run: {_ts(sched['next_due_at'])}   runs so far: {sched['runs']}")
+        late = _late(sched, spec)
+        if late:
+            click.echo(f"  LATE by {late:.0f}s: is the hub running?")
+
+
+def _schedule_spec(project_dir: Path, flow: str) -> Any:
+    from patchbay.config.project import load_project
+
+    project, _ = load_project(project_dir)
+    f = project.flows.get(flow) if project else None
+    return f.trigger.schedule if f else None
+
+
+def _late(sched: dict[str, Any] | None, spec: Any) -> float:
+    """Seconds a schedule is overdue beyond its tolerance, or 0."""
+    from patchbay.engine.scheduler import late_after
+
+    if not sched or not sched.get("next_due_at"):
+        return 0.0
+    over = time.time() - sched["next_due_at"]
+    tolerance = max(60.0, late_after(spec)) if spec is not None else 60.0
+    return over if over > tolerance else 0.0
+
+
+def late_schedules(store: Any, project_dir: Path) -> list[tuple[str, float]]:
+    rows = store.read(lambda c: [dict(r) for r in c.execute("SELECT * FROM schedules")])
+    out = []
+    for r in rows:
+        late = _late(r, _schedule_spec(project_dir, r["flow"]))
+        if late:
+            out.append((r["flow"], late))
+    return out
+
+
+# ------------------------------------------------------------------------- connectors
+@main.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def connectors(ctx: click.Context, as_json: bool) -> None:
+    """List installed connectors and what each can be (source, destination)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import importlib.util
+
+    from patchbay import registry
+
+    registry.discover()
+    rows = []
+    for kind, e in sorted(registry.CONNECTORS.items()):
+        roles = sorted(registry._BY_ROLE.get(kind, {}))
+        driver = DRIVERS.get(e.extra or "", None)
+        ready = driver is None or importlib.util.find_spec(driver) is not None
+        rows.append({"kind": kind, "roles": roles, "status": e.status, "summary": e.summary, "extra": e.extra,
+                     "driver_installed": ready})
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'KIND':<12} {'SOURCE':<7} {'DEST':<5} {'STATUS':<7} SUMMARY")
+    for r in rows:
+        hint = "" if r["driver_installed"] else f"  (pip install 'patchbay[{r['extra']}]')"
+        click.echo(f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
+                   f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}")
+    click.echo("\n`patchbay connectors show KIND` lists a connector's settings.")
+
+
+DRIVERS = {"postgres": "psycopg", "mysql": "aiomysql", "amqp": "aio_pika", "mqtt": "paho", "nats": "nats",
+           "redis": "redis", "email": "aiosmtplib"}
+
+
+@connectors.command("show")
+@click.argument("kind")
+def connectors_show(kind: str) -> None:
+    """Every setting of KIND with its type, default and description (the same schema `check` uses)."""
+    from patchbay import registry
+    from patchbay.specdoc import connector_doc
+
+    registry.discover()
+    if kind not in registry.CONNECTORS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, registry.CONNECTORS, n=1)
+        click.echo(f"no connector {kind!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                   + f" (installed: {', '.join(sorted(registry.CONNECTORS))})", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    click.echo(connector_doc(kind))
+
+
+from patchbay.cli import secrets as _secrets  # noqa: E402,F401  (registers `patchbay secrets`)
+from patchbay.cli import tokens as _tokens  # noqa: E402,F401  (registers `patchbay tokens` and `patchbay audit`)

@@ -1,0 +1,65 @@
+"""Render one run's trace for a terminal: what came in, what each step made, what each destination said."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+MARK = {"success": "ok", "transient": "retry", "terminal": "FAIL", "auth": "PAUSE", "gone": "GONE"}
+
+
+def _t(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _short(value: Any, limit: int = 400) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def render_trace(run: dict[str, Any]) -> str:
+    out = [
+        f"run {run['id']}  flow {run['flow']}  status {run['status'].upper()}",
+        f"received {datetime.fromtimestamp(run['received_at'], timezone.utc).isoformat(timespec='milliseconds')}"
+        + (f"  key {run['record_key']}" if run.get("record_key") else ""),
+    ]
+    if run.get("reason"):
+        out.append(f"reason: {run['reason']}")
+    out.append("")
+    out.append(f"1. trigger  received {len(json.dumps(run['payload'], default=str))} bytes from {run['meta'].get('remote', '?')}")
+    out.append(f"   payload  {_short(run['payload'])}")
+    n = 1
+    for step in run["trace"]:
+        n += 1
+        head = f"{n}. {step['step']}"
+        if step.get("skipped"):
+            out.append(f"{head}  skipped (when was false)")
+        elif "error" in step:
+            out.append(f"{head}  STOPPED here:")
+            out.extend(f"     - {e}" for e in step["error"])
+        elif "dropped" in step:
+            out.append(f"{head}  filtered out: {step['dropped']}")
+        elif "routes" in step:
+            routes = ", ".join(f"{r['destination']}{'' if r['matched'] else ' (not matched)'}" for r in step["routes"])
+            out.append(f"{head}  -> {routes}")
+        else:
+            out.append(f"{head}  ({step.get('ms', 0)} ms) output {_short(step.get('output'))}")
+    for d in run["deliveries"]:
+        n += 1
+        req = d["request"]
+        out.append(f"{n}. deliver to {d['destination']}: {d['status'].upper()}  {req.get('method', '')} {req.get('url', '')}"
+                   f"  key {d['idempotency_key']}")
+        for a in d["attempts_log"]:
+            code = a["status_code"] if a["status_code"] is not None else "---"
+            line = f"     attempt {a['n']}  {_t(a['started_at'])}  {code}  {a['latency_ms']:.0f} ms  {MARK.get(a['outcome'], a['outcome'])}"
+            if a["error"]:
+                line += f"  {a['error']}"
+            out.append(line)
+            if a["excerpt"] and a["outcome"] != "success":
+                out.append(f"       response: {a['excerpt'][:300]}")
+        if d["status"] == "pending" and d["attempts"]:
+            out.append(f"     next attempt at {_t(d['next_at'])} UTC")
+        if d["status"] == "dead":
+            out.append(f"     dead letter: {d['last_error']}. Fix it, then `patchbay replay {run['id']}`")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""The engine: from an accepted event to delivered requests (pipeline, delivery policy, workers, hub)."""

@@ -1,0 +1,204 @@
+"""Per-destination delivery: a feeder reads due deliveries from the store, workers send them.
+
+Backlog lives in the store; memory holds at most `4 x max_concurrency` deliveries per destination,
+so RSS stays flat however large the backlog grows. A delivery is "leased" in memory while it is
+queued or in flight, and released only after its result is committed. After a crash nothing is
+leased, so whatever was in flight is simply due again (same idempotency key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from patchbay.config.project import DestinationSpec
+from patchbay.connectors.base import Destination, Outcome, OutcomeClass
+from patchbay.engine.policy import decide
+from patchbay.store.base import AttemptResult, DueDelivery, Store
+
+log = logging.getLogger("patchbay.delivery")
+
+
+class DestinationWorker:
+    def __init__(
+        self,
+        flow: str,
+        spec: DestinationSpec,
+        sink: Destination,
+        store: Store,
+        *,
+        on_state: Callable[[str, str, str, str], Any] | None = None,
+        on_attempt: Callable[[str, str, Outcome], None] | None = None,
+        state: str = "active",
+    ) -> None:
+        self.flow = flow
+        self.spec = spec
+        self.name = spec.name
+        self.sink = sink
+        self.store = store
+        self.policy = spec.policy
+        self.state = state
+        self.state_since = 0.0  # when `state` last changed here; the store's newer changes win
+        self.on_state = on_state
+        self.on_attempt = on_attempt
+        self.leased: set[int] = set()
+        self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=4 * self.policy.max_concurrency)
+        self.wake = asyncio.Event()
+        self.resumed = asyncio.Event()
+        if state == "active":
+            self.resumed.set()
+        self.rng = random.Random()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.inflight = 0
+        self.bucket = TokenBucket(self.policy.rate_limit_per_s) if self.policy.rate_limit_per_s else None
+
+    # -------------------------------------------------------------- control
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._feed(), name=f"feed {self.flow}/{self.name}"))
+        for i in range(self.policy.max_concurrency):
+            self._tasks.append(asyncio.create_task(self._work(), name=f"send {self.flow}/{self.name} #{i}"))
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self.state_since = time.time()
+        if state == "active":
+            self.resumed.set()
+            self.wake.set()
+        else:
+            self.resumed.clear()
+            self._drain()  # queued ones go back to the store, so the order of arrival holds after resume
+
+    def _drain(self) -> None:
+        while not self.queue.empty():
+            d = self.queue.get_nowait()
+            self.leased.discard(d.id)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking work; let in-flight attempts finish for up to `grace_s`."""
+        self._stopping = True
+        self.resumed.set()
+        self.wake.set()
+        feeder, workers = self._tasks[:1], self._tasks[1:]
+        for t in feeder:
+            t.cancel()
+        self._drain()
+        deadline = time.monotonic() + grace_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for t in workers:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -------------------------------------------------------------- loops
+    async def _feed(self) -> None:
+        while not self._stopping:
+            try:
+                if self.state != "active":
+                    await self.resumed.wait()
+                    continue
+                room = self.queue.maxsize - self.queue.qsize()
+                if room <= 0:
+                    await self._sleep(0.05)
+                    continue
+                self.wake.clear()
+                batch = await self.store.due(self.flow, self.name, time.time(), room, self.leased)
+                for d in batch:
+                    self.leased.add(d.id)
+                    self.queue.put_nowait(d)
+                if len(batch) < room:
+                    nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
+                    wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - time.time()))
+                    if wait > 0 or not batch:
+                        await self._sleep(wait if wait > 0 else 0.05)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store hiccup must not kill delivery; try again shortly
+                log.exception("reading due deliveries for %s/%s", self.flow, self.name)
+                await asyncio.sleep(1.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _work(self) -> None:
+        while True:
+            d = await self.queue.get()
+            if self.state != "active":
+                self.leased.discard(d.id)
+                continue
+            self.inflight += 1
+            try:
+                if self.bucket is not None:
+                    await self.bucket.take()
+                await self._attempt(d)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivering %s to %s/%s", d.event_id, self.flow, self.name)
+            finally:
+                self.inflight -= 1
+                self.leased.discard(d.id)
+
+    async def _attempt(self, d: DueDelivery) -> None:
+        started = time.time()
+        try:
+            outcome = await self.sink.send(d.request, d.idempotency_key)
+        except Exception as exc:  # a connector bug is a transient failure, not a lost event
+            outcome = Outcome(OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}")
+        decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
+        if self.on_attempt:
+            self.on_attempt(self.flow, self.name, outcome)
+        await self.store.record(
+            [
+                AttemptResult(
+                    d.id, d.event_id, started, outcome.latency_ms, outcome.status_code, outcome.cls.value,
+                    outcome.excerpt, outcome.error or decision.reason, decision.status, decision.next_at,
+                    decision.consumed_retry,
+                )
+            ]
+        )
+        if decision.status == "dead":
+            log.warning(
+                "dead letter: %s -> %s/%s: %s", d.event_id, self.flow, self.name, decision.reason,
+                extra={"event_id": d.event_id, "flow": self.flow, "destination": self.name},
+            )
+        elif decision.consumed_retry:
+            log.info("retry: %s -> %s/%s: %s; %s", d.event_id, self.flow, self.name, outcome.summary, decision.reason)
+        if decision.destination_state and self.state == "active":
+            self.set_state(decision.destination_state)
+            if self.on_state:
+                await self.on_state(self.flow, self.name, decision.destination_state, outcome.summary)
+
+
+class TokenBucket:
+    """Spreads attempts to at most `rate` per second (bursts up to one second's worth)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.at = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        async with self.lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+                self.at = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)

@@ -1,0 +1,296 @@
+"""The hub: one project's flows wired to a store, destination workers and an ingest function."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchbay import registry
+from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
+import orjson
+
+from patchbay.connectors.base import Batch, Destination, Outcome, Resources, SourceRecord
+from patchbay.engine.alerts import AlertManager
+from patchbay.engine.delivery import DestinationWorker
+from patchbay.engine.pipeline import Pipeline
+from patchbay.metrics import Metrics
+from patchbay.records import new_id
+from patchbay.security.secrets import SecretResolver
+from patchbay.store.base import Accepted, NewEvent
+from patchbay.store.sqlite import SqliteStore, tx_audit
+
+log = logging.getLogger("patchbay.hub")
+alerts = logging.getLogger("patchbay.alert")
+
+
+def build_sinks(flow: FlowSpec, project: Project, resolver: SecretResolver, resources: Resources | None) -> dict[str, Destination]:
+    """One destination object per flow destination, each seeing only its own system's credentials."""
+    out: dict[str, Destination] = {}
+    for dest in flow.destinations:
+        system: SystemSpec = project.systems[dest.system]
+        found = registry.connector_for(dest.kind, "destination")
+        assert found is not None
+        cls, _ = found
+        res = Resources(
+            http=resources.http if resources else None,
+            secret=resolver.scoped(system_secret_refs(system)),
+            redact=resolver.redactor,
+            extra={**(resources.extra if resources else {}), "root": project.root, "flow": flow.name},
+            system=system.name,
+            allow_private=system.common.allow_private_network,
+            allow_networks=tuple(system.common.allow_networks),
+        )
+        out[dest.name] = cls(system.config, dest.config, dest.policy, res)
+    return out
+
+
+def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
+    """The secret resolver for a project: its vault (if a master key exists) then the environment."""
+    return open_resolver_for(project.root), None
+
+
+def open_resolver_for(root: Path) -> SecretResolver:
+    from patchbay.security.project import open_project_secrets
+
+    return open_project_secrets(root)[1]
+
+
+@dataclass
+class FlowRuntime:
+    spec: FlowSpec
+    pipeline: Pipeline
+    workers: dict[str, DestinationWorker]
+    source: Any = None
+    schedule: Any = None  # ScheduleRunner
+    stream_task: asyncio.Task[None] | None = None
+
+
+class Hub:
+    def __init__(self, project: Project, *, resolver: SecretResolver | None = None) -> None:
+        self.project = project
+        self.metrics = Metrics()
+        self.resolver = resolver
+        self.store: SqliteStore | None = None
+        self.resources = Resources()
+        self.flows: dict[str, FlowRuntime] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self.alert_manager: AlertManager | None = None
+        self.started_at = time.time()
+
+    @classmethod
+    def from_dir(cls, root: Path) -> Hub:
+        project = load_or_raise(root)  # secrets are checked in start(), with the vault open
+        return cls(project)
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self, *, lock: bool = True) -> None:
+        if self.resolver is None:
+            self.resolver, _ = open_resolver(self.project)
+        self.store = SqliteStore(self.project.store_path)
+        if lock:
+            self.store.lock()
+        await self.resources.http_session()
+        self.resources.redact = self.resolver.redactor
+        states = await self.store.destination_states()
+        for name, flow in self.project.flows.items():
+            sinks = build_sinks(flow, self.project, self.resolver, self.resources)
+            for dest in flow.destinations:  # resolve now: a missing secret stops the start, not a delivery
+                for ref in system_secret_refs(self.project.systems[dest.system]):
+                    self.resolver.resolve(ref)
+            workers = {}
+            for dest in flow.destinations:
+                state = states.get((name, dest.name), ("active", None, 0.0))[0]
+                w = DestinationWorker(
+                    name, dest, sinks[dest.name], self.store, state=state,
+                    on_state=self._destination_state_changed, on_attempt=self._count_attempt,
+                )
+                self.metrics.destination_paused.labels(name, dest.name).set(0 if state == "active" else 1)
+                if state != "active":
+                    alerts.warning("destination %s of flow %s is %s: %s; run `patchbay resume %s %s`",
+                                   dest.name, name, state, states[(name, dest.name)][1], name, dest.name)
+                workers[dest.name] = w
+            self.flows[name] = FlowRuntime(flow, Pipeline(flow, sinks), workers)
+        self.alert_manager = AlertManager(self)
+        self.alert_manager.install(states)  # alert messages are events of the internal flow `_alerts`
+        for fr in self.flows.values():
+            for w in fr.workers.values():
+                w.start()
+        for fr in self.flows.values():
+            self._start_trigger(fr)
+        self._watch = asyncio.create_task(self._watch_states())
+        await self.alert_manager.start()
+
+    def _start_trigger(self, fr: FlowRuntime) -> None:
+        from patchbay.engine.scheduler import ScheduleRunner
+        from patchbay.engine.sources import consume, poll_once
+
+        spec = fr.spec
+        if not spec.enabled:
+            return
+        assert self.store is not None and self.resolver is not None
+        if spec.source is not None:
+            system = self.project.systems[spec.source.system]
+            found = registry.connector_for(spec.source.kind, "source")
+            assert found is not None
+            res = Resources(http=self.resources.http, secret=self.resolver.scoped(system_secret_refs(system)),
+                            redact=self.resolver.redactor, system=system.name,
+                            extra={"flow": spec.name, "root": self.project.root},
+                            allow_private=system.common.allow_private_network,
+                            allow_networks=tuple(system.common.allow_networks))
+            fr.source = found[0](system.config, spec.source.config, res)
+        if spec.trigger.schedule is not None:
+            if fr.source is not None:
+                src = fr.source
+
+                async def job(due: float) -> None:
+                    await poll_once(self, fr, src)
+            else:
+                async def job(due: float) -> None:
+                    tick = {"flow": spec.name, "scheduled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due))}
+                    await self.ingest_batch(spec.name, Batch([SourceRecord(tick, id=f"tick:{due:.0f}")]))
+
+            fr.schedule = ScheduleRunner(spec.name, spec.trigger.schedule, self.store, job)
+            fr.schedule.start()
+        elif fr.source is not None and spec.source is not None and spec.source.mode == "stream":
+            fr.stream_task = asyncio.create_task(consume(self, fr, fr.source), name=f"consume {spec.name}")
+
+    async def stop(self) -> None:
+        if self.alert_manager is not None:
+            await self.alert_manager.stop()
+        if self._watch:
+            self._watch.cancel()
+        for fr in self.flows.values():  # stop taking new work first
+            if fr.schedule is not None:
+                await fr.schedule.stop()
+            if fr.stream_task is not None:
+                fr.stream_task.cancel()
+                await asyncio.gather(fr.stream_task, return_exceptions=True)
+            if fr.source is not None:
+                try:
+                    await fr.source.close()
+                except Exception:
+                    log.exception("closing the source of %s", fr.spec.name)
+        grace = self.project.settings.shutdown_grace_s
+        await asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values()))
+        for fr in self.flows.values():
+            for sink in fr.pipeline.sinks.values():
+                try:
+                    await sink.close()
+                except Exception:
+                    log.exception("closing a destination of %s", fr.spec.name)
+        if self.resources.http is not None:
+            await self.resources.http.close()
+        if self.store is not None:
+            await self.store.close()
+
+    # -------------------------------------------------------------- ingest
+    def _event(self, fr: FlowRuntime, payload: bytes, record: Any, dedupe_key: str | None,
+               meta: dict[str, Any] | None) -> NewEvent:
+        event_id = new_id()
+        processed = fr.pipeline.process(record, event_id)
+        return NewEvent(
+            id=event_id,
+            flow=fr.spec.name,
+            received_at=time.time(),
+            payload=payload,
+            body_hash=hashlib.sha256(payload).hexdigest(),
+            dedupe_key=dedupe_key,
+            status=processed.status,
+            record_key=processed.record_key,
+            meta=meta or {},
+            trace=processed.trace,
+            reason=processed.reason,
+            deliveries=processed.deliveries,
+        )
+
+    def _after_commit(self, fr: FlowRuntime, event: NewEvent, accepted: Accepted) -> str:
+        name = fr.spec.name
+        if accepted.duplicate:
+            self.metrics.duplicates.labels(name).inc()
+            return "duplicate"
+        self.metrics.accepted.labels(name, event.status).inc()
+        self.metrics.observe_steps(name, event.trace)
+        if event.status == "quarantined":
+            log.warning("quarantined: %s in %s: %s", event.id, name, event.reason,
+                        extra={"event_id": event.id, "flow": name})
+        for d in event.deliveries:
+            fr.workers[d.destination].notify()
+        return event.status
+
+    async def ingest(
+        self,
+        flow_name: str,
+        payload: bytes,
+        record: Any,
+        *,
+        dedupe_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> tuple[Accepted, str]:
+        """Run the steps and persist the event with its deliveries in one transaction."""
+        assert self.store is not None
+        fr = self.flows[flow_name]
+        event = self._event(fr, payload, record, dedupe_key, meta)
+        accepted = await self.store.accept(event)
+        return accepted, self._after_commit(fr, event, accepted)
+
+    async def ingest_batch(self, flow_name: str, batch: Batch, meta: dict[str, Any] | None = None) -> list[Accepted]:
+        """A source's batch: every event and the source cursor in one transaction; returns after commit."""
+        assert self.store is not None
+        fr = self.flows[flow_name]
+        events = []
+        for r in batch.records:
+            payload = r.raw if r.raw is not None else orjson.dumps(r.data)
+            events.append(self._event(fr, payload, r.data, r.id, meta))
+        accepted = await self.store.accept_batch(events, flow_name, batch.cursor)
+        for e, a in zip(events, accepted, strict=True):
+            self._after_commit(fr, e, a)
+        return accepted
+
+    # -------------------------------------------------------------- destination state
+    async def _destination_state_changed(self, flow: str, dest: str, state: str, reason: str) -> None:
+        assert self.store is not None
+        await self.store.set_destination_state(flow, dest, state, reason)
+        self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
+        if self.alert_manager is not None:
+            self.alert_manager.kick()
+        alerts.error(
+            "ALERT destination %s of flow %s %s: %s; its deliveries wait. Fix it, then run `patchbay resume %s %s`",
+            dest, flow, state, reason, flow, dest, extra={"flow": flow, "destination": dest, "alert": state},
+        )
+
+    def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:
+        self.metrics.attempts.labels(flow, dest, outcome.cls.value).inc()
+        self.metrics.latency.labels(flow, dest).observe(outcome.latency_ms / 1000)
+
+    async def set_state(self, flow: str, dest: str, state: str, actor: str = "api") -> None:
+        assert self.store is not None
+        await self.store.set_destination_state(flow, dest, state, None)
+        await self.store.write(tx_audit, actor, "resume" if state == "active" else state, f"{flow}/{dest}", {})
+        self.flows[flow].workers[dest].set_state(state)
+        self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
+        if self.alert_manager is not None:
+            self.alert_manager.kick()
+
+    async def _watch_states(self) -> None:
+        """Pick up changes made by the CLI (resume, replay) from the store."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                states = await self.store.destination_states()
+            except Exception:
+                log.exception("reading destination states")
+                continue
+            for fr in self.flows.values():
+                for w in fr.workers.values():
+                    new, _, since = states.get((fr.spec.name, w.name), ("active", None, 0.0))
+                    if new != w.state and since > w.state_since:
+                        log.info("destination %s/%s is now %s", fr.spec.name, w.name, new)
+                        w.set_state(new)
+                        self.metrics.destination_paused.labels(fr.spec.name, w.name).set(0 if new == "active" else 1)
+                    w.notify()

@@ -1,0 +1,111 @@
+"""Run a flow's steps over one record and render one request per routed destination."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from patchbay.config.project import FlowSpec
+from patchbay.connectors.base import Destination
+from patchbay.errors import RecordInvalid, Violation
+from patchbay.processors.base import Dropped
+from patchbay.records import dig
+from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
+from patchbay.store.base import NewDelivery
+
+
+@dataclass
+class Processed:
+    status: str  # pending | quarantined | filtered
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
+    deliveries: list[NewDelivery] = field(default_factory=list)
+    record_key: str | None = None
+
+
+class Pipeline:
+    """A flow, compiled: steps then routing, as one pure function of the record."""
+
+    def __init__(self, flow: FlowSpec, sinks: dict[str, Destination]) -> None:
+        self.flow = flow
+        self.sinks = sinks
+
+    def redact(self, record: Any) -> Any:
+        """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
+        return redact_paths(record, self.flow.sensitive)
+
+    def process(self, record: Any, event_id: str) -> Processed:
+        """Steps, then routing. What is kept to be shown (trace, reason) never holds a sensitive value:
+        a validation message quoting card.number is stored with the number replaced by [redacted]."""
+        scrub = Scrubber(sensitive_values(record, self.flow.sensitive))  # before a step changes the record
+        out = self._process(record, event_id)
+        if scrub:
+            out.trace, out.reason = scrub(out.trace), scrub(out.reason)
+        return out
+
+    def _process(self, record: Any, event_id: str) -> Processed:
+        trace: list[dict[str, Any]] = []
+        key_source = record
+        for spec in self.flow.steps:
+            t0 = time.perf_counter()
+            if spec.when is not None and not _truthy(spec.when.search(record)):
+                trace.append({"step": spec.name, "kind": spec.kind, "skipped": True})
+                continue
+            try:
+                record = spec.step.apply(record)
+            except RecordInvalid as exc:
+                reasons = [str(v) for v in exc.violations]
+                trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), "error": reasons})
+                return Processed("quarantined", trace, f"{spec.name}: " + "; ".join(reasons),
+                                 record_key=self._key(record, key_source))
+            except Dropped as exc:
+                trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), "dropped": str(exc)})
+                return Processed("filtered", trace, str(exc), record_key=self._key(record, key_source))
+            trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), "output": self.redact(record)})
+
+        deliveries: list[NewDelivery] = []
+        routes: list[dict[str, Any]] = []
+        for dest in self.flow.destinations:
+            if dest.when is not None and not _truthy(dest.when.search(record)):
+                routes.append({"destination": dest.name, "matched": False})
+                continue
+            key = f"{event_id}.{dest.name}"
+            try:
+                request = self.sinks[dest.name].render(record, key)
+            except RecordInvalid as exc:
+                reasons = [f"destination {dest.name}: {v}" for v in exc.violations]
+                trace.append({"step": "route", "kind": "route", "error": reasons})
+                return Processed("quarantined", trace, "; ".join(reasons), record_key=self._key(record, key_source))
+            except (TypeError, ValueError) as exc:  # e.g. a body that is not JSON-able
+                reason = f"destination {dest.name}: cannot render the request: {exc}"
+                trace.append({"step": "route", "kind": "route", "error": [reason]})
+                return Processed("quarantined", trace, reason, record_key=self._key(record, key_source))
+            routes.append({"destination": dest.name, "matched": True})
+            deliveries.append(NewDelivery(dest.name, request, key))
+        trace.append({"step": "route", "kind": "route", "routes": routes})
+        key_value = self._key(record, key_source)
+        if not deliveries:
+            return Processed("filtered", trace, "no destination matched", record_key=key_value)
+        return Processed("pending", trace, None, deliveries, key_value)
+
+    def _key(self, record: Any, original: Any) -> str | None:
+        path = self.flow.record_key
+        if not path:
+            return None
+        v = dig(record, path)
+        if v is None:
+            v = dig(original, path)
+        return None if v is None or isinstance(v, dict | list) else str(v)
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, False, "", [], {}, 0)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def invalid(path: str, message: str) -> RecordInvalid:
+    return RecordInvalid([Violation(path, message)])

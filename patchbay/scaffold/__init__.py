@@ -1,0 +1,111 @@
+"""`patchbay init`: the example project, the serve banner and signed test requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from patchbay.errors import PatchbayError
+
+EXAMPLE = Path(__file__).parent / "example"
+EXAMPLE_LEAD = {
+    "email": "  Ada@Example.com ",
+    "first_name": "Ada",
+    "last_name": "Lovelace",
+    "company": "Analytical Engines",
+    "utm_source": "ads",
+}
+
+
+def create_project(directory: Path, *, force: bool = False) -> list[Path]:
+    """Copy the example and give it fresh secrets in a fresh vault."""
+    from patchbay.security.project import open_project_secrets
+    from patchbay.security.webhook_auth import generate_whsec
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not force:
+        raise PatchbayError(f"{directory} is not empty; choose a new folder or pass --force")
+    created = []
+    for src in sorted(EXAMPLE.rglob("*")):
+        if src.is_dir() or "__pycache__" in src.parts:
+            continue
+        dst = directory / src.relative_to(EXAMPLE)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        created.append(dst)
+    gi = directory / ".gitignore"
+    gi.write_text("# the store, the master key and the demo inbox never go into git\n.patchbay/\ninbox/\n")
+    created.append(gi)
+    vault, _ = open_project_secrets(directory, create_key=True)
+    assert vault is not None
+    vault.set("website_signing_secret", generate_whsec())
+    vault.set("crm_token", "demo-" + os.urandom(16).hex())
+    created.append(directory / ".patchbay" / "master.key")
+    return created
+
+
+def signed_headers(project: Any, flow: Any, resolver: Any, body: bytes, event_id: str | None = None) -> dict[str, str]:
+    """Headers that authenticate `body` for `flow`'s webhook, per its system's scheme."""
+    import base64
+
+    from patchbay.records import new_id
+    from patchbay.security.webhook_auth import sign_hmac, sign_standard_webhooks, sign_stripe
+
+    auth = project.systems[flow.trigger.webhook.system].common.webhook
+    headers = {"Content-Type": "application/json"}
+    if auth.scheme == "none":
+        return headers
+    secret = resolver.resolve(auth.secrets[0])
+    if auth.scheme == "standard_webhooks":
+        headers.update(sign_standard_webhooks(secret, event_id or new_id("msg"), int(time.time()), body))
+    elif auth.scheme == "stripe":
+        headers.update(sign_stripe(secret, int(time.time()), body))
+    elif auth.scheme == "hmac":
+        ts = int(time.time()) if auth.timestamp_header else None
+        headers.update(sign_hmac(auth, secret, body, ts))
+    elif auth.scheme == "bearer":
+        headers["Authorization"] = f"Bearer {secret}"
+    elif auth.scheme == "basic":
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth.username}:{secret}".encode()).decode()
+    return headers
+
+
+def banner(project: Any, host: str, port: int) -> str:
+    """What to do next, printed when the hub is ready."""
+    from patchbay.security.project import open_project_secrets
+
+    base = f"http://{host}:{port}"
+    root = project.root
+    lines = [f"Patchbay is running on {base} (store: {project.store_path})", ""]
+    for f in project.flows.values():
+        dests = ", ".join(f"{d.name}" for d in f.destinations)
+        trig = f"POST {base}{f.webhook_path}" if f.webhook_path else "manual"
+        lines.append(f"  flow {f.name}: {trig} -> {dests}")
+    lines.append("")
+    first = next((f for f in project.flows.values() if f.webhook_path), None)
+    if first is not None:
+        p = "" if root.resolve() == Path.cwd().resolve() else f" -p {shlex.quote(str(root))}"
+        lines.append("Send a signed test lead (from another terminal):")
+        lines.append(f"  patchbay send {first.name}{p}")
+        try:
+            _, resolver = open_project_secrets(root)
+            body = json.dumps(EXAMPLE_LEAD).encode()
+            headers = signed_headers(project, first, resolver, body)
+            h = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in headers.items())
+            lines.append("or with curl (this signature is valid for 5 minutes):")
+            lines.append(f"  curl -s {base}{first.webhook_path} {h} -d {shlex.quote(body.decode())}")
+        except PatchbayError:
+            pass
+        lines.append("Then look:")
+        lines.append(f"  patchbay runs{p}                 # every run, newest first")
+        lines.append(f"  patchbay runs show RUN_ID{p}     # the trace of one")
+        if project.settings.demo_inbox:
+            lines.append(f"  cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}   # what the demo CRM received")
+        lines.append(f"  patchbay dead{p}                 # dead letters and quarantined events")
+    lines.append("Stop with Ctrl-C: in-flight work finishes or stays queued in the store.")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Security: verifying inbound webhook requests and keeping credentials encrypted at rest."""

@@ -1,0 +1,333 @@
+"""Outbound address guard: configured URLs may not reach loopback, link-local, private or reserved addresses.
+
+The check runs in the HTTP client's connector, on the addresses the socket is about to connect to
+(after DNS, for every connection, redirects included), so a name that resolves (or re-resolves) to
+an internal address is refused just like an IP literal. Systems that are internal on purpose opt
+out with `allow_private_network: true`, or open a few networks with `allow_networks: [CIDR]`.
+
+    HttpSessions          one shared aiohttp session per address policy (guarded by default)
+    GuardedConnector      aiohttp TCPConnector that filters resolved addresses through an AddressPolicy
+    AddressPolicy         what is blocked and why; `allowed` networks are exceptions
+    resolve_allowed()     the same check for connectors that do not speak HTTP (resolve, check, connect by IP)
+    outbound_warnings()   `patchbay check` warnings: plain http:// to a remote host, verify_tls: false
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import ResolveResult
+
+from patchbay.errors import PatchbayError, Problem
+
+if TYPE_CHECKING:
+    from aiohttp.tracing import Trace
+
+    from patchbay.config.project import Project, SystemSpec
+
+__all__ = [
+    "AddressPolicy",
+    "BlockedAddress",
+    "GuardedConnector",
+    "HttpSessions",
+    "blocked_reason",
+    "outbound_warnings",
+    "resolve_allowed",
+]
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_METADATA = "cloud metadata address"
+# Checked in order; the first match names the reason. Anything else that is not globally routable
+# (ipaddress's is_global) is blocked too, as a "non-public address".
+_BLOCKED: tuple[tuple[IpNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), why)
+    for net, why in (
+        ("169.254.169.254/32", _METADATA),  # AWS, GCP, Azure, OpenStack instance metadata
+        ("0.0.0.0/8", "unspecified address"),  # Linux connects 0.0.0.0 to the local host
+        ("127.0.0.0/8", "loopback address"),
+        ("10.0.0.0/8", "private address"),
+        ("172.16.0.0/12", "private address"),
+        ("192.168.0.0/16", "private address"),
+        ("100.64.0.0/10", "shared (CGNAT) address"),
+        ("169.254.0.0/16", "link-local address"),
+        ("192.0.0.0/24", "reserved address"),
+        ("192.0.2.0/24", "reserved (documentation) address"),
+        ("198.18.0.0/15", "reserved (benchmarking) address"),
+        ("198.51.100.0/24", "reserved (documentation) address"),
+        ("203.0.113.0/24", "reserved (documentation) address"),
+        ("224.0.0.0/4", "multicast address"),
+        ("240.0.0.0/4", "reserved address"),  # includes 255.255.255.255
+        ("fd00:ec2::254/128", _METADATA),  # AWS over IPv6 (also in fc00::/7)
+        ("::/128", "unspecified address"),
+        ("::1/128", "loopback address"),
+        ("::/96", "reserved (IPv4-compatible) address"),
+        ("fe80::/10", "link-local address"),
+        ("fec0::/10", "private (site-local) address"),
+        ("fc00::/7", "private (unique local) address"),
+        ("ff00::/8", "multicast address"),
+        ("100::/64", "reserved (discard) address"),
+        ("2001:db8::/32", "reserved (documentation) address"),
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_6TO4 = ipaddress.ip_network("2002::/16")
+
+
+class BlockedAddress(aiohttp.ClientConnectionError, PatchbayError):
+    """A connection refused before it was made: the address is not a public one."""
+
+    def __init__(self, address: str, host: str, reason: str) -> None:
+        self.address = address
+        self.host = host
+        self.reason = reason
+        super().__init__(self.explain())
+
+    def explain(self, system: str | None = None) -> str:
+        """The message, naming the system whose setting would allow it when it is known."""
+        where = f"{self.address}" if _same_host(self.address, self.host) else f"{self.address} ({self.host})"
+        on = f"on system {system}" if system else "on the system"
+        return (
+            f"connecting to {where} is blocked: {self.reason}; "
+            f"set allow_private_network: true {on} if it is an internal system"
+        )
+
+
+def _same_host(address: str, host: str) -> bool:
+    return address == host.strip("[]").split("%")[0] or address == host
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, str] | None:
+    """The IPv4 address an IPv6 one stands for, when it is a translation of one."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped, "IPv4-mapped"
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF), "NAT64"
+    if addr.sixtofour is not None:
+        return addr.sixtofour, "6to4"
+    return None
+
+
+def blocked_reason(address: str | IpAddress, allowed: Iterable[IpNetwork] = ()) -> str | None:
+    """Why connecting to `address` is refused, or None when it is a public (or explicitly allowed) address."""
+    try:
+        addr = address if not isinstance(address, str) else ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return "not an IP address"
+    allowed = tuple(allowed)
+    suffix = ""
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None and not any(addr in net for net in allowed):
+            why = blocked_reason(inner[0], allowed)
+            if why is not None:
+                return f"{why} ({inner[1]})"
+            if inner[1] == "IPv4-mapped":
+                addr, suffix = inner[0], ""
+    if any(addr in net for net in allowed):
+        return None
+    for net, why in _BLOCKED:
+        if addr.version == net.version and addr in net:
+            return why + suffix
+    if not addr.is_global:
+        return "non-public address"
+    return None
+
+
+class AddressPolicy:
+    """Blocks every non-public address except those in `allowed` (a system's `allow_networks`)."""
+
+    __slots__ = ("allowed",)
+
+    def __init__(self, allowed: Iterable[str | IpNetwork] = ()) -> None:
+        self.allowed: tuple[IpNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) if isinstance(n, str) else n for n in allowed
+        )
+
+    def reason(self, address: str) -> str | None:
+        return blocked_reason(address, self.allowed)
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """A TCPConnector that connects only to addresses its policy allows.
+
+    aiohttp resolves a host in `_resolve_host` (IP literals included) and connects to exactly the
+    addresses returned, for every new connection: the first request, each redirect, each reconnect.
+    Filtering there means what is checked is what is connected to, so DNS rebinding cannot slip an
+    internal address in between a check and the connect.
+    """
+
+    def __init__(self, *, policy: AddressPolicy | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.policy = policy or AddressPolicy()
+
+    async def _resolve_host(
+        self, host: str, port: int, traces: Sequence[Trace] | None = None
+    ) -> list[ResolveResult]:
+        hosts = await super()._resolve_host(host, port, traces=traces)
+        allowed = [h for h in hosts if self.policy.reason(h["host"]) is None]
+        if not allowed:
+            first = hosts[0]["host"] if hosts else host
+            raise BlockedAddress(first, host, self.policy.reason(first) or "no address")
+        return allowed
+
+
+if not hasattr(aiohttp.TCPConnector, "_resolve_host"):  # pragma: no cover - guards an aiohttp upgrade
+    raise ImportError("patchbay.security.ssrf needs aiohttp.TCPConnector._resolve_host (aiohttp 3.x)")
+
+
+async def resolve_allowed(
+    host: str, port: int, *, allow_private: bool = False, allow_networks: Iterable[str] = ()
+) -> list[str]:
+    """For connectors that do not use HTTP (databases, brokers, SMTP): the addresses of `host` a system
+    may connect to, or BlockedAddress. Connect to one of these addresses, not to the name again, so
+    the address checked is the address connected to (pass the name on for TLS server_hostname)."""
+    import asyncio
+    import socket
+
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"resolving {host}: {exc.strerror or exc}") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if allow_private:
+        return addresses
+    policy = AddressPolicy(allow_networks)
+    allowed = [a for a in addresses if policy.reason(a) is None]
+    if not allowed:
+        first = addresses[0] if addresses else host
+        raise BlockedAddress(first, host, policy.reason(first) or "no address")
+    return allowed
+
+
+class HttpSessions:
+    """The hub's outbound HTTP sessions, one per address policy, created on first use.
+
+    Guarded (the default) and unguarded (systems with allow_private_network) never share a
+    connection pool, so a keep-alive connection opened for an internal system is never reused
+    for a guarded one.
+    """
+
+    def __init__(self, **connector_kwargs: Any) -> None:
+        self._connector_kwargs = {
+            "limit": 0,
+            "limit_per_host": 0,
+            "ttl_dns_cache": 300,
+            "enable_cleanup_closed": True,
+            **connector_kwargs,
+        }
+        self._sessions: dict[tuple[Any, ...], aiohttp.ClientSession] = {}
+        self.closed = False
+
+    def get(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> aiohttp.ClientSession:
+        """The session for a system's policy (call from a running event loop)."""
+        nets = tuple(sorted({str(ipaddress.ip_network(n, strict=False)) for n in allow_networks}))
+        key: tuple[Any, ...] = ("open",) if allow_private else ("guarded", nets)
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            conn: aiohttp.TCPConnector
+            if allow_private:
+                conn = aiohttp.TCPConnector(**self._connector_kwargs)
+            else:
+                conn = GuardedConnector(policy=AddressPolicy(nets), **self._connector_kwargs)
+            session = aiohttp.ClientSession(connector=conn, auto_decompress=True, trust_env=False)
+            self._sessions[key] = session
+            self.closed = False
+        return session
+
+    async def close(self) -> None:
+        self.closed = True
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            await s.close()
+
+
+# ------------------------------------------------------------------------------ check warnings
+_LOCAL_NAMES = ("localhost",)
+
+
+def _is_local(host: str) -> bool:
+    host = host.strip("[]").lower().rstrip(".")
+    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%")[0]))
+    except ValueError:
+        return None
+
+
+def _line_of(system: SystemSpec, key: str) -> int:
+    """The line of `key` inside the system's YAML mapping (the system's own line if unknown)."""
+    from pathlib import Path
+
+    from patchbay.config.source import load_yaml
+    from patchbay.errors import ConfigError
+
+    try:
+        return load_yaml(Path(system.file), system.file).line((system.name, key))
+    except (OSError, ConfigError):
+        return system.line
+
+
+def outbound_warnings(project: Project) -> list[Problem]:
+    """What `patchbay check` warns about without failing: unencrypted or unverified outbound HTTP,
+    and URLs the address guard will refuse."""
+    out: list[Problem] = []
+    for name in sorted(project.systems):
+        system = project.systems[name]
+        cfg = system.config
+        if cfg is None:
+            continue
+        url = getattr(cfg, "url", None)
+        if isinstance(url, str) and url and "{{" not in url:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if parts.scheme == "http" and host and not _is_local(host):
+                out.append(
+                    Problem(
+                        system.file,
+                        _line_of(system, "url"),
+                        f"system {name!r}: plain http:// to {host} sends data and credentials "
+                        "unencrypted; use https://",
+                    )
+                )
+            ip = _ip_literal(host)
+            common = system.common
+            if parts.scheme in ("http", "https") and not common.allow_private_network:
+                nets = getattr(common, "allow_networks", None) or ()
+                why = (
+                    "loopback address"
+                    if ip is None and _is_local(host)
+                    else (AddressPolicy(nets).reason(ip) if ip else None)
+                )
+                if why is not None:
+                    out.append(
+                        Problem(
+                            system.file,
+                            _line_of(system, "url"),
+                            f"system {name!r}: {host} is a {why}, so deliveries will be refused; "
+                            "set allow_private_network: true if it is an internal system",
+                        )
+                    )
+        if getattr(cfg, "verify_tls", True) is False:
+            out.append(
+                Problem(
+                    system.file,
+                    _line_of(system, "verify_tls"),
+                    f"system {name!r}: verify_tls: false accepts any certificate, so anyone on the "
+                    "path can read and change the traffic; trust its CA with ca_bundle instead",
+                )
+            )
+    return out

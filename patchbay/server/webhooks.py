@@ -1,0 +1,118 @@
+"""Webhook endpoints: size limits, authentication, JSON checks, then persist-before-acknowledge."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from patchbay.config.project import FlowSpec
+from patchbay.engine.hub import Hub
+from patchbay.errors import RejectedRequest
+from patchbay.records import dig, json_depth
+from patchbay.security.ratelimit import limits_for, rate_limited
+from patchbay.security.webhook_auth import InboundRequest, Verifier
+
+log = logging.getLogger("patchbay.webhooks")
+KEEP_HEADERS = ("content-type", "user-agent", "webhook-id", "webhook-timestamp", "x-request-id")
+
+
+def error_response(exc: RejectedRequest, flow: str) -> web.Response:
+    body = {"error": exc.code, "message": str(exc), "flow": flow}
+    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=exc.headers)
+
+
+class WebhookEndpoint:
+    """One flow's endpoint. Everything before `hub.ingest` is checked without touching the store."""
+
+    def __init__(self, hub: Hub, flow: FlowSpec) -> None:
+        assert flow.trigger.webhook is not None
+        self.hub = hub
+        self.flow = flow
+        self.trigger = flow.trigger.webhook
+        system = hub.project.systems[self.trigger.system]
+        assert system.common.webhook is not None and hub.resolver is not None
+        self.auth = system.common.webhook
+        secrets = [hub.resolver.resolve(r) for r in self.auth.secrets]
+        self.verifier = Verifier(self.auth, secrets)
+        settings = hub.project.settings
+        self.max_body = settings.max_body_bytes
+        self.max_depth = settings.max_json_depth
+        m = hub.metrics
+        self.m_received = m.received.labels(flow.name)
+        self.m_rejected = m.rejected
+
+    def reject(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RejectedRequest:
+        return RejectedRequest(status, code, message, headers)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.m_received.inc()
+        try:
+            return await self._handle(request)
+        except RejectedRequest as exc:
+            self.m_rejected.labels(self.flow.name, exc.code).inc()
+            log.info("rejected %s %s: %s %s", request.method, request.path, exc.status, exc.code,
+                     extra={"flow": self.flow.name, "code": exc.code, "remote": request.remote})
+            return error_response(exc, self.flow.name)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        wait = limits_for(self.hub).check(self.trigger.system, self.auth)  # before reading anything
+        if wait is not None:
+            raise rate_limited(self.trigger.system, self.auth, wait)
+        if not self.flow.enabled:
+            raise self.reject(503, "flow_disabled", f"flow {self.flow.name} is disabled; nothing was stored",
+                              {"Retry-After": "60"})
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            raise self.reject(413, "body_too_large", f"body of {length} bytes is over the limit of {self.max_body}")
+        body = await _read_limited(request, self.max_body)
+        if body is None:
+            raise self.reject(413, "body_too_large", f"body is over the limit of {self.max_body} bytes")
+        verified = self.verifier.verify(InboundRequest(body, request.headers, request.remote))
+        ctype = request.headers.get("Content-Type", "")
+        if ctype and "json" not in ctype.split(";")[0].lower():
+            raise self.reject(415, "unsupported_media_type", f"expected Content-Type application/json, got {ctype}")
+        if not body.strip():
+            raise self.reject(400, "empty_body", "the body is empty; send a JSON object")
+        try:
+            record: Any = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise self.reject(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise self.reject(422, "not_an_object", f"expected a JSON object, got {type(record).__name__}")
+        if json_depth(record, self.max_depth) > self.max_depth:
+            raise self.reject(400, "too_deep", f"JSON nested deeper than {self.max_depth} levels")
+        dedupe = verified.event_id
+        if dedupe is None and self.trigger.id_header:
+            dedupe = request.headers.get(self.trigger.id_header)
+        if dedupe is None and self.trigger.id_path:
+            v = dig(record, self.trigger.id_path)
+            dedupe = None if v is None else str(v)
+        meta = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
+        meta["remote"] = request.remote
+        accepted, status = await self.hub.ingest(self.flow.name, body, record, dedupe_key=dedupe, meta=meta)
+        if accepted.conflict:
+            raise self.reject(
+                409, "replayed_id",
+                f"event id {dedupe!r} was already received with a different body; a new event needs a new id",
+            )
+        if accepted.duplicate:
+            return _json(200, {"event_id": accepted.event_id, "status": "duplicate"})
+        return _json(202, {"event_id": accepted.event_id, "status": status})
+
+
+def _json(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,215 @@
+"""Delivery policy against a real HTTP destination: retries, dead letters, pause/resume, fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from click.testing import CliRunner
+
+from patchbay.cli import main
+from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, eventually, lead_project
+
+FAST = {"timeout_s": 0.5, "retry": {"schedule": ["100ms", "100ms", "100ms", "100ms"], "jitter": 0}}
+
+
+def lead(n: int) -> dict[str, str]:
+    return {"email": f"lead-{n}@example.com", "first_name": f"L{n}"}
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    monkeypatch.setenv("PATCHBAY_SECRET_WEBSITE_WHSEC", SECRET_WHSEC)
+    monkeypatch.setenv("PATCHBAY_SECRET_CRM_TOKEN", SECRET_TOKEN)
+    return CliRunner()
+
+
+async def test_503_then_429_then_timeout_then_201_is_delivered_with_four_attempts(tmp_path, sink, start_hub):
+    async def slow(request, rec):
+        await asyncio.sleep(1.0)
+        return 201
+
+    sink.script = [503, (429, {"Retry-After": "1"}, "slow down"), slow, 201]
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
+    _, body = await hub.post("/hooks/lead-capture", lead(1))
+    await sink.wait_for(1, timeout=10)
+
+    async def done() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "delivered"
+
+    await eventually(done, what="run delivered")
+    run = await hub.run(body["event_id"])
+    [d] = run["deliveries"]
+    attempts = d["attempts_log"]
+    assert [a["status_code"] for a in attempts] == [503, 429, None, 201]
+    assert [a["outcome"] for a in attempts] == ["transient", "transient", "transient", "success"]
+    assert "timed out" in attempts[2]["error"]
+    assert attempts[2]["started_at"] - attempts[1]["started_at"] >= 0.95  # Retry-After: 1 honoured
+    # One idempotency key for every attempt, and the credential was sent.
+    keys = {r.headers["Idempotency-Key"] for r in sink.received}
+    assert keys == {f"{body['event_id']}.crm"}
+    assert all(r.headers["Authorization"] == f"Bearer {SECRET_TOKEN}" for r in sink.received)
+    assert sink.received[0].body == {"properties": {"email": "lead-1@example.com", "firstname": "L1", "lead_source": "website"}}
+
+
+async def test_400_dead_letter_then_fix_config_then_replay(tmp_path, sink, start_hub, cli_env):
+    def by_path(request, rec):
+        return (400, {}, '{"error":"unknown field properties.lead_source"}') if "wrong" in rec.path else 201
+
+    sink.default = by_path
+    root = lead_project(tmp_path, sink.url, delivery=FAST, dest={"path": "/wrong"})
+    hub = await start_hub(root)
+    _, body = await hub.post("/hooks/lead-capture", lead(1))
+
+    async def dead() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "dead"
+
+    await eventually(dead, what="dead letter")
+    run = await hub.run(body["event_id"])
+    [d] = run["deliveries"]
+    assert d["attempts"] == 1  # a 400 is not retried
+    assert "unknown field" in d["attempts_log"][0]["excerpt"]
+
+    res = cli_env.invoke(main, ["dead", "-p", str(root)])
+    assert res.exit_code == 0 and body["event_id"] in res.output and "HTTP 400" in res.output
+
+    # Fix the config: the right path. Replay re-runs the flow as it is configured now.
+    flow = root / "flows" / "lead-capture.yaml"
+    flow.write_text(flow.read_text().replace("/wrong", "/contacts"))
+    res = cli_env.invoke(main, ["replay", body["event_id"], "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    assert f"requeued {body['event_id']}" in res.output
+
+    # The replay stored the request rendered by the fixed flow; the running hub sends it within a second.
+    await sink.wait_for(1)
+
+    async def delivered() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "delivered"
+
+    await eventually(delivered, what="delivered after replay")
+    run = await hub.run(body["event_id"])
+    codes = [a["status_code"] for a in run["deliveries"][0]["attempts_log"]]
+    assert codes == [400, 201]
+    assert sink.received[-1].path == "/contacts"
+
+
+async def test_401_pauses_destination_until_resume_then_all_in_order(tmp_path, sink, start_hub, cli_env):
+    sink.script = [401]
+    root = lead_project(tmp_path, sink.url, delivery={**FAST, "max_concurrency": 1})
+    hub = await start_hub(root)
+    ids = []
+    for n in range(5):
+        _, body = await hub.post("/hooks/lead-capture", lead(n))
+        ids.append(body["event_id"])
+
+    async def paused() -> bool:
+        rows = await hub.store.read(lambda c: c.execute("SELECT state FROM destinations").fetchall())
+        return [r[0] for r in rows] == ["paused"]
+
+    await eventually(paused, what="destination paused")
+    await asyncio.sleep(0.5)
+    assert len(sink.received) == 1  # later events wait; they do not fail
+    runs = [await hub.run(i) for i in ids]
+    assert {r["status"] for r in runs} == {"pending"}
+
+    res = cli_env.invoke(main, ["resume", "lead-capture", "crm", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    await sink.wait_for(5)
+    emails = [r.body["properties"]["email"] for r in sink.received[1:]]
+    assert emails == [f"lead-{n}@example.com" for n in range(5)]  # in order of arrival
+
+
+async def test_410_dead_letters_and_disables(tmp_path, sink, start_hub):
+    sink.script = [410]
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
+    _, body = await hub.post("/hooks/lead-capture", lead(1))
+
+    async def disabled() -> bool:
+        rows = await hub.store.read(lambda c: c.execute("SELECT state FROM destinations").fetchall())
+        return [r[0] for r in rows] == ["disabled"]
+
+    await eventually(disabled, what="disabled")
+    assert (await hub.run(body["event_id"]))["status"] == "dead"
+    _, body2 = await hub.post("/hooks/lead-capture", lead(2))
+    await asyncio.sleep(0.3)
+    assert len(sink.received) == 1 and (await hub.run(body2["event_id"]))["status"] == "pending"
+
+
+async def test_redirect_is_not_followed_by_default(tmp_path, sink, start_hub):
+    sink.script = [(302, {"Location": "http://127.0.0.1:9/elsewhere"}, "")]
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
+    _, body = await hub.post("/hooks/lead-capture", lead(1))
+
+    async def dead() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "dead"
+
+    await eventually(dead, what="dead letter")
+    d = (await hub.run(body["event_id"]))["deliveries"][0]
+    assert "follow_redirects" in d["last_error"]
+
+
+async def test_fan_out_each_destination_has_its_own_state(tmp_path, sink, start_hub):
+    def by_path(request, rec):
+        return 500 if rec.path == "/chat" else 201
+
+    sink.default = by_path
+    chat = {"name": "chat", "system": "crm", "path": "/chat", "delivery": {**FAST, "retry": {"schedule": ["50ms"]}},
+            "body": {"text": "concat('New lead ', properties.email)"}}
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST, extra_dests=[chat]))
+    _, body = await hub.post("/hooks/lead-capture", lead(7))
+
+    async def settled() -> bool:
+        run = await hub.run(body["event_id"])
+        return all(d["status"] != "pending" for d in run["deliveries"])
+
+    await eventually(settled, what="both destinations settled")
+    run = await hub.run(body["event_id"])
+    states = {d["destination"]: (d["status"], d["attempts"]) for d in run["deliveries"]}
+    assert states == {"crm": ("delivered", 1), "chat": ("dead", 2)}
+    assert run["status"] == "dead"
+    chat_bodies = [r.body for r in sink.received if r.path == "/chat"]
+    assert chat_bodies[0] == {"text": "New lead lead-7@example.com"}
+
+
+async def test_routing_when_sends_only_matching_records(tmp_path, sink, start_hub):
+    vip = {"name": "vip", "system": "crm", "path": "/vip", "when": "ends_with(properties.email, '@bigco.com')"}
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST, extra_dests=[vip]))
+    await hub.post("/hooks/lead-capture", lead(1))
+    await hub.post("/hooks/lead-capture", {"email": "ceo@bigco.com"})
+    await sink.wait_for(3)
+    assert sorted(r.path for r in sink.received) == ["/contacts", "/contacts", "/vip"]
+
+
+async def test_a_scheduled_retry_survives_a_restart(tmp_path, sink, start_hub):
+    sink.script = [503]
+    root = lead_project(tmp_path, sink.url, delivery={**FAST, "retry": {"schedule": ["1s"], "jitter": 0}})
+    hub = await start_hub(root)
+    _, body = await hub.post("/hooks/lead-capture", lead(1))
+    await eventually(lambda: _has_attempt(hub, body["event_id"]), what="first attempt")
+    await hub.runner.cleanup()
+    await hub.hub.stop()
+    # The retry lives in the store, not in a sleeping coroutine: a new hub makes it.
+    hub2 = await start_hub(root)
+    await sink.wait_for(1, timeout=10)
+
+    async def delivered() -> bool:
+        return (await hub2.run(body["event_id"]))["status"] == "delivered"
+
+    await eventually(delivered, what="delivered")
+    run = await hub2.run(body["event_id"])
+    assert [a["status_code"] for a in run["deliveries"][0]["attempts_log"]] == [503, 201]
+
+
+async def _has_attempt(hub, event_id: str) -> bool:
+    run = await hub.run(event_id)
+    return bool(run["deliveries"][0]["attempts_log"])
+
+
+async def test_rate_limit_spreads_attempts(tmp_path, sink, start_hub):
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery={**FAST, "rate_limit_per_s": 10, "max_concurrency": 4}))
+    for n in range(25):
+        await hub.post("/hooks/lead-capture", lead(n))
+    await sink.wait_for(25, timeout=10)
+    times = sorted(r.at for r in sink.received)
+    # A bucket of 10 tokens, then 10/s: 25 attempts need at least 1.5 s.
+    assert times[-1] - times[0] >= 1.3
