@@ -1,0 +1,144 @@
+"""What a connector is: a Destination (render a request at ingest, send it later) and, later, Sources.
+
+A destination works in two halves so that nothing is lost and retries are cheap:
+  render(record) -> Request   pure, at ingest, stored with the event in one transaction
+  send(request)  -> Outcome   at delivery time, maybe many times; classification is data, not raise
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Protocol
+
+import aiohttp
+
+from patchbay.config.models import DeliveryPolicy
+from patchbay.security.ssrf import HttpSessions, resolve_allowed
+
+
+class OutcomeClass(str, Enum):
+    """What an attempt's result means for the delivery."""
+
+    SUCCESS = "success"  # 2xx: done
+    TRANSIENT = "transient"  # 408/425/429/5xx, timeouts, refused connections: retry with backoff
+    TERMINAL = "terminal"  # other 4xx, redirects not allowed: dead letter at once
+    AUTH = "auth"  # 401/403: pause the destination until someone resumes it
+    GONE = "gone"  # 410: dead letter and disable the destination
+
+
+@dataclass
+class Outcome:
+    cls: OutcomeClass
+    status_code: int | None = None
+    latency_ms: float = 0.0
+    excerpt: str = ""
+    error: str = ""
+    retry_after_s: float | None = None
+
+    @property
+    def summary(self) -> str:
+        what = f"HTTP {self.status_code}" if self.status_code is not None else (self.error or "no answer")
+        if self.status_code is not None and self.error:
+            what += f" ({self.error})"
+        return what
+
+
+@dataclass
+class Resources:
+    """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""
+
+    http: HttpSessions | None = None  # the hub's shared outbound sessions (one per address policy)
+    secret: Callable[[Any], str] = field(default=lambda ref: "")  # resolves a SecretRef, scoped per system
+    redact: Callable[[str], str] = field(default=lambda s: s)
+    extra: dict[str, Any] = field(default_factory=dict)
+    system: str = ""  # the system's name, for messages
+    allow_private: bool = False  # the system's allow_private_network: no address guard at all
+    allow_networks: tuple[str, ...] = ()  # the system's allow_networks: exceptions to the guard
+
+    async def http_session(self) -> aiohttp.ClientSession:
+        """The shared session for this system: guarded against internal addresses unless it allows them."""
+        if self.http is None or self.http.closed:
+            self.http = HttpSessions()
+        return self.http.get(self.allow_private, self.allow_networks)
+
+    async def allowed_addresses(self, host: str, port: int) -> list[str]:
+        """For connectors that do not use HTTP: the addresses of `host` this system may connect to
+        (connect to one of them, not to the name), or BlockedAddress."""
+        return await resolve_allowed(
+            host, port, allow_private=self.allow_private, allow_networks=self.allow_networks
+        )
+
+
+class Destination(Protocol):
+    kind: ClassVar[str]
+    policy: DeliveryPolicy
+
+    def render(self, record: Any, key: str) -> dict[str, Any]:
+        """The request to store: JSON-able, without credentials (they are added at send time)."""
+        ...
+
+    async def send(self, request: Mapping[str, Any], key: str) -> Outcome:
+        """One attempt. Never raises for remote failures: the Outcome says what happened."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def excerpt(data: bytes | str, limit: int = 500) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more chars)"
+
+
+class Stopwatch:
+    __slots__ = ("t0",)
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 2)
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass
+class SourceRecord:
+    """One record read from a source. `id` identifies it upstream: re-reading it is not a new event."""
+
+    data: Any
+    id: str | None = None
+    raw: bytes | None = None  # the bytes as received, when the source has them
+
+
+@dataclass
+class Batch:
+    """Records read together, and the cursor to save once they are committed (None: unchanged)."""
+
+    records: list[SourceRecord]
+    cursor: Any = None
+
+
+Emit = Callable[[Batch], Any]  # awaitable: returns once the batch (and its cursor) is committed
+
+
+class Source(Protocol):
+    """A source connector. `mode` says how the engine drives it.
+
+    poll:   `poll(cursor)` is called on the flow's schedule; it yields batches from the cursor on.
+            The engine commits each batch's events together with its cursor, so a crash re-reads
+            at most one batch, and the record ids drop what was already stored.
+    stream: `stream(emit)` runs until cancelled; it calls `await emit(batch)` and acknowledges
+            upstream only after that returns, that is, after the events are committed.
+    """
+
+    kind: ClassVar[str]
+    mode: ClassVar[str]  # "poll" | "stream"
+
+    def poll(self, cursor: Any) -> Any: ...  # AsyncIterator[Batch]
+
+    async def stream(self, emit: Emit) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,137 @@
+"""postgres: write records as rows of a PostgreSQL table, or poll a table or query for changed rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from patchbay.config.models import DeliveryPolicy, SecretRef
+from patchbay.connectors.base import Resources
+from patchbay.connectors.sql_client import (
+    SqlDestination,
+    SqlServerSystem,
+    SqlSink,
+    SqlSource,
+    SqlSourceConfig,
+    Statement,
+)
+from patchbay.errors import ConfigError
+from patchbay.registry import connector
+
+INSTALL_HINT = "pip install 'patchbay[postgres]'"
+
+
+def load_driver() -> Any:
+    """The psycopg module (3.x), or ConfigError saying how to install it."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise ConfigError(f"postgres: the driver (psycopg 3) is not installed: {INSTALL_HINT}") from exc
+    return psycopg
+
+
+class PostgresSystem(SqlServerSystem):
+    port: int | None = Field(None, ge=1, le=65535, description="Server port; omitted = 5432.")
+    host: str = Field(
+        description="Server host name or IP address, or a Unix socket directory (e.g. /var/run/postgresql).",
+        examples=["db.internal"],
+    )
+
+
+def conninfo(system: PostgresSystem, resources: Resources, timeout_s: float) -> dict[str, Any]:
+    """psycopg connection arguments for a system (the password resolved through `resources`)."""
+    s = system
+    mode = s.effective_ssl_mode()
+    kw: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port or 5432,
+        "dbname": s.database,
+        "user": s.user,
+        "sslmode": mode,
+        "application_name": "patchbay",
+        "connect_timeout": max(2, int(timeout_s + 0.999)),
+    }
+    if mode.startswith("verify"):
+        kw["sslrootcert"] = s.ca_bundle or "system"
+    if s.password is not None:
+        kw["password"] = resources.secret(s.password)
+    return kw
+
+
+@connector(
+    "postgres", roles=("destination",), config=SqlDestination, system_config=PostgresSystem, extra="postgres"
+)
+class PostgresSink(SqlSink[Any]):
+    """One statement per record over a small connection pool (psycopg 3, autocommit)."""
+
+    dialect = "postgres"
+
+    def __init__(
+        self, system: PostgresSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+    ) -> None:
+        self.system = system
+        self._pg = load_driver()
+        from psycopg.types.json import Jsonb
+
+        self._jsonb = Jsonb
+        super().__init__(config, policy, resources, system.pool_size)
+
+    def _conninfo(self) -> dict[str, Any]:
+        return conninfo(self.system, self.resources, self.policy.timeout_s)
+
+    async def _connect(self) -> Any:
+        return await self._pg.AsyncConnection.connect(autocommit=True, **self._conninfo())
+
+    async def _disconnect(self, conn: Any) -> None:
+        await conn.close()
+
+    def _healthy(self, conn: Any) -> bool:
+        return not (conn.closed or conn.broken)
+
+    def _adapt(self, value: Any) -> Any:
+        return self._jsonb(value) if isinstance(value, dict | list) else value
+
+    async def _execute(self, conn: Any, stmt: Statement) -> tuple[int, list[str]]:
+        cur = await conn.execute(stmt.sql, stmt.params)
+        return cur.rowcount, []
+
+    def secret_refs(self) -> list[SecretRef]:
+        return self.system.refs()
+
+
+@connector(
+    "postgres", roles=("source",), config=SqlSourceConfig, system_config=PostgresSystem, extra="postgres"
+)
+class PostgresSource(SqlSource[Any]):
+    """Poll a table or query by (cursor_column, id_column): one connection, autocommit, read-only, UTC.
+
+    The session's TimeZone is UTC, so timestamptz values (and the dedupe ids made from them) read the
+    same whatever the server's setting; it is read-only, so a `query` cannot change data.
+    """
+
+    dialect = "postgres"
+
+    def __init__(self, system: PostgresSystem, config: SqlSourceConfig, resources: Resources) -> None:
+        self.system = system
+        self._pg = load_driver()
+        super().__init__(config, resources)
+
+    async def _connect(self) -> Any:
+        kw = conninfo(self.system, self.resources, self.config.timeout_s)
+        kw["options"] = "-c TimeZone=UTC -c default_transaction_read_only=on"
+        return await self._pg.AsyncConnection.connect(autocommit=True, **kw)
+
+    async def _disconnect(self, conn: Any) -> None:
+        await conn.close()
+
+    def _healthy(self, conn: Any) -> bool:
+        return not (conn.closed or conn.broken)
+
+    async def _fetch(self, conn: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        cur = await conn.execute(sql, params)
+        names = [d.name for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    def secret_refs(self) -> list[SecretRef]:
+        return self.system.refs()

@@ -1,0 +1,120 @@
+"""Helpers for the connector tests: a TCP proxy that fakes network faults, a closed port, a project."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import write_project
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connecting to it is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a real server, so a test can cut live connections or swallow traffic.
+
+    cut()        aborts every proxied connection, both sides: the broker "drops" the client
+    blackhole    while true, bytes from the client are read and dropped: requests time out
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.blackhole = False
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._pairs.append((writer, up_writer))
+        for src, dst, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pipe(src, dst, upstream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+        try:
+            while data := await src.read(65536):
+                if upstream and self.blackhole:
+                    continue
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    def cut(self) -> int:
+        """Abort every live connection; returns how many there were."""
+        pairs, self._pairs = self._pairs, []
+        for a, b in pairs:
+            a.transport.abort()
+            b.transport.abort()
+        return len(pairs)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        self.cut()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def broker_project(root: Path, system: dict[str, Any], dest: dict[str, Any], *, flow: str = "orders") -> Path:
+    """A webhook flow (signed by `website`) -> map -> one destination on the system `broker`."""
+    systems = {
+        "website": {
+            "owner": "web",
+            "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
+        },
+        "broker": {"owner": "platform", "allow_private_network": True, **system},
+    }
+    doc = {
+        "purpose": "orders reach the warehouse through the broker",
+        "owner": "ops",
+        "trigger": {"webhook": {"system": "website"}},
+        "steps": [{"map": {"order_id": "id", "email": "lower(customer.email)", "region": "region"}}],
+        "destinations": [
+            {
+                "name": "queue",
+                "system": "broker",
+                **dest,
+                "delivery": {"timeout_s": 2, "retry": {"schedule": ["100ms"] * 5, "jitter": 0}},
+            }
+        ],
+    }
+    return write_project(
+        root,
+        {
+            "patchbay.yaml": yaml.safe_dump({"port": 0}),
+            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
+            f"flows/{flow}.yaml": yaml.safe_dump(doc, sort_keys=False),
+        },
+    )
