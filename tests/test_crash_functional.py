@@ -28,7 +28,7 @@ def free_port() -> int:
 
 async def start_serve(root, port: int) -> asyncio.subprocess.Process:
     env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
-    log = open(root / "serve.log", "ab")  # noqa: SIM115 - the child owns it
+    log = open(root / "serve.log", "ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port),
         env=env, stdout=log, stderr=log,
@@ -76,7 +76,7 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink):
                     if r.status in (200, 202):
                         accepted[n] = (await r.json())["event_id"]
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.05)
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def _echo_json(data: Any) -> None:
 def _ts(t: float | None) -> str:
     if t is None:
         return "-"
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _parse_time(value: str | None) -> float | None:
@@ -48,7 +48,7 @@ def _parse_time(value: str | None) -> float | None:
     except ValueError as exc:
         raise click.BadParameter(f"{value!r}: write an ISO date/time (2026-11-23T10:00) or an age (15m, 2h, 1d)") from exc
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -487,5 +487,5 @@ def connectors_show(kind: str) -> None:
     click.echo(connector_doc(kind))
 
 
-from patchbay.cli import secrets as _secrets  # noqa: E402,F401  (registers `patchbay secrets`)
-from patchbay.cli import tokens as _tokens  # noqa: E402,F401  (registers `patchbay tokens` and `patchbay audit`)
+from patchbay.cli import secrets as _secrets  # noqa: F401  (registers `patchbay secrets`)
+from patchbay.cli import tokens as _tokens  # noqa: F401  (registers `patchbay tokens` and `patchbay audit`)

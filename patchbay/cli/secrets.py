@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import click
@@ -113,7 +113,7 @@ def secrets_list(project_dir: Path, as_json: bool) -> None:
         return
 
     def ts(t: float | None) -> str:
-        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M") if t else "-"
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") if t else "-"
 
     click.echo(f"{'NAME':<28} {'CREATED':<17} {'ROTATED':<17} {'VER':<4} {'KEY':<9} USED BY")
     for r in rows:

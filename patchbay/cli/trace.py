@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 MARK = {"success": "ok", "transient": "retry", "terminal": "FAIL", "auth": "PAUSE", "gone": "GONE"}
 
 
 def _t(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
 def _short(value: Any, limit: int = 400) -> str:
@@ -21,7 +21,7 @@ def _short(value: Any, limit: int = 400) -> str:
 def render_trace(run: dict[str, Any]) -> str:
     out = [
         f"run {run['id']}  flow {run['flow']}  status {run['status'].upper()}",
-        f"received {datetime.fromtimestamp(run['received_at'], timezone.utc).isoformat(timespec='milliseconds')}"
+        f"received {datetime.fromtimestamp(run['received_at'], UTC).isoformat(timespec='milliseconds')}"
         + (f"  key {run['record_key']}" if run.get("record_key") else ""),
     ]
     if run.get("reason"):

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from patchbay import registry
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project, system_secret_refs
+from patchbay.engine.waiting import wait_set
 from patchbay.metrics import StoreSnapshot
 from patchbay.store.base import Accepted, NewEvent
 from patchbay.store.sqlite import connect, tx_accept
@@ -361,6 +362,7 @@ class AlertManager:
         self._after_id: int | None = None
         self._count_from = 0  # retries are counted from the attempts made since this process started
         self._lock = asyncio.Lock()
+        self._stopping = False
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: sqlite3.Connection | None = None
@@ -403,6 +405,7 @@ class AlertManager:
 
     async def stop(self) -> None:
         """Stop evaluating (idempotent); the alert flow's workers belong to the hub and stop with it."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -418,7 +421,7 @@ class AlertManager:
         self._kick.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._kick.clear()
             try:
                 await self.evaluate()
@@ -426,10 +429,7 @@ class AlertManager:
                 raise
             except Exception:  # a store hiccup must not end alerting; try again at the next tick
                 log.exception("evaluating alert rules")
-            try:
-                await asyncio.wait_for(self._kick.wait(), self.interval_s)
-            except TimeoutError:
-                pass
+            await wait_set(self._kick, self.interval_s)
 
     # -------------------------------------------------------------- evaluation
     async def _read(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:

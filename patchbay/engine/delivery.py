@@ -18,6 +18,7 @@ from typing import Any
 from patchbay.config.project import DestinationSpec
 from patchbay.connectors.base import Destination, Outcome, OutcomeClass
 from patchbay.engine.policy import decide
+from patchbay.engine.waiting import wait_set
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -107,7 +108,8 @@ class DestinationWorker:
                     await self.resumed.wait()
                     continue
                 room = self.queue.maxsize - self.queue.qsize()
-                if room <= 0:
+                if room <= 0:  # workers are busy: look again when they have made room, not in a spin
+                    self.wake.clear()
                     await self._sleep(0.05)
                     continue
                 self.wake.clear()
@@ -127,10 +129,7 @@ class DestinationWorker:
                 await asyncio.sleep(1.0)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.wake.wait(), seconds)
-        except TimeoutError:
-            pass
+        await wait_set(self.wake, seconds)
 
     async def _work(self) -> None:
         while True:

@@ -6,14 +6,15 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchbay import registry
-from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 import orjson
 
+from patchbay import registry
+from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 from patchbay.connectors.base import Batch, Destination, Outcome, Resources, SourceRecord
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.delivery import DestinationWorker
@@ -160,31 +161,31 @@ class Hub:
             fr.stream_task = asyncio.create_task(consume(self, fr, fr.source), name=f"consume {spec.name}")
 
     async def stop(self) -> None:
+        """Stop taking work, let in-flight deliveries finish within the grace period, close everything.
+
+        Every step is bounded: a connector that will not close cannot keep the store from being closed.
+        """
         if self.alert_manager is not None:
-            await self.alert_manager.stop()
+            await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
             self._watch.cancel()
         for fr in self.flows.values():  # stop taking new work first
             if fr.schedule is not None:
-                await fr.schedule.stop()
+                await _bounded(fr.schedule.stop(), f"stopping the schedule of {fr.spec.name}")
             if fr.stream_task is not None:
                 fr.stream_task.cancel()
-                await asyncio.gather(fr.stream_task, return_exceptions=True)
+                await _bounded(asyncio.gather(fr.stream_task, return_exceptions=True),
+                               f"stopping the source of {fr.spec.name}")
             if fr.source is not None:
-                try:
-                    await fr.source.close()
-                except Exception:
-                    log.exception("closing the source of %s", fr.spec.name)
+                await _bounded(fr.source.close(), f"closing the source of {fr.spec.name}")
         grace = self.project.settings.shutdown_grace_s
-        await asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values()))
+        await _bounded(asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values())),
+                       "stopping delivery workers", grace + 10)
         for fr in self.flows.values():
             for sink in fr.pipeline.sinks.values():
-                try:
-                    await sink.close()
-                except Exception:
-                    log.exception("closing a destination of %s", fr.spec.name)
+                await _bounded(sink.close(), f"closing a destination of {fr.spec.name}")
         if self.resources.http is not None:
-            await self.resources.http.close()
+            await _bounded(self.resources.http.close(), "closing HTTP sessions")
         if self.store is not None:
             await self.store.close()
 
@@ -294,3 +295,14 @@ class Hub:
                         w.set_state(new)
                         self.metrics.destination_paused.labels(fr.spec.name, w.name).set(0 if new == "active" else 1)
                     w.notify()
+
+
+async def _bounded(aw: Awaitable[Any], what: str, seconds: float = 10.0) -> None:
+    """Await a shutdown step for at most `seconds`; log (never raise) when it fails or overruns."""
+    try:
+        async with asyncio.timeout(seconds):
+            await aw
+    except TimeoutError:
+        log.error("%s took more than %.0f s; going on without it", what, seconds)
+    except Exception:
+        log.exception("%s failed", what)

@@ -1,7 +1,7 @@
 """The embedded store: one SQLite file in WAL mode, synchronous=FULL, with group commit.
 
-Writes go through one writer thread that takes every operation waiting in its queue, runs each
-in its own savepoint inside one transaction, commits once (one fsync for the whole group) and
+Writes go through one writer thread that takes every operation waiting in its queue, runs them
+inside one transaction (each in its own savepoint only when one of them fails), commits once (one fsync for the whole group) and
 only then resolves the callers' futures: an acknowledged event is on disk. Reads use a second
 connection on a reader thread, so a slow query never blocks the event loop or the writer.
 """
@@ -170,33 +170,60 @@ class _Writer(threading.Thread):
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        try:
+            results = self._transaction(conn, batch, isolate=False)
+        except _OpFailed:  # one operation failed: run the group again, each in a savepoint
+            results = self._transaction(conn, batch, isolate=True)
+        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
+        for (loop, _, _, _), r in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append(r)
+        for loop, rs in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, rs)
+
+    def _transaction(self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool) -> list[tuple[Any, bool, Any]]:
+        """One transaction for the whole group. The fast path runs the operations back to back; when one
+        raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
+        operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for loop, fut, fn, args in batch:
+            for _loop, fut, fn, args in batch:
+                if not isolate:
+                    try:
+                        results.append((fut, True, fn(conn, *args)))
+                    except Exception as exc:
+                        raise _OpFailed from exc
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     res = fn(conn, *args)
                     conn.execute("RELEASE op")
                     results.append((fut, True, res))
-                except Exception as exc:  # one bad operation must not sink the group
+                except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((fut, False, exc))
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
-        except Exception as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            results = [(fut, False, exc) for _, fut, _, _ in batch]
-        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
-        for (loop, _, _, _), r in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append(r)
-        for loop, rs in by_loop.items():
-            loop.call_soon_threadsafe(_resolve, rs)
+            return results
+        except _OpFailed:
+            _rollback(conn)
+            raise
+        except Exception as exc:  # the transaction itself failed (disk full, I/O error): every caller hears it
+            _rollback(conn)
+            return [(fut, False, exc) for _, fut, _, _ in batch]
+
+
+class _OpFailed(Exception):
+    """An operation of the group raised (the fast path gives way to one savepoint per operation)."""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
@@ -333,7 +360,8 @@ class SyncStore:
 
 
 # ================================================================== operations
-# Each takes a connection first; transactions (tx_*) run inside the writer's savepoint.
+# Each takes a connection first; transactions (tx_*) run inside the writer's group transaction and may be
+# run twice (the group is replayed with savepoints when another operation fails): no side effects outside it.
 
 
 def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.nats import NatsDestination, NatsSink, NatsSystem
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import eventually, require_service
@@ -179,31 +179,55 @@ async def test_a_server_that_stops_answering_times_out_as_transient(nc, stream):
         await proxy.stop()
 
 
+def hold_replies(proxy: TcpProxy) -> None:
+    """Stop passing on what the server sends (its acks) until the connection is cut: the messages reach
+    the server, the client never hears back. (TcpProxy keeps a (client, upstream) writer pair per connection.)"""
+    for _, upstream in proxy._pairs:
+        upstream.transport.pause_reading()
+
+
 async def test_connection_cut_mid_run_loses_nothing_and_stores_each_key_once(nc, stream):
+    """The broker drops the client with publishes in flight: stored, but their acks lost. Each send is
+    delivered or transient, and the engine's retry (the same request, the same key) stores every key
+    once: JetStream drops the copies by Nats-Msg-Id."""
     name, prefix = stream
     proxy = await TcpProxy(HOST, PORT).start()
     s = sink({"servers": [f"nats://127.0.0.1:{proxy.port}"]}, subject=f"{prefix}.x")
+
+    async def send(key: str) -> Outcome:
+        return await s.send(s.render({"key": key}, key), key)
+
     try:
-        keys = [f"evt_{i}.bus" for i in range(40)]
-        assert (await s.send(s.render({"n": 0}, keys[0]), keys[0])).cls is OutcomeClass.SUCCESS
+        acked = [f"evt_{i}.bus" for i in range(10)]
+        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
 
-        async def cut_soon() -> None:
-            await asyncio.sleep(0.005)
-            assert proxy.cut() == 1
+        in_flight = [f"evt_{i}.bus" for i in range(10, 40)]
+        hold_replies(proxy)
+        sending = [asyncio.create_task(send(k)) for k in in_flight]
 
-        cutter = asyncio.create_task(cut_soon())
-        results = await asyncio.gather(*(s.send(s.render({"n": i}, k), k) for i, k in enumerate(keys[1:], 1)))
-        await cutter
-        outcomes = dict(zip(keys[1:], results, strict=True))
-        assert {o.cls for o in outcomes.values()} <= {OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT}
-        for k, o in outcomes.items():
-            if o.cls is OutcomeClass.TRANSIENT:  # the delivery worker's retry: same request, same key
-                again = await s.send(s.render({"n": keys.index(k)}, k), k)
-                assert again.cls is OutcomeClass.SUCCESS, again
-        assert (await s.send(s.render({}, "evt_next.bus"), "evt_next.bus")).cls is OutcomeClass.SUCCESS
-        assert s._conn.opened == 2
+        async def all_stored() -> bool:
+            return (await nc.jetstream().stream_info(name)).state.messages == len(acked) + len(in_flight)
+
+        await eventually(all_stored, timeout=5, what="the in-flight messages stored")
+        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its ack
+        assert proxy.cut() == 1
+        # A send just after the cut may still find the dead connection (the client has not read the
+        # reset yet): transient as well, like the ones whose acks were lost.
+        nxt = await send("evt_next.bus")
+        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
+        assert {o.cls for o in outcomes.values()} == {OutcomeClass.TRANSIENT}
+        assert all("connection lost" in (o.error or "") for o in outcomes.values()), outcomes
+        assert nxt.cls in (OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT), nxt
+        if nxt.cls is OutcomeClass.TRANSIENT:
+            outcomes["evt_next.bus"] = nxt
+
+        # The delivery worker retries each transient outcome: the next send opens a new connection.
+        again = dict(zip(outcomes, await asyncio.gather(*map(send, outcomes)), strict=True))
+        assert {o.cls for o in again.values()} == {OutcomeClass.SUCCESS}, again
+        assert all("a duplicate" in again[k].excerpt for k in in_flight)  # stored before the cut
+        assert s._conn.opened == 2  # the lost connection was replaced once
         ids = [m.headers["Nats-Msg-Id"] for m in await stored(nc, name)]
-        assert sorted(ids) == sorted([*keys, "evt_next.bus"])  # every key, each once: JetStream deduped
+        assert sorted(ids) == sorted([*acked, *in_flight, "evt_next.bus"])  # every key, each once
     finally:
         await s.close()
         await proxy.stop()

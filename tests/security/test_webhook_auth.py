@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import sys
 import time
-import timeit
 from datetime import UTC, datetime
 from typing import Any
 

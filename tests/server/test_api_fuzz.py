@@ -31,23 +31,23 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathesis (a dev dependency)")
 requests = pytest.importorskip("requests")
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
 
-from patchbay.config.project import load_or_raise  # noqa: E402
-from patchbay.engine.hub import Hub  # noqa: E402
-from patchbay.security.tokens import SCOPES, tx_create_token  # noqa: E402
-from patchbay.server.app import make_app  # noqa: E402
-from tests.conftest import _start, lead_project, resolver  # noqa: E402
-from tests.server.conftest import FAST, make_vault  # noqa: E402
+from patchbay.config.project import load_or_raise
+from patchbay.engine.hub import Hub
+from patchbay.security.tokens import SCOPES, tx_create_token
+from patchbay.server.app import make_app
+from tests.conftest import _start, lead_project, resolver
+from tests.server.conftest import FAST, make_vault
 
 EXAMPLES = int(os.environ.get("PATCHBAY_FUZZ_EXAMPLES", "10"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -91,7 +91,7 @@ def showcase_project(root: Path, sink_url: str) -> Path:
         doc = {"purpose": purpose, "owner": owner, "trigger": trigger, "destinations": list(dests)}
         return yaml.safe_dump(doc, sort_keys=False)
 
-    hook = lambda system: {"webhook": {"system": system}}  # noqa: E731
+    hook = lambda system: {"webhook": {"system": system}}
     write_project(root, {
         "flows/payment-sync.yaml": flow(
             "Payments reach the finance database and the revenue report.", "finance", hook("stripe"),
