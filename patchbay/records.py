@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Any
 
@@ -10,14 +11,29 @@ _MISSING: Any = object()
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 
 
+_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two characters
+_rng = random.Random(os.urandom(32))
+_rng_pid = os.getpid()
+
+
 def new_id(prefix: str = "evt") -> str:
-    """A sortable unique id: 48 bits of milliseconds then 80 random bits (ULID layout)."""
-    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_B32[n & 31])
-        n >>= 5
-    return f"{prefix}_{''.join(reversed(chars))}"
+    """A sortable unique id: 48 bits of milliseconds then 80 random bits (ULID layout, 26 characters).
+
+    Ids identify, they do not authorise: the random part comes from a generator seeded once per process
+    from the OS (one `getrandom` call per id cost more than the rest of the webhook path's bookkeeping).
+    """
+    global _rng, _rng_pid
+    if os.getpid() != _rng_pid:  # a forked child must not repeat its parent's sequence
+        _rng, _rng_pid = random.Random(os.urandom(32)), os.getpid()
+    n = (int(time.time() * 1000) << 80) | _rng.getrandbits(80)
+    pairs = _PAIRS
+    out = [_B32[n & 31]]  # 130 bits: the lowest 5, then 10 at a time
+    n >>= 5
+    for _ in range(12):
+        out.append(pairs[n & 1023])
+        n >>= 10
+    out.append(_B32[n & 31])
+    return f"{prefix}_{''.join(reversed(out))}"
 
 
 def dig(data: Any, path: str, default: Any = None) -> Any:

@@ -47,6 +47,11 @@ class DestinationWorker:
         self.on_state = on_state
         self.on_attempt = on_attempt
         self.leased: set[int] = set()
+        # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
+        # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
+        # when a retry this worker scheduled comes due.
+        self._after_id = 0
+        self._rescan_at = 0.0
         self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=4 * self.policy.max_concurrency)
         self.wake = asyncio.Event()
         self.resumed = asyncio.Event()
@@ -64,7 +69,10 @@ class DestinationWorker:
         for i in range(self.policy.max_concurrency):
             self._tasks.append(asyncio.create_task(self._work(), name=f"send {self.flow}/{self.name} #{i}"))
 
-    def notify(self) -> None:
+    def notify(self, rescan: bool = False) -> None:
+        """New deliveries are waiting; `rescan` when older ones may have become pending again (a replay)."""
+        if rescan:
+            self._rescan_at = 0.0
         self.wake.set()
 
     def set_state(self, state: str) -> None:
@@ -72,6 +80,7 @@ class DestinationWorker:
             return
         self.state = state
         self.state_since = time.time()
+        self._rescan_at = 0.0
         if state == "active":
             self.resumed.set()
             self.wake.set()
@@ -108,15 +117,23 @@ class DestinationWorker:
                     await self.resumed.wait()
                     continue
                 room = self.queue.maxsize - self.queue.qsize()
-                if room <= 0:  # workers are busy: look again when they have made room, not in a spin
+                if room <= 0 or (room < self.queue.maxsize // 4 and self.queue.qsize() > 0):
+                    # Workers are busy: look again when they have made room (in chunks), not in a spin.
                     self.wake.clear()
                     await self._sleep(0.05)
                     continue
                 self.wake.clear()
-                batch = await self.store.due(self.flow, self.name, time.time(), room, self.leased)
+                now = time.time()
+                full = now >= self._rescan_at
+                if full:
+                    self._rescan_at = now + 1.0
+                batch = await self.store.due(self.flow, self.name, now, room, self.leased,
+                                             0 if full else self._after_id)
                 for d in batch:
                     self.leased.add(d.id)
                     self.queue.put_nowait(d)
+                    if d.id > self._after_id:
+                        self._after_id = d.id
                 if len(batch) < room:
                     nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
                     wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - time.time()))
@@ -168,6 +185,8 @@ class DestinationWorker:
                 )
             ]
         )
+        if decision.status == "pending" and decision.next_at is not None:
+            self._rescan_at = min(self._rescan_at, decision.next_at)  # the retry is behind the cursor
         if decision.status == "dead":
             log.warning(
                 "dead letter: %s -> %s/%s: %s", d.event_id, self.flow, self.name, decision.reason,

@@ -294,7 +294,7 @@ class Hub:
                         log.info("destination %s/%s is now %s", fr.spec.name, w.name, new)
                         w.set_state(new)
                         self.metrics.destination_paused.labels(fr.spec.name, w.name).set(0 if new == "active" else 1)
-                    w.notify()
+                    w.notify(rescan=True)
 
 
 async def _bounded(aw: Awaitable[Any], what: str, seconds: float = 10.0) -> None:

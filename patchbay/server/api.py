@@ -476,7 +476,7 @@ class Api:
         if rep.requeued:
             for fr in self.hub.flows.values():
                 for w in fr.workers.values():
-                    w.notify()
+                    w.notify(rescan=True)
             log.info("replayed %d run(s) via the API (%s)", len(rep.requeued), c.actor)
         return {
             "matched": len(ids), "requeued": rep.requeued,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -67,6 +68,10 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
+    # Everything loaded so far (config models, connectors, the app) lives as long as the process: keep it
+    # out of the collector's generations, so a full collection under load does not stall acknowledgements.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

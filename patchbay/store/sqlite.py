@@ -64,7 +64,10 @@ CREATE TABLE IF NOT EXISTS deliveries(
   created_at REAL NOT NULL,
   updated_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(flow, destination, status, next_at, id);
+-- The feed reads pending deliveries in id order (arrival order) from a cursor, filtering on next_at:
+-- an index by next_at first would make it sort the whole backlog on every read.
+DROP INDEX IF EXISTS deliveries_due;
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(flow, destination, status, id, next_at);
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
 CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(status, updated_at);
 CREATE TABLE IF NOT EXISTS attempts(
@@ -309,8 +312,10 @@ class SqliteStore:
         """Several events and the source cursor that covers them, committed together."""
         return await self._write(tx_accept_batch, events, flow, cursor)
 
-    async def due(self, flow: str, destination: str, now: float, limit: int, skip: set[int]) -> list[DueDelivery]:
-        return await self._read(q_due, flow, destination, now, limit, frozenset(skip))
+    async def due(
+        self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
+    ) -> list[DueDelivery]:
+        return await self._read(q_due, flow, destination, now, limit, frozenset(skip), after_id)
 
     async def next_due_at(self, flow: str, destination: str) -> float | None:
         return await self._read(q_next_due_at, flow, destination)
@@ -428,12 +433,14 @@ def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
 
 
 def q_due(
-    conn: sqlite3.Connection, flow: str, destination: str, now: float, limit: int, skip: frozenset[int]
+    conn: sqlite3.Connection, flow: str, destination: str, now: float, limit: int, skip: frozenset[int],
+    after_id: int = 0,
 ) -> list[DueDelivery]:
+    """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased)."""
     rows = conn.execute(
         "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries"
-        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? ORDER BY id LIMIT ?",
-        (flow, destination, now, limit + len(skip)),
+        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? ORDER BY id LIMIT ?",
+        (flow, destination, now, after_id, limit + len(skip)),
     ).fetchall()
     out = []
     for r in rows:

@@ -180,8 +180,9 @@ async def test_a_server_that_stops_answering_times_out_as_transient(nc, stream):
 
 
 def hold_replies(proxy: TcpProxy) -> None:
-    """Stop passing on what the server sends (its acks) until the connection is cut: the messages reach
-    the server, the client never hears back. (TcpProxy keeps a (client, upstream) writer pair per connection.)"""
+    """Stop passing on what the server sends (its acks) until the connection is cut: the messages
+    reach the server, the client never hears back. (TcpProxy keeps a (client, upstream) writer pair
+    per live connection.)"""
     for _, upstream in proxy._pairs:
         upstream.transport.pause_reading()
 

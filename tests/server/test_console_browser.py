@@ -182,7 +182,9 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
         await page.get_by_label("Record key").press("Enter")
         row = page.locator(f'tr[data-run="{ids[0]}"]')
         await row.wait_for()
-        assert await page.locator("table.runs tbody tr").count() == 1
+        from playwright.async_api import expect
+
+        await expect(page.locator("table.runs tbody tr")).to_have_count(1)  # the filtered list, not the old one
         assert await row.get_attribute("data-status") == "dead"
         await row.get_by_role("link", name=ids[0][:8], exact=False).click()
         outcome = page.locator("section.outcome")
