@@ -38,7 +38,11 @@ def list_runs(conn: sqlite3.Connection, f: RunFilter) -> list[dict[str, Any]]:
         where.append("(e.record_key=? OR e.record_key=lower(?))")
         args += [f.key, f.key]
     sql = (
-        "SELECT e.id, e.flow, e.status, e.received_at, e.updated_at, e.record_key, e.reason,"
+        "SELECT e.id, e.flow, e.status, e.received_at, e.updated_at, e.record_key,"
+        # Why it is not delivered: the step's reason, else the failing destination's last error.
+        " COALESCE(e.reason, (SELECT d.destination || ': ' || d.last_error FROM deliveries d"
+        "   WHERE d.event_id=e.id AND d.last_error IS NOT NULL AND d.status!='delivered'"
+        "   ORDER BY d.status='dead' DESC, d.id LIMIT 1)) AS reason,"
         " (SELECT COUNT(*) FROM deliveries d WHERE d.event_id=e.id) AS deliveries,"
         " (SELECT COALESCE(SUM(d.attempts),0) FROM deliveries d WHERE d.event_id=e.id) AS attempts"
         " FROM events e" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY e.seq DESC LIMIT ?"

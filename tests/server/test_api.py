@@ -253,6 +253,8 @@ async def test_replay_from_the_api_delivers_for_real_and_is_audited(api, sink):
     )
     assert "400" in group["reason"]
     assert dead["items"][0]["event_id"] == eid
+    [run] = (await api.get("runs", params={"status": "dead"}))["runs"]  # the runs list says why, too
+    assert run["id"] == eid and run["reason"].startswith("crm: ") and "400" in run["reason"]
 
     status, err = await api.call("POST", "dead-letters/replay", token="reader", json={"run_ids": [eid]})
     assert (status, err["scope"]) == (403, "runs:replay")

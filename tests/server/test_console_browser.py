@@ -2,11 +2,12 @@
 the run that says why it failed, a fix, a replay and the run turning green.
 
 Needs Debian's chromium (`scripts/install-browser`) and Playwright for Python; skipped without them,
-failing under CI=true. Screenshots go to tests/artifacts/ and, for the README, docs/img/.
+failing under CI=true. Screenshots go to tests/artifacts/; with PATCHBAY_UPDATE_DOCS_IMG=1 also to docs/img/ (the README's).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
@@ -245,9 +246,10 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
     finally:
         await context.close()
 
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    for name in ("console-map.png", "console-run.png"):
-        shutil.copyfile(ARTIFACTS / name, DOCS_IMG / name)
+    if os.environ.get("PATCHBAY_UPDATE_DOCS_IMG") == "1":  # refresh the README's screenshots on request only
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        for name in ("console-map.png", "console-run.png"):
+            shutil.copyfile(ARTIFACTS / name, DOCS_IMG / name)
 
 
 async def _no_overlaps(page: Any) -> None:
