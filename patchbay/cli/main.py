@@ -334,7 +334,7 @@ def replay(run_ids: tuple[str, ...], project_dir: Path, all_: bool, flow: str | 
     pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
     store = _store(project_dir)
     ids = store.read(lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination))
-    report = store.write(tx_replay, pipelines, ids, destination, os.environ.get("USER", "cli"))
+    report = store.write(tx_replay, pipelines, ids, destination, os.environ.get("USER", "cli"), "cli")
     if as_json:
         _echo_json(report.__dict__)
     else:
@@ -365,7 +365,7 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
         sys.exit(EXIT_PROBLEMS)
     for r in targets:
         store.write(tx_set_destination_state, flow, r["destination"], "active", None)
-        store.write(tx_audit, os.environ.get("USER", "cli"), "resume", f"{flow}/{r['destination']}", {"was": r["state"]})
+        store.write(tx_audit, os.environ.get("USER", "cli"), "resume", f"{flow}/{r['destination']}", {"was": r["state"]}, "cli")
         click.echo(f"resumed {flow}/{r['destination']} (was {r['state']}: {r['reason']})")
 
 
@@ -382,7 +382,7 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     store = _store(project_dir)
     if reset:
         done = store.write(tx_reset_cursor, flow)
-        store.write(tx_audit, os.environ.get("USER", "cli"), "cursor.reset", flow, {})
+        store.write(tx_audit, os.environ.get("USER", "cli"), "cursor.reset", flow, {}, "cli")
         click.echo(f"cursor of {flow} reset; the next poll reads from the start (seen records are not repeated)"
                    if done else f"{flow} had no cursor")
         return

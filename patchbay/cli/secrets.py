@@ -163,6 +163,6 @@ def _audit(root: Path, action: str, target: str) -> None:
 
     store = SyncStore(store_path_of(root))
     try:
-        store.write(tx_audit, os.environ.get("USER", "cli"), action, target, {})
+        store.write(tx_audit, os.environ.get("USER", "cli"), action, target, {}, "cli")
     finally:
         store.close()

@@ -57,12 +57,17 @@ class Resources:
     system: str = ""  # the system's name, for messages
     allow_private: bool = False  # the system's allow_private_network: no address guard at all
     allow_networks: tuple[str, ...] = ()  # the system's allow_networks: exceptions to the guard
+    _session: aiohttp.ClientSession | None = field(default=None, repr=False, compare=False)
 
     async def http_session(self) -> aiohttp.ClientSession:
         """The shared session for this system: guarded against internal addresses unless it allows them."""
+        session = self._session
+        if session is not None and not session.closed:
+            return session
         if self.http is None or self.http.closed:
             self.http = HttpSessions()
-        return self.http.get(self.allow_private, self.allow_networks)
+        self._session = self.http.get(self.allow_private, self.allow_networks)
+        return self._session
 
     async def allowed_addresses(self, host: str, port: int) -> list[str]:
         """For connectors that do not use HTTP: the addresses of `host` this system may connect to

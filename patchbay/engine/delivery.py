@@ -61,6 +61,8 @@ class DestinationWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.inflight = 0
+        self._results: list[AttemptResult] = []  # attempt results of this loop tick, recorded together
+        self._recorded: asyncio.Future[None] | None = None
         self.bucket = TokenBucket(self.policy.rate_limit_per_s) if self.policy.rate_limit_per_s else None
 
     # -------------------------------------------------------------- control
@@ -176,14 +178,12 @@ class DestinationWorker:
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
         if self.on_attempt:
             self.on_attempt(self.flow, self.name, outcome)
-        await self.store.record(
-            [
-                AttemptResult(
-                    d.id, d.event_id, started, outcome.latency_ms, outcome.status_code, outcome.cls.value,
-                    outcome.excerpt, outcome.error or decision.reason, decision.status, decision.next_at,
-                    decision.consumed_retry,
-                )
-            ]
+        await self._record(
+            AttemptResult(
+                d.id, d.event_id, started, outcome.latency_ms, outcome.status_code, outcome.cls.value,
+                outcome.excerpt, outcome.error or decision.reason, decision.status, decision.next_at,
+                decision.consumed_retry,
+            )
         )
         if decision.status == "pending" and decision.next_at is not None:
             self._rescan_at = min(self._rescan_at, decision.next_at)  # the retry is behind the cursor
@@ -198,6 +198,33 @@ class DestinationWorker:
             self.set_state(decision.destination_state)
             if self.on_state:
                 await self.on_state(self.flow, self.name, decision.destination_state, outcome.summary)
+
+
+    async def _record(self, result: AttemptResult) -> None:
+        """Record an attempt durably; the results of one loop tick share one store operation."""
+        self._results.append(result)
+        if self._recorded is None:
+            loop = asyncio.get_running_loop()
+            self._recorded = loop.create_future()
+            loop.call_soon(self._flush)
+        await asyncio.shield(self._recorded)  # a cancelled worker must not cancel the others' wait
+
+    def _flush(self) -> None:
+        results, self._results = self._results, []
+        done, self._recorded = self._recorded, None
+        task = asyncio.ensure_future(self.store.record(results))
+
+        def settle(t: asyncio.Future[None]) -> None:
+            if done is None or done.done():
+                return
+            if t.cancelled():
+                done.cancel()
+            elif t.exception() is not None:
+                done.set_exception(t.exception())  # type: ignore[arg-type]
+            else:
+                done.set_result(None)
+
+        task.add_done_callback(settle)
 
 
 class TokenBucket:

@@ -33,7 +33,7 @@ def find_replayable(conn: Any, *, event_ids: list[str] | None, flow: str | None,
 
 
 def tx_replay(conn: Any, pipelines: dict[str, Pipeline], event_ids: list[str], destination: str | None,
-              actor: str = "cli") -> ReplayReport:
+              actor: str = "cli", origin: str = "") -> ReplayReport:
     """Re-run each event's steps from its original payload and requeue what is dead or was quarantined."""
     rep = ReplayReport()
     now = time.time()
@@ -81,6 +81,6 @@ def tx_replay(conn: Any, pipelines: dict[str, Pipeline], event_ids: list[str], d
         conn.execute("UPDATE events SET status='pending', trace=?, reason=NULL, record_key=COALESCE(?, record_key),"
                      " updated_at=? WHERE id=?", (_j(processed.trace), processed.record_key, now, eid))
         refresh_event_status(conn, eid, now)
-        tx_audit(conn, actor, "replay", eid, {"destination": destination})
+        tx_audit(conn, actor, "replay", eid, {"destination": destination}, origin)
         rep.requeued.append(eid)
     return rep

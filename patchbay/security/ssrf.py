@@ -235,7 +235,10 @@ class HttpSessions:
                 conn = aiohttp.TCPConnector(**self._connector_kwargs)
             else:
                 conn = GuardedConnector(policy=AddressPolicy(nets), **self._connector_kwargs)
-            session = aiohttp.ClientSession(connector=conn, auto_decompress=True, trust_env=False)
+            # No cookie jar: a cookie one destination sets must never ride along on another event's delivery.
+            session = aiohttp.ClientSession(
+                connector=conn, auto_decompress=True, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
             self._sessions[key] = session
             self.closed = False
         return session
