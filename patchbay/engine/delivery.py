@@ -71,6 +71,11 @@ class DestinationWorker:
         for i in range(self.policy.max_concurrency):
             self._tasks.append(asyncio.create_task(self._work(), name=f"send {self.flow}/{self.name} #{i}"))
 
+    @property
+    def running(self) -> bool:
+        """The feeder and every sender are alive (none ended with an error)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     def notify(self, rescan: bool = False) -> None:
         """New deliveries are waiting; `rescan` when older ones may have become pending again (a replay)."""
         if rescan:

@@ -160,6 +160,19 @@ class Hub:
         elif fr.source is not None and spec.source is not None and spec.source.mode == "stream":
             fr.stream_task = asyncio.create_task(consume(self, fr, fr.source), name=f"consume {spec.name}")
 
+    def not_running(self) -> list[str]:
+        """What should be running and is not: the store's writer, delivery workers, sources, schedules."""
+        out = []
+        if self.store is None or not self.store.writing:
+            out.append("store writer")
+        for name, fr in self.flows.items():
+            out += [f"delivery {name}/{w.name}" for w in fr.workers.values() if not w.running]
+            if fr.stream_task is not None and fr.stream_task.done():
+                out.append(f"source of {name}")
+            if fr.schedule is not None and fr.schedule.task is not None and fr.schedule.task.done():
+                out.append(f"schedule of {name}")
+        return out
+
     async def stop(self) -> None:
         """Stop taking work, let in-flight deliveries finish within the grace period, close everything.
 

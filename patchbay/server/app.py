@@ -43,6 +43,11 @@ def make_app(hub: Hub) -> web.Application:
             await asyncio.wait_for(hub.store.read(q_destination_states), 2.0)
         except Exception as exc:
             return web.json_response({"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503)
+        stopped = hub.not_running()
+        if stopped:
+            return web.json_response(
+                {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, status=503
+            )
         return web.json_response({"status": "ready", "flows": len(hub.flows)})
 
     async def metrics(_: web.Request) -> web.Response:

@@ -132,7 +132,7 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
         responses["413"] = _error("The request body is too large.", err)
         op["responses"] = responses
         paths.setdefault(_openapi_path(ep.path), {})[ep.method.lower()] = op
-    health = (("/healthz", "The process is up."), ("/readyz", "The store answers; 503 when it does not."))
+    health = (("/healthz", "The process is up."), ("/readyz", "The store answers and every worker runs; 503 (with the reason) when not."))
     for path, what in health:
         paths[path] = {"get": {
             "operationId": path.strip("/"), "summary": what, "tags": ["health"], "security": [],

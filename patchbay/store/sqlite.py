@@ -334,6 +334,11 @@ class SqliteStore:
             self._lock_fd = None
 
     @property
+    def writing(self) -> bool:
+        """The writer thread is alive (every write, and so every acknowledgement, goes through it)."""
+        return self._writer.is_alive() and not self._closed
+
+    @property
     def stats(self) -> dict[str, int]:
         return {"commits": self._writer.commits, "ops": self._writer.ops}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -115,5 +116,13 @@ async def test_health_and_metrics(hub):
             assert r.status == 200
         async with s.get(hub.url + "/readyz") as r:
             assert r.status == 200 and (await r.json())["status"] == "ready"
+        worker = hub.hub.flows["lead-capture"].workers["crm"]
+        worker._tasks[0].cancel()  # the feeder dies: the hub is alive but no longer delivering
+        await asyncio.sleep(0)
+        async with s.get(hub.url + "/readyz") as r:
+            assert r.status == 503
+            assert (await r.json())["reason"] == "not running: delivery lead-capture/crm"
+        async with s.get(hub.url + "/healthz") as r:
+            assert r.status == 200  # liveness is about the process, not the workers
         async with s.get(hub.url + "/metrics") as r:
             assert "patchbay_events_received_total" in await r.text()
