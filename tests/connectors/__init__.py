@@ -23,8 +23,9 @@ def closed_port() -> int:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a real server, so a test can cut live connections or swallow traffic.
 
-    cut()        aborts every proxied connection, both sides: the broker "drops" the client
-    blackhole    while true, bytes from the client are read and dropped: requests time out
+    cut()            aborts every proxied connection, both sides: the broker "drops" the client
+    blackhole        while true, bytes from the client are read and dropped: requests time out
+    hold_replies()   requests still reach the server, its replies wait (until cut()): sends stay in flight
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -68,6 +69,14 @@ class TcpProxy:
             pass
         finally:
             dst.transport.abort()
+
+    def hold_replies(self) -> int:
+        """Stop passing on what the server sends (acks, replies) on every live connection, until cut():
+        requests go on reaching the server, the client never hears back. Connections opened later are
+        not held. Returns how many connections are held."""
+        for _, upstream in self._pairs:
+            upstream.transport.pause_reading()  # the server's bytes wait in the socket buffers
+        return len(self._pairs)
 
     def cut(self) -> int:
         """Abort every live connection; returns how many there were."""

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import orjson
 import pytest
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
-from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSink, RabbitMQSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
@@ -247,33 +248,64 @@ async def test_a_broker_that_stops_answering_times_out_as_transient(amqp):
         await proxy.stop()
 
 
-async def test_connection_cut_mid_run_loses_nothing(amqp):
-    """Sends race a dropped connection: each is delivered or transient; retrying the transient loses none."""
+async def message_count(channel: Any, name: str) -> int:
+    """How many messages the queue holds now (a passive declare)."""
+    return int((await channel.declare_queue(name, passive=True)).declaration_result.message_count)
+
+
+async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_copy(amqp):
+    """The broker drops the client with publishes in flight: queued, but their confirms lost. Each send
+    is delivered or transient, and the engine's retry (the same request, the same key) gets every key
+    through. AMQP cannot drop a republished message, so this is at least once, as the connector
+    promises: the queue holds a second copy of each in-flight key, with the same message_id and
+    Idempotency-Key, for consumers to drop."""
     queue = await new_queue(amqp)
     proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"port": proxy.port}, routing_key=queue.name)
+    s = sink({"port": proxy.port}, routing_key=queue.name, timeout_s=10)
+
+    async def send(key: str) -> Outcome:
+        return await s.send(s.render({"key": key}, key), key)
+
     try:
-        keys = [f"evt_{i}.mq" for i in range(40)]
-        assert (await s.send(s.render({"n": 0}, keys[0]), keys[0])).cls is OutcomeClass.SUCCESS
+        acked = [f"evt_{i}.mq" for i in range(10)]
+        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
 
-        async def cut_soon() -> None:
-            await asyncio.sleep(0.005)
-            assert proxy.cut() == 1
+        in_flight = [f"evt_{i}.mq" for i in range(10, 40)]
+        assert proxy.hold_replies() == 1  # the messages reach the broker, their confirms do not come back
+        sending = [asyncio.create_task(send(k)) for k in in_flight]
 
-        cutter = asyncio.create_task(cut_soon())
-        results = await asyncio.gather(*(s.send(s.render({"n": i}, k), k) for i, k in enumerate(keys[1:], 1)))
-        await cutter
-        outcomes = dict(zip(keys[1:], results, strict=True))
-        assert {o.cls for o in outcomes.values()} <= {OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT}
-        retry = [k for k, o in outcomes.items() if o.cls is OutcomeClass.TRANSIENT]
-        for k in retry:  # what the delivery worker does: the same request, the same key
-            again = await s.send(s.render({"n": keys.index(k)}, k), k)
-            assert again.cls is OutcomeClass.SUCCESS, again
-        nxt = await s.send(s.render({"n": 99}, "evt_next.mq"), "evt_next.mq")
-        assert nxt.cls is OutcomeClass.SUCCESS, nxt
+        async def all_queued() -> bool:
+            return await message_count(amqp, queue.name) == len(acked) + len(in_flight)
+
+        await eventually(all_queued, timeout=5, what="the in-flight messages queued")
+        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its confirm
+        assert proxy.cut() == 1
+        # A send just after the cut may still find the dead connection (the client has not read the
+        # reset yet): transient as well, like the ones whose confirms were lost.
+        nxt = await send("evt_next.mq")
+        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
+        assert {o.cls for o in outcomes.values()} == {OutcomeClass.TRANSIENT}, outcomes
+        assert all("connection lost" in (o.error or "") for o in outcomes.values()), outcomes
+        assert nxt.cls in (OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT), nxt
+        if nxt.cls is OutcomeClass.TRANSIENT:
+            outcomes["evt_next.mq"] = nxt
+
+        # The delivery worker retries each transient outcome: the next send opens a new connection.
+        again = dict(zip(outcomes, await asyncio.gather(*map(send, outcomes)), strict=True))
+        assert {o.cls for o in again.values()} == {OutcomeClass.SUCCESS}, again
         assert s._conn.opened == 2  # the lost connection was replaced once
-        got = {m.message_id for m in await drain(queue, 0, ids={*keys, "evt_next.mq"})}
-        assert got >= {*keys, "evt_next.mq"}  # at least once; a lost confirm may add a duplicate
+
+        total = await message_count(amqp, queue.name)  # every publish is confirmed: nothing more comes
+        got = await drain(queue, total)
+        assert len(got) == total and await queue.get(no_ack=True, fail=False) is None
+        for m in got:  # every copy is the same request under the same key
+            assert m.message_id == m.headers["Idempotency-Key"]
+            assert orjson.loads(m.body) == {"key": m.message_id}
+        assert dict(Counter(m.message_id for m in got)) == {
+            **dict.fromkeys(acked, 1),
+            **dict.fromkeys(in_flight, 2),  # queued before the cut, and again by the retry
+            "evt_next.mq": 1,  # sent after the cut: an attempt on the dead connection never got there
+        }
     finally:
         await s.close()
         await proxy.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.redis import RedisDestination, RedisSink, RedisSystem
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import eventually, require_service
@@ -193,29 +194,58 @@ async def test_client_kill_is_followed_by_a_reconnect(r, stream_key):
         await s.close()
 
 
-async def test_connection_cut_mid_run_loses_nothing(r, stream_key):
+async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_copy(r, stream_key):
+    """The server drops the client with XADDs in flight: added, but their replies lost. Each send is
+    delivered or transient: redis-py resends a command whose connection broke once, on a new connection
+    (the sink's one immediate retry), and the engine retries what still fails with the same request and
+    key. Redis cannot drop a repeated XADD, so this is at least once, as the connector promises: the
+    stream holds a second entry for each in-flight key, with the same idempotency_key, for consumers
+    to drop."""
     proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"url": f"redis://127.0.0.1:{proxy.port}/0"}, stream=stream_key)
+    s = sink({"url": f"redis://127.0.0.1:{proxy.port}/0"}, stream=stream_key, timeout_s=10)
+    pool_size = s.policy.max_concurrency  # one connection per concurrent send
+    attempts: Counter[str] = Counter()
+
+    async def send(key: str) -> Outcome:
+        attempts[key] += 1
+        return await s.send(s.render({"key": key}, key), key)
+
     try:
-        keys = [f"evt_{i}.queue" for i in range(40)]
-        assert (await s.send(s.render({"n": 0}, keys[0]), keys[0])).cls is OutcomeClass.SUCCESS
+        # As many sends at once as the pool holds connections: each opens one, and all stay in the pool.
+        acked = [f"evt_{i}.queue" for i in range(pool_size)]
+        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
 
-        async def cut_soon() -> None:
-            await asyncio.sleep(0.005)
-            assert proxy.cut() >= 1
+        in_flight = [f"evt_{i}.queue" for i in range(pool_size, 2 * pool_size)]
+        # The commands reach the server, the replies do not come back: one send on each pooled connection.
+        assert proxy.hold_replies() == pool_size
+        sending = [asyncio.create_task(send(k)) for k in in_flight]
 
-        cutter = asyncio.create_task(cut_soon())
-        results = await asyncio.gather(*(s.send(s.render({"n": i}, k), k) for i, k in enumerate(keys[1:], 1)))
-        await cutter
-        outcomes = dict(zip(keys[1:], results, strict=True))
-        assert {o.cls for o in outcomes.values()} <= {OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT}
-        for k, o in outcomes.items():
-            if o.cls is OutcomeClass.TRANSIENT:
-                again = await s.send(s.render({"n": keys.index(k)}, k), k)
-                assert again.cls is OutcomeClass.SUCCESS, again
-        assert (await s.send(s.render({}, "evt_next.queue"), "evt_next.queue")).cls is OutcomeClass.SUCCESS
-        stored = {e["idempotency_key"] for e in await entries(r, stream_key)}
-        assert stored >= {*keys, "evt_next.queue"}  # at least once
+        async def all_added() -> bool:
+            return await r.xlen(stream_key) == len(acked) + len(in_flight)
+
+        await eventually(all_added, timeout=5, what="the in-flight entries added")
+        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its reply
+        assert proxy.cut() == pool_size
+        nxt = await send("evt_next.queue")
+        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
+        outcomes["evt_next.queue"] = nxt
+        assert {o.cls for o in outcomes.values()} <= {OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT}, outcomes
+
+        # The delivery worker retries each transient outcome with the same request and key.
+        retry = [k for k, o in outcomes.items() if o.cls is OutcomeClass.TRANSIENT]
+        again = dict(zip(retry, await asyncio.gather(*map(send, retry)), strict=True))
+        assert {o.cls for o in again.values()} <= {OutcomeClass.SUCCESS}, again
+
+        stored = await entries(r, stream_key)
+        for e in stored:  # every copy is the same request under the same key
+            assert orjson.loads(e["data"]) == {"key": e["idempotency_key"]}
+        copies = Counter(e["idempotency_key"] for e in stored)
+        assert set(copies) == set(attempts)  # every key
+        assert all(copies[k] == 1 for k in acked)
+        # Added before the cut, and again by the attempt that succeeded; an attempt writes at most twice
+        # (its immediate resend on a new connection).
+        assert all(2 <= copies[k] <= 2 * attempts[k] for k in in_flight), (copies, attempts)
+        assert 1 <= copies["evt_next.queue"] <= 2 * attempts["evt_next.queue"], (copies, attempts)
     finally:
         await s.close()
         await proxy.stop()
