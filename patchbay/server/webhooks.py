@@ -108,6 +108,10 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None past `limit`. A declared length was checked against the limit already (and the
+    parser never reads past it): read it in one go; a chunked body is counted as it arrives."""
+    if request.content_length is not None and request.content_length <= limit:
+        return await request.read()
     chunks = []
     size = 0
     async for chunk in request.content.iter_chunked(65536):
