@@ -126,7 +126,8 @@ class SystemCommon(Spec):
     webhook: InboundAuth | None = Field(None, description="How this system authenticates when it calls Patchbay.")
     allow_private_network: bool = Field(
         False,
-        description="Allow outbound calls to loopback/private addresses (internal systems, local demos).",
+        description="Allow connections to loopback/private addresses (internal systems, local demos): HTTP "
+        "calls and database, broker and SMTP connections alike.",
     )
     allow_networks: list[str] = Field(
         default_factory=list,

@@ -19,6 +19,7 @@ from patchbay.connectors.base import Outcome, OutcomeClass, Stopwatch
 from patchbay.errors import ConfigError, RecordInvalid, Violation
 from patchbay.processors.expressions import Expr, Template, compile_expr, render_template
 from patchbay.records import put
+from patchbay.security.ssrf import tls_client_context
 
 log = logging.getLogger("patchbay.connectors")
 
@@ -41,11 +42,21 @@ def import_driver(module: str, *, package: str, extra: str, kind: str) -> Module
         ) from exc
 
 
-def ssl_context(tls: bool, verify_tls: bool = True, ca_bundle: str | None = None) -> ssl.SSLContext | None:
-    """The TLS settings of a system as an SSLContext (None: plain TCP)."""
+def ssl_context(
+    tls: bool, verify_tls: bool = True, ca_bundle: str | None = None, server_name: str | None = None
+) -> ssl.SSLContext | None:
+    """The TLS settings of a system as an SSLContext (None: plain TCP).
+
+    `server_name`: the configured host name, for drivers that connect to the checked IP address and
+    cannot be told another name for TLS; the context then checks the certificate against this name.
+    """
     if not tls:
         return None
-    ctx = ssl.create_default_context(cafile=ca_bundle)
+    ctx = (
+        tls_client_context(ca_bundle, server_name)
+        if server_name is not None
+        else ssl.create_default_context(cafile=ca_bundle)
+    )
     if not verify_tls:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -61,6 +61,7 @@ from patchbay.errors import AuthError, ConfigError, TerminalError, TransientErro
 from patchbay.processors.expressions import render_template
 from patchbay.records import dig
 from patchbay.registry import connector
+from patchbay.security.ssrf import BlockedAddress
 
 log = logging.getLogger("patchbay.connectors.mqtt")
 
@@ -262,7 +263,14 @@ async def open_client(
 
     persistent: keep the broker-side session (clean_session false / clean_start false with a session
     expiry), so subscriptions and unacknowledged messages outlive the connection.
+
+    The host is resolved and checked by the address guard first (BlockedAddress), and paho connects to
+    a checked IP address. paho has no setting for a TLS name other than the host it connects to (it
+    passes that as server_hostname), so the TLS context is a ServerNameContext that checks the
+    certificate against the configured host name instead of the IP.
     """
+    port = s.port or (8883 if s.tls else 1883)
+    addresses = await resources.allowed_addresses(s.host, port)
     v5 = s.protocol == "5"
     client = paho.Client(
         callback_api_version=paho.CallbackAPIVersion.VERSION2,
@@ -277,11 +285,10 @@ async def open_client(
     client.max_inflight_messages_set(max_inflight)
     if s.username is not None:
         client.username_pw_set(s.username, resources.secret(s.password) if s.password is not None else None)
-    ctx = ssl_context(s.tls, s.verify_tls, s.ca_bundle)
+    ctx = ssl_context(s.tls, s.verify_tls, s.ca_bundle, server_name=s.host)
     if ctx is not None:
         client.tls_set_context(ctx)
     conn = make_conn(client, asyncio.get_running_loop(), v5, paho.error_string)
-    port = s.port or (8883 if s.tls else 1883)
     properties = None
     if v5 and (persistent or receive_maximum is not None):
         from paho.mqtt.packettypes import PacketTypes
@@ -294,10 +301,18 @@ async def open_client(
             properties.ReceiveMaximum = receive_maximum
 
     def connect() -> None:  # blocking: TCP (and TLS) connect, send CONNECT, start the network thread
-        if v5:
-            client.connect(s.host, port, s.keepalive_s, clean_start=not persistent, properties=properties)
-        else:
-            client.connect(s.host, port, s.keepalive_s)
+        for i, address in enumerate(addresses):  # the checked addresses in turn, until one answers
+            try:
+                if v5:
+                    client.connect(
+                        address, port, s.keepalive_s, clean_start=not persistent, properties=properties
+                    )
+                else:
+                    client.connect(address, port, s.keepalive_s)
+                break
+            except OSError:
+                if i == len(addresses) - 1:
+                    raise
         client.loop_start()
 
     connecting = asyncio.ensure_future(asyncio.to_thread(connect))
@@ -385,6 +400,10 @@ class MqttSink:
         except TimeoutError:
             self._conn.discard(conn)
             return timed_out(sw, self.policy.timeout_s)
+        except BlockedAddress as exc:  # refused before connecting, the same way on every try
+            return failure(
+                OutcomeClass.TERMINAL, sw, exc.explain(self.resources.system or None), self.resources.redact
+            )
         except Exception as exc:
             cls, error, keep = classify_mqtt(exc, connected=conn is not None, v5=self.system.protocol == "5")
             if not keep:
@@ -629,6 +648,8 @@ class MqttSource:
                 raise
             if isinstance(exc, TimeoutError):
                 raise self._error(f"{what}: timed out after {cfg.timeout_s:g}s") from exc
+            if isinstance(exc, BlockedAddress):
+                raise self._error(exc.explain(self.resources.system or None), OutcomeClass.TERMINAL) from exc
             cls, message, _ = classify_mqtt(exc, connected=what != "connecting", v5=s.protocol == "5")
             raise self._error(f"{what}: {message}", cls) from exc
         code = codes[0] if codes else 128

@@ -25,6 +25,7 @@ from patchbay.connectors.sql_client import (
 )
 from patchbay.errors import ConfigError
 from patchbay.registry import connector
+from patchbay.security.ssrf import connect_first, tls_client_context
 
 INSTALL_HINT = "pip install 'patchbay[mysql]'"
 
@@ -62,11 +63,16 @@ class MysqlSystem(SqlServerSystem):
 
 
 def tls_context(system: SqlServerSystem) -> ssl.SSLContext | None:
-    """The TLS context for the system's ssl_mode (None: plain text)."""
+    """The TLS context for the system's ssl_mode (None: plain text).
+
+    aiomysql connects to the checked IP address and then passes that IP as the TLS server_hostname; it
+    has no setting for another name. The context (ServerNameContext) puts the configured host name
+    back, so verify-full checks the certificate against `host`, as it would after connecting by name.
+    """
     mode = system.effective_ssl_mode()
     if mode == "disable":
         return None
-    ctx = ssl.create_default_context(cafile=system.ca_bundle)
+    ctx = tls_client_context(system.ca_bundle, server_name=system.host)
     if mode in ("prefer", "require", "verify-ca"):
         ctx.check_hostname = False
     if mode in ("prefer", "require"):
@@ -74,30 +80,47 @@ def tls_context(system: SqlServerSystem) -> ssl.SSLContext | None:
     return ctx
 
 
+def _address_failed(exc: BaseException) -> bool:
+    """aiomysql could not reach the address (error 2003): the next address of the host may answer."""
+    args = getattr(exc, "args", ())
+    return isinstance(exc, OSError) or bool(args and args[0] == 2003)
+
+
 async def connect(
     system: SqlServerSystem, resources: Resources, timeout_s: float, cursorclass: type[Any]
 ) -> Any:
-    """An autocommit aiomysql connection; DbRefused when TLS is required but the server offers none."""
+    """An autocommit aiomysql connection; DbRefused when TLS is required but the server offers none.
+
+    The host is resolved and checked by the address guard (BlockedAddress), and aiomysql connects to a
+    checked IP address, never to the name, so a name cannot re-resolve to an internal address.
+    """
     from pymysql.constants import CLIENT  # type: ignore[import-untyped,unused-ignore]
 
     my, _ = load_driver()
     s = system
+    port = s.port or 3306
     tls = tls_context(s)
-    conn = await my.connect(
-        host=s.host,
-        port=s.port or 3306,
-        user=s.user,
-        db=s.database,
-        password=resources.secret(s.password) if s.password is not None else "",
-        autocommit=True,
-        charset="utf8mb4",
-        ssl=tls,
-        connect_timeout=timeout_s,
-        client_flag=CLIENT.FOUND_ROWS,  # an update's row count is the rows matched, not changed
-        cursorclass=cursorclass,
-        # The server gives up waiting for a row lock (error 1205: transient) no later than we do.
-        init_command=f"SET SESSION innodb_lock_wait_timeout = {max(1, int(timeout_s))}",
-    )
+    password = resources.secret(s.password) if s.password is not None else ""
+    addresses = await resources.allowed_addresses(s.host, port)
+
+    async def attempt(address: str) -> Any:
+        return await my.connect(
+            host=address,
+            port=port,
+            user=s.user,
+            db=s.database,
+            password=password,
+            autocommit=True,
+            charset="utf8mb4",
+            ssl=tls,
+            connect_timeout=timeout_s,
+            client_flag=CLIENT.FOUND_ROWS,  # an update's row count is the rows matched, not changed
+            cursorclass=cursorclass,
+            # The server gives up waiting for a row lock (error 1205: transient) no later than we do.
+            init_command=f"SET SESSION innodb_lock_wait_timeout = {max(1, int(timeout_s))}",
+        )
+
+    conn = await connect_first(addresses, attempt, next_on=_address_failed)
     mode = s.effective_ssl_mode()
     # With a TLS context aiomysql still goes on in plain text when the server offers no TLS.
     if mode != "prefer" and tls is not None and not conn.server_capabilities & CLIENT.SSL:

@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -63,6 +63,7 @@ from patchbay.connectors.broker_client import (
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
+from patchbay.security.ssrf import BlockedAddress, connect_first
 
 log = logging.getLogger("patchbay.connectors.nats")
 
@@ -199,6 +200,16 @@ class _Conn:
                 await asyncio.gather(task, return_exceptions=True)
 
 
+_DEFAULT_PORTS = {"nats": 4222, "tls": 4222, "ws": 80, "wss": 443}
+
+
+def _pinned(url: str, address: str) -> str:
+    """`url` with its host replaced by `address` (a checked IP), port and the rest kept."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+
+
 async def open_connection(
     nats_client: Any,
     nats_errors: Any,
@@ -207,7 +218,70 @@ async def open_connection(
     timeout_s: float,
     name: str = "patchbay",
 ) -> _Conn:
-    """Connect without automatic reconnects: a loss completes `_Conn.lost` and the caller decides."""
+    """Connect without automatic reconnects: a loss completes `_Conn.lost` and the caller decides.
+
+    Each server's host is resolved and checked by the address guard; servers the guard refuses are
+    skipped, and BlockedAddress is raised when it refuses them all. nats-py is given the checked IP
+    addresses, never the names: for TLS its `tls_hostname` option keeps the server's name for SNI and
+    the certificate check. Over websockets (ws://, wss://), which ignore tls_hostname, the Host header
+    carries the name and the TLS context (ServerNameContext) checks the certificate against it. The
+    servers a cluster announces (INFO connect_urls) are used by nats-py only to reconnect, which is off.
+    """
+    tls_wanted = s.tls or any(u.startswith(("tls://", "wss://")) for u in s.servers)
+    targets: list[tuple[str, list[str]]] = []  # (server URL, its checked addresses)
+    blocked: BlockedAddress | None = None
+    for url in s.servers:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            addresses = await resources.allowed_addresses(
+                host, parts.port or _DEFAULT_PORTS.get(parts.scheme, 4222)
+            )
+        except BlockedAddress as exc:
+            blocked = blocked or exc
+            continue
+        targets.append((url, addresses))
+    if not targets:
+        assert blocked is not None
+        raise blocked
+
+    async def attempt(target: tuple[str, list[str]]) -> _Conn:
+        url, addresses = target
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        websocket = parts.scheme in ("ws", "wss")
+        return await _connect_one(
+            nats_client,
+            nats_errors,
+            s,
+            resources,
+            timeout_s,
+            name,
+            servers=[_pinned(url, a) for a in addresses],
+            tls=ssl_context(tls_wanted, s.verify_tls, s.ca_bundle, server_name=host),
+            tls_hostname=None if websocket else host,
+            ws_headers={"Host": [parts.netloc.rpartition("@")[2]]} if websocket else None,
+        )
+
+    def next_server(exc: BaseException) -> bool:  # unreachable: try the next configured server
+        return isinstance(exc, OSError | nats_errors.NoServersError)
+
+    return await connect_first(targets, attempt, next_on=next_server)
+
+
+async def _connect_one(
+    nats_client: Any,
+    nats_errors: Any,
+    s: NatsSystem,
+    resources: Resources,
+    timeout_s: float,
+    name: str,
+    *,
+    servers: list[str],
+    tls: Any,
+    tls_hostname: str | None,
+    ws_headers: dict[str, list[str]] | None,
+) -> _Conn:
     nc = nats_client.Client()
     conn = _Conn(nc, asyncio.get_running_loop().create_future())
     errors: list[BaseException] = []
@@ -223,11 +297,15 @@ async def open_connection(
         if not conn.lost.done():
             conn.lost.set_result(None)
 
-    tls_wanted = s.tls or any(u.startswith(("tls://", "wss://")) for u in s.servers)
     secret = resources.secret
+    extra: dict[str, Any] = {}
+    if tls_hostname:
+        extra["tls_hostname"] = tls_hostname
+    if ws_headers:
+        extra["ws_connection_headers"] = ws_headers
     try:
         await nc.connect(
-            servers=s.servers,
+            servers=servers,
             name=name,
             allow_reconnect=False,  # a lost connection is replaced by the caller, not behind its back
             max_reconnect_attempts=1,
@@ -240,7 +318,8 @@ async def open_connection(
             user=s.user,
             password=secret(s.password) if s.password is not None else None,
             token=secret(s.token) if s.token is not None else None,
-            tls=ssl_context(tls_wanted, s.verify_tls, s.ca_bundle),
+            tls=tls,
+            **extra,
         )
     except BaseException as exc:
         await nc.close()
@@ -308,6 +387,10 @@ class NatsSink:
                     return failure(OutcomeClass.AUTH, sw, str(exc), self.resources.redact)
             self._conn.discard(conn)
             return timed_out(sw, self.policy.timeout_s)
+        except BlockedAddress as exc:  # refused before connecting, the same way on every try
+            return failure(
+                OutcomeClass.TERMINAL, sw, exc.explain(self.resources.system or None), self.resources.redact
+            )
         except Exception as exc:
             cls, error, keep = classify_nats(exc, connected=conn is not None, subject=subject)
             if not keep:
@@ -539,6 +622,8 @@ class NatsSource:
                 )
         except TimeoutError as exc:
             raise self._error(f"connecting: timed out after {self.config.timeout_s:g}s") from exc
+        except BlockedAddress as exc:
+            raise self._error(exc.explain(self.resources.system or None), OutcomeClass.TERMINAL) from exc
         except Exception as exc:
             cls, message, _ = classify_nats(exc, connected=False, subject=self.config.subject or "")
             raise self._error(f"connecting: {message}", cls) from exc

@@ -39,19 +39,30 @@ class PostgresSystem(SqlServerSystem):
     )
 
 
-def conninfo(system: PostgresSystem, resources: Resources, timeout_s: float) -> dict[str, Any]:
-    """psycopg connection arguments for a system (the password resolved through `resources`)."""
+async def conninfo(system: PostgresSystem, resources: Resources, timeout_s: float) -> dict[str, Any]:
+    """psycopg connection arguments for a system (the password resolved through `resources`).
+
+    A network host is resolved and checked by the address guard here (BlockedAddress), and libpq is
+    given the checked addresses as `hostaddr`, one attempt per address in order, so it connects to
+    exactly what was checked and never resolves the name again; `host` keeps the name, which libpq
+    uses for verify-full and SNI. A Unix socket directory is not a network address: no check.
+    """
     s = system
     mode = s.effective_ssl_mode()
+    port = s.port or 5432
     kw: dict[str, Any] = {
         "host": s.host,
-        "port": s.port or 5432,
+        "port": port,
         "dbname": s.database,
         "user": s.user,
         "sslmode": mode,
         "application_name": "patchbay",
         "connect_timeout": max(2, int(timeout_s + 0.999)),
     }
+    if not s.host.startswith("/"):
+        addresses = await resources.allowed_addresses(s.host, port)
+        kw["host"] = ",".join([s.host.strip("[]")] * len(addresses))
+        kw["hostaddr"] = ",".join(addresses)
     if mode.startswith("verify"):
         kw["sslrootcert"] = s.ca_bundle or "system"
     if s.password is not None:
@@ -77,11 +88,9 @@ class PostgresSink(SqlSink[Any]):
         self._jsonb = Jsonb
         super().__init__(config, policy, resources, system.pool_size)
 
-    def _conninfo(self) -> dict[str, Any]:
-        return conninfo(self.system, self.resources, self.policy.timeout_s)
-
     async def _connect(self) -> Any:
-        return await self._pg.AsyncConnection.connect(autocommit=True, **self._conninfo())
+        kw = await conninfo(self.system, self.resources, self.policy.timeout_s)
+        return await self._pg.AsyncConnection.connect(autocommit=True, **kw)
 
     async def _disconnect(self, conn: Any) -> None:
         await conn.close()
@@ -118,7 +127,7 @@ class PostgresSource(SqlSource[Any]):
         super().__init__(config, resources)
 
     async def _connect(self) -> Any:
-        kw = conninfo(self.system, self.resources, self.config.timeout_s)
+        kw = await conninfo(self.system, self.resources, self.config.timeout_s)
         kw["options"] = "-c TimeZone=UTC -c default_transaction_read_only=on"
         return await self._pg.AsyncConnection.connect(autocommit=True, **kw)
 

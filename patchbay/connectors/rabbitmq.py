@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -66,6 +67,7 @@ from patchbay.connectors.broker_client import (
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
+from patchbay.security.ssrf import BlockedAddress, connect_first
 
 log = logging.getLogger("patchbay.connectors.rabbitmq")
 
@@ -126,21 +128,58 @@ def _routing_key_problem(value: str) -> str | None:
     return "is longer than 255 bytes" if len(value.encode()) > 255 else None
 
 
+@functools.cache
+def _connection_class(aio_pika: Any) -> type[Any]:
+    """aio-pika's Connection, also handing `server_hostname` on to asyncio.open_connection.
+
+    aio-pika passes only the keyword arguments its Connection.PARAMETERS names on to aiormq, which
+    passes them to asyncio.open_connection (RobustConnection extends PARAMETERS the same way). With
+    server_hostname among them, a TLS connection made to the checked IP address still sends the
+    configured host name as SNI and verifies the certificate against it.
+    """
+    from aio_pika.abc import ConnectionParameter
+
+    class NamedConnection(aio_pika.Connection):  # type: ignore[misc,name-defined]
+        PARAMETERS = aio_pika.Connection.PARAMETERS + (
+            ConnectionParameter(name="server_hostname", parser=str, is_kwarg=True),
+        )
+
+    return NamedConnection
+
+
 async def connect(
     aio_pika: Any, s: RabbitMQSystem, resources: Resources, timeout_s: float, name: str = "patchbay"
 ) -> Any:
-    """Open a (non-robust) connection: a loss surfaces as an error and the caller decides what follows."""
-    return await aio_pika.connect(
-        host=s.host,
-        port=s.port or (5671 if s.tls else 5672),
-        login=s.username,
-        password=resources.secret(s.password) if s.password is not None else "guest",
-        virtualhost=s.vhost,
-        ssl=s.tls,
-        ssl_context=ssl_context(s.tls, s.verify_tls, s.ca_bundle),
-        timeout=timeout_s,
-        client_properties={"connection_name": name},
-    )
+    """Open a (non-robust) connection: a loss surfaces as an error and the caller decides what follows.
+
+    The host is resolved and checked by the address guard first (BlockedAddress); the connection goes
+    to a checked IP address, never to the name again, with the name kept for TLS.
+    """
+    port = s.port or (5671 if s.tls else 5672)
+    password = resources.secret(s.password) if s.password is not None else "guest"
+    addresses = await resources.allowed_addresses(s.host, port)
+
+    async def attempt(address: str) -> Any:
+        return await aio_pika.connect(
+            host=address,
+            port=port,
+            login=s.username,
+            password=password,
+            virtualhost=s.vhost,
+            ssl=s.tls,
+            ssl_context=ssl_context(s.tls, s.verify_tls, s.ca_bundle),
+            timeout=timeout_s,
+            client_properties={"connection_name": name},
+            connection_class=_connection_class(aio_pika),
+            server_hostname=s.host.strip("[]") if s.tls else None,
+        )
+
+    return await connect_first(addresses, attempt, next_on=_address_failed)
+
+
+def _address_failed(exc: BaseException) -> bool:
+    """The TCP connect itself failed (aiormq re-raises the OSError as AMQPConnectionError)."""
+    return isinstance(exc, OSError) or isinstance(exc.__cause__, OSError)
 
 
 class _Amqp:
@@ -243,6 +282,10 @@ class RabbitMQSink:
         except TimeoutError:
             self._conn.discard(amqp)
             return timed_out(sw, self.policy.timeout_s)
+        except BlockedAddress as exc:  # refused before connecting, the same way on every try
+            return failure(
+                OutcomeClass.TERMINAL, sw, exc.explain(self.resources.system or None), self.resources.redact
+            )
         except Exception as exc:
             cls, error, keep = classify_amqp(
                 exc,
@@ -466,7 +509,10 @@ class RabbitMQSource:
         from aiormq import exceptions as ex
 
         cfg = self.config
-        if isinstance(exc, ex.ChannelNotFoundEntity) and what == "opening":
+        if isinstance(exc, BlockedAddress):
+            message = exc.explain(self.resources.system or None)
+            cls = OutcomeClass.TERMINAL
+        elif isinstance(exc, ex.ChannelNotFoundEntity) and what == "opening":
             message = f"queue {cfg.queue!r} does not exist: create it, or set declare: true"
             cls = OutcomeClass.TERMINAL
         elif isinstance(exc, ex.ChannelPreconditionFailed) and what == "declaring":

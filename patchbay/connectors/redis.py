@@ -55,6 +55,7 @@ from patchbay.connectors.broker_client import (
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
+from patchbay.security.ssrf import blocked_cause, connect_first
 
 log = logging.getLogger("patchbay.connectors.redis")
 T = TypeVar("T")
@@ -166,7 +167,10 @@ def make_client(
             "ssl_cert_reqs": "required" if s.verify_tls else "none",
             "ssl_check_hostname": s.verify_tls,
             "ssl_ca_certs": s.ca_bundle,
+            "connection_class": _guarded(redis.SSLConnection, resources),
         }
+    elif s.url.startswith("redis://"):  # unix:// is a socket file, not a network address
+        extra = {"connection_class": _guarded(redis.Connection, resources)}
     pool = redis.BlockingConnectionPool.from_url(
         s.url,
         max_connections=max_connections,
@@ -179,6 +183,40 @@ def make_client(
         **extra,
     )
     return redis.Redis.from_pool(pool)
+
+
+def _guarded(base: type[Any], resources: Resources) -> type[Any]:
+    """A redis-py connection class that checks the address of every connection it opens.
+
+    Each new connection resolves the host and checks it with the address guard (BlockedAddress, which
+    redis-py wraps in its ConnectionError), then connects to a checked IP address rather than the
+    name, so a name cannot re-resolve to an internal address between the check and the connect.
+    redis-py has no setting for a TLS name other than the host it connects to, but it builds the
+    arguments of asyncio.open_connection in `_connection_arguments` (as its own SSLConnection does
+    to add `ssl`): this class connects to the IP and passes the configured host as server_hostname.
+    """
+
+    class GuardedConnection(base):  # type: ignore[valid-type,misc]
+        _checked_address: str | None = None
+
+        async def _connect(self) -> None:
+            addresses = await resources.allowed_addresses(self.host, self.port)
+
+            async def attempt(address: str) -> None:
+                self._checked_address = address
+                await super(GuardedConnection, self)._connect()
+
+            await connect_first(addresses, attempt)
+
+        def _connection_arguments(self) -> Mapping[str, Any]:
+            kwargs = dict(super()._connection_arguments())
+            if self._checked_address is not None:
+                if kwargs.get("ssl") is not None:
+                    kwargs["server_hostname"] = self.host
+                kwargs["host"] = self._checked_address
+            return kwargs
+
+    return GuardedConnection
 
 
 @connector("redis", roles=("destination",), config=RedisDestination, system_config=RedisSystem, extra="redis")
@@ -248,7 +286,11 @@ class RedisSink:
         except TimeoutError:
             return timed_out(sw, self.policy.timeout_s)
         except Exception as exc:
-            cls, error = classify_redis(exc, target=request.get("stream") or request.get("channel") or "")
+            cls, error = classify_redis(
+                exc,
+                target=request.get("stream") or request.get("channel") or "",
+                system=self.resources.system or None,
+            )
             return failure(cls, sw, error, self.resources.redact)
         return Outcome(OutcomeClass.SUCCESS, None, sw.ms, excerpt=excerpt)
 
@@ -262,10 +304,13 @@ class RedisSink:
         return [self.system.password] if self.system.password is not None else []
 
 
-def classify_redis(exc: BaseException, *, target: str) -> tuple[OutcomeClass, str]:
+def classify_redis(exc: BaseException, *, target: str, system: str | None = None) -> tuple[OutcomeClass, str]:
     """(class, message) for an exception of redis-py."""
     from redis import exceptions as rx
 
+    blocked = blocked_cause(exc)
+    if blocked is not None:  # refused before connecting, the same way on every try
+        return OutcomeClass.TERMINAL, blocked.explain(system)
     text = str(exc).strip() or type(exc).__name__
     code = text.split(" ", 1)[0]
     if isinstance(
@@ -432,7 +477,9 @@ class RedisSource:
         try:
             result = await op
         except Exception as exc:
-            cls, message = classify_redis(exc, target=self.config.stream)
+            cls, message = classify_redis(
+                exc, target=self.config.stream, system=self.resources.system or None
+            )
             error = self.resources.redact(f"{self.what}: {what}: {message}")
             if cls is OutcomeClass.AUTH:
                 raise AuthError(error) from exc

@@ -29,6 +29,7 @@ from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch
 from patchbay.errors import ConfigError, PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import Template, render_template
 from patchbay.registry import connector
+from patchbay.security.ssrf import BlockedAddress, open_socket
 
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # authentication required / too weak / refused / needs TLS
 _NOT_IN_MSG_ID = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]")
@@ -214,20 +215,38 @@ class SmtpSink:
             except PatchbayError as exc:
                 return Outcome(OutcomeClass.AUTH, error=f"sending mail: {exc}")
         s = self.system
+        timeout_s = s.timeout_s or self.policy.timeout_s
+        sock = None
         try:
+            # The host is resolved and checked by the address guard, and aiosmtplib is handed a socket
+            # already connected to a checked IP address (its `sock` argument), so the name is never
+            # resolved again; `hostname` stays the configured name, which aiosmtplib uses for TLS
+            # (implicit or STARTTLS) as the server name to verify.
+            addresses = await self.resources.allowed_addresses(s.host, s.effective_port)
+            sock = await open_socket(addresses, s.effective_port, timeout_s)
             refused, reply = await smtp.send(
                 msg,
-                hostname=s.host,
-                port=s.effective_port,
+                hostname=s.host.strip("[]"),
+                sock=sock,
+                port=None,
                 username=s.username,
                 password=password,
                 use_tls=s.tls,
                 start_tls=s.use_starttls,
-                timeout=s.timeout_s or self.policy.timeout_s,
+                timeout=timeout_s,
                 validate_certs=s.verify_tls,
                 cert_bundle=s.ca_bundle,
             )
+        except BlockedAddress as exc:  # refused before connecting, the same way on every try
+            return Outcome(
+                OutcomeClass.TERMINAL,
+                None,
+                sw.ms,
+                error=f"sending mail: {exc.explain(self.resources.system or None)}",
+            )
         except Exception as exc:
+            if sock is not None:
+                sock.close()  # aiosmtplib owns it once connected; closing it again is harmless
             return self._classify(exc, sw.ms)
         text = self.resources.redact(excerpt(str(reply)))
         if refused:  # accepted for some recipients: a retry would send them a second copy
@@ -262,7 +281,8 @@ class SmtpSink:
                 ),
             )
         if isinstance(exc, smtp.SMTPTimeoutError | TimeoutError):
-            return Outcome(OutcomeClass.TRANSIENT, None, ms, error=f"sending mail: timed out ({exc})")
+            detail = f" ({exc})" if str(exc) else ""
+            return Outcome(OutcomeClass.TRANSIENT, None, ms, error=f"sending mail: timed out{detail}")
         if isinstance(exc, smtp.SMTPConnectError | smtp.SMTPServerDisconnected | OSError):
             return Outcome(
                 OutcomeClass.TRANSIENT, None, ms, error=redact(f"sending mail: cannot connect: {exc}")

@@ -44,6 +44,7 @@ from patchbay.errors import (
     Violation,
 )
 from patchbay.processors.expressions import Expr, compile_expr
+from patchbay.security.ssrf import blocked_cause
 
 Dialect = Literal["postgres", "mysql", "sqlite"]
 WriteMode = Literal["insert", "upsert", "update", "delete"]
@@ -510,14 +511,22 @@ def classify_db(
     latency_ms: float = 0.0,
     redact: Callable[[str], str] = lambda s: s,
     role: Literal["destination", "source"] = "destination",
+    system: str | None = None,
 ) -> Outcome:
     """What a database error means for the delivery.
 
     TRANSIENT: connection refused or lost, server shutting down, deadlock, serialization failure, lock
     timeout, too many connections: retried. TERMINAL: constraint violations, unknown column or table,
-    bad values, syntax: dead-lettered with the database's message. AUTH: credentials, permissions or
-    a missing database: retries won't help and it is not the record's fault, so the destination pauses.
+    bad values, syntax: dead-lettered with the database's message; also a host the address guard
+    refuses (the same on every try). AUTH: credentials, permissions or a missing database: retries
+    won't help and it is not the record's fault, so the destination pauses.
     """
+    blocked = blocked_cause(exc)
+    if blocked is not None:
+        why = blocked.explain(system)
+        return Outcome(
+            OutcomeClass.TERMINAL, None, latency_ms, error=redact(f"{action}: {why}" if action else why)
+        )
     module = type(exc).__module__.split(".")[0]
     if isinstance(exc, DbRefused):
         cls, code = exc.cls, ""
@@ -694,7 +703,14 @@ class SqlSink(Generic[C]):
         return Outcome(OutcomeClass.SUCCESS, None, sw.ms, excerpt(self.resources.redact(text)))
 
     def _failed(self, exc: BaseException, stmt: Statement, ms: float) -> Outcome:
-        return classify_db(exc, self.dialect, action=stmt.action, latency_ms=ms, redact=self.resources.redact)
+        return classify_db(
+            exc,
+            self.dialect,
+            action=stmt.action,
+            latency_ms=ms,
+            redact=self.resources.redact,
+            system=self.resources.system or None,
+        )
 
     async def close(self) -> None:
         await self._pool.close()
@@ -1065,10 +1081,10 @@ class SourceQuery:
 
 # ---------------------------------------------------------------- sources: the shared poller
 def source_error(
-    exc: BaseException, dialect: Dialect, action: str, redact: Callable[[str], str]
+    exc: BaseException, dialect: Dialect, action: str, redact: Callable[[str], str], system: str | None = None
 ) -> PatchbayError:
     """A database error raised from poll: TransientError, AuthError or TerminalError."""
-    outcome = classify_db(exc, dialect, action=action, redact=redact, role="source")
+    outcome = classify_db(exc, dialect, action=action, redact=redact, role="source", system=system)
     if outcome.cls is OutcomeClass.TRANSIENT:
         return TransientError(outcome.error)
     if outcome.cls is OutcomeClass.AUTH:
@@ -1152,7 +1168,9 @@ class SqlSource(Generic[C]):
                     reuse = conn is not None and not broken
                     if attempt == 1 and kept and broken:
                         continue  # the kept connection died between polls: once more on a new one
-                    raise source_error(exc, self.dialect, self.action, self.resources.redact) from exc
+                    raise source_error(
+                        exc, self.dialect, self.action, self.resources.redact, self.resources.system or None
+                    ) from exc
                 finally:
                     if conn is not None:
                         await self._pool.give_back(conn, reuse)

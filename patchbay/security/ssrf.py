@@ -2,21 +2,31 @@
 
 The check runs in the HTTP client's connector, on the addresses the socket is about to connect to
 (after DNS, for every connection, redirects included), so a name that resolves (or re-resolves) to
-an internal address is refused just like an IP literal. Systems that are internal on purpose opt
-out with `allow_private_network: true`, or open a few networks with `allow_networks: [CIDR]`.
+an internal address is refused just like an IP literal. The database, broker and SMTP connectors
+call `Resources.allowed_addresses` (resolve_allowed) before each connection and hand their driver a
+checked IP, keeping the name for TLS. Systems that are internal on purpose opt out with
+`allow_private_network: true`, or open a few networks with `allow_networks: [CIDR]`.
 
     HttpSessions          one shared aiohttp session per address policy (guarded by default)
     GuardedConnector      aiohttp TCPConnector that filters resolved addresses through an AddressPolicy
     AddressPolicy         what is blocked and why; `allowed` networks are exceptions
     resolve_allowed()     the same check for connectors that do not speak HTTP (resolve, check, connect by IP)
-    outbound_warnings()   `patchbay check` warnings: plain http:// to a remote host, verify_tls: false
+    connect_first()       try the checked addresses in turn (what happy eyeballs does for HTTP)
+    open_socket()         a TCP socket connected to one of the checked addresses (for drivers that take one)
+    tls_client_context()  a TLS context that checks the configured host name while the socket goes to an IP
+    blocked_cause()       the BlockedAddress behind a driver's own wrapping exception
+    outbound_warnings()   `patchbay check` warnings: plain http:// to a remote host, verify_tls: false,
+                          and hosts (URLs, database, broker and SMTP hosts) the guard will refuse
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,10 +44,18 @@ __all__ = [
     "BlockedAddress",
     "GuardedConnector",
     "HttpSessions",
+    "ServerNameContext",
+    "blocked_cause",
     "blocked_reason",
+    "connect_first",
+    "open_socket",
     "outbound_warnings",
     "resolve_allowed",
+    "tls_client_context",
 ]
+
+T = TypeVar("T")
+A = TypeVar("A")
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,10 +110,15 @@ class BlockedAddress(aiohttp.ClientConnectionError, PatchbayError):
         """The message, naming the system whose setting would allow it when it is known."""
         where = f"{self.address}" if _same_host(self.address, self.host) else f"{self.address} ({self.host})"
         on = f"on system {system}" if system else "on the system"
-        return (
+        text = (
             f"connecting to {where} is blocked: {self.reason}; "
             f"set allow_private_network: true {on} if it is an internal system"
         )
+        try:
+            net = ipaddress.ip_network(self.address.split("%")[0])
+        except ValueError:
+            return text
+        return text + f", or allow only this address with allow_networks: [{net}]"
 
 
 def _same_host(address: str, host: str) -> bool:
@@ -187,9 +210,6 @@ async def resolve_allowed(
     """For connectors that do not use HTTP (databases, brokers, SMTP): the addresses of `host` a system
     may connect to, or BlockedAddress. Connect to one of these addresses, not to the name again, so
     the address checked is the address connected to (pass the name on for TLS server_hostname)."""
-    import asyncio
-    import socket
-
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -203,6 +223,113 @@ async def resolve_allowed(
         first = addresses[0] if addresses else host
         raise BlockedAddress(first, host, policy.reason(first) or "no address")
     return allowed
+
+
+async def connect_first(
+    addresses: Sequence[A],
+    connect: Callable[[A], Awaitable[T]],
+    *,
+    next_on: Callable[[BaseException], bool] = lambda exc: isinstance(exc, OSError),
+) -> T:
+    """`connect(address)` for each checked address in turn until one connects: a name with an IPv6 and
+    an IPv4 address still works when the server listens on one of them. `next_on(exc)` says whether
+    a failure is the address's (refused, unreachable: try the next one) rather than the server's answer
+    (a refused login: raise it at once). The last failure is raised when no address connects."""
+    if not addresses:
+        raise OSError("no address to connect to")
+    for i, address in enumerate(addresses):
+        try:
+            return await connect(address)
+        except Exception as exc:
+            if i == len(addresses) - 1 or not next_on(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+async def open_socket(addresses: Sequence[str], port: int, timeout_s: float | None) -> socket.socket:
+    """A non-blocking TCP socket connected to the first of `addresses` (checked IPs) that answers, for
+    drivers that take a connected socket; `timeout_s` bounds each attempt."""
+
+    async def attempt(address: str) -> socket.socket:
+        info = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout_s):
+                await asyncio.get_running_loop().sock_connect(sock, info[4])
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return await connect_first(addresses, attempt)
+
+
+class ServerNameContext(ssl.SSLContext):
+    """A client TLS context that always sends and verifies `server_name` (the configured host name).
+
+    For drivers that offer no way to connect to one address and check the certificate against another
+    name (paho-mqtt, aiomysql, nats over websockets): they are given the checked IP to connect to, and
+    pass that IP on as `server_hostname` when they wrap the socket; this context puts the configured
+    name back, so SNI and certificate checks work as if the driver had connected by name.
+    """
+
+    server_name: str | None = None
+
+    def wrap_socket(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side,
+            do_handshake_on_connect,
+            suppress_ragged_eofs,
+            self.server_name or server_hostname,
+            session,
+        )
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return super().wrap_bio(incoming, outgoing, server_side, self.server_name or server_hostname, session)
+
+
+def tls_client_context(cafile: str | None = None, server_name: str | None = None) -> ssl.SSLContext:
+    """What ssl.create_default_context(cafile=...) returns (certificate and host name checked), as a
+    ServerNameContext that verifies `server_name` whatever address the driver connected to."""
+    ctx = ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname on
+    default = ssl.create_default_context()
+    ctx.options = default.options
+    ctx.verify_flags = default.verify_flags
+    if cafile:
+        ctx.load_verify_locations(cafile)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    ctx.server_name = server_name.strip("[]") if server_name else None
+    return ctx
+
+
+def blocked_cause(exc: BaseException | None) -> BlockedAddress | None:
+    """The BlockedAddress `exc` is, or wraps (drivers re-raise what their connect raised as their own,
+    `raise DriverError(exc) from exc`); only explicit causes count, not whatever was being handled."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, BlockedAddress):
+            return exc
+        exc = exc.__cause__
+        seen += 1
+    return None
 
 
 class HttpSessions:
@@ -284,15 +411,40 @@ def _line_of(system: SystemSpec, key: str) -> int:
         return system.line
 
 
+def _guard_reason(host: str, nets: Iterable[str]) -> str | None:
+    """What the guard will say about a configured host, when that can be told without DNS."""
+    ip = _ip_literal(host)
+    if ip is None:
+        return "loopback address" if _is_local(host) else None
+    return AddressPolicy(nets).reason(ip)
+
+
+def _other_hosts(cfg: Any) -> list[tuple[str, str]]:
+    """(setting, host) of the network hosts a database, broker or SMTP system connects to."""
+    out: list[tuple[str, str]] = []
+    host = getattr(cfg, "host", None)
+    if isinstance(host, str) and host and not host.startswith("/"):  # a path: a Unix socket
+        out.append(("host", host))
+    url = getattr(cfg, "url", None)
+    if isinstance(url, str) and urlsplit(url).scheme in ("redis", "rediss"):
+        out.append(("url", urlsplit(url).hostname or ""))
+    servers = getattr(cfg, "servers", None)
+    if isinstance(servers, list):
+        out.extend(("servers", urlsplit(u).hostname or "") for u in servers if isinstance(u, str))
+    return [(key, h) for key, h in out if h]
+
+
 def outbound_warnings(project: Project) -> list[Problem]:
     """What `patchbay check` warns about without failing: unencrypted or unverified outbound HTTP,
-    and URLs the address guard will refuse."""
+    and URLs and hosts the address guard will refuse."""
     out: list[Problem] = []
     for name in sorted(project.systems):
         system = project.systems[name]
         cfg = system.config
         if cfg is None:
             continue
+        common = system.common
+        nets = getattr(common, "allow_networks", None) or ()
         url = getattr(cfg, "url", None)
         if isinstance(url, str) and url and "{{" not in url:
             parts = urlsplit(url)
@@ -306,15 +458,8 @@ def outbound_warnings(project: Project) -> list[Problem]:
                         "unencrypted; use https://",
                     )
                 )
-            ip = _ip_literal(host)
-            common = system.common
             if parts.scheme in ("http", "https") and not common.allow_private_network:
-                nets = getattr(common, "allow_networks", None) or ()
-                why = (
-                    "loopback address"
-                    if ip is None and _is_local(host)
-                    else (AddressPolicy(nets).reason(ip) if ip else None)
-                )
+                why = _guard_reason(host, nets)
                 if why is not None:
                     out.append(
                         Problem(
@@ -322,6 +467,18 @@ def outbound_warnings(project: Project) -> list[Problem]:
                             _line_of(system, "url"),
                             f"system {name!r}: {host} is a {why}, so deliveries will be refused; "
                             "set allow_private_network: true if it is an internal system",
+                        )
+                    )
+        if not common.allow_private_network:
+            for key, host in _other_hosts(cfg):
+                why = _guard_reason(host, nets)
+                if why is not None:
+                    out.append(
+                        Problem(
+                            system.file,
+                            _line_of(system, key),
+                            f"system {name!r}: {host} is a {why}, so connections to it will be refused; "
+                            "set allow_private_network: true (or allow_networks) if it is an internal system",
                         )
                     )
         if getattr(cfg, "verify_tls", True) is False:

@@ -133,7 +133,7 @@ class Broker:
         return cls(
             entry.system_config.model_validate(system),
             model.model_validate({**self.settings(), **over}),
-            Resources(extra={"flow": f"pbtest-{self.uid}"}),
+            Resources(extra={"flow": f"pbtest-{self.uid}"}, allow_private=True),  # loopback brokers
         )
 
 

@@ -81,7 +81,7 @@ async def make(table) -> AsyncIterator[Make]:
             {"table": table, "write_mode": operation, "key": list(key), **cfg}
         )
         system = MysqlSystem.model_validate({**SERVER, **(server or {})})
-        sink = MysqlSink(system, config, DeliveryPolicy(timeout_s=timeout_s), Resources())
+        sink = MysqlSink(system, config, DeliveryPolicy(timeout_s=timeout_s), Resources(allow_private=True))
         made.append(sink)
         return sink
 

@@ -63,7 +63,7 @@ def sink(
         NatsSystem.model_validate({"servers": [URL], **(system or {})}),
         NatsDestination.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
-        Resources(secret=lambda ref: secrets[ref.secret]),
+        Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
 
 

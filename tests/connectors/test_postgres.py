@@ -73,7 +73,9 @@ async def make(table) -> AsyncIterator[Make]:
             {"table": table, "write_mode": operation, "key": list(key), **cfg}
         )
         system = PostgresSystem.model_validate({**SERVER, **(server or {})})
-        sink = PostgresSink(system, config, DeliveryPolicy(timeout_s=timeout_s), Resources())
+        sink = PostgresSink(
+            system, config, DeliveryPolicy(timeout_s=timeout_s), Resources(allow_private=True)
+        )
         made.append(sink)
         return sink
 

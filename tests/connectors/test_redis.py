@@ -56,7 +56,7 @@ def sink(
         RedisSystem.model_validate({"url": URL, **(system or {})}),
         RedisDestination.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
-        Resources(secret=lambda ref: secrets[ref.secret]),
+        Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
 
 

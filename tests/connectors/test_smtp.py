@@ -88,7 +88,9 @@ async def mailbox() -> AsyncIterator[Mailbox]:
 
 @pytest.fixture
 def resources() -> Resources:
-    return Resources(secret=lambda ref: {"smtp_password": PASSWORD, "wrong": "nope"}[ref.secret])
+    return Resources(  # a loopback server
+        secret=lambda ref: {"smtp_password": PASSWORD, "wrong": "nope"}[ref.secret], allow_private=True
+    )
 
 
 def make(box: Mailbox, resources: Resources, system: dict[str, Any] | None = None, **dest: Any) -> SmtpSink:

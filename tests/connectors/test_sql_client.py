@@ -244,7 +244,7 @@ def contacts_project(root: Path, system: dict[str, Any], table: str) -> Path:
             "owner": "web",
             "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
         },
-        "warehouse": {"owner": "data", **system},
+        "warehouse": {"owner": "data", "allow_private_network": True, **system},  # a loopback server
     }
     flow = {
         "purpose": "contacts land in the warehouse",

@@ -216,7 +216,7 @@ class Db:
         src = cls(
             system_model.model_validate(self.system),
             model.model_validate({"table": self.name, "cursor_column": "updated_at", **kw}),
-            resources or Resources(system="db"),
+            resources or Resources(system="db", allow_private=True),
         )
         self.sources.append(src)
         return src
@@ -588,7 +588,12 @@ async def test_refused_credentials_are_an_auth_error(db: Db):
         expected = r"\[1045\] Access denied"
     secret = "wrong-pass-123"
     src = db.source(
-        Resources(system="db", secret=lambda ref: secret, redact=lambda s: s.replace(secret, "***"))
+        Resources(
+            system="db",
+            secret=lambda ref: secret,
+            redact=lambda s: s.replace(secret, "***"),
+            allow_private=True,
+        )
     )
     with pytest.raises(AuthError, match=expected) as info:
         await read(src)
@@ -623,7 +628,7 @@ async def test_the_source_session_is_read_only(db: Db):
 # ---------------------------------------------------------------- the hub: postgres end to end
 def orders_project(root: Path, sink_url: str, source: dict[str, Any], *, schedule: bool = True) -> Path:
     systems = {
-        "db": {"kind": "postgres", "owner": "data", **PG},
+        "db": {"kind": "postgres", "owner": "data", "allow_private_network": True, **PG},
         "reporting": {"kind": "http", "owner": "finance", "url": sink_url, "allow_private_network": True},
     }
     trigger: dict[str, Any] = {"source": {"system": "db", **source}}

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import re
 import socket
+import ssl
+import uuid
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,9 +24,16 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from patchbay.config.models import DeliveryPolicy, SystemCommon
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem
-from patchbay.security.ssrf import AddressPolicy, BlockedAddress, HttpSessions, blocked_reason
+from patchbay.errors import TerminalError, TransientError
+from patchbay.security.ssrf import (
+    AddressPolicy,
+    BlockedAddress,
+    HttpSessions,
+    blocked_reason,
+    tls_client_context,
+)
 from patchbay.store.queries import list_dead
-from tests.conftest import _start, eventually, lead_project
+from tests.conftest import _start, eventually, lead_project, require_service
 
 BLOCKED = [
     ("127.0.0.1", "loopback"),
@@ -237,7 +254,8 @@ async def test_http_sink_classifies_a_blocked_address_as_terminal(server):
     assert out.cls is OutcomeClass.TERMINAL
     assert out.error == (
         "connecting to 127.0.0.1 is blocked: loopback address; "
-        "set allow_private_network: true on system crm if it is an internal system"
+        "set allow_private_network: true on system crm if it is an internal system, "
+        "or allow only this address with allow_networks: [127.0.0.1/32]"
     )
     assert server.hits == []
 
@@ -294,7 +312,8 @@ async def test_a_destination_on_loopback_dead_letters_as_blocked(tmp_path, sink,
     assert d["attempts"] == 1  # terminal: not retried
     assert d["last_error"] == (
         "connecting to 127.0.0.1 is blocked: loopback address; "
-        "set allow_private_network: true on system crm if it is an internal system"
+        "set allow_private_network: true on system crm if it is an internal system, "
+        "or allow only this address with allow_networks: [127.0.0.1/32]"
     )
     [row] = await hub.store.read(list_dead)
     assert "is blocked: loopback address" in row["reason"]
@@ -370,3 +389,590 @@ async def test_non_http_connectors_get_checked_addresses():
     ]
     assert "127.0.0.1" in await Resources(allow_private=True).allowed_addresses("localhost", 5432)
     assert await Resources().allowed_addresses("93.184.216.34", 443) == ["93.184.216.34"]
+
+
+# ----------------------------------------------------------------------------- connectors without HTTP
+# Every networked connector resolves its host, checks the addresses and connects to a checked IP. A
+# listener of the test's own stands in for the server, so "no connection was made" is counted, not assumed.
+NON_HTTP = ["postgres", "mysql", "redis", "rabbitmq", "mqtt", "nats", "smtp"]
+DRIVERS = {
+    "postgres": "psycopg",
+    "mysql": "aiomysql",
+    "redis": "redis.asyncio",
+    "rabbitmq": "aio_pika",
+    "mqtt": "paho.mqtt.client",
+    "nats": "nats",
+    "smtp": "aiosmtplib",
+}
+RECORD = {"id": 1, "name": "Ada", "email": "ada@example.com"}
+BLOCKED_LOOPBACK = {
+    "127.0.0.1": r"connecting to 127\.0\.0\.1 is blocked: loopback address",
+    "localhost": r"connecting to (127\.0\.0\.1|::1) \(localhost\) is blocked: loopback address",
+}
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1 that counts the connections made to it and drops each at once."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    lst = Listener()
+    server = await asyncio.start_server(lst.handle, "127.0.0.1", 0)
+    lst.port = server.sockets[0].getsockname()[1]
+    yield lst
+    server.close()
+    await server.wait_closed()
+
+
+def _system(kind: str, host: str, port: int, **extra: Any) -> dict[str, Any]:
+    if kind == "postgres":
+        return {"host": host, "port": port, "database": "test", "user": "postgres", **extra}
+    if kind == "mysql":
+        return {"host": host, "port": port, "database": "test", "user": "root", **extra}
+    if kind == "redis":
+        scheme = "rediss" if extra.pop("tls", False) else "redis"
+        return {"url": f"{scheme}://{host}:{port}/0", **extra}
+    if kind == "nats":
+        return {"servers": [f"nats://{host}:{port}"], **extra}
+    if kind == "smtp":
+        return {"host": host, "port": port, "starttls": False, "from_address": "hub@example.com", **extra}
+    return {"host": host, "port": port, **extra}  # rabbitmq, mqtt
+
+
+def destination(
+    kind: str, host: str, port: int, resources: Resources, timeout_s: float = 3.0, **system: Any
+) -> Any:
+    """A destination of `kind` whose system points at host:port."""
+    pytest.importorskip(DRIVERS[kind])
+    from patchbay.connectors.mqtt import MqttSink
+    from patchbay.connectors.nats import NatsSink
+    from patchbay.connectors.rabbitmq import RabbitMQSink
+    from patchbay.connectors.redis import RedisSink
+    from patchbay.connectors.smtp import SmtpSink
+
+    sinks: dict[str, Any] = {"redis": RedisSink, "rabbitmq": RabbitMQSink, "mqtt": MqttSink, "nats": NatsSink}
+    sinks["smtp"] = SmtpSink
+    if kind == "postgres":
+        from patchbay.connectors.postgres import PostgresSink
+
+        sinks[kind] = PostgresSink
+    if kind == "mysql":
+        from patchbay.connectors.mysql import MysqlSink
+
+        sinks[kind] = MysqlSink
+    dest: dict[str, Any] = {
+        "postgres": {"table": "pb_guard", "write_mode": "upsert", "key": ["id"]},
+        "mysql": {"table": "pb_guard", "write_mode": "upsert", "key": ["id"]},
+        "redis": {"stream": f"pbtest:guard:{uuid.uuid4().hex[:8]}"},
+        "rabbitmq": {"routing_key": "pb-guard-nowhere", "mandatory": False},
+        "mqtt": {"topic": "pb/guard"},
+        "nats": {"subject": "pb.guard", "jetstream": False},
+        "smtp": {"to": ["ops@example.com"], "subject": "guard", "text": "hello"},
+    }[kind]
+    sys_model, dest_model = _models(kind)
+    return sinks[kind](
+        sys_model.model_validate(_system(kind, host, port, **system)),
+        dest_model.model_validate(dest),
+        DeliveryPolicy(timeout_s=timeout_s),
+        resources,
+    )
+
+
+def _models(kind: str) -> tuple[Any, Any]:
+    if kind in ("postgres", "mysql"):
+        from patchbay.connectors.sql_client import SqlDestination
+
+        if kind == "postgres":
+            from patchbay.connectors.postgres import PostgresSystem
+
+            return PostgresSystem, SqlDestination
+        from patchbay.connectors.mysql import MysqlSystem
+
+        return MysqlSystem, SqlDestination
+    if kind == "redis":
+        from patchbay.connectors.redis import RedisDestination, RedisSystem
+
+        return RedisSystem, RedisDestination
+    if kind == "rabbitmq":
+        from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSystem
+
+        return RabbitMQSystem, RabbitMQDestination
+    if kind == "mqtt":
+        from patchbay.connectors.mqtt import MqttDestination, MqttSystem
+
+        return MqttSystem, MqttDestination
+    if kind == "nats":
+        from patchbay.connectors.nats import NatsDestination, NatsSystem
+
+        return NatsSystem, NatsDestination
+    from patchbay.connectors.smtp import SmtpDestination, SmtpSystem
+
+    return SmtpSystem, SmtpDestination
+
+
+async def send_once(sink: Any, key: str = "evt_1.guard") -> Any:
+    try:
+        return await sink.send(sink.render(RECORD, key), key)
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("kind", NON_HTTP)
+async def test_a_destination_on_loopback_is_refused_before_connecting(kind, host, listener):
+    out = await send_once(destination(kind, host, listener.port, Resources(system="warehouse")))
+    assert out.cls is OutcomeClass.TERMINAL, out  # dead-lettered at once: every try would be refused
+    assert re.search(BLOCKED_LOOPBACK[host], out.error), out.error
+    assert "set allow_private_network: true on system warehouse if it is an internal system" in out.error
+    assert "or allow only this address with allow_networks: [" in out.error
+    assert listener.accepted == 0  # refused before the connect, not after
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("kind", NON_HTTP)
+async def test_allow_networks_lets_a_destination_connect(kind, host, listener):
+    res = Resources(system="warehouse", allow_networks=("127.0.0.0/8",))
+    out = await send_once(destination(kind, host, listener.port, res, timeout_s=2.0))
+    assert out.cls is OutcomeClass.TRANSIENT, out  # the listener drops the connection: retried later
+    assert "blocked" not in out.error
+    assert listener.accepted >= 1
+
+
+@dataclass
+class CheckedAddresses(Resources):
+    """Answers the guard's question itself: whatever the name, the checked address is the listener's."""
+
+    answer: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    asked: list[str] = field(default_factory=list)
+
+    async def allowed_addresses(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        return list(self.answer)
+
+
+@pytest.mark.parametrize("kind", NON_HTTP)
+async def test_the_connection_goes_to_the_checked_address_not_to_the_name_again(kind, listener):
+    """`db.invalid` never resolves (RFC 6761): reaching the listener proves the driver connected to the
+    address the guard returned instead of resolving the name a second time (where rebinding would bite)."""
+    res = CheckedAddresses(system="warehouse")
+    out = await send_once(destination(kind, "db.invalid", listener.port, res, timeout_s=2.0))
+    assert listener.accepted >= 1, out
+    assert set(res.asked) == {"db.invalid"}
+
+
+@pytest.mark.parametrize("kind", NON_HTTP)
+async def test_each_checked_address_is_tried_in_turn(kind, listener):
+    """A name with several addresses (IPv6 and IPv4, say): one that refuses does not stop the next."""
+    res = CheckedAddresses(system="warehouse", answer=["127.0.0.2", "127.0.0.1"])  # nothing on .2
+    out = await send_once(destination(kind, "db.invalid", listener.port, res, timeout_s=3.0))
+    assert listener.accepted >= 1, out
+
+
+def source(kind: str, host: str, port: int, resources: Resources) -> Any:
+    pytest.importorskip(DRIVERS[kind])
+    sys_model, _ = _models(kind)
+    system = sys_model.model_validate(_system(kind, host, port))
+    if kind in ("postgres", "mysql"):
+        from patchbay.connectors.sql_client import SqlSourceConfig
+
+        config = SqlSourceConfig.model_validate({"table": "pb_guard", "cursor_column": "id", "timeout_s": 2})
+        if kind == "postgres":
+            from patchbay.connectors.postgres import PostgresSource
+
+            return PostgresSource(system, config, resources)
+        from patchbay.connectors.mysql import MysqlSource
+
+        return MysqlSource(system, config, resources)
+    if kind == "redis":
+        from patchbay.connectors.redis import RedisSource, RedisSourceConfig
+
+        return RedisSource(system, RedisSourceConfig(stream="pb-guard", group="g", timeout_s=2), resources)
+    if kind == "rabbitmq":
+        from patchbay.connectors.rabbitmq import RabbitMQSource, RabbitMQSourceConfig
+
+        return RabbitMQSource(system, RabbitMQSourceConfig(queue="pb-guard", timeout_s=2), resources)
+    if kind == "mqtt":
+        from patchbay.connectors.mqtt import MqttSource, MqttSourceConfig
+
+        return MqttSource(
+            system, MqttSourceConfig(topic="pb/guard", client_id="pb-guard", timeout_s=2), resources
+        )
+    from patchbay.connectors.nats import NatsSource, NatsSourceConfig
+
+    return NatsSource(system, NatsSourceConfig(stream="PBGUARD", durable="guard", timeout_s=2), resources)
+
+
+async def run_source(src: Any) -> None:
+    async def emit(batch: Any) -> None:
+        raise AssertionError("nothing should be read")
+
+    try:
+        if getattr(src, "mode", "") == "poll":
+            async for _ in src.poll(None):
+                pass
+        else:
+            await src.stream(emit)
+    finally:
+        await src.close()
+
+
+SOURCES = ["postgres", "mysql", "redis", "rabbitmq", "mqtt", "nats"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("kind", SOURCES)
+async def test_a_source_on_loopback_fails_to_start_with_the_reason(kind, host, listener):
+    src = source(kind, host, listener.port, Resources(system="orders-db"))
+    with pytest.raises(TerminalError) as info:
+        await run_source(src)
+    assert re.search(BLOCKED_LOOPBACK[host], str(info.value)), info.value
+    assert "set allow_private_network: true on system orders-db" in str(info.value)
+    assert listener.accepted == 0
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+async def test_allow_networks_lets_a_source_connect(kind, listener):
+    src = source(
+        kind, "localhost", listener.port, Resources(system="orders-db", allow_networks=("127.0.0.0/8",))
+    )
+    with pytest.raises(TransientError) as info:  # the listener drops it: the engine reconnects later
+        await run_source(src)
+    assert "blocked" not in str(info.value)
+    assert listener.accepted >= 1
+
+
+# -- the real servers, reached by name through allow_networks
+SERVICES = {
+    "postgres": ("PostgreSQL", 5432),
+    "redis": ("Redis", 6379),
+    "rabbitmq": ("RabbitMQ", 5672),
+}
+
+
+@pytest.fixture
+async def mail_server() -> AsyncIterator[tuple[int, list[Any]]]:
+    """An SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it accepts."""
+    pytest.importorskip("aiosmtpd")
+    from aiosmtpd.smtp import SMTP
+
+    received: list[Any] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            received.append(envelope)
+            return "250 2.0.0 queued"
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(Handler(), hostname="localhost", loop=loop), "127.0.0.1", 0
+    )
+    yield server.sockets[0].getsockname()[1], received
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis", "rabbitmq", "smtp"])
+async def test_allow_networks_reaches_the_real_server_by_name(kind, mail_server, tmp_path):
+    res = Resources(system="warehouse", allow_networks=("127.0.0.0/8",))
+    if kind == "smtp":
+        port, received = mail_server
+    else:
+        service, port = SERVICES[kind]
+        require_service(service, "127.0.0.1", port)
+    sink = destination(kind, "localhost", port, res)
+    if kind == "postgres":
+        import psycopg
+
+        table = f"pb_{uuid.uuid4().hex[:12]}"
+        sink.config.table = table
+        sink._renderer.config.table = table
+        admin = await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", port=port, dbname="test", user="postgres", autocommit=True
+        )
+        await admin.execute(f'CREATE TABLE "{table}" (id int PRIMARY KEY, name text, email text)')
+        try:
+            out = await send_once(sink)
+            cur = await admin.execute(f'SELECT id, name FROM "{table}"')
+            assert await cur.fetchall() == [(1, "Ada")]
+        finally:
+            await admin.execute(f'DROP TABLE "{table}"')
+            await admin.close()
+    else:
+        out = await send_once(sink)
+        if kind == "redis":
+            import redis.asyncio as aioredis
+
+            r = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+            stream = sink.config.stream
+            assert await r.xlen(stream) == 1
+            await r.delete(stream)
+            await r.aclose()
+        if kind == "smtp":
+            assert len(received) == 1 and received[0].rcpt_tos == ["ops@example.com"]
+    assert out.cls is OutcomeClass.SUCCESS, out
+
+
+# -- TLS: the socket goes to the checked IP, the certificate is checked for the configured name
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for DNS name `name` only (no IP address in it) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+class TlsProxy:
+    """TLS on 127.0.0.1 in front of a plain-text server: the certificate names a host, never the IP."""
+
+    def __init__(self, upstream_port: int, cert: Path, key: Path) -> None:
+        self.upstream_port = upstream_port
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(cert, key)
+        self.accepted = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> TlsProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            dst.transport.abort()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_server_name_context_checks_the_name_while_connecting_to_the_ip(tmp_path, listener):
+    """aiomysql and nats over wss pass the IP they connect to as server_hostname (asyncio wrap_bio)."""
+    cert, key = _self_signed(tmp_path, "localhost")
+    proxy = await TlsProxy(listener.port, cert, key).start()
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, ssl=tls_client_context(str(cert), "localhost")
+        )
+        writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
+            await asyncio.open_connection(
+                "127.0.0.1", proxy.port, ssl=ssl.create_default_context(cafile=str(cert))
+            )
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            await asyncio.open_connection(
+                "127.0.0.1", proxy.port, ssl=tls_client_context(str(cert), "other.test")
+            )
+    finally:
+        await proxy.stop()
+
+
+TLS_KINDS = {"redis": ("Redis", 6379), "rabbitmq": ("RabbitMQ", 5672), "mqtt": ("Mosquitto", 1883)}
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq", "mqtt", "smtp"])
+async def test_tls_is_checked_for_the_configured_name_while_connecting_to_the_checked_ip(
+    kind, tmp_path, mail_server
+):
+    """The host `localhost` resolves to 127.0.0.1; the certificate names `localhost` only, so the TLS
+    check passes only if the driver verified the configured name, not the IP it connected to."""
+    if kind == "smtp":
+        upstream, _ = mail_server
+    else:
+        service, upstream = TLS_KINDS[kind]
+        require_service(service, "127.0.0.1", upstream)
+    cert, key = _self_signed(tmp_path, "localhost")
+    proxy = await TlsProxy(upstream, cert, key).start()
+    try:
+        res = Resources(system="secure", allow_networks=("127.0.0.0/8",))
+        out = await send_once(destination(kind, "localhost", proxy.port, res, tls=True, ca_bundle=str(cert)))
+        assert out.cls is OutcomeClass.SUCCESS, out
+        assert proxy.accepted >= 1
+        # The same certificate for another name is refused: the name really is checked.
+        other, other_key = _self_signed(tmp_path, "other.test")
+        wrong = await TlsProxy(upstream, other, other_key).start()
+        try:
+            with warnings.catch_warnings():
+                # paho does not close a socket whose TLS handshake failed; it is collected here.
+                warnings.simplefilter("ignore", ResourceWarning)
+                out = await send_once(
+                    destination(kind, "localhost", wrong.port, res, tls=True, ca_bundle=str(other))
+                )
+                gc.collect()
+            assert out.cls is not OutcomeClass.SUCCESS, out
+            assert "certificate" in out.error.lower() or "ssl" in out.error.lower(), out
+        finally:
+            await wrong.stop()
+    finally:
+        await proxy.stop()
+
+
+# -- through the hub: a system's allow_private_network / allow_networks settings reach the connector
+async def test_a_postgres_system_on_localhost_dead_letters_until_its_network_is_allowed(tmp_path, start_hub):
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    pytest.importorskip("psycopg")
+    import psycopg
+
+    from tests.connectors.test_sql_client import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
+
+    table = f"pb_{uuid.uuid4().hex[:12]}"
+    admin = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", port=5432, dbname="test", user="postgres", autocommit=True
+    )
+    await admin.execute(f'CREATE TABLE "{table}" (email text PRIMARY KEY, name text, score int, tags jsonb)')
+    server = {"kind": "postgres", "host": "localhost", "port": 5432, "database": "test", "user": "postgres"}
+    try:
+        refused = contacts_project(tmp_path / "refused", {**server, "allow_private_network": False}, table)
+        hub = await start_hub(refused)
+        status, body = await hub.post("/hooks/contacts", CONTACT_EVENTS[0])
+        assert status == 202, body
+
+        async def dead() -> bool:
+            return (await hub.run(body["event_id"]))["status"] == "dead"
+
+        await eventually(dead, what="dead letter")
+        [d] = (await hub.run(body["event_id"]))["deliveries"]
+        assert d["attempts"] == 1  # terminal: not retried
+        assert re.fullmatch(
+            rf"upsert into {table}: connecting to (127\.0\.0\.1|::1) \(localhost\) is blocked: loopback "
+            r"address; set allow_private_network: true on system warehouse if it is an internal system, "
+            r"or allow only this address with allow_networks: \[(127\.0\.0\.1/32|::1/128)\]",
+            d["last_error"],
+        ), d["last_error"]
+        await stop_hub(hub)
+        cur = await admin.execute(f'SELECT count(*) FROM "{table}"')
+        assert await cur.fetchone() == (0,)
+
+        allowed = contacts_project(
+            tmp_path / "allowed",
+            {**server, "allow_private_network": False, "allow_networks": ["127.0.0.0/8"]},
+            table,
+        )
+        hub = await start_hub(allowed)
+        await post_and_deliver(hub, CONTACT_EVENTS)
+        await stop_hub(hub)
+        cur = await admin.execute(f'SELECT email FROM "{table}" ORDER BY email')
+        assert await cur.fetchall() == [("ann@example.com",), ("bob@example.com",)]
+    finally:
+        await admin.execute(f'DROP TABLE IF EXISTS "{table}"')
+        await admin.close()
+
+
+def test_check_warns_about_database_broker_and_smtp_hosts_the_guard_will_refuse(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+    from tests.conftest import SECRET_TOKEN, SECRET_WHSEC
+
+    monkeypatch.setenv("PATCHBAY_SECRET_WEBSITE_WHSEC", SECRET_WHSEC)
+    monkeypatch.setenv("PATCHBAY_SECRET_CRM_TOKEN", SECRET_TOKEN)
+    monkeypatch.chdir(tmp_path)
+    root = lead_project(tmp_path / "p", "https://crm.example.com/api")
+    _systems(root)
+    extra = {
+        "db": {"kind": "postgres", "owner": "data", "host": "10.1.2.3", "database": "x", "user": "u"},
+        "cache": {"kind": "redis", "owner": "ops", "url": "redis://localhost:6379/0"},
+        "events": {
+            "kind": "nats",
+            "owner": "ops",
+            "servers": ["nats://nats.example.com:4222", "nats://[::1]:4222"],
+        },
+        "mail": {"kind": "smtp", "owner": "ops", "host": "169.254.169.254", "from_address": "a@example.com"},
+        "queue": {
+            "kind": "rabbitmq",
+            "owner": "ops",
+            "host": "10.20.0.7",
+            "allow_networks": ["10.20.0.0/16"],
+        },
+        "local_db": {
+            "kind": "mysql",
+            "owner": "ops",
+            "host": "127.0.0.1",
+            "database": "x",
+            "user": "u",
+            "allow_private_network": True,
+        },
+        "socket_db": {
+            "kind": "postgres",
+            "owner": "ops",
+            "host": "/var/run/postgresql",
+            "database": "x",
+            "user": "u",
+        },
+        "public_mq": {"kind": "mqtt", "owner": "ops", "host": "mqtt.example.com"},
+    }
+    (root / "systems.yaml").write_text(
+        (root / "systems.yaml").read_text() + yaml.safe_dump(extra, sort_keys=False)
+    )
+    lines = (root / "systems.yaml").read_text().splitlines()
+    db_line = next(i for i, t in enumerate(lines, 1) if "10.1.2.3" in t)
+    res = CliRunner().invoke(main, ["check", "p"])
+    assert res.exit_code == 0, res.output
+    warnings_ = [ln for ln in res.output.splitlines() if ": warning: " in ln]
+    assert (
+        f"p/systems.yaml:{db_line}: warning: system 'db': 10.1.2.3 is a private address, so connections to "
+        "it will be refused; set allow_private_network: true (or allow_networks) if it is an internal system"
+        in warnings_
+    ), warnings_
+    assert any("system 'cache': localhost is a loopback address" in w for w in warnings_)
+    assert any("system 'events': ::1 is a loopback address" in w for w in warnings_)
+    assert any("system 'mail': 169.254.169.254 is a cloud metadata address" in w for w in warnings_)
+    for quiet in ("queue", "local_db", "socket_db", "public_mq"):  # allowed, a Unix socket, or public
+        assert not any(f"system '{quiet}'" in w for w in warnings_), warnings_
+    assert len(warnings_) == 4, warnings_
