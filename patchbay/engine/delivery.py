@@ -53,6 +53,7 @@ class DestinationWorker:
         self._after_id = 0
         self._rescan_at = 0.0
         self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=4 * self.policy.max_concurrency)
+        self._low_water = self.queue.maxsize // 2
         self.wake = asyncio.Event()
         self.resumed = asyncio.Event()
         if state == "active":
@@ -124,8 +125,9 @@ class DestinationWorker:
                     await self.resumed.wait()
                     continue
                 room = self.queue.maxsize - self.queue.qsize()
-                if room <= 0 or (room < self.queue.maxsize // 4 and self.queue.qsize() > 0):
-                    # Workers are busy: look again when they have made room (in chunks), not in a spin.
+                if self.queue.qsize() >= self._low_water:
+                    # Enough queued: refill in chunks once workers have taken the queue below half (they
+                    # wake the feeder then), not one row at a time and not in a spin.
                     self.wake.clear()
                     await self._sleep(0.05)
                     continue
@@ -158,6 +160,8 @@ class DestinationWorker:
     async def _work(self) -> None:
         while True:
             d = await self.queue.get()
+            if self.queue.qsize() < self._low_water:
+                self.wake.set()  # the feeder refills before the queue runs dry
             if self.state != "active":
                 self.leased.discard(d.id)
                 continue

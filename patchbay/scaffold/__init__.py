@@ -75,6 +75,25 @@ def signed_headers(project: Any, flow: Any, resolver: Any, body: bytes, event_id
     return headers
 
 
+def _seconds(s: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size and s % size == 0:
+            return f"{int(s // size)}{unit}"
+    return f"{s:g}s"
+
+
+def _trigger_words(trigger: Any) -> str:
+    """A non-webhook trigger in a few words: `every 1s: poll shop_db`, `cron 0 2 * * *`, `consume broker`."""
+    when = ""
+    if trigger.schedule is not None:
+        sch = trigger.schedule
+        when = f"cron {sch.cron}" if sch.cron else f"every {_seconds(sch.every)}"
+    if trigger.source is not None:
+        what = f"{'poll' if when else 'consume'} {trigger.source.get('system')}"
+        return f"{when}: {what}" if when else what
+    return when or "manual"
+
+
 def banner(project: Any, host: str, port: int) -> str:
     """What to do next, printed when the hub is ready."""
     from patchbay.security.project import open_project_secrets
@@ -84,7 +103,7 @@ def banner(project: Any, host: str, port: int) -> str:
     lines = [f"Patchbay is running on {base} (store: {project.store_path})", ""]
     for f in project.flows.values():
         dests = ", ".join(f"{d.name}" for d in f.destinations)
-        trig = f"POST {base}{f.webhook_path}" if f.webhook_path else "manual"
+        trig = f"POST {base}{f.webhook_path}" if f.webhook_path else _trigger_words(f.trigger)
         lines.append(f"  flow {f.name}: {trig} -> {dests}")
     lines.append("")
     first = next((f for f in project.flows.values() if f.webhook_path), None)
