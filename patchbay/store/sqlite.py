@@ -155,8 +155,13 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         conn = connect(self.path)
-        # Checkpoints run on their own thread (_Checkpointer), so no acknowledgement waits for one.
+        # Checkpoints run on their own thread (_Checkpointer), so no acknowledgement waits for one. Under
+        # a sustained burst that thread may never catch the WAL complete; past WAL_LIMIT the writer then
+        # checkpoints itself between two groups (nothing new is written meanwhile, so it completes) and
+        # the next transaction starts the WAL over, truncated to WAL_LIMIT.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        wal = str(self.path) + "-wal"
         try:
             while True:
                 item = self.q.get()
@@ -173,6 +178,11 @@ class _Writer(threading.Thread):
                         return
                     batch.append(nxt)
                 self._run_batch(conn, batch)
+                if self.commits % 64 == 0 and _size(wal) > WAL_LIMIT:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:
+                        log.warning("checkpointing the store's WAL: %s", exc)
         finally:
             conn.close()
 
@@ -231,6 +241,16 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
     except sqlite3.Error:
         pass
+
+
+WAL_LIMIT = 64 * 1024 * 1024
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 class _Checkpointer(threading.Thread):
