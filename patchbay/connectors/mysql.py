@@ -129,8 +129,23 @@ async def connect(
     return conn
 
 
+class _MysqlConnections:
+    """How the sink and the source close and judge an aiomysql connection."""
+
+    async def _disconnect(self, conn: Any) -> None:
+        if conn.closed:
+            return
+        try:
+            await conn.ensure_closed()
+        except Exception:
+            conn.close()
+
+    def _healthy(self, conn: Any) -> bool:
+        return not conn.closed
+
+
 @connector("mysql", roles=("destination",), config=SqlDestination, system_config=MysqlSystem, extra="mysql")
-class MysqlSink(SqlSink[Any]):
+class MysqlSink(_MysqlConnections, SqlSink[Any]):
     """One statement per record over a small connection pool (aiomysql, autocommit); also MariaDB.
 
     upsert is INSERT ... ON DUPLICATE KEY UPDATE, which fires on any unique key of the table.
@@ -151,17 +166,6 @@ class MysqlSink(SqlSink[Any]):
         self._row_alias = supports_row_alias(conn.get_server_info())
         return conn
 
-    async def _disconnect(self, conn: Any) -> None:
-        if conn.closed:
-            return
-        try:
-            await conn.ensure_closed()
-        except Exception:
-            conn.close()
-
-    def _healthy(self, conn: Any) -> bool:
-        return not conn.closed
-
     def _build(self, request: Mapping[str, Any]) -> Statement:
         return build_statement(request, "mysql", self._adapt, mysql_row_alias=self._row_alias)
 
@@ -178,7 +182,7 @@ class MysqlSink(SqlSink[Any]):
 
 
 @connector("mysql", roles=("source",), config=SqlSourceConfig, system_config=MysqlSystem, extra="mysql")
-class MysqlSource(SqlSource[Any]):
+class MysqlSource(_MysqlConnections, SqlSource[Any]):
     """Poll a table or query by (cursor_column, id_column): one connection, autocommit, read-only, UTC.
 
     The session's time_zone is +00:00, so TIMESTAMP values (and the dedupe ids made from them) read the
@@ -202,17 +206,6 @@ class MysqlSource(SqlSource[Any]):
             conn.close()
             raise
         return conn
-
-    async def _disconnect(self, conn: Any) -> None:
-        if conn.closed:
-            return
-        try:
-            await conn.ensure_closed()
-        except Exception:
-            conn.close()
-
-    def _healthy(self, conn: Any) -> bool:
-        return not conn.closed
 
     async def _fetch(self, conn: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with conn.cursor() as cur:

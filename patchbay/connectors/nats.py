@@ -111,17 +111,23 @@ class NatsSystem(Spec):
         return self
 
 
-def _subject_problem(value: str) -> str | None:
+def _tokens_problem(value: str) -> str | None:
+    """What every NATS subject, published or subscribed, must be: non-empty dot-separated tokens."""
     if not value:
         return "is empty"
     if any(c.isspace() for c in value):
         return "contains white space"
-    tokens = value.split(".")
-    if any(not t for t in tokens):
+    if any(not t for t in value.split(".")):
         return "has an empty token (a leading, trailing or double dot)"
-    if any(t in ("*", ">") for t in tokens):
-        return "contains a wildcard (* or >); publish to a concrete subject"
     return None
+
+
+def _subject_problem(value: str) -> str | None:
+    """Why a subject to publish to is malformed, or None."""
+    problem = _tokens_problem(value)
+    if problem is None and any(t in ("*", ">") for t in value.split(".")):
+        return "contains a wildcard (* or >); publish to a concrete subject"
+    return problem
 
 
 class NatsDestination(Spec):
@@ -468,13 +474,10 @@ def classify_nats(exc: BaseException, *, connected: bool, subject: str) -> tuple
 # ===================================================================== source
 def _filter_problem(value: str) -> str | None:
     """Why a subscription subject (wildcards allowed) is malformed, or None."""
-    if not value:
-        return "is empty"
-    if any(c.isspace() for c in value):
-        return "contains white space"
+    problem = _tokens_problem(value)
+    if problem is not None:
+        return problem
     tokens = value.split(".")
-    if any(not t for t in tokens):
-        return "has an empty token (a leading, trailing or double dot)"
     for i, t in enumerate(tokens):
         if ">" in t and (t != ">" or i != len(tokens) - 1):
             return "uses > other than as the whole last token (e.g. orders.>)"

@@ -70,10 +70,20 @@ async def conninfo(system: PostgresSystem, resources: Resources, timeout_s: floa
     return kw
 
 
+class _PostgresConnections:
+    """How the sink and the source close and judge a psycopg connection."""
+
+    async def _disconnect(self, conn: Any) -> None:
+        await conn.close()
+
+    def _healthy(self, conn: Any) -> bool:
+        return not (conn.closed or conn.broken)
+
+
 @connector(
     "postgres", roles=("destination",), config=SqlDestination, system_config=PostgresSystem, extra="postgres"
 )
-class PostgresSink(SqlSink[Any]):
+class PostgresSink(_PostgresConnections, SqlSink[Any]):
     """One statement per record over a small connection pool (psycopg 3, autocommit)."""
 
     dialect = "postgres"
@@ -92,12 +102,6 @@ class PostgresSink(SqlSink[Any]):
         kw = await conninfo(self.system, self.resources, self.policy.timeout_s)
         return await self._pg.AsyncConnection.connect(autocommit=True, **kw)
 
-    async def _disconnect(self, conn: Any) -> None:
-        await conn.close()
-
-    def _healthy(self, conn: Any) -> bool:
-        return not (conn.closed or conn.broken)
-
     def _adapt(self, value: Any) -> Any:
         return self._jsonb(value) if isinstance(value, dict | list) else value
 
@@ -112,7 +116,7 @@ class PostgresSink(SqlSink[Any]):
 @connector(
     "postgres", roles=("source",), config=SqlSourceConfig, system_config=PostgresSystem, extra="postgres"
 )
-class PostgresSource(SqlSource[Any]):
+class PostgresSource(_PostgresConnections, SqlSource[Any]):
     """Poll a table or query by (cursor_column, id_column): one connection, autocommit, read-only, UTC.
 
     The session's TimeZone is UTC, so timestamptz values (and the dedupe ids made from them) read the
@@ -130,12 +134,6 @@ class PostgresSource(SqlSource[Any]):
         kw = await conninfo(self.system, self.resources, self.config.timeout_s)
         kw["options"] = "-c TimeZone=UTC -c default_transaction_read_only=on"
         return await self._pg.AsyncConnection.connect(autocommit=True, **kw)
-
-    async def _disconnect(self, conn: Any) -> None:
-        await conn.close()
-
-    def _healthy(self, conn: Any) -> bool:
-        return not (conn.closed or conn.broken)
 
     async def _fetch(self, conn: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         cur = await conn.execute(sql, params)
