@@ -154,11 +154,7 @@ def main() -> None:
             "peak_rss_mb": peak,
             "hwm_mb": hwm_mb(a.hub_pid),
         }
-    out = json.dumps(res)
-    print(out)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(out + "\n")
+    drive.emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -211,10 +211,15 @@ def main() -> None:
         with open(a.records_out, "w") as f:
             for r in run.records:
                 f.write(f"{r[0]} {r[1]:.6f} {r[2]:.6f} {r[3]}\n")
+    emit(res, a.out)
+
+
+def emit(res: dict, path: str | None) -> None:
+    """A run's figures: one JSON line on stdout and, with --out, in that file."""
     out = json.dumps(res)
     print(out)
-    if a.out:
-        with open(a.out, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(out + "\n")
 
 

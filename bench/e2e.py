@@ -35,6 +35,8 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 HARNESS = os.environ.get("HARNESS_DIR", "/work/shared/bench/webhook")
 sys.path.insert(0, HARNESS)
+sys.path.insert(0, HERE)
+import drive  # noqa: E402
 import load  # noqa: E402
 
 
@@ -237,11 +239,7 @@ def main() -> None:
         "cpu": lr.get("cpu"),
         "timeline": timeline,
     }
-    out = json.dumps(res)
-    print(out)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(out + "\n")
+    drive.emit(res, a.out)
 
 
 if __name__ == "__main__":
