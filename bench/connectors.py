@@ -110,7 +110,7 @@ def reachable(port: int) -> bool:
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of the process (all its threads), in seconds."""
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is index 0
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) is index 0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
@@ -138,16 +138,24 @@ class HubProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_settings(self) -> None:
-        (self.project / "patchbay.yaml").write_text(yaml.safe_dump({
-            "host": HOST, "port": self.port, "store": ".patchbay/patchbay.db",
-            "log_format": "text", "shutdown_grace_s": 2,
-        }))
+        (self.project / "patchbay.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "host": HOST,
+                    "port": self.port,
+                    "store": ".patchbay/patchbay.db",
+                    "log_format": "text",
+                    "shutdown_grace_s": 2,
+                }
+            )
+        )
 
     def check(self) -> None:
         r = subprocess.run([PATCHBAY, "check", str(self.project)], capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
-            raise BenchError(f"`patchbay check {self.project}` failed (rc {r.returncode}):\n"
-                             f"{r.stdout}{r.stderr}")
+            raise BenchError(
+                f"`patchbay check {self.project}` failed (rc {r.returncode}):\n{r.stdout}{r.stderr}"
+            )
 
     @property
     def pid(self) -> int:
@@ -159,8 +167,12 @@ class HubProcess:
 
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [PATCHBAY, "serve", str(self.project)], cwd=self.project, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [PATCHBAY, "serve", str(self.project)],
+                cwd=self.project,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + ready_timeout
@@ -219,9 +231,15 @@ class HubProcess:
         if lat:
             latency = {f"p{p}": round(lat[len(lat) * p // 100], 2) for p in (50, 90, 99)}
             latency["max"] = round(lat[-1], 1)
-        return {"events": events, "deliveries": deliveries, "attempts": attempts,
-                "attempt_latency_ms": latency,
-                "first_received_at": first_rx, "last_received_at": last_rx, "last_attempt_done_at": last_done}
+        return {
+            "events": events,
+            "deliveries": deliveries,
+            "attempts": attempts,
+            "attempt_latency_ms": latency,
+            "first_received_at": first_rx,
+            "last_received_at": last_rx,
+            "last_attempt_done_at": last_done,
+        }
 
 
 class Profiler:
@@ -237,9 +255,26 @@ class Profiler:
             raise BenchError(f"--profile needs {spy} (pip install py-spy)")
         out.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "--duration", str(duration), "--rate", "200", "--threads",
-             "--format", "raw", "--nonblocking", "-o", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            [
+                str(spy),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(duration),
+                "--rate",
+                "200",
+                "--threads",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
         log(f"py-spy ({duration} s) on hub {pid} -> {out}")
 
     async def finish(self) -> None:
@@ -297,11 +332,15 @@ class Meter:
 
     def store_timing(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Relative to hub ready: when the last record was ingested, when the last attempt finished."""
+
         def rel(t: float | None) -> float | None:
             return None if t is None else round(t - self.wall0, 2)
-        return {"ingested_first_s": rel(summary.pop("first_received_at")),
-                "ingested_all_s": rel(summary.pop("last_received_at")),
-                "last_attempt_done_s": rel(summary.pop("last_attempt_done_at"))}
+
+        return {
+            "ingested_first_s": rel(summary.pop("first_received_at")),
+            "ingested_all_s": rel(summary.pop("last_received_at")),
+            "last_attempt_done_s": rel(summary.pop("last_attempt_done_at")),
+        }
 
 
 async def wait_until(meter: Meter, count: Any, hub: HubProcess, timeout: float, what: str) -> None:
@@ -340,41 +379,97 @@ async def bench_sql(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         pg = await asyncio.wait_for(psycopg.AsyncConnection.connect(PG_DSN, autocommit=True), 15)
         my = await asyncio.wait_for(aiomysql.connect(**MY, autocommit=True), 15)
         log(f"sql: loading {n} rows into PostgreSQL {src}")
-        await pg.execute(f"CREATE TABLE {src} (id int PRIMARY KEY, customer text NOT NULL, "
-                         "amount_cents int NOT NULL, updated_at timestamptz NOT NULL)")
-        await asyncio.wait_for(pg.execute(
-            f"INSERT INTO {src} SELECT g, 'cust-' || (g %% 97), (g * 37) %% 100003, "
-            f"timestamptz '2026-11-01' + g * interval '1 second' FROM generate_series(1, %s) g", (n,)), 300)
+        await pg.execute(
+            f"CREATE TABLE {src} (id int PRIMARY KEY, customer text NOT NULL, "
+            "amount_cents int NOT NULL, updated_at timestamptz NOT NULL)"
+        )
+        await asyncio.wait_for(
+            pg.execute(
+                f"INSERT INTO {src} SELECT g, 'cust-' || (g %% 97), (g * 37) %% 100003, "
+                f"timestamptz '2026-11-01' + g * interval '1 second' FROM generate_series(1, %s) g",
+                (n,),
+            ),
+            300,
+        )
         await pg.execute(f"ANALYZE {src}")
         async with my.cursor() as c:
-            await c.execute(f"CREATE TABLE {dst} (order_id INT PRIMARY KEY, customer VARCHAR(64), "
-                            "amount DECIMAL(12,2), source VARCHAR(16))")
+            await c.execute(
+                f"CREATE TABLE {dst} (order_id INT PRIMARY KEY, customer VARCHAR(64), "
+                "amount DECIMAL(12,2), source VARCHAR(16))"
+            )
         expected_cents = sum((g * 37) % 100003 for g in range(1, n + 1))
 
         hub.write_settings()
-        (project / "systems.yaml").write_text(yaml.safe_dump({
-            "shop_db": {"kind": "postgres", "owner": "bench", "purpose": "Source of the connector bench.",
-                        "host": HOST, "database": "test", "user": "postgres", "allow_private_network": True},
-            "reporting": {"kind": "mysql", "owner": "bench", "purpose": "Destination of the connector bench.",
-                          "host": HOST, "database": "test", "user": "root", "allow_private_network": True,
-                          "pool_size": args.mysql_pool_size},
-        }))
-        (project / "flows" / "orders_sync.yaml").write_text(yaml.safe_dump({
-            "purpose": "Bench: PostgreSQL orders polled into MariaDB reporting.", "owner": "bench",
-            "trigger": {"schedule": {"every": "1s"},
-                        "source": {"system": "shop_db", "table": src, "cursor_column": "updated_at",
-                                   "batch_size": args.batch_size}},
-            "record_key": "order_id",
-            "steps": [{"map": {"order_id": "id", "customer": "upper(customer)", "amount": "amount_cents",
-                               "source": "'shop'"}}],
-            "destinations": [{
-                "name": "report", "system": "reporting", "table": dst,
-                "write_mode": "upsert", "key": ["order_id"],
-                "columns": {"order_id": "order_id", "customer": "customer", "amount": "divide(amount, `100`)",
-                            "source": "source"},
-                "delivery": {"max_concurrency": args.sql_concurrency},
-            }],
-        }, sort_keys=False))
+        (project / "systems.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "shop_db": {
+                        "kind": "postgres",
+                        "owner": "bench",
+                        "purpose": "Source of the connector bench.",
+                        "host": HOST,
+                        "database": "test",
+                        "user": "postgres",
+                        "allow_private_network": True,
+                    },
+                    "reporting": {
+                        "kind": "mysql",
+                        "owner": "bench",
+                        "purpose": "Destination of the connector bench.",
+                        "host": HOST,
+                        "database": "test",
+                        "user": "root",
+                        "allow_private_network": True,
+                        "pool_size": args.mysql_pool_size,
+                    },
+                }
+            )
+        )
+        (project / "flows" / "orders_sync.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "purpose": "Bench: PostgreSQL orders polled into MariaDB reporting.",
+                    "owner": "bench",
+                    "trigger": {
+                        "schedule": {"every": "1s"},
+                        "source": {
+                            "system": "shop_db",
+                            "table": src,
+                            "cursor_column": "updated_at",
+                            "batch_size": args.batch_size,
+                        },
+                    },
+                    "record_key": "order_id",
+                    "steps": [
+                        {
+                            "map": {
+                                "order_id": "id",
+                                "customer": "upper(customer)",
+                                "amount": "amount_cents",
+                                "source": "'shop'",
+                            }
+                        }
+                    ],
+                    "destinations": [
+                        {
+                            "name": "report",
+                            "system": "reporting",
+                            "table": dst,
+                            "write_mode": "upsert",
+                            "key": ["order_id"],
+                            "columns": {
+                                "order_id": "order_id",
+                                "customer": "customer",
+                                "amount": "divide(amount, `100`)",
+                                "source": "source",
+                            },
+                            "delivery": {"max_concurrency": args.sql_concurrency},
+                        }
+                    ],
+                },
+                sort_keys=False,
+            )
+        )
         hub.check()
 
         async def count() -> int:
@@ -382,8 +477,10 @@ async def bench_sql(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 await c.execute(f"SELECT COUNT(*) FROM {dst}")
                 return int((await c.fetchone())[0])
 
-        log(f"sql: starting the hub (max_concurrency {args.sql_concurrency}, "
-            f"pool_size {args.mysql_pool_size}, batch_size {args.batch_size})")
+        log(
+            f"sql: starting the hub (max_concurrency {args.sql_concurrency}, "
+            f"pool_size {args.mysql_pool_size}, batch_size {args.batch_size})"
+        )
         await hub.start()
         meter = Meter(hub, n)
         profiler = Profiler(args.profile and args.profile / f"sql-{tag}.txt", hub.pid, args.profile_s)
@@ -393,21 +490,37 @@ async def bench_sql(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
         await asyncio.sleep(1.0)  # nothing extra arrives late
         async with my.cursor() as c:
-            await c.execute(f"SELECT COUNT(*), COUNT(DISTINCT order_id), SUM(amount), MIN(customer), "
-                            f"MAX(source) FROM {dst}")
+            await c.execute(
+                f"SELECT COUNT(*), COUNT(DISTINCT order_id), SUM(amount), MIN(customer), "
+                f"MAX(source) FROM {dst}"
+            )
             rows, distinct, total, cust, source = await c.fetchone()
-        ok = (rows == n and distinct == n and Decimal(total) == Decimal(expected_cents) / 100
-              and str(cust).startswith("CUST-") and source == "shop")
-        result["check"] = {"ok": ok, "rows": rows, "distinct_ids": distinct, "sum_amount": str(total),
-                           "expected_sum_amount": str(Decimal(expected_cents) / 100)}
+        ok = (
+            rows == n
+            and distinct == n
+            and Decimal(total) == Decimal(expected_cents) / 100
+            and str(cust).startswith("CUST-")
+            and source == "shop"
+        )
+        result["check"] = {
+            "ok": ok,
+            "rows": rows,
+            "distinct_ids": distinct,
+            "sum_amount": str(total),
+            "expected_sum_amount": str(Decimal(expected_cents) / 100),
+        }
         await profiler.finish()
         rc = await hub.stop()
         result["hub_exit_code"] = rc
         summary = hub.store_summary()
         result.update(meter.store_timing(summary))
         result["store"] = summary
-        result["settings"] = {"max_concurrency": args.sql_concurrency, "pool_size": args.mysql_pool_size,
-                              "batch_size": args.batch_size, "schedule": "every 1s"}
+        result["settings"] = {
+            "max_concurrency": args.sql_concurrency,
+            "pool_size": args.mysql_pool_size,
+            "batch_size": args.batch_size,
+            "schedule": "every 1s",
+        }
         if not ok:
             raise BenchError(f"sql: contents differ: {result['check']}")
         return result
@@ -493,13 +606,23 @@ async def bench_rabbitmq(args: argparse.Namespace, root: Path) -> dict[str, Any]
         t = time.monotonic()
         chunk = 1000
         for start in range(0, n, chunk):
-            await asyncio.wait_for(asyncio.gather(*(
-                channel.default_exchange.publish(
-                    aio_pika.Message(json.dumps({"n": i, "run": tag}).encode(), message_id=f"{tag}-{i}",
-                                     content_type="application/json",
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=queue)
-                for i in range(start, min(start + chunk, n)))), 60)
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        channel.default_exchange.publish(
+                            aio_pika.Message(
+                                json.dumps({"n": i, "run": tag}).encode(),
+                                message_id=f"{tag}-{i}",
+                                content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            ),
+                            routing_key=queue,
+                        )
+                        for i in range(start, min(start + chunk, n))
+                    )
+                ),
+                60,
+            )
         q = await channel.declare_queue(queue, passive=True)
         queued = int(q.declaration_result.message_count)
         log(f"rabbitmq: {queued} messages queued in {time.monotonic() - t:.1f} s")
@@ -508,27 +631,62 @@ async def bench_rabbitmq(args: argparse.Namespace, root: Path) -> dict[str, Any]
         await sink.start()
 
         hub.write_settings()
-        (project / "systems.yaml").write_text(yaml.safe_dump({
-            "broker": {"kind": "rabbitmq", "owner": "bench", "purpose": "Source of the connector bench.",
-                       "host": HOST, "allow_private_network": True},
-            "reporting": {"kind": "http", "owner": "bench", "purpose": "The bench's counting sink.",
-                          "url": f"http://{HOST}:{sink.port}", "allow_private_network": True},
-        }))
-        (project / "flows" / "orders_stream.yaml").write_text(yaml.safe_dump({
-            "purpose": "Bench: orders from a RabbitMQ queue POSTed to a reporting API.", "owner": "bench",
-            "trigger": {"source": {"system": "broker", "queue": queue, "batch_size": args.rabbit_batch_size,
-                                   "prefetch": args.rabbit_prefetch}},
-            "steps": [{"map": {"order": "n", "run": "run", "source": "'queue'"}}],
-            "destinations": [{"name": "report", "system": "reporting", "method": "POST", "path": "/orders",
-                              "delivery": {"max_concurrency": args.http_concurrency}}],
-        }, sort_keys=False))
+        (project / "systems.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "broker": {
+                        "kind": "rabbitmq",
+                        "owner": "bench",
+                        "purpose": "Source of the connector bench.",
+                        "host": HOST,
+                        "allow_private_network": True,
+                    },
+                    "reporting": {
+                        "kind": "http",
+                        "owner": "bench",
+                        "purpose": "The bench's counting sink.",
+                        "url": f"http://{HOST}:{sink.port}",
+                        "allow_private_network": True,
+                    },
+                }
+            )
+        )
+        (project / "flows" / "orders_stream.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "purpose": "Bench: orders from a RabbitMQ queue POSTed to a reporting API.",
+                    "owner": "bench",
+                    "trigger": {
+                        "source": {
+                            "system": "broker",
+                            "queue": queue,
+                            "batch_size": args.rabbit_batch_size,
+                            "prefetch": args.rabbit_prefetch,
+                        }
+                    },
+                    "steps": [{"map": {"order": "n", "run": "run", "source": "'queue'"}}],
+                    "destinations": [
+                        {
+                            "name": "report",
+                            "system": "reporting",
+                            "method": "POST",
+                            "path": "/orders",
+                            "delivery": {"max_concurrency": args.http_concurrency},
+                        }
+                    ],
+                },
+                sort_keys=False,
+            )
+        )
         hub.check()
 
         async def count() -> int:
             return len(sink.ns)
 
-        log(f"rabbitmq: starting the hub (max_concurrency {args.http_concurrency}, batch_size "
-            f"{args.rabbit_batch_size}, prefetch {args.rabbit_prefetch})")
+        log(
+            f"rabbitmq: starting the hub (max_concurrency {args.http_concurrency}, batch_size "
+            f"{args.rabbit_batch_size}, prefetch {args.rabbit_prefetch})"
+        )
         await hub.start()
         meter = Meter(hub, n)
         profiler = Profiler(args.profile and args.profile / f"rabbitmq-{tag}.txt", hub.pid, args.profile_s)
@@ -541,17 +699,31 @@ async def bench_rabbitmq(args: argparse.Namespace, root: Path) -> dict[str, Any]
         rc = await hub.stop()
         q = await channel.declare_queue(queue, passive=True)
         left = int(q.declaration_result.message_count)
-        ok = (len(sink.keys) == n and len(sink.ns) == n and sink.unkeyed == 0 and sink.foreign == 0
-              and left == 0)
-        result["check"] = {"ok": ok, "posts": sink.posts, "distinct_keys": len(sink.keys),
-                           "distinct_messages": len(sink.ns), "unkeyed": sink.unkeyed,
-                           "foreign": sink.foreign, "left_in_queue": left}
+        ok = (
+            len(sink.keys) == n
+            and len(sink.ns) == n
+            and sink.unkeyed == 0
+            and sink.foreign == 0
+            and left == 0
+        )
+        result["check"] = {
+            "ok": ok,
+            "posts": sink.posts,
+            "distinct_keys": len(sink.keys),
+            "distinct_messages": len(sink.ns),
+            "unkeyed": sink.unkeyed,
+            "foreign": sink.foreign,
+            "left_in_queue": left,
+        }
         result["hub_exit_code"] = rc
         summary = hub.store_summary()
         result.update(meter.store_timing(summary))
         result["store"] = summary
-        result["settings"] = {"max_concurrency": args.http_concurrency, "batch_size": args.rabbit_batch_size,
-                              "prefetch": args.rabbit_prefetch}
+        result["settings"] = {
+            "max_concurrency": args.http_concurrency,
+            "batch_size": args.rabbit_batch_size,
+            "prefetch": args.rabbit_prefetch,
+        }
         if not ok:
             raise BenchError(f"rabbitmq: contents differ: {result['check']}")
         return result
@@ -571,18 +743,25 @@ async def bench_rabbitmq(args: argparse.Namespace, root: Path) -> dict[str, Any]
 # ----------------------------------------------------------------------------- report
 def table(results: dict[str, dict[str, Any]]) -> str:
     names = {"sql": "PostgreSQL poll → map → MariaDB upsert", "rabbitmq": "RabbitMQ → map → HTTP POST"}
-    lines = ["| flow | records | seconds | records/s | hub peak RSS (MB) | hub CPU s / 1000 | check |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| flow | records | seconds | records/s | hub peak RSS (MB) | hub CPU s / 1000 | check |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for key, r in results.items():
         if "error" in r:
             first = r["error"].splitlines()[0]
             lines.append(f"| {names[key]} | {r.get('records', '')} | | | | | **failed**: {first} |")
             continue
         c = r["check"]
-        check = (f"sum ok, {c['distinct_ids']} distinct" if key == "sql"
-                 else f"{c['distinct_keys']} distinct keys, {c['posts']} POSTs")
-        lines.append(f"| {names[key]} | {r['records']} | {r['seconds']} | {r['records_per_s']:.0f} | "
-                     f"{r['hub_peak_rss_mb']} | {r['hub_cpu_s_per_1000']:.3f} | {check} |")
+        check = (
+            f"sum ok, {c['distinct_ids']} distinct"
+            if key == "sql"
+            else f"{c['distinct_keys']} distinct keys, {c['posts']} POSTs"
+        )
+        lines.append(
+            f"| {names[key]} | {r['records']} | {r['seconds']} | {r['records_per_s']:.0f} | "
+            f"{r['hub_peak_rss_mb']} | {r['hub_cpu_s_per_1000']:.3f} | {check} |"
+        )
     return "\n".join(lines)
 
 
@@ -593,9 +772,13 @@ def environment() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[mod] = version(mod.replace("_", "-"))
-    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-            "versions": versions}
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "versions": versions,
+    }
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -624,8 +807,10 @@ async def main_async(args: argparse.Namespace) -> int:
                 failed = True
                 what = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
                 log(f"{flow}: FAILED: {what}")
-                results[flow] = {"records": args.rows if flow == "sql" else args.messages,
-                                 "error": f"{type(exc).__name__}: {exc}" if what != str(exc) else what}
+                results[flow] = {
+                    "records": args.rows if flow == "sql" else args.messages,
+                    "error": f"{type(exc).__name__}: {exc}" if what != str(exc) else what,
+                }
     finally:
         if failed or args.keep:
             log(f"kept {root} (hub logs: */serve.log)")
@@ -634,8 +819,11 @@ async def main_async(args: argparse.Namespace) -> int:
 
     print()
     print(table(results))
-    doc = {"environment": environment(), "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                  for k, v in vars(args).items()}, "flows": results}
+    doc = {
+        "environment": environment(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "flows": results,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -648,26 +836,56 @@ async def main_async(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50_000, help="rows loaded into PostgreSQL (default 50000)")
-    ap.add_argument("--messages", type=int, default=50_000,
-                    help="messages published to RabbitMQ (default 50000)")
+    ap.add_argument(
+        "--messages", type=int, default=50_000, help="messages published to RabbitMQ (default 50000)"
+    )
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--only", choices=["sql", "rabbitmq"], help="run one flow only")
-    ap.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds from hub ready until each flow must be complete (default 300)")
-    ap.add_argument("--batch-size", type=int, default=1000,
-                    help="PostgreSQL source batch_size (default 1000)")
-    ap.add_argument("--sql-concurrency", type=int, default=DEFAULTS["sql_concurrency"],
-                    help="MariaDB destination max_concurrency (default %(default)s)")
-    ap.add_argument("--mysql-pool-size", type=int, default=DEFAULTS["mysql_pool_size"],
-                    help="MariaDB system pool_size (default %(default)s)")
-    ap.add_argument("--http-concurrency", type=int, default=DEFAULTS["http_concurrency"],
-                    help="HTTP destination max_concurrency (default %(default)s)")
-    ap.add_argument("--rabbit-batch-size", type=int, default=DEFAULTS["rabbit_batch_size"],
-                    help="RabbitMQ source batch_size (default %(default)s)")
-    ap.add_argument("--rabbit-prefetch", type=int, default=DEFAULTS["rabbit_prefetch"],
-                    help="RabbitMQ source prefetch (default %(default)s)")
-    ap.add_argument("--profile", type=Path, metavar="DIR",
-                    help="py-spy the hub after it is ready (raw profiles in DIR; see bench/hotspots.py)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds from hub ready until each flow must be complete (default 300)",
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=1000, help="PostgreSQL source batch_size (default 1000)"
+    )
+    ap.add_argument(
+        "--sql-concurrency",
+        type=int,
+        default=DEFAULTS["sql_concurrency"],
+        help="MariaDB destination max_concurrency (default %(default)s)",
+    )
+    ap.add_argument(
+        "--mysql-pool-size",
+        type=int,
+        default=DEFAULTS["mysql_pool_size"],
+        help="MariaDB system pool_size (default %(default)s)",
+    )
+    ap.add_argument(
+        "--http-concurrency",
+        type=int,
+        default=DEFAULTS["http_concurrency"],
+        help="HTTP destination max_concurrency (default %(default)s)",
+    )
+    ap.add_argument(
+        "--rabbit-batch-size",
+        type=int,
+        default=DEFAULTS["rabbit_batch_size"],
+        help="RabbitMQ source batch_size (default %(default)s)",
+    )
+    ap.add_argument(
+        "--rabbit-prefetch",
+        type=int,
+        default=DEFAULTS["rabbit_prefetch"],
+        help="RabbitMQ source prefetch (default %(default)s)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the hub after it is ready (raw profiles in DIR; see bench/hotspots.py)",
+    )
     ap.add_argument("--profile-s", type=int, default=10, help="py-spy duration (default 10 s)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (stores, hub logs)")
     ap.add_argument("-v", "--verbose", action="store_true", help="also print the full results as JSON")

@@ -47,7 +47,8 @@ def fields(model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
         else:
             default = PydanticUndefined
         nested = next(
-            (a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+            (a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
         )
         row = {
             "name": prefix + name,
@@ -72,7 +73,9 @@ def table(model: type[BaseModel]) -> str:
     lines = ["| setting | type | default | description |", "|---|---|---|---|"]
     for r in fields(model):
         req = " **(required)**" if r["required"] else ""
-        lines.append(f"| `{r['name']}` | {r['type']} | {_fmt_default(r['default'])} | {r['description']}{req} |")
+        lines.append(
+            f"| `{r['name']}` | {r['type']} | {_fmt_default(r['default'])} | {r['description']}{req} |"
+        )
     return "\n".join(lines)
 
 
@@ -81,22 +84,49 @@ def connector_doc(kind: str) -> str:
     registry.discover()
     entry = registry.CONNECTORS[kind]
     roles = registry._BY_ROLE.get(kind, {})
-    parts = [f"# `{kind}`", "", entry.summary, "",
-             f"Can be: {', '.join(sorted(roles))}. Status: {entry.status}."]
+    parts = [
+        f"# `{kind}`",
+        "",
+        entry.summary,
+        "",
+        f"Can be: {', '.join(sorted(roles))}. Status: {entry.status}.",
+    ]
     if entry.extra:
         parts += ["", f"Needs its driver: `pip install 'patchbay[{entry.extra}]'`."]
     assert entry.system_config is not None
-    parts += ["", "## System settings", "", "In `systems.yaml`, beside `kind`, `owner`, `purpose`:", "",
-              table(entry.system_config)]
+    parts += [
+        "",
+        "## System settings",
+        "",
+        "In `systems.yaml`, beside `kind`, `owner`, `purpose`:",
+        "",
+        table(entry.system_config),
+    ]
     if "destination" in roles:
-        parts += ["", "## As a destination", "", "In a flow's `destinations:`, beside `name`, `system`, `when`, "
-                  "`delivery`:", "", table(roles["destination"][1])]
+        parts += [
+            "",
+            "## As a destination",
+            "",
+            "In a flow's `destinations:`, beside `name`, `system`, `when`, `delivery`:",
+            "",
+            table(roles["destination"][1]),
+        ]
     if "source" in roles:
         cls, model = roles["source"]
         mode = getattr(cls, "mode", "poll")
-        how = ("polled on the flow's `trigger.schedule`" if mode == "poll"
-               else "consumed continuously; acknowledged upstream only after the event is committed")
-        parts += ["", "## As a source", "", f"In a flow's `trigger.source:`, beside `system` ({how}):", "", table(model)]
+        how = (
+            "polled on the flow's `trigger.schedule`"
+            if mode == "poll"
+            else "consumed continuously; acknowledged upstream only after the event is committed"
+        )
+        parts += [
+            "",
+            "## As a source",
+            "",
+            f"In a flow's `trigger.source:`, beside `system` ({how}):",
+            "",
+            table(model),
+        ]
     return "\n".join(parts) + "\n"
 
 

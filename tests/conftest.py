@@ -79,7 +79,9 @@ class Sink:
         if 200 <= status < 300:
             key = request.headers.get("Idempotency-Key", "")
             self.keys[key] = self.keys.get(key, 0) + 1
-        return web.Response(status=status, headers=headers, text=text or orjson.dumps({"status": status}).decode())
+        return web.Response(
+            status=status, headers=headers, text=text or orjson.dumps({"status": status}).decode()
+        )
 
     async def wait_for(self, n: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -121,9 +123,16 @@ def write_project(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def lead_project(root: Path, sink_url: str, *, delivery: dict[str, Any] | None = None,
-                 extra_dests: list[dict[str, Any]] | None = None, steps: str | None = None,
-                 hub: dict[str, Any] | None = None, dest: dict[str, Any] | None = None) -> Path:
+def lead_project(
+    root: Path,
+    sink_url: str,
+    *,
+    delivery: dict[str, Any] | None = None,
+    extra_dests: list[dict[str, Any]] | None = None,
+    steps: str | None = None,
+    hub: dict[str, Any] | None = None,
+    dest: dict[str, Any] | None = None,
+) -> Path:
     """The seed's lead-capture flow pointed at `sink_url`."""
     import yaml
 
@@ -137,9 +146,17 @@ def lead_project(root: Path, sink_url: str, *, delivery: dict[str, Any] | None =
           properties.email: {required: true, format: email}
     """
     systems = {
-        "website": {"owner": "web", "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]}},
-        "crm": {"kind": "http", "owner": "sales", "url": sink_url, "allow_private_network": True,
-                "auth": {"scheme": "bearer", "token": {"secret": "crm_token"}}},
+        "website": {
+            "owner": "web",
+            "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
+        },
+        "crm": {
+            "kind": "http",
+            "owner": "sales",
+            "url": sink_url,
+            "allow_private_network": True,
+            "auth": {"scheme": "bearer", "token": {"secret": "crm_token"}},
+        },
     }
     flow = {
         "purpose": "leads reach the CRM",
@@ -147,18 +164,33 @@ def lead_project(root: Path, sink_url: str, *, delivery: dict[str, Any] | None =
         "trigger": {"webhook": {"system": "website"}},
         "record_key": "properties.email",
         "steps": yaml.safe_load(textwrap.dedent(steps if steps is not None else default_steps)) or [],
-        "destinations": [{"name": "crm", "system": "crm", "path": "/contacts", **(dest or {}),
-                          **({"delivery": delivery} if delivery else {})}, *(extra_dests or [])],
+        "destinations": [
+            {
+                "name": "crm",
+                "system": "crm",
+                "path": "/contacts",
+                **(dest or {}),
+                **({"delivery": delivery} if delivery else {}),
+            },
+            *(extra_dests or []),
+        ],
     }
-    return write_project(root, {
-        "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}),
-        "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-        "flows/lead-capture.yaml": yaml.safe_dump(flow, sort_keys=False),
-    })
+    return write_project(
+        root,
+        {
+            "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}),
+            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
+            "flows/lead-capture.yaml": yaml.safe_dump(flow, sort_keys=False),
+        },
+    )
 
 
 def resolver() -> SecretResolver:
-    env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
+    env = {
+        **os.environ,
+        "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC,
+        "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN,
+    }
     return SecretResolver(None, env)
 
 
@@ -174,8 +206,14 @@ class RunningHub:
         assert self.hub.store is not None
         return self.hub.store
 
-    async def post(self, flow_path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None,
-                   sign: bool = True, msg_id: str | None = None) -> tuple[int, Any]:
+    async def post(
+        self,
+        flow_path: str,
+        body: bytes | dict[str, Any],
+        headers: dict[str, str] | None = None,
+        sign: bool = True,
+        msg_id: str | None = None,
+    ) -> tuple[int, Any]:
         import aiohttp
 
         from patchbay.records import new_id
@@ -230,7 +268,9 @@ async def start_hub() -> AsyncIterator[HubFactory]:
         await rh.hub.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if await check():

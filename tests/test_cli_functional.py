@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slow
 
 def pb(*args: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
-    res = subprocess.run([sys.executable, "-m", "patchbay", *args], capture_output=True, text=True, cwd=cwd,
-                         env=env, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "patchbay", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"patchbay {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
@@ -41,7 +47,9 @@ def test_init_check_serve_send_and_look(tmp_path):
 
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
-    proc = subprocess.Popen([sys.executable, "-m", "patchbay", "serve", str(demo)], stdout=log, stderr=log, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "patchbay", "serve", str(demo)], stdout=log, stderr=log, env=env
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

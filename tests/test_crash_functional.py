@@ -27,11 +27,23 @@ def free_port() -> int:
 
 
 async def start_serve(root, port: int) -> asyncio.subprocess.Process:
-    env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
+    env = {
+        **os.environ,
+        "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC,
+        "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN,
+    }
     log = open(root / "serve.log", "ab")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port),
-        env=env, stdout=log, stderr=log,
+        sys.executable,
+        "-m",
+        "patchbay",
+        "serve",
+        str(root),
+        "--port",
+        str(port),
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     log.close()
     deadline = time.monotonic() + 40
@@ -58,8 +70,12 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink):
 
     sink.default = slowish
     port = free_port()
-    root = lead_project(tmp_path, sink.url, hub={"port": port},
-                        delivery={"max_concurrency": 4, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}})
+    root = lead_project(
+        tmp_path,
+        sink.url,
+        hub={"port": port},
+        delivery={"max_concurrency": 4, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
+    )
     proc = await start_serve(root, port)
     url = f"http://127.0.0.1:{port}/hooks/lead-capture"
     accepted: dict[int, str] = {}
@@ -69,8 +85,10 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink):
         body = orjson.dumps({"email": f"lead-{n}@example.com", "first_name": "x"})
         msg_id = f"msg_{n}"
         while True:  # a sender retries what was not acknowledged, with the same id
-            headers = {"Content-Type": "application/json",
-                       **sign_standard_webhooks(SECRET_WHSEC, msg_id, int(time.time()), body)}
+            headers = {
+                "Content-Type": "application/json",
+                **sign_standard_webhooks(SECRET_WHSEC, msg_id, int(time.time()), body),
+            }
             try:
                 async with session.post(url, data=body, headers=headers) as r:
                     if r.status in (200, 202):

@@ -25,7 +25,7 @@ def test_every_module_imports():
 def test_every_connector_module_has_a_test_file():
     registry.discover()
     modules = {e.cls.__module__.rsplit(".", 1)[1] for e in registry.CONNECTORS.values()}
-    for kind, roles in registry._BY_ROLE.items():
+    for roles in registry._BY_ROLE.values():
         modules |= {cls.__module__.rsplit(".", 1)[1] for cls, _ in roles.values()}
     missing = [m for m in sorted(modules) if not (ROOT / "tests" / "connectors" / f"test_{m}.py").exists()]
     assert missing == []

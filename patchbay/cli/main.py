@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,13 @@ from patchbay.errors import ConfigError, PatchbayError
 EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
 
 project_option = click.option(
-    "-p", "--project", "project_dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("PATCHBAY_PROJECT", "."),
-    show_default="PATCHBAY_PROJECT or .", help="Project folder.",
+    "-p",
+    "--project",
+    "project_dir",
+    type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("PATCHBAY_PROJECT", "."),
+    show_default="PATCHBAY_PROJECT or .",
+    help="Project folder.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
@@ -46,7 +51,9 @@ def _parse_time(value: str | None) -> float | None:
     try:
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise click.BadParameter(f"{value!r}: write an ISO date/time (2026-11-23T10:00) or an age (15m, 2h, 1d)") from exc
+        raise click.BadParameter(
+            f"{value!r}: write an ISO date/time (2026-11-23T10:00) or an age (15m, 2h, 1d)"
+        ) from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
@@ -61,7 +68,10 @@ def _load(project_dir: Path, check_secrets: bool = True) -> Any:
     if project is None:
         for p in problems:
             click.echo(str(p), err=True)
-        click.echo(f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.", err=True)
+        click.echo(
+            f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     return project, resolver
 
@@ -78,7 +88,9 @@ def _store(project_dir: Path) -> Any:
         project = Project(project_dir, HubSettings())
     path = project.store_path
     if not path.exists():
-        click.echo(f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True)
+        click.echo(
+            f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
+        )
         sys.exit(EXIT_STORE)
     return SyncStore(path)
 
@@ -121,9 +133,15 @@ def check(directory: Path, as_json: bool) -> None:
     project, problems = load_project(directory, resolver.exists)
     warnings = outbound_warnings(project) if project is not None else []  # reported, never failing
     if as_json:
-        _echo_json({"ok": project is not None, "problems": [p.__dict__ for p in problems],
-                    "warnings": [w.__dict__ for w in warnings],
-                    "flows": sorted(project.flows) if project else [], "systems": sorted(project.systems) if project else []})
+        _echo_json(
+            {
+                "ok": project is not None,
+                "problems": [p.__dict__ for p in problems],
+                "warnings": [w.__dict__ for w in warnings],
+                "flows": sorted(project.flows) if project else [],
+                "systems": sorted(project.systems) if project else [],
+            }
+        )
     else:
         for p in problems:
             click.echo(str(p))
@@ -133,7 +151,9 @@ def check(directory: Path, as_json: bool) -> None:
             click.echo(f"ok: {len(project.systems)} systems, {len(project.flows)} flows")
             for f in project.flows.values():
                 trig = f"POST {f.webhook_path}" if f.webhook_path else "manual"
-                click.echo(f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})")
+                click.echo(
+                    f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})"
+                )
         else:
             click.echo(f"{len(problems)} problem(s)")
     sys.exit(0 if project is not None else EXIT_CONFIG)
@@ -222,7 +242,9 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
         click.echo(f"{exc.code} {exc.read().decode()}", err=True)
         sys.exit(EXIT_PROBLEMS)
     except urllib.error.URLError as exc:
-        click.echo(f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True)
+        click.echo(
+            f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True
+        )
         sys.exit(EXIT_STORE)
 
 
@@ -237,8 +259,17 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
 @click.option("--limit", type=int, default=50, show_default=True)
 @json_option
 @click.pass_context
-def runs(ctx: click.Context, project_dir: Path, flow: str | None, status: str | None, since: str | None,
-         until: str | None, key: str | None, limit: int, as_json: bool) -> None:
+def runs(
+    ctx: click.Context,
+    project_dir: Path,
+    flow: str | None,
+    status: str | None,
+    since: str | None,
+    until: str | None,
+    key: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List runs (newest first); `runs show ID` prints one trace."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = project_dir
@@ -257,8 +288,10 @@ def runs(ctx: click.Context, project_dir: Path, flow: str | None, status: str | 
         sys.exit(EXIT_PROBLEMS)
     click.echo(f"{'RUN':<31} {'FLOW':<18} {'STATUS':<12} {'RECEIVED (UTC)':<20} {'KEY':<28} REASON")
     for r in rows:
-        click.echo(f"{r['id']:<31} {r['flow']:<18} {_status(r['status']):<12} {_ts(r['received_at']):<20} "
-                   f"{(r['record_key'] or '-')[:28]:<28} {(r['reason'] or '')[:80]}")
+        click.echo(
+            f"{r['id']:<31} {r['flow']:<18} {_status(r['status']):<12} {_ts(r['received_at']):<20} "
+            f"{(r['record_key'] or '-')[:28]:<28} {(r['reason'] or '')[:80]}"
+        )
 
 
 def _status(s: str) -> str:
@@ -307,8 +340,10 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
     click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
     for r in rows:
         target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
-        click.echo(f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
-                   f"{(r['reason'] or '')[:100]}")
+        click.echo(
+            f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
+            f"{(r['reason'] or '')[:100]}"
+        )
     click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
 
 
@@ -316,12 +351,20 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
 @main.command()
 @click.argument("run_ids", nargs=-1)
 @project_option
-@click.option("--all", "all_", is_flag=True, help="Every dead letter and quarantined event (narrow with --flow).")
+@click.option(
+    "--all", "all_", is_flag=True, help="Every dead letter and quarantined event (narrow with --flow)."
+)
 @click.option("--flow", help="Only this flow.")
 @click.option("--destination", help="Only deliveries to this destination.")
 @json_option
-def replay(run_ids: tuple[str, ...], project_dir: Path, all_: bool, flow: str | None, destination: str | None,
-           as_json: bool) -> None:
+def replay(
+    run_ids: tuple[str, ...],
+    project_dir: Path,
+    all_: bool,
+    flow: str | None,
+    destination: str | None,
+    as_json: bool,
+) -> None:
     """Run dead or quarantined events again through the flow as configured now."""
     from patchbay.engine.hub import build_sinks
     from patchbay.engine.pipeline import Pipeline
@@ -333,7 +376,9 @@ def replay(run_ids: tuple[str, ...], project_dir: Path, all_: bool, flow: str | 
     project, resolver = _load(project_dir)
     pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
     store = _store(project_dir)
-    ids = store.read(lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination))
+    ids = store.read(
+        lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination)
+    )
     report = store.write(tx_replay, pipelines, ids, destination, os.environ.get("USER", "cli"), "cli")
     if as_json:
         _echo_json(report.__dict__)
@@ -358,14 +403,27 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
     from patchbay.store.sqlite import tx_audit, tx_set_destination_state
 
     store = _store(project_dir)
-    rows = store.read(lambda c: [dict(r) for r in c.execute("SELECT * FROM destinations WHERE flow=? AND state!='active'", (flow,))])
+    rows = store.read(
+        lambda c: [
+            dict(r) for r in c.execute("SELECT * FROM destinations WHERE flow=? AND state!='active'", (flow,))
+        ]
+    )
     targets = [r for r in rows if destination in (None, r["destination"])]
     if not targets:
-        click.echo(f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}")
+        click.echo(
+            f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}"
+        )
         sys.exit(EXIT_PROBLEMS)
     for r in targets:
         store.write(tx_set_destination_state, flow, r["destination"], "active", None)
-        store.write(tx_audit, os.environ.get("USER", "cli"), "resume", f"{flow}/{r['destination']}", {"was": r["state"]}, "cli")
+        store.write(
+            tx_audit,
+            os.environ.get("USER", "cli"),
+            "resume",
+            f"{flow}/{r['destination']}",
+            {"was": r["state"]},
+            "cli",
+        )
         click.echo(f"resumed {flow}/{r['destination']} (was {r['state']}: {r['reason']})")
 
 
@@ -383,8 +441,11 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     if reset:
         done = store.write(tx_reset_cursor, flow)
         store.write(tx_audit, os.environ.get("USER", "cli"), "cursor.reset", flow, {}, "cli")
-        click.echo(f"cursor of {flow} reset; the next poll reads from the start (seen records are not repeated)"
-                   if done else f"{flow} had no cursor")
+        click.echo(
+            f"cursor of {flow} reset; the next poll reads from the start (seen records are not repeated)"
+            if done
+            else f"{flow} had no cursor"
+        )
         return
     cursor = store.read(q_cursor, flow)
     sched = store.read(q_schedule, flow)
@@ -393,12 +454,18 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
         _echo_json({"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec)})
         return
     click.echo(f"flow {flow}")
-    click.echo(f"  cursor: {json.dumps(cursor) if cursor is not None else '(none: the next poll reads from the start)'}")
+    click.echo(
+        f"  cursor: {json.dumps(cursor) if cursor is not None else '(none: the next poll reads from the start)'}"
+    )
     if spec is not None:
-        click.echo(f"  schedule: {'cron ' + spec.cron + ' ' + spec.timezone if spec.cron else f'every {spec.every:g}s'}")
+        click.echo(
+            f"  schedule: {'cron ' + spec.cron + ' ' + spec.timezone if spec.cron else f'every {spec.every:g}s'}"
+        )
     if sched:
-        click.echo(f"  last run: {_ts(sched['last_started_at'])} -> {sched['last_status'] or '-'}"
-                   + (f" ({sched['last_error']})" if sched["last_error"] else ""))
+        click.echo(
+            f"  last run: {_ts(sched['last_started_at'])} -> {sched['last_status'] or '-'}"
+            + (f" ({sched['last_error']})" if sched["last_error"] else "")
+        )
         click.echo(f"  next run: {_ts(sched['next_due_at'])}   runs so far: {sched['runs']}")
         late = _late(sched, spec)
         if late:
@@ -452,21 +519,38 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
         roles = sorted(registry._BY_ROLE.get(kind, {}))
         driver = DRIVERS.get(e.extra or "", None)
         ready = driver is None or importlib.util.find_spec(driver) is not None
-        rows.append({"kind": kind, "roles": roles, "status": e.status, "summary": e.summary, "extra": e.extra,
-                     "driver_installed": ready})
+        rows.append(
+            {
+                "kind": kind,
+                "roles": roles,
+                "status": e.status,
+                "summary": e.summary,
+                "extra": e.extra,
+                "driver_installed": ready,
+            }
+        )
     if as_json:
         _echo_json(rows)
         return
     click.echo(f"{'KIND':<12} {'SOURCE':<7} {'DEST':<5} {'STATUS':<7} SUMMARY")
     for r in rows:
         hint = "" if r["driver_installed"] else f"  (pip install 'patchbay[{r['extra']}]')"
-        click.echo(f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
-                   f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}")
+        click.echo(
+            f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
+            f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}"
+        )
     click.echo("\n`patchbay connectors show KIND` lists a connector's settings.")
 
 
-DRIVERS = {"postgres": "psycopg", "mysql": "aiomysql", "amqp": "aio_pika", "mqtt": "paho", "nats": "nats",
-           "redis": "redis", "email": "aiosmtplib"}
+DRIVERS = {
+    "postgres": "psycopg",
+    "mysql": "aiomysql",
+    "amqp": "aio_pika",
+    "mqtt": "paho",
+    "nats": "nats",
+    "redis": "redis",
+    "email": "aiosmtplib",
+}
 
 
 @connectors.command("show")
@@ -481,11 +565,15 @@ def connectors_show(kind: str) -> None:
         import difflib
 
         close = difflib.get_close_matches(kind, registry.CONNECTORS, n=1)
-        click.echo(f"no connector {kind!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                   + f" (installed: {', '.join(sorted(registry.CONNECTORS))})", err=True)
+        click.echo(
+            f"no connector {kind!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (installed: {', '.join(sorted(registry.CONNECTORS))})",
+            err=True,
+        )
         sys.exit(EXIT_PROBLEMS)
     click.echo(connector_doc(kind))
 
 
-from patchbay.cli import secrets as _secrets  # noqa: F401  (registers `patchbay secrets`)
-from patchbay.cli import tokens as _tokens  # noqa: F401  (registers `patchbay tokens` and `patchbay audit`)
+from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
+from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

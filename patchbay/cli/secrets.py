@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -77,7 +77,9 @@ def secrets_set(name: str, project_dir: Path) -> None:
         click.echo(f"secrets set: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     _audit(project_dir, "secret.rotate" if existed else "secret.set", name)
-    click.echo(f"{'rotated' if existed else 'stored'} {name}; restart the hub (or it picks it up at its next start)")
+    click.echo(
+        f"{'rotated' if existed else 'stored'} {name}; restart the hub (or it picks it up at its next start)"
+    )
 
 
 @secrets.command("rotate")
@@ -87,7 +89,9 @@ def secrets_rotate(name: str, project_dir: Path) -> None:
     """Replace an existing secret's value (read from stdin or a hidden prompt)."""
     v = _vault(project_dir)
     if v.get(name) is None:
-        click.echo(f"secrets rotate: no secret {name!r}; create it with `patchbay secrets set {name}`", err=True)
+        click.echo(
+            f"secrets rotate: no secret {name!r}; create it with `patchbay secrets set {name}`", err=True
+        )
         sys.exit(EXIT_PROBLEMS)
     v.set(name, _read_value(name))
     _audit(project_dir, "secret.rotate", name)
@@ -102,9 +106,16 @@ def secrets_list(project_dir: Path, as_json: bool) -> None:
     v = _vault(project_dir)
     used = _usage(project_dir)
     rows = [
-        {**info.__dict__, "used_by": used.get(info.name, [])} if hasattr(info, "__dict__") else
-        {"name": info.name, "created_at": info.created_at, "rotated_at": info.rotated_at, "version": info.version,
-         "key_id": info.key_id, "used_by": used.get(info.name, [])}
+        {**info.__dict__, "used_by": used.get(info.name, [])}
+        if hasattr(info, "__dict__")
+        else {
+            "name": info.name,
+            "created_at": info.created_at,
+            "rotated_at": info.rotated_at,
+            "version": info.version,
+            "key_id": info.key_id,
+            "used_by": used.get(info.name, []),
+        }
         for info in v.list()
     ]
     missing = sorted(set(used) - {r["name"] for r in rows})
@@ -117,8 +128,10 @@ def secrets_list(project_dir: Path, as_json: bool) -> None:
 
     click.echo(f"{'NAME':<28} {'CREATED':<17} {'ROTATED':<17} {'VER':<4} {'KEY':<9} USED BY")
     for r in rows:
-        click.echo(f"{r['name']:<28} {ts(r['created_at']):<17} {ts(r['rotated_at']):<17} {r['version']:<4} "
-                   f"{r['key_id']:<9} {', '.join(r['used_by']) or '-'}")
+        click.echo(
+            f"{r['name']:<28} {ts(r['created_at']):<17} {ts(r['rotated_at']):<17} {r['version']:<4} "
+            f"{r['key_id']:<9} {', '.join(r['used_by']) or '-'}"
+        )
     for m in missing:
         click.echo(f"{m:<28} MISSING: used by {', '.join(used[m])}; set it with `patchbay secrets set {m}`")
 
@@ -132,7 +145,10 @@ def secrets_delete(name: str, project_dir: Path, force: bool) -> None:
     v = _vault(project_dir)
     users = _usage(project_dir).get(name, [])
     if users and not force:
-        click.echo(f"secrets delete: {name} is used by {', '.join(users)}; change those flows or pass --force", err=True)
+        click.echo(
+            f"secrets delete: {name} is used by {', '.join(users)}; change those flows or pass --force",
+            err=True,
+        )
         sys.exit(EXIT_PROBLEMS)
     if not v.delete(name):
         click.echo(f"no secret {name!r}", err=True)
@@ -154,7 +170,9 @@ def secrets_rotate_master(project_dir: Path) -> None:
         click.echo(f"secrets rotate-master-key: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     _audit(project_dir, "master_key.rotate", f"{old.id}->{new.id}")
-    click.echo(f"master key rotated {old.id} -> {new.id}; restart running hubs, then delete .patchbay/master.key.old")
+    click.echo(
+        f"master key rotated {old.id} -> {new.id}; restart running hubs, then delete .patchbay/master.key.old"
+    )
 
 
 def _audit(root: Path, action: str, target: str) -> None:

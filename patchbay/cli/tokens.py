@@ -56,12 +56,19 @@ def tokens() -> None:
 @tokens.command("create")
 @click.argument("name")
 @project_option
-@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(list(SCOPES)),
-              help="What the token may do; repeat for several. admin implies all.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(list(SCOPES)),
+    help="What the token may do; repeat for several. admin implies all.",
+)
 @click.option("--expires", help="Lifetime, e.g. 30d, 12h (default: never).")
 @json_option
-def tokens_create(name: str, project_dir: Path, scopes: tuple[str, ...], expires: str | None,
-                  as_json: bool) -> None:
+def tokens_create(
+    name: str, project_dir: Path, scopes: tuple[str, ...], expires: str | None, as_json: bool
+) -> None:
     """Create a token and print it ONCE; only its hash is stored."""
     from patchbay.config.durations import parse_duration
     from patchbay.security.tokens import tx_create_token
@@ -83,17 +90,25 @@ def tokens_create(name: str, project_dir: Path, scopes: tuple[str, ...], expires
     except ValueError as exc:
         click.echo(f"tokens create: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    store.write(tx_audit, who, "token.create", info.id,
-                {"name": info.name, "scopes": list(info.scopes), "expires_at": expires_at}, "cli")
+    store.write(
+        tx_audit,
+        who,
+        "token.create",
+        info.id,
+        {"name": info.name, "scopes": list(info.scopes), "expires_at": expires_at},
+        "cli",
+    )
     store.close()
     if as_json:
         _echo_json({**info.as_dict(), "token": text})
         return
     click.echo(text)
-    click.echo(f"token {info.id} ({info.name}) with {', '.join(info.scopes)}"
-               + (f", expires {_ts(expires_at)} UTC" if expires_at else ", never expires")
-               + ". It is shown only now: store it safely. Send it as `Authorization: Bearer <token>`.",
-               err=True)
+    click.echo(
+        f"token {info.id} ({info.name}) with {', '.join(info.scopes)}"
+        + (f", expires {_ts(expires_at)} UTC" if expires_at else ", never expires")
+        + ". It is shown only now: store it safely. Send it as `Authorization: Bearer <token>`.",
+        err=True,
+    )
 
 
 @tokens.command("list")
@@ -113,11 +128,14 @@ def tokens_list(project_dir: Path, all_: bool, as_json: bool) -> None:
     if not rows:
         click.echo("no tokens; create one with `patchbay tokens create NAME --scope runs:read`")
         return
-    click.echo(f"{'ID':<13} {'NAME':<20} {'STATUS':<8} {'CREATED':<17} {'EXPIRES':<17} {'LAST USED':<17} "
-               "SCOPES")
+    click.echo(
+        f"{'ID':<13} {'NAME':<20} {'STATUS':<8} {'CREATED':<17} {'EXPIRES':<17} {'LAST USED':<17} SCOPES"
+    )
     for r in rows:
-        click.echo(f"{r['id']:<13} {r['name'][:20]:<20} {r['status']:<8} {_ts(r['created_at']):<17} "
-                   f"{_ts(r['expires_at']):<17} {_ts(r['last_used_at']):<17} {' '.join(r['scopes'])}")
+        click.echo(
+            f"{r['id']:<13} {r['name'][:20]:<20} {r['status']:<8} {_ts(r['created_at']):<17} "
+            f"{_ts(r['expires_at']):<17} {_ts(r['last_used_at']):<17} {' '.join(r['scopes'])}"
+        )
 
 
 @tokens.command("revoke")
@@ -143,13 +161,23 @@ def tokens_revoke(token_id: str, project_dir: Path) -> None:
 @project_option
 @click.option("--since", help="From this time (ISO) or age (15m, 2h, 1d).")
 @click.option("--until", help="Before this time (ISO) or age.")
-@click.option("--action", help="Exact action (replay, discard, resume, paused, cursor.reset, ...) or a "
-                               "prefix ending in '.' (secret., token.).")
+@click.option(
+    "--action",
+    help="Exact action (replay, discard, resume, paused, cursor.reset, ...) or a "
+    "prefix ending in '.' (secret., token.).",
+)
 @click.option("--actor", help="Part of the actor: a token id, a token name or a user.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
 @json_option
-def audit(project_dir: Path, since: str | None, until: str | None, action: str | None, actor: str | None,
-          limit: int, as_json: bool) -> None:
+def audit(
+    project_dir: Path,
+    since: str | None,
+    until: str | None,
+    action: str | None,
+    actor: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """The audit log, newest first: who changed or replayed what, when and from where."""
     from patchbay.security.project import store_path_of
     from patchbay.store.api_queries import q_audit
@@ -171,8 +199,13 @@ def audit(project_dir: Path, since: str | None, until: str | None, action: str |
     click.echo(f"{'AT (UTC)':<20} {'ACTOR':<34} {'FROM':<16} {'ACTION':<16} TARGET")
     for r in rows:
         at = datetime.fromtimestamp(r["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
-        detail = {k: v for k, v in r["detail"].items()
-                  if k not in ("token_id", "token_name") and v not in (None, {})}
+        detail = {
+            k: v
+            for k, v in r["detail"].items()
+            if k not in ("token_id", "token_name") and v not in (None, {})
+        }
         extra = "  " + " ".join(f"{k}={v}" for k, v in detail.items()) if detail else ""
-        click.echo(f"{at:<20} {r['actor'][:34]:<34} {(r['origin'] or '-')[:16]:<16} {r['action']:<16} "
-                   f"{r['target']}{extra}")
+        click.echo(
+            f"{at:<20} {r['actor'][:34]:<34} {(r['origin'] or '-')[:16]:<16} {r['action']:<16} "
+            f"{r['target']}{extra}"
+        )

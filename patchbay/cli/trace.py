@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from typing import Any
 
 MARK = {"success": "ok", "transient": "retry", "terminal": "FAIL", "auth": "PAUSE", "gone": "GONE"}
@@ -27,7 +27,9 @@ def render_trace(run: dict[str, Any]) -> str:
     if run.get("reason"):
         out.append(f"reason: {run['reason']}")
     out.append("")
-    out.append(f"1. trigger  received {len(json.dumps(run['payload'], default=str))} bytes from {run['meta'].get('remote', '?')}")
+    out.append(
+        f"1. trigger  received {len(json.dumps(run['payload'], default=str))} bytes from {run['meta'].get('remote', '?')}"
+    )
     out.append(f"   payload  {_short(run['payload'])}")
     n = 1
     for step in run["trace"]:
@@ -41,15 +43,19 @@ def render_trace(run: dict[str, Any]) -> str:
         elif "dropped" in step:
             out.append(f"{head}  filtered out: {step['dropped']}")
         elif "routes" in step:
-            routes = ", ".join(f"{r['destination']}{'' if r['matched'] else ' (not matched)'}" for r in step["routes"])
+            routes = ", ".join(
+                f"{r['destination']}{'' if r['matched'] else ' (not matched)'}" for r in step["routes"]
+            )
             out.append(f"{head}  -> {routes}")
         else:
             out.append(f"{head}  ({step.get('ms', 0)} ms) output {_short(step.get('output'))}")
     for d in run["deliveries"]:
         n += 1
         req = d["request"]
-        out.append(f"{n}. deliver to {d['destination']}: {d['status'].upper()}  {req.get('method', '')} {req.get('url', '')}"
-                   f"  key {d['idempotency_key']}")
+        out.append(
+            f"{n}. deliver to {d['destination']}: {d['status'].upper()}  {req.get('method', '')} {req.get('url', '')}"
+            f"  key {d['idempotency_key']}"
+        )
         for a in d["attempts_log"]:
             code = a["status_code"] if a["status_code"] is not None else "---"
             line = f"     attempt {a['n']}  {_t(a['started_at'])}  {code}  {a['latency_ms']:.0f} ms  {MARK.get(a['outcome'], a['outcome'])}"

@@ -26,7 +26,9 @@ class Spec(BaseModel):
 class SecretRef(Spec):
     """A reference to a credential: never the value itself."""
 
-    secret: str | None = Field(None, description="Name of a secret in the vault (`patchbay secrets set NAME`).")
+    secret: str | None = Field(
+        None, description="Name of a secret in the vault (`patchbay secrets set NAME`)."
+    )
     env: str | None = Field(None, description="Name of an environment variable holding the value.")
 
     @model_validator(mode="before")
@@ -70,9 +72,12 @@ class InboundAuth(Spec):
     encoding: Literal["hex", "base64"] = Field("hex", description="hmac: how the signature is encoded.")
     prefix: str = Field("", description="hmac: text before the signature in the header, e.g. `sha256=`.")
     timestamp_header: str | None = Field(
-        None, description="hmac: header with a Unix timestamp; when set, the signed text is `{timestamp}.{body}`."
+        None,
+        description="hmac: header with a Unix timestamp; when set, the signed text is `{timestamp}.{body}`.",
     )
-    tolerance_s: Duration = Field(300.0, description="Largest accepted age (or clock skew) of a signed timestamp.")
+    tolerance_s: Duration = Field(
+        300.0, description="Largest accepted age (or clock skew) of a signed timestamp."
+    )
     allow_ips: list[str] = Field(default_factory=list, description="Optional allow-list of source CIDRs.")
     public: bool = Field(False, description="Must be true for scheme none: an endpoint anyone may call.")
     rate_per_s: float | None = Field(
@@ -123,7 +128,9 @@ class SystemCommon(Spec):
     owns: list[str] = Field(
         default_factory=list, description="Data domains or fields this system is the source of truth for."
     )
-    webhook: InboundAuth | None = Field(None, description="How this system authenticates when it calls Patchbay.")
+    webhook: InboundAuth | None = Field(
+        None, description="How this system authenticates when it calls Patchbay."
+    )
     allow_private_network: bool = Field(
         False,
         description="Allow connections to loopback/private addresses (internal systems, local demos): HTTP "
@@ -167,7 +174,9 @@ class DeliveryPolicy(Spec):
     """How a destination is delivered to. Every field has a default; override what you need."""
 
     timeout_s: float = Field(10.0, gt=0, le=600, description="Per-attempt timeout in seconds.")
-    max_concurrency: int = Field(8, ge=1, le=256, description="Attempts in flight at once to this destination.")
+    max_concurrency: int = Field(
+        8, ge=1, le=256, description="Attempts in flight at once to this destination."
+    )
     rate_limit_per_s: float | None = Field(
         None, gt=0, description="At most this many attempts per second to this destination (a token bucket)."
     )
@@ -188,7 +197,9 @@ class DeliveryPolicy(Spec):
 
 
 class WebhookTrigger(Spec):
-    system: str = Field(description="The system that calls this endpoint; its `webhook` settings authenticate it.")
+    system: str = Field(
+        description="The system that calls this endpoint; its `webhook` settings authenticate it."
+    )
     path: str | None = Field(None, description="Endpoint path; default /hooks/<flow name>.")
     id_header: str | None = Field(
         None,
@@ -208,14 +219,18 @@ class WebhookTrigger(Spec):
 class ScheduleTrigger(Spec):
     """When a scheduled or polling flow runs."""
 
-    cron: str | None = Field(None, description="Cron expression (5 fields), e.g. `0 2 * * *` for 02:00 daily.")
+    cron: str | None = Field(
+        None, description="Cron expression (5 fields), e.g. `0 2 * * *` for 02:00 daily."
+    )
     every: Duration | None = Field(None, description="Or a fixed interval, e.g. 30s, 5m, 1h.")
     timezone: str = Field("UTC", description="Time zone the cron expression is read in, e.g. Europe/Paris.")
     catch_up: Literal["once", "skip"] = Field(
-        "once", description="A run missed while the hub was down: run once at start (once) or wait for the next (skip)."
+        "once",
+        description="A run missed while the hub was down: run once at start (once) or wait for the next (skip).",
     )
     late_after: Duration | None = Field(
-        None, description="Report the schedule as late when a run is this overdue (default: one interval, max 1h)."
+        None,
+        description="Report the schedule as late when a run is this overdue (default: one interval, max 1h).",
     )
 
     @field_validator("cron")
@@ -225,7 +240,9 @@ class ScheduleTrigger(Spec):
             from croniter import croniter
 
             if not croniter.is_valid(v):
-                raise ValueError(f"bad cron expression {v!r}: write 5 fields, minute hour day month weekday, e.g. '*/5 * * * *'")
+                raise ValueError(
+                    f"bad cron expression {v!r}: write 5 fields, minute hour day month weekday, e.g. '*/5 * * * *'"
+                )
         return v
 
     @field_validator("timezone")
@@ -236,7 +253,9 @@ class ScheduleTrigger(Spec):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as Europe/Paris or UTC") from exc
+            raise ValueError(
+                f"unknown time zone {v!r}: use an IANA name such as Europe/Paris or UTC"
+            ) from exc
         return v
 
     @model_validator(mode="after")
@@ -250,7 +269,9 @@ class ScheduleTrigger(Spec):
 
 class Trigger(Spec):
     webhook: WebhookTrigger | None = None
-    schedule: ScheduleTrigger | None = Field(None, description="Run on a schedule (alone, or to poll a source).")
+    schedule: ScheduleTrigger | None = Field(
+        None, description="Run on a schedule (alone, or to poll a source)."
+    )
     source: dict[str, Any] | None = Field(
         None,
         description="A source system to read from: `system:` plus that connector's source settings "
@@ -337,10 +358,15 @@ class HubSettings(Spec):
     max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest accepted JSON nesting.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     demo_inbox: bool = Field(
-        False, description="Serve /_inbox/<name>, a local receiver that appends what it gets to inbox/<name>.jsonl."
+        False,
+        description="Serve /_inbox/<name>, a local receiver that appends what it gets to inbox/<name>.jsonl.",
     )
-    shutdown_grace_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight deliveries may finish.")
-    delivery: DeliveryPolicy = Field(default_factory=DeliveryPolicy, description="Defaults for every destination.")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight deliveries may finish."
+    )
+    delivery: DeliveryPolicy = Field(
+        default_factory=DeliveryPolicy, description="Defaults for every destination."
+    )
     alerts: list[AlertRule] = Field(
         default_factory=list,
         description="Alert rules watching every flow, e.g. "

@@ -146,17 +146,22 @@ class FlowDoc(Spec):
     name: str | None = Field(None, description="Flow name; default the file name without .yaml.")
     purpose: str = Field(description="Why this flow exists, in one sentence.")
     owner: str = Field(description="Team or person answerable for this flow.")
-    enabled: bool = Field(True, description="A disabled flow rejects its webhooks with 503 and delivers nothing.")
+    enabled: bool = Field(
+        True, description="A disabled flow rejects its webhooks with 503 and delivers nothing."
+    )
     trigger: Trigger
     record_key: str | None = Field(
         None, description="Dotted path of the field runs are searched by (e.g. properties.email)."
     )
     sensitive: list[str] = Field(
-        default_factory=list, description="Dotted paths redacted in traces and dead letters (e.g. card.number)."
+        default_factory=list,
+        description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
     )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
     destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
-    delivery: dict[str, Any] | None = Field(None, description="Delivery policy for every destination of this flow.")
+    delivery: dict[str, Any] | None = Field(
+        None, description="Delivery policy for every destination of this flow."
+    )
     alerts: list[AlertRule] = Field(
         default_factory=list,
         description="Alert rules for this flow only, e.g. "
@@ -168,7 +173,9 @@ class DestinationCommon(Spec):
     name: str = Field(pattern=NAME_RE, description="Destination name, unique in the flow.")
     system: str = Field(description="The system delivered to.")
     when: str | None = Field(None, description="Route: deliver only when this expression is truthy.")
-    delivery: dict[str, Any] | None = Field(None, description="Delivery policy overrides for this destination.")
+    delivery: dict[str, Any] | None = Field(
+        None, description="Delivery policy overrides for this destination."
+    )
 
 
 # ---------------------------------------------------------------- loading
@@ -179,10 +186,14 @@ def _did_you_mean(word: str, options: Iterable[str]) -> str:
     return f"{hint} (known: {', '.join(options) or 'none'})"
 
 
-def pydantic_problems(src: Located, exc: ValidationError, base: Loc = (), model: type[BaseModel] | None = None) -> list[Problem]:
+def pydantic_problems(
+    src: Located, exc: ValidationError, base: Loc = (), model: type[BaseModel] | None = None
+) -> list[Problem]:
     out = []
     for err in exc.errors():
-        loc = tuple(base) + tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "tagged-"))))
+        loc = tuple(base) + tuple(
+            x for x in err["loc"] if not (isinstance(x, str) and x.startswith(("function-", "tagged-")))
+        )
         kind = err["type"]
         where = ".".join(str(x) for x in err["loc"]) or "document"
         if kind == "extra_forbidden":
@@ -222,7 +233,9 @@ def _validate(src: Located, data: Any, model: type[BaseModel], base: Loc, proble
         return None
 
 
-def load_project(root: Path, secret_exists: SecretExists | None = None) -> tuple[Project | None, list[Problem]]:
+def load_project(
+    root: Path, secret_exists: SecretExists | None = None
+) -> tuple[Project | None, list[Problem]]:
     """Load and check everything; a project is returned only when there are no problems."""
     registry.discover()
     root = Path(root)
@@ -286,13 +299,21 @@ def load_project(root: Path, secret_exists: SecretExists | None = None) -> tuple
         if flow.name in flows:
             other = flows[flow.name]
             problems.append(
-                src.problem(("name",), f"duplicate flow name {flow.name!r} (also in {other.file}:{other.line}); rename one")
+                src.problem(
+                    ("name",),
+                    f"duplicate flow name {flow.name!r} (also in {other.file}:{other.line}); rename one",
+                )
             )
             continue
         wp = flow.webhook_path
         if wp is not None:
             if wp in paths:
-                problems.append(src.problem(("trigger", "webhook", "path"), f"webhook path {wp} is already used by flow {paths[wp]!r}"))
+                problems.append(
+                    src.problem(
+                        ("trigger", "webhook", "path"),
+                        f"webhook path {wp} is already used by flow {paths[wp]!r}",
+                    )
+                )
             paths[wp] = flow.name
         flows[flow.name] = flow
         flow_srcs[flow.name] = src
@@ -313,7 +334,9 @@ def load_project(root: Path, secret_exists: SecretExists | None = None) -> tuple
                         else f"export the environment variable {ref.env}"
                     )
                     line = s.secret_lines.get(ref.label, s.line)
-                    problems.append(Problem(s.file, line, f"system {s.name!r}: missing secret {ref.label}; {hint}"))
+                    problems.append(
+                        Problem(s.file, line, f"system {s.name!r}: missing secret {ref.label}; {hint}")
+                    )
     if problems:
         return None, problems
     return Project(root, settings, systems, flows), []
@@ -340,8 +363,13 @@ def _check_alerts(
                 sysspec = systems.get(name)
                 if sysspec is None:
                     if name not in broken:
-                        problems.append(src.problem(loc, f"unknown system {name!r} to notify"
-                                                    + _did_you_mean(name, [*systems, *broken])))
+                        problems.append(
+                            src.problem(
+                                loc,
+                                f"unknown system {name!r} to notify"
+                                + _did_you_mean(name, [*systems, *broken]),
+                            )
+                        )
                     continue
                 found = registry.connector_for(sysspec.kind or "", "destination")
                 if found is None:
@@ -350,7 +378,9 @@ def _check_alerts(
                     problems.append(src.problem(loc, why + "; notify a chat, smtp or http system"))
                     continue
                 if delivery is not None and not isinstance(delivery, dict):
-                    problems.append(src.problem((*loc, "delivery"), "`delivery` is a mapping, e.g. {timeout_s: 5}"))
+                    problems.append(
+                        src.problem((*loc, "delivery"), "`delivery` is a mapping, e.g. {timeout_s: 5}")
+                    )
                     continue
                 try:
                     policy = DeliveryPolicy.model_validate({}).merged(delivery)
@@ -360,16 +390,22 @@ def _check_alerts(
                 try:
                     found[0](sysspec.config, notify_config(found[1], settings), policy, Resources())
                 except ValidationError as exc:
-                    problems.extend(Problem(p.file, p.line, f"notify {name}: {p.message}")
-                                    for p in pydantic_problems(src, exc, loc, found[1]))
+                    problems.extend(
+                        Problem(p.file, p.line, f"notify {name}: {p.message}")
+                        for p in pydantic_problems(src, exc, loc, found[1])
+                    )
                 except ValueError as exc:  # a template that does not compile
                     problems.append(src.problem(loc, f"notify {name}: {exc}"))
 
 
-def _load_system(src: Located, name: str, body: Any, systems: dict[str, SystemSpec], problems: list[Problem]) -> bool:
+def _load_system(
+    src: Located, name: str, body: Any, systems: dict[str, SystemSpec], problems: list[Problem]
+) -> bool:
     loc: Loc = (name,)
     if not re.match(NAME_RE, name):
-        problems.append(src.problem(loc, f"bad system name {name!r}: use lower-case letters, digits, '-' and '_'"))
+        problems.append(
+            src.problem(loc, f"bad system name {name!r}: use lower-case letters, digits, '-' and '_'")
+        )
         return False
     if not isinstance(body, dict):
         problems.append(src.problem(loc, f"system {name!r}: expected a mapping of settings"))
@@ -381,8 +417,13 @@ def _load_system(src: Located, name: str, body: Any, systems: dict[str, SystemSp
         try:
             preset = presets.load(str(body["preset"]))
         except KeyError:
-            problems.append(src.problem((*loc, "preset"), f"system {name!r}: unknown preset {body['preset']!r}"
-                                        + _did_you_mean(str(body["preset"]), presets.available())))
+            problems.append(
+                src.problem(
+                    (*loc, "preset"),
+                    f"system {name!r}: unknown preset {body['preset']!r}"
+                    + _did_you_mean(str(body["preset"]), presets.available()),
+                )
+            )
             return False
         own = {k: v for k, v in body.items() if k != "preset"}
         body = presets.merge(preset.get("system", {}), own)
@@ -397,7 +438,13 @@ def _load_system(src: Located, name: str, body: Any, systems: dict[str, SystemSp
     if common.kind is not None:
         entry = registry.CONNECTORS.get(common.kind)
         if entry is None:
-            problems.append(src.problem((*loc, "kind"), f"system {name!r}: unknown kind {common.kind!r}" + _did_you_mean(common.kind, registry.CONNECTORS)))
+            problems.append(
+                src.problem(
+                    (*loc, "kind"),
+                    f"system {name!r}: unknown kind {common.kind!r}"
+                    + _did_you_mean(common.kind, registry.CONNECTORS),
+                )
+            )
             return False
         assert entry.system_config is not None
         config = _validate(src, rest, entry.system_config, loc, problems)
@@ -405,8 +452,13 @@ def _load_system(src: Located, name: str, body: Any, systems: dict[str, SystemSp
             return False
     elif rest:
         key = next(iter(rest))
-        problems.append(src.problem((*loc, key), f"system {name!r}: unknown setting {key!r}; settings other than "
-                                    f"{', '.join(sorted(common_keys))} need a `kind`"))
+        problems.append(
+            src.problem(
+                (*loc, key),
+                f"system {name!r}: unknown setting {key!r}; settings other than "
+                f"{', '.join(sorted(common_keys))} need a `kind`",
+            )
+        )
         return False
     refs: dict[str, int] = {}
 
@@ -439,29 +491,42 @@ def _load_flow(
 
     n0 = len(problems)
     if not isinstance(src.data, dict):
-        problems.append(src.problem((), "a flow file is a mapping: purpose, owner, trigger, steps, destinations"))
+        problems.append(
+            src.problem((), "a flow file is a mapping: purpose, owner, trigger, steps, destinations")
+        )
         return None
     doc: FlowDoc | None = _validate(src, src.data, FlowDoc, (), problems)
     if doc is None:
         return None
     name = doc.name or stem
     if not re.match(NAME_RE, name):
-        problems.append(src.problem(("name",), f"bad flow name {name!r}: use lower-case letters, digits, '-' and '_'"))
+        problems.append(
+            src.problem(("name",), f"bad flow name {name!r}: use lower-case letters, digits, '-' and '_'")
+        )
     if doc.trigger.webhook is not None:
         sysname = doc.trigger.webhook.system
         sysspec = systems.get(sysname)
         if sysspec is None:
             if sysname not in broken:
-                problems.append(src.problem(("trigger", "webhook", "system"),
-                                            f"unknown system {sysname!r}" + _did_you_mean(sysname, [*systems, *broken])))
+                problems.append(
+                    src.problem(
+                        ("trigger", "webhook", "system"),
+                        f"unknown system {sysname!r}" + _did_you_mean(sysname, [*systems, *broken]),
+                    )
+                )
         elif sysspec.preset and sysspec.preset.get("trigger_defaults"):
             wt = doc.trigger.webhook
             for k, v in sysspec.preset["trigger_defaults"].items():
                 if getattr(wt, k) is None and not (k == "id_path" and wt.id_header):
                     setattr(wt, k, v)
         if sysspec is not None and sysspec.common.webhook is None:
-            problems.append(src.problem(("trigger", "webhook", "system"), f"system {sysname!r} has no `webhook:` settings; "
-                                        "add how it authenticates (e.g. scheme: standard_webhooks)"))
+            problems.append(
+                src.problem(
+                    ("trigger", "webhook", "system"),
+                    f"system {sysname!r} has no `webhook:` settings; "
+                    "add how it authenticates (e.g. scheme: standard_webhooks)",
+                )
+            )
 
     source = _load_source(src, doc.trigger, systems, broken, problems)
 
@@ -477,19 +542,32 @@ def _load_flow(
     for i, raw in enumerate(doc.steps):
         loc: Loc = ("steps", i)
         if stopped_at is not None:
-            problems.append(src.problem(loc, f"unreachable step: step {stopped_at + 1} never lets a record through; "
-                                        "remove this step or fix that condition"))
+            problems.append(
+                src.problem(
+                    loc,
+                    f"unreachable step: step {stopped_at + 1} never lets a record through; "
+                    "remove this step or fix that condition",
+                )
+            )
             continue
         meta = {k: raw[k] for k in ("name", "when") if k in raw}
         kinds = [k for k in raw if k not in ("name", "when")]
         if len(kinds) != 1:
-            problems.append(src.problem(loc, "a step is one of " + ", ".join(sorted(registry.STEPS)) +
-                                        " (with optional name/when), e.g. `- map: {...}`"))
+            problems.append(
+                src.problem(
+                    loc,
+                    "a step is one of "
+                    + ", ".join(sorted(registry.STEPS))
+                    + " (with optional name/when), e.g. `- map: {...}`",
+                )
+            )
             continue
         kind = kinds[0]
         entry = registry.STEPS.get(kind)
         if entry is None:
-            problems.append(src.problem((*loc, kind), f"unknown step {kind!r}" + _did_you_mean(kind, registry.STEPS)))
+            problems.append(
+                src.problem((*loc, kind), f"unknown step {kind!r}" + _did_you_mean(kind, registry.STEPS))
+            )
             continue
         cfg = _validate(src, raw[kind], entry.config, (*loc, kind), problems)
         if cfg is None:
@@ -501,7 +579,9 @@ def _load_flow(
         if "when" in meta:
             when = expr(str(meta["when"]), (*loc, "when"))
             if when is not None and is_constant_false(when):
-                problems.append(src.problem((*loc, "when"), "this step's `when` is always false: the step never runs"))
+                problems.append(
+                    src.problem((*loc, "when"), "this step's `when` is always false: the step never runs")
+                )
         if any("never passes" in i.message for i in issues):
             stopped_at = i
         if issues:
@@ -529,17 +609,25 @@ def _load_flow(
             problems.append(src.problem(loc, "a destination is a mapping: name, system, and its settings"))
             continue
         if stopped_at is not None:
-            problems.append(src.problem(loc, f"unreachable destination: step {stopped_at + 1} never lets a record through"))
+            problems.append(
+                src.problem(
+                    loc, f"unreachable destination: step {stopped_at + 1} never lets a record through"
+                )
+            )
             continue
         if "operation" in raw or "vars" in raw:
             raw = _apply_operation(src, loc, raw, systems, problems)
             if raw is None:
                 continue
-        common = _validate(src, {k: v for k, v in raw.items() if k in common_keys}, DestinationCommon, loc, problems)
+        common = _validate(
+            src, {k: v for k, v in raw.items() if k in common_keys}, DestinationCommon, loc, problems
+        )
         if common is None:
             continue
         if common.name in seen:
-            problems.append(src.problem((*loc, "name"), f"duplicate destination name {common.name!r} in this flow"))
+            problems.append(
+                src.problem((*loc, "name"), f"duplicate destination name {common.name!r} in this flow")
+            )
             continue
         seen.add(common.name)
         policy = flow_policy
@@ -551,17 +639,36 @@ def _load_flow(
         sysspec = systems.get(common.system)
         if sysspec is None:
             if common.system not in broken:
-                problems.append(src.problem((*loc, "system"), f"unknown system {common.system!r}"
-                                            + _did_you_mean(common.system, [*systems, *broken])))
+                problems.append(
+                    src.problem(
+                        (*loc, "system"),
+                        f"unknown system {common.system!r}"
+                        + _did_you_mean(common.system, [*systems, *broken]),
+                    )
+                )
             else:
-                problems.append(src.problem((*loc, "system"), f"system {common.system!r} has problems (above); fix them first"))
+                problems.append(
+                    src.problem(
+                        (*loc, "system"), f"system {common.system!r} has problems (above); fix them first"
+                    )
+                )
             continue
         if sysspec.kind is None:
-            problems.append(src.problem((*loc, "system"), f"system {common.system!r} has no `kind`, so nothing can be delivered to it"))
+            problems.append(
+                src.problem(
+                    (*loc, "system"),
+                    f"system {common.system!r} has no `kind`, so nothing can be delivered to it",
+                )
+            )
             continue
         found = registry.connector_for(sysspec.kind, "destination")
         if found is None:
-            problems.append(src.problem((*loc, "system"), f"system {common.system!r} is a {sysspec.kind}, which cannot be a destination"))
+            problems.append(
+                src.problem(
+                    (*loc, "system"),
+                    f"system {common.system!r} is a {sysspec.kind}, which cannot be a destination",
+                )
+            )
             continue
         _, cfg_model = found
         cfg = _validate(src, {k: v for k, v in raw.items() if k not in common_keys}, cfg_model, loc, problems)
@@ -569,7 +676,9 @@ def _load_flow(
         if common.when is not None:
             when = expr(common.when, (*loc, "when"))
             if when is not None and is_constant_false(when):
-                problems.append(src.problem((*loc, "when"), "unreachable destination: its `when` is always false"))
+                problems.append(
+                    src.problem((*loc, "when"), "unreachable destination: its `when` is always false")
+                )
         if cfg is None:
             continue
         try:  # building it compiles its templates and expressions: their errors belong to `check`
@@ -589,13 +698,25 @@ def _load_flow(
     if len(problems) > n0:
         return None
     return FlowSpec(
-        name, doc.purpose, doc.owner, doc.trigger, steps, dests, doc.record_key, doc.sensitive,
-        doc.enabled, src.file, src.line(()), source, doc.alerts,
+        name,
+        doc.purpose,
+        doc.owner,
+        doc.trigger,
+        steps,
+        dests,
+        doc.record_key,
+        doc.sensitive,
+        doc.enabled,
+        src.file,
+        src.line(()),
+        source,
+        doc.alerts,
     )
 
 
-def _apply_operation(src: Located, loc: Loc, raw: dict[str, Any], systems: dict[str, SystemSpec],
-                     problems: list[Problem]) -> dict[str, Any] | None:
+def _apply_operation(
+    src: Located, loc: Loc, raw: dict[str, Any], systems: dict[str, SystemSpec], problems: list[Problem]
+) -> dict[str, Any] | None:
     """A destination naming a preset's operation: the operation's settings under the destination's own."""
     from patchbay import presets
 
@@ -607,24 +728,36 @@ def _apply_operation(src: Located, loc: Loc, raw: dict[str, Any], systems: dict[
     preset = sysspec.preset or {}
     ops = preset.get("operations", {})
     if op_name is None:
-        problems.append(src.problem((*loc, "vars"), "`vars` fill a preset operation's ${...}: add `operation`"))
+        problems.append(
+            src.problem((*loc, "vars"), "`vars` fill a preset operation's ${...}: add `operation`")
+        )
         return None
     if op_name not in ops:
-        where = f"preset of system {sysspec.name!r}" if preset else f"system {sysspec.name!r} (it has no preset)"
-        problems.append(src.problem((*loc, "operation"), f"unknown operation {op_name!r} in the {where}"
-                                    + _did_you_mean(str(op_name), ops)))
+        where = (
+            f"preset of system {sysspec.name!r}" if preset else f"system {sysspec.name!r} (it has no preset)"
+        )
+        problems.append(
+            src.problem(
+                (*loc, "operation"),
+                f"unknown operation {op_name!r} in the {where}" + _did_you_mean(str(op_name), ops),
+            )
+        )
         return None
     missing: set[str] = set()
     op = presets.fill({k: v for k, v in ops[op_name].items() if k != "description"}, variables, missing)
     if missing:
-        problems.append(src.problem((*loc, "operation"), f"operation {op_name!r} needs `vars:` "
-                                    + ", ".join(sorted(missing))))
+        problems.append(
+            src.problem(
+                (*loc, "operation"), f"operation {op_name!r} needs `vars:` " + ", ".join(sorted(missing))
+            )
+        )
         return None
     return presets.merge(op, raw)
 
 
-def _load_source(src: Located, trigger: Trigger, systems: dict[str, SystemSpec], broken: set[str],
-                 problems: list[Problem]) -> SourceSpec | None:
+def _load_source(
+    src: Located, trigger: Trigger, systems: dict[str, SystemSpec], broken: set[str], problems: list[Problem]
+) -> SourceSpec | None:
     if trigger.source is None:
         return None
     loc: Loc = ("trigger", "source")
@@ -633,13 +766,21 @@ def _load_source(src: Located, trigger: Trigger, systems: dict[str, SystemSpec],
     sysspec = systems.get(name)
     if sysspec is None:
         if name not in broken:
-            problems.append(src.problem((*loc, "system"), f"unknown system {name!r}" + _did_you_mean(name, [*systems, *broken])))
+            problems.append(
+                src.problem(
+                    (*loc, "system"), f"unknown system {name!r}" + _did_you_mean(name, [*systems, *broken])
+                )
+            )
         return None
     found = registry.connector_for(sysspec.kind or "", "source")
     if found is None:
         kinds = sorted(k for k, e in registry.CONNECTORS.items() if "source" in e.roles)
-        problems.append(src.problem((*loc, "system"), f"system {name!r} ({sysspec.kind}) cannot be a source; "
-                                    f"source kinds: {', '.join(kinds)}"))
+        problems.append(
+            src.problem(
+                (*loc, "system"),
+                f"system {name!r} ({sysspec.kind}) cannot be a source; source kinds: {', '.join(kinds)}",
+            )
+        )
         return None
     cls, model = found
     cfg = _validate(src, settings, model, loc, problems)
@@ -647,10 +788,20 @@ def _load_source(src: Located, trigger: Trigger, systems: dict[str, SystemSpec],
         return None
     mode = getattr(cls, "mode", "poll")
     if mode == "poll" and trigger.schedule is None:
-        problems.append(src.problem(loc, f"a {sysspec.kind} source is polled: add `schedule: {{every: 5m}}` (or cron) to the trigger"))
+        problems.append(
+            src.problem(
+                loc,
+                f"a {sysspec.kind} source is polled: add `schedule: {{every: 5m}}` (or cron) to the trigger",
+            )
+        )
         return None
     if mode == "stream" and trigger.schedule is not None:
-        problems.append(src.problem(("trigger", "schedule"), f"a {sysspec.kind} source is consumed continuously; remove `schedule`"))
+        problems.append(
+            src.problem(
+                ("trigger", "schedule"),
+                f"a {sysspec.kind} source is consumed continuously; remove `schedule`",
+            )
+        )
         return None
     return SourceSpec(name, sysspec.kind or "", mode, cfg)
 

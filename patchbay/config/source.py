@@ -81,7 +81,9 @@ def load_yaml(path: Path, display: str | None = None) -> Located:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([Problem(name, 1, f"not UTF-8 text ({exc.reason}); save the file as UTF-8")]) from exc
+        raise ConfigError(
+            [Problem(name, 1, f"not UTF-8 text ({exc.reason}); save the file as UTF-8")]
+        ) from exc
     return parse_yaml(text, name)
 
 
@@ -97,7 +99,9 @@ def parse_yaml(text: str, name: str) -> Located:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         what = exc.problem or str(exc)
-        raise ConfigError([Problem(name, line, f"YAML syntax: {what}; fix the indentation or quoting")]) from exc
+        raise ConfigError(
+            [Problem(name, line, f"YAML syntax: {what}; fix the indentation or quoting")]
+        ) from exc
     except _Bad as exc:
         raise ConfigError([Problem(name, exc.line, str(exc))]) from exc
     except yaml.YAMLError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
@@ -19,7 +19,7 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
 
 
-class OutcomeClass(str, Enum):
+class OutcomeClass(StrEnum):
     """What an attempt's result means for the delivery."""
 
     SUCCESS = "success"  # 2xx: done

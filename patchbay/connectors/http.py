@@ -50,7 +50,9 @@ def _check_url(v: str) -> str:
         return v
     parts = urlsplit(v)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"bad URL {v!r}: write an absolute http:// or https:// URL, e.g. https://api.example.com/v1")
+        raise ValueError(
+            f"bad URL {v!r}: write an absolute http:// or https:// URL, e.g. https://api.example.com/v1"
+        )
     return v
 
 
@@ -59,15 +61,21 @@ class HttpSystem(Spec):
     auth: HttpAuth | None = Field(None, description="How Patchbay authenticates to this API.")
     headers: dict[str, str] = Field(default_factory=dict, description="Headers sent with every request.")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
-    ca_bundle: str | None = Field(None, description="Path to a PEM file of extra CAs to trust for this system.")
+    ca_bundle: str | None = Field(
+        None, description="Path to a PEM file of extra CAs to trust for this system."
+    )
 
     _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
 
 
 class HttpDestination(Spec):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field("POST", description="HTTP method.")
-    path: str = Field("", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted).")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers; values may hold {{ expr }}.")
+    path: str = Field(
+        "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra headers; values may hold {{ expr }}."
+    )
     body: str | dict[str, Any] | None = Field(
         None,
         description="The JSON body: omitted = the record as it is after the steps; a string = one expression; "
@@ -166,7 +174,9 @@ class HttpSink:
         except aiohttp.InvalidURL as exc:  # e.g. a legacy numeric IPv4 form such as http://2130706433/
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=f"invalid URL: {exc}")
         except TimeoutError:
-            return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=f"timed out after {self.policy.timeout_s:g}s")
+            return Outcome(
+                OutcomeClass.TRANSIENT, None, sw.ms, error=f"timed out after {self.policy.timeout_s:g}s"
+            )
         except aiohttp.ClientConnectorError as exc:
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=f"cannot connect: {exc.os_error}")
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
@@ -203,15 +213,24 @@ def classify_response(
     if 300 <= status < 400:
         loc = headers.get("Location", "?")
         return Outcome(
-            OutcomeClass.TERMINAL, status, latency_ms, text,
+            OutcomeClass.TERMINAL,
+            status,
+            latency_ms,
+            text,
             error=f"redirect to {redact(loc)} not followed; fix the URL or set delivery.follow_redirects: true",
         )
     if status in (401, 403):
-        return Outcome(OutcomeClass.AUTH, status, latency_ms, text, error="credentials refused; destination paused")
+        return Outcome(
+            OutcomeClass.AUTH, status, latency_ms, text, error="credentials refused; destination paused"
+        )
     if status == 410:
         return Outcome(OutcomeClass.GONE, status, latency_ms, text, error="destination gone; disabled")
     if status in (408, 425, 429) or status >= 500:
         return Outcome(
-            OutcomeClass.TRANSIENT, status, latency_ms, text, retry_after_s=parse_retry_after(headers.get("Retry-After"))
+            OutcomeClass.TRANSIENT,
+            status,
+            latency_ms,
+            text,
+            retry_after_s=parse_retry_after(headers.get("Retry-After")),
         )
     return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)

@@ -22,32 +22,45 @@ from patchbay.security.ssrf import BlockedAddress
 
 class Pagination(Spec):
     type: Literal["none", "page", "offset", "cursor", "link"] = Field(
-        "none", description="none, page (page=1,2,…), offset (offset=0,100,…), cursor (a token from the body), "
-        "link (the Link header's rel=next)."
+        "none",
+        description="none, page (page=1,2,…), offset (offset=0,100,…), cursor (a token from the body), "
+        "link (the Link header's rel=next).",
     )
     size: int = Field(100, ge=1, le=10000, description="Records asked for per page.")
     page_param: str = Field("page", description="page: the page number parameter.")
     start: int = Field(1, description="page: the first page number.")
-    size_param: str = Field("per_page", description="page/offset/cursor: the page size parameter ('' to omit).")
+    size_param: str = Field(
+        "per_page", description="page/offset/cursor: the page size parameter ('' to omit)."
+    )
     offset_param: str = Field("offset", description="offset: the offset parameter.")
-    cursor_path: str = Field("next_cursor", description="cursor: dotted path of the next-page token in the body.")
+    cursor_path: str = Field(
+        "next_cursor", description="cursor: dotted path of the next-page token in the body."
+    )
     cursor_param: str = Field("cursor", description="cursor: the parameter that carries it.")
 
 
 class IncrementalCursor(Spec):
     field: str = Field(description="Record field whose largest value is remembered, e.g. updated_at or id.")
     param: str = Field(description="Query parameter that sends the remembered value, e.g. updated_since.")
-    initial: str | None = Field(None, description="Value to start from on the first poll (default: none sent).")
+    initial: str | None = Field(
+        None, description="Value to start from on the first poll (default: none sent)."
+    )
 
 
 class HttpPollConfig(Spec):
     path: str = Field("", description="Appended to the system's URL.")
     params: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Query parameters.")
-    items_path: str = Field("", description="Dotted path to the array of records; empty if the body is the array.")
+    items_path: str = Field(
+        "", description="Dotted path to the array of records; empty if the body is the array."
+    )
     id_field: str | None = Field("id", description="Record field that identifies it upstream (dedupe).")
-    cursor: IncrementalCursor | None = Field(None, description="Incremental polling: only what changed since last time.")
+    cursor: IncrementalCursor | None = Field(
+        None, description="Incremental polling: only what changed since last time."
+    )
     pagination: Pagination = Field(default_factory=Pagination, description="How to ask for the next page.")
-    max_pages: int = Field(100, ge=1, description="Most pages read in one poll; the rest waits for the next poll.")
+    max_pages: int = Field(
+        100, ge=1, description="Most pages read in one poll; the rest waits for the next poll."
+    )
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout in seconds.")
 
 
@@ -73,7 +86,9 @@ class HttpPollSource:
     async def poll(self, cursor: Any) -> AsyncIterator[Batch]:
         cfg = self.config
         pg = cfg.pagination
-        params: dict[str, Any] = {k: str(v).lower() if isinstance(v, bool) else v for k, v in cfg.params.items()}
+        params: dict[str, Any] = {
+            k: str(v).lower() if isinstance(v, bool) else v for k, v in cfg.params.items()
+        }
         since = cursor if cursor is not None else (cfg.cursor.initial if cfg.cursor else None)
         if cfg.cursor and since is not None:
             params[cfg.cursor.param] = since
@@ -96,14 +111,18 @@ class HttpPollSource:
             if items is None:
                 items = []
             if not isinstance(items, list):
-                raise TerminalError(f"polling {url}: {cfg.items_path or 'the body'} is not an array; set items_path")
+                raise TerminalError(
+                    f"polling {url}: {cfg.items_path or 'the body'} is not an array; set items_path"
+                )
             records = []
             for item in items:
                 rid = None
                 if cfg.id_field and isinstance(item, dict) and item.get(cfg.id_field) is not None:
                     rid = str(item[cfg.id_field])
                     if cfg.cursor and item.get(cfg.cursor.field) is not None:
-                        rid += f"@{item[cfg.cursor.field]}"  # a changed record is a new event; a re-read is not
+                        rid += (
+                            f"@{item[cfg.cursor.field]}"  # a changed record is a new event; a re-read is not
+                        )
                 if cfg.cursor and isinstance(item, dict):
                     v = item.get(cfg.cursor.field)
                     if v is not None and (best is None or _gt(v, best)):
@@ -131,11 +150,20 @@ class HttpPollSource:
 
     async def _get(self, url: str, params: dict[str, Any]) -> tuple[Any, Any]:
         session = await self.resources.http_session()
-        headers = {"Accept": "application/json", "User-Agent": "patchbay/0.1", **self.system.headers,
-                   **self._auth._auth_headers()}
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": "patchbay/0.1",
+            **self.system.headers,
+            **self._auth._auth_headers(),
+        }
         try:
-            async with session.get(url, params=params, headers=headers, ssl=self._auth._ssl,
-                                   timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as resp:
+            async with session.get(
+                url,
+                params=params,
+                headers=headers,
+                ssl=self._auth._ssl,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            ) as resp:
                 raw = await resp.read()
                 outcome = classify_response(resp.status, resp.headers, raw[:4096], 0, self.resources.redact)
                 if outcome.cls is OutcomeClass.SUCCESS:

@@ -136,8 +136,9 @@ class DestinationWorker:
                 full = now >= self._rescan_at
                 if full:
                     self._rescan_at = now + 1.0
-                batch = await self.store.due(self.flow, self.name, now, room, self.leased,
-                                             0 if full else self._after_id)
+                batch = await self.store.due(
+                    self.flow, self.name, now, room, self.leased, 0 if full else self._after_id
+                )
                 for d in batch:
                     self.leased.add(d.id)
                     self.queue.put_nowait(d)
@@ -189,8 +190,16 @@ class DestinationWorker:
             self.on_attempt(self.flow, self.name, outcome)
         await self._record(
             AttemptResult(
-                d.id, d.event_id, started, outcome.latency_ms, outcome.status_code, outcome.cls.value,
-                outcome.excerpt, outcome.error or decision.reason, decision.status, decision.next_at,
+                d.id,
+                d.event_id,
+                started,
+                outcome.latency_ms,
+                outcome.status_code,
+                outcome.cls.value,
+                outcome.excerpt,
+                outcome.error or decision.reason,
+                decision.status,
+                decision.next_at,
                 decision.consumed_retry,
             )
         )
@@ -198,16 +207,26 @@ class DestinationWorker:
             self._rescan_at = min(self._rescan_at, decision.next_at)  # the retry is behind the cursor
         if decision.status == "dead":
             log.warning(
-                "dead letter: %s -> %s/%s: %s", d.event_id, self.flow, self.name, decision.reason,
+                "dead letter: %s -> %s/%s: %s",
+                d.event_id,
+                self.flow,
+                self.name,
+                decision.reason,
                 extra={"event_id": d.event_id, "flow": self.flow, "destination": self.name},
             )
         elif decision.consumed_retry:
-            log.info("retry: %s -> %s/%s: %s; %s", d.event_id, self.flow, self.name, outcome.summary, decision.reason)
+            log.info(
+                "retry: %s -> %s/%s: %s; %s",
+                d.event_id,
+                self.flow,
+                self.name,
+                outcome.summary,
+                decision.reason,
+            )
         if decision.destination_state and self.state == "active":
             self.set_state(decision.destination_state)
             if self.on_state:
                 await self.on_state(self.flow, self.name, decision.destination_state, outcome.summary)
-
 
     async def _record(self, result: AttemptResult) -> None:
         """Record an attempt durably; the results of one loop tick share one store operation."""

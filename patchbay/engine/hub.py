@@ -29,7 +29,9 @@ log = logging.getLogger("patchbay.hub")
 alerts = logging.getLogger("patchbay.alert")
 
 
-def build_sinks(flow: FlowSpec, project: Project, resolver: SecretResolver, resources: Resources | None) -> dict[str, Destination]:
+def build_sinks(
+    flow: FlowSpec, project: Project, resolver: SecretResolver, resources: Resources | None
+) -> dict[str, Destination]:
     """One destination object per flow destination, each seeing only its own system's credentials."""
     out: dict[str, Destination] = {}
     for dest in flow.destinations:
@@ -107,13 +109,25 @@ class Hub:
             for dest in flow.destinations:
                 state = states.get((name, dest.name), ("active", None, 0.0))[0]
                 w = DestinationWorker(
-                    name, dest, sinks[dest.name], self.store, state=state,
-                    on_state=self._destination_state_changed, on_attempt=self._count_attempt,
+                    name,
+                    dest,
+                    sinks[dest.name],
+                    self.store,
+                    state=state,
+                    on_state=self._destination_state_changed,
+                    on_attempt=self._count_attempt,
                 )
                 self.metrics.destination_paused.labels(name, dest.name).set(0 if state == "active" else 1)
                 if state != "active":
-                    alerts.warning("destination %s of flow %s is %s: %s; run `patchbay resume %s %s`",
-                                   dest.name, name, state, states[(name, dest.name)][1], name, dest.name)
+                    alerts.warning(
+                        "destination %s of flow %s is %s: %s; run `patchbay resume %s %s`",
+                        dest.name,
+                        name,
+                        state,
+                        states[(name, dest.name)][1],
+                        name,
+                        dest.name,
+                    )
                 workers[dest.name] = w
             self.flows[name] = FlowRuntime(flow, Pipeline(flow, sinks), workers)
         self.alert_manager = AlertManager(self)
@@ -138,11 +152,15 @@ class Hub:
             system = self.project.systems[spec.source.system]
             found = registry.connector_for(spec.source.kind, "source")
             assert found is not None
-            res = Resources(http=self.resources.http, secret=self.resolver.scoped(system_secret_refs(system)),
-                            redact=self.resolver.redactor, system=system.name,
-                            extra={"flow": spec.name, "root": self.project.root},
-                            allow_private=system.common.allow_private_network,
-                            allow_networks=tuple(system.common.allow_networks))
+            res = Resources(
+                http=self.resources.http,
+                secret=self.resolver.scoped(system_secret_refs(system)),
+                redact=self.resolver.redactor,
+                system=system.name,
+                extra={"flow": spec.name, "root": self.project.root},
+                allow_private=system.common.allow_private_network,
+                allow_networks=tuple(system.common.allow_networks),
+            )
             fr.source = found[0](system.config, spec.source.config, res)
         if spec.trigger.schedule is not None:
             if fr.source is not None:
@@ -151,8 +169,12 @@ class Hub:
                 async def job(due: float) -> None:
                     await poll_once(self, fr, src)
             else:
+
                 async def job(due: float) -> None:
-                    tick = {"flow": spec.name, "scheduled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due))}
+                    tick = {
+                        "flow": spec.name,
+                        "scheduled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(due)),
+                    }
                     await self.ingest_batch(spec.name, Batch([SourceRecord(tick, id=f"tick:{due:.0f}")]))
 
             fr.schedule = ScheduleRunner(spec.name, spec.trigger.schedule, self.store, job)
@@ -187,13 +209,18 @@ class Hub:
                 await _bounded(fr.schedule.stop(), f"stopping the schedule of {fr.spec.name}")
             if fr.stream_task is not None:
                 fr.stream_task.cancel()
-                await _bounded(asyncio.gather(fr.stream_task, return_exceptions=True),
-                               f"stopping the source of {fr.spec.name}")
+                await _bounded(
+                    asyncio.gather(fr.stream_task, return_exceptions=True),
+                    f"stopping the source of {fr.spec.name}",
+                )
             if fr.source is not None:
                 await _bounded(fr.source.close(), f"closing the source of {fr.spec.name}")
         grace = self.project.settings.shutdown_grace_s
-        await _bounded(asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values())),
-                       "stopping delivery workers", grace + 10)
+        await _bounded(
+            asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values())),
+            "stopping delivery workers",
+            grace + 10,
+        )
         for fr in self.flows.values():
             for sink in fr.pipeline.sinks.values():
                 await _bounded(sink.close(), f"closing a destination of {fr.spec.name}")
@@ -203,8 +230,14 @@ class Hub:
             await self.store.close()
 
     # -------------------------------------------------------------- ingest
-    def _event(self, fr: FlowRuntime, payload: bytes, record: Any, dedupe_key: str | None,
-               meta: dict[str, Any] | None) -> NewEvent:
+    def _event(
+        self,
+        fr: FlowRuntime,
+        payload: bytes,
+        record: Any,
+        dedupe_key: str | None,
+        meta: dict[str, Any] | None,
+    ) -> NewEvent:
         event_id = new_id()
         processed = fr.pipeline.process(record, event_id)
         return NewEvent(
@@ -230,8 +263,13 @@ class Hub:
         self.metrics.accepted.labels(name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
         if event.status == "quarantined":
-            log.warning("quarantined: %s in %s: %s", event.id, name, event.reason,
-                        extra={"event_id": event.id, "flow": name})
+            log.warning(
+                "quarantined: %s in %s: %s",
+                event.id,
+                name,
+                event.reason,
+                extra={"event_id": event.id, "flow": name},
+            )
         for d in event.deliveries:
             fr.workers[d.destination].notify()
         return event.status
@@ -252,7 +290,9 @@ class Hub:
         accepted = await self.store.accept(event)
         return accepted, self._after_commit(fr, event, accepted)
 
-    async def ingest_batch(self, flow_name: str, batch: Batch, meta: dict[str, Any] | None = None) -> list[Accepted]:
+    async def ingest_batch(
+        self, flow_name: str, batch: Batch, meta: dict[str, Any] | None = None
+    ) -> list[Accepted]:
         """A source's batch: every event and the source cursor in one transaction; returns after commit."""
         assert self.store is not None
         fr = self.flows[flow_name]
@@ -274,7 +314,13 @@ class Hub:
             self.alert_manager.kick()
         alerts.error(
             "ALERT destination %s of flow %s %s: %s; its deliveries wait. Fix it, then run `patchbay resume %s %s`",
-            dest, flow, state, reason, flow, dest, extra={"flow": flow, "destination": dest, "alert": state},
+            dest,
+            flow,
+            state,
+            reason,
+            flow,
+            dest,
+            extra={"flow": flow, "destination": dest, "alert": state},
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:
@@ -284,7 +330,9 @@ class Hub:
     async def set_state(self, flow: str, dest: str, state: str, actor: str = "api") -> None:
         assert self.store is not None
         await self.store.set_destination_state(flow, dest, state, None)
-        await self.store.write(tx_audit, actor, "resume" if state == "active" else state, f"{flow}/{dest}", {})
+        await self.store.write(
+            tx_audit, actor, "resume" if state == "active" else state, f"{flow}/{dest}", {}
+        )
         self.flows[flow].workers[dest].set_state(state)
         self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
         if self.alert_manager is not None:
@@ -306,7 +354,9 @@ class Hub:
                     if new != w.state and since > w.state_since:
                         log.info("destination %s/%s is now %s", fr.spec.name, w.name, new)
                         w.set_state(new)
-                        self.metrics.destination_paused.labels(fr.spec.name, w.name).set(0 if new == "active" else 1)
+                        self.metrics.destination_paused.labels(fr.spec.name, w.name).set(
+                            0 if new == "active" else 1
+                        )
                     w.notify(rescan=True)
 
 

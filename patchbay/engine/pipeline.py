@@ -57,8 +57,12 @@ class Pipeline:
             except RecordInvalid as exc:
                 reasons = [str(v) for v in exc.violations]
                 trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), "error": reasons})
-                return Processed("quarantined", trace, f"{spec.name}: " + "; ".join(reasons),
-                                 record_key=self._key(record, key_source))
+                return Processed(
+                    "quarantined",
+                    trace,
+                    f"{spec.name}: " + "; ".join(reasons),
+                    record_key=self._key(record, key_source),
+                )
             except Dropped as exc:
                 trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), "dropped": str(exc)})
                 return Processed("filtered", trace, str(exc), record_key=self._key(record, key_source))
@@ -76,7 +80,9 @@ class Pipeline:
             except RecordInvalid as exc:
                 reasons = [f"destination {dest.name}: {v}" for v in exc.violations]
                 trace.append({"step": "route", "kind": "route", "error": reasons})
-                return Processed("quarantined", trace, "; ".join(reasons), record_key=self._key(record, key_source))
+                return Processed(
+                    "quarantined", trace, "; ".join(reasons), record_key=self._key(record, key_source)
+                )
             except (TypeError, ValueError) as exc:  # e.g. a body that is not JSON-able
                 reason = f"destination {dest.name}: cannot render the request: {exc}"
                 trace.append({"step": "route", "kind": "route", "error": [reason]})

@@ -18,7 +18,9 @@ class Decision:
     reason: str = ""
 
 
-def retry_delay(policy: DeliveryPolicy, retries_done: int, retry_after_s: float | None, rng: random.Random) -> float | None:
+def retry_delay(
+    policy: DeliveryPolicy, retries_done: int, retry_after_s: float | None, rng: random.Random
+) -> float | None:
     """Seconds until the next try, or None when the schedule is spent."""
     sched = policy.retry.schedule
     if retries_done >= len(sched):
@@ -31,7 +33,9 @@ def retry_delay(policy: DeliveryPolicy, retries_done: int, retry_after_s: float 
     return delay
 
 
-def decide(outcome: Outcome, retries_done: int, policy: DeliveryPolicy, now: float, rng: random.Random) -> Decision:
+def decide(
+    outcome: Outcome, retries_done: int, policy: DeliveryPolicy, now: float, rng: random.Random
+) -> Decision:
     c = outcome.cls
     if c is OutcomeClass.SUCCESS:
         return Decision("delivered")

@@ -19,11 +19,16 @@ class ReplayReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_replayable(conn: Any, *, event_ids: list[str] | None, flow: str | None, destination: str | None) -> list[str]:
+def find_replayable(
+    conn: Any, *, event_ids: list[str] | None, flow: str | None, destination: str | None
+) -> list[str]:
     if event_ids:
         return [e if e.startswith("evt_") else f"evt_{e}" for e in event_ids]
-    where = ["(e.status='quarantined' OR EXISTS(SELECT 1 FROM deliveries d WHERE d.event_id=e.id AND d.status='dead'"
-             + (" AND d.destination=?" if destination else "") + "))"]
+    where = [
+        "(e.status='quarantined' OR EXISTS(SELECT 1 FROM deliveries d WHERE d.event_id=e.id AND d.status='dead'"
+        + (" AND d.destination=?" if destination else "")
+        + "))"
+    ]
     args: list[Any] = [destination] if destination else []
     if flow:
         where.append("e.flow=?")
@@ -32,8 +37,14 @@ def find_replayable(conn: Any, *, event_ids: list[str] | None, flow: str | None,
     return [r[0] for r in conn.execute(sql, args)]
 
 
-def tx_replay(conn: Any, pipelines: dict[str, Pipeline], event_ids: list[str], destination: str | None,
-              actor: str = "cli", origin: str = "") -> ReplayReport:
+def tx_replay(
+    conn: Any,
+    pipelines: dict[str, Pipeline],
+    event_ids: list[str],
+    destination: str | None,
+    actor: str = "cli",
+    origin: str = "",
+) -> ReplayReport:
     """Re-run each event's steps from its original payload and requeue what is dead or was quarantined."""
     rep = ReplayReport()
     now = time.time()
@@ -46,18 +57,27 @@ def tx_replay(conn: Any, pipelines: dict[str, Pipeline], event_ids: list[str], d
         if pipe is None:
             rep.skipped.append((eid, f"flow {row['flow']!r} is no longer configured"))
             continue
-        dead = {d["destination"]: d["id"] for d in conn.execute(
-            "SELECT id, destination FROM deliveries WHERE event_id=? AND status='dead'", (eid,))}
+        dead = {
+            d["destination"]: d["id"]
+            for d in conn.execute(
+                "SELECT id, destination FROM deliveries WHERE event_id=? AND status='dead'", (eid,)
+            )
+        }
         if row["status"] != "quarantined" and not dead:
             rep.skipped.append((eid, f"nothing to replay (status {row['status']})"))
             continue
         processed = pipe.process(orjson.loads(row["payload"]), eid)
         if processed.status != "pending":
-            conn.execute("UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
-                         (_j(processed.trace), processed.reason, now, eid))
+            conn.execute(
+                "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
+                (_j(processed.trace), processed.reason, now, eid),
+            )
             rep.still_invalid.append((eid, processed.reason or processed.status))
             continue
-        existing = {d["destination"] for d in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (eid,))}
+        existing = {
+            d["destination"]
+            for d in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (eid,))
+        }
         touched = False
         for nd in processed.deliveries:
             if destination and nd.destination != destination:
@@ -78,8 +98,11 @@ def tx_replay(conn: Any, pipelines: dict[str, Pipeline], event_ids: list[str], d
         if not touched:
             rep.skipped.append((eid, "no dead delivery matches"))
             continue
-        conn.execute("UPDATE events SET status='pending', trace=?, reason=NULL, record_key=COALESCE(?, record_key),"
-                     " updated_at=? WHERE id=?", (_j(processed.trace), processed.record_key, now, eid))
+        conn.execute(
+            "UPDATE events SET status='pending', trace=?, reason=NULL, record_key=COALESCE(?, record_key),"
+            " updated_at=? WHERE id=?",
+            (_j(processed.trace), processed.record_key, now, eid),
+        )
         refresh_event_status(conn, eid, now)
         tx_audit(conn, actor, "replay", eid, {"destination": destination}, origin)
         rep.requeued.append(eid)

@@ -38,7 +38,9 @@ def late_after(spec: ScheduleTrigger) -> float:
 class ScheduleRunner:
     """Runs `job` at each scheduled time; never two at once; a missed run at start is caught up once."""
 
-    def __init__(self, flow: str, spec: ScheduleTrigger, store: Any, job: Callable[[float], Awaitable[None]]) -> None:
+    def __init__(
+        self, flow: str, spec: ScheduleTrigger, store: Any, job: Callable[[float], Awaitable[None]]
+    ) -> None:
         self.flow = flow
         self.spec = spec
         self.store = store
@@ -63,8 +65,11 @@ class ScheduleRunner:
             return now if self.spec.every is not None else next_after(self.spec, now)
         if due <= now:
             if self.spec.catch_up == "once":
-                log.info("schedule %s missed its run at %s while the hub was down: running it once now",
-                         self.flow, datetime.fromtimestamp(due).isoformat(timespec="seconds"))
+                log.info(
+                    "schedule %s missed its run at %s while the hub was down: running it once now",
+                    self.flow,
+                    datetime.fromtimestamp(due).isoformat(timespec="seconds"),
+                )
                 return now
             return next_after(self.spec, now)
         return float(due)
@@ -76,7 +81,9 @@ class ScheduleRunner:
             await asyncio.sleep(max(0.0, due - time.time()))
             started = time.time()
             nxt = next_after(self.spec, started)
-            await self.store.write(lambda c, s=started, n=nxt: tx_schedule(c, self.flow, last_started_at=s, next_due_at=n))
+            await self.store.write(
+                lambda c, s=started, n=nxt: tx_schedule(c, self.flow, last_started_at=s, next_due_at=n)
+            )
             self.running = True
             status, error = "ok", None
             try:
@@ -93,6 +100,12 @@ class ScheduleRunner:
             due = nxt if nxt > finished else next_after(self.spec, finished)
             await self.store.write(
                 lambda c, f=finished, st=status, e=error, d=due: tx_schedule(
-                    c, self.flow, last_finished_at=f, last_status=st, last_error=e, next_due_at=d, count_run=True
+                    c,
+                    self.flow,
+                    last_finished_at=f,
+                    last_status=st,
+                    last_error=e,
+                    next_due_at=d,
+                    count_run=True,
                 )
             )

@@ -43,7 +43,13 @@ async def consume(hub: Hub, fr: FlowRuntime, source: Any) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("source of %s stopped (%s: %s); reconnecting in %.1fs", fr.spec.name, type(exc).__name__, exc,
-                        delay, extra={"flow": fr.spec.name})
+            log.warning(
+                "source of %s stopped (%s: %s); reconnecting in %.1fs",
+                fr.spec.name,
+                type(exc).__name__,
+                exc,
+                delay,
+                extra={"flow": fr.spec.name},
+            )
         await asyncio.sleep(delay * (1 + random.random() * 0.2))
         delay = min(delay * 2, 30.0)

@@ -46,6 +46,7 @@ def merge(base: Any, over: Any) -> Any:
 def fill(value: Any, variables: dict[str, Any], missing: set[str]) -> Any:
     """Replace ${var} in every string of `value`; names with no value are added to `missing`."""
     if isinstance(value, str):
+
         def sub(m: re.Match[str]) -> str:
             if m.group(1) not in variables:
                 missing.add(m.group(1))

@@ -49,7 +49,9 @@ def create_project(directory: Path, *, force: bool = False) -> list[Path]:
     return created
 
 
-def signed_headers(project: Any, flow: Any, resolver: Any, body: bytes, event_id: str | None = None) -> dict[str, str]:
+def signed_headers(
+    project: Any, flow: Any, resolver: Any, body: bytes, event_id: str | None = None
+) -> dict[str, str]:
     """Headers that authenticate `body` for `flow`'s webhook, per its system's scheme."""
     import base64
 
@@ -124,7 +126,9 @@ def banner(project: Any, host: str, port: int) -> str:
         lines.append(f"  patchbay runs{p}                 # every run, newest first")
         lines.append(f"  patchbay runs show RUN_ID{p}     # the trace of one")
         if project.settings.demo_inbox:
-            lines.append(f"  cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}   # what the demo CRM received")
+            lines.append(
+                f"  cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}   # what the demo CRM received"
+            )
         lines.append(f"  patchbay dead{p}                 # dead letters and quarantined events")
     lines.append("Stop with Ctrl-C: in-flight work finishes or stays queued in the store.")
     return "\n".join(lines)

@@ -19,7 +19,9 @@ def env_name(secret: str) -> str:
 class SecretResolver:
     """Looks references up; remembers every value it hands out so the redactor can hide them."""
 
-    def __init__(self, vault_get: Callable[[str], str | None] | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, vault_get: Callable[[str], str | None] | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self._vault_get = vault_get
         self._env = os.environ if env is None else env
         self.redactor = Redactor()

@@ -22,8 +22,20 @@ import orjson
 from patchbay.errors import PatchbayError
 
 __all__ = [
-    "SCHEMA", "SCOPES", "TOKEN_PREFIX", "TokenError", "TokenInfo", "check_scopes", "ensure_schema",
-    "normalise_id", "parse_bearer", "q_token", "q_tokens", "tx_create_token", "tx_revoke_token", "tx_touch",
+    "SCHEMA",
+    "SCOPES",
+    "TOKEN_PREFIX",
+    "TokenError",
+    "TokenInfo",
+    "check_scopes",
+    "ensure_schema",
+    "normalise_id",
+    "parse_bearer",
+    "q_token",
+    "q_tokens",
+    "tx_create_token",
+    "tx_revoke_token",
+    "tx_touch",
     "verify",
 ]
 
@@ -95,9 +107,15 @@ class TokenInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "name": self.name, "scopes": list(self.scopes), "created_at": self.created_at,
-            "created_by": self.created_by, "expires_at": self.expires_at, "last_used_at": self.last_used_at,
-            "revoked_at": self.revoked_at, "status": self.status(),
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "expires_at": self.expires_at,
+            "last_used_at": self.last_used_at,
+            "revoked_at": self.revoked_at,
+            "status": self.status(),
         }
 
 
@@ -123,8 +141,16 @@ def _hash(secret: str) -> str:
 
 
 def _row(r: Any) -> TokenInfo:
-    return TokenInfo(r["id"], r["name"], tuple(orjson.loads(r["scopes"])), r["created_at"], r["created_by"],
-                     r["expires_at"], r["last_used_at"], r["revoked_at"])
+    return TokenInfo(
+        r["id"],
+        r["name"],
+        tuple(orjson.loads(r["scopes"])),
+        r["created_at"],
+        r["created_by"],
+        r["expires_at"],
+        r["last_used_at"],
+        r["revoked_at"],
+    )
 
 
 def _rows(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[TokenInfo]:
@@ -132,8 +158,9 @@ def _rows(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> lis
     return [_row(r) for r in conn.execute(sql, args)]
 
 
-def tx_create_token(conn: sqlite3.Connection, name: str, scopes: Iterable[str], expires_at: float | None,
-                    created_by: str = "") -> tuple[str, TokenInfo]:
+def tx_create_token(
+    conn: sqlite3.Connection, name: str, scopes: Iterable[str], expires_at: float | None, created_by: str = ""
+) -> tuple[str, TokenInfo]:
     """A new token: returns its plaintext (show it once) and what is stored about it."""
     if not NAME_RE.match(name):
         raise ValueError(f"bad token name {name!r}: 1-64 letters, digits, '_', '-', '.'")
@@ -189,8 +216,11 @@ def tx_touch(conn: sqlite3.Connection, token_id: str, at: float) -> None:
 def parse_bearer(header: str | None) -> str:
     """The token in an `Authorization: Bearer pbt_...` header."""
     if not header:
-        raise TokenError("missing_token", "this endpoint needs a token: send `Authorization: Bearer pbt_...` "
-                                          "(create one with `patchbay tokens create NAME --scope ...`)")
+        raise TokenError(
+            "missing_token",
+            "this endpoint needs a token: send `Authorization: Bearer pbt_...` "
+            "(create one with `patchbay tokens create NAME --scope ...`)",
+        )
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise TokenError("bad_token", "expected `Authorization: Bearer pbt_...`")

@@ -191,7 +191,9 @@ class Verifier:
                 continue
             if any(hmac.compare_digest(exp, got) for exp in expected):
                 return Verified(None, ts)
-        raise RejectedRequest(401, "bad_signature", f"{_ACTION}: no v1 entry of Stripe-Signature matches a configured secret")
+        raise RejectedRequest(
+            401, "bad_signature", f"{_ACTION}: no v1 entry of Stripe-Signature matches a configured secret"
+        )
 
     def _bearer(self, req: InboundRequest) -> Verified:
         kind, _, token = (_header(req.headers, "authorization") or "").strip().partition(" ")

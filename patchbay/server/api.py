@@ -50,8 +50,9 @@ TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per token
 REPLAY_CHUNK = 200  # events replayed per store transaction
 _OPENAPI: dict[str, Any] = {}
 SEVERITY = {"ok": 0, "retrying": 1, "late": 2, "paused": 3, "failing": 4}
-_SENSITIVE_KEY = re.compile(r"passw|secret|token|authori[sz]ation|api[_-]?key|credential|private|cookie",
-                            re.I)
+_SENSITIVE_KEY = re.compile(
+    r"passw|secret|token|authori[sz]ation|api[_-]?key|credential|private|cookie", re.I
+)
 _NOT_SENSITIVE = ("url", "header", "path", "name", "field", "_s")  # e.g. token_url, api_key_header
 REDACTED = "[redacted]"
 
@@ -69,16 +70,22 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
     body = {"error": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 def _json(status: int, data: Any) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(
+        status=status,
+        body=orjson.dumps(data),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @dataclass
@@ -156,11 +163,14 @@ class Api:
                     return error_response(401, exc.code, str(exc), {"WWW-Authenticate": challenge})
                 if not token.allows(ep.scope):
                     return error_response(
-                        403, "insufficient_scope",
+                        403,
+                        "insufficient_scope",
                         f"this endpoint needs a token with scope {ep.scope} (or admin); token {token.id} "
                         f"({token.name}) has {', '.join(token.scopes)}",
-                        {"WWW-Authenticate": f'Bearer realm="patchbay", error="insufficient_scope", '
-                                             f'scope="{ep.scope}"'},
+                        {
+                            "WWW-Authenticate": f'Bearer realm="patchbay", error="insufficient_scope", '
+                            f'scope="{ep.scope}"'
+                        },
                         scope=ep.scope,
                     )
                 path = _validate(ep.path_params, dict(request.match_info), "path")
@@ -178,8 +188,9 @@ class Api:
                 raise
             except Exception:
                 log.exception("API %s %s failed", request.method, request.path)
-                return error_response(500, "internal_error",
-                                      "the hub failed to answer this request; see its log")
+                return error_response(
+                    500, "internal_error", "the hub failed to answer this request; see its log"
+                )
 
         handle.__name__ = ep.operation_id
         return handle
@@ -206,8 +217,11 @@ class Api:
         fr = self._flow(flow)
         w = fr.workers.get(dest)
         if w is None:
-            raise ApiError(404, "not_found", f"flow {flow} has no destination {dest!r}; "
-                           f"destinations: {', '.join(fr.workers)}")
+            raise ApiError(
+                404,
+                "not_found",
+                f"flow {flow} has no destination {dest!r}; destinations: {', '.join(fr.workers)}",
+            )
         return w
 
     def _redact(self, value: Any, key: str = "") -> Any:
@@ -260,8 +274,10 @@ class Api:
         for name, fr in self.hub.flows.items():
             for d in fr.spec.destinations:
                 w = fr.workers[d.name]
-                b = backlog.get((name, d.name), {"pending": 0, "retrying": 0, "dead": 0, "dead_last_hour": 0,
-                                                 "next_due_at": None})
+                b = backlog.get(
+                    (name, d.name),
+                    {"pending": 0, "retrying": 0, "dead": 0, "dead_last_hour": 0, "next_due_at": None},
+                )
                 _, reason, since = states.get((name, d.name), (w.state, None, None))
                 if w.state != "active":
                     health = "paused"
@@ -274,9 +290,16 @@ class Api:
                 else:
                     health = "ok"
                 dests[(name, d.name)] = {
-                    "flow": name, "name": d.name, "system": d.system, "kind": d.kind, "state": w.state,
-                    "reason": reason if w.state != "active" else None, "since": since, "health": health,
-                    "in_flight": w.inflight, "policy": d.policy,
+                    "flow": name,
+                    "name": d.name,
+                    "system": d.system,
+                    "kind": d.kind,
+                    "state": w.state,
+                    "reason": reason if w.state != "active" else None,
+                    "since": since,
+                    "health": health,
+                    "in_flight": w.inflight,
+                    "policy": d.policy,
                     "when": d.when.text if d.when is not None else None,
                     **b,
                 }
@@ -316,10 +339,18 @@ class Api:
             return None
         row = row or {}
         return {
-            "flow": name, "cron": s.cron, "every_s": s.every, "timezone": s.timezone, "catch_up": s.catch_up,
-            "last_started_at": row.get("last_started_at"), "last_finished_at": row.get("last_finished_at"),
-            "last_status": row.get("last_status"), "last_error": row.get("last_error"),
-            "next_due_at": row.get("next_due_at"), "runs": row.get("runs") or 0, "late_s": late,
+            "flow": name,
+            "cron": s.cron,
+            "every_s": s.every,
+            "timezone": s.timezone,
+            "catch_up": s.catch_up,
+            "last_started_at": row.get("last_started_at"),
+            "last_finished_at": row.get("last_finished_at"),
+            "last_status": row.get("last_status"),
+            "last_error": row.get("last_error"),
+            "next_due_at": row.get("next_due_at"),
+            "runs": row.get("runs") or 0,
+            "late_s": late,
             "running": bool(fr.schedule is not None and fr.schedule.running),
         }
 
@@ -327,9 +358,15 @@ class Api:
         dests = [ov["dests"][(spec.name, d.name)] for d in spec.destinations]
         health = worst([d["health"] for d in dests] + (["late"] if ov["late"][spec.name] else []))
         return {
-            "name": spec.name, "purpose": spec.purpose, "owner": spec.owner, "enabled": spec.enabled,
-            "trigger": self._trigger(spec), "webhook_path": spec.webhook_path,
-            "source_system": self._source_system(spec), "destinations": dests, "health": health,
+            "name": spec.name,
+            "purpose": spec.purpose,
+            "owner": spec.owner,
+            "enabled": spec.enabled,
+            "trigger": self._trigger(spec),
+            "webhook_path": spec.webhook_path,
+            "source_system": self._source_system(spec),
+            "destinations": dests,
+            "health": health,
             "stats": stats[spec.name],
         }
 
@@ -351,11 +388,15 @@ class Api:
     def _system(self, s: SystemSpec, used_by: list[str]) -> dict[str, Any]:
         common = s.common
         return {
-            "name": s.name, "kind": s.kind, "owner": common.owner, "purpose": common.purpose,
+            "name": s.name,
+            "kind": s.kind,
+            "owner": common.owner,
+            "purpose": common.purpose,
             "owns": common.owns,
             "webhook": self._redact(self._dump(common.webhook)) if common.webhook else None,
             "config": self._redact(self._dump(s.config)) if s.config is not None else None,
-            "secrets": sorted({r.label for r in system_secret_refs(s)}), "used_by": used_by,
+            "secrets": sorted({r.label for r in system_secret_refs(s)}),
+            "used_by": used_by,
         }
 
     async def list_flows(self, c: Call) -> Any:
@@ -371,21 +412,44 @@ class Api:
         recent = await self.store.read(list_runs, RunFilter(flow=spec.name, limit=20))
         definition = {
             "trigger": self._redact(self._dump(spec.trigger)),
-            "source": {"system": spec.source.system, "kind": spec.source.kind, "mode": spec.source.mode,
-                       "config": self._redact(self._dump(spec.source.config))} if spec.source else None,
+            "source": {
+                "system": spec.source.system,
+                "kind": spec.source.kind,
+                "mode": spec.source.mode,
+                "config": self._redact(self._dump(spec.source.config)),
+            }
+            if spec.source
+            else None,
             "record_key": spec.record_key,
             "sensitive": spec.sensitive,
-            "steps": [{"name": s.name, "kind": s.kind, "when": s.when.text if s.when is not None else None,
-                       "config": self._redact(self._dump(s.config))} for s in spec.steps],
-            "destinations": [{"name": d.name, "system": d.system, "kind": d.kind,
-                              "when": d.when.text if d.when is not None else None,
-                              "config": self._redact(self._dump(d.config)),
-                              "delivery": self._dump(d.policy)} for d in spec.destinations],
+            "steps": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "when": s.when.text if s.when is not None else None,
+                    "config": self._redact(self._dump(s.config)),
+                }
+                for s in spec.steps
+            ],
+            "destinations": [
+                {
+                    "name": d.name,
+                    "system": d.system,
+                    "kind": d.kind,
+                    "when": d.when.text if d.when is not None else None,
+                    "config": self._redact(self._dump(d.config)),
+                    "delivery": self._dump(d.policy),
+                }
+                for d in spec.destinations
+            ],
         }
         return {
-            **self._flow_summary(spec, ov, stats), "file": spec.file, "line": spec.line,
+            **self._flow_summary(spec, ov, stats),
+            "file": spec.file,
+            "line": spec.line,
             "record_key": spec.record_key,
-            "sensitive": spec.sensitive, "definition": definition,
+            "sensitive": spec.sensitive,
+            "definition": definition,
             "schedule": self._schedule(spec.name, ov["schedules"].get(spec.name), ov["late"][spec.name]),
             "recent_runs": recent,
         }
@@ -401,18 +465,41 @@ class Api:
             outgoing_late[src] = outgoing_late.get(src, False) or bool(ov["late"][name])
             for d in fr.spec.destinations:
                 dd = ov["dests"][(name, d.name)]
-                edges.append({"id": f"{name}/{d.name}", "flow": name, "destination": d.name, "source": src,
-                              "target": d.system, "trigger": self._trigger(fr.spec), "state": dd["state"],
-                              "health": dd["health"]})
+                edges.append(
+                    {
+                        "id": f"{name}/{d.name}",
+                        "flow": name,
+                        "destination": d.name,
+                        "source": src,
+                        "target": d.system,
+                        "trigger": self._trigger(fr.spec),
+                        "state": dd["state"],
+                        "health": dd["health"],
+                    }
+                )
                 incoming.setdefault(d.system, []).append(dd["health"])
         nodes = []
         for s in project.systems.values():
             h = worst(incoming.get(s.name, []) + (["late"] if outgoing_late.get(s.name) else []))
-            nodes.append({"id": s.name, "kind": s.kind, "owner": s.common.owner, "purpose": s.common.purpose,
-                          "health": h})
+            nodes.append(
+                {
+                    "id": s.name,
+                    "kind": s.kind,
+                    "owner": s.common.owner,
+                    "purpose": s.common.purpose,
+                    "health": h,
+                }
+            )
         if "hub" in outgoing_late and "hub" not in project.systems:
-            nodes.append({"id": "hub", "kind": "hub", "owner": None, "purpose": "schedules and manual runs",
-                          "health": "late" if outgoing_late["hub"] else "ok"})
+            nodes.append(
+                {
+                    "id": "hub",
+                    "kind": "hub",
+                    "owner": None,
+                    "purpose": "schedules and manual runs",
+                    "health": "late" if outgoing_late["hub"] else "ok",
+                }
+            )
         return {"nodes": nodes, "edges": edges}
 
     # ================================================================== runs
@@ -454,8 +541,9 @@ class Api:
         if b.run_ids is not None:
             ids = find_replayable(None, event_ids=b.run_ids, flow=None, destination=None)
         elif b.reason is None:
-            ids = await self.store.read(lambda conn: find_replayable(conn, event_ids=None, flow=b.flow,
-                                                                     destination=b.destination))
+            ids = await self.store.read(
+                lambda conn: find_replayable(conn, event_ids=None, flow=b.flow, destination=b.destination)
+            )
         else:
             ids = await self.store.read(aq.dead_event_ids, b.flow, b.destination, b.reason)
         pipelines = {name: fr.pipeline for name, fr in self.hub.flows.items()}
@@ -469,7 +557,7 @@ class Api:
 
         rep = ReplayReport()
         for i in range(0, len(ids), REPLAY_CHUNK):  # short transactions: webhooks keep being acknowledged
-            part: ReplayReport = await self.store.write(tx, ids[i:i + REPLAY_CHUNK])
+            part: ReplayReport = await self.store.write(tx, ids[i : i + REPLAY_CHUNK])
             rep.requeued += part.requeued
             rep.still_invalid += part.still_invalid
             rep.skipped += part.skipped
@@ -479,7 +567,8 @@ class Api:
                     w.notify(rescan=True)
             log.info("replayed %d run(s) via the API (%s)", len(rep.requeued), c.actor)
         return {
-            "matched": len(ids), "requeued": rep.requeued,
+            "matched": len(ids),
+            "requeued": rep.requeued,
             "still_invalid": [{"id": i, "reason": r} for i, r in rep.still_invalid],
             "skipped": [{"id": i, "reason": r} for i, r in rep.skipped],
         }
@@ -504,8 +593,13 @@ class Api:
         await self.hub.set_state(flow, dest, target, c.actor)
         # hub.set_state writes the audit row; add where the request came from and what the state was.
         await self.store.write(aq.tx_set_audit_origin, before, c.actor, c.origin, {**c.who, "was": was})
-        log.info("destination %s/%s %s via the API (%s)", flow, dest,
-                 "resumed" if target == "active" else "paused", c.actor)
+        log.info(
+            "destination %s/%s %s via the API (%s)",
+            flow,
+            dest,
+            "resumed" if target == "active" else "paused",
+            c.actor,
+        )
         return {"flow": flow, "destination": dest, "state": w.state, "changed": True}
 
     async def pause(self, c: Call) -> Any:
@@ -517,9 +611,12 @@ class Api:
     async def get_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         row = await self.store.read(aq.q_cursor_row, fr.spec.name)
-        return {"flow": fr.spec.name, "has_source": fr.spec.source is not None,
-                "cursor": self._redact(row["value"]) if row else None,
-                "updated_at": row["updated_at"] if row else None}
+        return {
+            "flow": fr.spec.name,
+            "has_source": fr.spec.source is not None,
+            "cursor": self._redact(row["value"]) if row else None,
+            "updated_at": row["updated_at"] if row else None,
+        }
 
     async def reset_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
@@ -552,19 +649,43 @@ class Api:
 
         vault, _ = await asyncio.to_thread(open_project_secrets, self.hub.project.root)
         if vault is None and required:
-            raise ApiError(409, "no_vault", "this project has no master key yet: run "
-                           f"`patchbay secrets init -p {self.hub.project.root}` on the hub's machine")
+            raise ApiError(
+                409,
+                "no_vault",
+                "this project has no master key yet: run "
+                f"`patchbay secrets init -p {self.hub.project.root}` on the hub's machine",
+            )
         return vault
 
     async def list_secrets(self, c: Call) -> Any:
         vault = await self._vault(required=False)
         used = self._usage()
         infos = await asyncio.to_thread(vault.list) if vault is not None else []
-        rows = [{"name": i.name, "stored": True, "created_at": i.created_at, "rotated_at": i.rotated_at,
-                 "version": i.version, "key_id": i.key_id, "used_by": used.get(i.name, [])} for i in infos]
+        rows = [
+            {
+                "name": i.name,
+                "stored": True,
+                "created_at": i.created_at,
+                "rotated_at": i.rotated_at,
+                "version": i.version,
+                "key_id": i.key_id,
+                "used_by": used.get(i.name, []),
+            }
+            for i in infos
+        ]
         stored = {i.name for i in infos}
-        rows += [{"name": n, "stored": False, "created_at": None, "rotated_at": None, "version": None,
-                  "key_id": None, "used_by": used[n]} for n in sorted(set(used) - stored)]
+        rows += [
+            {
+                "name": n,
+                "stored": False,
+                "created_at": None,
+                "rotated_at": None,
+                "version": None,
+                "key_id": None,
+                "used_by": used[n],
+            }
+            for n in sorted(set(used) - stored)
+        ]
         return {"vault": vault is not None, "secrets": rows}
 
     async def put_secret(self, c: Call) -> Any:
@@ -594,8 +715,11 @@ class Api:
         vault = await self._vault(required=True)
         users = self._usage().get(name, [])
         if users and not c.query.force:
-            raise ApiError(409, "secret_in_use", f"{name} is used by {', '.join(users)}; change those flows "
-                           "or pass force=true")
+            raise ApiError(
+                409,
+                "secret_in_use",
+                f"{name} is used by {', '.join(users)}; change those flows or pass force=true",
+            )
         if not await asyncio.to_thread(vault.delete, name):
             raise ApiError(404, "not_found", f"no secret {name!r}")
         detail = {**c.who, "used_by": users}
@@ -605,8 +729,9 @@ class Api:
     # ================================================================== audit, tokens
     async def list_audit(self, c: Call) -> Any:
         q: m.AuditQuery = c.query
-        rows = await self.store.read(aq.q_audit, m.as_unix(q.since), m.as_unix(q.until), q.action, q.actor,
-                                     q.target, q.limit)
+        rows = await self.store.read(
+            aq.q_audit, m.as_unix(q.since), m.as_unix(q.until), q.action, q.actor, q.target, q.limit
+        )
         return {"entries": rows}
 
     async def list_tokens(self, c: Call) -> Any:
@@ -648,66 +773,231 @@ class Api:
         flow, dest = f"{P}/flows/{{flow}}", f"{P}/flows/{{flow}}/destinations/{{destination}}"
         return [
             E("GET", f"{P}/whoami", self.whoami, None, "The token making this call.", "meta", m.WhoAmI),
-            E("GET", f"{P}/systems", self.list_systems, "flows:read",
-              "Systems: kind, owner, purpose, what they own.", "flows", m.SystemsOut),
-            E("GET", f"{P}/flows", self.list_flows, "flows:read",
-              "Flows: trigger, owner, purpose, destinations, health, last run, success rate and p95 latency.",
-              "flows", m.FlowsOut),
-            E("GET", flow, self.get_flow, "flows:read",
-              "One flow: its definition (read-only, credentials redacted), delivery policies, recent runs.",
-              "flows", m.FlowDetail, path_params=m.FlowPath),
-            E("GET", f"{P}/map", self.get_map, "flows:read",
-              "The map: systems as nodes, flows as edges from source to destination, each with a health.",
-              "flows", m.MapOut),
-            E("GET", f"{P}/runs", self.list_runs, "runs:read", "Runs, newest first, filtered.", "runs",
-              m.RunsOut, query=m.RunsQuery),
-            E("GET", f"{P}/runs/{{run_id}}", self.get_run, "runs:read",
-              "One run's trace: payload, each step, each destination's attempts.", "runs", m.RunDetail,
-              path_params=m.RunPath),
-            E("GET", f"{P}/counts", self.counts, "runs:read",
-              "Events and deliveries by status, overall and per flow.", "runs", m.CountsOut),
-            E("GET", f"{P}/dead-letters", self.list_dead, "runs:read",
-              "Dead deliveries and quarantined events, grouped by flow, destination and reason.",
-              "dead-letters", m.DeadLettersOut, query=m.DeadQuery),
-            E("POST", f"{P}/dead-letters/replay", self.replay, "runs:replay",
-              "Replay selected runs, or all matching, through the flow as configured now.", "dead-letters",
-              m.ReplayOut, body=m.ReplayRequest),
-            E("POST", f"{P}/dead-letters/discard", self.discard, "runs:replay",
-              "Discard selected dead letters (status `discarded`); audited.", "dead-letters", m.DiscardOut,
-              body=m.DiscardRequest),
-            E("GET", f"{P}/destinations", self.list_destinations, "flows:read",
-              "Every destination: state, backlog, health, delivery policy.", "destinations",
-              m.DestinationsOut),
-            E("POST", f"{dest}/pause", self.pause, "destinations:write",
-              "Pause a destination: its deliveries wait in the store.", "destinations",
-              m.DestinationStateOut, path_params=m.DestinationPath),
-            E("POST", f"{dest}/resume", self.resume, "destinations:write",
-              "Resume a paused or disabled destination; waiting deliveries go in order of arrival.",
-              "destinations", m.DestinationStateOut, path_params=m.DestinationPath),
-            E("GET", f"{flow}/cursor", self.get_cursor, "flows:read", "A flow's saved source cursor.",
-              "state", m.CursorOut, path_params=m.FlowPath),
-            E("DELETE", f"{flow}/cursor", self.reset_cursor, "runs:replay",
-              "Forget the source cursor: the next poll reads from the start (seen records are not repeated).",
-              "state", m.CursorResetOut, path_params=m.FlowPath),
-            E("GET", f"{P}/schedules", self.list_schedules, "flows:read",
-              "Scheduled flows: last and next run, lateness.", "state", m.SchedulesOut),
-            E("GET", f"{P}/secrets", self.list_secrets, "secrets:read",
-              "Secret names, versions and the flows using them. Never values.", "secrets", m.SecretsOut),
-            E("PUT", f"{P}/secrets/{{name}}", self.put_secret, "secrets:write",
-              "Set or rotate a secret. The value is never logged or echoed.", "secrets", m.SecretWriteOut,
-              path_params=m.SecretPath, body=m.SecretWrite),
-            E("DELETE", f"{P}/secrets/{{name}}", self.delete_secret, "secrets:write",
-              "Delete a secret; refused while flows use it unless force=true.", "secrets",
-              m.SecretDeleteOut, path_params=m.SecretPath, query=m.SecretDeleteQuery),
-            E("GET", f"{P}/audit", self.list_audit, "admin",
-              "The audit log, newest first. Read-only: there is no API to change it.", "admin", m.AuditOut,
-              query=m.AuditQuery),
-            E("GET", f"{P}/tokens", self.list_tokens, "admin", "API tokens (never their secrets).", "admin",
-              m.TokensOut),
-            E("POST", f"{P}/tokens", self.create_token, "admin", "Create a token; the answer shows it once.",
-              "admin", m.TokenCreated, status=201, body=m.TokenCreate),
-            E("DELETE", f"{P}/tokens/{{token_id}}", self.revoke_token, "admin", "Revoke a token.", "admin",
-              m.TokenOut, path_params=m.TokenPath),
+            E(
+                "GET",
+                f"{P}/systems",
+                self.list_systems,
+                "flows:read",
+                "Systems: kind, owner, purpose, what they own.",
+                "flows",
+                m.SystemsOut,
+            ),
+            E(
+                "GET",
+                f"{P}/flows",
+                self.list_flows,
+                "flows:read",
+                "Flows: trigger, owner, purpose, destinations, health, last run, success rate and p95 latency.",
+                "flows",
+                m.FlowsOut,
+            ),
+            E(
+                "GET",
+                flow,
+                self.get_flow,
+                "flows:read",
+                "One flow: its definition (read-only, credentials redacted), delivery policies, recent runs.",
+                "flows",
+                m.FlowDetail,
+                path_params=m.FlowPath,
+            ),
+            E(
+                "GET",
+                f"{P}/map",
+                self.get_map,
+                "flows:read",
+                "The map: systems as nodes, flows as edges from source to destination, each with a health.",
+                "flows",
+                m.MapOut,
+            ),
+            E(
+                "GET",
+                f"{P}/runs",
+                self.list_runs,
+                "runs:read",
+                "Runs, newest first, filtered.",
+                "runs",
+                m.RunsOut,
+                query=m.RunsQuery,
+            ),
+            E(
+                "GET",
+                f"{P}/runs/{{run_id}}",
+                self.get_run,
+                "runs:read",
+                "One run's trace: payload, each step, each destination's attempts.",
+                "runs",
+                m.RunDetail,
+                path_params=m.RunPath,
+            ),
+            E(
+                "GET",
+                f"{P}/counts",
+                self.counts,
+                "runs:read",
+                "Events and deliveries by status, overall and per flow.",
+                "runs",
+                m.CountsOut,
+            ),
+            E(
+                "GET",
+                f"{P}/dead-letters",
+                self.list_dead,
+                "runs:read",
+                "Dead deliveries and quarantined events, grouped by flow, destination and reason.",
+                "dead-letters",
+                m.DeadLettersOut,
+                query=m.DeadQuery,
+            ),
+            E(
+                "POST",
+                f"{P}/dead-letters/replay",
+                self.replay,
+                "runs:replay",
+                "Replay selected runs, or all matching, through the flow as configured now.",
+                "dead-letters",
+                m.ReplayOut,
+                body=m.ReplayRequest,
+            ),
+            E(
+                "POST",
+                f"{P}/dead-letters/discard",
+                self.discard,
+                "runs:replay",
+                "Discard selected dead letters (status `discarded`); audited.",
+                "dead-letters",
+                m.DiscardOut,
+                body=m.DiscardRequest,
+            ),
+            E(
+                "GET",
+                f"{P}/destinations",
+                self.list_destinations,
+                "flows:read",
+                "Every destination: state, backlog, health, delivery policy.",
+                "destinations",
+                m.DestinationsOut,
+            ),
+            E(
+                "POST",
+                f"{dest}/pause",
+                self.pause,
+                "destinations:write",
+                "Pause a destination: its deliveries wait in the store.",
+                "destinations",
+                m.DestinationStateOut,
+                path_params=m.DestinationPath,
+            ),
+            E(
+                "POST",
+                f"{dest}/resume",
+                self.resume,
+                "destinations:write",
+                "Resume a paused or disabled destination; waiting deliveries go in order of arrival.",
+                "destinations",
+                m.DestinationStateOut,
+                path_params=m.DestinationPath,
+            ),
+            E(
+                "GET",
+                f"{flow}/cursor",
+                self.get_cursor,
+                "flows:read",
+                "A flow's saved source cursor.",
+                "state",
+                m.CursorOut,
+                path_params=m.FlowPath,
+            ),
+            E(
+                "DELETE",
+                f"{flow}/cursor",
+                self.reset_cursor,
+                "runs:replay",
+                "Forget the source cursor: the next poll reads from the start (seen records are not repeated).",
+                "state",
+                m.CursorResetOut,
+                path_params=m.FlowPath,
+            ),
+            E(
+                "GET",
+                f"{P}/schedules",
+                self.list_schedules,
+                "flows:read",
+                "Scheduled flows: last and next run, lateness.",
+                "state",
+                m.SchedulesOut,
+            ),
+            E(
+                "GET",
+                f"{P}/secrets",
+                self.list_secrets,
+                "secrets:read",
+                "Secret names, versions and the flows using them. Never values.",
+                "secrets",
+                m.SecretsOut,
+            ),
+            E(
+                "PUT",
+                f"{P}/secrets/{{name}}",
+                self.put_secret,
+                "secrets:write",
+                "Set or rotate a secret. The value is never logged or echoed.",
+                "secrets",
+                m.SecretWriteOut,
+                path_params=m.SecretPath,
+                body=m.SecretWrite,
+            ),
+            E(
+                "DELETE",
+                f"{P}/secrets/{{name}}",
+                self.delete_secret,
+                "secrets:write",
+                "Delete a secret; refused while flows use it unless force=true.",
+                "secrets",
+                m.SecretDeleteOut,
+                path_params=m.SecretPath,
+                query=m.SecretDeleteQuery,
+            ),
+            E(
+                "GET",
+                f"{P}/audit",
+                self.list_audit,
+                "admin",
+                "The audit log, newest first. Read-only: there is no API to change it.",
+                "admin",
+                m.AuditOut,
+                query=m.AuditQuery,
+            ),
+            E(
+                "GET",
+                f"{P}/tokens",
+                self.list_tokens,
+                "admin",
+                "API tokens (never their secrets).",
+                "admin",
+                m.TokensOut,
+            ),
+            E(
+                "POST",
+                f"{P}/tokens",
+                self.create_token,
+                "admin",
+                "Create a token; the answer shows it once.",
+                "admin",
+                m.TokenCreated,
+                status=201,
+                body=m.TokenCreate,
+            ),
+            E(
+                "DELETE",
+                f"{P}/tokens/{{token_id}}",
+                self.revoke_token,
+                "admin",
+                "Revoke a token.",
+                "admin",
+                m.TokenOut,
+                path_params=m.TokenPath,
+            ),
         ]
 
 
@@ -718,21 +1008,31 @@ def _validate(model: type[BaseModel] | None, data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        details = [{"loc": [where, *exc_loc], "msg": e["msg"]} for e in exc.errors()
-                   for exc_loc in [[x for x in e["loc"]]]]
+        details = [
+            {"loc": [where, *exc_loc], "msg": e["msg"]}
+            for e in exc.errors()
+            for exc_loc in [[x for x in e["loc"]]]
+        ]
         first = details[0]
         at = ".".join(str(x) for x in first["loc"][1:]) or where
-        raise ApiError(422, "invalid_request", f"{where} {at}: {first['msg']}"
-                       + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
-                       details=details) from None
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{where} {at}: {first['msg']}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
+            details=details,
+        ) from None
 
 
 def _query_dict(request: web.Request) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in request.query.items():
         if k in out:
-            raise ApiError(422, "invalid_request", f"query parameter {k!r} is given more than once",
-                           details=[{"loc": ["query", k], "msg": "given more than once"}])
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"query parameter {k!r} is given more than once",
+                details=[{"loc": ["query", k], "msg": "given more than once"}],
+            )
         out[k] = v
     return out
 
@@ -774,8 +1074,10 @@ async def _json_http_errors(
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         code = codes.get(exc.status, "http_error")
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        msg = {404: f"no API endpoint {request.path}; see {PREFIX}/openapi.json",
-               405: f"{request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
+        msg = {
+            404: f"no API endpoint {request.path}; see {PREFIX}/openapi.json",
+            405: f"{request.method} is not allowed on {request.path}",
+        }.get(exc.status, exc.reason)
         return error_response(exc.status, code, msg, headers)
 
 

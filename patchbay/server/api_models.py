@@ -11,14 +11,29 @@ from patchbay.config.models import DeliveryPolicy
 
 NAME = r"^[a-z][a-z0-9_\-]{0,62}$"  # flows, systems, destinations (config NAME_RE)
 FlowName = Annotated[str, Field(pattern=NAME, description="A flow's name.", examples=["lead-capture"])]
-DestName = Annotated[str, Field(pattern=NAME, description="A destination's name within its flow.",
-                                examples=["crm"])]
-RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$", examples=["evt_01jh2k3m4n5p6q7r8s9t0v1w2x"],
-                             description="A run (event) id, with or without evt_.")]
-SecretName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="A vault secret's name.",
-                                  examples=["crm_token"])]
-TokenId = Annotated[str, Field(pattern=r"^(pbt_)?[0-9a-f]{12}$", description="A token's id (12 hex digits).",
-                               examples=["3f9a0c1b2d4e"])]
+DestName = Annotated[
+    str, Field(pattern=NAME, description="A destination's name within its flow.", examples=["crm"])
+]
+RunId = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9_\-]{1,64}$",
+        examples=["evt_01jh2k3m4n5p6q7r8s9t0v1w2x"],
+        description="A run (event) id, with or without evt_.",
+    ),
+]
+SecretName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="A vault secret's name.", examples=["crm_token"]),
+]
+TokenId = Annotated[
+    str,
+    Field(
+        pattern=r"^(pbt_)?[0-9a-f]{12}$",
+        description="A token's id (12 hex digits).",
+        examples=["3f9a0c1b2d4e"],
+    ),
+]
 Scope = Literal[
     "flows:read", "runs:read", "runs:replay", "destinations:write", "secrets:read", "secrets:write", "admin"
 ]
@@ -185,7 +200,8 @@ class FlowDetail(FlowSummary):
     record_key: str | None
     sensitive: list[str]
     definition: dict[str, Any] = Field(
-        description="The flow as loaded (steps, trigger, destinations), read-only, credentials redacted.")
+        description="The flow as loaded (steps, trigger, destinations), read-only, credentials redacted."
+    )
     schedule: ScheduleOut | None
     recent_runs: list[RunSummary]
 
@@ -482,8 +498,9 @@ class TokensOut(Out):
 class TokenCreate(In):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", examples=["console"])
     scopes: list[Scope] = Field(min_length=1, max_length=7)
-    expires_in_s: int | None = Field(None, ge=60, le=10 * 366 * 86400,
-                                     description="Lifetime in seconds; null: never expires.")
+    expires_in_s: int | None = Field(
+        None, ge=60, le=10 * 366 * 86400, description="Lifetime in seconds; null: never expires."
+    )
 
 
 class TokenCreated(TokenOut):

@@ -42,7 +42,9 @@ def make_app(hub: Hub) -> web.Application:
             assert hub.store is not None
             await asyncio.wait_for(hub.store.read(q_destination_states), 2.0)
         except Exception as exc:
-            return web.json_response({"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503)
+            return web.json_response(
+                {"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503
+            )
         stopped = hub.not_running()
         if stopped:
             return web.json_response(
@@ -86,8 +88,10 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
     try:
         await stop.wait()
     finally:
-        log.info("stopping: no new requests; finishing in-flight deliveries (up to %gs)",
-                 hub.project.settings.shutdown_grace_s)
+        log.info(
+            "stopping: no new requests; finishing in-flight deliveries (up to %gs)",
+            hub.project.settings.shutdown_grace_s,
+        )
         await site.stop()
         await hub.stop()
         await runner.cleanup()

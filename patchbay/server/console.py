@@ -27,8 +27,7 @@ CONTENT_TYPES = {
     ".json": "application/json",
 }
 # Scripts, styles, images and API calls come from the hub itself; no inline code, no frames, no plugins.
-CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; "
-       "object-src 'none'")
+CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'"
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",

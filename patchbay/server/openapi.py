@@ -62,8 +62,12 @@ def _parameters(model: type[BaseModel], where: str, defs: dict[str, Any]) -> lis
         prop = _strip_null(dict(prop))
         description = prop.pop("description", None)
         prop.pop("title", None)
-        param: dict[str, Any] = {"name": name, "in": where, "required": where == "path" or name in required,
-                                 "schema": prop}
+        param: dict[str, Any] = {
+            "name": name,
+            "in": where,
+            "required": where == "path" or name in required,
+            "schema": prop,
+        }
         if description:
             param["description"] = description
         out.append(param)
@@ -97,8 +101,11 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
             "x-required-scope": ep.scope,
         }
         desc = ep.description or ""
-        desc += f"\n\nRequires a token with scope `{ep.scope}` (or `admin`)." if ep.scope else \
-            "\n\nRequires any valid token."
+        desc += (
+            f"\n\nRequires a token with scope `{ep.scope}` (or `admin`)."
+            if ep.scope
+            else "\n\nRequires any valid token."
+        )
         op["description"] = desc.strip()
         params: list[dict[str, Any]] = []
         if ep.path_params is not None:
@@ -108,13 +115,17 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
         if params:
             op["parameters"] = params
         if ep.body is not None:
-            op["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": ref(ep.body, "validation")}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(ep.body, "validation")}},
+            }
         responses: dict[str, Any] = {}
         ok = "Success."
         if ep.response is not None:
-            responses[str(ep.status)] = {"description": ok, "content": {
-                "application/json": {"schema": ref(ep.response, "serialization")}}}
+            responses[str(ep.status)] = {
+                "description": ok,
+                "content": {"application/json": {"schema": ref(ep.response, "serialization")}},
+            }
         else:
             responses[str(ep.status)] = {"description": ok}
         if ep.body is not None:
@@ -132,27 +143,61 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
         responses["413"] = _error("The request body is too large.", err)
         op["responses"] = responses
         paths.setdefault(_openapi_path(ep.path), {})[ep.method.lower()] = op
-    health = (("/healthz", "The process is up."), ("/readyz", "The store answers and every worker runs; 503 (with the reason) when not."))
+    health = (
+        ("/healthz", "The process is up."),
+        ("/readyz", "The store answers and every worker runs; 503 (with the reason) when not."),
+    )
     for path, what in health:
-        paths[path] = {"get": {
-            "operationId": path.strip("/"), "summary": what, "tags": ["health"], "security": [],
-            "responses": {"200": {"description": "OK", "content": {"application/json": {
-                "schema": status_ref}}},
-                **({"503": {"description": "Not ready", "content": {"application/json": {
-                    "schema": status_ref}}}} if path == "/readyz" else {})},
-        }}
-    paths["/metrics"] = {"get": {
-        "operationId": "metrics", "tags": ["health"], "security": [],
-        "summary": "Prometheus metrics. Public: counts and latencies by flow and destination; no payloads or "
-                   "secrets.",
-        "responses": {"200": {"description": "Prometheus text format.",
-                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    }}
-    paths["/api/v1/openapi.json"] = {"get": {
-        "operationId": "openapi", "tags": ["meta"], "security": [], "summary": "This document (public).",
-        "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {
-            "schema": {"type": "object"}}}}},
-    }}
+        paths[path] = {
+            "get": {
+                "operationId": path.strip("/"),
+                "summary": what,
+                "tags": ["health"],
+                "security": [],
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {"schema": status_ref}}},
+                    **(
+                        {
+                            "503": {
+                                "description": "Not ready",
+                                "content": {"application/json": {"schema": status_ref}},
+                            }
+                        }
+                        if path == "/readyz"
+                        else {}
+                    ),
+                },
+            }
+        }
+    paths["/metrics"] = {
+        "get": {
+            "operationId": "metrics",
+            "tags": ["health"],
+            "security": [],
+            "summary": "Prometheus metrics. Public: counts and latencies by flow and destination; no payloads or "
+            "secrets.",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    paths["/api/v1/openapi.json"] = {
+        "get": {
+            "operationId": "openapi",
+            "tags": ["meta"],
+            "security": [],
+            "summary": "This document (public).",
+            "responses": {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
     scopes = "\n".join(f"- `{s}`: {d}" for s, d in SCOPES.items())
     return {
         "openapi": "3.1.0",
@@ -164,7 +209,7 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
                 "destinations, source cursors, schedules, secrets (names only), tokens and the audit log.\n\n"
                 "Every `/api/v1` endpoint but this document needs `Authorization: Bearer pbt_...` "
                 "(`patchbay tokens create NAME --scope ...`). Scopes:\n\n" + scopes + "\n\n"
-                "Errors are JSON: `{\"error\": code, \"message\": ...}`. Every change is written to the "
+                'Errors are JSON: `{"error": code, "message": ...}`. Every change is written to the '
                 "audit log."
             ),
         },
@@ -174,10 +219,14 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {SECURITY_SCHEME: {
-                "type": "http", "scheme": "bearer", "bearerFormat": "pbt_<id>_<secret>",
-                "description": "A token from `patchbay tokens create`; each operation names its scope.",
-            }},
+            "securitySchemes": {
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "pbt_<id>_<secret>",
+                    "description": "A token from `patchbay tokens create`; each operation names its scope.",
+                }
+            },
         },
     }
 

@@ -21,7 +21,9 @@ KEEP_HEADERS = ("content-type", "user-agent", "webhook-id", "webhook-timestamp",
 
 def error_response(exc: RejectedRequest, flow: str) -> web.Response:
     body = {"error": exc.code, "message": str(exc), "flow": flow}
-    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=exc.headers)
+    return web.Response(
+        status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=exc.headers
+    )
 
 
 class WebhookEndpoint:
@@ -44,7 +46,9 @@ class WebhookEndpoint:
         self.m_received = m.received.labels(flow.name)
         self.m_rejected = m.rejected
 
-    def reject(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> RejectedRequest:
+    def reject(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> RejectedRequest:
         return RejectedRequest(status, code, message, headers)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -53,8 +57,14 @@ class WebhookEndpoint:
             return await self._handle(request)
         except RejectedRequest as exc:
             self.m_rejected.labels(self.flow.name, exc.code).inc()
-            log.info("rejected %s %s: %s %s", request.method, request.path, exc.status, exc.code,
-                     extra={"flow": self.flow.name, "code": exc.code, "remote": request.remote})
+            log.info(
+                "rejected %s %s: %s %s",
+                request.method,
+                request.path,
+                exc.status,
+                exc.code,
+                extra={"flow": self.flow.name, "code": exc.code, "remote": request.remote},
+            )
             return error_response(exc, self.flow.name)
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -62,18 +72,26 @@ class WebhookEndpoint:
         if wait is not None:
             raise rate_limited(self.trigger.system, self.auth, wait)
         if not self.flow.enabled:
-            raise self.reject(503, "flow_disabled", f"flow {self.flow.name} is disabled; nothing was stored",
-                              {"Retry-After": "60"})
+            raise self.reject(
+                503,
+                "flow_disabled",
+                f"flow {self.flow.name} is disabled; nothing was stored",
+                {"Retry-After": "60"},
+            )
         length = request.content_length
         if length is not None and length > self.max_body:
-            raise self.reject(413, "body_too_large", f"body of {length} bytes is over the limit of {self.max_body}")
+            raise self.reject(
+                413, "body_too_large", f"body of {length} bytes is over the limit of {self.max_body}"
+            )
         body = await _read_limited(request, self.max_body)
         if body is None:
             raise self.reject(413, "body_too_large", f"body is over the limit of {self.max_body} bytes")
         verified = self.verifier.verify(InboundRequest(body, request.headers, request.remote))
         ctype = request.headers.get("Content-Type", "")
         if ctype and "json" not in ctype.split(";")[0].lower():
-            raise self.reject(415, "unsupported_media_type", f"expected Content-Type application/json, got {ctype}")
+            raise self.reject(
+                415, "unsupported_media_type", f"expected Content-Type application/json, got {ctype}"
+            )
         if not body.strip():
             raise self.reject(400, "empty_body", "the body is empty; send a JSON object")
         try:
@@ -95,7 +113,8 @@ class WebhookEndpoint:
         accepted, status = await self.hub.ingest(self.flow.name, body, record, dedupe_key=dedupe, meta=meta)
         if accepted.conflict:
             raise self.reject(
-                409, "replayed_id",
+                409,
+                "replayed_id",
                 f"event id {dedupe!r} was already received with a different body; a new event needs a new id",
             )
         if accepted.duplicate:

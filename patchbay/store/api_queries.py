@@ -27,8 +27,9 @@ def _p95(conn: sqlite3.Connection, sql: str, args: list[Any]) -> float | None:
     return round(float(values[max(1, math.ceil(0.95 * len(values))) - 1]), 2)
 
 
-def flow_stats(conn: sqlite3.Connection, flows: list[str], now: float | None = None
-               ) -> dict[str, dict[str, Any]]:
+def flow_stats(
+    conn: sqlite3.Connection, flows: list[str], now: float | None = None
+) -> dict[str, dict[str, Any]]:
     """Per flow: the last run, and for the last hour and day the runs by outcome, the success rate
     (delivered / (delivered + dead + quarantined); pending and filtered runs are not counted), the
     p95 latency of delivery attempts and the p95 time from receipt to delivery."""
@@ -37,21 +38,29 @@ def flow_stats(conn: sqlite3.Connection, flows: list[str], now: float | None = N
     for flow in flows:
         last = conn.execute(
             "SELECT id, status, received_at, record_key FROM events WHERE flow=?"
-            " ORDER BY received_at DESC, seq DESC LIMIT 1", (flow,)).fetchone()
+            " ORDER BY received_at DESC, seq DESC LIMIT 1",
+            (flow,),
+        ).fetchone()
         stats: dict[str, Any] = {"last_run": dict(last) if last else None}
         for window, seconds in WINDOWS.items():
             since = now - seconds
-            by_status = {r[0]: r[1] for r in conn.execute(
-                "SELECT status, COUNT(*) FROM events WHERE flow=? AND received_at>=? GROUP BY status",
-                (flow, since))}
+            by_status = {
+                r[0]: r[1]
+                for r in conn.execute(
+                    "SELECT status, COUNT(*) FROM events WHERE flow=? AND received_at>=? GROUP BY status",
+                    (flow, since),
+                )
+            }
             delivered = by_status.get("delivered", 0)
             failed = sum(by_status.get(s, 0) for s in FAILED)
             attempts = (
                 "SELECT a.latency_ms FROM events e JOIN deliveries d ON d.event_id=e.id"
                 " JOIN attempts a ON a.delivery_id=d.id WHERE e.flow=? AND e.received_at>=?"
             )
-            e2e = ("SELECT (e.updated_at - e.received_at) * 1000.0 FROM events e"
-                   " WHERE e.flow=? AND e.received_at>=? AND e.status='delivered'")
+            e2e = (
+                "SELECT (e.updated_at - e.received_at) * 1000.0 FROM events e"
+                " WHERE e.flow=? AND e.received_at>=? AND e.status='delivered'"
+            )
             stats[window] = {
                 "runs": sum(by_status.values()),
                 "by_status": by_status,
@@ -63,8 +72,9 @@ def flow_stats(conn: sqlite3.Connection, flows: list[str], now: float | None = N
     return out
 
 
-def destination_backlog(conn: sqlite3.Connection, now: float | None = None
-                        ) -> dict[tuple[str, str], dict[str, Any]]:
+def destination_backlog(
+    conn: sqlite3.Connection, now: float | None = None
+) -> dict[tuple[str, str], dict[str, Any]]:
     """Per (flow, destination): deliveries pending, of those retrying, dead, and dead in the last hour."""
     now = time.time() if now is None else now
     out: dict[tuple[str, str], dict[str, Any]] = {}
@@ -73,11 +83,15 @@ def destination_backlog(conn: sqlite3.Connection, now: float | None = None
         " SUM(status='pending' AND retries>0) AS retrying, SUM(status='dead') AS dead,"
         " SUM(status='dead' AND updated_at>=?) AS dead_last_hour,"
         " MIN(CASE WHEN status='pending' THEN next_at END) AS next_due_at"
-        " FROM deliveries WHERE status IN ('pending','dead') GROUP BY flow, destination", (now - 3600.0,)
+        " FROM deliveries WHERE status IN ('pending','dead') GROUP BY flow, destination",
+        (now - 3600.0,),
     ):
         out[(r["flow"], r["destination"])] = {
-            "pending": r["pending"] or 0, "retrying": r["retrying"] or 0, "dead": r["dead"] or 0,
-            "dead_last_hour": r["dead_last_hour"] or 0, "next_due_at": r["next_due_at"],
+            "pending": r["pending"] or 0,
+            "retrying": r["retrying"] or 0,
+            "dead": r["dead"] or 0,
+            "dead_last_hour": r["dead_last_hour"] or 0,
+            "next_due_at": r["next_due_at"],
         }
     return out
 
@@ -104,31 +118,40 @@ def _dead_union(flow: str | None, destination: str | None, reason: str | None) -
         "SELECT 'delivery' AS kind, d.event_id, d.flow, d.destination, COALESCE(d.last_error,'') AS reason,"
         " d.updated_at AS at, d.attempts, e.record_key, e.received_at"
         " FROM deliveries d JOIN events e ON e.id=d.event_id"
-        " WHERE " + " AND ".join(d_where) +
-        " UNION ALL SELECT 'quarantine', e.id, e.flow, NULL, COALESCE(e.reason,''), e.updated_at, 0,"
+        " WHERE "
+        + " AND ".join(d_where)
+        + " UNION ALL SELECT 'quarantine', e.id, e.flow, NULL, COALESCE(e.reason,''), e.updated_at, 0,"
         " e.record_key, e.received_at FROM events e WHERE " + " AND ".join(e_where)
     )
     return sql, [*d_args, *e_args]
 
 
-def dead_letters(conn: sqlite3.Connection, flow: str | None = None, destination: str | None = None,
-                 reason: str | None = None, limit: int = 100) -> dict[str, Any]:
+def dead_letters(
+    conn: sqlite3.Connection,
+    flow: str | None = None,
+    destination: str | None = None,
+    reason: str | None = None,
+    limit: int = 100,
+) -> dict[str, Any]:
     """Dead deliveries and quarantined events: grouped by flow, destination and reason; the newest items."""
     sql, args = _dead_union(flow, destination, reason)
     groups = [
-        dict(r) for r in conn.execute(
+        dict(r)
+        for r in conn.execute(
             f"SELECT kind, flow, destination, reason, COUNT(*) AS count, MIN(at) AS first_at,"
             f" MAX(at) AS last_at FROM ({sql}) GROUP BY kind, flow, destination, reason"
             " ORDER BY last_at DESC",
-            args)
+            args,
+        )
     ]
     items = [dict(r) for r in conn.execute(f"SELECT * FROM ({sql}) ORDER BY at DESC LIMIT ?", [*args, limit])]
     total = sum(g["count"] for g in groups)
     return {"total": total, "groups": groups, "items": items}
 
 
-def dead_event_ids(conn: sqlite3.Connection, flow: str | None, destination: str | None,
-                   reason: str | None) -> list[str]:
+def dead_event_ids(
+    conn: sqlite3.Connection, flow: str | None, destination: str | None, reason: str | None
+) -> list[str]:
     """Ids of the events with a matching dead delivery or quarantine, oldest first, each once."""
     sql, args = _dead_union(flow, destination, reason)
     sql = f"SELECT event_id FROM ({sql}) GROUP BY event_id ORDER BY MIN(received_at)"
@@ -141,8 +164,14 @@ class DiscardReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def tx_discard(conn: sqlite3.Connection, event_ids: list[str], destination: str | None, actor: str,
-               origin: str, detail: dict[str, Any]) -> DiscardReport:
+def tx_discard(
+    conn: sqlite3.Connection,
+    event_ids: list[str],
+    destination: str | None,
+    actor: str,
+    origin: str,
+    detail: dict[str, Any],
+) -> DiscardReport:
     """Give up on dead deliveries (status `discarded`) and quarantined events; audited one by one."""
     rep = DiscardReport()
     now = time.time()
@@ -173,9 +202,15 @@ def tx_discard(conn: sqlite3.Connection, event_ids: list[str], destination: str 
     return rep
 
 
-def q_audit(conn: sqlite3.Connection, since: float | None = None, until: float | None = None,
-            action: str | None = None, actor: str | None = None, target: str | None = None,
-            limit: int = 100) -> list[dict[str, Any]]:
+def q_audit(
+    conn: sqlite3.Connection,
+    since: float | None = None,
+    until: float | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+    target: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
     """Audit rows, newest first. `action` matches exactly or as a prefix ending in '.' (e.g. `secret.`)."""
     where: list[str] = []
     args: list[Any] = []
@@ -211,16 +246,20 @@ def q_audit(conn: sqlite3.Connection, since: float | None = None, until: float |
     return rows
 
 
-def tx_set_audit_origin(conn: sqlite3.Connection, after_id: int, actor: str, origin: str,
-                        extra: dict[str, Any]) -> int:
+def tx_set_audit_origin(
+    conn: sqlite3.Connection, after_id: int, actor: str, origin: str, extra: dict[str, Any]
+) -> int:
     """Stamp audit rows written after `after_id` by `actor` with where they came from (and `extra`)."""
     n = 0
-    rows = conn.execute("SELECT id, detail FROM audit WHERE id>? AND actor=? AND origin=''",
-                        (after_id, actor))
+    rows = conn.execute(
+        "SELECT id, detail FROM audit WHERE id>? AND actor=? AND origin=''", (after_id, actor)
+    )
     for r in rows.fetchall():
         detail = orjson.loads(r["detail"] or "{}")
-        conn.execute("UPDATE audit SET origin=?, detail=? WHERE id=?",
-                     (origin, orjson.dumps({**detail, **extra}).decode(), r["id"]))
+        conn.execute(
+            "UPDATE audit SET origin=?, detail=? WHERE id=?",
+            (origin, orjson.dumps({**detail, **extra}).decode(), r["id"]),
+        )
         n += 1
     return n
 

@@ -68,7 +68,8 @@ def get_run(
         dd = dict(d)
         dd["request"] = orjson.loads(dd["request"])
         dd["attempts_log"] = [
-            dict(a) for a in conn.execute("SELECT * FROM attempts WHERE delivery_id=? ORDER BY n, id", (d["id"],))
+            dict(a)
+            for a in conn.execute("SELECT * FROM attempts WHERE delivery_id=? ORDER BY n, id", (d["id"],))
         ]
         run["deliveries"].append(dd)
     paths = list(sensitive) if sensitive is not None else project_sensitive_paths(conn).get(run["flow"], [])

@@ -197,7 +197,9 @@ class _Writer(threading.Thread):
         for loop, rs in by_loop.items():
             loop.call_soon_threadsafe(_resolve, rs)
 
-    def _transaction(self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool) -> list[tuple[Any, bool, Any]]:
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool
+    ) -> list[tuple[Any, bool, Any]]:
         """One transaction for the whole group. The fast path runs the operations back to back; when one
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
@@ -227,7 +229,9 @@ class _Writer(threading.Thread):
         except _OpFailed:
             _rollback(conn)
             raise
-        except Exception as exc:  # the transaction itself failed (disk full, I/O error): every caller hears it
+        except (
+            Exception
+        ) as exc:  # the transaction itself failed (disk full, I/O error): every caller hears it
             _rollback(conn)
             return [(fut, False, exc) for _, fut, _, _ in batch]
 
@@ -347,7 +351,9 @@ class SqliteStore:
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._checkpointer.stopping.set()
         await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.join)
-        self._rexec.submit(lambda: getattr(self._reader_local, "conn", None) and self._reader_local.conn.close())
+        self._rexec.submit(
+            lambda: getattr(self._reader_local, "conn", None) and self._reader_local.conn.close()
+        )
         self._rexec.shutdown(wait=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -384,7 +390,9 @@ class SqliteStore:
     async def destination_states(self) -> dict[tuple[str, str], tuple[str, str | None, float]]:
         return await self._read(q_destination_states)
 
-    async def set_destination_state(self, flow: str, destination: str, state: str, reason: str | None) -> None:
+    async def set_destination_state(
+        self, flow: str, destination: str, state: str, reason: str | None
+    ) -> None:
         await self._write(tx_set_destination_state, flow, destination, state, reason)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -439,20 +447,35 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
         (
-            e.id, e.flow, e.dedupe_key, e.body_hash, e.received_at, now, e.status, e.record_key, e.reason,
-            e.payload, _j(e.meta), _j(e.trace),
+            e.id,
+            e.flow,
+            e.dedupe_key,
+            e.body_hash,
+            e.received_at,
+            now,
+            e.status,
+            e.record_key,
+            e.reason,
+            e.payload,
+            _j(e.meta),
+            _j(e.trace),
         ),
     )
     if e.deliveries:
         conn.executemany(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
             " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
-            [(e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now) for d in e.deliveries],
+            [
+                (e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now)
+                for d in e.deliveries
+            ],
         )
     return Accepted(e.id)
 
 
-def tx_accept_batch(conn: sqlite3.Connection, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+def tx_accept_batch(
+    conn: sqlite3.Connection, events: list[NewEvent], flow: str, cursor: Any
+) -> list[Accepted]:
     out = [tx_accept(conn, e) for e in events]
     if cursor is not None:
         tx_set_cursor(conn, flow, cursor)
@@ -491,7 +514,12 @@ def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
 
 
 def q_due(
-    conn: sqlite3.Connection, flow: str, destination: str, now: float, limit: int, skip: frozenset[int],
+    conn: sqlite3.Connection,
+    flow: str,
+    destination: str,
+    now: float,
+    limit: int,
+    skip: frozenset[int],
     after_id: int = 0,
 ) -> list[DueDelivery]:
     """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased)."""
@@ -506,8 +534,14 @@ def q_due(
             continue
         out.append(
             DueDelivery(
-                r["id"], r["event_id"], flow, destination, orjson.loads(r["request"]), r["idempotency_key"],
-                r["attempts"], r["retries"],
+                r["id"],
+                r["event_id"],
+                flow,
+                destination,
+                orjson.loads(r["request"]),
+                r["idempotency_key"],
+                r["attempts"],
+                r["retries"],
             )
         )
         if len(out) >= limit:
@@ -517,7 +551,8 @@ def q_due(
 
 def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
     row = conn.execute(
-        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'", (flow, destination)
+        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'",
+        (flow, destination),
     ).fetchone()
     return row[0]
 
@@ -530,14 +565,27 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
             "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
             " last_error=?, updated_at=? WHERE id=?",
             (
-                r.new_status, 1 if r.consumed_retry else 0, r.next_at,
-                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"), now, r.delivery_id,
+                r.new_status,
+                1 if r.consumed_retry else 0,
+                r.next_at,
+                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"),
+                now,
+                r.delivery_id,
             ),
         )
         conn.execute(
             "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)"
             " VALUES(?, (SELECT attempts FROM deliveries WHERE id=?), ?, ?, ?, ?, ?, ?)",
-            (r.delivery_id, r.delivery_id, r.started_at, r.latency_ms, r.status_code, r.outcome, r.excerpt, r.error),
+            (
+                r.delivery_id,
+                r.delivery_id,
+                r.started_at,
+                r.latency_ms,
+                r.status_code,
+                r.outcome,
+                r.excerpt,
+                r.error,
+            ),
         )
         if r.new_status != "pending":
             events.add(r.event_id)
@@ -570,7 +618,9 @@ def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tupl
     }
 
 
-def tx_set_destination_state(conn: sqlite3.Connection, flow: str, destination: str, state: str, reason: str | None) -> None:
+def tx_set_destination_state(
+    conn: sqlite3.Connection, flow: str, destination: str, state: str, reason: str | None
+) -> None:
     conn.execute(
         "INSERT INTO destinations(flow, destination, state, reason, since) VALUES(?,?,?,?,?)"
         " ON CONFLICT(flow, destination) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
@@ -579,7 +629,9 @@ def tx_set_destination_state(conn: sqlite3.Connection, flow: str, destination: s
     )
 
 
-def tx_audit(conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any], origin: str = "") -> None:
+def tx_audit(
+    conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any], origin: str = ""
+) -> None:
     conn.execute(
         "INSERT INTO audit(at, actor, action, target, detail, origin) VALUES(?,?,?,?,?,?)",
         (time.time(), actor, action, target, _j(detail), origin),

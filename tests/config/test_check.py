@@ -44,12 +44,18 @@ destinations:
 
 
 def check(root: Path, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
-    env = {"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8, "PATCHBAY_SECRET_CRM_TOKEN": "y" * 8} if env is None else env
+    env = (
+        {"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8, "PATCHBAY_SECRET_CRM_TOKEN": "y" * 8}
+        if env is None
+        else env
+    )
     res = CliRunner().invoke(main, ["check", str(root)], env=env)
     return res.exit_code, res.output.strip().splitlines()
 
 
-def project(tmp_path: Path, flow: str = FLOW, systems: str = SYSTEMS, extra: dict[str, str] | None = None) -> Path:
+def project(
+    tmp_path: Path, flow: str = FLOW, systems: str = SYSTEMS, extra: dict[str, str] | None = None
+) -> Path:
     return write_project(tmp_path, {"systems.yaml": systems, "flows/leads.yaml": flow, **(extra or {})})
 
 
@@ -64,29 +70,62 @@ def test_a_good_project_passes(tmp_path):
 
 
 CASES = [
-    ("unknown system", lambda f, s: (f.replace("system: crm", "system: crn"), s),
-     "flows/leads.yaml:12: unknown system 'crn'; did you mean 'crm'? (known: crm, website)"),
-    ("unknown field function", lambda f, s: (f.replace("lower(email)", "lowr(email)"), s),
-     "flows/leads.yaml:7: map: unknown function 'lowr'; did you mean 'lower'?"),
-    ("bad URL", lambda f, s: (f, s.replace("https://crm.example.com/api", "crm.example.com/api")),
-     "systems.yaml:9: url: bad URL 'crm.example.com/api': write an absolute http:// or https:// URL"),
-    ("bad duration", lambda f, s: (f.replace("5s, 1m", "5s, 1 minute"), s),
-     "flows/leads.yaml:16: retry.schedule.1: bad duration '1 minute': write a number with a unit, such as 500ms, 30s"),
-    ("unreachable step", lambda f, s: (f.replace("  - validate:", "  - filter: {when: '`false`'}\n  - validate:"), s),
-     "flows/leads.yaml:9: unreachable step: step 2 never lets a record through; remove this step or fix that condition"),
-    ("unknown setting", lambda f, s: (f.replace("path: /contacts", "pth: /contacts"), s),
-     "flows/leads.yaml:13: unknown setting 'pth'; did you mean 'path'?"),
-    ("inline secret", lambda f, s: (f, s.replace("token: {secret: crm_token}", "token: abc123")),
-     "systems.yaml:10: auth.token: secrets are referenced, never written inline: store the value with "
-     "`patchbay secrets set NAME` and write {secret: NAME} (or {env: VARIABLE})"),
-    ("public endpoint not marked", lambda f, s: (f, s.replace("scheme: standard_webhooks", "scheme: none")),
-     "systems.yaml:3: webhook: an endpoint with no authentication must be marked `public: true`"),
-    ("unknown step", lambda f, s: (f.replace("  - validate:", "  - validator:"), s),
-     "flows/leads.yaml:8: unknown step 'validator'; did you mean 'validate'?"),
-    ("YAML syntax", lambda f, s: (f.replace("owner: sales\n", "owner: [sales\n", 1), s),
-     "flows/leads.yaml:3: YAML syntax:"),
-    ("bad expression", lambda f, s: (f.replace("lower(email)", "lower(email"), s),
-     "flows/leads.yaml:7: map:"),
+    (
+        "unknown system",
+        lambda f, s: (f.replace("system: crm", "system: crn"), s),
+        "flows/leads.yaml:12: unknown system 'crn'; did you mean 'crm'? (known: crm, website)",
+    ),
+    (
+        "unknown field function",
+        lambda f, s: (f.replace("lower(email)", "lowr(email)"), s),
+        "flows/leads.yaml:7: map: unknown function 'lowr'; did you mean 'lower'?",
+    ),
+    (
+        "bad URL",
+        lambda f, s: (f, s.replace("https://crm.example.com/api", "crm.example.com/api")),
+        "systems.yaml:9: url: bad URL 'crm.example.com/api': write an absolute http:// or https:// URL",
+    ),
+    (
+        "bad duration",
+        lambda f, s: (f.replace("5s, 1m", "5s, 1 minute"), s),
+        "flows/leads.yaml:16: retry.schedule.1: bad duration '1 minute': write a number with a unit, such as 500ms, 30s",
+    ),
+    (
+        "unreachable step",
+        lambda f, s: (f.replace("  - validate:", "  - filter: {when: '`false`'}\n  - validate:"), s),
+        "flows/leads.yaml:9: unreachable step: step 2 never lets a record through; remove this step or fix that condition",
+    ),
+    (
+        "unknown setting",
+        lambda f, s: (f.replace("path: /contacts", "pth: /contacts"), s),
+        "flows/leads.yaml:13: unknown setting 'pth'; did you mean 'path'?",
+    ),
+    (
+        "inline secret",
+        lambda f, s: (f, s.replace("token: {secret: crm_token}", "token: abc123")),
+        "systems.yaml:10: auth.token: secrets are referenced, never written inline: store the value with "
+        "`patchbay secrets set NAME` and write {secret: NAME} (or {env: VARIABLE})",
+    ),
+    (
+        "public endpoint not marked",
+        lambda f, s: (f, s.replace("scheme: standard_webhooks", "scheme: none")),
+        "systems.yaml:3: webhook: an endpoint with no authentication must be marked `public: true`",
+    ),
+    (
+        "unknown step",
+        lambda f, s: (f.replace("  - validate:", "  - validator:"), s),
+        "flows/leads.yaml:8: unknown step 'validator'; did you mean 'validate'?",
+    ),
+    (
+        "YAML syntax",
+        lambda f, s: (f.replace("owner: sales\n", "owner: [sales\n", 1), s),
+        "flows/leads.yaml:3: YAML syntax:",
+    ),
+    (
+        "bad expression",
+        lambda f, s: (f.replace("lower(email)", "lower(email"), s),
+        "flows/leads.yaml:7: map:",
+    ),
 ]
 
 
@@ -95,23 +134,29 @@ def test_broken_project_reports_file_and_line(tmp_path, name, mutate, expected):
     flow, systems = mutate(FLOW, SYSTEMS)
     code, out = check(project(tmp_path, flow, systems))
     assert code == 2
-    assert any(line.startswith(p(tmp_path, expected.split(":", 1)[0]) + ":" + expected.split(":", 1)[1])
-               for line in out), out
+    assert any(
+        line.startswith(p(tmp_path, expected.split(":", 1)[0]) + ":" + expected.split(":", 1)[1])
+        for line in out
+    ), out
 
 
 def test_missing_secret_points_at_the_reference(tmp_path):
     code, out = check(project(tmp_path), env={"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8})
     assert code == 2
-    assert out[0] == (f"{p(tmp_path, 'systems.yaml')}:10: system 'crm': missing secret secret:crm_token; "
-                      "set it with `patchbay secrets set crm_token`")
+    assert out[0] == (
+        f"{p(tmp_path, 'systems.yaml')}:10: system 'crm': missing secret secret:crm_token; "
+        "set it with `patchbay secrets set crm_token`"
+    )
 
 
 def test_duplicate_flow_name(tmp_path):
     root = project(tmp_path, extra={"flows/leads2.yaml": "name: leads\n" + FLOW})
     code, out = check(root)
     assert code == 2
-    assert out[0] == (f"{p(tmp_path, 'flows/leads2.yaml')}:1: duplicate flow name 'leads' "
-                      f"(also in {p(tmp_path, 'flows/leads.yaml')}:1); rename one")
+    assert out[0] == (
+        f"{p(tmp_path, 'flows/leads2.yaml')}:1: duplicate flow name 'leads' "
+        f"(also in {p(tmp_path, 'flows/leads.yaml')}:1); rename one"
+    )
 
 
 def test_every_problem_is_reported_not_only_the_first(tmp_path):
@@ -124,7 +169,10 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path):
 def test_json_output(tmp_path):
     import json
 
-    res = CliRunner().invoke(main, ["check", str(project(tmp_path, FLOW.replace("system: crm", "system: x"))), "--json"],
-                             env={"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8, "PATCHBAY_SECRET_CRM_TOKEN": "y" * 8})
+    res = CliRunner().invoke(
+        main,
+        ["check", str(project(tmp_path, FLOW.replace("system: crm", "system: x"))), "--json"],
+        env={"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8, "PATCHBAY_SECRET_CRM_TOKEN": "y" * 8},
+    )
     doc = json.loads(res.output)
     assert doc["ok"] is False and doc["problems"][0]["line"] == 12

@@ -20,13 +20,19 @@ TOKEN = "tok-abc-123456"
 def sink(url: str, auth=None, resources: Resources | None = None, **dest) -> HttpSink:
     system = HttpSystem.model_validate({"url": url, **({"auth": auth} if auth else {})})
     res = resources or Resources(secret=lambda ref: TOKEN, allow_private=True)
-    return HttpSink(system, HttpDestination.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res)
+    return HttpSink(
+        system, HttpDestination.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res
+    )
 
 
 def test_render_templates_the_url_quotes_values_and_keeps_no_credentials():
-    s = sink("https://crm.example.com/api", auth={"scheme": "bearer", "token": {"secret": "t"}},
-             path="/contacts/{{ email }}", headers={"X-Source": "{{ source }}"},
-             body={"contact.email": "email", "contact.tags": "split(tags, ',')"})
+    s = sink(
+        "https://crm.example.com/api",
+        auth={"scheme": "bearer", "token": {"secret": "t"}},
+        path="/contacts/{{ email }}",
+        headers={"X-Source": "{{ source }}"},
+        body={"contact.email": "email", "contact.tags": "split(tags, ',')"},
+    )
     req = s.render({"email": "a b/c@x.com", "source": "web", "tags": "x,y"}, "evt_1.crm")
     assert req["url"] == "https://crm.example.com/api/contacts/a%20b%2Fc%40x.com"
     assert req["headers"] == {"X-Source": "web"}
@@ -35,17 +41,23 @@ def test_render_templates_the_url_quotes_values_and_keeps_no_credentials():
 
 
 def test_body_as_one_expression_and_default_record():
-    assert sink("https://x.test", body="properties").render({"properties": {"a": 1}}, "k")["body"] == '{"a":1}'
+    assert (
+        sink("https://x.test", body="properties").render({"properties": {"a": 1}}, "k")["body"] == '{"a":1}'
+    )
     assert sink("https://x.test").render({"a": 1}, "k")["body"] == '{"a":1}'
     assert "body" not in sink("https://x.test", method="GET").render({"a": 1}, "k")
 
 
 def test_auth_headers_per_scheme():
     assert sink("https://x.test", auth={"scheme": "bearer", "token": {"secret": "t"}})._auth_headers() == {
-        "Authorization": f"Bearer {TOKEN}"}
-    assert sink("https://x.test", auth={"scheme": "api_key", "header": "X-Key", "token": {"secret": "t"}})._auth_headers() == {
-        "X-Key": TOKEN}
-    basic = sink("https://x.test", auth={"scheme": "basic", "username": "u", "password": {"secret": "p"}})._auth_headers()
+        "Authorization": f"Bearer {TOKEN}"
+    }
+    assert sink(
+        "https://x.test", auth={"scheme": "api_key", "header": "X-Key", "token": {"secret": "t"}}
+    )._auth_headers() == {"X-Key": TOKEN}
+    basic = sink(
+        "https://x.test", auth={"scheme": "basic", "username": "u", "password": {"secret": "p"}}
+    )._auth_headers()
     assert base64.b64decode(basic["Authorization"].split()[1]) == f"u:{TOKEN}".encode()
 
 
@@ -125,7 +137,11 @@ async def test_a_secret_echoed_by_the_remote_is_redacted(server):
 
     url, _ = server
     resolver = SecretResolver(None, {"PATCHBAY_SECRET_T": TOKEN})
-    res = Resources(secret=resolver.scoped([SecretRef(secret="t")]), redact=resolver.redactor, allow_private=True)
-    out = await send(sink(url, auth={"scheme": "bearer", "token": {"secret": "t"}}, resources=res, path="/echo"))
+    res = Resources(
+        secret=resolver.scoped([SecretRef(secret="t")]), redact=resolver.redactor, allow_private=True
+    )
+    out = await send(
+        sink(url, auth={"scheme": "bearer", "token": {"secret": "t"}}, resources=res, path="/echo")
+    )
     assert out.cls is OutcomeClass.TERMINAL
     assert TOKEN not in out.excerpt and "[secret]" in out.excerpt

@@ -24,7 +24,9 @@ class Api:
     """A paged orders API: ?updated_since=…&page=…&per_page=…"""
 
     def __init__(self) -> None:
-        self.orders = [{"id": i, "total": i * 10, "updated_at": f"2026-11-01T00:00:{i:02d}"} for i in range(1, 8)]
+        self.orders = [
+            {"id": i, "total": i * 10, "updated_at": f"2026-11-01T00:00:{i:02d}"} for i in range(1, 8)
+        ]
         self.calls: list[dict[str, str]] = []
         self.fail_next = 0
 
@@ -35,9 +37,12 @@ class Api:
             self.fail_next -= 1
             return web.json_response({"error": "busy"}, status=503)
         since = q.get("updated_since")
-        rows = sorted((o for o in self.orders if since is None or o["updated_at"] > since), key=lambda o: o["updated_at"])
+        rows = sorted(
+            (o for o in self.orders if since is None or o["updated_at"] > since),
+            key=lambda o: o["updated_at"],
+        )
         size, page = int(q.get("per_page", 100)), int(q.get("page", 1))
-        return web.json_response({"data": rows[(page - 1) * size: page * size]})
+        return web.json_response({"data": rows[(page - 1) * size : page * size]})
 
 
 @pytest.fixture
@@ -52,11 +57,15 @@ async def api():
 
 
 def source(url: str, **over) -> HttpPollSource:
-    cfg = HttpPollConfig.model_validate({
-        "path": "/orders", "items_path": "data",
-        "cursor": {"field": "updated_at", "param": "updated_since"},
-        "pagination": {"type": "page", "size": 3}, **over,
-    })
+    cfg = HttpPollConfig.model_validate(
+        {
+            "path": "/orders",
+            "items_path": "data",
+            "cursor": {"field": "updated_at", "param": "updated_since"},
+            "pagination": {"type": "page", "size": 3},
+            **over,
+        }
+    )
     return HttpPollSource(HttpSystem(url=url), cfg, Resources(allow_private=True))
 
 
@@ -107,23 +116,42 @@ async def test_link_header_pagination():
 
 
 async def test_scheduled_poll_flow_end_to_end(tmp_path, api, sink, start_hub, monkeypatch):
-    write_project(tmp_path, {
-        "patchbay.yaml": "port: 0\n",
-        "systems.yaml": yaml.safe_dump({
-            "shop": {"kind": "http", "owner": "ops", "url": api.url, "allow_private_network": True},
-            "reporting": {"kind": "http", "owner": "finance", "url": sink.url, "allow_private_network": True},
-        }),
-        "flows/orders.yaml": yaml.safe_dump({
-            "purpose": "orders reach reporting", "owner": "finance",
-            "trigger": {"schedule": {"every": "1s"}, "source": {
-                "system": "shop", "path": "/orders", "items_path": "data",
-                "cursor": {"field": "updated_at", "param": "updated_since"},
-                "pagination": {"type": "page", "size": 3}}},
-            "record_key": "id",
-            "steps": [{"map": {"order_id": "id", "amount_cents": "total"}}],
-            "destinations": [{"name": "report", "system": "reporting", "path": "/orders"}],
-        }),
-    })
+    write_project(
+        tmp_path,
+        {
+            "patchbay.yaml": "port: 0\n",
+            "systems.yaml": yaml.safe_dump(
+                {
+                    "shop": {"kind": "http", "owner": "ops", "url": api.url, "allow_private_network": True},
+                    "reporting": {
+                        "kind": "http",
+                        "owner": "finance",
+                        "url": sink.url,
+                        "allow_private_network": True,
+                    },
+                }
+            ),
+            "flows/orders.yaml": yaml.safe_dump(
+                {
+                    "purpose": "orders reach reporting",
+                    "owner": "finance",
+                    "trigger": {
+                        "schedule": {"every": "1s"},
+                        "source": {
+                            "system": "shop",
+                            "path": "/orders",
+                            "items_path": "data",
+                            "cursor": {"field": "updated_at", "param": "updated_since"},
+                            "pagination": {"type": "page", "size": 3},
+                        },
+                    },
+                    "record_key": "id",
+                    "steps": [{"map": {"order_id": "id", "amount_cents": "total"}}],
+                    "destinations": [{"name": "report", "system": "reporting", "path": "/orders"}],
+                }
+            ),
+        },
+    )
     hub = await start_hub(tmp_path)
     await sink.wait_for(7)
     api.fail_next = 1  # the next poll fails: visible in the schedule, nothing lost

@@ -49,7 +49,9 @@ async def test_503_then_429_then_timeout_then_201_is_delivered_with_four_attempt
     keys = {r.headers["Idempotency-Key"] for r in sink.received}
     assert keys == {f"{body['event_id']}.crm"}
     assert all(r.headers["Authorization"] == f"Bearer {SECRET_TOKEN}" for r in sink.received)
-    assert sink.received[0].body == {"properties": {"email": "lead-1@example.com", "firstname": "L1", "lead_source": "website"}}
+    assert sink.received[0].body == {
+        "properties": {"email": "lead-1@example.com", "firstname": "L1", "lead_source": "website"}
+    }
 
 
 async def test_400_dead_letter_then_fix_config_then_replay(tmp_path, sink, start_hub, cli_env):
@@ -153,8 +155,13 @@ async def test_fan_out_each_destination_has_its_own_state(tmp_path, sink, start_
         return 500 if rec.path == "/chat" else 201
 
     sink.default = by_path
-    chat = {"name": "chat", "system": "crm", "path": "/chat", "delivery": {**FAST, "retry": {"schedule": ["50ms"]}},
-            "body": {"text": "concat('New lead ', properties.email)"}}
+    chat = {
+        "name": "chat",
+        "system": "crm",
+        "path": "/chat",
+        "delivery": {**FAST, "retry": {"schedule": ["50ms"]}},
+        "body": {"text": "concat('New lead ', properties.email)"},
+    }
     hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST, extra_dests=[chat]))
     _, body = await hub.post("/hooks/lead-capture", lead(7))
 
@@ -172,7 +179,12 @@ async def test_fan_out_each_destination_has_its_own_state(tmp_path, sink, start_
 
 
 async def test_routing_when_sends_only_matching_records(tmp_path, sink, start_hub):
-    vip = {"name": "vip", "system": "crm", "path": "/vip", "when": "ends_with(properties.email, '@bigco.com')"}
+    vip = {
+        "name": "vip",
+        "system": "crm",
+        "path": "/vip",
+        "when": "ends_with(properties.email, '@bigco.com')",
+    }
     hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST, extra_dests=[vip]))
     await hub.post("/hooks/lead-capture", lead(1))
     await hub.post("/hooks/lead-capture", {"email": "ceo@bigco.com"})
@@ -206,7 +218,9 @@ async def _has_attempt(hub, event_id: str) -> bool:
 
 
 async def test_rate_limit_spreads_attempts(tmp_path, sink, start_hub):
-    hub = await start_hub(lead_project(tmp_path, sink.url, delivery={**FAST, "rate_limit_per_s": 10, "max_concurrency": 4}))
+    hub = await start_hub(
+        lead_project(tmp_path, sink.url, delivery={**FAST, "rate_limit_per_s": 10, "max_concurrency": 4})
+    )
     for n in range(25):
         await hub.post("/hooks/lead-capture", lead(n))
     await sink.wait_for(25, timeout=10)

@@ -45,7 +45,12 @@ def test_classes():
     p = DeliveryPolicy()
     assert decide(Outcome(OutcomeClass.SUCCESS, 201), 0, p, 0, RNG).status == "delivered"
     auth = decide(Outcome(OutcomeClass.AUTH, 401), 0, p, 100.0, RNG)
-    assert (auth.status, auth.destination_state, auth.next_at, auth.consumed_retry) == ("pending", "paused", 100.0, False)
+    assert (auth.status, auth.destination_state, auth.next_at, auth.consumed_retry) == (
+        "pending",
+        "paused",
+        100.0,
+        False,
+    )
     gone = decide(Outcome(OutcomeClass.GONE, 410), 0, p, 0, RNG)
     assert (gone.status, gone.destination_state) == ("dead", "disabled")
 

@@ -27,19 +27,39 @@ class FakeHubSpot:
 
     async def upsert(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {HUBSPOT_TOKEN}":
-            return web.json_response({"status": "error", "message": "Authentication credentials not found.",
-                                      "category": "INVALID_AUTHENTICATION"}, status=401)
+            return web.json_response(
+                {
+                    "status": "error",
+                    "message": "Authentication credentials not found.",
+                    "category": "INVALID_AUTHENTICATION",
+                },
+                status=401,
+            )
         body = await request.json()
         self.requests.append(body)
         results = []
         for item in body["inputs"]:
             if item.get("idProperty") != "email" or "@" not in str(item.get("id")):
-                return web.json_response({"status": "error", "category": "VALIDATION_ERROR",
-                                          "message": "Invalid input JSON"}, status=400)
+                return web.json_response(
+                    {"status": "error", "category": "VALIDATION_ERROR", "message": "Invalid input JSON"},
+                    status=400,
+                )
             self.contacts[item["id"]] = {**self.contacts.get(item["id"], {}), **item["properties"]}
-            results.append({"id": str(abs(hash(item["id"])) % 10**6), "properties": self.contacts[item["id"]], "new": True})
-        return web.json_response({"status": "COMPLETE", "results": results,
-                                  "startedAt": "2026-11-23T00:00:00Z", "completedAt": "2026-11-23T00:00:01Z"})
+            results.append(
+                {
+                    "id": str(abs(hash(item["id"])) % 10**6),
+                    "properties": self.contacts[item["id"]],
+                    "new": True,
+                }
+            )
+        return web.json_response(
+            {
+                "status": "COMPLETE",
+                "results": results,
+                "startedAt": "2026-11-23T00:00:00Z",
+                "completedAt": "2026-11-23T00:00:01Z",
+            }
+        )
 
 
 class FakeMailchimp:
@@ -53,13 +73,25 @@ class FakeMailchimp:
 
         auth = request.headers.get("Authorization", "")
         if base64.b64decode(auth.removeprefix("Basic ")).split(b":", 1)[1].decode() != MAILCHIMP_KEY:
-            return web.json_response({"type": "https://mailchimp.com/developer/marketing/docs/errors/",
-                                      "title": "API Key Invalid", "status": 401}, status=401)
+            return web.json_response(
+                {
+                    "type": "https://mailchimp.com/developer/marketing/docs/errors/",
+                    "title": "API Key Invalid",
+                    "status": 401,
+                },
+                status=401,
+            )
         body = await request.json()
         h = request.match_info["hash"]
         if hashlib.md5(body["email_address"].lower().encode()).hexdigest() != h:
-            return web.json_response({"title": "Invalid Resource", "status": 400,
-                                      "detail": "The subscriber hash does not match the email"}, status=400)
+            return web.json_response(
+                {
+                    "title": "Invalid Resource",
+                    "status": 400,
+                    "detail": "The subscriber hash does not match the email",
+                },
+                status=400,
+            )
         key = (request.match_info["list_id"], h)
         member = {**self.members.get(key, {"status": body.get("status_if_new")}), **body, "id": h}
         self.members[key] = member
@@ -67,8 +99,14 @@ class FakeMailchimp:
 
 
 def preset_project(root, systems: dict, flow: dict) -> None:
-    write_project(root, {"patchbay.yaml": "port: 0\n", "systems.yaml": yaml.safe_dump(systems),
-                         "flows/f.yaml": yaml.safe_dump(flow)})
+    write_project(
+        root,
+        {
+            "patchbay.yaml": "port: 0\n",
+            "systems.yaml": yaml.safe_dump(systems),
+            "flows/f.yaml": yaml.safe_dump(flow),
+        },
+    )
 
 
 def test_every_preset_loads_and_documents_itself():
@@ -86,15 +124,29 @@ async def test_hubspot_upsert_contact(tmp_path, start_hub, monkeypatch):
     app.router.add_post("/crm/v3/objects/contacts/batch/upsert", api.upsert)
     runner, url = await _start(app)
     monkeypatch.setenv("PATCHBAY_SECRET_HUBSPOT_TOKEN", HUBSPOT_TOKEN)
-    preset_project(tmp_path, {
-        "website": {"owner": "web", "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]}},
-        "crm": {"preset": "hubspot", "owner": "sales", "url": url, "allow_private_network": True,
-                "auth": {"scheme": "bearer", "token": {"secret": "hubspot_token"}}},
-    }, {
-        "purpose": "leads into the CRM", "owner": "sales", "trigger": {"webhook": {"system": "website"}},
-        "steps": [{"map": {"properties.email": "lower(email)", "properties.firstname": "first_name"}}],
-        "destinations": [{"name": "crm", "system": "crm", "operation": "upsert_contact"}],
-    })
+    preset_project(
+        tmp_path,
+        {
+            "website": {
+                "owner": "web",
+                "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
+            },
+            "crm": {
+                "preset": "hubspot",
+                "owner": "sales",
+                "url": url,
+                "allow_private_network": True,
+                "auth": {"scheme": "bearer", "token": {"secret": "hubspot_token"}},
+            },
+        },
+        {
+            "purpose": "leads into the CRM",
+            "owner": "sales",
+            "trigger": {"webhook": {"system": "website"}},
+            "steps": [{"map": {"properties.email": "lower(email)", "properties.firstname": "first_name"}}],
+            "destinations": [{"name": "crm", "system": "crm", "operation": "upsert_contact"}],
+        },
+    )
     try:
         hub = await start_hub(tmp_path)
         await hub.post("/hooks/f", {"email": "Ada@Example.com", "first_name": "Ada"})
@@ -104,8 +156,15 @@ async def test_hubspot_upsert_contact(tmp_path, start_hub, monkeypatch):
             return len(api.requests) == 2
 
         await eventually(two, what="two upserts")
-        assert api.requests[0] == {"inputs": [{"id": "ada@example.com", "idProperty": "email",
-                                               "properties": {"email": "ada@example.com", "firstname": "Ada"}}]}
+        assert api.requests[0] == {
+            "inputs": [
+                {
+                    "id": "ada@example.com",
+                    "idProperty": "email",
+                    "properties": {"email": "ada@example.com", "firstname": "Ada"},
+                }
+            ]
+        }
         assert api.contacts == {"ada@example.com": {"email": "ada@example.com", "firstname": "Augusta"}}
     finally:
         await runner.cleanup()
@@ -117,16 +176,36 @@ async def test_mailchimp_upsert_member_with_vars(tmp_path, start_hub, monkeypatc
     app.router.add_put("/3.0/lists/{list_id}/members/{hash}", api.put)
     runner, url = await _start(app)
     monkeypatch.setenv("PATCHBAY_SECRET_MAILCHIMP_KEY", MAILCHIMP_KEY)
-    preset_project(tmp_path, {
-        "website": {"owner": "web", "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]}},
-        "newsletter": {"preset": "mailchimp", "owner": "marketing", "url": url + "/3.0", "allow_private_network": True,
-                       "auth": {"scheme": "basic", "username": "patchbay", "password": {"secret": "mailchimp_key"}}},
-    }, {
-        "purpose": "sign-ups join the audience", "owner": "marketing", "trigger": {"webhook": {"system": "website"}},
-        "steps": [{"map": {"email_address": "email", "merge_fields.FNAME": "first_name"}}],
-        "destinations": [{"name": "audience", "system": "newsletter", "operation": "upsert_member",
-                          "vars": {"list_id": "a1b2c3"}}],
-    })
+    preset_project(
+        tmp_path,
+        {
+            "website": {
+                "owner": "web",
+                "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
+            },
+            "newsletter": {
+                "preset": "mailchimp",
+                "owner": "marketing",
+                "url": url + "/3.0",
+                "allow_private_network": True,
+                "auth": {"scheme": "basic", "username": "patchbay", "password": {"secret": "mailchimp_key"}},
+            },
+        },
+        {
+            "purpose": "sign-ups join the audience",
+            "owner": "marketing",
+            "trigger": {"webhook": {"system": "website"}},
+            "steps": [{"map": {"email_address": "email", "merge_fields.FNAME": "first_name"}}],
+            "destinations": [
+                {
+                    "name": "audience",
+                    "system": "newsletter",
+                    "operation": "upsert_member",
+                    "vars": {"list_id": "a1b2c3"},
+                }
+            ],
+        },
+    )
     try:
         hub = await start_hub(tmp_path)
         await hub.post("/hooks/f", {"email": "Ada@Example.com", "first_name": "Ada"})
@@ -145,32 +224,68 @@ async def test_mailchimp_upsert_member_with_vars(tmp_path, start_hub, monkeypatc
 async def test_operation_needs_its_vars(tmp_path):
     from patchbay.config.project import load_project
 
-    preset_project(tmp_path, {
-        "website": {"owner": "web", "webhook": {"scheme": "bearer", "secrets": [{"env": "X"}]}},
-        "newsletter": {"preset": "mailchimp", "owner": "m", "auth": {"scheme": "basic", "username": "u",
-                                                                     "password": {"env": "Y"}}},
-    }, {"purpose": "p", "owner": "o", "trigger": {"webhook": {"system": "website"}},
-        "destinations": [{"name": "a", "system": "newsletter", "operation": "upsert_membr"}]})
+    preset_project(
+        tmp_path,
+        {
+            "website": {"owner": "web", "webhook": {"scheme": "bearer", "secrets": [{"env": "X"}]}},
+            "newsletter": {
+                "preset": "mailchimp",
+                "owner": "m",
+                "auth": {"scheme": "basic", "username": "u", "password": {"env": "Y"}},
+            },
+        },
+        {
+            "purpose": "p",
+            "owner": "o",
+            "trigger": {"webhook": {"system": "website"}},
+            "destinations": [{"name": "a", "system": "newsletter", "operation": "upsert_membr"}],
+        },
+    )
     _, problems = load_project(tmp_path)
-    assert "unknown operation 'upsert_membr'" in str(problems[0]) and "did you mean 'upsert_member'" in str(problems[0])
+    assert "unknown operation 'upsert_membr'" in str(problems[0]) and "did you mean 'upsert_member'" in str(
+        problems[0]
+    )
 
 
 async def test_stripe_signed_webhooks_are_verified_and_deduped(tmp_path, start_hub, sink, monkeypatch):
     stripe = pytest.importorskip("stripe")  # an independent implementation of Stripe's signature
     monkeypatch.setenv("PATCHBAY_SECRET_STRIPE_WHSEC", STRIPE_SECRET)
     steps = presets.load("stripe")["example_steps"]
-    preset_project(tmp_path, {
-        "payments": {"preset": "stripe", "owner": "finance", "webhook": {"secrets": [{"secret": "stripe_whsec"}]}},
-        "finance": {"kind": "http", "owner": "finance", "url": sink.url, "allow_private_network": True},
-    }, {
-        "purpose": "payments reach finance", "owner": "finance", "trigger": {"webhook": {"system": "payments"}},
-        "record_key": "payment_id", "steps": steps,
-        "destinations": [{"name": "ledger", "system": "finance", "path": "/payments"}],
-    })
+    preset_project(
+        tmp_path,
+        {
+            "payments": {
+                "preset": "stripe",
+                "owner": "finance",
+                "webhook": {"secrets": [{"secret": "stripe_whsec"}]},
+            },
+            "finance": {"kind": "http", "owner": "finance", "url": sink.url, "allow_private_network": True},
+        },
+        {
+            "purpose": "payments reach finance",
+            "owner": "finance",
+            "trigger": {"webhook": {"system": "payments"}},
+            "record_key": "payment_id",
+            "steps": steps,
+            "destinations": [{"name": "ledger", "system": "finance", "path": "/payments"}],
+        },
+    )
     hub = await start_hub(tmp_path)
-    event = {"id": "evt_1Q2w3E", "object": "event", "type": "payment_intent.succeeded",
-             "data": {"object": {"id": "pi_3MtwBw", "object": "payment_intent", "amount": 2000, "currency": "usd",
-                                 "customer": "cus_NffrFeUfNV2Hib", "status": "succeeded"}}}
+    event = {
+        "id": "evt_1Q2w3E",
+        "object": "event",
+        "type": "payment_intent.succeeded",
+        "data": {
+            "object": {
+                "id": "pi_3MtwBw",
+                "object": "payment_intent",
+                "amount": 2000,
+                "currency": "usd",
+                "customer": "cus_NffrFeUfNV2Hib",
+                "status": "succeeded",
+            }
+        },
+    }
     raw = orjson.dumps(event)
 
     def headers(body: bytes) -> dict[str, str]:
@@ -184,9 +299,14 @@ async def test_stripe_signed_webhooks_are_verified_and_deduped(tmp_path, start_h
     assert (s1, s2, s3) == (202, 200, 401)
     assert b2["status"] == "duplicate" and b3["error"] in ("bad_signature", "stale_timestamp")
     await sink.wait_for(1)
-    assert sink.received[0].body == {"payment_id": "pi_3MtwBw", "event_type": "payment_intent.succeeded",
-                                     "amount_cents": 2000, "currency": "USD", "customer_id": "cus_NffrFeUfNV2Hib",
-                                     "status": "succeeded"}
+    assert sink.received[0].body == {
+        "payment_id": "pi_3MtwBw",
+        "event_type": "payment_intent.succeeded",
+        "amount_cents": 2000,
+        "currency": "USD",
+        "customer_id": "cus_NffrFeUfNV2Hib",
+        "status": "succeeded",
+    }
     # Our signature, Stripe's verifier.
     from patchbay.security.webhook_auth import sign_stripe
 

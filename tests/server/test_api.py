@@ -614,26 +614,51 @@ def test_flow_stats_percentiles_and_success_rate(tmp_path):
     for i in range(100):  # 100 delivered runs, latencies 1..100 ms; end to end (i+1)*10 ms
         eid = f"evt_{i}"
         t = now - 60 - i
-        conn.execute("INSERT INTO events(id, flow, body_hash, received_at, updated_at, status, payload)"
-                     " VALUES(?, 'f', '', ?, ?, 'delivered', x'7b7d')", (eid, t, t + (i + 1) / 100))
-        conn.execute("INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-                     " created_at, updated_at) VALUES(?, 'f', 'd', 'delivered', '{}', ?, 0, 0, 0)", (eid, eid))
-        conn.execute("INSERT INTO attempts(delivery_id, n, started_at, latency_ms, outcome)"
-                     " VALUES(last_insert_rowid(), 1, ?, ?, 'success')", (t, float(i + 1)))
+        conn.execute(
+            "INSERT INTO events(id, flow, body_hash, received_at, updated_at, status, payload)"
+            " VALUES(?, 'f', '', ?, ?, 'delivered', x'7b7d')",
+            (eid, t, t + (i + 1) / 100),
+        )
+        conn.execute(
+            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
+            " created_at, updated_at) VALUES(?, 'f', 'd', 'delivered', '{}', ?, 0, 0, 0)",
+            (eid, eid),
+        )
+        conn.execute(
+            "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, outcome)"
+            " VALUES(last_insert_rowid(), 1, ?, ?, 'success')",
+            (t, float(i + 1)),
+        )
     for status, n in (("dead", 20), ("quarantined", 5), ("filtered", 7)):
         for i in range(n):
-            conn.execute("INSERT INTO events(id, flow, body_hash, received_at, updated_at, status, payload)"
-                         " VALUES(?, 'f', '', ?, ?, ?, x'7b7d')", (f"evt_{status}{i}", now - 7200, now, status))
+            conn.execute(
+                "INSERT INTO events(id, flow, body_hash, received_at, updated_at, status, payload)"
+                " VALUES(?, 'f', '', ?, ?, ?, x'7b7d')",
+                (f"evt_{status}{i}", now - 7200, now, status),
+            )
     stats = flow_stats(conn, ["f", "g"], now)
     hour, day = stats["f"]["hour"], stats["f"]["day"]
     assert hour["runs"] == 100 and hour["success_rate"] == 1.0
     assert hour["p95_latency_ms"] == 95.0 and hour["p95_end_to_end_ms"] == 950.0
     assert day["runs"] == 132 and day["success_rate"] == round(100 / 125, 4)
     assert stats["f"]["last_run"]["id"] == "evt_0"
-    assert stats["g"] == {"last_run": None, "hour": {"runs": 0, "by_status": {}, "success_rate": None,
-                                                   "p95_latency_ms": None, "p95_end_to_end_ms": None},
-                          "day": {"runs": 0, "by_status": {}, "success_rate": None, "p95_latency_ms": None,
-                                  "p95_end_to_end_ms": None}}
+    assert stats["g"] == {
+        "last_run": None,
+        "hour": {
+            "runs": 0,
+            "by_status": {},
+            "success_rate": None,
+            "p95_latency_ms": None,
+            "p95_end_to_end_ms": None,
+        },
+        "day": {
+            "runs": 0,
+            "by_status": {},
+            "success_rate": None,
+            "p95_latency_ms": None,
+            "p95_end_to_end_ms": None,
+        },
+    }
     conn.close()
 
 

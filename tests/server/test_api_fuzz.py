@@ -155,7 +155,9 @@ def test_every_operation_is_in_the_fuzz(schema):
     assert len(names) >= 24 and "POST /api/v1/dead-letters/replay" in names
 
 
-def fuzz_operation(op: Any, mode: GenerationMode, served: HubThread, session: Any, seen: dict[str, int]) -> None:
+def fuzz_operation(
+    op: Any, mode: GenerationMode, served: HubThread, session: Any, seen: dict[str, int]
+) -> None:
     """Send generated requests to one operation: as admin, without a token, and with a scope that is not enough."""
     label = f"{op.method.upper()} {op.path}"
     scope = _scope(op)
@@ -163,8 +165,14 @@ def fuzz_operation(op: Any, mode: GenerationMode, served: HubThread, session: An
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
     admin = {"Authorization": f"Bearer {served.tokens['admin']}"}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=op.as_strategy(generation_mode=mode), weak_scope=st.sampled_from(lacking or [None]))
     def fuzz(case: Any, weak_scope: str | None) -> None:
         headers = _without_auth(case.headers)

@@ -17,8 +17,10 @@ from patchbay.server.console import CONSOLE_DIR, CONTENT_TYPES, add_console, loa
 
 FILES = {
     "index.html": "text/html; charset=utf-8",
-    **{f"{m}.js": "text/javascript; charset=utf-8"
-       for m in ("app", "api", "dom", "map", "flows", "runs", "failures")},
+    **{
+        f"{m}.js": "text/javascript; charset=utf-8"
+        for m in ("app", "api", "dom", "map", "flows", "runs", "failures")
+    },
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
@@ -43,13 +45,18 @@ async def hub() -> AsyncIterator[Served]:
     await runner.cleanup()
 
 
-async def raw_get(base: str, target: str,
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+async def raw_get(
+    base: str, target: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """GET `target` exactly as written (no client-side normalisation of `..` or %-escapes)."""
     u = urlsplit(base)
     reader, writer = await asyncio.open_connection(u.hostname, u.port)
-    lines = [f"GET {target} HTTP/1.1", f"Host: {u.netloc}", "Connection: close",
-             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {u.netloc}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     await writer.drain()
     data = await reader.read()
@@ -100,21 +107,24 @@ async def test_root_redirects_to_the_console_and_etags_revalidate(hub):
     assert status == 200
 
 
-@pytest.mark.parametrize("target", [
-    "/console/nope.js",
-    "/console/../console.py",
-    "/console/%2e%2e/console.py",
-    "/console/..%2fconsole.py",
-    "/console/..%2F..%2Fapp.py",
-    "/console/%2e%2e%2f%2e%2e%2fapi.py",
-    "/console/sub/app.js",
-    "/console/app.js/",
-    "/console//etc/passwd",
-    "/console/app.js%00.html",
-    "/console/.gitignore",
-    "/console/APP.JS",
-    "/console/__init__.py",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/console/nope.js",
+        "/console/../console.py",
+        "/console/%2e%2e/console.py",
+        "/console/..%2fconsole.py",
+        "/console/..%2F..%2Fapp.py",
+        "/console/%2e%2e%2f%2e%2e%2fapi.py",
+        "/console/sub/app.js",
+        "/console/app.js/",
+        "/console//etc/passwd",
+        "/console/app.js%00.html",
+        "/console/.gitignore",
+        "/console/APP.JS",
+        "/console/__init__.py",
+    ],
+)
 async def test_nothing_outside_the_console_folder_is_served(hub, target):
     status, headers, body = await raw_get(hub.url, target)
     assert status in (404, 400), (target, status)

@@ -22,8 +22,13 @@ from tests.conftest import IN_CI, eventually, lead_project, write_project
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -63,27 +68,49 @@ async def browser() -> AsyncIterator[Any]:
 
 def showcase_project(root: Path, sink_url: str) -> Path:
     """The seed's lead capture plus the other jobs around it: ten systems, seven flows, one two-way sync."""
-    lead_project(root, sink_url, delivery=FAST, extra_dests=[
-        {"name": "notify", "system": "chat", "text": "New lead {{ properties.email }}"},
-        {"name": "event", "system": "analytics", "path": "/events", "delivery": FAST},
-    ])
+    lead_project(
+        root,
+        sink_url,
+        delivery=FAST,
+        extra_dests=[
+            {"name": "notify", "system": "chat", "text": "New lead {{ properties.email }}"},
+            {"name": "event", "system": "analytics", "path": "/events", "delivery": FAST},
+        ],
+    )
     signed = {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]}
     http = {"kind": "http", "url": sink_url, "allow_private_network": True}
     systems = yaml.safe_load((root / "systems.yaml").read_text())
     systems["website"]["purpose"] = "Marketing site; its contact form posts every lead."
     systems["crm"].update(owner="sales-ops", purpose="The CRM: source of truth for contacts.", webhook=signed)
-    systems.update({
-        "stripe": {"owner": "finance", "purpose": "Payments; owns payment status.", "webhook": signed},
-        "helpdesk": {"owner": "support", "purpose": "Support tickets.", "webhook": signed},
-        "chat": {"kind": "chat", "owner": "sales-ops", "purpose": "The #leads and #support channels.",
-                 "style": "slack", "url": f"{sink_url}/chat", "allow_private_network": True},
-        "analytics": {**http, "owner": "growth", "purpose": "Product analytics events."},
-        "finance-db": {"kind": "sqlite", "owner": "finance", "purpose": "The finance database.",
-                       "path": str(root / "finance.db")},
-        "revenue-report": {**http, "owner": "finance", "purpose": "The revenue dashboard."},
-        "marketing": {**http, "owner": "growth", "purpose": "Newsletter and campaigns.", "webhook": signed},
-        "warehouse": {**http, "owner": "data", "purpose": "The reporting warehouse."},
-    })
+    systems.update(
+        {
+            "stripe": {"owner": "finance", "purpose": "Payments; owns payment status.", "webhook": signed},
+            "helpdesk": {"owner": "support", "purpose": "Support tickets.", "webhook": signed},
+            "chat": {
+                "kind": "chat",
+                "owner": "sales-ops",
+                "purpose": "The #leads and #support channels.",
+                "style": "slack",
+                "url": f"{sink_url}/chat",
+                "allow_private_network": True,
+            },
+            "analytics": {**http, "owner": "growth", "purpose": "Product analytics events."},
+            "finance-db": {
+                "kind": "sqlite",
+                "owner": "finance",
+                "purpose": "The finance database.",
+                "path": str(root / "finance.db"),
+            },
+            "revenue-report": {**http, "owner": "finance", "purpose": "The revenue dashboard."},
+            "marketing": {
+                **http,
+                "owner": "growth",
+                "purpose": "Newsletter and campaigns.",
+                "webhook": signed,
+            },
+            "warehouse": {**http, "owner": "data", "purpose": "The reporting warehouse."},
+        }
+    )
     (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
     with sqlite3.connect(root / "finance.db") as db:
         db.execute("CREATE TABLE IF NOT EXISTS payments(id TEXT PRIMARY KEY, amount INTEGER)")
@@ -92,30 +119,57 @@ def showcase_project(root: Path, sink_url: str) -> Path:
         doc = {"purpose": purpose, "owner": owner, "trigger": trigger, "destinations": list(dests)}
         return yaml.safe_dump(doc, sort_keys=False)
 
-    hook = lambda system: {"webhook": {"system": system}}
-    write_project(root, {
-        "flows/payment-sync.yaml": flow(
-            "Payments reach the finance database and the revenue report.", "finance", hook("stripe"),
-            {"name": "ledger", "system": "finance-db", "table": "payments", "write_mode": "upsert",
-             "key": ["id"]},
-            {"name": "report", "system": "revenue-report", "path": "/revenue"}),
-        "flows/payment-status.yaml": flow(
-            "The CRM shows each customer's payment status.", "sales-ops", hook("stripe"),
-            {"name": "crm", "system": "crm", "path": "/payments"}),
-        "flows/support-alerts.yaml": flow(
-            "New tickets are posted to #support.", "support", hook("helpdesk"),
-            {"name": "chat", "system": "chat", "text": "New ticket {{ subject }}"}),
-        "flows/contacts-to-marketing.yaml": flow(
-            "CRM contacts are kept in the newsletter tool.", "growth", hook("crm"),
-            {"name": "marketing", "system": "marketing", "path": "/contacts"}),
-        "flows/unsubscribes-to-crm.yaml": flow(
-            "Unsubscribes in the newsletter tool reach the CRM.", "growth", hook("marketing"),
-            {"name": "crm", "system": "crm", "path": "/unsubscribes"}),
-        "flows/nightly-orders.yaml": flow(
-            "Orders are copied to the warehouse every night.", "data",
-            {"schedule": {"cron": "0 2 * * *", "catch_up": "skip"}},
-            {"name": "warehouse", "system": "warehouse", "path": "/orders"}),
-    })
+    def hook(system: str) -> dict[str, Any]:
+        return {"webhook": {"system": system}}
+
+    write_project(
+        root,
+        {
+            "flows/payment-sync.yaml": flow(
+                "Payments reach the finance database and the revenue report.",
+                "finance",
+                hook("stripe"),
+                {
+                    "name": "ledger",
+                    "system": "finance-db",
+                    "table": "payments",
+                    "write_mode": "upsert",
+                    "key": ["id"],
+                },
+                {"name": "report", "system": "revenue-report", "path": "/revenue"},
+            ),
+            "flows/payment-status.yaml": flow(
+                "The CRM shows each customer's payment status.",
+                "sales-ops",
+                hook("stripe"),
+                {"name": "crm", "system": "crm", "path": "/payments"},
+            ),
+            "flows/support-alerts.yaml": flow(
+                "New tickets are posted to #support.",
+                "support",
+                hook("helpdesk"),
+                {"name": "chat", "system": "chat", "text": "New ticket {{ subject }}"},
+            ),
+            "flows/contacts-to-marketing.yaml": flow(
+                "CRM contacts are kept in the newsletter tool.",
+                "growth",
+                hook("crm"),
+                {"name": "marketing", "system": "marketing", "path": "/contacts"},
+            ),
+            "flows/unsubscribes-to-crm.yaml": flow(
+                "Unsubscribes in the newsletter tool reach the CRM.",
+                "growth",
+                hook("marketing"),
+                {"name": "crm", "system": "crm", "path": "/unsubscribes"},
+            ),
+            "flows/nightly-orders.yaml": flow(
+                "Orders are copied to the warehouse every night.",
+                "data",
+                {"schedule": {"cron": "0 2 * * *", "catch_up": "skip"}},
+                {"name": "warehouse", "system": "warehouse", "path": "/orders"},
+            ),
+        },
+    )
     return root
 
 
@@ -185,7 +239,9 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
         await row.wait_for()
         from playwright.async_api import expect
 
-        await expect(page.locator("table.runs tbody tr")).to_have_count(1)  # the filtered list, not the old one
+        await expect(page.locator("table.runs tbody tr")).to_have_count(
+            1
+        )  # the filtered list, not the old one
         assert await row.get_attribute("data-status") == "dead"
         await row.get_by_role("link", name=ids[0][:8], exact=False).click()
         outcome = page.locator("section.outcome")
@@ -207,8 +263,10 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
         assert "stop" not in (await crm.get_attribute("class") or "")
         codes = await crm.locator("tr[data-attempt] td:nth-child(3)").all_inner_texts()
         assert codes == ["400", "201"]
-        assert any(r.headers.get("Idempotency-Key") == f"{ids[0]}.crm" and r.path == "/contacts"
-                   for r in sink.received[-3:])
+        assert any(
+            r.headers.get("Idempotency-Key") == f"{ids[0]}.crm" and r.path == "/contacts"
+            for r in sink.received[-3:]
+        )
         assert (await hub.run(ids[0]))["status"] == "delivered"
 
         # Failures: discard one dead letter, replay everything else that matches; the map's arrow is
@@ -264,14 +322,15 @@ async def _no_overlaps(page: Any) -> None:
     rects, svg = boxes["rects"], boxes["svg"]
     for i, a in enumerate(rects):
         assert svg["x"] - 1 <= a["x"] and a["x"] + a["w"] <= svg["x"] + svg["w"] + 1, a
-        for b in rects[i + 1:]:
+        for b in rects[i + 1 :]:
             ox = min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"])
             oy = min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"])
             assert ox <= 0.5 or oy <= 0.5, f"{a['id']} overlaps {b['id']}"
 
 
 async def test_a_read_only_token_can_look_but_not_change_and_hidden_tabs_stop_polling(
-        tmp_path, sink, start_hub, browser):
+    tmp_path, sink, start_hub, browser
+):
     sink.default = 400
     hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
     token, _ = await hub.store.write(tx_create_token, "viewer", ["flows:read", "runs:read"], None, "test")

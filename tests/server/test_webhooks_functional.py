@@ -17,7 +17,9 @@ LEAD = {"email": " Ada@Example.com ", "first_name": "Ada", "utm_source": "ads"}
 @pytest.fixture
 async def hub(tmp_path, sink, start_hub):
     sink.default = 201
-    return await start_hub(lead_project(tmp_path, sink.url, hub={"max_body_bytes": 2048, "max_json_depth": 8}))
+    return await start_hub(
+        lead_project(tmp_path, sink.url, hub={"max_body_bytes": 2048, "max_json_depth": 8})
+    )
 
 
 async def test_accepted_event_is_stored_before_the_response(hub):
@@ -50,22 +52,47 @@ def _signed(body: bytes, **over: str) -> dict[str, str]:
 BAD_CASES = [
     # name, body, headers (sign=False means: send exactly these), expected status, expected error code
     ("unsigned", orjson.dumps(LEAD), {}, False, 401, "missing_signature"),
-    ("forged signature", orjson.dumps(LEAD), {"webhook-signature": "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}, True, 401, "bad_signature"),
+    (
+        "forged signature",
+        orjson.dumps(LEAD),
+        {"webhook-signature": "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="},
+        True,
+        401,
+        "bad_signature",
+    ),
     ("signed with another secret", orjson.dumps(LEAD), None, False, 401, "bad_signature"),
     ("stale timestamp", orjson.dumps(LEAD), "stale", False, 401, "stale_timestamp"),
     ("malformed JSON", b'{"email": "a@b.c",', None, True, 400, "malformed_json"),
     ("empty body", b"", None, True, 400, "empty_body"),
     ("not an object", b'["a@b.c"]', None, True, 422, "not_an_object"),
-    ("too deep", orjson.dumps({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}), None, True, 400, "too_deep"),
+    (
+        "too deep",
+        orjson.dumps({"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}),
+        None,
+        True,
+        400,
+        "too_deep",
+    ),
     ("oversized", orjson.dumps({"email": "a@b.co", "pad": "x" * 4000}), None, True, 413, "body_too_large"),
-    ("wrong content type", b"email=a@b.co", {"Content-Type": "application/x-www-form-urlencoded"}, True, 415, "unsupported_media_type"),
+    (
+        "wrong content type",
+        b"email=a@b.co",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        True,
+        415,
+        "unsupported_media_type",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "headers", "sign", "status", "code"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize(
+    ("name", "body", "headers", "sign", "status", "code"), BAD_CASES, ids=[c[0] for c in BAD_CASES]
+)
 async def test_bad_input_is_rejected_and_leaves_no_trace(hub, name, body, headers, sign, status, code):
     if headers is None and not sign:
-        headers = sign_standard_webhooks("whsec_" + "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldA==", "msg_x", int(time.time()), body)
+        headers = sign_standard_webhooks(
+            "whsec_" + "b3RoZXItc2VjcmV0LW90aGVyLXNlY3JldA==", "msg_x", int(time.time()), body
+        )
         headers["Content-Type"] = "application/json"
     elif headers == "stale":
         headers = sign_standard_webhooks(SECRET_WHSEC, "msg_x", int(time.time()) - 3600, body)
@@ -83,7 +110,9 @@ async def test_bad_input_is_rejected_and_leaves_no_trace(hub, name, body, header
 
 async def test_same_id_with_another_body_is_refused(hub):
     s1, _ = await hub.post("/hooks/lead-capture", LEAD, msg_id="msg_replayed")
-    s2, body = await hub.post("/hooks/lead-capture", {**LEAD, "email": "eve@evil.test"}, msg_id="msg_replayed")
+    s2, body = await hub.post(
+        "/hooks/lead-capture", {**LEAD, "email": "eve@evil.test"}, msg_id="msg_replayed"
+    )
     assert (s1, s2) == (202, 409)
     assert body["error"] == "replayed_id"
     assert await hub.count() == 1
