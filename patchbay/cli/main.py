@@ -514,7 +514,7 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
     from patchbay import registry
 
     registry.discover()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for kind, e in sorted(registry.CONNECTORS.items()):
         roles = sorted(registry._BY_ROLE.get(kind, {}))
         driver = DRIVERS.get(e.extra or "", None)

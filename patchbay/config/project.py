@@ -616,9 +616,10 @@ def _load_flow(
             )
             continue
         if "operation" in raw or "vars" in raw:
-            raw = _apply_operation(src, loc, raw, systems, problems)
-            if raw is None:
+            applied = _apply_operation(src, loc, raw, systems, problems)
+            if applied is None:
                 continue
+            raw = applied
         common = _validate(
             src, {k: v for k, v in raw.items() if k in common_keys}, DestinationCommon, loc, problems
         )

@@ -311,30 +311,30 @@ class Functions(jfn.Functions):  # type: ignore[misc, unused-ignore]
     # Arithmetic (JMESPath has none). Text that holds a number is read as one; null in, null out.
     @_sig(_TEXT, _TEXT)
     def _func_add(self, a: Any, b: Any) -> float | int | None:
-        return None if a is None or b is None else _num(to_float(a) + to_float(b))
+        return None if a is None or b is None else _num(_number(a) + _number(b))
 
     @_sig(_TEXT, _TEXT)
     def _func_subtract(self, a: Any, b: Any) -> float | int | None:
-        return None if a is None or b is None else _num(to_float(a) - to_float(b))
+        return None if a is None or b is None else _num(_number(a) - _number(b))
 
     @_sig(_TEXT, _TEXT)
     def _func_multiply(self, a: Any, b: Any) -> float | int | None:
-        return None if a is None or b is None else _num(to_float(a) * to_float(b))
+        return None if a is None or b is None else _num(_number(a) * _number(b))
 
     @_sig(_TEXT, _TEXT)
     def _func_divide(self, a: Any, b: Any) -> float | int | None:
         if a is None or b is None:
             return None
-        d = to_float(b)
+        d = _number(b)
         if d == 0:
             raise DataError("divide: division by zero")
-        return _num(to_float(a) / d)
+        return _num(_number(a) / d)
 
     @_sig(_TEXT, ["number", "null"])
     def _func_round(self, value: Any, digits: Any = None) -> float | int | None:
         if value is None:
             return None
-        return _num(round(to_float(value), int(digits or 0)))
+        return _num(round(_number(value), int(digits or 0)))
 
     @_sig(["string", "number", "null"], ["string", "null"])
     def _func_parse_date(self, value: Any, fmt: str | None = None) -> str | None:
@@ -403,6 +403,14 @@ class Functions(jfn.Functions):  # type: ignore[misc, unused-ignore]
     def _func_hash_md5(self, s: Any) -> str | None:
         # Not for security: some APIs key records by it (Mailchimp's subscriber hash of the email).
         return None if s is None else hashlib.md5(to_text(s).encode(), usedforsecurity=False).hexdigest()
+
+
+def _number(value: Any) -> float:
+    """An arithmetic operand: a number, or text that holds one (the signature checks let nothing else in)."""
+    n = to_float(value)
+    if n is None:
+        raise DataError(f"{show(value)} is not a number")
+    return n
 
 
 def _num(x: float) -> float | int:

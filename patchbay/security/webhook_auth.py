@@ -8,7 +8,7 @@ import hmac
 import ipaddress
 import secrets as _random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from patchbay.config.models import InboundAuth
@@ -62,7 +62,7 @@ class Verifier:
     """
 
     def __init__(
-        self, auth: InboundAuth, secrets: list[bytes | str], *, now: Callable[[], float] = time.time
+        self, auth: InboundAuth, secrets: Sequence[bytes | str], *, now: Callable[[], float] = time.time
     ) -> None:
         if auth.scheme != "none" and not secrets:
             raise ConfigError(f"verifying webhooks with {auth.scheme}: no secret was given")

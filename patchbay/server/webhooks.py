@@ -102,13 +102,13 @@ class WebhookEndpoint:
             raise self.reject(422, "not_an_object", f"expected a JSON object, got {type(record).__name__}")
         if json_depth(record, self.max_depth) > self.max_depth:
             raise self.reject(400, "too_deep", f"JSON nested deeper than {self.max_depth} levels")
-        dedupe = verified.event_id
+        dedupe: str | None = verified.event_id
         if dedupe is None and self.trigger.id_header:
             dedupe = request.headers.get(self.trigger.id_header)
         if dedupe is None and self.trigger.id_path:
             v = dig(record, self.trigger.id_path)
             dedupe = None if v is None else str(v)
-        meta = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
+        meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
         meta["remote"] = request.remote
         accepted, status = await self.hub.ingest(self.flow.name, body, record, dedupe_key=dedupe, meta=meta)
         if accepted.conflict:

@@ -21,7 +21,8 @@ class RunFilter:
 
 
 def list_runs(conn: sqlite3.Connection, f: RunFilter) -> list[dict[str, Any]]:
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if f.flow:
         where.append("e.flow=?")
         args.append(f.flow)
