@@ -399,8 +399,11 @@ def replay(
 @click.argument("destination", required=False)
 @project_option
 def resume(flow: str, destination: str | None, project_dir: Path) -> None:
-    """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival."""
-    from patchbay.store.sqlite import tx_audit, tx_set_destination_state
+    """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival.
+
+    Without a destination, a paused or stopped source (or schedule) of the flow is tried again too."""
+    from patchbay.store.base import SourceState
+    from patchbay.store.sqlite import q_source_states, tx_audit, tx_set_destination_state, tx_set_source_state
 
     store = _store(project_dir)
     rows = store.read(
@@ -409,9 +412,20 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
         ]
     )
     targets = [r for r in rows if destination in (None, r["destination"])]
-    if not targets:
+    source = store.read(q_source_states).get(flow) if destination is None else None
+    if source is not None and source.state in ("paused", "stopped"):
+        now = time.time()
+        store.write(tx_set_source_state, SourceState(flow, "active", 0, None, now, now))
+        store.write(
+            tx_audit, os.environ.get("USER", "cli"), "resume", f"{flow}/source", {"was": source.state}, "cli"
+        )
         click.echo(
-            f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}"
+            f"resumed the source of {flow} (was {source.state}: {source.error}); the hub tries it again"
+        )
+    elif not targets:
+        click.echo(
+            f"nothing to resume: no paused destination{' ' + destination if destination else ''}"
+            f"{'' if destination else ' or source'} in flow {flow}"
         )
         sys.exit(EXIT_PROBLEMS)
     for r in targets:
@@ -435,7 +449,7 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
 @json_option
 def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     """Show a flow's source cursor and schedule; --reset forgets the cursor."""
-    from patchbay.store.sqlite import q_cursor, q_schedule, tx_audit, tx_reset_cursor
+    from patchbay.store.sqlite import q_cursor, q_schedule, q_source_states, tx_audit, tx_reset_cursor
 
     store = _store(project_dir)
     if reset:
@@ -450,8 +464,12 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     cursor = store.read(q_cursor, flow)
     sched = store.read(q_schedule, flow)
     spec = _schedule_spec(project_dir, flow)
+    source = store.read(q_source_states).get(flow)
     if as_json:
-        _echo_json({"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec)})
+        health = None if source is None else vars(source)
+        _echo_json(
+            {"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec), "source": health}
+        )
         return
     click.echo(f"flow {flow}")
     click.echo(
@@ -470,6 +488,15 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
         late = _late(sched, spec)
         if late:
             click.echo(f"  LATE by {late:.0f}s: is the hub running?")
+    if source is not None and (source.state != "active" or source.failures):
+        click.echo(
+            f"  source: {source.state} since {_ts(source.since)}, {source.failures} failures in a row: {source.error}"
+            + (
+                "; `patchbay resume " + flow + "` tries it again"
+                if source.state in ("paused", "stopped")
+                else ""
+            )
+        )
 
 
 def _schedule_spec(project_dir: Path, flow: str) -> Any:
@@ -482,13 +509,11 @@ def _schedule_spec(project_dir: Path, flow: str) -> Any:
 
 def _late(sched: dict[str, Any] | None, spec: Any) -> float:
     """Seconds a schedule is overdue beyond its tolerance, or 0."""
-    from patchbay.engine.scheduler import late_after
+    from patchbay.engine.scheduler import late_by
 
-    if not sched or not sched.get("next_due_at"):
+    if not sched or spec is None:  # no longer scheduled (the flow changed): nothing is due
         return 0.0
-    over = time.time() - sched["next_due_at"]
-    tolerance = max(60.0, late_after(spec)) if spec is not None else 60.0
-    return over if over > tolerance else 0.0
+    return late_by(spec, sched.get("next_due_at"), time.time())
 
 
 def late_schedules(store: Any, project_dir: Path) -> list[tuple[str, float]]:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from patchbay.config.project import DestinationSpec
-from patchbay.connectors.base import Destination, Outcome, OutcomeClass
-from patchbay.engine.policy import decide
+from patchbay.connectors.base import Destination, Outcome
+from patchbay.engine.policy import decide, outcome_of
 from patchbay.engine.waiting import wait_set
+from patchbay.security.ratelimit import TokenBucket
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -64,7 +65,8 @@ class DestinationWorker:
         self.inflight = 0
         self._results: list[AttemptResult] = []  # attempt results of this loop tick, recorded together
         self._recorded: asyncio.Future[None] | None = None
-        self.bucket = TokenBucket(self.policy.rate_limit_per_s) if self.policy.rate_limit_per_s else None
+        rate = self.policy.rate_limit_per_s
+        self.bucket = TokenBucket(rate, max(1.0, rate)) if rate else None  # bursts up to one second's worth
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -169,7 +171,7 @@ class DestinationWorker:
             self.inflight += 1
             try:
                 if self.bucket is not None:
-                    await self.bucket.take()
+                    await self.bucket.wait()
                 await self._attempt(d)
             except asyncio.CancelledError:
                 raise
@@ -183,8 +185,8 @@ class DestinationWorker:
         started = time.time()
         try:
             outcome = await self.sink.send(d.request, d.idempotency_key)
-        except Exception as exc:  # a connector bug is a transient failure, not a lost event
-            outcome = Outcome(OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # a connector that raises: read like a source's error, never a lost event
+            outcome = outcome_of(exc, "connector error")
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
         if self.on_attempt:
             self.on_attempt(self.flow, self.name, outcome)
@@ -253,25 +255,3 @@ class DestinationWorker:
                 done.set_result(None)
 
         task.add_done_callback(settle)
-
-
-class TokenBucket:
-    """Spreads attempts to at most `rate` per second (bursts up to one second's worth)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self.tokens = self.capacity
-        self.at = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def take(self) -> None:
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-                self.at = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)

@@ -303,18 +303,22 @@ class Api:
                     "when": d.when.text if d.when is not None else None,
                     **b,
                 }
-        return {"now": now, "dests": dests, "late": late, "schedules": schedules}
+        return {"now": now, "dests": dests, "late": late, "schedules": schedules, "sources": self._sources()}
+
+    def _sources(self) -> dict[str, dict[str, Any]]:
+        """Each source's (or schedule's) health, from the hub: ok, retrying, failing or paused."""
+        from patchbay.engine.sources import health_of
+
+        return {name: {**vars(s), "health": health_of(s)} for name, s in self.hub.source_states().items()}
 
     @staticmethod
     def _late_s(spec: FlowSpec, row: dict[str, Any] | None, now: float) -> float:
-        from patchbay.engine.scheduler import late_after
+        from patchbay.engine.scheduler import late_by
 
         sched = spec.trigger.schedule
-        if sched is None or not spec.enabled or not row or not row.get("next_due_at"):
+        if sched is None or not spec.enabled or not row:
             return 0.0
-        over = now - row["next_due_at"]
-        tolerance = max(60.0, late_after(sched))
-        return round(over, 3) if over > tolerance else 0.0
+        return round(late_by(sched, row.get("next_due_at"), now), 3)
 
     @staticmethod
     def _trigger(spec: FlowSpec) -> str:
@@ -356,7 +360,12 @@ class Api:
 
     def _flow_summary(self, spec: FlowSpec, ov: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         dests = [ov["dests"][(spec.name, d.name)] for d in spec.destinations]
-        health = worst([d["health"] for d in dests] + (["late"] if ov["late"][spec.name] else []))
+        source = ov["sources"].get(spec.name)
+        health = worst(
+            [d["health"] for d in dests]
+            + (["late"] if ov["late"][spec.name] else [])
+            + ([source["health"]] if source else [])
+        )
         return {
             "name": spec.name,
             "purpose": spec.purpose,
@@ -366,6 +375,7 @@ class Api:
             "webhook_path": spec.webhook_path,
             "source_system": self._source_system(spec),
             "destinations": dests,
+            "source_health": source,
             "health": health,
             "stats": stats[spec.name],
         }
@@ -459,10 +469,14 @@ class Api:
         project = self.hub.project
         edges = []
         incoming: dict[str, list[str]] = {}
+        outgoing: dict[str, list[str]] = {}
         outgoing_late: dict[str, bool] = {}
         for name, fr in self.hub.flows.items():
             src = self._source_system(fr.spec) or "hub"
             outgoing_late[src] = outgoing_late.get(src, False) or bool(ov["late"][name])
+            source = ov["sources"].get(name)
+            if source is not None and source["health"] != "ok":  # a failing source colours its node
+                outgoing[src] = [*outgoing.get(src, []), source["health"]]
             for d in fr.spec.destinations:
                 dd = ov["dests"][(name, d.name)]
                 edges.append(
@@ -474,13 +488,19 @@ class Api:
                         "target": d.system,
                         "trigger": self._trigger(fr.spec),
                         "state": dd["state"],
-                        "health": dd["health"],
+                        "health": worst([dd["health"]] + ([source["health"]] if source else [])),
+                        "source_state": source["state"] if source else None,
+                        "source_error": source["error"] if source and source["state"] != "active" else None,
                     }
                 )
                 incoming.setdefault(d.system, []).append(dd["health"])
         nodes = []
         for s in project.systems.values():
-            h = worst(incoming.get(s.name, []) + (["late"] if outgoing_late.get(s.name) else []))
+            h = worst(
+                incoming.get(s.name, [])
+                + outgoing.get(s.name, [])
+                + (["late"] if outgoing_late.get(s.name) else [])
+            )
             nodes.append(
                 {
                     "id": s.name,
@@ -497,7 +517,7 @@ class Api:
                     "kind": "hub",
                     "owner": None,
                     "purpose": "schedules and manual runs",
-                    "health": "late" if outgoing_late["hub"] else "ok",
+                    "health": worst(outgoing.get("hub", []) + (["late"] if outgoing_late["hub"] else [])),
                 }
             )
         return {"nodes": nodes, "edges": edges}

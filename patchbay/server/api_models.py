@@ -149,6 +149,17 @@ class DestinationBrief(Out):
     policy: DeliveryPolicy
 
 
+class SourceHealthOut(Out):
+    state: Literal["active", "failing", "paused", "stopped"] = Field(
+        description="failing: transient errors, retried with backoff; paused: an auth error; stopped: a "
+        "terminal error. Paused and stopped wait for `patchbay resume <flow>` (or a restart of the hub)."
+    )
+    failures: int = Field(description="Failed runs (polls, connections) in a row; 0 after a success.")
+    error: str | None = Field(description="The last failure, as the source reported it.")
+    since: Timestamp = Field(description="When the state last changed.")
+    health: Health
+
+
 class FlowSummary(Out):
     name: str
     purpose: str
@@ -158,6 +169,9 @@ class FlowSummary(Out):
     webhook_path: str | None
     source_system: str | None = Field(description="Where records come from (webhook caller, polled source).")
     destinations: list[DestinationBrief]
+    source_health: SourceHealthOut | None = Field(
+        None, description="The health of the flow's source or schedule; null when it has neither."
+    )
     health: Health
     stats: FlowStats
 
@@ -223,6 +237,8 @@ class MapEdge(Out):
     trigger: str
     state: DestState
     health: Health
+    source_state: str | None = Field(None, description="The state of the flow's source or schedule, if any.")
+    source_error: str | None = Field(None, description="Why the source is not active, if it is not.")
 
 
 class MapOut(Out):

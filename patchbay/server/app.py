@@ -50,6 +50,15 @@ def make_app(hub: Hub) -> web.Application:
             return web.json_response(
                 {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, status=503
             )
+        sources = hub.unhealthy_sources()
+        if sources:
+            # Webhooks are still taken (a 503 would stop every flow behind a load balancer), but what is
+            # broken says so, with the reason: a failing source is never silently "ready".
+            problems = {
+                flow: f"source {s.state} after {s.failures} failed runs in a row: {s.error}"
+                for flow, s in sorted(sources.items())
+            }
+            return web.json_response({"status": "degraded", "flows": len(hub.flows), "problems": problems})
         return web.json_response({"status": "ready", "flows": len(hub.flows)})
 
     async def metrics(_: web.Request) -> web.Response:
