@@ -140,6 +140,8 @@ async def test_an_http_poll_answering_500_then_401_alerts_shows_and_pauses_until
     assert (await hub.store.read(q_schedule, "orders"))["next_due_at"] is None  # paused, so never "late"
     _, graph = await get(hub, "/api/v1/map", token)
     assert [e["health"] for e in graph["edges"] if e["flow"] == "orders"] == ["paused"]
+    shown = cli_env.invoke(main, ["state", "orders", "-p", str(root)])
+    assert "source: paused since" in shown.output and "`patchbay resume orders`" in shown.output, shown.output
 
     # Fixed and resumed from the CLI: it polls again, the alert resolves, /readyz is ready.
     orders.status = 200
