@@ -9,7 +9,7 @@ import pytest
 from patchbay.cli.main import _late as cli_late
 from patchbay.config.models import ScheduleTrigger
 from patchbay.engine.scheduler import late_after, late_by
-from patchbay.server.api import Api
+from patchbay.server.api.common import Resource
 from tests.conftest import eventually
 from tests.engine.test_alerts import alert_project, hook_messages, manual_clock
 
@@ -34,7 +34,7 @@ def test_every_reader_gives_the_same_answer(schedule, over, late):
     due = now - over
     assert bool(late_by(spec, due, now)) is late
     flow = type("Flow", (), {"trigger": type("T", (), {"schedule": spec})(), "enabled": True})()
-    assert bool(Api._late_s(flow, {"next_due_at": due}, now)) is late  # type: ignore[arg-type]
+    assert bool(Resource._late_s(flow, {"next_due_at": due}, now)) is late  # type: ignore[arg-type]
     assert bool(cli_late({"next_due_at": due}, spec)) is late
 
 
