@@ -414,6 +414,12 @@ class CursorOut(Out):
     updated_at: Timestamp | None
 
 
+class SourceResumeOut(Out):
+    flow: str
+    resumed: bool = Field(description="False when the source was not paused or stopped.")
+    state: str = Field(description="The source's state until its next run says otherwise.")
+
+
 class CursorResetOut(Out):
     flow: str
     reset: bool = Field(description="False when there was no cursor.")

@@ -117,7 +117,11 @@ async def test_an_http_poll_answering_500_then_401_alerts_shows_and_pauses_until
 
     status, ready = await get(hub, "/readyz")
     assert status == 200 and ready["status"] == "degraded"
-    assert "HTTP 500" in ready["problems"]["orders"]
+    assert ready["problems"] == {
+        "orders": f"source failing: {state_of(hub).failures} failed runs in a row, retried with backoff; "
+        "`patchbay state orders` shows why"
+    }
+    assert "HTTP 500" not in str(ready), "the upstream's answer stays behind the API's tokens"
     _, flows = await get(hub, "/api/v1/flows", token)
     [summary] = [f for f in flows["flows"] if f["name"] == "orders"]
     assert summary["health"] == "failing" and summary["source_health"]["state"] == "failing"
@@ -188,7 +192,24 @@ async def test_a_sql_poll_on_a_dropped_table_stops_and_alerts(tmp_path, sink, st
     await _settle(1.5)  # an every-1s schedule would have run again
     assert (await hub.store.read(q_schedule, "orders"))["runs"] == runs
     status, ready = await get(hub, "/readyz")
-    assert status == 200 and ready["status"] == "degraded" and "stopped" in ready["problems"]["orders"]
+    assert status == 200 and ready["status"] == "degraded"
+    assert ready["problems"]["orders"].startswith("source stopped after an error that retrying will not fix")
+
+    # Fixed, then resumed through the API: it polls again.
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE orders(id INTEGER PRIMARY KEY, updated_at INTEGER)")
+    token, _ = await hub.store.write(tx_create_token, "ops", ("destinations:write",), None, "test")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{hub.url}/api/v1/flows/orders/source/resume", headers={"Authorization": f"Bearer {token}"}
+        ) as r,
+    ):
+        assert r.status == 200 and (await r.json())["resumed"] is True
+    await eventually(lambda: _is(state_of(hub).state, "active"), what="the source active again")
+    assert (await hub.store.read(q_schedule, "orders"))["runs"] > runs
+    status, ready = await get(hub, "/readyz")
+    assert ready["status"] == "ready"
 
 
 async def test_a_stream_source_that_cannot_start_backs_off_then_recovers(tmp_path, sink, start_hub):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from patchbay.server.api.common import Resource
-from patchbay.server.api.http import Call
+from patchbay.server.api.http import ApiError, Call
 from patchbay.store import api_queries as aq
 from patchbay.store.sqlite import tx_audit, tx_reset_cursor
 
@@ -33,6 +33,14 @@ class State(Resource):
             return done
 
         return {"flow": name, "reset": await self.store.write(tx)}
+
+    async def resume_source(self, c: Call) -> Any:
+        fr = self._flow(c.path.flow)
+        name = fr.spec.name
+        if fr.health is None:
+            raise ApiError(409, "no_source", f"flow {name} has no source or schedule to resume")
+        resumed = await self.hub.resume_source(name, c.actor)
+        return {"flow": name, "resumed": resumed, "state": fr.health.state.state}
 
     async def list_schedules(self, c: Call) -> Any:
         ov = await self._overview()
