@@ -257,7 +257,7 @@ class AlertManager:
             self._task = None
 
     def kick(self) -> None:
-        """Evaluate soon (a destination changed state)."""
+        """Evaluate soon (a destination or a source changed state)."""
         self._kick.set()
 
     async def _loop(self) -> None:
@@ -320,7 +320,7 @@ class AlertManager:
                 row = snap.states.get((f.rule.key, f.subject))
                 firing = row is not None and row["state"] == "firing"
                 if f.active and (not firing or (f.detail and row is not None and f.detail != row["detail"])):
-                    # Firing, or firing still but worse in kind (a failing source now paused): tell again.
+                    # Newly firing, or firing for another kind of trouble (a failing source now paused): tell.
                     await self._tell(f, "firing", now)
                     changed.append(f)
                 elif firing and not f.active:
