@@ -124,6 +124,10 @@ class SourceHealth:
         await self.on_change(old, self.state)
 
 
+async def _unrecorded(old: SourceState, new: SourceState) -> None:
+    return None
+
+
 async def poll_once(hub: Hub, fr: FlowRuntime, source: Any) -> int:
     """One scheduled poll: read from the saved cursor, commit each batch with its cursor.
 
@@ -139,10 +143,12 @@ async def poll_once(hub: Hub, fr: FlowRuntime, source: Any) -> int:
     return n
 
 
-async def consume(hub: Hub, fr: FlowRuntime, source: Any, health: SourceHealth) -> None:
+async def consume(hub: Hub, fr: FlowRuntime, source: Any, health: SourceHealth | None = None) -> None:
     """Run a streaming source until cancelled: retry transient failures with backoff; wait for a resume
-    after an auth or terminal one."""
+    after an auth or terminal one. Without `health` (a test's bare runtime), its state is only logged."""
     name = fr.spec.name
+    if health is None:
+        health = SourceHealth(name, _unrecorded)
 
     async def emit(batch: Batch) -> None:
         await hub.ingest_batch(name, batch)
