@@ -52,6 +52,7 @@ MAX_ALIAS_VALUES = 100_000  # values that aliases (*name) and merge keys (<<) ma
 _YAML = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_YAML + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
 _MAP, _SEQ, _MERGE = _YAML + "map", _YAML + "seq", _YAML + "merge"
+_AS_TEXT = frozenset({_MERGE, _YAML + "value"})  # `<<` outside a key and `=`: YAML 1.1 oddities, text to us
 
 
 class _Composing(yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
@@ -167,6 +168,8 @@ class _Builder:
             )
 
     def scalar(self, node: yaml.ScalarNode) -> Any:
+        if node.tag in _AS_TEXT:
+            return node.value
         if node.tag not in _SCALAR_TAGS:
             self.check_tag(node, "")
         return self.loader.construct_object(node, deep=True)

@@ -128,6 +128,7 @@ def test_a_character_yaml_does_not_allow_is_reported_on_its_line():
 def test_plain_tags_are_still_read():
     doc = parse_yaml("a: !!str 12\nb: !!int '7'\nc: !!map {x: !!null ''}\nd: !!seq [!!bool yes]\n", "f.yaml")
     assert doc.data == {"a": "12", "b": 7, "c": {"x": None}, "d": [True]}
+    assert parse_yaml("op: =\nx: [<<]\n", "f.yaml").data == {"op": "=", "x": ["<<"]}
 
 
 def test_a_huge_file_is_refused_before_it_is_parsed(tmp_path: Path):
