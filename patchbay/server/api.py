@@ -13,7 +13,6 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,7 +202,6 @@ class Api:
             return web.Response(body=self._openapi_body, content_type="application/json")
 
         app.router.add_get(PREFIX + "/openapi.json", openapi)
-        app.middlewares.append(_json_http_errors)
 
     # ================================================================== lookups
     def _flow(self, name: str) -> Any:
@@ -537,7 +535,7 @@ class Api:
         return await self.store.read(aq.dead_letters, q.flow, q.destination, q.reason, q.limit)
 
     async def replay(self, c: Call) -> Any:
-        b: m.ReplayRequest = c.body
+        b: m.ReplayRuns | m.ReplayAll = c.body.root
         if b.run_ids is not None:
             ids = find_replayable(None, event_ids=b.run_ids, flow=None, destination=None)
         elif b.reason is None:
@@ -1057,28 +1055,6 @@ async def _read_json(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-
-
-@web.middleware
-async def _json_http_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own 404/405/413 under /api/ answered in the API's JSON error shape."""
-    if not request.path.startswith("/api/"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        code = codes.get(exc.status, "http_error")
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        msg = {
-            404: f"no API endpoint {request.path}; see {PREFIX}/openapi.json",
-            405: f"{request.method} is not allowed on {request.path}",
-        }.get(exc.status, exc.reason)
-        return error_response(exc.status, code, msg, headers)
 
 
 def add_api(app: web.Application, hub: Hub) -> Api:
