@@ -64,7 +64,9 @@ async def test_a_nul_byte_in_a_header_is_a_json_400_logged_in_one_line(sink, tmp
             caplog.clear()
             raw = await _raw(
                 f"http://{host}:{port}",
-                b"POST /hooks/lead-capture HTTP/1.1\r\nHost: x\r\n" + head + b"\r\nContent-Length: 2\r\n\r\n{}",
+                b"POST /hooks/lead-capture HTTP/1.1\r\nHost: x\r\n"
+                + head
+                + b"\r\nContent-Length: 2\r\n\r\n{}",
             )
             status_line, _, rest = raw.partition(b"\r\n")
             headers, _, body = rest.partition(b"\r\n\r\n")
