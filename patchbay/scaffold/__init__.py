@@ -84,12 +84,16 @@ def _seconds(s: float) -> str:
     return f"{s:g}s"
 
 
-def _trigger_words(trigger: Any) -> str:
-    """A non-webhook trigger in a few words: `every 1s: poll shop_db`, `cron 0 2 * * *`, `consume broker`."""
+def describe_trigger(flow: Any, base: str = "") -> str:
+    """A flow's trigger in a few words, as `check` and the serve banner print it: `POST /hooks/leads`,
+    `every 1s: poll shop_db`, `cron 0 2 * * * (Europe/Paris)`, `consume broker`, or `manual`."""
+    if flow.webhook_path is not None:
+        return f"POST {base}{flow.webhook_path}"
+    trigger = flow.trigger
     when = ""
     if trigger.schedule is not None:
         sch = trigger.schedule
-        when = f"cron {sch.cron}" if sch.cron else f"every {_seconds(sch.every)}"
+        when = f"cron {sch.cron} ({sch.timezone})" if sch.cron else f"every {_seconds(sch.every)}"
     if trigger.source is not None:
         what = f"{'poll' if when else 'consume'} {trigger.source.get('system')}"
         return f"{when}: {what}" if when else what
@@ -105,8 +109,7 @@ def banner(project: Any, host: str, port: int) -> str:
     lines = [f"Patchbay is running on {base} (store: {project.store_path})", ""]
     for f in project.flows.values():
         dests = ", ".join(f"{d.name}" for d in f.destinations)
-        trig = f"POST {base}{f.webhook_path}" if f.webhook_path else _trigger_words(f.trigger)
-        lines.append(f"  flow {f.name}: {trig} -> {dests}")
+        lines.append(f"  flow {f.name}: {describe_trigger(f, base)} -> {dests}")
     lines.append("")
     first = next((f for f in project.flows.values() if f.webhook_path), None)
     if first is not None:
@@ -123,12 +126,16 @@ def banner(project: Any, host: str, port: int) -> str:
         except PatchbayError:
             pass
         lines.append("Then look:")
-        lines.append(f"  patchbay runs{p}                 # every run, newest first")
-        lines.append(f"  patchbay runs show RUN_ID{p}     # the trace of one")
+        look = [
+            (f"patchbay runs{p}", "every run, newest first"),
+            (f"patchbay runs show RUN_ID{p}", "its trace"),
+        ]
         if project.settings.demo_inbox:
-            lines.append(
-                f"  cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}   # what the demo CRM received"
+            look.append(
+                (f"cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}", "what the demo CRM received")
             )
-        lines.append(f"  patchbay dead{p}                 # dead letters and quarantined events")
+        look.append((f"patchbay dead{p}", "dead letters and quarantined events"))
+        width = max(len(command) for command, _ in look) + 2
+        lines += [f"  {command.ljust(width)}# {what}" for command, what in look]
     lines.append("Stop with Ctrl-C: in-flight work finishes or stays queued in the store.")
     return "\n".join(lines)

@@ -164,7 +164,8 @@ class Api:
                     return error_response(
                         403,
                         "insufficient_scope",
-                        f"this endpoint needs a token with scope {ep.scope} (or admin); token {token.id} "
+                        f"this endpoint needs a token with scope {ep.scope}"
+                        f"{'' if ep.scope == 'admin' else ' (or admin)'}; token {token.id} "
                         f"({token.name}) has {', '.join(token.scopes)}",
                         {
                             "WWW-Authenticate": f'Bearer realm="patchbay", error="insufficient_scope", '

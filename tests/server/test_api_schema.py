@@ -68,3 +68,17 @@ async def test_bodies_are_refused_exactly_when_the_document_refuses_them(api, op
         assert (status != 422) == allowed, (body, allowed, status, answer)
         if not allowed:
             assert answer["details"][0]["loc"][0] == "body"
+
+
+async def test_the_admin_scope_is_named_once(api):
+    doc = await api.get("/api/v1/openapi.json", token=None)
+    admin_ops = [
+        op for ops in doc["paths"].values() for op in ops.values() if op.get("x-required-scope") == "admin"
+    ]
+    assert admin_ops
+    for op in admin_ops:
+        assert "`admin` (or `admin`)" not in op["description"] and "scope `admin`" in op["description"]
+    status, err = await api.call("GET", "audit", token="reader")
+    assert status == 403 and "(or admin)" not in err["message"] and "scope admin" in err["message"]
+    status, err = await api.call("GET", "secrets", token="reader")
+    assert status == 403 and "scope secrets:read (or admin)" in err["message"]
