@@ -104,7 +104,9 @@ async def json_http_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        # Keep what the raiser set (Allow, security headers); the body and its type are ours.
+        drop = ("content-type", "content-length")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in drop}
         if exc.status == 404:
             msg = f"no endpoint {request.path}"
             if request.path.startswith("/api/"):

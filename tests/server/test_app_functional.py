@@ -21,6 +21,7 @@ async def test_unknown_paths_and_methods_answer_the_json_error_shape(start_hub, 
         ("GET", "/hooks/no-such-flow", 404, "not_found"),
         ("POST", "/hooks/no-such-flow", 404, "not_found"),
         ("GET", "/api/v1/nothing-here", 404, "not_found"),
+        ("GET", "/console/nothing-here.js", 404, "not_found"),
         ("GET", "/hooks/lead-capture", 405, "method_not_allowed"),
         ("DELETE", "/healthz", 405, "method_not_allowed"),
         ("PUT", "/api/v1/runs", 405, "method_not_allowed"),
@@ -34,6 +35,8 @@ async def test_unknown_paths_and_methods_answer_the_json_error_shape(start_hub, 
                 assert body["error"] == code and path in body["message"], (method, path, body)
                 if status == 405:
                     assert "Allow" in r.headers
+                if path.startswith("/console/"):
+                    assert r.headers["X-Frame-Options"] == "DENY"  # the console's own headers are kept
 
 
 async def _raw(url: str, request: bytes) -> bytes:
