@@ -87,3 +87,14 @@ async def test_a_nul_byte_in_a_header_is_a_json_400_logged_in_one_line(sink, tmp
     finally:
         await runner.cleanup()
         await hub.stop()
+
+
+async def test_a_rejected_webhook_is_logged_in_one_line_and_stores_nothing(start_hub, sink, tmp_path, caplog):
+    hub = await start_hub(lead_project(tmp_path, sink.url))
+    caplog.set_level(logging.INFO, logger="patchbay")
+    status, err = await hub.post("/hooks/lead-capture", {"email": "a@example.com"}, sign=False)
+    assert (status, err["error"]) == (401, "missing_signature")
+    [rec] = [r for r in caplog.records if r.name == "patchbay.webhooks"]
+    assert rec.getMessage() == "rejected POST /hooks/lead-capture: 401 missing_signature"
+    assert (rec.flow, rec.code, rec.remote) == ("lead-capture", "missing_signature", "127.0.0.1")
+    assert await hub.count("events") == 0
