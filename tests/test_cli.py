@@ -150,3 +150,11 @@ def test_the_readme_lists_every_token_scope():
     readme = README.read_text()
     for scope, what in SCOPES.items():
         assert f"`{scope}`" in readme and what in readme, scope
+
+
+def test_runs_outside_a_project_says_to_pass_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PATCHBAY_PROJECT", raising=False)
+    res = CliRunner().invoke(main, ["runs"])
+    assert res.exit_code == 3
+    assert "no project in . (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT" in res.output

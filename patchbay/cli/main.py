@@ -94,9 +94,15 @@ def _store(project_dir: Path) -> Any:
         project = Project(project_dir, HubSettings())
     path = project.store_path
     if not path.exists():
-        click.echo(
-            f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
-        )
+        if not (project_dir / "patchbay.yaml").is_file():
+            click.echo(
+                f"no project in {project_dir} (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
+            )
         sys.exit(EXIT_STORE)
     return SyncStore(path)
 
