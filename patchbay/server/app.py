@@ -15,6 +15,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from patchbay.engine.hub import Hub
+from patchbay.engine.waiting import wait_set
 from patchbay.server.api import add_api
 from patchbay.server.console import add_console
 from patchbay.server.inbox import add_inbox
@@ -57,10 +58,7 @@ class Gate:
 
     async def drain(self, timeout: float) -> int:
         """Wait up to `timeout` for the admitted requests; cancel the ones left and return how many."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            pass
+        await wait_set(self._idle, timeout)
         left = [t for t in self.inflight if not t.done()]
         for t in left:
             t.cancel()
