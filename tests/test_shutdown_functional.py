@@ -109,3 +109,35 @@ async def test_sigterm_under_keep_alive_load_stops_in_time_and_answers_everythin
     stored = store.read(lambda c: {r[0] for r in c.execute("SELECT id FROM events")})
     missing = [a.body["event_id"] for a in accepted if a.body["event_id"] not in stored]
     assert not missing, missing[:5]
+
+
+async def test_a_request_stuck_mid_body_cannot_hold_up_the_stop(tmp_path, sink):
+    root = lead_project(tmp_path, sink.url, hub={"shutdown_grace_s": GRACE_S})
+    port = free_port()
+    proc = await start_serve(root, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        # A head that promises 1,000 bytes, and 10 of them: the handler waits for the rest.
+        writer.write(
+            b"POST /hooks/lead-capture HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"email": '
+        )
+        await writer.drain()
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200  # the hub is serving; the stuck request is admitted
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), GRACE_S + 2 + 10)
+        stopped_in = time.monotonic() - signalled
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing stored to answer for
+    finally:
+        writer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = (root / "serve.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert stopped_in <= GRACE_S + 2, f"stopped {stopped_in:.1f}s after SIGTERM\n{log[-3000:]}"
+    assert "cancelled 1 request still unfinished after 3s" in log
+    store = SyncStore(load_or_raise(root).store_path)
+    assert store.read(lambda c: c.execute("SELECT COUNT(*) FROM events").fetchone()[0]) == 0

@@ -245,7 +245,8 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
         )
         cancelled = await gate.drain(grace)
         if cancelled:
-            log.warning("%d request(s) still unfinished after %gs were cancelled", cancelled, grace)
+            what = "1 request" if cancelled == 1 else f"{cancelled} requests"
+            log.warning("cancelled %s still unfinished after %gs", what, grace)
         await hub.stop()
         await runner.cleanup()
         log.info("stopped; pending work stays in the store for the next start")
