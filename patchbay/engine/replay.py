@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from patchbay.engine.pipeline import Pipeline
 from patchbay.store.sqlite import _j, refresh_event_status, tx_audit
 
@@ -66,7 +64,7 @@ def tx_replay(
         if row["status"] != "quarantined" and not dead:
             rep.skipped.append((eid, f"nothing to replay (status {row['status']})"))
             continue
-        processed = pipe.process(orjson.loads(row["payload"]), eid)
+        processed = pipe.process(pipe.load_payload(row["payload"]), eid)
         if processed.status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",

@@ -129,8 +129,8 @@ def _token_span(text: str, start: int, end: int, floor: int) -> tuple[int, int]:
     return start, end
 
 
-def literal_forms(value: str) -> set[str]:
-    """`value` as written plainly, JSON-escaped and percent-encoded."""
+def literal_forms(value: str, min_chars: int = 4) -> set[str]:
+    """`value` as written plainly, JSON-escaped and percent-encoded (forms shorter than `min_chars` left out)."""
     import json
     from urllib.parse import quote, quote_plus
 
@@ -140,7 +140,7 @@ def literal_forms(value: str) -> set[str]:
         forms |= {escaped, escaped.replace("/", "\\/")}
     for encoded in (quote(value, safe=""), quote(value), quote_plus(value, safe="")):
         forms |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)}
-    return {f for f in forms if len(f) >= Redactor.MIN_CHARS}
+    return {f for f in forms if len(f) >= min_chars}
 
 
 def base64_cores(raw: bytes) -> set[str]:
