@@ -374,7 +374,11 @@ def replay(
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
         sys.exit(EXIT_CONFIG)
     project, resolver = _load(project_dir)
-    cipher = field_cipher(project)
+    try:
+        cipher = field_cipher(project)
+    except PatchbayError as exc:
+        click.echo(f"replay: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     pipelines = {
         n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
     }

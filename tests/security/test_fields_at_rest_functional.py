@@ -219,3 +219,28 @@ def test_sealing_is_exact_and_tampering_is_refused(tmp_path):
     other = FieldCipher(b"k" * 32)
     with pytest.raises(FieldError, match=f"sealed with field key {cipher.id}"):
         other.open(sealed)
+
+
+async def test_replay_without_the_field_key_says_why_and_changes_nothing(tmp_path, sink: Sink, hubs):
+    root = _project(tmp_path / "proj", sink.url, hub_default=False)
+    hub = await hubs(root)
+    sink.default = 400
+    status, body = await hub.post("/hooks/lead-capture", {"email": "a@example.com", "card": {"number": CARD}})
+    assert status == 202
+
+    async def dead() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "dead"
+
+    await eventually(dead, what="dead letter")
+    await _stop(hub)
+    vault, _ = open_project_secrets(root)
+    assert vault is not None and vault.delete("patchbay.fields-key")
+    res = CliRunner().invoke(main, ["replay", body["event_id"], "-p", str(root)])
+    assert res.exit_code == 1
+    assert (
+        f"skipped {body['event_id']}: opening an encrypted sensitive field: it was sealed with field key"
+        in (res.output)
+    )
+    conn = sqlite3.connect(root / ".patchbay" / "patchbay.db")
+    assert conn.execute("SELECT status FROM deliveries").fetchall() == [("dead",)]
+    conn.close()
