@@ -62,7 +62,7 @@ class Scrubber:
     def __init__(self, values: Iterable[str]) -> None:
         self.values = frozenset(values)
         needles = [re.escape(v) for v in sorted(self.values, key=len, reverse=True)]
-        self._re = re.compile("|".join([*needles, SEALED_RE.pattern]))
+        self._re = re.compile("|".join([*needles, SEALED_RE.pattern])) if needles else SEALED_RE
 
     def __bool__(self) -> bool:
         return bool(self.values)
