@@ -63,7 +63,8 @@ def field_cipher(project: Project) -> FieldCipher | None:
     from patchbay.security.project import open_project_secrets
 
     vault, _ = open_project_secrets(project.root)
-    return open_field_cipher(vault, needed_by=[f.name for f in project.flows.values() if f.encrypt_sensitive])
+    encrypting = [f.name for f in project.flows.values() if f.encrypt_sensitive and f.sensitive]
+    return open_field_cipher(vault, needed_by=encrypting)
 
 
 def open_resolver_for(root: Path) -> SecretResolver:
@@ -103,13 +104,13 @@ class Hub:
     async def start(self, *, lock: bool = True) -> None:
         if self.resolver is None:
             self.resolver, _ = open_resolver(self.project)
+        cipher = field_cipher(self.project)  # before anything opens: a missing master key stops the start
         self.store = SqliteStore(self.project.store_path)
         if lock:
             self.store.lock()
         await self.resources.http_session()
         self.resources.redact = self.resolver.redactor
         states = await self.store.destination_states()
-        cipher = field_cipher(self.project)
         for name, flow in self.project.flows.items():
             sinks = build_sinks(flow, self.project, self.resolver, self.resources)
             pipeline = Pipeline(flow, sinks, cipher)

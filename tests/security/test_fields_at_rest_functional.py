@@ -24,7 +24,16 @@ from patchbay.security.project import open_project_secrets
 from patchbay.security.tokens import tx_create_token
 from patchbay.security.vault import OLD_KEY_FILE, MasterKey, Vault
 from patchbay.server.app import make_app
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, RunningHub, Sink, _start, eventually, lead_project
+from tests.conftest import (
+    SECRET_TOKEN,
+    SECRET_WHSEC,
+    RunningHub,
+    Sink,
+    _start,
+    eventually,
+    lead_project,
+    resolver,
+)
 
 CARD = "4111111111111111"
 CODE = 918273  # a number: it must come back as a number
@@ -186,9 +195,21 @@ async def test_without_the_setting_nothing_changes(tmp_path, sink: Sink, hubs):
     assert [v.name for v in vault.list()] == ["crm_token", "website_whsec"]  # no field key made
 
 
-def test_a_flow_that_encrypts_needs_a_master_key():
-    with pytest.raises(PatchbayError, match="flow leads sets encrypt_sensitive.*patchbay secrets init"):
-        open_field_cipher(None, needed_by=["leads"])
+async def test_a_flow_that_encrypts_needs_a_master_key(tmp_path):
+    root = lead_project(tmp_path / "proj", "http://127.0.0.1:9", hub={"encrypt_sensitive": True})
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    await hub.start()  # the hub's default alone asks nothing of a flow with no sensitive paths
+    await hub.stop()
+    flow_file = root / "flows" / "lead-capture.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["sensitive"] = ["email"]
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    with pytest.raises(
+        PatchbayError, match="flow lead-capture sets encrypt_sensitive.*patchbay secrets init"
+    ):
+        await hub.start()
+    assert hub.store is None  # refused before the store or any session was opened
     assert open_field_cipher(None, needed_by=[]) is None
 
 
