@@ -51,7 +51,7 @@ class Pipeline:
         out = self._process(record, event_id)
         if scrub:
             out.trace, out.reason = scrub(out.trace), scrub(out.reason)
-        if self.sealing and out.deliveries:
+        if self.sealing:
             assert self.cipher is not None
             values |= sensitive_values(out.record, self.flow.sensitive)  # a step may have reshaped it
             for d in out.deliveries:

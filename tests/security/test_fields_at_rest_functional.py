@@ -265,3 +265,28 @@ async def test_replay_without_the_field_key_says_why_and_changes_nothing(tmp_pat
     conn = sqlite3.connect(root / ".patchbay" / "patchbay.db")
     assert conn.execute("SELECT status FROM deliveries").fetchall() == [("dead",)]
     conn.close()
+
+
+async def test_a_quarantined_event_and_a_sensitive_record_key_are_not_stored_in_clear(
+    tmp_path, sink: Sink, hubs
+):
+    bad = "4000-0000-0000-0002"
+    root = _project(tmp_path / "proj", sink.url, hub_default=False)
+    flow_file = root / "flows" / "lead-capture.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["record_key"] = "card.number"
+    flow["steps"].append({"validate": {"card.number": {"pattern": "^[0-9]{16}$"}}})
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+    hub = await hubs(root)
+    status, body = await hub.post("/hooks/lead-capture", {"email": "e@example.com", "card": {"number": bad}})
+    assert (status, body["status"]) == (202, "quarantined")
+    status, body = await hub.post("/hooks/lead-capture", {"email": "a@example.com", "card": {"number": CARD}})
+    assert status == 202
+    await sink.wait_for(1)
+    assert sink.received[0].body["card"]["number"] == CARD
+    await _stop(hub)
+    data = _store_bytes(root)
+    assert bad.encode() not in data and CARD.encode() not in data
+    conn = sqlite3.connect(root / ".patchbay" / "patchbay.db")
+    assert conn.execute("SELECT record_key FROM events").fetchall() == [(None,), (None,)]
+    conn.close()
