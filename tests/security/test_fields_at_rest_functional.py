@@ -254,8 +254,12 @@ async def test_replay_without_the_field_key_says_why_and_changes_nothing(tmp_pat
 
     await eventually(dead, what="dead letter")
     await _stop(hub)
-    vault, _ = open_project_secrets(root)
-    assert vault is not None and vault.delete("patchbay.fields-key")
+    refused = CliRunner().invoke(main, ["secrets", "delete", "patchbay.fields-key", "-p", str(root)])
+    assert refused.exit_code == 1 and "every encrypted value in the store is lost" in refused.output
+    forced = CliRunner().invoke(
+        main, ["secrets", "delete", "patchbay.fields-key", "--force", "-p", str(root)]
+    )
+    assert forced.exit_code == 0, forced.output
     res = CliRunner().invoke(main, ["replay", body["event_id"], "-p", str(root)])
     assert res.exit_code == 1
     assert (
