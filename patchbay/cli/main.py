@@ -406,7 +406,7 @@ def replay(
     as_json: bool,
 ) -> None:
     """Run dead or quarantined events again through the flow as configured now."""
-    from patchbay.engine.hub import build_sinks
+    from patchbay.engine.hub import build_sinks, field_cipher
     from patchbay.engine.pipeline import Pipeline
     from patchbay.engine.replay import find_replayable, tx_replay
 
@@ -414,7 +414,14 @@ def replay(
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
         sys.exit(EXIT_CONFIG)
     project, resolver = _load(project_dir)
-    pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
+    try:
+        cipher = field_cipher(project)
+    except PatchbayError as exc:
+        click.echo(f"replay: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    pipelines = {
+        n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
+    }
     store = _store(project_dir)
     ids = store.read(
         lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination)
