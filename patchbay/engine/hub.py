@@ -23,6 +23,7 @@ from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
+from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import Accepted, NewEvent, SourceState
 from patchbay.store.sqlite import SqliteStore, tx_audit
@@ -59,6 +60,15 @@ def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
     return open_resolver_for(project.root), None
 
 
+def field_cipher(project: Project) -> FieldCipher | None:
+    """The cipher of the project's encrypted sensitive fields (None when it has never had one)."""
+    from patchbay.security.project import open_project_secrets
+
+    vault, _ = open_project_secrets(project.root)
+    encrypting = [f.name for f in project.flows.values() if f.encrypt_sensitive and f.sensitive]
+    return open_field_cipher(vault, needed_by=encrypting)
+
+
 def open_resolver_for(root: Path) -> SecretResolver:
     from patchbay.security.project import open_project_secrets
 
@@ -86,6 +96,7 @@ class Hub:
         self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
+        self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.started_at = time.time()
 
     @classmethod
@@ -97,6 +108,9 @@ class Hub:
     async def start(self, *, lock: bool = True) -> None:
         if self.resolver is None:
             self.resolver, _ = open_resolver(self.project)
+        self._cipher = field_cipher(
+            self.project
+        )  # before anything opens: a missing master key stops the start
         self.store = SqliteStore(self.project.store_path)
         if lock:
             self.store.lock()
@@ -130,6 +144,7 @@ class Hub:
         self._resolve_secrets(spec)
         states = await self.store.destination_states()
         sinks = build_sinks(spec, self.project, self.resolver, self.resources)
+        pipeline = Pipeline(spec, sinks, self._cipher)
         workers = {}
         for dest in spec.destinations:
             state, reason, _ = states.get((spec.name, dest.name), ("active", None, 0.0))
@@ -141,6 +156,7 @@ class Hub:
                 state=state,
                 on_state=self._destination_state_changed,
                 on_attempt=self._count_attempt,
+                open_request=pipeline.open_request,
             )
             if state != "active":
                 alerts.warning(
@@ -152,7 +168,7 @@ class Hub:
                     spec.name,
                     dest.name,
                 )
-        fr = self.flows[spec.name] = FlowRuntime(spec, Pipeline(spec, sinks), workers)
+        fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
             w.start()
@@ -275,12 +291,13 @@ class Hub:
         meta: dict[str, Any] | None,
     ) -> NewEvent:
         event_id = new_id()
+        stored = fr.pipeline.seal_payload(payload, record)  # before a step can change the record
         processed = fr.pipeline.process(record, event_id)
         return NewEvent(
             id=event_id,
             flow=fr.spec.name,
             received_at=time.time(),
-            payload=payload,
+            payload=stored,
             body_hash=hashlib.sha256(payload).hexdigest(),
             dedupe_key=dedupe_key,
             status=processed.status,

@@ -56,6 +56,6 @@ async def test_an_alert_message_and_its_state_commit_together_or_not_at_all(stor
 async def test_a_snapshot_past_its_timeout_raises_and_the_next_one_reads(store):
     await store.set_source_state(SourceState("orders", "stopped", 1, "no such table", 1.0, 1.0))
     with pytest.raises(TimeoutError):
-        await store.snapshot(time.time(), None, 0.0, [], set(), None, timeout=1e-9)
+        await store.snapshot(time.time(), None, 0.0, [], set(), None, timeout=0)
     snap = await store.snapshot(time.time(), None, 0.0, [], set(), None, timeout=5)
     assert snap.sources["orders"].state == "stopped"
