@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem, _check_url
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
@@ -66,7 +66,7 @@ class ChatSystem(Spec):
         return self
 
 
-class ChatDestination(Spec):
+class ChatSinkConfig(Spec):
     text: str = Field(
         description="The message; may hold {{ expressions }}, e.g. `New lead {{ properties.email }}`. "
         "Slack and Mattermost read it as markdown.",
@@ -80,12 +80,12 @@ class ChatDestination(Spec):
     )
 
 
-@connector("chat", roles=("destination",), config=ChatDestination, system_config=ChatSystem)
+@connector("chat", roles=("destination",), config=ChatSinkConfig, system_config=ChatSystem)
 class ChatSink:
     """Post each record as one chat message."""
 
     def __init__(
-        self, system: ChatSystem, config: ChatDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: ChatSystem, config: ChatSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.system = system
         self.config = config
@@ -140,7 +140,7 @@ class ChatSink:
                 )
             except ValidationError:
                 raise ValueError("the webhook URL is not valid") from None
-            self._http = HttpSink(system, HttpDestination(method="POST"), self.policy, self.resources)
+            self._http = HttpSink(system, HttpSinkConfig(method="POST"), self.policy, self.resources)
         return self._http
 
     async def close(self) -> None:

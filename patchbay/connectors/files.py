@@ -102,7 +102,7 @@ _UNSAFE_IN_NAME = re.compile(r"[/\\\0]")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-class FilesDestination(Spec):
+class FilesSinkConfig(Spec):
     file: str = Field(
         description="File name inside the folder; may hold {{ expressions }}, e.g. "
         "`leads-{{ properties.lead_source }}.jsonl`. `/` in a value becomes `_`.",
@@ -147,7 +147,7 @@ class FilesDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _coherent(self) -> FilesDestination:
+    def _coherent(self) -> FilesSinkConfig:
         if self.format == "csv" and not self.columns:
             raise ValueError(
                 "format csv needs `columns`, e.g. columns: [properties.email, properties.firstname]"
@@ -157,12 +157,12 @@ class FilesDestination(Spec):
         return self
 
 
-@connector("files", roles=("destination",), config=FilesDestination, system_config=FilesSystem)
+@connector("files", roles=("destination",), config=FilesSinkConfig, system_config=FilesSystem)
 class FilesSink:
     """Append each record as a line to a file."""
 
     def __init__(
-        self, system: FilesSystem, config: FilesDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: FilesSystem, config: FilesSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.system = system
         self.config = config

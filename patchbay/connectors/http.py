@@ -68,7 +68,7 @@ class HttpSystem(Spec):
     _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
 
 
-class HttpDestination(Spec):
+class HttpSinkConfig(Spec):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field("POST", description="HTTP method.")
     path: str = Field(
         "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
@@ -83,14 +83,14 @@ class HttpDestination(Spec):
     )
 
 
-@connector("http", roles=("destination",), config=HttpDestination, system_config=HttpSystem)
+@connector("http", roles=("destination",), config=HttpSinkConfig, system_config=HttpSystem)
 class HttpSink:
     """Deliver each record as one HTTP request."""
 
     def __init__(
         self,
         system: HttpSystem,
-        config: HttpDestination,
+        config: HttpSinkConfig,
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:

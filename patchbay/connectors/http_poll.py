@@ -79,9 +79,9 @@ class HttpPollSource:
         self.resources = resources
         # The sink knows the system's auth, TLS and headers; reuse its header building.
         from patchbay.config.models import DeliveryPolicy
-        from patchbay.connectors.http import HttpDestination
+        from patchbay.connectors.http import HttpSinkConfig
 
-        self._auth = HttpSink(system, HttpDestination(), DeliveryPolicy(), resources)
+        self._auth = HttpSink(system, HttpSinkConfig(), DeliveryPolicy(), resources)
 
     async def poll(self, cursor: Any) -> AsyncIterator[Batch]:
         cfg = self.config

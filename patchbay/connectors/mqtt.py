@@ -106,7 +106,7 @@ def _topic_problem(value: str) -> str | None:
     return None
 
 
-class MqttDestination(Spec):
+class MqttSinkConfig(Spec):
     topic: str = Field(
         description="Topic to publish to; may hold {{ expressions }}, e.g. `factory/{{ site }}/orders`.",
         examples=["orders/created", "devices/{{ device_id }}/commands"],
@@ -333,12 +333,12 @@ async def _cleanup(connecting: asyncio.Future[None], conn: _Conn) -> None:
     await asyncio.to_thread(conn.shutdown)
 
 
-@connector("mqtt", roles=("destination",), config=MqttDestination, system_config=MqttSystem, extra="mqtt")
+@connector("mqtt", roles=("destination",), config=MqttSinkConfig, system_config=MqttSystem, extra="mqtt")
 class MqttSink:
     """Publish each record to an MQTT topic."""
 
     def __init__(
-        self, system: MqttSystem, config: MqttDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: MqttSystem, config: MqttSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.paho = import_driver("paho.mqtt.client", package="paho-mqtt", extra="mqtt", kind="mqtt")
         self.system = system

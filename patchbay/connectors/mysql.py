@@ -13,16 +13,12 @@ from pydantic import Field
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
 from patchbay.connectors.base import Resources
-from patchbay.connectors.sql_client import (
-    DbRefused,
-    SqlDestination,
-    SqlServerSystem,
-    SqlSink,
-    SqlSource,
-    SqlSourceConfig,
-    Statement,
-    build_statement,
-)
+from patchbay.connectors.sql_client.config import SqlServerSystem, SqlSinkConfig
+from patchbay.connectors.sql_client.errors import DbRefused
+from patchbay.connectors.sql_client.sink import SqlSink
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sql_client.statements import Statement, build_statement
 from patchbay.errors import ConfigError
 from patchbay.registry import connector
 from patchbay.security.ssrf import connect_first, tls_client_context
@@ -144,7 +140,7 @@ class _MysqlConnections:
         return not conn.closed
 
 
-@connector("mysql", roles=("destination",), config=SqlDestination, system_config=MysqlSystem, extra="mysql")
+@connector("mysql", roles=("destination",), config=SqlSinkConfig, system_config=MysqlSystem, extra="mysql")
 class MysqlSink(_MysqlConnections, SqlSink[Any]):
     """One statement per record over a small connection pool (aiomysql, autocommit); also MariaDB.
 
@@ -154,7 +150,7 @@ class MysqlSink(_MysqlConnections, SqlSink[Any]):
     dialect = "mysql"
 
     def __init__(
-        self, system: MysqlSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: MysqlSystem, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.system = system
         self._my, self._cursor = load_driver()

@@ -130,7 +130,7 @@ def _subject_problem(value: str) -> str | None:
     return problem
 
 
-class NatsDestination(Spec):
+class NatsSinkConfig(Spec):
     subject: str = Field(
         description="Subject to publish to; may hold {{ expressions }}, e.g. `orders.{{ region }}.created`.",
         examples=["orders.created", "leads.{{ lower(properties.country) }}"],
@@ -168,7 +168,7 @@ class NatsDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _stream_needs_jetstream(self) -> NatsDestination:
+    def _stream_needs_jetstream(self) -> NatsSinkConfig:
         if self.stream is not None and not self.jetstream:
             raise ValueError("`stream` needs jetstream: true")
         return self
@@ -336,12 +336,12 @@ async def _connect_one(
     return conn
 
 
-@connector("nats", roles=("destination",), config=NatsDestination, system_config=NatsSystem, extra="nats")
+@connector("nats", roles=("destination",), config=NatsSinkConfig, system_config=NatsSystem, extra="nats")
 class NatsSink:
     """Publish each record to a NATS subject, through JetStream by default."""
 
     def __init__(
-        self, system: NatsSystem, config: NatsDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: NatsSystem, config: NatsSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.nats_client = import_driver("nats.aio.client", package="nats-py", extra="nats", kind="nats")
         self.nats_errors = import_driver("nats.errors", package="nats-py", extra="nats", kind="nats")

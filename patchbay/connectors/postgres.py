@@ -8,14 +8,11 @@ from pydantic import Field
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
 from patchbay.connectors.base import Resources
-from patchbay.connectors.sql_client import (
-    SqlDestination,
-    SqlServerSystem,
-    SqlSink,
-    SqlSource,
-    SqlSourceConfig,
-    Statement,
-)
+from patchbay.connectors.sql_client.config import SqlServerSystem, SqlSinkConfig
+from patchbay.connectors.sql_client.sink import SqlSink
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sql_client.statements import Statement
 from patchbay.errors import ConfigError
 from patchbay.registry import connector
 
@@ -81,7 +78,7 @@ class _PostgresConnections:
 
 
 @connector(
-    "postgres", roles=("destination",), config=SqlDestination, system_config=PostgresSystem, extra="postgres"
+    "postgres", roles=("destination",), config=SqlSinkConfig, system_config=PostgresSystem, extra="postgres"
 )
 class PostgresSink(_PostgresConnections, SqlSink[Any]):
     """One statement per record over a small connection pool (psycopg 3, autocommit)."""
@@ -89,7 +86,7 @@ class PostgresSink(_PostgresConnections, SqlSink[Any]):
     dialect = "postgres"
 
     def __init__(
-        self, system: PostgresSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: PostgresSystem, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.system = system
         self._pg = load_driver()

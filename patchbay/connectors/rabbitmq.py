@@ -89,7 +89,7 @@ class RabbitMQSystem(Spec):
     )
 
 
-class RabbitMQDestination(Spec):
+class RabbitMQSinkConfig(Spec):
     exchange: str = Field(
         "",
         max_length=255,
@@ -207,7 +207,7 @@ class _Amqp:
 
 
 @connector(
-    "rabbitmq", roles=("destination",), config=RabbitMQDestination, system_config=RabbitMQSystem, extra="amqp"
+    "rabbitmq", roles=("destination",), config=RabbitMQSinkConfig, system_config=RabbitMQSystem, extra="amqp"
 )
 class RabbitMQSink:
     """Publish each record to a RabbitMQ exchange with publisher confirms."""
@@ -215,7 +215,7 @@ class RabbitMQSink:
     def __init__(
         self,
         system: RabbitMQSystem,
-        config: RabbitMQDestination,
+        config: RabbitMQSinkConfig,
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:

@@ -88,7 +88,7 @@ class RedisSystem(Spec):
         return v
 
 
-class RedisDestination(Spec):
+class RedisSinkConfig(Spec):
     mode: Literal["stream", "publish"] = Field(
         "stream",
         description="stream: XADD to a stream (durable); publish: PUBLISH on a channel (at most once).",
@@ -128,7 +128,7 @@ class RedisDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _coherent(self) -> RedisDestination:
+    def _coherent(self) -> RedisSinkConfig:
         if self.mode == "stream":
             if self.stream is None:
                 raise ValueError("mode stream needs `stream: KEY`")
@@ -219,12 +219,12 @@ def _guarded(base: type[Any], resources: Resources) -> type[Any]:
     return GuardedConnection
 
 
-@connector("redis", roles=("destination",), config=RedisDestination, system_config=RedisSystem, extra="redis")
+@connector("redis", roles=("destination",), config=RedisSinkConfig, system_config=RedisSystem, extra="redis")
 class RedisSink:
     """Append each record to a Redis stream, or publish it on a channel."""
 
     def __init__(
-        self, system: RedisSystem, config: RedisDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: RedisSystem, config: RedisSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.redis = import_driver("redis.asyncio", package="redis", extra="redis", kind="redis")
         self.system = system

@@ -122,7 +122,7 @@ class SmtpSystem(Spec):
         return self.port or (465 if self.tls else 587 if self.use_starttls else 25)
 
 
-class SmtpDestination(Spec):
+class SmtpSinkConfig(Spec):
     to: list[str] = Field(
         min_length=1,
         description="Recipients; each entry may hold {{ expressions }} and may render to several "
@@ -142,12 +142,12 @@ class SmtpDestination(Spec):
     )
 
 
-@connector("smtp", roles=("destination",), config=SmtpDestination, system_config=SmtpSystem, extra="email")
+@connector("smtp", roles=("destination",), config=SmtpSinkConfig, system_config=SmtpSystem, extra="email")
 class SmtpSink:
     """Send each record as an email."""
 
     def __init__(
-        self, system: SmtpSystem, config: SmtpDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: SmtpSystem, config: SmtpSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.system = system
         self.config = config

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem, _check_url
 from patchbay.errors import ConfigError, PatchbayError
 from patchbay.processors.expressions import iso, render_template
 from patchbay.registry import connector
@@ -44,7 +44,7 @@ class WebhookOutSystem(Spec):
     _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
 
 
-class WebhookOutDestination(Spec):
+class WebhookOutSinkConfig(Spec):
     path: str = Field(
         "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
     )
@@ -68,7 +68,7 @@ class WebhookOutDestination(Spec):
     )
 
     @model_validator(mode="after")
-    def _coherent(self) -> WebhookOutDestination:
+    def _coherent(self) -> WebhookOutSinkConfig:
         if self.envelope and not self.event_type:
             raise ValueError("envelope: true needs `event_type`, e.g. event_type: lead.created")
         if self.event_type and not self.envelope:
@@ -76,16 +76,14 @@ class WebhookOutDestination(Spec):
         return self
 
 
-@connector(
-    "webhook_out", roles=("destination",), config=WebhookOutDestination, system_config=WebhookOutSystem
-)
+@connector("webhook_out", roles=("destination",), config=WebhookOutSinkConfig, system_config=WebhookOutSystem)
 class WebhookOutSink:
     """Deliver each record as a signed Standard Webhooks POST."""
 
     def __init__(
         self,
         system: WebhookOutSystem,
-        config: WebhookOutDestination,
+        config: WebhookOutSinkConfig,
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:
@@ -100,7 +98,7 @@ class WebhookOutSink:
                 verify_tls=system.verify_tls,
                 ca_bundle=system.ca_bundle,
             ),
-            HttpDestination(method="POST", path=config.path, headers=config.headers, body=config.body),
+            HttpSinkConfig(method="POST", path=config.path, headers=config.headers, body=config.body),
             policy,
             resources,
         )

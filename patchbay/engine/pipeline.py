@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patchbay.config.project import FlowSpec
-from patchbay.connectors.base import Destination
+from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.processors.base import Dropped
 from patchbay.records import dig
@@ -27,7 +27,7 @@ class Processed:
 class Pipeline:
     """A flow, compiled: steps then routing, as one pure function of the record."""
 
-    def __init__(self, flow: FlowSpec, sinks: dict[str, Destination]) -> None:
+    def __init__(self, flow: FlowSpec, sinks: dict[str, Sink]) -> None:
         self.flow = flow
         self.sinks = sinks
 

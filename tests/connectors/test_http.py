@@ -10,7 +10,7 @@ from aiohttp import web
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.errors import SecretMissing
 from tests.conftest import _start
 
@@ -21,7 +21,7 @@ def sink(url: str, auth=None, resources: Resources | None = None, **dest) -> Htt
     system = HttpSystem.model_validate({"url": url, **({"auth": auth} if auth else {})})
     res = resources or Resources(secret=lambda ref: TOKEN, allow_private=True)
     return HttpSink(
-        system, HttpDestination.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res
+        system, HttpSinkConfig.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res
     )
 
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.mqtt import MqttDestination, MqttSink, MqttSystem
+from patchbay.connectors.mqtt import MqttSink, MqttSinkConfig, MqttSystem
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import eventually, require_service
 from tests.connectors import TcpProxy, broker_project, closed_port
@@ -90,7 +90,7 @@ def sink(
     secrets = secrets or {}
     return MqttSink(
         MqttSystem.model_validate({"host": HOST, "port": PORT, **(system or {})}),
-        MqttDestination.model_validate(dest),
+        MqttSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback broker
     )
@@ -326,9 +326,9 @@ async def test_wrong_password_is_auth(private_broker, protocol):
 # ------------------------------------------------------------------ config and render
 def test_config_refuses_wildcard_topics():
     with pytest.raises(ValidationError, match="wildcard"):
-        MqttDestination.model_validate({"topic": "orders/#"})
+        MqttSinkConfig.model_validate({"topic": "orders/#"})
     with pytest.raises(ValidationError, match="Input should be 0, 1 or 2"):
-        MqttDestination.model_validate({"topic": "orders", "qos": 3})
+        MqttSinkConfig.model_validate({"topic": "orders", "qos": 3})
 
 
 def test_render_refuses_a_topic_that_is_not_concrete():

@@ -13,7 +13,7 @@ import pytest
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.sql_client import SqlDestination
+from patchbay.connectors.sql_client.config import SqlSinkConfig
 from tests.conftest import IN_CI, require_service
 from tests.connectors.test_sql_client import (
     CONTACT_EVENTS,
@@ -77,7 +77,7 @@ async def make(table) -> AsyncIterator[Make]:
         timeout_s: float = 5.0,
         **cfg: Any,
     ) -> MysqlSink:
-        config = SqlDestination.model_validate(
+        config = SqlSinkConfig.model_validate(
             {"table": table, "write_mode": operation, "key": list(key), **cfg}
         )
         system = MysqlSystem.model_validate({**SERVER, **(server or {})})

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.nats import NatsDestination, NatsSink, NatsSystem
+from patchbay.connectors.nats import NatsSink, NatsSinkConfig, NatsSystem
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import eventually, require_service
 from tests.connectors import TcpProxy, broker_project, closed_port
@@ -61,7 +61,7 @@ def sink(
     secrets = secrets or {}
     return NatsSink(
         NatsSystem.model_validate({"servers": [URL], **(system or {})}),
-        NatsDestination.model_validate(dest),
+        NatsSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
@@ -308,11 +308,11 @@ async def test_jetstream_publish_permission_violation_is_auth(private_server):
 # ------------------------------------------------------------------ config and render
 def test_config_refuses_wildcards_and_inline_credentials():
     with pytest.raises(ValidationError, match="wildcard"):
-        NatsDestination.model_validate({"subject": "orders.>"})
+        NatsSinkConfig.model_validate({"subject": "orders.>"})
     with pytest.raises(ValidationError, match="holds credentials"):
         NatsSystem.model_validate({"servers": ["nats://u:p@host:4222"]})
     with pytest.raises(ValidationError, match="needs jetstream: true"):
-        NatsDestination.model_validate({"subject": "a", "jetstream": False, "stream": "S"})
+        NatsSinkConfig.model_validate({"subject": "a", "jetstream": False, "stream": "S"})
 
 
 def test_render_refuses_a_subject_that_is_not_concrete():

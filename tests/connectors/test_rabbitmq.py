@@ -15,7 +15,7 @@ import pytest
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSink, RabbitMQSystem
+from patchbay.connectors.rabbitmq import RabbitMQSink, RabbitMQSinkConfig, RabbitMQSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
 from tests.connectors import TcpProxy, broker_project, closed_port
@@ -69,7 +69,7 @@ def sink(
     secrets = secrets or {}
     return RabbitMQSink(
         RabbitMQSystem.model_validate({"host": HOST, "port": PORT, **(system or {})}),
-        RabbitMQDestination.model_validate(dest),
+        RabbitMQSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback broker
     )

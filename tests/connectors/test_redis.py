@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.redis import RedisDestination, RedisSink, RedisSystem
+from patchbay.connectors.redis import RedisSink, RedisSinkConfig, RedisSystem
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import eventually, require_service
 from tests.connectors import TcpProxy, broker_project, closed_port
@@ -54,7 +54,7 @@ def sink(
     secrets = secrets or {}
     return RedisSink(
         RedisSystem.model_validate({"url": URL, **(system or {})}),
-        RedisDestination.model_validate(dest),
+        RedisSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
@@ -254,17 +254,17 @@ async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_c
 # ------------------------------------------------------------------ config
 def test_config_is_checked():
     with pytest.raises(ValidationError, match="needs `stream: KEY`"):
-        RedisDestination.model_validate({})
+        RedisSinkConfig.model_validate({})
     with pytest.raises(ValidationError, match="needs `channel: NAME`"):
-        RedisDestination.model_validate({"mode": "publish"})
+        RedisSinkConfig.model_validate({"mode": "publish"})
     with pytest.raises(ValidationError, match="for mode stream"):
-        RedisDestination.model_validate({"mode": "publish", "channel": "c", "maxlen": 5})
+        RedisSinkConfig.model_validate({"mode": "publish", "channel": "c", "maxlen": 5})
     with pytest.raises(ValidationError, match="set by Patchbay itself"):
-        RedisDestination.model_validate({"stream": "s", "fields": {"data": "x"}})
+        RedisSinkConfig.model_validate({"stream": "s", "fields": {"data": "x"}})
     with pytest.raises(ValidationError, match="holds a password"):
         RedisSystem.model_validate({"url": "redis://:hunter2@host:6379/0"})
     with pytest.raises(ValidationError, match="unclosed placeholder"):
-        RedisDestination.model_validate({"stream": "orders:{{ region"})
+        RedisSinkConfig.model_validate({"stream": "orders:{{ region"})
 
 
 def test_missing_driver_names_the_extra(monkeypatch):

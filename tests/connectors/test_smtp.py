@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.smtp import SmtpDestination, SmtpSink, SmtpSystem, message_id
+from patchbay.connectors.smtp import SmtpSink, SmtpSinkConfig, SmtpSystem, message_id
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import SECRET_TOKEN, eventually, write_project
 
@@ -107,7 +107,7 @@ def make(box: Mailbox, resources: Resources, system: dict[str, Any] | None = Non
         "text": "Hello {{ name }}",
         **dest,
     }
-    return SmtpSink(SmtpSystem(**sys_cfg), SmtpDestination(**dest), DeliveryPolicy(timeout_s=5), resources)
+    return SmtpSink(SmtpSystem(**sys_cfg), SmtpSinkConfig(**dest), DeliveryPolicy(timeout_s=5), resources)
 
 
 LEAD = {"email": "ada@example.com", "name": "Ada <b>Lovelace</b>", "owner": "Bob <bob@example.com>"}

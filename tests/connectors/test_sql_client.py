@@ -16,21 +16,16 @@ from pydantic import ValidationError
 
 from patchbay.cli import main
 from patchbay.connectors.base import OutcomeClass
-from patchbay.connectors.sql_client import (
-    DbRefused,
-    RowRenderer,
-    SqlDestination,
-    build_statement,
-    classify_db,
-    is_loopback,
-    quote_ident,
-)
+from patchbay.connectors.sql_client.config import SqlSinkConfig
+from patchbay.connectors.sql_client.errors import DbRefused, classify_db
+from patchbay.connectors.sql_client.names import is_loopback, quote_ident
+from patchbay.connectors.sql_client.statements import RowRenderer, build_statement
 from patchbay.errors import RecordInvalid
 from tests.conftest import write_project
 
 
-def dest(**kw: object) -> SqlDestination:
-    return SqlDestination.model_validate(kw)
+def dest(**kw: object) -> SqlSinkConfig:
+    return SqlSinkConfig.model_validate(kw)
 
 
 def errors_of(**kw: object) -> str:

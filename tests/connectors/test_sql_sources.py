@@ -25,14 +25,9 @@ from pydantic import ValidationError
 
 from patchbay.cli import main
 from patchbay.connectors.base import Batch, Resources
-from patchbay.connectors.sql_client import (
-    SourcePosition,
-    SourceQuery,
-    SqlSource,
-    SqlSourceConfig,
-    bind_cursor,
-    jsonable,
-)
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig, bind_cursor
+from patchbay.connectors.sql_client.source_query import SourcePosition, SourceQuery, jsonable
 from patchbay.errors import AuthError, TerminalError, TransientError
 from tests.conftest import IN_CI, eventually, require_service, write_project
 from tests.connectors import closed_port
