@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.errors import ConfigError
+from patchbay.registry import install_hint
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
 
 
@@ -127,10 +128,8 @@ class BaseSink(Generic[SystemT, ConfigT]):
 class MissingDriver(ConfigError, ValueError):
     """A connector's optional driver is not installed (a ValueError too, so `check` reports it in place)."""
 
-
-def install_hint(extra: str) -> str:
-    """The one way to say how to install a connector's driver."""
-    return f"pip install 'patchbay[{extra}]'"
+    def __str__(self) -> str:
+        return "; ".join(p.message for p in self.problems)
 
 
 def import_driver(module: str, *, package: str, extra: str, kind: str) -> ModuleType:

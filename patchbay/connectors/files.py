@@ -62,8 +62,9 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.durations import Duration
-from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
+from patchbay.config.models import DeliveryPolicy, Spec
 from patchbay.connectors.base import (
+    BaseSink,
     Batch,
     Emit,
     Outcome,
@@ -158,16 +159,13 @@ class FilesSinkConfig(Spec):
 
 
 @connector("files", roles=("destination",), config=FilesSinkConfig, system_config=FilesSystem)
-class FilesSink:
+class FilesSink(BaseSink[FilesSystem, FilesSinkConfig]):
     """Append each record as a line to a file."""
 
     def __init__(
         self, system: FilesSystem, config: FilesSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self.folder = _folder(system, resources)
         self._file = render_template(config.file)
         columns = [*config.columns, "_key"] if config.include_key else config.columns
@@ -269,12 +267,6 @@ class FilesSink:
             path.rename(_free_name(path, None))
             return True
         return False
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []
 
 
 def classify_os_error(exc: OSError) -> OutcomeClass:
@@ -477,9 +469,6 @@ class FilesSource:
 
     async def close(self) -> None:
         return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []
 
     # -- one scan ----------------------------------------------------------
     def _ready(self) -> list[Path]:

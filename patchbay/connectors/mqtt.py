@@ -35,7 +35,17 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, field_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -51,7 +61,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -285,7 +294,7 @@ async def open_client(
     client.max_inflight_messages_set(max_inflight)
     if s.username is not None:
         client.username_pw_set(s.username, resources.secret(s.password) if s.password is not None else None)
-    ctx = ssl_context(s.tls, s.verify_tls, s.ca_bundle, server_name=s.host)
+    ctx = await ssl_context(s.tls, s.verify_tls, s.ca_bundle, server_name=s.host)
     if ctx is not None:
         client.tls_set_context(ctx)
     conn = make_conn(client, asyncio.get_running_loop(), v5, paho.error_string)
@@ -334,17 +343,14 @@ async def _cleanup(connecting: asyncio.Future[None], conn: _Conn) -> None:
 
 
 @connector("mqtt", roles=("destination",), config=MqttSinkConfig, system_config=MqttSystem, extra="mqtt")
-class MqttSink:
+class MqttSink(BaseSink[MqttSystem, MqttSinkConfig]):
     """Publish each record to an MQTT topic."""
 
     def __init__(
         self, system: MqttSystem, config: MqttSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.paho = import_driver("paho.mqtt.client", package="paho-mqtt", extra="mqtt", kind="mqtt")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._topic = render_template(config.topic)
         self._body = BodyRenderer(config.body, config.key_field)
         self._cleanups: set[asyncio.Future[None]] = set()
@@ -418,9 +424,6 @@ class MqttSink:
         await self._conn.aclose()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_mqtt(exc: BaseException, *, connected: bool, v5: bool) -> tuple[OutcomeClass, str, bool]:
@@ -715,6 +718,3 @@ class MqttSource:
         await self._disconnect()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []

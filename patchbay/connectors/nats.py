@@ -40,7 +40,17 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -54,7 +64,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -264,7 +273,7 @@ async def open_connection(
             timeout_s,
             name,
             servers=[_pinned(url, a) for a in addresses],
-            tls=ssl_context(tls_wanted, s.verify_tls, s.ca_bundle, server_name=host),
+            tls=await ssl_context(tls_wanted, s.verify_tls, s.ca_bundle, server_name=host),
             tls_hostname=None if websocket else host,
             ws_headers={"Host": [parts.netloc.rpartition("@")[2]]} if websocket else None,
         )
@@ -337,7 +346,7 @@ async def _connect_one(
 
 
 @connector("nats", roles=("destination",), config=NatsSinkConfig, system_config=NatsSystem, extra="nats")
-class NatsSink:
+class NatsSink(BaseSink[NatsSystem, NatsSinkConfig]):
     """Publish each record to a NATS subject, through JetStream by default."""
 
     def __init__(
@@ -345,10 +354,7 @@ class NatsSink:
     ) -> None:
         self.nats_client = import_driver("nats.aio.client", package="nats-py", extra="nats", kind="nats")
         self.nats_errors = import_driver("nats.errors", package="nats-py", extra="nats", kind="nats")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._subject = render_template(config.subject)
         self._headers = {k: render_template(v) for k, v in config.headers.items()}
         self._body = BodyRenderer(config.body)
@@ -424,9 +430,6 @@ class NatsSink:
 
     async def close(self) -> None:
         await self._conn.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [r for r in (self.system.password, self.system.token) if r is not None]
 
 
 def classify_nats(exc: BaseException, *, connected: bool, subject: str) -> tuple[OutcomeClass, str, bool]:
@@ -762,6 +765,3 @@ class NatsSource:
 
     async def close(self) -> None:
         await self._disconnect()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [r for r in (self.system.password, self.system.token) if r is not None]

@@ -42,7 +42,17 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -58,7 +68,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -167,7 +176,7 @@ async def connect(
             password=password,
             virtualhost=s.vhost,
             ssl=s.tls,
-            ssl_context=ssl_context(s.tls, s.verify_tls, s.ca_bundle),
+            ssl_context=await ssl_context(s.tls, s.verify_tls, s.ca_bundle),
             timeout=timeout_s,
             client_properties={"connection_name": name},
             connection_class=_connection_class(aio_pika),
@@ -209,7 +218,7 @@ class _Amqp:
 @connector(
     "rabbitmq", roles=("destination",), config=RabbitMQSinkConfig, system_config=RabbitMQSystem, extra="amqp"
 )
-class RabbitMQSink:
+class RabbitMQSink(BaseSink[RabbitMQSystem, RabbitMQSinkConfig]):
     """Publish each record to a RabbitMQ exchange with publisher confirms."""
 
     def __init__(
@@ -220,10 +229,7 @@ class RabbitMQSink:
         resources: Resources,
     ) -> None:
         self.aio_pika = import_driver("aio_pika", package="aio-pika", extra="amqp", kind="rabbitmq")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._routing_key = render_template(config.routing_key)
         self._headers = {k: render_template(v) for k, v in config.headers.items()}
         self._body = BodyRenderer(config.body)
@@ -304,9 +310,6 @@ class RabbitMQSink:
 
     async def close(self) -> None:
         await self._conn.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_amqp(
@@ -557,9 +560,6 @@ class RabbitMQSource:
 
     async def close(self) -> None:
         await self._disconnect()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 async def _settle(messages: list[Any], acked_through: int, *, ack: bool) -> int:

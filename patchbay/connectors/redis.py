@@ -34,7 +34,17 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -47,7 +57,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     text,
     timed_out,
@@ -220,17 +229,14 @@ def _guarded(base: type[Any], resources: Resources) -> type[Any]:
 
 
 @connector("redis", roles=("destination",), config=RedisSinkConfig, system_config=RedisSystem, extra="redis")
-class RedisSink:
+class RedisSink(BaseSink[RedisSystem, RedisSinkConfig]):
     """Append each record to a Redis stream, or publish it on a channel."""
 
     def __init__(
         self, system: RedisSystem, config: RedisSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.redis = import_driver("redis.asyncio", package="redis", extra="redis", kind="redis")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         target = config.stream if config.mode == "stream" else config.channel
         self._target = render_template(target or "")
         self._fields = {k: render_template(v) for k, v in config.fields.items()}
@@ -299,9 +305,6 @@ class RedisSink:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_redis(exc: BaseException, *, target: str, system: str | None = None) -> tuple[OutcomeClass, str]:
@@ -499,9 +502,6 @@ class RedisSource:
 
     async def close(self) -> None:
         await self._close_client()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def _str(value: Any) -> str:

@@ -25,8 +25,16 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
-from patchbay.errors import ConfigError, PatchbayError, RecordInvalid, Violation
+from patchbay.connectors.base import (
+    BaseSink,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    Stopwatch,
+    excerpt,
+    import_driver,
+)
+from patchbay.errors import PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import Template, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress, open_socket
@@ -34,21 +42,6 @@ from patchbay.security.ssrf import BlockedAddress, open_socket
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # authentication required / too weak / refused / needs TLS
 _NOT_IN_MSG_ID = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]")
 _LINE_BREAKS = re.compile(r"[\r\n]+")
-
-
-class MissingDriver(ConfigError, ValueError):
-    """The library a connector needs is not installed (a ValueError too, so `check` reports it in place)."""
-
-    def __str__(self) -> str:
-        return "; ".join(p.message for p in self.problems)
-
-
-def _driver() -> Any:
-    try:
-        import aiosmtplib
-    except ImportError:
-        raise MissingDriver("the smtp connector needs aiosmtplib: pip install 'patchbay[email]'") from None
-    return aiosmtplib
 
 
 def parse_addresses(value: str) -> list[str]:
@@ -143,17 +136,14 @@ class SmtpSinkConfig(Spec):
 
 
 @connector("smtp", roles=("destination",), config=SmtpSinkConfig, system_config=SmtpSystem, extra="email")
-class SmtpSink:
+class SmtpSink(BaseSink[SmtpSystem, SmtpSinkConfig]):
     """Send each record as an email."""
 
     def __init__(
         self, system: SmtpSystem, config: SmtpSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
-        self._smtp = _driver()
+        super().__init__(system, config, policy, resources)
+        self._smtp: Any = import_driver("aiosmtplib", package="aiosmtplib", extra="email", kind="smtp")
         self._to = [render_template(t) for t in config.to]
         self._cc = [render_template(t) for t in config.cc]
         self._reply_to = render_template(config.reply_to) if config.reply_to else None
@@ -299,12 +289,6 @@ class SmtpSink:
         return Outcome(
             OutcomeClass.TRANSIENT, None, ms, error=redact(f"sending mail: {type(exc).__name__}: {exc}")
         )
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password else []
 
 
 def classify_reply(code: int, during_auth: bool = False) -> OutcomeClass:

@@ -17,8 +17,9 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem, _check_url
+from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
+from patchbay.connectors.http_client import check_url
 from patchbay.errors import ConfigError, PatchbayError
 from patchbay.processors.expressions import iso, render_template
 from patchbay.registry import connector
@@ -41,7 +42,7 @@ class WebhookOutSystem(Spec):
         None, description="Path to a PEM file of extra CAs to trust for this receiver."
     )
 
-    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: check_url(v)))
 
 
 class WebhookOutSinkConfig(Spec):
@@ -77,7 +78,7 @@ class WebhookOutSinkConfig(Spec):
 
 
 @connector("webhook_out", roles=("destination",), config=WebhookOutSinkConfig, system_config=WebhookOutSystem)
-class WebhookOutSink:
+class WebhookOutSink(BaseSink[WebhookOutSystem, WebhookOutSinkConfig]):
     """Deliver each record as a signed Standard Webhooks POST."""
 
     def __init__(
@@ -87,10 +88,7 @@ class WebhookOutSink:
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._http = HttpSink(
             HttpSystem(
                 url=system.url,
@@ -139,9 +137,6 @@ class WebhookOutSink:
 
     async def close(self) -> None:
         await self._http.close()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return list(self.system.secrets)
 
 
 def _arrival(key: str) -> datetime:

@@ -1,16 +1,58 @@
-"""Helpers for the connector tests: a TCP proxy that fakes network faults, a closed port, a project."""
+"""Helpers for the connector tests: a TCP proxy that fakes network faults, a closed port, projects."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
+from patchbay.config.models import SystemCommon
+from patchbay.config.project import SystemSpec, system_secret_refs
 from tests.conftest import write_project
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for the DNS name `name` (its own CA) and its key, as PEM files in `folder`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def declared_secrets(system: BaseModel) -> list[str]:
+    """The secret references the hub finds in a system's settings (and scopes its connectors to)."""
+    spec = SystemSpec("s", SystemCommon(owner="test"), system, "systems.yaml", 1)
+    return [ref.label for ref in system_secret_refs(spec)]
 
 
 def closed_port() -> int:

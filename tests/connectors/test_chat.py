@@ -15,6 +15,7 @@ from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.chat import ChatSink, ChatSinkConfig, ChatSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, write_project
+from tests.connectors import declared_secrets
 
 LEAD = {"email": "ada@example.com", "name": "Ada <!channel> & co", "source": "ads", "score": 42}
 HOOK_SECRET = "https://hooks.example.test/services/T000/B000/XXXXsecretXXXX"
@@ -110,7 +111,7 @@ async def test_url_secret_is_resolved_at_send_and_kept_out_of_errors(resources):
         DeliveryPolicy(timeout_s=1),
         resources,
     )
-    assert dest.secret_refs()[0].label == "secret:slack_url"
+    assert declared_secrets(dest.system) == ["secret:slack_url"]
     resources.redact = lambda s: s.replace(HOOK_SECRET, "[secret]")
     outcome = await deliver(dest, {})
     assert outcome.cls is OutcomeClass.TRANSIENT  # hooks.example.test does not resolve

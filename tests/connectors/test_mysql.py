@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,9 +14,11 @@ from typing import Any
 import pytest
 
 from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors import tls_client
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from tests.conftest import IN_CI, require_service
+from tests.connectors import declared_secrets
 from tests.connectors.test_sql_client import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
@@ -160,7 +164,26 @@ async def test_wrong_password_pauses_the_destination_without_leaking_it(make, mo
     out = await write(sink, {"id": 1})
     assert out.cls is OutcomeClass.AUTH and "[1045] Access denied" in out.error, out
     assert "wrong-pass-123" not in out.error + out.excerpt
-    assert sink.secret_refs()[0].env == "PB_TEST_MYSQL_PASSWORD"
+    assert declared_secrets(sink.system) == ["env:PB_TEST_MYSQL_PASSWORD"]
+
+
+async def test_the_tls_context_is_built_once_per_system_in_a_worker_thread(table, make, monkeypatch):
+    """Each connect used to build two contexts on the event loop (100-150 ms, the CAs loaded twice)."""
+    tls_client.forget()
+    built: list[int] = []
+    real_new = ssl.SSLContext.__new__
+
+    def counting_new(cls: type[ssl.SSLContext], *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(threading.get_ident())
+        return real_new(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", staticmethod(counting_new))
+    sink = make("upsert")  # a loopback host: ssl_mode prefer, so a context is built
+    for i in range(3):
+        assert (await write(sink, {"id": i})).cls is OutcomeClass.SUCCESS
+        await sink._pool.clear()  # the next send connects again
+    assert len(built) == 1, built
+    assert built[0] != threading.get_ident()
 
 
 async def test_killed_connection_is_transient_then_reconnects_without_duplicates(admin, table, make):

@@ -13,12 +13,12 @@ from typing import Any
 import orjson
 import pytest
 
-from patchbay.config.models import DeliveryPolicy, SecretRef
+from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.rabbitmq import RabbitMQSink, RabbitMQSinkConfig, RabbitMQSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import TcpProxy, broker_project, closed_port
+from tests.connectors import TcpProxy, broker_project, closed_port, declared_secrets
 
 aio_pika = pytest.importorskip("aio_pika")
 
@@ -203,7 +203,7 @@ async def test_wrong_password_is_auth():
         outcome = await s.send(s.render({}, "k"), "k")
         assert outcome.cls is OutcomeClass.AUTH
         assert "login refused" in outcome.error
-        assert s.secret_refs() == [SecretRef.model_validate({"secret": "mq"})]
+        assert declared_secrets(s.system) == ["secret:mq"]
     finally:
         await s.close()
 

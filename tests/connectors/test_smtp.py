@@ -22,6 +22,7 @@ from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.smtp import SmtpSink, SmtpSinkConfig, SmtpSystem, message_id
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import SECRET_TOKEN, eventually, write_project
+from tests.connectors import declared_secrets
 
 PASSWORD = "correct horse battery"
 
@@ -157,7 +158,7 @@ async def test_login_with_the_password_secret(mailbox, resources):
     outcome = await sink.send(sink.render(LEAD, "k1"), "k1")
     assert outcome.cls is OutcomeClass.SUCCESS, outcome
     assert mailbox.mails[0].login == b"hub"
-    assert sink.secret_refs()[0].label == "secret:smtp_password"
+    assert declared_secrets(sink.system) == ["secret:smtp_password"]
 
 
 async def test_a_refused_login_pauses_the_destination(mailbox, resources):

@@ -18,6 +18,7 @@ from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.webhook_out import WebhookOutSink, WebhookOutSinkConfig, WebhookOutSystem
 from patchbay.records import new_id
 from patchbay.security.webhook_auth import generate_whsec
+from tests.connectors import declared_secrets
 
 OLD, NEW = generate_whsec(), generate_whsec()
 SECRETS = {"partner_new": NEW, "partner_old": OLD, "broken": "whsec_%%%"}
@@ -182,7 +183,7 @@ def test_secrets_are_required_and_referenced():
         WebhookOutSystem(url="https://partner.example.com", secrets=["whsec_abc"])
     system = WebhookOutSystem(url="https://partner.example.com", secrets=[{"secret": "a"}, {"env": "B"}])
     sink = WebhookOutSink(system, WebhookOutSinkConfig(), DeliveryPolicy(), Resources())
-    assert [r.label for r in sink.secret_refs()] == ["secret:a", "env:B"]
+    assert declared_secrets(sink.system) == ["secret:a", "env:B"]
 
 
 def test_check_accepts_a_webhook_out_project_and_locates_unknown_settings(tmp_path):

@@ -142,6 +142,3 @@ class SqlServerSystem(Spec):
         if self.ssl_mode is not None:
             return self.ssl_mode
         return "prefer" if is_loopback(self.host) else "require"
-
-    def refs(self) -> list[SecretRef]:
-        return [self.password] if self.password is not None else []

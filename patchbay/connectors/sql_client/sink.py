@@ -6,8 +6,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pydantic import BaseModel
+
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
+from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources, Stopwatch, excerpt
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sql_client.errors import classify_db
 from patchbay.connectors.sql_client.names import Dialect
@@ -15,20 +17,23 @@ from patchbay.connectors.sql_client.pool import Pool
 from patchbay.connectors.sql_client.statements import RowRenderer, Statement, build_statement
 
 C = TypeVar("C")
+SystemT = TypeVar("SystemT", bound=BaseModel)
 
 
-class SqlSink(Generic[C]):
-    """The send half every SQL destination shares; subclasses connect and execute."""
+class SqlSink(BaseSink[SystemT, SqlSinkConfig], Generic[SystemT, C]):
+    """The send half every SQL sink shares; subclasses connect and execute."""
 
-    kind: ClassVar[str]
     dialect: ClassVar[Dialect]
 
     def __init__(
-        self, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources, pool_size: int
+        self,
+        system: SystemT,
+        config: SqlSinkConfig,
+        policy: DeliveryPolicy,
+        resources: Resources,
+        pool_size: int,
     ) -> None:
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._renderer = RowRenderer(config)
         self._pool: Pool[C] = Pool(self._connect, self._disconnect, pool_size)
 
