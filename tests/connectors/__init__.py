@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from patchbay.config.models import SystemCommon
 from patchbay.config.project import SystemSpec, system_secret_refs
-from tests.conftest import write_project
+from tests.conftest import eventually, write_project
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
@@ -47,6 +47,21 @@ def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return cert_file, key_file
+
+
+async def polls_more(hub: Any, n: int, timeout: float = 10.0) -> None:
+    """Wait until the hub's schedules have run `n` more times than now (a poll that finds nothing
+    leaves no other trace to wait for)."""
+
+    async def runs() -> int:
+        return int(await hub.store.read(lambda c: c.execute("SELECT sum(runs) FROM schedules").fetchone()[0]))
+
+    start = await runs()
+
+    async def ran() -> bool:
+        return await runs() >= start + n
+
+    await eventually(ran, timeout=timeout, what=f"{n} more scheduled runs")
 
 
 def declared_secrets(system: BaseModel) -> list[str]:

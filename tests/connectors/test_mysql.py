@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import ssl
@@ -17,7 +16,7 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors import tls_client
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
-from tests.conftest import IN_CI, require_service
+from tests.conftest import IN_CI, eventually, require_service
 from tests.connectors import declared_secrets
 from tests.connectors.test_sql_client import (
     CONTACT_EVENTS,
@@ -191,7 +190,12 @@ async def test_killed_connection_is_transient_then_reconnects_without_duplicates
     assert (await write(sink, {"id": 1, "name": "first"})).cls is OutcomeClass.SUCCESS
     [conn] = sink._pool.idle
     await admin.execute(f"KILL {conn.thread_id()}")
-    await asyncio.sleep(0.1)
+
+    async def gone() -> bool:  # KILL returns before the server has closed the connection
+        sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
+        return (await admin.execute(sql, [conn.thread_id()]))[0][0] == 0
+
+    await eventually(gone, timeout=5, what="the killed connection closed by the server")
     record = {"id": 2, "name": "second"}
     out = await write(sink, record)
     assert out.cls is OutcomeClass.TRANSIENT and "[2013]" in out.error, out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import uuid
@@ -14,7 +13,7 @@ import pytest
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
-from tests.conftest import IN_CI, require_service
+from tests.conftest import IN_CI, eventually, require_service
 from tests.connectors.test_sql_client import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
@@ -171,7 +170,14 @@ async def test_killed_connection_is_transient_then_reconnects_without_duplicates
     assert (await write(sink, {"id": 1, "name": "first"})).cls is OutcomeClass.SUCCESS
     [conn] = sink._pool.idle
     await admin.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
-    await asyncio.sleep(0.1)
+
+    async def gone() -> bool:  # pg_terminate_backend only signals the backend
+        cur = await admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+        )
+        return (await cur.fetchone())[0] == 0
+
+    await eventually(gone, timeout=5, what="the terminated backend gone")
     record = {"id": 2, "name": "second"}
     out = await write(sink, record)
     assert out.cls is OutcomeClass.TRANSIENT, out
