@@ -184,3 +184,87 @@ def broker_project(root: Path, system: dict[str, Any], dest: dict[str, Any], *, 
             f"flows/{flow}.yaml": yaml.safe_dump(doc, sort_keys=False),
         },
     )
+
+
+# ------------------------------------------------------------------ the SQL sinks through the hub
+SQL_FAST = {
+    "timeout_s": 2,
+    "max_concurrency": 1,
+    "retry": {"schedule": ["100ms", "200ms", "300ms"], "jitter": 0},
+}
+CONTACT_EVENTS = [
+    {"email": "Ann@Example.com", "first_name": "Ann", "score": "1", "tags": ["new"]},
+    {"email": "bob@example.com", "first_name": "Bob", "score": "2", "tags": []},
+    {"email": " ann@example.com", "first_name": "Annie", "score": "3", "tags": ["vip"]},  # same key: wins
+]
+CONTACT_ROWS = [("ann@example.com", "Annie", 3), ("bob@example.com", "Bob", 2)]
+
+
+def contacts_project(root: Path, system: dict[str, Any], table: str) -> Path:
+    """webhook -> map -> a SQL destination upserting on email; one delivery at a time: the last event wins."""
+    systems = {
+        "website": {
+            "owner": "web",
+            "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
+        },
+        "warehouse": {"owner": "data", "allow_private_network": True, **system},  # a loopback server
+    }
+    flow = {
+        "purpose": "contacts land in the warehouse",
+        "owner": "data",
+        "trigger": {"webhook": {"system": "website"}},
+        "record_key": "email",
+        "delivery": SQL_FAST,
+        "steps": [
+            {
+                "map": {
+                    "email": "lower(trim(email))",
+                    "name": "first_name",
+                    "score": "to_int(score)",
+                    "tags": "tags",
+                }
+            }
+        ],
+        "destinations": [
+            {"name": "db", "system": "warehouse", "table": table, "write_mode": "upsert", "key": ["email"]}
+        ],
+    }
+    return write_project(
+        root,
+        {
+            "patchbay.yaml": yaml.safe_dump({"port": 0}),
+            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
+            "flows/contacts.yaml": yaml.safe_dump(flow, sort_keys=False),
+        },
+    )
+
+
+async def post_and_deliver(
+    hub: Any, events: list[dict[str, Any]], timeout: float = 15.0
+) -> list[dict[str, Any]]:
+    """POST each event to the contacts flow and wait until every run is delivered; returns the runs."""
+    ids = []
+    for e in events:
+        status, body = await hub.post("/hooks/contacts", e)
+        assert status == 202, body
+        ids.append(body["event_id"])
+    runs: list[dict[str, Any]] = []
+
+    async def delivered() -> bool:
+        runs[:] = [await hub.run(i) for i in ids]
+        return all(r["status"] == "delivered" for r in runs)
+
+    try:
+        await eventually(delivered, timeout=timeout, what="every run delivered")
+    except AssertionError:
+        raise AssertionError(f"not all delivered: {[(r['status'], r['deliveries']) for r in runs]}") from None
+    return runs
+
+
+async def stop_hub(hub: Any) -> None:
+    """Stop the hub now and close its destinations (the fixture's second stop is a no-op)."""
+    await hub.runner.cleanup()
+    await hub.hub.stop()
+    for fr in hub.hub.flows.values():
+        for sink in fr.pipeline.sinks.values():
+            await sink.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import threading
 import uuid
@@ -17,11 +16,12 @@ from patchbay.connectors import tls_client
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from tests.conftest import IN_CI, eventually, require_service
-from tests.connectors import declared_secrets
-from tests.connectors.test_sql_client import (
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
+    closed_port,
     contacts_project,
+    declared_secrets,
     post_and_deliver,
     stop_hub,
 )
@@ -99,12 +99,6 @@ async def rows(admin: Admin, table: str, cols: str = "id, email, name, score") -
 
 async def write(sink: MysqlSink, record: dict[str, Any]) -> Any:
     return await sink.send(sink.render(record, "k"), "k")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_insert_upsert_update_delete_move_rows(admin, table, make):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,9 +13,10 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from tests.conftest import IN_CI, eventually, require_service
-from tests.connectors.test_sql_client import (
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
+    closed_port,
     contacts_project,
     post_and_deliver,
     stop_hub,
@@ -90,12 +90,6 @@ async def rows(admin, table: str, cols: str = "id, email, name, score") -> list[
 
 async def write(sink: PostgresSink, record: dict[str, Any]) -> Any:
     return await sink.send(sink.render(record, "k"), "k")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_insert_upsert_update_delete_move_rows(admin, table, make):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
@@ -21,7 +17,7 @@ from patchbay.connectors.sql_client.errors import DbRefused, classify_db
 from patchbay.connectors.sql_client.names import is_loopback, quote_ident
 from patchbay.connectors.sql_client.statements import RowRenderer, build_statement
 from patchbay.errors import RecordInvalid
-from tests.conftest import write_project
+from tests.connectors import contacts_project
 
 
 def dest(**kw: object) -> SqlSinkConfig:
@@ -220,83 +216,6 @@ def test_classify_network_and_refusals_and_redaction():
 def test_loopback_hosts():
     assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.1.2.3", "::1", "/var/run/postgresql"))
     assert not any(is_loopback(h) for h in ("db.internal", "10.0.0.5", "2001:db8::1"))
-
-
-# ---------------------------------------------------------------- shared by the per-database tests
-FAST = {"timeout_s": 2, "max_concurrency": 1, "retry": {"schedule": ["100ms", "200ms", "300ms"], "jitter": 0}}
-CONTACT_EVENTS = [
-    {"email": "Ann@Example.com", "first_name": "Ann", "score": "1", "tags": ["new"]},
-    {"email": "bob@example.com", "first_name": "Bob", "score": "2", "tags": []},
-    {"email": " ann@example.com", "first_name": "Annie", "score": "3", "tags": ["vip"]},  # same key: wins
-]
-CONTACT_ROWS = [("ann@example.com", "Annie", 3), ("bob@example.com", "Bob", 2)]
-
-
-def contacts_project(root: Path, system: dict[str, Any], table: str) -> Path:
-    """webhook -> map -> a SQL destination upserting on email; one delivery at a time: the last event wins."""
-    systems = {
-        "website": {
-            "owner": "web",
-            "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
-        },
-        "warehouse": {"owner": "data", "allow_private_network": True, **system},  # a loopback server
-    }
-    flow = {
-        "purpose": "contacts land in the warehouse",
-        "owner": "data",
-        "trigger": {"webhook": {"system": "website"}},
-        "record_key": "email",
-        "delivery": FAST,
-        "steps": [
-            {
-                "map": {
-                    "email": "lower(trim(email))",
-                    "name": "first_name",
-                    "score": "to_int(score)",
-                    "tags": "tags",
-                }
-            }
-        ],
-        "destinations": [
-            {"name": "db", "system": "warehouse", "table": table, "write_mode": "upsert", "key": ["email"]}
-        ],
-    }
-    return write_project(
-        root,
-        {
-            "patchbay.yaml": yaml.safe_dump({"port": 0}),
-            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-            "flows/contacts.yaml": yaml.safe_dump(flow, sort_keys=False),
-        },
-    )
-
-
-async def post_and_deliver(
-    hub: Any, events: list[dict[str, Any]], timeout: float = 15.0
-) -> list[dict[str, Any]]:
-    """POST each event to the contacts flow and wait until every run is delivered; returns the runs."""
-    ids = []
-    for e in events:
-        status, body = await hub.post("/hooks/contacts", e)
-        assert status == 202, body
-        ids.append(body["event_id"])
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = [await hub.run(i) for i in ids]
-        if all(r["status"] == "delivered" for r in runs):
-            return runs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not all delivered: {[(r['status'], r['deliveries']) for r in runs]}")
-        await asyncio.sleep(0.05)
-
-
-async def stop_hub(hub: Any) -> None:
-    """Stop the hub now and close its destinations (the fixture's second stop is a no-op)."""
-    await hub.runner.cleanup()
-    await hub.hub.stop()
-    for fr in hub.hub.flows.values():
-        for sink in fr.pipeline.sinks.values():
-            await sink.close()
 
 
 def check_project(root: Path) -> tuple[int, str]:

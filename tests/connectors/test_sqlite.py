@@ -13,7 +13,7 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sqlite import SqliteSink, SqliteSystem
-from tests.connectors.test_sql_client import (
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
     contacts_project,

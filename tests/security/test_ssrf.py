@@ -869,7 +869,7 @@ async def test_a_postgres_system_on_localhost_dead_letters_until_its_network_is_
     pytest.importorskip("psycopg")
     import psycopg
 
-    from tests.connectors.test_sql_client import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
+    from tests.connectors import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
 
     table = f"pb_{uuid.uuid4().hex[:12]}"
     admin = await psycopg.AsyncConnection.connect(
