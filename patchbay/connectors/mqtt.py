@@ -599,6 +599,8 @@ class MqttSource:
         self._cleanups: set[asyncio.Future[None]] = set()
         self._stray: set[str] = set()
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = 0  # messages done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -618,6 +620,7 @@ class MqttSource:
                 try:
                     for m in messages:  # in the order received, as MQTT asks of PUBACKs
                         conn.ack(m)
+                    self.settled += len(messages)
                 except ConnectionError as exc:
                     raise self._error(f"acknowledging: {exc}") from exc
         finally:
@@ -666,6 +669,7 @@ class MqttSource:
                 "allow QoS 1 on the broker or set qos: 0",
                 OutcomeClass.TERMINAL,
             )
+        self.subscriptions += 1
         return conn
 
     def _error(self, message: str, cls: OutcomeClass = OutcomeClass.TRANSIENT) -> Exception:

@@ -602,6 +602,10 @@ class NatsSource:
         )
         self._conn: _Conn | None = None
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = (
+            0  # messages done with upstream so far: committed, then acknowledged (core NATS: committed)
+        )
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -686,6 +690,7 @@ class NatsSource:
         except Exception as exc:
             cls, message, _ = classify_nats(exc, connected=True, subject=cfg.subject or "")
             raise self._error(f"{what}: {message}", cls) from exc
+        self.subscriptions += 1
         # A stream deleted and created again numbers its messages from 1 anew: its creation time
         # keeps those ids apart from the old ones.
         created = f"@{int(info.created.timestamp() * 1000)}" if info.created is not None else ""
@@ -712,6 +717,7 @@ class NatsSource:
                 for m in msgs:
                     await m.ack()
                 await conn.until_lost(conn.nc.flush(cfg.timeout_s))  # the acks reached the server
+                self.settled += len(msgs)
             except Exception as exc:
                 # Committed but maybe not acknowledged: redelivered after ack_wait, dropped by id.
                 raise self._error(f"acknowledging: {describe(exc)}") from exc
@@ -733,10 +739,12 @@ class NatsSource:
         except Exception as exc:
             cls, message, _ = classify_nats(exc, connected=True, subject=cfg.subject)
             raise self._error(f"subscribing: {message}", cls) from exc
+        self.subscriptions += 1
         while True:
             msgs = await inbox.take(cfg.batch_size, cfg.max_wait_ms / 1000)
             check_cancelled()
             await emit(Batch([self._record(m, None) for m in msgs]))
+            self.settled += len(msgs)
             check_cancelled()
 
     # -- helpers -----------------------------------------------------------

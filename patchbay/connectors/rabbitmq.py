@@ -435,6 +435,8 @@ class RabbitMQSource:
         self.connection_name = f"patchbay source {flow}" if flow else "patchbay source"
         self._connection: Any = None
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = 0  # messages done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -457,6 +459,7 @@ class RabbitMQSource:
                     raise
                 try:
                     acked_through = await _settle(messages, acked_through, ack=True)
+                    self.settled += len(messages)
                 except Exception as exc:
                     # Committed but not acknowledged: the broker redelivers, and the ids drop the copies.
                     raise self._error(exc, "acknowledging") from exc
@@ -491,6 +494,7 @@ class RabbitMQSource:
                     inbox.put(message)
 
                 await queue.consume(deliver, no_ack=False)
+                self.subscriptions += 1
         except BaseException as exc:
             await self._disconnect()
             if isinstance(exc, asyncio.CancelledError):

@@ -388,6 +388,8 @@ class RedisSource:
         self.what = f"consuming stream {config.stream!r} (group {config.group!r})"
         self._client: Any = None
         self.connections = 0  # clients created so far (each start makes one)
+        self.subscriptions = 0  # consumer groups joined so far (each start joins one)
+        self.settled = 0  # entries done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises on a failure (the engine restarts it: pending entries first)."""
@@ -407,6 +409,7 @@ class RedisSource:
         self.connections += 1
         try:
             await self._call("creating the group", self._create_group(client))
+            self.subscriptions += 1
             # Entries delivered to this consumer but never acknowledged (a crash, a lost connection,
             # a failed commit): read from id 0 on, page by page, until the pending list is empty.
             after = "0"
@@ -464,6 +467,7 @@ class RedisSource:
             check_cancelled()
         # Committed: a failure from here on leaves them pending, and their ids drop the copies.
         await self._call("acknowledging", client.xack(cfg.stream, cfg.group, *(e for e, _ in entries)))
+        self.settled += len(entries)
 
     def _record(self, entry_id: str, fields: dict[bytes, bytes]) -> SourceRecord:
         cfg = self.config
