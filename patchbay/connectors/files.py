@@ -459,12 +459,14 @@ class FilesSource:
         self._log_extra = {"flow": resources.extra.get("flow", "")}
         self._held: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (size, mtime), until
         self._warned: set[str] = set()
+        self.scans = 0  # scans done so far, each with the files it found ready read and moved
 
     async def stream(self, emit: Emit) -> None:
         """Scan, read each ready file and move it, sleep; until cancelled."""
         while True:
             for path in await asyncio.to_thread(self._ready):
                 await self._take(path, emit)
+            self.scans += 1
             await asyncio.sleep(self.config.scan_every_s)
 
     async def close(self) -> None:
