@@ -107,8 +107,8 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 class BaseSink(Generic[SystemT, ConfigT]):
     """What every sink has: its system's settings, its own, the delivery policy and the resources.
 
-    Subclasses add `render` and `send` (see Sink), and set up what they derive from the settings in
-    `__init__` after calling this one; `close` releases nothing unless overridden.
+    Subclasses call it from their own `__init__` (which sets up what they derive from the settings)
+    and add `render` and `send` (see Sink); `close` releases nothing unless overridden.
     """
 
     kind: ClassVar[str]
