@@ -50,7 +50,9 @@ class ChatSystem(Spec):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust (self-hosted Mattermost)."
+        None,
+        description="Path to a PEM file of the CAs to trust instead of the system's "
+        "(e.g. the private CA of a self-hosted Mattermost).",
     )
 
     @field_validator("url")

@@ -95,7 +95,9 @@ class NatsSystem(Spec):
     tls: bool = Field(False, description="Require TLS (implied by tls:// URLs).")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this server."
+        None,
+        description="Path to a PEM file of the CAs to trust for this server instead of the system's "
+        "(e.g. a private CA).",
     )
 
     @field_validator("servers")

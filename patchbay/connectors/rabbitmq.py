@@ -94,7 +94,9 @@ class RabbitMQSystem(Spec):
     tls: bool = Field(False, description="Connect with TLS (amqps).")
     verify_tls: bool = Field(True, description="Verify the broker's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this broker."
+        None,
+        description="Path to a PEM file of the CAs to trust for this broker instead of the system's "
+        "(e.g. a private CA).",
     )
 
 

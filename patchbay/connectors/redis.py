@@ -61,6 +61,7 @@ from patchbay.connectors.broker_client import (
     text,
     timed_out,
 )
+from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
@@ -81,7 +82,11 @@ class RedisSystem(Spec):
     )
     password: SecretRef | None = Field(None, description="Password (AUTH), e.g. {secret: redis_password}.")
     verify_tls: bool = Field(True, description="rediss://: verify the server's TLS certificate (leave on).")
-    ca_bundle: str | None = Field(None, description="rediss://: path to a PEM file of extra CAs to trust.")
+    ca_bundle: str | None = Field(
+        None,
+        description="rediss://: path to a PEM file of the CAs to trust instead of the system's "
+        "(e.g. a private CA).",
+    )
     client_name: str = Field(
         "patchbay", pattern=r"^\S+$", description="Connection name shown by CLIENT LIST (no spaces)."
     )
@@ -176,7 +181,11 @@ def make_client(
             "ssl_cert_reqs": "required" if s.verify_tls else "none",
             "ssl_check_hostname": s.verify_tls,
             "ssl_ca_certs": s.ca_bundle,
-            "connection_class": _guarded(redis.SSLConnection, resources),
+            "connection_class": _guarded(
+                redis.SSLConnection,
+                resources,
+                TlsSettings(verify=s.verify_tls, check_hostname=s.verify_tls, ca_bundle=s.ca_bundle),
+            ),
         }
     elif s.url.startswith("redis://"):  # unix:// is a socket file, not a network address
         extra = {"connection_class": _guarded(redis.Connection, resources)}
@@ -194,7 +203,7 @@ def make_client(
     return redis.Redis.from_pool(pool)
 
 
-def _guarded(base: type[Any], resources: Resources) -> type[Any]:
+def _guarded(base: type[Any], resources: Resources, tls: TlsSettings | None = None) -> type[Any]:
     """A redis-py connection class that checks the address of every connection it opens.
 
     Each new connection resolves the host and checks it with the address guard (BlockedAddress, which
@@ -203,12 +212,16 @@ def _guarded(base: type[Any], resources: Resources) -> type[Any]:
     redis-py has no setting for a TLS name other than the host it connects to, but it builds the
     arguments of asyncio.open_connection in `_connection_arguments` (as its own SSLConnection does
     to add `ssl`): this class connects to the IP and passes the configured host as server_hostname.
+    With `tls`, each connection uses the system's shared context (tls_client) rather than one redis-py
+    builds on the event loop.
     """
 
     class GuardedConnection(base):  # type: ignore[valid-type,misc]
         _checked_address: str | None = None
 
         async def _connect(self) -> None:
+            if tls is not None:
+                self.ssl_context.context = await tls_context(tls)  # what RedisSSLContext.get() returns
             addresses = await resources.allowed_addresses(self.host, self.port)
 
             async def attempt(address: str) -> None:

@@ -34,6 +34,7 @@ from patchbay.connectors.base import (
     excerpt,
     import_driver,
 )
+from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import Template, render_template
 from patchbay.registry import connector
@@ -93,7 +94,9 @@ class SmtpSystem(Spec):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this server."
+        None,
+        description="Path to a PEM file of the CAs to trust for this server instead of the system's "
+        "(e.g. a private CA).",
     )
 
     _from = field_validator("from_address")(classmethod(lambda cls, v: _check_address(v)))
@@ -213,6 +216,7 @@ class SmtpSink(BaseSink[SmtpSystem, SmtpSinkConfig]):
             # resolved again; `hostname` stays the configured name, which aiosmtplib uses for TLS
             # (implicit or STARTTLS) as the server name to verify.
             addresses = await self.resources.allowed_addresses(s.host, s.effective_port)
+            tls = await self._tls()
             sock = await open_socket(addresses, s.effective_port, timeout_s)
             refused, reply = await smtp.send(
                 msg,
@@ -224,8 +228,7 @@ class SmtpSink(BaseSink[SmtpSystem, SmtpSinkConfig]):
                 use_tls=s.tls,
                 start_tls=s.use_starttls,
                 timeout=timeout_s,
-                validate_certs=s.verify_tls,
-                cert_bundle=s.ca_bundle,
+                tls_context=tls,
             )
         except BlockedAddress as exc:  # refused before connecting, the same way on every try
             return Outcome(
@@ -245,6 +248,15 @@ class SmtpSink(BaseSink[SmtpSystem, SmtpSinkConfig]):
                 OutcomeClass.SUCCESS, None, sw.ms, text, error=self.resources.redact(f"refused: {lost}")
             )
         return Outcome(OutcomeClass.SUCCESS, None, sw.ms, text)
+
+    async def _tls(self) -> ssl.SSLContext | None:
+        """The system's TLS context (built once per system), or None when it speaks plain SMTP."""
+        s = self.system
+        if not (s.tls or s.use_starttls):
+            return None
+        return await tls_context(
+            TlsSettings(verify=s.verify_tls, check_hostname=s.verify_tls, ca_bundle=s.ca_bundle)
+        )
 
     def _classify(self, exc: Exception, ms: float) -> Outcome:
         smtp, redact = self._smtp, self.resources.redact

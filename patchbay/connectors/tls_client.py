@@ -24,7 +24,8 @@ _MAX_KEPT = 64  # distinct settings kept; a hub has a few systems, each with one
 class TlsSettings:
     """How a connection checks the server.
 
-    verify:        check the certificate chain against `ca_bundle` (or the system's CAs).
+    verify:        check the certificate chain against `ca_bundle`, the PEM file of the CAs to trust
+                   instead of the system's (one rule for every connector), or the system's CAs.
     check_hostname: and that it was issued for the host name (needs verify).
     server_name:   the configured host name, for drivers that connect to the checked IP address and
                    pass that IP on as the TLS name: the context sends and checks this name instead.

@@ -39,7 +39,9 @@ class WebhookOutSystem(Spec):
     headers: dict[str, str] = Field(default_factory=dict, description="Headers sent with every request.")
     verify_tls: bool = Field(True, description="Verify the receiver's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this receiver."
+        None,
+        description="Path to a PEM file of the CAs to trust for this receiver instead of the system's "
+        "(e.g. a private CA).",
     )
 
     _url = field_validator("url")(classmethod(lambda cls, v: check_url(v)))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from pydantic import BaseModel
 
 from patchbay.config.models import SystemCommon
 from patchbay.config.project import SystemSpec, system_secret_refs
+from patchbay.connectors import tls_client
+from patchbay.connectors.tls_client import TlsSettings
 from tests.conftest import eventually, write_project
 
 
@@ -64,6 +69,30 @@ async def polls_more(hub: Any, n: int, timeout: float = 10.0) -> None:
     await eventually(ran, timeout=timeout, what=f"{n} more scheduled runs")
 
 
+def tls_server_context(folder: Path, name: str = "localhost") -> tuple[ssl.SSLContext, Path]:
+    """A server-side TLS context with a fresh certificate for `name`, and that certificate's file
+    (a client trusts it as its ca_bundle)."""
+    cert, key = self_signed(folder, name)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx, cert
+
+
+def count_tls_builds(monkeypatch: pytest.MonkeyPatch) -> list[TlsSettings]:
+    """Forget the kept TLS contexts and record each one built from now on (undone after the test)."""
+    tls_client.forget()
+    monkeypatch.setattr(tls_client, "_kept", OrderedDict())
+    built: list[TlsSettings] = []
+    real = tls_client.build
+
+    def build(settings: TlsSettings) -> ssl.SSLContext:
+        built.append(settings)
+        return real(settings)
+
+    monkeypatch.setattr(tls_client, "build", build)
+    return built
+
+
 def declared_secrets(system: BaseModel) -> list[str]:
     """The secret references the hub finds in a system's settings (and scopes its connectors to)."""
     spec = SystemSpec("s", SystemCommon(owner="test"), system, "systems.yaml", 1)
@@ -83,10 +112,12 @@ class TcpProxy:
     cut()            aborts every proxied connection, both sides: the broker "drops" the client
     blackhole        while true, bytes from the client are read and dropped: requests time out
     hold_replies()   requests still reach the server, its replies wait (until cut()): sends stay in flight
+    With `tls`, the proxy terminates TLS: a plain-text server behind it serves TLS clients.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
         self.upstream = (host, port)
+        self.tls = tls
         self.blackhole = False
         self.accepted = 0
         self._server: asyncio.Server | None = None
@@ -99,7 +130,7 @@ class TcpProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         return self
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

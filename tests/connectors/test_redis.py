@@ -16,7 +16,7 @@ from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.redis import RedisSink, RedisSinkConfig, RedisSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import broker_project
+from tests.connectors import TcpProxy, broker_project, count_tls_builds, tls_server_context
 from tests.connectors.brokers import entries
 
 aioredis = pytest.importorskip("redis.asyncio")
@@ -106,6 +106,28 @@ async def test_publish_mode_carries_the_key_in_the_body(r):
         await s.close()
         await pubsub.unsubscribe(channel)
         await pubsub.aclose()
+
+
+async def test_rediss_trusts_the_ca_bundle_and_builds_its_context_once(r, stream_key, tmp_path, monkeypatch):
+    server_tls, cert = tls_server_context(tmp_path, "localhost")
+    proxy = await TcpProxy(HOST, PORT, tls=server_tls).start()  # TLS in front of the local server
+    built = count_tls_builds(monkeypatch)
+    url = f"rediss://localhost:{proxy.port}/0"
+    sinks = [sink({"url": url, "ca_bundle": str(cert)}, stream=stream_key) for _ in range(2)]
+    untrusted = sink({"url": url}, stream=stream_key)  # the system's CAs do not know the test's CA
+    try:
+        for i, s in enumerate(sinks):  # two sinks of one system: two clients, two connections
+            outcome = await s.send(s.render({}, f"k{i}"), f"k{i}")
+            assert outcome.cls is OutcomeClass.SUCCESS, outcome
+        assert [e["idempotency_key"] for e in await entries(r, stream_key)] == ["k0", "k1"]
+        assert proxy.accepted == 2
+        assert len(built) == 1  # one context for the system, not one per connection
+        outcome = await untrusted.send(untrusted.render({}, "k2"), "k2")
+        assert outcome.cls is OutcomeClass.TRANSIENT and "certificate" in outcome.error.lower(), outcome
+    finally:
+        for s in [*sinks, untrusted]:
+            await s.close()
+        await proxy.stop()
 
 
 def test_key_field_needs_an_object_body_and_leaves_the_record_alone():

@@ -22,7 +22,7 @@ from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.smtp import SmtpSink, SmtpSinkConfig, SmtpSystem, message_id
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import SECRET_TOKEN, eventually, write_project
-from tests.connectors import declared_secrets
+from tests.connectors import TcpProxy, count_tls_builds, declared_secrets, tls_server_context
 
 PASSWORD = "correct horse battery"
 
@@ -112,6 +112,27 @@ def make(box: Mailbox, resources: Resources, system: dict[str, Any] | None = Non
 
 
 LEAD = {"email": "ada@example.com", "name": "Ada <b>Lovelace</b>", "owner": "Bob <bob@example.com>"}
+
+
+async def test_implicit_tls_trusts_the_ca_bundle_and_builds_its_context_once(
+    mailbox, resources, tmp_path, monkeypatch
+):
+    server_tls, cert = tls_server_context(tmp_path, "localhost")
+    proxy = await TcpProxy("127.0.0.1", mailbox.port, tls=server_tls).start()  # TLS in front of it
+    built = count_tls_builds(monkeypatch)
+    try:
+        tls = {"host": "localhost", "port": proxy.port, "tls": True}
+        sinks = [make(mailbox, resources, {**tls, "ca_bundle": str(cert)}) for _ in range(2)]
+        for sink in [*sinks, sinks[0]]:  # two sinks of one system, three connections
+            outcome = await sink.send(sink.render(LEAD, "k1"), "k1")
+            assert outcome.cls is OutcomeClass.SUCCESS, outcome
+        assert len(mailbox.mails) == 3
+        assert len(built) == 1  # one context for the system, however many connections
+        untrusted = make(mailbox, resources, tls)  # the system's CAs do not know the test's CA
+        outcome = await untrusted.send(untrusted.render(LEAD, "k2"), "k2")
+        assert outcome.cls is not OutcomeClass.SUCCESS and "certificate" in outcome.error.lower(), outcome
+    finally:
+        await proxy.stop()
 
 
 async def test_plain_text_message_with_message_id_from_the_key(mailbox, resources):
