@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import orjson
@@ -10,8 +13,10 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from patchbay import registry
 from patchbay.cli import main
-from patchbay.connectors.base import OutcomeClass
+from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors.base import MissingDriver, OutcomeClass, Resources
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sql_client.errors import DbRefused, classify_db
 from patchbay.connectors.sql_client.names import is_loopback, quote_ident
@@ -239,3 +244,23 @@ def test_check_accepts_a_sql_destination_and_locates_unknown_settings(tmp_path):
     flow.write_text(flow.read_text().replace("keys: [email]", "columns: {email: 'lowr(email)'}"))
     code, out = check_project(root)
     assert code != 0 and "unknown function 'lowr'" in out, out
+
+
+@pytest.mark.parametrize(("kind", "module"), [("postgres", "psycopg"), ("mysql", "aiomysql")])
+def test_a_missing_driver_says_how_to_install_it(kind, module, monkeypatch):
+    registry.discover()
+    entry = registry.CONNECTORS[kind]
+    cls, _ = registry.connector_for(kind, "destination") or (None, None)
+    assert cls is not None and entry.extra is not None
+    monkeypatch.setitem(sys.modules, module, None)  # what an install without the extra looks like
+    load_driver = importlib.import_module(f"patchbay.connectors.{kind}").load_driver
+    if hasattr(load_driver, "cache_clear"):
+        load_driver.cache_clear()
+    system = entry.system_config.model_validate({"host": "127.0.0.1", "database": "d", "user": "u"})
+    config = SqlSinkConfig.model_validate({"table": "t", "write_mode": "insert"})
+    try:
+        with pytest.raises(MissingDriver, match=re.escape(registry.install_hint(entry.extra))):
+            cls(system, config, DeliveryPolicy(), Resources())
+    finally:
+        if hasattr(load_driver, "cache_clear"):
+            load_driver.cache_clear()  # the next caller imports the real driver again
