@@ -86,6 +86,7 @@ class FlowSpec:
     line: int
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
+    encrypt_sensitive: bool = False  # the flow's setting, else the hub's
 
     @property
     def webhook_path(self) -> str | None:
@@ -156,6 +157,11 @@ class FlowDoc(Spec):
     sensitive: list[str] = Field(
         default_factory=list,
         description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
+    )
+    encrypt_sensitive: bool | None = Field(
+        None,
+        description="Store the values at `sensitive` paths encrypted (payload and requests); default: "
+        "the hub's `encrypt_sensitive`. Needs the project's master key.",
     )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
     destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
@@ -712,6 +718,7 @@ def _load_flow(
         src.line(()),
         source,
         doc.alerts,
+        settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
     )
 
 
