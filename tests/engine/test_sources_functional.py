@@ -137,6 +137,7 @@ async def test_an_http_poll_answering_500_then_401_alerts_shows_and_pauses_until
     await eventually(lambda: _has(hook_messages(sink), 2), what="the pause alert")
     paused = hook_messages(sink)[1]
     assert paused["title"] == "ALERT orders: source paused" and "HTTP 401" in paused["text"]
+    assert "destination" not in paused["text"], "a source's error speaks of the source"
     assert "`patchbay resume orders`" in paused["text"]
     calls = orders.calls
     await _settle(0.5)
