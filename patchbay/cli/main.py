@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from patchbay.errors import ConfigError, PatchbayError
+from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
 
 EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
 
@@ -95,7 +95,16 @@ def _store(project_dir: Path) -> Any:
     return SyncStore(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnusable as exc:  # any command that meets an empty, foreign or damaged store file
+            click.echo(str(exc), err=True)
+            sys.exit(EXIT_STORE)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="patchbay")
 def main() -> None:
     """Patchbay: integrations as code, delivered durably, every failure visible."""
@@ -168,6 +177,7 @@ def check(directory: Path, as_json: bool) -> None:
 def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
     """Run the hub: webhook endpoints, delivery workers, health and metrics."""
     import asyncio
+    import sqlite3
 
     from patchbay import logs
     from patchbay.engine.hub import Hub
@@ -193,8 +203,14 @@ def serve(directory: Path, host: str | None, port: int | None, log_format: str |
         pass
     try:
         asyncio.run(run_hub(hub, host=h, port=p, on_ready=ready))
-    except StoreLocked as exc:
+    except (StoreLocked, StoreUnusable) as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_STORE)
+    except sqlite3.DatabaseError as exc:  # damage that only a later read meets
+        click.echo(
+            f"serve: reading the store {project.store_path}: {exc}; run `patchbay store check -p {directory}`",
+            err=True,
+        )
         sys.exit(EXIT_STORE)
     except OSError as exc:
         click.echo(f"serve: cannot listen on {h}:{p}: {exc.strerror}; pick another --port", err=True)
@@ -576,4 +592,5 @@ def connectors_show(kind: str) -> None:
 
 
 from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
+from patchbay.cli import store as _store_cli  # noqa: E402, F401  (registers `patchbay store`)
 from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)
