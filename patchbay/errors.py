@@ -104,4 +104,10 @@ class StoreUnusable(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """Writing to the store fails right now (disk full, I/O error); the same write may succeed later."""
+    """Writing to the store fails right now (disk full, I/O error); the same write may succeed later.
+
+    `condition` says what in a few words ("the disk is full"), without the file's path."""
+
+    def __init__(self, message: str, condition: str = "") -> None:
+        self.condition = condition or message
+        super().__init__(message)

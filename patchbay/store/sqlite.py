@@ -336,8 +336,7 @@ def store_condition(exc: BaseException | None) -> str | None:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return None
-    what = _CONDITIONS.get(code & 0xFF)
-    return None if what is None else f"{what} ({exc})"
+    return _CONDITIONS.get(code & 0xFF)
 
 
 _STOP = object()
@@ -408,8 +407,8 @@ class _Writer(threading.Thread):
         for i, (fut, ok, value) in enumerate(results):
             what = None if ok else store_condition(value)
             if what is not None:
-                problem = problem or what
-                err = StoreUnavailable(f"writing to the store {self.path}: {what}")
+                problem = problem or f"{what} ({value})"
+                err = StoreUnavailable(f"writing to the store {self.path}: {what} ({value})", what)
                 err.__cause__ = value
                 results[i] = (fut, False, err)
         self._set_problem(problem)
@@ -466,7 +465,7 @@ class _Writer(threading.Thread):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(conn)
-            self._set_problem(store_condition(exc) or f"{exc}")
+            self._set_problem(f"{store_condition(exc) or 'a write failed'} ({exc})")
             return
         self._set_problem(None)
 
