@@ -336,6 +336,9 @@ def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------- dead
+DEAD_RESPONSE_CHARS = 200  # of a dead letter's last response in the listing (`runs show` has 300)
+
+
 @main.command()
 @project_option
 @click.option("--flow", help="Only this flow.")
@@ -356,9 +359,12 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
     click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
     for r in rows:
         target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
+        reason = (r["reason"] or "")[:100]
+        if r["response"]:  # what the destination answered, on one line and bounded
+            reason += "  response: " + " ".join(r["response"].split())[:DEAD_RESPONSE_CHARS]
         click.echo(
             f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
-            f"{(r['reason'] or '')[:100]}"
+            f"{reason}"
         )
     click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
 

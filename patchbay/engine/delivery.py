@@ -201,10 +201,13 @@ class DestinationWorker:
 
     async def _attempt(self, d: DueDelivery) -> None:
         started = time.time()
+        t0 = time.perf_counter()
         try:
             outcome = await self.sink.send(d.request, d.idempotency_key)
         except Exception as exc:  # a connector bug is a transient failure, not a lost event
             outcome = Outcome(OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}")
+        if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
+            outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
         if self.on_attempt:
             self.on_attempt(self.flow, self.name, outcome)
@@ -216,7 +219,7 @@ class DestinationWorker:
             outcome.status_code,
             outcome.cls.value,
             outcome.excerpt,
-            outcome.error or decision.reason,
+            attempt_note(outcome, decision),
             decision.status,
             decision.next_at,
             decision.consumed_retry,
@@ -320,6 +323,15 @@ class DestinationWorker:
         log.info("delivery to %s/%s goes on: held results are recorded", self.flow, self.name)
         self._recordable.set()
         self.wake.set()
+
+
+def attempt_note(outcome: Outcome, decision: Decision) -> str:
+    """An attempt row's note: what went wrong and what follows ("timed out after 10s; retry in 4.7s").
+    The decision's reason alone when it already says what went wrong ("gave up after 5 attempts: …")."""
+    what, then = outcome.error, decision.reason
+    if not what or (then and what in then):
+        return then or what
+    return f"{what}; {then}" if then else what
 
 
 class TokenBucket:
