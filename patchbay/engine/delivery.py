@@ -178,8 +178,8 @@ class DestinationWorker:
 
     async def _work(self) -> None:
         while True:
-            await self._recordable.wait()  # sending what cannot be recorded would only send it again
             d = await self.queue.get()
+            await self._recordable.wait()  # sending what cannot be recorded would only send it again
             if self.queue.qsize() < self._low_water:
                 self.wake.set()  # the feeder refills before the queue runs dry
             if self.state != "active":
