@@ -143,7 +143,6 @@ def init_schema(conn: sqlite3.Connection) -> None:
 # One rule for every opener (the hub, the CLI, the vault): a missing file becomes a new store, created
 # complete and private before it appears under its name; an existing file must already be a Patchbay
 # store. An empty or foreign file is never taken for a new store (that would hide lost data).
-SQLITE_HEADER = b"SQLite format 3\x00"
 FILE_MODE = 0o600
 RESTORE = "restore it from a backup, or move it aside to start with an empty store"
 
@@ -168,7 +167,7 @@ def open_store(path: Path, *, check: bool = False) -> sqlite3.Connection:
     try:
         conn = connect(path)
     except sqlite3.DatabaseError as exc:
-        raise unusable(path, f"SQLite cannot open it ({exc})") from exc
+        raise unusable(path, _damage(exc)) from exc
     try:
         version = schema_version(conn, path)
         if check:
@@ -185,7 +184,7 @@ def open_store(path: Path, *, check: bool = False) -> sqlite3.Connection:
         init_schema(conn)  # creates what an older store lacks; writes nothing when all is there
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise unusable(path, f"the file is damaged ({exc})") from exc
+        raise unusable(path, _damage(exc)) from exc
     except BaseException:
         conn.close()
         raise
@@ -193,18 +192,25 @@ def open_store(path: Path, *, check: bool = False) -> sqlite3.Connection:
 
 
 def validate_file(path: Path) -> None:
-    """Refuse, by its first bytes, a file that cannot be a store: empty, truncated or not SQLite."""
+    """Refuse an empty file: SQLite would take it for a new, empty database.
+
+    Only stat() here: opening and closing the file in Python would drop every POSIX lock SQLite's
+    connections of this process hold on it (locks are per process), and another process closing
+    its last connection could then delete the -wal and -shm files still in use here. SQLite reads
+    the header itself and answers "file is not a database" for a foreign or truncated file.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(100)
+        size = os.stat(path).st_size
     except OSError as exc:
         raise unusable(path, f"cannot read it ({exc.strerror})", "check its owner and mode") from exc
-    if not head:
+    if size == 0:
         raise unusable(path, "the file is empty (0 bytes): truncated, or never written")
-    if not head.startswith(SQLITE_HEADER):
-        raise unusable(path, "the file is not a SQLite database (damaged, or another program's file)")
-    if len(head) < 100:
-        raise unusable(path, f"the file is truncated ({len(head)} bytes)")
+
+
+def _damage(exc: sqlite3.Error) -> str:
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 26:  # SQLITE_NOTADB
+        return "the file is not a SQLite database (damaged, or another program's file)"
+    return f"the file is damaged ({exc})"
 
 
 def schema_version(conn: sqlite3.Connection, path: Path) -> int:

@@ -182,3 +182,32 @@ def test_a_new_store_never_appears_half_made(tmp_path):
     SyncStore(db).close()
     assert db.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["patchbay.db"]
+
+
+async def test_opening_the_store_again_keeps_the_wal_of_a_serving_store(tmp_path):
+    """Checking a store file must not drop this process's SQLite locks on it: a CLI command that
+    closes its last connection would then delete the -wal and -shm the serving hub still uses, and
+    new readers would not see what the hub had acknowledged."""
+    db = tmp_path / "patchbay.db"
+    store = SqliteStore(db)
+    try:
+        await store.write(lambda c: c.execute("INSERT INTO meta VALUES('before', '1')"))
+        SyncStore(db).close()  # in the hub's process: the vault and the API open the file this way
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sqlite3; sqlite3.connect({str(db)!r}).execute('SELECT COUNT(*) FROM meta').fetchall()",
+            ],
+            check=True,
+        )
+        assert Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
+        await store.write(lambda c: c.execute("INSERT INTO meta VALUES('after', '1')"))
+        other = SyncStore(db)
+        try:
+            seen = other.conn.execute("SELECT COUNT(*) FROM meta WHERE key IN ('before', 'after')")
+            assert seen.fetchone()[0] == 2  # what the hub acknowledged is what a new reader sees
+        finally:
+            other.close()
+    finally:
+        await store.close()
