@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass
-from patchbay.errors import AuthError, ConfigError, SecretMissing, TerminalError, TransientError
+from patchbay.errors import (
+    AuthError,
+    ConfigError,
+    SecretMissing,
+    StoreUnavailable,
+    StoreUnusable,
+    TerminalError,
+    TransientError,
+)
 from patchbay.security.ssrf import BlockedAddress
 
 
@@ -68,9 +76,11 @@ def outcome_of(exc: BaseException, action: str = "") -> Outcome:
     prefix = f"{action}: " if action else ""
     if isinstance(exc, TransientError):
         return Outcome(OutcomeClass.TRANSIENT, error=f"{prefix}{exc}", retry_after_s=exc.retry_after_s)
+    if isinstance(exc, StoreUnavailable):  # the hub's own store (disk full): the same write may work later
+        return Outcome(OutcomeClass.TRANSIENT, error=f"{prefix}{exc}")
     if isinstance(exc, AuthError | SecretMissing):
         return Outcome(OutcomeClass.AUTH, error=f"{prefix}{exc}")
-    if isinstance(exc, TerminalError | ConfigError | BlockedAddress):
+    if isinstance(exc, TerminalError | ConfigError | BlockedAddress | StoreUnusable):
         return Outcome(OutcomeClass.TERMINAL, error=f"{prefix}{exc}")
     return Outcome(OutcomeClass.TRANSIENT, error=f"{prefix}unexpected {type(exc).__name__}: {exc}")
 

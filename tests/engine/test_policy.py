@@ -76,7 +76,14 @@ def test_retry_after_forms():
 # ---------------------------------------------------------------- one vocabulary for sources
 def test_a_source_error_is_read_in_the_deliveries_classes():
     from patchbay.engine.policy import outcome_of
-    from patchbay.errors import AuthError, ConfigError, SecretMissing, TerminalError, TransientError
+    from patchbay.errors import (
+        AuthError,
+        ConfigError,
+        SecretMissing,
+        StoreUnavailable,
+        TerminalError,
+        TransientError,
+    )
     from patchbay.security.ssrf import BlockedAddress
 
     busy = outcome_of(TransientError("polling x: HTTP 429", retry_after_s=7.0), "poll")
@@ -91,6 +98,8 @@ def test_a_source_error_is_read_in_the_deliveries_classes():
     assert outcome_of(ConfigError("bad query")).cls is OutcomeClass.TERMINAL
     assert outcome_of(BlockedAddress("10.0.0.1", "x", "private")).cls is OutcomeClass.TERMINAL
     # Unexpected: probably transient, and the error is kept.
+    full = outcome_of(StoreUnavailable("recording: the disk is full"))
+    assert (full.cls, full.error) == (OutcomeClass.TRANSIENT, "recording: the disk is full")
     odd = outcome_of(KeyError("items"))
     assert odd.cls is OutcomeClass.TRANSIENT and odd.error == "unexpected KeyError: 'items'"
 
