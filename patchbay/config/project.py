@@ -293,6 +293,7 @@ def load_project(
     flow_srcs: dict[str, Located] = {}
     paths: dict[str, str] = {}
     flow_files = sorted((root / "flows").glob("*.y*ml")) if (root / "flows").is_dir() else []
+    flow_files = [f for f in flow_files if not f.name.endswith((".test.yaml", ".test.yml"))]  # flow tests
     if not flow_files:
         problems.append(Problem(rel(root), 0, "no flows: add a file under flows/ (see `patchbay init`)"))
     for f in flow_files:

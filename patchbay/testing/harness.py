@@ -1,0 +1,202 @@
+"""Run one event through a flow without a hub, a store or the network: the steps and routing of the
+live definition, each destination's rendered request captured instead of sent, and simulated answers
+walked through the real delivery policy (engine/policy.py), so 503 then 201 shows the retry path."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from patchbay import registry
+from patchbay.config.project import FlowSpec, Project
+from patchbay.connectors.base import Destination, Outcome, OutcomeClass, Resources
+from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.policy import decide
+
+TEST_EVENT_TIME_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: templates that print the arrival are stable
+MAX_ATTEMPTS = 60  # a simulated delivery gives up here even if the retry schedule is longer
+OUTCOME_NAMES = {
+    "ok": OutcomeClass.SUCCESS,
+    "success": OutcomeClass.SUCCESS,
+    "transient": OutcomeClass.TRANSIENT,
+    "timeout": OutcomeClass.TRANSIENT,
+    "terminal": OutcomeClass.TERMINAL,
+    "auth": OutcomeClass.AUTH,
+    "gone": OutcomeClass.GONE,
+}
+
+
+def placeholder(ref: Any) -> str:
+    """What a secret looks like in a test: its reference, never a value (no vault is opened)."""
+    return f"<{ref.label}>"
+
+
+@dataclass
+class Response:
+    """A simulated answer: an HTTP status (classified by the HTTP rules) or an outcome class name."""
+
+    status: int | None = None
+    outcome: str | None = None  # ok | transient | timeout | terminal | auth | gone
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+
+    def to_outcome(self) -> Outcome:
+        from patchbay.connectors.http import classify_response
+
+        raw = b"" if self.body is None else orjson.dumps(self.body)
+        if self.status is not None:
+            return classify_response(self.status, self.headers, raw, 0.0)
+        cls = OUTCOME_NAMES[self.outcome or "ok"]
+        error = "timed out (simulated)" if self.outcome == "timeout" else ""
+        return Outcome(cls, None, 0.0, raw.decode(), error=error)
+
+
+@dataclass
+class Attempt:
+    outcome: str  # the OutcomeClass value
+    status_code: int | None
+    decision: str  # delivered | pending | dead
+    reason: str = ""
+    wait_s: float | None = None  # before the next try, when the policy retries
+
+    def describe(self) -> str:
+        what = f"HTTP {self.status_code}" if self.status_code is not None else self.outcome
+        if self.decision == "pending" and self.wait_s is not None:
+            return f"{what} -> retry in {self.wait_s:g}s"
+        return f"{what} -> {self.decision}" + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass
+class Captured:
+    """One would-be delivery: the request as rendered, and what the simulated answers led to."""
+
+    destination: str
+    kind: str
+    request: dict[str, Any]  # as stored: what `send` would be given
+    view: dict[str, Any]  # the same, for people and expectations: body parsed, `path` added
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: str = "delivered"  # delivered | dead | paused | disabled
+
+
+@dataclass
+class FlowRun:
+    status: str  # delivered | quarantined | filtered | dead | paused (the worst destination)
+    reason: str | None
+    trace: list[dict[str, Any]]
+    captured: list[Captured]
+    record: Any  # after the steps
+
+    @property
+    def deliveries(self) -> dict[str, Captured]:
+        return {c.destination: c for c in self.captured}
+
+
+def event_id(ms: int = TEST_EVENT_TIME_MS) -> str:
+    """A fixed event id in the hub's ULID layout (its time is `ms`, its random part zero)."""
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    n = ms << 80
+    out = []
+    for _ in range(26):
+        out.append(alphabet[n & 31])
+        n >>= 5
+    return "evt_" + "".join(reversed(out))
+
+
+def offline_sinks(flow: FlowSpec, project: Project) -> dict[str, Destination]:
+    """One destination object per flow destination, as the hub builds them, but with no sessions and
+    secrets that resolve to placeholders: nothing here can reach a remote or read the vault."""
+    out: dict[str, Destination] = {}
+    for dest in flow.destinations:
+        system = project.systems[dest.system]
+        found = registry.connector_for(dest.kind, "destination")
+        assert found is not None
+        res = Resources(
+            secret=placeholder,
+            extra={"root": project.root, "flow": flow.name, "offline": True},
+            system=system.name,
+            allow_private=system.common.allow_private_network,
+            allow_networks=tuple(system.common.allow_networks),
+        )
+        out[dest.name] = found[0](system.config, dest.config, dest.policy, res)
+    return out
+
+
+class _NoJitter(random.Random):
+    """Waits exactly as the schedule says, so a test's printed retry path is the same every run."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
+
+def simulate(
+    flow: FlowSpec,
+    project: Project,
+    record: Any,
+    responses: Mapping[str, Sequence[Response]] | None = None,
+    sinks: dict[str, Destination] | None = None,
+) -> FlowRun:
+    """The flow's steps and routing over `record`, each routed request captured; then each delivery
+    answered by `responses[destination]` in turn (the last answer repeats; none given: success)."""
+    sinks = sinks if sinks is not None else offline_sinks(flow, project)
+    processed = Pipeline(flow, sinks).process(record, event_id())
+    if processed.status != "pending":
+        return FlowRun(processed.status, processed.reason, processed.trace, [], processed.record)
+    captured = []
+    for d in processed.deliveries:
+        spec = next(x for x in flow.destinations if x.name == d.destination)
+        c = Captured(d.destination, spec.kind, d.request, view(d.request, project, spec.system))
+        _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
+        captured.append(c)
+    worst = "delivered"
+    for rank in ("paused", "disabled", "dead"):
+        if any(c.outcome == rank for c in captured):
+            worst = "dead" if rank == "disabled" else rank
+    reasons = [f"{c.destination}: {c.attempts[-1].reason}" for c in captured if c.outcome != "delivered"]
+    return FlowRun(worst, "; ".join(reasons) or None, processed.trace, captured, processed.record)
+
+
+def _deliver(c: Captured, policy: Any, answers: list[Response]) -> None:
+    rng = _NoJitter()
+    now, retries = 0.0, 0
+    for n in range(MAX_ATTEMPTS):
+        answer = answers[min(n, len(answers) - 1)] if answers else Response(outcome="ok")
+        outcome = answer.to_outcome()
+        d = decide(outcome, retries, policy, now, rng)
+        wait = None if d.next_at is None else round(d.next_at - now, 3)
+        c.attempts.append(Attempt(outcome.cls.value, outcome.status_code, d.status, d.reason, wait))
+        if d.destination_state is not None:
+            c.outcome = d.destination_state
+            return
+        if d.status != "pending":
+            c.outcome = d.status
+            return
+        retries += 1 if d.consumed_retry else 0
+        now = d.next_at or now
+    c.outcome = "dead"
+    c.attempts[-1].reason = f"the simulation stopped after {MAX_ATTEMPTS} attempts"
+
+
+def view(request: dict[str, Any], project: Project, system: str) -> dict[str, Any]:
+    """A rendered request as tests and people read it: a JSON body parsed, and for HTTP-shaped requests
+    the `path` after the system's URL (what the destination's `path:` rendered to)."""
+    out = dict(request)
+    body = out.get("body")
+    if isinstance(body, str):
+        try:
+            out["body"] = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    url = out.get("url")
+    if isinstance(url, str):
+        base = getattr(project.systems[system].config, "url", None)
+        if isinstance(base, str) and url.startswith(base.rstrip("/")):
+            out["path"] = url[len(base.rstrip("/")) :] or "/"
+        else:
+            parts = urlsplit(url)
+            out["path"] = parts.path + (f"?{parts.query}" if parts.query else "")
+    return out
