@@ -133,8 +133,9 @@ def expectation(run: FlowRun) -> dict[str, Any]:
         return {"filtered": run.reason or True}
     out: dict[str, Any] = {}
     for c in run.captured:
-        want = {k: v for k, v in c.view.items() if not (k == "url" and "path" in c.view)}
-        out[c.destination] = want
+        view = {k: v for k, v in c.view.items() if not (k == "url" and "path" in c.view)}
+        first = [k for k in ("method", "path") if k in view]
+        out[c.destination] = {k: view[k] for k in [*first, *(k for k in view if k not in first)]}
     return {"deliveries": out}
 
 
