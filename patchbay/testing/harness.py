@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from patchbay import registry
 from patchbay.config.project import FlowSpec, Project
-from patchbay.connectors.base import Destination, Outcome, OutcomeClass, Resources
+from patchbay.connectors.base import Outcome, OutcomeClass, Sink
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.policy import decide
+from patchbay.security.secrets import SecretResolver
 
 TEST_EVENT_TIME_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: templates that print the arrival are stable
 MAX_ATTEMPTS = 60  # a simulated delivery gives up here even if the retry schedule is longer
@@ -29,11 +29,6 @@ OUTCOME_NAMES = {
     "auth": OutcomeClass.AUTH,
     "gone": OutcomeClass.GONE,
 }
-
-
-def placeholder(ref: Any) -> str:
-    """What a secret looks like in a test: its reference, never a value (no vault is opened)."""
-    return f"<{ref.label}>"
 
 
 @dataclass
@@ -107,23 +102,23 @@ def event_id(ms: int = TEST_EVENT_TIME_MS) -> str:
     return "evt_" + "".join(reversed(out))
 
 
-def offline_sinks(flow: FlowSpec, project: Project) -> dict[str, Destination]:
-    """One destination object per flow destination, as the hub builds them, but with no sessions and
-    secrets that resolve to placeholders: nothing here can reach a remote or read the vault."""
-    out: dict[str, Destination] = {}
-    for dest in flow.destinations:
-        system = project.systems[dest.system]
-        found = registry.connector_for(dest.kind, "destination")
-        assert found is not None
-        res = Resources(
-            secret=placeholder,
-            extra={"root": project.root, "flow": flow.name, "offline": True},
-            system=system.name,
-            allow_private=system.common.allow_private_network,
-            allow_networks=tuple(system.common.allow_networks),
-        )
-        out[dest.name] = found[0](system.config, dest.config, dest.policy, res)
-    return out
+class _EnvPlaceholders(dict[str, str]):
+    def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
+        return f"<env:{key}>"
+
+
+def placeholder_resolver() -> SecretResolver:
+    """A resolver whose every secret is a placeholder naming it: nothing reads the vault or the
+    environment, and a test's output never holds a credential."""
+    return SecretResolver(lambda name: f"<secret:{name}>", _EnvPlaceholders())
+
+
+def offline_sinks(flow: FlowSpec, project: Project) -> dict[str, Sink]:
+    """The flow's destinations built as the hub builds them (engine/hub.build_sinks), with no HTTP
+    sessions and placeholder secrets: `render` works, and nothing here can reach a remote."""
+    from patchbay.engine.hub import build_sinks
+
+    return build_sinks(flow, project, placeholder_resolver(), None)
 
 
 class _NoJitter(random.Random):
@@ -138,7 +133,7 @@ def simulate(
     project: Project,
     record: Any,
     responses: Mapping[str, Sequence[Response]] | None = None,
-    sinks: dict[str, Destination] | None = None,
+    sinks: dict[str, Sink] | None = None,
 ) -> FlowRun:
     """The flow's steps and routing over `record`, each routed request captured; then each delivery
     answered by `responses[destination]` in turn (the last answer repeats; none given: success)."""
