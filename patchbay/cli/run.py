@@ -147,6 +147,8 @@ def _step_line(step: dict[str, Any]) -> str:
         return f"{head}: skipped (when was false)"
     if "error" in step:
         return f"{head}: STOPPED: " + "; ".join(step["error"])
+    if "drift" in step:
+        return f"{head}: DRIFT: " + "; ".join(step["drift"])
     if "dropped" in step:
         return f"{head}: filtered out: {step['dropped']}"
     if "routes" in step:

@@ -1,0 +1,142 @@
+"""Input contracts: learned from traffic, pinned beside the flow, checked on every event and source run."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from patchbay.cli.main import main
+from patchbay.config.project import load_or_raise
+from patchbay.contracts import learn
+from patchbay.engine.hub import Hub
+from patchbay.engine.sources import poll_once
+from patchbay.store.queries import get_run
+from tests.conftest import resolver, write_project
+
+
+def test_learn_then_check_names_each_kind_of_drift():
+    c = learn(
+        "f",
+        [
+            {"email": "a@b.co", "age": 3, "items": [{"sku": "x"}], "address": {"city": "Oslo"}},
+            {"email": "c@d.co", "age": None, "items": [], "address": {}},
+        ],
+    )
+    assert {p: str(r) for p, r in c.fields.items()} == {
+        "address": "object",
+        "address.city": "string?",
+        "age": "number|null",
+        "email": "string",
+        "items": "array",
+        "items[]": "object",
+        "items[].sku": "string",
+    }
+    drift = c.check({"email": 5, "items": [{"qty": 1}], "address": {"city": "x"}, "coupon": {"code": "A"}})
+    assert [str(d) for d in drift] == [
+        "age: missing (the contract says number|null)",
+        "email: number where the contract says string",
+        "items[].sku: missing (the contract says string)",
+        "items[].qty: new field (number), not in the contract",
+        "coupon: new field (object), not in the contract",  # its own fields are not listed again
+    ]
+    assert c.check({"email": "e@f.co", "age": 1, "items": [], "address": {}}) == []
+
+
+def _source_project(root: Path) -> Path:
+    db = root / "data" / "shop.db"
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE orders(id INTEGER PRIMARY KEY, email TEXT, total REAL)")
+        conn.executemany("INSERT INTO orders VALUES(?,?,?)", [(1, "a@b.co", 9.5), (2, "c@d.co", 12.0)])
+    conn.close()
+    return write_project(
+        root,
+        {
+            "patchbay.yaml": "port: 0\n",
+            "systems.yaml": """
+            shop_db: {kind: sqlite, owner: shop, path: data/shop.db}
+            files: {kind: files, owner: ops, folder: out}
+            """,
+            "flows/orders.yaml": """
+            purpose: orders reach the export folder
+            owner: ops
+            trigger:
+              schedule: {every: 24h, catch_up: skip}
+              source: {system: shop_db, table: orders, cursor_column: id}
+            destinations:
+              - {name: export, system: files, file: orders.jsonl}
+            """,
+        },
+    )
+
+
+async def _poll(root: Path) -> tuple[Hub, list[str]]:
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    await hub.start()
+    fr = hub.flows["orders"]
+    await poll_once(hub, fr, fr.source)
+    assert hub.store is not None
+    ids = await hub.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")])
+    return hub, ids
+
+
+async def test_a_source_that_drops_a_field_shows_drift_in_the_next_run(tmp_path, caplog):
+    root = _source_project(tmp_path)
+    (root / "out").mkdir()
+    hub, ids = await _poll(root)
+    await hub.stop()
+    assert len(ids) == 2
+
+    res = CliRunner().invoke(main, ["contract", "learn", "orders", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    pinned = yaml.safe_load((root / "flows" / "orders.contract.yaml").read_text())
+    assert pinned["fields"] == {"email": "string", "id": "number", "total": "number"}
+    res = CliRunner().invoke(main, ["check", str(root)])  # the contract is not read as a flow
+    assert res.exit_code == 0 and "1 flow" in res.output, res.output
+    res = CliRunner().invoke(main, ["contract", "check", "orders", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+
+    # Upstream drops `total` (and adds `currency`): the very next poll shows it.
+    with sqlite3.connect(root / "data" / "shop.db") as conn:
+        conn.execute("ALTER TABLE orders DROP COLUMN total")
+        conn.execute("ALTER TABLE orders ADD COLUMN currency TEXT")
+        conn.execute("INSERT INTO orders(id, email, currency) VALUES(3, 'e@f.co', 'EUR')")
+    conn.close()
+    hub, ids = await _poll(root)
+    try:
+        run = await hub.store.read(get_run, ids[-1])  # type: ignore[union-attr]
+        assert run is not None and run["status"] in ("pending", "delivered")
+        [entry] = [s for s in run["trace"] if s["kind"] == "contract"]
+        assert entry["drift"] == [
+            "total: missing (the contract says number)",
+            "currency: new field (string), not in the contract",
+        ]
+        assert hub.metrics.drift.labels("orders")._value.get() == 1
+        assert f"contract drift in orders, event {ids[-1]}: total: missing" in caplog.text
+    finally:
+        await hub.stop()
+
+    res = CliRunner().invoke(main, ["contract", "check", "orders", "-p", str(root)])
+    assert res.exit_code == 1, res.output
+    assert f"total: missing (the contract says number)  in 1 event, e.g. {ids[-1]}" in res.output
+    res = CliRunner().invoke(main, ["runs", "show", ids[-1], "-p", str(root)])
+    assert "DRIFT from the flow's input contract:" in res.output
+
+
+def test_a_bad_contract_is_a_check_problem_with_its_line(tmp_path):
+    root = _source_project(tmp_path)
+    (root / "flows" / "orders.contract.yaml").write_text("fields:\n  id: number\n  email: text\n")
+    res = CliRunner().invoke(main, ["check", str(root)])
+    assert res.exit_code == 2
+    assert "orders.contract.yaml:3: email: write types from string, number" in res.output
+
+
+def test_a_flow_test_sees_drift_in_the_dry_run(tmp_path):
+    root = _source_project(tmp_path)
+    (root / "flows" / "orders.contract.yaml").write_text("fields:\n  id: number\n  total: number\n")
+    res = CliRunner().invoke(main, ["run", "orders", "-p", str(root), "--dry-run", "-d", '{"id": 1}'])
+    assert res.exit_code == 0, res.output
+    assert "DRIFT: total: missing (the contract says number)" in res.output
