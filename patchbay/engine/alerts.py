@@ -164,6 +164,8 @@ class Snapshot:
     schedules: dict[str, dict[str, Any]]
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alerts row
+    # window -> flow -> (events that drifted from the flow's contract, the latest one's id and drift)
+    drift: dict[float, dict[str, tuple[int, str, list[str]]]] = field(default_factory=dict)
 
 
 def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
@@ -192,6 +194,7 @@ def q_snapshot(
     pairs: list[tuple[str, str]],
     dead_windows: set[float | None],
     count_after: int | None = None,
+    drift_windows: frozenset[float] = frozenset(),
 ) -> tuple[Snapshot, int, int]:
     """One consistent read of all the rules and metrics need; returns (snapshot, after_id, max_id).
 
@@ -269,11 +272,24 @@ def q_snapshot(
             {r["flow"]: dict(r) for r in conn.execute("SELECT * FROM schedules")},
             dead,
             {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
+            {w: _drifted(conn, now - w) for w in drift_windows},
         )
     finally:
         if conn.in_transaction:  # an interrupted query may have ended it already
             conn.execute("COMMIT")
     return snap, max(after_id, max_id), max_id
+
+
+def _drifted(conn: sqlite3.Connection, since: float) -> dict[str, tuple[int, str, list[str]]]:
+    """Per flow: events since `since` whose trace has a contract drift entry, and the latest one."""
+    out: dict[str, tuple[int, str, list[str]]] = {}
+    for flow, n, last in conn.execute(
+        "SELECT flow, COUNT(*), MAX(id) FROM events WHERE received_at>=? AND trace LIKE ? GROUP BY flow",
+        (since, '%"kind":"contract"%'),
+    ):
+        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        out[flow] = (n, last, next((s["drift"] for s in trace if s.get("kind") == "contract"), []))
+    return out
 
 
 def tx_alert(
@@ -494,6 +510,7 @@ class AlertManager:
                     pairs,
                     windows,
                     None if self._first else self._count_from,
+                    frozenset(r.window for r in self.rules if r.spec.when == "contract_drift"),
                     timeout=self.timeout_s * (6 if self._first else 1),
                 )
             except TimeoutError:
@@ -579,6 +596,7 @@ class AlertManager:
             "destination_paused": self._paused,
             "schedule_late": self._late,
             "dead_letters": self._dead,
+            "contract_drift": self._drift,
         }[rule.spec.when]
         out = []
         for flow in self._flows(rule):
@@ -715,6 +733,25 @@ class AlertManager:
             f"Flow {flow.name} is back to {total} dead letters and quarantined events{period} "
             f"(threshold {above}); "
             f"it was above since {_ts(st['since'])}."
+        )
+        return [f]
+
+    def _drift(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        n, last, drift = snap.drift.get(rule.window, {}).get(flow.name, (0, "", []))
+        st = self._state(rule, flow.name, snap)
+        since = st["since"] if st["state"] == "firing" else snap.now
+        f = Finding(rule, flow.name, flow.name, None, n > 0, since)
+        pinned = flow.contract.file if flow.contract is not None else "its contract"
+        f.title = f"ALERT {flow.name}: input differs from its contract"
+        f.text = (
+            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}: {n}; "
+            f"the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}` and `patchbay contract "
+            f"check {flow.name}`; if the change is expected, `patchbay contract learn {flow.name} --force`."
+        )
+        f.ok_title = f"RESOLVED {flow.name}: input matches its contract again"
+        f.ok_text = (
+            f"No event of flow {flow.name} in the last {_dur(rule.window)} differs from {pinned}; "
+            f"drift was seen since {_ts(st['since'])}."
         )
         return [f]
 

@@ -45,7 +45,7 @@ def test_learn_then_check_names_each_kind_of_drift():
     assert c.check({"email": "e@f.co", "age": 1, "items": [], "address": {}}) == []
 
 
-def _source_project(root: Path) -> Path:
+def _source_project(root: Path, alert_url: str = "http://127.0.0.1:9") -> Path:
     db = root / "data" / "shop.db"
     db.parent.mkdir(parents=True)
     with sqlite3.connect(db) as conn:
@@ -59,7 +59,8 @@ def _source_project(root: Path) -> Path:
             "systems.yaml": """
             shop_db: {kind: sqlite, owner: shop, path: data/shop.db}
             files: {kind: files, owner: ops, folder: out}
-            """,
+            ops-hook: {kind: http, owner: ops, url: "ALERT_URL", allow_private_network: true}
+            """.replace("ALERT_URL", alert_url),
             "flows/orders.yaml": """
             purpose: orders reach the export folder
             owner: ops
@@ -68,6 +69,8 @@ def _source_project(root: Path) -> Path:
               source: {system: shop_db, table: orders, cursor_column: id}
             destinations:
               - {name: export, system: files, file: orders.jsonl}
+            alerts:
+              - {when: contract_drift, notify: [ops-hook]}
             """,
         },
     )
@@ -83,10 +86,12 @@ async def _poll(root: Path) -> tuple[Hub, list[str]]:
     return hub, ids
 
 
-async def test_a_source_that_drops_a_field_shows_drift_in_the_next_run(tmp_path, caplog):
-    root = _source_project(tmp_path)
+async def test_a_source_that_drops_a_field_raises_a_drift_alert_in_the_next_run(tmp_path, caplog, sink):
+    root = _source_project(tmp_path, sink.url)
     (root / "out").mkdir()
     hub, ids = await _poll(root)
+    assert hub.alert_manager is not None
+    assert await hub.alert_manager.evaluate() == []  # no contract yet: nothing to drift from
     await hub.stop()
     assert len(ids) == 2
 
@@ -116,6 +121,13 @@ async def test_a_source_that_drops_a_field_shows_drift_in_the_next_run(tmp_path,
         ]
         assert hub.metrics.drift.labels("orders")._value.get() == 1
         assert f"contract drift in orders, event {ids[-1]}: total: missing" in caplog.text
+        assert hub.alert_manager is not None
+        [alert] = await hub.alert_manager.evaluate()
+        assert alert.active and alert.title == "ALERT orders: input differs from its contract"
+        await sink.wait_for(1)  # delivered to the notify system like any alert
+        text = sink.received[0].body["text"]
+        assert "Events of flow orders in the last 10m 00s that differ from" in text
+        assert f"the latest, {ids[-1]}: total: missing (the contract says number)" in text
     finally:
         await hub.stop()
 
