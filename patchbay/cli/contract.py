@@ -22,12 +22,37 @@ from patchbay.cli.main import (
 from patchbay.cli.test import load_offline, shown
 
 
-def recent_payloads(conn: Any, flow: str, limit: int) -> list[tuple[str, float, Any]]:
+def recent_payloads(conn: Any, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
     rows = conn.execute(
         "SELECT id, received_at, payload FROM events WHERE flow=? ORDER BY received_at DESC, id DESC LIMIT ?",
         (flow, limit),
     ).fetchall()
-    return [(r[0], r[1], orjson.loads(r[2])) for r in rows]
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def recent_events(project: Any, flow: str, limit: int) -> list[tuple[str, float, Any]]:
+    """The flow's recent events as received: values stored encrypted (`encrypt_sensitive`) are opened
+    with the project's field key, so that their types are the ones the sender sent."""
+    from patchbay.cli.main import _store
+    from patchbay.engine.pipeline import Pipeline
+    from patchbay.security.fields import MARKER, FieldError
+
+    rows = _store(project.root).read(recent_payloads, flow, limit)
+    pipeline = None
+    out = []
+    for event_id, at, raw in rows:
+        if MARKER.encode() in raw:
+            if pipeline is None:
+                from patchbay.engine.hub import field_cipher
+
+                pipeline = Pipeline(project.flows[flow], {}, field_cipher(project))
+            try:
+                out.append((event_id, at, pipeline.load_payload(raw)))
+            except FieldError as exc:
+                click.echo(f"skipped {event_id}: {exc}", err=True)
+            continue
+        out.append((event_id, at, orjson.loads(raw)))
+    return out
 
 
 @main.group()
@@ -45,7 +70,6 @@ def contract() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing contract (to accept a change).")
 def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> None:
     """Write FLOW's contract from the shape of its recent events in the store."""
-    from patchbay.cli.main import _store
     from patchbay.contracts import contract_path, learn
 
     project = load_offline(project_dir)
@@ -58,7 +82,7 @@ def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> Non
             f"contract: {shown(path)} exists; pass --force to replace it with what traffic shows", err=True
         )
         sys.exit(EXIT_CONFIG)
-    rows = _store(project_dir).read(recent_payloads, flow, limit)
+    rows = recent_events(project, flow, limit)
     if not rows:
         click.echo(
             f"contract: flow {flow} has no events yet to learn from; write the contract by hand", err=True
@@ -83,15 +107,13 @@ def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> Non
 def contract_check(flow: str, project_dir: Path, limit: int, as_json: bool) -> None:
     """Check FLOW's recent events against its contract: each drift with how often and example runs.
     Exit 0 when they conform, 1 on drift."""
-    from patchbay.cli.main import _store
-
     project = load_offline(project_dir)
     spec = project.flows.get(flow)
     if spec is None or spec.contract is None:
         what = f"flow {flow!r} has no contract" if spec else f"no flow {flow!r}"
         click.echo(f"contract: {what}; pin one with `patchbay contract learn {flow}`", err=True)
         sys.exit(EXIT_CONFIG)
-    rows = _store(project_dir).read(recent_payloads, flow, limit)
+    rows = recent_events(project, flow, limit)
     found: dict[str, list[str]] = {}
     for event_id, _, payload in rows:
         for d in spec.contract.check(payload):

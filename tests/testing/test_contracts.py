@@ -152,3 +152,34 @@ def test_a_flow_test_sees_drift_in_the_dry_run(tmp_path):
     res = CliRunner().invoke(main, ["run", "orders", "-p", str(root), "--dry-run", "-d", '{"id": 1}'])
     assert res.exit_code == 0, res.output
     assert "DRIFT: total: missing (the contract says number)" in res.output
+
+
+async def test_learning_from_encrypted_events_sees_the_types_the_sender_sent(tmp_path):
+    import orjson
+
+    from patchbay.security.project import open_project_secrets
+    from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project
+
+    root = lead_project(tmp_path, "http://127.0.0.1:9", hub={"encrypt_sensitive": True})
+    flow_file = root / "flows" / "lead-capture.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["sensitive"] = ["salary"]
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+    vault, secrets = open_project_secrets(root, create_key=True)
+    assert vault is not None
+    vault.set("website_whsec", SECRET_WHSEC)
+    vault.set("crm_token", SECRET_TOKEN)
+    hub = Hub(load_or_raise(root), resolver=secrets)
+    await hub.start()
+    try:
+        for lead in ({"email": "a@b.co", "salary": 52000}, {"email": "c@d.co", "salary": 61000}):
+            await hub.ingest("lead-capture", orjson.dumps(lead), lead)
+        assert hub.store is not None
+        stored = await hub.store.read(lambda c: c.execute("SELECT payload FROM events").fetchone()[0])
+        assert b"pb-sealed" in stored and b"52000" not in stored  # the salary is stored encrypted
+    finally:
+        await hub.stop()
+    res = CliRunner().invoke(main, ["contract", "learn", "lead-capture", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    pinned = yaml.safe_load((root / "flows" / "lead-capture.contract.yaml").read_text())
+    assert pinned["fields"] == {"email": "string", "salary": "number"}
