@@ -87,7 +87,7 @@ def load_event(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
         "flow": row[1],
         "status": row[2],
         "reason": row[3],
-        "payload": orjson.loads(row[4]),
+        "payload": row[4],  # bytes: values may be sealed (encrypt_sensitive)
         "destinations": [
             r[0] for r in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (row[0],))
         ],
@@ -104,7 +104,7 @@ def export_run(store: Any, project: Project, run_id: str, name: str | None = Non
             f"run {event['id']} is of flow {event['flow']!r}, which this project no longer has"
         )
     notes: list[str] = []
-    record = stand_ins(event["payload"], flow, notes)
+    record = stand_ins(_opened(event["payload"], flow, project), flow, notes)
     record = _scrub_secrets(record, project_redactor(project), notes)
     now = simulate(flow, project, record)
     recorded = {"pending": "delivered", "delivered": "delivered", "dead": "delivered"}.get(
@@ -124,6 +124,18 @@ def export_run(store: Any, project: Project, run_id: str, name: str | None = Non
     title = name or f"run {event['id']} ({now.status})"
     case = {"name": title, "event": record, "expect": expectation(now)}
     return Exported(flow.name, title, case, notes)
+
+
+def _opened(payload: bytes, flow: FlowSpec, project: Project) -> Any:
+    """The event as received: values stored encrypted are opened (with the project's field key), so
+    that their stand-ins have the shape of the real values."""
+    from patchbay.engine.hub import field_cipher
+    from patchbay.engine.pipeline import Pipeline
+    from patchbay.security.fields import MARKER
+
+    if MARKER.encode() not in payload:
+        return orjson.loads(payload)
+    return Pipeline(flow, {}, field_cipher(project)).load_payload(payload)
 
 
 def expectation(run: FlowRun) -> dict[str, Any]:

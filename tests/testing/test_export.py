@@ -93,3 +93,33 @@ def test_an_unknown_run_is_reported(tmp_path):
     res = CliRunner().invoke(main, ["runs", "export", "evt_nope", "--as-test", "-p", str(root)])
     assert res.exit_code == 1
     assert "no run 'evt_nope'" in res.output
+
+
+async def test_an_encrypted_run_is_opened_before_its_stand_ins_are_made(tmp_path):
+    import orjson
+
+    from patchbay.config.project import load_or_raise
+    from patchbay.engine.hub import Hub
+    from patchbay.security.project import open_project_secrets
+
+    root = _project(tmp_path, "http://127.0.0.1:9")
+    (root / "patchbay.yaml").write_text("port: 0\nencrypt_sensitive: true\n")
+    vault, secrets = open_project_secrets(root, create_key=True)
+    assert vault is not None
+    vault.set("website_whsec", SECRET_WHSEC)
+    vault.set("crm_token", SECRET_TOKEN)
+    hub = Hub(load_or_raise(root), resolver=secrets)
+    await hub.start()
+    try:
+        lead = {"email": "real@corp.example", "card": {"number": "4111 1111 1111 1111"}}
+        accepted, _ = await hub.ingest("lead-capture", orjson.dumps(lead), lead)
+    finally:
+        await hub.stop()
+    res = CliRunner().invoke(
+        main, ["runs", "export", accepted.event_id, "--as-test", "--to", "-", "-p", str(root)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "note: replaced the sensitive fields email, card" in res.stderr
+    case = yaml.safe_load(res.stdout)
+    [test] = case["tests"]
+    assert test["event"] == {"email": "person1@example.com", "card": {"number": "9999 9999 9999 9999"}}
