@@ -38,7 +38,7 @@ def main() -> int:
             for _ in range(args.reps):
                 t0 = time.perf_counter()
                 res = subprocess.run(
-                    [sys.executable, "-m", "patchbay", "test", str(root)], capture_output=True, text=True
+                    [sys.executable, "-m", "patchbay", "test", "."], capture_output=True, text=True, cwd=root
                 )
                 walls.append(time.perf_counter() - t0)
                 summary = res.stdout.strip().splitlines()[-1]
