@@ -290,18 +290,19 @@ class Trigger(Spec):
         return self
 
 
+AlertKind = Literal["failures", "destination_paused", "schedule_late", "dead_letters", "contract_drift"]
+
+
 class AlertRule(Spec):
     """One alert: a condition the hub watches, and who is told once when it starts and once when it ends."""
 
-    when: Literal["failures", "destination_paused", "schedule_late", "dead_letters", "contract_drift"] = (
-        Field(
-            description="What to watch. failures: `count` failed delivery attempts to one destination "
-            "within `window` (it clears once an attempt succeeds and none has failed for a minute); "
-            "destination_paused: a destination paused (401/403) or disabled (410) until someone resumes it; "
-            "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; dead_letters: "
-            "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
-            "`window` (default 10m) that differ from the flow's pinned input contract (flows/<flow>.contract.yaml)."
-        )
+    when: AlertKind = Field(
+        description="What to watch. failures: `count` failed delivery attempts to one destination "
+        "within `window` (it clears once an attempt succeeds and none has failed for a minute); "
+        "destination_paused: a destination paused (401/403) or disabled (410) until someone resumes it; "
+        "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; dead_letters: "
+        "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
+        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
     )
     notify: list[str | dict[str, Any]] = Field(
         min_length=1,
