@@ -38,6 +38,7 @@ def test_no_vault_is_needed(tmp_path):
     shutil.rmtree(root / ".patchbay")  # no master key, no vault: secrets are placeholders
     code, out = _test(str(root))
     assert code == 0, out
+    assert not (root / ".patchbay").exists()  # and no store was made: nothing on disk
 
 
 def test_a_mapping_change_fails_with_a_readable_diff(tmp_path):
