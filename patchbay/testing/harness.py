@@ -144,7 +144,8 @@ def simulate(
     captured = []
     for d in processed.deliveries:
         spec = next(x for x in flow.destinations if x.name == d.destination)
-        c = Captured(d.destination, spec.kind, d.request, view(d.request, project, spec.system))
+        shown = view(d.request, project, spec.system, credentials(sinks[d.destination]))
+        c = Captured(d.destination, spec.kind, d.request, shown)
         _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
         captured.append(c)
     worst = "delivered"
@@ -176,10 +177,22 @@ def _deliver(c: Captured, policy: Any, answers: list[Response]) -> None:
     c.attempts[-1].reason = f"the simulation stopped after {MAX_ATTEMPTS} attempts"
 
 
-def view(request: dict[str, Any], project: Project, system: str) -> dict[str, Any]:
-    """A rendered request as tests and people read it: a JSON body parsed, and for HTTP-shaped requests
-    the `path` after the system's URL (what the destination's `path:` rendered to)."""
+def credentials(sink: Sink) -> dict[str, str]:
+    """The headers an HTTP-shaped sink adds at send time (its system's `auth`), with the placeholder
+    secrets of an offline sink: a test can see which credential goes where, never its value."""
+    auth_headers = getattr(getattr(sink, "client", None), "auth_headers", None)
+    return dict(auth_headers()) if callable(auth_headers) else {}
+
+
+def view(
+    request: dict[str, Any], project: Project, system: str, auth: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A rendered request as tests and people read it: a JSON body parsed, for HTTP-shaped requests
+    the `path` after the system's URL (what the destination's `path:` rendered to), and the
+    credential headers that sending adds, as placeholders."""
     out = dict(request)
+    if auth:
+        out["headers"] = {**(out.get("headers") or {}), **auth}
     body = out.get("body")
     if isinstance(body, str):
         try:

@@ -69,6 +69,7 @@ def test_nothing_reaches_the_destination(tmp_path, sink):
                       method: POST
                       url: SINK/contacts
                       path: /contacts
+                      headers: {authorization: "Bearer <secret:crm_token>"}
                       body: {properties: {email: a@b.co, firstname: Ann, lead_source: website}}
             """.replace("SINK", sink.url)
         },
@@ -200,7 +201,7 @@ def test_event_file_flow_filter_and_junit(tmp_path):
     junit = tmp_path / "junit.xml"
     code, out = _test(str(tmp_path), "lead-capture", "--junit", str(junit))
     assert code == 1, out
-    assert "the request has no field 'headers'" in out
+    assert 'crm.headers.X-Team: expected "sales", but there is no such field' in out
     suites = ET.parse(junit).getroot()
     assert suites.get("tests") == "2" and suites.get("failures") == "1"
     [case] = [c for c in suites.iter("testcase") if c.find("failure") is not None]
