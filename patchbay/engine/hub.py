@@ -279,6 +279,8 @@ class Hub:
         drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
         if drift:
             self.metrics.drift.labels(name).inc()
+            if self.alert_manager is not None:
+                self.alert_manager.note_drift(name, event.id, drift, event.received_at)
             log.warning(
                 "contract drift in %s, event %s: %s; see `patchbay contract check %s`",
                 name,
