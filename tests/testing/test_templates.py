@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from patchbay.cli.main import main
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
-from patchbay.scaffold import TEMPLATES
+from patchbay.scaffold import TEMPLATES, create_project
 from tests.conftest import eventually
 
 
@@ -66,4 +66,49 @@ async def test_the_payment_template_writes_its_reporting_table(tmp_path):
         await eventually(written, what="the row in data/reporting.db")
         assert rows() == [("ch_1", "paid", 9.9, "USD")]
     finally:
+        await hub.stop()
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+async def test_each_templates_test_events_are_delivered_live(tmp_path, name):
+    """What the tests expect is what a running hub does: each test's event that expects deliveries,
+    ingested by a real hub serving the demo inbox (or writing the template's SQLite file), is delivered."""
+    import socket
+
+    import yaml
+    from aiohttp import web
+
+    from patchbay.server.app import make_app
+    from patchbay.store.queries import get_run
+
+    root = tmp_path / name
+    create_project(root, template=name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for f in ("patchbay.yaml", "systems.yaml"):
+        (root / f).write_text((root / f).read_text().replace("8787", str(port)))
+    hub = Hub(load_or_raise(root))
+    await hub.start()
+    runner = web.AppRunner(make_app(hub), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        runs = []
+        for test_file in sorted((root / "flows").glob("*.test.yaml")):
+            flow = test_file.name.removesuffix(".test.yaml")
+            for case in yaml.safe_load(test_file.read_text())["tests"]:
+                if "deliveries" in case["expect"] and "responses" not in case:
+                    accepted, _ = await hub.ingest(flow, orjson.dumps(case["event"]), case["event"])
+                    runs.append((case["name"], accepted.event_id))
+        assert runs
+
+        async def delivered() -> bool:
+            assert hub.store is not None
+            got = [await hub.store.read(get_run, event_id) for _, event_id in runs]
+            return all(r is not None and r["status"] == "delivered" for r in got)
+
+        await eventually(delivered, what=f"every {name} test event delivered")
+    finally:
+        await runner.cleanup()
         await hub.stop()
