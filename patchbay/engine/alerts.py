@@ -206,6 +206,28 @@ class _Failures:
                 del b[s]
 
 
+@dataclass
+class _Drift:
+    """Events that drifted from their flow's contract, per flow in one-second buckets, and the latest."""
+
+    buckets: dict[str, dict[int, int]] = field(default_factory=dict)
+    last: dict[str, tuple[int, str, list[str]]] = field(default_factory=dict)  # (second, event id, drift)
+
+    def feed(self, flow: str, second: int, n: int, event_id: str, drift: list[str]) -> None:
+        b = self.buckets.setdefault(flow, {})
+        b[second] = b.get(second, 0) + n
+        if second >= self.last.get(flow, (0, "", []))[0]:
+            self.last[flow] = (second, event_id, drift)
+
+    def since(self, flow: str, t: float) -> int:
+        return sum(n for s, n in self.buckets.get(flow, {}).items() if s >= int(t))
+
+    def trim(self, before: float) -> None:
+        for b in self.buckets.values():
+            for s in [s for s in b if s < before]:
+                del b[s]
+
+
 def _ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
@@ -235,6 +257,7 @@ class AlertManager:
         self.rules, self.flow = compile_rules(hub.project)
         self.active: list[Finding] = []  # what fires now, for the console and the API
         self._failures = _Failures()
+        self._drift = _Drift()
         self._after_id: int | None = None
         self._count_from = 0  # retries are counted from the attempts made since this process started
         self._lock = asyncio.Lock()
@@ -255,6 +278,12 @@ class AlertManager:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    def note_drift(self, flow: str, event_id: str, drift: list[str], at: float) -> None:
+        """An event of `flow` differs from its contract: counted now, alerted at the next evaluation."""
+        self._drift.feed(flow, int(at), 1, event_id, drift)
+        if any(r.spec.when == "contract_drift" for r in self.rules):
+            self.kick()
 
     def kick(self) -> None:
         """Evaluate soon (a destination or a source changed state)."""
@@ -283,6 +312,7 @@ class AlertManager:
             longest = max((r.window for r in self.rules if r.spec.when == "failures"), default=0.0)
             store = self.hub.store
             assert store is not None
+            drift_window = max((r.window for r in self.rules if r.spec.when == "contract_drift"), default=0.0)
             try:
                 snap = await store.snapshot(
                     now,
@@ -291,6 +321,7 @@ class AlertManager:
                     pairs,
                     windows,
                     None if self._first else self._count_from,
+                    now - drift_window if self._first and drift_window else None,
                     timeout=self.timeout_s * (6 if self._first else 1),
                 )
             except TimeoutError:
@@ -305,6 +336,9 @@ class AlertManager:
             self._failures.feed(snap.attempts)
             self._failures.last.update(snap.last)
             self._failures.trim(now - longest - QUIET_S)
+            for flow, second, n, event_id, drift in snap.drift:  # the seed, at start
+                self._drift.feed(flow, second, n, event_id, drift)
+            self._drift.trim(now - drift_window)
             metrics = self.hub.metrics
             for (flow, dest), n in snap.retries.items():
                 metrics.retries.labels(flow, dest).inc(n)
@@ -377,6 +411,7 @@ class AlertManager:
             "schedule_late": self._late,
             "source_failing": self._source,
             "dead_letters": self._dead,
+            "contract_drift": self._drifting,
         }[rule.spec.when]
         out = []
         for flow in self._flows(rule):
@@ -545,6 +580,26 @@ class AlertManager:
             f"Flow {flow.name} is back to {total} dead letters and quarantined events{period} "
             f"(threshold {above}); "
             f"it was above since {_ts(st['since'])}."
+        )
+        return [f]
+
+    def _drifting(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        n = self._drift.since(flow.name, snap.now - rule.window)
+        _, last, drift = self._drift.last.get(flow.name, (0, "", []))
+        st = self._state(rule, flow.name, snap)
+        since = st["since"] if st["state"] == "firing" else snap.now
+        f = Finding(rule, flow.name, flow.name, None, n > 0, since)
+        pinned = flow.contract.file if flow.contract is not None else "its contract"
+        f.title = f"ALERT {flow.name}: input differs from its contract"
+        f.text = (
+            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}: {n}; "
+            f"the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}` and `patchbay contract "
+            f"check {flow.name}`; if the change is expected, `patchbay contract learn {flow.name} --force`."
+        )
+        f.ok_title = f"RESOLVED {flow.name}: input matches its contract again"
+        f.ok_text = (
+            f"No event of flow {flow.name} in the last {_dur(rule.window)} differs from {pinned}; "
+            f"drift was seen since {_ts(st['since'])}."
         )
         return [f]
 

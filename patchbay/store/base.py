@@ -89,12 +89,14 @@ class Store(Protocol):
         pairs: list[tuple[str, str]],
         dead_windows: set[float | None],
         count_after: int | None,
+        drift_since: float | None = None,
         *,
         timeout: float,
     ) -> Snapshot:
         """Read everything at once, off the delivery path; TimeoutError (and the read stops) past `timeout`.
 
-        `after_id` None: start from the first attempt at or after `seed_from`."""
+        `after_id` None: start from the first attempt at or after `seed_from`. `drift_since`: also read
+        the events that drifted from their flow's contract since then (once, at start)."""
         ...
 
     async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
@@ -160,5 +162,8 @@ class Snapshot:
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alert state row
     sources: dict[str, SourceState]
+    # Events that drifted from their flow's contract since `drift_since`, per flow and second:
+    # (flow, second, count, the latest event's id, its drift). Read once, at start.
+    drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id
     max_id: int = 0  # the largest attempt id when read

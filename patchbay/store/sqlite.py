@@ -688,6 +688,7 @@ class SqliteStore:
         pairs: list[tuple[str, str]],
         dead_windows: set[float | None],
         count_after: int | None,
+        drift_since: float | None = None,
         *,
         timeout: float,
     ) -> Snapshot:
@@ -695,7 +696,15 @@ class SqliteStore:
         if self._monitor is None:
             self._monitor = _MonitorReader(self.path)
         return await self._monitor.read(
-            q_snapshot, now, after_id, seed_from, pairs, dead_windows, count_after, timeout=timeout
+            q_snapshot,
+            now,
+            after_id,
+            seed_from,
+            pairs,
+            dead_windows,
+            count_after,
+            drift_since,
+            timeout=timeout,
         )
 
     async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
@@ -1026,6 +1035,7 @@ def q_snapshot(
     pairs: list[tuple[str, str]],
     dead_windows: set[float | None],
     count_after: int | None = None,
+    drift_since: float | None = None,
 ) -> Snapshot:
     """One consistent read of all the rules and metrics need.
 
@@ -1104,6 +1114,7 @@ def q_snapshot(
             dead,
             {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
             q_source_states(conn),
+            _drifted(conn, drift_since) if drift_since is not None else [],
             max(after_id, max_id),
             max_id,
         )
@@ -1111,6 +1122,21 @@ def q_snapshot(
         if conn.in_transaction:  # an interrupted query may have ended it already
             conn.execute("COMMIT")
     return snap
+
+
+def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int, str, list[str]]]:
+    """Events since `since` whose trace has a contract drift entry, per flow and second: (flow, second,
+    count, the latest event's id, its drift). Read once at start; later ones are fed as they happen."""
+    out: list[tuple[str, int, int, str, list[str]]] = []
+    for flow, second, n, last in conn.execute(
+        "SELECT flow, CAST(received_at AS INTEGER), COUNT(*), MAX(id) FROM events"
+        " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
+        (since, '%"kind":"contract"%'),
+    ):
+        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
+        out.append((flow, second, n, last, drift))
+    return out
 
 
 def tx_alert(conn: sqlite3.Connection, event: NewEvent, change: AlertChange) -> Accepted:
