@@ -100,7 +100,7 @@ def tokens_name(system: str) -> str:
 def pending_name(state: str) -> str:
     """The vault name of a pending grant: a hash of its state, so listing the vault's names (`patchbay
     secrets list`, the API) does not give away a state that would let someone else's code be accepted."""
-    return PENDING_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:40]
+    return PENDING_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:32]
 
 
 def pkce_pair() -> tuple[str, str]:

@@ -410,3 +410,22 @@ def test_pending_grants_hide_their_state_and_expire(tmp_path, provider):
         oauth2.take_pending(vault, state, now=time.time() + oauth2.PENDING_TTL_S + 1)
     with pytest.raises(oauth2.OAuth2Error, match="missing or malformed"):
         oauth2.take_pending(vault, "x' OR 1=1")
+
+
+async def test_a_system_never_connected_pauses_with_what_to_run(tmp_path, provider):
+    provider.redirect_uri = "http://127.0.0.1:9/oauth/callback"
+    system = HttpSystem.model_validate({"url": f"{provider.url}/api", "auth": _auth(provider)})
+    vault = Vault.at(tmp_path / "vault.db", [MasterKey.generate()])
+    vault.ensure_schema()
+    res = Resources(
+        secret=lambda ref: CLIENT_SECRET, system="crm", allow_private=True, extra={"vault": vault}
+    )
+    sink = HttpSink(system, HttpSinkConfig(), DeliveryPolicy(), res)
+    try:
+        out = await sink.send(sink.render({}, "k"), "k")
+        assert out.cls is OutcomeClass.AUTH
+        assert "system crm is not connected: run `patchbay connect crm`" in out.error
+        assert provider.token_calls == [] and provider.api_calls == []  # nothing was sent without a token
+    finally:
+        assert res.http is not None
+        await res.http.close()
