@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import base64
 import codecs
-import email.parser
-import email.policy
+import re
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -76,32 +75,58 @@ def _urlencoded(ctype: str, body: bytes) -> dict[str, Any]:
     return record
 
 
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def _params(value: str) -> tuple[str, dict[str, str]]:
+    """`form-data; name="a"; filename="b.pdf"` -> ("form-data", {"name": "a", "filename": "b.pdf"})."""
+    kind, _, rest = value.partition(";")
+    params = {}
+    for key, raw in _PARAM.findall(";" + rest):
+        v = raw.strip()
+        if len(v) >= 2 and v[0] == v[-1] == '"':
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params[key.lower()] = v
+    return kind.strip().lower(), params
+
+
 def _multipart(ctype: str, body: bytes, files: Literal["refuse", "keep"]) -> dict[str, Any]:
-    if "boundary=" not in ctype.lower():
-        raise RejectedRequest(
-            400, "malformed_form", "multipart/form-data without a boundary parameter in Content-Type"
-        )
-    head = f"Content-Type: {ctype}\r\nMIME-Version: 1.0\r\n\r\n".encode("utf-8", "replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart() or message.defects:
+    """RFC 7578, read in one linear pass over the bytes (the stdlib's email parser took seconds of the
+    event loop for a 1 MiB body of small fields)."""
+    boundary = _params(ctype)[1].get("boundary", "")
+    if not boundary or len(boundary) > 200:
         raise RejectedRequest(
             400,
             "malformed_form",
-            "the multipart body does not match its Content-Type (missing or wrong boundary, or cut short)",
+            "multipart/form-data needs a boundary parameter (1-200 characters) in Content-Type",
+        )
+    delim = b"--" + boundary.encode("latin-1", "replace")
+    if body.startswith(delim):
+        body = b"\r\n" + body
+    chunks = body.split(b"\r\n" + delim)
+    # chunks[0] is the preamble; every later chunk is a part, up to the one that starts with "--" (the close).
+    if len(chunks) < 2 or not any(c.startswith(b"--") for c in chunks[1:]):
+        raise _bad(
+            "the multipart body does not match its Content-Type (missing or wrong boundary, or cut short)"
         )
     record: dict[str, Any] = {}
-    for n, part in enumerate(message.iter_parts()):
-        if (
-            part.get_content_disposition() != "form-data"
-            or part.get_param("name", header="content-disposition") is None
-        ):
-            raise RejectedRequest(
-                400, "malformed_form", f"part {n + 1} has no `Content-Disposition: form-data; name=...`"
-            )
-        name = str(part.get_param("name", header="content-disposition"))
-        data = part.get_payload(decode=True) or b""
-        assert isinstance(data, bytes)
-        filename = part.get_filename()
+    for n, chunk in enumerate(chunks[1:], start=1):
+        if chunk.startswith(b"--"):
+            break
+        head, sep, data = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise _bad(f"part {n} has no blank line between its headers and its content")
+        headers: dict[str, str] = {}
+        for line in head.decode("utf-8", "replace").split("\r\n")[1:]:  # [0]: the rest of the delimiter line
+            key, colon, value = line.partition(":")
+            if colon:
+                headers[key.strip().lower()] = value.strip()
+        kind, disp = _params(headers.get("content-disposition", ""))
+        name = disp.get("name")
+        if kind != "form-data" or name is None:
+            raise _bad(f"part {n} has no `Content-Disposition: form-data; name=...`")
+        part_type, type_params = _params(headers.get("content-type", "text/plain"))
+        filename = disp.get("filename")
         if filename == "" and not data:  # a file input left empty: browsers send the part anyway
             _add(record, name, None)
             continue
@@ -118,17 +143,19 @@ def _multipart(ctype: str, body: bytes, files: Literal["refuse", "keep"]) -> dic
                 name,
                 {
                     "filename": filename,
-                    "content_type": part.get_content_type(),
+                    "content_type": part_type or "application/octet-stream",
                     "size": len(data),
                     "content_base64": base64.b64encode(data).decode("ascii"),
                 },
             )
             continue
-        charset = part.get_content_charset() or "utf-8"
+        charset = type_params.get("charset", "utf-8")
         try:
             _add(record, name, data.decode(charset))
         except (LookupError, UnicodeDecodeError) as exc:
-            raise RejectedRequest(
-                400, "malformed_form", f"field {name!r} is not valid {charset}; send UTF-8"
-            ) from exc
+            raise _bad(f"field {name!r} is not valid {charset}; send UTF-8") from exc
     return record
+
+
+def _bad(message: str) -> RejectedRequest:
+    return RejectedRequest(400, "malformed_form", message)

@@ -200,8 +200,11 @@ class WebhookEndpoint:
             }
             for a in accepted
         ]
-        new = any(e["status"] == "accepted" for e in events)
-        return _json(202 if new else 200, {"event_ids": [a.event_id for a in accepted], "events": events})
+        # 202 when anything was stored; else 409 if an element reused a known id with another body, else 200.
+        status = 202 if any(e["status"] == "accepted" for e in events) else 200
+        if status == 200 and any(a.conflict for a in accepted):
+            status = 409
+        return _json(status, {"event_ids": [a.event_id for a in accepted], "events": events})
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:

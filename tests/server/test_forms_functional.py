@@ -21,10 +21,15 @@ browser = test_console_browser.browser  # the headless Chromium fixture (skips w
 
 
 def form_project(
-    root: Path, sink_url: str, public: bool = False, steps: str | None = None, **trigger: Any
+    root: Path,
+    sink_url: str,
+    public: bool = False,
+    steps: str | None = None,
+    max_body: int = 4096,
+    **trigger: Any,
 ) -> Path:
     """The lead-capture flow with `trigger` settings on its webhook (and, if `public`, no signature)."""
-    lead_project(root, sink_url, hub={"max_body_bytes": 4096}, steps=steps)
+    lead_project(root, sink_url, hub={"max_body_bytes": max_body}, steps=steps)
     flow_file = root / "flows" / "lead-capture.yaml"
     flow = yaml.safe_load(flow_file.read_text())
     flow["trigger"]["webhook"].update(trigger)
@@ -273,3 +278,18 @@ async def test_a_plain_html_form_in_chromium_lands_as_a_record(tmp_path, sink, s
     assert run["record_key"] == "ada@example.com"
     await sink.wait_for(1)
     assert sink.received[0].body["properties"]["email"] == "ada@example.com"
+
+
+async def test_a_resent_batch_is_known_by_the_request_id_and_index(tmp_path, sink, start_hub):
+    hub = await start_hub(form_project(tmp_path, sink.url, batch=True))  # no id_path: webhook-id + index
+    raw = orjson.dumps([{"email": "a@b.co"}, {"email": "c@d.co"}])
+    s1, first = await hub.post("/hooks/lead-capture", raw, msg_id="msg_batch")
+    s2, again = await hub.post("/hooks/lead-capture", raw, msg_id="msg_batch")
+    assert (s1, s2) == (202, 200)
+    assert again["event_ids"] == first["event_ids"]
+    assert [e["status"] for e in again["events"]] == ["duplicate", "duplicate"]
+    # The same id with other elements: each changed element is a replayed id, reported per element.
+    other = orjson.dumps([{"email": "a@b.co"}, {"email": "eve@evil.test"}])
+    s3, third = await hub.post("/hooks/lead-capture", other, msg_id="msg_batch")
+    assert s3 == 409 and [e["status"] for e in third["events"]] == ["duplicate", "replayed_id"]
+    assert await hub.count("events") == 2
