@@ -42,16 +42,8 @@ def _add(record: dict[str, Any], name: str, value: Any) -> None:
         record[name] = [record[name], value]
 
 
-def _charset(ctype: str) -> str:
-    for param in ctype.split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            return value.strip().strip('"') or "utf-8"
-    return "utf-8"
-
-
 def _urlencoded(ctype: str, body: bytes) -> dict[str, Any]:
-    charset = _charset(ctype)
+    charset = _params(ctype)[1].get("charset") or "utf-8"
     try:
         codecs.lookup(charset)
         text = body.decode("ascii")  # a urlencoded body is ASCII: everything else is %-escaped

@@ -59,3 +59,8 @@ def test_a_megabyte_of_small_fields_parses_in_linear_time():
     record = parse_form(MULTIPART, body)
     assert time.perf_counter() - t0 < 1.0
     assert len(record) == 10_000
+
+
+def test_urlencoded_charset_parameter_is_honoured():
+    ctype = 'application/x-www-form-urlencoded; charset="iso-8859-1"'
+    assert parse_form(ctype, b"city=Z%FCrich&empty=&flag") == {"city": "Zürich", "empty": "", "flag": ""}
