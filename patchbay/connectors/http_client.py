@@ -153,15 +153,20 @@ def classify_response(
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The answer's body up to `limit` bytes (one `read(n)` may return only the first chunk)."""
+    """The answer's body up to `limit` bytes (one `read(n)` may return only the first chunk). A body that
+    stalls or breaks off gives what came: the status already decided the outcome, and a 2xx whose body
+    never finishes must not become a retry (the remote acted on the request)."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await resp.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    try:
+        while size < limit:
+            chunk = await resp.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientPayloadError):
+        pass
     return b"".join(chunks)
 
 

@@ -111,3 +111,42 @@ def test_check_reports_a_bad_response_path_with_its_line(tmp_path):
     with pytest.raises(PatchbayError) as exc:
         load_or_raise(tmp_path)
     assert "lead-capture.yaml" in str(exc.value) and "bdy.id" in str(exc.value)
+
+
+async def test_a_2xx_whose_body_stalls_is_still_a_success():
+    """The status decides the class: a created record whose answer never finishes is not re-sent."""
+    import asyncio
+
+    from patchbay.config.models import DeliveryPolicy
+    from patchbay.connectors.base import OutcomeClass, Resources
+    from patchbay.connectors.http import HttpSink, HttpSystem
+    from tests.conftest import _start
+
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=201, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"id": "cnt_4')
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/stall", stall)
+    runner, url = await _start(app)
+    s = HttpSink(
+        HttpSystem(url=url),
+        HttpSinkConfig.model_validate({"path": "/stall", "response": {"id": "body.id", "status": "status"}}),
+        DeliveryPolicy.model_validate({"timeout_s": 0.5}),
+        Resources(allow_private=True),
+    )
+    try:
+        out = await s.send(s.render({"a": 1}, "k"), "k")
+        assert out.cls is OutcomeClass.SUCCESS, out
+        assert out.fields == {"id": None, "status": 201}
+        assert out.excerpt == '{"id": "cnt_4'
+    finally:
+        release.set()
+        assert s.resources.http is not None
+        await s.resources.http.close()
+        await runner.cleanup()
