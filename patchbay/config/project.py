@@ -486,8 +486,8 @@ def _load_flow(
     problems: list[Problem],
     broken: set[str],
 ) -> FlowSpec | None:
+    from patchbay.expressions import ExprError, compile_expr, is_constant_false
     from patchbay.processors.base import CheckIssue
-    from patchbay.processors.expressions import ExprError, compile_expr, is_constant_false
 
     n0 = len(problems)
     if not isinstance(src.data, dict):

@@ -101,7 +101,7 @@ def rule_key(flow: str | None, spec: AlertRule) -> str:
 
 def compile_rules(project: Project) -> tuple[list[Rule], FlowSpec | None]:
     """The project's rules, and the internal flow with one destination per distinct notify target."""
-    from patchbay.processors.expressions import compile_expr
+    from patchbay.expressions import compile_expr
 
     dests: list[DestinationSpec] = []
     by_target: dict[bytes, str] = {}

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import Field, PrivateAttr, model_validator
 
 from patchbay.errors import RecordInvalid
+from patchbay.expressions import ExprError, compile_expr, is_constant_false, is_truthy
 from patchbay.processors.base import CheckIssue, Dropped, Loc, StepConfig
-from patchbay.processors.expressions import ExprError, compile_expr, is_constant_false, is_truthy
 from patchbay.registry import step
 
 
