@@ -172,7 +172,11 @@ class FlowDoc(Spec):
 class DestinationCommon(Spec):
     name: str = Field(pattern=NAME_RE, description="Destination name, unique in the flow.")
     system: str = Field(description="The system delivered to.")
-    when: str | None = Field(None, description="Route: deliver only when this expression is truthy.")
+    when: str | None = Field(
+        None,
+        description="Route: deliver only when this expression is true (false, null, '', [] and {} are "
+        "false; every number, 0 included, is true).",
+    )
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy overrides for this destination."
     )
