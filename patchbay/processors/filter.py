@@ -69,4 +69,8 @@ class FilterStep:
             yield CheckIssue(config.when_loc, exc.message)
             return
         if is_constant_false(when):
-            yield CheckIssue(config.when_loc, "this filter never passes; the steps after it are unreachable")
+            yield CheckIssue(
+                config.when_loc,
+                "this filter never passes; the steps after it are unreachable",
+                never_passes=True,
+            )
