@@ -7,7 +7,7 @@ from typing import Any
 
 def is_false(v: Any) -> bool:
     """JMESPath falsiness: false, null, '', [] and {} are false; every number, 0 included, is true."""
-    return v is None or v is False or v == "" or v == [] or v == {}
+    return v is None or v is False or (isinstance(v, str | list | dict) and not v)
 
 
 def is_truthy(value: Any) -> bool:
@@ -16,4 +16,4 @@ def is_truthy(value: Any) -> bool:
     It is the rule of the language's own `&&`, `||`, `!` and `[?...]`, so `when: count` and
     `when: count && true` always agree, and `count` and `!count` are never both false.
     """
-    return not is_false(value)
+    return not (value is None or value is False or (isinstance(value, str | list | dict) and not value))
