@@ -147,6 +147,7 @@ class _Compiler:
 
 
 def walk(node: Node) -> Iterator[Node]:
+    """`node` and every node below it."""
     yield node
     for child in node.get("children", ()):
         if isinstance(child, dict):
@@ -192,6 +193,7 @@ def parse(text: str) -> Node:
 
 
 def check(text: str, ast: Node, tables: Tables | None) -> None:
+    """ExprError for what can be known before running: unknown functions and tables, argument counts, bad regexes."""
     for node in walk(ast):
         if node["type"] != "function_expression":
             continue
