@@ -32,6 +32,11 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def plural(n: int, word: str) -> str:
+    """`1 flow`, `2 flows`, `0 flows`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _ts(t: float | None) -> str:
     if t is None:
         return "-"
@@ -69,7 +74,8 @@ def _load(project_dir: Path, check_secrets: bool = True) -> Any:
         for p in problems:
             click.echo(str(p), err=True)
         click.echo(
-            f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.",
+            f"{plural(len(problems), 'problem')}; nothing was changed. Fix them and run "
+            f"`patchbay check {project_dir}`.",
             err=True,
         )
         sys.exit(EXIT_CONFIG)
@@ -88,9 +94,15 @@ def _store(project_dir: Path) -> Any:
         project = Project(project_dir, HubSettings())
     path = project.store_path
     if not path.exists():
-        click.echo(
-            f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
-        )
+        if not (project_dir / "patchbay.yaml").is_file():
+            click.echo(
+                f"no project in {project_dir} (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
+            )
         sys.exit(EXIT_STORE)
     return SyncStore(path)
 
@@ -148,14 +160,16 @@ def check(directory: Path, as_json: bool) -> None:
         for w in warnings:
             click.echo(f"{w.file}:{w.line}: warning: {w.message}")
         if project is not None:
-            click.echo(f"ok: {len(project.systems)} systems, {len(project.flows)} flows")
+            from patchbay.scaffold import describe_trigger
+
+            click.echo(f"ok: {plural(len(project.systems), 'system')}, {plural(len(project.flows), 'flow')}")
             for f in project.flows.values():
-                trig = f"POST {f.webhook_path}" if f.webhook_path else "manual"
                 click.echo(
-                    f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})"
+                    f"  {f.name}: {describe_trigger(f)} -> {', '.join(d.name for d in f.destinations)}"
+                    f"  (owner {f.owner})"
                 )
         else:
-            click.echo(f"{len(problems)} problem(s)")
+            click.echo(plural(len(problems), "problem"))
     sys.exit(0 if project is not None else EXIT_CONFIG)
 
 
@@ -237,7 +251,8 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
     req = urllib.request.Request(base + spec.webhook_path, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            click.echo(f"{resp.status} {resp.read().decode()}")
+            answer = resp.read().decode()
+            click.echo(f"{resp.status} {answer}")
     except urllib.error.HTTPError as exc:
         click.echo(f"{exc.code} {exc.read().decode()}", err=True)
         sys.exit(EXIT_PROBLEMS)
@@ -246,6 +261,30 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
             f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True
         )
         sys.exit(EXIT_STORE)
+    _explain_quarantine(project, answer)
+
+
+def _explain_quarantine(project: Any, answer: str) -> None:
+    """The hub accepted the event but a step refused it: say why, from the store's run."""
+    try:
+        reply = json.loads(answer)
+    except ValueError:
+        return
+    if not isinstance(reply, dict) or reply.get("status") != "quarantined":
+        return
+    run_id = reply.get("event_id")
+    reason = None
+    if project.store_path.exists():
+        from patchbay.store.queries import get_run
+        from patchbay.store.sqlite import SyncStore
+
+        run = SyncStore(project.store_path).read(get_run, run_id)
+        reason = run and run.get("reason")
+    if reason:
+        click.echo(f"quarantined: {reason}")
+    click.echo(
+        f"see `patchbay runs show {run_id}`; fix the data (or the flow), then `patchbay replay {run_id}`"
+    )
 
 
 # ------------------------------------------------------------------------- runs
@@ -276,8 +315,9 @@ def runs(
         return
     from patchbay.store.queries import RunFilter, list_runs
 
+    window = _parse_time(since), _parse_time(until)  # bad input first, before the store
     store = _store(project_dir)
-    rows = store.read(list_runs, RunFilter(flow, status, _parse_time(since), _parse_time(until), key, limit))
+    rows = store.read(list_runs, RunFilter(flow, status, *window, key, limit))
     if as_json:
         _echo_json(rows)
         return
@@ -366,7 +406,7 @@ def replay(
     as_json: bool,
 ) -> None:
     """Run dead or quarantined events again through the flow as configured now."""
-    from patchbay.engine.hub import build_sinks
+    from patchbay.engine.hub import build_sinks, field_cipher
     from patchbay.engine.pipeline import Pipeline
     from patchbay.engine.replay import find_replayable, tx_replay
 
@@ -374,7 +414,14 @@ def replay(
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
         sys.exit(EXIT_CONFIG)
     project, resolver = _load(project_dir)
-    pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
+    try:
+        cipher = field_cipher(project)
+    except PatchbayError as exc:
+        click.echo(f"replay: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    pipelines = {
+        n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
+    }
     store = _store(project_dir)
     ids = store.read(
         lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination)

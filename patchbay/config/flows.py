@@ -32,6 +32,11 @@ class FlowDoc(Spec):
         default_factory=list,
         description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
     )
+    encrypt_sensitive: bool | None = Field(
+        None,
+        description="Store the values at `sensitive` paths encrypted (payload and requests); default: "
+        "the hub's `encrypt_sensitive`. Needs the project's master key.",
+    )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
     destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
     delivery: dict[str, Any] | None = Field(
@@ -89,6 +94,7 @@ def load_flow(
         src.line(()),
         source,
         doc.alerts,
+        settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
     )
 
 

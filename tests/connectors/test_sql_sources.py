@@ -691,7 +691,7 @@ def test_check_accepts_a_sql_source_and_requires_a_schedule(tmp_path):
     root = orders_project(tmp_path, "http://127.0.0.1:9", source)
     code, out = _check(root)
     assert code == 0, out
-    assert "ok: 2 systems, 1 flows" in out
+    assert "ok: 2 systems, 1 flow\n" in out
     orders_project(tmp_path, "http://127.0.0.1:9", source, schedule=False)
     lines = (root / "flows" / "orders.yaml").read_text().splitlines()
     line = next(i for i, t in enumerate(lines, 1) if t.strip() == "source:")
