@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from patchbay.config.models import DeliveryPolicy, SystemCommon
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.errors import TerminalError, TransientError
 from patchbay.security.ssrf import (
     AddressPolicy,
@@ -244,7 +244,7 @@ async def test_a_redirect_to_an_internal_address_is_blocked(server, sessions):
 
 
 def _sink(url: str, resources: Resources, **policy: Any) -> HttpSink:
-    return HttpSink(HttpSystem(url=url), HttpDestination(path="/x"), DeliveryPolicy(**policy), resources)
+    return HttpSink(HttpSystem(url=url), HttpSinkConfig(path="/x"), DeliveryPolicy(**policy), resources)
 
 
 async def test_http_sink_classifies_a_blocked_address_as_terminal(server):
@@ -494,34 +494,34 @@ def destination(
 
 def _models(kind: str) -> tuple[Any, Any]:
     if kind in ("postgres", "mysql"):
-        from patchbay.connectors.sql_client import SqlDestination
+        from patchbay.connectors.sql_client.config import SqlSinkConfig
 
         if kind == "postgres":
             from patchbay.connectors.postgres import PostgresSystem
 
-            return PostgresSystem, SqlDestination
+            return PostgresSystem, SqlSinkConfig
         from patchbay.connectors.mysql import MysqlSystem
 
-        return MysqlSystem, SqlDestination
+        return MysqlSystem, SqlSinkConfig
     if kind == "redis":
-        from patchbay.connectors.redis import RedisDestination, RedisSystem
+        from patchbay.connectors.redis import RedisSinkConfig, RedisSystem
 
-        return RedisSystem, RedisDestination
+        return RedisSystem, RedisSinkConfig
     if kind == "rabbitmq":
-        from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSystem
+        from patchbay.connectors.rabbitmq import RabbitMQSinkConfig, RabbitMQSystem
 
-        return RabbitMQSystem, RabbitMQDestination
+        return RabbitMQSystem, RabbitMQSinkConfig
     if kind == "mqtt":
-        from patchbay.connectors.mqtt import MqttDestination, MqttSystem
+        from patchbay.connectors.mqtt import MqttSinkConfig, MqttSystem
 
-        return MqttSystem, MqttDestination
+        return MqttSystem, MqttSinkConfig
     if kind == "nats":
-        from patchbay.connectors.nats import NatsDestination, NatsSystem
+        from patchbay.connectors.nats import NatsSinkConfig, NatsSystem
 
-        return NatsSystem, NatsDestination
-    from patchbay.connectors.smtp import SmtpDestination, SmtpSystem
+        return NatsSystem, NatsSinkConfig
+    from patchbay.connectors.smtp import SmtpSinkConfig, SmtpSystem
 
-    return SmtpSystem, SmtpDestination
+    return SmtpSystem, SmtpSinkConfig
 
 
 async def send_once(sink: Any, key: str = "evt_1.guard") -> Any:
@@ -587,7 +587,7 @@ def source(kind: str, host: str, port: int, resources: Resources) -> Any:
     sys_model, _ = _models(kind)
     system = sys_model.model_validate(_system(kind, host, port))
     if kind in ("postgres", "mysql"):
-        from patchbay.connectors.sql_client import SqlSourceConfig
+        from patchbay.connectors.sql_client.source_config import SqlSourceConfig
 
         config = SqlSourceConfig.model_validate({"table": "pb_guard", "cursor_column": "id", "timeout_s": 2})
         if kind == "postgres":
@@ -874,7 +874,7 @@ async def test_a_postgres_system_on_localhost_dead_letters_until_its_network_is_
     pytest.importorskip("psycopg")
     import psycopg
 
-    from tests.connectors.test_sql_client import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
+    from tests.connectors import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
 
     table = f"pb_{uuid.uuid4().hex[:12]}"
     admin = await psycopg.AsyncConnection.connect(
