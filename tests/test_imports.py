@@ -38,12 +38,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("expressions", ("patchbay.expressions",)),
-    ("config", ("patchbay.config", "patchbay.presets")),
+    ("config", ("patchbay.config", "patchbay.presets", "patchbay.contracts")),
     ("store", ("patchbay.store",)),
     ("security", ("patchbay.security",)),
     ("components", ("patchbay.connectors", "patchbay.processors", "patchbay.specdoc")),
     ("engine", ("patchbay.engine",)),
-    ("server", ("patchbay.server",)),
+    ("server", ("patchbay.server", "patchbay.testing")),
     ("cli", ("patchbay.cli", "patchbay.scaffold", "patchbay.__main__")),
 ]
 

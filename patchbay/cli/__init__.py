@@ -6,7 +6,8 @@ config errors, 3 the store or the hub could not be reached.
 
 from __future__ import annotations
 
-from patchbay.cli import secrets, store, tokens  # noqa: F401  (register `secrets`, `store`, `tokens`, `audit`)
+# Each registers its commands on main: contract, run, secrets, store, test (and runs export), tokens (and audit).
+from patchbay.cli import contract, run, secrets, store, test, tokens  # noqa: F401
 from patchbay.cli.main import main
 
 __all__ = ["main"]

@@ -76,6 +76,7 @@ class FlowSpec:
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
+    contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
 
     @property
     def webhook_path(self) -> str | None:
