@@ -235,9 +235,7 @@ class RunningHub:
         return await self.store.read(lambda c: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     async def run(self, event_id: str) -> dict[str, Any]:
-        from patchbay.store.queries import get_run
-
-        run = await self.store.read(get_run, event_id)
+        run = await self.store.get_run(event_id)
         assert run is not None
         return run
 
