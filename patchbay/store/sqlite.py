@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from patchbay.errors import PatchbayError
+from patchbay.errors import PatchbayError, TransientError
 from patchbay.store import api_queries as aq
 from patchbay.store import queries as rq
 from patchbay.store import tokens as tq
@@ -153,6 +153,10 @@ class StoreLocked(PatchbayError):
     pass
 
 
+class StoreClosed(TransientError):
+    """A write reached the store after its writer stopped (the hub is stopping)."""
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -181,6 +185,16 @@ class _Writer(threading.Thread):
         self.max_batch = max_batch
         self.commits = 0
         self.ops = 0
+        # Set (under `lock`) when the loop below ends: later work is refused, never left waiting.
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def submit(self, item: Any) -> bool:
+        with self.lock:
+            if self.stopped:
+                return False
+            self.q.put(item)
+            return True
 
     def run(self) -> None:
         conn = connect(self.path)
@@ -214,6 +228,19 @@ class _Writer(threading.Thread):
                         log.warning("checkpointing the store's WAL: %s", exc)
         finally:
             conn.close()
+            self._refuse_the_rest()
+
+    def _refuse_the_rest(self) -> None:
+        with self.lock:
+            self.stopped = True
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                loop, fut, _, _ = item
+                loop.call_soon_threadsafe(_resolve, [(fut, False, _closed_error(self.path))])
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         try:
@@ -311,6 +338,12 @@ class _Checkpointer(threading.Thread):
             conn.close()
 
 
+def _closed_error(path: Path) -> StoreClosed:
+    return StoreClosed(
+        f"writing to the store {path}: it is closed (the hub is stopping); try again once it runs"
+    )
+
+
 def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():
@@ -355,7 +388,8 @@ class SqliteStore:
     def _write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._writer.q.put((loop, fut, fn, args))
+        if self._closed or not self._writer.submit((loop, fut, fn, args)):
+            raise _closed_error(self.path)
         return fut
 
     def _reader(self) -> sqlite3.Connection:
