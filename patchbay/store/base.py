@@ -9,7 +9,7 @@ is added by implementing `Store` and adding one parameter to the `store` fixture
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -337,6 +337,45 @@ class Audit(Protocol):
 
     async def audit_log(self, f: AuditFilter) -> list[dict[str, Any]]:
         """Entries, newest first."""
+        ...
+
+
+@dataclass(frozen=True)
+class SecretRow:
+    """One vault secret as stored: encrypted by security/vault.py, never decrypted by a store."""
+
+    name: str
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+    created_at: float
+    rotated_at: float | None
+    version: int
+
+
+Sealed = tuple[str, bytes, bytes]  # key_id, nonce, ciphertext
+
+
+class SecretRows(Protocol):
+    """The vault's rows, kept beside the hub's data. Synchronous: secrets are resolved while a
+    project's flows are built, before the event loop runs."""
+
+    def ensure_schema(self) -> None: ...
+
+    def get(self, name: str) -> SecretRow | None: ...
+
+    def list(self) -> list[SecretRow]:
+        """Every row, by name."""
+        ...
+
+    def put(self, name: str, sealed: Sealed, now: float) -> None:
+        """Create (version 1) or replace: version + 1 and rotated_at = now, created_at kept."""
+        ...
+
+    def delete(self, name: str) -> bool: ...
+
+    def reseal(self, fn: Callable[[SecretRow], Sealed]) -> int:
+        """Replace every row's sealed value by `fn(row)` in one transaction (all or none); how many."""
         ...
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from patchbay.store.base import Store
+from patchbay.store.base import SecretRows, Store
 
 
 def _sqlite(tmp_path: Path) -> Store:
@@ -30,3 +30,19 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield s
     finally:
         await s.close()
+
+
+def _sqlite_secret_rows(tmp_path: Path) -> SecretRows:
+    from patchbay.store.secrets import SqliteSecretRows
+
+    return SqliteSecretRows(tmp_path / "store.db")
+
+
+SECRET_ROWS: dict[str, Callable[[Path], SecretRows]] = {"sqlite": _sqlite_secret_rows}
+
+
+@pytest.fixture(params=sorted(SECRET_ROWS))
+def secret_rows(request: pytest.FixtureRequest, tmp_path: Path) -> SecretRows:
+    rows = SECRET_ROWS[request.param](tmp_path)
+    rows.ensure_schema()
+    return rows

@@ -22,6 +22,8 @@ from patchbay.store.base import (
     NewDelivery,
     NewEvent,
     RunFilter,
+    SecretRow,
+    SecretRows,
     Store,
 )
 
@@ -507,3 +509,39 @@ async def test_writes_are_visible_to_reads_at_once(store: Store) -> None:
     e = event()
     await store.accept(e)
     assert (await store.get_run(e.id)) is not None and store.writing
+
+
+# ------------------------------------------------------------------ the vault's rows
+def test_secret_rows_put_replace_list_delete(secret_rows: SecretRows) -> None:
+    assert secret_rows.get("crm") is None and secret_rows.list() == []
+    secret_rows.put("crm", ("k1", b"n1", b"c1"), 100.0)
+    assert secret_rows.get("crm") == SecretRow("crm", "k1", b"n1", b"c1", 100.0, None, 1)
+    secret_rows.put("crm", ("k1", b"n2", b"c2"), 200.0)  # a replacement is a rotation
+    assert secret_rows.get("crm") == SecretRow("crm", "k1", b"n2", b"c2", 100.0, 200.0, 2)
+    secret_rows.put("a", ("k1", b"n3", b"c3"), 300.0)
+    assert [r.name for r in secret_rows.list()] == ["a", "crm"]
+    assert secret_rows.delete("a") is True and secret_rows.delete("a") is False
+    assert [r.name for r in secret_rows.list()] == ["crm"]
+    secret_rows.ensure_schema()  # twice is harmless
+    assert secret_rows.get("crm") is not None
+
+
+def test_secret_rows_reseal_is_all_or_nothing(secret_rows: SecretRows) -> None:
+    for name in ("a", "b", "c"):
+        secret_rows.put(name, ("old", b"n", name.encode()), 1.0)
+    assert secret_rows.reseal(lambda r: ("new", b"m", r.ciphertext + b"!")) == 3
+    assert {(r.key_id, r.ciphertext) for r in secret_rows.list()} == {
+        ("new", b"a!"),
+        ("new", b"b!"),
+        ("new", b"c!"),
+    }
+
+    def fail_on_b(r: SecretRow) -> tuple[str, bytes, bytes]:
+        if r.name == "b":
+            raise ValueError("cannot decrypt b")
+        return "newer", b"x", b"x"
+
+    with pytest.raises(ValueError, match="cannot decrypt b"):
+        secret_rows.reseal(fail_on_b)
+    assert {r.key_id for r in secret_rows.list()} == {"new"}  # nothing changed
+    assert all(r.version == 1 for r in secret_rows.list())  # resealing is not a rotation
