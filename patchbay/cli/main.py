@@ -36,6 +36,11 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
+def plural(n: int, word: str) -> str:
+    """`1 flow`, `2 flows`, `0 flows`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _ts(t: float | None) -> str:
     if t is None:
         return "-"
@@ -73,7 +78,8 @@ def _load(project_dir: Path, check_secrets: bool = True) -> Any:
         for p in problems:
             click.echo(str(p), err=True)
         click.echo(
-            f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.",
+            f"{plural(len(problems), 'problem')}; nothing was changed. Fix them and run "
+            f"`patchbay check {project_dir}`.",
             err=True,
         )
         sys.exit(EXIT_CONFIG)
@@ -93,9 +99,15 @@ def _store(project_dir: Path) -> BlockingStore:
         project = Project(project_dir, HubSettings())
     path = project.store_path
     if not path.exists():
-        click.echo(
-            f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
-        )
+        if not (project_dir / "patchbay.yaml").is_file():
+            click.echo(
+                f"no project in {project_dir} (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
+            )
         sys.exit(EXIT_STORE)
     store = BlockingStore(path)
     click.get_current_context().call_on_close(store.close)
@@ -161,14 +173,16 @@ def check(directory: Path, as_json: bool) -> None:
         for w in warnings:
             click.echo(f"{w.file}:{w.line}: warning: {w.message}")
         if project is not None:
-            click.echo(f"ok: {len(project.systems)} systems, {len(project.flows)} flows")
+            from patchbay.scaffold import describe_trigger
+
+            click.echo(f"ok: {plural(len(project.systems), 'system')}, {plural(len(project.flows), 'flow')}")
             for f in project.flows.values():
-                trig = f"POST {f.webhook_path}" if f.webhook_path else "manual"
                 click.echo(
-                    f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})"
+                    f"  {f.name}: {describe_trigger(f)} -> {', '.join(d.name for d in f.destinations)}"
+                    f"  (owner {f.owner})"
                 )
         else:
-            click.echo(f"{len(problems)} problem(s)")
+            click.echo(plural(len(problems), "problem"))
     sys.exit(0 if project is not None else EXIT_CONFIG)
 
 
@@ -250,7 +264,8 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
     req = urllib.request.Request(base + spec.webhook_path, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            click.echo(f"{resp.status} {resp.read().decode()}")
+            answer = resp.read().decode()
+            click.echo(f"{resp.status} {answer}")
     except urllib.error.HTTPError as exc:
         click.echo(f"{exc.code} {exc.read().decode()}", err=True)
         sys.exit(EXIT_PROBLEMS)
@@ -259,6 +274,30 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
             f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True
         )
         sys.exit(EXIT_STORE)
+    _explain_quarantine(project, answer)
+
+
+def _explain_quarantine(project: Any, answer: str) -> None:
+    """The hub accepted the event but a step refused it: say why, from the store's run."""
+    try:
+        reply = json.loads(answer)
+    except ValueError:
+        return
+    if not isinstance(reply, dict) or reply.get("status") != "quarantined":
+        return
+    run_id = reply.get("event_id")
+    reason = None
+    if project.store_path.exists() and isinstance(run_id, str):
+        from patchbay.store.blocking import BlockingStore
+
+        with BlockingStore(project.store_path) as store:
+            run = store.run(lambda s: s.get_run(run_id))
+        reason = run and _shown(run, project.root).get("reason")
+    if reason:
+        click.echo(f"quarantined: {reason}")
+    click.echo(
+        f"see `patchbay runs show {run_id}`; fix the data (or the flow), then `patchbay replay {run_id}`"
+    )
 
 
 # ------------------------------------------------------------------------- runs
@@ -289,8 +328,9 @@ def runs(
         return
     from patchbay.store.base import RunFilter
 
+    window = _parse_time(since), _parse_time(until)  # bad input first, before the store
     store = _store(project_dir)
-    f = RunFilter(flow, status, _parse_time(since), _parse_time(until), key, limit)
+    f = RunFilter(flow, status, *window, key, limit)
     rows = store.run(lambda s: s.list_runs(f))
     if as_json:
         _echo_json(rows)
@@ -308,6 +348,13 @@ def runs(
         )
 
 
+def _shown(run: dict[str, Any], project_dir: Path) -> dict[str, Any]:
+    """A stored run as the CLI may print it: its flow's sensitive fields (and values sealed at rest) redacted."""
+    from patchbay.security.runs import redact_run, sensitive_paths
+
+    return redact_run(run, sensitive_paths(project_dir).get(run["flow"], []))
+
+
 def _status(s: str) -> str:
     return s
 
@@ -318,16 +365,12 @@ def _status(s: str) -> str:
 @json_option
 def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
     """Print a run's trace: trigger, each step's output, each destination's attempts."""
-    from patchbay.security.runs import redact_run, sensitive_paths
-
     store = _store(project_dir)
     run = store.run(lambda s: s.get_run(run_id))
     if run is None:
         click.echo(f"no run {run_id!r}; list them with `patchbay runs`", err=True)
         sys.exit(EXIT_PROBLEMS)
-    paths = sensitive_paths(project_dir).get(run["flow"])
-    if paths:
-        run = redact_run(run, paths)
+    run = _shown(run, project_dir)
     if as_json:
         _echo_json(run)
         return
@@ -381,7 +424,7 @@ def replay(
     as_json: bool,
 ) -> None:
     """Run dead or quarantined events again through the flow as configured now."""
-    from patchbay.engine.hub import build_sinks
+    from patchbay.engine.hub import build_sinks, field_cipher
     from patchbay.engine.pipeline import Pipeline
     from patchbay.engine.replay import event_ids
     from patchbay.engine.replay import replay as replay_events
@@ -390,7 +433,14 @@ def replay(
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
         sys.exit(EXIT_CONFIG)
     project, resolver = _load(project_dir)
-    pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
+    try:
+        cipher = field_cipher(project)
+    except PatchbayError as exc:
+        click.echo(f"replay: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    pipelines = {
+        n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
+    }
     store = _store(project_dir)
     ids = event_ids(run_ids) if run_ids else store.run(lambda s: s.replayable(flow, destination))
     report = store.run(lambda s: replay_events(s, pipelines, ids, destination, _cli_actor()))
@@ -539,7 +589,7 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'KIND':<12} {'SOURCE':<7} {'DEST':<5} {'STATUS':<7} SUMMARY")
     for r in rows:
-        hint = "" if r["driver_installed"] else f"  (pip install 'patchbay[{r['extra']}]')"
+        hint = "" if r["driver_installed"] else f"  ({registry.install_hint(r['extra'])})"
         click.echo(
             f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
             f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}"

@@ -364,6 +364,11 @@ class HubSettings(Spec):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight deliveries may finish."
     )
+    encrypt_sensitive: bool = Field(
+        False,
+        description="Store every flow's `sensitive` values encrypted with a key kept in the vault; "
+        "a flow may override it.",
+    )
     delivery: DeliveryPolicy = Field(
         default_factory=DeliveryPolicy, description="Defaults for every destination."
     )

@@ -38,10 +38,15 @@ class SystemSpec:
     line: int
     secret_lines: dict[str, int] = field(default_factory=dict)  # "secret:NAME" -> line where it is referenced
     preset: dict[str, Any] | None = None  # the prebuilt definition it starts from (presets/<name>.yaml)
+    src: Located | None = None  # the file it was loaded from, with the line of every setting
 
     @property
     def kind(self) -> str | None:
         return self.common.kind
+
+    def line_of(self, *loc: str | int) -> int:
+        """The line of a setting in the system's file (its own line when the file does not set it)."""
+        return self.src.line((self.name, *loc)) if self.src is not None else self.line
 
 
 @dataclass
@@ -86,6 +91,7 @@ class FlowSpec:
     line: int
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
+    encrypt_sensitive: bool = False  # the flow's setting, else the hub's
 
     @property
     def webhook_path(self) -> str | None:
@@ -156,6 +162,11 @@ class FlowDoc(Spec):
     sensitive: list[str] = Field(
         default_factory=list,
         description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
+    )
+    encrypt_sensitive: bool | None = Field(
+        None,
+        description="Store the values at `sensitive` paths encrypted (payload and requests); default: "
+        "the hub's `encrypt_sensitive`. Needs the project's master key.",
     )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
     destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
@@ -474,7 +485,7 @@ def _load_system(
                 walk(x, (*at, i))
 
     walk(body, loc)
-    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset)
+    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset, src)
     return True
 
 
@@ -712,6 +723,7 @@ def _load_flow(
         src.line(()),
         source,
         doc.alerts,
+        settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
     )
 
 

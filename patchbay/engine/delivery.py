@@ -16,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from patchbay.config.project import DestinationSpec
-from patchbay.connectors.base import Destination, Outcome, OutcomeClass
+from patchbay.connectors.base import Outcome, OutcomeClass, Sink
 from patchbay.engine.policy import decide
 from patchbay.engine.waiting import wait_set
+from patchbay.errors import PatchbayError
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -29,12 +30,13 @@ class DestinationWorker:
         self,
         flow: str,
         spec: DestinationSpec,
-        sink: Destination,
+        sink: Sink,
         store: Store,
         *,
         on_state: Callable[[str, str, str, str], Any] | None = None,
         on_attempt: Callable[[str, str, Outcome], None] | None = None,
         state: str = "active",
+        open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -46,6 +48,7 @@ class DestinationWorker:
         self.state_since = 0.0  # when `state` last changed here; the store's newer changes win
         self.on_state = on_state
         self.on_attempt = on_attempt
+        self.open_request = open_request  # sealed sensitive values -> the request to send, and their scrubber
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
         # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
@@ -182,9 +185,18 @@ class DestinationWorker:
     async def _attempt(self, d: DueDelivery) -> None:
         started = time.time()
         try:
-            outcome = await self.sink.send(d.request, d.idempotency_key)
-        except Exception as exc:  # a connector bug is a transient failure, not a lost event
-            outcome = Outcome(OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}")
+            request, scrub = self.open_request(d.request) if self.open_request else (d.request, None)
+        except PatchbayError as exc:  # a sealed value that cannot be opened fails the same way every time
+            request, outcome = None, Outcome(OutcomeClass.TERMINAL, error=str(exc))
+        if request is not None:
+            try:
+                outcome = await self.sink.send(request, d.idempotency_key)
+            except Exception as exc:  # a connector bug is a transient failure, not a lost event
+                outcome = Outcome(
+                    OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}"
+                )
+            if scrub is not None:  # what the remote echoed of the opened values is not stored
+                outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
         if self.on_attempt:
             self.on_attempt(self.flow, self.name, outcome)

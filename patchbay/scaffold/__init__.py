@@ -84,29 +84,67 @@ def _seconds(s: float) -> str:
     return f"{s:g}s"
 
 
-def _trigger_words(trigger: Any) -> str:
-    """A non-webhook trigger in a few words: `every 1s: poll shop_db`, `cron 0 2 * * *`, `consume broker`."""
+def describe_trigger(flow: Any, base: str = "") -> str:
+    """A flow's trigger in a few words, as `check` and the serve banner print it: `POST /hooks/leads`,
+    `every 1s: poll shop_db`, `cron 0 2 * * * (Europe/Paris)`, `consume broker`, or `manual`."""
+    if flow.webhook_path is not None:
+        return f"POST {base}{flow.webhook_path}"
+    trigger = flow.trigger
     when = ""
     if trigger.schedule is not None:
         sch = trigger.schedule
-        when = f"cron {sch.cron}" if sch.cron else f"every {_seconds(sch.every)}"
+        when = f"cron {sch.cron} ({sch.timezone})" if sch.cron else f"every {_seconds(sch.every)}"
     if trigger.source is not None:
         what = f"{'poll' if when else 'consume'} {trigger.source.get('system')}"
         return f"{when}: {what}" if when else what
     return when or "manual"
 
 
+def _curl_example(project: Any, flow: Any, url: str) -> list[str]:
+    """A curl command for `flow`'s webhook that never holds the inbound secret itself.
+
+    A signature scheme gets headers signed now (a signature does not reveal its key). A bearer
+    token or basic password is referred to by a shell variable, the one the hub also reads the
+    secret from, and the lines before the command say to set it.
+    """
+    from patchbay.security.project import open_project_secrets
+    from patchbay.security.secrets import env_name
+
+    body = json.dumps(EXAMPLE_LEAD).encode()
+    data = f"-d {shlex.quote(body.decode())}"
+    auth = project.systems[flow.trigger.webhook.system].common.webhook
+    json_type = "-H 'Content-Type: application/json'"
+    if auth.scheme in ("bearer", "basic"):
+        ref = auth.secrets[0]
+        var = ref.env or env_name(ref.secret)
+        where = f"the value of secret {ref.secret}" if ref.secret else f"${ref.env} as the hub sees it"
+        if auth.scheme == "bearer":
+            cred = f'-H "Authorization: Bearer ${var}"'
+        else:
+            cred = f'-u "{_double_quoted(auth.username or "")}:${var}"'
+        return [
+            f"or with curl, after `read -rs {var}` (paste {where}; it is not printed here):",
+            f"  curl -s {url} {json_type} {cred} {data}",
+        ]
+    _, resolver = open_project_secrets(project.root)
+    headers = signed_headers(project, flow, resolver, body)
+    h = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in headers.items())
+    return ["or with curl (this signature is valid for 5 minutes):", f"  curl -s {url} {h} {data}"]
+
+
+def _double_quoted(text: str) -> str:
+    """`text` safe inside a shell's double quotes (which still expand the $VARIABLE after it)."""
+    return "".join("\\" + c if c in '"\\$`' else c for c in text)
+
+
 def banner(project: Any, host: str, port: int) -> str:
     """What to do next, printed when the hub is ready."""
-    from patchbay.security.project import open_project_secrets
-
     base = f"http://{host}:{port}"
     root = project.root
     lines = [f"Patchbay is running on {base} (store: {project.store_path})", ""]
     for f in project.flows.values():
         dests = ", ".join(f"{d.name}" for d in f.destinations)
-        trig = f"POST {base}{f.webhook_path}" if f.webhook_path else _trigger_words(f.trigger)
-        lines.append(f"  flow {f.name}: {trig} -> {dests}")
+        lines.append(f"  flow {f.name}: {describe_trigger(f, base)} -> {dests}")
     lines.append("")
     first = next((f for f in project.flows.values() if f.webhook_path), None)
     if first is not None:
@@ -114,21 +152,20 @@ def banner(project: Any, host: str, port: int) -> str:
         lines.append("Send a signed test lead (from another terminal):")
         lines.append(f"  patchbay send {first.name}{p}")
         try:
-            _, resolver = open_project_secrets(root)
-            body = json.dumps(EXAMPLE_LEAD).encode()
-            headers = signed_headers(project, first, resolver, body)
-            h = " ".join(f"-H {shlex.quote(f'{k}: {v}')}" for k, v in headers.items())
-            lines.append("or with curl (this signature is valid for 5 minutes):")
-            lines.append(f"  curl -s {base}{first.webhook_path} {h} -d {shlex.quote(body.decode())}")
+            lines += _curl_example(project, first, f"{base}{first.webhook_path}")
         except PatchbayError:
             pass
         lines.append("Then look:")
-        lines.append(f"  patchbay runs{p}                 # every run, newest first")
-        lines.append(f"  patchbay runs show RUN_ID{p}     # the trace of one")
+        look = [
+            (f"patchbay runs{p}", "every run, newest first"),
+            (f"patchbay runs show RUN_ID{p}", "its trace"),
+        ]
         if project.settings.demo_inbox:
-            lines.append(
-                f"  cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}   # what the demo CRM received"
+            look.append(
+                (f"cat {shlex.quote(str(root / 'inbox' / 'crm.jsonl'))}", "what the demo CRM received")
             )
-        lines.append(f"  patchbay dead{p}                 # dead letters and quarantined events")
+        look.append((f"patchbay dead{p}", "dead letters and quarantined events"))
+        width = max(len(command) for command, _ in look) + 2
+        lines += [f"  {command.ljust(width)}# {what}" for command, what in look]
     lines.append("Stop with Ctrl-C: in-flight work finishes or stays queued in the store.")
     return "\n".join(lines)

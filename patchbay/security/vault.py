@@ -277,6 +277,16 @@ class Vault:
         nonce, ciphertext = key._seal(name, value.encode())
         self._rows.put(name, (key.id, nonce, ciphertext), self._now())
 
+    def setdefault(self, name: str, value: str) -> str:
+        """The secret's value; `value` is stored first if there is none (one transaction, so when two
+        processes race, both get the value of the one that wrote first)."""
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad secret name {name!r}: use 1-100 letters, digits, '_', '-', '.'")
+        key = self._keys[0]
+        nonce, ciphertext = key._seal(name, value.encode())
+        row = self._rows.put_if_absent(name, (key.id, nonce, ciphertext), self._now())
+        return self._decrypt(name, row.key_id, row.nonce, row.ciphertext).decode()
+
     def get(self, name: str) -> str | None:
         """The value, or None if there is no such secret; VaultError if it cannot be decrypted."""
         row = self._rows.get(name)

@@ -130,6 +130,10 @@ class Reprocessed(Protocol):
 class Reprocessor(Protocol):
     """A flow's steps and routing as configured now (engine/pipeline.py's `Pipeline`)."""
 
+    def load_payload(self, payload: bytes) -> Any:
+        """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
+        ...
+
     def process(self, record: Any, event_id: str) -> Reprocessed: ...
 
 
@@ -370,6 +374,10 @@ class SecretRows(Protocol):
 
     def put(self, name: str, sealed: Sealed, now: float) -> None:
         """Create (version 1) or replace: version + 1 and rotated_at = now, created_at kept."""
+        ...
+
+    def put_if_absent(self, name: str, sealed: Sealed, now: float) -> SecretRow:
+        """Create the row unless one exists; the row as stored afterwards (one transaction)."""
         ...
 
     def delete(self, name: str) -> bool: ...

@@ -56,6 +56,17 @@ class SqliteSecretRows:
                 (name, key_id, nonce, ciphertext, now),
             )
 
+    def put_if_absent(self, name: str, sealed: Sealed, now: float) -> SecretRow:
+        key_id, nonce, ciphertext = sealed
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO secrets (name, key_id, nonce, ciphertext, created_at, rotated_at, version) "
+                "VALUES (?, ?, ?, ?, ?, NULL, 1) ON CONFLICT (name) DO NOTHING",
+                (name, key_id, nonce, ciphertext, now),
+            )
+            row = conn.execute(f"SELECT {_COLUMNS} FROM secrets WHERE name = ?", (name,)).fetchone()
+        return SecretRow(*row)
+
     def delete(self, name: str) -> bool:
         with self._write() as conn:
             return conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount > 0

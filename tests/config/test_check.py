@@ -66,7 +66,7 @@ def p(tmp_path: Path, rel: str) -> str:
 def test_a_good_project_passes(tmp_path):
     code, out = check(project(tmp_path))
     assert code == 0
-    assert out[0] == "ok: 2 systems, 1 flows"
+    assert out[0] == "ok: 2 systems, 1 flow"
 
 
 CASES = [

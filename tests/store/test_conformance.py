@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from patchbay.errors import PatchbayError
 from patchbay.store.base import (
     Actor,
     AttemptResult,
@@ -357,6 +358,12 @@ class Steps:
     def __init__(self, destinations: tuple[str, ...] = ("crm",)) -> None:
         self.destinations = destinations
 
+    def load_payload(self, payload: bytes) -> Any:
+        record = orjson.loads(payload)
+        if record.get("sealed"):
+            raise PatchbayError("opening the sealed fields: no key")
+        return record
+
     def process(self, record: Any, event_id: str) -> Processed:
         if "email" not in record:
             return Processed("quarantined", [{"step": "validate"}], reason="email: required")
@@ -413,13 +420,16 @@ async def test_replay_requeues_dead_and_fixed_quarantined_events(store: Store) -
     for d in await due(store):
         if d.event_id == delivered.id:
             await store.record([result(d, "success", "delivered")])
-    ids = [dead, fixed.id, still.id, delivered.id, "evt_gone"]
+    sealed = event(body={"sealed": True}, status="quarantined", reason="x")
+    await store.accept(sealed)
+    ids = [dead, fixed.id, still.id, delivered.id, "evt_gone", sealed.id]
     rep = await store.replay({"orders": Steps()}, ids, None, ALICE)
     assert rep.requeued == [dead, fixed.id]
     assert rep.still_invalid == [(still.id, "email: required")]
     assert dict(rep.skipped) == {
         delivered.id: "nothing to replay (status delivered)",
         "evt_gone": "no such event",
+        sealed.id: "opening the sealed fields: no key",
     }
     rows = await due(store)
     assert sorted(r.event_id for r in rows) == sorted([dead, fixed.id])
@@ -524,6 +534,13 @@ def test_secret_rows_put_replace_list_delete(secret_rows: SecretRows) -> None:
     assert [r.name for r in secret_rows.list()] == ["crm"]
     secret_rows.ensure_schema()  # twice is harmless
     assert secret_rows.get("crm") is not None
+
+
+def test_secret_rows_put_if_absent_keeps_the_first(secret_rows: SecretRows) -> None:
+    first = secret_rows.put_if_absent("field_key", ("k1", b"n1", b"first"), 10.0)
+    assert first == SecretRow("field_key", "k1", b"n1", b"first", 10.0, None, 1)
+    assert secret_rows.put_if_absent("field_key", ("k1", b"n2", b"second"), 20.0) == first
+    assert secret_rows.get("field_key") == first
 
 
 def test_secret_rows_reseal_is_all_or_nothing(secret_rows: SecretRows) -> None:

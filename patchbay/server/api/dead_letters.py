@@ -21,7 +21,7 @@ class DeadLetters(Resource):
         return await self.store.dead_letters(q.flow, q.destination, q.reason, q.limit)
 
     async def replay(self, c: Call) -> Any:
-        b: m.ReplayRequest = c.body
+        b: m.ReplayRuns | m.ReplayAll = c.body.root
         if b.run_ids is not None:
             ids = event_ids(b.run_ids)
         elif b.reason is None:

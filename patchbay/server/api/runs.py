@@ -24,8 +24,8 @@ class Runs(Resource):
         if run is None:
             raise ApiError(404, "not_found", f"no run {c.path.run_id!r}")
         fr = self.hub.flows.get(run["flow"])
-        if fr is not None and fr.spec.sensitive:
-            run = redact_run(run, fr.spec.sensitive)
+        # Also with no paths: values sealed at rest show as [redacted].
+        run = redact_run(run, fr.spec.sensitive if fr is not None else [])
         for k in ("payload", "meta", "trace", "reason"):
             run[k] = self._redact(run[k])
         for d in run["deliveries"]:
