@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchbay.errors import ConfigError, PatchbayError
+from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
 
 if TYPE_CHECKING:
     from patchbay.store.base import Actor
@@ -120,7 +120,16 @@ def _cli_actor(**detail: Any) -> Actor:
     return Actor(os.environ.get("USER", "cli"), "cli", detail)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnusable as exc:  # any command that meets an empty, foreign or damaged store file
+            click.echo(str(exc), err=True)
+            sys.exit(EXIT_STORE)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="patchbay")
 def main() -> None:
     """Patchbay: integrations as code, delivered durably, every failure visible."""
@@ -195,6 +204,7 @@ def check(directory: Path, as_json: bool) -> None:
 def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
     """Run the hub: webhook endpoints, delivery workers, health and metrics."""
     import asyncio
+    import sqlite3
 
     from patchbay import logs
     from patchbay.engine.hub import Hub
@@ -220,8 +230,14 @@ def serve(directory: Path, host: str | None, port: int | None, log_format: str |
         pass
     try:
         asyncio.run(run_hub(hub, host=h, port=p, on_ready=ready))
-    except StoreLocked as exc:
+    except (StoreLocked, StoreUnusable) as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_STORE)
+    except sqlite3.DatabaseError as exc:  # damage that only a later read meets
+        click.echo(
+            f"serve: reading the store {project.store_path}: {exc}; run `patchbay store check -p {directory}`",
+            err=True,
+        )
         sys.exit(EXIT_STORE)
     except OSError as exc:
         click.echo(f"serve: cannot listen on {h}:{p}: {exc.strerror}; pick another --port", err=True)
@@ -355,6 +371,26 @@ def _shown(run: dict[str, Any], project_dir: Path) -> dict[str, Any]:
     return redact_run(run, sensitive_paths(project_dir).get(run["flow"], []))
 
 
+def _scrubbed_dead(
+    store: BlockingStore, rows: list[dict[str, Any]], project_dir: Path
+) -> list[dict[str, Any]]:
+    """Dead letters as the CLI may print them: a destination's answer may echo a sensitive field."""
+    from patchbay.security.runs import scrub_dead, sensitive_paths
+
+    paths = sensitive_paths(project_dir) if rows else {}
+    out = []
+    for r in rows:
+        if paths.get(r["flow"]):
+            run = _run_of(store, r["event_id"])
+            r = scrub_dead(r, run["payload"] if run else None, paths[r["flow"]])
+        out.append(r)
+    return out
+
+
+def _run_of(store: BlockingStore, event_id: str) -> dict[str, Any] | None:
+    return store.run(lambda s: s.get_run(event_id))
+
+
 def _status(s: str) -> str:
     return s
 
@@ -380,6 +416,9 @@ def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------- dead
+DEAD_RESPONSE_CHARS = 200  # of a dead letter's last response in the listing (`runs show` has 300)
+
+
 @main.command()
 @project_option
 @click.option("--flow", help="Only this flow.")
@@ -388,7 +427,7 @@ def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
 def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None:
     """List dead letters and quarantined events with their reasons."""
     store = _store(project_dir)
-    rows = store.run(lambda s: s.list_dead(flow, limit))
+    rows = _scrubbed_dead(store, store.run(lambda s: s.list_dead(flow, limit)), project_dir)
     if as_json:
         _echo_json(rows)
         return
@@ -398,9 +437,12 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
     click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
     for r in rows:
         target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
+        reason = (r["reason"] or "")[:100]
+        if r["response"]:  # what the destination answered, on one line and bounded
+            reason += "  response: " + " ".join(r["response"].split())[:DEAD_RESPONSE_CHARS]
         click.echo(
             f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
-            f"{(r['reason'] or '')[:100]}"
+            f"{reason}"
         )
     click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
 
@@ -631,4 +673,5 @@ def connectors_show(kind: str) -> None:
 
 
 from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
+from patchbay.cli import store as _store_cli  # noqa: E402, F401  (registers `patchbay store`)
 from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

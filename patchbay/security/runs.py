@@ -42,6 +42,13 @@ def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     return run
 
 
+def scrub_dead(row: dict[str, Any], payload: Any, paths: Sequence[str]) -> dict[str, Any]:
+    """A dead letter as it may be shown: the values of its event's sensitive fields scrubbed from the
+    reason, the destination's answer (which may echo them) and the record key."""
+    scrub = Scrubber(sensitive_values(payload, paths) if payload is not None else set())
+    return {**row, **{k: scrub(row[k]) for k in ("reason", "response", "record_key") if k in row}}
+
+
 def sensitive_paths(root: Path) -> dict[str, list[str]]:
     """Each flow's `sensitive` paths, read from the project's flow files.
 

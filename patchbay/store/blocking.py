@@ -26,7 +26,7 @@ class BlockingStore:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="patchbay-cli-store", daemon=True)
         self._thread.start()
-        self.store: Store = SqliteStore(path)
+        self.store: Store = SqliteStore(path, check=False)  # the hub runs quick_check, not each command
         self._closed = False
 
     def run(self, op: Callable[[Store], Coroutine[Any, Any, T]]) -> T:

@@ -70,7 +70,8 @@ def get_run(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
 
 
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Dead deliveries and quarantined events, newest first, each with its reason."""
+    """Dead deliveries and quarantined events, newest first, each with its reason and the destination's
+    last answer (`response`); as stored (scrubbing sensitive values is the caller's)."""
     args: list[Any] = []
     fl = ""
     if flow:
@@ -78,13 +79,18 @@ def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 10
         args.append(flow)
     rows = conn.execute(
         "SELECT 'delivery' AS kind, d.event_id, d.flow, d.destination, d.last_error AS reason, d.updated_at AS at,"
-        " d.attempts, e.record_key FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
+        " d.attempts, e.record_key, (SELECT a.excerpt FROM attempts a WHERE a.delivery_id=d.id"
+        "   ORDER BY a.n DESC, a.id DESC LIMIT 1) AS response"
+        " FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
         + fl.replace("flow", "d.flow")
-        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key FROM events"
+        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key, '' FROM events"
         " WHERE status='quarantined'" + fl + " ORDER BY at DESC LIMIT ?",
         [*args, *args, limit],
     ).fetchall()
-    return [dict(r) for r in rows]
+    out = [dict(r) for r in rows]
+    for r in out:
+        r["response"] = r["response"] or ""
+    return out
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, Any]:
