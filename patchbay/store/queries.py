@@ -69,6 +69,14 @@ def get_run(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
     return run
 
 
+def q_recent_payloads(conn: sqlite3.Connection, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
+    rows = conn.execute(
+        "SELECT id, received_at, payload FROM events WHERE flow=? ORDER BY received_at DESC, id DESC LIMIT ?",
+        (flow, limit),
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Dead deliveries and quarantined events, newest first, each with its reason and the destination's
     last answer (`response`); as stored (scrubbing sensitive values is the caller's)."""

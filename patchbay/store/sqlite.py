@@ -746,6 +746,9 @@ class SqliteStore:
     async def get_run(self, event_id: str) -> dict[str, Any] | None:
         return await self._read(rq.get_run, event_id)
 
+    async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
+        return await self._read(rq.q_recent_payloads, flow, limit)
+
     async def counts(self) -> dict[str, Any]:
         return await self._read(rq.counts)
 

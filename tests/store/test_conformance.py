@@ -297,6 +297,18 @@ async def test_runs_filter_newest_first(store: Store) -> None:
     assert ids(await store.list_runs(RunFilter(key="A@example.com"))) == [old.id]  # as given or lowercased
 
 
+async def test_recent_payloads_are_the_flows_newest_as_stored(store: Store) -> None:
+    now = time.time()
+    old, new = event(body={"a": 1}, received_at=now - 10), event(body={"a": 2}, received_at=now - 5)
+    for e in (old, new, event("invoices")):
+        await store.accept(e)
+    assert await store.recent_payloads("orders", 10) == [
+        (new.id, new.received_at, new.payload),
+        (old.id, old.received_at, old.payload),
+    ]
+    assert len(await store.recent_payloads("orders", 1)) == 1
+
+
 async def test_counts_overall_and_per_flow(store: Store) -> None:
     await store.accept(event())
     await store.accept(event("invoices", status="quarantined", reason="x"))

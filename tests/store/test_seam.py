@@ -6,9 +6,14 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "patchbay"
-# connectors/sqlite.py reaches a user's SQLite database, not the hub's store. engine/alerts.py keeps
+# connectors/sqlite.py reaches a user's SQLite database, not the hub's store (scaffold/ creates the
+# example project's such databases). engine/alerts.py keeps
 # its own connection until it moves behind the protocol (issue 8, helper engine).
-NOT_THE_STORE = {"connectors/sqlite.py", "engine/alerts.py"}
+NOT_THE_STORE = {
+    "connectors/sqlite.py",
+    "engine/alerts.py",
+    "scaffold/__init__.py",
+}  # the last: demo databases
 # What the rest of the code may take from store/sqlite.py: the class that implements Store, its errors,
 # and the file's open and integrity checks (the vault shares the file; `patchbay store check`).
 PUBLIC = {"SqliteStore", "StoreLocked", "StoreClosed", "open_store", "check_file", "RESTORE"}
