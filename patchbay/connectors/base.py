@@ -43,6 +43,7 @@ class Outcome:
     excerpt: str = ""
     error: str = ""
     retry_after_s: float | None = None
+    fields: dict[str, Any] | None = None  # values mapped from the answer (a destination's `response:`)
 
     @property
     def summary(self) -> str:

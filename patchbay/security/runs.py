@@ -32,8 +32,8 @@ def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     for d, parsed in zip(run["deliveries"], bodies, strict=True):
         if isinstance(parsed, dict):
             d["request"]["body"] = orjson.dumps(redact_paths(parsed, paths)).decode()
-        for k in ("request", "last_error"):
-            d[k] = scrub(d[k])
+        for k in ("request", "last_error", "response"):
+            d[k] = scrub(d.get(k))
         for a in d["attempts_log"]:
             a["excerpt"], a["error"] = scrub(a["excerpt"]), scrub(a["error"])
     for k in ("trace", "reason", "meta", "record_key"):

@@ -73,6 +73,7 @@ class AttemptResult:
     new_status: str  # delivered | pending | dead
     next_at: float | None = None
     consumed_retry: bool = False
+    response: dict[str, Any] | None = None  # fields mapped from a successful answer (Outcome.fields)
 
 
 @dataclass(frozen=True)
@@ -404,3 +405,6 @@ class Store(Ingest, Deliveries, Destinations, Cursors, Schedules, Runs, DeadLett
         ...
 
     async def close(self) -> None: ...
+
+    # -- responses: fields a destination mapped from its answer (issue 11.3; the identity map reads them)
+    async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None: ...

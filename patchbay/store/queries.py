@@ -65,6 +65,8 @@ def get_run(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
             dict(a)
             for a in conn.execute("SELECT * FROM attempts WHERE delivery_id=? ORDER BY n, id", (d["id"],))
         ]
+        resp = conn.execute("SELECT fields FROM responses WHERE delivery_id=?", (d["id"],)).fetchone()
+        dd["response"] = None if resp is None else orjson.loads(resp[0])
         run["deliveries"].append(dd)
     return run
 
