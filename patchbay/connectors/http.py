@@ -21,7 +21,7 @@ from patchbay.connectors.http_client import (
     map_response,
     read_bounded,
 )
-from patchbay.processors.expressions import compile_expr, render_template
+from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
