@@ -25,8 +25,8 @@ from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import Accepted, NewEvent, SourceState
-from patchbay.store.sqlite import SqliteStore, tx_audit
+from patchbay.store.base import Accepted, Actor, NewEvent, SourceState
+from patchbay.store.sqlite import SqliteStore
 
 log = logging.getLogger("patchbay.hub")
 alerts = logging.getLogger("patchbay.alert")
@@ -403,12 +403,10 @@ class Hub:
         self.metrics.attempts.labels(flow, dest, outcome.cls.value).inc()
         self.metrics.latency.labels(flow, dest).observe(outcome.latency_ms / 1000)
 
-    async def set_state(self, flow: str, dest: str, state: str, actor: str = "api") -> None:
+    async def set_state(self, flow: str, dest: str, state: str, by: Actor | None = None) -> None:
+        """Pause or resume a destination by hand; audited (`resume` or the state) in the same transaction."""
         assert self.store is not None
-        await self.store.set_destination_state(flow, dest, state, None)
-        await self.store.write(
-            tx_audit, actor, "resume" if state == "active" else state, f"{flow}/{dest}", {}
-        )
+        await self.store.set_destination_state(flow, dest, state, None, by or Actor("api"))
         self._apply_destination_state(self.flows[flow], dest, state)
         if self.alert_manager is not None:
             self.alert_manager.kick()
@@ -430,13 +428,15 @@ class Hub:
         self.metrics.source_paused.labels(state.flow).set(1 if state.state in WAITING else 0)
         self.metrics.source_failures.labels(state.flow).set(state.failures)
 
-    async def resume_source(self, flow: str, actor: str = "api") -> bool:
+    async def resume_source(self, flow: str, by: Actor | None = None) -> bool:
         """Try a paused or stopped source (or schedule) again now; False when it was not waiting."""
         fr = self.flows[flow]
         if fr.health is None or not fr.health.waiting:
             return False
         assert self.store is not None
-        await self.store.write(tx_audit, actor, "resume", f"{flow}/source", {"was": fr.health.state.state})
+        await self.store.audit(
+            "resume", f"{flow}/source", by or Actor("api", detail={"was": fr.health.state.state})
+        )
         await fr.health.resume()
         return True
 

@@ -7,12 +7,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from patchbay.config.models import ScheduleTrigger
 from patchbay.engine.sources import SourceHealth
-from patchbay.store.sqlite import q_schedule, tx_schedule
+from patchbay.store.base import Store
 
 log = logging.getLogger("patchbay.scheduler")
 
@@ -69,7 +68,7 @@ class ScheduleRunner:
         self,
         flow: str,
         spec: ScheduleTrigger,
-        store: Any,
+        store: Store,
         job: Callable[[float], Awaitable[None]],
         health: SourceHealth,
     ) -> None:
@@ -90,7 +89,7 @@ class ScheduleRunner:
             await asyncio.gather(self.task, return_exceptions=True)
 
     async def _first_due(self) -> float:
-        row = await self.store.read(q_schedule, self.flow)
+        row = await self.store.schedule(self.flow)
         now = time.time()
         due = row and row.get("next_due_at")
         if not due:
@@ -109,7 +108,7 @@ class ScheduleRunner:
 
     async def _loop(self) -> None:
         due = await self._first_due()
-        await self.store.write(lambda c: tx_schedule(c, self.flow, next_due_at=due))
+        await self.store.update_schedule(self.flow, {"next_due_at": due})
         while True:
             if self.health.waiting:  # paused or stopped: no run until it is resumed, then one at once
                 await self.health.resumed.wait()
@@ -117,9 +116,7 @@ class ScheduleRunner:
             await asyncio.sleep(max(0.0, due - time.time()))
             started = time.time()
             nxt = next_after(self.spec, started)
-            await self.store.write(
-                lambda c, s=started, n=nxt: tx_schedule(c, self.flow, last_started_at=s, next_due_at=n)
-            )
+            await self.store.update_schedule(self.flow, {"last_started_at": started, "next_due_at": nxt})
             self.running = True
             status, error, retry_in = "ok", None, None
             try:
@@ -138,14 +135,13 @@ class ScheduleRunner:
             due = nxt if nxt > finished else next_after(self.spec, finished)
             if retry_in is not None:
                 due = min(due, finished + retry_in)
-            await self.store.write(
-                lambda c, f=finished, st=status, e=error, d=None if self.health.waiting else due: tx_schedule(
-                    c,
-                    self.flow,
-                    last_finished_at=f,
-                    last_status=st,
-                    last_error=e,
-                    next_due_at=d,
-                    count_run=True,
-                )
+            await self.store.update_schedule(
+                self.flow,
+                {
+                    "last_finished_at": finished,
+                    "last_status": status,
+                    "last_error": error,
+                    "next_due_at": None if self.health.waiting else due,
+                },
+                count_run=True,
             )

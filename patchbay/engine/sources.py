@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from patchbay.connectors.base import Batch
 from patchbay.engine.policy import SourceDecision, decide_source, outcome_of
 from patchbay.store.base import SourceState
-from patchbay.store.sqlite import q_cursor
 
 if TYPE_CHECKING:
     from patchbay.engine.hub import FlowRuntime, Hub
@@ -133,7 +132,7 @@ async def poll_once(hub: Hub, fr: FlowRuntime, source: Any) -> int:
 
     Errors propagate: the schedule reads them with `SourceHealth.failed`."""
     assert hub.store is not None
-    cursor = await hub.store.read(q_cursor, fr.spec.name)
+    cursor = await hub.store.cursor(fr.spec.name)
     n = 0
     async for batch in source.poll(cursor):
         await hub.ingest_batch(fr.spec.name, batch)

@@ -16,7 +16,8 @@ from aiohttp import web
 from patchbay.cli import main
 from patchbay.engine import policy, sources
 from patchbay.engine.alerts import AlertManager
-from patchbay.security.tokens import tx_create_token
+from patchbay.security.tokens import create_token
+from patchbay.store.base import Actor
 from patchbay.store.sqlite import q_schedule
 from tests.conftest import RunningHub, _start, eventually
 from tests.engine.test_alerts import _settle, alert_project, cli_env, hook_messages
@@ -102,7 +103,7 @@ async def test_an_http_poll_answering_500_then_401_alerts_shows_and_pauses_until
         },
     )
     hub = await start_hub(root)
-    token, _ = await hub.store.write(tx_create_token, "t", ("admin",), None, "test")
+    token, _ = await create_token(hub.store, "t", ("admin",), None, Actor("test"))
 
     # Transient: retried with backoff long before the next hourly run, and counted.
     async def failing() -> bool:
@@ -199,7 +200,7 @@ async def test_a_sql_poll_on_a_dropped_table_stops_and_alerts(tmp_path, sink, st
     # Fixed, then resumed through the API: it polls again.
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE orders(id INTEGER PRIMARY KEY, updated_at INTEGER)")
-    token, _ = await hub.store.write(tx_create_token, "ops", ("destinations:write",), None, "test")
+    token, _ = await create_token(hub.store, "ops", ("destinations:write",), None, Actor("test"))
     async with (
         aiohttp.ClientSession() as s,
         s.post(

@@ -6,8 +6,6 @@ from typing import Any
 
 from patchbay.server.api.common import Resource
 from patchbay.server.api.http import ApiError, Call
-from patchbay.store import api_queries as aq
-from patchbay.store.sqlite import tx_audit, tx_reset_cursor
 
 
 class State(Resource):
@@ -15,7 +13,7 @@ class State(Resource):
 
     async def get_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
-        row = await self.store.read(aq.q_cursor_row, fr.spec.name)
+        row = await self.store.cursor_info(fr.spec.name)
         return {
             "flow": fr.spec.name,
             "has_source": fr.spec.source is not None,
@@ -26,20 +24,14 @@ class State(Resource):
     async def reset_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         name = fr.spec.name
-
-        def tx(conn: Any) -> bool:
-            done = tx_reset_cursor(conn, name)
-            tx_audit(conn, c.actor, "cursor.reset", name, {**c.who, "had_cursor": done}, c.origin)
-            return done
-
-        return {"flow": name, "reset": await self.store.write(tx)}
+        return {"flow": name, "reset": await self.store.reset_cursor(name, c.by())}
 
     async def resume_source(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         name = fr.spec.name
         if fr.health is None:
             raise ApiError(409, "no_source", f"flow {name} has no source or schedule to resume")
-        resumed = await self.hub.resume_source(name, c.actor)
+        resumed = await self.hub.resume_source(name, c.by(was=fr.health.state.state))
         return {"flow": name, "resumed": resumed, "state": fr.health.state.state}
 
     async def list_schedules(self, c: Call) -> Any:
