@@ -52,15 +52,21 @@ def step_reads(spec: Any) -> set[str] | None:
     if spec.kind == "map":
         if config.keep:
             return None
-        for f in config.fields.values():
-            if f.expr is not None:
-                names |= set(_names(compile_expr(f.expr, tables=config.tables or None).ast))
+        names |= _map_reads(config)
     elif spec.kind == "validate":
         names |= {path.split(".")[0] for path in config.rules}
     elif spec.kind == "filter":
         names |= set(_names(compile_expr(config.when).ast))
     else:
         return None
+    return names
+
+
+def _map_reads(config: Any) -> set[str]:
+    names: set[str] = set()
+    for f in config.fields.values():
+        if f.expr is not None:
+            names |= set(_names(compile_expr(f.expr, tables=config.tables or None).ast))
     return names
 
 
@@ -127,16 +133,23 @@ class FrameTransform:
             checks = self.steps
         self._general = not self.out_names
         self._checks = checks
-        reads: set[str] | None = set()
-        for s in ([first] if self._map is not None else []) + list(checks):
+        map_reads = set(_map_reads(self._map.config)) if self._map is not None else set()
+        check_reads: set[str] | None = set()
+        for s in checks:
             got = step_reads(s)
-            reads = None if got is None or reads is None else reads | got
-        if self._general or reads is None:
-            reads = set(index)
-        # What to decode from the source row: columns the map reads, and copied columns later steps read.
+            check_reads = None if got is None or check_reads is None else check_reads | got
+        if self._general or check_reads is None:
+            map_reads = check_reads = set(index)
+        # What to decode from the source row: the columns the map reads (or, without a map, the checks
+        # read); then the copied columns the checks after a map read, under their output names.
+        reads = map_reads if self._map is not None else map_reads | check_reads
         self._decode_src = sorted(index[n] for n in reads if n in index)
         copied_names = {v: k for k, v in self._copy.items()}
-        self._decode_copied = [(copied_names[i], i) for i in self._copy.values() if copied_names[i] in reads]
+        self._decode_copied = (
+            [(copied_names[i], i) for i in self._copy.values() if copied_names[i] in check_reads]
+            if self._map is not None
+            else []
+        )
         self.key = list(key)
         self._soft = index.get(soft_delete) if soft_delete else None
         if soft_delete and self._soft is None:
