@@ -57,7 +57,22 @@ STEPS = (
 
 def psql(db: str, sql: str) -> str:
     env = {**os.environ, "PGPASSWORD": PASSWORD}
-    args = ["psql", "-X", "-q", "-At", "-h", PG["host"], "-p", str(PG["port"]), "-U", PG["user"], "-d", db, "-c", sql]
+    args = [
+        "psql",
+        "-X",
+        "-q",
+        "-At",
+        "-h",
+        PG["host"],
+        "-p",
+        str(PG["port"]),
+        "-U",
+        PG["user"],
+        "-d",
+        db,
+        "-c",
+        sql,
+    ]
     return subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -76,8 +91,11 @@ def timed_child(args: list[str], env: dict[str, str] | None = None) -> tuple[flo
 
 def copy_limit() -> float:
     """psql COPY (binary) | psql COPY into a fresh table: the wall time of the physical limit."""
-    psql(DST, "DROP TABLE IF EXISTS pb_limit; CREATE TABLE pb_limit (id bigint, email text, first_name text,"
-         " last_name text, company text, country char(2), updated_at timestamptz, attrs jsonb)")
+    psql(
+        DST,
+        "DROP TABLE IF EXISTS pb_limit; CREATE TABLE pb_limit (id bigint, email text, first_name text,"
+        " last_name text, company text, country char(2), updated_at timestamptz, attrs jsonb)",
+    )
     env = {**os.environ, "PGPASSWORD": PASSWORD}
     base = f"psql -X -q -h {PG['host']} -p {PG['port']} -U {PG['user']}"
     cmd = (
@@ -130,11 +148,15 @@ async def _sync(spec: dict[str, Any], flow: str) -> dict[str, Any]:
     for i, s in enumerate(STEPS):
         ((kind, raw),) = s.items()
         config = REGISTRY[kind].config.model_validate(raw)
-        steps.append(StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config)))
+        steps.append(
+            StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config))
+        )
 
     def side(db: str) -> PostgresBulk:
         system = PostgresSystem.model_validate({**PG, "database": db, "password": {"env": "PGPASSWORD"}})
-        return PostgresBulk(system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=db), 600)
+        return PostgresBulk(
+            system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=db), 600
+        )
 
     src, dst = side(SRC), side(DST)
     try:
@@ -153,7 +175,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, Any]]:
-    wall, rss, out = timed_child([sys.executable, __file__, "child", "--flow", flow, "--spec", json.dumps(spec)])
+    wall, rss, out = timed_child(
+        [sys.executable, __file__, "child", "--flow", flow, "--spec", json.dumps(spec)]
+    )
     report = json.loads(out.strip().splitlines()[-1])
     if report["status"] != "ok":
         raise SystemExit(f"patchbay run failed: {report['error']}")
@@ -177,33 +201,65 @@ def main() -> None:
 
     limit = copy_limit()
     rows.append(("limit: psql COPY -> COPY (binary)", limit, n / limit, None, "1.00"))
-    psql(DST, "DROP TABLE IF EXISTS pb_full; DELETE FROM _patchbay_sync_state WHERE flow LIKE 'bench-%'"
-         if psql(DST, "SELECT to_regclass('_patchbay_sync_state') IS NOT NULL") == "t" else "DROP TABLE IF EXISTS pb_full")
-    full = {"from": {"system": "src", "table": "public.customers"}, "to": {"system": "dst", "table": "pb_full"},
-            "mode": "full"}
+    psql(
+        DST,
+        "DROP TABLE IF EXISTS pb_full; DELETE FROM _patchbay_sync_state WHERE flow LIKE 'bench-%'"
+        if psql(DST, "SELECT to_regclass('_patchbay_sync_state') IS NOT NULL") == "t"
+        else "DROP TABLE IF EXISTS pb_full",
+    )
+    full = {
+        "from": {"system": "src", "table": "public.customers"},
+        "to": {"system": "dst", "table": "pb_full"},
+        "mode": "full",
+    }
     wall, rss, rep = patchbay(full, "bench-full")
     rows.append(("patchbay full load, map + validate", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}"))
     assert rep["written"] == n, rep
 
     if not args.skip_merge:
         # The dlt bench's merge scenario: 1M at the destination, 10 % of the source changed since.
-        merge = {**full, "to": {"system": "dst", "table": "pb_merge"}, "mode": "merge", "key": ["id"],
-                 "cursor": {"column": "updated_at"}}
+        merge = {
+            **full,
+            "to": {"system": "dst", "table": "pb_merge"},
+            "mode": "merge",
+            "key": ["id"],
+            "cursor": {"column": "updated_at"},
+        }
         psql(DST, "DROP TABLE IF EXISTS pb_merge")
         patchbay(merge, "bench-merge")  # first run: everything
-        psql(DST, f"DROP TABLE IF EXISTS pb_ref_merge; CREATE TABLE pb_ref_merge AS SELECT {COLS} FROM pb_merge;"
-             " ALTER TABLE pb_ref_merge ADD PRIMARY KEY (id)")
+        psql(
+            DST,
+            f"DROP TABLE IF EXISTS pb_ref_merge; CREATE TABLE pb_ref_merge AS SELECT {COLS} FROM pb_merge;"
+            " ALTER TABLE pb_ref_merge ADD PRIMARY KEY (id)",
+        )
         k = int(time.time()) % 10
         since = psql(SRC, "SELECT now()::text")
-        changed = psql(SRC, f"UPDATE public.customers SET first_name = first_name || '+', updated_at = now()"
-                       f" WHERE id % 10 = {k}; SELECT count(*) FROM public.customers WHERE updated_at >= '{since}'")
+        changed = psql(
+            SRC,
+            f"UPDATE public.customers SET first_name = first_name || '+', updated_at = now()"
+            f" WHERE id % 10 = {k}; SELECT count(*) FROM public.customers WHERE updated_at >= '{since}'",
+        )
         ref = merge_reference(since)
-        rows.append((f"reference: COPY {int(changed):,} changed -> stage -> DELETE+INSERT", ref, int(changed) / ref,
-                     None, "1.00"))
+        rows.append(
+            (
+                f"reference: COPY {int(changed):,} changed -> stage -> DELETE+INSERT",
+                ref,
+                int(changed) / ref,
+                None,
+                "1.00",
+            )
+        )
         wall, rss, rep = patchbay(merge, "bench-merge")
         assert rep["updated"] == int(changed), rep
-        rows.append((f"patchbay merge of {int(changed):,} changed rows into {n:,}", wall, rep["read"] / wall, rss,
-                     f"{wall / ref:.2f}x the reference"))
+        rows.append(
+            (
+                f"patchbay merge of {int(changed):,} changed rows into {n:,}",
+                wall,
+                rep["read"] / wall,
+                rss,
+                f"{wall / ref:.2f}x the reference",
+            )
+        )
         psql(DST, "DROP TABLE pb_ref_merge")
 
     print()
