@@ -6,6 +6,7 @@ config errors, 3 the store or the hub could not be reached.
 
 from __future__ import annotations
 
+from patchbay.cli import secrets, tokens  # noqa: F401  (register `secrets`, `tokens` and `audit` on main)
 from patchbay.cli.main import main
 
 __all__ = ["main"]

@@ -573,7 +573,3 @@ def connectors_show(kind: str) -> None:
         )
         sys.exit(EXIT_PROBLEMS)
     click.echo(connector_doc(kind))
-
-
-from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
-from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 import aiohttp
 
+from patchbay import registry
 from patchbay.config.models import DeliveryPolicy
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
 
@@ -46,6 +47,7 @@ class Outcome:
         return what
 
 
+@registry.offline_resources  # what `check` builds connectors with
 @dataclass
 class Resources:
     """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""

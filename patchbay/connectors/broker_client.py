@@ -17,7 +17,7 @@ import orjson
 
 from patchbay.connectors.base import Outcome, OutcomeClass, Stopwatch
 from patchbay.errors import ConfigError, RecordInvalid, Violation
-from patchbay.processors.expressions import Expr, Template, compile_expr, render_template
+from patchbay.expressions import Expr, Template, compile_expr, render_template
 from patchbay.records import put
 from patchbay.security.ssrf import tls_client_context
 

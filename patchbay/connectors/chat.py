@@ -20,7 +20,7 @@ from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
-from patchbay.processors.expressions import render_template
+from patchbay.expressions import render_template
 from patchbay.registry import connector
 
 Style = Literal["slack", "teams", "mattermost"]

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
-from patchbay.processors.expressions import compile_expr, render_template
+from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress
 

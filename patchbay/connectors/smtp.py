@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
 from patchbay.errors import ConfigError, PatchbayError, RecordInvalid, Violation
-from patchbay.processors.expressions import Template, render_template
+from patchbay.expressions import Template, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress, open_socket
 

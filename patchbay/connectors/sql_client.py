@@ -43,7 +43,7 @@ from patchbay.errors import (
     TransientError,
     Violation,
 )
-from patchbay.processors.expressions import Expr, compile_expr
+from patchbay.expressions import Expr, compile_expr
 from patchbay.security.ssrf import blocked_cause
 
 Dialect = Literal["postgres", "mysql", "sqlite"]

@@ -20,7 +20,7 @@ from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources
 from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
 from patchbay.errors import ConfigError, PatchbayError
-from patchbay.processors.expressions import iso, render_template
+from patchbay.expressions import iso, render_template
 from patchbay.registry import connector
 from patchbay.security.webhook_auth import sign_standard_webhooks, standard_webhooks_key
 

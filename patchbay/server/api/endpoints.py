@@ -1,0 +1,271 @@
+"""The endpoint table: every route of the REST API, its scope, models and handler, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from patchbay.engine.hub import Hub
+from patchbay.server import api_models as m
+from patchbay.server.api.admin import Admin
+from patchbay.server.api.dead_letters import DeadLetters
+from patchbay.server.api.destinations import Destinations
+from patchbay.server.api.flows import Flows
+from patchbay.server.api.http import (
+    PREFIX,
+)
+from patchbay.server.api.runs import Runs
+from patchbay.server.api.secrets import Secrets
+from patchbay.server.api.state import State
+from patchbay.server.openapi import Endpoint
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """One instance of each resource's handlers."""
+
+    admin: Admin
+    flows: Flows
+    runs: Runs
+    dead_letters: DeadLetters
+    destinations: Destinations
+    state: State
+    secrets: Secrets
+
+    @classmethod
+    def of(cls, hub: Hub) -> Handlers:
+        return cls(
+            Admin(hub), Flows(hub), Runs(hub), DeadLetters(hub), Destinations(hub), State(hub), Secrets(hub)
+        )
+
+
+def endpoints(h: Handlers) -> list[Endpoint]:
+    E, P = Endpoint, PREFIX
+    flow, dest = f"{P}/flows/{{flow}}", f"{P}/flows/{{flow}}/destinations/{{destination}}"
+    return [
+        E("GET", f"{P}/whoami", h.admin.whoami, None, "The token making this call.", "meta", m.WhoAmI),
+        E(
+            "GET",
+            f"{P}/systems",
+            h.flows.list_systems,
+            "flows:read",
+            "Systems: kind, owner, purpose, what they own.",
+            "flows",
+            m.SystemsOut,
+        ),
+        E(
+            "GET",
+            f"{P}/flows",
+            h.flows.list_flows,
+            "flows:read",
+            "Flows: trigger, owner, purpose, destinations, health, last run, success rate and p95 latency.",
+            "flows",
+            m.FlowsOut,
+        ),
+        E(
+            "GET",
+            flow,
+            h.flows.get_flow,
+            "flows:read",
+            "One flow: its definition (read-only, credentials redacted), delivery policies, recent runs.",
+            "flows",
+            m.FlowDetail,
+            path_params=m.FlowPath,
+        ),
+        E(
+            "GET",
+            f"{P}/map",
+            h.flows.get_map,
+            "flows:read",
+            "The map: systems as nodes, flows as edges from source to destination, each with a health.",
+            "flows",
+            m.MapOut,
+        ),
+        E(
+            "GET",
+            f"{P}/runs",
+            h.runs.list_runs,
+            "runs:read",
+            "Runs, newest first, filtered.",
+            "runs",
+            m.RunsOut,
+            query=m.RunsQuery,
+        ),
+        E(
+            "GET",
+            f"{P}/runs/{{run_id}}",
+            h.runs.get_run,
+            "runs:read",
+            "One run's trace: payload, each step, each destination's attempts.",
+            "runs",
+            m.RunDetail,
+            path_params=m.RunPath,
+        ),
+        E(
+            "GET",
+            f"{P}/counts",
+            h.runs.counts,
+            "runs:read",
+            "Events and deliveries by status, overall and per flow.",
+            "runs",
+            m.CountsOut,
+        ),
+        E(
+            "GET",
+            f"{P}/dead-letters",
+            h.dead_letters.list_dead,
+            "runs:read",
+            "Dead deliveries and quarantined events, grouped by flow, destination and reason.",
+            "dead-letters",
+            m.DeadLettersOut,
+            query=m.DeadQuery,
+        ),
+        E(
+            "POST",
+            f"{P}/dead-letters/replay",
+            h.dead_letters.replay,
+            "runs:replay",
+            "Replay selected runs, or all matching, through the flow as configured now.",
+            "dead-letters",
+            m.ReplayOut,
+            body=m.ReplayRequest,
+        ),
+        E(
+            "POST",
+            f"{P}/dead-letters/discard",
+            h.dead_letters.discard,
+            "runs:replay",
+            "Discard selected dead letters (status `discarded`); audited.",
+            "dead-letters",
+            m.DiscardOut,
+            body=m.DiscardRequest,
+        ),
+        E(
+            "GET",
+            f"{P}/destinations",
+            h.destinations.list_destinations,
+            "flows:read",
+            "Every destination: state, backlog, health, delivery policy.",
+            "destinations",
+            m.DestinationsOut,
+        ),
+        E(
+            "POST",
+            f"{dest}/pause",
+            h.destinations.pause,
+            "destinations:write",
+            "Pause a destination: its deliveries wait in the store.",
+            "destinations",
+            m.DestinationStateOut,
+            path_params=m.DestinationPath,
+        ),
+        E(
+            "POST",
+            f"{dest}/resume",
+            h.destinations.resume,
+            "destinations:write",
+            "Resume a paused or disabled destination; waiting deliveries go in order of arrival.",
+            "destinations",
+            m.DestinationStateOut,
+            path_params=m.DestinationPath,
+        ),
+        E(
+            "GET",
+            f"{flow}/cursor",
+            h.state.get_cursor,
+            "flows:read",
+            "A flow's saved source cursor.",
+            "state",
+            m.CursorOut,
+            path_params=m.FlowPath,
+        ),
+        E(
+            "DELETE",
+            f"{flow}/cursor",
+            h.state.reset_cursor,
+            "runs:replay",
+            "Forget the source cursor: the next poll reads from the start (seen records are not repeated).",
+            "state",
+            m.CursorResetOut,
+            path_params=m.FlowPath,
+        ),
+        E(
+            "GET",
+            f"{P}/schedules",
+            h.state.list_schedules,
+            "flows:read",
+            "Scheduled flows: last and next run, lateness.",
+            "state",
+            m.SchedulesOut,
+        ),
+        E(
+            "GET",
+            f"{P}/secrets",
+            h.secrets.list_secrets,
+            "secrets:read",
+            "Secret names, versions and the flows using them. Never values.",
+            "secrets",
+            m.SecretsOut,
+        ),
+        E(
+            "PUT",
+            f"{P}/secrets/{{name}}",
+            h.secrets.put_secret,
+            "secrets:write",
+            "Set or rotate a secret. The value is never logged or echoed.",
+            "secrets",
+            m.SecretWriteOut,
+            path_params=m.SecretPath,
+            body=m.SecretWrite,
+        ),
+        E(
+            "DELETE",
+            f"{P}/secrets/{{name}}",
+            h.secrets.delete_secret,
+            "secrets:write",
+            "Delete a secret; refused while flows use it unless force=true.",
+            "secrets",
+            m.SecretDeleteOut,
+            path_params=m.SecretPath,
+            query=m.SecretDeleteQuery,
+        ),
+        E(
+            "GET",
+            f"{P}/audit",
+            h.admin.list_audit,
+            "admin",
+            "The audit log, newest first. Read-only: there is no API to change it.",
+            "admin",
+            m.AuditOut,
+            query=m.AuditQuery,
+        ),
+        E(
+            "GET",
+            f"{P}/tokens",
+            h.admin.list_tokens,
+            "admin",
+            "API tokens (never their secrets).",
+            "admin",
+            m.TokensOut,
+        ),
+        E(
+            "POST",
+            f"{P}/tokens",
+            h.admin.create_token,
+            "admin",
+            "Create a token; the answer shows it once.",
+            "admin",
+            m.TokenCreated,
+            status=201,
+            body=m.TokenCreate,
+        ),
+        E(
+            "DELETE",
+            f"{P}/tokens/{{token_id}}",
+            h.admin.revoke_token,
+            "admin",
+            "Revoke a token.",
+            "admin",
+            m.TokenOut,
+            path_params=m.TokenPath,
+        ),
+    ]

@@ -1,0 +1,142 @@
+"""Handlers for systems, flows and the map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patchbay.config.project import FlowSpec, SystemSpec, system_secret_refs
+from patchbay.server.api.common import Resource, worst
+from patchbay.server.api.http import Call
+from patchbay.store import api_queries as aq
+from patchbay.store.queries import RunFilter, list_runs
+
+
+class Flows(Resource):
+    """Systems, flows and the map."""
+
+    async def list_systems(self, c: Call) -> Any:
+        project = self.hub.project
+        used: dict[str, list[str]] = {}
+        for f in project.flows.values():
+            source = self._source_system(f)
+            names = {d.system for d in f.destinations} | ({source} if source else set())
+            for n in sorted(names):
+                used.setdefault(n, []).append(f.name)
+        return {"systems": [self._system(s, used.get(s.name, [])) for s in project.systems.values()]}
+
+    def _system(self, s: SystemSpec, used_by: list[str]) -> dict[str, Any]:
+        common = s.common
+        return {
+            "name": s.name,
+            "kind": s.kind,
+            "owner": common.owner,
+            "purpose": common.purpose,
+            "owns": common.owns,
+            "webhook": self._redact(self._dump(common.webhook)) if common.webhook else None,
+            "config": self._redact(self._dump(s.config)) if s.config is not None else None,
+            "secrets": sorted({r.label for r in system_secret_refs(s)}),
+            "used_by": used_by,
+        }
+
+    async def list_flows(self, c: Call) -> Any:
+        ov = await self._overview()
+        stats = await self.store.read(aq.flow_stats, list(self.hub.flows), ov["now"])
+        return {"flows": [self._flow_summary(fr.spec, ov, stats) for fr in self.hub.flows.values()]}
+
+    async def get_flow(self, c: Call) -> Any:
+        fr = self._flow(c.path.flow)
+        spec: FlowSpec = fr.spec
+        ov = await self._overview()
+        stats = await self.store.read(aq.flow_stats, [spec.name], ov["now"])
+        recent = await self.store.read(list_runs, RunFilter(flow=spec.name, limit=20))
+        definition = {
+            "trigger": self._redact(self._dump(spec.trigger)),
+            "source": {
+                "system": spec.source.system,
+                "kind": spec.source.kind,
+                "mode": spec.source.mode,
+                "config": self._redact(self._dump(spec.source.config)),
+            }
+            if spec.source
+            else None,
+            "record_key": spec.record_key,
+            "sensitive": spec.sensitive,
+            "steps": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "when": s.when.text if s.when is not None else None,
+                    "config": self._redact(self._dump(s.config)),
+                }
+                for s in spec.steps
+            ],
+            "destinations": [
+                {
+                    "name": d.name,
+                    "system": d.system,
+                    "kind": d.kind,
+                    "when": d.when.text if d.when is not None else None,
+                    "config": self._redact(self._dump(d.config)),
+                    "delivery": self._dump(d.policy),
+                }
+                for d in spec.destinations
+            ],
+        }
+        return {
+            **self._flow_summary(spec, ov, stats),
+            "file": spec.file,
+            "line": spec.line,
+            "record_key": spec.record_key,
+            "sensitive": spec.sensitive,
+            "definition": definition,
+            "schedule": self._schedule(spec.name, ov["schedules"].get(spec.name), ov["late"][spec.name]),
+            "recent_runs": recent,
+        }
+
+    async def get_map(self, c: Call) -> Any:
+        ov = await self._overview()
+        project = self.hub.project
+        edges = []
+        incoming: dict[str, list[str]] = {}
+        outgoing_late: dict[str, bool] = {}
+        for name, fr in self.hub.flows.items():
+            src = self._source_system(fr.spec) or "hub"
+            outgoing_late[src] = outgoing_late.get(src, False) or bool(ov["late"][name])
+            for d in fr.spec.destinations:
+                dd = ov["dests"][(name, d.name)]
+                edges.append(
+                    {
+                        "id": f"{name}/{d.name}",
+                        "flow": name,
+                        "destination": d.name,
+                        "source": src,
+                        "target": d.system,
+                        "trigger": self._trigger(fr.spec),
+                        "state": dd["state"],
+                        "health": dd["health"],
+                    }
+                )
+                incoming.setdefault(d.system, []).append(dd["health"])
+        nodes = []
+        for s in project.systems.values():
+            h = worst(incoming.get(s.name, []) + (["late"] if outgoing_late.get(s.name) else []))
+            nodes.append(
+                {
+                    "id": s.name,
+                    "kind": s.kind,
+                    "owner": s.common.owner,
+                    "purpose": s.common.purpose,
+                    "health": h,
+                }
+            )
+        if "hub" in outgoing_late and "hub" not in project.systems:
+            nodes.append(
+                {
+                    "id": "hub",
+                    "kind": "hub",
+                    "owner": None,
+                    "purpose": "schedules and manual runs",
+                    "health": "late" if outgoing_late["hub"] else "ok",
+                }
+            )
+        return {"nodes": nodes, "edges": edges}

@@ -1,0 +1,40 @@
+"""Handlers for a flow's saved state: source cursors and schedules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patchbay.server.api.common import Resource
+from patchbay.server.api.http import Call
+from patchbay.store import api_queries as aq
+from patchbay.store.sqlite import tx_audit, tx_reset_cursor
+
+
+class State(Resource):
+    """Source cursors and schedules."""
+
+    async def get_cursor(self, c: Call) -> Any:
+        fr = self._flow(c.path.flow)
+        row = await self.store.read(aq.q_cursor_row, fr.spec.name)
+        return {
+            "flow": fr.spec.name,
+            "has_source": fr.spec.source is not None,
+            "cursor": self._redact(row["value"]) if row else None,
+            "updated_at": row["updated_at"] if row else None,
+        }
+
+    async def reset_cursor(self, c: Call) -> Any:
+        fr = self._flow(c.path.flow)
+        name = fr.spec.name
+
+        def tx(conn: Any) -> bool:
+            done = tx_reset_cursor(conn, name)
+            tx_audit(conn, c.actor, "cursor.reset", name, {**c.who, "had_cursor": done}, c.origin)
+            return done
+
+        return {"flow": name, "reset": await self.store.write(tx)}
+
+    async def list_schedules(self, c: Call) -> Any:
+        ov = await self._overview()
+        out = [self._schedule(n, ov["schedules"].get(n), ov["late"][n]) for n in self.hub.flows]
+        return {"schedules": [s for s in out if s is not None]}
