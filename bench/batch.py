@@ -134,7 +134,7 @@ def merge_reference(since: str) -> float:
 
 # ---------------------------------------------------------------- the Patchbay side (a child process)
 async def _sync(spec: dict[str, Any], flow: str) -> dict[str, Any]:
-    from patchbay.batch.spec import BatchSpec
+    from patchbay.config.batch import BatchSpec
     from patchbay.config.project import StepSpec
     from patchbay.connectors.base import Resources
     from patchbay.connectors.postgres import PostgresSystem

@@ -14,8 +14,8 @@ from typing import Any
 
 from patchbay.batch.frame import Column, Frame, decode, encode, infer_type
 from patchbay.errors import ConfigError, RecordInvalid
+from patchbay.expressions import compile_expr, is_truthy
 from patchbay.processors.base import Dropped
-from patchbay.processors.expressions import compile_expr, is_truthy
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from patchbay.batch.frame import Column, Frame
-from patchbay.batch.spec import BatchFrom
+from patchbay.config.batch import BatchFrom
 
 STATE_TABLE = "_patchbay_sync_state"
 BUCKETS = 256  # key ranges compared for delete detection (first two hex digits of md5(key))

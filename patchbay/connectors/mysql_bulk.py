@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from patchbay.batch.frame import NULL, Column, Frame
-from patchbay.batch.spec import BatchFrom, BatchTo
+from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
 from patchbay.connectors.mysql import MysqlSystem, connect, load_driver

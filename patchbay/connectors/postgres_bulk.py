@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from patchbay.batch.frame import Column, Frame, join_rows, split_lines
-from patchbay.batch.spec import BatchFrom, BatchTo
+from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
 from patchbay.connectors.postgres import PostgresSystem, conninfo, load_driver

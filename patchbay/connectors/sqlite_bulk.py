@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from patchbay.batch.frame import NULL, Column, Frame, escape, unescape
-from patchbay.batch.spec import BatchFrom, BatchTo
+from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
 from patchbay.connectors.sqlite import SqliteSystem, db_path

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from patchbay.batch.frame import Column
-from patchbay.batch.spec import BatchFrom, BatchSpec
 from patchbay.batch.transform import FrameTransform, Invalid, step_reads
+from patchbay.config.batch import BatchFrom, BatchSpec
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
 from patchbay.errors import PatchbayError
 

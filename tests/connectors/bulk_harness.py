@@ -18,7 +18,7 @@ if not IN_CI:
     )
 import psycopg
 
-from patchbay.batch.spec import BatchSpec
+from patchbay.config.batch import BatchSpec
 from patchbay.config.project import StepSpec
 from patchbay.connectors.base import Resources
 from patchbay.connectors.postgres import PostgresSystem

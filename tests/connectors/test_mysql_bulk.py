@@ -14,7 +14,7 @@ if not IN_CI:
     pytest.importorskip("aiomysql", reason="the mysql extra is not installed: pip install 'patchbay[mysql]'")
 import aiomysql
 
-from patchbay.batch.spec import BatchSpec
+from patchbay.config.batch import BatchSpec
 from patchbay.connectors.base import Resources
 from patchbay.connectors.mysql import MysqlSystem
 from patchbay.connectors.mysql_bulk import MysqlBulk

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from patchbay.batch.spec import BatchSpec
+from patchbay.config.batch import BatchSpec
 from patchbay.connectors.base import Resources
 from patchbay.connectors.sqlite import SqliteSystem
 from patchbay.connectors.sqlite_bulk import SqliteBulk
@@ -83,7 +83,13 @@ async def test_sqlite_to_sqlite_merge_keeps_values_and_reads_only_the_window(fil
         c.execute("UPDATE orders SET total = 0, updated_at = '2024-02-01 00:00:00' WHERE id <= 5")
     second = await run(lite(src), lite(dst), SPEC)
     # The 5 changed rows and the boundary row (cursor equal to the mark: equal timestamps are read again).
-    assert (second.status, second.read, second.updated, second.inserted, second.unchanged) == ("ok", 6, 5, 0, 1)
+    assert (second.status, second.read, second.updated, second.inserted, second.unchanged) == (
+        "ok",
+        6,
+        5,
+        0,
+        1,
+    )
     with sqlite3.connect(dst) as c:
         assert c.execute("SELECT count(*) FROM orders WHERE total = 0").fetchone() == (5,)
         assert c.execute("SELECT runs FROM _patchbay_sync_state WHERE flow = 'orders'").fetchone() == (2,)
