@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from patchbay.config.batch import BatchSpec
 from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
 from patchbay.expressions import Expr
 
@@ -69,6 +70,7 @@ class FlowSpec:
     line: int
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
+    batch: BatchSpec | None = None
 
     @property
     def webhook_path(self) -> str | None:
@@ -83,6 +85,8 @@ class FlowSpec:
             names.add(self.trigger.webhook.system)
         if self.source:
             names.add(self.source.system)
+        if self.batch:
+            names |= {self.batch.from_.system, self.batch.to.system}
         return [r for n in sorted(names) if n in systems for r in system_secret_refs(systems[n])]
 
 
