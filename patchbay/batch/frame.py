@@ -126,6 +126,15 @@ def decode(field: bytes, type_: str) -> Any:
     return None if text is None else DECODE[type_](text)
 
 
+def decode_column(fields: list[bytes], type_: str) -> list[Any]:
+    """`decode` over one column of a batch (the common no-escape case without a regex)."""
+    conv = DECODE[type_]
+    return [
+        None if f == NULL else conv(f.decode() if b"\\" not in f else unescape(f))  # type: ignore[arg-type]
+        for f in fields
+    ]
+
+
 def encode(value: Any) -> bytes:
     """A Python value (a step's output) as a COPY field; objects and arrays as JSON text."""
     if value is None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from patchbay.batch.frame import Column, Frame, decode, encode, infer_type
+from patchbay.batch.frame import Column, Frame, decode, decode_column, encode, infer_type
 from patchbay.errors import ConfigError, RecordInvalid
 from patchbay.expressions import compile_expr, is_truthy
 from patchbay.processors.base import Dropped
@@ -178,24 +178,71 @@ class FrameTransform:
     def apply(self, frame: Frame) -> Result:
         if self.copies_everything and self._soft is None:
             return Result([[r[self._copy[n]] for n in self.out_names] for r in frame.rows])
+        if self._general:
+            return self._apply_general(frame)
         src = self.source
+        out = Result([])
+        rows = frame.rows
+        if self._soft is not None:
+            kept = []
+            soft, soft_type = self._soft, src[self._soft].type
+            for row in rows:
+                if _is_set(decode(row[soft], soft_type)):
+                    out.deleted_keys.append(self._key_of(row))
+                else:
+                    kept.append(row)
+            rows = kept
+        # Column by column: decode what the steps read, then one small record per row.
+        names = [src[i].name for i in self._decode_src]
+        columns = [decode_column([r[i] for r in rows], src[i].type) for i in self._decode_src]
+        copied = [(n, decode_column([r[i] for r in rows], src[i].type)) for n, i in self._decode_copied]
+        records: list[Any] = [dict(zip(names, vals, strict=True)) for vals in zip(*columns, strict=True)]
+        if not names:
+            records = [{} for _ in rows]
+        computed = [n for n in self.out_names if n not in self._copy]
+        values: dict[str, list[Any]] = {n: [] for n in computed}
+        kept_rows: list[list[bytes]] = []
+        map_apply = self._map.apply if self._map is not None else None
+        checks = self._checks
+        for k, record in enumerate(records):
+            try:
+                if map_apply is not None:
+                    record = map_apply(record)
+                    for n, col in copied:
+                        record[n] = col[k]
+                for s in checks:
+                    if s.when is not None and not is_truthy(s.when.search(record)):
+                        continue
+                    record = s.step.apply(record)
+            except RecordInvalid as exc:
+                where = "; ".join(str(v) for v in exc.violations)
+                out.invalid.append(Invalid(self._decoded(rows[k]), f"{exc.step or 'step'}: {where}"))
+                continue
+            except Dropped:
+                out.filtered += 1
+                continue
+            kept_rows.append(rows[k])
+            for n in computed:
+                values[n].append(record.get(n))
+        encoded = {n: [encode(v) for v in values[n]] for n in computed}
+        for n in computed:
+            if n not in self.out_types and any(v is not None for v in values[n]):
+                self.out_types[n] = infer_type(values[n])
+        out_cols = [
+            [r[j] for r in kept_rows] if (j := self._copy.get(n)) is not None else encoded[n]
+            for n in self.out_names
+        ]
+        out.rows = [list(t) for t in zip(*out_cols, strict=True)] if out_cols else []
+        return out
+
+    def _apply_general(self, frame: Frame) -> Result:
+        """Every column decoded, every step run, the output's columns taken from the first record."""
         out = Result([])
         computed_values: dict[str, list[Any]] = {}
         for row in frame.rows:
-            if self._soft is not None and _is_set(decode(row[self._soft], src[self._soft].type)):
-                out.deleted_keys.append(self._key_of(row))
-                continue
-            if self._general:
-                record: Any = self._decoded(row)
-            else:
-                record = {src[i].name: decode(row[i], src[i].type) for i in self._decode_src}
+            record: Any = self._decoded(row)
             try:
-                if self._map is not None:
-                    mapped = self._map.apply(record)
-                    for name, i in self._decode_copied:
-                        mapped[name] = decode(row[i], src[i].type)
-                    record = mapped
-                for s in self._checks:
+                for s in self.steps:
                     if s.when is not None and not is_truthy(s.when.search(record)):
                         continue
                     record = s.step.apply(record)
@@ -206,24 +253,11 @@ class FrameTransform:
             except Dropped:
                 out.filtered += 1
                 continue
-            if self._general:
-                if not self.out_names:
-                    self.out_names = list(record)
-                out.rows.append([encode(record.get(n)) for n in self.out_names])
-                for n in self.out_names:
-                    computed_values.setdefault(n, []).append(record.get(n))
-                continue
-            line = []
+            if not self.out_names:
+                self.out_names = list(record)
+            out.rows.append([encode(record.get(n)) for n in self.out_names])
             for n in self.out_names:
-                j = self._copy.get(n)
-                if j is not None:
-                    line.append(row[j])
-                else:
-                    v = record.get(n)
-                    line.append(encode(v))
-                    if n not in self.out_types:
-                        computed_values.setdefault(n, []).append(v)
-            out.rows.append(line)
+                computed_values.setdefault(n, []).append(record.get(n))
         for n, values in computed_values.items():
             if n not in self.out_types and any(v is not None for v in values):
                 self.out_types[n] = infer_type(values)
