@@ -19,11 +19,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from patchbay import registry
 from patchbay.batch.frame import Column, Frame
 from patchbay.batch.transform import FrameTransform, Invalid, Result, step_reads
 from patchbay.config.batch import BatchFrom, BatchSpec
+from patchbay.config.project import system_secret_refs
+from patchbay.config.specs import FlowSpec, Project
+from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
 from patchbay.errors import PatchbayError
+from patchbay.security.secrets import SecretResolver
 
 
 def _apply(transform: FrameTransform, frame: Frame) -> Result:
@@ -293,3 +298,54 @@ class BatchRun:
     def _tick(self, report: RunReport, total: int | None, t0: float) -> None:
         if self.progress is not None:
             self.progress(Progress(report.read, total, report.written, time.monotonic() - t0))
+
+
+def open_bulk(project: Project, resolver: SecretResolver, system_name: str, flow_name: str) -> BulkSystem:
+    """The bulk connector of one system, seeing only that system's credentials."""
+    system = project.systems[system_name]
+    found = registry.connector_for(system.kind or "", "bulk")
+    if found is None:
+        raise BatchStopped(f"system {system_name!r} ({system.kind}) cannot take part in a batch sync")
+    res = Resources(
+        secret=resolver.scoped(system_secret_refs(system)),
+        redact=resolver.redactor,
+        extra={"root": project.root, "flow": flow_name},
+        system=system.name,
+        allow_private=system.common.allow_private_network,
+        allow_networks=tuple(system.common.allow_networks),
+    )
+    bulk: BulkSystem = found[0](system.config, res)
+    return bulk
+
+
+async def run_flow(
+    project: Project,
+    resolver: SecretResolver,
+    flow: FlowSpec,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    before_commit: Callable[[RunReport], Any] | None = None,
+    accept_schema: bool = False,
+) -> RunReport:
+    """One run of a batch flow of `project`; the report's error text has every secret scrubbed."""
+    assert flow.batch is not None, f"flow {flow.name} has no batch block"
+    source = open_bulk(project, resolver, flow.batch.from_.system, flow.name)
+    dest = open_bulk(project, resolver, flow.batch.to.system, flow.name)
+    try:
+        run = BatchRun(
+            flow.name,
+            flow.steps,
+            flow.batch,
+            source,
+            dest,
+            progress=progress,
+            before_commit=before_commit,
+            accept_schema=accept_schema,
+        )
+        report = await run.run()
+    finally:
+        await source.close()
+        await dest.close()
+    if report.error:
+        report.error = resolver.redactor(report.error)
+    return report
