@@ -191,6 +191,7 @@ def main() -> None:
     c.add_argument("--flow", required=True)
     c.add_argument("--spec", required=True)
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--skip-others", action="store_true", help="only PostgreSQL -> PostgreSQL")
     args = ap.parse_args()
     if args.cmd == "child":
         child(args)
@@ -262,8 +263,35 @@ def main() -> None:
         )
         psql(DST, "DROP TABLE pb_ref_merge")
 
+    if not args.skip_others:
+        # The same load into MariaDB (LOAD DATA LOCAL) and into a SQLite file.
+        subprocess.run(["mysql", "-uroot", "test", "-e", "DROP TABLE IF EXISTS pb_full"], check=True)
+        my = {**full, "to": {"system": "mariadb", "table": "pb_full"}}
+        wall, rss, rep = patchbay(my, "bench-mariadb")
+        rows.append(
+            (
+                "patchbay full load -> MariaDB (LOAD DATA LOCAL)",
+                wall,
+                rep["read"] / wall,
+                rss,
+                f"{limit / wall:.2f}",
+            )
+        )
+        lite = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-batch.db"
+        lite.unlink(missing_ok=True)
+        import sqlite3
+
+        sqlite3.connect(lite).close()
+        wall, rss, rep = patchbay(
+            {**full, "to": {"system": f"sqlite:{lite}", "table": "pb_full"}}, "bench-sqlite"
+        )
+        rows.append(
+            ("patchbay full load -> SQLite file", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}")
+        )
+        lite.unlink()
+
     print()
-    print("| scenario | wall s | rows/s | client peak RSS MiB | vs reference |")
+    print("| scenario | wall s | rows/s | client peak RSS MiB | limit time / this (or x reference) |")
     print("|---|---|---|---|---|")
     for name, wall, rate, rss, ratio in rows:
         print(f"| {name} | {wall:.2f} | {rate:,.0f} | {'' if rss is None else f'{rss:.0f}'} | {ratio} |")
