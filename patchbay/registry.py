@@ -31,6 +31,11 @@ class Entry:
     extra: str | None = None  # pip extra that provides its driver
 
 
+def install_hint(extra: str) -> str:
+    """How to install the driver of a connector whose Entry.extra is `extra`: the one wording."""
+    return f"pip install 'patchbay[{extra}]'"
+
+
 @dataclass
 class CheckIssue:
     """A problem a step's static check finds, at `loc` inside the step's own config.

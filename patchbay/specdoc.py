@@ -12,20 +12,25 @@ from pydantic_core import PydanticUndefined
 from patchbay import registry
 
 
-def _type_name(ann: Any) -> str:
+def _type_name(ann: Any, top: bool = True) -> str:
+    """A setting's type in words; None is `(optional)` for the setting itself, `or null` inside it."""
     origin = typing.get_origin(ann)
     args = typing.get_args(ann)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) if not isinstance(a, str) else a for a in args)
     if origin in (typing.Union, types.UnionType):
-        parts = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(parts) + (" (optional)" if type(None) in args else "")
+        parts = [_type_name(a, False) for a in args if a is not type(None)]
+        if type(None) in args:
+            return " or ".join(parts) + (" (optional)" if top else " or null")
+        return " or ".join(parts)
     if origin in (list, tuple, set):
-        return f"list of {_type_name(args[0])}" if args else "list"
+        return f"list of {_type_name(args[0], False)}" if args else "list"
     if origin is dict:
-        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "mapping"
+        return (
+            f"mapping of {_type_name(args[0], False)} to {_type_name(args[1], False)}" if args else "mapping"
+        )
     if typing.get_origin(ann) is typing.Annotated:
-        return _type_name(args[0])
+        return _type_name(args[0], top)
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann.__name__
     return getattr(ann, "__name__", str(ann))
@@ -92,7 +97,7 @@ def connector_doc(kind: str) -> str:
         f"Can be: {', '.join(sorted(roles))}. Status: {entry.status}.",
     ]
     if entry.extra:
-        parts += ["", f"Needs its driver: `pip install 'patchbay[{entry.extra}]'`."]
+        parts += ["", f"Needs its driver: `{registry.install_hint(entry.extra)}`."]
     assert entry.system_config is not None
     parts += [
         "",

@@ -43,7 +43,7 @@ def test_init_check_serve_send_and_look(tmp_path):
     for f in ("patchbay.yaml", "systems.yaml"):
         p = demo / f
         p.write_text(p.read_text().replace("8787", str(port)))
-    assert pb("check", str(demo)).stdout.startswith("ok: 3 systems, 1 flows")
+    assert pb("check", str(demo)).stdout.startswith("ok: 3 systems, 1 flow\n")
 
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}
@@ -62,6 +62,11 @@ def test_init_check_serve_send_and_look(tmp_path):
                 time.sleep(0.1)
         banner = (tmp_path / "serve.log").read_text()
         assert "patchbay send lead-capture" in banner and "curl -s" in banner
+        # The printed curl command works as printed, in a shell.
+        [curl] = [line.strip() for line in banner.splitlines() if line.strip().startswith("curl ")]
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "pending", done.stdout
 
         sent = pb("send", "lead-capture", "-p", str(demo))
         assert sent.stdout.startswith("202 ")
@@ -86,7 +91,8 @@ def test_init_check_serve_send_and_look(tmp_path):
         assert "normalise" in trace and "deliver to crm: DELIVERED" in trace and "attempt 1" in trace
 
         bad = pb("send", "lead-capture", "-p", str(demo), "--data", '{"email": "not-an-email"}')
-        bad_id = json.loads(bad.stdout[4:])["event_id"]
+        bad_id = json.loads(bad.stdout.splitlines()[0][4:])["event_id"]
+        assert "quarantined: " in bad.stdout and "not a valid email" in bad.stdout, bad.stdout
         dead = pb("dead", "-p", str(demo)).stdout
         assert bad_id in dead and "not a valid email" in dead
         assert pb("runs", "-p", str(demo), "--status", "dead", check=False).returncode == 1  # nothing matched

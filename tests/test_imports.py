@@ -38,12 +38,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("expressions", ("patchbay.expressions",)),
-    ("config", ("patchbay.config", "patchbay.presets")),
+    ("config", ("patchbay.config", "patchbay.presets", "patchbay.contracts")),
     ("store", ("patchbay.store",)),
     ("security", ("patchbay.security",)),
     ("components", ("patchbay.connectors", "patchbay.processors", "patchbay.batch", "patchbay.specdoc")),
     ("engine", ("patchbay.engine",)),
-    ("server", ("patchbay.server",)),
+    ("server", ("patchbay.server", "patchbay.testing")),
     ("cli", ("patchbay.cli", "patchbay.scaffold", "patchbay.__main__")),
 ]
 
@@ -52,6 +52,10 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     # issue 8, `seam`: store/queries.py reaches up into security (redaction, the project's store path).
     ("patchbay.store.queries", "patchbay.security.redaction"),
     ("patchbay.store.queries", "patchbay.security.project"),
+    # issue 8, found merging OAuth2 (ea63412): security/oauth2.py types its arguments with connectors'
+    # Resources and HttpAuth (under TYPE_CHECKING); it belongs beside connectors/http_client.py.
+    ("patchbay.security.oauth2", "patchbay.connectors.base"),
+    ("patchbay.security.oauth2", "patchbay.connectors.http_client"),
 }
 
 # Run-time import cycles between modules of one layer; issue 8 (`engine`) removes the hub <-> alerts one.

@@ -6,7 +6,9 @@ config errors, 3 the store or the hub could not be reached.
 
 from __future__ import annotations
 
-from patchbay.cli import secrets, tokens  # noqa: F401  (register `secrets`, `tokens` and `audit` on main)
+# Each registers its commands on main: connect, contract, run, secrets, store, test (and runs export),
+# tokens (and audit).
+from patchbay.cli import connect, contract, run, secrets, store, test, tokens  # noqa: F401
 from patchbay.cli.main import main
 
 __all__ = ["main"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from patchbay.errors import ConfigError, PatchbayError
+from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
 
 EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
 
@@ -30,6 +30,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def plural(n: int, word: str) -> str:
+    """`1 flow`, `2 flows`, `0 flows`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _ts(t: float | None) -> str:
@@ -69,7 +74,8 @@ def _load(project_dir: Path, check_secrets: bool = True) -> Any:
         for p in problems:
             click.echo(str(p), err=True)
         click.echo(
-            f"{len(problems)} problem(s); nothing was changed. Fix them and run `patchbay check {project_dir}`.",
+            f"{plural(len(problems), 'problem')}; nothing was changed. Fix them and run "
+            f"`patchbay check {project_dir}`.",
             err=True,
         )
         sys.exit(EXIT_CONFIG)
@@ -88,14 +94,29 @@ def _store(project_dir: Path) -> Any:
         project = Project(project_dir, HubSettings())
     path = project.store_path
     if not path.exists():
-        click.echo(
-            f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
-        )
+        if not (project_dir / "patchbay.yaml").is_file():
+            click.echo(
+                f"no project in {project_dir} (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
+            )
         sys.exit(EXIT_STORE)
     return SyncStore(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnusable as exc:  # any command that meets an empty, foreign or damaged store file
+            click.echo(str(exc), err=True)
+            sys.exit(EXIT_STORE)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="patchbay")
 def main() -> None:
     """Patchbay: integrations as code, delivered durably, every failure visible."""
@@ -105,18 +126,26 @@ def main() -> None:
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default="demo")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder.")
-def init(directory: Path, force: bool) -> None:
-    """Create an example project (lead capture: webhook -> map -> validate -> CRM + chat)."""
-    from patchbay.scaffold import create_project
+@click.option("--template", default="lead-capture", show_default=True, help="Which example (see --list).")
+@click.option("--list", "list_templates", is_flag=True, help="List the templates and exit.")
+def init(directory: Path, force: bool, template: str, list_templates: bool) -> None:
+    """Create an example project (lead capture: webhook -> map -> validate -> CRM + chat), or another
+    template's, with tests beside its flows (`patchbay test`)."""
+    from patchbay.scaffold import TEMPLATES, create_project
 
+    if list_templates:
+        for name, (_, about) in TEMPLATES.items():
+            click.echo(f"{name:<19} {about}")
+        return
     try:
-        created = create_project(directory, force=force)
+        created = create_project(directory, force=force, template=template)
     except PatchbayError as exc:
         click.echo(f"init: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     for f in created:
         click.echo(f"  created {f}")
-    click.echo(f"\nNext: patchbay serve {directory}")
+    click.echo(f"\nTry its flows first (nothing is sent): patchbay test {directory}")
+    click.echo(f"Next: patchbay serve {directory}")
 
 
 # ------------------------------------------------------------------------- check
@@ -148,14 +177,16 @@ def check(directory: Path, as_json: bool) -> None:
         for w in warnings:
             click.echo(f"{w.file}:{w.line}: warning: {w.message}")
         if project is not None:
-            click.echo(f"ok: {len(project.systems)} systems, {len(project.flows)} flows")
+            from patchbay.scaffold import describe_trigger
+
+            click.echo(f"ok: {plural(len(project.systems), 'system')}, {plural(len(project.flows), 'flow')}")
             for f in project.flows.values():
-                trig = f"POST {f.webhook_path}" if f.webhook_path else "manual"
                 click.echo(
-                    f"  {f.name}: {trig} -> {', '.join(d.name for d in f.destinations)}  (owner {f.owner})"
+                    f"  {f.name}: {describe_trigger(f)} -> {', '.join(d.name for d in f.destinations)}"
+                    f"  (owner {f.owner})"
                 )
         else:
-            click.echo(f"{len(problems)} problem(s)")
+            click.echo(plural(len(problems), "problem"))
     sys.exit(0 if project is not None else EXIT_CONFIG)
 
 
@@ -168,6 +199,7 @@ def check(directory: Path, as_json: bool) -> None:
 def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
     """Run the hub: webhook endpoints, delivery workers, health and metrics."""
     import asyncio
+    import sqlite3
 
     from patchbay import logs
     from patchbay.engine.hub import Hub
@@ -193,8 +225,14 @@ def serve(directory: Path, host: str | None, port: int | None, log_format: str |
         pass
     try:
         asyncio.run(run_hub(hub, host=h, port=p, on_ready=ready))
-    except StoreLocked as exc:
+    except (StoreLocked, StoreUnusable) as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_STORE)
+    except sqlite3.DatabaseError as exc:  # damage that only a later read meets
+        click.echo(
+            f"serve: reading the store {project.store_path}: {exc}; run `patchbay store check -p {directory}`",
+            err=True,
+        )
         sys.exit(EXIT_STORE)
     except OSError as exc:
         click.echo(f"serve: cannot listen on {h}:{p}: {exc.strerror}; pick another --port", err=True)
@@ -237,7 +275,8 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
     req = urllib.request.Request(base + spec.webhook_path, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            click.echo(f"{resp.status} {resp.read().decode()}")
+            answer = resp.read().decode()
+            click.echo(f"{resp.status} {answer}")
     except urllib.error.HTTPError as exc:
         click.echo(f"{exc.code} {exc.read().decode()}", err=True)
         sys.exit(EXIT_PROBLEMS)
@@ -246,6 +285,30 @@ def send(flow: str, project_dir: Path, data: str | None, url: str | None, event_
             f"send: cannot reach the hub at {base}: {exc.reason}; is `patchbay serve` running?", err=True
         )
         sys.exit(EXIT_STORE)
+    _explain_quarantine(project, answer)
+
+
+def _explain_quarantine(project: Any, answer: str) -> None:
+    """The hub accepted the event but a step refused it: say why, from the store's run."""
+    try:
+        reply = json.loads(answer)
+    except ValueError:
+        return
+    if not isinstance(reply, dict) or reply.get("status") != "quarantined":
+        return
+    run_id = reply.get("event_id")
+    reason = None
+    if project.store_path.exists():
+        from patchbay.store.queries import get_run
+        from patchbay.store.sqlite import SyncStore
+
+        run = SyncStore(project.store_path).read(get_run, run_id)
+        reason = run and run.get("reason")
+    if reason:
+        click.echo(f"quarantined: {reason}")
+    click.echo(
+        f"see `patchbay runs show {run_id}`; fix the data (or the flow), then `patchbay replay {run_id}`"
+    )
 
 
 # ------------------------------------------------------------------------- runs
@@ -276,8 +339,9 @@ def runs(
         return
     from patchbay.store.queries import RunFilter, list_runs
 
+    window = _parse_time(since), _parse_time(until)  # bad input first, before the store
     store = _store(project_dir)
-    rows = store.read(list_runs, RunFilter(flow, status, _parse_time(since), _parse_time(until), key, limit))
+    rows = store.read(list_runs, RunFilter(flow, status, *window, key, limit))
     if as_json:
         _echo_json(rows)
         return
@@ -320,6 +384,9 @@ def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------- dead
+DEAD_RESPONSE_CHARS = 200  # of a dead letter's last response in the listing (`runs show` has 300)
+
+
 @main.command()
 @project_option
 @click.option("--flow", help="Only this flow.")
@@ -340,9 +407,12 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
     click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
     for r in rows:
         target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
+        reason = (r["reason"] or "")[:100]
+        if r["response"]:  # what the destination answered, on one line and bounded
+            reason += "  response: " + " ".join(r["response"].split())[:DEAD_RESPONSE_CHARS]
         click.echo(
             f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
-            f"{(r['reason'] or '')[:100]}"
+            f"{reason}"
         )
     click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
 
@@ -366,7 +436,7 @@ def replay(
     as_json: bool,
 ) -> None:
     """Run dead or quarantined events again through the flow as configured now."""
-    from patchbay.engine.hub import build_sinks
+    from patchbay.engine.hub import build_sinks, field_cipher
     from patchbay.engine.pipeline import Pipeline
     from patchbay.engine.replay import find_replayable, tx_replay
 
@@ -374,7 +444,14 @@ def replay(
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
         sys.exit(EXIT_CONFIG)
     project, resolver = _load(project_dir)
-    pipelines = {n: Pipeline(f, build_sinks(f, project, resolver, None)) for n, f in project.flows.items()}
+    try:
+        cipher = field_cipher(project)
+    except PatchbayError as exc:
+        click.echo(f"replay: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    pipelines = {
+        n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
+    }
     store = _store(project_dir)
     ids = store.read(
         lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination)
@@ -534,7 +611,7 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'KIND':<12} {'SOURCE':<7} {'DEST':<5} {'STATUS':<7} SUMMARY")
     for r in rows:
-        hint = "" if r["driver_installed"] else f"  (pip install 'patchbay[{r['extra']}]')"
+        hint = "" if r["driver_installed"] else f"  ({registry.install_hint(r['extra'])})"
         click.echo(
             f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
             f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}"

@@ -142,8 +142,17 @@ def secrets_list(project_dir: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Delete even though flows use it.")
 def secrets_delete(name: str, project_dir: Path, force: bool) -> None:
     """Delete NAME; refused while a flow uses it, unless --force."""
+    from patchbay.security.fields import KEY_SECRET
+
     v = _vault(project_dir)
     users = _usage(project_dir).get(name, [])
+    if name == KEY_SECRET and not force:
+        click.echo(
+            f"secrets delete: {name} is the key of the sensitive fields encrypted at rest (encrypt_sensitive); "
+            "without it every encrypted value in the store is lost. Pass --force only if none is left",
+            err=True,
+        )
+        sys.exit(EXIT_PROBLEMS)
     if users and not force:
         click.echo(
             f"secrets delete: {name} is used by {', '.join(users)}; change those flows or pass --force",

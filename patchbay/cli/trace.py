@@ -40,6 +40,9 @@ def render_trace(run: dict[str, Any]) -> str:
         elif "error" in step:
             out.append(f"{head}  STOPPED here:")
             out.extend(f"     - {e}" for e in step["error"])
+        elif "drift" in step:
+            out.append(f"{head}  DRIFT from the flow's input contract:")
+            out.extend(f"     - {d}" for d in step["drift"])
         elif "dropped" in step:
             out.append(f"{head}  filtered out: {step['dropped']}")
         elif "routes" in step:
@@ -62,8 +65,10 @@ def render_trace(run: dict[str, Any]) -> str:
             if a["error"]:
                 line += f"  {a['error']}"
             out.append(line)
-            if a["excerpt"] and a["outcome"] != "success":
+            if a["excerpt"]:
                 out.append(f"       response: {a['excerpt'][:300]}")
+        if d.get("response"):
+            out.append(f"     response fields: {_short(d['response'])}")
         if d["status"] == "pending" and d["attempts"]:
             out.append(f"     next attempt at {_t(d['next_at'])} UTC")
         if d["status"] == "dead":

@@ -33,6 +33,11 @@ class FlowDoc(Spec):
         default_factory=list,
         description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
     )
+    encrypt_sensitive: bool | None = Field(
+        None,
+        description="Store the values at `sensitive` paths encrypted (payload and requests); default: "
+        "the hub's `encrypt_sensitive`. Needs the project's master key.",
+    )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
     destinations: list[dict[str, Any]] = Field(
         default_factory=list, description="Where records go; at least one (a batch flow has none)."
@@ -97,7 +102,8 @@ def load_flow(
         src.line(()),
         source,
         doc.alerts,
-        doc.batch,
+        settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
+        batch=doc.batch,
     )
 
 

@@ -207,6 +207,16 @@ class WebhookTrigger(Spec):
         "(standard_webhooks uses webhook-id).",
     )
     id_path: str | None = Field(None, description="Or a dotted path to the event id inside the JSON body.")
+    files: Literal["refuse", "keep"] = Field(
+        "refuse",
+        description="A file in a multipart/form-data post: refuse (415, nothing stored) or keep (the field "
+        "becomes {filename, content_type, size, content_base64}, within max_body_bytes).",
+    )
+    batch: bool = Field(
+        False,
+        description="A JSON array body is a batch: each element one event (deduped by id_path each), "
+        "all stored in one transaction; the 202 lists the event ids.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -290,15 +300,19 @@ class Trigger(Spec):
         return self
 
 
+AlertKind = Literal["failures", "destination_paused", "schedule_late", "dead_letters", "contract_drift"]
+
+
 class AlertRule(Spec):
     """One alert: a condition the hub watches, and who is told once when it starts and once when it ends."""
 
-    when: Literal["failures", "destination_paused", "schedule_late", "dead_letters"] = Field(
+    when: AlertKind = Field(
         description="What to watch. failures: `count` failed delivery attempts to one destination "
         "within `window` (it clears once an attempt succeeds and none has failed for a minute); "
         "destination_paused: a destination paused (401/403) or disabled (410) until someone resumes it; "
         "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; dead_letters: "
-        "a flow's dead letters plus quarantined events above `above`."
+        "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
+        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
     )
     notify: list[str | dict[str, Any]] = Field(
         min_length=1,
@@ -341,8 +355,8 @@ class AlertRule(Spec):
             raise ValueError("`count` applies to `when: failures` only")
         if self.above is not None and self.when != "dead_letters":
             raise ValueError("`above` applies to `when: dead_letters` only")
-        if self.window is not None and self.when not in ("failures", "dead_letters"):
-            raise ValueError("`window` applies to `when: failures` and `when: dead_letters` only")
+        if self.window is not None and self.when not in ("failures", "dead_letters", "contract_drift"):
+            raise ValueError("`window` applies to `when: failures`, `dead_letters` and `contract_drift` only")
         if self.window is not None and self.window < 1:
             raise ValueError("`window` must be at least 1s")
         return self
@@ -363,6 +377,11 @@ class HubSettings(Spec):
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight deliveries may finish."
+    )
+    encrypt_sensitive: bool = Field(
+        False,
+        description="Store every flow's `sensitive` values encrypted with a key kept in the vault; "
+        "a flow may override it.",
     )
     delivery: DeliveryPolicy = Field(
         default_factory=DeliveryPolicy, description="Defaults for every destination."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from patchbay import registry
 from patchbay.config.alerts import check_alerts
@@ -26,6 +27,7 @@ from patchbay.config.specs import (
     system_secret_refs,
 )
 from patchbay.config.systems import load_system
+from patchbay.contracts import contract_path, load_contract
 from patchbay.errors import ConfigError, Problem
 
 __all__ = [
@@ -126,6 +128,8 @@ def _load_flows(
     flow_srcs: dict[str, Located] = {}
     paths: dict[str, str] = {}
     flow_files = sorted((root / "flows").glob("*.y*ml")) if (root / "flows").is_dir() else []
+    # Beside the flows, not flows: their tests and their pinned input contracts.
+    flow_files = [f for f in flow_files if not f.name.endswith((".test.yaml", ".test.yml", ".contract.yaml"))]
     if not flow_files:
         problems.append(Problem(_rel(root), 0, "no flows: add a file under flows/ (see `patchbay init`)"))
     for f in flow_files:
@@ -156,7 +160,19 @@ def _load_flows(
             paths[wp] = flow.name
         flows[flow.name] = flow
         flow_srcs[flow.name] = src
+        flow.contract = _load_contract(root, flow.name, problems)
     return flows, flow_srcs
+
+
+def _load_contract(root: Path, flow: str, problems: list[Problem]) -> Any:
+    path = contract_path(root, flow)
+    if not path.is_file():
+        return None
+    try:
+        return load_contract(path, _rel(path))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
 
 
 def _check_secrets(

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from patchbay.config.batch import BatchSpec
 from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
+from patchbay.config.source import Located
 from patchbay.expressions import Expr
 
 
@@ -22,10 +23,15 @@ class SystemSpec:
     line: int
     secret_lines: dict[str, int] = field(default_factory=dict)  # "secret:NAME" -> line where it is referenced
     preset: dict[str, Any] | None = None  # the prebuilt definition it starts from (presets/<name>.yaml)
+    src: Located | None = None  # the file it was loaded from, with the line of every setting
 
     @property
     def kind(self) -> str | None:
         return self.common.kind
+
+    def line_of(self, *loc: str | int) -> int:
+        """The line of a setting in the system's file (its own line when the file does not set it)."""
+        return self.src.line((self.name, *loc)) if self.src is not None else self.line
 
 
 @dataclass
@@ -70,6 +76,8 @@ class FlowSpec:
     line: int
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
+    encrypt_sensitive: bool = False  # the flow's setting, else the hub's
+    contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
 
     @property

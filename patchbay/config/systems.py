@@ -88,5 +88,5 @@ def load_system(
                 walk(x, (*at, i))
 
     walk(body, loc)
-    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset)
+    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset, src)
     return True

@@ -15,12 +15,13 @@ import orjson
 
 from patchbay import registry
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
-from patchbay.connectors.base import Batch, Destination, Outcome, Resources, SourceRecord
+from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
+from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import Accepted, NewEvent
 from patchbay.store.sqlite import SqliteStore, tx_audit
@@ -31,9 +32,9 @@ alerts = logging.getLogger("patchbay.alert")
 
 def build_sinks(
     flow: FlowSpec, project: Project, resolver: SecretResolver, resources: Resources | None
-) -> dict[str, Destination]:
+) -> dict[str, Sink]:
     """One destination object per flow destination, each seeing only its own system's credentials."""
-    out: dict[str, Destination] = {}
+    out: dict[str, Sink] = {}
     for dest in flow.destinations:
         system: SystemSpec = project.systems[dest.system]
         found = registry.connector_for(dest.kind, "destination")
@@ -55,6 +56,15 @@ def build_sinks(
 def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
     """The secret resolver for a project: its vault (if a master key exists) then the environment."""
     return open_resolver_for(project.root), None
+
+
+def field_cipher(project: Project) -> FieldCipher | None:
+    """The cipher of the project's encrypted sensitive fields (None when it has never had one)."""
+    from patchbay.security.project import open_project_secrets
+
+    vault, _ = open_project_secrets(project.root)
+    encrypting = [f.name for f in project.flows.values() if f.encrypt_sensitive and f.sensitive]
+    return open_field_cipher(vault, needed_by=encrypting)
 
 
 def open_resolver_for(root: Path) -> SecretResolver:
@@ -94,6 +104,7 @@ class Hub:
     async def start(self, *, lock: bool = True) -> None:
         if self.resolver is None:
             self.resolver, _ = open_resolver(self.project)
+        cipher = field_cipher(self.project)  # before anything opens: a missing master key stops the start
         self.store = SqliteStore(self.project.store_path)
         if lock:
             self.store.lock()
@@ -102,6 +113,7 @@ class Hub:
         states = await self.store.destination_states()
         for name, flow in self.project.flows.items():
             sinks = build_sinks(flow, self.project, self.resolver, self.resources)
+            pipeline = Pipeline(flow, sinks, cipher)
             for dest in flow.destinations:  # resolve now: a missing secret stops the start, not a delivery
                 for ref in system_secret_refs(self.project.systems[dest.system]):
                     self.resolver.resolve(ref)
@@ -116,6 +128,7 @@ class Hub:
                     state=state,
                     on_state=self._destination_state_changed,
                     on_attempt=self._count_attempt,
+                    open_request=pipeline.open_request,
                 )
                 self.metrics.destination_paused.labels(name, dest.name).set(0 if state == "active" else 1)
                 if state != "active":
@@ -129,7 +142,7 @@ class Hub:
                         dest.name,
                     )
                 workers[dest.name] = w
-            self.flows[name] = FlowRuntime(flow, Pipeline(flow, sinks), workers)
+            self.flows[name] = FlowRuntime(flow, pipeline, workers)
         self.alert_manager = AlertManager(self)
         self.alert_manager.install(states)  # alert messages are events of the internal flow `_alerts`
         for fr in self.flows.values():
@@ -239,12 +252,13 @@ class Hub:
         meta: dict[str, Any] | None,
     ) -> NewEvent:
         event_id = new_id()
+        stored = fr.pipeline.seal_payload(payload, record)  # before a step can change the record
         processed = fr.pipeline.process(record, event_id)
         return NewEvent(
             id=event_id,
             flow=fr.spec.name,
             received_at=time.time(),
-            payload=payload,
+            payload=stored,
             body_hash=hashlib.sha256(payload).hexdigest(),
             dedupe_key=dedupe_key,
             status=processed.status,
@@ -262,6 +276,19 @@ class Hub:
             return "duplicate"
         self.metrics.accepted.labels(name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
+        drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
+        if drift:
+            self.metrics.drift.labels(name).inc()
+            if self.alert_manager is not None:
+                self.alert_manager.note_drift(name, event.id, drift, event.received_at)
+            log.warning(
+                "contract drift in %s, event %s: %s; see `patchbay contract check %s`",
+                name,
+                event.id,
+                "; ".join(drift[:5]) + (f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""),
+                name,
+                extra={"event_id": event.id, "flow": name},
+            )
         if event.status == "quarantined":
             log.warning(
                 "quarantined: %s in %s: %s",

@@ -6,12 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from patchbay.config.project import FlowSpec
-from patchbay.connectors.base import Destination
+from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
 from patchbay.records import dig
+from patchbay.security.fields import MARKER, FieldCipher, FieldError
 from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
 from patchbay.store.base import NewDelivery
 
@@ -23,14 +26,17 @@ class Processed:
     reason: str | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
     record_key: str | None = None
+    record: Any = None  # after the steps, when there are deliveries
 
 
 class Pipeline:
     """A flow, compiled: steps then routing, as one pure function of the record."""
 
-    def __init__(self, flow: FlowSpec, sinks: dict[str, Destination]) -> None:
+    def __init__(self, flow: FlowSpec, sinks: dict[str, Sink], cipher: FieldCipher | None = None) -> None:
         self.flow = flow
         self.sinks = sinks
+        self.cipher = cipher  # opens sealed rows; seals new ones only when the flow encrypts
+        self.sealing = cipher is not None and flow.encrypt_sensitive and bool(flow.sensitive)
 
     def redact(self, record: Any) -> Any:
         """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
@@ -39,15 +45,55 @@ class Pipeline:
     def process(self, record: Any, event_id: str) -> Processed:
         """Steps, then routing. What is kept to be shown (trace, reason) never holds a sensitive value:
         a validation message quoting card.number is stored with the number replaced by [redacted]."""
-        scrub = Scrubber(sensitive_values(record, self.flow.sensitive))  # before a step changes the record
+        values = sensitive_values(record, self.flow.sensitive)  # before a step changes the record
+        scrub = Scrubber(values)
         out = self._process(record, event_id)
         if scrub:
             out.trace, out.reason = scrub(out.trace), scrub(out.reason)
+        if self.sealing:
+            assert self.cipher is not None
+            values |= sensitive_values(out.record, self.flow.sensitive)  # a step may have reshaped it
+            for d in out.deliveries:
+                d.request = self.cipher.seal(d.request, values)
+            if out.record_key in values:
+                out.record_key = None  # not stored in clear; such runs are not found by key
         return out
+
+    def seal_payload(self, payload: bytes, record: Any) -> bytes:
+        """The payload to store: as received, or, when the flow encrypts, the record with its sensitive
+        values sealed (opened again by `load_payload` for a replay)."""
+        values = sensitive_values(record, self.flow.sensitive) if self.sealing else None
+        if not values:
+            return payload
+        assert self.cipher is not None
+        return orjson.dumps(self.cipher.seal(record, values))
+
+    def load_payload(self, payload: bytes) -> Any:
+        """A stored payload as the record it was, sealed values opened."""
+        record = orjson.loads(payload)
+        if MARKER.encode() not in payload:
+            return record
+        if self.cipher is None:
+            raise FieldError(
+                f"an event of flow {self.flow.name} holds encrypted sensitive fields, and the project's "
+                "vault has no field key: restore the vault (and master key) this store was written with"
+            )
+        return self.cipher.open(record)[0]
+
+    def open_request(self, request: dict[str, Any]) -> tuple[dict[str, Any], Scrubber | None]:
+        """A stored request ready to send, and a scrubber for the values it revealed (a remote may echo them)."""
+        if self.cipher is None:
+            return request, None
+        opened, revealed = self.cipher.open(request)
+        return opened, Scrubber(revealed) if revealed else None
 
     def _process(self, record: Any, event_id: str) -> Processed:
         trace: list[dict[str, Any]] = []
         key_source = record
+        if self.flow.contract is not None:  # the event as received, against its pinned shape
+            drift = self.flow.contract.check(record)
+            if drift:
+                trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         for spec in self.flow.steps:
             t0 = time.perf_counter()
             if spec.when is not None and not is_truthy(spec.when.search(record)):
@@ -94,7 +140,7 @@ class Pipeline:
         key_value = self._key(record, key_source)
         if not deliveries:
             return Processed("filtered", trace, "no destination matched", record_key=key_value)
-        return Processed("pending", trace, None, deliveries, key_value)
+        return Processed("pending", trace, None, deliveries, key_value, record)
 
     def _key(self, record: Any, original: Any) -> str | None:
         path = self.flow.record_key

@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from patchbay.engine.pipeline import Pipeline
+from patchbay.errors import PatchbayError
 from patchbay.store.sqlite import _j, refresh_event_status, tx_audit
 
 
@@ -66,7 +65,12 @@ def tx_replay(
         if row["status"] != "quarantined" and not dead:
             rep.skipped.append((eid, f"nothing to replay (status {row['status']})"))
             continue
-        processed = pipe.process(orjson.loads(row["payload"]), eid)
+        try:
+            record = pipe.load_payload(row["payload"])
+        except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
+            rep.skipped.append((eid, str(exc)))
+            continue
+        processed = pipe.process(record, eid)
         if processed.status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",

@@ -15,6 +15,8 @@ from patchbay.records import dig, has_path, put
 
 REDACTED = "[redacted]"
 MIN_VALUE_CHARS = 3  # shorter values (a flag, a digit) would blank out unrelated text
+# A sensitive value encrypted at rest (security/fields.py): key id, then base64url of nonce + ciphertext.
+SEALED_RE = re.compile(r"\[\[pb-sealed:([0-9a-f]{8}):([A-Za-z0-9_-]+)\]\]")
 
 
 def redact_paths(record: Any, paths: Iterable[str]) -> Any:
@@ -54,22 +56,18 @@ def sensitive_values(record: Any, paths: Iterable[str]) -> set[str]:
 
 
 class Scrubber:
-    """Replaces known sensitive values wherever they appear in strings, and equal scalars, recursively."""
+    """Replaces known sensitive values wherever they appear in strings, and equal scalars, recursively;
+    values encrypted at rest (sealed tokens) are shown as [redacted] too."""
 
     def __init__(self, values: Iterable[str]) -> None:
         self.values = frozenset(values)
-        self._re = (
-            re.compile("|".join(re.escape(v) for v in sorted(self.values, key=len, reverse=True)))
-            if self.values
-            else None
-        )
+        needles = [re.escape(v) for v in sorted(self.values, key=len, reverse=True)]
+        self._re = re.compile("|".join([*needles, SEALED_RE.pattern])) if needles else SEALED_RE
 
     def __bool__(self) -> bool:
-        return self._re is not None
+        return bool(self.values)
 
     def __call__(self, value: Any) -> Any:
-        if self._re is None:
-            return value
         if isinstance(value, str):
             return self._re.sub(REDACTED, value)
         if isinstance(value, dict):

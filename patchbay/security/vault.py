@@ -298,6 +298,24 @@ class Vault:
                 (name, key.id, nonce, ciphertext, self._now()),
             )
 
+    def setdefault(self, name: str, value: str) -> str:
+        """The secret's value; `value` is stored first if there is none (one transaction, so when two
+        processes race, both get the value of the one that wrote first)."""
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad secret name {name!r}: use 1-100 letters, digits, '_', '-', '.'")
+        key = self._keys[0]
+        nonce, ciphertext = key._seal(name, value.encode())
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO secrets (name, key_id, nonce, ciphertext, created_at, rotated_at, version) "
+                "VALUES (?, ?, ?, ?, ?, NULL, 1) ON CONFLICT (name) DO NOTHING",
+                (name, key.id, nonce, ciphertext, self._now()),
+            )
+            row = conn.execute(
+                "SELECT key_id, nonce, ciphertext FROM secrets WHERE name = ?", (name,)
+            ).fetchone()
+        return self._decrypt(name, row[0], row[1], row[2]).decode()
+
     def get(self, name: str) -> str | None:
         """The value, or None if there is no such secret; VaultError if it cannot be decrypted."""
         with self._read() as conn:

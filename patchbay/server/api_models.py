@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, RootModel, Tag
 
 from patchbay.config.models import DeliveryPolicy
 
@@ -53,6 +54,23 @@ class In(BaseModel):
 
 class Out(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+# What the OpenAPI document calls a date-time (RFC 3339), with the zone optional (UTC when none). Pydantic
+# alone also takes Unix seconds ("0.5") and a bare date, which the document does not allow.
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})?")
+
+
+def _date_time(value: Any) -> Any:
+    if isinstance(value, datetime) or (isinstance(value, str) and _DATE_TIME.fullmatch(value)):
+        return value
+    raise ValueError(
+        f"{str(value)[:40]!r} is not an ISO 8601 date-time: write 2026-11-23T10:00:00Z "
+        "(UTC when no zone; in a URL, write + as %2B)"
+    )
+
+
+DateTime = Annotated[datetime, BeforeValidator(_date_time)]
 
 
 def as_unix(dt: datetime | None) -> float | None:
@@ -234,8 +252,8 @@ class MapOut(Out):
 class RunsQuery(In):
     flow: FlowName | None = None
     status: RunStatus | None = None
-    since: datetime | None = Field(None, description="Received at or after (ISO 8601; UTC when no zone).")
-    until: datetime | None = Field(None, description="Received before.")
+    since: DateTime | None = Field(None, description="Received at or after (ISO 8601; UTC when no zone).")
+    until: DateTime | None = Field(None, description="Received before.")
     key: str | None = Field(None, max_length=320, description="Record key, e.g. an email address.")
     limit: int = Field(50, ge=1, le=1000)
 
@@ -269,6 +287,9 @@ class DeliveryOut(Out):
     created_at: Timestamp
     updated_at: Timestamp
     attempts_log: list[AttemptOut]
+    response: dict[str, Any] | None = Field(
+        None, description="Fields the destination's `response:` setting kept from its successful answer."
+    )
 
 
 class RunDetail(Out):
@@ -321,22 +342,62 @@ class DeadLettersOut(Out):
     items: list[DeadItem]
 
 
-class ReplayRequest(In):
-    """Either `run_ids`, or `all: true` narrowed by flow, destination and reason."""
+# The two shapes are two models, so the OpenAPI document says exactly what is accepted. The handler reads
+# both through the same names: a shape answers None (or False) for what it does not have.
+class ReplayRuns(In):
+    """These runs (optionally only their deliveries to one destination)."""
 
-    run_ids: list[RunId] | None = Field(None, min_length=1, max_length=1000)
-    all: bool = Field(False, description="Every dead letter and quarantined event matching the filters.")
+    run_ids: list[RunId] = Field(min_length=1, max_length=1000)
+    destination: DestName | None = Field(None, description="Only deliveries to this destination.")
+
+    @property
+    def all(self) -> bool:
+        return False
+
+    @property
+    def flow(self) -> str | None:
+        return None
+
+    @property
+    def reason(self) -> str | None:
+        return None
+
+
+class ReplayAll(In):
+    """Every dead letter and quarantined event, narrowed by flow, destination and reason."""
+
+    all: Literal[True] = Field(description="Every dead letter and quarantined event matching the filters.")
     flow: FlowName | None = None
     destination: DestName | None = Field(None, description="Only deliveries to this destination.")
     reason: Reason | None = None
 
-    @model_validator(mode="after")
-    def _one(self) -> ReplayRequest:
-        if (self.run_ids is None) == (not self.all):
-            raise ValueError("give run_ids, or all: true (narrowed by flow, destination, reason)")
-        if self.run_ids is not None and (self.flow or self.reason is not None):
-            raise ValueError("flow and reason narrow `all: true`; with run_ids, give only destination")
-        return self
+    @property
+    def run_ids(self) -> list[str] | None:
+        return None
+
+
+def _replay_shape(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if ("run_ids" in value) == ("all" in value):
+            return None  # neither or both: refused with the discriminator's message
+        return "run_ids" if "run_ids" in value else "all"
+    return "run_ids" if isinstance(value, ReplayRuns) else "all"
+
+
+class ReplayRequest(
+    RootModel[
+        Annotated[
+            Annotated[ReplayRuns, Tag("run_ids")] | Annotated[ReplayAll, Tag("all")],
+            Discriminator(
+                _replay_shape,
+                custom_error_type="replay_shape",
+                custom_error_message="give either run_ids, or all: true (narrowed by flow, destination, reason)",
+            ),
+        ]
+    ]
+):
+    """Either `run_ids` (and optionally `destination`), or `all: true` narrowed by flow, destination and
+    reason."""
 
 
 class Skipped(Out):
@@ -457,8 +518,8 @@ class SecretDeleteOut(Out):
 
 # ----------------------------------------------------------------------------- audit, tokens
 class AuditQuery(In):
-    since: datetime | None = None
-    until: datetime | None = None
+    since: DateTime | None = None
+    until: DateTime | None = None
     action: str | None = Field(None, max_length=64, description="Exact action, or a prefix ending in '.'.")
     actor: str | None = Field(None, max_length=100, description="Part of the actor, e.g. a token id.")
     target: str | None = Field(None, max_length=200, description="Exactly this target.")

@@ -63,7 +63,7 @@ def add_console(app: web.Application, hub: Hub) -> None:
     assets = load_assets()
 
     def not_found() -> web.Response:
-        return web.Response(status=404, text="not found", headers=SECURITY_HEADERS)
+        raise web.HTTPNotFound(headers=SECURITY_HEADERS)  # answered as JSON by the app's error middleware
 
     async def root(_: web.Request) -> web.Response:
         raise web.HTTPFound(PREFIX, headers=SECURITY_HEADERS)

@@ -101,11 +101,12 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
             "x-required-scope": ep.scope,
         }
         desc = ep.description or ""
-        desc += (
-            f"\n\nRequires a token with scope `{ep.scope}` (or `admin`)."
-            if ep.scope
-            else "\n\nRequires any valid token."
-        )
+        if ep.scope is None:
+            desc += "\n\nRequires any valid token."
+        elif ep.scope == "admin":
+            desc += "\n\nRequires a token with scope `admin`."
+        else:
+            desc += f"\n\nRequires a token with scope `{ep.scope}` (or `admin`)."
         op["description"] = desc.strip()
         params: list[dict[str, Any]] = []
         if ep.path_params is not None:

@@ -72,9 +72,11 @@ def get_run(
             dict(a)
             for a in conn.execute("SELECT * FROM attempts WHERE delivery_id=? ORDER BY n, id", (d["id"],))
         ]
+        resp = conn.execute("SELECT fields FROM responses WHERE delivery_id=?", (d["id"],)).fetchone()
+        dd["response"] = None if resp is None else orjson.loads(resp[0])
         run["deliveries"].append(dd)
     paths = list(sensitive) if sensitive is not None else project_sensitive_paths(conn).get(run["flow"], [])
-    return redact_run(run, paths) if paths else run
+    return redact_run(run, paths)  # with no paths, still shows values sealed at rest as [redacted]
 
 
 def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
@@ -97,8 +99,8 @@ def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     for d, parsed in zip(run["deliveries"], bodies, strict=True):
         if isinstance(parsed, dict):
             d["request"]["body"] = orjson.dumps(redact_paths(parsed, paths)).decode()
-        for k in ("request", "last_error"):
-            d[k] = scrub(d[k])
+        for k in ("request", "last_error", "response"):
+            d[k] = scrub(d.get(k))
         for a in d["attempts_log"]:
             a["excerpt"], a["error"] = scrub(a["excerpt"]), scrub(a["error"])
     for k in ("trace", "reason", "meta", "record_key"):
@@ -156,13 +158,30 @@ def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 10
         args.append(flow)
     rows = conn.execute(
         "SELECT 'delivery' AS kind, d.event_id, d.flow, d.destination, d.last_error AS reason, d.updated_at AS at,"
-        " d.attempts, e.record_key FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
+        " d.attempts, e.record_key, (SELECT a.excerpt FROM attempts a WHERE a.delivery_id=d.id"
+        "   ORDER BY a.n DESC, a.id DESC LIMIT 1) AS response"
+        " FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
         + fl.replace("flow", "d.flow")
-        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key FROM events"
+        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key, '' FROM events"
         " WHERE status='quarantined'" + fl + " ORDER BY at DESC LIMIT ?",
         [*args, *args, limit],
     ).fetchall()
-    return [dict(r) for r in rows]
+    out = [dict(r) for r in rows]
+    sensitive = project_sensitive_paths(conn) if out else {}
+    for r in out:
+        r["response"] = r["response"] or ""
+        paths = sensitive.get(r["flow"])
+        if paths:  # the destination's answer may echo a sensitive field: scrub it as `runs show` does
+            r.update(_scrubbed(conn, r, paths))
+    return out
+
+
+def _scrubbed(conn: sqlite3.Connection, row: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    from patchbay.security.redaction import Scrubber, sensitive_values
+
+    payload = conn.execute("SELECT payload FROM events WHERE id=?", (row["event_id"],)).fetchone()
+    scrub = Scrubber(sensitive_values(_loads(payload[0]), paths) if payload else set())
+    return {k: scrub(row[k]) for k in ("reason", "response", "record_key")}
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, Any]:

@@ -375,7 +375,7 @@ def test_check_reports_notify_systems_that_cannot_take_alerts(tmp_path):
     assert f"{hub}:6: unknown system 'ops-chta' to notify; did you mean 'ops-chat'?" in out
     assert f"{hub}:8: system 'website' has no `kind`, so it cannot be a destination" in out
     assert f"{flow}:{flow_line}: flow 'lead-capture' has no schedule, so it is never late" in out
-    assert "3 problem(s)" in out
+    assert "3 problems" in out
 
     (root / "patchbay.yaml").write_text(
         "port: 0\nalerts:\n  - {when: dead_letters, count: 2, notify: [ops-hook]}\n"

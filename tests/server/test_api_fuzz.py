@@ -2,7 +2,7 @@
 
 For each operation, valid and invalid requests are generated from the document and sent to a real
 hub on 127.0.0.1. With an admin token nothing may answer 5xx, every status and body must be the
-documented ones, and invalid input must be refused with a 4xx. Each same request is then sent
+documented ones, valid input must be accepted (not a 400/422) and invalid input refused with a 4xx. Each same request is then sent
 without a token (must be 401) and with a token lacking the operation's scope (must be 403): no
 input may get past authentication.
 
@@ -38,6 +38,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -162,7 +163,9 @@ def fuzz_operation(
     label = f"{op.method.upper()} {op.path}"
     scope = _scope(op)
     lacking = [s for s in SCOPES if s not in (scope, "admin")] if scope else []
-    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+    checks = CHECKS + (
+        [negative_data_rejection] if mode is GenerationMode.NEGATIVE else [positive_data_acceptance]
+    )
     admin = {"Authorization": f"Bearer {served.tokens['admin']}"}
 
     @settings(

@@ -23,7 +23,7 @@ class DeadLetters(Resource):
         return await self.store.read(aq.dead_letters, q.flow, q.destination, q.reason, q.limit)
 
     async def replay(self, c: Call) -> Any:
-        b: m.ReplayRequest = c.body
+        b: m.ReplayRuns | m.ReplayAll = c.body.root
         if b.run_ids is not None:
             ids = find_replayable(None, event_ids=b.run_ids, flow=None, destination=None)
         elif b.reason is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,25 +123,3 @@ async def _read_json(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
-
-
-@web.middleware
-async def _json_http_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own 404/405/413 under /api/ answered in the API's JSON error shape."""
-    if not request.path.startswith("/api/"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        code = codes.get(exc.status, "http_error")
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        msg = {
-            404: f"no API endpoint {request.path}; see {PREFIX}/openapi.json",
-            405: f"{request.method} is not allowed on {request.path}",
-        }.get(exc.status, exc.reason)
-        return error_response(exc.status, code, msg, headers)

@@ -31,7 +31,6 @@ from patchbay.server.api.http import (
     ApiError,
     Call,
     _json,
-    _json_http_errors,
     _query_dict,
     _read_json,
     _validate,
@@ -96,7 +95,8 @@ class Api:
                     return error_response(
                         403,
                         "insufficient_scope",
-                        f"this endpoint needs a token with scope {ep.scope} (or admin); token {token.id} "
+                        f"this endpoint needs a token with scope {ep.scope}"
+                        f"{'' if ep.scope == 'admin' else ' (or admin)'}; token {token.id} "
                         f"({token.name}) has {', '.join(token.scopes)}",
                         {
                             "WWW-Authenticate": f'Bearer realm="patchbay", error="insufficient_scope", '
@@ -134,7 +134,6 @@ class Api:
             return web.Response(body=self._openapi_body, content_type="application/json")
 
         app.router.add_get(PREFIX + "/openapi.json", openapi)
-        app.middlewares.append(_json_http_errors)
 
     def endpoints(self) -> list[Endpoint]:
         return endpoints(self.handlers)

@@ -1,0 +1,284 @@
+"""What the HTTP connectors share (http sink and source, webhook_out, chat): auth, TLS, response classes."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+from pydantic import Field, model_validator
+
+from patchbay.config.models import SecretRef, Spec
+from patchbay.connectors.base import Outcome, OutcomeClass, Resources, excerpt
+from patchbay.connectors.tls_client import TlsSettings, tls_context
+
+
+class HttpAuth(Spec):
+    scheme: Literal[
+        "bearer", "basic", "api_key", "none", "oauth2_client_credentials", "oauth2_authorization_code"
+    ] = Field(
+        description="bearer (Authorization: Bearer <token>), basic (user + password), "
+        "api_key (a header such as X-API-Key), oauth2_client_credentials (a token from `token_url` "
+        "for the client's id and secret), oauth2_authorization_code (a user's grant: run "
+        "`patchbay connect SYSTEM`; PKCE, refresh tokens kept in the vault), none."
+    )
+    token: SecretRef | None = Field(None, description="bearer / api_key: the credential.")
+    username: str | None = Field(None, description="basic: user name.")
+    password: SecretRef | None = Field(None, description="basic: password.")
+    header: str = Field("X-API-Key", description="api_key: the header that carries the key.")
+    token_url: str | None = Field(None, description="oauth2: the provider's token endpoint.")
+    authorize_url: str | None = Field(
+        None, description="oauth2_authorization_code: the provider's authorization endpoint."
+    )
+    client_id: str | None = Field(None, description="oauth2: the client (app) id.")
+    client_secret: SecretRef | None = Field(
+        None, description="oauth2: the client secret (optional for a public authorization-code client)."
+    )
+    client_auth: Literal["basic", "post"] = Field(
+        "basic",
+        description="oauth2: how the client authenticates at the token endpoint: basic (HTTP Basic, "
+        "RFC 6749's default) or post (client_id and client_secret in the form).",
+    )
+    scopes: list[str] = Field(default_factory=list, description="oauth2: the scopes to ask for.")
+    redirect_uri: str | None = Field(
+        None,
+        description="oauth2_authorization_code: the hub's callback as registered with the provider, "
+        "e.g. https://hub.example.com/oauth/callback.",
+    )
+    authorize_params: dict[str, str] = Field(
+        default_factory=dict,
+        description="oauth2_authorization_code: extra query parameters of the authorization URL "
+        "(e.g. access_type: offline for Google).",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> HttpAuth:
+        if self.scheme in ("bearer", "api_key") and self.token is None:
+            raise ValueError(f"auth scheme {self.scheme} needs `token: {{secret: NAME}}`")
+        if self.scheme == "basic" and (self.username is None or self.password is None):
+            raise ValueError("auth scheme basic needs `username` and `password: {secret: NAME}`")
+        needs: list[str] = []
+        if self.scheme == "oauth2_client_credentials":
+            needs = ["token_url", "client_id", "client_secret"]
+        elif self.scheme == "oauth2_authorization_code":
+            needs = ["authorize_url", "token_url", "client_id", "redirect_uri"]
+        missing = [n for n in needs if getattr(self, n) is None]
+        if missing:
+            raise ValueError(
+                f"auth scheme {self.scheme} needs {', '.join(f'`{n}`' for n in missing)}"
+                + (" (client_secret: {secret: NAME})" if "client_secret" in missing else "")
+            )
+        for n in ("token_url", "authorize_url", "redirect_uri"):
+            v = getattr(self, n)
+            if v is not None and "{{" in v:
+                raise ValueError(f"auth `{n}` is a fixed URL; it cannot hold {{{{ expressions }}}}")
+            if v is not None:
+                check_url(v)
+        return self
+
+    @property
+    def oauth2(self) -> bool:
+        return self.scheme.startswith("oauth2_")
+
+
+def check_url(v: str) -> str:
+    """A config validator: an absolute http(s) URL (or a template, checked when rendered)."""
+    if "{{" in v:
+        return v
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"bad URL {v!r}: write an absolute http:// or https:// URL, e.g. https://api.example.com/v1"
+        )
+    return v
+
+
+class HttpClient:
+    """One system's requests: the shared session (address guard), its TLS settings and credentials.
+
+    Credentials are resolved on every request, so a rotated secret is used at once, and never stored
+    in what `render` returns.
+    """
+
+    def __init__(
+        self,
+        resources: Resources,
+        *,
+        auth: HttpAuth | None = None,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+    ) -> None:
+        self.resources = resources
+        self.auth = auth
+        self.verify_tls = verify_tls
+        self.ca_bundle = ca_bundle
+
+    def auth_headers(self) -> dict[str, str]:
+        auth, secret = self.auth, self.resources.secret
+        if auth is None or auth.scheme == "none":
+            return {}
+        if auth.oauth2:  # a token known only at send time (see `request`)
+            return {"Authorization": "Bearer [oauth2 access token]"}
+        if auth.scheme == "bearer":
+            return {"Authorization": f"Bearer {secret(auth.token)}"}
+        if auth.scheme == "api_key":
+            return {auth.header: secret(auth.token)}
+        pair = f"{auth.username or ''}:{secret(auth.password)}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
+    async def ssl(self) -> ssl.SSLContext | bool:
+        """aiohttp's `ssl`: False (not verified), the system's CAs (built once), or True (aiohttp's)."""
+        if not self.verify_tls:
+            return False
+        if self.ca_bundle:
+            return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
+        return True
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request with the system's credentials added to `headers` (they win over same-named ones)."""
+        session = await self.resources.http_session()
+        if self.auth is not None and self.auth.oauth2:
+            async with self._oauth2_request(session, method, url, headers, kwargs) as resp:
+                yield resp
+            return
+        all_headers = {**headers, **self.auth_headers()}
+        async with session.request(method, url, headers=all_headers, ssl=await self.ssl(), **kwargs) as resp:
+            yield resp
+
+    @asynccontextmanager
+    async def _oauth2_request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """With an OAuth2 access token; on a 401, once more with a refreshed one (OAuth2Error if none)."""
+        from patchbay.security.oauth2 import source_for
+
+        assert self.auth is not None
+        tokens = await source_for(self.resources, self.auth)
+        ssl = await self.ssl()
+        token = await tokens.access_token(self.resources, ssl=ssl)
+        resp = await session.request(
+            method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
+        )
+        try:
+            if resp.status == 401:
+                resp.release()
+                token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
+                resp = await session.request(
+                    method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
+                )
+            yield resp
+        finally:
+            resp.release()
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now or time.time()))
+
+
+def classify_response(
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    latency_ms: float,
+    redact: Callable[[str], str] = lambda s: s,
+) -> Outcome:
+    """The response-class rules every HTTP-shaped destination shares."""
+    text = redact(excerpt(raw))
+    if 200 <= status < 300:
+        return Outcome(OutcomeClass.SUCCESS, status, latency_ms, text)
+    if 300 <= status < 400:
+        loc = headers.get("Location", "?")
+        return Outcome(
+            OutcomeClass.TERMINAL,
+            status,
+            latency_ms,
+            text,
+            error=f"redirect to {redact(loc)} not followed; fix the URL or set delivery.follow_redirects: true",
+        )
+    if status in (401, 403):
+        return Outcome(
+            OutcomeClass.AUTH, status, latency_ms, text, error="credentials refused; destination paused"
+        )
+    if status == 410:
+        return Outcome(OutcomeClass.GONE, status, latency_ms, text, error="destination gone; disabled")
+    if status in (408, 425, 429) or status >= 500:
+        return Outcome(
+            OutcomeClass.TRANSIENT,
+            status,
+            latency_ms,
+            text,
+            retry_after_s=parse_retry_after(headers.get("Retry-After")),
+        )
+    return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body up to `limit` bytes (one `read(n)` may return only the first chunk). A body that
+    stalls or breaks off gives what came: the status already decided the outcome, and a 2xx whose body
+    never finishes must not become a retry (the remote acted on the request)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = await resp.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientPayloadError):
+        pass
+    return b"".join(chunks)
+
+
+def map_response(
+    mapping: Mapping[str, str],
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    redact: Callable[[str], str] = lambda s: s,
+) -> dict[str, Any]:
+    """Fields picked from an answer: name -> `status`, `headers.<name>` or `body.<path>` (JSON; a body that
+    is not JSON, or was cut at the read limit, has no fields). Strings pass the secret redactor."""
+    from patchbay.records import dig
+
+    try:
+        body: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        body = None
+    answer = {"status": status, "headers": {k.lower(): v for k, v in headers.items()}, "body": body}
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return {name: scrub(dig(answer, path)) for name, path in mapping.items()}
