@@ -14,10 +14,13 @@ the cursor are as the last good run left them, and the next run reads the same w
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import orjson
 
 from patchbay import registry
 from patchbay.batch.frame import Column, Frame
@@ -28,7 +31,9 @@ from patchbay.config.specs import FlowSpec, Project
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
 from patchbay.errors import PatchbayError
+from patchbay.records import new_id
 from patchbay.security.secrets import SecretResolver
+from patchbay.store.base import NewEvent
 
 
 def _apply(transform: FrameTransform, frame: Frame) -> Result:
@@ -86,6 +91,7 @@ class RunReport:
     cursor_to: str | None = None
     error: str | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)  # quarantined rows with their reasons
+    run_id: str = field(default_factory=lambda: new_id("run"))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,3 +355,54 @@ async def run_flow(
     if report.error:
         report.error = resolver.redactor(report.error)
     return report
+
+
+async def store_quarantined(store: Any, flow: FlowSpec, report: RunReport) -> None:
+    """The report's quarantined rows (not yet stored) as quarantined events of the flow, with their reasons,
+    so `patchbay dead`, the API and the console list them. Fix a row at the source: its next change is read."""
+    start = getattr(report, "_stored_samples", 0)
+    for sample in report.samples[start:]:
+        body = orjson.dumps(sample["row"], default=str)
+        await store.accept(
+            NewEvent(
+                id=new_id("evt"),
+                flow=flow.name,
+                received_at=time.time(),
+                payload=body,
+                body_hash=hashlib.sha256(body).hexdigest(),
+                dedupe_key=None,
+                status="quarantined",
+                record_key=_key(sample["row"], flow),
+                meta={"trigger": "batch", "batch_run": report.run_id},
+                reason=sample["reason"],
+            )
+        )
+    report._stored_samples = len(report.samples)  # type: ignore[attr-defined]
+
+
+async def record_run(store: Any, flow: FlowSpec, report: RunReport, *, trigger: str) -> str:
+    """The run as one event of the flow: delivered when it committed, failed otherwise; the report is its trace."""
+    shown = {k: v for k, v in report.as_dict().items() if k != "samples"}
+    body = orjson.dumps(shown, default=str)
+    await store.accept(
+        NewEvent(
+            id=report.run_id,
+            flow=flow.name,
+            received_at=report.started_at,
+            payload=body,
+            body_hash=hashlib.sha256(body).hexdigest(),
+            dedupe_key=None,
+            status="delivered" if report.status == "ok" else "failed",
+            meta={"trigger": trigger, "batch": True},
+            trace=[{"step": "batch", "kind": "batch", "output": shown}],
+            reason=None if report.status == "ok" else f"{report.status}: {report.error}",
+        )
+    )
+    return report.run_id
+
+
+def _key(row: dict[str, Any], flow: FlowSpec) -> str | None:
+    assert flow.batch is not None
+    if not flow.batch.key:
+        return None
+    return "|".join(str(row.get(k)) for k in flow.batch.key)

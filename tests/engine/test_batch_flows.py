@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -68,7 +69,13 @@ async def test_a_batch_flow_is_checked_run_and_incremental(tmp_path):
         c.execute("UPDATE orders SET email = 'fixed@shop.io', updated_at = '2025-01-01' WHERE id = 7")
     again = await run_flow(project, open_resolver_for(tmp_path), flow)
     # The fixed row, and the boundary row read again (equal cursor values are never skipped) and left as is.
-    assert (again.status, again.read, again.inserted, again.unchanged, again.quarantined) == ("ok", 2, 1, 1, 0)
+    assert (again.status, again.read, again.inserted, again.unchanged, again.quarantined) == (
+        "ok",
+        2,
+        1,
+        1,
+        0,
+    )
     with sqlite3.connect(tmp_path / "report.db") as c:
         assert c.execute("SELECT count(*), min(email) FROM orders").fetchone() == (300, "buyer100@shop.io")
 
@@ -173,3 +180,32 @@ async def test_kill_9_mid_run_leaves_nothing_half_written_and_the_rerun_complete
         ).fetchone()
         assert got == (200000, 200000, 200000 * 200001 // 2, "U100000@X.IO")
         await pg.execute("DELETE FROM _patchbay_sync_state WHERE flow = 'copy'")
+
+
+def test_patchbay_run_syncs_a_batch_flow_and_keeps_its_report_and_quarantined_rows(tmp_path):
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    write_project(tmp_path, {"systems.yaml": SYSTEMS, "flows/orders.yaml": FLOW})
+    shop(tmp_path, 120)
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("UPDATE orders SET email = 'nope' WHERE id = 7")
+    runner = CliRunner()
+    got = runner.invoke(main, ["run", "orders", "-p", str(tmp_path)])
+    assert got.exit_code == 0, got.output
+    assert "orders: ok: read 120, inserted 119, updated 0, deleted 0, quarantined 1" in got.output
+    assert 'quarantined: validate: email: "nope" is not a valid email address' in got.output
+    runs = runner.invoke(main, ["runs", "-p", str(tmp_path), "--json"])
+    statuses = sorted(r["status"] for r in json.loads(runs.output))
+    assert statuses == ["delivered", "quarantined"]
+    dead = runner.invoke(main, ["dead", "-p", str(tmp_path)])
+    assert "nope" in dead.output
+    # A source column the flow reads is dropped: the run stops, exit 1, nothing written, the run listed as failed.
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("ALTER TABLE orders DROP COLUMN total")
+    stopped = runner.invoke(main, ["run", "orders", "-p", str(tmp_path)])
+    assert stopped.exit_code == 1
+    assert "source column(s) total dropped but the flow reads them" in stopped.output
+    runs = json.loads(runner.invoke(main, ["runs", "-p", str(tmp_path), "--json"]).output)
+    assert [r["status"] for r in runs].count("failed") == 1
