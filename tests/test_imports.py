@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("patchbay.config", "patchbay.presets", "patchbay.contracts")),
     ("store", ("patchbay.store",)),
     ("security", ("patchbay.security",)),
-    ("components", ("patchbay.connectors", "patchbay.processors", "patchbay.specdoc")),
+    ("components", ("patchbay.connectors", "patchbay.processors", "patchbay.batch", "patchbay.specdoc")),
     ("engine", ("patchbay.engine",)),
     ("server", ("patchbay.server", "patchbay.testing")),
     ("cli", ("patchbay.cli", "patchbay.scaffold", "patchbay.__main__")),

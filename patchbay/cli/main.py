@@ -195,8 +195,9 @@ def check(directory: Path, as_json: bool) -> None:
             click.echo(f"ok: {plural(len(project.systems), 'system')}, {plural(len(project.flows), 'flow')}")
             for f in project.flows.values():
                 click.echo(
-                    f"  {f.name}: {describe_trigger(f)} -> {', '.join(d.name for d in f.destinations)}"
-                    f"  (owner {f.owner})"
+                    f"  {f.name}: {describe_trigger(f)}"
+                    + (f" -> {', '.join(d.name for d in f.destinations)}" if f.destinations else "")
+                    + f"  (owner {f.owner})"
                 )
         else:
             click.echo(plural(len(problems), "problem"))
