@@ -202,7 +202,7 @@ class FrameTransform:
         computed = [n for n in self.out_names if n not in self._copy]
         values: dict[str, list[Any]] = {n: [] for n in computed}
         kept_rows: list[list[bytes]] = []
-        map_apply = self._map.apply if self._map is not None else None
+        map_apply = self._map.flat_values if self._map is not None else None
         checks = self._checks
         for k, record in enumerate(records):
             try:

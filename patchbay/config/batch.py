@@ -140,7 +140,7 @@ class BatchSpec(Spec):
         ),
     )
     batch_rows: int = Field(
-        50_000, ge=100, le=1_000_000, description="Rows per batch in memory (memory stays bounded)."
+        10_000, ge=100, le=1_000_000, description="Rows per batch in memory (memory stays bounded)."
     )
     quarantine_samples: int = Field(
         1000, ge=0, le=100_000, description="Invalid rows kept with their reasons per run (the rest counted)."

@@ -91,8 +91,8 @@ class PostgresBulk:
     """Batch syncs from and to PostgreSQL at COPY speed: one connection per side of a run.
 
     The data path runs on threads with psycopg's blocking API (libpq hands COPY data over row by
-    row; an await per row would cost more than the row): a reader thread fills a queue of two
-    Frames ahead, a writer thread drains another, so reading, the steps and writing overlap.
+    row; an await per row would cost more than the row): a reader thread reads one Frame ahead,
+    a writer thread drains another, so reading, the steps and writing overlap.
     """
 
     def __init__(self, system: PostgresSystem, resources: Resources, timeout_s: float = 30.0) -> None:
@@ -149,7 +149,7 @@ class PostgresBulk:
     ) -> AsyncIterator[Frame]:
         """The window's rows in batches, all from one snapshot; `snapshot_max` is the cursor's mark in it."""
         self.snapshot_max = None
-        frames: queue.Queue[Any] = queue.Queue(maxsize=2)
+        frames: queue.Queue[Any] = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def produce(conn: Any) -> None:
@@ -206,7 +206,12 @@ class PostgresBulk:
             rows: list[list[bytes]] = []
             with conn.cursor().copy(copy_sql) as copy:
                 for chunk in copy:
-                    rows.extend(split_lines(buf, bytes(chunk)))
+                    data = bytes(chunk)
+                    # The server sends one row per message: split it directly; anything else by lines.
+                    if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
+                        rows.append(data[:-1].split(b"\t"))
+                    else:
+                        rows.extend(split_lines(buf, data))
                     if len(rows) >= batch_rows:
                         yield Frame(columns, rows[:batch_rows])
                         del rows[:batch_rows]
@@ -316,7 +321,7 @@ class _PgLoad:
         self.columns, self.mode, self.key = columns, mode, key
         self.conn: Any = None
         self._tx: Any = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._copy_in, name="pg-bulk-writer", daemon=True)
         self._error: BaseException | None = None
         self.copied = 0
