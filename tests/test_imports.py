@@ -48,12 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 # Upward imports that issue 8 removes in other branches; the lead deletes each line once its fix is merged.
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    # issue 8, found merging OAuth2 (ea63412): security/oauth2.py types its arguments with connectors'
-    # Resources and HttpAuth (under TYPE_CHECKING); it belongs beside connectors/http_client.py.
-    ("patchbay.security.oauth2", "patchbay.connectors.base"),
-    ("patchbay.security.oauth2", "patchbay.connectors.http_client"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 # Run-time import cycles between modules of one layer (issue 8 removed the hub <-> alerts one): none.
 KNOWN_CYCLES: set[frozenset[str]] = set()

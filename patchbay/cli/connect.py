@@ -20,7 +20,7 @@ def connect(system: str, project_dir: Path, as_json: bool) -> None:
     `auth: {scheme: oauth2_authorization_code}`). Open it in a browser within 10 minutes; the provider
     sends you back to the hub's /oauth/callback (the hub must be running), which stores the tokens in
     the vault. Then resume destinations paused for lack of a grant."""
-    from patchbay.security import oauth2
+    from patchbay.connectors import oauth2_client as oauth2
     from patchbay.security.project import require_vault
 
     project, _ = _load(project_dir, check_secrets=False)

@@ -21,9 +21,9 @@ from patchbay.connectors.http_client import (
     map_response,
     read_bounded,
 )
+from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
-from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
 
 RESPONSE_LIMIT = 65536  # bytes of an answer read to map `response:` fields; the trace keeps an excerpt

@@ -165,7 +165,7 @@ class HttpClient:
         kwargs: dict[str, Any],
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """With an OAuth2 access token; on a 401, once more with a refreshed one (OAuth2Error if none)."""
-        from patchbay.security.oauth2 import source_for
+        from patchbay.connectors.oauth2_client import source_for
 
         assert self.auth is not None
         tokens = await source_for(self.resources, self.auth)

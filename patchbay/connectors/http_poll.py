@@ -15,10 +15,10 @@ from patchbay.config.models import Spec
 from patchbay.connectors.base import Batch, OutcomeClass, Resources, SourceRecord
 from patchbay.connectors.http import HttpSystem
 from patchbay.connectors.http_client import HttpClient, classify_response
+from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig
 from patchbay.registry import connector
-from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
 
 

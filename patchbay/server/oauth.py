@@ -14,9 +14,9 @@ import logging
 from aiohttp import web
 
 from patchbay.config.project import system_secret_refs
+from patchbay.connectors import oauth2_client as oauth2
 from patchbay.connectors.base import Resources
 from patchbay.engine.hub import Hub
-from patchbay.security import oauth2
 
 log = logging.getLogger("patchbay.oauth2")
 CALLBACK_PATH = "/oauth/callback"

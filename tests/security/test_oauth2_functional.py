@@ -23,12 +23,12 @@ from patchbay import logs
 from patchbay.cli import main
 from patchbay.config.models import DeliveryPolicy, SecretRef
 from patchbay.config.project import load_or_raise
+from patchbay.connectors import oauth2_client as oauth2
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.connectors.http_poll import HttpPollConfig, HttpPollSource
 from patchbay.engine.hub import Hub
 from patchbay.errors import AuthError
-from patchbay.security import oauth2
 from patchbay.security.project import open_project_secrets
 from patchbay.security.secrets import Redactor
 from patchbay.security.tokens import create_token
