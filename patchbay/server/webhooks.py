@@ -86,7 +86,9 @@ class WebhookEndpoint:
         body = await _read_limited(request, self.max_body)
         if body is None:
             raise self.reject(413, "body_too_large", f"body is over the limit of {self.max_body} bytes")
-        verified = self.verifier.verify(InboundRequest(body, request.headers, request.remote))
+        verified = self.verifier.verify(
+            InboundRequest(body, request.headers, request.remote, request.method, str(request.url))
+        )
         ctype = request.headers.get("Content-Type", "")
         if ctype and "json" not in ctype.split(";")[0].lower():
             raise self.reject(
