@@ -609,6 +609,7 @@ def _load_flow(
     dests: list[DestinationSpec] = []
     seen: set[str] = set()
     common_keys = set(DestinationCommon.model_fields)
+    typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
     for i, raw in enumerate(doc.destinations):
         loc = ("destinations", i)
         if not isinstance(raw, dict):
@@ -621,8 +622,8 @@ def _load_flow(
                 )
             )
             continue
-        if "operation" in raw or "vars" in raw:
-            applied = _apply_operation(src, loc, raw, systems, problems)
+        if "operation" in raw or "vars" in raw or "custom_fields" in raw:
+            applied = _apply_operation(src, loc, raw, systems, problems, typed)
             if applied is None:
                 continue
             raw = applied
@@ -702,6 +703,10 @@ def _load_flow(
             problems.append(src.problem(loc, f"destination {common.name}: {exc}"))
             continue
         dests.append(DestinationSpec(common.name, common.system, sysspec.kind, cfg, policy, when))
+    from patchbay import presets
+
+    for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
+        problems.append(src.problem(at, message))
     if len(problems) > n0:
         return None
     return FlowSpec(
@@ -723,22 +728,47 @@ def _load_flow(
 
 
 def _apply_operation(
-    src: Located, loc: Loc, raw: dict[str, Any], systems: dict[str, SystemSpec], problems: list[Problem]
+    src: Located,
+    loc: Loc,
+    raw: dict[str, Any],
+    systems: dict[str, SystemSpec],
+    problems: list[Problem],
+    typed: list[tuple[str, dict[str, str], list[str]]] | None = None,
 ) -> dict[str, Any] | None:
-    """A destination naming a preset's operation: the operation's settings under the destination's own."""
+    """A destination naming a preset's operation: the operation's settings under the destination's own.
+
+    When the operation lists its `fields`, (name, fields, custom_fields) is added to `typed` so the
+    flow's mapping can be checked against them.
+    """
     from patchbay import presets
 
     raw = dict(raw)
     op_name, variables = raw.pop("operation", None), raw.pop("vars", None) or {}
+    custom = raw.pop("custom_fields", None) or []
+    if not isinstance(custom, list) or not all(isinstance(c, str) for c in custom):
+        problems.append(
+            src.problem(
+                (*loc, "custom_fields"), "`custom_fields` is a list of field paths, e.g. [properties.plan]"
+            )
+        )
+        return None
     sysspec = systems.get(str(raw.get("system")))
     if sysspec is None:
         return raw  # reported as an unknown system by the caller
     preset = sysspec.preset or {}
     ops = preset.get("operations", {})
     if op_name is None:
-        problems.append(
-            src.problem((*loc, "vars"), "`vars` fill a preset operation's ${...}: add `operation`")
-        )
+        if variables or not custom:
+            message, at = "`vars` fill a preset operation's ${...}: add `operation`", (*loc, "vars")
+        else:
+            message, at = (
+                "`custom_fields` extend a preset operation's fields: add `operation`",
+                (
+                    *loc,
+                    "custom_fields",
+                ),
+            )
+        problems.append(src.problem(at, message))
         return None
     if op_name not in ops:
         where = (
@@ -752,7 +782,7 @@ def _apply_operation(
         )
         return None
     missing: set[str] = set()
-    op = presets.fill({k: v for k, v in ops[op_name].items() if k != "description"}, variables, missing)
+    op = presets.fill(presets.settings_of(ops[op_name]), variables, missing)
     if missing:
         problems.append(
             src.problem(
@@ -760,6 +790,9 @@ def _apply_operation(
             )
         )
         return None
+    fields = presets.operation_fields(ops[op_name])
+    if fields is not None and typed is not None:
+        typed.append((str(raw.get("name", op_name)), fields, custom))
     return presets.merge(op, raw)
 
 
@@ -791,6 +824,20 @@ def _load_source(
         )
         return None
     cls, model = found
+    if "read" in settings:  # a preset's ready-made read: its settings under the source's own
+        from patchbay import presets
+
+        read_name, reads = settings.pop("read"), (sysspec.preset or {}).get("reads", {})
+        if read_name not in reads:
+            where = f"preset of system {name!r}" if sysspec.preset else f"system {name!r} (it has no preset)"
+            problems.append(
+                src.problem(
+                    (*loc, "read"),
+                    f"unknown read {read_name!r} in the {where}" + _did_you_mean(str(read_name), reads),
+                )
+            )
+            return None
+        settings = presets.merge(presets.settings_of(reads[read_name]), settings)
     cfg = _validate(src, settings, model, loc, problems)
     if cfg is None:
         return None

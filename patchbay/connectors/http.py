@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -63,6 +64,15 @@ class HttpSystem(Spec):
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
         None, description="Path to a PEM file of extra CAs to trust for this system."
+    )
+    retry_after_header: str = Field(
+        "Retry-After",
+        description="Header of a 429 or 5xx answer that says when to try again; some APIs use their own, "
+        "e.g. X-RateLimit-Reset.",
+    )
+    retry_after_unit: Literal["seconds", "unix_time"] = Field(
+        "seconds",
+        description="seconds: a delay (an HTTP date is read too); unix_time: the Unix time the limit resets.",
     )
 
     _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
@@ -167,7 +177,9 @@ class HttpSink:
                 ssl=self._ssl,
             ) as resp:
                 raw = await resp.content.read(4096)
-                return classify_response(resp.status, resp.headers, raw, sw.ms, self.resources.redact)
+                return classify_response(
+                    resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
+                )
         except BlockedAddress as exc:  # the same address is refused on every try: not worth a retry
             error = exc.explain(self.resources.system or None)
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=error)
@@ -182,6 +194,11 @@ class HttpSink:
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=f"{type(exc).__name__}: {exc}")
 
+    @property
+    def retry_after(self) -> tuple[str, str]:
+        """Where this API says how long to wait after a 429: (header, unit)."""
+        return self.system.retry_after_header, self.system.retry_after_unit
+
     async def close(self) -> None:
         return None
 
@@ -189,13 +206,22 @@ class HttpSink:
         return self.system.auth.refs() if self.system.auth else []
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or from a vendor's
+    reset header: `unit` unix_time reads a Unix time (Intercom's X-RateLimit-Reset)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    try:
+        number = float(value)  # Shopify writes "2.0"
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number) or number < 0:  # NaN, inf or negative: no usable hint
+            return None
+        if unit == "unix_time":
+            return max(0.0, number - (now or time.time()))
+        return number
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -204,7 +230,12 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def classify_response(
-    status: int, headers: Mapping[str, str], raw: bytes, latency_ms: float, redact: Any = lambda s: s
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    latency_ms: float,
+    redact: Any = lambda s: s,
+    retry_after: tuple[str, str] = ("Retry-After", "seconds"),
 ) -> Outcome:
     """The response-class rules every HTTP-shaped destination shares."""
     text = redact(excerpt(raw))
@@ -231,6 +262,6 @@ def classify_response(
             status,
             latency_ms,
             text,
-            retry_after_s=parse_retry_after(headers.get("Retry-After")),
+            retry_after_s=parse_retry_after(headers.get(retry_after[0]), unit=retry_after[1]),
         )
     return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)

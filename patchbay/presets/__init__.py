@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,118 @@ def fill(value: Any, variables: dict[str, Any], missing: set[str]) -> Any:
     if isinstance(value, list):
         return [fill(v, variables, missing) for v in value]
     return value
+
+
+CATEGORIES = (
+    "crm",
+    "billing",
+    "support",
+    "marketing",
+    "chat",
+    "spreadsheets",
+    "accounting",
+    "ecommerce",
+)
+
+
+def problems(name: str) -> list[str]:
+    """What is wrong with a preset file, for the meta-test and `connectors show`: empty when sound."""
+    doc = load(name)
+    out: list[str] = []
+    for key in ("summary", "category", "docs", "auth", "rate_limits"):
+        if not isinstance(doc.get(key), str) or not doc[key].strip():
+            out.append(f"{name}: `{key}` is missing")
+    if doc.get("category") not in CATEGORIES:
+        out.append(f"{name}: category {doc.get('category')!r} is not one of {', '.join(CATEGORIES)}")
+    if not str(doc.get("docs", "")).startswith("https://"):
+        out.append(f"{name}: `docs` is not an https:// URL")
+    text = (HERE / f"{name}.yaml").read_text()
+    if "# Sources" not in text or "https://" not in text.split("summary:", 1)[0]:
+        out.append(f"{name}: the file does not start with the `# Sources` it was written from")
+    unknown = set(doc) - {
+        "summary", "category", "docs", "auth", "rate_limits", "system", "webhook",
+        "trigger_defaults", "reads", "operations", "example_steps",
+    }  # fmt: skip
+    out += [f"{name}: unknown key {k!r}" for k in sorted(unknown)]
+    for kind in ("reads", "operations"):
+        for op_name, op in (doc.get(kind) or {}).items():
+            if not isinstance(op, dict) or not str(op.get("description", "")).strip():
+                out.append(f"{name}: {kind[:-1]} {op_name} has no description")
+            elif kind == "operations" and "fields" in op:
+                fields = op["fields"]
+                if not isinstance(fields, dict) or not all(
+                    isinstance(v, str) and v.strip() for v in fields.values()
+                ):
+                    out.append(f"{name}: operation {op_name}: every field needs a description")
+    if not doc.get("operations") and not doc.get("reads") and not doc.get("webhook"):
+        out.append(f"{name}: no operations, reads or webhook")
+    return out
+
+
+def operation_fields(op: dict[str, Any]) -> dict[str, str] | None:
+    """The record fields an operation reads (dotted paths -> description), or None if it does not say."""
+    fields = op.get("fields")
+    return dict(fields) if isinstance(fields, dict) else None
+
+
+def settings_of(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation or read without its documentation keys: what becomes destination or source settings."""
+    return {k: v for k, v in op.items() if k not in ("description", "fields")}
+
+
+def unknown_field(target: str, fields: dict[str, str], custom: Sequence[str] = ()) -> str | None:
+    """None when `target` (a dotted path written by a map step) is a field the operation takes, else why not.
+
+    A field is taken when it is listed, lies inside a listed field (`customer.addresses.0.city` under
+    `customer.addresses`), or is one of the destination's `custom_fields`.
+    """
+    known = [*fields, *custom]
+    for f in known:
+        if target == f or target.startswith(f + ".") or f.startswith(target + "."):
+            return None
+    import difflib
+
+    close = difflib.get_close_matches(target, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"the operation takes no field {target!r}{hint}"
+
+
+_MAP_OPTIONS = frozenset({"fields", "keep", "drop", "flatten", "omit_nulls", "tables"})
+
+
+def mapped_field_problems(
+    steps: Sequence[Any], operations: Sequence[tuple[str, dict[str, str], Sequence[str]]], n_destinations: int
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Fields written by the flow's last `map` step that its preset operations do not take.
+
+    `operations` holds (destination name, the operation's fields, the destination's custom_fields) for
+    each destination that names an operation declaring its fields. Checked only when every destination
+    of the flow is such an operation: a field the preset does not know may be meant for another one.
+    Returns (location in the flow file, message) pairs.
+    """
+    if not operations or len(operations) != n_destinations:
+        return []
+    last = None
+    for i, step in enumerate(steps):
+        if isinstance(step, dict) and isinstance(step.get("map"), dict):
+            last = i
+    if last is None:
+        return []
+    body = steps[last]["map"]
+    loc: tuple[str | int, ...] = ("steps", last, "map")
+    if body.keys() & _MAP_OPTIONS:
+        body, loc = body.get("fields") or {}, (*loc, "fields")
+    out = []
+    for target in body:
+        whys = [unknown_field(str(target), fields, custom) for _, fields, custom in operations]
+        if all(whys):
+            dest = ", ".join(name for name, _, _ in operations)
+            why = next(w for w in whys if w)
+            out.append(
+                (
+                    (*loc, target),
+                    f"map writes {target!r} but {why.replace('the operation', f'destination {dest}')} "
+                    "(a custom field? list it in the destination's `custom_fields:`)",
+                )
+            )
+    return out
