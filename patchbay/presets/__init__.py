@@ -131,8 +131,12 @@ def unknown_field(target: str, fields: dict[str, str], custom: Sequence[str] = (
             return None
     import difflib
 
-    close = difflib.get_close_matches(target, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    # Compare names under the same parent (`properties.fristname` with `properties.firstname`), so a
+    # shared prefix does not make unrelated fields look alike.
+    parent, _, leaf = target.rpartition(".")
+    siblings = {f.rpartition(".")[2]: f for f in known if f.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)
+    hint = f"; did you mean {siblings[close[0]]!r}?" if close else ""
     return f"the operation takes no field {target!r}{hint}"
 
 
@@ -175,3 +179,80 @@ def mapped_field_problems(
                 )
             )
     return out
+
+
+def describe(name: str) -> str:
+    """A preset as a page: what it is, auth, limits, webhook, reads and operations with their fields.
+
+    `patchbay connectors show NAME` prints it; docs/presets/NAME.md is this text.
+    """
+    doc = load(name)
+    system = doc.get("system") or {}
+    lines = [f"# `{name}` (preset)", "", doc["summary"], ""]
+    lines += [f"Category: {doc['category']}. Reference: {doc['docs']}", ""]
+    lines += [
+        f"Use it: `preset: {name}` in a system of `systems.yaml`; its settings are defaults you may override."
+    ]
+    lines += ["", "## System", ""]
+    if system.get("kind"):
+        lines.append(
+            f"- kind: `{system['kind']}`" + (f", style `{system['style']}`" if system.get("style") else "")
+        )
+    if system.get("url"):
+        lines.append(f"- base URL: `{system['url']}`")
+    lines += [
+        f"- auth: {' '.join(doc['auth'].split())}",
+        f"- rate limits: {' '.join(doc['rate_limits'].split())}",
+    ]
+    if system.get("retry_after_header"):
+        lines.append(
+            f"- wait after a 429: header `{system['retry_after_header']}` ({system.get('retry_after_unit', 'seconds')})"
+        )
+    hook = doc.get("webhook")
+    lines += ["", "## Webhooks", ""]
+    if hook:
+        parts = [f"scheme `{hook['scheme']}`"]
+        for key in (
+            "header",
+            "algorithm",
+            "encoding",
+            "prefix",
+            "timestamp_header",
+            "timestamp_format",
+            "signed",
+        ):
+            if key in hook:
+                parts.append(f"{key} `{hook[key]}`")
+        lines.append("Verified with " + ", ".join(parts) + ".")
+        for key, value in (doc.get("trigger_defaults") or {}).items():
+            lines.append(f"A repeated delivery is recognised by `{key}: {value}`.")
+    else:
+        lines.append("The vendor does not send webhooks this preset can verify.")
+    reads = doc.get("reads") or {}
+    if reads:
+        lines += [
+            "",
+            "## Reads",
+            "",
+            "A polled trigger: `trigger: {source: {system: NAME, read: READ}, schedule: {every: 15m}}`.",
+            "",
+        ]
+        for rname, read in reads.items():
+            pg = (read.get("pagination") or {}).get("type", "none")
+            lines.append(
+                f"- `{rname}`: {read['description']} (GET `{read.get('path', '')}`, pagination {pg})"
+            )
+    ops = doc.get("operations") or {}
+    if ops:
+        lines += ["", "## Operations", "", "A destination: `{name: …, system: NAME, operation: OPERATION}`."]
+        for oname, op in ops.items():
+            where = f"{op['method']} `{op.get('path', '')}`" if "method" in op else "a message"
+            lines += ["", f"### `{oname}`", "", f"{op['description']} ({where})"]
+            fields = operation_fields(op)
+            variables = sorted(set(_VAR.findall(str(settings_of(op)))))
+            if variables:
+                lines += ["", "Needs `vars:` " + ", ".join(f"`{v}`" for v in variables) + "."]
+            if fields:
+                lines += ["", "| field | description |", "|---|---|"]
+                lines += [f"| `{f}` | {d} |" for f, d in fields.items()]
+    return "\n".join(lines) + "\n"

@@ -787,3 +787,120 @@ async def test_vendor_against_its_fake(case: Case, tmp_path, creds) -> None:
         if res.http is not None:
             await res.http.close()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("name", "too_many", "wait_s", "sign"), CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+async def test_chat_vendor_against_its_fake(
+    name: str, too_many: dict, wait_s: float | None, sign, tmp_path, monkeypatch
+) -> None:
+    received: list[dict[str, Any]] = []
+    hits: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        # The incoming-webhook URL is the credential: only the secret path is served.
+        if request.path != "/services/T0001/B0001/XXXXXXXX":
+            return web.Response(status=404, text="no_service" if name == "slack" else "Not Found")
+        hits.append(request.path)
+        if len(hits) == 1:
+            return web.Response(status=429, text="rate_limited", headers=too_many)
+        received.append(await request.json())
+        return web.Response(text="ok" if name == "slack" else "")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hook)
+    runner, url = await _start(app)
+    res = resources()
+    monkeypatch.setenv("CAT_HOOK_URL", url + "/services/T0001/B0001/XXXXXXXX")
+    try:
+        own: dict[str, Any] = {"url_secret": {"env": "CAT_HOOK_URL"}, "allow_private_network": True}
+        if sign is not None:
+            own["webhook"] = {"secrets": [{"env": "CAT_WHSEC"}]}
+        files = {
+            "patchbay.yaml": "port: 0\n",
+            "systems.yaml": yaml.safe_dump({"chat": {"preset": name, "owner": "ops", **own}}),
+            "flows/f.yaml": yaml.safe_dump(
+                {
+                    "purpose": "p",
+                    "owner": "o",
+                    "trigger": {"schedule": {"every": "1h"}},
+                    "destinations": [
+                        {
+                            "name": "d",
+                            "system": "chat",
+                            "operation": "post_message",
+                            "vars": {"text": "New order {{ id }}"},
+                        }
+                    ],
+                }
+            ),
+        }
+        write_project(tmp_path, files)
+        project, problems = load_project(tmp_path)
+        assert project is not None, [str(p) for p in problems]
+        system, dest = project.systems["chat"], project.flows["f"].destinations[0]
+        assert dest.policy.rate_limit_per_s is not None
+        found = connector_for(system.kind or "", "destination")
+        assert found is not None
+        sink = found[0](system.config, dest.config, dest.policy, res)
+        first = await sink.send(sink.render({"id": "o-1"}, "k"), "k")
+        assert first.cls is OutcomeClass.TRANSIENT and first.status_code == 429
+        assert first.retry_after_s == wait_s
+        assert (await sink.send(sink.render({"id": "o-1"}, "k"), "k")).cls is OutcomeClass.SUCCESS
+        [msg] = received
+        if name == "slack":
+            assert msg["text"] == "New order o-1" and msg["blocks"][0]["type"] == "section"
+        else:
+            assert msg["type"] == "message"
+            [card] = msg["attachments"]
+            assert card["contentType"] == "application/vnd.microsoft.card.adaptive"
+            assert card["content"]["type"] == "AdaptiveCard"
+        if sign is not None:
+            auth = system.common.webhook
+            assert auth is not None
+            body = b'{"type":"event_callback","event_id":"Ev08MFMKH6","event":{"type":"app_mention"}}'
+            assert Verifier(auth, [WHSEC]).verify(InboundRequest(body, sign(body, "")))
+    finally:
+        if res.http is not None:
+            await res.http.close()
+        await runner.cleanup()
+
+
+async def test_hubspot_v3_webhook_through_the_hub(tmp_path, start_hub, sink, monkeypatch) -> None:
+    """The signature covers the method and the URL the hub was reached at: checked on a real server."""
+    monkeypatch.setenv("PATCHBAY_SECRET_HUBSPOT_APP_SECRET", WHSEC)
+    write_project(
+        tmp_path,
+        {
+            "patchbay.yaml": "port: 0\n",
+            "systems.yaml": yaml.safe_dump(
+                {
+                    "crm": {
+                        "preset": "hubspot",
+                        "owner": "sales",
+                        "auth": {"scheme": "bearer", "token": {"secret": "hubspot_app_secret"}},
+                        "webhook": {"secrets": [{"secret": "hubspot_app_secret"}]},
+                    },
+                    "log": {"kind": "http", "owner": "sales", "url": sink.url, "allow_private_network": True},
+                }
+            ),
+            "flows/f.yaml": yaml.safe_dump(
+                {
+                    "purpose": "contact changes reach the log",
+                    "owner": "sales",
+                    "trigger": {"webhook": {"system": "crm"}},
+                    "destinations": [{"name": "log", "system": "log", "path": "/events"}],
+                }
+            ),
+        },
+    )
+    hub = await start_hub(tmp_path)
+    body = orjson.dumps(
+        {"events": [{"eventId": 100, "subscriptionType": "contact.creation", "objectId": 123}]}
+    )
+    url = hub.url + "/hooks/f"
+    status, _ = await hub.post("/hooks/f", body, headers=hubspot_sign(body, url), sign=False)
+    assert status == 202
+    forged = hubspot_sign(body, url.replace("/hooks/f", "/hooks/other"))
+    status, answer = await hub.post("/hooks/f", body, headers=forged, sign=False)
+    assert (status, answer["error"]) == (401, "bad_signature")
+    await sink.wait_for(1)
