@@ -29,6 +29,11 @@ class Entry:
     extra: str | None = None  # pip extra that provides its driver
 
 
+def install_hint(extra: str) -> str:
+    """How to install the driver of a connector whose Entry.extra is `extra`: the one wording."""
+    return f"pip install 'patchbay[{extra}]'"
+
+
 STEPS: dict[str, Entry] = {}
 CONNECTORS: dict[str, Entry] = {}
 _discovered = False

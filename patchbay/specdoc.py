@@ -97,7 +97,7 @@ def connector_doc(kind: str) -> str:
         f"Can be: {', '.join(sorted(roles))}. Status: {entry.status}.",
     ]
     if entry.extra:
-        parts += ["", f"Needs its driver: `pip install 'patchbay[{entry.extra}]'`."]
+        parts += ["", f"Needs its driver: `{registry.install_hint(entry.extra)}`."]
     assert entry.system_config is not None
     parts += [
         "",

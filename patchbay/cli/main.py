@@ -581,7 +581,7 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'KIND':<12} {'SOURCE':<7} {'DEST':<5} {'STATUS':<7} SUMMARY")
     for r in rows:
-        hint = "" if r["driver_installed"] else f"  (pip install 'patchbay[{r['extra']}]')"
+        hint = "" if r["driver_installed"] else f"  ({registry.install_hint(r['extra'])})"
         click.echo(
             f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
             f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}"

@@ -38,10 +38,15 @@ class SystemSpec:
     line: int
     secret_lines: dict[str, int] = field(default_factory=dict)  # "secret:NAME" -> line where it is referenced
     preset: dict[str, Any] | None = None  # the prebuilt definition it starts from (presets/<name>.yaml)
+    src: Located | None = None  # the file it was loaded from, with the line of every setting
 
     @property
     def kind(self) -> str | None:
         return self.common.kind
+
+    def line_of(self, *loc: str | int) -> int:
+        """The line of a setting in the system's file (its own line when the file does not set it)."""
+        return self.src.line((self.name, *loc)) if self.src is not None else self.line
 
 
 @dataclass
@@ -480,7 +485,7 @@ def _load_system(
                 walk(x, (*at, i))
 
     walk(body, loc)
-    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset)
+    systems[name] = SystemSpec(name, common, config, src.file, src.line(loc), refs, preset, src)
     return True
 
 

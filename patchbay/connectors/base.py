@@ -1,21 +1,27 @@
-"""What a connector is: a Destination (render a request at ingest, send it later) and, later, Sources.
+"""What a connector is: a Sink (render a request at ingest, send it later) and a Source.
 
-A destination works in two halves so that nothing is lost and retries are cheap:
+A sink is what the registry and the YAML call a destination's connector. It works in two halves so
+that nothing is lost and retries are cheap:
   render(record) -> Request   pure, at ingest, stored with the event in one transaction
   send(request)  -> Outcome   at delivery time, maybe many times; classification is data, not raise
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol
+from types import ModuleType
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import aiohttp
+from pydantic import BaseModel
 
 from patchbay.config.models import DeliveryPolicy
+from patchbay.errors import ConfigError
+from patchbay.registry import install_hint
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
 
 
@@ -77,7 +83,9 @@ class Resources:
         )
 
 
-class Destination(Protocol):
+class Sink(Protocol):
+    """What the engine calls on a destination's connector (BaseSink has the shared constructor)."""
+
     kind: ClassVar[str]
     policy: DeliveryPolicy
 
@@ -90,6 +98,48 @@ class Destination(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+SystemT = TypeVar("SystemT", bound=BaseModel)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class BaseSink(Generic[SystemT, ConfigT]):
+    """What every sink has: its system's settings, its own, the delivery policy and the resources.
+
+    Subclasses call it from their own `__init__` (which sets up what they derive from the settings)
+    and add `render` and `send` (see Sink); `close` releases nothing unless overridden.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(
+        self, system: SystemT, config: ConfigT, policy: DeliveryPolicy, resources: Resources
+    ) -> None:
+        self.system = system
+        self.config = config
+        self.policy = policy
+        self.resources = resources
+
+    async def close(self) -> None:
+        return None
+
+
+class MissingDriver(ConfigError, ValueError):
+    """A connector's optional driver is not installed (a ValueError too, so `check` reports it in place)."""
+
+    def __str__(self) -> str:
+        return "; ".join(p.message for p in self.problems)
+
+
+def import_driver(module: str, *, package: str, extra: str, kind: str) -> ModuleType:
+    """Import an optional driver, or raise MissingDriver saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDriver(
+            f"the {kind} connector needs the {package} driver: {install_hint(extra)}"
+        ) from exc
 
 
 def excerpt(data: bytes | str, limit: int = 500) -> str:

@@ -1,4 +1,4 @@
-"""What the message-broker connectors share: driver import, message bodies, names, one lazy connection,
+"""What the message-broker connectors share: TLS, message bodies, names, one lazy connection,
 and for their sources: body decoding, content ids and an inbox that batches pushed messages."""
 
 from __future__ import annotations
@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import importlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from types import ModuleType
 from typing import Any, Final, Generic, TypeVar
 
 import orjson
 
 from patchbay.connectors.base import Outcome, OutcomeClass, Stopwatch
-from patchbay.errors import ConfigError, RecordInvalid, Violation
+from patchbay.connectors.tls_client import TlsSettings, tls_context
+from patchbay.errors import RecordInvalid, Violation
 from patchbay.processors.expressions import Expr, Template, compile_expr, render_template
 from patchbay.records import put
-from patchbay.security.ssrf import tls_client_context
 
 log = logging.getLogger("patchbay.connectors")
 
@@ -32,35 +30,21 @@ BODY_DESCRIPTION = (
 )
 
 
-def import_driver(module: str, *, package: str, extra: str, kind: str) -> ModuleType:
-    """Import a broker driver, or say how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(
-            f"the {kind} connector needs the {package} driver: pip install 'patchbay[{extra}]'"
-        ) from exc
-
-
-def ssl_context(
+async def ssl_context(
     tls: bool, verify_tls: bool = True, ca_bundle: str | None = None, server_name: str | None = None
 ) -> ssl.SSLContext | None:
-    """The TLS settings of a system as an SSLContext (None: plain TCP).
+    """The TLS settings of a system as its shared SSLContext (None: plain TCP), built once per system.
 
     `server_name`: the configured host name, for drivers that connect to the checked IP address and
     cannot be told another name for TLS; the context then checks the certificate against this name.
     """
     if not tls:
         return None
-    ctx = (
-        tls_client_context(ca_bundle, server_name)
-        if server_name is not None
-        else ssl.create_default_context(cafile=ca_bundle)
+    return await tls_context(
+        TlsSettings(
+            verify=verify_tls, check_hostname=verify_tls, ca_bundle=ca_bundle, server_name=server_name
+        )
     )
-    if not verify_tls:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 # ------------------------------------------------------------------ config checks (run by `patchbay check`)

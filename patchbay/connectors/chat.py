@@ -17,8 +17,9 @@ import orjson
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
+from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
+from patchbay.connectors.http_client import check_url
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
@@ -49,7 +50,9 @@ class ChatSystem(Spec):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust (self-hosted Mattermost)."
+        None,
+        description="Path to a PEM file of the CAs to trust instead of the system's "
+        "(e.g. the private CA of a self-hosted Mattermost).",
     )
 
     @field_validator("url")
@@ -57,7 +60,7 @@ class ChatSystem(Spec):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and "{{" in v:
             raise ValueError("the webhook URL cannot hold {{ expressions }}")
-        return None if v is None else _check_url(v)
+        return None if v is None else check_url(v)
 
     @model_validator(mode="after")
     def _one(self) -> ChatSystem:
@@ -66,7 +69,7 @@ class ChatSystem(Spec):
         return self
 
 
-class ChatDestination(Spec):
+class ChatSinkConfig(Spec):
     text: str = Field(
         description="The message; may hold {{ expressions }}, e.g. `New lead {{ properties.email }}`. "
         "Slack and Mattermost read it as markdown.",
@@ -80,17 +83,14 @@ class ChatDestination(Spec):
     )
 
 
-@connector("chat", roles=("destination",), config=ChatDestination, system_config=ChatSystem)
-class ChatSink:
+@connector("chat", roles=("destination",), config=ChatSinkConfig, system_config=ChatSystem)
+class ChatSink(BaseSink[ChatSystem, ChatSinkConfig]):
     """Post each record as one chat message."""
 
     def __init__(
-        self, system: ChatSystem, config: ChatDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: ChatSystem, config: ChatSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._text = render_template(config.text)
         self._title = render_template(config.title) if config.title else None
         self._fields = {name: render_template(t) for name, t in config.fields.items()}
@@ -128,7 +128,7 @@ class ChatSink:
             assert self.system.url is not None  # the model holds exactly one
             return self.system.url
         try:
-            return _check_url(self.resources.secret(ref).strip())
+            return check_url(self.resources.secret(ref).strip())
         except ValueError:
             raise ValueError(f"secret {ref.label} is not an http(s) URL") from None
 
@@ -140,14 +140,8 @@ class ChatSink:
                 )
             except ValidationError:
                 raise ValueError("the webhook URL is not valid") from None
-            self._http = HttpSink(system, HttpDestination(method="POST"), self.policy, self.resources)
+            self._http = HttpSink(system, HttpSinkConfig(method="POST"), self.policy, self.resources)
         return self._http
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.url_secret] if self.system.url_secret else []
 
 
 # -- message shapes: (text, title, [(label, value)], key) -> JSON body ---------------------------

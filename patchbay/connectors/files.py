@@ -62,8 +62,9 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.durations import Duration
-from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
+from patchbay.config.models import DeliveryPolicy, Spec
 from patchbay.connectors.base import (
+    BaseSink,
     Batch,
     Emit,
     Outcome,
@@ -102,7 +103,7 @@ _UNSAFE_IN_NAME = re.compile(r"[/\\\0]")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-class FilesDestination(Spec):
+class FilesSinkConfig(Spec):
     file: str = Field(
         description="File name inside the folder; may hold {{ expressions }}, e.g. "
         "`leads-{{ properties.lead_source }}.jsonl`. `/` in a value becomes `_`.",
@@ -147,7 +148,7 @@ class FilesDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _coherent(self) -> FilesDestination:
+    def _coherent(self) -> FilesSinkConfig:
         if self.format == "csv" and not self.columns:
             raise ValueError(
                 "format csv needs `columns`, e.g. columns: [properties.email, properties.firstname]"
@@ -157,17 +158,14 @@ class FilesDestination(Spec):
         return self
 
 
-@connector("files", roles=("destination",), config=FilesDestination, system_config=FilesSystem)
-class FilesSink:
+@connector("files", roles=("destination",), config=FilesSinkConfig, system_config=FilesSystem)
+class FilesSink(BaseSink[FilesSystem, FilesSinkConfig]):
     """Append each record as a line to a file."""
 
     def __init__(
-        self, system: FilesSystem, config: FilesDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: FilesSystem, config: FilesSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self.folder = _folder(system, resources)
         self._file = render_template(config.file)
         columns = [*config.columns, "_key"] if config.include_key else config.columns
@@ -269,12 +267,6 @@ class FilesSink:
             path.rename(_free_name(path, None))
             return True
         return False
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []
 
 
 def classify_os_error(exc: OSError) -> OutcomeClass:
@@ -467,19 +459,18 @@ class FilesSource:
         self._log_extra = {"flow": resources.extra.get("flow", "")}
         self._held: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (size, mtime), until
         self._warned: set[str] = set()
+        self.scans = 0  # scans done so far, each with the files it found ready read and moved
 
     async def stream(self, emit: Emit) -> None:
         """Scan, read each ready file and move it, sleep; until cancelled."""
         while True:
             for path in await asyncio.to_thread(self._ready):
                 await self._take(path, emit)
+            self.scans += 1
             await asyncio.sleep(self.config.scan_every_s)
 
     async def close(self) -> None:
         return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []
 
     # -- one scan ----------------------------------------------------------
     def _ready(self) -> list[Path]:

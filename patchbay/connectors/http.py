@@ -3,58 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import email.utils
-import math
-import time
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
+from patchbay.config.models import DeliveryPolicy, Spec
+from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources, Stopwatch
+from patchbay.connectors.http_client import HttpAuth, HttpClient, check_url, classify_response
 from patchbay.processors.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress
-
-
-class HttpAuth(Spec):
-    scheme: Literal["bearer", "basic", "api_key", "none"] = Field(
-        description="bearer (Authorization: Bearer <token>), basic (user + password), "
-        "api_key (a header such as X-API-Key), none."
-    )
-    token: SecretRef | None = Field(None, description="bearer / api_key: the credential.")
-    username: str | None = Field(None, description="basic: user name.")
-    password: SecretRef | None = Field(None, description="basic: password.")
-    header: str = Field("X-API-Key", description="api_key: the header that carries the key.")
-
-    @model_validator(mode="after")
-    def _complete(self) -> HttpAuth:
-        if self.scheme in ("bearer", "api_key") and self.token is None:
-            raise ValueError(f"auth scheme {self.scheme} needs `token: {{secret: NAME}}`")
-        if self.scheme == "basic" and (self.username is None or self.password is None):
-            raise ValueError("auth scheme basic needs `username` and `password: {secret: NAME}`")
-        return self
-
-    def refs(self) -> list[SecretRef]:
-        return [r for r in (self.token, self.password) if r is not None]
-
-
-def _check_url(v: str) -> str:
-    from urllib.parse import urlsplit
-
-    if "{{" in v:
-        return v
-    parts = urlsplit(v)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"bad URL {v!r}: write an absolute http:// or https:// URL, e.g. https://api.example.com/v1"
-        )
-    return v
 
 
 class HttpSystem(Spec):
@@ -63,7 +25,9 @@ class HttpSystem(Spec):
     headers: dict[str, str] = Field(default_factory=dict, description="Headers sent with every request.")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this system."
+        None,
+        description="Path to a PEM file of the CAs to trust for this system instead of the system's "
+        "(e.g. a private CA).",
     )
     retry_after_header: str = Field(
         "Retry-After",
@@ -75,10 +39,10 @@ class HttpSystem(Spec):
         description="seconds: a delay (an HTTP date is read too); unix_time: the Unix time the limit resets.",
     )
 
-    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: check_url(v)))
 
 
-class HttpDestination(Spec):
+class HttpSinkConfig(Spec):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field("POST", description="HTTP method.")
     path: str = Field(
         "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
@@ -93,21 +57,14 @@ class HttpDestination(Spec):
     )
 
 
-@connector("http", roles=("destination",), config=HttpDestination, system_config=HttpSystem)
-class HttpSink:
+@connector("http", roles=("destination",), config=HttpSinkConfig, system_config=HttpSystem)
+class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
     """Deliver each record as one HTTP request."""
 
     def __init__(
-        self,
-        system: HttpSystem,
-        config: HttpDestination,
-        policy: DeliveryPolicy,
-        resources: Resources,
+        self, system: HttpSystem, config: HttpSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         base = system.url.rstrip("/")
         self._url = render_template(base + config.path if config.path else base)
         self._headers = {k: render_template(v) for k, v in {**system.headers, **config.headers}.items()}
@@ -118,11 +75,9 @@ class HttpSink:
             else None
         )
         self._timeout = aiohttp.ClientTimeout(total=policy.timeout_s)
-        self._ssl: Any = None if system.verify_tls else False
-        if system.ca_bundle:
-            import ssl
-
-            self._ssl = ssl.create_default_context(cafile=system.ca_bundle)
+        self.client = HttpClient(
+            resources, auth=system.auth, verify_tls=system.verify_tls, ca_bundle=system.ca_bundle
+        )
 
     # -- ingest half: pure -------------------------------------------------
     def render(self, record: Any, key: str) -> dict[str, Any]:
@@ -147,34 +102,20 @@ class HttpSink:
         return req
 
     # -- delivery half -----------------------------------------------------
-    def _auth_headers(self) -> dict[str, str]:
-        auth = self.system.auth
-        if auth is None or auth.scheme == "none":
-            return {}
-        if auth.scheme == "bearer":
-            return {"Authorization": f"Bearer {self.resources.secret(auth.token)}"}
-        if auth.scheme == "api_key":
-            return {auth.header: self.resources.secret(auth.token)}
-        pair = f"{auth.username or ''}:{self.resources.secret(auth.password)}".encode()
-        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
-
     async def send(self, request: Mapping[str, Any], key: str) -> Outcome:
-        session = await self.resources.http_session()
         headers = {"Content-Type": "application/json", "User-Agent": "patchbay/0.1"}
         headers.update(request.get("headers") or {})
         headers[self.policy.idempotency_header] = key
-        headers.update(self._auth_headers())
         body = request.get("body")
         sw = Stopwatch()
         try:
-            async with session.request(
+            async with self.client.request(
                 request["method"],
                 request["url"],
                 data=body.encode() if body is not None else None,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=self.policy.follow_redirects,
-                ssl=self._ssl,
             ) as resp:
                 raw = await resp.content.read(4096)
                 return classify_response(
@@ -198,70 +139,3 @@ class HttpSink:
     def retry_after(self) -> tuple[str, str]:
         """Where this API says how long to wait after a 429: (header, unit)."""
         return self.system.retry_after_header, self.system.retry_after_unit
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return self.system.auth.refs() if self.system.auth else []
-
-
-def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or from a vendor's
-    reset header: `unit` unix_time reads a Unix time (Intercom's X-RateLimit-Reset)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        number = float(value)  # Shopify writes "2.0"
-    except ValueError:
-        number = None
-    if number is not None:
-        if not math.isfinite(number) or number < 0:  # NaN, inf or negative: no usable hint
-            return None
-        if unit == "unix_time":
-            return max(0.0, number - (now or time.time()))
-        return number
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (now or time.time()))
-
-
-def classify_response(
-    status: int,
-    headers: Mapping[str, str],
-    raw: bytes,
-    latency_ms: float,
-    redact: Any = lambda s: s,
-    retry_after: tuple[str, str] = ("Retry-After", "seconds"),
-) -> Outcome:
-    """The response-class rules every HTTP-shaped destination shares."""
-    text = redact(excerpt(raw))
-    if 200 <= status < 300:
-        return Outcome(OutcomeClass.SUCCESS, status, latency_ms, text)
-    if 300 <= status < 400:
-        loc = headers.get("Location", "?")
-        return Outcome(
-            OutcomeClass.TERMINAL,
-            status,
-            latency_ms,
-            text,
-            error=f"redirect to {redact(loc)} not followed; fix the URL or set delivery.follow_redirects: true",
-        )
-    if status in (401, 403):
-        return Outcome(
-            OutcomeClass.AUTH, status, latency_ms, text, error="credentials refused; destination paused"
-        )
-    if status == 410:
-        return Outcome(OutcomeClass.GONE, status, latency_ms, text, error="destination gone; disabled")
-    if status in (408, 425, 429) or status >= 500:
-        return Outcome(
-            OutcomeClass.TRANSIENT,
-            status,
-            latency_ms,
-            text,
-            retry_after_s=parse_retry_after(headers.get(retry_after[0]), unit=retry_after[1]),
-        )
-    return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)

@@ -13,7 +13,8 @@ from pydantic import Field
 
 from patchbay.config.models import Spec
 from patchbay.connectors.base import Batch, OutcomeClass, Resources, SourceRecord
-from patchbay.connectors.http import HttpSink, HttpSystem, classify_response
+from patchbay.connectors.http import HttpSystem
+from patchbay.connectors.http_client import HttpClient, classify_response
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig
 from patchbay.registry import connector
@@ -82,11 +83,9 @@ class HttpPollSource:
         self.system = system
         self.config = config
         self.resources = resources
-        # The sink knows the system's auth, TLS and headers; reuse its header building.
-        from patchbay.config.models import DeliveryPolicy
-        from patchbay.connectors.http import HttpDestination
-
-        self._auth = HttpSink(system, HttpDestination(), DeliveryPolicy(), resources)
+        self.client = HttpClient(
+            resources, auth=system.auth, verify_tls=system.verify_tls, ca_bundle=system.ca_bundle
+        )
 
     async def poll(self, cursor: Any) -> AsyncIterator[Batch]:
         cfg = self.config
@@ -156,24 +155,19 @@ class HttpPollSource:
                 return
 
     async def _get(self, url: str, params: dict[str, Any]) -> tuple[Any, Any]:
-        session = await self.resources.http_session()
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": "patchbay/0.1",
-            **self.system.headers,
-            **self._auth._auth_headers(),
-        }
+        headers = {"Accept": "application/json", "User-Agent": "patchbay/0.1", **self.system.headers}
         try:
-            async with session.get(
+            async with self.client.request(
+                "GET",
                 url,
                 params=params,
                 headers=headers,
-                ssl=self._auth._ssl,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             ) as resp:
                 raw = await resp.read()
+                retry_after = (self.system.retry_after_header, self.system.retry_after_unit)
                 outcome = classify_response(
-                    resp.status, resp.headers, raw[:4096], 0, self.resources.redact, self._auth.retry_after
+                    resp.status, resp.headers, raw[:4096], 0, self.resources.redact, retry_after
                 )
                 if outcome.cls is OutcomeClass.SUCCESS:
                     try:

@@ -35,7 +35,17 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, field_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -51,7 +61,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -79,7 +88,9 @@ class MqttSystem(Spec):
     tls: bool = Field(False, description="Connect with TLS.")
     verify_tls: bool = Field(True, description="Verify the broker's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this broker."
+        None,
+        description="Path to a PEM file of the CAs to trust for this broker instead of the system's "
+        "(e.g. a private CA).",
     )
     client_id: str | None = Field(
         None,
@@ -106,7 +117,7 @@ def _topic_problem(value: str) -> str | None:
     return None
 
 
-class MqttDestination(Spec):
+class MqttSinkConfig(Spec):
     topic: str = Field(
         description="Topic to publish to; may hold {{ expressions }}, e.g. `factory/{{ site }}/orders`.",
         examples=["orders/created", "devices/{{ device_id }}/commands"],
@@ -285,7 +296,7 @@ async def open_client(
     client.max_inflight_messages_set(max_inflight)
     if s.username is not None:
         client.username_pw_set(s.username, resources.secret(s.password) if s.password is not None else None)
-    ctx = ssl_context(s.tls, s.verify_tls, s.ca_bundle, server_name=s.host)
+    ctx = await ssl_context(s.tls, s.verify_tls, s.ca_bundle, server_name=s.host)
     if ctx is not None:
         client.tls_set_context(ctx)
     conn = make_conn(client, asyncio.get_running_loop(), v5, paho.error_string)
@@ -333,18 +344,15 @@ async def _cleanup(connecting: asyncio.Future[None], conn: _Conn) -> None:
     await asyncio.to_thread(conn.shutdown)
 
 
-@connector("mqtt", roles=("destination",), config=MqttDestination, system_config=MqttSystem, extra="mqtt")
-class MqttSink:
+@connector("mqtt", roles=("destination",), config=MqttSinkConfig, system_config=MqttSystem, extra="mqtt")
+class MqttSink(BaseSink[MqttSystem, MqttSinkConfig]):
     """Publish each record to an MQTT topic."""
 
     def __init__(
-        self, system: MqttSystem, config: MqttDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: MqttSystem, config: MqttSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.paho = import_driver("paho.mqtt.client", package="paho-mqtt", extra="mqtt", kind="mqtt")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._topic = render_template(config.topic)
         self._body = BodyRenderer(config.body, config.key_field)
         self._cleanups: set[asyncio.Future[None]] = set()
@@ -418,9 +426,6 @@ class MqttSink:
         await self._conn.aclose()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_mqtt(exc: BaseException, *, connected: bool, v5: bool) -> tuple[OutcomeClass, str, bool]:
@@ -596,6 +601,8 @@ class MqttSource:
         self._cleanups: set[asyncio.Future[None]] = set()
         self._stray: set[str] = set()
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = 0  # messages done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -615,6 +622,7 @@ class MqttSource:
                 try:
                     for m in messages:  # in the order received, as MQTT asks of PUBACKs
                         conn.ack(m)
+                    self.settled += len(messages)
                 except ConnectionError as exc:
                     raise self._error(f"acknowledging: {exc}") from exc
         finally:
@@ -663,6 +671,7 @@ class MqttSource:
                 "allow QoS 1 on the broker or set qos: 0",
                 OutcomeClass.TERMINAL,
             )
+        self.subscriptions += 1
         return conn
 
     def _error(self, message: str, cls: OutcomeClass = OutcomeClass.TRANSIENT) -> Exception:
@@ -715,6 +724,3 @@ class MqttSource:
         await self._disconnect()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []

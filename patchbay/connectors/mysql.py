@@ -4,41 +4,31 @@ from __future__ import annotations
 
 import functools
 import re
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from pydantic import Field
 
-from patchbay.config.models import DeliveryPolicy, SecretRef
-from patchbay.connectors.base import Resources
-from patchbay.connectors.sql_client import (
-    DbRefused,
-    SqlDestination,
-    SqlServerSystem,
-    SqlSink,
-    SqlSource,
-    SqlSourceConfig,
-    Statement,
-    build_statement,
-)
-from patchbay.errors import ConfigError
+from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors.base import Resources, import_driver
+from patchbay.connectors.sql_client.config import SqlServerSystem, SqlSinkConfig
+from patchbay.connectors.sql_client.errors import DbRefused
+from patchbay.connectors.sql_client.sink import SqlSink
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sql_client.statements import Statement, build_statement
+from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.registry import connector
-from patchbay.security.ssrf import connect_first, tls_client_context
-
-INSTALL_HINT = "pip install 'patchbay[mysql]'"
+from patchbay.security.ssrf import connect_first
 
 
 @functools.cache
 def load_driver() -> tuple[Any, type[Any]]:
-    """The aiomysql module and a cursor class that keeps server warnings, or ConfigError with a hint."""
-    try:
-        import aiomysql  # type: ignore[import-untyped,unused-ignore]
-    except ImportError as exc:
-        raise ConfigError(f"mysql: the driver (aiomysql) is not installed: {INSTALL_HINT}") from exc
+    """The aiomysql module and a cursor class that keeps server warnings, or MissingDriver with a hint."""
+    aiomysql = import_driver("aiomysql", package="aiomysql", extra="mysql", kind="mysql")
 
-    class NotesCursor(aiomysql.Cursor):  # type: ignore[misc]
+    class NotesCursor(aiomysql.Cursor):  # type: ignore[misc,name-defined]
         """aiomysql turns server warnings into Python warnings; we report them in the outcome instead."""
 
         notes: list[str] = []
@@ -62,8 +52,8 @@ class MysqlSystem(SqlServerSystem):
     port: int | None = Field(None, ge=1, le=65535, description="Server port; omitted = 3306.")
 
 
-def tls_context(system: SqlServerSystem) -> ssl.SSLContext | None:
-    """The TLS context for the system's ssl_mode (None: plain text).
+def tls_settings(system: SqlServerSystem) -> TlsSettings | None:
+    """The TLS settings for the system's ssl_mode (None: plain text).
 
     aiomysql connects to the checked IP address and then passes that IP as the TLS server_hostname; it
     has no setting for another name. The context (ServerNameContext) puts the configured host name
@@ -72,12 +62,12 @@ def tls_context(system: SqlServerSystem) -> ssl.SSLContext | None:
     mode = system.effective_ssl_mode()
     if mode == "disable":
         return None
-    ctx = tls_client_context(system.ca_bundle, server_name=system.host)
-    if mode in ("prefer", "require", "verify-ca"):
-        ctx.check_hostname = False
-    if mode in ("prefer", "require"):
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return TlsSettings(
+        verify=mode in ("verify-ca", "verify-full"),
+        check_hostname=mode == "verify-full",
+        ca_bundle=system.ca_bundle,
+        server_name=system.host,
+    )
 
 
 def _address_failed(exc: BaseException) -> bool:
@@ -99,7 +89,8 @@ async def connect(
     my, _ = load_driver()
     s = system
     port = s.port or 3306
-    tls = tls_context(s)
+    settings = tls_settings(s)
+    tls = await tls_context(settings) if settings is not None else None  # built once per system
     password = resources.secret(s.password) if s.password is not None else ""
     addresses = await resources.allowed_addresses(s.host, port)
 
@@ -144,8 +135,8 @@ class _MysqlConnections:
         return not conn.closed
 
 
-@connector("mysql", roles=("destination",), config=SqlDestination, system_config=MysqlSystem, extra="mysql")
-class MysqlSink(_MysqlConnections, SqlSink[Any]):
+@connector("mysql", roles=("destination",), config=SqlSinkConfig, system_config=MysqlSystem, extra="mysql")
+class MysqlSink(_MysqlConnections, SqlSink[MysqlSystem, Any]):
     """One statement per record over a small connection pool (aiomysql, autocommit); also MariaDB.
 
     upsert is INSERT ... ON DUPLICATE KEY UPDATE, which fires on any unique key of the table.
@@ -154,12 +145,11 @@ class MysqlSink(_MysqlConnections, SqlSink[Any]):
     dialect = "mysql"
 
     def __init__(
-        self, system: MysqlSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: MysqlSystem, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
         self._my, self._cursor = load_driver()
         self._row_alias = False  # learnt from the server on connect: MySQL 8.0.19+ (not MariaDB)
-        super().__init__(config, policy, resources, system.pool_size)
+        super().__init__(system, config, policy, resources, system.pool_size)
 
     async def _connect(self) -> Any:
         conn = await connect(self.system, self.resources, self.policy.timeout_s, self._cursor)
@@ -176,9 +166,6 @@ class MysqlSink(_MysqlConnections, SqlSink[Any]):
         async with conn.cursor() as cur:
             count = await cur.execute(stmt.sql, stmt.params)
             return count, list(cur.notes)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return self.system.refs()
 
 
 @connector("mysql", roles=("source",), config=SqlSourceConfig, system_config=MysqlSystem, extra="mysql")
@@ -212,6 +199,3 @@ class MysqlSource(_MysqlConnections, SqlSource[Any]):
             await cur.execute(sql, params)
             names = [d[0] for d in cur.description or ()]
             return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
-
-    def secret_refs(self) -> list[SecretRef]:
-        return self.system.refs()

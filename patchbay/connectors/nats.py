@@ -40,7 +40,17 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -54,7 +64,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -86,7 +95,9 @@ class NatsSystem(Spec):
     tls: bool = Field(False, description="Require TLS (implied by tls:// URLs).")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this server."
+        None,
+        description="Path to a PEM file of the CAs to trust for this server instead of the system's "
+        "(e.g. a private CA).",
     )
 
     @field_validator("servers")
@@ -130,7 +141,7 @@ def _subject_problem(value: str) -> str | None:
     return problem
 
 
-class NatsDestination(Spec):
+class NatsSinkConfig(Spec):
     subject: str = Field(
         description="Subject to publish to; may hold {{ expressions }}, e.g. `orders.{{ region }}.created`.",
         examples=["orders.created", "leads.{{ lower(properties.country) }}"],
@@ -168,7 +179,7 @@ class NatsDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _stream_needs_jetstream(self) -> NatsDestination:
+    def _stream_needs_jetstream(self) -> NatsSinkConfig:
         if self.stream is not None and not self.jetstream:
             raise ValueError("`stream` needs jetstream: true")
         return self
@@ -264,7 +275,7 @@ async def open_connection(
             timeout_s,
             name,
             servers=[_pinned(url, a) for a in addresses],
-            tls=ssl_context(tls_wanted, s.verify_tls, s.ca_bundle, server_name=host),
+            tls=await ssl_context(tls_wanted, s.verify_tls, s.ca_bundle, server_name=host),
             tls_hostname=None if websocket else host,
             ws_headers={"Host": [parts.netloc.rpartition("@")[2]]} if websocket else None,
         )
@@ -336,19 +347,16 @@ async def _connect_one(
     return conn
 
 
-@connector("nats", roles=("destination",), config=NatsDestination, system_config=NatsSystem, extra="nats")
-class NatsSink:
+@connector("nats", roles=("destination",), config=NatsSinkConfig, system_config=NatsSystem, extra="nats")
+class NatsSink(BaseSink[NatsSystem, NatsSinkConfig]):
     """Publish each record to a NATS subject, through JetStream by default."""
 
     def __init__(
-        self, system: NatsSystem, config: NatsDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: NatsSystem, config: NatsSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.nats_client = import_driver("nats.aio.client", package="nats-py", extra="nats", kind="nats")
         self.nats_errors = import_driver("nats.errors", package="nats-py", extra="nats", kind="nats")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._subject = render_template(config.subject)
         self._headers = {k: render_template(v) for k, v in config.headers.items()}
         self._body = BodyRenderer(config.body)
@@ -424,9 +432,6 @@ class NatsSink:
 
     async def close(self) -> None:
         await self._conn.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [r for r in (self.system.password, self.system.token) if r is not None]
 
 
 def classify_nats(exc: BaseException, *, connected: bool, subject: str) -> tuple[OutcomeClass, str, bool]:
@@ -599,6 +604,10 @@ class NatsSource:
         )
         self._conn: _Conn | None = None
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = (
+            0  # messages done with upstream so far: committed, then acknowledged (core NATS: committed)
+        )
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -683,6 +692,7 @@ class NatsSource:
         except Exception as exc:
             cls, message, _ = classify_nats(exc, connected=True, subject=cfg.subject or "")
             raise self._error(f"{what}: {message}", cls) from exc
+        self.subscriptions += 1
         # A stream deleted and created again numbers its messages from 1 anew: its creation time
         # keeps those ids apart from the old ones.
         created = f"@{int(info.created.timestamp() * 1000)}" if info.created is not None else ""
@@ -709,6 +719,7 @@ class NatsSource:
                 for m in msgs:
                     await m.ack()
                 await conn.until_lost(conn.nc.flush(cfg.timeout_s))  # the acks reached the server
+                self.settled += len(msgs)
             except Exception as exc:
                 # Committed but maybe not acknowledged: redelivered after ack_wait, dropped by id.
                 raise self._error(f"acknowledging: {describe(exc)}") from exc
@@ -730,10 +741,12 @@ class NatsSource:
         except Exception as exc:
             cls, message, _ = classify_nats(exc, connected=True, subject=cfg.subject)
             raise self._error(f"subscribing: {message}", cls) from exc
+        self.subscriptions += 1
         while True:
             msgs = await inbox.take(cfg.batch_size, cfg.max_wait_ms / 1000)
             check_cancelled()
             await emit(Batch([self._record(m, None) for m in msgs]))
+            self.settled += len(msgs)
             check_cancelled()
 
     # -- helpers -----------------------------------------------------------
@@ -762,6 +775,3 @@ class NatsSource:
 
     async def close(self) -> None:
         await self._disconnect()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [r for r in (self.system.password, self.system.token) if r is not None]

@@ -6,29 +6,19 @@ from typing import Any
 
 from pydantic import Field
 
-from patchbay.config.models import DeliveryPolicy, SecretRef
-from patchbay.connectors.base import Resources
-from patchbay.connectors.sql_client import (
-    SqlDestination,
-    SqlServerSystem,
-    SqlSink,
-    SqlSource,
-    SqlSourceConfig,
-    Statement,
-)
-from patchbay.errors import ConfigError
+from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors.base import Resources, import_driver
+from patchbay.connectors.sql_client.config import SqlServerSystem, SqlSinkConfig
+from patchbay.connectors.sql_client.sink import SqlSink
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sql_client.statements import Statement
 from patchbay.registry import connector
-
-INSTALL_HINT = "pip install 'patchbay[postgres]'"
 
 
 def load_driver() -> Any:
-    """The psycopg module (3.x), or ConfigError saying how to install it."""
-    try:
-        import psycopg
-    except ImportError as exc:
-        raise ConfigError(f"postgres: the driver (psycopg 3) is not installed: {INSTALL_HINT}") from exc
-    return psycopg
+    """The psycopg module (3.x), or MissingDriver saying how to install it."""
+    return import_driver("psycopg", package="psycopg", extra="postgres", kind="postgres")
 
 
 class PostgresSystem(SqlServerSystem):
@@ -81,22 +71,21 @@ class _PostgresConnections:
 
 
 @connector(
-    "postgres", roles=("destination",), config=SqlDestination, system_config=PostgresSystem, extra="postgres"
+    "postgres", roles=("destination",), config=SqlSinkConfig, system_config=PostgresSystem, extra="postgres"
 )
-class PostgresSink(_PostgresConnections, SqlSink[Any]):
+class PostgresSink(_PostgresConnections, SqlSink[PostgresSystem, Any]):
     """One statement per record over a small connection pool (psycopg 3, autocommit)."""
 
     dialect = "postgres"
 
     def __init__(
-        self, system: PostgresSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: PostgresSystem, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
         self._pg = load_driver()
         from psycopg.types.json import Jsonb
 
         self._jsonb = Jsonb
-        super().__init__(config, policy, resources, system.pool_size)
+        super().__init__(system, config, policy, resources, system.pool_size)
 
     async def _connect(self) -> Any:
         kw = await conninfo(self.system, self.resources, self.policy.timeout_s)
@@ -108,9 +97,6 @@ class PostgresSink(_PostgresConnections, SqlSink[Any]):
     async def _execute(self, conn: Any, stmt: Statement) -> tuple[int, list[str]]:
         cur = await conn.execute(stmt.sql, stmt.params)
         return cur.rowcount, []
-
-    def secret_refs(self) -> list[SecretRef]:
-        return self.system.refs()
 
 
 @connector(
@@ -139,6 +125,3 @@ class PostgresSource(_PostgresConnections, SqlSource[Any]):
         cur = await conn.execute(sql, params)
         names = [d.name for d in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
-
-    def secret_refs(self) -> list[SecretRef]:
-        return self.system.refs()

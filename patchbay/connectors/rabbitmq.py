@@ -42,7 +42,17 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -58,7 +68,6 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     ssl_context,
     text,
@@ -85,11 +94,13 @@ class RabbitMQSystem(Spec):
     tls: bool = Field(False, description="Connect with TLS (amqps).")
     verify_tls: bool = Field(True, description="Verify the broker's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this broker."
+        None,
+        description="Path to a PEM file of the CAs to trust for this broker instead of the system's "
+        "(e.g. a private CA).",
     )
 
 
-class RabbitMQDestination(Spec):
+class RabbitMQSinkConfig(Spec):
     exchange: str = Field(
         "",
         max_length=255,
@@ -167,7 +178,7 @@ async def connect(
             password=password,
             virtualhost=s.vhost,
             ssl=s.tls,
-            ssl_context=ssl_context(s.tls, s.verify_tls, s.ca_bundle),
+            ssl_context=await ssl_context(s.tls, s.verify_tls, s.ca_bundle),
             timeout=timeout_s,
             client_properties={"connection_name": name},
             connection_class=_connection_class(aio_pika),
@@ -207,23 +218,20 @@ class _Amqp:
 
 
 @connector(
-    "rabbitmq", roles=("destination",), config=RabbitMQDestination, system_config=RabbitMQSystem, extra="amqp"
+    "rabbitmq", roles=("destination",), config=RabbitMQSinkConfig, system_config=RabbitMQSystem, extra="amqp"
 )
-class RabbitMQSink:
+class RabbitMQSink(BaseSink[RabbitMQSystem, RabbitMQSinkConfig]):
     """Publish each record to a RabbitMQ exchange with publisher confirms."""
 
     def __init__(
         self,
         system: RabbitMQSystem,
-        config: RabbitMQDestination,
+        config: RabbitMQSinkConfig,
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:
         self.aio_pika = import_driver("aio_pika", package="aio-pika", extra="amqp", kind="rabbitmq")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._routing_key = render_template(config.routing_key)
         self._headers = {k: render_template(v) for k, v in config.headers.items()}
         self._body = BodyRenderer(config.body)
@@ -304,9 +312,6 @@ class RabbitMQSink:
 
     async def close(self) -> None:
         await self._conn.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_amqp(
@@ -432,6 +437,8 @@ class RabbitMQSource:
         self.connection_name = f"patchbay source {flow}" if flow else "patchbay source"
         self._connection: Any = None
         self.connections = 0  # opened so far (reconnects show here)
+        self.subscriptions = 0  # subscriptions made so far
+        self.settled = 0  # messages done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises when the connection is lost (the engine reconnects)."""
@@ -454,6 +461,7 @@ class RabbitMQSource:
                     raise
                 try:
                     acked_through = await _settle(messages, acked_through, ack=True)
+                    self.settled += len(messages)
                 except Exception as exc:
                     # Committed but not acknowledged: the broker redelivers, and the ids drop the copies.
                     raise self._error(exc, "acknowledging") from exc
@@ -488,6 +496,7 @@ class RabbitMQSource:
                     inbox.put(message)
 
                 await queue.consume(deliver, no_ack=False)
+                self.subscriptions += 1
         except BaseException as exc:
             await self._disconnect()
             if isinstance(exc, asyncio.CancelledError):
@@ -557,9 +566,6 @@ class RabbitMQSource:
 
     async def close(self) -> None:
         await self._disconnect()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 async def _settle(messages: list[Any], acked_through: int, *, ack: bool) -> int:

@@ -34,7 +34,17 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Batch, Emit, Outcome, OutcomeClass, Resources, SourceRecord, Stopwatch
+from patchbay.connectors.base import (
+    BaseSink,
+    Batch,
+    Emit,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    SourceRecord,
+    Stopwatch,
+    import_driver,
+)
 from patchbay.connectors.broker_client import (
     BATCH_SIZE_DESCRIPTION,
     BODY_DESCRIPTION,
@@ -47,11 +57,11 @@ from patchbay.connectors.broker_client import (
     decode_body,
     describe,
     failure,
-    import_driver,
     render_name,
     text,
     timed_out,
 )
+from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.processors.expressions import render_template
 from patchbay.registry import connector
@@ -72,7 +82,11 @@ class RedisSystem(Spec):
     )
     password: SecretRef | None = Field(None, description="Password (AUTH), e.g. {secret: redis_password}.")
     verify_tls: bool = Field(True, description="rediss://: verify the server's TLS certificate (leave on).")
-    ca_bundle: str | None = Field(None, description="rediss://: path to a PEM file of extra CAs to trust.")
+    ca_bundle: str | None = Field(
+        None,
+        description="rediss://: path to a PEM file of the CAs to trust instead of the system's "
+        "(e.g. a private CA).",
+    )
     client_name: str = Field(
         "patchbay", pattern=r"^\S+$", description="Connection name shown by CLIENT LIST (no spaces)."
     )
@@ -88,7 +102,7 @@ class RedisSystem(Spec):
         return v
 
 
-class RedisDestination(Spec):
+class RedisSinkConfig(Spec):
     mode: Literal["stream", "publish"] = Field(
         "stream",
         description="stream: XADD to a stream (durable); publish: PUBLISH on a channel (at most once).",
@@ -128,7 +142,7 @@ class RedisDestination(Spec):
         return v
 
     @model_validator(mode="after")
-    def _coherent(self) -> RedisDestination:
+    def _coherent(self) -> RedisSinkConfig:
         if self.mode == "stream":
             if self.stream is None:
                 raise ValueError("mode stream needs `stream: KEY`")
@@ -167,7 +181,11 @@ def make_client(
             "ssl_cert_reqs": "required" if s.verify_tls else "none",
             "ssl_check_hostname": s.verify_tls,
             "ssl_ca_certs": s.ca_bundle,
-            "connection_class": _guarded(redis.SSLConnection, resources),
+            "connection_class": _guarded(
+                redis.SSLConnection,
+                resources,
+                TlsSettings(verify=s.verify_tls, check_hostname=s.verify_tls, ca_bundle=s.ca_bundle),
+            ),
         }
     elif s.url.startswith("redis://"):  # unix:// is a socket file, not a network address
         extra = {"connection_class": _guarded(redis.Connection, resources)}
@@ -185,7 +203,7 @@ def make_client(
     return redis.Redis.from_pool(pool)
 
 
-def _guarded(base: type[Any], resources: Resources) -> type[Any]:
+def _guarded(base: type[Any], resources: Resources, tls: TlsSettings | None = None) -> type[Any]:
     """A redis-py connection class that checks the address of every connection it opens.
 
     Each new connection resolves the host and checks it with the address guard (BlockedAddress, which
@@ -194,12 +212,16 @@ def _guarded(base: type[Any], resources: Resources) -> type[Any]:
     redis-py has no setting for a TLS name other than the host it connects to, but it builds the
     arguments of asyncio.open_connection in `_connection_arguments` (as its own SSLConnection does
     to add `ssl`): this class connects to the IP and passes the configured host as server_hostname.
+    With `tls`, each connection uses the system's shared context (tls_client) rather than one redis-py
+    builds on the event loop.
     """
 
     class GuardedConnection(base):  # type: ignore[valid-type,misc]
         _checked_address: str | None = None
 
         async def _connect(self) -> None:
+            if tls is not None:
+                self.ssl_context.context = await tls_context(tls)  # what RedisSSLContext.get() returns
             addresses = await resources.allowed_addresses(self.host, self.port)
 
             async def attempt(address: str) -> None:
@@ -219,18 +241,15 @@ def _guarded(base: type[Any], resources: Resources) -> type[Any]:
     return GuardedConnection
 
 
-@connector("redis", roles=("destination",), config=RedisDestination, system_config=RedisSystem, extra="redis")
-class RedisSink:
+@connector("redis", roles=("destination",), config=RedisSinkConfig, system_config=RedisSystem, extra="redis")
+class RedisSink(BaseSink[RedisSystem, RedisSinkConfig]):
     """Append each record to a Redis stream, or publish it on a channel."""
 
     def __init__(
-        self, system: RedisSystem, config: RedisDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: RedisSystem, config: RedisSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
         self.redis = import_driver("redis.asyncio", package="redis", extra="redis", kind="redis")
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         target = config.stream if config.mode == "stream" else config.channel
         self._target = render_template(target or "")
         self._fields = {k: render_template(v) for k, v in config.fields.items()}
@@ -299,9 +318,6 @@ class RedisSink:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def classify_redis(exc: BaseException, *, target: str, system: str | None = None) -> tuple[OutcomeClass, str]:
@@ -385,6 +401,8 @@ class RedisSource:
         self.what = f"consuming stream {config.stream!r} (group {config.group!r})"
         self._client: Any = None
         self.connections = 0  # clients created so far (each start makes one)
+        self.subscriptions = 0  # consumer groups joined so far (each start joins one)
+        self.settled = 0  # entries done with upstream so far: committed, then acknowledged
 
     async def stream(self, emit: Emit) -> None:
         """Consume until cancelled; raises on a failure (the engine restarts it: pending entries first)."""
@@ -404,6 +422,7 @@ class RedisSource:
         self.connections += 1
         try:
             await self._call("creating the group", self._create_group(client))
+            self.subscriptions += 1
             # Entries delivered to this consumer but never acknowledged (a crash, a lost connection,
             # a failed commit): read from id 0 on, page by page, until the pending list is empty.
             after = "0"
@@ -461,6 +480,7 @@ class RedisSource:
             check_cancelled()
         # Committed: a failure from here on leaves them pending, and their ids drop the copies.
         await self._call("acknowledging", client.xack(cfg.stream, cfg.group, *(e for e, _ in entries)))
+        self.settled += len(entries)
 
     def _record(self, entry_id: str, fields: dict[bytes, bytes]) -> SourceRecord:
         cfg = self.config
@@ -499,9 +519,6 @@ class RedisSource:
 
     async def close(self) -> None:
         await self._close_client()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password is not None else []
 
 
 def _str(value: Any) -> str:

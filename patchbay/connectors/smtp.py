@@ -25,8 +25,17 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Stopwatch, excerpt
-from patchbay.errors import ConfigError, PatchbayError, RecordInvalid, Violation
+from patchbay.connectors.base import (
+    BaseSink,
+    Outcome,
+    OutcomeClass,
+    Resources,
+    Stopwatch,
+    excerpt,
+    import_driver,
+)
+from patchbay.connectors.tls_client import TlsSettings, tls_context
+from patchbay.errors import PatchbayError, RecordInvalid, Violation
 from patchbay.processors.expressions import Template, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress, open_socket
@@ -34,21 +43,6 @@ from patchbay.security.ssrf import BlockedAddress, open_socket
 _AUTH_CODES = frozenset({530, 534, 535, 538})  # authentication required / too weak / refused / needs TLS
 _NOT_IN_MSG_ID = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]")
 _LINE_BREAKS = re.compile(r"[\r\n]+")
-
-
-class MissingDriver(ConfigError, ValueError):
-    """The library a connector needs is not installed (a ValueError too, so `check` reports it in place)."""
-
-    def __str__(self) -> str:
-        return "; ".join(p.message for p in self.problems)
-
-
-def _driver() -> Any:
-    try:
-        import aiosmtplib
-    except ImportError:
-        raise MissingDriver("the smtp connector needs aiosmtplib: pip install 'patchbay[email]'") from None
-    return aiosmtplib
 
 
 def parse_addresses(value: str) -> list[str]:
@@ -100,7 +94,9 @@ class SmtpSystem(Spec):
     )
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this server."
+        None,
+        description="Path to a PEM file of the CAs to trust for this server instead of the system's "
+        "(e.g. a private CA).",
     )
 
     _from = field_validator("from_address")(classmethod(lambda cls, v: _check_address(v)))
@@ -122,7 +118,7 @@ class SmtpSystem(Spec):
         return self.port or (465 if self.tls else 587 if self.use_starttls else 25)
 
 
-class SmtpDestination(Spec):
+class SmtpSinkConfig(Spec):
     to: list[str] = Field(
         min_length=1,
         description="Recipients; each entry may hold {{ expressions }} and may render to several "
@@ -142,18 +138,15 @@ class SmtpDestination(Spec):
     )
 
 
-@connector("smtp", roles=("destination",), config=SmtpDestination, system_config=SmtpSystem, extra="email")
-class SmtpSink:
+@connector("smtp", roles=("destination",), config=SmtpSinkConfig, system_config=SmtpSystem, extra="email")
+class SmtpSink(BaseSink[SmtpSystem, SmtpSinkConfig]):
     """Send each record as an email."""
 
     def __init__(
-        self, system: SmtpSystem, config: SmtpDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: SmtpSystem, config: SmtpSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
-        self._smtp = _driver()
+        super().__init__(system, config, policy, resources)
+        self._smtp: Any = import_driver("aiosmtplib", package="aiosmtplib", extra="email", kind="smtp")
         self._to = [render_template(t) for t in config.to]
         self._cc = [render_template(t) for t in config.cc]
         self._reply_to = render_template(config.reply_to) if config.reply_to else None
@@ -223,6 +216,7 @@ class SmtpSink:
             # resolved again; `hostname` stays the configured name, which aiosmtplib uses for TLS
             # (implicit or STARTTLS) as the server name to verify.
             addresses = await self.resources.allowed_addresses(s.host, s.effective_port)
+            tls = await self._tls()
             sock = await open_socket(addresses, s.effective_port, timeout_s)
             refused, reply = await smtp.send(
                 msg,
@@ -234,8 +228,7 @@ class SmtpSink:
                 use_tls=s.tls,
                 start_tls=s.use_starttls,
                 timeout=timeout_s,
-                validate_certs=s.verify_tls,
-                cert_bundle=s.ca_bundle,
+                tls_context=tls,
             )
         except BlockedAddress as exc:  # refused before connecting, the same way on every try
             return Outcome(
@@ -255,6 +248,15 @@ class SmtpSink:
                 OutcomeClass.SUCCESS, None, sw.ms, text, error=self.resources.redact(f"refused: {lost}")
             )
         return Outcome(OutcomeClass.SUCCESS, None, sw.ms, text)
+
+    async def _tls(self) -> ssl.SSLContext | None:
+        """The system's TLS context (built once per system), or None when it speaks plain SMTP."""
+        s = self.system
+        if not (s.tls or s.use_starttls):
+            return None
+        return await tls_context(
+            TlsSettings(verify=s.verify_tls, check_hostname=s.verify_tls, ca_bundle=s.ca_bundle)
+        )
 
     def _classify(self, exc: Exception, ms: float) -> Outcome:
         smtp, redact = self._smtp, self.resources.redact
@@ -299,12 +301,6 @@ class SmtpSink:
         return Outcome(
             OutcomeClass.TRANSIENT, None, ms, error=redact(f"sending mail: {type(exc).__name__}: {exc}")
         )
-
-    async def close(self) -> None:
-        return None
-
-    def secret_refs(self) -> list[SecretRef]:
-        return [self.system.password] if self.system.password else []
 
 
 def classify_reply(code: int, during_auth: bool = False) -> OutcomeClass:

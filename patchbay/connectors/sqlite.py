@@ -10,9 +10,13 @@ from typing import Any
 import orjson
 from pydantic import Field, field_validator
 
-from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
+from patchbay.config.models import DeliveryPolicy, Spec
 from patchbay.connectors.base import Resources
-from patchbay.connectors.sql_client import SqlDestination, SqlSink, SqlSource, SqlSourceConfig, Statement
+from patchbay.connectors.sql_client.config import SqlSinkConfig
+from patchbay.connectors.sql_client.sink import SqlSink
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sql_client.statements import Statement
 from patchbay.registry import connector
 
 
@@ -53,17 +57,16 @@ def open_db(path: Path, mode: str, timeout_s: float, foreign_keys: bool) -> sqli
     return conn
 
 
-@connector("sqlite", roles=("destination",), config=SqlDestination, system_config=SqliteSystem)
-class SqliteSink(SqlSink[sqlite3.Connection]):
+@connector("sqlite", roles=("destination",), config=SqlSinkConfig, system_config=SqliteSystem)
+class SqliteSink(SqlSink[SqliteSystem, sqlite3.Connection]):
     """One statement per record on one connection, run in a worker thread (SQLite has one writer)."""
 
     dialect = "sqlite"
 
     def __init__(
-        self, system: SqliteSystem, config: SqlDestination, policy: DeliveryPolicy, resources: Resources
+        self, system: SqliteSystem, config: SqlSinkConfig, policy: DeliveryPolicy, resources: Resources
     ) -> None:
-        self.system = system
-        super().__init__(config, policy, resources, pool_size=1)
+        super().__init__(system, config, policy, resources, pool_size=1)
 
     @property
     def path(self) -> Path:
@@ -90,9 +93,6 @@ class SqliteSink(SqlSink[sqlite3.Connection]):
             return conn.execute(stmt.sql, stmt.params).rowcount
 
         return await asyncio.to_thread(run), []
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []
 
 
 @connector("sqlite", roles=("source",), config=SqlSourceConfig, system_config=SqliteSystem)
@@ -128,6 +128,3 @@ class SqliteSource(SqlSource[sqlite3.Connection]):
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
         return await asyncio.to_thread(run)
-
-    def secret_refs(self) -> list[SecretRef]:
-        return []

@@ -17,8 +17,9 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import DeliveryPolicy, SecretRef, Spec
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem, _check_url
+from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
+from patchbay.connectors.http_client import check_url
 from patchbay.errors import ConfigError, PatchbayError
 from patchbay.processors.expressions import iso, render_template
 from patchbay.registry import connector
@@ -38,13 +39,15 @@ class WebhookOutSystem(Spec):
     headers: dict[str, str] = Field(default_factory=dict, description="Headers sent with every request.")
     verify_tls: bool = Field(True, description="Verify the receiver's TLS certificate (leave on).")
     ca_bundle: str | None = Field(
-        None, description="Path to a PEM file of extra CAs to trust for this receiver."
+        None,
+        description="Path to a PEM file of the CAs to trust for this receiver instead of the system's "
+        "(e.g. a private CA).",
     )
 
-    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: check_url(v)))
 
 
-class WebhookOutDestination(Spec):
+class WebhookOutSinkConfig(Spec):
     path: str = Field(
         "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
     )
@@ -68,7 +71,7 @@ class WebhookOutDestination(Spec):
     )
 
     @model_validator(mode="after")
-    def _coherent(self) -> WebhookOutDestination:
+    def _coherent(self) -> WebhookOutSinkConfig:
         if self.envelope and not self.event_type:
             raise ValueError("envelope: true needs `event_type`, e.g. event_type: lead.created")
         if self.event_type and not self.envelope:
@@ -76,23 +79,18 @@ class WebhookOutDestination(Spec):
         return self
 
 
-@connector(
-    "webhook_out", roles=("destination",), config=WebhookOutDestination, system_config=WebhookOutSystem
-)
-class WebhookOutSink:
+@connector("webhook_out", roles=("destination",), config=WebhookOutSinkConfig, system_config=WebhookOutSystem)
+class WebhookOutSink(BaseSink[WebhookOutSystem, WebhookOutSinkConfig]):
     """Deliver each record as a signed Standard Webhooks POST."""
 
     def __init__(
         self,
         system: WebhookOutSystem,
-        config: WebhookOutDestination,
+        config: WebhookOutSinkConfig,
         policy: DeliveryPolicy,
         resources: Resources,
     ) -> None:
-        self.system = system
-        self.config = config
-        self.policy = policy
-        self.resources = resources
+        super().__init__(system, config, policy, resources)
         self._http = HttpSink(
             HttpSystem(
                 url=system.url,
@@ -100,7 +98,7 @@ class WebhookOutSink:
                 verify_tls=system.verify_tls,
                 ca_bundle=system.ca_bundle,
             ),
-            HttpDestination(method="POST", path=config.path, headers=config.headers, body=config.body),
+            HttpSinkConfig(method="POST", path=config.path, headers=config.headers, body=config.body),
             policy,
             resources,
         )
@@ -141,9 +139,6 @@ class WebhookOutSink:
 
     async def close(self) -> None:
         await self._http.close()
-
-    def secret_refs(self) -> list[SecretRef]:
-        return list(self.system.secrets)
 
 
 def _arrival(key: str) -> datetime:

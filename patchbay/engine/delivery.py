@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from patchbay.config.project import DestinationSpec
-from patchbay.connectors.base import Destination, Outcome, OutcomeClass
+from patchbay.connectors.base import Outcome, OutcomeClass, Sink
 from patchbay.engine.policy import decide
 from patchbay.engine.waiting import wait_set
 from patchbay.errors import PatchbayError
@@ -30,7 +30,7 @@ class DestinationWorker:
         self,
         flow: str,
         spec: DestinationSpec,
-        sink: Destination,
+        sink: Sink,
         store: Store,
         *,
         on_state: Callable[[str, str, str, str], Any] | None = None,

@@ -15,7 +15,7 @@ import orjson
 
 from patchbay import registry
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
-from patchbay.connectors.base import Batch, Destination, Outcome, Resources, SourceRecord
+from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
@@ -32,9 +32,9 @@ alerts = logging.getLogger("patchbay.alert")
 
 def build_sinks(
     flow: FlowSpec, project: Project, resolver: SecretResolver, resources: Resources | None
-) -> dict[str, Destination]:
+) -> dict[str, Sink]:
     """One destination object per flow destination, each seeing only its own system's credentials."""
-    out: dict[str, Destination] = {}
+    out: dict[str, Sink] = {}
     for dest in flow.destinations:
         system: SystemSpec = project.systems[dest.system]
         found = registry.connector_for(dest.kind, "destination")

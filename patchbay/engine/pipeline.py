@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from patchbay.config.project import FlowSpec
-from patchbay.connectors.base import Destination
+from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.processors.base import Dropped
 from patchbay.records import dig
@@ -31,9 +31,7 @@ class Processed:
 class Pipeline:
     """A flow, compiled: steps then routing, as one pure function of the record."""
 
-    def __init__(
-        self, flow: FlowSpec, sinks: dict[str, Destination], cipher: FieldCipher | None = None
-    ) -> None:
+    def __init__(self, flow: FlowSpec, sinks: dict[str, Sink], cipher: FieldCipher | None = None) -> None:
         self.flow = flow
         self.sinks = sinks
         self.cipher = cipher  # opens sealed rows; seals new ones only when the flow encrypts

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 from pydantic import (
@@ -92,7 +92,8 @@ class MapConfig(StepConfig):
         description=(
             "Output field (dotted path; `properties.email` nests) -> JMESPath expression over the"
             " incoming record, or `{expr, default, type}` / `{value}`. A missing source gives null."
-            " Parent paths are written before their children."
+            " Parent paths are written before their children; a child of a parent that is not an"
+            " object (or null) makes the record invalid."
         ),
         examples=[{"properties.email": "lower(trim(email || customer_email || properties.email))"}],
     )
@@ -170,10 +171,19 @@ class MapConfig(StepConfig):
 
 
 class _OutField:
-    __slots__ = ("target", "parts", "expr", "const", "default", "cast")
+    __slots__ = ("target", "parts", "expr", "const", "default", "cast", "ancestors")
 
-    def __init__(self, target: str, expr: Expr | None, const: Any, default: Any, cast: Cast | None) -> None:
+    def __init__(
+        self,
+        target: str,
+        expr: Expr | None,
+        const: Any,
+        default: Any,
+        cast: Cast | None,
+        ancestors: list[str],
+    ) -> None:
         self.target = target
+        self.ancestors = ancestors  # targets this one is written inside
         self.parts = target.split(".")
         self.expr = expr
         self.const = const
@@ -181,13 +191,31 @@ class _OutField:
         self.cast = CASTS[cast] if cast else None
 
 
-def _ordered(targets: list[str]) -> list[str]:
+def _ancestors(targets: Iterable[str]) -> dict[str, list[str]]:
+    """Each target's ancestors among the targets, outermost first (`a`, `a.b` for `a.b.c`).
+
+    Each target looks up its own prefixes in a set: linear in the total length of the targets."""
+    known = set(targets)
+    out: dict[str, list[str]] = {}
+    for t in known:
+        parts = t.split(".")
+        out[t] = [p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in known]
+    return out
+
+
+def _ordered(targets: list[str], ancestors: dict[str, list[str]]) -> list[str]:
     """Parents before children, so `properties` does not overwrite `properties.email`; else as given."""
+    return sorted(targets, key=lambda t: len(ancestors[t]))
 
-    def ancestors(t: str) -> int:
-        return sum(1 for other in targets if t.startswith(other + "."))
 
-    return sorted(targets, key=ancestors)
+def _shape(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(value), "text" if isinstance(value, str) else f"a {type(value).__name__}"
+        )
+    )
 
 
 def _put(root: dict[str, Any], parts: list[str], value: Any, owned: set[int]) -> None:
@@ -229,10 +257,13 @@ class MapStep:
         self.config = config
         tables = config.tables or None
         self._fields: list[_OutField] = []
-        for target in _ordered(list(config.fields)):
+        ancestors = _ancestors(config.fields)
+        for target in _ordered(list(config.fields), ancestors):
             spec = config.fields[target]
             expr = compile_expr(spec.expr, tables=tables) if spec.expr is not None else None
-            self._fields.append(_OutField(target, expr, spec.value, spec.default, spec.type))
+            self._fields.append(
+                _OutField(target, expr, spec.value, spec.default, spec.type, ancestors[target])
+            )
         self._drop = [path.split(".") for path in config.drop]
 
     def apply(self, record: Any) -> dict[str, Any]:
@@ -249,7 +280,19 @@ class MapStep:
             _delete(out, parts, owned)
         omit_nulls = self.config.omit_nulls
         problems: list[Violation] = []
+        written: dict[str, Any] = {}  # what each target wrote, for the targets written inside it
         for f in self._fields:
+            if f.ancestors:
+                clash = next((a for a in f.ancestors if not isinstance(written.get(a), dict | None)), None)
+                if clash is not None:
+                    problems.append(
+                        Violation(
+                            f.target,
+                            f"cannot write {f.target} inside {clash}, which is {_shape(written[clash])}, "
+                            "not an object",
+                        )
+                    )
+                    continue
             if f.expr is None:
                 value = f.const
             else:
@@ -268,6 +311,7 @@ class MapStep:
                     continue
             if value is None and omit_nulls:
                 continue
+            written[f.target] = value
             _put(out, f.parts, value, owned)
         if problems:
             raise RecordInvalid(problems, step="map")
@@ -293,5 +337,19 @@ class MapStep:
                         yield CheckIssue(
                             config.field_loc(target, key), f"{key} is not a valid {spec.type}: {exc}"
                         )
+        ancestors = _ancestors(config.fields)
+        for target in config.fields:
+            for parent in ancestors[target]:
+                given = config.fields[parent]
+                if given.type is not None or ("value" in given.model_fields_set and given.value is not None):
+                    what = f"type: {given.type}" if given.type else "a constant that is not an object"
+                    if given.type is None and isinstance(given.value, dict):
+                        continue
+                    yield CheckIssue(
+                        config.field_loc(target),
+                        f"{target} is written inside {parent}, which is {what}: the record would be"
+                        f" refused; remove one of them or write {parent} as an object",
+                    )
+                    break
         if not config.fields and not config.keep:
             yield CheckIssue((), "map has no fields and keep is false: every record would come out empty")

@@ -10,6 +10,8 @@ checked IP, keeping the name for TLS. Systems that are internal on purpose opt o
     HttpSessions          one shared aiohttp session per address policy (guarded by default)
     GuardedConnector      aiohttp TCPConnector that filters resolved addresses through an AddressPolicy
     AddressPolicy         what is blocked and why; `allowed` networks are exceptions
+    parse_host()          the IP a host written as a number stands for (127.1 and 0x7f.1 too): the one
+                          reader of host forms, for the guard and for `patchbay check` alike
     resolve_allowed()     the same check for connectors that do not speak HTTP (resolve, check, connect by IP)
     connect_first()       try the checked addresses in turn (what happy eyeballs does for HTTP)
     open_socket()         a TCP socket connected to one of the checked addresses (for drivers that take one)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -37,7 +40,7 @@ from patchbay.errors import PatchbayError, Problem
 if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
-    from patchbay.config.project import Project, SystemSpec
+    from patchbay.config.project import Project
 
 __all__ = [
     "AddressPolicy",
@@ -50,6 +53,7 @@ __all__ = [
     "connect_first",
     "open_socket",
     "outbound_warnings",
+    "parse_host",
     "resolve_allowed",
     "tls_client_context",
 ]
@@ -90,11 +94,41 @@ _BLOCKED: tuple[tuple[IpNetwork, str], ...] = tuple(
         ("fc00::/7", "private (unique local) address"),
         ("ff00::/8", "multicast address"),
         ("100::/64", "reserved (discard) address"),
+        ("64:ff9b:1::/48", "local-use NAT64 address"),  # RFC 8215: translated inside this network
         ("2001:db8::/32", "reserved (documentation) address"),
     )
 )
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix: judged by the IPv4 inside
 _6TO4 = ipaddress.ip_network("2002::/16")
+_AT_ON_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+
+def parse_host(host: str) -> IpAddress | None:
+    """The IP address `host` stands for when it is written as one, else None (a name: DNS decides).
+
+    Reads what the system resolver reads as a number, not only what `ipaddress` accepts: besides
+    dotted quads and IPv6 (with or without brackets and a %zone), inet_aton's forms, where a part
+    is decimal, octal with a leading 0 or hex with 0x, and the last part fills the remaining
+    bytes: `127.1`, `0x7f.1`, `0177.0.0.1` and `2130706433` are all 127.0.0.1. The guard and
+    `patchbay check` both judge a host through this one reader.
+    """
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in text:
+        try:
+            return ipaddress.IPv6Address(text.split("%")[0])
+        except ValueError:
+            return None
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_AT_ON_PART.fullmatch(p) for p in parts):
+        return None
+    values = [int(p, 16) if p[:2] in ("0x", "0X") else int(p, 8 if p.startswith("0") else 10) for p in parts]
+    *head, last = values
+    if any(v > 0xFF for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(number)
 
 
 class BlockedAddress(aiohttp.ClientConnectionError, PatchbayError):
@@ -114,11 +148,10 @@ class BlockedAddress(aiohttp.ClientConnectionError, PatchbayError):
             f"connecting to {where} is blocked: {self.reason}; "
             f"set allow_private_network: true {on} if it is an internal system"
         )
-        try:
-            net = ipaddress.ip_network(self.address.split("%")[0])
-        except ValueError:
+        addr = parse_host(self.address)
+        if addr is None:
             return text
-        return text + f", or allow only this address with allow_networks: [{net}]"
+        return text + f", or allow only this address with allow_networks: [{ipaddress.ip_network(addr)}]"
 
 
 def _same_host(address: str, host: str) -> bool:
@@ -138,9 +171,8 @@ def _embedded_ipv4(addr: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, 
 
 def blocked_reason(address: str | IpAddress, allowed: Iterable[IpNetwork] = ()) -> str | None:
     """Why connecting to `address` is refused, or None when it is a public (or explicitly allowed) address."""
-    try:
-        addr = address if not isinstance(address, str) else ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    addr = parse_host(address) if isinstance(address, str) else address
+    if addr is None:
         return "not an IP address"
     allowed = tuple(allowed)
     suffix = ""
@@ -192,6 +224,7 @@ class GuardedConnector(aiohttp.TCPConnector):
     async def _resolve_host(
         self, host: str, port: int, traces: Sequence[Trace] | None = None
     ) -> list[ResolveResult]:
+        _refuse_literal(host, self.policy)
         hosts = await super()._resolve_host(host, port, traces=traces)
         allowed = [h for h in hosts if self.policy.reason(h["host"]) is None]
         if not allowed:
@@ -204,12 +237,24 @@ if not hasattr(aiohttp.TCPConnector, "_resolve_host"):  # pragma: no cover - gua
     raise ImportError("patchbay.security.ssrf needs aiohttp.TCPConnector._resolve_host (aiohttp 3.x)")
 
 
+def _refuse_literal(host: str, policy: AddressPolicy) -> None:
+    """BlockedAddress for a host written as a refused IP, in any form, judged before any lookup.
+    The addresses a lookup returns are checked again after it (the resolver has the last word)."""
+    addr = parse_host(host)
+    if addr is not None:
+        why = policy.reason(str(addr))
+        if why is not None:
+            raise BlockedAddress(str(addr), host, why)
+
+
 async def resolve_allowed(
     host: str, port: int, *, allow_private: bool = False, allow_networks: Iterable[str] = ()
 ) -> list[str]:
     """For connectors that do not use HTTP (databases, brokers, SMTP): the addresses of `host` a system
     may connect to, or BlockedAddress. Connect to one of these addresses, not to the name again, so
     the address checked is the address connected to (pass the name on for TLS server_hostname)."""
+    if not allow_private:
+        _refuse_literal(host, AddressPolicy(allow_networks))
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -382,41 +427,19 @@ _LOCAL_NAMES = ("localhost",)
 
 
 def _is_local(host: str) -> bool:
-    host = host.strip("[]").lower().rstrip(".")
-    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+    name = host.lower().rstrip(".")
+    if name in _LOCAL_NAMES or name.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _ip_literal(host: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(host.strip("[]").split("%")[0]))
-    except ValueError:
-        return None
-
-
-def _line_of(system: SystemSpec, key: str) -> int:
-    """The line of `key` inside the system's YAML mapping (the system's own line if unknown)."""
-    from pathlib import Path
-
-    from patchbay.config.source import load_yaml
-    from patchbay.errors import ConfigError
-
-    try:
-        return load_yaml(Path(system.file), system.file).line((system.name, key))
-    except (OSError, ConfigError):
-        return system.line
+    addr = parse_host(host)
+    return addr is not None and addr.is_loopback
 
 
 def _guard_reason(host: str, nets: Iterable[str]) -> str | None:
     """What the guard will say about a configured host, when that can be told without DNS."""
-    ip = _ip_literal(host)
-    if ip is None:
+    addr = parse_host(host)
+    if addr is None:
         return "loopback address" if _is_local(host) else None
-    return AddressPolicy(nets).reason(ip)
+    return AddressPolicy(nets).reason(str(addr))
 
 
 def _other_hosts(cfg: Any) -> list[tuple[str, str]]:
@@ -453,7 +476,7 @@ def outbound_warnings(project: Project) -> list[Problem]:
                 out.append(
                     Problem(
                         system.file,
-                        _line_of(system, "url"),
+                        system.line_of("url"),
                         f"system {name!r}: plain http:// to {host} sends data and credentials "
                         "unencrypted; use https://",
                     )
@@ -464,7 +487,7 @@ def outbound_warnings(project: Project) -> list[Problem]:
                     out.append(
                         Problem(
                             system.file,
-                            _line_of(system, "url"),
+                            system.line_of("url"),
                             f"system {name!r}: {host} is a {why}, so deliveries will be refused; "
                             "set allow_private_network: true if it is an internal system",
                         )
@@ -476,7 +499,7 @@ def outbound_warnings(project: Project) -> list[Problem]:
                     out.append(
                         Problem(
                             system.file,
-                            _line_of(system, key),
+                            system.line_of(key),
                             f"system {name!r}: {host} is a {why}, so connections to it will be refused; "
                             "set allow_private_network: true (or allow_networks) if it is an internal system",
                         )
@@ -485,7 +508,7 @@ def outbound_warnings(project: Project) -> list[Problem]:
             out.append(
                 Problem(
                     system.file,
-                    _line_of(system, "verify_tls"),
+                    system.line_of("verify_tls"),
                     f"system {name!r}: verify_tls: false accepts any certificate, so anyone on the "
                     "path can read and change the traffic; trust its CA with ca_bundle instead",
                 )

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -79,16 +80,23 @@ async def run(
 
     It runs a little longer first: `until` sees what emit committed, and the acknowledgements follow.
     """
-    task = asyncio.create_task(src.stream(emit))
+    returned = 0  # messages whose emit returned: committed, so the source acknowledges them next
+
+    async def counted(batch: Batch) -> None:
+        nonlocal returned
+        await emit(batch)
+        returned += len(batch.records)
+
+    task = asyncio.create_task(src.stream(counted))
     deadline = time.monotonic() + timeout
     try:
-        while not until():
-            if task.done():
-                task.result()
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for the source")
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.15)
+        for done in (until, lambda: src.settled >= returned):
+            while not done():
+                if task.done():
+                    task.result()
+                if time.monotonic() > deadline:
+                    raise AssertionError("timed out waiting for the source")
+                await asyncio.sleep(0.01)
         if task.done():
             task.result()
     finally:
@@ -219,9 +227,11 @@ class Mqtt(Broker):
         )
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
+        connected = threading.Event()
+        client.on_connect = lambda *args: connected.set()
         client.connect(HOST, self.port, clean_start=True, properties=props)
         client.loop_start()
-        time.sleep(0.1)
+        assert connected.wait(5), "no CONNACK"  # the broker has dropped the session
         client.disconnect()
         client.loop_stop()
 
@@ -396,7 +406,7 @@ async def test_a_cut_connection_is_reopened_by_consume_and_nothing_is_lost(broke
     task = asyncio.create_task(consume(hub, SimpleNamespace(spec=SimpleNamespace(name="orders")), src))  # type: ignore[arg-type]
     try:
         await eventually(_holds(lambda: src.connections >= 1 and proxy.accepted >= 1), what="connected")
-        await asyncio.sleep(0.2)  # subscribed
+        await eventually(_holds(lambda: src.subscriptions >= 1), what="subscribed")
         await broker.publish(range(10))
         await eventually(_holds(lambda: len(engine.records) >= 10), what="first messages")
 
@@ -467,7 +477,9 @@ async def test_end_to_end_each_message_is_one_event_delivered_once(
     await sink.wait_for(5)
     await broker.publish(range(5, 10))
     await sink.wait_for(10)
-    await asyncio.sleep(0.3)
+    src = hub.hub.flows["orders"].source
+    # Every message acknowledged: the broker has nothing left to send again.
+    await eventually(_holds(lambda: src.settled >= 10), what="every message acknowledged")
     assert sorted(r.body["order"] for r in sink.received) == list(range(10))  # each once
     assert all(r.body["run"] == broker.uid for r in sink.received)
     assert await hub.count() == 10
@@ -506,8 +518,7 @@ async def test_rabbitmq_declares_and_binds_a_queue(rabbit):
     engine = Engine()
     try:
         task = asyncio.create_task(src.stream(engine.emit))
-        await eventually(_holds(lambda: src.connections == 1), what="connected")
-        await asyncio.sleep(0.2)
+        await eventually(_holds(lambda: src.subscriptions == 1), what="subscribed")
         for n, key in enumerate(["orders.eu", "invoices.eu", "orders.us.west"]):
             await exchange.publish(rabbit.aio_pika.Message(body(n, rabbit.uid)), routing_key=key)
         await eventually(_holds(lambda: len(engine.records) == 2), what="routed messages")
@@ -601,8 +612,8 @@ async def test_mqtt_drops_messages_of_an_earlier_topic_setting(mqtt_broker):
     src, engine = mqtt_broker.source(topic=f"{mqtt_broker.prefix}/orders"), Engine()
     await mqtt_broker.publish([1], topic="stray")
     await mqtt_broker.publish([2], topic="orders")
-    await run(src, engine.emit, until=lambda: len(engine.records) == 1)
-    await asyncio.sleep(0.1)
+    # Both handled: the stray one dropped (and acknowledged), the other one committed.
+    await run(src, engine.emit, until=lambda: len(engine.records) == 1 and src.settled >= 2)
     await src.close()
     assert engine.ns() == [2]
 
@@ -657,8 +668,7 @@ async def test_nats_core_subscription_is_at_most_once(jetstream):
     await jetstream.nc.publish(for_late, b'{"n": -1}')  # nobody subscribed yet: gone for good
     task = asyncio.create_task(src.stream(engine.emit))
     try:
-        await eventually(_holds(lambda: src.connections == 1), what="connected")
-        await asyncio.sleep(0.2)
+        await eventually(_holds(lambda: src.subscriptions == 1), what="subscribed")
         for n in range(3):
             await jetstream.nc.publish(
                 f"pbcore.{jetstream.uid}.orders", body(n, jetstream.uid), headers={"Nats-Msg-Id": f"m{n}"}

@@ -12,9 +12,10 @@ import yaml
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.chat import ChatDestination, ChatSink, ChatSystem
+from patchbay.connectors.chat import ChatSink, ChatSinkConfig, ChatSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, write_project
+from tests.connectors import declared_secrets
 
 LEAD = {"email": "ada@example.com", "name": "Ada <!channel> & co", "source": "ads", "score": 42}
 HOOK_SECRET = "https://hooks.example.test/services/T000/B000/XXXXsecretXXXX"
@@ -32,7 +33,7 @@ async def resources() -> AsyncIterator[Resources]:
 def make(resources: Resources, style: str, url: str, **dest: Any) -> ChatSink:
     dest = {"text": "New lead *{{ email }}* from {{ source }}", **dest}
     return ChatSink(
-        ChatSystem(style=style, url=url), ChatDestination(**dest), DeliveryPolicy(timeout_s=2), resources
+        ChatSystem(style=style, url=url), ChatSinkConfig(**dest), DeliveryPolicy(timeout_s=2), resources
     )
 
 
@@ -106,11 +107,11 @@ async def test_mattermost_text_attachment_fields_and_props(sink, resources):
 async def test_url_secret_is_resolved_at_send_and_kept_out_of_errors(resources):
     dest = ChatSink(
         ChatSystem(style="slack", url_secret={"secret": "slack_url"}),
-        ChatDestination(text="hi"),
+        ChatSinkConfig(text="hi"),
         DeliveryPolicy(timeout_s=1),
         resources,
     )
-    assert dest.secret_refs()[0].label == "secret:slack_url"
+    assert declared_secrets(dest.system) == ["secret:slack_url"]
     resources.redact = lambda s: s.replace(HOOK_SECRET, "[secret]")
     outcome = await deliver(dest, {})
     assert outcome.cls is OutcomeClass.TRANSIENT  # hooks.example.test does not resolve
@@ -120,7 +121,7 @@ async def test_url_secret_is_resolved_at_send_and_kept_out_of_errors(resources):
 async def test_a_secret_that_is_not_a_url_pauses(resources):
     dest = ChatSink(
         ChatSystem(style="slack", url_secret={"secret": "missing"}),
-        ChatDestination(text="hi"),
+        ChatSinkConfig(text="hi"),
         DeliveryPolicy(),
         resources,
     )

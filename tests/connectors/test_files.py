@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from patchbay.cli import main
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.files import FilesDestination, FilesSink, FilesSystem, classify_os_error
+from patchbay.connectors.files import FilesSink, FilesSinkConfig, FilesSystem, classify_os_error
 from patchbay.errors import RecordInvalid
 from tests.conftest import write_project
 
@@ -28,7 +28,7 @@ LEAD = {"email": "ada@example.com", "properties": {"firstname": "Ada", "score": 
 def make(folder: Path | str, resources: Resources | None = None, **dest: Any) -> FilesSink:
     return FilesSink(
         FilesSystem(folder=str(folder)),
-        FilesDestination(**{"file": "leads.jsonl", **dest}),
+        FilesSinkConfig(**{"file": "leads.jsonl", **dest}),
         DeliveryPolicy(),
         resources or Resources(),
     )
@@ -205,7 +205,7 @@ def test_os_error_classes(code, cls):
 )
 def test_config_mistakes_are_refused(dest, message):
     with pytest.raises(ValueError, match=message):
-        FilesDestination(**{"file": "leads.jsonl", **dest})
+        FilesSinkConfig(**{"file": "leads.jsonl", **dest})
 
 
 def test_check_accepts_a_files_project_and_locates_unknown_settings(tmp_path):

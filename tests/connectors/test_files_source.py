@@ -22,6 +22,14 @@ from patchbay.engine.hub import Hub
 from tests.conftest import eventually, resolver, write_project
 
 
+async def scans_more(hub: Any, n: int) -> None:
+    """Wait until each files source of the hub has scanned its folder `n` more times."""
+    sources = [fr.source for fr in hub.hub.flows.values() if hasattr(fr.source, "scans")]
+    start = [src.scans for src in sources]
+    done = holds(lambda: all(src.scans >= s + n for src, s in zip(sources, start, strict=True)))
+    await eventually(done, what=f"{n} more scans")
+
+
 def make(folder: Path, **cfg: Any) -> FilesSource:
     config = FilesSourceConfig.model_validate({"min_age_s": 0, "scan_every_s": 0.01, **cfg})
     return FilesSource(FilesSystem(folder=str(folder)), config, Resources())
@@ -148,7 +156,7 @@ async def test_jsonl_and_csv_drops_reach_the_destination_and_move_to_done(tmp_pa
     (inbox / "copy.tmp").write_bytes((inbox / "done" / "orders.jsonl").read_bytes())
     (inbox / "copy.tmp").rename(inbox / "orders.jsonl")  # written under a temporary name, then renamed
     await eventually(holds(lambda: len(names(inbox / "done")) == 4), what="the copy moved")
-    await asyncio.sleep(0.3)
+    await scans_more(hub, 2)  # and nothing else comes of it
     assert len(sink.received) == 5
     assert await hub.count() == 5
     done = names(inbox / "done")
@@ -188,7 +196,7 @@ async def test_crash_after_a_commit_mid_file_delivers_every_line_once(tmp_path, 
     restarted = await start_hub(root)
     await eventually(holds(lambda: names(inbox / "done") == ["big.jsonl"]), what="moved to done")
     await sink.wait_for(20)
-    await asyncio.sleep(0.2)
+    await scans_more(restarted, 2)  # and nothing else comes
     assert await restarted.count() == 20
     assert len(sink.keys) == 20  # one delivery per line: nothing twice
     assert sorted({r.body["n"] for r in sink.received}) == list(range(20))
@@ -201,7 +209,7 @@ async def test_a_file_is_left_alone_until_it_is_old_enough(tmp_path):
     drop.write_bytes(jsonl([{"a": 1}]))
     task = asyncio.create_task(src.stream(engine.emit))
     try:
-        await asyncio.sleep(0.2)
+        await eventually(holds(lambda: src.scans >= 2), what="two scans")
         assert engine.batches == [] and names(tmp_path) == ["a.jsonl"]
         age(drop)  # the writer finished half a minute ago
         await eventually(holds(lambda: names(tmp_path / "done") == ["a.jsonl"]), what="read once old enough")
@@ -221,8 +229,7 @@ async def test_temporary_hidden_and_linked_names_are_never_read(tmp_path):
     (inbox / "link.data").symlink_to(secret)
     (inbox / "real.data").write_bytes(jsonl([{"keep": 1}]))
     src, engine = make(inbox, pattern="*", format="jsonl"), Engine()
-    await run(src, engine.emit, lambda: (inbox / "done" / "real.data").exists())
-    await asyncio.sleep(0.05)
+    await run(src, engine.emit, lambda: (inbox / "done" / "real.data").exists() and src.scans >= 2)
     assert list(engine.records.values()) == [{"keep": 1}]
     assert "link.data" in names(inbox)
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 
 import pytest
 from aiohttp import web
 
 from patchbay.config.models import DeliveryPolicy, SecretRef
+from patchbay.connectors import tls_client
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.errors import SecretMissing
 from tests.conftest import _start
+from tests.connectors import self_signed
 
 TOKEN = "tok-abc-123456"
 
@@ -21,7 +24,7 @@ def sink(url: str, auth=None, resources: Resources | None = None, **dest) -> Htt
     system = HttpSystem.model_validate({"url": url, **({"auth": auth} if auth else {})})
     res = resources or Resources(secret=lambda ref: TOKEN, allow_private=True)
     return HttpSink(
-        system, HttpDestination.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res
+        system, HttpSinkConfig.model_validate(dest), DeliveryPolicy.model_validate({"timeout_s": 0.5}), res
     )
 
 
@@ -49,15 +52,15 @@ def test_body_as_one_expression_and_default_record():
 
 
 def test_auth_headers_per_scheme():
-    assert sink("https://x.test", auth={"scheme": "bearer", "token": {"secret": "t"}})._auth_headers() == {
-        "Authorization": f"Bearer {TOKEN}"
-    }
+    assert sink(
+        "https://x.test", auth={"scheme": "bearer", "token": {"secret": "t"}}
+    ).client.auth_headers() == {"Authorization": f"Bearer {TOKEN}"}
     assert sink(
         "https://x.test", auth={"scheme": "api_key", "header": "X-Key", "token": {"secret": "t"}}
-    )._auth_headers() == {"X-Key": TOKEN}
+    ).client.auth_headers() == {"X-Key": TOKEN}
     basic = sink(
         "https://x.test", auth={"scheme": "basic", "username": "u", "password": {"secret": "p"}}
-    )._auth_headers()
+    ).client.auth_headers()
     assert base64.b64decode(basic["Authorization"].split()[1]) == f"u:{TOKEN}".encode()
 
 
@@ -105,6 +108,46 @@ async def send(s: HttpSink, key: str = "evt_1.d"):
     finally:
         if s.resources.http is not None:
             await s.resources.http.close()
+
+
+async def test_a_private_ca_is_trusted_and_its_context_built_once(tmp_path, monkeypatch):
+    cert, key = self_signed(tmp_path, "localhost")
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/ok", ok)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=served)
+    await site.start()
+    port = runner.addresses[0][1]
+    tls_client.forget()
+    built: list[object] = []
+    real_build = tls_client.build
+    monkeypatch.setattr(tls_client, "build", lambda s: built.append(s) or real_build(s))
+    try:
+        system = HttpSystem(url=f"https://localhost:{port}", ca_bundle=str(cert))
+        s = HttpSink(system, HttpSinkConfig(path="/ok"), DeliveryPolicy(), Resources(allow_private=True))
+        outcomes = [await s.send(s.render({"a": 1}, "k"), "k") for _ in range(3)]
+        assert [o.cls for o in outcomes] == [OutcomeClass.SUCCESS] * 3, outcomes
+        assert len(built) == 1
+        untrusted = HttpSink(
+            HttpSystem(url=f"https://localhost:{port}"),
+            HttpSinkConfig(path="/ok"),
+            DeliveryPolicy(),
+            s.resources,
+        )
+        out = await untrusted.send(untrusted.render({"a": 1}, "k"), "k")
+        assert out.cls is OutcomeClass.TRANSIENT and "certificate" in out.error.lower(), out
+    finally:
+        tls_client.forget()
+        if s.resources.http is not None:
+            await s.resources.http.close()
+        await runner.cleanup()
 
 
 async def test_send_carries_the_key_and_credential(server):

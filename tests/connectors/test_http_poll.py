@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import yaml
 from aiohttp import web
@@ -16,6 +14,7 @@ from patchbay.connectors.http import HttpSystem
 from patchbay.connectors.http_poll import HttpPollConfig, HttpPollSource
 from patchbay.errors import TransientError
 from tests.conftest import _start, eventually, write_project
+from tests.connectors import polls_more
 
 assert DeliveryPolicy
 
@@ -160,7 +159,7 @@ async def test_scheduled_poll_flow_end_to_end(tmp_path, api, sink, start_hub, mo
     await sink.wait_for(9, timeout=10)
     bodies = [r.body for r in sink.received]
     assert sorted(b["order_id"] for b in bodies) == [1, 2, 3, 3, 4, 5, 6, 7, 8]
-    await asyncio.sleep(1.2)
+    await polls_more(hub, 2)
     assert len(sink.received) == 9  # polls that find nothing new add nothing
 
     async def failed_once() -> bool:

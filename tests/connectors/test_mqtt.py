@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import queue
 import shutil
 import subprocess
-import sys
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +17,12 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.mqtt import MqttDestination, MqttSink, MqttSystem
-from patchbay.errors import ConfigError, RecordInvalid
+from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.mqtt import MqttSink, MqttSinkConfig, MqttSystem
+from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import TcpProxy, broker_project, closed_port
+from tests.connectors import broker_project, closed_port
+from tests.connectors.brokers import Subscriber, user_properties
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
@@ -35,38 +32,6 @@ HOST, PORT = "127.0.0.1", 1883
 @pytest.fixture(autouse=True)
 def _broker() -> None:
     require_service("Mosquitto", HOST, PORT)
-
-
-class Subscriber:
-    """A plain paho subscriber on its own thread; messages land in a thread-safe queue."""
-
-    def __init__(self, topic: str, *, v5: bool = True, port: int = PORT) -> None:
-        self.messages: queue.Queue[Any] = queue.Queue()
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"pbtest-sub-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        )
-        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect(HOST, port)
-        self.client.subscribe(topic, qos=2)
-        self.client.loop_start()
-        assert self._subscribed.wait(5), "no SUBACK"
-
-    async def get(self, n: int = 1, timeout: float = 5.0) -> list[Any]:
-        return [await asyncio.to_thread(self.messages.get, True, timeout) for _ in range(n)]
-
-    def drain(self) -> list[Any]:
-        out = []
-        while not self.messages.empty():
-            out.append(self.messages.get_nowait())
-        return out
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -90,14 +55,10 @@ def sink(
     secrets = secrets or {}
     return MqttSink(
         MqttSystem.model_validate({"host": HOST, "port": PORT, **(system or {})}),
-        MqttDestination.model_validate(dest),
+        MqttSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback broker
     )
-
-
-def user_properties(msg: Any) -> dict[str, str]:
-    return dict(getattr(msg.properties, "UserProperty", []) or [])
 
 
 async def test_qos1_publish_is_acked_and_carries_the_key(sub, topic):
@@ -178,103 +139,6 @@ def mqtt_clear_retained(topic: str) -> None:
     c.loop_stop()
 
 
-async def test_connection_refused_is_transient():
-    s = sink({"port": closed_port()}, topic="t")
-    try:
-        outcome = await s.send(s.render({}, "k"), "k")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "cannot connect" in outcome.error
-    finally:
-        await s.close()
-
-
-async def test_a_broker_that_stops_answering_times_out_as_transient(sub, topic):
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"port": proxy.port}, topic=f"{topic}/t", timeout_s=0.5)
-    try:
-        assert (await s.send(s.render({}, "k0"), "k0")).cls is OutcomeClass.SUCCESS
-        proxy.blackhole = True
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "timed out" in outcome.error
-        proxy.blackhole = False
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.SUCCESS, outcome
-        assert s._conn.opened == 2
-        got = await sub.get(2)
-        assert [user_properties(m)["Idempotency-Key"] for m in got] == ["k0", "k1"]
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
-async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_copy(sub, topic):
-    """The broker drops the client with QoS 1 publishes in flight: passed on to subscribers, but their
-    PUBACKs lost. Each send is delivered or transient, and the engine's retry (the same request, the
-    same key) gets every key through. A broker cannot drop a republished message (MQTT has no message
-    id that outlives a connection), so this is at least once, as the connector promises: subscribers get
-    a second copy of each in-flight key, with the same Idempotency-Key user property, and drop it."""
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"port": proxy.port}, topic=f"{topic}/cut", timeout_s=10)
-    copies: Counter[str] = Counter()
-
-    def receive() -> None:
-        """Count what the subscriber got so far; every copy is the same request under the same key."""
-        for m in sub.drain():
-            key = user_properties(m)["Idempotency-Key"]
-            assert orjson.loads(m.payload) == {"key": key}, m.payload
-            copies[key] += 1
-
-    async def received(keys: list[str]) -> None:
-        async def check() -> bool:
-            receive()
-            return all(copies[k] for k in keys)
-
-        await eventually(check, timeout=5, what=f"{keys} at the subscriber")
-
-    async def send(key: str) -> Outcome:
-        return await s.send(s.render({"key": key}, key), key)
-
-    try:
-        acked = [f"evt_{i}.bus" for i in range(10)]
-        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
-
-        # 15: within paho's window of unacknowledged QoS 1 publishes (max_inflight, 20), so every one is
-        # on the wire; beyond it paho would queue them until PUBACKs come.
-        in_flight = [f"evt_{i}.bus" for i in range(10, 25)]
-        assert proxy.hold_replies() == 1  # the messages reach the broker, their PUBACKs do not come back
-        sending = [asyncio.create_task(send(k)) for k in in_flight]
-        await received(in_flight)
-        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its PUBACK
-        assert proxy.cut() == 1
-        # A send just after the cut may still find the dead connection (the client has not read the
-        # reset yet): transient as well, like the ones whose PUBACKs were lost.
-        nxt = await send("evt_next.bus")
-        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
-        assert {o.cls for o in outcomes.values()} == {OutcomeClass.TRANSIENT}, outcomes
-        assert all("connection lost" in (o.error or "") for o in outcomes.values()), outcomes
-        assert nxt.cls in (OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT), nxt
-        if nxt.cls is OutcomeClass.TRANSIENT:
-            outcomes["evt_next.bus"] = nxt
-
-        # The delivery worker retries each transient outcome: the next send opens a new connection.
-        again = dict(zip(outcomes, await asyncio.gather(*map(send, outcomes)), strict=True))
-        assert {o.cls for o in again.values()} == {OutcomeClass.SUCCESS}, again
-        assert s._conn.opened == 2  # the lost connection was replaced once
-
-        # The broker passes one client's messages on a topic in order: once the subscriber has a last
-        # one, it has every copy the sends above made.
-        assert (await send("evt_last.bus")).cls is OutcomeClass.SUCCESS
-        await received(["evt_last.bus"])
-        assert dict(copies) == {
-            **dict.fromkeys(acked, 1),
-            **dict.fromkeys(in_flight, 2),  # passed on before the cut, and again by the retry
-            "evt_next.bus": 1,  # sent after the cut: an attempt on the dead connection never got there
-            "evt_last.bus": 1,
-        }
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
 # ------------------------------------------------------------------ a private broker with a password file
 @pytest.fixture
 def private_broker(tmp_path: Path) -> Iterator[int]:
@@ -326,21 +190,15 @@ async def test_wrong_password_is_auth(private_broker, protocol):
 # ------------------------------------------------------------------ config and render
 def test_config_refuses_wildcard_topics():
     with pytest.raises(ValidationError, match="wildcard"):
-        MqttDestination.model_validate({"topic": "orders/#"})
+        MqttSinkConfig.model_validate({"topic": "orders/#"})
     with pytest.raises(ValidationError, match="Input should be 0, 1 or 2"):
-        MqttDestination.model_validate({"topic": "orders", "qos": 3})
+        MqttSinkConfig.model_validate({"topic": "orders", "qos": 3})
 
 
 def test_render_refuses_a_topic_that_is_not_concrete():
     s = sink(topic="devices/{{ id }}")
     with pytest.raises(RecordInvalid, match="wildcard"):
         s.render({"id": "+"}, "k")
-
-
-def test_missing_driver_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)
-    with pytest.raises(ConfigError, match=r"pip install 'patchbay\[mqtt\]'"):
-        sink(topic="t")
 
 
 # ------------------------------------------------------------------ through the hub

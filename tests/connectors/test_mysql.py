@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
+import ssl
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,13 +12,16 @@ from typing import Any
 import pytest
 
 from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors import tls_client
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.sql_client import SqlDestination
-from tests.conftest import IN_CI, require_service
-from tests.connectors.test_sql_client import (
+from patchbay.connectors.sql_client.config import SqlSinkConfig
+from tests.conftest import IN_CI, eventually, require_service
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
+    closed_port,
     contacts_project,
+    declared_secrets,
     post_and_deliver,
     stop_hub,
 )
@@ -77,7 +80,7 @@ async def make(table) -> AsyncIterator[Make]:
         timeout_s: float = 5.0,
         **cfg: Any,
     ) -> MysqlSink:
-        config = SqlDestination.model_validate(
+        config = SqlSinkConfig.model_validate(
             {"table": table, "write_mode": operation, "key": list(key), **cfg}
         )
         system = MysqlSystem.model_validate({**SERVER, **(server or {})})
@@ -96,12 +99,6 @@ async def rows(admin: Admin, table: str, cols: str = "id, email, name, score") -
 
 async def write(sink: MysqlSink, record: dict[str, Any]) -> Any:
     return await sink.send(sink.render(record, "k"), "k")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_insert_upsert_update_delete_move_rows(admin, table, make):
@@ -160,7 +157,26 @@ async def test_wrong_password_pauses_the_destination_without_leaking_it(make, mo
     out = await write(sink, {"id": 1})
     assert out.cls is OutcomeClass.AUTH and "[1045] Access denied" in out.error, out
     assert "wrong-pass-123" not in out.error + out.excerpt
-    assert sink.secret_refs()[0].env == "PB_TEST_MYSQL_PASSWORD"
+    assert declared_secrets(sink.system) == ["env:PB_TEST_MYSQL_PASSWORD"]
+
+
+async def test_the_tls_context_is_built_once_per_system_in_a_worker_thread(table, make, monkeypatch):
+    """Each connect used to build two contexts on the event loop (100-150 ms, the CAs loaded twice)."""
+    tls_client.forget()
+    built: list[int] = []
+    real_new = ssl.SSLContext.__new__
+
+    def counting_new(cls: type[ssl.SSLContext], *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(threading.get_ident())
+        return real_new(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", staticmethod(counting_new))
+    sink = make("upsert")  # a loopback host: ssl_mode prefer, so a context is built
+    for i in range(3):
+        assert (await write(sink, {"id": i})).cls is OutcomeClass.SUCCESS
+        await sink._pool.clear()  # the next send connects again
+    assert len(built) == 1, built
+    assert built[0] != threading.get_ident()
 
 
 async def test_killed_connection_is_transient_then_reconnects_without_duplicates(admin, table, make):
@@ -168,7 +184,12 @@ async def test_killed_connection_is_transient_then_reconnects_without_duplicates
     assert (await write(sink, {"id": 1, "name": "first"})).cls is OutcomeClass.SUCCESS
     [conn] = sink._pool.idle
     await admin.execute(f"KILL {conn.thread_id()}")
-    await asyncio.sleep(0.1)
+
+    async def gone() -> bool:  # KILL returns before the server has closed the connection
+        sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
+        return (await admin.execute(sql, [conn.thread_id()]))[0][0] == 0
+
+    await eventually(gone, timeout=5, what="the killed connection closed by the server")
     record = {"id": 2, "name": "second"}
     out = await write(sink, record)
     assert out.cls is OutcomeClass.TRANSIENT and "[2013]" in out.error, out

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +15,12 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.nats import NatsDestination, NatsSink, NatsSystem
-from patchbay.errors import ConfigError, RecordInvalid
+from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.nats import NatsSink, NatsSinkConfig, NatsSystem
+from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import TcpProxy, broker_project, closed_port
+from tests.connectors import broker_project, closed_port
+from tests.connectors.brokers import stored
 
 nats = pytest.importorskip("nats")
 
@@ -61,18 +60,10 @@ def sink(
     secrets = secrets or {}
     return NatsSink(
         NatsSystem.model_validate({"servers": [URL], **(system or {})}),
-        NatsDestination.model_validate(dest),
+        NatsSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
-
-
-async def stored(nc: Any, stream_name: str) -> list[Any]:
-    js = nc.jetstream()
-    info = await js.stream_info(stream_name)
-    return [
-        await js.get_msg(stream_name, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)
-    ]
 
 
 async def test_jetstream_publish_is_acked_and_carries_the_key(nc, stream):
@@ -149,81 +140,6 @@ async def test_captured_by_another_stream_is_terminal(stream):
         assert outcome.cls is OutcomeClass.TERMINAL and "expected stream does not match" in outcome.error
     finally:
         await s.close()
-
-
-async def test_connection_refused_is_transient():
-    s = sink({"servers": [f"nats://127.0.0.1:{closed_port()}"]}, subject="x")
-    try:
-        outcome = await s.send(s.render({}, "k"), "k")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "cannot connect" in outcome.error
-    finally:
-        await s.close()
-
-
-async def test_a_server_that_stops_answering_times_out_as_transient(nc, stream):
-    name, prefix = stream
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"servers": [f"nats://127.0.0.1:{proxy.port}"]}, subject=f"{prefix}.x", timeout_s=0.5)
-    try:
-        assert (await s.send(s.render({}, "k0"), "k0")).cls is OutcomeClass.SUCCESS
-        proxy.blackhole = True
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "timed out" in outcome.error
-        proxy.blackhole = False
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.SUCCESS, outcome
-        assert s._conn.opened == 2
-        assert [m.headers["Nats-Msg-Id"] for m in await stored(nc, name)] == ["k0", "k1"]
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
-async def test_connection_cut_mid_run_loses_nothing_and_stores_each_key_once(nc, stream):
-    """The broker drops the client with publishes in flight: stored, but their acks lost. Each send is
-    delivered or transient, and the engine's retry (the same request, the same key) stores every key
-    once: JetStream drops the copies by Nats-Msg-Id."""
-    name, prefix = stream
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"servers": [f"nats://127.0.0.1:{proxy.port}"]}, subject=f"{prefix}.x")
-
-    async def send(key: str) -> Outcome:
-        return await s.send(s.render({"key": key}, key), key)
-
-    try:
-        acked = [f"evt_{i}.bus" for i in range(10)]
-        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
-
-        in_flight = [f"evt_{i}.bus" for i in range(10, 40)]
-        assert proxy.hold_replies() == 1  # the messages reach the server, their acks do not come back
-        sending = [asyncio.create_task(send(k)) for k in in_flight]
-
-        async def all_stored() -> bool:
-            return (await nc.jetstream().stream_info(name)).state.messages == len(acked) + len(in_flight)
-
-        await eventually(all_stored, timeout=5, what="the in-flight messages stored")
-        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its ack
-        assert proxy.cut() == 1
-        # A send just after the cut may still find the dead connection (the client has not read the
-        # reset yet): transient as well, like the ones whose acks were lost.
-        nxt = await send("evt_next.bus")
-        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
-        assert {o.cls for o in outcomes.values()} == {OutcomeClass.TRANSIENT}
-        assert all("connection lost" in (o.error or "") for o in outcomes.values()), outcomes
-        assert nxt.cls in (OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT), nxt
-        if nxt.cls is OutcomeClass.TRANSIENT:
-            outcomes["evt_next.bus"] = nxt
-
-        # The delivery worker retries each transient outcome: the next send opens a new connection.
-        again = dict(zip(outcomes, await asyncio.gather(*map(send, outcomes)), strict=True))
-        assert {o.cls for o in again.values()} == {OutcomeClass.SUCCESS}, again
-        assert all("a duplicate" in again[k].excerpt for k in in_flight)  # stored before the cut
-        assert s._conn.opened == 2  # the lost connection was replaced once
-        ids = [m.headers["Nats-Msg-Id"] for m in await stored(nc, name)]
-        assert sorted(ids) == sorted([*acked, *in_flight, "evt_next.bus"])  # every key, each once
-    finally:
-        await s.close()
-        await proxy.stop()
 
 
 # ------------------------------------------------------------------ a private server with users
@@ -308,11 +224,11 @@ async def test_jetstream_publish_permission_violation_is_auth(private_server):
 # ------------------------------------------------------------------ config and render
 def test_config_refuses_wildcards_and_inline_credentials():
     with pytest.raises(ValidationError, match="wildcard"):
-        NatsDestination.model_validate({"subject": "orders.>"})
+        NatsSinkConfig.model_validate({"subject": "orders.>"})
     with pytest.raises(ValidationError, match="holds credentials"):
         NatsSystem.model_validate({"servers": ["nats://u:p@host:4222"]})
     with pytest.raises(ValidationError, match="needs jetstream: true"):
-        NatsDestination.model_validate({"subject": "a", "jetstream": False, "stream": "S"})
+        NatsSinkConfig.model_validate({"subject": "a", "jetstream": False, "stream": "S"})
 
 
 def test_render_refuses_a_subject_that_is_not_concrete():
@@ -321,12 +237,6 @@ def test_render_refuses_a_subject_that_is_not_concrete():
         s.render({}, "k")
     with pytest.raises(RecordInvalid, match="white space"):
         s.render({"region": "north east"}, "k")
-
-
-def test_missing_driver_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "nats.aio.client", None)
-    with pytest.raises(ConfigError, match=r"pip install 'patchbay\[nats\]'"):
-        sink(subject="x")
 
 
 # ------------------------------------------------------------------ through the hub

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,11 +11,12 @@ import pytest
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.sql_client import SqlDestination
-from tests.conftest import IN_CI, require_service
-from tests.connectors.test_sql_client import (
+from patchbay.connectors.sql_client.config import SqlSinkConfig
+from tests.conftest import IN_CI, eventually, require_service
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
+    closed_port,
     contacts_project,
     post_and_deliver,
     stop_hub,
@@ -69,7 +68,7 @@ async def make(table) -> AsyncIterator[Make]:
         timeout_s: float = 5.0,
         **cfg: Any,
     ) -> PostgresSink:
-        config = SqlDestination.model_validate(
+        config = SqlSinkConfig.model_validate(
             {"table": table, "write_mode": operation, "key": list(key), **cfg}
         )
         system = PostgresSystem.model_validate({**SERVER, **(server or {})})
@@ -91,12 +90,6 @@ async def rows(admin, table: str, cols: str = "id, email, name, score") -> list[
 
 async def write(sink: PostgresSink, record: dict[str, Any]) -> Any:
     return await sink.send(sink.render(record, "k"), "k")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_insert_upsert_update_delete_move_rows(admin, table, make):
@@ -171,7 +164,14 @@ async def test_killed_connection_is_transient_then_reconnects_without_duplicates
     assert (await write(sink, {"id": 1, "name": "first"})).cls is OutcomeClass.SUCCESS
     [conn] = sink._pool.idle
     await admin.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
-    await asyncio.sleep(0.1)
+
+    async def gone() -> bool:  # pg_terminate_backend only signals the backend
+        cur = await admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [conn.info.backend_pid]
+        )
+        return (await cur.fetchone())[0] == 0
+
+    await eventually(gone, timeout=5, what="the terminated backend gone")
     record = {"id": 2, "name": "second"}
     out = await write(sink, record)
     assert out.cls is OutcomeClass.TRANSIENT, out

@@ -6,19 +6,19 @@ import asyncio
 import shutil
 import subprocess
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
-from patchbay.config.models import DeliveryPolicy, SecretRef
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSink, RabbitMQSystem
+from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.rabbitmq import RabbitMQSink, RabbitMQSinkConfig, RabbitMQSystem
 from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import TcpProxy, broker_project, closed_port
+from tests.connectors import broker_project, declared_secrets
+from tests.connectors.brokers import drain, new_queue
 
 aio_pika = pytest.importorskip("aio_pika")
 
@@ -39,27 +39,6 @@ async def amqp() -> AsyncIterator[Any]:
     await conn.close()
 
 
-async def new_queue(channel: Any, **arguments: Any) -> Any:
-    return await channel.declare_queue(
-        f"pb-test-{uuid.uuid4().hex[:10]}", exclusive=True, arguments=arguments or None
-    )
-
-
-async def drain(queue: Any, n: int, timeout: float = 5.0, ids: set[str] | None = None) -> list[Any]:
-    """Read `n` messages (or, with `ids`, until every one of those message ids was seen)."""
-    got: list[Any] = []
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (len(got) < n) if ids is None else not ids <= {m.message_id for m in got}:
-        msg = await queue.get(no_ack=True, fail=False)
-        if msg is None:
-            if asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.02)
-            continue
-        got.append(msg)
-    return got
-
-
 def sink(
     system: dict[str, Any] | None = None,
     secrets: dict[str, str] | None = None,
@@ -69,7 +48,7 @@ def sink(
     secrets = secrets or {}
     return RabbitMQSink(
         RabbitMQSystem.model_validate({"host": HOST, "port": PORT, **(system or {})}),
-        RabbitMQDestination.model_validate(dest),
+        RabbitMQSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback broker
     )
@@ -203,7 +182,7 @@ async def test_wrong_password_is_auth():
         outcome = await s.send(s.render({}, "k"), "k")
         assert outcome.cls is OutcomeClass.AUTH
         assert "login refused" in outcome.error
-        assert s.secret_refs() == [SecretRef.model_validate({"secret": "mq"})]
+        assert declared_secrets(s.system) == ["secret:mq"]
     finally:
         await s.close()
 
@@ -216,99 +195,6 @@ async def test_unknown_vhost_is_auth():
         assert "virtual host" in outcome.error
     finally:
         await s.close()
-
-
-async def test_connection_refused_is_transient():
-    s = sink({"port": closed_port()}, routing_key="q")
-    try:
-        outcome = await s.send(s.render({}, "k"), "k")
-        assert outcome.cls is OutcomeClass.TRANSIENT
-        assert "cannot connect" in outcome.error
-    finally:
-        await s.close()
-
-
-async def test_a_broker_that_stops_answering_times_out_as_transient(amqp):
-    queue = await new_queue(amqp)
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"port": proxy.port}, routing_key=queue.name, timeout_s=0.5)
-    try:
-        assert (await s.send(s.render({}, "k0"), "k0")).cls is OutcomeClass.SUCCESS
-        proxy.blackhole = True
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "timed out" in outcome.error
-        proxy.blackhole = False
-        proxy.cut()
-        outcome = await s.send(s.render({}, "k1"), "k1")  # the retry opens a new connection
-        assert outcome.cls is OutcomeClass.SUCCESS, outcome
-        assert s._conn.opened == 2
-        assert "k1" in {m.message_id for m in await drain(queue, 2)}
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
-async def message_count(channel: Any, name: str) -> int:
-    """How many messages the queue holds now (a passive declare)."""
-    return int((await channel.declare_queue(name, passive=True)).declaration_result.message_count)
-
-
-async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_copy(amqp):
-    """The broker drops the client with publishes in flight: queued, but their confirms lost. Each send
-    is delivered or transient, and the engine's retry (the same request, the same key) gets every key
-    through. AMQP cannot drop a republished message, so this is at least once, as the connector
-    promises: the queue holds a second copy of each in-flight key, with the same message_id and
-    Idempotency-Key, for consumers to drop."""
-    queue = await new_queue(amqp)
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"port": proxy.port}, routing_key=queue.name, timeout_s=10)
-
-    async def send(key: str) -> Outcome:
-        return await s.send(s.render({"key": key}, key), key)
-
-    try:
-        acked = [f"evt_{i}.mq" for i in range(10)]
-        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
-
-        in_flight = [f"evt_{i}.mq" for i in range(10, 40)]
-        assert proxy.hold_replies() == 1  # the messages reach the broker, their confirms do not come back
-        sending = [asyncio.create_task(send(k)) for k in in_flight]
-
-        async def all_queued() -> bool:
-            return await message_count(amqp, queue.name) == len(acked) + len(in_flight)
-
-        await eventually(all_queued, timeout=5, what="the in-flight messages queued")
-        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its confirm
-        assert proxy.cut() == 1
-        # A send just after the cut may still find the dead connection (the client has not read the
-        # reset yet): transient as well, like the ones whose confirms were lost.
-        nxt = await send("evt_next.mq")
-        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
-        assert {o.cls for o in outcomes.values()} == {OutcomeClass.TRANSIENT}, outcomes
-        assert all("connection lost" in (o.error or "") for o in outcomes.values()), outcomes
-        assert nxt.cls in (OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT), nxt
-        if nxt.cls is OutcomeClass.TRANSIENT:
-            outcomes["evt_next.mq"] = nxt
-
-        # The delivery worker retries each transient outcome: the next send opens a new connection.
-        again = dict(zip(outcomes, await asyncio.gather(*map(send, outcomes)), strict=True))
-        assert {o.cls for o in again.values()} == {OutcomeClass.SUCCESS}, again
-        assert s._conn.opened == 2  # the lost connection was replaced once
-
-        total = await message_count(amqp, queue.name)  # every publish is confirmed: nothing more comes
-        got = await drain(queue, total)
-        assert len(got) == total and await queue.get(no_ack=True, fail=False) is None
-        for m in got:  # every copy is the same request under the same key
-            assert m.message_id == m.headers["Idempotency-Key"]
-            assert orjson.loads(m.body) == {"key": m.message_id}
-        assert dict(Counter(m.message_id for m in got)) == {
-            **dict.fromkeys(acked, 1),
-            **dict.fromkeys(in_flight, 2),  # queued before the cut, and again by the retry
-            "evt_next.mq": 1,  # sent after the cut: an attempt on the dead connection never got there
-        }
-    finally:
-        await s.close()
-        await proxy.stop()
 
 
 @pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl is not installed")
@@ -365,16 +251,6 @@ def test_render_refuses_a_routing_key_over_255_bytes():
     s = sink(routing_key="{{ k }}")
     with pytest.raises(RecordInvalid, match="longer than 255 bytes"):
         s.render({"k": "x" * 256}, "k")
-
-
-def test_missing_driver_names_the_extra(monkeypatch):
-    import sys
-
-    from patchbay.errors import ConfigError
-
-    monkeypatch.setitem(sys.modules, "aio_pika", None)  # what an install without the extra looks like
-    with pytest.raises(ConfigError, match=r"pip install 'patchbay\[amqp\]'"):
-        sink(routing_key="q")
 
 
 # ------------------------------------------------------------------ through the hub

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.config.models import DeliveryPolicy
-from patchbay.connectors.base import Outcome, OutcomeClass, Resources
-from patchbay.connectors.redis import RedisDestination, RedisSink, RedisSystem
-from patchbay.errors import ConfigError, RecordInvalid
+from patchbay.connectors.base import OutcomeClass, Resources
+from patchbay.connectors.redis import RedisSink, RedisSinkConfig, RedisSystem
+from patchbay.errors import RecordInvalid
 from tests.conftest import eventually, require_service
-from tests.connectors import TcpProxy, broker_project, closed_port
+from tests.connectors import TcpProxy, broker_project, count_tls_builds, tls_server_context
+from tests.connectors.brokers import entries
 
 aioredis = pytest.importorskip("redis.asyncio")
 
@@ -54,14 +53,10 @@ def sink(
     secrets = secrets or {}
     return RedisSink(
         RedisSystem.model_validate({"url": URL, **(system or {})}),
-        RedisDestination.model_validate(dest),
+        RedisSinkConfig.model_validate(dest),
         DeliveryPolicy.model_validate({"timeout_s": timeout_s}),
         Resources(secret=lambda ref: secrets[ref.secret], allow_private=True),  # a loopback server
     )
-
-
-async def entries(r: Any, key: str) -> list[dict[str, str]]:
-    return [fields for _, fields in await r.xrange(key)]
 
 
 async def test_xadd_stores_data_and_the_idempotency_key(r, stream_key):
@@ -113,6 +108,28 @@ async def test_publish_mode_carries_the_key_in_the_body(r):
         await pubsub.aclose()
 
 
+async def test_rediss_trusts_the_ca_bundle_and_builds_its_context_once(r, stream_key, tmp_path, monkeypatch):
+    server_tls, cert = tls_server_context(tmp_path, "localhost")
+    proxy = await TcpProxy(HOST, PORT, tls=server_tls).start()  # TLS in front of the local server
+    built = count_tls_builds(monkeypatch)
+    url = f"rediss://localhost:{proxy.port}/0"
+    sinks = [sink({"url": url, "ca_bundle": str(cert)}, stream=stream_key) for _ in range(2)]
+    untrusted = sink({"url": url}, stream=stream_key)  # the system's CAs do not know the test's CA
+    try:
+        for i, s in enumerate(sinks):  # two sinks of one system: two clients, two connections
+            outcome = await s.send(s.render({}, f"k{i}"), f"k{i}")
+            assert outcome.cls is OutcomeClass.SUCCESS, outcome
+        assert [e["idempotency_key"] for e in await entries(r, stream_key)] == ["k0", "k1"]
+        assert proxy.accepted == 2
+        assert len(built) == 1  # one context for the system, not one per connection
+        outcome = await untrusted.send(untrusted.render({}, "k2"), "k2")
+        assert outcome.cls is OutcomeClass.TRANSIENT and "certificate" in outcome.error.lower(), outcome
+    finally:
+        for s in [*sinks, untrusted]:
+            await s.close()
+        await proxy.stop()
+
+
 def test_key_field_needs_an_object_body_and_leaves_the_record_alone():
     s = sink(mode="publish", channel="c", key_field="key", body="id")
     with pytest.raises(RecordInvalid, match="not an object"):
@@ -149,32 +166,6 @@ async def test_wrong_credentials_are_auth(stream_key):
         await s.close()
 
 
-async def test_connection_refused_is_transient(stream_key):
-    s = sink({"url": f"redis://127.0.0.1:{closed_port()}/0"}, stream=stream_key)
-    try:
-        outcome = await s.send(s.render({}, "k"), "k")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "connection failed" in outcome.error
-    finally:
-        await s.close()
-
-
-async def test_a_server_that_stops_answering_times_out_as_transient(r, stream_key):
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"url": f"redis://127.0.0.1:{proxy.port}/0"}, stream=stream_key, timeout_s=0.5)
-    try:
-        assert (await s.send(s.render({}, "k0"), "k0")).cls is OutcomeClass.SUCCESS
-        proxy.blackhole = True
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.TRANSIENT and "timed out" in outcome.error
-        proxy.blackhole = False
-        outcome = await s.send(s.render({}, "k1"), "k1")
-        assert outcome.cls is OutcomeClass.SUCCESS, outcome
-        assert [e["idempotency_key"] for e in await entries(r, stream_key)] == ["k0", "k1"]
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
 async def test_client_kill_is_followed_by_a_reconnect(r, stream_key):
     name = f"pbtest-{uuid.uuid4().hex[:8]}"
     s = sink({"client_name": name}, stream=stream_key)
@@ -194,83 +185,20 @@ async def test_client_kill_is_followed_by_a_reconnect(r, stream_key):
         await s.close()
 
 
-async def test_connection_cut_mid_run_loses_nothing_and_keeps_the_key_on_every_copy(r, stream_key):
-    """The server drops the client with XADDs in flight: added, but their replies lost. Each send is
-    delivered or transient: redis-py resends a command whose connection broke once, on a new connection
-    (the sink's one immediate retry), and the engine retries what still fails with the same request and
-    key. Redis cannot drop a repeated XADD, so this is at least once, as the connector promises: the
-    stream holds a second entry for each in-flight key, with the same idempotency_key, for consumers
-    to drop."""
-    proxy = await TcpProxy(HOST, PORT).start()
-    s = sink({"url": f"redis://127.0.0.1:{proxy.port}/0"}, stream=stream_key, timeout_s=10)
-    pool_size = s.policy.max_concurrency  # one connection per concurrent send
-    attempts: Counter[str] = Counter()
-
-    async def send(key: str) -> Outcome:
-        attempts[key] += 1
-        return await s.send(s.render({"key": key}, key), key)
-
-    try:
-        # As many sends at once as the pool holds connections: each opens one, and all stay in the pool.
-        acked = [f"evt_{i}.queue" for i in range(pool_size)]
-        assert {o.cls for o in await asyncio.gather(*map(send, acked))} == {OutcomeClass.SUCCESS}
-
-        in_flight = [f"evt_{i}.queue" for i in range(pool_size, 2 * pool_size)]
-        # The commands reach the server, the replies do not come back: one send on each pooled connection.
-        assert proxy.hold_replies() == pool_size
-        sending = [asyncio.create_task(send(k)) for k in in_flight]
-
-        async def all_added() -> bool:
-            return await r.xlen(stream_key) == len(acked) + len(in_flight)
-
-        await eventually(all_added, timeout=5, what="the in-flight entries added")
-        assert not any(t.done() for t in sending)  # mid-run: every one still waits for its reply
-        assert proxy.cut() == pool_size
-        nxt = await send("evt_next.queue")
-        outcomes = dict(zip(in_flight, await asyncio.gather(*sending), strict=True))
-        outcomes["evt_next.queue"] = nxt
-        assert {o.cls for o in outcomes.values()} <= {OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT}, outcomes
-
-        # The delivery worker retries each transient outcome with the same request and key.
-        retry = [k for k, o in outcomes.items() if o.cls is OutcomeClass.TRANSIENT]
-        again = dict(zip(retry, await asyncio.gather(*map(send, retry)), strict=True))
-        assert {o.cls for o in again.values()} <= {OutcomeClass.SUCCESS}, again
-
-        stored = await entries(r, stream_key)
-        for e in stored:  # every copy is the same request under the same key
-            assert orjson.loads(e["data"]) == {"key": e["idempotency_key"]}
-        copies = Counter(e["idempotency_key"] for e in stored)
-        assert set(copies) == set(attempts)  # every key
-        assert all(copies[k] == 1 for k in acked)
-        # Added before the cut, and again by the attempt that succeeded; an attempt writes at most twice
-        # (its immediate resend on a new connection).
-        assert all(2 <= copies[k] <= 2 * attempts[k] for k in in_flight), (copies, attempts)
-        assert 1 <= copies["evt_next.queue"] <= 2 * attempts["evt_next.queue"], (copies, attempts)
-    finally:
-        await s.close()
-        await proxy.stop()
-
-
 # ------------------------------------------------------------------ config
 def test_config_is_checked():
     with pytest.raises(ValidationError, match="needs `stream: KEY`"):
-        RedisDestination.model_validate({})
+        RedisSinkConfig.model_validate({})
     with pytest.raises(ValidationError, match="needs `channel: NAME`"):
-        RedisDestination.model_validate({"mode": "publish"})
+        RedisSinkConfig.model_validate({"mode": "publish"})
     with pytest.raises(ValidationError, match="for mode stream"):
-        RedisDestination.model_validate({"mode": "publish", "channel": "c", "maxlen": 5})
+        RedisSinkConfig.model_validate({"mode": "publish", "channel": "c", "maxlen": 5})
     with pytest.raises(ValidationError, match="set by Patchbay itself"):
-        RedisDestination.model_validate({"stream": "s", "fields": {"data": "x"}})
+        RedisSinkConfig.model_validate({"stream": "s", "fields": {"data": "x"}})
     with pytest.raises(ValidationError, match="holds a password"):
         RedisSystem.model_validate({"url": "redis://:hunter2@host:6379/0"})
     with pytest.raises(ValidationError, match="unclosed placeholder"):
-        RedisDestination.model_validate({"stream": "orders:{{ region"})
-
-
-def test_missing_driver_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
-    with pytest.raises(ConfigError, match=r"pip install 'patchbay\[redis\]'"):
-        sink(stream="s")
+        RedisSinkConfig.model_validate({"stream": "orders:{{ region"})
 
 
 # ------------------------------------------------------------------ through the hub

@@ -19,9 +19,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.smtp import SmtpDestination, SmtpSink, SmtpSystem, message_id
+from patchbay.connectors.smtp import SmtpSink, SmtpSinkConfig, SmtpSystem, message_id
 from patchbay.errors import ConfigError, RecordInvalid
 from tests.conftest import SECRET_TOKEN, eventually, write_project
+from tests.connectors import TcpProxy, count_tls_builds, declared_secrets, tls_server_context
 
 PASSWORD = "correct horse battery"
 
@@ -107,10 +108,31 @@ def make(box: Mailbox, resources: Resources, system: dict[str, Any] | None = Non
         "text": "Hello {{ name }}",
         **dest,
     }
-    return SmtpSink(SmtpSystem(**sys_cfg), SmtpDestination(**dest), DeliveryPolicy(timeout_s=5), resources)
+    return SmtpSink(SmtpSystem(**sys_cfg), SmtpSinkConfig(**dest), DeliveryPolicy(timeout_s=5), resources)
 
 
 LEAD = {"email": "ada@example.com", "name": "Ada <b>Lovelace</b>", "owner": "Bob <bob@example.com>"}
+
+
+async def test_implicit_tls_trusts_the_ca_bundle_and_builds_its_context_once(
+    mailbox, resources, tmp_path, monkeypatch
+):
+    server_tls, cert = tls_server_context(tmp_path, "localhost")
+    proxy = await TcpProxy("127.0.0.1", mailbox.port, tls=server_tls).start()  # TLS in front of it
+    built = count_tls_builds(monkeypatch)
+    try:
+        tls = {"host": "localhost", "port": proxy.port, "tls": True}
+        sinks = [make(mailbox, resources, {**tls, "ca_bundle": str(cert)}) for _ in range(2)]
+        for sink in [*sinks, sinks[0]]:  # two sinks of one system, three connections
+            outcome = await sink.send(sink.render(LEAD, "k1"), "k1")
+            assert outcome.cls is OutcomeClass.SUCCESS, outcome
+        assert len(mailbox.mails) == 3
+        assert len(built) == 1  # one context for the system, however many connections
+        untrusted = make(mailbox, resources, tls)  # the system's CAs do not know the test's CA
+        outcome = await untrusted.send(untrusted.render(LEAD, "k2"), "k2")
+        assert outcome.cls is not OutcomeClass.SUCCESS and "certificate" in outcome.error.lower(), outcome
+    finally:
+        await proxy.stop()
 
 
 async def test_plain_text_message_with_message_id_from_the_key(mailbox, resources):
@@ -157,7 +179,7 @@ async def test_login_with_the_password_secret(mailbox, resources):
     outcome = await sink.send(sink.render(LEAD, "k1"), "k1")
     assert outcome.cls is OutcomeClass.SUCCESS, outcome
     assert mailbox.mails[0].login == b"hub"
-    assert sink.secret_refs()[0].label == "secret:smtp_password"
+    assert declared_secrets(sink.system) == ["secret:smtp_password"]
 
 
 async def test_a_refused_login_pauses_the_destination(mailbox, resources):

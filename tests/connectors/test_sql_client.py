@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
+import importlib
+import re
 import sqlite3
-import time
+import sys
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from patchbay import registry
 from patchbay.cli import main
-from patchbay.connectors.base import OutcomeClass
-from patchbay.connectors.sql_client import (
-    DbRefused,
-    RowRenderer,
-    SqlDestination,
-    build_statement,
-    classify_db,
-    is_loopback,
-    quote_ident,
-)
+from patchbay.config.models import DeliveryPolicy
+from patchbay.connectors.base import MissingDriver, OutcomeClass, Resources
+from patchbay.connectors.sql_client.config import SqlSinkConfig
+from patchbay.connectors.sql_client.errors import DbRefused, classify_db
+from patchbay.connectors.sql_client.names import is_loopback, quote_ident
+from patchbay.connectors.sql_client.statements import RowRenderer, build_statement
 from patchbay.errors import RecordInvalid
-from tests.conftest import write_project
+from tests.connectors import contacts_project
 
 
-def dest(**kw: object) -> SqlDestination:
-    return SqlDestination.model_validate(kw)
+def dest(**kw: object) -> SqlSinkConfig:
+    return SqlSinkConfig.model_validate(kw)
 
 
 def errors_of(**kw: object) -> str:
@@ -227,83 +223,6 @@ def test_loopback_hosts():
     assert not any(is_loopback(h) for h in ("db.internal", "10.0.0.5", "2001:db8::1"))
 
 
-# ---------------------------------------------------------------- shared by the per-database tests
-FAST = {"timeout_s": 2, "max_concurrency": 1, "retry": {"schedule": ["100ms", "200ms", "300ms"], "jitter": 0}}
-CONTACT_EVENTS = [
-    {"email": "Ann@Example.com", "first_name": "Ann", "score": "1", "tags": ["new"]},
-    {"email": "bob@example.com", "first_name": "Bob", "score": "2", "tags": []},
-    {"email": " ann@example.com", "first_name": "Annie", "score": "3", "tags": ["vip"]},  # same key: wins
-]
-CONTACT_ROWS = [("ann@example.com", "Annie", 3), ("bob@example.com", "Bob", 2)]
-
-
-def contacts_project(root: Path, system: dict[str, Any], table: str) -> Path:
-    """webhook -> map -> a SQL destination upserting on email; one delivery at a time: the last event wins."""
-    systems = {
-        "website": {
-            "owner": "web",
-            "webhook": {"scheme": "standard_webhooks", "secrets": [{"secret": "website_whsec"}]},
-        },
-        "warehouse": {"owner": "data", "allow_private_network": True, **system},  # a loopback server
-    }
-    flow = {
-        "purpose": "contacts land in the warehouse",
-        "owner": "data",
-        "trigger": {"webhook": {"system": "website"}},
-        "record_key": "email",
-        "delivery": FAST,
-        "steps": [
-            {
-                "map": {
-                    "email": "lower(trim(email))",
-                    "name": "first_name",
-                    "score": "to_int(score)",
-                    "tags": "tags",
-                }
-            }
-        ],
-        "destinations": [
-            {"name": "db", "system": "warehouse", "table": table, "write_mode": "upsert", "key": ["email"]}
-        ],
-    }
-    return write_project(
-        root,
-        {
-            "patchbay.yaml": yaml.safe_dump({"port": 0}),
-            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-            "flows/contacts.yaml": yaml.safe_dump(flow, sort_keys=False),
-        },
-    )
-
-
-async def post_and_deliver(
-    hub: Any, events: list[dict[str, Any]], timeout: float = 15.0
-) -> list[dict[str, Any]]:
-    """POST each event to the contacts flow and wait until every run is delivered; returns the runs."""
-    ids = []
-    for e in events:
-        status, body = await hub.post("/hooks/contacts", e)
-        assert status == 202, body
-        ids.append(body["event_id"])
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = [await hub.run(i) for i in ids]
-        if all(r["status"] == "delivered" for r in runs):
-            return runs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not all delivered: {[(r['status'], r['deliveries']) for r in runs]}")
-        await asyncio.sleep(0.05)
-
-
-async def stop_hub(hub: Any) -> None:
-    """Stop the hub now and close its destinations (the fixture's second stop is a no-op)."""
-    await hub.runner.cleanup()
-    await hub.hub.stop()
-    for fr in hub.hub.flows.values():
-        for sink in fr.pipeline.sinks.values():
-            await sink.close()
-
-
 def check_project(root: Path) -> tuple[int, str]:
     env = {"PATCHBAY_SECRET_WEBSITE_WHSEC": "x" * 8}
     res = CliRunner().invoke(main, ["check", str(root)], env=env)
@@ -325,3 +244,23 @@ def test_check_accepts_a_sql_destination_and_locates_unknown_settings(tmp_path):
     flow.write_text(flow.read_text().replace("keys: [email]", "columns: {email: 'lowr(email)'}"))
     code, out = check_project(root)
     assert code != 0 and "unknown function 'lowr'" in out, out
+
+
+@pytest.mark.parametrize(("kind", "module"), [("postgres", "psycopg"), ("mysql", "aiomysql")])
+def test_a_missing_driver_says_how_to_install_it(kind, module, monkeypatch):
+    registry.discover()
+    entry = registry.CONNECTORS[kind]
+    cls, _ = registry.connector_for(kind, "destination") or (None, None)
+    assert cls is not None and entry.extra is not None
+    monkeypatch.setitem(sys.modules, module, None)  # what an install without the extra looks like
+    load_driver = importlib.import_module(f"patchbay.connectors.{kind}").load_driver
+    if hasattr(load_driver, "cache_clear"):
+        load_driver.cache_clear()
+    system = entry.system_config.model_validate({"host": "127.0.0.1", "database": "d", "user": "u"})
+    config = SqlSinkConfig.model_validate({"table": "t", "write_mode": "insert"})
+    try:
+        with pytest.raises(MissingDriver, match=re.escape(registry.install_hint(entry.extra))):
+            cls(system, config, DeliveryPolicy(), Resources())
+    finally:
+        if hasattr(load_driver, "cache_clear"):
+            load_driver.cache_clear()  # the next caller imports the real driver again

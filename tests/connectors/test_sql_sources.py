@@ -6,7 +6,6 @@ tested first, without a database.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import os
@@ -25,17 +24,12 @@ from pydantic import ValidationError
 
 from patchbay.cli import main
 from patchbay.connectors.base import Batch, Resources
-from patchbay.connectors.sql_client import (
-    SourcePosition,
-    SourceQuery,
-    SqlSource,
-    SqlSourceConfig,
-    bind_cursor,
-    jsonable,
-)
+from patchbay.connectors.sql_client.source import SqlSource
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig, bind_cursor
+from patchbay.connectors.sql_client.source_query import SourcePosition, SourceQuery, jsonable
 from patchbay.errors import AuthError, TerminalError, TransientError
 from tests.conftest import IN_CI, eventually, require_service, write_project
-from tests.connectors import closed_port
+from tests.connectors import closed_port, polls_more
 
 PG: dict[str, Any] = {
     "host": os.environ.get("PATCHBAY_TEST_PG_HOST", "127.0.0.1"),
@@ -284,7 +278,15 @@ class PgDb(Db):
 
     async def kill(self, src: SqlSource[Any]) -> None:
         [conn] = src._pool.idle
-        await self.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
+        pid = conn.info.backend_pid
+        await self.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+        async def gone() -> bool:  # pg_terminate_backend only signals the backend
+            return (await self.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]))[0][
+                0
+            ] == 0
+
+        await eventually(gone, timeout=5, what="the terminated backend gone")
 
     async def close(self) -> None:
         await super().close()
@@ -333,7 +335,14 @@ class MyDb(Db):
 
     async def kill(self, src: SqlSource[Any]) -> None:
         [conn] = src._pool.idle
-        await self.execute(f"KILL {conn.thread_id()}")
+        thread = conn.thread_id()
+        await self.execute(f"KILL {thread}")
+
+        async def gone() -> bool:  # KILL returns before the server has closed the connection
+            sql = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = %s"
+            return (await self.execute(sql, [thread]))[0][0] == 0
+
+        await eventually(gone, timeout=5, what="the killed connection closed by the server")
 
     async def close(self) -> None:
         await super().close()
@@ -538,7 +547,6 @@ async def test_killed_connection_between_polls_reconnects(db: Db):
     src = db.source()
     cursor = (await read(src))[-1].cursor
     await db.kill(src)
-    await asyncio.sleep(0.1)
     await db.insert([(4, at(4), "1")])
     assert ids(await read(src, cursor)) == [4]  # the dead connection was replaced: the poll still works
     [conn] = src._pool.idle
@@ -552,7 +560,6 @@ async def test_a_connection_killed_mid_poll_fails_the_poll_and_the_next_one_resu
     gen = src.poll(None)
     first = await anext(gen)
     await db.kill(src)  # between two pages of one poll: the retry on a fresh connection covers it too
-    await asyncio.sleep(0.1)
     rest = [b async for b in gen]
     assert ids([first, *rest]) == [1, 2, 3, 4, 5, 6]
 
@@ -663,7 +670,7 @@ async def test_postgres_table_to_http_end_to_end(tmp_path, db: Db, sink, start_h
     await db.touch([2], at(60))  # an update is a new event
     await db.insert([(6, at(61), "6.00")])
     await sink.wait_for(7)
-    await asyncio.sleep(1.5)  # more polls find nothing new
+    await polls_more(hub, 2)  # polls that find nothing new
     bodies = [r.body for r in sink.received]
     assert sorted(b["order_id"] for b in bodies) == [1, 2, 2, 3, 4, 5, 6]
     assert [b["changed_at"] for b in bodies if b["order_id"] == 2] == [at(1).isoformat(), at(60).isoformat()]

@@ -11,9 +11,9 @@ import pytest
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.sql_client import SqlDestination
+from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sqlite import SqliteSink, SqliteSystem
-from tests.connectors.test_sql_client import (
+from tests.connectors import (
     CONTACT_EVENTS,
     CONTACT_ROWS,
     contacts_project,
@@ -47,7 +47,7 @@ async def make(db: Path) -> AsyncIterator[Make]:
         timeout_s: float = 2.0,
         **cfg: Any,
     ) -> SqliteSink:
-        config = SqlDestination.model_validate(
+        config = SqlSinkConfig.model_validate(
             {"table": "contacts", "write_mode": operation, "key": list(key), **cfg}
         )
         sink = SqliteSink(

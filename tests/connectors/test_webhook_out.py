@@ -15,9 +15,10 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.webhook_out import WebhookOutDestination, WebhookOutSink, WebhookOutSystem
+from patchbay.connectors.webhook_out import WebhookOutSink, WebhookOutSinkConfig, WebhookOutSystem
 from patchbay.records import new_id
 from patchbay.security.webhook_auth import generate_whsec
+from tests.connectors import declared_secrets
 
 OLD, NEW = generate_whsec(), generate_whsec()
 SECRETS = {"partner_new": NEW, "partner_old": OLD, "broken": "whsec_%%%"}
@@ -76,7 +77,7 @@ def make(
     system = WebhookOutSystem(
         url=url, secrets=[{"secret": s} for s in secrets], headers={"X-Sender": "patchbay"}
     )
-    return WebhookOutSink(system, WebhookOutDestination(**dest), DeliveryPolicy(timeout_s=2), resources)
+    return WebhookOutSink(system, WebhookOutSinkConfig(**dest), DeliveryPolicy(timeout_s=2), resources)
 
 
 async def test_signed_for_both_secrets_during_rotation(receiver, resources):
@@ -172,7 +173,7 @@ async def test_receiver_down_is_transient(resources):
 )
 def test_config_mistakes_are_refused(dest, message):
     with pytest.raises(ValueError, match=message):
-        WebhookOutDestination(**dest)
+        WebhookOutSinkConfig(**dest)
 
 
 def test_secrets_are_required_and_referenced():
@@ -181,8 +182,8 @@ def test_secrets_are_required_and_referenced():
     with pytest.raises(ValueError, match="never written inline"):
         WebhookOutSystem(url="https://partner.example.com", secrets=["whsec_abc"])
     system = WebhookOutSystem(url="https://partner.example.com", secrets=[{"secret": "a"}, {"env": "B"}])
-    sink = WebhookOutSink(system, WebhookOutDestination(), DeliveryPolicy(), Resources())
-    assert [r.label for r in sink.secret_refs()] == ["secret:a", "env:B"]
+    sink = WebhookOutSink(system, WebhookOutSinkConfig(), DeliveryPolicy(), Resources())
+    assert declared_secrets(sink.system) == ["secret:a", "env:B"]
 
 
 def test_check_accepts_a_webhook_out_project_and_locates_unknown_settings(tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Outcome, OutcomeClass
-from patchbay.connectors.http import classify_response, parse_retry_after
+from patchbay.connectors.http_client import classify_response, parse_retry_after
 from patchbay.engine.policy import decide, retry_delay
 
 RNG = random.Random(7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -215,5 +216,85 @@ def test_map_never_modifies_its_input(record: dict[str, Any]) -> None:
             "fields": {"properties": "properties", "properties.email": "a", "a.b.c": "b", "b": "`1`"},
         }
     )
-    m.apply(record)
+    with contextlib.suppress(RecordInvalid):  # refused when `properties` is not an object
+        m.apply(record)
     assert record == before
+
+
+def _large_map(n: int) -> dict[str, Any]:
+    """n targets, children given before their parents, three levels deep, constants only (no compile)."""
+    fields: dict[str, Any] = {}
+    for i in range(n):
+        group, sub = f"g{i % 97}", f"g{i % 97}.s{i % 7}"
+        fields[f"{sub}.f{i}"] = {"value": i}
+        fields.setdefault(sub, {"value": {}})
+        fields.setdefault(group, {"value": {}})
+    return fields
+
+
+def test_a_large_map_orders_parents_first_in_linear_time() -> None:
+    import time
+
+    fields = _large_map(10_000)
+    config = MapConfig.model_validate(fields)
+    start = time.perf_counter()
+    m = MapStep(config)
+    issues = list(MapStep.check(config))
+    elapsed = time.perf_counter() - start
+    order = [f.target for f in m._fields]
+    position = {t: i for i, t in enumerate(order)}
+    assert sorted(order) == sorted(fields)
+    for t in order:  # every parent comes before each of its children
+        parts = t.split(".")
+        assert all(position[".".join(parts[:k])] < position[t] for k in range(1, len(parts))), t
+    leaves = [t for t in order if t.count(".") == 2]
+    assert leaves == [t for t in fields if t.count(".") == 2]  # otherwise in the order given
+    assert issues == []
+    out = m.apply({})
+    assert out["g5"]["s5"]["f5"] == 5 and len(out) == 97
+    assert elapsed < 1.5, f"{elapsed:.2f}s"  # quadratic took minutes at this size
+
+
+def test_a_child_inside_a_parent_that_is_not_an_object_is_refused() -> None:
+    m = mapper({"customer.address.city": "city", "customer.id": "id", "customer": "customer"})
+    record = {"id": 7, "city": "Lyon", "customer": {"name": "Ann"}}
+    assert m.apply(record) == {"customer": {"name": "Ann", "address": {"city": "Lyon"}, "id": 7}}
+    assert m.apply({"id": 7}) == {
+        "customer": {"address": {"city": None}, "id": 7}
+    }  # a null parent is filled in
+    with pytest.raises(RecordInvalid) as exc:
+        m.apply({"id": 7, "customer": "Ann"})
+    assert [(v.path, v.message) for v in exc.value.violations] == [
+        (
+            "customer.address.city",
+            "cannot write customer.address.city inside customer, which is text, not an object",
+        ),
+        ("customer.id", "cannot write customer.id inside customer, which is text, not an object"),
+    ]
+
+
+def test_check_reports_a_child_of_a_parent_that_can_never_be_an_object() -> None:
+    config = MapConfig.model_validate(
+        {
+            "a": {"value": 1},
+            "a.b": "x",
+            "n": {"expr": "n", "type": "int"},
+            "n.m": "x",
+            "o": {"value": {"k": 1}},
+            "o.p": "x",
+            "q": "q",
+            "q.r": "x",
+        }
+    )
+    assert [(i.loc, i.message) for i in MapStep.check(config)] == [
+        (
+            ("a.b",),
+            "a.b is written inside a, which is a constant that is not an object: the record would be"
+            " refused; remove one of them or write a as an object",
+        ),
+        (
+            ("n.m",),
+            "n.m is written inside n, which is type: int: the record would be refused; remove one of"
+            " them or write n as an object",
+        ),
+    ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import re
 import socket
 import ssl
+import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator
@@ -23,13 +25,16 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from patchbay.config.models import DeliveryPolicy, SystemCommon
 from patchbay.connectors.base import OutcomeClass, Resources
-from patchbay.connectors.http import HttpDestination, HttpSink, HttpSystem
+from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.errors import TerminalError, TransientError
 from patchbay.security.ssrf import (
     AddressPolicy,
     BlockedAddress,
     HttpSessions,
     blocked_reason,
+    outbound_warnings,
+    parse_host,
+    resolve_allowed,
     tls_client_context,
 )
 from patchbay.store.queries import list_dead
@@ -239,7 +244,7 @@ async def test_a_redirect_to_an_internal_address_is_blocked(server, sessions):
 
 
 def _sink(url: str, resources: Resources, **policy: Any) -> HttpSink:
-    return HttpSink(HttpSystem(url=url), HttpDestination(path="/x"), DeliveryPolicy(**policy), resources)
+    return HttpSink(HttpSystem(url=url), HttpSinkConfig(path="/x"), DeliveryPolicy(**policy), resources)
 
 
 async def test_http_sink_classifies_a_blocked_address_as_terminal(server):
@@ -489,34 +494,34 @@ def destination(
 
 def _models(kind: str) -> tuple[Any, Any]:
     if kind in ("postgres", "mysql"):
-        from patchbay.connectors.sql_client import SqlDestination
+        from patchbay.connectors.sql_client.config import SqlSinkConfig
 
         if kind == "postgres":
             from patchbay.connectors.postgres import PostgresSystem
 
-            return PostgresSystem, SqlDestination
+            return PostgresSystem, SqlSinkConfig
         from patchbay.connectors.mysql import MysqlSystem
 
-        return MysqlSystem, SqlDestination
+        return MysqlSystem, SqlSinkConfig
     if kind == "redis":
-        from patchbay.connectors.redis import RedisDestination, RedisSystem
+        from patchbay.connectors.redis import RedisSinkConfig, RedisSystem
 
-        return RedisSystem, RedisDestination
+        return RedisSystem, RedisSinkConfig
     if kind == "rabbitmq":
-        from patchbay.connectors.rabbitmq import RabbitMQDestination, RabbitMQSystem
+        from patchbay.connectors.rabbitmq import RabbitMQSinkConfig, RabbitMQSystem
 
-        return RabbitMQSystem, RabbitMQDestination
+        return RabbitMQSystem, RabbitMQSinkConfig
     if kind == "mqtt":
-        from patchbay.connectors.mqtt import MqttDestination, MqttSystem
+        from patchbay.connectors.mqtt import MqttSinkConfig, MqttSystem
 
-        return MqttSystem, MqttDestination
+        return MqttSystem, MqttSinkConfig
     if kind == "nats":
-        from patchbay.connectors.nats import NatsDestination, NatsSystem
+        from patchbay.connectors.nats import NatsSinkConfig, NatsSystem
 
-        return NatsSystem, NatsDestination
-    from patchbay.connectors.smtp import SmtpDestination, SmtpSystem
+        return NatsSystem, NatsSinkConfig
+    from patchbay.connectors.smtp import SmtpSinkConfig, SmtpSystem
 
-    return SmtpSystem, SmtpDestination
+    return SmtpSystem, SmtpSinkConfig
 
 
 async def send_once(sink: Any, key: str = "evt_1.guard") -> Any:
@@ -582,7 +587,7 @@ def source(kind: str, host: str, port: int, resources: Resources) -> Any:
     sys_model, _ = _models(kind)
     system = sys_model.model_validate(_system(kind, host, port))
     if kind in ("postgres", "mysql"):
-        from patchbay.connectors.sql_client import SqlSourceConfig
+        from patchbay.connectors.sql_client.source_config import SqlSourceConfig
 
         config = SqlSourceConfig.model_validate({"table": "pb_guard", "cursor_column": "id", "timeout_s": 2})
         if kind == "postgres":
@@ -869,7 +874,7 @@ async def test_a_postgres_system_on_localhost_dead_letters_until_its_network_is_
     pytest.importorskip("psycopg")
     import psycopg
 
-    from tests.connectors.test_sql_client import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
+    from tests.connectors import CONTACT_EVENTS, contacts_project, post_and_deliver, stop_hub
 
     table = f"pb_{uuid.uuid4().hex[:12]}"
     admin = await psycopg.AsyncConnection.connect(
@@ -976,3 +981,169 @@ def test_check_warns_about_database_broker_and_smtp_hosts_the_guard_will_refuse(
     for quiet in ("queue", "local_db", "socket_db", "public_mq"):  # allowed, a Unix socket, or public
         assert not any(f"system '{quiet}'" in w for w in warnings_), warnings_
     assert len(warnings_) == 4, warnings_
+
+
+# ----------------------------------------------------------------------------- one reader of host forms
+LOOPBACK_FORMS = ["127.1", "0x7f.1", "0177.0.0.1", "2130706433", "0x7f000001", "127.0.1", "0X7F.0.0.01"]
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        *((form, "127.0.0.1") for form in LOOPBACK_FORMS),
+        ("10.1", "10.0.0.1"),
+        ("0", "0.0.0.0"),
+        ("4294967295", "255.255.255.255"),
+        ("00000000000000127.1", "87.0.0.1"),  # octal, as the resolver reads it
+        ("127.000.000.001", "127.0.0.1"),
+        ("[::1]", "::1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("::ffff:7f00:1", "::ffff:7f00:1"),
+        *((name, None) for name in ["example.com", "127.0.0.1.", "08.0.0.1", "0x.1", "1.2.3.4.5", "256.1"]),
+        *((name, None) for name in ["1.256.1.1", "4294967296", "0x100000000", "1e2", "+1.2.3.4", "::g", ""]),
+    ],
+)
+def test_parse_host_reads_every_numeric_form_the_resolver_reads(host: str, address: str | None):
+    parsed = parse_host(host)
+    assert (str(parsed) if parsed is not None else None) == address
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="compares with glibc's reader")
+@pytest.mark.parametrize(
+    "host",
+    [
+        *LOOPBACK_FORMS,
+        "10.1",
+        "0",
+        "00000000000000127.1",
+        "127.0.0.1.",
+        "08.0.0.1",
+        "0x.1",
+        "256.1",
+        "1.2.65536",
+    ]
+    + ["4294967296", "0x100000000", "1e2", "0x7f.0x0.0x0.0x1", "::ffff:127.0.0.1", "fe80::1", "017700000001"],
+)
+def test_parse_host_agrees_with_the_system_resolver(host: str):
+    """What the resolver would connect to without DNS (AI_NUMERICHOST): no lookup, no traffic."""
+    try:
+        [info, *_] = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        expected: Any = ipaddress.ip_address(str(info[4][0]))
+    except socket.gaierror:
+        expected = None
+    assert parse_host(host) == expected
+
+
+@pytest.mark.parametrize("form", LOOPBACK_FORMS)
+def test_every_loopback_form_is_judged_loopback(form: str):
+    assert blocked_reason(form) == "loopback address"
+
+
+NAT64 = [
+    ("64:ff9b:1::1", "local-use NAT64 address"),  # RFC 8215: the translator is inside this network
+    ("64:ff9b:1:2:3:4:5:6", "local-use NAT64 address"),
+    ("64:ff9b:1::808:808", "local-use NAT64 address"),
+    ("64:ff9b::a00:5", "private address (NAT64)"),  # the well-known prefix: judged by the IPv4 inside
+    ("64:ff9b::c0a8:101", "private address (NAT64)"),
+    ("64:ff9b::a9fe:a9fe", "cloud metadata address (NAT64)"),
+    ("64:ff9b::7f00:1", "loopback address (NAT64)"),
+    ("64:ff9b::808:808", None),
+    ("64:ff9b:2::1", None),  # outside both prefixes
+]
+
+
+@pytest.mark.parametrize(("address", "why"), NAT64, ids=[n[0] for n in NAT64])
+def test_nat64_prefixes(address: str, why: str | None):
+    assert blocked_reason(address) == why
+
+
+def test_allow_networks_opens_the_local_use_nat64_prefix():
+    assert AddressPolicy(["64:ff9b:1::/48"]).reason("64:ff9b:1::a00:5") is None
+
+
+@pytest.mark.parametrize("form", ["127.1", "0x7f.1", "2130706433"])
+async def test_the_guard_refuses_a_loopback_form_without_connecting(server, sessions, form):
+    with pytest.raises(BlockedAddress, match=rf"connecting to 127\.0\.0\.1 \({form}\) is blocked: loopback"):
+        await fetch(sessions().get(), f"http://{form}:{server.port}/x")
+    assert server.hits == []
+    with pytest.raises(BlockedAddress, match="loopback address"):
+        await resolve_allowed(form, server.port)
+    assert await resolve_allowed(form, server.port, allow_networks=["127.0.0.0/8"]) == ["127.0.0.1"]
+
+
+async def test_a_name_resolving_to_local_use_nat64_is_blocked(sessions):
+    dns = FakeDns({"nat64.test": "64:ff9b:1::a00:5"})
+    with pytest.raises(BlockedAddress, match=r"64:ff9b:1::a00:5 \(nat64\.test\) is blocked: local-use NAT64"):
+        await fetch(sessions(resolver=dns).get(), "http://nat64.test/x")
+    with pytest.raises(BlockedAddress, match="local-use NAT64 address"):
+        await resolve_allowed("64:ff9b:1::a00:5", 5432)
+
+
+def _check_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> Path:
+    from tests.conftest import SECRET_TOKEN, SECRET_WHSEC
+
+    monkeypatch.setenv("PATCHBAY_SECRET_WEBSITE_WHSEC", SECRET_WHSEC)
+    monkeypatch.setenv("PATCHBAY_SECRET_CRM_TOKEN", SECRET_TOKEN)
+    monkeypatch.chdir(tmp_path)
+    root = lead_project(tmp_path / "p", "https://crm.example.com/api")
+    _systems(root)
+    (root / "systems.yaml").write_text(
+        (root / "systems.yaml").read_text() + yaml.safe_dump(extra, sort_keys=False)
+    )
+    return root
+
+
+def test_check_warns_about_every_form_the_guard_refuses(tmp_path, monkeypatch):
+    """`check` and the guard read hosts with the same reader, so they cannot disagree."""
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    hosts = [*LOOPBACK_FORMS, "64:ff9b:1::5", "64:ff9b::a00:5"]
+    extra: dict[str, Any] = {}
+    for i, host in enumerate(hosts):
+        shown = f"[{host}]" if ":" in host else host
+        extra[f"web{i}"] = {"kind": "http", "owner": "ops", "url": f"https://{shown}:8443/api"}
+        extra[f"db{i}"] = {"kind": "postgres", "owner": "ops", "host": host, "database": "x", "user": "u"}
+    root = _check_project(tmp_path, monkeypatch, extra)
+    lines = (root / "systems.yaml").read_text().splitlines()
+    res = CliRunner().invoke(main, ["check", "p"])
+    assert res.exit_code == 0, res.output
+    warnings_ = [ln for ln in res.output.splitlines() if ": warning: " in ln]
+    for i, host in enumerate(hosts):
+        why = blocked_reason(host)
+        assert why is not None
+        url_line = next(n for n, t in enumerate(lines, 1) if t.strip().startswith("url:") and host in t)
+        assert (
+            f"p/systems.yaml:{url_line}: warning: system 'web{i}': {host.lower()} is a {why}, so deliveries "
+            "will be refused; set allow_private_network: true if it is an internal system"
+        ) in warnings_, warnings_
+        assert any(f"system 'db{i}': {host} is a {why}, so connections" in w for w in warnings_), warnings_
+    assert len(warnings_) == 2 * len(hosts)
+
+
+def test_check_takes_lines_from_the_loaded_files_and_never_rereads_them(tmp_path, monkeypatch):
+    """One source of locations: the loader's line map. A file changed after loading changes nothing."""
+    from patchbay.config.project import load_or_raise
+
+    db = {"kind": "postgres", "owner": "o", "host": "10.1.2.3", "database": "x", "user": "u"}
+    root = _check_project(tmp_path, monkeypatch, {"db": db})
+    lines = (root / "systems.yaml").read_text().splitlines()
+    host_line = next(n for n, t in enumerate(lines, 1) if "10.1.2.3" in t)
+    project = load_or_raise(root)
+    (root / "systems.yaml").write_text("\n" * 50 + (root / "systems.yaml").read_text())
+    [warning] = [w for w in outbound_warnings(project) if "'db'" in w.message]
+    assert (warning.file, warning.line) == ("p/systems.yaml", host_line)
+    (root / "systems.yaml").unlink()
+    assert [w.line for w in outbound_warnings(project) if "'db'" in w.message] == [host_line]
+
+
+def test_the_guard_does_not_read_yaml():
+    import ast
+
+    import patchbay.security.ssrf as ssrf
+
+    tree = ast.parse(Path(ssrf.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m == "yaml" or m.startswith(("yaml.", "patchbay.config.source"))}
