@@ -7,7 +7,10 @@
     ├── TerminalError      sent to the dead letter: other 4xx, integrity errors
     │   └── RecordInvalid  a record failed validation; carries every reason with its field path
     ├── AuthError          401/403 from a destination: the destination is paused, nothing fails
-    └── SecretMissing      a referenced secret has no value
+    ├── SecretMissing      a referenced secret has no value
+    └── StoreError         the store itself is in trouble (not one record or destination)
+        ├── StoreUnusable     the file is empty, foreign, damaged or newer: refused at open, never retried
+        └── StoreUnavailable  writes fail right now (disk full, I/O error): answered 503, retried
 
 Messages start with the action, lowercase: "delivering to crm: HTTP 503".
 """
@@ -90,3 +93,21 @@ class SecretMissing(PatchbayError):
 
     def __str__(self) -> str:
         return f"secret {self.name!r} has no value{': ' + self.hint if self.hint else ''}"
+
+
+class StoreError(PatchbayError):
+    """The store itself is in trouble; messages name the file and say what to do."""
+
+
+class StoreUnusable(StoreError):
+    """The store file cannot be used as it is (empty, not a Patchbay store, damaged, from a newer version)."""
+
+
+class StoreUnavailable(StoreError):
+    """Writing to the store fails right now (disk full, I/O error); the same write may succeed later.
+
+    `condition` says what in a few words ("the disk is full"), without the file's path."""
+
+    def __init__(self, message: str, condition: str = "") -> None:
+        self.condition = condition or message
+        super().__init__(message)

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from patchbay.errors import ConfigError, PatchbayError
+from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
 
 EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
 
@@ -107,7 +107,16 @@ def _store(project_dir: Path) -> Any:
     return SyncStore(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnusable as exc:  # any command that meets an empty, foreign or damaged store file
+            click.echo(str(exc), err=True)
+            sys.exit(EXIT_STORE)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="patchbay")
 def main() -> None:
     """Patchbay: integrations as code, delivered durably, every failure visible."""
@@ -182,6 +191,7 @@ def check(directory: Path, as_json: bool) -> None:
 def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
     """Run the hub: webhook endpoints, delivery workers, health and metrics."""
     import asyncio
+    import sqlite3
 
     from patchbay import logs
     from patchbay.engine.hub import Hub
@@ -207,8 +217,14 @@ def serve(directory: Path, host: str | None, port: int | None, log_format: str |
         pass
     try:
         asyncio.run(run_hub(hub, host=h, port=p, on_ready=ready))
-    except StoreLocked as exc:
+    except (StoreLocked, StoreUnusable) as exc:
         click.echo(str(exc), err=True)
+        sys.exit(EXIT_STORE)
+    except sqlite3.DatabaseError as exc:  # damage that only a later read meets
+        click.echo(
+            f"serve: reading the store {project.store_path}: {exc}; run `patchbay store check -p {directory}`",
+            err=True,
+        )
         sys.exit(EXIT_STORE)
     except OSError as exc:
         click.echo(f"serve: cannot listen on {h}:{p}: {exc.strerror}; pick another --port", err=True)
@@ -360,6 +376,9 @@ def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------- dead
+DEAD_RESPONSE_CHARS = 200  # of a dead letter's last response in the listing (`runs show` has 300)
+
+
 @main.command()
 @project_option
 @click.option("--flow", help="Only this flow.")
@@ -380,9 +399,12 @@ def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None
     click.echo(f"{'KIND':<11} {'RUN':<31} {'FLOW/DESTINATION':<28} {'KEY':<26} REASON")
     for r in rows:
         target = r["flow"] + (f"/{r['destination']}" if r["destination"] else "")
+        reason = (r["reason"] or "")[:100]
+        if r["response"]:  # what the destination answered, on one line and bounded
+            reason += "  response: " + " ".join(r["response"].split())[:DEAD_RESPONSE_CHARS]
         click.echo(
             f"{r['kind']:<11} {r['event_id']:<31} {target[:28]:<28} {(r['record_key'] or '-')[:26]:<26} "
-            f"{(r['reason'] or '')[:100]}"
+            f"{reason}"
         )
     click.echo(f"\n{len(rows)} listed. Fix the cause, then `patchbay replay RUN` (or --all).")
 
@@ -632,4 +654,5 @@ def connectors_show(kind: str) -> None:
 
 
 from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
+from patchbay.cli import store as _store_cli  # noqa: E402, F401  (registers `patchbay store`)
 from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

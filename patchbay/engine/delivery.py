@@ -17,9 +17,9 @@ from typing import Any
 
 from patchbay.config.project import DestinationSpec
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
-from patchbay.engine.policy import decide
+from patchbay.engine.policy import Decision, decide
 from patchbay.engine.waiting import wait_set
-from patchbay.errors import PatchbayError
+from patchbay.errors import PatchbayError, StoreUnavailable
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -67,6 +67,13 @@ class DestinationWorker:
         self.inflight = 0
         self._results: list[AttemptResult] = []  # attempt results of this loop tick, recorded together
         self._recorded: asyncio.Future[None] | None = None
+        # Results the store could not record (disk full): their deliveries stay leased (never re-sent
+        # before their result is recorded), nothing new is sent, and a retry records them in order.
+        self._held: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]] = []
+        self._recordable = asyncio.Event()
+        self._recordable.set()
+        self._rerecord: asyncio.Task[None] | None = None
+        self.record_retry_s = 1.0
         self.bucket = TokenBucket(self.policy.rate_limit_per_s) if self.policy.rate_limit_per_s else None
 
     # -------------------------------------------------------------- control
@@ -114,11 +121,21 @@ class DestinationWorker:
             t.cancel()
         self._drain()
         deadline = time.monotonic() + grace_s
-        while self.inflight and time.monotonic() < deadline:
+        while (self.inflight or self._held) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for t in workers:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._rerecord is not None:
+            self._rerecord.cancel()
+        if self._held:
+            log.error(
+                "stopping with %d attempt results of %s/%s not recorded (the store cannot write);"
+                " those deliveries are sent again after the restart, with the same idempotency keys",
+                len(self._held),
+                self.flow,
+                self.name,
+            )
+        await asyncio.gather(*self._tasks, *filter(None, [self._rerecord]), return_exceptions=True)
 
     # -------------------------------------------------------------- loops
     async def _feed(self) -> None:
@@ -164,6 +181,7 @@ class DestinationWorker:
     async def _work(self) -> None:
         while True:
             d = await self.queue.get()
+            await self._recordable.wait()  # sending what cannot be recorded would only send it again
             if self.queue.qsize() < self._low_water:
                 self.wake.set()  # the feeder refills before the queue runs dry
             if self.state != "active":
@@ -180,10 +198,12 @@ class DestinationWorker:
                 log.exception("delivering %s to %s/%s", d.event_id, self.flow, self.name)
             finally:
                 self.inflight -= 1
-                self.leased.discard(d.id)
+                if not any(h[0].id == d.id for h in self._held):
+                    self.leased.discard(d.id)
 
     async def _attempt(self, d: DueDelivery) -> None:
         started = time.time()
+        t0 = time.perf_counter()
         try:
             request, scrub = self.open_request(d.request) if self.open_request else (d.request, None)
         except PatchbayError as exc:  # a sealed value that cannot be opened fails the same way every time
@@ -197,24 +217,33 @@ class DestinationWorker:
                 )
             if scrub is not None:  # what the remote echoed of the opened values is not stored
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
+        if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
+            outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
         if self.on_attempt:
             self.on_attempt(self.flow, self.name, outcome)
-        await self._record(
-            AttemptResult(
-                d.id,
-                d.event_id,
-                started,
-                outcome.latency_ms,
-                outcome.status_code,
-                outcome.cls.value,
-                outcome.excerpt,
-                outcome.error or decision.reason,
-                decision.status,
-                decision.next_at,
-                decision.consumed_retry,
-            )
+        result = AttemptResult(
+            d.id,
+            d.event_id,
+            started,
+            outcome.latency_ms,
+            outcome.status_code,
+            outcome.cls.value,
+            outcome.excerpt,
+            attempt_note(outcome, decision),
+            decision.status,
+            decision.next_at,
+            decision.consumed_retry,
         )
+        try:
+            await self._record(result)
+        except StoreUnavailable as exc:
+            self._hold(d, outcome, decision, result, exc)
+            return
+        await self._recorded_one(d, outcome, decision)
+
+    async def _recorded_one(self, d: DueDelivery, outcome: Outcome, decision: Decision) -> None:
+        """What follows an attempt once its result is on disk: logs, the retry's rescan, a pause."""
         if decision.status == "pending" and decision.next_at is not None:
             self._rescan_at = min(self._rescan_at, decision.next_at)  # the retry is behind the cursor
         if decision.status == "dead":
@@ -265,6 +294,55 @@ class DestinationWorker:
                 done.set_result(None)
 
         task.add_done_callback(settle)
+
+    def _hold(
+        self, d: DueDelivery, outcome: Outcome, decision: Decision, result: AttemptResult, exc: Exception
+    ) -> None:
+        if not self._held:
+            log.warning(
+                "delivery to %s/%s waits: the result of an attempt could not be recorded (%s);"
+                " recording it again every %gs, nothing is sent meanwhile",
+                self.flow,
+                self.name,
+                getattr(exc, "condition", exc),
+                self.record_retry_s,
+            )
+        self._held.append((d, outcome, decision, result))
+        self._recordable.clear()
+        if self._rerecord is None or self._rerecord.done():
+            self._rerecord = asyncio.create_task(self._record_held(), name=f"record {self.flow}/{self.name}")
+
+    async def _record_held(self) -> None:
+        """Record held results until the store takes them; then release their deliveries and send again."""
+        while self._held:
+            await asyncio.sleep(self.record_retry_s)
+            held = list(self._held)
+            try:
+                await self.store.record([h[3] for h in held])
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("recording held attempt results of %s/%s", self.flow, self.name)
+                continue
+            del self._held[: len(held)]
+            for d, outcome, decision, _ in held:
+                self.leased.discard(d.id)
+                try:
+                    await self._recorded_one(d, outcome, decision)
+                except Exception:
+                    log.exception("after recording %s to %s/%s", d.event_id, self.flow, self.name)
+        log.info("delivery to %s/%s goes on: held results are recorded", self.flow, self.name)
+        self._recordable.set()
+        self.wake.set()
+
+
+def attempt_note(outcome: Outcome, decision: Decision) -> str:
+    """An attempt row's note: what went wrong and what follows ("timed out after 10s; retry in 4.7s").
+    The decision's reason alone when it already says what went wrong ("gave up after 5 attempts: …")."""
+    what, then = outcome.error, decision.reason
+    if not what or (then and what in then):
+        return then or what
+    return f"{what}; {then}" if then else what
 
 
 class TokenBucket:

@@ -37,7 +37,9 @@ def open_project_secrets(root: Path, *, create_key: bool = False) -> tuple[Vault
     if create_key or os.environ.get(ENV_VAR) or (state_dir / KEY_FILE).exists():
         keys = MasterKey.load_ring(state_dir, create=create_key)
         path = store_path_of(root)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from patchbay.store.sqlite import open_store  # the vault lives in the store file: same checks
+
+        open_store(path).close()
         vault = Vault.at(path, keys)
         vault.ensure_schema()
     return vault, SecretResolver(vault.get if vault else None)

@@ -189,6 +189,11 @@ def make_app(hub: Hub) -> web.Application:
             return web.json_response(
                 {"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503
             )
+        problem = hub.store.problem if hub.store is not None else None
+        if problem:  # writes fail (disk full, I/O error): nothing new can be accepted or recorded
+            return web.json_response(
+                {"status": "unavailable", "reason": f"store: writes fail: {problem}"}, status=503
+            )
         stopped = hub.not_running()
         if stopped:
             return web.json_response(

@@ -10,12 +10,13 @@ from aiohttp import web
 
 from patchbay.config.project import FlowSpec
 from patchbay.engine.hub import Hub
-from patchbay.errors import RejectedRequest
+from patchbay.errors import RejectedRequest, StoreUnavailable
 from patchbay.records import dig, json_depth
 from patchbay.security.ratelimit import limits_for, rate_limited
 from patchbay.security.webhook_auth import InboundRequest, Verifier
 
 log = logging.getLogger("patchbay.webhooks")
+STORE_RETRY_AFTER_S = 30  # what a sender waits when the store cannot write (disk full)
 KEEP_HEADERS = ("content-type", "user-agent", "webhook-id", "webhook-timestamp", "x-request-id")
 
 
@@ -57,6 +58,8 @@ class WebhookEndpoint:
             return await self._handle(request)
         except RejectedRequest as exc:
             self.m_rejected.labels(self.flow.name, exc.code).inc()
+            if exc.code == "store_unavailable":  # the store logs the condition once, not each request
+                return error_response(exc, self.flow.name)
             log.info(
                 "rejected %s %s: %s %s",
                 request.method,
@@ -112,7 +115,17 @@ class WebhookEndpoint:
             dedupe = None if v is None else str(v)
         meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
         meta["remote"] = request.remote
-        accepted, status = await self.hub.ingest(self.flow.name, body, record, dedupe_key=dedupe, meta=meta)
+        try:
+            accepted, status = await self.hub.ingest(
+                self.flow.name, body, record, dedupe_key=dedupe, meta=meta
+            )
+        except StoreUnavailable as exc:
+            raise self.reject(
+                503,
+                "store_unavailable",
+                f"the hub cannot store events right now ({exc.condition}); nothing was stored: send it again later",
+                {"Retry-After": str(STORE_RETRY_AFTER_S)},
+            ) from exc
         if accepted.conflict:
             raise self.reject(
                 409,

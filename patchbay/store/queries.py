@@ -156,13 +156,30 @@ def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 10
         args.append(flow)
     rows = conn.execute(
         "SELECT 'delivery' AS kind, d.event_id, d.flow, d.destination, d.last_error AS reason, d.updated_at AS at,"
-        " d.attempts, e.record_key FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
+        " d.attempts, e.record_key, (SELECT a.excerpt FROM attempts a WHERE a.delivery_id=d.id"
+        "   ORDER BY a.n DESC, a.id DESC LIMIT 1) AS response"
+        " FROM deliveries d JOIN events e ON e.id=d.event_id WHERE d.status='dead'"
         + fl.replace("flow", "d.flow")
-        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key FROM events"
+        + " UNION ALL SELECT 'quarantine', id, flow, NULL, reason, updated_at, 0, record_key, '' FROM events"
         " WHERE status='quarantined'" + fl + " ORDER BY at DESC LIMIT ?",
         [*args, *args, limit],
     ).fetchall()
-    return [dict(r) for r in rows]
+    out = [dict(r) for r in rows]
+    sensitive = project_sensitive_paths(conn) if out else {}
+    for r in out:
+        r["response"] = r["response"] or ""
+        paths = sensitive.get(r["flow"])
+        if paths:  # the destination's answer may echo a sensitive field: scrub it as `runs show` does
+            r.update(_scrubbed(conn, r, paths))
+    return out
+
+
+def _scrubbed(conn: sqlite3.Connection, row: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
+    from patchbay.security.redaction import Scrubber, sensitive_values
+
+    payload = conn.execute("SELECT payload FROM events WHERE id=?", (row["event_id"],)).fetchone()
+    scrub = Scrubber(sensitive_values(_loads(payload[0]), paths) if payload else set())
+    return {k: scrub(row[k]) for k in ("reason", "response", "record_key")}
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, Any]:

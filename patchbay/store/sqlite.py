@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from patchbay.errors import PatchbayError
+from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent
 
 T = TypeVar("T")
@@ -139,19 +139,229 @@ def init_schema(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
+# ================================================================== opening the file
+# One rule for every opener (the hub, the CLI, the vault): a missing file becomes a new store, created
+# complete and private before it appears under its name; an existing file must already be a Patchbay
+# store. An empty or foreign file is never taken for a new store (that would hide lost data).
+FILE_MODE = 0o600
+RESTORE = "restore it from a backup, or move it aside to start with an empty store"
+
+
+def unusable(path: Path, what: str, fix: str = RESTORE) -> StoreUnusable:
+    return StoreUnusable(f"opening the store {path}: {what}; {fix}")
+
+
+def open_store(path: Path, *, check: bool = False) -> sqlite3.Connection:
+    """A connection to the store at `path`, created (mode 600) when no file is there.
+
+    An existing file is read, never repaired: an empty, foreign, damaged or newer file raises
+    StoreUnusable with a one-line message that names the file and what to do. `check` adds SQLite's
+    quick_check (it reads every page: about 2 ms per MB), which the hub runs before it serves.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        _create(path)
+    _make_private(path)
+    validate_file(path)
+    try:
+        conn = connect(path)
+    except sqlite3.DatabaseError as exc:
+        raise unusable(path, _damage(exc)) from exc
+    try:
+        version = schema_version(conn, path)
+        if check:
+            problems = _check_lines(conn, "quick_check", 20)
+            if problems != ["ok"]:
+                raise unusable(
+                    path,
+                    f"the file is damaged ({problems[0]}"
+                    + (f", and {len(problems) - 1} more problems" if len(problems) > 1 else "")
+                    + ")",
+                    RESTORE + " (`patchbay store check` lists what is damaged)",
+                )
+        del version
+        init_schema(conn)  # creates what an older store lacks; writes nothing when all is there
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise unusable(path, _damage(exc)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def validate_file(path: Path) -> None:
+    """Refuse an empty file: SQLite would take it for a new, empty database.
+
+    Only stat() here: opening and closing the file in Python would drop every POSIX lock SQLite's
+    connections of this process hold on it (locks are per process), and another process closing
+    its last connection could then delete the -wal and -shm files still in use here. SQLite reads
+    the header itself and answers "file is not a database" for a foreign or truncated file.
+    """
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise unusable(path, f"cannot read it ({exc.strerror})", "check its owner and mode") from exc
+    if size == 0:
+        raise unusable(path, "the file is empty (0 bytes): truncated, or never written")
+
+
+def _damage(exc: sqlite3.Error) -> str:
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 26:  # SQLITE_NOTADB
+        return "the file is not a SQLite database (damaged, or another program's file)"
+    return f"the file is damaged ({exc})"
+
+
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The store's schema version; StoreUnusable for a SQLite file without Patchbay's tables or a newer one."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    row = (
+        conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if "meta" in tables
+        else None
+    )
+    if row is None or not str(row[0]).isdigit() or not {"events", "deliveries"} <= tables:
+        raise unusable(
+            path,
+            "it is a SQLite database but not a Patchbay store (no schema version or runs table)",
+            "point `store:` in patchbay.yaml at the project's store, or " + RESTORE,
+        )
+    version = int(row[0])
+    if version > SCHEMA_VERSION:
+        raise unusable(
+            path,
+            f"it was written by a newer Patchbay (schema {version}; this one reads up to {SCHEMA_VERSION})",
+            "run the newer version",
+        )
+    return version
+
+
+def check_file(path: Path, *, quick: bool = False, limit: int = 20) -> dict[str, Any]:
+    """What `patchbay store check` reports: the file's first bytes, schema version, size and row count,
+    and SQLite's integrity_check (or quick_check). Changes nothing and creates nothing."""
+    path = Path(path)
+    pragma = "quick_check" if quick else "integrity_check"
+    out: dict[str, Any] = {"path": str(path), "ok": False, "check": pragma, "problems": []}
+    if not path.exists():
+        out["problems"] = [f"no store at {path}"]
+        return out
+    out["size_bytes"] = sum(p.stat().st_size for p in _files(path) if p.exists())
+    try:
+        validate_file(path)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except (StoreUnusable, sqlite3.Error) as exc:
+        out["problems"] = [str(exc)]
+        return out
+    try:
+        t0 = time.perf_counter()
+        found = _check_lines(conn, pragma, limit)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        if found != ["ok"]:
+            out["problems"] = found
+        out["schema_version"] = schema_version(conn, path)
+        out["runs"] = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    except (StoreUnusable, sqlite3.Error) as exc:
+        out["problems"].append(str(exc))
+    finally:
+        conn.close()
+    out["ok"] = not out["problems"]
+    return out
+
+
+def _check_lines(conn: sqlite3.Connection, pragma: str, limit: int) -> list[str]:
+    """SQLite's check result, one problem per item ("ok" alone when whole)."""
+    rows = conn.execute(f"PRAGMA {pragma}({int(limit)})").fetchall()
+    lines = [ln.strip() for r in rows for ln in str(r[0]).splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("***")][:limit]
+
+
+def _create(path: Path) -> None:
+    """A new, complete store at `path`: built under a temporary name (mode 600), then linked into place."""
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{threading.get_ident()}")
+    for p in _files(tmp):
+        _unlink(p)
+    os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    try:
+        conn = connect(tmp)
+        try:
+            init_schema(conn)
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)  # never over a file another opener made meanwhile
+        except FileExistsError:
+            pass
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for p in _files(tmp):
+            _unlink(p)
+
+
+def _files(path: Path) -> list[Path]:
+    return [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _make_private(path: Path) -> None:
+    """The store holds payloads and the vault: owner-only, as SQLite's -wal and -shm follow its mode."""
+    for p in _files(path):
+        try:
+            mode = os.stat(p).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(p, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            log.warning("the store file %s is readable by others; make it private: chmod 600 %s", p, p)
+
+
+# SQLite result codes (the low byte of sqlite_errorcode) that concern the whole store, not one operation.
+_CONDITIONS = {
+    13: "the disk is full",  # SQLITE_FULL
+    10: "an I/O error",  # SQLITE_IOERR
+    8: "the file is read-only",  # SQLITE_READONLY
+    14: "the file cannot be opened",  # SQLITE_CANTOPEN
+    11: "the file is damaged",  # SQLITE_CORRUPT
+    26: "the file is damaged",  # SQLITE_NOTADB
+}
+
+
+def store_condition(exc: BaseException | None) -> str | None:
+    """What is wrong with the store when `exc` says so (disk full, I/O error, damage), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    return _CONDITIONS.get(code & 0xFF)
+
+
 _STOP = object()
 
 
 class _Writer(threading.Thread):
     """Group commit: one transaction (and one fsync) per batch of queued operations."""
 
-    def __init__(self, path: Path, max_batch: int = 512) -> None:
+    def __init__(self, path: Path, max_batch: int = 512, probe_s: float = 1.0) -> None:
         super().__init__(name="patchbay-store-writer", daemon=True)
         self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.path = path
         self.max_batch = max_batch
         self.commits = 0
         self.ops = 0
+        # Why writes fail right now (disk full, I/O error, damage), or None. Set and cleared only here,
+        # from what a transaction did: one log line when it starts, one when writes succeed again.
+        self.problem: str | None = None
+        self.probe_s = probe_s
 
     def run(self) -> None:
         conn = connect(self.path)
@@ -164,7 +374,12 @@ class _Writer(threading.Thread):
         wal = str(self.path) + "-wal"
         try:
             while True:
-                item = self.q.get()
+                try:
+                    # While writes fail and nobody writes, a probe finds out when they succeed again.
+                    item = self.q.get(timeout=self.probe_s if self.problem else None)
+                except queue.Empty:
+                    self._probe(conn)
+                    continue
                 if item is _STOP:
                     return
                 batch = [item]
@@ -189,8 +404,20 @@ class _Writer(threading.Thread):
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         try:
             results = self._transaction(conn, batch, isolate=False)
-        except _OpFailed:  # one operation failed: run the group again, each in a savepoint
-            results = self._transaction(conn, batch, isolate=True)
+        except _OpFailed as exc:
+            if store_condition(exc.__cause__) is None:  # one operation failed: again, each in a savepoint
+                results = self._transaction(conn, batch, isolate=True)
+            else:  # the disk is full (or worse) for every operation alike
+                results = [(fut, False, exc.__cause__) for _, fut, _, _ in batch]
+        problem = None
+        for i, (fut, ok, value) in enumerate(results):
+            what = None if ok else store_condition(value)
+            if what is not None:
+                problem = problem or f"{what} ({value})"
+                err = StoreUnavailable(f"writing to the store {self.path}: {what} ({value})", what)
+                err.__cause__ = value
+                results[i] = (fut, False, err)
+        self._set_problem(problem)
         by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
         for (loop, _, _, _), r in zip(batch, results, strict=True):
             by_loop.setdefault(loop, []).append(r)
@@ -235,6 +462,33 @@ class _Writer(threading.Thread):
             _rollback(conn)
             return [(fut, False, exc) for _, fut, _, _ in batch]
 
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        """A small write of new pages, then undone: does writing succeed again?"""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('write_probe', zeroblob(16384))")
+            conn.execute("DELETE FROM meta WHERE key='write_probe'")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            self._set_problem(f"{store_condition(exc) or 'a write failed'} ({exc})")
+            return
+        self._set_problem(None)
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self.problem:
+            return
+        if problem is None:
+            log.warning("writing to the store %s succeeds again; ready", self.path)
+        elif self.problem is None:
+            log.error(
+                "writing to the store %s fails: %s. Webhooks are answered 503 (the sender retries),"
+                " deliveries wait, /readyz is 503 until a write succeeds",
+                self.path,
+                problem,
+            )
+        self.problem = problem
+
 
 class _OpFailed(Exception):
     """An operation of the group raised (the fast path gives way to one savepoint per operation)."""
@@ -272,12 +526,19 @@ class _Checkpointer(threading.Thread):
 
     def run(self) -> None:
         conn = connect(self.path)
+        failing = False
         try:
             while not self.stopping.wait(self.interval_s):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
-                    log.warning("checkpointing the store's WAL: %s", exc)
+                    if not failing:  # one line per spell of trouble, not two a second
+                        log.warning("checkpointing the store's WAL: %s; trying again", exc)
+                    failing = True
+                    continue
+                if failing:
+                    log.info("checkpointing the store's WAL succeeds again")
+                failing = False
         finally:
             conn.close()
 
@@ -301,10 +562,7 @@ class SqliteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)
-        init_schema(conn)
-        conn.close()
+        open_store(self.path, check=True).close()  # refuses an empty, foreign or damaged file
         self._writer = _Writer(self.path)
         self._writer.start()
         self._checkpointer = _Checkpointer(self.path)
@@ -365,6 +623,11 @@ class SqliteStore:
         return self._writer.is_alive() and not self._closed
 
     @property
+    def problem(self) -> str | None:
+        """Why writes fail right now (disk full, I/O error, damage), or None while they succeed."""
+        return self._writer.problem
+
+    @property
     def stats(self) -> dict[str, int]:
         return {"commits": self._writer.commits, "ops": self._writer.ops}
 
@@ -409,9 +672,7 @@ class SyncStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = connect(self.path)
-        init_schema(self.conn)
+        self.conn = open_store(self.path)
 
     def read(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(self.conn, *args)

@@ -1,0 +1,49 @@
+"""`patchbay store check`: is the store file whole, and is it a Patchbay store this version reads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from patchbay.cli.main import EXIT_PROBLEMS, EXIT_STORE, _echo_json, json_option, main, project_option
+
+
+@main.group()
+def store() -> None:
+    """The store file: check it for damage."""
+
+
+@store.command("check")
+@project_option
+@click.option("--quick", is_flag=True, help="SQLite's quick_check (faster; skips index contents).")
+@json_option
+def store_check(project_dir: Path, quick: bool, as_json: bool) -> None:
+    """Check the store for damage (SQLite integrity_check) and its schema version; changes nothing.
+
+    Exit 0 when whole, 1 when damaged or not a Patchbay store, 3 when there is no store.
+    """
+    from patchbay.security.project import store_path_of
+    from patchbay.store.sqlite import RESTORE, check_file
+
+    path = store_path_of(project_dir)
+    report = check_file(path, quick=quick)
+    missing = not path.exists()
+    if as_json:
+        _echo_json(report)
+    elif report["ok"]:
+        click.echo(
+            f"store {path}: ok (schema {report['schema_version']}, {report['runs']:,} runs,"
+            f" {report['size_bytes'] / 1e6:.1f} MB; {report['check']} found no problem"
+            f" in {report['seconds']:.2f} s)"
+        )
+    elif missing:
+        click.echo(f"no store at {path}: the hub creates it on its first start", err=True)
+    else:
+        click.echo(f"store {path}: DAMAGED or not a Patchbay store ({report['check']}):")
+        for p in report["problems"]:
+            click.echo(f"  {p}")
+        click.echo(f"Stop the hub, then {RESTORE}.")
+    if not report["ok"]:
+        sys.exit(EXIT_STORE if missing else EXIT_PROBLEMS)
