@@ -45,6 +45,12 @@ class Metrics:
         self.duplicates = Counter(
             "patchbay_events_duplicate_total", "Re-sent events acknowledged again.", ["flow"], registry=r
         )
+        self.drift = Counter(
+            "patchbay_contract_drift_events_total",
+            "Events whose shape differs from their flow's pinned input contract.",
+            ["flow"],
+            registry=r,
+        )
         self.rejected = Counter(
             "patchbay_requests_rejected_total",
             "Inbound requests refused, by reason.",

@@ -126,18 +126,26 @@ def main() -> None:
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default="demo")
 @click.option("--force", is_flag=True, help="Write into a non-empty folder.")
-def init(directory: Path, force: bool) -> None:
-    """Create an example project (lead capture: webhook -> map -> validate -> CRM + chat)."""
-    from patchbay.scaffold import create_project
+@click.option("--template", default="lead-capture", show_default=True, help="Which example (see --list).")
+@click.option("--list", "list_templates", is_flag=True, help="List the templates and exit.")
+def init(directory: Path, force: bool, template: str, list_templates: bool) -> None:
+    """Create an example project (lead capture: webhook -> map -> validate -> CRM + chat), or another
+    template's, with tests beside its flows (`patchbay test`)."""
+    from patchbay.scaffold import TEMPLATES, create_project
 
+    if list_templates:
+        for name, (_, about) in TEMPLATES.items():
+            click.echo(f"{name:<19} {about}")
+        return
     try:
-        created = create_project(directory, force=force)
+        created = create_project(directory, force=force, template=template)
     except PatchbayError as exc:
         click.echo(f"init: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     for f in created:
         click.echo(f"  created {f}")
-    click.echo(f"\nNext: patchbay serve {directory}")
+    click.echo(f"\nTry its flows first (nothing is sent): patchbay test {directory}")
+    click.echo(f"Next: patchbay serve {directory}")
 
 
 # ------------------------------------------------------------------------- check
@@ -653,6 +661,9 @@ def connectors_show(kind: str) -> None:
     click.echo(connector_doc(kind))
 
 
+from patchbay.cli import contract as _contract  # noqa: E402, F401  (registers `patchbay contract`)
+from patchbay.cli import run as _run  # noqa: E402, F401  (registers `patchbay run`)
 from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
 from patchbay.cli import store as _store_cli  # noqa: E402, F401  (registers `patchbay store`)
+from patchbay.cli import test as _test  # noqa: E402, F401  (registers `patchbay test`, `runs export`)
 from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

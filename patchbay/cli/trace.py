@@ -40,6 +40,9 @@ def render_trace(run: dict[str, Any]) -> str:
         elif "error" in step:
             out.append(f"{head}  STOPPED here:")
             out.extend(f"     - {e}" for e in step["error"])
+        elif "drift" in step:
+            out.append(f"{head}  DRIFT from the flow's input contract:")
+            out.extend(f"     - {d}" for d in step["drift"])
         elif "dropped" in step:
             out.append(f"{head}  filtered out: {step['dropped']}")
         elif "routes" in step:

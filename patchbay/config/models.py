@@ -320,15 +320,19 @@ class Trigger(Spec):
         return self
 
 
+AlertKind = Literal["failures", "destination_paused", "schedule_late", "dead_letters", "contract_drift"]
+
+
 class AlertRule(Spec):
     """One alert: a condition the hub watches, and who is told once when it starts and once when it ends."""
 
-    when: Literal["failures", "destination_paused", "schedule_late", "dead_letters"] = Field(
+    when: AlertKind = Field(
         description="What to watch. failures: `count` failed delivery attempts to one destination "
         "within `window` (it clears once an attempt succeeds and none has failed for a minute); "
         "destination_paused: a destination paused (401/403) or disabled (410) until someone resumes it; "
         "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; dead_letters: "
-        "a flow's dead letters plus quarantined events above `above`."
+        "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
+        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
     )
     notify: list[str | dict[str, Any]] = Field(
         min_length=1,
@@ -371,8 +375,8 @@ class AlertRule(Spec):
             raise ValueError("`count` applies to `when: failures` only")
         if self.above is not None and self.when != "dead_letters":
             raise ValueError("`above` applies to `when: dead_letters` only")
-        if self.window is not None and self.when not in ("failures", "dead_letters"):
-            raise ValueError("`window` applies to `when: failures` and `when: dead_letters` only")
+        if self.window is not None and self.when not in ("failures", "dead_letters", "contract_drift"):
+            raise ValueError("`window` applies to `when: failures`, `dead_letters` and `contract_drift` only")
         if self.window is not None and self.window < 1:
             raise ValueError("`window` must be at least 1s")
         return self

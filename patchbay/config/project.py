@@ -92,6 +92,7 @@ class FlowSpec:
     source: SourceSpec | None = None
     alerts: list[AlertRule] = field(default_factory=list)
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
+    contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
 
     @property
     def webhook_path(self) -> str | None:
@@ -298,6 +299,8 @@ def load_project(
     flow_srcs: dict[str, Located] = {}
     paths: dict[str, str] = {}
     flow_files = sorted((root / "flows").glob("*.y*ml")) if (root / "flows").is_dir() else []
+    # Beside the flows, not flows: their tests and their pinned input contracts.
+    flow_files = [f for f in flow_files if not f.name.endswith((".test.yaml", ".test.yml", ".contract.yaml"))]
     if not flow_files:
         problems.append(Problem(rel(root), 0, "no flows: add a file under flows/ (see `patchbay init`)"))
     for f in flow_files:
@@ -328,6 +331,7 @@ def load_project(
             paths[wp] = flow.name
         flows[flow.name] = flow
         flow_srcs[flow.name] = src
+        flow.contract = _load_contract(root, flow.name, rel, problems)
 
     alert_docs: list[tuple[Located, list[AlertRule], FlowSpec | None]] = []
     if hub_src is not None:
@@ -864,6 +868,19 @@ def _load_source(
         )
         return None
     return SourceSpec(name, sysspec.kind or "", mode, cfg)
+
+
+def _load_contract(root: Path, flow: str, rel: Callable[[Path], str], problems: list[Problem]) -> Any:
+    from patchbay.contracts import contract_path, load_contract
+
+    path = contract_path(root, flow)
+    if not path.is_file():
+        return None
+    try:
+        return load_contract(path, rel(path))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
 
 
 def load_or_raise(root: Path, secret_exists: SecretExists | None = None) -> Project:

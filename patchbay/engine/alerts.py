@@ -164,6 +164,8 @@ class Snapshot:
     schedules: dict[str, dict[str, Any]]
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alerts row
+    # Read once, at start: events that drifted from their flow's contract since `drift_since`.
+    drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
 
 
 def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
@@ -192,6 +194,7 @@ def q_snapshot(
     pairs: list[tuple[str, str]],
     dead_windows: set[float | None],
     count_after: int | None = None,
+    drift_since: float | None = None,
 ) -> tuple[Snapshot, int, int]:
     """One consistent read of all the rules and metrics need; returns (snapshot, after_id, max_id).
 
@@ -269,11 +272,27 @@ def q_snapshot(
             {r["flow"]: dict(r) for r in conn.execute("SELECT * FROM schedules")},
             dead,
             {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
+            _drifted(conn, drift_since) if drift_since is not None else [],
         )
     finally:
         if conn.in_transaction:  # an interrupted query may have ended it already
             conn.execute("COMMIT")
     return snap, max(after_id, max_id), max_id
+
+
+def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int, str, list[str]]]:
+    """Events since `since` whose trace has a contract drift entry, per flow and second: (flow, second,
+    count, the latest event's id, its drift). Read once at start; later ones are fed as they happen."""
+    out: list[tuple[str, int, int, str, list[str]]] = []
+    for flow, second, n, last in conn.execute(
+        "SELECT flow, CAST(received_at AS INTEGER), COUNT(*), MAX(id) FROM events"
+        " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
+        (since, '%"kind":"contract"%'),
+    ):
+        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
+        out.append((flow, second, n, last, drift))
+    return out
 
 
 def tx_alert(
@@ -358,6 +377,28 @@ class _Failures:
                 del b[s]
 
 
+@dataclass
+class _Drift:
+    """Events that drifted from their flow's contract, per flow in one-second buckets, and the latest."""
+
+    buckets: dict[str, dict[int, int]] = field(default_factory=dict)
+    last: dict[str, tuple[int, str, list[str]]] = field(default_factory=dict)  # (second, event id, drift)
+
+    def feed(self, flow: str, second: int, n: int, event_id: str, drift: list[str]) -> None:
+        b = self.buckets.setdefault(flow, {})
+        b[second] = b.get(second, 0) + n
+        if second >= self.last.get(flow, (0, "", []))[0]:
+            self.last[flow] = (second, event_id, drift)
+
+    def since(self, flow: str, t: float) -> int:
+        return sum(n for s, n in self.buckets.get(flow, {}).items() if s >= int(t))
+
+    def trim(self, before: float) -> None:
+        for b in self.buckets.values():
+            for s in [s for s in b if s < before]:
+                del b[s]
+
+
 def _ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
@@ -387,6 +428,7 @@ class AlertManager:
         self.rules, self.flow = compile_rules(hub.project)
         self.active: list[Finding] = []  # what fires now, for the console and the API
         self._failures = _Failures()
+        self._drift = _Drift()
         self._after_id: int | None = None
         self._count_from = 0  # retries are counted from the attempts made since this process started
         self._lock = asyncio.Lock()
@@ -444,6 +486,12 @@ class AlertManager:
                 await asyncio.get_running_loop().run_in_executor(self._exec, conn.close)
         self._exec.shutdown(wait=False)
 
+    def note_drift(self, flow: str, event_id: str, drift: list[str], at: float) -> None:
+        """An event of `flow` differs from its contract: counted now, alerted at the next evaluation."""
+        self._drift.feed(flow, int(at), 1, event_id, drift)
+        if any(r.spec.when == "contract_drift" for r in self.rules):
+            self.kick()
+
     def kick(self) -> None:
         """Evaluate soon (a destination changed state)."""
         self._kick.set()
@@ -485,6 +533,7 @@ class AlertManager:
                 pairs += [(ALERT_FLOW, d.name) for d in self.flow.destinations]
             windows = {r.spec.window for r in self.rules if r.spec.when == "dead_letters"}
             longest = max((r.window for r in self.rules if r.spec.when == "failures"), default=0.0)
+            drift_window = max((r.window for r in self.rules if r.spec.when == "contract_drift"), default=0.0)
             try:
                 snap, self._after_id, max_id = await self._read(
                     q_snapshot,
@@ -494,6 +543,7 @@ class AlertManager:
                     pairs,
                     windows,
                     None if self._first else self._count_from,
+                    now - drift_window if self._first and drift_window else None,
                     timeout=self.timeout_s * (6 if self._first else 1),
                 )
             except TimeoutError:
@@ -507,6 +557,9 @@ class AlertManager:
             self._failures.feed(snap.attempts)
             self._failures.last.update(snap.last)
             self._failures.trim(now - longest - QUIET_S)
+            for flow, second, n, event_id, drift in snap.drift:  # the seed, at start
+                self._drift.feed(flow, second, n, event_id, drift)
+            self._drift.trim(now - drift_window)
             metrics = self.hub.metrics
             for (flow, dest), n in snap.retries.items():
                 metrics.retries.labels(flow, dest).inc(n)
@@ -579,6 +632,7 @@ class AlertManager:
             "destination_paused": self._paused,
             "schedule_late": self._late,
             "dead_letters": self._dead,
+            "contract_drift": self._drifting,
         }[rule.spec.when]
         out = []
         for flow in self._flows(rule):
@@ -715,6 +769,26 @@ class AlertManager:
             f"Flow {flow.name} is back to {total} dead letters and quarantined events{period} "
             f"(threshold {above}); "
             f"it was above since {_ts(st['since'])}."
+        )
+        return [f]
+
+    def _drifting(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        n = self._drift.since(flow.name, snap.now - rule.window)
+        _, last, drift = self._drift.last.get(flow.name, (0, "", []))
+        st = self._state(rule, flow.name, snap)
+        since = st["since"] if st["state"] == "firing" else snap.now
+        f = Finding(rule, flow.name, flow.name, None, n > 0, since)
+        pinned = flow.contract.file if flow.contract is not None else "its contract"
+        f.title = f"ALERT {flow.name}: input differs from its contract"
+        f.text = (
+            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}: {n}; "
+            f"the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}` and `patchbay contract "
+            f"check {flow.name}`; if the change is expected, `patchbay contract learn {flow.name} --force`."
+        )
+        f.ok_title = f"RESOLVED {flow.name}: input matches its contract again"
+        f.ok_text = (
+            f"No event of flow {flow.name} in the last {_dur(rule.window)} differs from {pinned}; "
+            f"drift was seen since {_ts(st['since'])}."
         )
         return [f]
 

@@ -276,6 +276,19 @@ class Hub:
             return "duplicate"
         self.metrics.accepted.labels(name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
+        drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
+        if drift:
+            self.metrics.drift.labels(name).inc()
+            if self.alert_manager is not None:
+                self.alert_manager.note_drift(name, event.id, drift, event.received_at)
+            log.warning(
+                "contract drift in %s, event %s: %s; see `patchbay contract check %s`",
+                name,
+                event.id,
+                "; ".join(drift[:5]) + (f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""),
+                name,
+                extra={"event_id": event.id, "flow": name},
+            )
         if event.status == "quarantined":
             log.warning(
                 "quarantined: %s in %s: %s",

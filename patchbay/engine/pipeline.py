@@ -89,6 +89,10 @@ class Pipeline:
     def _process(self, record: Any, event_id: str) -> Processed:
         trace: list[dict[str, Any]] = []
         key_source = record
+        if self.flow.contract is not None:  # the event as received, against its pinned shape
+            drift = self.flow.contract.check(record)
+            if drift:
+                trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         for spec in self.flow.steps:
             t0 = time.perf_counter()
             if spec.when is not None and not _truthy(spec.when.search(record)):

@@ -13,6 +13,17 @@ from typing import Any
 from patchbay.errors import PatchbayError
 
 EXAMPLE = Path(__file__).parent / "example"
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+# name -> (folder, what it shows). Each is runnable on a laptop against the demo inbox or a local
+# SQLite file, and has tests beside its flows that `patchbay test` runs. The lead's batch flows add
+# "nightly-orders-export" here (a `batch:` flow), with its folder under templates/.
+TEMPLATES: dict[str, tuple[Path, str]] = {
+    "lead-capture": (EXAMPLE, "website form -> CRM + sales chat (the default)"),
+    "support-ticket": (TEMPLATE_DIR / "support-ticket", "helpdesk ticket -> support chat notification"),
+    "payment-reporting": (TEMPLATE_DIR / "payment-reporting", "payment webhook -> reporting table (SQLite)"),
+    "contact-sync": (TEMPLATE_DIR / "contact-sync", "CRM <-> email platform: consent and unsubscribes"),
+    "sales-analytics": (TEMPLATE_DIR / "sales-analytics", "shop orders -> analytics table (SQLite)"),
+}
 EXAMPLE_LEAD = {
     "email": "  Ada@Example.com ",
     "first_name": "Ada",
@@ -22,29 +33,58 @@ EXAMPLE_LEAD = {
 }
 
 
-def create_project(directory: Path, *, force: bool = False) -> list[Path]:
-    """Copy the example and give it fresh secrets in a fresh vault."""
+def create_project(directory: Path, *, force: bool = False, template: str = "lead-capture") -> list[Path]:
+    """Copy a template and give it fresh secrets in a fresh vault: a signing secret for each webhook
+    that verifies Standard Webhooks, a random demo value for every other secret it references; each
+    `data/NAME.sql` becomes the SQLite database `data/NAME.db` its flows write to."""
+    import sqlite3
+
+    from patchbay.config.project import load_project, system_secret_refs
     from patchbay.security.project import open_project_secrets
     from patchbay.security.webhook_auth import generate_whsec
 
+    if template not in TEMPLATES:
+        raise PatchbayError(
+            f"no template {template!r}; `patchbay init --list` shows them: {', '.join(TEMPLATES)}"
+        )
+    source = TEMPLATES[template][0]
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not force:
         raise PatchbayError(f"{directory} is not empty; choose a new folder or pass --force")
     created = []
-    for src in sorted(EXAMPLE.rglob("*")):
+    for src in sorted(source.rglob("*")):
         if src.is_dir() or "__pycache__" in src.parts:
             continue
-        dst = directory / src.relative_to(EXAMPLE)
+        dst = directory / src.relative_to(source)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         created.append(dst)
+        if dst.suffix == ".sql" and dst.parent.name == "data":
+            db = dst.with_suffix(".db")
+            db.unlink(missing_ok=True)
+            with sqlite3.connect(db) as conn:
+                conn.executescript(dst.read_text(encoding="utf-8"))
+            conn.close()
+            created.append(db)
     gi = directory / ".gitignore"
-    gi.write_text("# the store, the master key and the demo inbox never go into git\n.patchbay/\ninbox/\n")
+    gi.write_text(
+        "# the store, the master key, the demo inbox and local databases never go into git\n"
+        ".patchbay/\ninbox/\ndata/*.db\n"
+    )
     created.append(gi)
     vault, _ = open_project_secrets(directory, create_key=True)
     assert vault is not None
-    vault.set("website_signing_secret", generate_whsec())
-    vault.set("crm_token", "demo-" + os.urandom(16).hex())
+    project, problems = load_project(directory)
+    if project is None:  # a template is tested to load; this is a broken installation
+        raise PatchbayError(f"template {template!r} does not load: " + "; ".join(map(str, problems)))
+    for system in project.systems.values():
+        auth = system.common.webhook
+        signing = {r.secret for r in auth.secrets} if auth and auth.scheme == "standard_webhooks" else set()
+        for ref in system_secret_refs(system):
+            if ref.secret and vault.get(ref.secret) is None:
+                vault.set(
+                    ref.secret, generate_whsec() if ref.secret in signing else "demo-" + os.urandom(16).hex()
+                )
     created.append(directory / ".patchbay" / "master.key")
     return created
 

@@ -207,6 +207,10 @@ function traceStep(t, i, stop, previous) {
   if (t.skipped) body.push(h('p', { class: 'muted' }, 'Skipped: its `when` condition did not match.'));
   if (t.error) body.push(h('ul', { class: 'errors' }, t.error.map((e) => h('li', {}, e))));
   if (t.dropped) body.push(h('p', {}, `Dropped: ${t.dropped}`));
+  if (t.drift) {
+    body.push(h('p', {}, "The event differs from the flow's input contract:"),
+      h('ul', { class: 'errors' }, t.drift.map((d) => h('li', {}, d))));
+  }
   if (t.routes) {
     body.push(h('ul', { class: 'routes' }, t.routes.map((rt) => h('li', {},
       rt.matched ? pill('delivered', 'matched') : pill('filtered', 'not matched'), ' ', rt.destination))));

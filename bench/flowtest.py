@@ -1,0 +1,64 @@
+"""`patchbay test` over every template, timed: each template is initialised into a temporary folder and
+its tests run through the real CLI in a fresh process, as a user (or CI) runs them.
+
+    .venv/bin/python bench/flowtest.py [--reps 3]
+
+Prints one line per template (tests, wall time of the whole `patchbay test` process, the time the
+tests themselves took) and the total; the target is every template in under 5 s on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 5.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=3, help="Runs per template; the median is reported.")
+    args = parser.parse_args()
+    from patchbay.scaffold import TEMPLATES, create_project
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pb-flowtest-") as tmp:
+        for name in TEMPLATES:
+            root = Path(tmp) / name
+            create_project(root, template=name)
+            walls, inner, summary = [], [], ""
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                res = subprocess.run(
+                    [sys.executable, "-m", "patchbay", "test", "."], capture_output=True, text=True, cwd=root
+                )
+                walls.append(time.perf_counter() - t0)
+                summary = res.stdout.strip().splitlines()[-1]
+                if res.returncode != 0:
+                    print(res.stdout, res.stderr, sep="\n")
+                    return 1
+                m = re.search(r"in ([0-9.]+)s", summary)
+                inner.append(float(m.group(1)) if m else 0.0)
+            rows.append((name, summary.split(" in ")[0], statistics.median(walls), statistics.median(inner)))
+    print(f"{'TEMPLATE':<19} {'TESTS':<20} {'PROCESS (s)':>11} {'TESTS (s)':>10}")
+    for name, tests, wall, t in rows:
+        print(f"{name:<19} {tests:<20} {wall:>11.2f} {t:>10.3f}")
+    total = sum(r[2] for r in rows)
+    print(f"{'all ' + str(len(rows)):<19} {'':<20} {total:>11.2f} {sum(r[3] for r in rows):>10.3f}")
+    verdict = "within" if total < TARGET_S else "OVER"
+    print(
+        f"{verdict} the target: every template's tests in under {TARGET_S:g} s (median of {args.reps} runs each)"
+    )
+    return 0 if total < TARGET_S else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

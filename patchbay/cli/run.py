@@ -1,0 +1,212 @@
+"""`patchbay run FLOW --data …`: one event through a flow, as a dry run (nothing sent) or for real.
+
+A real run goes through an engine started in this process (the hub's own code: store, pipeline,
+delivery workers and retry policy) for the one flow, because the REST API has no endpoint that starts
+a run yet; the store's lock makes that safe (a running `patchbay serve` holds it, and the run then
+says to stop the hub or use the webhook). Batch flows will get their own branch in `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from patchbay.cli.main import (
+    EXIT_CONFIG,
+    EXIT_PROBLEMS,
+    EXIT_STORE,
+    _echo_json,
+    _load,
+    json_option,
+    main,
+    project_option,
+)
+from patchbay.cli.test import load_offline
+
+
+def read_data(data: str) -> tuple[bytes, Any]:
+    """`--data`: inline JSON or @file; the bytes as given and the parsed record."""
+    if data.startswith("@"):
+        try:
+            raw = Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {data[1:]}: {exc.strerror}", param_hint="--data") from exc
+    else:
+        raw = data.encode()
+    try:
+        return raw, json.loads(raw)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
+
+
+@main.command("run")
+@click.argument("flow")
+@project_option
+@click.option("--data", "-d", required=True, help="The event as JSON, or @file.json.")
+@click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
+@click.option(
+    "--wait-s",
+    type=float,
+    default=15.0,
+    show_default=True,
+    help="Real run: how long to wait for the first attempt of every delivery.",
+)
+@json_option
+def run(flow: str, project_dir: Path, data: str, dry_run: bool, wait_s: float, as_json: bool) -> None:
+    """Run one event through FLOW. With --dry-run: the live definition's steps and routing, each
+    destination's request as it would be sent, nothing sent and no secret read. Without: the flow must
+    have `trigger: {manual: true}`; the event is stored and delivered like any other run."""
+    raw, record = read_data(data)
+    if dry_run:
+        project = load_offline(project_dir)
+        spec = _flow(project, flow)
+        dry_run_event(project, spec, record, as_json)
+        return
+    project, resolver = _load(project_dir)
+    spec = _flow(project, flow)
+    if not spec.trigger.manual:
+        click.echo(
+            f"run: flow {flow!r} has no manual trigger; add `manual: true` under its `trigger:` to run it "
+            "by hand, or try it with --dry-run (sends nothing)",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+    # A `batch:` flow (built by the lead) gets its branch here: one run over a whole batch.
+    result = _run_event(project, resolver, spec, raw, record, wait_s)
+    if as_json:
+        _echo_json(result)
+        return
+    from patchbay.cli.trace import render_trace
+
+    click.echo(render_trace(result))
+    if result["status"] in ("quarantined", "dead"):
+        sys.exit(EXIT_PROBLEMS)
+
+
+def _flow(project: Any, name: str) -> Any:
+    spec = project.flows.get(name)
+    if spec is None:
+        click.echo(f"run: no flow {name!r}; flows: {', '.join(sorted(project.flows))}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return spec
+
+
+def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
+    from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
+    from patchbay.testing.harness import simulate
+
+    result = simulate(spec, project, record)
+    scrub = Scrubber(
+        sensitive_values(record, spec.sensitive) | sensitive_values(result.record, spec.sensitive)
+    )
+
+    def shown(v: Any) -> Any:  # a dry run's output lands in terminals and CI logs: no sensitive value
+        return scrub(redact_paths(v, spec.sensitive)) if spec.sensitive else v
+
+    deliveries = [
+        {"destination": c.destination, "kind": c.kind, "request": shown(c.view)} for c in result.captured
+    ]
+    if as_json:
+        _echo_json(
+            {
+                "flow": spec.name,
+                "status": "would deliver" if deliveries else result.status,
+                "reason": scrub(result.reason),
+                "trace": result.trace,
+                "deliveries": deliveries,
+            }
+        )
+        return
+    click.echo(f"dry run of flow {spec.name} ({spec.file}): nothing is sent")
+    for n, step in enumerate(result.trace, 1):
+        click.echo(f"{n}. {_step_line(step)}")
+    if result.status in ("quarantined", "filtered"):
+        click.echo(f"result: {result.status}: {scrub(result.reason)}")
+        return
+    click.echo("would deliver:")
+    for d in deliveries:
+        req = d["request"]
+        head = " ".join(str(req[k]) for k in ("method", "url") if k in req)
+        click.echo(f"  {d['destination']} ({d['kind']}){': ' + head if head else ''}")
+        for k, v in req.items():
+            if k in ("method", "url", "path"):
+                continue
+            click.echo(f"    {k}: {json.dumps(v, ensure_ascii=False, sort_keys=True)}")
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    head = f"{step['step']} ({step['kind']})"
+    if step.get("skipped"):
+        return f"{head}: skipped (when was false)"
+    if "error" in step:
+        return f"{head}: STOPPED: " + "; ".join(step["error"])
+    if "drift" in step:
+        return f"{head}: DRIFT: " + "; ".join(step["drift"])
+    if "dropped" in step:
+        return f"{head}: filtered out: {step['dropped']}"
+    if "routes" in step:
+        return (
+            head
+            + ": "
+            + ", ".join(
+                f"{r['destination']}{'' if r['matched'] else ' (not matched)'}" for r in step["routes"]
+            )
+        )
+    return f"{head}: {json.dumps(step.get('output'), ensure_ascii=False, sort_keys=True)}"
+
+
+def _run_event(project: Any, resolver: Any, spec: Any, raw: bytes, record: Any, wait_s: float) -> Any:
+    from patchbay.store.sqlite import StoreLocked
+
+    try:
+        return asyncio.run(run_in_process(project, resolver, spec, raw, record, wait_s))
+    except StoreLocked as exc:
+        click.echo(
+            f"run: {exc}. A manual run uses the store itself; stop `patchbay serve` and run again, "
+            "or send the event through a webhook flow with `patchbay send`",
+            err=True,
+        )
+        sys.exit(EXIT_STORE)
+
+
+async def run_in_process(
+    project: Any, resolver: Any, spec: Any, raw: bytes, record: Any, wait_s: float
+) -> dict[str, Any]:
+    """Store and deliver one event of `spec` with the hub's engine for this flow alone, waiting until
+    every delivery has had its first attempt (a retry is left scheduled in the store for the hub)."""
+    from patchbay.config.models import Trigger
+    from patchbay.engine.hub import Hub
+    from patchbay.store.queries import get_run
+
+    # Only this flow, and only its manual trigger: no schedule, source or other flow's backlog starts.
+    one = dataclasses.replace(spec, trigger=Trigger(manual=True), source=None)
+    hub = Hub(dataclasses.replace(project, flows={spec.name: one}), resolver=resolver)
+    await hub.start()
+    try:
+        accepted, _ = await hub.ingest(spec.name, raw, record, meta={"trigger": "manual", "remote": "cli"})
+        assert hub.store is not None
+        deadline = time.monotonic() + wait_s
+        while True:
+            run = await hub.store.read(get_run, accepted.event_id)
+            assert run is not None
+            workers = hub.flows[spec.name].workers
+            if all(_settled(d, workers[d["destination"]].state) for d in run["deliveries"]):
+                return run
+            if time.monotonic() > deadline:
+                return run
+            await asyncio.sleep(0.05)
+    finally:
+        await hub.stop()
+
+
+def _settled(d: dict[str, Any], state: str) -> bool:
+    if state != "active":
+        return True  # paused or disabled: nothing more happens until someone resumes it
+    return d["attempts"] >= 1 and (d["status"] != "pending" or d["next_at"] > time.time())

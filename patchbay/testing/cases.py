@@ -1,0 +1,208 @@
+"""Flow test files (`flows/<flow>.test.yaml`): parsed and checked against the flow, problems with file:line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from patchbay.config.models import Spec
+from patchbay.config.project import Project, pydantic_problems
+from patchbay.config.source import Located, load_yaml
+from patchbay.errors import ConfigError, Problem
+from patchbay.testing.harness import OUTCOME_NAMES, Response
+
+TEST_SUFFIXES = (".test.yaml", ".test.yml")
+RESERVED = ("attempts", "outcome")  # keys of a destination's expectation that are not request fields
+
+
+def is_test_file(path: Path) -> bool:
+    return path.name.endswith(TEST_SUFFIXES)
+
+
+def find_test_files(root: Path) -> list[Path]:
+    folder = root / "flows"
+    return sorted(p for p in folder.glob("*.y*ml") if is_test_file(p)) if folder.is_dir() else []
+
+
+class ResponseDoc(Spec):
+    status: int | None = Field(None, ge=100, le=599, description="HTTP status of the simulated answer.")
+    outcome: str | None = Field(
+        None, description="Or the outcome: ok, transient, timeout, terminal, auth, gone."
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Answer headers, e.g. Retry-After.")
+    body: Any = Field(None, description="Answer body (JSON).")
+
+    @model_validator(mode="after")
+    def _one(self) -> ResponseDoc:
+        if (self.status is None) == (self.outcome is None):
+            raise ValueError("give exactly one of `status` (e.g. 503) or `outcome` (e.g. transient)")
+        if self.outcome is not None and self.outcome not in OUTCOME_NAMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}; use one of {', '.join(OUTCOME_NAMES)}")
+        return self
+
+
+class DestinationExpect(BaseModel):
+    """Fields of the captured request (exact; `headers` and `<field>_includes` as a subset or
+    substring), plus `attempts` and `outcome` of the simulated delivery."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempts: int | None = Field(None, ge=1, description="How many attempts the delivery takes.")
+    outcome: str | None = Field(None, description="delivered, dead, paused or disabled.")
+
+    @field_validator("outcome")
+    @classmethod
+    def _outcome(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("delivered", "dead", "paused", "disabled"):
+            raise ValueError(f"unknown outcome {v!r}; use delivered, dead, paused or disabled")
+        return v
+
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExpectDoc(Spec):
+    deliveries: dict[str, DestinationExpect | None] | None = Field(
+        None, description="Destination name -> what it receives; exactly these destinations receive one."
+    )
+    quarantined: str | bool | None = Field(
+        None, description="The event is quarantined; a string must appear in the reason."
+    )
+    filtered: str | bool | None = Field(
+        None, description="The event is filtered out (a step dropped it, or no destination matched)."
+    )
+    record_includes: dict[str, Any] | None = Field(
+        None, description="Fields the record has after the steps (a subset)."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ExpectDoc:
+        given = [
+            k for k in ("deliveries", "quarantined", "filtered") if getattr(self, k) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ValueError("expect exactly one of `deliveries`, `quarantined` or `filtered`")
+        return self
+
+
+class CaseDoc(Spec):
+    name: str = Field(description="What this test shows, in a few words.")
+    event: Any = Field(None, description="The input event, inline.")
+    event_file: str | None = Field(None, description="Or a JSON file with it, relative to the test file.")
+    responses: dict[str, list[int | str | ResponseDoc]] = Field(
+        default_factory=dict,
+        description="Destination -> simulated answers in turn (an HTTP status, an outcome name or a "
+        "mapping); the last one repeats. Default: success.",
+    )
+    expect: ExpectDoc
+
+    @field_validator("responses")
+    @classmethod
+    def _answers(
+        cls, v: dict[str, list[int | str | ResponseDoc]]
+    ) -> dict[str, list[int | str | ResponseDoc]]:
+        for answers in v.values():
+            if not answers:
+                raise ValueError("a destination's `responses` list is empty; remove it or add an answer")
+            for r in answers:
+                if isinstance(r, int) and not 100 <= r <= 599:
+                    raise ValueError(f"{r} is not an HTTP status; write e.g. 503 or 201")
+                if isinstance(r, str) and r not in OUTCOME_NAMES:
+                    raise ValueError(
+                        f"unknown outcome {r!r}; use an HTTP status or one of {', '.join(OUTCOME_NAMES)}"
+                    )
+        return v
+
+    @model_validator(mode="after")
+    def _input(self) -> CaseDoc:
+        if (self.event is None) == (self.event_file is None):
+            raise ValueError("give exactly one of `event` (inline) or `event_file`")
+        return self
+
+
+class FlowTestDoc(Spec):
+    flow: str | None = Field(None, description="The flow tested; default the file name before .test.yaml.")
+    tests: list[CaseDoc] = Field(min_length=1, description="The tests, in order.")
+
+
+@dataclass
+class Case:
+    name: str
+    file: str
+    line: int
+    event: Any
+    responses: dict[str, list[Response]]
+    expect: ExpectDoc
+
+
+@dataclass
+class FlowTestFile:
+    path: Path
+    file: str  # as shown
+    flow: str
+    cases: list[Case] = field(default_factory=list)
+
+
+def load_test_file(path: Path, project: Project, display: str | None = None) -> FlowTestFile:
+    """Parse and check a test file against the project; ConfigError with every problem otherwise."""
+    src = load_yaml(path, display or str(path))
+    problems: list[Problem] = []
+    try:
+        doc = FlowTestDoc.model_validate(src.data)
+    except ValidationError as exc:
+        raise ConfigError(pydantic_problems(src, exc, (), FlowTestDoc)) from exc
+    flow_name = doc.flow or path.name.removesuffix(".yml").removesuffix(".yaml").removesuffix(".test")
+    flow = project.flows.get(flow_name)
+    if flow is None:
+        known = ", ".join(sorted(project.flows)) or "none"
+        where = ("flow",) if doc.flow else ()
+        raise ConfigError([src.problem(where, f"no flow {flow_name!r} in this project (flows: {known})")])
+    names = [d.name for d in flow.destinations]
+    out = FlowTestFile(path, src.file, flow.name)
+    for i, c in enumerate(doc.tests):
+        loc = ("tests", i)
+        for key in c.responses:
+            if key not in names:
+                problems.append(_unknown(src, (*loc, "responses", key), key, flow.name, names))
+        for key in c.expect.deliveries or {}:
+            if key not in names:
+                problems.append(_unknown(src, (*loc, "expect", "deliveries", key), key, flow.name, names))
+        event = c.event
+        if c.event_file is not None:
+            event = _read_event(path.parent / c.event_file, src, (*loc, "event_file"), problems)
+        responses = {k: [_response(r) for r in v] for k, v in c.responses.items()}
+        out.cases.append(Case(c.name, src.file, src.line(loc), event, responses, c.expect))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _unknown(src: Located, loc: tuple[Any, ...], key: str, flow: str, names: list[str]) -> Problem:
+    return src.problem(loc, f"flow {flow!r} has no destination {key!r} (it has: {', '.join(names)})")
+
+
+def _read_event(p: Path, src: Located, loc: tuple[Any, ...], problems: list[Problem]) -> Any:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(src.problem(loc, f"cannot read the event file {p}: {exc.strerror}"))
+        return None
+    if p.suffix in (".yaml", ".yml"):
+        return load_yaml(p).data
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        problems.append(src.problem(loc, f"the event file {p} is not JSON: {exc}"))
+        return None
+
+
+def _response(r: int | str | ResponseDoc) -> Response:
+    if isinstance(r, ResponseDoc):
+        return Response(r.status, r.outcome, r.headers, r.body)
+    if isinstance(r, int):
+        return Response(status=r)
+    return Response(outcome=r)
