@@ -661,6 +661,7 @@ def connectors_show(kind: str) -> None:
     click.echo(connector_doc(kind))
 
 
+from patchbay.cli import connect as _connect  # noqa: E402, F401  (registers `patchbay connect`)
 from patchbay.cli import contract as _contract  # noqa: E402, F401  (registers `patchbay contract`)
 from patchbay.cli import run as _run  # noqa: E402, F401  (registers `patchbay run`)
 from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)

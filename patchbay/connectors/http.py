@@ -16,6 +16,7 @@ from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources,
 from patchbay.connectors.http_client import HttpAuth, HttpClient, check_url, classify_response
 from patchbay.processors.expressions import compile_expr, render_template
 from patchbay.registry import connector
+from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
 
 
@@ -124,6 +125,9 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
         except BlockedAddress as exc:  # the same address is refused on every try: not worth a retry
             error = exc.explain(self.resources.system or None)
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=error)
+        except OAuth2Error as exc:  # no token: a refused grant pauses (AUTH), an unreachable provider retries
+            cls = OutcomeClass.AUTH if exc.refused else OutcomeClass.TRANSIENT
+            return Outcome(cls, None, sw.ms, error=str(exc))
         except aiohttp.InvalidURL as exc:  # e.g. a legacy numeric IPv4 form such as http://2130706433/
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=f"invalid URL: {exc}")
         except TimeoutError:

@@ -21,14 +21,42 @@ from patchbay.connectors.tls_client import TlsSettings, tls_context
 
 
 class HttpAuth(Spec):
-    scheme: Literal["bearer", "basic", "api_key", "none"] = Field(
+    scheme: Literal[
+        "bearer", "basic", "api_key", "none", "oauth2_client_credentials", "oauth2_authorization_code"
+    ] = Field(
         description="bearer (Authorization: Bearer <token>), basic (user + password), "
-        "api_key (a header such as X-API-Key), none."
+        "api_key (a header such as X-API-Key), oauth2_client_credentials (a token from `token_url` "
+        "for the client's id and secret), oauth2_authorization_code (a user's grant: run "
+        "`patchbay connect SYSTEM`; PKCE, refresh tokens kept in the vault), none."
     )
     token: SecretRef | None = Field(None, description="bearer / api_key: the credential.")
     username: str | None = Field(None, description="basic: user name.")
     password: SecretRef | None = Field(None, description="basic: password.")
     header: str = Field("X-API-Key", description="api_key: the header that carries the key.")
+    token_url: str | None = Field(None, description="oauth2: the provider's token endpoint.")
+    authorize_url: str | None = Field(
+        None, description="oauth2_authorization_code: the provider's authorization endpoint."
+    )
+    client_id: str | None = Field(None, description="oauth2: the client (app) id.")
+    client_secret: SecretRef | None = Field(
+        None, description="oauth2: the client secret (optional for a public authorization-code client)."
+    )
+    client_auth: Literal["basic", "post"] = Field(
+        "basic",
+        description="oauth2: how the client authenticates at the token endpoint: basic (HTTP Basic, "
+        "RFC 6749's default) or post (client_id and client_secret in the form).",
+    )
+    scopes: list[str] = Field(default_factory=list, description="oauth2: the scopes to ask for.")
+    redirect_uri: str | None = Field(
+        None,
+        description="oauth2_authorization_code: the hub's callback as registered with the provider, "
+        "e.g. https://hub.example.com/oauth/callback.",
+    )
+    authorize_params: dict[str, str] = Field(
+        default_factory=dict,
+        description="oauth2_authorization_code: extra query parameters of the authorization URL "
+        "(e.g. access_type: offline for Google).",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> HttpAuth:
@@ -36,7 +64,28 @@ class HttpAuth(Spec):
             raise ValueError(f"auth scheme {self.scheme} needs `token: {{secret: NAME}}`")
         if self.scheme == "basic" and (self.username is None or self.password is None):
             raise ValueError("auth scheme basic needs `username` and `password: {secret: NAME}`")
+        needs: list[str] = []
+        if self.scheme == "oauth2_client_credentials":
+            needs = ["token_url", "client_id", "client_secret"]
+        elif self.scheme == "oauth2_authorization_code":
+            needs = ["authorize_url", "token_url", "client_id", "redirect_uri"]
+        missing = [n for n in needs if getattr(self, n) is None]
+        if missing:
+            raise ValueError(
+                f"auth scheme {self.scheme} needs {', '.join(f'`{n}`' for n in missing)}"
+                + (" (client_secret: {secret: NAME})" if "client_secret" in missing else "")
+            )
+        for n in ("token_url", "authorize_url", "redirect_uri"):
+            v = getattr(self, n)
+            if v is not None and "{{" in v:
+                raise ValueError(f"auth `{n}` is a fixed URL; it cannot hold {{{{ expressions }}}}")
+            if v is not None:
+                check_url(v)
         return self
+
+    @property
+    def oauth2(self) -> bool:
+        return self.scheme.startswith("oauth2_")
 
 
 def check_url(v: str) -> str:
@@ -75,6 +124,8 @@ class HttpClient:
         auth, secret = self.auth, self.resources.secret
         if auth is None or auth.scheme == "none":
             return {}
+        if auth.oauth2:  # a token known only at send time (see `request`)
+            return {"Authorization": "Bearer [oauth2 access token]"}
         if auth.scheme == "bearer":
             return {"Authorization": f"Bearer {secret(auth.token)}"}
         if auth.scheme == "api_key":
@@ -96,9 +147,43 @@ class HttpClient:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One request with the system's credentials added to `headers` (they win over same-named ones)."""
         session = await self.resources.http_session()
+        if self.auth is not None and self.auth.oauth2:
+            async with self._oauth2_request(session, method, url, headers, kwargs) as resp:
+                yield resp
+            return
         all_headers = {**headers, **self.auth_headers()}
         async with session.request(method, url, headers=all_headers, ssl=await self.ssl(), **kwargs) as resp:
             yield resp
+
+    @asynccontextmanager
+    async def _oauth2_request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """With an OAuth2 access token; on a 401, once more with a refreshed one (OAuth2Error if none)."""
+        from patchbay.security.oauth2 import source_for
+
+        assert self.auth is not None
+        tokens = await source_for(self.resources, self.auth)
+        ssl = await self.ssl()
+        token = await tokens.access_token(self.resources, ssl=ssl)
+        resp = await session.request(
+            method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
+        )
+        try:
+            if resp.status == 401:
+                resp.release()
+                token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
+                resp = await session.request(
+                    method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
+                )
+            yield resp
+        finally:
+            resp.release()
 
 
 def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:

@@ -18,6 +18,7 @@ from patchbay.connectors.http_client import HttpClient, classify_response
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig
 from patchbay.registry import connector
+from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
 
 
@@ -182,6 +183,10 @@ class HttpPollSource:
                 raise TerminalError(msg)
         except BlockedAddress as exc:
             raise TerminalError(f"polling {url}: {exc}") from exc
+        except OAuth2Error as exc:
+            if exc.refused:
+                raise AuthError(f"polling {url}: {exc}") from exc
+            raise TransientError(f"polling {url}: {exc}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"polling {url}: {type(exc).__name__}: {exc}") from exc
 

@@ -19,6 +19,7 @@ from patchbay.engine.waiting import wait_set
 from patchbay.server.api import add_api
 from patchbay.server.console import add_console
 from patchbay.server.inbox import add_inbox
+from patchbay.server.oauth import add_oauth
 from patchbay.server.webhooks import WebhookEndpoint
 
 log = logging.getLogger("patchbay.server")
@@ -211,6 +212,7 @@ def make_app(hub: Hub) -> web.Application:
         add_inbox(app, hub.project.root / "inbox")
     add_api(app, hub)  # /api/v1: REST API behind scoped tokens, and its OpenAPI document
     add_console(app, hub)  # /console/: the web console (static files calling /api/v1)
+    add_oauth(app, hub)  # /oauth/callback: finishes `patchbay connect SYSTEM`
     app[HUB_KEY] = hub
     return app
 
