@@ -90,7 +90,7 @@ def problems(name: str) -> list[str]:
         out.append(f"{name}: the file does not start with the `# Sources` it was written from")
     unknown = set(doc) - {
         "summary", "category", "docs", "auth", "rate_limits", "system", "webhook",
-        "trigger_defaults", "reads", "operations", "example_steps",
+        "trigger_defaults", "reads", "operations", "example_steps", "oauth2",
     }  # fmt: skip
     out += [f"{name}: unknown key {k!r}" for k in sorted(unknown)]
     for kind in ("reads", "operations"):
@@ -204,6 +204,12 @@ def describe(name: str) -> str:
         f"- auth: {' '.join(doc['auth'].split())}",
         f"- rate limits: {' '.join(doc['rate_limits'].split())}",
     ]
+    oauth = doc.get("oauth2")
+    if oauth:
+        lines.append(
+            f"- OAuth2 (with an `oauth2_*` auth scheme): authorize `{oauth.get('authorize_url')}`, "
+            f"token `{oauth.get('token_url')}`, scopes {', '.join(f'`{s}`' for s in oauth.get('scopes', []))}"
+        )
     if system.get("retry_after_header"):
         lines.append(
             f"- wait after a 429: header `{system['retry_after_header']}` ({system.get('retry_after_unit', 'seconds')})"

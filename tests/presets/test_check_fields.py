@@ -130,3 +130,53 @@ def test_connectors_show_lists_a_presets_operations_and_fields() -> None:
 def test_preset_docs_are_current(name: str) -> None:
     page = DOCS / f"{name}.md"
     assert page.exists() and page.read_text() == presets.describe(name), f"run scripts/gen-docs: {page}"
+
+
+OAUTH2 = {
+    "google_sheets": ("https://accounts.google.com/o/oauth2/v2/auth", "https://oauth2.googleapis.com/token"),
+    "quickbooks": (
+        "https://appcenter.intuit.com/connect/oauth2",
+        "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer",
+    ),
+    "xero": ("https://login.xero.com/identity/connect/authorize", "https://identity.xero.com/connect/token"),
+    "hubspot": ("https://app.hubspot.com/oauth/authorize", "https://api.hubapi.com/oauth/v1/token"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OAUTH2))
+def test_an_oauth2_system_gets_the_vendors_endpoints_and_scopes(name: str, tmp_path: Path) -> None:
+    import sqlite3
+    from urllib.parse import parse_qs, urlsplit
+
+    from patchbay.config.project import load_project
+    from patchbay.security import oauth2
+    from patchbay.security.vault import MasterKey, Vault
+
+    own = {
+        "preset": name,
+        "owner": "ops",
+        "auth": {
+            "scheme": "oauth2_authorization_code",
+            "client_id": "app-123",
+            "client_secret": {"env": "CHK_TOKEN"},
+            "redirect_uri": "https://hub.example.com/oauth/callback",
+        },
+    }
+    flow = "purpose: p\nowner: o\ntrigger: {schedule: {every: 1h}}\ndestinations: [{name: d, system: vendor, path: /x}]\n"
+    write_project(
+        tmp_path,
+        {"patchbay.yaml": "port: 0\n", "systems.yaml": yaml.safe_dump({"vendor": own}), "flows/f.yaml": flow},
+    )
+    project, problems = load_project(tmp_path)
+    assert project is not None, [str(p) for p in problems]
+    auth = project.systems["vendor"].config.auth  # type: ignore[union-attr]
+    assert (auth.authorize_url, auth.token_url) == OAUTH2[name]
+    assert auth.scopes == presets.load(name)["oauth2"]["scopes"]
+    vault = Vault(lambda: sqlite3.connect(tmp_path / "vault.db"), [MasterKey.generate()])
+    vault.ensure_schema()
+    url = oauth2.begin(vault, "vendor", auth)
+    assert url.startswith(OAUTH2[name][0] + "?")
+    query = parse_qs(urlsplit(url).query)
+    assert query["scope"] == [" ".join(auth.scopes)] and query["client_id"] == ["app-123"]
+    if name == "google_sheets":  # without these Google gives no refresh token
+        assert query["access_type"] == ["offline"] and query["prompt"] == ["consent"]
