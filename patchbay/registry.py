@@ -1,7 +1,8 @@
 """Where steps and connectors register by name; modules in processors/ and connectors/ are discovered.
 
 The engine looks connectors and steps up here by the name a YAML file gives; it never imports a
-vendor module by name.
+vendor module by name. The config loader checks steps and connectors through this module too
+(CheckIssue, build_to_check), so config never imports the layers above it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 T = TypeVar("T")
+Loc = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,19 @@ class Entry:
 def install_hint(extra: str) -> str:
     """How to install the driver of a connector whose Entry.extra is `extra`: the one wording."""
     return f"pip install 'patchbay[{extra}]'"
+
+
+@dataclass
+class CheckIssue:
+    """A problem a step's static check finds, at `loc` inside the step's own config.
+
+    `never_passes` says that no record gets through the step (a filter that is always false): the
+    loader then reports the steps and destinations after it as unreachable.
+    """
+
+    loc: Loc
+    message: str
+    never_passes: bool = False
 
 
 STEPS: dict[str, Entry] = {}
@@ -82,6 +97,26 @@ _BY_ROLE: dict[str, dict[str, tuple[type[Any], type[BaseModel]]]] = {}
 def connector_for(name: str, role: str) -> tuple[type[Any], type[BaseModel]] | None:
     discover()
     return _BY_ROLE.get(name, {}).get(role)
+
+
+_offline_resources: Callable[[], Any] | None = None
+
+
+def offline_resources(factory: type[T]) -> type[T]:
+    """Register what connectors are given when they are built only to be checked (connectors/base.py's
+    Resources): no credentials, no connection."""
+    global _offline_resources
+    _offline_resources = factory
+    return factory
+
+
+def build_to_check(cls: type[T], system_config: Any, config: Any, policy: Any) -> T:
+    """Build a connector as `check` does, so that its constructor compiles its templates and expressions
+    and refuses what its config model let through; nothing is resolved or connected."""
+    discover()
+    if _offline_resources is None:
+        raise RuntimeError("no connector module registered its Resources with registry.offline_resources")
+    return cls(system_config, config, policy, _offline_resources())  # type: ignore[call-arg]
 
 
 def _doc(cls: type[Any]) -> str:

@@ -659,12 +659,3 @@ def connectors_show(kind: str) -> None:
         )
         sys.exit(EXIT_PROBLEMS)
     click.echo(connector_doc(kind))
-
-
-from patchbay.cli import connect as _connect  # noqa: E402, F401  (registers `patchbay connect`)
-from patchbay.cli import contract as _contract  # noqa: E402, F401  (registers `patchbay contract`)
-from patchbay.cli import run as _run  # noqa: E402, F401  (registers `patchbay run`)
-from patchbay.cli import secrets as _secrets  # noqa: E402, F401  (registers `patchbay secrets`)
-from patchbay.cli import store as _store_cli  # noqa: E402, F401  (registers `patchbay store`)
-from patchbay.cli import test as _test  # noqa: E402, F401  (registers `patchbay test`, `runs export`)
-from patchbay.cli import tokens as _tokens  # noqa: E402, F401  (registers `patchbay tokens`, `audit`)

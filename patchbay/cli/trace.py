@@ -65,8 +65,10 @@ def render_trace(run: dict[str, Any]) -> str:
             if a["error"]:
                 line += f"  {a['error']}"
             out.append(line)
-            if a["excerpt"] and a["outcome"] != "success":
+            if a["excerpt"]:
                 out.append(f"       response: {a['excerpt'][:300]}")
+        if d.get("response"):
+            out.append(f"     response fields: {_short(d['response'])}")
         if d["status"] == "pending" and d["attempts"]:
             out.append(f"     next attempt at {_t(d['next_at'])} UTC")
         if d["status"] == "dead":

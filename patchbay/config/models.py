@@ -237,6 +237,16 @@ class WebhookTrigger(Spec):
         "(standard_webhooks uses webhook-id).",
     )
     id_path: str | None = Field(None, description="Or a dotted path to the event id inside the JSON body.")
+    files: Literal["refuse", "keep"] = Field(
+        "refuse",
+        description="A file in a multipart/form-data post: refuse (415, nothing stored) or keep (the field "
+        "becomes {filename, content_type, size, content_base64}, within max_body_bytes).",
+    )
+    batch: bool = Field(
+        False,
+        description="A JSON array body is a batch: each element one event (deduped by id_path each), "
+        "all stored in one transaction; the 202 lists the event ids.",
+    )
 
     @field_validator("path")
     @classmethod

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from patchbay.config.models import DeliveryPolicy
 from patchbay.errors import ConfigError
-from patchbay.registry import install_hint
+from patchbay.registry import install_hint, offline_resources
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
 
 
@@ -43,6 +43,7 @@ class Outcome:
     excerpt: str = ""
     error: str = ""
     retry_after_s: float | None = None
+    fields: dict[str, Any] | None = None  # values mapped from the answer (a destination's `response:`)
 
     @property
     def summary(self) -> str:
@@ -52,6 +53,7 @@ class Outcome:
         return what
 
 
+@offline_resources  # what `check` builds connectors with
 @dataclass
 class Resources:
     """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""

@@ -16,7 +16,7 @@ import orjson
 from patchbay.connectors.base import Outcome, OutcomeClass, Stopwatch
 from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import RecordInvalid, Violation
-from patchbay.processors.expressions import Expr, Template, compile_expr, render_template
+from patchbay.expressions import Expr, Template, compile_expr, render_template
 from patchbay.records import put
 
 log = logging.getLogger("patchbay.connectors")

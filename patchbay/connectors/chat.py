@@ -21,7 +21,7 @@ from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources
 from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.connectors.http_client import check_url
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
-from patchbay.processors.expressions import render_template
+from patchbay.expressions import render_template
 from patchbay.registry import connector
 
 Style = Literal["slack", "teams", "mattermost"]

@@ -75,7 +75,7 @@ from patchbay.connectors.base import (
     excerpt,
 )
 from patchbay.errors import RecordInvalid, TransientError, Violation
-from patchbay.processors.expressions import render_template, to_text
+from patchbay.expressions import render_template, to_text
 from patchbay.records import dig
 from patchbay.registry import connector
 

@@ -13,11 +13,20 @@ from pydantic import Field, field_validator
 
 from patchbay.config.models import DeliveryPolicy, Spec
 from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources, Stopwatch
-from patchbay.connectors.http_client import HttpAuth, HttpClient, check_url, classify_response
-from patchbay.processors.expressions import compile_expr, render_template
+from patchbay.connectors.http_client import (
+    HttpAuth,
+    HttpClient,
+    check_url,
+    classify_response,
+    map_response,
+    read_bounded,
+)
+from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.oauth2 import OAuth2Error
 from patchbay.security.ssrf import BlockedAddress
+
+RESPONSE_LIMIT = 65536  # bytes of an answer read to map `response:` fields; the trace keeps an excerpt
 
 
 class HttpSystem(Spec):
@@ -56,6 +65,25 @@ class HttpSinkConfig(Spec):
         description="The JSON body: omitted = the record as it is after the steps; a string = one expression; "
         "a mapping = target path -> expression, like map.",
     )
+    response: dict[str, str] = Field(
+        default_factory=dict,
+        description="Fields to keep from a successful answer: name -> path into `status`, `headers.<name>` "
+        "(lower case) or `body.<path>` (the JSON body, read up to 64 KiB), e.g. `{id: body.id}`. They show "
+        "in the run's trace and are stored with the delivery; a path the answer lacks gives null.",
+        examples=[{"id": "body.id", "location": "headers.location"}],
+    )
+
+    @field_validator("response")
+    @classmethod
+    def _response(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            root = path.split(".", 1)[0]
+            if root not in ("status", "headers", "body") or (root == "status" and path != "status"):
+                raise ValueError(
+                    f"response field {name!r}: bad path {path!r}; start it with body (body.id), "
+                    "headers (headers.location) or write status"
+                )
+        return v
 
 
 @connector("http", roles=("destination",), config=HttpSinkConfig, system_config=HttpSystem)
@@ -118,10 +146,15 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                 timeout=self._timeout,
                 allow_redirects=self.policy.follow_redirects,
             ) as resp:
-                raw = await resp.content.read(4096)
-                return classify_response(
+                raw = await read_bounded(resp, RESPONSE_LIMIT if self.config.response else 4096)
+                outcome = classify_response(
                     resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
                 )
+                if self.config.response and outcome.cls is OutcomeClass.SUCCESS:
+                    outcome.fields = map_response(
+                        self.config.response, resp.status, resp.headers, raw, self.resources.redact
+                    )
+                return outcome
         except BlockedAddress as exc:  # the same address is refused on every try: not worth a retry
             error = exc.explain(self.resources.system or None)
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=error)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from pydantic import Field, model_validator
 
 from patchbay.config.models import SecretRef, Spec
@@ -246,3 +247,50 @@ def classify_response(
             retry_after_s=parse_retry_after(headers.get(retry_after[0]), unit=retry_after[1]),
         )
     return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body up to `limit` bytes (one `read(n)` may return only the first chunk). A body that
+    stalls or breaks off gives what came: the status already decided the outcome, and a 2xx whose body
+    never finishes must not become a retry (the remote acted on the request)."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = await resp.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ClientPayloadError):
+        pass
+    return b"".join(chunks)
+
+
+def map_response(
+    mapping: Mapping[str, str],
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    redact: Callable[[str], str] = lambda s: s,
+) -> dict[str, Any]:
+    """Fields picked from an answer: name -> `status`, `headers.<name>` or `body.<path>` (JSON; a body that
+    is not JSON, or was cut at the read limit, has no fields). Strings pass the secret redactor."""
+    from patchbay.records import dig
+
+    try:
+        body: Any = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        body = None
+    answer = {"status": status, "headers": {k.lower(): v for k, v in headers.items()}, "body": body}
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+
+    return {name: scrub(dig(answer, path)) for name, path in mapping.items()}

@@ -67,7 +67,7 @@ from patchbay.connectors.broker_client import (
     timed_out,
 )
 from patchbay.errors import AuthError, ConfigError, TerminalError, TransientError
-from patchbay.processors.expressions import render_template
+from patchbay.expressions import render_template
 from patchbay.records import dig
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress

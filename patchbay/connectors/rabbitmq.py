@@ -74,7 +74,7 @@ from patchbay.connectors.broker_client import (
     timed_out,
 )
 from patchbay.errors import AuthError, TerminalError, TransientError
-from patchbay.processors.expressions import render_template
+from patchbay.expressions import render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress, connect_first
 

@@ -63,7 +63,7 @@ from patchbay.connectors.broker_client import (
 )
 from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import AuthError, TerminalError, TransientError
-from patchbay.processors.expressions import render_template
+from patchbay.expressions import render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import blocked_cause, connect_first
 

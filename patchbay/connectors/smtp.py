@@ -36,7 +36,7 @@ from patchbay.connectors.base import (
 )
 from patchbay.connectors.tls_client import TlsSettings, tls_context
 from patchbay.errors import PatchbayError, RecordInvalid, Violation
-from patchbay.processors.expressions import Template, render_template
+from patchbay.expressions import Template, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress, open_socket
 

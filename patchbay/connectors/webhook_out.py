@@ -21,7 +21,7 @@ from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources
 from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
 from patchbay.connectors.http_client import check_url
 from patchbay.errors import ConfigError, PatchbayError
-from patchbay.processors.expressions import iso, render_template
+from patchbay.expressions import iso, render_template
 from patchbay.registry import connector
 from patchbay.security.webhook_auth import sign_standard_webhooks, standard_webhooks_key
 

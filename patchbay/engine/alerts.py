@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel
 
 from patchbay import registry
+from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project, system_secret_refs
 from patchbay.engine.waiting import wait_set
@@ -55,28 +55,6 @@ CREATE TABLE IF NOT EXISTS alerts(
   updated_at REAL NOT NULL,
   PRIMARY KEY(rule, subject)
 )"""
-# A message's title and text fill these settings of a notify destination, when it has them.
-_MESSAGE_FIELDS = {
-    "title": "{{ title }}",
-    "subject": "{{ title }}",
-    "text": "{{ text }}",
-    "message": "{{ text }}",
-}
-
-
-# ---------------------------------------------------------------- notify targets
-def split_notify(entry: str | dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-    """A notify entry as (system, destination settings, delivery policy overrides)."""
-    if isinstance(entry, str):
-        return entry, {}, None
-    settings = {k: v for k, v in entry.items() if k not in ("system", "delivery")}
-    return str(entry["system"]), settings, entry.get("delivery")
-
-
-def notify_config(model: type[BaseModel], settings: dict[str, Any]) -> BaseModel:
-    """The destination config that carries alert messages: `settings`, plus the message fields it has."""
-    filled = {k: v for k, v in _MESSAGE_FIELDS.items() if k in model.model_fields}
-    return model.model_validate({**filled, **settings})
 
 
 @dataclass
@@ -101,7 +79,7 @@ def rule_key(flow: str | None, spec: AlertRule) -> str:
 
 def compile_rules(project: Project) -> tuple[list[Rule], FlowSpec | None]:
     """The project's rules, and the internal flow with one destination per distinct notify target."""
-    from patchbay.processors.expressions import compile_expr
+    from patchbay.expressions import compile_expr
 
     dests: list[DestinationSpec] = []
     by_target: dict[bytes, str] = {}

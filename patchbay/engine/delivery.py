@@ -217,6 +217,7 @@ class DestinationWorker:
                 )
             if scrub is not None:  # what the remote echoed of the opened values is not stored
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
+                outcome.fields = scrub(outcome.fields)
         if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
             outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
@@ -234,6 +235,7 @@ class DestinationWorker:
             decision.status,
             decision.next_at,
             decision.consumed_retry,
+            outcome.fields if outcome.cls is OutcomeClass.SUCCESS else None,
         )
         try:
             await self._record(result)

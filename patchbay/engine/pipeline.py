@@ -11,6 +11,7 @@ import orjson
 from patchbay.config.project import FlowSpec
 from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
+from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
 from patchbay.records import dig
 from patchbay.security.fields import MARKER, FieldCipher, FieldError
@@ -95,7 +96,7 @@ class Pipeline:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         for spec in self.flow.steps:
             t0 = time.perf_counter()
-            if spec.when is not None and not _truthy(spec.when.search(record)):
+            if spec.when is not None and not is_truthy(spec.when.search(record)):
                 trace.append({"step": spec.name, "kind": spec.kind, "skipped": True})
                 continue
             try:
@@ -117,7 +118,7 @@ class Pipeline:
         deliveries: list[NewDelivery] = []
         routes: list[dict[str, Any]] = []
         for dest in self.flow.destinations:
-            if dest.when is not None and not _truthy(dest.when.search(record)):
+            if dest.when is not None and not is_truthy(dest.when.search(record)):
                 routes.append({"destination": dest.name, "matched": False})
                 continue
             key = f"{event_id}.{dest.name}"
@@ -149,10 +150,6 @@ class Pipeline:
         if v is None:
             v = dig(original, path)
         return None if v is None or isinstance(v, dict | list) else str(v)
-
-
-def _truthy(v: Any) -> bool:
-    return v not in (None, False, "", [], {}, 0)
 
 
 def _ms(t0: float) -> float:

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
 from patchbay.errors import PatchbayError
+from patchbay.registry import CheckIssue, Loc
 
-Loc = tuple[str | int, ...]
+__all__ = ["CheckIssue", "Dropped", "Loc", "Step", "StepConfig"]
 
 
 class Dropped(PatchbayError):
     """A step decided the record goes no further (a filter); not a failure."""
-
-
-@dataclass
-class CheckIssue:
-    """A problem found by a step's static check, at `loc` inside the step's own config."""
-
-    loc: Loc
-    message: str
 
 
 class Step(Protocol):

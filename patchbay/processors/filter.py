@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import Field, PrivateAttr, model_validator
 
 from patchbay.errors import RecordInvalid
+from patchbay.expressions import ExprError, compile_expr, is_constant_false, is_truthy
 from patchbay.processors.base import CheckIssue, Dropped, Loc, StepConfig
-from patchbay.processors.expressions import ExprError, compile_expr, is_constant_false, is_truthy
 from patchbay.registry import step
 
 
@@ -69,4 +69,8 @@ class FilterStep:
             yield CheckIssue(config.when_loc, exc.message)
             return
         if is_constant_false(when):
-            yield CheckIssue(config.when_loc, "this filter never passes; the steps after it are unreachable")
+            yield CheckIssue(
+                config.when_loc,
+                "this filter never passes; the steps after it are unreachable",
+                never_passes=True,
+            )

@@ -18,10 +18,10 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails
 
 from patchbay.errors import RecordInvalid, Violation
+from patchbay.expressions import DataError, Expr, ExprError, compile_expr, to_bool, to_float
+from patchbay.expressions import to_int as _to_int
+from patchbay.expressions import to_str as _to_str
 from patchbay.processors.base import CheckIssue, Loc, StepConfig
-from patchbay.processors.expressions import DataError, Expr, ExprError, compile_expr, to_bool, to_float
-from patchbay.processors.expressions import to_int as _to_int
-from patchbay.processors.expressions import to_str as _to_str
 from patchbay.records import flatten
 from patchbay.registry import step
 

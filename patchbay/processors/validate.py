@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbay.errors import RecordInvalid, Violation
+from patchbay.expressions import describe, show
 from patchbay.processors.base import CheckIssue, StepConfig
-from patchbay.processors.expressions import describe, show
 from patchbay.records import dig
 from patchbay.registry import step
 

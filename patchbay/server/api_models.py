@@ -287,6 +287,9 @@ class DeliveryOut(Out):
     created_at: Timestamp
     updated_at: Timestamp
     attempts_log: list[AttemptOut]
+    response: dict[str, Any] | None = Field(
+        None, description="Fields the destination's `response:` setting kept from its successful answer."
+    )
 
 
 class RunDetail(Out):

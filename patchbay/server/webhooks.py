@@ -1,4 +1,4 @@
-"""Webhook endpoints: size limits, authentication, JSON checks, then persist-before-acknowledge."""
+"""Webhook endpoints: size limits, authentication, JSON or form checks, then persist-before-acknowledge."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import orjson
 from aiohttp import web
 
 from patchbay.config.project import FlowSpec
+from patchbay.connectors.base import Batch, SourceRecord
 from patchbay.engine.hub import Hub
 from patchbay.errors import RejectedRequest, StoreUnavailable
 from patchbay.records import dig, json_depth
 from patchbay.security.ratelimit import limits_for, rate_limited
 from patchbay.security.webhook_auth import InboundRequest, Verifier
+from patchbay.server.forms import FORM_TYPES, media_type, parse_form
 
 log = logging.getLogger("patchbay.webhooks")
 STORE_RETRY_AFTER_S = 30  # what a sender waits when the store cannot write (disk full)
@@ -93,28 +95,19 @@ class WebhookEndpoint:
             InboundRequest(body, request.headers, request.remote, request.method, str(request.url))
         )
         ctype = request.headers.get("Content-Type", "")
-        if ctype and "json" not in ctype.split(";")[0].lower():
-            raise self.reject(
-                415, "unsupported_media_type", f"expected Content-Type application/json, got {ctype}"
-            )
-        if not body.strip():
-            raise self.reject(400, "empty_body", "the body is empty; send a JSON object")
-        try:
-            record: Any = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise self.reject(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise self.reject(422, "not_an_object", f"expected a JSON object, got {type(record).__name__}")
-        if json_depth(record, self.max_depth) > self.max_depth:
-            raise self.reject(400, "too_deep", f"JSON nested deeper than {self.max_depth} levels")
+        record = self.parse(ctype, body)
+        meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
+        meta["remote"] = request.remote
+        if isinstance(record, list):  # a batch (the trigger says so): every element one event
+            return await self._ingest_batch(record, verified.event_id, request, meta)
         dedupe: str | None = verified.event_id
         if dedupe is None and self.trigger.id_header:
             dedupe = request.headers.get(self.trigger.id_header)
         if dedupe is None and self.trigger.id_path:
             v = dig(record, self.trigger.id_path)
             dedupe = None if v is None else str(v)
-        meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
-        meta["remote"] = request.remote
+        if media_type(ctype) in FORM_TYPES:  # the stored payload is the record, so a replay reads JSON
+            body = orjson.dumps(record)
         try:
             accepted, status = await self.hub.ingest(
                 self.flow.name, body, record, dedupe_key=dedupe, meta=meta
@@ -135,6 +128,85 @@ class WebhookEndpoint:
         if accepted.duplicate:
             return _json(200, {"event_id": accepted.event_id, "status": "duplicate"})
         return _json(202, {"event_id": accepted.event_id, "status": status})
+
+    def parse(self, ctype: str, body: bytes) -> Any:
+        """The record (or, for a batch trigger, the list of records) a body makes; RejectedRequest if none."""
+        kind = media_type(ctype)
+        if kind in FORM_TYPES:
+            record: Any = parse_form(ctype, body, self.trigger.files)
+        elif ctype and "json" not in kind:
+            raise self.reject(
+                415,
+                "unsupported_media_type",
+                f"expected Content-Type application/json, application/x-www-form-urlencoded or "
+                f"multipart/form-data, got {ctype}",
+            )
+        elif not body.strip():
+            raise self.reject(400, "empty_body", "the body is empty; send a JSON object")
+        else:
+            try:
+                record = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise self.reject(400, "malformed_json", f"the body is not valid JSON: {exc}") from exc
+        if isinstance(record, list) and self.trigger.batch:
+            if not record:
+                raise self.reject(422, "empty_batch", "the batch is an empty array; send at least one object")
+            for i, item in enumerate(record):
+                if not isinstance(item, dict):
+                    raise self.reject(
+                        422,
+                        "not_an_object",
+                        f"element {i} of the batch is a {type(item).__name__}; each element must be an object",
+                    )
+        elif not isinstance(record, dict):
+            hint = " (set `batch: true` on the flow's webhook trigger to take an array as a batch)"
+            raise self.reject(
+                422,
+                "not_an_object",
+                f"expected a JSON object, got {type(record).__name__}"
+                + (hint if isinstance(record, list) else ""),
+            )
+        if json_depth(record, self.max_depth) > self.max_depth:
+            raise self.reject(400, "too_deep", f"JSON nested deeper than {self.max_depth} levels")
+        return record
+
+    async def _ingest_batch(
+        self, items: list[dict[str, Any]], sender_id: str | None, request: web.Request, meta: dict[str, Any]
+    ) -> web.Response:
+        """Every element one event, all in one transaction. An element's dedupe key is its id_path value,
+        else the request's id (signature scheme or id_header) with its index, so a re-sent batch is known."""
+        if sender_id is None and self.trigger.id_header:
+            sender_id = request.headers.get(self.trigger.id_header)
+        records = []
+        for i, item in enumerate(items):
+            key: str | None = None
+            if self.trigger.id_path:
+                v = dig(item, self.trigger.id_path)
+                key = None if v is None else str(v)
+            if key is None and sender_id is not None:
+                key = f"{sender_id}#{i}"
+            records.append(SourceRecord(item, id=key, raw=orjson.dumps(item)))
+        try:
+            accepted = await self.hub.ingest_batch(self.flow.name, Batch(records), meta=meta)
+        except StoreUnavailable as exc:
+            raise self.reject(
+                503,
+                "store_unavailable",
+                f"the hub cannot store events right now ({exc.condition}); nothing was stored: send it again later",
+                {"Retry-After": str(STORE_RETRY_AFTER_S)},
+            ) from exc
+        events = [
+            {
+                "event_id": a.event_id,
+                "status": "replayed_id" if a.conflict else "duplicate" if a.duplicate else "accepted",
+            }
+            for a in accepted
+        ]
+        # 202 when anything was stored; else 409 if an element reused a known id with another body, else 200.
+        status = 202 if any(e["status"] == "accepted" for e in events) else 200
+        if status == 200 and any(a.conflict for a in accepted):
+            status = 409
+        return _json(status, {"event_ids": [a.event_id for a in accepted], "events": events})
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:

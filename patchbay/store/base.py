@@ -65,6 +65,7 @@ class AttemptResult:
     new_status: str  # delivered | pending | dead
     next_at: float | None = None
     consumed_retry: bool = False
+    response: dict[str, Any] | None = None  # fields mapped from a successful answer (Outcome.fields)
 
 
 class Store(Protocol):
@@ -79,3 +80,6 @@ class Store(Protocol):
         self, flow: str, destination: str, state: str, reason: str | None
     ) -> None: ...
     async def close(self) -> None: ...
+
+    # -- responses: fields a destination mapped from its answer (issue 11.3; the identity map reads them)
+    async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None: ...

@@ -72,6 +72,8 @@ def get_run(
             dict(a)
             for a in conn.execute("SELECT * FROM attempts WHERE delivery_id=? ORDER BY n, id", (d["id"],))
         ]
+        resp = conn.execute("SELECT fields FROM responses WHERE delivery_id=?", (d["id"],)).fetchone()
+        dd["response"] = None if resp is None else orjson.loads(resp[0])
         run["deliveries"].append(dd)
     paths = list(sensitive) if sensitive is not None else project_sensitive_paths(conn).get(run["flow"], [])
     return redact_run(run, paths)  # with no paths, still shows values sealed at rest as [redacted]
@@ -97,8 +99,8 @@ def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
     for d, parsed in zip(run["deliveries"], bodies, strict=True):
         if isinstance(parsed, dict):
             d["request"]["body"] = orjson.dumps(redact_paths(parsed, paths)).decode()
-        for k in ("request", "last_error"):
-            d[k] = scrub(d[k])
+        for k in ("request", "last_error", "response"):
+            d[k] = scrub(d.get(k))
         for a in d["attempts_log"]:
             a["excerpt"], a["error"] = scrub(a["excerpt"]), scrub(a["error"])
     for k in ("trace", "reason", "meta", "record_key"):

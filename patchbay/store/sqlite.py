@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS attempts(
   error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id, n);
+-- Fields a destination mapped from its successful answer (`response: {id: body.id}`), one row per delivery.
+CREATE TABLE IF NOT EXISTS responses(
+  delivery_id INTEGER PRIMARY KEY,
+  fields TEXT NOT NULL,
+  at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS destinations(
   flow TEXT NOT NULL,
   destination TEXT NOT NULL,
@@ -658,6 +664,11 @@ class SqliteStore:
     ) -> None:
         await self._write(tx_set_destination_state, flow, destination, state, reason)
 
+    # -------------------------------------------------------------- responses
+    async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None:
+        """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
+        return await self._read(q_response_fields, event_id, destination)
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run any query function `fn(conn, *args)` on the reader thread."""
         return await self._read(fn, *args)
@@ -848,10 +859,24 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
                 r.error,
             ),
         )
+        if r.response is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO responses(delivery_id, fields, at) VALUES(?,?,?)",
+                (r.delivery_id, _j(r.response), now),
+            )
         if r.new_status != "pending":
             events.add(r.event_id)
     for ev in events:
         refresh_event_status(conn, ev, now)
+
+
+def q_response_fields(conn: sqlite3.Connection, event_id: str, destination: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT r.fields FROM responses r JOIN deliveries d ON d.id=r.delivery_id"
+        " WHERE d.event_id=? AND d.destination=? ORDER BY d.id DESC LIMIT 1",
+        (event_id, destination),
+    ).fetchone()
+    return None if row is None else orjson.loads(row[0])
 
 
 def refresh_event_status(conn: sqlite3.Connection, event_id: str, now: float | None = None) -> str:

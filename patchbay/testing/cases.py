@@ -10,7 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from patchbay.config.models import Spec
-from patchbay.config.project import Project, pydantic_problems
+from patchbay.config.problems import pydantic_problems
+from patchbay.config.project import Project
 from patchbay.config.source import Located, load_yaml
 from patchbay.errors import ConfigError, Problem
 from patchbay.testing.harness import OUTCOME_NAMES, Response

@@ -176,3 +176,25 @@ def test_json_output(tmp_path):
     )
     doc = json.loads(res.output)
     assert doc["ok"] is False and doc["problems"][0]["line"] == 12
+
+
+def test_a_message_quoting_never_passes_does_not_make_later_steps_unreachable(tmp_path):
+    """Which step blocks every record is the step's own signal, not a phrase found in a message."""
+    flow = FLOW.replace("lower(email)", "'never passes' ||")
+    code, out = check(project(tmp_path, flow))
+    assert code == 2
+    assert out[0].startswith(f"{p(tmp_path, 'flows/leads.yaml')}:7: map: ")
+    assert "never passes" in out[0]
+    assert not [line for line in out if "unreachable" in line], out
+
+
+def test_a_filter_that_never_passes_makes_later_steps_and_destinations_unreachable(tmp_path):
+    flow = FLOW.replace("  - validate:", "  - filter: '`false`'\n  - validate:")
+    code, out = check(project(tmp_path, flow))
+    assert code == 2
+    leads = p(tmp_path, "flows/leads.yaml")
+    assert out[:-1] == [  # the last line counts the problems
+        f"{leads}:8: filter: this filter never passes; the steps after it are unreachable",
+        f"{leads}:9: unreachable step: step 2 never lets a record through; remove this step or fix that condition",
+        f"{leads}:12: unreachable destination: step 2 never lets a record through",
+    ]

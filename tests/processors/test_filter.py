@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from patchbay.errors import RecordInvalid
+from patchbay.expressions import ExprError
 from patchbay.processors.base import Dropped
-from patchbay.processors.expressions import ExprError
 from patchbay.processors.filter import FilterConfig, FilterStep
 from patchbay.registry import STEPS
 

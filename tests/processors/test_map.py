@@ -183,7 +183,7 @@ def test_check_reports_an_empty_map() -> None:
 
 
 def test_bad_expression_fails_construction() -> None:
-    from patchbay.processors.expressions import ExprError
+    from patchbay.expressions import ExprError
 
     with pytest.raises(ExprError, match="unknown function 'lowr'"):
         mapper({"a": "lowr(x)"})

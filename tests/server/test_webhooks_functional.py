@@ -77,7 +77,7 @@ BAD_CASES = [
     (
         "wrong content type",
         b"email=a@b.co",
-        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "text/plain"},
         True,
         415,
         "unsupported_media_type",

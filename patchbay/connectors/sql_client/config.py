@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from patchbay.config.models import SecretRef, Spec
 from patchbay.connectors.sql_client.names import check_ident, is_loopback
-from patchbay.processors.expressions import compile_expr
+from patchbay.expressions import compile_expr
 
 WriteMode = Literal["insert", "upsert", "update", "delete"]
 SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]

@@ -12,7 +12,7 @@ from patchbay.errors import (
     RecordInvalid,
     Violation,
 )
-from patchbay.processors.expressions import Expr, compile_expr
+from patchbay.expressions import Expr, compile_expr
 
 
 class RowRenderer:

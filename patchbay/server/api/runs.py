@@ -30,6 +30,7 @@ class Runs(Resource):
             run[k] = self._redact(run[k])
         for d in run["deliveries"]:
             d["request"] = self._redact(d["request"])
+            d["response"] = self._redact(d.get("response"))
             for a in d["attempts_log"]:
                 a["excerpt"] = self._redact(a["excerpt"])
                 a["error"] = self._redact(a["error"])

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchbay.errors import ConfigError, RecordInvalid
-from patchbay.processors.expressions import (
+from patchbay.expressions import (
     FUNCTION_NAMES,
     DataError,
     ExprError,

@@ -1,0 +1,272 @@
+"""Loading one flow file: its document, webhook trigger, source, steps, then its destinations."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field
+
+from patchbay import presets, registry
+from patchbay.config.destinations import load_destinations
+from patchbay.config.models import NAME_RE, AlertRule, HubSettings, Spec, Trigger
+from patchbay.config.problems import compile_at, did_you_mean, validate
+from patchbay.config.source import Loc, Located
+from patchbay.config.specs import FlowSpec, SourceSpec, StepSpec, SystemSpec
+from patchbay.errors import Problem
+from patchbay.expressions import is_constant_false
+
+
+class FlowDoc(Spec):
+    name: str | None = Field(None, description="Flow name; default the file name without .yaml.")
+    purpose: str = Field(description="Why this flow exists, in one sentence.")
+    owner: str = Field(description="Team or person answerable for this flow.")
+    enabled: bool = Field(
+        True, description="A disabled flow rejects its webhooks with 503 and delivers nothing."
+    )
+    trigger: Trigger
+    record_key: str | None = Field(
+        None, description="Dotted path of the field runs are searched by (e.g. properties.email)."
+    )
+    sensitive: list[str] = Field(
+        default_factory=list,
+        description="Dotted paths redacted in traces and dead letters (e.g. card.number).",
+    )
+    encrypt_sensitive: bool | None = Field(
+        None,
+        description="Store the values at `sensitive` paths encrypted (payload and requests); default: "
+        "the hub's `encrypt_sensitive`. Needs the project's master key.",
+    )
+    steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
+    destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
+    delivery: dict[str, Any] | None = Field(
+        None, description="Delivery policy for every destination of this flow."
+    )
+    alerts: list[AlertRule] = Field(
+        default_factory=list,
+        description="Alert rules for this flow only, e.g. "
+        "`- {when: destination_paused, notify: [ops-chat]}`.",
+    )
+
+
+def load_flow(
+    src: Located,
+    stem: str,
+    systems: dict[str, SystemSpec],
+    settings: HubSettings,
+    problems: list[Problem],
+    broken: set[str],
+) -> FlowSpec | None:
+    """The flow in `src`, or None with its problems added to `problems`."""
+    n0 = len(problems)
+    if not isinstance(src.data, dict):
+        problems.append(
+            src.problem((), "a flow file is a mapping: purpose, owner, trigger, steps, destinations")
+        )
+        return None
+    doc: FlowDoc | None = validate(src, with_trigger_defaults(src.data, systems), FlowDoc, (), problems)
+    if doc is None:
+        return None
+    name = doc.name or stem
+    if not re.match(NAME_RE, name):
+        problems.append(
+            src.problem(("name",), f"bad flow name {name!r}: use lower-case letters, digits, '-' and '_'")
+        )
+    _check_webhook(src, doc.trigger, systems, broken, problems)
+    source = load_source(src, doc.trigger, systems, broken, problems)
+    steps, stopped_at = _load_steps(src, doc.steps, problems)
+    typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
+    dests = load_destinations(
+        src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems, typed
+    )
+    for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
+        problems.append(src.problem(at, message))
+    if len(problems) > n0:
+        return None
+    return FlowSpec(
+        name,
+        doc.purpose,
+        doc.owner,
+        doc.trigger,
+        steps,
+        dests,
+        doc.record_key,
+        doc.sensitive,
+        doc.enabled,
+        src.file,
+        src.line(()),
+        source,
+        doc.alerts,
+        settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
+    )
+
+
+def with_trigger_defaults(data: dict[str, Any], systems: dict[str, SystemSpec]) -> dict[str, Any]:
+    """The flow document with its webhook system's preset `trigger_defaults` filled in where the flow
+    gives none; applied before validation, so the defaults are checked like the flow's own settings."""
+    trigger = data.get("trigger")
+    webhook = trigger.get("webhook") if isinstance(trigger, dict) else None
+    if not isinstance(trigger, dict) or not isinstance(webhook, dict):
+        return data
+    name = webhook.get("system")
+    sysspec = systems.get(name) if isinstance(name, str) else None
+    defaults = (sysspec.preset or {}).get("trigger_defaults") if sysspec is not None else None
+    if not defaults:
+        return data
+    filled = dict(webhook)
+    for k, v in defaults.items():
+        if filled.get(k) is None and not (k == "id_path" and filled.get("id_header")):
+            filled[k] = v
+    return {**data, "trigger": {**trigger, "webhook": filled}}
+
+
+def _check_webhook(
+    src: Located, trigger: Trigger, systems: dict[str, SystemSpec], broken: set[str], problems: list[Problem]
+) -> None:
+    """A webhook trigger's system exists and says how it authenticates."""
+    if trigger.webhook is None:
+        return
+    sysname = trigger.webhook.system
+    sysspec = systems.get(sysname)
+    if sysspec is None:
+        if sysname not in broken:
+            problems.append(
+                src.problem(
+                    ("trigger", "webhook", "system"),
+                    f"unknown system {sysname!r}" + did_you_mean(sysname, [*systems, *broken]),
+                )
+            )
+    elif sysspec.common.webhook is None:
+        problems.append(
+            src.problem(
+                ("trigger", "webhook", "system"),
+                f"system {sysname!r} has no `webhook:` settings; "
+                "add how it authenticates (e.g. scheme: standard_webhooks)",
+            )
+        )
+
+
+def _load_steps(
+    src: Located, raws: list[dict[str, Any]], problems: list[Problem]
+) -> tuple[list[StepSpec], int | None]:
+    """The steps, and the index of the first step no record gets through (None: every step may pass)."""
+    steps: list[StepSpec] = []
+    stopped_at: int | None = None
+    for i, raw in enumerate(raws):
+        loc: Loc = ("steps", i)
+        if stopped_at is not None:
+            problems.append(
+                src.problem(
+                    loc,
+                    f"unreachable step: step {stopped_at + 1} never lets a record through; "
+                    "remove this step or fix that condition",
+                )
+            )
+            continue
+        meta = {k: raw[k] for k in ("name", "when") if k in raw}
+        kinds = [k for k in raw if k not in ("name", "when")]
+        if len(kinds) != 1:
+            problems.append(
+                src.problem(
+                    loc,
+                    "a step is one of "
+                    + ", ".join(sorted(registry.STEPS))
+                    + " (with optional name/when), e.g. `- map: {...}`",
+                )
+            )
+            continue
+        kind = kinds[0]
+        entry = registry.STEPS.get(kind)
+        if entry is None:
+            problems.append(
+                src.problem((*loc, kind), f"unknown step {kind!r}" + did_you_mean(kind, registry.STEPS))
+            )
+            continue
+        cfg = validate(src, raw[kind], entry.config, (*loc, kind), problems)
+        if cfg is None:
+            continue
+        issues: list[registry.CheckIssue] = list(entry.cls.check(cfg))
+        for issue in issues:
+            problems.append(src.problem((*loc, kind, *issue.loc), f"{kind}: {issue.message}"))
+        when = None
+        if "when" in meta:
+            when = compile_at(src, str(meta["when"]), (*loc, "when"), problems)
+            if when is not None and is_constant_false(when):
+                problems.append(
+                    src.problem((*loc, "when"), "this step's `when` is always false: the step never runs")
+                )
+        if any(issue.never_passes for issue in issues):
+            stopped_at = i
+        if issues:
+            continue
+        try:
+            instance = entry.cls(cfg)
+        except Exception as exc:  # a step's own constructor may refuse a config its check missed
+            problems.append(src.problem((*loc, kind), f"{kind}: {exc}"))
+            continue
+        steps.append(StepSpec(kind, str(meta.get("name", kind)), cfg, instance, when))
+    return steps, stopped_at
+
+
+def load_source(
+    src: Located, trigger: Trigger, systems: dict[str, SystemSpec], broken: set[str], problems: list[Problem]
+) -> SourceSpec | None:
+    """The trigger's `source:`: a system whose connector can be a source, polled or consumed as it says."""
+    if trigger.source is None:
+        return None
+    loc: Loc = ("trigger", "source")
+    settings = dict(trigger.source)
+    name = settings.pop("system")
+    sysspec = systems.get(name)
+    if sysspec is None:
+        if name not in broken:
+            problems.append(
+                src.problem(
+                    (*loc, "system"), f"unknown system {name!r}" + did_you_mean(name, [*systems, *broken])
+                )
+            )
+        return None
+    found = registry.connector_for(sysspec.kind or "", "source")
+    if found is None:
+        kinds = sorted(k for k, e in registry.CONNECTORS.items() if "source" in e.roles)
+        problems.append(
+            src.problem(
+                (*loc, "system"),
+                f"system {name!r} ({sysspec.kind}) cannot be a source; source kinds: {', '.join(kinds)}",
+            )
+        )
+        return None
+    cls, model = found
+    if "read" in settings:  # a preset's ready-made read: its settings under the source's own
+        read_name, reads = settings.pop("read"), (sysspec.preset or {}).get("reads", {})
+        if read_name not in reads:
+            where = f"preset of system {name!r}" if sysspec.preset else f"system {name!r} (it has no preset)"
+            problems.append(
+                src.problem(
+                    (*loc, "read"),
+                    f"unknown read {read_name!r} in the {where}" + did_you_mean(str(read_name), reads),
+                )
+            )
+            return None
+        settings = presets.merge(presets.settings_of(reads[read_name]), settings)
+    cfg = validate(src, settings, model, loc, problems)
+    if cfg is None:
+        return None
+    mode = getattr(cls, "mode", "poll")
+    if mode == "poll" and trigger.schedule is None:
+        problems.append(
+            src.problem(
+                loc,
+                f"a {sysspec.kind} source is polled: add `schedule: {{every: 5m}}` (or cron) to the trigger",
+            )
+        )
+        return None
+    if mode == "stream" and trigger.schedule is not None:
+        problems.append(
+            src.problem(
+                ("trigger", "schedule"),
+                f"a {sysspec.kind} source is consumed continuously; remove `schedule`",
+            )
+        )
+        return None
+    return SourceSpec(name, sysspec.kind or "", mode, cfg)
