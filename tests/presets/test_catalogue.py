@@ -894,13 +894,35 @@ async def test_hubspot_v3_webhook_through_the_hub(tmp_path, start_hub, sink, mon
         },
     )
     hub = await start_hub(tmp_path)
-    body = orjson.dumps(
-        {"events": [{"eventId": 100, "subscriptionType": "contact.creation", "objectId": 123}]}
-    )
+    events = [
+        {
+            "eventId": 1003,
+            "subscriptionId": 2,
+            "portalId": 62515,
+            "occurredAt": 1700000000000,
+            "subscriptionType": "contact.creation",
+            "attemptNumber": 0,
+            "objectId": 123,
+            "changeFlag": "NEW",
+            "changeSource": "CRM",
+        },
+        {
+            "eventId": 1004,
+            "subscriptionId": 2,
+            "portalId": 62515,
+            "subscriptionType": "contact.deletion",
+            "objectId": 124,
+        },
+    ]
+    body = orjson.dumps(events)  # HubSpot posts an array; the preset reads it as a batch
     url = hub.url + "/hooks/f"
     status, _ = await hub.post("/hooks/f", body, headers=hubspot_sign(body, url), sign=False)
     assert status == 202
     forged = hubspot_sign(body, url.replace("/hooks/f", "/hooks/other"))
     status, answer = await hub.post("/hooks/f", body, headers=forged, sign=False)
     assert (status, answer["error"]) == (401, "bad_signature")
-    await sink.wait_for(1)
+    await sink.wait_for(2)
+    assert sorted(r.body["eventId"] for r in sink.received) == [1003, 1004]
+    status, _ = await hub.post("/hooks/f", body, headers=hubspot_sign(body, url), sign=False)
+    assert status in (200, 202)  # HubSpot re-sends with the same eventIds
+    assert await hub.count() == 2  # each event stored once
