@@ -235,11 +235,12 @@ class RunningHub:
         return await self.store.read(lambda c: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     async def run(self, event_id: str) -> dict[str, Any]:
-        from patchbay.store.queries import get_run
+        """The run as the CLI and the API show it (sensitive fields redacted)."""
+        from patchbay.security.runs import redact_run, sensitive_paths
 
-        run = await self.store.read(get_run, event_id)
+        run = await self.store.get_run(event_id)
         assert run is not None
-        return run
+        return redact_run(run, sensitive_paths(self.root).get(run["flow"], []))
 
 
 HubFactory = Callable[..., Awaitable[RunningHub]]

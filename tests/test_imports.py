@@ -49,9 +49,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # Upward imports that issue 8 removes in other branches; the lead deletes each line once its fix is merged.
 KNOWN_UPWARD: set[tuple[str, str]] = {
-    # issue 8, `seam`: store/queries.py reaches up into security (redaction, the project's store path).
-    ("patchbay.store.queries", "patchbay.security.redaction"),
-    ("patchbay.store.queries", "patchbay.security.project"),
     # issue 8, found merging OAuth2 (ea63412): security/oauth2.py types its arguments with connectors'
     # Resources and HttpAuth (under TYPE_CHECKING); it belongs beside connectors/http_client.py.
     ("patchbay.security.oauth2", "patchbay.connectors.base"),

@@ -22,14 +22,6 @@ from patchbay.cli.main import (
 from patchbay.cli.test import load_offline, shown
 
 
-def recent_payloads(conn: Any, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
-    rows = conn.execute(
-        "SELECT id, received_at, payload FROM events WHERE flow=? ORDER BY received_at DESC, id DESC LIMIT ?",
-        (flow, limit),
-    ).fetchall()
-    return [(r[0], r[1], r[2]) for r in rows]
-
-
 def recent_events(project: Any, flow: str, limit: int) -> list[tuple[str, float, Any]]:
     """The flow's recent events as received: values stored encrypted (`encrypt_sensitive`) are opened
     with the project's field key, so that their types are the ones the sender sent."""
@@ -37,7 +29,7 @@ def recent_events(project: Any, flow: str, limit: int) -> list[tuple[str, float,
     from patchbay.engine.pipeline import Pipeline
     from patchbay.security.fields import MARKER, FieldError
 
-    rows = _store(project.root).read(recent_payloads, flow, limit)
+    rows = _store(project.root).run(lambda s: s.recent_payloads(flow, limit))
     pipeline = None
     out = []
     for event_id, at, raw in rows:

@@ -8,11 +8,15 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
+
+if TYPE_CHECKING:
+    from patchbay.store.base import Actor
+    from patchbay.store.blocking import BlockingStore
 
 EXIT_PROBLEMS, EXIT_CONFIG, EXIT_STORE = 1, 2, 3
 
@@ -82,9 +86,10 @@ def _load(project_dir: Path, check_secrets: bool = True) -> Any:
     return project, resolver
 
 
-def _store(project_dir: Path) -> Any:
+def _store(project_dir: Path) -> BlockingStore:
+    """The project's store for this command (closed when the command ends)."""
     from patchbay.config.project import load_project
-    from patchbay.store.sqlite import SyncStore
+    from patchbay.store.blocking import BlockingStore
 
     project, problems = load_project(project_dir)
     if project is None:  # queries still work on a project whose config is broken right now
@@ -104,7 +109,15 @@ def _store(project_dir: Path) -> Any:
                 f"no store at {path} yet: start the hub with `patchbay serve {project_dir}` first", err=True
             )
         sys.exit(EXIT_STORE)
-    return SyncStore(path)
+    store = BlockingStore(path)
+    click.get_current_context().call_on_close(store.close)
+    return store
+
+
+def _cli_actor(**detail: Any) -> Actor:
+    from patchbay.store.base import Actor
+
+    return Actor(os.environ.get("USER", "cli"), "cli", detail)
 
 
 class _Main(click.Group):
@@ -298,12 +311,12 @@ def _explain_quarantine(project: Any, answer: str) -> None:
         return
     run_id = reply.get("event_id")
     reason = None
-    if project.store_path.exists():
-        from patchbay.store.queries import get_run
-        from patchbay.store.sqlite import SyncStore
+    if project.store_path.exists() and isinstance(run_id, str):
+        from patchbay.store.blocking import BlockingStore
 
-        run = SyncStore(project.store_path).read(get_run, run_id)
-        reason = run and run.get("reason")
+        with BlockingStore(project.store_path) as store:
+            run = store.run(lambda s: s.get_run(run_id))
+        reason = run and _shown(run, project.root).get("reason")
     if reason:
         click.echo(f"quarantined: {reason}")
     click.echo(
@@ -337,11 +350,12 @@ def runs(
     if ctx.invoked_subcommand is not None:
         ctx.obj = project_dir
         return
-    from patchbay.store.queries import RunFilter, list_runs
+    from patchbay.store.base import RunFilter
 
     window = _parse_time(since), _parse_time(until)  # bad input first, before the store
     store = _store(project_dir)
-    rows = store.read(list_runs, RunFilter(flow, status, *window, key, limit))
+    f = RunFilter(flow, status, *window, key, limit)
+    rows = store.run(lambda s: s.list_runs(f))
     if as_json:
         _echo_json(rows)
         return
@@ -358,6 +372,33 @@ def runs(
         )
 
 
+def _shown(run: dict[str, Any], project_dir: Path) -> dict[str, Any]:
+    """A stored run as the CLI may print it: its flow's sensitive fields (and values sealed at rest) redacted."""
+    from patchbay.security.runs import redact_run, sensitive_paths
+
+    return redact_run(run, sensitive_paths(project_dir).get(run["flow"], []))
+
+
+def _scrubbed_dead(
+    store: BlockingStore, rows: list[dict[str, Any]], project_dir: Path
+) -> list[dict[str, Any]]:
+    """Dead letters as the CLI may print them: a destination's answer may echo a sensitive field."""
+    from patchbay.security.runs import scrub_dead, sensitive_paths
+
+    paths = sensitive_paths(project_dir) if rows else {}
+    out = []
+    for r in rows:
+        if paths.get(r["flow"]):
+            run = _run_of(store, r["event_id"])
+            r = scrub_dead(r, run["payload"] if run else None, paths[r["flow"]])
+        out.append(r)
+    return out
+
+
+def _run_of(store: BlockingStore, event_id: str) -> dict[str, Any] | None:
+    return store.run(lambda s: s.get_run(event_id))
+
+
 def _status(s: str) -> str:
     return s
 
@@ -368,13 +409,12 @@ def _status(s: str) -> str:
 @json_option
 def runs_show(run_id: str, project_dir: Path, as_json: bool) -> None:
     """Print a run's trace: trigger, each step's output, each destination's attempts."""
-    from patchbay.store.queries import get_run
-
     store = _store(project_dir)
-    run = store.read(get_run, run_id)
+    run = store.run(lambda s: s.get_run(run_id))
     if run is None:
         click.echo(f"no run {run_id!r}; list them with `patchbay runs`", err=True)
         sys.exit(EXIT_PROBLEMS)
+    run = _shown(run, project_dir)
     if as_json:
         _echo_json(run)
         return
@@ -394,10 +434,8 @@ DEAD_RESPONSE_CHARS = 200  # of a dead letter's last response in the listing (`r
 @json_option
 def dead(project_dir: Path, flow: str | None, limit: int, as_json: bool) -> None:
     """List dead letters and quarantined events with their reasons."""
-    from patchbay.store.queries import list_dead
-
     store = _store(project_dir)
-    rows = store.read(list_dead, flow, limit)
+    rows = _scrubbed_dead(store, store.run(lambda s: s.list_dead(flow, limit)), project_dir)
     if as_json:
         _echo_json(rows)
         return
@@ -438,7 +476,8 @@ def replay(
     """Run dead or quarantined events again through the flow as configured now."""
     from patchbay.engine.hub import build_sinks, field_cipher
     from patchbay.engine.pipeline import Pipeline
-    from patchbay.engine.replay import find_replayable, tx_replay
+    from patchbay.engine.replay import event_ids
+    from patchbay.engine.replay import replay as replay_events
 
     if not run_ids and not all_:
         click.echo("replay: name run ids, or pass --all (with --flow/--destination to narrow)", err=True)
@@ -453,10 +492,8 @@ def replay(
         n: Pipeline(f, build_sinks(f, project, resolver, None), cipher) for n, f in project.flows.items()
     }
     store = _store(project_dir)
-    ids = store.read(
-        lambda c: find_replayable(c, event_ids=list(run_ids) or None, flow=flow, destination=destination)
-    )
-    report = store.write(tx_replay, pipelines, ids, destination, os.environ.get("USER", "cli"), "cli")
+    ids = event_ids(run_ids) if run_ids else store.run(lambda s: s.replayable(flow, destination))
+    report = store.run(lambda s: replay_events(s, pipelines, ids, destination, _cli_actor()))
     if as_json:
         _echo_json(report.__dict__)
     else:
@@ -477,31 +514,25 @@ def replay(
 @project_option
 def resume(flow: str, destination: str | None, project_dir: Path) -> None:
     """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival."""
-    from patchbay.store.sqlite import tx_audit, tx_set_destination_state
-
     store = _store(project_dir)
-    rows = store.read(
-        lambda c: [
-            dict(r) for r in c.execute("SELECT * FROM destinations WHERE flow=? AND state!='active'", (flow,))
-        ]
-    )
-    targets = [r for r in rows if destination in (None, r["destination"])]
+    states = store.run(lambda s: s.destination_states())
+    targets = [
+        (d, state, reason)
+        for (f, d), (state, reason, _) in sorted(states.items())
+        if f == flow and state != "active" and destination in (None, d)
+    ]
     if not targets:
         click.echo(
             f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}"
         )
         sys.exit(EXIT_PROBLEMS)
-    for r in targets:
-        store.write(tx_set_destination_state, flow, r["destination"], "active", None)
-        store.write(
-            tx_audit,
-            os.environ.get("USER", "cli"),
-            "resume",
-            f"{flow}/{r['destination']}",
-            {"was": r["state"]},
-            "cli",
-        )
-        click.echo(f"resumed {flow}/{r['destination']} (was {r['state']}: {r['reason']})")
+    for dest, was, reason in targets:
+        _resume_one(store, flow, dest, _cli_actor(was=was))
+        click.echo(f"resumed {flow}/{dest} (was {was}: {reason})")
+
+
+def _resume_one(store: BlockingStore, flow: str, dest: str, by: Actor) -> None:
+    store.run(lambda s: s.set_destination_state(flow, dest, "active", None, by))
 
 
 # ------------------------------------------------------------------------- state
@@ -512,20 +543,17 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
 @json_option
 def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     """Show a flow's source cursor and schedule; --reset forgets the cursor."""
-    from patchbay.store.sqlite import q_cursor, q_schedule, tx_audit, tx_reset_cursor
-
     store = _store(project_dir)
     if reset:
-        done = store.write(tx_reset_cursor, flow)
-        store.write(tx_audit, os.environ.get("USER", "cli"), "cursor.reset", flow, {}, "cli")
+        done = store.run(lambda s: s.reset_cursor(flow, _cli_actor()))
         click.echo(
             f"cursor of {flow} reset; the next poll reads from the start (seen records are not repeated)"
             if done
             else f"{flow} had no cursor"
         )
         return
-    cursor = store.read(q_cursor, flow)
-    sched = store.read(q_schedule, flow)
+    cursor = store.run(lambda s: s.cursor(flow))
+    sched = store.run(lambda s: s.schedule(flow))
     spec = _schedule_spec(project_dir, flow)
     if as_json:
         _echo_json({"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec)})
@@ -568,10 +596,10 @@ def _late(sched: dict[str, Any] | None, spec: Any) -> float:
     return over if over > tolerance else 0.0
 
 
-def late_schedules(store: Any, project_dir: Path) -> list[tuple[str, float]]:
-    rows = store.read(lambda c: [dict(r) for r in c.execute("SELECT * FROM schedules")])
+def late_schedules(store: BlockingStore, project_dir: Path) -> list[tuple[str, float]]:
+    rows = store.run(lambda s: s.schedules())
     out = []
-    for r in rows:
+    for r in rows.values():
         late = _late(r, _schedule_spec(project_dir, r["flow"]))
         if late:
             out.append((r["flow"], late))

@@ -183,7 +183,7 @@ async def run_in_process(
     every delivery has had its first attempt (a retry is left scheduled in the store for the hub)."""
     from patchbay.config.models import Trigger
     from patchbay.engine.hub import Hub
-    from patchbay.store.queries import get_run
+    from patchbay.security.runs import redact_run
 
     # Only this flow, and only its manual trigger: no schedule, source or other flow's backlog starts.
     one = dataclasses.replace(spec, trigger=Trigger(manual=True), source=None)
@@ -194,13 +194,13 @@ async def run_in_process(
         assert hub.store is not None
         deadline = time.monotonic() + wait_s
         while True:
-            run = await hub.store.read(get_run, accepted.event_id)
+            run = await hub.store.get_run(accepted.event_id)
             assert run is not None
             workers = hub.flows[spec.name].workers
             if all(_settled(d, workers[d["destination"]].state) for d in run["deliveries"]):
-                return run
+                return redact_run(run, spec.sensitive)  # shown: as `runs show` would
             if time.monotonic() > deadline:
-                return run
+                return redact_run(run, spec.sensitive)
             await asyncio.sleep(0.05)
     finally:
         await hub.stop()

@@ -186,10 +186,8 @@ def secrets_rotate_master(project_dir: Path) -> None:
 
 def _audit(root: Path, action: str, target: str) -> None:
     from patchbay.security.project import store_path_of
-    from patchbay.store.sqlite import SyncStore, tx_audit
+    from patchbay.store.base import Actor
+    from patchbay.store.blocking import BlockingStore
 
-    store = SyncStore(store_path_of(root))
-    try:
-        store.write(tx_audit, os.environ.get("USER", "cli"), action, target, {}, "cli")
-    finally:
-        store.close()
+    with BlockingStore(store_path_of(root)) as store:
+        store.run(lambda s: s.audit(action, target, Actor(os.environ.get("USER", "cli"), "cli")))

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,19 +22,26 @@ from patchbay.cli.main import (
 )
 from patchbay.security.tokens import SCOPES
 
+if TYPE_CHECKING:
+    from patchbay.store.base import Actor
+    from patchbay.store.blocking import BlockingStore
 
-def _open(root: Path) -> Any:
-    """The project's store, with the tokens table; created if the hub has never run (tokens come first)."""
+
+def _open(root: Path) -> BlockingStore:
+    """The project's store; created if the hub has never run (tokens come first)."""
     from patchbay.security.project import store_path_of
-    from patchbay.security.tokens import ensure_schema
-    from patchbay.store.sqlite import SyncStore
+    from patchbay.store.blocking import BlockingStore
 
     if not Path(root).is_dir():
         click.echo(f"no project folder {root}; create one with `patchbay init DIR`", err=True)
         sys.exit(EXIT_CONFIG)
-    store = SyncStore(store_path_of(root))
-    store.write(ensure_schema)
-    return store
+    return BlockingStore(store_path_of(root))
+
+
+def _actor() -> Actor:
+    from patchbay.store.base import Actor
+
+    return Actor(_who(), "cli")
 
 
 def _who() -> str:
@@ -71,8 +78,7 @@ def tokens_create(
 ) -> None:
     """Create a token and print it ONCE; only its hash is stored."""
     from patchbay.config.durations import parse_duration
-    from patchbay.security.tokens import tx_create_token
-    from patchbay.store.sqlite import tx_audit
+    from patchbay.security.tokens import create_token
 
     expires_at = None
     if expires is not None:
@@ -83,22 +89,12 @@ def tokens_create(
         if seconds < 60:
             raise click.BadParameter("a token lives at least 60s", param_hint="--expires")
         expires_at = time.time() + seconds
-    store = _open(project_dir)
-    who = _who()
-    try:
-        text, info = store.write(tx_create_token, name, scopes, expires_at, who)
-    except ValueError as exc:
-        click.echo(f"tokens create: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    store.write(
-        tx_audit,
-        who,
-        "token.create",
-        info.id,
-        {"name": info.name, "scopes": list(info.scopes), "expires_at": expires_at},
-        "cli",
-    )
-    store.close()
+    with _open(project_dir) as store:
+        try:
+            text, info = store.run(lambda s: create_token(s, name, scopes, expires_at, _actor()))
+        except ValueError as exc:
+            click.echo(f"tokens create: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     if as_json:
         _echo_json({**info.as_dict(), "token": text})
         return
@@ -117,11 +113,8 @@ def tokens_create(
 @json_option
 def tokens_list(project_dir: Path, all_: bool, as_json: bool) -> None:
     """Tokens: id, name, scopes, created, expires, last used. Never the tokens themselves."""
-    from patchbay.security.tokens import q_tokens
-
-    store = _open(project_dir)
-    rows = [t.as_dict() for t in store.read(q_tokens, all_)]
-    store.close()
+    with _open(project_dir) as store:
+        rows = [t.as_dict() for t in store.run(lambda s: s.tokens(all_))]
     if as_json:
         _echo_json(rows)
         return
@@ -143,17 +136,13 @@ def tokens_list(project_dir: Path, all_: bool, as_json: bool) -> None:
 @project_option
 def tokens_revoke(token_id: str, project_dir: Path) -> None:
     """Revoke a token at once (by its id, as `tokens list` shows it)."""
-    from patchbay.security.tokens import tx_revoke_token
-    from patchbay.store.sqlite import tx_audit
+    from patchbay.security.tokens import revoke_token
 
-    store = _open(project_dir)
-    info = store.write(tx_revoke_token, token_id)
+    with _open(project_dir) as store:
+        info = store.run(lambda s: revoke_token(s, token_id, _actor()))
     if info is None:
-        store.close()
         click.echo(f"no token {token_id!r}; see `patchbay tokens list --all`", err=True)
         sys.exit(EXIT_PROBLEMS)
-    store.write(tx_audit, _who(), "token.revoke", info.id, {"name": info.name}, "cli")
-    store.close()
     click.echo(f"revoked {info.id} ({info.name}); requests with it are refused from now on")
 
 
@@ -180,16 +169,16 @@ def audit(
 ) -> None:
     """The audit log, newest first: who changed or replayed what, when and from where."""
     from patchbay.security.project import store_path_of
-    from patchbay.store.api_queries import q_audit
-    from patchbay.store.sqlite import SyncStore
+    from patchbay.store.base import AuditFilter
+    from patchbay.store.blocking import BlockingStore
 
     path = store_path_of(project_dir)
     if not path.exists():
         click.echo(f"no store at {path} yet: nothing has been audited", err=True)
         sys.exit(EXIT_PROBLEMS)
-    store = SyncStore(path)
-    rows = store.read(q_audit, _parse_time(since), _parse_time(until), action, actor, None, limit)
-    store.close()
+    f = AuditFilter(_parse_time(since), _parse_time(until), action, actor, None, limit)
+    with BlockingStore(path) as store:
+        rows = store.run(lambda s: s.audit_log(f))
     if as_json:
         _echo_json(rows)
         return

@@ -23,8 +23,8 @@ from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import Accepted, NewEvent
-from patchbay.store.sqlite import SqliteStore, tx_audit
+from patchbay.store.base import Accepted, Actor, NewEvent
+from patchbay.store.sqlite import SqliteStore
 
 log = logging.getLogger("patchbay.hub")
 alerts = logging.getLogger("patchbay.alert")
@@ -354,12 +354,10 @@ class Hub:
         self.metrics.attempts.labels(flow, dest, outcome.cls.value).inc()
         self.metrics.latency.labels(flow, dest).observe(outcome.latency_ms / 1000)
 
-    async def set_state(self, flow: str, dest: str, state: str, actor: str = "api") -> None:
+    async def set_state(self, flow: str, dest: str, state: str, by: Actor | None = None) -> None:
+        """Pause or resume a destination by hand; audited (`resume` or the state) in the same transaction."""
         assert self.store is not None
-        await self.store.set_destination_state(flow, dest, state, None)
-        await self.store.write(
-            tx_audit, actor, "resume" if state == "active" else state, f"{flow}/{dest}", {}
-        )
+        await self.store.set_destination_state(flow, dest, state, None, by or Actor("api"))
         self.flows[flow].workers[dest].set_state(state)
         self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
         if self.alert_manager is not None:

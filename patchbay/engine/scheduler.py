@@ -7,11 +7,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from patchbay.config.models import ScheduleTrigger
-from patchbay.store.sqlite import q_schedule, tx_schedule
+from patchbay.store.base import Store
 
 log = logging.getLogger("patchbay.scheduler")
 
@@ -39,7 +38,7 @@ class ScheduleRunner:
     """Runs `job` at each scheduled time; never two at once; a missed run at start is caught up once."""
 
     def __init__(
-        self, flow: str, spec: ScheduleTrigger, store: Any, job: Callable[[float], Awaitable[None]]
+        self, flow: str, spec: ScheduleTrigger, store: Store, job: Callable[[float], Awaitable[None]]
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -57,7 +56,7 @@ class ScheduleRunner:
             await asyncio.gather(self.task, return_exceptions=True)
 
     async def _first_due(self) -> float:
-        row = await self.store.read(q_schedule, self.flow)
+        row = await self.store.schedule(self.flow)
         now = time.time()
         due = row and row.get("next_due_at")
         if not due:
@@ -76,14 +75,12 @@ class ScheduleRunner:
 
     async def _loop(self) -> None:
         due = await self._first_due()
-        await self.store.write(lambda c: tx_schedule(c, self.flow, next_due_at=due))
+        await self.store.update_schedule(self.flow, {"next_due_at": due})
         while True:
             await asyncio.sleep(max(0.0, due - time.time()))
             started = time.time()
             nxt = next_after(self.spec, started)
-            await self.store.write(
-                lambda c, s=started, n=nxt: tx_schedule(c, self.flow, last_started_at=s, next_due_at=n)
-            )
+            await self.store.update_schedule(self.flow, {"last_started_at": started, "next_due_at": nxt})
             self.running = True
             status, error = "ok", None
             try:
@@ -98,14 +95,13 @@ class ScheduleRunner:
             finished = time.time()
             # No overlap: if the run took longer than the interval, the next one starts after it.
             due = nxt if nxt > finished else next_after(self.spec, finished)
-            await self.store.write(
-                lambda c, f=finished, st=status, e=error, d=due: tx_schedule(
-                    c,
-                    self.flow,
-                    last_finished_at=f,
-                    last_status=st,
-                    last_error=e,
-                    next_due_at=d,
-                    count_run=True,
-                )
+            await self.store.update_schedule(
+                self.flow,
+                {
+                    "last_finished_at": finished,
+                    "last_status": status,
+                    "last_error": error,
+                    "next_due_at": due,
+                },
+                count_run=True,
             )

@@ -8,7 +8,6 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from patchbay.connectors.base import Batch
-from patchbay.store.sqlite import q_cursor
 
 if TYPE_CHECKING:
     from patchbay.engine.hub import FlowRuntime, Hub
@@ -19,7 +18,7 @@ log = logging.getLogger("patchbay.sources")
 async def poll_once(hub: Hub, fr: FlowRuntime, source: Any) -> int:
     """One scheduled poll: read from the saved cursor, commit each batch with its cursor."""
     assert hub.store is not None
-    cursor = await hub.store.read(q_cursor, fr.spec.name)
+    cursor = await hub.store.cursor(fr.spec.name)
     n = 0
     async for batch in source.poll(cursor):
         await hub.ingest_batch(fr.spec.name, batch)

@@ -1,4 +1,4 @@
-"""The vault: credentials encrypted at rest (AES-256-GCM) in the store's SQLite file, under a master key.
+"""The vault: credentials encrypted at rest (AES-256-GCM) in the store, under a master key.
 
 The master key comes from $PATCHBAY_MASTER_KEY or `<state_dir>/master.key` (mode 0600) and never
 enters the database; each row records the id of the key that encrypted it, so a wrong or missing
@@ -15,11 +15,9 @@ import hmac
 import os
 import re
 import secrets as _random
-import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from patchbay.errors import ConfigError, PatchbayError
+from patchbay.store.base import Sealed, SecretRow, SecretRows
+from patchbay.store.secrets import SCHEMA, SqliteSecretRows
 
 __all__ = ["SCHEMA", "MasterKey", "SecretInfo", "Vault", "VaultError"]
 
@@ -40,18 +40,6 @@ NONCE_BYTES = 12
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")  # the rule SecretRef applies to `secret: NAME`
 _URLSAFE = str.maketrans("-_", "+/")
 _GENERATE_HINT = "python -c 'import base64,os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())'"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS secrets (
-    name       TEXT PRIMARY KEY,
-    key_id     TEXT NOT NULL,     -- MasterKey.id of the key that encrypted this row
-    nonce      BLOB NOT NULL,     -- 96 random bits, new on every encryption
-    ciphertext BLOB NOT NULL,     -- AES-256-GCM of the value with the name as associated data, tag appended
-    created_at REAL NOT NULL,     -- Unix seconds
-    rotated_at REAL,              -- Unix seconds of the last replacement of the value
-    version    INTEGER NOT NULL DEFAULT 1
-)
-"""
 
 
 class VaultError(PatchbayError):
@@ -252,36 +240,34 @@ class SecretInfo:
 class Vault:
     """Named secrets, encrypted under `keys[0]`; later keys are still accepted for reading (rotation).
 
-    `conn_factory` returns a new connection per operation; the vault closes it afterwards. Each
-    operation is one short transaction, so other connections (the store's, other threads) may use
-    the same file; give them a busy timeout.
+    `rows` keeps the encrypted rows (store/secrets.py: the store's SQLite file); it never sees a
+    value or a key.
     """
 
     def __init__(
         self,
-        conn_factory: Callable[[], sqlite3.Connection],
+        rows: SecretRows,
         keys: list[MasterKey],
         *,
         now: Callable[[], float] = time.time,
     ) -> None:
         if not keys:
             raise ConfigError("opening the vault: no master key was given")
-        self._connect = conn_factory
+        self._rows = rows
         self._now = now
         self._use(list(keys))
 
     @classmethod
     def at(cls, path: Path | str, keys: list[MasterKey], *, busy_timeout_s: float = 10.0) -> Vault:
         """A vault on the SQLite file at `path`."""
-        return cls(lambda: sqlite3.connect(path, timeout=busy_timeout_s), keys)
+        return cls(SqliteSecretRows(path, busy_timeout_s=busy_timeout_s), keys)
 
     @property
     def keys(self) -> builtins.list[MasterKey]:
         return list(self._keys)
 
     def ensure_schema(self) -> None:
-        with self._write() as conn:
-            conn.execute(SCHEMA)
+        self._rows.ensure_schema()
 
     def set(self, name: str, value: str) -> None:
         """Create or replace; replacing counts as a rotation (version + 1, rotated_at = now)."""
@@ -289,14 +275,7 @@ class Vault:
             raise ValueError(f"bad secret name {name!r}: use 1-100 letters, digits, '_', '-', '.'")
         key = self._keys[0]
         nonce, ciphertext = key._seal(name, value.encode())
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO secrets (name, key_id, nonce, ciphertext, created_at, rotated_at, version) "
-                "VALUES (?, ?, ?, ?, ?, NULL, 1) "
-                "ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce, "
-                "ciphertext = excluded.ciphertext, rotated_at = excluded.created_at, version = version + 1",
-                (name, key.id, nonce, ciphertext, self._now()),
-            )
+        self._rows.put(name, (key.id, nonce, ciphertext), self._now())
 
     def setdefault(self, name: str, value: str) -> str:
         """The secret's value; `value` is stored first if there is none (one transaction, so when two
@@ -305,38 +284,24 @@ class Vault:
             raise ValueError(f"bad secret name {name!r}: use 1-100 letters, digits, '_', '-', '.'")
         key = self._keys[0]
         nonce, ciphertext = key._seal(name, value.encode())
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO secrets (name, key_id, nonce, ciphertext, created_at, rotated_at, version) "
-                "VALUES (?, ?, ?, ?, ?, NULL, 1) ON CONFLICT (name) DO NOTHING",
-                (name, key.id, nonce, ciphertext, self._now()),
-            )
-            row = conn.execute(
-                "SELECT key_id, nonce, ciphertext FROM secrets WHERE name = ?", (name,)
-            ).fetchone()
-        return self._decrypt(name, row[0], row[1], row[2]).decode()
+        row = self._rows.put_if_absent(name, (key.id, nonce, ciphertext), self._now())
+        return self._decrypt(name, row.key_id, row.nonce, row.ciphertext).decode()
 
     def get(self, name: str) -> str | None:
         """The value, or None if there is no such secret; VaultError if it cannot be decrypted."""
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT key_id, nonce, ciphertext FROM secrets WHERE name = ?", (name,)
-            ).fetchone()
+        row = self._rows.get(name)
         if row is None:
             return None
-        return self._decrypt(name, row[0], row[1], row[2]).decode()
+        return self._decrypt(name, row.key_id, row.nonce, row.ciphertext).decode()
 
-    def list(self) -> list[SecretInfo]:
-        with self._read() as conn:
-            rows = conn.execute(
-                "SELECT name, created_at, rotated_at, version, key_id FROM secrets ORDER BY name"
-            ).fetchall()
-        return [SecretInfo(*r) for r in rows]
+    def list(self) -> builtins.list[SecretInfo]:
+        return [
+            SecretInfo(r.name, r.created_at, r.rotated_at, r.version, r.key_id) for r in self._rows.list()
+        ]
 
     def delete(self, name: str) -> bool:
         """Remove a secret; False if there was none."""
-        with self._write() as conn:
-            return conn.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount > 0
+        return self._rows.delete(name)
 
     def rekey(self, new: MasterKey) -> int:
         """Re-encrypt every secret under `new` in one transaction; returns how many.
@@ -344,17 +309,15 @@ class Vault:
         Rows already under `new` (a repeated run) are read with it. Afterwards this vault writes
         under `new`; the keys it replaced may be retired once no other process still writes with them.
         """
-        with self._write() as conn:
-            rows = conn.execute("SELECT name, key_id, nonce, ciphertext FROM secrets").fetchall()
-            for name, key_id, nonce, ciphertext in rows:
-                plaintext = self._decrypt(name, key_id, nonce, ciphertext, also=new)
-                new_nonce, new_ciphertext = new._seal(name, plaintext)
-                conn.execute(
-                    "UPDATE secrets SET key_id = ?, nonce = ?, ciphertext = ? WHERE name = ?",
-                    (new.id, new_nonce, new_ciphertext, name),
-                )
+
+        def reseal(row: SecretRow) -> Sealed:
+            plaintext = self._decrypt(row.name, row.key_id, row.nonce, row.ciphertext, also=new)
+            nonce, ciphertext = new._seal(row.name, plaintext)
+            return new.id, nonce, ciphertext
+
+        n = self._rows.reseal(reseal)
         self._use([new, *(k for k in self._keys if k != new)])
-        return len(rows)
+        return n
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -383,29 +346,6 @@ class Vault:
                 f"reading secret {name!r}: decryption with master key {key_id} failed: the row was altered "
                 "or copied from another secret"
             ) from None
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connect()
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE takes the write lock up front (waiting out the busy timeout), so a
-        # read-then-write like rekey never fails half way on a lock upgrade.
-        with self._read() as conn:
-            conn.isolation_level = None
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
 
 def _fsync_dir(path: Path) -> None:

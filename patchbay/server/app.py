@@ -181,11 +181,9 @@ def make_app(hub: Hub) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        from patchbay.store.sqlite import q_destination_states
-
         try:
             assert hub.store is not None
-            await asyncio.wait_for(hub.store.read(q_destination_states), 2.0)
+            await asyncio.wait_for(hub.store.destination_states(), 2.0)
         except Exception as exc:
             return web.json_response(
                 {"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503

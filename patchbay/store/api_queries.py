@@ -1,17 +1,17 @@
-"""Read-side queries the REST API needs beyond store/queries.py: flow statistics, destination
-backlogs, dead letters grouped by reason, discards, the audit log, schedules and cursors."""
+"""Queries the REST API needs beyond store/queries.py: flow statistics, destination backlogs, dead
+letters grouped by reason, discards, schedules and cursors."""
 
 from __future__ import annotations
 
 import math
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from patchbay.store.sqlite import refresh_event_status, tx_audit
+from patchbay.store.base import Actor, DiscardReport
+from patchbay.store.common import refresh_event_status, tx_audit
 
 WINDOWS = {"hour": 3600.0, "day": 86400.0}
 FAILED = ("dead", "quarantined")
@@ -158,19 +158,11 @@ def dead_event_ids(
     return [r[0] for r in conn.execute(sql, args)]
 
 
-@dataclass
-class DiscardReport:
-    discarded: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
 def tx_discard(
     conn: sqlite3.Connection,
     event_ids: list[str],
     destination: str | None,
-    actor: str,
-    origin: str,
-    detail: dict[str, Any],
+    by: Actor,
 ) -> DiscardReport:
     """Give up on dead deliveries (status `discarded`) and quarantined events; audited one by one."""
     rep = DiscardReport()
@@ -197,75 +189,10 @@ def tx_discard(
         if not n:
             rep.skipped.append((eid, f"nothing to discard (status {row['status']})"))
             continue
-        tx_audit(conn, actor, "discard", eid, {**detail, "destination": destination, "deliveries": n}, origin)
+        detail = {**by.detail, "destination": destination, "deliveries": n}
+        tx_audit(conn, by.name, "discard", eid, detail, by.origin)
         rep.discarded.append(eid)
     return rep
-
-
-def q_audit(
-    conn: sqlite3.Connection,
-    since: float | None = None,
-    until: float | None = None,
-    action: str | None = None,
-    actor: str | None = None,
-    target: str | None = None,
-    limit: int = 100,
-) -> list[dict[str, Any]]:
-    """Audit rows, newest first. `action` matches exactly or as a prefix ending in '.' (e.g. `secret.`)."""
-    where: list[str] = []
-    args: list[Any] = []
-    if since is not None:
-        where.append("at>=?")
-        args.append(since)
-    if until is not None:
-        where.append("at<?")
-        args.append(until)
-    if action:
-        if action.endswith("."):
-            where.append("substr(action, 1, ?)=?")
-            args += [len(action), action]
-        else:
-            where.append("action=?")
-            args.append(action)
-    if actor:
-        where.append("instr(actor, ?)>0")
-        args.append(actor)
-    if target:
-        where.append("target=?")
-        args.append(target)
-    sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY id DESC LIMIT ?"
-    rows = []
-    for r in conn.execute(sql, [*args, limit]):
-        d = dict(r)
-        try:
-            d["detail"] = orjson.loads(d["detail"])
-        except orjson.JSONDecodeError:
-            d["detail"] = {"text": d["detail"]}
-        rows.append(d)
-    return rows
-
-
-def tx_set_audit_origin(
-    conn: sqlite3.Connection, after_id: int, actor: str, origin: str, extra: dict[str, Any]
-) -> int:
-    """Stamp audit rows written after `after_id` by `actor` with where they came from (and `extra`)."""
-    n = 0
-    rows = conn.execute(
-        "SELECT id, detail FROM audit WHERE id>? AND actor=? AND origin=''", (after_id, actor)
-    )
-    for r in rows.fetchall():
-        detail = orjson.loads(r["detail"] or "{}")
-        conn.execute(
-            "UPDATE audit SET origin=?, detail=? WHERE id=?",
-            (origin, orjson.dumps({**detail, **extra}).decode(), r["id"]),
-        )
-        n += 1
-    return n
-
-
-def q_last_audit_id(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0])
 
 
 def q_schedules(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,15 @@
-"""Row types shared by every store and the Store protocol the engine relies on."""
+"""The store seam: row types shared by every store and the Store protocol everything else uses.
+
+The engine, the server, the CLI and `security/tokens.py` reach the store only through `Store`.
+It is composed of small protocols, one per concern; `store/sqlite.py` implements all of them and
+`tests/store/test_conformance.py` checks any implementation against them. A second store (PostgreSQL)
+is added by implementing `Store` and adding one parameter to the `store` fixture of that suite.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,17 +76,334 @@ class AttemptResult:
     response: dict[str, Any] | None = None  # fields mapped from a successful answer (Outcome.fields)
 
 
-class Store(Protocol):
-    async def accept(self, event: NewEvent) -> Accepted: ...
+@dataclass(frozen=True)
+class Actor:
+    """Who makes a change, for the audit log: a name, where the request came from, extra detail."""
+
+    name: str
+    origin: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunFilter:
+    flow: str | None = None
+    status: str | None = None
+    since: float | None = None
+    until: float | None = None
+    key: str | None = None
+    limit: int = 50
+
+
+@dataclass
+class AuditFilter:
+    since: float | None = None
+    until: float | None = None
+    action: str | None = None  # exact, or a prefix ending in '.' (`secret.`)
+    actor: str | None = None  # a part of the actor's name
+    target: str | None = None
+    limit: int = 100
+
+
+@dataclass
+class ReplayReport:
+    requeued: list[str] = field(default_factory=list)  # event ids with deliveries due again
+    still_invalid: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class DiscardReport:
+    discarded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Reprocessed(Protocol):
+    """What running a flow's steps again gives (engine/pipeline.py's `Processed`)."""
+
+    status: str  # pending | quarantined | filtered
+    trace: list[dict[str, Any]]
+    reason: str | None
+    deliveries: list[NewDelivery]
+    record_key: str | None
+
+
+class Reprocessor(Protocol):
+    """A flow's steps and routing as configured now (engine/pipeline.py's `Pipeline`)."""
+
+    def load_payload(self, payload: bytes) -> Any:
+        """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
+        ...
+
+    def process(self, record: Any, event_id: str) -> Reprocessed: ...
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Everything about an API token but its secret."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: float
+    created_by: str
+    expires_at: float | None
+    last_used_at: float | None
+    revoked_at: float | None
+
+    def allows(self, scope: str | None) -> bool:
+        return scope is None or "admin" in self.scopes or scope in self.scopes
+
+    def status(self, now: float | None = None) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (time.time() if now is None else now):
+            return "expired"
+        return "active"
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names whoever used this token."""
+        return f"token {self.id} ({self.name})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "expires_at": self.expires_at,
+            "last_used_at": self.last_used_at,
+            "revoked_at": self.revoked_at,
+            "status": self.status(),
+        }
+
+
+DestinationStates = dict[tuple[str, str], tuple[str, str | None, float]]
+SCHEDULE_FIELDS = frozenset(
+    {"last_started_at", "last_finished_at", "last_status", "last_error", "next_due_at"}
+)
+
+
+class Ingest(Protocol):
+    """The hot path's writes: an event with its deliveries, or a source's batch with its cursor."""
+
+    async def accept(self, event: NewEvent) -> Accepted:
+        """Store the event and its deliveries in one transaction, or report the duplicate (same flow
+        and dedupe key; `conflict` when the body differs). Returns after the commit."""
+        ...
+
+    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+        """Every event and the flow's source cursor (unless None) in one transaction."""
+        ...
+
+
+class Deliveries(Protocol):
+    """The delivery feed: what is due, and what each attempt did."""
+
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
-    ) -> list[DueDelivery]: ...
+    ) -> list[DueDelivery]:
+        """Pending deliveries due by `now`, in arrival order, past `after_id`, none of `skip`."""
+        ...
+
     async def next_due_at(self, flow: str, destination: str) -> float | None: ...
-    async def record(self, results: list[AttemptResult]) -> None: ...
-    async def destination_states(self) -> dict[tuple[str, str], tuple[str, str | None, float]]: ...
+
+    async def record(self, results: list[AttemptResult]) -> None:
+        """Each attempt's row and its delivery's new status; events follow their deliveries."""
+        ...
+
+
+class Destinations(Protocol):
+    """Destination states (active, paused, disabled) that outlive a restart."""
+
+    async def destination_states(self) -> DestinationStates:
+        """(flow, destination) -> (state, reason, since)."""
+        ...
+
     async def set_destination_state(
-        self, flow: str, destination: str, state: str, reason: str | None
-    ) -> None: ...
+        self, flow: str, destination: str, state: str, reason: str | None, by: Actor | None = None
+    ) -> None:
+        """`since` changes only when the state does. With `by`, audited in the same transaction
+        (action `resume` for active, else the state; target `flow/destination`)."""
+        ...
+
+
+class Cursors(Protocol):
+    """Source cursors, written with the batch they cover (`Ingest.accept_batch`)."""
+
+    async def cursor(self, flow: str) -> Any: ...
+
+    async def cursor_info(self, flow: str) -> dict[str, Any] | None:
+        """{"value", "updated_at"} or None."""
+        ...
+
+    async def reset_cursor(self, flow: str, by: Actor | None = None) -> bool:
+        """Forget the cursor; True if there was one. With `by`, audited as `cursor.reset`."""
+        ...
+
+
+class Schedules(Protocol):
+    """What each schedule did last and when it runs next."""
+
+    async def schedule(self, flow: str) -> dict[str, Any] | None: ...
+
+    async def schedules(self) -> dict[str, dict[str, Any]]: ...
+
+    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
+        """Set `fields` (names from SCHEDULE_FIELDS); `count_run` adds one to `runs`."""
+        ...
+
+
+class Runs(Protocol):
+    """Read side: runs, traces, counts, statistics."""
+
+    async def list_runs(self, f: RunFilter) -> list[dict[str, Any]]: ...
+
+    async def get_run(self, event_id: str) -> dict[str, Any] | None:
+        """One run as stored (nothing redacted): the event, its deliveries and their attempts."""
+        ...
+
+    async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
+        """The flow's newest events, newest first: (id, received_at, payload as stored)."""
+        ...
+
+    async def counts(self) -> dict[str, Any]: ...
+
+    async def counts_by_flow(self) -> dict[str, dict[str, dict[str, int]]]: ...
+
+    async def flow_stats(self, flows: list[str], now: float) -> dict[str, dict[str, Any]]: ...
+
+    async def destination_backlog(self, now: float) -> dict[tuple[str, str], dict[str, Any]]: ...
+
+
+class DeadLetters(Protocol):
+    """Dead deliveries and quarantined events: list, replay, discard."""
+
+    async def list_dead(self, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    async def dead_letters(
+        self, flow: str | None, destination: str | None, reason: str | None, limit: int
+    ) -> dict[str, Any]:
+        """{"total", "groups" (by flow, destination and reason), "items" (newest first)}."""
+        ...
+
+    async def dead_event_ids(
+        self, flow: str | None, destination: str | None, reason: str | None
+    ) -> list[str]: ...
+
+    async def replayable(self, flow: str | None, destination: str | None) -> list[str]:
+        """Events with a dead delivery (to `destination`) or quarantined, in arrival order."""
+        ...
+
+    async def replay(
+        self,
+        pipelines: Mapping[str, Reprocessor],
+        event_ids: Sequence[str],
+        destination: str | None,
+        by: Actor,
+    ) -> ReplayReport:
+        """Run each event's steps again and requeue its dead deliveries; audited per event, one transaction."""
+        ...
+
+    async def discard(
+        self, event_ids: Sequence[str], destination: str | None, by: Actor
+    ) -> DiscardReport: ...
+
+
+class Tokens(Protocol):
+    """API tokens as stored: the SHA-256 of their secret, never the secret."""
+
+    async def create_token(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        expires_at: float | None,
+        secret_sha256: str,
+        by: Actor,
+    ) -> TokenInfo:
+        """A new token with a fresh id, audited as `token.create` in the same transaction."""
+        ...
+
+    async def tokens(self, include_inactive: bool = True) -> list[TokenInfo]: ...
+
+    async def token_secret(self, token_id: str) -> tuple[TokenInfo, str] | None:
+        """The token and the SHA-256 of its secret, for verification."""
+        ...
+
+    async def revoke_token(self, token_id: str, by: Actor | None = None) -> TokenInfo | None:
+        """Revoke (the first revocation's time is kept); audited as `token.revoke` when the token exists."""
+        ...
+
+    async def touch_token(self, token_id: str, at: float) -> None: ...
+
+
+class Audit(Protocol):
+    """The append-only audit log."""
+
+    async def audit(self, action: str, target: str, by: Actor) -> None: ...
+
+    async def audit_log(self, f: AuditFilter) -> list[dict[str, Any]]:
+        """Entries, newest first."""
+        ...
+
+
+@dataclass(frozen=True)
+class SecretRow:
+    """One vault secret as stored: encrypted by security/vault.py, never decrypted by a store."""
+
+    name: str
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+    created_at: float
+    rotated_at: float | None
+    version: int
+
+
+Sealed = tuple[str, bytes, bytes]  # key_id, nonce, ciphertext
+
+
+class SecretRows(Protocol):
+    """The vault's rows, kept beside the hub's data. Synchronous: secrets are resolved while a
+    project's flows are built, before the event loop runs."""
+
+    def ensure_schema(self) -> None: ...
+
+    def get(self, name: str) -> SecretRow | None: ...
+
+    def list(self) -> list[SecretRow]:
+        """Every row, by name."""
+        ...
+
+    def put(self, name: str, sealed: Sealed, now: float) -> None:
+        """Create (version 1) or replace: version + 1 and rotated_at = now, created_at kept."""
+        ...
+
+    def put_if_absent(self, name: str, sealed: Sealed, now: float) -> SecretRow:
+        """Create the row unless one exists; the row as stored afterwards (one transaction)."""
+        ...
+
+    def delete(self, name: str) -> bool: ...
+
+    def reseal(self, fn: Callable[[SecretRow], Sealed]) -> int:
+        """Replace every row's sealed value by `fn(row)` in one transaction (all or none); how many."""
+        ...
+
+
+class Store(Ingest, Deliveries, Destinations, Cursors, Schedules, Runs, DeadLetters, Tokens, Audit, Protocol):
+    """The hub's durable state. Every operation is async; writes return after they are committed."""
+
+    @property
+    def writing(self) -> bool:
+        """Writes are being accepted (the hub is not ready without)."""
+        ...
+
+    def lock(self) -> None:
+        """Claim the store for one serving hub; StoreLocked if another has it."""
+        ...
+
     async def close(self) -> None: ...
 
     # -- responses: fields a destination mapped from its answer (issue 11.3; the identity map reads them)

@@ -1,23 +1,19 @@
-"""Read-side queries of runs, traces and dead letters, shared by the CLI and the API."""
+"""Queries of runs, traces and dead letters, and replay: what the CLI and the API show and do."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
+from patchbay.errors import PatchbayError
+from patchbay.store.base import Actor, ReplayReport, Reprocessor, RunFilter
+from patchbay.store.common import _j, refresh_event_status, tx_audit
 
-@dataclass
-class RunFilter:
-    flow: str | None = None
-    status: str | None = None
-    since: float | None = None
-    until: float | None = None
-    key: str | None = None
-    limit: int = 50
+__all__ = ["RunFilter", "counts", "get_run", "list_dead", "list_runs", "q_replayable", "tx_replay"]
 
 
 def list_runs(conn: sqlite3.Connection, f: RunFilter) -> list[dict[str, Any]]:
@@ -52,11 +48,8 @@ def list_runs(conn: sqlite3.Connection, f: RunFilter) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(sql, args)]
 
 
-def get_run(
-    conn: sqlite3.Connection, event_id: str, sensitive: Sequence[str] | None = None
-) -> dict[str, Any] | None:
-    """One run for display: its flow's `sensitive` fields redacted (by default the paths are read from
-    the flow files of the project this store belongs to)."""
+def get_run(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
+    """One run as stored: the event, its deliveries and their attempts (redacting is the caller's)."""
     row = conn.execute("SELECT * FROM events WHERE id=? OR id=?", (event_id, f"evt_{event_id}")).fetchone()
     if row is None:
         return None
@@ -75,82 +68,20 @@ def get_run(
         resp = conn.execute("SELECT fields FROM responses WHERE delivery_id=?", (d["id"],)).fetchone()
         dd["response"] = None if resp is None else orjson.loads(resp[0])
         run["deliveries"].append(dd)
-    paths = list(sensitive) if sensitive is not None else project_sensitive_paths(conn).get(run["flow"], [])
-    return redact_run(run, paths)  # with no paths, still shows values sealed at rest as [redacted]
-
-
-def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
-    """The run with the fields at `paths` redacted in the payload and request bodies, and their values
-    redacted wherever else they appear (a response that echoed them, a reason quoting them)."""
-    from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
-
-    values = sensitive_values(run["payload"], paths)
-    bodies: list[Any] = []
-    for d in run["deliveries"]:
-        body = d["request"].get("body") if isinstance(d["request"], dict) else None
-        try:
-            parsed = orjson.loads(body) if isinstance(body, str) else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        bodies.append(parsed)
-        values |= sensitive_values(parsed, paths)
-    scrub = Scrubber(values)
-    run["payload"] = scrub(redact_paths(run["payload"], paths))
-    for d, parsed in zip(run["deliveries"], bodies, strict=True):
-        if isinstance(parsed, dict):
-            d["request"]["body"] = orjson.dumps(redact_paths(parsed, paths)).decode()
-        for k in ("request", "last_error", "response"):
-            d[k] = scrub(d.get(k))
-        for a in d["attempts_log"]:
-            a["excerpt"], a["error"] = scrub(a["excerpt"]), scrub(a["error"])
-    for k in ("trace", "reason", "meta", "record_key"):
-        if k in run:
-            run[k] = scrub(run[k])
     return run
 
 
-_SENSITIVE_CACHE: dict[str, tuple[tuple[tuple[str, int], ...], dict[str, list[str]]]] = {}
-
-
-def project_sensitive_paths(conn: sqlite3.Connection) -> dict[str, list[str]]:
-    """Each flow's `sensitive` paths, read from the flow files of the project whose store `conn` is.
-
-    Read-side callers (the CLI, the API) often hold only the store; the project is found from the
-    store file's location (a project keeps it under itself, `.patchbay/patchbay.db` by default).
-    """
-    from pathlib import Path
-
-    import yaml
-
-    from patchbay.security.project import store_path_of
-
-    db = next((Path(r[2]) for r in conn.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
-    if db is None:
-        return {}
-    db = db.resolve()
-    for root in list(db.parents)[:4]:
-        if not (root / "flows").is_dir() or store_path_of(root).resolve() != db:
-            continue
-        files = sorted((root / "flows").glob("*.y*ml"))
-        stamp = tuple((str(f), f.stat().st_mtime_ns) for f in files)
-        cached = _SENSITIVE_CACHE.get(str(db))
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        found: dict[str, list[str]] = {}
-        for f in files:
-            try:
-                doc = yaml.safe_load(f.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                continue
-            if isinstance(doc, dict) and isinstance(doc.get("sensitive"), list):
-                found[str(doc.get("name") or f.stem)] = [str(p) for p in doc["sensitive"]]
-        _SENSITIVE_CACHE[str(db)] = (stamp, found)
-        return found
-    return {}
+def q_recent_payloads(conn: sqlite3.Connection, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
+    rows = conn.execute(
+        "SELECT id, received_at, payload FROM events WHERE flow=? ORDER BY received_at DESC, id DESC LIMIT ?",
+        (flow, limit),
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """Dead deliveries and quarantined events, newest first, each with its reason."""
+    """Dead deliveries and quarantined events, newest first, each with its reason and the destination's
+    last answer (`response`); as stored (scrubbing sensitive values is the caller's)."""
     args: list[Any] = []
     fl = ""
     if flow:
@@ -167,21 +98,9 @@ def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 10
         [*args, *args, limit],
     ).fetchall()
     out = [dict(r) for r in rows]
-    sensitive = project_sensitive_paths(conn) if out else {}
     for r in out:
         r["response"] = r["response"] or ""
-        paths = sensitive.get(r["flow"])
-        if paths:  # the destination's answer may echo a sensitive field: scrub it as `runs show` does
-            r.update(_scrubbed(conn, r, paths))
     return out
-
-
-def _scrubbed(conn: sqlite3.Connection, row: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
-    from patchbay.security.redaction import Scrubber, sensitive_values
-
-    payload = conn.execute("SELECT payload FROM events WHERE id=?", (row["event_id"],)).fetchone()
-    scrub = Scrubber(sensitive_values(_loads(payload[0]), paths) if payload else set())
-    return {k: scrub(row[k]) for k in ("reason", "response", "record_key")}
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -195,3 +114,94 @@ def _loads(b: bytes) -> Any:
         return orjson.loads(b)
     except orjson.JSONDecodeError:
         return b.decode("utf-8", "replace")
+
+
+def q_replayable(conn: sqlite3.Connection, flow: str | None, destination: str | None) -> list[str]:
+    """Events with a dead delivery (to `destination`) or quarantined, in arrival order."""
+    where = [
+        "(e.status='quarantined' OR EXISTS(SELECT 1 FROM deliveries d WHERE d.event_id=e.id AND d.status='dead'"
+        + (" AND d.destination=?" if destination else "")
+        + "))"
+    ]
+    args: list[Any] = [destination] if destination else []
+    if flow:
+        where.append("e.flow=?")
+        args.append(flow)
+    sql = "SELECT e.id FROM events e WHERE " + " AND ".join(where) + " ORDER BY e.seq"
+    return [r[0] for r in conn.execute(sql, args)]
+
+
+def tx_replay(
+    conn: sqlite3.Connection,
+    pipelines: Mapping[str, Reprocessor],
+    event_ids: Sequence[str],
+    destination: str | None,
+    by: Actor,
+) -> ReplayReport:
+    """Re-run each event's steps from its original payload and requeue what is dead or was quarantined."""
+    rep = ReplayReport()
+    now = time.time()
+    for eid in event_ids:
+        row = conn.execute("SELECT id, flow, status, payload FROM events WHERE id=?", (eid,)).fetchone()
+        if row is None:
+            rep.skipped.append((eid, "no such event"))
+            continue
+        pipe = pipelines.get(row["flow"])
+        if pipe is None:
+            rep.skipped.append((eid, f"flow {row['flow']!r} is no longer configured"))
+            continue
+        dead = {
+            d["destination"]: d["id"]
+            for d in conn.execute(
+                "SELECT id, destination FROM deliveries WHERE event_id=? AND status='dead'", (eid,)
+            )
+        }
+        if row["status"] != "quarantined" and not dead:
+            rep.skipped.append((eid, f"nothing to replay (status {row['status']})"))
+            continue
+        try:
+            record = pipe.load_payload(row["payload"])
+        except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
+            rep.skipped.append((eid, str(exc)))
+            continue
+        processed = pipe.process(record, eid)
+        if processed.status != "pending":
+            conn.execute(
+                "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
+                (_j(processed.trace), processed.reason, now, eid),
+            )
+            rep.still_invalid.append((eid, processed.reason or processed.status))
+            continue
+        existing = {
+            d["destination"]
+            for d in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (eid,))
+        }
+        touched = False
+        for nd in processed.deliveries:
+            if destination and nd.destination != destination:
+                continue
+            if nd.destination in dead:
+                conn.execute(
+                    "UPDATE deliveries SET status='pending', request=?, retries=0, next_at=?, updated_at=? WHERE id=?",
+                    (_j(nd.request), now, now, dead[nd.destination]),
+                )
+                touched = True
+            elif nd.destination not in existing:
+                conn.execute(
+                    "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
+                    " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
+                    (eid, row["flow"], nd.destination, _j(nd.request), nd.idempotency_key, now, now, now),
+                )
+                touched = True
+        if not touched:
+            rep.skipped.append((eid, "no dead delivery matches"))
+            continue
+        conn.execute(
+            "UPDATE events SET status='pending', trace=?, reason=NULL, record_key=COALESCE(?, record_key),"
+            " updated_at=? WHERE id=?",
+            (_j(processed.trace), processed.record_key, now, eid),
+        )
+        refresh_event_status(conn, eid, now)
+        tx_audit(conn, by.name, "replay", eid, {"destination": destination, **by.detail}, by.origin)
+        rep.requeued.append(eid)
+    return rep

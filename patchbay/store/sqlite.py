@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +24,25 @@ from typing import Any, TypeVar
 import orjson
 
 from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
-from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent
+from patchbay.store import api_queries as aq
+from patchbay.store import queries as rq
+from patchbay.store import tokens as tq
+from patchbay.store.base import (
+    SCHEDULE_FIELDS,
+    Accepted,
+    Actor,
+    AttemptResult,
+    AuditFilter,
+    DestinationStates,
+    DiscardReport,
+    DueDelivery,
+    NewEvent,
+    ReplayReport,
+    Reprocessor,
+    RunFilter,
+    TokenInfo,
+)
+from patchbay.store.common import _j, refresh_event_status, tx_audit
 
 T = TypeVar("T")
 log = logging.getLogger("patchbay.store")
@@ -112,6 +130,17 @@ CREATE TABLE IF NOT EXISTS schedules(
   next_due_at REAL,
   runs INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS api_tokens(
+  id TEXT PRIMARY KEY,             -- 12 hex digits; the token is pbt_<id>_<secret>
+  name TEXT NOT NULL,
+  secret_sha256 TEXT NOT NULL,     -- hex SHA-256 of <secret>; the plaintext is never stored
+  scopes TEXT NOT NULL,            -- JSON list
+  created_at REAL NOT NULL,
+  created_by TEXT NOT NULL DEFAULT '',
+  expires_at REAL,
+  last_used_at REAL,
+  revoked_at REAL
+);
 CREATE TABLE IF NOT EXISTS audit(
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   at REAL NOT NULL,
@@ -128,6 +157,10 @@ EVENT_FINAL = ("delivered", "dead", "quarantined", "filtered", "discarded")
 
 class StoreLocked(PatchbayError):
     pass
+
+
+class StoreClosed(StoreUnavailable):
+    """A write reached the store after its writer stopped (the hub is stopping)."""
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -368,6 +401,16 @@ class _Writer(threading.Thread):
         # from what a transaction did: one log line when it starts, one when writes succeed again.
         self.problem: str | None = None
         self.probe_s = probe_s
+        # Set (under `lock`) when the loop below ends: later work is refused, never left waiting.
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def submit(self, item: Any) -> bool:
+        with self.lock:
+            if self.stopped:
+                return False
+            self.q.put(item)
+            return True
 
     def run(self) -> None:
         conn = connect(self.path)
@@ -406,6 +449,19 @@ class _Writer(threading.Thread):
                         log.warning("checkpointing the store's WAL: %s", exc)
         finally:
             conn.close()
+            self._refuse_the_rest()
+
+    def _refuse_the_rest(self) -> None:
+        with self.lock:
+            self.stopped = True
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                loop, fut, _, _ = item
+                loop.call_soon_threadsafe(_resolve, [(fut, False, _closed_error(self.path))])
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         try:
@@ -549,6 +605,13 @@ class _Checkpointer(threading.Thread):
             conn.close()
 
 
+def _closed_error(path: Path) -> StoreClosed:
+    return StoreClosed(
+        f"writing to the store {path}: it is closed (the hub is stopping); try again once it runs",
+        "the store is closed",
+    )
+
+
 def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
     for fut, ok, value in results:
         if fut.done():
@@ -559,16 +622,13 @@ def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
             fut.set_exception(value)
 
 
-def _j(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
 class SqliteStore:
     """The default store. `await` its methods from the hub; the CLI uses `SqliteStore.sync()`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check: bool = True) -> None:
         self.path = Path(path)
-        open_store(self.path, check=True).close()  # refuses an empty, foreign or damaged file
+        # Refuses an empty, foreign or damaged file; `check` adds quick_check (the hub; not each CLI command).
+        open_store(self.path, check=check).close()
         self._writer = _Writer(self.path)
         self._writer.start()
         self._checkpointer = _Checkpointer(self.path)
@@ -594,7 +654,8 @@ class SqliteStore:
     def _write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._writer.q.put((loop, fut, fn, args))
+        if self._closed or not self._writer.submit((loop, fut, fn, args)):
+            raise _closed_error(self.path)
         return fut
 
     def _reader(self) -> sqlite3.Connection:
@@ -656,26 +717,137 @@ class SqliteStore:
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(tx_record, results)
 
-    async def destination_states(self) -> dict[tuple[str, str], tuple[str, str | None, float]]:
+    # -------------------------------------------------------------- destinations, cursors, schedules
+    async def destination_states(self) -> DestinationStates:
         return await self._read(q_destination_states)
 
     async def set_destination_state(
-        self, flow: str, destination: str, state: str, reason: str | None
+        self, flow: str, destination: str, state: str, reason: str | None, by: Actor | None = None
     ) -> None:
-        await self._write(tx_set_destination_state, flow, destination, state, reason)
+        await self._write(tx_set_destination_state, flow, destination, state, reason, by)
+
+    async def cursor(self, flow: str) -> Any:
+        return await self._read(q_cursor, flow)
+
+    async def cursor_info(self, flow: str) -> dict[str, Any] | None:
+        return await self._read(aq.q_cursor_row, flow)
+
+    async def reset_cursor(self, flow: str, by: Actor | None = None) -> bool:
+        return await self._write(tx_reset_cursor, flow, by)
+
+    async def schedule(self, flow: str) -> dict[str, Any] | None:
+        return await self._read(q_schedule, flow)
+
+    async def schedules(self) -> dict[str, dict[str, Any]]:
+        return await self._read(aq.q_schedules)
+
+    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
+        _check_schedule_fields(fields)
+        await self._write(lambda c: tx_schedule(c, flow, **fields, count_run=count_run))
+
+    # -------------------------------------------------------------- runs, dead letters
+    async def list_runs(self, f: RunFilter) -> list[dict[str, Any]]:
+        return await self._read(rq.list_runs, f)
+
+    async def get_run(self, event_id: str) -> dict[str, Any] | None:
+        return await self._read(rq.get_run, event_id)
+
+    async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
+        return await self._read(rq.q_recent_payloads, flow, limit)
+
+    async def counts(self) -> dict[str, Any]:
+        return await self._read(rq.counts)
+
+    async def counts_by_flow(self) -> dict[str, dict[str, dict[str, int]]]:
+        return await self._read(aq.counts_by_flow)
+
+    async def flow_stats(self, flows: list[str], now: float) -> dict[str, dict[str, Any]]:
+        return await self._read(aq.flow_stats, flows, now)
+
+    async def destination_backlog(self, now: float) -> dict[tuple[str, str], dict[str, Any]]:
+        return await self._read(aq.destination_backlog, now)
+
+    async def list_dead(self, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._read(rq.list_dead, flow, limit)
+
+    async def dead_letters(
+        self, flow: str | None, destination: str | None, reason: str | None, limit: int
+    ) -> dict[str, Any]:
+        return await self._read(aq.dead_letters, flow, destination, reason, limit)
+
+    async def dead_event_ids(
+        self, flow: str | None, destination: str | None, reason: str | None
+    ) -> list[str]:
+        return await self._read(aq.dead_event_ids, flow, destination, reason)
+
+    async def replayable(self, flow: str | None, destination: str | None) -> list[str]:
+        return await self._read(rq.q_replayable, flow, destination)
+
+    async def replay(
+        self,
+        pipelines: Mapping[str, Reprocessor],
+        event_ids: Sequence[str],
+        destination: str | None,
+        by: Actor,
+    ) -> ReplayReport:
+        return await self._write(rq.tx_replay, pipelines, list(event_ids), destination, by)
+
+    async def discard(self, event_ids: Sequence[str], destination: str | None, by: Actor) -> DiscardReport:
+        return await self._write(aq.tx_discard, list(event_ids), destination, by)
+
+    # -------------------------------------------------------------- tokens, audit
+    async def create_token(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        expires_at: float | None,
+        secret_sha256: str,
+        by: Actor,
+    ) -> TokenInfo:
+        return await self._write(
+            tq.tx_create_token, name, list(scopes), expires_at, secret_sha256, by, time.time()
+        )
+
+    async def tokens(self, include_inactive: bool = True) -> list[TokenInfo]:
+        return await self._read(tq.q_tokens, include_inactive)
+
+    async def token_secret(self, token_id: str) -> tuple[TokenInfo, str] | None:
+        return await self._read(tq.q_token_secret, token_id)
+
+    async def revoke_token(self, token_id: str, by: Actor | None = None) -> TokenInfo | None:
+        return await self._write(tq.tx_revoke_token, token_id, by, time.time())
+
+    async def touch_token(self, token_id: str, at: float) -> None:
+        await self._write(tq.tx_touch, token_id, at)
+
+    async def audit(self, action: str, target: str, by: Actor) -> None:
+        await self._write(tx_audit, by.name, action, target, dict(by.detail), by.origin)
+
+    async def audit_log(self, f: AuditFilter) -> list[dict[str, Any]]:
+        return await self._read(tq.q_audit, f)
 
     # -------------------------------------------------------------- responses
     async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None:
         """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
         return await self._read(q_response_fields, event_id, destination)
 
+    # -------------------------------------------------------------- SQLite only
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run any query function `fn(conn, *args)` on the reader thread."""
+        """Run a query function `fn(conn, *args)` on the reader thread (SQLite only: the store's own
+        tests and modules; everything else uses the protocol's methods)."""
         return await self._read(fn, *args)
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run any transaction function `fn(conn, *args)` through the group-commit writer."""
+        """Run a transaction function `fn(conn, *args)` through the group-commit writer (SQLite only)."""
         return await self._write(fn, *args)
+
+
+def _check_schedule_fields(fields: Mapping[str, Any]) -> None:
+    unknown = sorted(set(fields) - SCHEDULE_FIELDS)
+    if unknown:
+        raise ValueError(
+            f"updating a schedule: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(SCHEDULE_FIELDS))}"
+        )
 
 
 class SyncStore:
@@ -767,8 +939,11 @@ def q_cursor(conn: sqlite3.Connection, flow: str) -> Any:
     return None if row is None else orjson.loads(row[0])
 
 
-def tx_reset_cursor(conn: sqlite3.Connection, flow: str) -> bool:
-    return conn.execute("DELETE FROM cursors WHERE flow=?", (flow,)).rowcount > 0
+def tx_reset_cursor(conn: sqlite3.Connection, flow: str, by: Actor | None = None) -> bool:
+    done = conn.execute("DELETE FROM cursors WHERE flow=?", (flow,)).rowcount > 0
+    if by is not None:
+        tx_audit(conn, by.name, "cursor.reset", flow, {**by.detail, "had_cursor": done}, by.origin)
+    return done
 
 
 def q_schedule(conn: sqlite3.Connection, flow: str) -> dict[str, Any] | None:
@@ -879,24 +1054,6 @@ def q_response_fields(conn: sqlite3.Connection, event_id: str, destination: str)
     return None if row is None else orjson.loads(row[0])
 
 
-def refresh_event_status(conn: sqlite3.Connection, event_id: str, now: float | None = None) -> str:
-    """An event's status follows its deliveries: pending while any is, dead if any died, else delivered."""
-    row = conn.execute(
-        "SELECT SUM(status='pending'), SUM(status='dead'), SUM(status='delivered'), COUNT(*)"
-        " FROM deliveries WHERE event_id=?",
-        (event_id,),
-    ).fetchone()
-    pending, dead, delivered, total = (x or 0 for x in row)
-    if total == 0:
-        return ""
-    status = "pending" if pending else "dead" if dead else "delivered" if delivered else "discarded"
-    conn.execute(
-        "UPDATE events SET status=?, updated_at=? WHERE id=? AND status NOT IN ('quarantined','filtered')",
-        (status, now or time.time(), event_id),
-    )
-    return status
-
-
 def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None, float]]:
     return {
         (r["flow"], r["destination"]): (r["state"], r["reason"], r["since"])
@@ -905,7 +1062,12 @@ def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tupl
 
 
 def tx_set_destination_state(
-    conn: sqlite3.Connection, flow: str, destination: str, state: str, reason: str | None
+    conn: sqlite3.Connection,
+    flow: str,
+    destination: str,
+    state: str,
+    reason: str | None,
+    by: Actor | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO destinations(flow, destination, state, reason, since) VALUES(?,?,?,?,?)"
@@ -913,12 +1075,6 @@ def tx_set_destination_state(
         " since=CASE WHEN destinations.state=excluded.state THEN destinations.since ELSE excluded.since END",
         (flow, destination, state, reason, time.time()),
     )
-
-
-def tx_audit(
-    conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any], origin: str = ""
-) -> None:
-    conn.execute(
-        "INSERT INTO audit(at, actor, action, target, detail, origin) VALUES(?,?,?,?,?,?)",
-        (time.time(), actor, action, target, _j(detail), origin),
-    )
+    if by is not None:
+        action = "resume" if state == "active" else state
+        tx_audit(conn, by.name, action, f"{flow}/{destination}", dict(by.detail), by.origin)

@@ -4,10 +4,9 @@ does with that event now as the expectation."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
@@ -17,6 +16,9 @@ from patchbay.errors import PatchbayError
 from patchbay.records import dig, has_path, put
 from patchbay.security.redaction import SEALED_RE, sensitive_values
 from patchbay.testing.harness import FlowRun, simulate
+
+if TYPE_CHECKING:
+    from patchbay.store.blocking import BlockingStore
 
 EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 SECRET_STAND_IN = "[secret]"
@@ -75,27 +77,23 @@ def _list_indent(text: str) -> str:
     return m.group(1) if m else ""
 
 
-def load_event(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
+def load_event(store: BlockingStore, run_id: str) -> dict[str, Any] | None:
     """The stored event: flow, status, reason and payload as received (sealed values stay sealed)."""
-    row = conn.execute(
-        "SELECT id, flow, status, reason, payload FROM events WHERE id=? OR id=?", (run_id, f"evt_{run_id}")
-    ).fetchone()
-    if row is None:
+    run = store.run(lambda s: s.get_run(run_id))
+    if run is None:
         return None
     return {
-        "id": row[0],
-        "flow": row[1],
-        "status": row[2],
-        "reason": row[3],
-        "payload": row[4],  # bytes: values may be sealed (encrypt_sensitive)
-        "destinations": [
-            r[0] for r in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (row[0],))
-        ],
+        "id": run["id"],
+        "flow": run["flow"],
+        "status": run["status"],
+        "reason": run["reason"],
+        "payload": orjson.dumps(run["payload"]),  # values may be sealed (encrypt_sensitive): they stay so
+        "destinations": [d["destination"] for d in run["deliveries"]],
     }
 
 
-def export_run(store: Any, project: Project, run_id: str, name: str | None = None) -> Exported:
-    event = store.read(load_event, run_id)
+def export_run(store: BlockingStore, project: Project, run_id: str, name: str | None = None) -> Exported:
+    event = load_event(store, run_id)
     if event is None:
         raise PatchbayError(f"no run {run_id!r}; list them with `patchbay runs`")
     flow = project.flows.get(event["flow"])

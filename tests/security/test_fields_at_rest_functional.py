@@ -21,9 +21,10 @@ from patchbay.engine.hub import Hub
 from patchbay.errors import PatchbayError
 from patchbay.security.fields import FieldCipher, FieldError, open_field_cipher
 from patchbay.security.project import open_project_secrets
-from patchbay.security.tokens import tx_create_token
+from patchbay.security.tokens import create_token
 from patchbay.security.vault import OLD_KEY_FILE, MasterKey, Vault
 from patchbay.server.app import make_app
+from patchbay.store.base import Actor
 from tests.conftest import (
     SECRET_TOKEN,
     SECRET_WHSEC,
@@ -125,7 +126,7 @@ async def test_sensitive_values_are_encrypted_at_rest_and_still_delivered_and_re
     assert first.body["card"] == {"number": CARD, "code": CODE} and first.body["note"] == f"card {CARD}"
 
     # Shown redacted: the API (what the console shows) and `runs show`.
-    token, _ = await hub.store.write(tx_create_token, "scan", ["admin"], None, "test")
+    token, _ = await create_token(hub.store, "scan", ["admin"], None, Actor("test"))
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s,
         s.get(f"{hub.url}/api/v1/runs/{run_id}") as r,

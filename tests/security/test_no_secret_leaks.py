@@ -26,9 +26,10 @@ from patchbay.cli import main
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
 from patchbay.security.project import open_project_secrets
-from patchbay.security.tokens import tx_create_token
+from patchbay.security.tokens import create_token
 from patchbay.security.vault import KEY_FILE
 from patchbay.server.app import make_app
+from patchbay.store.base import Actor
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, RunningHub, _start, eventually, lead_project
 
 CARD = "4111111111111111"
@@ -168,7 +169,7 @@ async def test_nothing_secret_is_written_or_shown(leaky, sink, caplog):
     run_cli("check", str(root))
 
     # The API, as a console or script sees it.
-    token, _ = await hub.store.write(tx_create_token, "scan", ["admin"], None, "test")
+    token, _ = await create_token(hub.store, "scan", ["admin"], None, Actor("test"))
     api: dict[str, str] = {}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
         for path in (

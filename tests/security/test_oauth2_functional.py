@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import logging
 import socket
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,9 +31,11 @@ from patchbay.errors import AuthError
 from patchbay.security import oauth2
 from patchbay.security.project import open_project_secrets
 from patchbay.security.secrets import Redactor
-from patchbay.security.tokens import tx_create_token
+from patchbay.security.tokens import create_token
 from patchbay.security.vault import MasterKey, Vault
 from patchbay.server.app import make_app
+from patchbay.store.base import Actor
+from patchbay.store.secrets import SqliteSecretRows
 from tests.conftest import SECRET_WHSEC, RunningHub, eventually, lead_project
 from tests.security.oauth2_provider import CLIENT_ID, CLIENT_SECRET, Provider
 
@@ -210,7 +211,7 @@ async def test_connect_refresh_mid_run_revoke_and_no_token_shown(oauth_hub, prov
     )
 
     # Nothing a person or program can read shows a token: API answers, CLI output, logs, the store file.
-    token, _ = await hub.store.write(tx_create_token, "scan", ["admin"], None, "test")
+    token, _ = await create_token(hub.store, "scan", ["admin"], None, Actor("test"))
     api: dict[str, str] = {}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
         for path in ("runs", f"runs/{waiting}", "systems", "secrets", "audit", "flows/lead-capture"):
@@ -392,9 +393,7 @@ def test_pending_grants_hide_their_state_and_expire(tmp_path, provider):
     auth = HttpSystem.model_validate({"url": provider.url, "auth": _auth(provider)}).auth
     assert auth is not None
     clock = [1000.0]
-    vault = Vault(
-        lambda: sqlite3.connect(tmp_path / "vault.db"), [MasterKey.generate()], now=lambda: clock[0]
-    )
+    vault = Vault(SqliteSecretRows(tmp_path / "vault.db"), [MasterKey.generate()], now=lambda: clock[0])
     vault.ensure_schema()
     old_url = oauth2.begin(vault, "crm", auth, now=clock[0])
     old_state = parse_qs(urlsplit(old_url).query)["state"][0]

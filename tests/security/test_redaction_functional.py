@@ -27,8 +27,9 @@ from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
 from patchbay.security.project import open_project_secrets
 from patchbay.security.secrets import Redactor
-from patchbay.security.tokens import tx_create_token
+from patchbay.security.tokens import create_token
 from patchbay.server.app import make_app
+from patchbay.store.base import Actor
 from tests.conftest import SECRET_WHSEC, RunningHub, Sink, _start, eventually, lead_project
 
 USER = "ada.lovelace"
@@ -113,7 +114,7 @@ async def test_an_echoed_basic_header_and_encoded_password_are_scrubbed_everywhe
         args: cli.invoke(main, [*args.split(), "-p", str(hub.root)]).output
         for args in (f"runs show {run_id}", f"runs show {run_id} --json", "dead", "dead --json")
     }
-    token, _ = await hub.store.write(tx_create_token, "scan", ["admin"], None, "test")
+    token, _ = await create_token(hub.store, "scan", ["admin"], None, Actor("test"))
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s,
         s.get(f"{hub.url}/api/v1/runs/{run_id}") as r,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 
 import pytest
@@ -15,45 +14,42 @@ from patchbay.security.project import store_path_of
 from patchbay.security.tokens import (
     TokenError,
     check_scopes,
-    ensure_schema,
+    create_token,
     normalise_id,
     parse_bearer,
-    q_token,
-    q_tokens,
-    tx_create_token,
-    tx_revoke_token,
+    revoke_token,
     verify,
 )
-from patchbay.store.sqlite import connect, init_schema
+from patchbay.store.base import Actor
+from patchbay.store.blocking import BlockingStore
+from patchbay.store.sqlite import SqliteStore
+
+ME = Actor("alice")
 
 
 @pytest.fixture
-def conn(tmp_path):
-    c = connect(tmp_path / "store.db")
-    init_schema(c)
-    ensure_schema(c)
-    yield c
-    c.close()
+async def store(tmp_path):
+    s = SqliteStore(tmp_path / "store.db")
+    yield s
+    await s.close()
 
 
-def test_token_format_and_only_a_hash_is_stored(conn):
-    text, info = tx_create_token(conn, "ci-bot", ["runs:read", "runs:replay", "runs:read"], None, "alice")
+async def test_token_format_and_only_a_hash_is_stored(store):
+    text, info = await create_token(store, "ci-bot", ["runs:read", "runs:replay", "runs:read"], None, ME)
     prefix, tid, secret = text.split("_", 2)
     assert prefix == "pbt" and tid == info.id and len(tid) == 12 and len(secret) >= 43
     assert info.scopes == ("runs:read", "runs:replay")  # deduplicated, in order
-    row = conn.execute("SELECT * FROM api_tokens").fetchone()
+    assert info.created_by == "alice"
+    row = await store.read(lambda c: c.execute("SELECT * FROM api_tokens").fetchone())
     assert secret not in str(tuple(row)) and text not in str(tuple(row))
     assert row["secret_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
-    assert verify(conn, text).name == "ci-bot"
-    assert (
-        q_token(conn, text).id == tid
-        and q_token(conn, f"pbt_{tid}").id == tid
-        and q_token(conn, tid).id == tid
-    )
+    assert (await verify(store, text)).name == "ci-bot"
+    for given in (text, f"pbt_{tid}", tid):
+        assert (await revoke_token(store, given)).id == tid
 
 
-def test_two_tokens_never_share_an_id_or_secret(conn):
-    made = [tx_create_token(conn, f"t{i}", ["admin"], None)[0] for i in range(50)]
+async def test_two_tokens_never_share_an_id_or_secret(store):
+    made = [(await create_token(store, f"t{i}", ["admin"], None, ME))[0] for i in range(50)]
     assert len({t.split("_")[1] for t in made}) == 50 and len(set(made)) == 50
 
 
@@ -67,32 +63,32 @@ def test_two_tokens_never_share_an_id_or_secret(conn):
         ("pbt_0123456789ab_" + "A" * 43, "bad_token"),  # well formed, unknown id
     ],
 )
-def test_malformed_and_unknown_tokens_are_refused(conn, presented, code):
+async def test_malformed_and_unknown_tokens_are_refused(store, presented, code):
     with pytest.raises(TokenError) as exc:
-        verify(conn, presented)
+        await verify(store, presented)
     assert exc.value.code == code
 
 
-def test_wrong_secret_revoked_and_expired(conn):
-    text, info = tx_create_token(conn, "a", ["admin"], None)
+async def test_wrong_secret_revoked_and_expired(store):
+    text, info = await create_token(store, "a", ["admin"], None, ME)
     with pytest.raises(TokenError, match="unknown or wrong"):
-        verify(conn, text[:-4] + ("AAAA" if not text.endswith("AAAA") else "BBBB"))
-    assert tx_revoke_token(conn, info.id).status() == "revoked"
-    first = q_token(conn, info.id).revoked_at
-    tx_revoke_token(conn, info.id)
-    assert q_token(conn, info.id).revoked_at == first  # revoking twice keeps the first time
+        await verify(store, text[:-4] + ("AAAA" if not text.endswith("AAAA") else "BBBB"))
+    assert (await revoke_token(store, info.id)).status() == "revoked"
+    first = (await store.token_secret(info.id))[0].revoked_at
+    await revoke_token(store, info.id)
+    assert (await store.token_secret(info.id))[0].revoked_at == first  # revoking twice keeps the first
     with pytest.raises(TokenError) as exc:
-        verify(conn, text)
+        await verify(store, text)
     assert exc.value.code == "revoked_token"
-    assert tx_revoke_token(conn, "ffffffffffff") is None
+    assert await revoke_token(store, "ffffffffffff") is None
 
-    soon, _ = tx_create_token(conn, "b", ["runs:read"], time.time() + 60)
-    assert verify(conn, soon).name == "b"
+    soon, _ = await create_token(store, "b", ["runs:read"], time.time() + 60, ME)
+    assert (await verify(store, soon)).name == "b"
     with pytest.raises(TokenError) as exc:
-        verify(conn, soon, now=time.time() + 61)
+        await verify(store, soon, now=time.time() + 61)
     assert exc.value.code == "expired_token"
-    assert {t.name: t.status() for t in q_tokens(conn)} == {"a": "revoked", "b": "active"}
-    assert [t.name for t in q_tokens(conn, include_inactive=False)] == ["b"]
+    assert {t.name: t.status() for t in await store.tokens()} == {"a": "revoked", "b": "active"}
+    assert [t.name for t in await store.tokens(include_inactive=False)] == ["b"]
 
 
 def test_scopes_and_names_are_checked():
@@ -103,10 +99,11 @@ def test_scopes_and_names_are_checked():
         check_scopes([])
 
 
-def test_bad_names_refused(conn):
+async def test_bad_names_refused(store):
     for name in ("", "has space", "x" * 65, "-leading"):
         with pytest.raises(ValueError, match="bad token name"):
-            tx_create_token(conn, name, ["admin"], None)
+            await create_token(store, name, ["admin"], None, ME)
+    assert await store.tokens() == []
 
 
 def test_parse_bearer():
@@ -129,13 +126,12 @@ def test_normalise_id():
     assert normalise_id("pbt_abcdefabcdef_" + "x" * 43) == "abcdefabcdef"
 
 
-def test_plaintext_is_not_recoverable_from_the_store_file(tmp_path):
-    c = sqlite3.connect(tmp_path / "s.db")
-    c.row_factory = sqlite3.Row
-    text, _ = tx_create_token(c, "a", ["admin"], None)
-    c.commit()
-    c.close()
-    assert text.split("_", 2)[2].encode() not in (tmp_path / "s.db").read_bytes()
+async def test_plaintext_is_not_recoverable_from_the_store_file(tmp_path):
+    store = SqliteStore(tmp_path / "s.db")
+    text, _ = await create_token(store, "a", ["admin"], None, ME)
+    await store.close()
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("s.db"))
+    assert text.split("_", 2)[2].encode() not in data
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -172,13 +168,12 @@ def test_cli_create_list_revoke_and_audit(project, monkeypatch):
     assert token.startswith("pbt_") and "shown only now" in err
     tid = token.split("_")[1]
 
-    conn = connect(store_path_of(project))
-    info = verify(conn, token)
+    with BlockingStore(store_path_of(project)) as store:
+        info = store.run(lambda s: verify(s, token))
     assert (
         info.scopes == ("runs:read", "runs:replay")
         and 29 * 86400 < info.expires_at - time.time() <= 30 * 86400
     )
-    conn.close()
 
     code, out, _ = run("tokens", "list", "-p", str(project))
     assert code == 0 and tid in out and "runs:read runs:replay" in out and token.split("_", 2)[2] not in out

@@ -14,6 +14,7 @@ import pytest
 
 from patchbay.errors import ConfigError
 from patchbay.security.vault import MasterKey, SecretInfo, Vault, VaultError
+from patchbay.store.secrets import SqliteSecretRows
 
 VALUE = "sk_live_51HxQ-very-secret-token"
 
@@ -58,7 +59,7 @@ def test_round_trip(vault: Vault) -> None:
 
 def test_replace_is_a_rotation(db: Path, key: MasterKey) -> None:
     clock = iter([100.0, 200.0, 300.0])
-    v = Vault(lambda: sqlite3.connect(db), [key], now=lambda: next(clock))
+    v = Vault(SqliteSecretRows(db), [key], now=lambda: next(clock))
     v.ensure_schema()
     v.set("crm", "one")
     assert v.list() == [SecretInfo("crm", 100.0, None, 1, key.id)]

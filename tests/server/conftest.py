@@ -12,7 +12,8 @@ import aiohttp
 import orjson
 import pytest
 
-from patchbay.security.tokens import tx_create_token, tx_revoke_token
+from patchbay.security.tokens import create_token, revoke_token
+from patchbay.store.base import Actor
 from tests.conftest import RunningHub, lead_project
 
 FAST = {"timeout_s": 0.5, "retry": {"schedule": ["100ms", "100ms"], "jitter": 0}}
@@ -31,12 +32,12 @@ class Api:
         return self.hub.root
 
     async def token(self, name: str, *scopes: str, expires_at: float | None = None) -> str:
-        text, _ = await self.hub.store.write(tx_create_token, name, scopes, expires_at, "test")
+        text, _ = await create_token(self.hub.store, name, scopes, expires_at, Actor("test"))
         self.tokens[name] = text
         return text
 
     async def revoke(self, text: str) -> None:
-        await self.hub.store.write(tx_revoke_token, text)
+        await revoke_token(self.hub.store, text)
 
     async def call(
         self,

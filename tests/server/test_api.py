@@ -499,13 +499,14 @@ async def test_secrets_names_only_set_rotate_delete_audited(api, caplog):
 async def test_secrets_without_a_vault(tmp_path, sink, start_hub):
     import aiohttp
 
-    from patchbay.security.tokens import tx_create_token
+    from patchbay.security.tokens import create_token
+    from patchbay.store.base import Actor
     from tests.server.conftest import Api
 
     hub = await start_hub(lead_project(tmp_path, sink.url))  # no master key: the hub uses the environment
     async with aiohttp.ClientSession() as s:
         api = Api(hub, s)
-        text, _ = await hub.store.write(tx_create_token, "admin", ["admin"], None, "test")
+        text, _ = await create_token(hub.store, "admin", ["admin"], None, Actor("test"))
         api.tokens["admin"] = text
         listed = await api.get("secrets")
         assert listed["vault"] is False and {x["stored"] for x in listed["secrets"]} == {False}
@@ -548,10 +549,11 @@ async def test_tokens_created_used_and_revoked_through_the_api(api):
     status, _ = await api.call("DELETE", "tokens/0123456789ab")
     assert status == 404
     rows = await _audit(api, action="token.")
-    assert [(r["action"], r["target"]) for r in rows] == [
+    assert [(r["action"], r["target"]) for r in rows[:2]] == [
         ("token.revoke", made["id"]),
         ("token.create", made["id"]),
     ]
+    assert {r["actor"] for r in rows[2:]} == {"test"}  # the fixture's tokens are audited too
     assert rows[1]["detail"]["scopes"] == ["runs:read"] and made["token"] not in str(rows)
 
 

@@ -45,8 +45,9 @@ from schemathesis.specs.openapi.checks import (
 
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
-from patchbay.security.tokens import SCOPES, tx_create_token
+from patchbay.security.tokens import SCOPES, create_token
 from patchbay.server.app import make_app
+from patchbay.store.base import Actor
 from tests.conftest import _start, lead_project, resolver
 from tests.server.conftest import FAST, make_vault
 
@@ -90,15 +91,15 @@ class HubThread:
             await hub.start()
             runner, self.url = await _start(make_app(hub))
             assert hub.store is not None
-            self.tokens["admin"], _ = await hub.store.write(
-                tx_create_token, "fuzz-admin", ["admin"], None, "fuzz"
+            self.tokens["admin"], _ = await create_token(
+                hub.store, "fuzz-admin", ["admin"], None, Actor("fuzz")
             )
             for n in range(3):  # a quarantined event and dead letters to replay and discard
                 record = {"email": "broken"} if n == 0 else {"email": f"fuzz-{n}@example.com"}
                 await hub.ingest("lead-capture", orjson.dumps(record), record)
             for scope in SCOPES:
-                self.tokens[scope], _ = await hub.store.write(
-                    tx_create_token, f"fuzz-{scope.replace(':', '-')}", [scope], None, "fuzz"
+                self.tokens[scope], _ = await create_token(
+                    hub.store, f"fuzz-{scope.replace(':', '-')}", [scope], None, Actor("fuzz")
                 )
         except BaseException as exc:
             self._error = exc

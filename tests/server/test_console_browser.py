@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from patchbay.security.tokens import tx_create_token, tx_revoke_token
+from patchbay.security.tokens import create_token, revoke_token
+from patchbay.store.base import Actor
 from tests.conftest import IN_CI, eventually, lead_project, write_project
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -179,7 +180,7 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
 
     sink.default = answer
     hub = await start_hub(showcase_project(tmp_path, sink.url))
-    token, _ = await hub.store.write(tx_create_token, "console-test", ["admin"], None, "test")
+    token, _ = await create_token(hub.store, "console-test", ["admin"], None, Actor("test"))
     emails = ["ada@example.com", "grace@example.com", "linus@example.com"]
     ids = []
     for email in emails:
@@ -293,7 +294,7 @@ async def test_from_a_failing_flow_on_the_map_to_a_green_run(tmp_path, sink, sta
         assert not problems, problems  # no CSP violation, script error or failed request so far
 
         # A revoked token sends the console back to the sign-in page, saying why.
-        await hub.store.write(tx_revoke_token, token)
+        await revoke_token(hub.store, token)
         alert = page.locator(".login [role=alert]")
         await alert.filter(has_text="revoked").wait_for(timeout=10_000)
         assert await page.evaluate("sessionStorage.getItem('patchbay.token')") is None
@@ -333,7 +334,7 @@ async def test_a_read_only_token_can_look_but_not_change_and_hidden_tabs_stop_po
 ):
     sink.default = 400
     hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
-    token, _ = await hub.store.write(tx_create_token, "viewer", ["flows:read", "runs:read"], None, "test")
+    token, _ = await create_token(hub.store, "viewer", ["flows:read", "runs:read"], None, Actor("test"))
     _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
 
     async def dead() -> bool:

@@ -5,17 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from patchbay.security.tokens import (
-    TokenInfo,
-    q_tokens,
-    tx_create_token,
-    tx_revoke_token,
-)
+from patchbay.security.tokens import create_token, revoke_token
 from patchbay.server import api_models as m
 from patchbay.server.api.common import Resource
 from patchbay.server.api.http import ApiError, Call
-from patchbay.store import api_queries as aq
-from patchbay.store.sqlite import tx_audit
+from patchbay.store.base import AuditFilter
 
 
 class Admin(Resource):
@@ -26,40 +20,25 @@ class Admin(Resource):
 
     async def list_audit(self, c: Call) -> Any:
         q: m.AuditQuery = c.query
-        rows = await self.store.read(
-            aq.q_audit, m.as_unix(q.since), m.as_unix(q.until), q.action, q.actor, q.target, q.limit
-        )
+        f = AuditFilter(m.as_unix(q.since), m.as_unix(q.until), q.action, q.actor, q.target, q.limit)
+        rows = await self.store.audit_log(f)
         return {"entries": rows}
 
     async def list_tokens(self, c: Call) -> Any:
-        return {"tokens": [t.as_dict() for t in await self.store.read(q_tokens)]}
+        return {"tokens": [t.as_dict() for t in await self.store.tokens()]}
 
     async def create_token(self, c: Call) -> Any:
         b: m.TokenCreate = c.body
         expires = time.time() + b.expires_in_s if b.expires_in_s is not None else None
-
-        def tx(conn: Any) -> tuple[str, TokenInfo]:
-            text, info = tx_create_token(conn, b.name, b.scopes, expires, c.actor)
-            detail = {**c.who, "name": info.name, "scopes": list(info.scopes), "expires_at": expires}
-            tx_audit(conn, c.actor, "token.create", info.id, detail, c.origin)
-            return text, info
-
         try:
-            text, info = await self.store.write(tx)
+            text, info = await create_token(self.store, b.name, b.scopes, expires, c.by())
         except ValueError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from None
         return {**info.as_dict(), "token": text}
 
     async def revoke_token(self, c: Call) -> Any:
         tid = c.path.token_id
-
-        def tx(conn: Any) -> TokenInfo | None:
-            info = tx_revoke_token(conn, tid)
-            if info is not None:
-                tx_audit(conn, c.actor, "token.revoke", info.id, {**c.who, "name": info.name}, c.origin)
-            return info
-
-        info = await self.store.write(tx)
+        info = await revoke_token(self.store, tid, c.by())
         if info is None:
             raise ApiError(404, "not_found", f"no token {tid!r}")
         return info.as_dict()

@@ -13,8 +13,7 @@ from patchbay.config.models import SecretRef
 from patchbay.config.project import FlowSpec
 from patchbay.engine.hub import Hub
 from patchbay.server.api.http import ApiError
-from patchbay.store import api_queries as aq
-from patchbay.store.sqlite import q_destination_states
+from patchbay.store.base import Store
 
 SEVERITY = {"ok": 0, "retrying": 1, "late": 2, "paused": 3, "failing": 4}
 _SENSITIVE_KEY = re.compile(
@@ -39,7 +38,7 @@ class Resource:
         self.hub = hub
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         if self.hub.store is None:
             raise ApiError(503, "not_ready", "the hub is starting; try again in a moment")
         return self.hub.store
@@ -105,9 +104,9 @@ class Resource:
         """Shared by flows, destinations and the map: live states, backlogs, schedules, lateness."""
         store = self.store
         now = time.time()
-        backlog = await store.read(aq.destination_backlog, now)
-        states = await store.read(q_destination_states)
-        schedules = await store.read(aq.q_schedules)
+        backlog = await store.destination_backlog(now)
+        states = await store.destination_states()
+        schedules = await store.schedules()
         late = {name: self._late_s(fr.spec, schedules.get(name), now) for name, fr in self.hub.flows.items()}
         dests: dict[tuple[str, str], dict[str, Any]] = {}
         for name, fr in self.hub.flows.items():

@@ -7,7 +7,6 @@ from typing import Any
 
 from patchbay.server.api.common import Resource
 from patchbay.server.api.http import Call
-from patchbay.store import api_queries as aq
 
 log = logging.getLogger("patchbay.api")
 
@@ -24,11 +23,7 @@ class Destinations(Resource):
         w = self._worker(flow, dest)
         if (target == "active") == (w.state == "active"):
             return {"flow": flow, "destination": dest, "state": w.state, "changed": False}
-        before = await self.store.read(aq.q_last_audit_id)
-        was = w.state
-        await self.hub.set_state(flow, dest, target, c.actor)
-        # hub.set_state writes the audit row; add where the request came from and what the state was.
-        await self.store.write(aq.tx_set_audit_origin, before, c.actor, c.origin, {**c.who, "was": was})
+        await self.hub.set_state(flow, dest, target, c.by(was=w.state))
         log.info(
             "destination %s/%s %s via the API (%s)",
             flow,

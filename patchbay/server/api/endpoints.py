@@ -10,9 +10,7 @@ from patchbay.server.api.admin import Admin
 from patchbay.server.api.dead_letters import DeadLetters
 from patchbay.server.api.destinations import Destinations
 from patchbay.server.api.flows import Flows
-from patchbay.server.api.http import (
-    PREFIX,
-)
+from patchbay.server.api.http import PREFIX
 from patchbay.server.api.runs import Runs
 from patchbay.server.api.secrets import Secrets
 from patchbay.server.api.state import State

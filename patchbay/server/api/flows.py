@@ -7,8 +7,7 @@ from typing import Any
 from patchbay.config.project import FlowSpec, SystemSpec, system_secret_refs
 from patchbay.server.api.common import Resource, worst
 from patchbay.server.api.http import Call
-from patchbay.store import api_queries as aq
-from patchbay.store.queries import RunFilter, list_runs
+from patchbay.store.base import RunFilter
 
 
 class Flows(Resource):
@@ -40,15 +39,15 @@ class Flows(Resource):
 
     async def list_flows(self, c: Call) -> Any:
         ov = await self._overview()
-        stats = await self.store.read(aq.flow_stats, list(self.hub.flows), ov["now"])
+        stats = await self.store.flow_stats(list(self.hub.flows), ov["now"])
         return {"flows": [self._flow_summary(fr.spec, ov, stats) for fr in self.hub.flows.values()]}
 
     async def get_flow(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         spec: FlowSpec = fr.spec
         ov = await self._overview()
-        stats = await self.store.read(aq.flow_stats, [spec.name], ov["now"])
-        recent = await self.store.read(list_runs, RunFilter(flow=spec.name, limit=20))
+        stats = await self.store.flow_stats([spec.name], ov["now"])
+        recent = await self.store.list_runs(RunFilter(flow=spec.name, limit=20))
         definition = {
             "trigger": self._redact(self._dump(spec.trigger)),
             "source": {

@@ -9,9 +9,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from patchbay.security.tokens import (
-    TokenInfo,
-)
+from patchbay.store.base import Actor, TokenInfo
 
 PREFIX = "/api/v1"
 MAX_BODY = 256 * 1024
@@ -65,6 +63,10 @@ class Call:
     @property
     def who(self) -> dict[str, str]:
         return {"token_id": self.token.id, "token_name": self.token.name}
+
+    def by(self, **detail: Any) -> Actor:
+        """This caller for the audit log: the token, where the request came from, and `detail`."""
+        return Actor(self.actor, self.origin, {**self.who, **detail})
 
 
 # ====================================================================== input

@@ -17,14 +17,7 @@ import orjson
 from aiohttp import web
 
 from patchbay.engine.hub import Hub
-from patchbay.security.tokens import (
-    TokenError,
-    TokenInfo,
-    ensure_schema,
-    parse_bearer,
-    tx_touch,
-    verify,
-)
+from patchbay.security.tokens import TokenError, TokenInfo, parse_bearer, verify
 from patchbay.server.api.endpoints import Handlers, endpoints
 from patchbay.server.api.http import (
     PREFIX,
@@ -37,6 +30,7 @@ from patchbay.server.api.http import (
     error_response,
 )
 from patchbay.server.openapi import Endpoint, build_openapi
+from patchbay.store.base import Store
 
 log = logging.getLogger("patchbay.api")
 
@@ -48,7 +42,6 @@ class Api:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.handlers = Handlers.of(hub)
-        self._schema_ready = False
         self._touched: dict[str, float] = {}
         if not _OPENAPI:  # the same for every hub; building it takes a few hundred ms
             from importlib.metadata import PackageNotFoundError, version
@@ -64,7 +57,7 @@ class Api:
 
     # ================================================================== plumbing
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         if self.hub.store is None:
             raise ApiError(503, "not_ready", "the hub is starting; try again in a moment")
         return self.hub.store
@@ -72,14 +65,11 @@ class Api:
     async def authenticate(self, request: web.Request) -> TokenInfo:
         presented = parse_bearer(request.headers.get("Authorization"))
         store = self.store
-        if not self._schema_ready:
-            await store.write(ensure_schema)
-            self._schema_ready = True
-        info: TokenInfo = await store.read(verify, presented)
+        info = await verify(store, presented)
         now = time.time()
         if now - self._touched.get(info.id, 0.0) >= TOUCH_EVERY_S:
             self._touched[info.id] = now
-            await store.write(tx_touch, info.id, now)
+            await store.touch_token(info.id, now)
             info = dataclasses.replace(info, last_used_at=now)
         return info
 

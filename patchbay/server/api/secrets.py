@@ -8,7 +8,6 @@ from typing import Any
 
 from patchbay.server.api.common import Resource
 from patchbay.server.api.http import ApiError, Call
-from patchbay.store.sqlite import tx_audit
 
 log = logging.getLogger("patchbay.api")
 
@@ -87,7 +86,7 @@ class Secrets(Resource):
         if self.hub.resolver is not None:
             self.hub.resolver.redactor.add(value)  # scrubbed from logs and excerpts from now on
         action = "secret.rotate" if existed else "secret.set"
-        await self.store.write(tx_audit, c.actor, action, name, {**c.who, "version": version}, c.origin)
+        await self.store.audit(action, name, c.by(version=version))
         log.info("%s %s via the API (%s)", action, name, c.actor)
         return {"name": name, "action": "rotated" if existed else "created", "version": version}
 
@@ -103,6 +102,5 @@ class Secrets(Resource):
             )
         if not await asyncio.to_thread(vault.delete, name):
             raise ApiError(404, "not_found", f"no secret {name!r}")
-        detail = {**c.who, "used_by": users}
-        await self.store.write(tx_audit, c.actor, "secret.delete", name, detail, c.origin)
+        await self.store.audit("secret.delete", name, c.by(used_by=users))
         return {"name": name, "deleted": True}

@@ -6,8 +6,6 @@ from typing import Any
 
 from patchbay.server.api.common import Resource
 from patchbay.server.api.http import Call
-from patchbay.store import api_queries as aq
-from patchbay.store.sqlite import tx_audit, tx_reset_cursor
 
 
 class State(Resource):
@@ -15,7 +13,7 @@ class State(Resource):
 
     async def get_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
-        row = await self.store.read(aq.q_cursor_row, fr.spec.name)
+        row = await self.store.cursor_info(fr.spec.name)
         return {
             "flow": fr.spec.name,
             "has_source": fr.spec.source is not None,
@@ -26,13 +24,7 @@ class State(Resource):
     async def reset_cursor(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         name = fr.spec.name
-
-        def tx(conn: Any) -> bool:
-            done = tx_reset_cursor(conn, name)
-            tx_audit(conn, c.actor, "cursor.reset", name, {**c.who, "had_cursor": done}, c.origin)
-            return done
-
-        return {"flow": name, "reset": await self.store.write(tx)}
+        return {"flow": name, "reset": await self.store.reset_cursor(name, c.by())}
 
     async def list_schedules(self, c: Call) -> Any:
         ov = await self._overview()

@@ -1,0 +1,40 @@
+"""SQL helpers every SQLite query module shares: JSON as text, an event's status, an audit row."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import orjson
+
+
+def _j(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def refresh_event_status(conn: sqlite3.Connection, event_id: str, now: float | None = None) -> str:
+    """An event's status follows its deliveries: pending while any is, dead if any died, else delivered."""
+    row = conn.execute(
+        "SELECT SUM(status='pending'), SUM(status='dead'), SUM(status='delivered'), COUNT(*)"
+        " FROM deliveries WHERE event_id=?",
+        (event_id,),
+    ).fetchone()
+    pending, dead, delivered, total = (x or 0 for x in row)
+    if total == 0:
+        return ""
+    status = "pending" if pending else "dead" if dead else "delivered" if delivered else "discarded"
+    conn.execute(
+        "UPDATE events SET status=?, updated_at=? WHERE id=? AND status NOT IN ('quarantined','filtered')",
+        (status, now or time.time(), event_id),
+    )
+    return status
+
+
+def tx_audit(
+    conn: sqlite3.Connection, actor: str, action: str, target: str, detail: dict[str, Any], origin: str = ""
+) -> None:
+    conn.execute(
+        "INSERT INTO audit(at, actor, action, target, detail, origin) VALUES(?,?,?,?,?,?)",
+        (time.time(), actor, action, target, _j(detail), origin),
+    )
