@@ -145,12 +145,12 @@ OAUTH2 = {
 
 @pytest.mark.parametrize("name", sorted(OAUTH2))
 def test_an_oauth2_system_gets_the_vendors_endpoints_and_scopes(name: str, tmp_path: Path) -> None:
-    import sqlite3
     from urllib.parse import parse_qs, urlsplit
 
     from patchbay.config.project import load_project
     from patchbay.security import oauth2
     from patchbay.security.vault import MasterKey, Vault
+    from patchbay.store.secrets import SqliteSecretRows
 
     own = {
         "preset": name,
@@ -172,7 +172,7 @@ def test_an_oauth2_system_gets_the_vendors_endpoints_and_scopes(name: str, tmp_p
     auth = project.systems["vendor"].config.auth  # type: ignore[union-attr]
     assert (auth.authorize_url, auth.token_url) == OAUTH2[name]
     assert auth.scopes == presets.load(name)["oauth2"]["scopes"]
-    vault = Vault(lambda: sqlite3.connect(tmp_path / "vault.db"), [MasterKey.generate()])
+    vault = Vault(SqliteSecretRows(tmp_path / "vault.db"), [MasterKey.generate()])
     vault.ensure_schema()
     url = oauth2.begin(vault, "vendor", auth)
     assert url.startswith(OAUTH2[name][0] + "?")
