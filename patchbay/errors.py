@@ -4,15 +4,16 @@
     ├── ConfigError        rejected at load time, never retried (carries file:line problems)
     ├── RejectedRequest    an inbound request refused with a 4xx (never stored)
     ├── TransientError     retried with backoff: timeouts, refused connections, 408/425/429/5xx
-    ├── TerminalError      sent to the dead letter: other 4xx, integrity errors
+    ├── TerminalError      sent to the dead letter (a source stops): other 4xx, integrity errors
     │   └── RecordInvalid  a record failed validation; carries every reason with its field path
-    ├── AuthError          401/403 from a destination: the destination is paused, nothing fails
+    ├── AuthError          401/403: the destination (or source) is paused, nothing fails
     ├── SecretMissing      a referenced secret has no value
     └── StoreError         the store itself is in trouble (not one record or destination)
         ├── StoreUnusable     the file is empty, foreign, damaged or newer: refused at open, never retried
         └── StoreUnavailable  writes fail right now (disk full, I/O error): answered 503, retried
 
-Messages start with the action, lowercase: "delivering to crm: HTTP 503".
+Messages start with the action, lowercase: "delivering to crm: HTTP 503". Sources raise these;
+`engine/policy.outcome_of` reads any exception as the deliveries' `OutcomeClass`.
 """
 
 from __future__ import annotations

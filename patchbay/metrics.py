@@ -76,6 +76,18 @@ class Metrics:
             ["flow", "destination"],
             registry=r,
         )
+        self.source_paused = Gauge(
+            "patchbay_source_paused",
+            "1 while a flow's source or schedule is paused (auth) or stopped (terminal error) until resumed.",
+            ["flow"],
+            registry=r,
+        )
+        self.source_failures = Gauge(
+            "patchbay_source_failures",
+            "Failed runs in a row of a flow's source or schedule (0 after a success).",
+            ["flow"],
+            registry=r,
+        )
         self.retries = Counter(
             "patchbay_delivery_retries_total",
             "Attempts that repeated an earlier attempt of the same delivery (after a transient failure, "

@@ -195,8 +195,9 @@ def check(directory: Path, as_json: bool) -> None:
             click.echo(f"ok: {plural(len(project.systems), 'system')}, {plural(len(project.flows), 'flow')}")
             for f in project.flows.values():
                 click.echo(
-                    f"  {f.name}: {describe_trigger(f)} -> {', '.join(d.name for d in f.destinations)}"
-                    f"  (owner {f.owner})"
+                    f"  {f.name}: {describe_trigger(f)}"
+                    + (f" -> {', '.join(d.name for d in f.destinations)}" if f.destinations else "")
+                    + f"  (owner {f.owner})"
                 )
         else:
             click.echo(plural(len(problems), "problem"))
@@ -513,7 +514,11 @@ def replay(
 @click.argument("destination", required=False)
 @project_option
 def resume(flow: str, destination: str | None, project_dir: Path) -> None:
-    """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival."""
+    """Resume a paused (or disabled) destination; its waiting deliveries go out in order of arrival.
+
+    Without a destination, a paused or stopped source (or schedule) of the flow is tried again too."""
+    from patchbay.store.base import SourceState
+
     store = _store(project_dir)
     states = store.run(lambda s: s.destination_states())
     targets = [
@@ -521,9 +526,19 @@ def resume(flow: str, destination: str | None, project_dir: Path) -> None:
         for (f, d), (state, reason, _) in sorted(states.items())
         if f == flow and state != "active" and destination in (None, d)
     ]
-    if not targets:
+    source = store.run(lambda s: s.source_states()).get(flow) if destination is None else None
+    if source is not None and source.state in ("paused", "stopped"):
+        now = time.time()
+        resumed = SourceState(flow, "active", 0, None, now, now)
+        store.run(lambda s: s.set_source_state(resumed))
+        store.run(lambda s: s.audit("resume", f"{flow}/source", _cli_actor(was=source.state)))
         click.echo(
-            f"nothing to resume: no paused destination{' ' + destination if destination else ''} in flow {flow}"
+            f"resumed the source of {flow} (was {source.state}: {source.error}); the hub tries it again"
+        )
+    elif not targets:
+        click.echo(
+            f"nothing to resume: no paused destination{' ' + destination if destination else ''}"
+            f"{'' if destination else ' or source'} in flow {flow}"
         )
         sys.exit(EXIT_PROBLEMS)
     for dest, was, reason in targets:
@@ -555,8 +570,12 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
     cursor = store.run(lambda s: s.cursor(flow))
     sched = store.run(lambda s: s.schedule(flow))
     spec = _schedule_spec(project_dir, flow)
+    source = store.run(lambda s: s.source_states()).get(flow)
     if as_json:
-        _echo_json({"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec)})
+        health = None if source is None else vars(source)
+        _echo_json(
+            {"flow": flow, "cursor": cursor, "schedule": sched, "late": _late(sched, spec), "source": health}
+        )
         return
     click.echo(f"flow {flow}")
     click.echo(
@@ -575,6 +594,15 @@ def state(flow: str, project_dir: Path, reset: bool, as_json: bool) -> None:
         late = _late(sched, spec)
         if late:
             click.echo(f"  LATE by {late:.0f}s: is the hub running?")
+    if source is not None and (source.state != "active" or source.failures):
+        click.echo(
+            f"  source: {source.state} since {_ts(source.since)}, {source.failures} failures in a row: {source.error}"
+            + (
+                "; `patchbay resume " + flow + "` tries it again"
+                if source.state in ("paused", "stopped")
+                else ""
+            )
+        )
 
 
 def _schedule_spec(project_dir: Path, flow: str) -> Any:
@@ -587,13 +615,11 @@ def _schedule_spec(project_dir: Path, flow: str) -> Any:
 
 def _late(sched: dict[str, Any] | None, spec: Any) -> float:
     """Seconds a schedule is overdue beyond its tolerance, or 0."""
-    from patchbay.engine.scheduler import late_after
+    from patchbay.engine.scheduler import late_by
 
-    if not sched or not sched.get("next_due_at"):
+    if not sched or spec is None:  # no longer scheduled (the flow changed): nothing is due
         return 0.0
-    over = time.time() - sched["next_due_at"]
-    tolerance = max(60.0, late_after(spec)) if spec is not None else 60.0
-    return over if over > tolerance else 0.0
+    return late_by(spec, sched.get("next_due_at"), time.time())
 
 
 def late_schedules(store: BlockingStore, project_dir: Path) -> list[tuple[str, float]]:

@@ -49,7 +49,12 @@ def read_data(data: str) -> tuple[bytes, Any]:
 @main.command("run")
 @click.argument("flow")
 @project_option
-@click.option("--data", "-d", required=True, help="The event as JSON, or @file.json.")
+@click.option("--data", "-d", help="The event as JSON, or @file.json (not for a batch flow).")
+@click.option(
+    "--accept-schema",
+    is_flag=True,
+    help="Batch flow: accept the source's changed columns for this run (new ones are added at the destination).",
+)
 @click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
 @click.option(
     "--wait-s",
@@ -59,10 +64,29 @@ def read_data(data: str) -> tuple[bytes, Any]:
     help="Real run: how long to wait for the first attempt of every delivery.",
 )
 @json_option
-def run(flow: str, project_dir: Path, data: str, dry_run: bool, wait_s: float, as_json: bool) -> None:
-    """Run one event through FLOW. With --dry-run: the live definition's steps and routing, each
-    destination's request as it would be sent, nothing sent and no secret read. Without: the flow must
-    have `trigger: {manual: true}`; the event is stored and delivered like any other run."""
+def run(
+    flow: str,
+    project_dir: Path,
+    data: str | None,
+    accept_schema: bool,
+    dry_run: bool,
+    wait_s: float,
+    as_json: bool,
+) -> None:
+    """Run one event through FLOW, or one sync of a batch FLOW. With --dry-run: the live definition's
+    steps and routing, each destination's request as it would be sent, nothing sent and no secret read.
+    Without: the flow must have `trigger: {manual: true}`; the event is stored and delivered like any
+    other run. A batch flow reads its source's window and writes it in one transaction, with a progress
+    line, and prints the run's report (exit 1 when it failed or stopped)."""
+    if data is None:
+        project, resolver = _load(project_dir)
+        spec = _flow(project, flow)
+        if spec.batch is None:
+            raise click.UsageError("give the event with --data JSON (or @file.json)")
+        if dry_run:
+            raise click.UsageError("--dry-run takes one event (--data); a batch flow has no dry run yet")
+        _run_batch(project, resolver, spec, accept_schema, as_json)
+        return
     raw, record = read_data(data)
     if dry_run:
         project = load_offline(project_dir)
@@ -78,7 +102,8 @@ def run(flow: str, project_dir: Path, data: str, dry_run: bool, wait_s: float, a
             err=True,
         )
         sys.exit(EXIT_CONFIG)
-    # A `batch:` flow (built by the lead) gets its branch here: one run over a whole batch.
+    if spec.batch is not None:
+        raise click.UsageError(f"flow {flow!r} is a batch flow: run it without --data")
     result = _run_event(project, resolver, spec, raw, record, wait_s)
     if as_json:
         _echo_json(result)
@@ -202,6 +227,68 @@ async def run_in_process(
             if time.monotonic() > deadline:
                 return redact_run(run, spec.sensitive)
             await asyncio.sleep(0.05)
+    finally:
+        await hub.stop()
+
+
+def _run_batch(project: Any, resolver: Any, spec: Any, accept_schema: bool, as_json: bool) -> None:
+    from patchbay.cli.progress import ProgressLine
+    from patchbay.store.sqlite import StoreLocked
+
+    line = ProgressLine()
+    try:
+        report = asyncio.run(run_batch_in_process(project, resolver, spec, line, accept_schema))
+    except StoreLocked as exc:
+        click.echo(
+            f"run: {exc}. A batch run records its report in the store; stop `patchbay serve` and run again,"
+            " or let the hub run it on its schedule",
+            err=True,
+        )
+        sys.exit(EXIT_STORE)
+    finally:
+        line.done()
+    if as_json:
+        _echo_json(report.as_dict())
+    else:
+        click.echo(f"{spec.name}: {report.summary}")
+        if report.cursor_to:
+            click.echo(f"  cursor: {report.cursor_from or '(start)'} -> {report.cursor_to}")
+        for s in report.samples[:5]:
+            click.echo(f"  quarantined: {s['reason']}")
+        if report.quarantined > 5:
+            click.echo(f"  ... {report.quarantined - 5} more: `patchbay dead -p DIR --flow {spec.name}`")
+        if report.error:
+            click.echo(f"  {report.error}", err=True)
+    if report.status != "ok":
+        sys.exit(EXIT_PROBLEMS)
+
+
+async def run_batch_in_process(
+    project: Any, resolver: Any, spec: Any, progress: Any, accept_schema: bool = False
+) -> Any:
+    """One sync of the batch flow `spec`, its report and its quarantined rows kept in the store.
+
+    The quarantined rows are stored before the destination commits (a crash in between leaves them
+    listed, and the next run reads the same window again); the run itself is stored after."""
+    from patchbay.engine.batch import record_run, run_flow, store_quarantined
+    from patchbay.engine.hub import Hub
+
+    hub = Hub(dataclasses.replace(project, flows={}), resolver=resolver)
+    await hub.start()
+    try:
+        assert hub.store is not None
+        store = hub.store
+
+        async def keep(report: Any) -> None:
+            await store_quarantined(store, spec, report)
+
+        report = await run_flow(
+            project, resolver, spec, progress=progress, before_commit=keep, accept_schema=accept_schema
+        )
+        if report.status != "ok":
+            await keep(report)
+        await record_run(store, spec, report, trigger="manual")
+        return report
     finally:
         await hub.stop()
 

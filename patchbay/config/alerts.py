@@ -52,6 +52,13 @@ def check_alerts(
             if rule.when == "schedule_late" and flow is not None and flow.trigger.schedule is None:
                 why = f"flow {flow.name!r} has no schedule, so it is never late"
                 problems.append(src.problem(("alerts", i, "when"), why))
+            if (
+                rule.when == "source_failing"
+                and flow is not None
+                and not (flow.trigger.schedule or flow.source)
+            ):
+                why = f"flow {flow.name!r} has no source or schedule that could fail"
+                problems.append(src.problem(("alerts", i, "when"), why))
             for j, entry in enumerate(rule.notify):
                 loc: Loc = ("alerts", i, "notify", j)
                 name, settings, delivery = split_notify(entry)

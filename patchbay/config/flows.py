@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from patchbay import presets, registry
+from patchbay.config.batch import BatchSpec
 from patchbay.config.destinations import load_destinations
 from patchbay.config.models import NAME_RE, AlertRule, HubSettings, Spec, Trigger
 from patchbay.config.problems import compile_at, did_you_mean, validate
@@ -38,7 +39,13 @@ class FlowDoc(Spec):
         "the hub's `encrypt_sensitive`. Needs the project's master key.",
     )
     steps: list[dict[str, Any]] = Field(default_factory=list, description="Steps, in order.")
-    destinations: list[dict[str, Any]] = Field(min_length=1, description="Where records go; at least one.")
+    destinations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Where records go; at least one (a batch flow has none)."
+    )
+    batch: BatchSpec | None = Field(
+        None,
+        description="A batch sync instead of destinations: rows move in bulk from a table or query to a table.",
+    )
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy for every destination of this flow."
     )
@@ -81,6 +88,7 @@ def load_flow(
     )
     for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
         problems.append(src.problem(at, message))
+    _check_batch(src, doc, systems, broken, problems)
     if len(problems) > n0:
         return None
     return FlowSpec(
@@ -98,7 +106,52 @@ def load_flow(
         source,
         doc.alerts,
         settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
+        batch=doc.batch,
     )
+
+
+def _check_batch(
+    src: Located, doc: FlowDoc, systems: dict[str, SystemSpec], broken: set[str], problems: list[Problem]
+) -> None:
+    """A flow has destinations or a batch block; a batch block's systems can be read and written in bulk."""
+    if doc.batch is None:
+        if not doc.destinations:
+            problems.append(
+                src.problem(
+                    ("destinations",), "no destinations: list where records go (or give a `batch:` block)"
+                )
+            )
+        return
+    if doc.destinations:
+        problems.append(
+            src.problem(("destinations",), "a batch flow writes to `batch.to`; remove `destinations`")
+        )
+    t = doc.trigger
+    if t.webhook is not None or t.source is not None:
+        problems.append(
+            src.problem(
+                ("trigger",),
+                "a batch flow runs on a schedule or on demand: use `schedule:` and/or `manual: true`",
+            )
+        )
+    for side in ("from", "to"):
+        name = getattr(doc.batch, "from_" if side == "from" else "to").system
+        sysspec = systems.get(name)
+        loc: Loc = ("batch", side, "system")
+        if sysspec is None:
+            if name not in broken:
+                problems.append(
+                    src.problem(loc, f"unknown system {name!r}" + did_you_mean(name, [*systems, *broken]))
+                )
+        elif registry.connector_for(sysspec.kind or "", "bulk") is None:
+            kinds = sorted(k for k, e in registry.CONNECTORS.items() if "bulk" in e.roles)
+            problems.append(
+                src.problem(
+                    loc,
+                    f"system {name!r} ({sysspec.kind}) cannot take part in a batch sync;"
+                    f" batch kinds: {', '.join(kinds)}",
+                )
+            )
 
 
 def with_trigger_defaults(data: dict[str, Any], systems: dict[str, SystemSpec]) -> dict[str, Any]:

@@ -330,7 +330,9 @@ class Trigger(Spec):
         return self
 
 
-AlertKind = Literal["failures", "destination_paused", "schedule_late", "dead_letters", "contract_drift"]
+AlertKind = Literal[
+    "failures", "destination_paused", "schedule_late", "source_failing", "dead_letters", "contract_drift"
+]
 
 
 class AlertRule(Spec):
@@ -340,7 +342,9 @@ class AlertRule(Spec):
         description="What to watch. failures: `count` failed delivery attempts to one destination "
         "within `window` (it clears once an attempt succeeds and none has failed for a minute); "
         "destination_paused: a destination paused (401/403) or disabled (410) until someone resumes it; "
-        "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; dead_letters: "
+        "schedule_late: a scheduled run overdue by more than the schedule's `late_after`; source_failing: a "
+        "flow's source or schedule paused (auth error) or stopped (terminal error) until resumed, or "
+        "failing `count` runs in a row (default 3); dead_letters: "
         "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
         "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
     )
@@ -354,7 +358,10 @@ class AlertRule(Spec):
         examples=[["ops-chat", {"system": "oncall-mail", "to": ["ops@example.com"]}]],
     )
     count: int | None = Field(
-        None, ge=1, description="failures: failed attempts within `window` that raise it (default 5)."
+        None,
+        ge=1,
+        description="failures: failed attempts within `window` that raise it (default 5). source_failing: "
+        "failed runs in a row (default 3).",
     )
     window: Duration | None = Field(
         None,

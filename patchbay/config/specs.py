@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from patchbay.config.batch import BatchSpec
 from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
@@ -77,6 +78,7 @@ class FlowSpec:
     alerts: list[AlertRule] = field(default_factory=list)
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
+    batch: BatchSpec | None = None
 
     @property
     def webhook_path(self) -> str | None:
@@ -91,6 +93,8 @@ class FlowSpec:
             names.add(self.trigger.webhook.system)
         if self.source:
             names.add(self.source.system)
+        if self.batch:
+            names |= {self.batch.from_.system, self.batch.to.system}
         return [r for n in sorted(names) if n in systems for r in system_secret_refs(systems[n])]
 
 

@@ -175,7 +175,8 @@ class HttpPollSource:
                         return orjson.loads(raw), resp.headers
                     except orjson.JSONDecodeError as exc:
                         raise TerminalError(f"polling {url}: the answer is not JSON") from exc
-                msg = f"polling {url}: {outcome.summary} {outcome.excerpt[:200]}"
+                # The status only: the shared classifier's words are a destination's ("destination paused").
+                msg = f"polling {url}: HTTP {resp.status} {outcome.excerpt[:200]}"
                 if outcome.cls is OutcomeClass.AUTH:
                     raise AuthError(msg)
                 if outcome.cls is OutcomeClass.TRANSIENT:

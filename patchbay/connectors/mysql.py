@@ -77,7 +77,7 @@ def _address_failed(exc: BaseException) -> bool:
 
 
 async def connect(
-    system: SqlServerSystem, resources: Resources, timeout_s: float, cursorclass: type[Any]
+    system: SqlServerSystem, resources: Resources, timeout_s: float, cursorclass: type[Any], **extra: Any
 ) -> Any:
     """An autocommit aiomysql connection; DbRefused when TLS is required but the server offers none.
 
@@ -109,6 +109,7 @@ async def connect(
             cursorclass=cursorclass,
             # The server gives up waiting for a row lock (error 1205: transient) no later than we do.
             init_command=f"SET SESSION innodb_lock_wait_timeout = {max(1, int(timeout_s))}",
+            **extra,
         )
 
     conn = await connect_first(addresses, attempt, next_on=_address_failed)

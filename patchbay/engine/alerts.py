@@ -6,55 +6,61 @@ delivered, retried, paused and dead-lettered like any other event. One outage is
 recovery, and a restart does not alert again, because the state lives in the store.
 
 The same loop refreshes the store-derived metrics (queue depth, oldest pending age, schedule lag,
-retries). Its queries run on a connection and thread of their own, with a timeout.
+retries). It reads with the store's `snapshot` (off the delivery path, with a timeout) and writes with
+the hub's public `ingest(commit=store.accept_alert)`; it knows the hub only by the `AlertHub` protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol
 
 import orjson
 
 from patchbay import registry
 from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
-from patchbay.config.project import DestinationSpec, FlowSpec, Project, system_secret_refs
+from patchbay.config.project import DestinationSpec, FlowSpec, Project
+from patchbay.engine.scheduler import late_after, late_by
+from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
-from patchbay.metrics import StoreSnapshot
-from patchbay.store.base import Accepted, NewEvent
-from patchbay.store.sqlite import connect, tx_accept
-
-if TYPE_CHECKING:
-    from patchbay.engine.hub import Hub
+from patchbay.metrics import Metrics, StoreSnapshot
+from patchbay.store.base import Accepted, AlertChange, FailedAttempt, NewEvent, Snapshot, Store
 
 log = logging.getLogger("patchbay.alerts")
 alert_log = logging.getLogger("patchbay.alert")
-T = TypeVar("T")
+
+
+class AlertHub(Protocol):
+    """What the alert loop uses of the hub: its project, store and metrics, and its public ingest."""
+
+    @property
+    def project(self) -> Project: ...
+    @property
+    def store(self) -> Store | None: ...
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def ingest(
+        self,
+        flow_name: str,
+        payload: bytes,
+        record: Any,
+        *,
+        dedupe_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        commit: Callable[[NewEvent], Awaitable[Accepted]] | None = None,
+    ) -> tuple[Accepted, str]: ...
+
 
 ALERT_FLOW = "_alerts"  # not a valid user flow name: it cannot clash with one
 DEFAULT_COUNT = 5
 DEFAULT_WINDOW_S = 600.0
 QUIET_S = 60.0  # failures: no failed attempt for this long (or the window, if shorter) before it clears
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts(
-  rule TEXT NOT NULL,
-  subject TEXT NOT NULL,
-  state TEXT NOT NULL,
-  since REAL NOT NULL,
-  fired_at REAL,
-  cleared_at REAL,
-  detail TEXT NOT NULL DEFAULT '',
-  event_id TEXT,
-  updated_at REAL NOT NULL,
-  PRIMARY KEY(rule, subject)
-)"""
 
 
 @dataclass
@@ -129,183 +135,6 @@ def compile_rules(project: Project) -> tuple[list[Rule], FlowSpec | None]:
     return rules, flow_spec
 
 
-# ---------------------------------------------------------------- reading the store
-@dataclass
-class Snapshot:
-    now: float
-    destinations: dict[tuple[str, str], tuple[str, str | None, float]]
-    queue: dict[tuple[str, str], tuple[int, float | None]]
-    # Failed attempts new since the last read: id, started_at, outcome, n, status_code, error, flow, destination.
-    attempts: list[sqlite3.Row]
-    last: dict[tuple[str, str], tuple[float, bool]]  # the latest new attempt per destination: (at, ok)
-    retries: dict[tuple[str, str], int]  # new attempts that were retries (n > 1), past `count_after`
-    schedules: dict[str, dict[str, Any]]
-    dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
-    states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alerts row
-    # Read once, at start: events that drifted from their flow's contract since `drift_since`.
-    drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
-
-
-def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
-    """The id just before the first attempt started at or after `t` (ids follow time closely: bisect them)."""
-    lo, hi = conn.execute("SELECT MIN(id), MAX(id) FROM attempts").fetchone()
-    if lo is None:
-        return 0
-    hi += 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = conn.execute(
-            "SELECT started_at FROM attempts WHERE id>=? ORDER BY id LIMIT 1", (mid,)
-        ).fetchone()
-        if row is None or row[0] >= t:
-            hi = mid
-        else:
-            lo = mid + 1
-    return int(lo) - 1
-
-
-def q_snapshot(
-    conn: sqlite3.Connection,
-    now: float,
-    after_id: int | None,
-    seed_from: float,
-    pairs: list[tuple[str, str]],
-    dead_windows: set[float | None],
-    count_after: int | None = None,
-    drift_since: float | None = None,
-) -> tuple[Snapshot, int, int]:
-    """One consistent read of all the rules and metrics need; returns (snapshot, after_id, max_id).
-
-    New attempts are aggregated in SQL (only failures come back as rows): at thousands of deliveries
-    a second, building a row per attempt here would hold the GIL long enough to delay webhook acks.
-    """
-    conn.execute("BEGIN")
-    try:
-        max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM attempts").fetchone()[0]
-        if after_id is None:
-            after_id = _first_attempt_at(conn, seed_from)
-        attempts = conn.execute(
-            "SELECT a.id, a.started_at, a.outcome, a.n, a.status_code, a.error, d.flow, d.destination"
-            " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
-            " AND a.outcome!='success' ORDER BY a.id",
-            (after_id, max_id),
-        ).fetchall()
-        # SQLite takes the bare columns from the row holding MAX(a.id): the latest attempt per destination.
-        last = {
-            (flow, dest): (at, outcome == "success")
-            for flow, dest, _, at, outcome in conn.execute(
-                "SELECT d.flow, d.destination, MAX(a.id), a.started_at, a.outcome"
-                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
-                " GROUP BY d.flow, d.destination",
-                (after_id, max_id),
-            )
-        }
-        retries: dict[tuple[str, str], int] = {}
-        if count_after is not None:
-            for flow, dest, n in conn.execute(
-                "SELECT d.flow, d.destination, COUNT(*) FROM attempts a JOIN deliveries d ON d.id=a.delivery_id"
-                " WHERE a.id>? AND a.id<=? AND a.n>1 GROUP BY d.flow, d.destination",
-                (max(after_id, count_after), max_id),
-            ):
-                retries[(flow, dest)] = n
-        queue: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for flow, dest in pairs:  # the due index covers count and min id: no row is read but the oldest
-            n, first = conn.execute(
-                "SELECT COUNT(*), MIN(id) FROM deliveries"
-                " WHERE flow=? AND destination=? AND status='pending'",
-                (flow, dest),
-            ).fetchone()
-            oldest = (
-                conn.execute("SELECT created_at FROM deliveries WHERE id=?", (first,)).fetchone()
-                if n
-                else None
-            )
-            queue[(flow, dest)] = (n, oldest[0] if oldest else None)
-        dead: dict[float | None, dict[str, tuple[int, int]]] = {}
-        for window in dead_windows:
-            since = now - window if window is not None else 0.0
-            per: dict[str, list[int]] = {}
-            for flow, n in conn.execute(
-                "SELECT flow, COUNT(*) FROM deliveries WHERE status='dead' AND updated_at>=? GROUP BY flow",
-                (since,),
-            ):
-                per.setdefault(flow, [0, 0])[0] = n
-            for flow, n in conn.execute(
-                "SELECT flow, COUNT(*) FROM events"
-                " WHERE status='quarantined' AND updated_at>=? GROUP BY flow",
-                (since,),
-            ):
-                per.setdefault(flow, [0, 0])[1] = n
-            dead[window] = {f: (v[0], v[1]) for f, v in per.items()}
-        snap = Snapshot(
-            now,
-            {
-                (r["flow"], r["destination"]): (r["state"], r["reason"], r["since"])
-                for r in conn.execute("SELECT * FROM destinations")
-            },
-            queue,
-            attempts,
-            last,
-            retries,
-            {r["flow"]: dict(r) for r in conn.execute("SELECT * FROM schedules")},
-            dead,
-            {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
-            _drifted(conn, drift_since) if drift_since is not None else [],
-        )
-    finally:
-        if conn.in_transaction:  # an interrupted query may have ended it already
-            conn.execute("COMMIT")
-    return snap, max(after_id, max_id), max_id
-
-
-def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int, str, list[str]]]:
-    """Events since `since` whose trace has a contract drift entry, per flow and second: (flow, second,
-    count, the latest event's id, its drift). Read once at start; later ones are fed as they happen."""
-    out: list[tuple[str, int, int, str, list[str]]] = []
-    for flow, second, n, last in conn.execute(
-        "SELECT flow, CAST(received_at AS INTEGER), COUNT(*), MAX(id) FROM events"
-        " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
-        (since, '%"kind":"contract"%'),
-    ):
-        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
-        drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
-        out.append((flow, second, n, last, drift))
-    return out
-
-
-def tx_alert(
-    conn: sqlite3.Connection,
-    event: NewEvent,
-    rule: str,
-    subject: str,
-    state: str,
-    since: float,
-    detail: str,
-    now: float,
-) -> Accepted:
-    """The message and the rule's new state, in one transaction: told once, whatever crashes when."""
-    accepted = tx_accept(conn, event)
-    conn.execute(
-        "INSERT INTO alerts(rule, subject, state, since, fired_at, cleared_at, detail, event_id, updated_at)"
-        " VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(rule, subject) DO UPDATE SET state=excluded.state,"
-        " since=excluded.since, fired_at=COALESCE(excluded.fired_at, alerts.fired_at),"
-        " cleared_at=COALESCE(excluded.cleared_at, alerts.cleared_at), detail=excluded.detail,"
-        " event_id=excluded.event_id, updated_at=excluded.updated_at",
-        (
-            rule,
-            subject,
-            state,
-            since,
-            now if state == "firing" else None,
-            now if state == "ok" else None,
-            detail,
-            accepted.event_id,
-            now,
-        ),
-    )
-    return accepted
-
-
 # ---------------------------------------------------------------- findings
 @dataclass
 class Finding:
@@ -332,17 +161,17 @@ class _Failures:
     last: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)  # latest attempt: (at, ok)
     last_failure: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)  # (at, summary)
 
-    def feed(self, rows: list[sqlite3.Row]) -> None:
+    def feed(self, rows: list[FailedAttempt]) -> None:
         for r in rows:
-            key = (r["flow"], r["destination"])
-            ok = r["outcome"] == "success"
-            self.last[key] = (r["started_at"], ok)
+            key = (r.flow, r.destination)
+            ok = r.outcome == "success"
+            self.last[key] = (r.started_at, ok)
             if not ok:
                 b = self.buckets.setdefault(key, {})
-                b[int(r["started_at"])] = b.get(int(r["started_at"]), 0) + 1
-                code = r["status_code"]  # with a status, `error` is often only the retry decision
-                summary = f"HTTP {code}" if code is not None else (r["error"] or r["outcome"])
-                self.last_failure[key] = (r["started_at"], summary)
+                b[int(r.started_at)] = b.get(int(r.started_at), 0) + 1
+                code = r.status_code  # with a status, `error` is often only the retry decision
+                summary = f"HTTP {code}" if code is not None else (r.error or r.outcome)
+                self.last_failure[key] = (r.started_at, summary)
 
     def since(self, key: tuple[str, str], t: float) -> tuple[int, float | None]:
         """Failures at or after `t`, and when the first of them happened."""
@@ -401,7 +230,7 @@ class AlertManager:
     interval_s = 5.0
     timeout_s = 5.0
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: AlertHub) -> None:
         self.hub = hub
         self.rules, self.flow = compile_rules(hub.project)
         self.active: list[Finding] = []  # what fires now, for the console and the API
@@ -413,42 +242,11 @@ class AlertManager:
         self._stopping = False
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-monitor")
         self._first = True
 
     # -------------------------------------------------------------- lifecycle
-    def install(self, states: dict[tuple[str, str], tuple[str, str | None, float]]) -> None:
-        """Add the internal flow that carries alert messages to the hub, before its workers start."""
-        from patchbay.engine.delivery import DestinationWorker
-        from patchbay.engine.hub import FlowRuntime, build_sinks
-        from patchbay.engine.pipeline import Pipeline
-
-        hub = self.hub
-        if self.flow is None:
-            return
-        assert hub.store is not None and hub.resolver is not None
-        sinks = build_sinks(self.flow, hub.project, hub.resolver, hub.resources)
-        workers = {}
-        for dest in self.flow.destinations:
-            for ref in system_secret_refs(hub.project.systems[dest.system]):
-                hub.resolver.resolve(ref)
-            state = states.get((ALERT_FLOW, dest.name), ("active", None, 0.0))[0]
-            workers[dest.name] = DestinationWorker(
-                ALERT_FLOW,
-                dest,
-                sinks[dest.name],
-                hub.store,
-                state=state,
-                on_state=hub._destination_state_changed,
-                on_attempt=hub._count_attempt,
-            )
-            hub.metrics.destination_paused.labels(ALERT_FLOW, dest.name).set(0 if state == "active" else 1)
-        hub.flows[ALERT_FLOW] = FlowRuntime(self.flow, Pipeline(self.flow, sinks), workers)
-
     async def start(self) -> None:
-        assert self.hub.store is not None
-        await self.hub.store.write(lambda c: c.execute(SCHEMA))
+        """Start evaluating. The hub adds `self.flow` (the alert messages' flow) like any other flow."""
         self._task = asyncio.create_task(self._loop(), name="alerts")
 
     async def stop(self) -> None:
@@ -458,11 +256,6 @@ class AlertManager:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        async with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                await asyncio.get_running_loop().run_in_executor(self._exec, conn.close)
-        self._exec.shutdown(wait=False)
 
     def note_drift(self, flow: str, event_id: str, drift: list[str], at: float) -> None:
         """An event of `flow` differs from its contract: counted now, alerted at the next evaluation."""
@@ -471,7 +264,7 @@ class AlertManager:
             self.kick()
 
     def kick(self) -> None:
-        """Evaluate soon (a destination changed state)."""
+        """Evaluate soon (a destination or a source changed state)."""
         self._kick.set()
 
     async def _loop(self) -> None:
@@ -486,22 +279,6 @@ class AlertManager:
             await wait_set(self._kick, self.interval_s)
 
     # -------------------------------------------------------------- evaluation
-    async def _read(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
-        path = self.hub.project.store_path
-
-        def run() -> T:
-            if self._conn is None:
-                self._conn = connect(path)
-            return fn(self._conn, *args)
-
-        fut = asyncio.get_running_loop().run_in_executor(self._exec, run)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            if self._conn is not None:
-                self._conn.interrupt()  # the query stops; the next evaluation tries again
-            raise
-
     async def evaluate(self, now: float | None = None) -> list[Finding]:
         """Read the store once, refresh the metrics, and send what started or ended; returns what changed."""
         async with self._lock:
@@ -511,10 +288,11 @@ class AlertManager:
                 pairs += [(ALERT_FLOW, d.name) for d in self.flow.destinations]
             windows = {r.spec.window for r in self.rules if r.spec.when == "dead_letters"}
             longest = max((r.window for r in self.rules if r.spec.when == "failures"), default=0.0)
+            store = self.hub.store
+            assert store is not None
             drift_window = max((r.window for r in self.rules if r.spec.when == "contract_drift"), default=0.0)
             try:
-                snap, self._after_id, max_id = await self._read(
-                    q_snapshot,
+                snap = await store.snapshot(
                     now,
                     self._after_id,
                     now - longest - QUIET_S,
@@ -530,8 +308,9 @@ class AlertManager:
                     self.timeout_s,
                 )
                 return []
+            self._after_id = snap.after_id
             if self._first:
-                self._count_from, self._first = max_id, False
+                self._count_from, self._first = snap.max_id, False
             self._failures.feed(snap.attempts)
             self._failures.last.update(snap.last)
             self._failures.trim(now - longest - QUIET_S)
@@ -552,7 +331,8 @@ class AlertManager:
             for f in findings:
                 row = snap.states.get((f.rule.key, f.subject))
                 firing = row is not None and row["state"] == "firing"
-                if f.active and not firing:
+                if f.active and (not firing or (f.detail and row is not None and f.detail != row["detail"])):
+                    # Newly firing, or firing for another kind of trouble (a failing source now paused): tell.
                     await self._tell(f, "firing", now)
                     changed.append(f)
                 elif firing and not f.active:
@@ -561,8 +341,8 @@ class AlertManager:
             return changed
 
     async def _tell(self, f: Finding, status: str, now: float) -> None:
-        hub = self.hub
-        assert hub.store is not None
+        store = self.hub.store
+        assert store is not None
         firing = status == "firing"
         title, text = (f.title, f.text) if firing else (f.ok_title, f.ok_text)
         record = {
@@ -584,19 +364,17 @@ class AlertManager:
             text,
             extra={"flow": f.flow, "destination": f.destination, "alert": f.rule.spec.when},
         )
-        fr = hub.flows[ALERT_FLOW]
-        event = hub._event(
-            fr,
+        change = AlertChange(
+            f.rule.key, f.subject, "firing" if firing else "ok", f.since if firing else now, f.detail, now
+        )
+        await self.hub.ingest(
+            ALERT_FLOW,
             orjson.dumps(record),
             record,
-            f"{f.rule.key}|{f.subject}|{status}|{now:.3f}",
-            {"alert": status},
+            dedupe_key=f"{f.rule.key}|{f.subject}|{status}|{now:.3f}",
+            meta={"alert": status},
+            commit=lambda event: store.accept_alert(event, change),
         )
-        state = "firing" if firing else "ok"
-        accepted = await hub.store.write(
-            tx_alert, event, f.rule.key, f.subject, state, f.since if firing else now, f.detail, now
-        )
-        hub._after_commit(fr, event, accepted)
 
     def _flows(self, rule: Rule) -> list[FlowSpec]:
         flows = self.hub.project.flows
@@ -609,6 +387,7 @@ class AlertManager:
             "failures": self._failing,
             "destination_paused": self._paused,
             "schedule_late": self._late,
+            "source_failing": self._source,
             "dead_letters": self._dead,
             "contract_drift": self._drifting,
         }[rule.spec.when]
@@ -697,14 +476,12 @@ class AlertManager:
         return out
 
     def _late(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
-        from patchbay.engine.scheduler import late_after
-
         spec = flow.trigger.schedule
         if spec is None or not flow.enabled:
             return []
         row = snap.schedules.get(flow.name) or {}
         due, tolerance = row.get("next_due_at"), late_after(spec)
-        active = due is not None and snap.now - due > tolerance
+        active = late_by(spec, due, snap.now) > 0
         f = Finding(rule, flow.name, flow.name, None, active, due or snap.now)
         running = (row.get("last_started_at") or 0) > (row.get("last_finished_at") or 0)
         f.title = f"ALERT {flow.name}: schedule late"
@@ -724,6 +501,40 @@ class AlertManager:
         f.ok_text = (
             f"Flow {flow.name} runs on schedule again (last run {_ts(row.get('last_started_at'))}, next "
             f"{_ts(due)}). It was late since {_ts(st['since'])}."
+        )
+        return [f]
+
+    def _source(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        if (flow.source is None and flow.trigger.schedule is None) or not flow.enabled:
+            return []
+        row = snap.sources.get(flow.name)
+        count = rule.spec.count or ALERT_AFTER
+        state, failures = (row.state, row.failures) if row is not None else ("active", 0)
+        active = state in WAITING or failures >= count
+        st = self._state(rule, flow.name, snap)
+        since = st["since"] if st["state"] == "firing" else (row.since if row is not None else snap.now)
+        what = "source" if flow.source is not None else "schedule"
+        f = Finding(rule, flow.name, flow.name, None, active, since, detail=state)
+        error = row.error if row is not None else None
+        if state in WAITING:
+            f.title = f"ALERT {flow.name}: {what} {state}"
+            cause = "an authentication error" if state == "paused" else "an error that retrying will not fix"
+            f.text = (
+                f"The {what} of flow {flow.name} is {state} since {_ts(since)} after {cause}: {error}. "
+                f"Nothing is read until it is resumed. Fix the cause, then run `patchbay resume {flow.name}` "
+                "(or restart the hub)."
+            )
+        else:
+            f.title = f"ALERT {flow.name}: {what} failing"
+            f.text = (
+                f"The {what} of flow {flow.name} failed {failures} times in a row (since {_ts(since)}), "
+                f"the last time: {error}. It is retried with backoff; `patchbay state {flow.name}` shows "
+                "the last run."
+            )
+        f.ok_title = f"RESOLVED {flow.name}: {what} works again"
+        f.ok_text = (
+            f"The {what} of flow {flow.name} works again; it was {st['detail'] or 'failing'} since "
+            f"{_ts(st['since'])} ({_dur(snap.now - st['since'])})."
         )
         return [f]
 

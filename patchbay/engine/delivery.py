@@ -17,9 +17,10 @@ from typing import Any
 
 from patchbay.config.project import DestinationSpec
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
-from patchbay.engine.policy import Decision, decide
+from patchbay.engine.policy import Decision, decide, outcome_of
 from patchbay.engine.waiting import wait_set
 from patchbay.errors import PatchbayError, StoreUnavailable
+from patchbay.security.ratelimit import TokenBucket
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -74,7 +75,8 @@ class DestinationWorker:
         self._recordable.set()
         self._rerecord: asyncio.Task[None] | None = None
         self.record_retry_s = 1.0
-        self.bucket = TokenBucket(self.policy.rate_limit_per_s) if self.policy.rate_limit_per_s else None
+        rate = self.policy.rate_limit_per_s
+        self.bucket = TokenBucket(rate, max(1.0, rate)) if rate else None  # bursts up to one second's worth
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -190,7 +192,7 @@ class DestinationWorker:
             self.inflight += 1
             try:
                 if self.bucket is not None:
-                    await self.bucket.take()
+                    await self.bucket.wait()
                 await self._attempt(d)
             except asyncio.CancelledError:
                 raise
@@ -211,10 +213,8 @@ class DestinationWorker:
         if request is not None:
             try:
                 outcome = await self.sink.send(request, d.idempotency_key)
-            except Exception as exc:  # a connector bug is a transient failure, not a lost event
-                outcome = Outcome(
-                    OutcomeClass.TRANSIENT, error=f"connector error: {type(exc).__name__}: {exc}"
-                )
+            except Exception as exc:  # read like a source's error: never a lost event
+                outcome = outcome_of(exc, "connector error")
             if scrub is not None:  # what the remote echoed of the opened values is not stored
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
                 outcome.fields = scrub(outcome.fields)
@@ -345,25 +345,3 @@ def attempt_note(outcome: Outcome, decision: Decision) -> str:
     if not what or (then and what in then):
         return then or what
     return f"{what}; {then}" if then else what
-
-
-class TokenBucket:
-    """Spreads attempts to at most `rate` per second (bursts up to one second's worth)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self.tokens = self.capacity
-        self.at = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def take(self) -> None:
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-                self.at = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)

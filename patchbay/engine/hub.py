@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,13 @@ from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceReco
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.scheduler import ScheduleRunner
+from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import Accepted, Actor, NewEvent
+from patchbay.store.base import Accepted, Actor, NewEvent, SourceState
 from patchbay.store.sqlite import SqliteStore
 
 log = logging.getLogger("patchbay.hub")
@@ -79,8 +81,9 @@ class FlowRuntime:
     pipeline: Pipeline
     workers: dict[str, DestinationWorker]
     source: Any = None
-    schedule: Any = None  # ScheduleRunner
+    schedule: ScheduleRunner | None = None
     stream_task: asyncio.Task[None] | None = None
+    health: SourceHealth | None = None  # of its source or schedule, when it has one
 
 
 class Hub:
@@ -90,9 +93,10 @@ class Hub:
         self.resolver = resolver
         self.store: SqliteStore | None = None
         self.resources = Resources()
-        self.flows: dict[str, FlowRuntime] = {}
+        self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
+        self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.started_at = time.time()
 
     @classmethod
@@ -104,63 +108,88 @@ class Hub:
     async def start(self, *, lock: bool = True) -> None:
         if self.resolver is None:
             self.resolver, _ = open_resolver(self.project)
-        cipher = field_cipher(self.project)  # before anything opens: a missing master key stops the start
+        self._cipher = field_cipher(
+            self.project
+        )  # before anything opens: a missing master key stops the start
         self.store = SqliteStore(self.project.store_path)
         if lock:
             self.store.lock()
         await self.resources.http_session()
         self.resources.redact = self.resolver.redactor
-        states = await self.store.destination_states()
-        for name, flow in self.project.flows.items():
-            sinks = build_sinks(flow, self.project, self.resolver, self.resources)
-            pipeline = Pipeline(flow, sinks, cipher)
-            for dest in flow.destinations:  # resolve now: a missing secret stops the start, not a delivery
-                for ref in system_secret_refs(self.project.systems[dest.system]):
-                    self.resolver.resolve(ref)
-            workers = {}
-            for dest in flow.destinations:
-                state = states.get((name, dest.name), ("active", None, 0.0))[0]
-                w = DestinationWorker(
-                    name,
-                    dest,
-                    sinks[dest.name],
-                    self.store,
-                    state=state,
-                    on_state=self._destination_state_changed,
-                    on_attempt=self._count_attempt,
-                    open_request=pipeline.open_request,
-                )
-                self.metrics.destination_paused.labels(name, dest.name).set(0 if state == "active" else 1)
-                if state != "active":
-                    alerts.warning(
-                        "destination %s of flow %s is %s: %s; run `patchbay resume %s %s`",
-                        dest.name,
-                        name,
-                        state,
-                        states[(name, dest.name)][1],
-                        name,
-                        dest.name,
-                    )
-                workers[dest.name] = w
-            self.flows[name] = FlowRuntime(flow, pipeline, workers)
-        self.alert_manager = AlertManager(self)
-        self.alert_manager.install(states)  # alert messages are events of the internal flow `_alerts`
-        for fr in self.flows.values():
-            for w in fr.workers.values():
-                w.start()
-        for fr in self.flows.values():
-            self._start_trigger(fr)
+        self.alert_manager = AlertManager(self)  # alert messages are events of the internal flow `_alerts`
+        flows = list(self.project.flows.values())
+        if self.alert_manager.flow is not None:
+            flows.append(self.alert_manager.flow)
+        for flow in flows:  # resolve now: a missing secret stops the start, before anything runs
+            self._resolve_secrets(flow)
+        for flow in flows:
+            await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
         await self.alert_manager.start()
 
-    def _start_trigger(self, fr: FlowRuntime) -> None:
-        from patchbay.engine.scheduler import ScheduleRunner
-        from patchbay.engine.sources import consume, poll_once
+    def _resolve_secrets(self, flow: FlowSpec) -> None:
+        assert self.resolver is not None
+        for system in dict.fromkeys(d.system for d in flow.destinations):
+            for ref in system_secret_refs(self.project.systems[system]):
+                self.resolver.resolve(ref)
 
+    async def add_flow(self, spec: FlowSpec) -> FlowRuntime:
+        """Wire a flow to the store and start it: destination workers, then its source or schedule.
+
+        The one way a flow joins the hub, for the project's flows and the internal `_alerts` flow alike.
+        """
+        assert self.store is not None and self.resolver is not None
+        if spec.name in self.flows:
+            raise ValueError(f"adding flow {spec.name}: the hub already runs a flow of that name")
+        self._resolve_secrets(spec)
+        states = await self.store.destination_states()
+        sinks = build_sinks(spec, self.project, self.resolver, self.resources)
+        pipeline = Pipeline(spec, sinks, self._cipher)
+        workers = {}
+        for dest in spec.destinations:
+            state, reason, _ = states.get((spec.name, dest.name), ("active", None, 0.0))
+            workers[dest.name] = DestinationWorker(
+                spec.name,
+                dest,
+                sinks[dest.name],
+                self.store,
+                state=state,
+                on_state=self._destination_state_changed,
+                on_attempt=self._count_attempt,
+                open_request=pipeline.open_request,
+            )
+            if state != "active":
+                alerts.warning(
+                    "destination %s of flow %s is %s: %s; run `patchbay resume %s %s`",
+                    dest.name,
+                    spec.name,
+                    state,
+                    reason,
+                    spec.name,
+                    dest.name,
+                )
+        fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
+        for name, w in workers.items():
+            self._apply_destination_state(fr, name, w.state)
+            w.start()
+        await self._start_trigger(fr)
+        return fr
+
+    async def _start_trigger(self, fr: FlowRuntime) -> None:
         spec = fr.spec
-        if not spec.enabled:
+        if not spec.enabled or (spec.source is None and spec.trigger.schedule is None):
             return
         assert self.store is not None and self.resolver is not None
+        saved = (await self.store.source_states()).get(spec.name)
+        fr.health = SourceHealth(spec.name, self._source_state_changed, saved)
+        self._source_gauges(fr.health.state)
+        if saved is not None and saved.state in ("paused", "stopped"):
+            log.warning(
+                "the source of flow %s was %s (%s); trying it again once at start",
+                spec.name,
+                saved.state,
+                saved.error,
+            )
         if spec.source is not None:
             system = self.project.systems[spec.source.system]
             found = registry.connector_for(spec.source.kind, "source")
@@ -190,10 +219,12 @@ class Hub:
                     }
                     await self.ingest_batch(spec.name, Batch([SourceRecord(tick, id=f"tick:{due:.0f}")]))
 
-            fr.schedule = ScheduleRunner(spec.name, spec.trigger.schedule, self.store, job)
+            fr.schedule = ScheduleRunner(spec.name, spec.trigger.schedule, self.store, job, fr.health)
             fr.schedule.start()
         elif fr.source is not None and spec.source is not None and spec.source.mode == "stream":
-            fr.stream_task = asyncio.create_task(consume(self, fr, fr.source), name=f"consume {spec.name}")
+            fr.stream_task = asyncio.create_task(
+                consume(self, fr, fr.source, fr.health), name=f"consume {spec.name}"
+            )
 
     def not_running(self) -> list[str]:
         """What should be running and is not: the store's writer, delivery workers, sources, schedules."""
@@ -207,6 +238,14 @@ class Hub:
             if fr.schedule is not None and fr.schedule.task is not None and fr.schedule.task.done():
                 out.append(f"schedule of {name}")
         return out
+
+    def source_states(self) -> dict[str, SourceState]:
+        """The health of every flow's source or schedule (flows without one are absent)."""
+        return {name: fr.health.state for name, fr in self.flows.items() if fr.health is not None}
+
+    def unhealthy_sources(self) -> dict[str, SourceState]:
+        """Sources or schedules paused, stopped, or failed ALERT_AFTER times in a row (see `health_of`)."""
+        return {n: s for n, s in self.source_states().items() if health_of(s) in ("paused", "failing")}
 
     async def stop(self) -> None:
         """Stop taking work, let in-flight deliveries finish within the grace period, close everything.
@@ -309,12 +348,17 @@ class Hub:
         *,
         dedupe_key: str | None = None,
         meta: dict[str, Any] | None = None,
+        commit: Callable[[NewEvent], Awaitable[Accepted]] | None = None,
     ) -> tuple[Accepted, str]:
-        """Run the steps and persist the event with its deliveries in one transaction."""
+        """Run the steps and persist the event with its deliveries in one transaction.
+
+        `commit` writes the event instead of the store's plain `accept`, for a caller that writes more
+        in the same transaction (the alert loop: the message and the rule's new state, `accept_alert`).
+        """
         assert self.store is not None
         fr = self.flows[flow_name]
         event = self._event(fr, payload, record, dedupe_key, meta)
-        accepted = await self.store.accept(event)
+        accepted = await (commit or self.store.accept)(event)
         return accepted, self._after_commit(fr, event, accepted)
 
     async def ingest_batch(
@@ -333,10 +377,15 @@ class Hub:
         return accepted
 
     # -------------------------------------------------------------- destination state
+    def _apply_destination_state(self, fr: FlowRuntime, dest: str, state: str) -> None:
+        """The one place a destination's state reaches its worker and the paused gauge."""
+        fr.workers[dest].set_state(state)
+        self.metrics.destination_paused.labels(fr.spec.name, dest).set(0 if state == "active" else 1)
+
     async def _destination_state_changed(self, flow: str, dest: str, state: str, reason: str) -> None:
         assert self.store is not None
         await self.store.set_destination_state(flow, dest, state, reason)
-        self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
+        self._apply_destination_state(self.flows[flow], dest, state)
         if self.alert_manager is not None:
             self.alert_manager.kick()
         alerts.error(
@@ -358,10 +407,38 @@ class Hub:
         """Pause or resume a destination by hand; audited (`resume` or the state) in the same transaction."""
         assert self.store is not None
         await self.store.set_destination_state(flow, dest, state, None, by or Actor("api"))
-        self.flows[flow].workers[dest].set_state(state)
-        self.metrics.destination_paused.labels(flow, dest).set(0 if state == "active" else 1)
+        self._apply_destination_state(self.flows[flow], dest, state)
         if self.alert_manager is not None:
             self.alert_manager.kick()
+
+    # -------------------------------------------------------------- source state
+    async def _source_state_changed(self, old: SourceState, new: SourceState) -> None:
+        """SourceHealth's one outlet: the store (for alerts, the API and the CLI), the gauges, the alert loop."""
+        assert self.store is not None
+        self._source_gauges(new)
+        try:
+            await self.store.set_source_state(new)
+        except Exception:  # the source's own retries go on; the next change writes again
+            log.exception("recording the state of the source of flow %s", new.flow)
+        crossed = (old.failures >= ALERT_AFTER) != (new.failures >= ALERT_AFTER)
+        if (old.state != new.state or crossed) and self.alert_manager is not None:
+            self.alert_manager.kick()
+
+    def _source_gauges(self, state: SourceState) -> None:
+        self.metrics.source_paused.labels(state.flow).set(1 if state.state in WAITING else 0)
+        self.metrics.source_failures.labels(state.flow).set(state.failures)
+
+    async def resume_source(self, flow: str, by: Actor | None = None) -> bool:
+        """Try a paused or stopped source (or schedule) again now; False when it was not waiting."""
+        fr = self.flows[flow]
+        if fr.health is None or not fr.health.waiting:
+            return False
+        assert self.store is not None
+        await self.store.audit(
+            "resume", f"{flow}/source", by or Actor("api", detail={"was": fr.health.state.state})
+        )
+        await fr.health.resume()
+        return True
 
     async def _watch_states(self) -> None:
         """Pick up changes made by the CLI (resume, replay) from the store."""
@@ -370,19 +447,21 @@ class Hub:
             await asyncio.sleep(0.5)
             try:
                 states = await self.store.destination_states()
+                sources = await self.store.source_states()
             except Exception:
-                log.exception("reading destination states")
+                log.exception("reading destination and source states")
                 continue
             for fr in self.flows.values():
                 for w in fr.workers.values():
                     new, _, since = states.get((fr.spec.name, w.name), ("active", None, 0.0))
                     if new != w.state and since > w.state_since:
                         log.info("destination %s/%s is now %s", fr.spec.name, w.name, new)
-                        w.set_state(new)
-                        self.metrics.destination_paused.labels(fr.spec.name, w.name).set(
-                            0 if new == "active" else 1
-                        )
+                        self._apply_destination_state(fr, w.name, new)
                     w.notify(rescan=True)
+                h, row = fr.health, sources.get(fr.spec.name)
+                if h is not None and h.waiting and row is not None and row.state == "active":
+                    log.info("the source of flow %s was resumed; trying it again", fr.spec.name)
+                    await h.resume()
 
 
 async def _bounded(aw: Awaitable[Any], what: str, seconds: float = 10.0) -> None:

@@ -10,6 +10,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from patchbay.config.models import ScheduleTrigger
+from patchbay.engine.sources import SourceHealth
 from patchbay.store.base import Store
 
 log = logging.getLogger("patchbay.scheduler")
@@ -26,24 +27,56 @@ def next_after(spec: ScheduleTrigger, t: float) -> float:
     return float(croniter(spec.cron, base).get_next(float))
 
 
+LATE_FLOOR_S = 60.0  # a default tolerance is never shorter: a busy minute is not an outage
+LATE_CAP_S = 3600.0
+
+
 def late_after(spec: ScheduleTrigger) -> float:
+    """How overdue a run may be before the schedule is late: `late_after` when set, else one interval
+    (at least LATE_FLOOR_S, at most LATE_CAP_S)."""
     if spec.late_after is not None:
         return spec.late_after
     if spec.every is not None:
-        return min(spec.every, 3600.0)
-    return 3600.0 if spec.cron is None else min(next_after(spec, time.time()) - time.time() + 60, 3600.0)
+        interval = spec.every
+    elif spec.cron is not None:
+        now = time.time()
+        interval = next_after(spec, now) - now + 60
+    else:
+        interval = LATE_CAP_S
+    return min(max(interval, LATE_FLOOR_S), LATE_CAP_S)
+
+
+def late_by(spec: ScheduleTrigger, next_due_at: float | None, now: float) -> float:
+    """Seconds the run due at `next_due_at` is overdue, when that is beyond `late_after(spec)`; else 0.
+
+    The one rule for "late": alerts, the API, the console and the CLI all ask it."""
+    if not next_due_at:
+        return 0.0
+    over = now - next_due_at
+    return over if over > late_after(spec) else 0.0
 
 
 class ScheduleRunner:
-    """Runs `job` at each scheduled time; never two at once; a missed run at start is caught up once."""
+    """Runs `job` at each scheduled time; never two at once; a missed run at start is caught up once.
+
+    A failed run is read by `health` (the same vocabulary as deliveries): a transient failure is tried
+    again with backoff, before the next scheduled time if that comes sooner; an auth or terminal one
+    stops the schedule until it is resumed (no next due time meanwhile, so it is not "late" as well).
+    """
 
     def __init__(
-        self, flow: str, spec: ScheduleTrigger, store: Store, job: Callable[[float], Awaitable[None]]
+        self,
+        flow: str,
+        spec: ScheduleTrigger,
+        store: Store,
+        job: Callable[[float], Awaitable[None]],
+        health: SourceHealth,
     ) -> None:
         self.flow = flow
         self.spec = spec
         self.store = store
         self.job = job
+        self.health = health
         self.task: asyncio.Task[None] | None = None
         self.running = False
 
@@ -77,31 +110,38 @@ class ScheduleRunner:
         due = await self._first_due()
         await self.store.update_schedule(self.flow, {"next_due_at": due})
         while True:
+            if self.health.waiting:  # paused or stopped: no run until it is resumed, then one at once
+                await self.health.resumed.wait()
+                due = time.time()
             await asyncio.sleep(max(0.0, due - time.time()))
             started = time.time()
             nxt = next_after(self.spec, started)
             await self.store.update_schedule(self.flow, {"last_started_at": started, "next_due_at": nxt})
             self.running = True
-            status, error = "ok", None
+            status, error, retry_in = "ok", None, None
             try:
                 await self.job(due)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                status, error = "error", f"{type(exc).__name__}: {exc}"
-                log.error("scheduled run of %s failed: %s", self.flow, error, extra={"flow": self.flow})
+                decision = await self.health.failed(exc)
+                status, error, retry_in = "error", decision.reason, decision.retry_in
+            else:
+                await self.health.succeeded()
             finally:
                 self.running = False
             finished = time.time()
             # No overlap: if the run took longer than the interval, the next one starts after it.
             due = nxt if nxt > finished else next_after(self.spec, finished)
+            if retry_in is not None:
+                due = min(due, finished + retry_in)
             await self.store.update_schedule(
                 self.flow,
                 {
                     "last_finished_at": finished,
                     "last_status": status,
                     "last_error": error,
-                    "next_due_at": due,
+                    "next_due_at": None if self.health.waiting else due,
                 },
                 count_run=True,
             )

@@ -218,6 +218,30 @@ def _shape(value: Any) -> str:
     )
 
 
+_FAILED: Any = object()
+
+
+def _value(f: _OutField, record: Any, problems: list[Violation]) -> Any:
+    """One field's value (expression or constant, default, cast), or _FAILED with the problem added."""
+    if f.expr is None:
+        value = f.const
+    else:
+        try:
+            value = f.expr.search(record)
+        except RecordInvalid as exc:
+            problems.extend(Violation(f.target, v.message) for v in exc.violations)
+            return _FAILED
+    if value is None:
+        value = f.default
+    if f.cast is not None and value is not None:
+        try:
+            value = f.cast(value)
+        except DataError as exc:
+            problems.append(Violation(f.target, str(exc)))
+            return _FAILED
+    return value
+
+
 def _put(root: dict[str, Any], parts: list[str], value: Any, owned: set[int]) -> None:
     """records.put, but copying any dict not built here first: the input record is never modified."""
     cur = root
@@ -293,22 +317,9 @@ class MapStep:
                         )
                     )
                     continue
-            if f.expr is None:
-                value = f.const
-            else:
-                try:
-                    value = f.expr.search(record)
-                except RecordInvalid as exc:
-                    problems.extend(Violation(f.target, v.message) for v in exc.violations)
-                    continue
-            if value is None:
-                value = f.default
-            if f.cast is not None and value is not None:
-                try:
-                    value = f.cast(value)
-                except DataError as exc:
-                    problems.append(Violation(f.target, str(exc)))
-                    continue
+            value = _value(f, record, problems)
+            if value is _FAILED:
+                continue
             if value is None and omit_nulls:
                 continue
             written[f.target] = value
@@ -316,6 +327,19 @@ class MapStep:
         if problems:
             raise RecordInvalid(problems, step="map")
         return flatten(out) if self.config.flatten else out
+
+    def flat_values(self, record: Any) -> dict[str, Any]:
+        """Each field's value, keyed by its target, for a map whose targets are flat names and that has no
+        keep, drop, flatten or omit_nulls (a batch sync's row): `apply` without building the output."""
+        problems: list[Violation] = []
+        out: dict[str, Any] = {}
+        for f in self._fields:
+            value = _value(f, record, problems)
+            if value is not _FAILED:
+                out[f.target] = value
+        if problems:
+            raise RecordInvalid(problems, step="map")
+        return out
 
     @classmethod
     def check(cls, config: MapConfig) -> Iterator[CheckIssue]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import describe, show
@@ -62,6 +63,12 @@ FORMATS: dict[str, tuple[Callable[[str], bool], str]] = {
     "uuid": (lambda s: bool(_UUID.fullmatch(s)), "UUID"),
     "phone": (_is_phone, "phone number"),
 }
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    # Not a private attribute of the model: pydantic's __getattr__ for those costs more than the check.
+    return re.compile(pattern)
 
 
 def _is_number(v: Any) -> bool:
@@ -119,8 +126,6 @@ class FieldRules(StepConfig):
         False, description="The field must be present and not blank text, an empty array or an empty object."
     )
 
-    _regex: re.Pattern[str] | None = PrivateAttr(None)
-
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, pattern: str | None) -> str | None:
@@ -131,11 +136,6 @@ class FieldRules(StepConfig):
                 raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
         return pattern
 
-    @model_validator(mode="after")
-    def _compile(self) -> FieldRules:
-        self._regex = re.compile(self.pattern) if self.pattern is not None else None
-        return self
-
     def problems(self, value: Any) -> list[str]:
         """Why `value` breaks these rules (empty when it passes); `value` may be MISSING."""
         if value is _MISSING or value is None:
@@ -145,7 +145,7 @@ class FieldRules(StepConfig):
         if self.type is not None and not TYPES[self.type](value):
             return [f"expected {self.type}, got {describe(value)}"]
         out: list[str] = []
-        if self.format is not None or self._regex is not None:
+        if self.format is not None or self.pattern is not None:
             if not isinstance(value, str):
                 out.append(f"expected string, got {describe(value)}")
             else:
@@ -153,7 +153,7 @@ class FieldRules(StepConfig):
                     ok, name = FORMATS[self.format]
                     if not ok(value):
                         out.append(f"{show(value)} is not a valid {name}")
-                if self._regex is not None and not self._regex.search(value):
+                if self.pattern is not None and not _compiled(self.pattern).search(value):
                     out.append(f"{show(value)} does not match the pattern {self.pattern}")
         if self.min_length is not None or self.max_length is not None:
             out.extend(self._length(value))

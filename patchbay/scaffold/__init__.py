@@ -137,6 +137,12 @@ def describe_trigger(flow: Any, base: str = "") -> str:
     if trigger.source is not None:
         what = f"{'poll' if when else 'consume'} {trigger.source.get('system')}"
         return f"{when}: {what}" if when else what
+    if flow.batch is not None:
+        b = flow.batch
+        src = b.from_.table or "query"
+        what = f"{b.mode} {b.from_.system}.{src} into {b.to.system}.{b.to.table}"
+        ways = [w for w in (when, "manual" if trigger.manual else "") if w]
+        return f"{' or '.join(ways) or 'manual'}: {what}"
     return when or "manual"
 
 

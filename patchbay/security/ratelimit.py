@@ -1,7 +1,9 @@
-"""Inbound request rate limits: one token bucket per source system, shared by all of its webhook endpoints."""
+"""Rate limits: the one token bucket, and the inbound limits (one bucket per source system, shared by all
+of its webhook endpoints). Deliveries use the same bucket for a destination's `rate_limit_per_s`."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import weakref
@@ -36,6 +38,11 @@ class TokenBucket:
             self.tokens -= 1.0
             return None
         return (1.0 - self.tokens) / self.rate
+
+    async def wait(self) -> None:
+        """Take a token, sleeping until one is available (several waiters share the rate)."""
+        while (seconds := self.take()) is not None:
+            await asyncio.sleep(seconds)
 
 
 class InboundLimits:

@@ -167,6 +167,17 @@ class DestinationBrief(Out):
     policy: DeliveryPolicy
 
 
+class SourceHealthOut(Out):
+    state: Literal["active", "failing", "paused", "stopped"] = Field(
+        description="failing: transient errors, retried with backoff; paused: an auth error; stopped: a "
+        "terminal error. Paused and stopped wait for `patchbay resume <flow>` (or a restart of the hub)."
+    )
+    failures: int = Field(description="Failed runs (polls, connections) in a row; 0 after a success.")
+    error: str | None = Field(description="The last failure, as the source reported it.")
+    since: Timestamp = Field(description="When the state last changed.")
+    health: Health
+
+
 class FlowSummary(Out):
     name: str
     purpose: str
@@ -176,6 +187,9 @@ class FlowSummary(Out):
     webhook_path: str | None
     source_system: str | None = Field(description="Where records come from (webhook caller, polled source).")
     destinations: list[DestinationBrief]
+    source_health: SourceHealthOut | None = Field(
+        None, description="The health of the flow's source or schedule; null when it has neither."
+    )
     health: Health
     stats: FlowStats
 
@@ -241,6 +255,8 @@ class MapEdge(Out):
     trigger: str
     state: DestState
     health: Health
+    source_state: str | None = Field(None, description="The state of the flow's source or schedule, if any.")
+    source_error: str | None = Field(None, description="Why the source is not active, if it is not.")
 
 
 class MapOut(Out):
@@ -457,6 +473,12 @@ class CursorOut(Out):
     has_source: bool
     cursor: Any = Field(description="The saved source cursor; null means the next poll reads from the start.")
     updated_at: Timestamp | None
+
+
+class SourceResumeOut(Out):
+    flow: str
+    resumed: bool = Field(description="False when the source was not paused or stopped.")
+    state: str = Field(description="The source's state until its next run says otherwise.")
 
 
 class CursorResetOut(Out):

@@ -21,6 +21,7 @@ from patchbay.server.console import add_console
 from patchbay.server.inbox import add_inbox
 from patchbay.server.oauth import add_oauth
 from patchbay.server.webhooks import WebhookEndpoint
+from patchbay.store.base import SourceState
 
 log = logging.getLogger("patchbay.server")
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -198,6 +199,13 @@ def make_app(hub: Hub) -> web.Application:
             return web.json_response(
                 {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, status=503
             )
+        sources = hub.unhealthy_sources()
+        if sources:
+            # Webhooks are still taken (a 503 would stop every flow behind a load balancer), but what is
+            # broken says so: a failing source is never silently "ready". The upstream's own error text
+            # stays behind the API's tokens (this endpoint is public).
+            problems = {flow: _source_problem(s) for flow, s in sorted(sources.items())}
+            return web.json_response({"status": "degraded", "flows": len(hub.flows), "problems": problems})
         return web.json_response({"status": "ready", "flows": len(hub.flows)})
 
     async def metrics(_: web.Request) -> web.Response:
@@ -213,6 +221,17 @@ def make_app(hub: Hub) -> web.Application:
     add_oauth(app, hub)  # /oauth/callback: finishes `patchbay connect SYSTEM`
     app[HUB_KEY] = hub
     return app
+
+
+def _source_problem(s: SourceState) -> str:
+    runs = f"{s.failures} failed run{'s' if s.failures != 1 else ''} in a row"
+    if s.state == "paused":
+        return (
+            f"source paused after an authentication error ({runs}); fix it, then `patchbay resume {s.flow}`"
+        )
+    if s.state == "stopped":
+        return f"source stopped after an error that retrying will not fix ({runs}); fix it, then `patchbay resume {s.flow}`"
+    return f"source failing: {runs}, retried with backoff; `patchbay state {s.flow}` shows why"
 
 
 async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:

@@ -146,7 +146,11 @@ def build_openapi(endpoints: list[Endpoint], *, version: str) -> dict[str, Any]:
         paths.setdefault(_openapi_path(ep.path), {})[ep.method.lower()] = op
     health = (
         ("/healthz", "The process is up."),
-        ("/readyz", "The store answers and every worker runs; 503 (with the reason) when not."),
+        (
+            "/readyz",
+            "The store answers and every worker runs; 503 (with the reason) when not. 200 with status "
+            "`degraded` and `problems` (flow: what is wrong) while a source or schedule is paused, stopped or failing.",
+        ),
     )
     for path, what in health:
         paths[path] = {

@@ -31,15 +31,19 @@ from patchbay.store.base import (
     SCHEDULE_FIELDS,
     Accepted,
     Actor,
+    AlertChange,
     AttemptResult,
     AuditFilter,
     DestinationStates,
     DiscardReport,
     DueDelivery,
+    FailedAttempt,
     NewEvent,
     ReplayReport,
     Reprocessor,
     RunFilter,
+    Snapshot,
+    SourceState,
     TokenInfo,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
@@ -175,6 +179,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
+    conn.executescript(MONITOR_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -637,6 +642,7 @@ class SqliteStore:
         self._rexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-reader")
         self._lock_fd: int | None = None
         self._closed = False
+        self._monitor: _MonitorReader | None = None  # created by the first snapshot()
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
@@ -672,6 +678,8 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
+        if self._monitor is not None:
+            await self._monitor.close()
         self._writer.q.put(_STOP)
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._checkpointer.stopping.set()
@@ -840,6 +848,43 @@ class SqliteStore:
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a transaction function `fn(conn, *args)` through the group-commit writer (SQLite only)."""
         return await self._write(fn, *args)
+
+    # -------------------------------------------------------------- monitoring: alerts, source health
+    async def snapshot(
+        self,
+        now: float,
+        after_id: int | None,
+        seed_from: float,
+        pairs: list[tuple[str, str]],
+        dead_windows: set[float | None],
+        count_after: int | None,
+        drift_since: float | None = None,
+        *,
+        timeout: float,
+    ) -> Snapshot:
+        """The alert loop's read, on the monitor's own thread and connection (see `_MonitorReader`)."""
+        if self._monitor is None:
+            self._monitor = _MonitorReader(self.path)
+        return await self._monitor.read(
+            q_snapshot,
+            now,
+            after_id,
+            seed_from,
+            pairs,
+            dead_windows,
+            count_after,
+            drift_since,
+            timeout=timeout,
+        )
+
+    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
+        return await self._write(tx_alert, event, change)
+
+    async def source_states(self) -> dict[str, SourceState]:
+        return await self._read(q_source_states)
+
+    async def set_source_state(self, state: SourceState) -> None:
+        await self._write(tx_set_source_state, state)
 
 
 def _check_schedule_fields(fields: Mapping[str, Any]) -> None:
@@ -1078,3 +1123,234 @@ def tx_set_destination_state(
     if by is not None:
         action = "resume" if state == "active" else state
         tx_audit(conn, by.name, action, f"{flow}/{destination}", dict(by.detail), by.origin)
+
+
+# ================================================================== monitoring: alert state, source health
+# The alert loop's snapshot reads on a connection and thread of their own, with a timeout: a slow read
+# never delays the delivery feed on the shared reader. Alert states and source health have their tables.
+
+MONITOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts(
+  rule TEXT NOT NULL,
+  subject TEXT NOT NULL,
+  state TEXT NOT NULL,
+  since REAL NOT NULL,
+  fired_at REAL,
+  cleared_at REAL,
+  detail TEXT NOT NULL DEFAULT '',
+  event_id TEXT,
+  updated_at REAL NOT NULL,
+  PRIMARY KEY(rule, subject)
+);
+CREATE TABLE IF NOT EXISTS sources(
+  flow TEXT PRIMARY KEY,
+  state TEXT NOT NULL,
+  failures INTEGER NOT NULL DEFAULT 0,
+  error TEXT,
+  since REAL NOT NULL,
+  updated_at REAL NOT NULL
+);
+"""
+
+
+class _MonitorReader:
+    """One thread and connection for the monitor's reads; a read past its timeout is interrupted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-monitor")
+
+    async def read(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
+        def run() -> T:
+            if self.conn is None:
+                self.conn = connect(self.path)
+            return fn(self.conn, *args)
+
+        fut = asyncio.get_running_loop().run_in_executor(self.exec, run)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            if self.conn is not None:
+                self.conn.interrupt()  # the query stops; the next read tries again
+            raise
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self.exec, shut)
+        self.exec.shutdown(wait=True)
+
+
+def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
+    """The id just before the first attempt started at or after `t` (ids follow time closely: bisect them)."""
+    lo, hi = conn.execute("SELECT MIN(id), MAX(id) FROM attempts").fetchone()
+    if lo is None:
+        return 0
+    hi += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = conn.execute(
+            "SELECT started_at FROM attempts WHERE id>=? ORDER BY id LIMIT 1", (mid,)
+        ).fetchone()
+        if row is None or row[0] >= t:
+            hi = mid
+        else:
+            lo = mid + 1
+    return int(lo) - 1
+
+
+def q_snapshot(
+    conn: sqlite3.Connection,
+    now: float,
+    after_id: int | None,
+    seed_from: float,
+    pairs: list[tuple[str, str]],
+    dead_windows: set[float | None],
+    count_after: int | None = None,
+    drift_since: float | None = None,
+) -> Snapshot:
+    """One consistent read of all the rules and metrics need.
+
+    New attempts are aggregated in SQL (only failures come back as rows): at thousands of deliveries
+    a second, building a row per attempt here would hold the GIL long enough to delay webhook acks.
+    """
+    conn.execute("BEGIN")
+    try:
+        max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM attempts").fetchone()[0]
+        if after_id is None:
+            after_id = _first_attempt_at(conn, seed_from)
+        attempts = [
+            FailedAttempt(*r)
+            for r in conn.execute(
+                "SELECT a.id, a.started_at, a.outcome, a.n, a.status_code, a.error, d.flow, d.destination"
+                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
+                " AND a.outcome!='success' ORDER BY a.id",
+                (after_id, max_id),
+            )
+        ]
+        # SQLite takes the bare columns from the row holding MAX(a.id): the latest attempt per destination.
+        last = {
+            (flow, dest): (at, outcome == "success")
+            for flow, dest, _, at, outcome in conn.execute(
+                "SELECT d.flow, d.destination, MAX(a.id), a.started_at, a.outcome"
+                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
+                " GROUP BY d.flow, d.destination",
+                (after_id, max_id),
+            )
+        }
+        retries: dict[tuple[str, str], int] = {}
+        if count_after is not None:
+            for flow, dest, n in conn.execute(
+                "SELECT d.flow, d.destination, COUNT(*) FROM attempts a JOIN deliveries d ON d.id=a.delivery_id"
+                " WHERE a.id>? AND a.id<=? AND a.n>1 GROUP BY d.flow, d.destination",
+                (max(after_id, count_after), max_id),
+            ):
+                retries[(flow, dest)] = n
+        queue: dict[tuple[str, str], tuple[int, float | None]] = {}
+        for flow, dest in pairs:  # the due index covers count and min id: no row is read but the oldest
+            n, first = conn.execute(
+                "SELECT COUNT(*), MIN(id) FROM deliveries"
+                " WHERE flow=? AND destination=? AND status='pending'",
+                (flow, dest),
+            ).fetchone()
+            oldest = (
+                conn.execute("SELECT created_at FROM deliveries WHERE id=?", (first,)).fetchone()
+                if n
+                else None
+            )
+            queue[(flow, dest)] = (n, oldest[0] if oldest else None)
+        dead: dict[float | None, dict[str, tuple[int, int]]] = {}
+        for window in dead_windows:
+            since = now - window if window is not None else 0.0
+            per: dict[str, list[int]] = {}
+            for flow, n in conn.execute(
+                "SELECT flow, COUNT(*) FROM deliveries WHERE status='dead' AND updated_at>=? GROUP BY flow",
+                (since,),
+            ):
+                per.setdefault(flow, [0, 0])[0] = n
+            for flow, n in conn.execute(
+                "SELECT flow, COUNT(*) FROM events"
+                " WHERE status='quarantined' AND updated_at>=? GROUP BY flow",
+                (since,),
+            ):
+                per.setdefault(flow, [0, 0])[1] = n
+            dead[window] = {f: (v[0], v[1]) for f, v in per.items()}
+        snap = Snapshot(
+            now,
+            q_destination_states(conn),
+            queue,
+            attempts,
+            last,
+            retries,
+            {r["flow"]: dict(r) for r in conn.execute("SELECT * FROM schedules")},
+            dead,
+            {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
+            q_source_states(conn),
+            _drifted(conn, drift_since) if drift_since is not None else [],
+            max(after_id, max_id),
+            max_id,
+        )
+    finally:
+        if conn.in_transaction:  # an interrupted query may have ended it already
+            conn.execute("COMMIT")
+    return snap
+
+
+def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int, str, list[str]]]:
+    """Events since `since` whose trace has a contract drift entry, per flow and second: (flow, second,
+    count, the latest event's id, its drift). Read once at start; later ones are fed as they happen."""
+    out: list[tuple[str, int, int, str, list[str]]] = []
+    for flow, second, n, last in conn.execute(
+        "SELECT flow, CAST(received_at AS INTEGER), COUNT(*), MAX(id) FROM events"
+        " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
+        (since, '%"kind":"contract"%'),
+    ):
+        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
+        out.append((flow, second, n, last, drift))
+    return out
+
+
+def tx_alert(conn: sqlite3.Connection, event: NewEvent, change: AlertChange) -> Accepted:
+    """The message and the rule's new state, in one transaction: told once, whatever crashes when."""
+    accepted = tx_accept(conn, event)
+    firing = change.state == "firing"
+    conn.execute(
+        "INSERT INTO alerts(rule, subject, state, since, fired_at, cleared_at, detail, event_id, updated_at)"
+        " VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(rule, subject) DO UPDATE SET state=excluded.state,"
+        " since=excluded.since, fired_at=COALESCE(excluded.fired_at, alerts.fired_at),"
+        " cleared_at=COALESCE(excluded.cleared_at, alerts.cleared_at), detail=excluded.detail,"
+        " event_id=excluded.event_id, updated_at=excluded.updated_at",
+        (
+            change.rule,
+            change.subject,
+            change.state,
+            change.since,
+            change.at if firing else None,
+            None if firing else change.at,
+            change.detail,
+            accepted.event_id,
+            change.at,
+        ),
+    )
+    return accepted
+
+
+def q_source_states(conn: sqlite3.Connection) -> dict[str, SourceState]:
+    return {
+        r["flow"]: SourceState(r["flow"], r["state"], r["failures"], r["error"], r["since"], r["updated_at"])
+        for r in conn.execute("SELECT * FROM sources")
+    }
+
+
+def tx_set_source_state(conn: sqlite3.Connection, s: SourceState) -> None:
+    conn.execute(
+        "INSERT INTO sources(flow, state, failures, error, since, updated_at) VALUES(?,?,?,?,?,?)"
+        " ON CONFLICT(flow) DO UPDATE SET state=excluded.state, failures=excluded.failures,"
+        " error=excluded.error, since=excluded.since, updated_at=excluded.updated_at",
+        (s.flow, s.state, s.failures, s.error, s.since, s.updated_at),
+    )

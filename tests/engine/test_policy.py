@@ -71,3 +71,51 @@ def test_retry_after_forms():
     assert parse_retry_after("120") == 120.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0 - 60) == 60.0
     assert parse_retry_after("soon") is None
+
+
+# ---------------------------------------------------------------- one vocabulary for sources
+def test_a_source_error_is_read_in_the_deliveries_classes():
+    from patchbay.engine.policy import outcome_of
+    from patchbay.errors import (
+        AuthError,
+        ConfigError,
+        SecretMissing,
+        StoreUnavailable,
+        TerminalError,
+        TransientError,
+    )
+    from patchbay.security.ssrf import BlockedAddress
+
+    busy = outcome_of(TransientError("polling x: HTTP 429", retry_after_s=7.0), "poll")
+    assert (busy.cls, busy.retry_after_s, busy.error) == (
+        OutcomeClass.TRANSIENT,
+        7.0,
+        "poll: polling x: HTTP 429",
+    )
+    assert outcome_of(AuthError("polling x: HTTP 401")).cls is OutcomeClass.AUTH
+    assert outcome_of(SecretMissing("crm_token")).cls is OutcomeClass.AUTH
+    assert outcome_of(TerminalError("polling x: no such table")).cls is OutcomeClass.TERMINAL
+    assert outcome_of(ConfigError("bad query")).cls is OutcomeClass.TERMINAL
+    assert outcome_of(BlockedAddress("10.0.0.1", "x", "private")).cls is OutcomeClass.TERMINAL
+    # Unexpected: probably transient, and the error is kept.
+    full = outcome_of(StoreUnavailable("recording: the disk is full"))
+    assert (full.cls, full.error) == (OutcomeClass.TRANSIENT, "recording: the disk is full")
+    odd = outcome_of(KeyError("items"))
+    assert odd.cls is OutcomeClass.TRANSIENT and odd.error == "unexpected KeyError: 'items'"
+
+
+def test_a_failing_source_backs_off_with_jitter_and_auth_or_terminal_wait():
+    from patchbay.engine.policy import SOURCE_BACKOFF_MAX_S, decide_source
+
+    rng = random.Random(1)
+    transient = Outcome(OutcomeClass.TRANSIENT, error="HTTP 503")
+    delays = [decide_source(transient, n, rng).retry_in for n in range(1, 12)]
+    assert all(d is not None for d in delays)
+    assert 0.8 <= delays[0] <= 1.2 and 1.6 <= delays[1] <= 2.4 and 3.2 <= delays[2] <= 4.8
+    assert max(d for d in delays if d is not None) <= SOURCE_BACKOFF_MAX_S * 1.2
+    assert decide_source(transient, 1, rng).state == "failing"
+    hinted = decide_source(Outcome(OutcomeClass.TRANSIENT, retry_after_s=30.0), 1, rng)
+    assert hinted.retry_in == 30.0
+    paused = decide_source(Outcome(OutcomeClass.AUTH, status_code=401), 1, rng)
+    assert (paused.state, paused.retry_in, paused.reason) == ("paused", None, "HTTP 401")
+    assert decide_source(Outcome(OutcomeClass.TERMINAL, error="gone"), 1, rng).state == "stopped"

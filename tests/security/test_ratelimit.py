@@ -79,3 +79,23 @@ def test_settings_are_validated():
         auth(burst=5)
     with pytest.raises(ValidationError, match="greater than 0"):
         auth(rate_per_s=0)
+
+
+async def test_the_one_bucket_also_paces_deliveries(monkeypatch):
+    """Deliveries' rate_limit_per_s waits on the same TokenBucket the inbound limits use."""
+    import asyncio
+
+    from patchbay.engine import delivery
+
+    assert not hasattr(delivery, "TokenBucket") or delivery.TokenBucket is TokenBucket
+    clock = Clock()
+    bucket = TokenBucket(rate=4.0, capacity=1.0, clock=clock)
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:  # the fake clock moves by what the bucket asks to wait
+        clock.t += seconds
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    await asyncio.gather(*(bucket.wait() for _ in range(3)))
+    assert clock.t == pytest.approx(1000.5)  # one at once, then one every 250 ms

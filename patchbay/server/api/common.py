@@ -141,18 +141,22 @@ class Resource:
                     "when": d.when.text if d.when is not None else None,
                     **b,
                 }
-        return {"now": now, "dests": dests, "late": late, "schedules": schedules}
+        return {"now": now, "dests": dests, "late": late, "schedules": schedules, "sources": self._sources()}
+
+    def _sources(self) -> dict[str, dict[str, Any]]:
+        """Each source's (or schedule's) health, from the hub: ok, retrying, failing or paused."""
+        from patchbay.engine.sources import health_of
+
+        return {name: {**vars(s), "health": health_of(s)} for name, s in self.hub.source_states().items()}
 
     @staticmethod
     def _late_s(spec: FlowSpec, row: dict[str, Any] | None, now: float) -> float:
-        from patchbay.engine.scheduler import late_after
+        from patchbay.engine.scheduler import late_by
 
         sched = spec.trigger.schedule
-        if sched is None or not spec.enabled or not row or not row.get("next_due_at"):
+        if sched is None or not spec.enabled or not row:
             return 0.0
-        over = now - row["next_due_at"]
-        tolerance = max(60.0, late_after(sched))
-        return round(over, 3) if over > tolerance else 0.0
+        return round(late_by(sched, row.get("next_due_at"), now), 3)
 
     @staticmethod
     def _trigger(spec: FlowSpec) -> str:
@@ -194,7 +198,12 @@ class Resource:
 
     def _flow_summary(self, spec: FlowSpec, ov: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         dests = [ov["dests"][(spec.name, d.name)] for d in spec.destinations]
-        health = worst([d["health"] for d in dests] + (["late"] if ov["late"][spec.name] else []))
+        source = ov["sources"].get(spec.name)
+        health = worst(
+            [d["health"] for d in dests]
+            + (["late"] if ov["late"][spec.name] else [])
+            + ([source["health"]] if source else [])
+        )
         return {
             "name": spec.name,
             "purpose": spec.purpose,
@@ -204,6 +213,7 @@ class Resource:
             "webhook_path": spec.webhook_path,
             "source_system": self._source_system(spec),
             "destinations": dests,
+            "source_health": source,
             "health": health,
             "stats": stats[spec.name],
         }

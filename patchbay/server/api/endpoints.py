@@ -167,6 +167,16 @@ def endpoints(h: Handlers) -> list[Endpoint]:
             path_params=m.DestinationPath,
         ),
         E(
+            "POST",
+            f"{flow}/source/resume",
+            h.state.resume_source,
+            "destinations:write",
+            "Try a paused (auth error) or stopped (terminal error) source or schedule again now; audited.",
+            "state",
+            m.SourceResumeOut,
+            path_params=m.FlowPath,
+        ),
+        E(
             "GET",
             f"{flow}/cursor",
             h.state.get_cursor,

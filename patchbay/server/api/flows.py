@@ -97,10 +97,14 @@ class Flows(Resource):
         project = self.hub.project
         edges = []
         incoming: dict[str, list[str]] = {}
+        outgoing: dict[str, list[str]] = {}
         outgoing_late: dict[str, bool] = {}
         for name, fr in self.hub.flows.items():
             src = self._source_system(fr.spec) or "hub"
             outgoing_late[src] = outgoing_late.get(src, False) or bool(ov["late"][name])
+            source = ov["sources"].get(name)
+            if source is not None and source["health"] != "ok":  # a failing source colours its node
+                outgoing[src] = [*outgoing.get(src, []), source["health"]]
             for d in fr.spec.destinations:
                 dd = ov["dests"][(name, d.name)]
                 edges.append(
@@ -112,13 +116,19 @@ class Flows(Resource):
                         "target": d.system,
                         "trigger": self._trigger(fr.spec),
                         "state": dd["state"],
-                        "health": dd["health"],
+                        "health": worst([dd["health"]] + ([source["health"]] if source else [])),
+                        "source_state": source["state"] if source else None,
+                        "source_error": source["error"] if source and source["state"] != "active" else None,
                     }
                 )
                 incoming.setdefault(d.system, []).append(dd["health"])
         nodes = []
         for s in project.systems.values():
-            h = worst(incoming.get(s.name, []) + (["late"] if outgoing_late.get(s.name) else []))
+            h = worst(
+                incoming.get(s.name, [])
+                + outgoing.get(s.name, [])
+                + (["late"] if outgoing_late.get(s.name) else [])
+            )
             nodes.append(
                 {
                     "id": s.name,
@@ -135,7 +145,7 @@ class Flows(Resource):
                     "kind": "hub",
                     "owner": None,
                     "purpose": "schedules and manual runs",
-                    "health": "late" if outgoing_late["hub"] else "ok",
+                    "health": worst(outgoing.get("hub", []) + (["late"] if outgoing_late["hub"] else [])),
                 }
             )
         return {"nodes": nodes, "edges": edges}

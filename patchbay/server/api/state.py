@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from patchbay.server.api.common import Resource
-from patchbay.server.api.http import Call
+from patchbay.server.api.http import ApiError, Call
 
 
 class State(Resource):
@@ -25,6 +25,14 @@ class State(Resource):
         fr = self._flow(c.path.flow)
         name = fr.spec.name
         return {"flow": name, "reset": await self.store.reset_cursor(name, c.by())}
+
+    async def resume_source(self, c: Call) -> Any:
+        fr = self._flow(c.path.flow)
+        name = fr.spec.name
+        if fr.health is None:
+            raise ApiError(409, "no_source", f"flow {name} has no source or schedule to resume")
+        resumed = await self.hub.resume_source(name, c.by(was=fr.health.state.state))
+        return {"flow": name, "resumed": resumed, "state": fr.health.state.state}
 
     async def list_schedules(self, c: Call) -> Any:
         ov = await self._overview()

@@ -428,6 +428,7 @@ export function drawMap(map, flows) {
       `Flow ${e.flow}: ${e.source} → ${e.target} (destination ${e.destination})`,
       `Owner: ${f.owner || '—'}`, `Purpose: ${f.purpose || '—'}`,
       `Health: ${e.health}${e.state !== 'active' ? ` (destination ${e.state})` : ''}`,
+      ...(e.source_error ? [`Source ${e.source_state}: ${e.source_error}`] : []),
       `Trigger: ${e.trigger}`, 'Click to open the flow.',
     ].join('\n');
     const href = `#/flows/${encodeURIComponent(e.flow)}`;

@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Batch sync benchmark: Patchbay beside the COPY -> COPY limit, on the shared dlt bench's table.
+
+  bash /work/shared/bench/dlt/setup_server.sh                              # role bench, databases src/dst
+  source /work/shared/bench/dlt/env.sh && psql -d src -v n=1000000 -f /work/shared/bench/dlt/gen_source.sql
+  .venv/bin/python bench/batch.py                  # full load, merge of 100k changed rows, RSS; ratios
+  .venv/bin/python bench/batch.py --rows 5000000   # the same at another size (gen_source.sql with that n)
+
+Every figure is taken in the same run as the limit it is compared with (the machine is shared and
+noisy: quote ratios). Each Patchbay run is a child process, so its peak RSS is its own. The flow is
+the dlt bench's table with a mapping (lower(trim(email)), attrs.tier pulled out of the jsonb, the
+rest copied) and a validation step (email required and well formed). Nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PG = {
+    "host": os.environ.get("PGHOST", "127.0.0.1"),
+    "port": int(os.environ.get("PGPORT", "5432")),
+    "user": os.environ.get("PGUSER", "bench"),
+}
+PASSWORD = os.environ.get("PGPASSWORD", "bench")
+SRC, DST = os.environ.get("SRC_DB", "src"), os.environ.get("DST_DB", "dst")
+COLS = "id, email, first_name, last_name, company, country, updated_at, attrs"
+DLT_README = "/work/shared/bench/dlt/README.md"
+
+STEPS = (
+    {
+        "map": {
+            "id": "id",
+            "email": "lower(trim(email))",
+            "first_name": "first_name",
+            "last_name": "last_name",
+            "company": "company",
+            "country": "country",
+            "updated_at": "updated_at",
+            "tier": "attrs.tier",
+            "attrs": "attrs",
+        }
+    },
+    {"validate": {"email": {"required": True, "format": "email"}}},
+)
+
+
+def psql(db: str, sql: str) -> str:
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    args = [
+        "psql",
+        "-X",
+        "-q",
+        "-At",
+        "-h",
+        PG["host"],
+        "-p",
+        str(PG["port"]),
+        "-U",
+        PG["user"],
+        "-d",
+        db,
+        "-c",
+        sql,
+    ]
+    return subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def timed_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall s, peak RSS MiB, stdout) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env)
+    out = proc.stdout.read().decode() if proc.stdout else ""  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[:3]} failed with exit code {proc.returncode}")
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def copy_limit() -> float:
+    """psql COPY | psql COPY into a fresh table, as the shared dlt bench measures it (text format): the limit."""
+    psql(
+        DST,
+        "DROP TABLE IF EXISTS pb_limit; CREATE TABLE pb_limit (id bigint, email text, first_name text,"
+        " last_name text, company text, country char(2), updated_at timestamptz, attrs jsonb)",
+    )
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    base = f"psql -X -q -h {PG['host']} -p {PG['port']} -U {PG['user']}"
+    cmd = (
+        f"{base} -d {SRC} -c 'COPY public.customers ({COLS}) TO STDOUT' | "
+        f"{base} -d {DST} -c 'COPY pb_limit ({COLS}) FROM STDIN'"
+    )
+    t0 = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], env=env, check=True)
+    wall = time.perf_counter() - t0
+    psql(DST, "DROP TABLE pb_limit")
+    return wall
+
+
+def merge_reference(since: str) -> float:
+    """COPY the changed rows into a temp stage, DELETE + INSERT in one transaction (the dlt bench's reference)."""
+    import psycopg
+
+    src = psycopg.connect(dbname=SRC, password=PASSWORD, **PG)
+    dst = psycopg.connect(dbname=DST, password=PASSWORD, **PG)
+    t0 = time.perf_counter()
+    dst.execute("CREATE TEMP TABLE stage (LIKE pb_ref_merge)")
+    with src.cursor().copy(
+        f"COPY (SELECT {COLS} FROM public.customers WHERE updated_at >= '{since}') TO STDOUT (FORMAT binary)"
+    ) as cin:
+        with dst.cursor().copy(f"COPY stage ({COLS}) FROM STDIN (FORMAT binary)") as cout:
+            for block in cin:
+                cout.write(block)
+    dst.execute("DELETE FROM pb_ref_merge t USING stage s WHERE t.id = s.id")
+    dst.execute(f"INSERT INTO pb_ref_merge ({COLS}) SELECT {COLS} FROM stage")
+    dst.commit()
+    wall = time.perf_counter() - t0
+    src.close()
+    dst.close()
+    return wall
+
+
+# ---------------------------------------------------------------- the Patchbay side (a child process)
+async def _sync(spec: dict[str, Any], flow: str) -> dict[str, Any]:
+    from patchbay.config.batch import BatchSpec
+    from patchbay.config.project import StepSpec
+    from patchbay.connectors.base import Resources
+    from patchbay.connectors.postgres import PostgresSystem
+    from patchbay.connectors.postgres_bulk import PostgresBulk
+    from patchbay.engine.batch import BatchRun
+    from patchbay.registry import STEPS as REGISTRY
+    from patchbay.registry import discover
+
+    discover()
+    steps = []
+    for i, s in enumerate(STEPS):
+        ((kind, raw),) = s.items()
+        config = REGISTRY[kind].config.model_validate(raw)
+        steps.append(
+            StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config))
+        )
+
+    def side(db: str) -> PostgresBulk:
+        system = PostgresSystem.model_validate({**PG, "database": db, "password": {"env": "PGPASSWORD"}})
+        return PostgresBulk(
+            system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=db), 600
+        )
+
+    src, dst = side(SRC), side(DST)
+    try:
+        report = await BatchRun(flow, steps, BatchSpec.model_validate(spec), src, dst).run()
+    finally:
+        await src.close()
+        await dst.close()
+    out = report.as_dict()
+    out.pop("samples")
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    spec = json.loads(args.spec)
+    print(json.dumps(asyncio.run(_sync(spec, args.flow))))
+
+
+def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, Any]]:
+    wall, rss, out = timed_child(
+        [sys.executable, __file__, "child", "--flow", flow, "--spec", json.dumps(spec)]
+    )
+    report = json.loads(out.strip().splitlines()[-1])
+    if report["status"] != "ok":
+        raise SystemExit(f"patchbay run failed: {report['error']}")
+    return wall, rss, report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    c = sub.add_parser("child")
+    c.add_argument("--flow", required=True)
+    c.add_argument("--spec", required=True)
+    ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--skip-others", action="store_true", help="only PostgreSQL -> PostgreSQL")
+    args = ap.parse_args()
+    if args.cmd == "child":
+        child(args)
+        return
+    n = int(psql(SRC, "SELECT count(*) FROM public.customers"))
+    print(f"source: public.customers in {SRC}, {n:,} rows; destination database {DST}")
+    rows: list[tuple[str, float, float, float | None, str]] = []
+
+    limit = copy_limit()
+    rows.append(("limit: psql COPY -> COPY", limit, n / limit, None, "1.00"))
+    psql(
+        DST,
+        "DROP TABLE IF EXISTS pb_full; DELETE FROM _patchbay_sync_state WHERE flow LIKE 'bench-%'"
+        if psql(DST, "SELECT to_regclass('_patchbay_sync_state') IS NOT NULL") == "t"
+        else "DROP TABLE IF EXISTS pb_full",
+    )
+    full = {
+        "from": {"system": "src", "table": "public.customers"},
+        "to": {"system": "dst", "table": "pb_full"},
+        "mode": "full",
+    }
+    wall, rss, rep = patchbay(full, "bench-full")
+    rows.append(("patchbay full load, map + validate", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}"))
+    assert rep["written"] == n, rep
+
+    if not args.skip_merge:
+        # The dlt bench's merge scenario: 1M at the destination, 10 % of the source changed since.
+        merge = {
+            **full,
+            "to": {"system": "dst", "table": "pb_merge"},
+            "mode": "merge",
+            "key": ["id"],
+            "cursor": {"column": "updated_at"},
+        }
+        psql(DST, "DROP TABLE IF EXISTS pb_merge")
+        patchbay(merge, "bench-merge")  # first run: everything
+        psql(
+            DST,
+            f"DROP TABLE IF EXISTS pb_ref_merge; CREATE TABLE pb_ref_merge AS SELECT {COLS} FROM pb_merge;"
+            " ALTER TABLE pb_ref_merge ADD PRIMARY KEY (id)",
+        )
+        k = int(time.time()) % 10
+        since = psql(SRC, "SELECT now()::text")
+        changed = psql(
+            SRC,
+            f"UPDATE public.customers SET first_name = first_name || '+', updated_at = now()"
+            f" WHERE id % 10 = {k}; SELECT count(*) FROM public.customers WHERE updated_at >= '{since}'",
+        )
+        ref = merge_reference(since)
+        rows.append(
+            (
+                f"reference: COPY {int(changed):,} changed -> stage -> DELETE+INSERT",
+                ref,
+                int(changed) / ref,
+                None,
+                "1.00",
+            )
+        )
+        wall, rss, rep = patchbay(merge, "bench-merge")
+        assert rep["updated"] == int(changed), rep
+        rows.append(
+            (
+                f"patchbay merge of {int(changed):,} changed rows into {n:,}",
+                wall,
+                rep["read"] / wall,
+                rss,
+                f"{wall / ref:.2f}x the reference",
+            )
+        )
+        psql(DST, "DROP TABLE pb_ref_merge")
+
+    if not args.skip_others:
+        # The same load into MariaDB (LOAD DATA LOCAL) and into a SQLite file.
+        subprocess.run(["mysql", "-uroot", "test", "-e", "DROP TABLE IF EXISTS pb_full"], check=True)
+        my = {**full, "to": {"system": "mariadb", "table": "pb_full"}}
+        wall, rss, rep = patchbay(my, "bench-mariadb")
+        rows.append(
+            (
+                "patchbay full load -> MariaDB (LOAD DATA LOCAL)",
+                wall,
+                rep["read"] / wall,
+                rss,
+                f"{limit / wall:.2f}",
+            )
+        )
+        lite = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-batch.db"
+        lite.unlink(missing_ok=True)
+        import sqlite3
+
+        sqlite3.connect(lite).close()
+        wall, rss, rep = patchbay(
+            {**full, "to": {"system": f"sqlite:{lite}", "table": "pb_full"}}, "bench-sqlite"
+        )
+        rows.append(
+            ("patchbay full load -> SQLite file", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}")
+        )
+        lite.unlink()
+
+    print()
+    print("| scenario | wall s | rows/s | client peak RSS MiB | limit time / this (or x reference) |")
+    print("|---|---|---|---|---|")
+    for name, wall, rate, rss, ratio in rows:
+        print(f"| {name} | {wall:.2f} | {rate:,.0f} | {'' if rss is None else f'{rss:.0f}'} | {ratio} |")
+    full_ratio = limit / rows[1][1]
+    print(f"\nfull load: {full_ratio:.0%} of the COPY -> COPY limit (floor: 40%)")
+    if os.path.exists(DLT_README):
+        print(f"dlt figures measured on this kind of machine: {DLT_README} (dlt defaults 7,194 rows/s)")
+
+
+if __name__ == "__main__":
+    main()

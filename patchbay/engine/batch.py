@@ -1,0 +1,408 @@
+"""One run of a batch sync: read a window in bounded batches, run the flow's steps, write in one transaction.
+
+  state   <- destination's sync state (cursor, the columns the last run saw)
+  drift   columns now vs then -> evolve | ignore | stop, before anything is read
+  deletes keys: hashed key ranges compared, only differing ranges' keys fetched; guarded by max_share
+  read    one snapshot, batches of batch_rows (memory stays bounded whatever the table's size)
+  steps   FrameTransform: the flow's own steps; invalid rows are kept with their reasons, the rest go on
+  write   COPY into the table or a stage, applied at commit with the new state, in ONE transaction
+
+A run is all or nothing at the destination: stopped, failed or killed before COMMIT, the table and
+the cursor are as the last good run left them, and the next run reads the same window again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+from patchbay import registry
+from patchbay.batch.frame import Column, Frame
+from patchbay.batch.transform import FrameTransform, Invalid, Result, step_reads
+from patchbay.config.batch import BatchFrom, BatchSpec
+from patchbay.config.project import system_secret_refs
+from patchbay.config.specs import FlowSpec, Project
+from patchbay.connectors.base import Resources
+from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
+from patchbay.errors import PatchbayError
+from patchbay.records import new_id
+from patchbay.security.secrets import SecretResolver
+from patchbay.store.base import NewEvent
+
+
+def _apply(transform: FrameTransform, frame: Frame) -> Result:
+    """The steps over one frame with the cyclic GC paused: a frame allocates millions of short-lived
+    lists and dicts that reference counting frees anyway; the collector's passes over them cost a
+    third of the time (measured on 100k rows: 16.7 -> 9.9-12 us/row)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return transform.apply(frame)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class BatchStopped(PatchbayError):
+    """The run stopped before writing anything, on purpose: schema drift, or too many deletes."""
+
+
+@dataclass
+class Progress:
+    read: int
+    total: int | None
+    written: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.total or not self.rate:
+            return None
+        return max(0.0, (self.total - self.read) / self.rate)
+
+
+@dataclass
+class RunReport:
+    flow: str
+    mode: str
+    status: str = "running"  # ok | failed | stopped
+    started_at: float = field(default_factory=time.time)
+    duration_s: float = 0.0
+    read: int = 0
+    written: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    quarantined: int = 0
+    filtered: int = 0
+    schema_changes: list[str] = field(default_factory=list)
+    cursor_from: str | None = None
+    cursor_to: str | None = None
+    error: str | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)  # quarantined rows with their reasons
+    run_id: str = field(default_factory=lambda: new_id("run"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def summary(self) -> str:
+        parts = [
+            f"read {self.read}",
+            f"inserted {self.inserted}",
+            f"updated {self.updated}",
+            f"deleted {self.deleted}",
+            f"quarantined {self.quarantined}",
+        ]
+        if self.filtered:
+            parts.append(f"filtered {self.filtered}")
+        if self.schema_changes:
+            parts.append(f"schema: {'; '.join(self.schema_changes)}")
+        rate = self.read / self.duration_s if self.duration_s else 0
+        return f"{self.status}: " + ", ".join(parts) + f" in {self.duration_s:.1f}s ({rate:,.0f} rows/s)"
+
+
+def _col_dict(c: Column) -> dict[str, str]:
+    return {"name": c.name, "type": c.type}
+
+
+def drift(
+    before: list[dict[str, str]], now: list[Column]
+) -> tuple[list[str], list[Column], list[str], list[str]]:
+    """(messages, added columns, dropped names, retyped names) between the last run's columns and now."""
+    old = {c["name"]: c["type"] for c in before}
+    new = {c.name: c for c in now}
+    added = [c for c in now if c.name not in old]
+    dropped = [n for n in old if n not in new]
+    retyped = [n for n in old if n in new and new[n].type != old[n]]
+    msgs = [f"new column {c.name} ({c.type})" for c in added]
+    msgs += [f"column {n} dropped" for n in dropped]
+    msgs += [f"column {n} changed type {old[n]} -> {new[n].type}" for n in retyped]
+    return msgs, added, dropped, retyped
+
+
+class BatchRun:
+    """Runs one batch sync of `flow` (its name, steps and BatchSpec) from `source` to `dest`."""
+
+    def __init__(
+        self,
+        flow_name: str,
+        steps: list[Any],
+        spec: BatchSpec,
+        source: BulkSystem,
+        dest: BulkSystem,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        before_commit: Callable[[RunReport], Any] | None = None,
+        accept_schema: bool = False,
+    ) -> None:
+        self.flow, self.steps, self.spec = flow_name, steps, spec
+        self.source, self.dest = source, dest
+        self.progress = progress
+        self.before_commit = before_commit  # e.g. keep the quarantined rows in the hub's store first
+        self.accept_schema = accept_schema
+        self._dest_rows = 0
+
+    async def run(self) -> RunReport:
+        spec = self.spec
+        report = RunReport(self.flow, spec.mode)
+        t0 = time.monotonic()
+        load: Load | None = None
+        try:
+            state = await self.dest.state(self.flow) or SyncState()
+            columns = await self.source.columns(spec.from_)
+            evolve = self._check_drift(state, columns, report)
+            window = Window()
+            if spec.cursor is not None:
+                window = Window(spec.cursor.column, state.cursor, spec.cursor.lookback)
+                if spec.cursor.column not in {c.name for c in columns}:
+                    raise BatchStopped(f"cursor column {spec.cursor.column!r} is not a column of the source")
+            report.cursor_from = state.cursor
+            total = await self.source.count(spec.from_, window)
+            exists = await self.dest.table_columns(spec.to.table) is not None
+            self._dest_rows = await self.dest.row_count(spec.to.table) if exists else 0
+            deletes = await self._key_deletes(report) if spec.deletes.detect == "keys" else []
+            transform = FrameTransform(
+                self.steps,
+                columns,
+                key=spec.key,
+                soft_delete=spec.deletes.column if spec.deletes.detect == "soft" else None,
+            )
+            soft_deleted: list[tuple[Any, ...]] = []
+            reader = self.source.read(spec.from_, columns, window, spec.batch_rows)
+            async for frame in reader:
+                result = _apply(transform, frame)
+                report.read += len(frame)
+                if load is None:
+                    load = await self._begin(transform, evolve)
+                await load.write(result.rows)
+                report.written += len(result.rows)
+                report.filtered += result.filtered
+                self._quarantine(report, result.invalid)
+                soft_deleted.extend(result.deleted_keys)
+                self._tick(report, total, t0)
+            if load is None:
+                load = await self._begin(transform, evolve)
+            keys = [tuple(k.split("|")) if len(spec.key) > 1 else (k,) for k in deletes] + soft_deleted
+            if keys:
+                await self._guard_deletes(len(keys))
+                await load.delete_keys(keys)
+            report.cursor_to = getattr(self.source, "snapshot_max", None) or state.cursor
+            if self.before_commit is not None:
+                await self.before_commit(report)
+            applied = await load.commit(
+                SyncState(report.cursor_to, [_col_dict(c) for c in columns], state.runs + 1)
+            )
+            load = None
+            report.inserted, report.updated = applied.inserted, applied.updated
+            report.deleted, report.unchanged = applied.deleted, applied.unchanged
+            report.status = "ok"
+        except BatchStopped as exc:
+            report.status, report.error = "stopped", str(exc)
+        except Exception as exc:
+            report.status, report.error = "failed", f"{type(exc).__name__}: {exc}".strip()
+        finally:
+            if load is not None:
+                await load.abort()
+            report.duration_s = time.monotonic() - t0
+        return report
+
+    def _check_drift(self, state: SyncState, columns: list[Column], report: RunReport) -> list[Column]:
+        """Columns to add at the destination; BatchStopped when the policy says stop."""
+        if not state.columns:
+            return []
+        msgs, added, dropped, retyped = drift(state.columns, columns)
+        if not msgs:
+            return []
+        report.schema_changes = msgs
+        policy = "evolve" if self.accept_schema else self.spec.on_drift
+        read_by_steps: set[str] = set()
+        for s in self.steps:
+            read_by_steps |= step_reads(s) or set()
+        lost = [n for n in dropped if n in read_by_steps or n in self.spec.key]
+        if lost:
+            raise BatchStopped(
+                f"source column(s) {', '.join(lost)} dropped but the flow reads them; nothing was written."
+                " Fix the flow's steps (or the source) and run again"
+            )
+        if policy == "stop":
+            raise BatchStopped(
+                "the source's columns changed: "
+                + "; ".join(msgs)
+                + ". Nothing was written. Accept the change"
+                f" with `patchbay run {self.flow} --accept-schema`, or set on_drift: evolve or ignore"
+            )
+        if self.spec.mode == "full" and dropped:
+            raise BatchStopped(
+                f"column(s) {', '.join(dropped)} dropped at the source: a full refresh would write NULL over"
+                " them at the destination. Nothing was written; drop the column at the destination or"
+                f" accept with `patchbay run {self.flow} --accept-schema`"
+            )
+        return added if policy == "evolve" else []
+
+    async def _begin(self, transform: FrameTransform, evolve: list[Column]) -> Load:
+        out = transform.output_columns()
+        existing = await self.dest.table_columns(self.spec.to.table)
+        add: list[Column] = []
+        if existing is not None:
+            have = {c.name for c in existing}
+            missing = [c for c in out if c.name not in have]
+            wanted = {c.name for c in evolve}
+            stray = [c.name for c in missing if c.name not in wanted]
+            if stray and self.spec.on_drift != "evolve" and not self.accept_schema:
+                raise BatchStopped(
+                    f"the destination table {self.spec.to.table} has no column(s) {', '.join(stray)};"
+                    " add them, or set on_drift: evolve to let the sync add them"
+                )
+            add = missing
+        return await self.dest.begin(self.flow, self.spec.to.table, out, self.spec.mode, self.spec.key, add)
+
+    async def _key_deletes(self, report: RunReport) -> list[str]:
+        """Keys at the destination that the source no longer has, by comparing hashed key ranges."""
+        spec = self.spec
+        if await self.dest.table_columns(spec.to.table) is None:
+            return []
+        dest_rel = BatchFrom(system=spec.to.system, table=spec.to.table)
+        src_b = await self.source.key_buckets(spec.from_, spec.key)
+        dst_b = await self.dest.key_buckets(dest_rel, spec.key)
+        gone: list[str] = []
+        for bucket, summary in dst_b.items():
+            if src_b.get(bucket) == summary:
+                continue
+            have = await self.source.bucket_keys(spec.from_, spec.key, bucket)
+            there = await self.dest.bucket_keys(dest_rel, spec.key, bucket)
+            gone.extend(sorted(there - have))
+        return gone
+
+    async def _guard_deletes(self, n: int) -> None:
+        total = self._dest_rows
+        share = n / total if total else 0.0
+        if total and share > self.spec.deletes.max_share:
+            raise BatchStopped(
+                f"this run would delete {n} of {total} rows of {self.spec.to.table} ({share:.0%}), more than"
+                f" deletes.max_share {self.spec.deletes.max_share:.0%}; nothing was written. Check the source,"
+                " or raise max_share if that is right"
+            )
+
+    def _quarantine(self, report: RunReport, invalid: list[Invalid]) -> None:
+        report.quarantined += len(invalid)
+        room = self.spec.quarantine_samples - len(report.samples)
+        for bad in invalid[: max(0, room)]:
+            report.samples.append({"row": bad.row, "reason": bad.reason})
+
+    def _tick(self, report: RunReport, total: int | None, t0: float) -> None:
+        if self.progress is not None:
+            self.progress(Progress(report.read, total, report.written, time.monotonic() - t0))
+
+
+def open_bulk(project: Project, resolver: SecretResolver, system_name: str, flow_name: str) -> BulkSystem:
+    """The bulk connector of one system, seeing only that system's credentials."""
+    system = project.systems[system_name]
+    found = registry.connector_for(system.kind or "", "bulk")
+    if found is None:
+        raise BatchStopped(f"system {system_name!r} ({system.kind}) cannot take part in a batch sync")
+    res = Resources(
+        secret=resolver.scoped(system_secret_refs(system)),
+        redact=resolver.redactor,
+        extra={"root": project.root, "flow": flow_name},
+        system=system.name,
+        allow_private=system.common.allow_private_network,
+        allow_networks=tuple(system.common.allow_networks),
+    )
+    bulk: BulkSystem = found[0](system.config, res)
+    return bulk
+
+
+async def run_flow(
+    project: Project,
+    resolver: SecretResolver,
+    flow: FlowSpec,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    before_commit: Callable[[RunReport], Any] | None = None,
+    accept_schema: bool = False,
+) -> RunReport:
+    """One run of a batch flow of `project`; the report's error text has every secret scrubbed."""
+    assert flow.batch is not None, f"flow {flow.name} has no batch block"
+    source = open_bulk(project, resolver, flow.batch.from_.system, flow.name)
+    dest = open_bulk(project, resolver, flow.batch.to.system, flow.name)
+    try:
+        run = BatchRun(
+            flow.name,
+            flow.steps,
+            flow.batch,
+            source,
+            dest,
+            progress=progress,
+            before_commit=before_commit,
+            accept_schema=accept_schema,
+        )
+        report = await run.run()
+    finally:
+        await source.close()
+        await dest.close()
+    if report.error:
+        report.error = resolver.redactor(report.error)
+    return report
+
+
+async def store_quarantined(store: Any, flow: FlowSpec, report: RunReport) -> None:
+    """The report's quarantined rows (not yet stored) as quarantined events of the flow, with their reasons,
+    so `patchbay dead`, the API and the console list them. Fix a row at the source: its next change is read."""
+    start = getattr(report, "_stored_samples", 0)
+    for sample in report.samples[start:]:
+        body = orjson.dumps(sample["row"], default=str)
+        await store.accept(
+            NewEvent(
+                id=new_id("evt"),
+                flow=flow.name,
+                received_at=time.time(),
+                payload=body,
+                body_hash=hashlib.sha256(body).hexdigest(),
+                dedupe_key=None,
+                status="quarantined",
+                record_key=_key(sample["row"], flow),
+                meta={"trigger": "batch", "batch_run": report.run_id},
+                reason=sample["reason"],
+            )
+        )
+    report._stored_samples = len(report.samples)  # type: ignore[attr-defined]
+
+
+async def record_run(store: Any, flow: FlowSpec, report: RunReport, *, trigger: str) -> str:
+    """The run as one event of the flow: delivered when it committed, failed otherwise; the report is its trace."""
+    shown = {k: v for k, v in report.as_dict().items() if k != "samples"}
+    body = orjson.dumps(shown, default=str)
+    await store.accept(
+        NewEvent(
+            id=report.run_id,
+            flow=flow.name,
+            received_at=report.started_at,
+            payload=body,
+            body_hash=hashlib.sha256(body).hexdigest(),
+            dedupe_key=None,
+            status="delivered" if report.status == "ok" else "failed",
+            meta={"trigger": trigger, "batch": True},
+            trace=[{"step": "batch", "kind": "batch", "output": shown}],
+            reason=None if report.status == "ok" else f"{report.status}: {report.error}",
+        )
+    )
+    return report.run_id
+
+
+def _key(row: dict[str, Any], flow: FlowSpec) -> str | None:
+    assert flow.batch is not None
+    if not flow.batch.key:
+        return None
+    return "|".join(str(row.get(k)) for k in flow.batch.key)
