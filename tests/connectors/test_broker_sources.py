@@ -652,10 +652,13 @@ async def test_nats_id_is_nats_msg_id_else_stream_and_sequence(jetstream):
 
 async def test_nats_an_existing_durable_with_another_filter_is_refused(jetstream):
     src = jetstream.source(subject=f"{jetstream.prefix}.orders")
-    await run(src, Engine().emit, until=lambda: src.connections == 1)
+    # Subscribed, not only connected: the durable exists once the first source has bound to it (else the
+    # second one would create it with its own filter and consume forever).
+    await run(src, Engine().emit, until=lambda: src.subscriptions == 1)
     other = jetstream.source(subject=f"{jetstream.prefix}.refunds")
     with pytest.raises(TerminalError, match="exists with subject filter"):
-        await other.stream(Engine().emit)
+        async with asyncio.timeout(30):
+            await other.stream(Engine().emit)
     await other.close()
     await src.close()
 
