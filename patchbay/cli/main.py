@@ -670,7 +670,12 @@ def connectors(ctx: click.Context, as_json: bool) -> None:
             f"{r['kind']:<12} {'yes' if 'source' in r['roles'] else '-':<7} "
             f"{'yes' if 'destination' in r['roles'] else '-':<5} {r['status']:<7} {r['summary']}{hint}"
         )
-    click.echo("\n`patchbay connectors show KIND` lists a connector's settings.")
+    from patchbay import presets
+
+    click.echo(f"\nPresets: {', '.join(presets.available())}")
+    click.echo(
+        "`patchbay connectors show KIND` lists a connector's settings, or a preset's operations and fields."
+    )
 
 
 DRIVERS = {
@@ -687,19 +692,23 @@ DRIVERS = {
 @connectors.command("show")
 @click.argument("kind")
 def connectors_show(kind: str) -> None:
-    """Every setting of KIND with its type, default and description (the same schema `check` uses)."""
-    from patchbay import registry
+    """Every setting of KIND with its type, default and description (the same schema `check` uses);
+    for a preset (e.g. hubspot), its auth, limits, webhook scheme, reads, and operations with their fields."""
+    from patchbay import presets, registry
     from patchbay.specdoc import connector_doc
 
     registry.discover()
+    if kind not in registry.CONNECTORS and kind in presets.available():  # a vendor: its operations and fields
+        click.echo(presets.describe(kind))
+        return
     if kind not in registry.CONNECTORS:
         import difflib
 
-        close = difflib.get_close_matches(kind, registry.CONNECTORS, n=1)
+        close = difflib.get_close_matches(kind, [*registry.CONNECTORS, *presets.available()], n=1)
         click.echo(
-            f"no connector {kind!r}"
+            f"no connector or preset {kind!r}"
             + (f"; did you mean {close[0]!r}?" if close else "")
-            + f" (installed: {', '.join(sorted(registry.CONNECTORS))})",
+            + f" (installed: {', '.join(sorted(registry.CONNECTORS))}; presets: {', '.join(presets.available())})",
             err=True,
         )
         sys.exit(EXIT_PROBLEMS)

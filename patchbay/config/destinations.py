@@ -40,8 +40,13 @@ def load_destinations(
     broken: set[str],
     stopped_at: int | None,
     problems: list[Problem],
+    typed: list[tuple[str, dict[str, str], list[str]]] | None = None,
 ) -> list[DestinationSpec]:
-    """A flow's destinations; `delivery` is the flow's policy, `stopped_at` the step no record passes."""
+    """A flow's destinations; `delivery` is the flow's policy, `stopped_at` the step no record passes.
+
+    Destinations naming a preset operation that lists its fields are added to `typed` as
+    (name, fields, custom_fields), for the flow to check its mapping against.
+    """
     flow_policy = settings.delivery
     if delivery:
         try:
@@ -62,7 +67,7 @@ def load_destinations(
                 )
             )
             continue
-        dest = _load_destination(src, loc, raw, flow_policy, systems, broken, seen, problems)
+        dest = _load_destination(src, loc, raw, flow_policy, systems, broken, seen, problems, typed)
         if dest is not None:
             dests.append(dest)
     return dests
@@ -77,9 +82,10 @@ def _load_destination(
     broken: set[str],
     seen: set[str],
     problems: list[Problem],
+    typed: list[tuple[str, dict[str, str], list[str]]] | None = None,
 ) -> DestinationSpec | None:
-    if "operation" in raw or "vars" in raw:
-        applied = apply_operation(src, loc, raw, systems, problems)
+    if "operation" in raw or "vars" in raw or "custom_fields" in raw:
+        applied = apply_operation(src, loc, raw, systems, problems, typed)
         if applied is None:
             return None
         raw = applied
@@ -159,20 +165,40 @@ def _load_destination(
 
 
 def apply_operation(
-    src: Located, loc: Loc, raw: dict[str, Any], systems: dict[str, SystemSpec], problems: list[Problem]
+    src: Located,
+    loc: Loc,
+    raw: dict[str, Any],
+    systems: dict[str, SystemSpec],
+    problems: list[Problem],
+    typed: list[tuple[str, dict[str, str], list[str]]] | None = None,
 ) -> dict[str, Any] | None:
-    """A destination naming a preset's operation: the operation's settings under the destination's own."""
+    """A destination naming a preset's operation: the operation's settings under the destination's own.
+
+    When the operation lists its `fields`, (name, fields, custom_fields) is added to `typed` so the
+    flow's mapping can be checked against them.
+    """
     raw = dict(raw)
     op_name, variables = raw.pop("operation", None), raw.pop("vars", None) or {}
+    custom = raw.pop("custom_fields", None) or []
+    if not isinstance(custom, list) or not all(isinstance(c, str) for c in custom):
+        problems.append(
+            src.problem(
+                (*loc, "custom_fields"), "`custom_fields` is a list of field paths, e.g. [properties.plan]"
+            )
+        )
+        return None
     sysspec = systems.get(str(raw.get("system")))
     if sysspec is None:
         return raw  # reported as an unknown system by the caller
     preset = sysspec.preset or {}
     ops = preset.get("operations", {})
     if op_name is None:
-        problems.append(
-            src.problem((*loc, "vars"), "`vars` fill a preset operation's ${...}: add `operation`")
-        )
+        if variables or not custom:
+            message, at = "`vars` fill a preset operation's ${...}: add `operation`", (*loc, "vars")
+        else:
+            message = "`custom_fields` extend a preset operation's fields: add `operation`"
+            at = (*loc, "custom_fields")
+        problems.append(src.problem(at, message))
         return None
     if op_name not in ops:
         where = (
@@ -186,7 +212,7 @@ def apply_operation(
         )
         return None
     missing: set[str] = set()
-    op = presets.fill({k: v for k, v in ops[op_name].items() if k != "description"}, variables, missing)
+    op = presets.fill(presets.settings_of(ops[op_name]), variables, missing)
     if missing:
         problems.append(
             src.problem(
@@ -194,4 +220,7 @@ def apply_operation(
             )
         )
         return None
+    fields = presets.operation_fields(ops[op_name])
+    if fields is not None and typed is not None:
+        typed.append((str(raw.get("name", op_name)), fields, custom))
     return presets.merge(op, raw)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from patchbay import registry
+from patchbay import presets, registry
 from patchbay.config.batch import BatchSpec
 from patchbay.config.destinations import load_destinations
 from patchbay.config.models import NAME_RE, AlertRule, HubSettings, Spec, Trigger
@@ -82,9 +82,12 @@ def load_flow(
     _check_webhook(src, doc.trigger, systems, broken, problems)
     source = load_source(src, doc.trigger, systems, broken, problems)
     steps, stopped_at = _load_steps(src, doc.steps, problems)
+    typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
     dests = load_destinations(
-        src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems
+        src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems, typed
     )
+    for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
+        problems.append(src.problem(at, message))
     _check_batch(src, doc, systems, broken, problems)
     if len(problems) > n0:
         return None
@@ -287,6 +290,18 @@ def load_source(
         )
         return None
     cls, model = found
+    if "read" in settings:  # a preset's ready-made read: its settings under the source's own
+        read_name, reads = settings.pop("read"), (sysspec.preset or {}).get("reads", {})
+        if read_name not in reads:
+            where = f"preset of system {name!r}" if sysspec.preset else f"system {name!r} (it has no preset)"
+            problems.append(
+                src.problem(
+                    (*loc, "read"),
+                    f"unknown read {read_name!r} in the {where}" + did_you_mean(str(read_name), reads),
+                )
+            )
+            return None
+        settings = presets.merge(presets.settings_of(reads[read_name]), settings)
     cfg = validate(src, settings, model, loc, problems)
     if cfg is None:
         return None

@@ -73,7 +73,24 @@ class InboundAuth(Spec):
     prefix: str = Field("", description="hmac: text before the signature in the header, e.g. `sha256=`.")
     timestamp_header: str | None = Field(
         None,
-        description="hmac: header with a Unix timestamp; when set, the signed text is `{timestamp}.{body}`.",
+        description="hmac: header with the signing time; when set, the signed text is `{timestamp}.{body}` "
+        "unless `signed` says otherwise.",
+    )
+    timestamp_format: Literal["unix_s", "unix_ms", "iso8601"] = Field(
+        "unix_s",
+        description="hmac: how timestamp_header writes the time: unix_s (Slack), unix_ms (HubSpot v3) or "
+        "iso8601 (Zendesk, e.g. 2021-03-25T05:09:27Z).",
+    )
+    signed: str | None = Field(
+        None,
+        description="hmac: the text that is signed, from {body}, {timestamp}, {method} and {url}, e.g. "
+        "`v0:{timestamp}:{body}` (Slack), `{timestamp}{body}` (Zendesk), `{method}{url}{body}{timestamp}` "
+        "(HubSpot v3). Default: `{timestamp}.{body}` with a timestamp_header, else `{body}`.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="hmac with {url}: the endpoint's URL exactly as the sender was given it (behind a proxy "
+        "the hub sees another scheme or host). Default: the URL the request reached.",
     )
     tolerance_s: Duration = Field(
         300.0, description="Largest accepted age (or clock skew) of a signed timestamp."
@@ -116,6 +133,19 @@ class InboundAuth(Spec):
             raise ValueError("scheme basic needs `username`")
         if self.burst is not None and self.rate_per_s is None:
             raise ValueError("`burst` needs `rate_per_s`")
+        if self.signed is not None:
+            names = re.findall(r"\{([^{}]*)\}", self.signed)
+            unknown = sorted(set(names) - {"body", "timestamp", "method", "url"})
+            if unknown:
+                raise ValueError(
+                    f"`signed` names {{{unknown[0]}}}; use only {{body}}, {{timestamp}}, {{method}} and {{url}}"
+                )
+            if "body" not in names:
+                raise ValueError(
+                    "`signed` must include {body}: a signature that skips the body proves nothing"
+                )
+            if "timestamp" in names and not self.timestamp_header:
+                raise ValueError("`signed` uses {timestamp}: add `timestamp_header`")
         return self
 
 

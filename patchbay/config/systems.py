@@ -43,6 +43,13 @@ def load_system(
         body = presets.merge(preset.get("system", {}), own)
         if "webhook" in own and preset.get("webhook"):
             body["webhook"] = presets.merge(preset["webhook"], own["webhook"])
+        own_auth = own.get("auth")
+        if (
+            isinstance(own_auth, dict)
+            and str(own_auth.get("scheme", "")).startswith("oauth2")
+            and preset.get("oauth2")
+        ):
+            body["auth"] = presets.merge(preset["oauth2"], own_auth)  # the vendor's endpoints and scopes
     common_keys = set(SystemCommon.model_fields)
     common = validate(src, {k: v for k, v in body.items() if k in common_keys}, SystemCommon, loc, problems)
     if common is None:

@@ -39,6 +39,15 @@ class HttpSystem(Spec):
         description="Path to a PEM file of the CAs to trust for this system instead of the system's "
         "(e.g. a private CA).",
     )
+    retry_after_header: str = Field(
+        "Retry-After",
+        description="Header of a 429 or 5xx answer that says when to try again; some APIs use their own, "
+        "e.g. X-RateLimit-Reset.",
+    )
+    retry_after_unit: Literal["seconds", "unix_time"] = Field(
+        "seconds",
+        description="seconds: a delay (an HTTP date is read too); unix_time: the Unix time the limit resets.",
+    )
 
     _url = field_validator("url")(classmethod(lambda cls, v: check_url(v)))
 
@@ -138,7 +147,9 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                 allow_redirects=self.policy.follow_redirects,
             ) as resp:
                 raw = await read_bounded(resp, RESPONSE_LIMIT if self.config.response else 4096)
-                outcome = classify_response(resp.status, resp.headers, raw, sw.ms, self.resources.redact)
+                outcome = classify_response(
+                    resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
+                )
                 if self.config.response and outcome.cls is OutcomeClass.SUCCESS:
                     outcome.fields = map_response(
                         self.config.response, resp.status, resp.headers, raw, self.resources.redact
@@ -160,3 +171,8 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=f"cannot connect: {exc.os_error}")
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=f"{type(exc).__name__}: {exc}")
+
+    @property
+    def retry_after(self) -> tuple[str, str]:
+        """Where this API says how long to wait after a 429: (header, unit)."""
+        return self.system.retry_after_header, self.system.retry_after_unit

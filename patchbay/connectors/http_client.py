@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -186,13 +187,22 @@ class HttpClient:
             resp.release()
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or from a vendor's
+    reset header: `unit` unix_time reads a Unix time (Intercom's X-RateLimit-Reset)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    try:
+        number = float(value)  # Shopify writes "2.0"
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number) or number < 0:  # NaN, inf or negative: no usable hint
+            return None
+        if unit == "unix_time":
+            return max(0.0, number - (now or time.time()))
+        return number
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -206,8 +216,10 @@ def classify_response(
     raw: bytes,
     latency_ms: float,
     redact: Callable[[str], str] = lambda s: s,
+    retry_after: tuple[str, str] = ("Retry-After", "seconds"),
 ) -> Outcome:
-    """The response-class rules every HTTP-shaped destination shares."""
+    """The response-class rules every HTTP-shaped destination shares; `retry_after` names the header
+    (and its unit) in which the API says how long to wait after a 429."""
     text = redact(excerpt(raw))
     if 200 <= status < 300:
         return Outcome(OutcomeClass.SUCCESS, status, latency_ms, text)
@@ -232,7 +244,7 @@ def classify_response(
             status,
             latency_ms,
             text,
-            retry_after_s=parse_retry_after(headers.get("Retry-After")),
+            retry_after_s=parse_retry_after(headers.get(retry_after[0]), unit=retry_after[1]),
         )
     return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)
 

@@ -39,6 +39,11 @@ class Pagination(Spec):
         "next_cursor", description="cursor: dotted path of the next-page token in the body."
     )
     cursor_param: str = Field("cursor", description="cursor: the parameter that carries it.")
+    more_path: str | None = Field(
+        None,
+        description="cursor: dotted path of a flag in the body saying whether more pages exist (e.g. "
+        "has_more); without it a page with a token is followed until one comes back empty.",
+    )
 
 
 class IncrementalCursor(Spec):
@@ -136,7 +141,9 @@ class HttpPollSource:
                 more = len(items) >= pg.size
             elif pg.type == "cursor":
                 token = dig(body, pg.cursor_path)
-                more = bool(token) and bool(items)
+                more = (
+                    bool(token) and bool(items) and (pg.more_path is None or dig(body, pg.more_path) is True)
+                )
             elif pg.type == "link":
                 m = _LINK_NEXT.search(headers.get("Link", ""))
                 url = urljoin(url, m.group(1)) if m else None
@@ -159,7 +166,10 @@ class HttpPollSource:
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             ) as resp:
                 raw = await resp.read()
-                outcome = classify_response(resp.status, resp.headers, raw[:4096], 0, self.resources.redact)
+                retry_after = (self.system.retry_after_header, self.system.retry_after_unit)
+                outcome = classify_response(
+                    resp.status, resp.headers, raw[:4096], 0, self.resources.redact, retry_after
+                )
                 if outcome.cls is OutcomeClass.SUCCESS:
                     try:
                         return orjson.loads(raw), resp.headers

@@ -6,10 +6,12 @@ import base64
 import binascii
 import hmac
 import ipaddress
+import re
 import secrets as _random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from patchbay.config.models import InboundAuth
 from patchbay.errors import ConfigError, RejectedRequest
@@ -41,6 +43,8 @@ class InboundRequest:
     body: bytes
     headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDictProxy) or a dict with lower-case keys
     remote_ip: str | None = None
+    method: str = "POST"
+    url: str = ""  # the URL the request reached, scheme://host/path?query (hmac's {url})
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,6 +87,7 @@ class Verifier:
             self._sig_header = auth.header.lower()
             self._ts_header = auth.timestamp_header.lower() if auth.timestamp_header else None
             self._prefix = auth.prefix.lower()
+            self._signed = _signed_template(auth)
             self._check = self._hmac
         elif auth.scheme == "stripe":
             self._keys = tuple(_raw(s) for s in secrets)
@@ -148,10 +153,15 @@ class Verifier:
         if missing or raw is None:
             raise RejectedRequest(401, "missing_signature", f"{_ACTION}: missing header {', '.join(missing)}")
         ts = None
-        signed = req.body
         if ts_raw is not None:
-            ts = self._timestamp(ts_raw, auth.timestamp_header or "")
-            signed = ts_raw.encode() + b"." + req.body
+            ts = self._timestamp(ts_raw, auth.timestamp_header or "", auth.timestamp_format)
+        signed = _fill_signed(
+            self._signed,
+            body=req.body,
+            timestamp=(ts_raw or "").strip(),
+            method=req.method,
+            url=auth.public_url or req.url,
+        )
         raw = raw.strip()
         if self._prefix:
             if raw[: len(self._prefix)].lower() != self._prefix:
@@ -251,13 +261,18 @@ class Verifier:
             ok |= hmac.compare_digest(k, got)
         return ok
 
-    def _timestamp(self, raw: str, header: str) -> float:
+    def _timestamp(self, raw: str, header: str, fmt: str = "unix_s") -> float:
         raw = raw.strip()
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= _MAX_TIMESTAMP_DIGITS):
-            raise RejectedRequest(
-                401, "bad_timestamp", f"{_ACTION}: header {header} is not a Unix time in whole seconds"
-            )
-        ts = int(raw)
+        if fmt == "iso8601":
+            ts = _iso_seconds(raw, header)
+        else:
+            digits = _MAX_TIMESTAMP_DIGITS + (3 if fmt == "unix_ms" else 0)
+            if not (raw.isascii() and raw.isdigit() and len(raw) <= digits):
+                unit = "milliseconds" if fmt == "unix_ms" else "whole seconds"
+                raise RejectedRequest(
+                    401, "bad_timestamp", f"{_ACTION}: header {header} is not a Unix time in {unit}"
+                )
+            ts = int(raw) / 1000 if fmt == "unix_ms" else int(raw)
         age = self._now() - ts
         if abs(age) > self._tolerance_s:
             when = f"{age:.0f}s old" if age > 0 else f"{-age:.0f}s in the future"
@@ -318,18 +333,33 @@ def sign_standard_webhooks(secret: bytes | str, msg_id: str, timestamp: int, bod
 
 
 def sign_hmac(
-    auth: InboundAuth, secret: bytes | str, body: bytes, timestamp: int | None = None
+    auth: InboundAuth,
+    secret: bytes | str,
+    body: bytes,
+    timestamp: float | None = None,
+    *,
+    method: str = "POST",
+    url: str = "",
 ) -> dict[str, str]:
     """The signature header (and timestamp header, if `auth` has one) that `auth` expects for `body`.
 
-    `timestamp` defaults to now and is used only when `auth.timestamp_header` is set.
+    `timestamp` (Unix seconds) defaults to now and is used only when `auth.timestamp_header` is set;
+    `method` and `url` only when `auth.signed` names them.
     """
     headers: dict[str, str] = {}
-    signed = body
+    ts = ""
     if auth.timestamp_header:
-        ts = str(int(time.time() if timestamp is None else timestamp))
+        when = time.time() if timestamp is None else timestamp
+        if auth.timestamp_format == "unix_ms":
+            ts = str(int(when * 1000))
+        elif auth.timestamp_format == "iso8601":
+            ts = datetime.fromtimestamp(int(when), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        else:
+            ts = str(int(when))
         headers[auth.timestamp_header] = ts
-        signed = ts.encode() + b"." + body
+    signed = _fill_signed(
+        _signed_template(auth), body=body, timestamp=ts, method=method, url=auth.public_url or url
+    )
     digest = hmac.digest(_raw(secret), signed, auth.algorithm)
     sig = digest.hex() if auth.encoding == "hex" else base64.b64encode(digest).decode()
     headers[auth.header] = auth.prefix + sig
@@ -393,3 +423,39 @@ def _label(auth: InboundAuth, i: int) -> str:
 
 def _accept(req: InboundRequest) -> Verified:
     return _UNSIGNED
+
+
+def _signed_template(auth: InboundAuth) -> str:
+    if auth.signed is not None:
+        return auth.signed
+    return "{timestamp}.{body}" if auth.timestamp_header else "{body}"
+
+
+_SIGNED_PART = re.compile(r"\{(body|timestamp|method|url)\}")
+
+
+def _fill_signed(template: str, *, body: bytes, timestamp: str, method: str, url: str) -> bytes:
+    """The bytes a sender signs: the template's text with the raw body (never re-encoded) in place."""
+    values = {"timestamp": timestamp, "method": method.upper(), "url": url}
+    out = bytearray()
+    pos = 0
+    for m in _SIGNED_PART.finditer(template):
+        out += template[pos : m.start()].encode()
+        out += body if m.group(1) == "body" else values[m.group(1)].encode("utf-8", "surrogateescape")
+        pos = m.end()
+    out += template[pos:].encode()
+    return bytes(out)
+
+
+def _iso_seconds(raw: str, header: str) -> float:
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or len(raw) > 40:
+        raise RejectedRequest(
+            401,
+            "bad_timestamp",
+            f"{_ACTION}: header {header} is not an ISO 8601 time with a zone, e.g. 2021-03-25T05:09:27Z",
+        )
+    return when.timestamp()

@@ -91,7 +91,9 @@ class WebhookEndpoint:
         body = await _read_limited(request, self.max_body)
         if body is None:
             raise self.reject(413, "body_too_large", f"body is over the limit of {self.max_body} bytes")
-        verified = self.verifier.verify(InboundRequest(body, request.headers, request.remote))
+        verified = self.verifier.verify(
+            InboundRequest(body, request.headers, request.remote, request.method, str(request.url))
+        )
         ctype = request.headers.get("Content-Type", "")
         record = self.parse(ctype, body)
         meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
