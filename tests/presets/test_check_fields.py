@@ -148,7 +148,7 @@ def test_an_oauth2_system_gets_the_vendors_endpoints_and_scopes(name: str, tmp_p
     from urllib.parse import parse_qs, urlsplit
 
     from patchbay.config.project import load_project
-    from patchbay.security import oauth2
+    from patchbay.connectors import oauth2_client as oauth2
     from patchbay.security.vault import MasterKey, Vault
     from patchbay.store.secrets import SqliteSecretRows
 
