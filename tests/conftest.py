@@ -8,6 +8,7 @@ import socket
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,35 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def vault_hub(root: Path, secrets: dict[str, str]) -> AsyncIterator[tuple[RunningHub, Any]]:
+    """A running hub of the project at `root` whose `secrets` live in its vault, with the JSON log going to
+    a buffer (yielded beside the hub) so that a test can scan everything the hub wrote."""
+    import io
+    import logging
+
+    from patchbay import logs
+    from patchbay.security.project import open_project_secrets
+
+    vault, _ = open_project_secrets(root, create_key=True)
+    assert vault is not None
+    for name, value in secrets.items():
+        vault.set(name, value)
+    _, resolver = open_project_secrets(root)
+    hub = Hub(load_or_raise(root), resolver=resolver)
+    await hub.start()
+    runner, url = await _start(make_app(hub))
+    buf = io.StringIO()
+    logs.setup("json", resolver.redactor, logging.DEBUG)
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "_patchbay", False))
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(buf)
+    try:
+        yield RunningHub(hub, url, root, runner), buf
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
+        await runner.cleanup()
+        await hub.stop()

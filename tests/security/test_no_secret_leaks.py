@@ -23,14 +23,10 @@ from click.testing import CliRunner
 
 from patchbay import logs
 from patchbay.cli import main
-from patchbay.config.project import load_or_raise
-from patchbay.engine.hub import Hub
-from patchbay.security.project import open_project_secrets
 from patchbay.security.tokens import create_token
 from patchbay.security.vault import KEY_FILE
-from patchbay.server.app import make_app
 from patchbay.store.base import Actor
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, RunningHub, _start, eventually, lead_project
+from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, eventually, lead_project, vault_hub
 
 CARD = "4111111111111111"
 BAD_CARD = "4000-0000-0000-0002"  # fails the flow's pattern: its value would be in the reason
@@ -69,26 +65,8 @@ async def leaky(tmp_path, sink):
     flow = yaml.safe_load(flow_file.read_text())
     flow["sensitive"] = ["card.number"]
     flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
-    vault, _ = open_project_secrets(root, create_key=True)
-    assert vault is not None
-    vault.set("website_whsec", SECRET_WHSEC)
-    vault.set("crm_token", SECRET_TOKEN)
-    _, resolver = open_project_secrets(root)
-    hub = Hub(load_or_raise(root), resolver=resolver)
-    await hub.start()
-    runner, url = await _start(make_app(hub))
-    buf = io.StringIO()
-    logs.setup("json", resolver.redactor, logging.DEBUG)
-    handler = next(h for h in logging.getLogger().handlers if getattr(h, "_patchbay", False))
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(buf)
-    try:
-        yield RunningHub(hub, url, root, runner), buf
-    finally:
-        logging.getLogger().removeHandler(handler)
-        logging.getLogger().setLevel(logging.WARNING)
-        await runner.cleanup()
-        await hub.stop()
+    async with vault_hub(root, {"website_whsec": SECRET_WHSEC, "crm_token": SECRET_TOKEN}) as got:
+        yield got
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,16 +20,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from patchbay import logs
 from patchbay.cli import main
-from patchbay.config.project import load_or_raise
-from patchbay.engine.hub import Hub
-from patchbay.security.project import open_project_secrets
 from patchbay.security.secrets import Redactor
 from patchbay.security.tokens import create_token
-from patchbay.server.app import make_app
 from patchbay.store.base import Actor
-from tests.conftest import SECRET_WHSEC, RunningHub, Sink, _start, eventually, lead_project
+from tests.conftest import SECRET_WHSEC, RunningHub, Sink, eventually, lead_project, vault_hub
 
 USER = "ada.lovelace"
 PASSWORD = 'pä$$/w"rd+9 Engine'  # non-ASCII, a quote and a slash: every encoding differs from the text
@@ -71,26 +65,8 @@ async def basic_hub(tmp_path: Any, sink: Sink) -> AsyncIterator[tuple[RunningHub
     systems = yaml.safe_load((root / "systems.yaml").read_text())
     systems["crm"]["auth"] = {"scheme": "basic", "username": USER, "password": {"secret": "crm_password"}}
     (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
-    vault, _ = open_project_secrets(root, create_key=True)
-    assert vault is not None
-    vault.set("website_whsec", SECRET_WHSEC)
-    vault.set("crm_password", PASSWORD)
-    _, resolver = open_project_secrets(root)
-    hub = Hub(load_or_raise(root), resolver=resolver)
-    await hub.start()
-    runner, url = await _start(make_app(hub))
-    buf = io.StringIO()
-    logs.setup("json", resolver.redactor, logging.DEBUG)
-    handler = next(h for h in logging.getLogger().handlers if getattr(h, "_patchbay", False))
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(buf)
-    try:
-        yield RunningHub(hub, url, root, runner), buf
-    finally:
-        logging.getLogger().removeHandler(handler)
-        logging.getLogger().setLevel(logging.WARNING)
-        await runner.cleanup()
-        await hub.stop()
+    async with vault_hub(root, {"website_whsec": SECRET_WHSEC, "crm_password": PASSWORD}) as got:
+        yield got
 
 
 async def test_an_echoed_basic_header_and_encoded_password_are_scrubbed_everywhere(basic_hub, sink):
