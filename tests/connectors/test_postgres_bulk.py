@@ -36,6 +36,17 @@ async def insert(pg: Any, t: str, ids: Any, ts: str = "2024-01-01") -> None:
     )
 
 
+def merge_spec(src: str, dst: str, **more: Any) -> dict[str, Any]:
+    """A merge by id from table `src` to table `dst` of the test database."""
+    return {
+        "from": {"system": "db", "table": src},
+        "to": {"system": "db", "table": dst},
+        "mode": "merge",
+        "key": ["id"],
+        **more,
+    }
+
+
 def flow() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
 
@@ -52,7 +63,7 @@ async def test_full_refresh_maps_validates_and_quarantines_invalid_rows(pg):
     dst = name(pg, "dst")
     report = await sync(
         flow(),
-        {"from": {"system": "db", "table": src}, "to": {"system": "db", "table": dst}, "mode": "full"},
+        merge_spec(src, dst, mode="full", key=[]),
         steps(*LEAD_STEPS),
     )
     assert report.status == "ok", report.error
@@ -66,7 +77,7 @@ async def test_full_refresh_maps_validates_and_quarantines_invalid_rows(pg):
     await pg.execute(f'DELETE FROM "{src}" WHERE id > 100')
     again = await sync(
         flow(),
-        {"from": {"system": "db", "table": src}, "to": {"system": "db", "table": dst}, "mode": "full"},
+        merge_spec(src, dst, mode="full", key=[]),
         steps(*LEAD_STEPS),
     )
     assert again.status == "ok"
@@ -77,14 +88,7 @@ async def test_merge_by_cursor_updates_changed_rows_and_counts_unchanged(pg):
     src = await customers(pg, 1000)
     dst = name(pg, "dst")
     f = flow()
-    spec = {
-        "from": {"system": "db", "table": src},
-        "to": {"system": "db", "table": dst},
-        "mode": "merge",
-        "key": ["id"],
-        "cursor": {"column": "updated_at"},
-        "batch_rows": 100,
-    }
+    spec = merge_spec(src, dst, cursor={"column": "updated_at"}, batch_rows=100)
     first = await sync(f, spec, steps(*LEAD_STEPS))
     assert (first.status, first.inserted, first.updated) == ("ok", 1000, 0), first.error
     assert first.cursor_to is not None and first.cursor_to.startswith("2024-01-01 00:16:40")
@@ -105,13 +109,7 @@ async def test_lookback_catches_a_row_committed_late_with_an_older_timestamp(pg)
     src = await customers(pg, 100)
     dst = name(pg, "dst")
     f = flow()
-    spec = {
-        "from": {"system": "db", "table": src},
-        "to": {"system": "db", "table": dst},
-        "mode": "append",
-        "key": ["id"],
-        "cursor": {"column": "updated_at", "lookback": "10m"},
-    }
+    spec = merge_spec(src, dst, mode="append", cursor={"column": "updated_at", "lookback": "10m"})
     assert (await sync(f, spec)).inserted == 100
     # A transaction that started earlier commits now, stamped 5 minutes before the last cursor.
     await pg.execute(
@@ -128,12 +126,7 @@ async def test_drift_stops_by_default_and_nothing_is_written(pg):
     src = await customers(pg, 50)
     dst = name(pg, "dst")
     f = flow()
-    spec = {
-        "from": {"system": "db", "table": src},
-        "to": {"system": "db", "table": dst},
-        "mode": "merge",
-        "key": ["id"],
-    }
+    spec = merge_spec(src, dst)
     assert (await sync(f, spec)).status == "ok"
     await pg.execute(f'ALTER TABLE "{src}" ADD COLUMN phone text')
     await pg.execute(f"UPDATE \"{src}\" SET phone = '+49 1', first_name = 'X'")
@@ -152,12 +145,7 @@ async def test_dropped_source_column_never_writes_nulls(pg):
     src = await customers(pg, 20)
     dst = name(pg, "dst")
     f = flow()
-    spec = {
-        "from": {"system": "db", "table": src},
-        "to": {"system": "db", "table": dst},
-        "mode": "merge",
-        "key": ["id"],
-    }
+    spec = merge_spec(src, dst)
     assert (await sync(f, spec)).status == "ok"
     await pg.execute(f'ALTER TABLE "{src}" DROP COLUMN country')
     await pg.execute(f"UPDATE \"{src}\" SET first_name = 'Y'")
@@ -175,13 +163,7 @@ async def test_soft_and_hard_deletes_follow_with_a_guard(pg):
     await pg.execute(f'ALTER TABLE "{src}" ADD COLUMN deleted_at timestamptz')
     dst = name(pg, "dst")
     f = flow()
-    spec = {
-        "from": {"system": "db", "table": src},
-        "to": {"system": "db", "table": dst},
-        "mode": "merge",
-        "key": ["id"],
-        "deletes": {"detect": "soft", "column": "deleted_at"},
-    }
+    spec = merge_spec(src, dst, deletes={"detect": "soft", "column": "deleted_at"})
     assert (await sync(f, spec)).inserted == 100
     await pg.execute(f'UPDATE "{src}" SET deleted_at = now() WHERE id <= 5')
     soft = await sync(f, spec)
