@@ -26,9 +26,7 @@ from patchbay import registry
 from patchbay.batch.frame import Column, Frame
 from patchbay.batch.transform import FrameTransform, Invalid, Result, step_reads
 from patchbay.config.batch import BatchFrom, BatchSpec
-from patchbay.config.project import system_secret_refs
 from patchbay.config.specs import FlowSpec, Project
-from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
 from patchbay.errors import PatchbayError
 from patchbay.records import new_id
@@ -312,15 +310,9 @@ def open_bulk(project: Project, resolver: SecretResolver, system_name: str, flow
     found = registry.connector_for(system.kind or "", "bulk")
     if found is None:
         raise BatchStopped(f"system {system_name!r} ({system.kind}) cannot take part in a batch sync")
-    res = Resources(
-        secret=resolver.scoped(system_secret_refs(system)),
-        redact=resolver.redactor,
-        extra={"root": project.root, "flow": flow_name},
-        system=system.name,
-        allow_private=system.common.allow_private_network,
-        allow_networks=tuple(system.common.allow_networks),
-    )
-    bulk: BulkSystem = found[0](system.config, res)
+    from patchbay.engine.hub import system_resources
+
+    bulk: BulkSystem = found[0](system.config, system_resources(project, resolver, system, flow_name))
     return bulk
 
 

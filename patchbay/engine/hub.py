@@ -42,17 +42,29 @@ def build_sinks(
         found = registry.connector_for(dest.kind, "destination")
         assert found is not None
         cls, _ = found
-        res = Resources(
-            http=resources.http if resources else None,
-            secret=resolver.scoped(system_secret_refs(system)),
-            redact=resolver.redactor,
-            extra={**(resources.extra if resources else {}), "root": project.root, "flow": flow.name},
-            system=system.name,
-            allow_private=system.common.allow_private_network,
-            allow_networks=tuple(system.common.allow_networks),
-        )
+        res = system_resources(project, resolver, system, flow.name, resources)
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
     return out
+
+
+def system_resources(
+    project: Project,
+    resolver: SecretResolver,
+    system: SystemSpec,
+    flow_name: str,
+    shared: Resources | None = None,
+) -> Resources:
+    """What a connector of `system` gets for flow `flow_name`: only that system's credentials, its address
+    policy, and the hub's shared sessions (`shared`) when there are some."""
+    return Resources(
+        http=shared.http if shared else None,
+        secret=resolver.scoped(system_secret_refs(system)),
+        redact=resolver.redactor,
+        extra={**(shared.extra if shared else {}), "root": project.root, "flow": flow_name},
+        system=system.name,
+        allow_private=system.common.allow_private_network,
+        allow_networks=tuple(system.common.allow_networks),
+    )
 
 
 def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
@@ -194,15 +206,7 @@ class Hub:
             system = self.project.systems[spec.source.system]
             found = registry.connector_for(spec.source.kind, "source")
             assert found is not None
-            res = Resources(
-                http=self.resources.http,
-                secret=self.resolver.scoped(system_secret_refs(system)),
-                redact=self.resolver.redactor,
-                system=system.name,
-                extra={"flow": spec.name, "root": self.project.root},
-                allow_private=system.common.allow_private_network,
-                allow_networks=tuple(system.common.allow_networks),
-            )
+            res = system_resources(self.project, self.resolver, system, spec.name, self.resources)
             fr.source = found[0](system.config, spec.source.config, res)
         if spec.trigger.schedule is not None:
             if fr.source is not None:
