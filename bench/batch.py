@@ -184,15 +184,134 @@ def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, A
     return wall, rss, report
 
 
+# ---------------------------------------------------------------- PostgreSQL -> DuckDB (flag --duckdb)
+async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, Any]:
+    from patchbay.config.batch import BatchSpec
+    from patchbay.connectors.base import Resources
+    from patchbay.connectors.duckdb_bulk import DuckdbBulk, DuckdbSystem
+    from patchbay.connectors.postgres import PostgresSystem
+    from patchbay.connectors.postgres_bulk import PostgresBulk
+    from patchbay.engine.batch import BatchRun
+
+    system = PostgresSystem.model_validate({**PG, "database": SRC, "password": {"env": "PGPASSWORD"}})
+    src = PostgresBulk(system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600)
+    dst = DuckdbBulk(
+        DuckdbSystem.model_validate({"path": path}), Resources(allow_private=True, system="duck")
+    )
+    try:
+        report = await BatchRun(flow, [], BatchSpec.model_validate(spec), src, dst).run()
+    finally:
+        await src.close()
+        await dst.close()
+    out = report.as_dict()
+    out.pop("samples")
+    return out
+
+
+def duckdb_load_routes(n: int = 300_000) -> list[tuple[str, float, float, float | None, str]]:
+    """DuckDB's two bulk routes on the same COPY-text rows: Arrow text columns cast in one INSERT (what
+    duckdb_bulk does) against the appender with values decoded in Python."""
+    import datetime as dt
+
+    import duckdb
+    import pyarrow as pa
+
+    from patchbay.batch.frame import NULL, unescape
+
+    rows = [
+        [str(i).encode(), f"u{i}@x.io".encode(), b"Ana", b"DE", f"2024-01-01 00:00:{i % 60:02d}+00".encode(),
+         b'{"tier": "pro"}']
+        for i in range(n)
+    ]  # fmt: skip
+    types = ["BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "TIMESTAMPTZ", "JSON"]
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-routes.duckdb"
+    path.unlink(missing_ok=True)
+    out = []
+    with duckdb.connect(str(path)) as c:
+        c.execute("SET TimeZone = 'UTC'")
+        for route in ("arrow", "appender"):
+            c.execute("DROP TABLE IF EXISTS t")
+            c.execute(
+                "CREATE TABLE t (id BIGINT PRIMARY KEY, email VARCHAR, fn VARCHAR, cc VARCHAR, ts TIMESTAMPTZ, j JSON)"
+            )
+            t0 = time.perf_counter()
+            for s in range(0, n, 10_000):
+                chunk = rows[s : s + 10_000]
+                if route == "arrow":
+                    arrays = [
+                        pa.array(
+                            [
+                                None if (f := r[j]) == NULL else f.decode() if b"\\" not in f else unescape(f)
+                                for r in chunk
+                            ],
+                            type=pa.string(),
+                        )
+                        for j in range(6)
+                    ]
+                    c.register("b", pa.Table.from_arrays(arrays, names=[f"c{j}" for j in range(6)]))
+                    c.execute(
+                        "INSERT INTO t SELECT "
+                        + ", ".join(f"CAST(c{j} AS {t})" for j, t in enumerate(types))
+                        + " FROM b"
+                    )
+                    c.unregister("b")
+                else:
+                    app = c.appender("t")
+                    app.append_rows(
+                        [[int(r[0]), r[1].decode(), r[2].decode(), r[3].decode(),
+                          dt.datetime.fromisoformat(r[4].decode()), r[5].decode()] for r in chunk]
+                    )  # fmt: skip
+                    app.flush()
+            wall = time.perf_counter() - t0
+            out.append((f"DuckDB load route: {route} ({n:,} rows, in-process)", wall, n / wall, None, ""))
+    path.unlink(missing_ok=True)
+    return out
+
+
+def duckdb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float, float, float | None, str]]:
+    """PostgreSQL -> DuckDB full load of the bench table (no steps), then the load routes compared."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-batch.duckdb"
+    path.unlink(missing_ok=True)
+    spec = {**full, "to": {"system": "duck", "table": "pb_full"}}
+    wall, rss, out = timed_child(
+        [
+            sys.executable,
+            __file__,
+            "child",
+            "--flow",
+            "bench-duckdb",
+            "--spec",
+            json.dumps(spec),
+            "--duckdb",
+            str(path),
+        ]
+    )
+    rep = json.loads(out.strip().splitlines()[-1])
+    if rep["status"] != "ok":
+        raise SystemExit(f"patchbay run failed: {rep['error']}")
+    path.unlink(missing_ok=True)
+    rows = [
+        ("patchbay full load -> DuckDB file (Arrow)", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}")
+    ]
+    return rows + duckdb_load_routes()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("child")
     c.add_argument("--flow", required=True)
     c.add_argument("--spec", required=True)
+    c.add_argument("--duckdb", help="write into this DuckDB file (the --duckdb scenario)")
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--skip-others", action="store_true", help="only PostgreSQL -> PostgreSQL")
+    ap.add_argument(
+        "--duckdb", action="store_true", help="also PostgreSQL -> DuckDB (needs patchbay[duckdb])"
+    )
     args = ap.parse_args()
+    if args.cmd == "child" and args.duckdb:
+        print(json.dumps(asyncio.run(_sync_duckdb(json.loads(args.spec), args.flow, args.duckdb))))
+        return
     if args.cmd == "child":
         child(args)
         return
@@ -289,6 +408,9 @@ def main() -> None:
             ("patchbay full load -> SQLite file", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}")
         )
         lite.unlink()
+
+    if args.duckdb:
+        rows.extend(duckdb_scenario(full, limit))
 
     print()
     print("| scenario | wall s | rows/s | client peak RSS MiB | limit time / this (or x reference) |")
