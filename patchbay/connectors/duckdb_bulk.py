@@ -43,6 +43,13 @@ class DuckdbSystem(Spec):
         examples=["warehouse/analytics.duckdb"],
     )
 
+    memory_limit_mb: int = Field(
+        128,
+        ge=32,
+        description="Memory DuckDB may use in the hub's process (MiB); a run larger than this spills to "
+        "`<file>.tmp` beside the database, so memory stays bounded whatever the table's size.",
+    )
+
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
@@ -140,6 +147,7 @@ class DuckdbBulk:
             def open_() -> Any:
                 conn = duckdb.connect(str(path))
                 conn.execute("SET TimeZone = 'UTC'")
+                conn.execute(f"SET memory_limit = '{int(self.system.memory_limit_mb)}MB'")
                 return conn
 
             self._conn = await asyncio.to_thread(open_)
@@ -351,11 +359,10 @@ class _DuckLoad:
         target = q(self.table) if self.mode == "full" else "temp._pb_stage"
         names = ", ".join(q(c.name) for c in self.columns)
         casts = ", ".join(_cast(c, n) for c, n in zip(self.columns, self._names, strict=True))
-        conn.register("_pb_batch", batch)
-        try:
-            conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
-        finally:
-            conn.unregister("_pb_batch")
+        # DuckDB finds the Arrow table by this local name (a replacement scan). Not register(): a view
+        # registered inside a transaction keeps its table alive until COMMIT (memory grew with the run).
+        _pb_batch = batch  # noqa: F841
+        conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
 
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:
         self._deletes.extend(keys)
