@@ -196,7 +196,15 @@ async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, 
     system = PostgresSystem.model_validate({**PG, "database": SRC, "password": {"env": "PGPASSWORD"}})
     src = PostgresBulk(system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600)
     dst = DuckdbBulk(
-        DuckdbSystem.model_validate({"path": path, **({"memory_limit_mb": int(os.environ["PB_DUCK_MB"])} if os.environ.get("PB_DUCK_MB") else {})}), Resources(allow_private=True, system="duck")
+        DuckdbSystem.model_validate(
+            {
+                "path": path,
+                **(
+                    {"memory_limit_mb": int(os.environ["PB_DUCK_MB"])} if os.environ.get("PB_DUCK_MB") else {}
+                ),
+            }
+        ),
+        Resources(allow_private=True, system="duck"),
     )
     try:
         report = await BatchRun(flow, [], BatchSpec.model_validate(spec), src, dst).run()

@@ -361,7 +361,7 @@ class _DuckLoad:
         casts = ", ".join(_cast(c, n) for c, n in zip(self.columns, self._names, strict=True))
         # DuckDB finds the Arrow table by this local name (a replacement scan). Not register(): a view
         # registered inside a transaction keeps its table alive until COMMIT (memory grew with the run).
-        _pb_batch = batch  # noqa: F841
+        _pb_batch = batch
         conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
 
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:

@@ -162,6 +162,8 @@ class BatchRun:
                 if hasattr(side, "for_batch"):
                     side.for_batch(spec)
             state = await self.dest.state(self.flow) or SyncState()
+            if hasattr(self.source, "remember"):  # a source that learns its columns as it reads (an API)
+                self.source.remember(state)
             columns = await self.source.columns(spec.from_)
             evolve = self._check_drift(state, columns, report)
             window = Window()
