@@ -686,6 +686,8 @@ DRIVERS = {
     "nats": "nats",
     "redis": "redis",
     "email": "aiosmtplib",
+    "duckdb": "duckdb",
+    "parquet": "pyarrow",
 }
 
 
