@@ -221,3 +221,29 @@ async def test_duckdb_as_a_source_with_steps_and_a_lookback(tmp_path):
     assert (second.status, second.inserted, second.read) == ("ok", 1, 12), second.error
     with sqlite3.connect(lite) as conn:
         assert conn.execute("SELECT email FROM events WHERE id = 900").fetchone() == ("late@x.io",)
+
+
+def test_check_names_the_install_hint_when_the_duckdb_extra_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from patchbay.config.project import load_project
+    from tests.conftest import write_project
+
+    write_project(
+        tmp_path,
+        {
+            "systems.yaml": "lake: {kind: duckdb, owner: data, path: lake.duckdb}\n"
+            "shop: {kind: sqlite, owner: ops, path: shop.db}\n",
+            "flows/f.yaml": "purpose: To the lake.\nowner: data\ntrigger: {manual: true}\nbatch:\n"
+            "  from: {system: shop, table: orders}\n  to: {system: lake, table: orders}\n  mode: full\n",
+        },
+    )
+    assert load_project(tmp_path)[1] == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "duckdb" else real(name, *a)
+    )
+    text = "\n".join(str(p) for p in load_project(tmp_path)[1])
+    assert (
+        "flows/f.yaml:6: the duckdb connector needs the duckdb driver: pip install 'patchbay[duckdb]'" in text
+    )
