@@ -191,8 +191,19 @@ async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, 
     from patchbay.connectors.duckdb_bulk import DuckdbBulk, DuckdbSystem
     from patchbay.connectors.postgres import PostgresSystem
     from patchbay.connectors.postgres_bulk import PostgresBulk
+    from patchbay.config.project import StepSpec
     from patchbay.engine.batch import BatchRun
+    from patchbay.registry import STEPS as REGISTRY
+    from patchbay.registry import discover
 
+    discover()
+    steps = []  # the same map + validate as the PostgreSQL -> PostgreSQL load
+    for i, s in enumerate(STEPS):
+        ((kind, raw),) = s.items()
+        config = REGISTRY[kind].config.model_validate(raw)
+        steps.append(
+            StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config))
+        )
     system = PostgresSystem.model_validate({**PG, "database": SRC, "password": {"env": "PGPASSWORD"}})
     src = PostgresBulk(system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600)
     dst = DuckdbBulk(
@@ -207,7 +218,7 @@ async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, 
         Resources(allow_private=True, system="duck"),
     )
     try:
-        report = await BatchRun(flow, [], BatchSpec.model_validate(spec), src, dst).run()
+        report = await BatchRun(flow, steps, BatchSpec.model_validate(spec), src, dst).run()
     finally:
         await src.close()
         await dst.close()
@@ -277,7 +288,8 @@ def duckdb_load_routes(n: int = 300_000) -> list[tuple[str, float, float, float 
 
 
 def duckdb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float, float, float | None, str]]:
-    """PostgreSQL -> DuckDB full load of the bench table (no steps), then the load routes compared."""
+    """PostgreSQL -> DuckDB full load of the bench table with the same steps, then the load routes compared.
+    PB_DUCK_MB sets the DuckDB system's memory_limit_mb (default 128)."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-batch.duckdb"
     path.unlink(missing_ok=True)
     spec = {**full, "to": {"system": "duck", "table": "pb_full"}}

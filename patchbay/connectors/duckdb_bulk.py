@@ -340,28 +340,37 @@ class _DuckLoad:
             await self.owner._call(self._insert, batch)
             self.copied += len(rows)
 
-    def _arrow(self, rows: list[list[bytes]]) -> Any:
-        """The rows as an Arrow table of text columns (NULL as null), off the event loop."""
-        arrays = []
+    def _arrow(self, rows: list[list[bytes]]) -> tuple[Any, list[bool]]:
+        """The rows as an Arrow table of text columns, off the event loop, and which columns went in as
+        COPY text unchanged (no backslash in this batch: `\\N` is NULL, turned so in SQL): those skip the
+        per-field decoding in Python, 6x cheaper."""
+        arrays, raw = [], []
         for j in range(len(self.columns)):
-            arrays.append(
-                self._pa.array(
-                    [
-                        None if (f := r[j]) == NULL else f.decode() if b"\\" not in f else unescape(f)
-                        for r in rows
-                    ],
-                    type=self._pa.string(),
+            col = [r[j] for r in rows]
+            if b"\\" not in b"\x00".join(col).replace(NULL, b""):
+                arrays.append(self._pa.array(col, type=self._pa.string()))
+                raw.append(True)
+            else:
+                arrays.append(
+                    self._pa.array(
+                        [None if f == NULL else f.decode() if b"\\" not in f else unescape(f) for f in col],
+                        type=self._pa.string(),
+                    )
                 )
-            )
-        return self._pa.Table.from_arrays(arrays, schema=self._schema)
+                raw.append(False)
+        return self._pa.Table.from_arrays(arrays, schema=self._schema), raw
 
-    def _insert(self, conn: Any, batch: Any) -> None:
+    def _insert(self, conn: Any, batch: tuple[Any, list[bool]]) -> None:
+        table, raw = batch
         target = q(self.table) if self.mode == "full" else "temp._pb_stage"
         names = ", ".join(q(c.name) for c in self.columns)
-        casts = ", ".join(_cast(c, n) for c, n in zip(self.columns, self._names, strict=True))
+        casts = ", ".join(
+            _cast(c, f"NULLIF({n}, '\\N')" if r else n)
+            for c, n, r in zip(self.columns, self._names, raw, strict=True)
+        )
         # DuckDB finds the Arrow table by this local name (a replacement scan). Not register(): a view
         # registered inside a transaction keeps its table alive until COMMIT (memory grew with the run).
-        _pb_batch = batch
+        _pb_batch = table
         conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
 
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:
