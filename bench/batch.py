@@ -187,11 +187,11 @@ def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, A
 # ---------------------------------------------------------------- PostgreSQL -> DuckDB (flag --duckdb)
 async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, Any]:
     from patchbay.config.batch import BatchSpec
+    from patchbay.config.project import StepSpec
     from patchbay.connectors.base import Resources
     from patchbay.connectors.duckdb_bulk import DuckdbBulk, DuckdbSystem
     from patchbay.connectors.postgres import PostgresSystem
     from patchbay.connectors.postgres_bulk import PostgresBulk
-    from patchbay.config.project import StepSpec
     from patchbay.engine.batch import BatchRun
     from patchbay.registry import STEPS as REGISTRY
     from patchbay.registry import discover
