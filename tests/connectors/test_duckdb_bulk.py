@@ -247,3 +247,72 @@ def test_check_names_the_install_hint_when_the_duckdb_extra_is_missing(tmp_path,
     assert (
         "flows/f.yaml:6: the duckdb connector needs the duckdb driver: pip install 'patchbay[duckdb]'" in text
     )
+
+
+RUNNER = """
+import asyncio, sys
+from pathlib import Path
+from patchbay.config.project import load_or_raise
+from patchbay.engine.batch import run_flow
+from patchbay.engine.hub import open_resolver_for
+
+root = Path(sys.argv[1])
+project = load_or_raise(root)
+def progress(p):
+    print(f"read {p.read}", flush=True)
+report = asyncio.run(run_flow(project, open_resolver_for(root), project.flows["f"], progress=progress))
+print(f"done {report.status} {report.inserted} {report.error}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_each_row_once(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import write_project
+
+    write_project(
+        tmp_path,
+        {
+            "systems.yaml": "lake: {kind: duckdb, owner: data, path: lake.duckdb}\n"
+            "shop: {kind: sqlite, owner: ops, path: shop.db}\n",
+            "flows/f.yaml": "purpose: To the lake.\nowner: data\ntrigger: {manual: true}\nbatch:\n"
+            "  from: {system: shop, table: orders}\n  to: {system: lake, table: orders}\n  mode: merge\n"
+            "  key: [id]\n  cursor: {column: id}\n  batch_rows: 1000\n",
+        },
+    )
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, email TEXT, total REAL)")
+        c.executemany(
+            "INSERT INTO orders VALUES (?, ?, ?)", [(i, f"u{i}@x.io", i * 1.5) for i in range(1, 200_001)]
+        )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("read ") and int(line.split()[1]) >= 30000:
+            break
+    else:
+        pytest.fail(f"the run ended before it could be killed (exit {proc.wait()})")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    db = tmp_path / "lake.duckdb"
+    # DuckDB replays its WAL on open: nothing of the killed transaction is there.
+    tables = {r[0] for r in rows(db, "SELECT table_name FROM information_schema.tables")}
+    if "orders" in tables:
+        assert rows(db, "SELECT count(*) FROM orders") == [(0,)]
+    if "_patchbay_sync_state" in tables:
+        assert rows(db, "SELECT count(*) FROM _patchbay_sync_state") == [(0,)]
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert "done ok 200000 None" in done.stdout, done.stdout + done.stderr
+    assert rows(db, "SELECT count(*), count(DISTINCT id), sum(id) FROM orders") == [
+        (200_000, 200_000, 200_000 * 200_001 // 2)
+    ]
