@@ -165,6 +165,13 @@ def _check_bulk_side(
     if check is not None:
         for message in check(sysspec.config, side, batch):
             problems.append(src.problem(("batch", side), message))
+    elif side == "to" and batch.to.format is not None:
+        problems.append(
+            src.problem(
+                ("batch", side, "format"),
+                f"`format` is for a files destination; {sysspec.kind} writes a table",
+            )
+        )
     elif side == "from" and (batch.from_.files is not None or batch.from_.api is not None):
         problems.append(
             src.problem(

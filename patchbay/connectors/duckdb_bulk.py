@@ -124,12 +124,17 @@ class DuckdbBulk:
     @classmethod
     def check_batch(cls, system: Any, side: str, batch: Any) -> list[str]:
         """`check`'s problems for a batch flow using this system (the driver is installed)."""
+        out = []
         missing = [m for m in ("duckdb", "pyarrow") if importlib.util.find_spec(m) is None]
         if missing:
-            return [
+            out.append(
                 f"the duckdb connector needs the {' and '.join(missing)} driver: {install_hint('duckdb')}"
-            ]
-        return []
+            )
+        if side == "to" and batch.to.format is not None:
+            out.append("`format` is for a files destination; duckdb writes a table")
+        if side == "from" and (batch.from_.files is not None or batch.from_.api is not None):
+            out.append("a DuckDB system is read with `table` or `query`")
+        return out
 
     def path(self) -> Path:
         p = Path(self.system.path).expanduser()

@@ -15,6 +15,7 @@ errors, so any warning fails the run: nothing is ever truncated or zeroed silent
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -279,14 +280,34 @@ class MysqlBulk:
         )
         if not rows:
             return None
+        json_cols = await self._json_checked(table.split(".")[-1])
         out = []
         for name, data_type, column_type in rows:
             kind = (
                 "bool"
                 if str(column_type).lower() == "tinyint(1)"
+                else "json"
+                if name in json_cols
                 else _TYPES.get(str(data_type).lower(), "text")
             )
             out.append(Column(name, kind, str(column_type)))
+        return out
+
+    async def _json_checked(self, table: str) -> set[str]:
+        """MariaDB's JSON columns: LONGTEXT with a json_valid() check (MySQL has a JSON type instead)."""
+        try:
+            rows = await self._all(
+                "SELECT check_clause FROM information_schema.check_constraints"
+                " WHERE constraint_schema = DATABASE() AND table_name = %s",
+                (table,),
+            )
+        except Exception:  # MySQL before 8.0.16 has no such view: JSON columns are typed there
+            return set()
+        out = set()
+        for (clause,) in rows:
+            m = re.fullmatch(r"json_valid\(`([^`]+)`\)", str(clause).strip(), re.IGNORECASE)
+            if m:
+                out.add(m.group(1))
         return out
 
     async def row_count(self, table: str) -> int:

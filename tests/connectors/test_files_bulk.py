@@ -387,3 +387,16 @@ def test_check_knows_what_a_files_side_can_do(tmp_path):
     )
     assert "system 'report' (sqlite) is a database: read it with `table` or `query`" in text
     assert "duckdb" not in text.split("is a database")[1]  # the duckdb extra is installed here
+
+
+def test_check_refuses_format_on_a_table_destination(tmp_path):
+    text = problems(
+        tmp_path,
+        "  from: {system: report, table: t}\n  to: {system: report, table: t, format: csv}\n  mode: full\n",
+    )
+    assert "`format` is for a files destination; sqlite writes a table" in text
+    text = problems(
+        tmp_path,
+        "  from: {system: report, table: t}\n  to: {system: lake, table: t, format: csv}\n  mode: full\n",
+    )
+    assert "`format` is for a files destination; duckdb writes a table" in text

@@ -258,3 +258,24 @@ async def test_reading_stopped_half_way_drops_the_stream_and_the_next_read_works
         assert [len(f) for f in frames] == [400, 400, 200]
     finally:
         await a.close()
+
+
+async def test_a_mariadb_json_column_arrives_as_json(my, pg):
+    t = f"src_{uuid.uuid4().hex[:10]}"
+    my.made.append(t)
+    await run(my, f"CREATE TABLE `{t}` (id INT PRIMARY KEY, attrs JSON, label LONGTEXT)")
+    await run(my, f"""INSERT INTO `{t}` VALUES (1, '{{"tier": "pro", "n": [1, 2]}}', 'x'), (2, NULL, NULL)""")
+    dst = pg_name(pg)
+    a = mysql()
+    try:
+        cols = await a.columns(BatchFrom(system="my", table=t))
+    finally:
+        await a.close()
+    assert [(c.name, c.type) for c in cols] == [("id", "int"), ("attrs", "json"), ("label", "text")]
+    spec = {"from": {"system": "my", "table": t}, "to": {"system": "db", "table": dst}, "mode": "full"}
+    report = await sync(mysql(), bulk(), flow(), spec)
+    assert report.status == "ok", report.error
+    assert await fetch(pg, f"""SELECT attrs->>'tier', jsonb_typeof(attrs) FROM "{dst}" ORDER BY id""") == [
+        ("pro", "object"),
+        (None, None),
+    ]
