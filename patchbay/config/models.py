@@ -404,7 +404,11 @@ class HubSettings(Spec):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8787, ge=0, le=65535, description="Port to listen on.")
-    store: str = Field(".patchbay/patchbay.db", description="SQLite file (relative to the project) or a URL.")
+    store: str = Field(
+        ".patchbay/patchbay.db",
+        description="The store: a SQLite file (relative to the project), or the same as a URL: sqlite:///RELATIVE/PATH, "
+        "sqlite:////ABSOLUTE/PATH.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted webhook body.")
     max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest accepted JSON nesting.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
@@ -427,4 +431,28 @@ class HubSettings(Spec):
         default_factory=list,
         description="Alert rules watching every flow, e.g. "
         "`- {when: failures, count: 5, window: 10m, notify: [ops-chat]}`; a flow file may add its own.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        return store_location(v)
+
+
+def store_location(value: str) -> str:
+    """The store setting as a file path: a path, or sqlite:///PATH. Any other URL is refused here, so it never
+    becomes a file named like the URL; the message names the scheme only (a URL may carry a password). The one
+    reader of the setting: the hub's settings and `security.project.store_path_of` both call it."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    if scheme.lower() == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                "write sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH (as SQLAlchemy), or a plain file path"
+            )
+        return rest[1:]
+    raise ValueError(
+        f"this hub keeps its store in SQLite only and cannot use a {scheme}:// store: "
+        "write a file path such as .patchbay/patchbay.db"
     )
