@@ -226,6 +226,35 @@ class DeliveryPolicy(Spec):
         return DeliveryPolicy.model_validate(base)
 
 
+class History(Spec):
+    """How long the hub keeps finished runs (events, their deliveries, attempts and traces), and when it
+    compresses them. Pending work is never removed; a run is removed whole."""
+
+    keep: Duration | None = Field(
+        30 * 86400.0,
+        description="Remove delivered, filtered and discarded runs this long after their last change "
+        "(e.g. 30d); null keeps them forever. A removed run's dedupe id is forgotten with it.",
+    )
+    keep_failures: Duration | None = Field(
+        None,
+        description="Remove dead-lettered and quarantined runs this long after their last change; "
+        "default null: they stay until replayed or discarded.",
+    )
+    compress_after: Duration | None = Field(
+        86400.0,
+        description="Compress a finished run's payload and trace (zlib) this long after its last change; "
+        "null never compresses. Reads, replays and exports open them as before.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> History:
+        for name in ("keep", "keep_failures", "compress_after"):
+            value = getattr(self, name)
+            if value is not None and value < 60:
+                raise ValueError(f"`{name}` must be at least 1m (or null)")
+        return self
+
+
 class WebhookTrigger(Spec):
     system: str = Field(
         description="The system that calls this endpoint; its `webhook` settings authenticate it."
@@ -426,6 +455,10 @@ class HubSettings(Spec):
     )
     delivery: DeliveryPolicy = Field(
         default_factory=DeliveryPolicy, description="Defaults for every destination."
+    )
+    history: History = Field(
+        default_factory=History,
+        description="Retention of finished runs for every flow; a flow may override it.",
     )
     alerts: list[AlertRule] = Field(
         default_factory=list,
