@@ -53,7 +53,7 @@ class Retention:
         *,
         on_counts: Counts | None = None,
         interval_s: float = 600.0,
-        chunk: int = 500,
+        chunk: int = 100,
         pause_s: float = 0.02,
         clock: Callable[[], float] = time.time,
     ) -> None:
