@@ -5,6 +5,7 @@
   source /work/shared/bench/dlt/env.sh && psql -d src -v n=1000000 -f /work/shared/bench/dlt/gen_source.sql
   .venv/bin/python bench/batch.py                  # full load, merge of 100k changed rows, RSS; ratios
   .venv/bin/python bench/batch.py --rows 5000000   # the same at another size (gen_source.sql with that n)
+  .venv/bin/python bench/batch.py --duckdb --mariadb   # also PG -> DuckDB, PG -> MariaDB and MariaDB -> PG
 
 Every figure is taken in the same run as the limit it is compared with (the machine is shared and
 noisy: quote ratios). Each Patchbay run is a child process, so its peak RSS is its own. The flow is
@@ -185,7 +186,11 @@ def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, A
 
 
 # ---------------------------------------------------------------- PostgreSQL -> DuckDB (flag --duckdb)
-async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, Any]:
+async def _sync_duckdb(
+    spec: dict[str, Any], flow: str, path: str, mariadb: str | None = None
+) -> dict[str, Any]:
+    """One run from the bench table into the DuckDB file `path`; or, with `mariadb`, into MariaDB's test
+    database ("to", with the steps) or from its pb_full into PostgreSQL's dst database ("from", no steps)."""
     from patchbay.config.batch import BatchSpec
     from patchbay.config.project import StepSpec
     from patchbay.connectors.base import Resources
@@ -205,8 +210,10 @@ async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, 
             StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config))
         )
     system = PostgresSystem.model_validate({**PG, "database": SRC, "password": {"env": "PGPASSWORD"}})
-    src = PostgresBulk(system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600)
-    dst = DuckdbBulk(
+    src: Any = PostgresBulk(
+        system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600
+    )
+    dst: Any = DuckdbBulk(
         DuckdbSystem.model_validate(
             {
                 "path": path,
@@ -217,6 +224,26 @@ async def _sync_duckdb(spec: dict[str, Any], flow: str, path: str) -> dict[str, 
         ),
         Resources(allow_private=True, system="duck"),
     )
+    if mariadb is not None:
+        from patchbay.connectors.mysql import MysqlSystem
+        from patchbay.connectors.mysql_bulk import MysqlBulk
+
+        my = MysqlBulk(
+            MysqlSystem.model_validate(
+                {"host": "127.0.0.1", "port": 3306, "database": "test", "user": "root"}
+            ),
+            Resources(allow_private=True, system="mariadb"),
+            600,
+        )
+        if mariadb == "to":
+            dst = my
+        else:
+            dst = PostgresBulk(
+                PostgresSystem.model_validate({**PG, "database": DST, "password": {"env": "PGPASSWORD"}}),
+                Resources(allow_private=True, secret=lambda ref: PASSWORD, system=DST),
+                600,
+            )
+            src, steps = my, []
     try:
         report = await BatchRun(flow, steps, BatchSpec.model_validate(spec), src, dst).run()
     finally:
@@ -316,6 +343,54 @@ def duckdb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float
     return rows + duckdb_load_routes()
 
 
+def mariadb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float, float, float | None, str]]:
+    """PostgreSQL -> MariaDB with the steps (MysqlBulk's LOAD DATA LOCAL), then that table read back in bulk
+    (one consistent snapshot, a server-side cursor) into PostgreSQL without steps."""
+    out = []
+    subprocess.run(
+        ["mysql", "-uroot", "-h127.0.0.1", "test", "-e", "DROP TABLE IF EXISTS pb_mariadb_full"], check=True
+    )
+    psql(DST, "DROP TABLE IF EXISTS pb_from_mariadb")
+    for direction, spec, label in (
+        (
+            "to",
+            {**full, "to": {"system": "mariadb", "table": "pb_mariadb_full"}},
+            "patchbay full load -> MariaDB (LOAD DATA LOCAL), map + validate",
+        ),
+        (
+            "from",
+            {
+                "from": {"system": "mariadb", "table": "pb_mariadb_full"},
+                "to": {"system": "dst", "table": "pb_from_mariadb"},
+                "mode": "full",
+            },
+            "patchbay MariaDB (snapshot, server-side cursor) -> PostgreSQL, no steps",
+        ),
+    ):
+        wall, rss, text = timed_child(
+            [
+                sys.executable,
+                __file__,
+                "child",
+                "--flow",
+                f"bench-mariadb-{direction}",
+                "--spec",
+                json.dumps(spec),
+                "--mariadb",
+                direction,
+            ]
+        )
+        rep = json.loads(text.strip().splitlines()[-1])
+        if rep["status"] != "ok":
+            raise SystemExit(f"patchbay run failed: {rep['error']}")
+        out.append((label, wall, rep["read"] / wall, rss, f"{limit / wall:.2f}"))
+    subprocess.run(
+        ["mysql", "-uroot", "-h127.0.0.1", "test", "-e", "DROP TABLE IF EXISTS pb_mariadb_full"], check=True
+    )
+    psql(DST, "DROP TABLE IF EXISTS pb_from_mariadb")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
@@ -323,14 +398,22 @@ def main() -> None:
     c.add_argument("--flow", required=True)
     c.add_argument("--spec", required=True)
     c.add_argument("--duckdb", help="write into this DuckDB file (the --duckdb scenario)")
+    c.add_argument("--mariadb", choices=["to", "from"], help="the --mariadb scenario's two directions")
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--skip-others", action="store_true", help="only PostgreSQL -> PostgreSQL")
     ap.add_argument(
         "--duckdb", action="store_true", help="also PostgreSQL -> DuckDB (needs patchbay[duckdb])"
     )
+    ap.add_argument(
+        "--mariadb",
+        action="store_true",
+        help="also PostgreSQL -> MariaDB (LOAD DATA LOCAL) and back (MariaDB's bulk read), into database test",
+    )
     args = ap.parse_args()
-    if args.cmd == "child" and args.duckdb:
-        print(json.dumps(asyncio.run(_sync_duckdb(json.loads(args.spec), args.flow, args.duckdb))))
+    if args.cmd == "child" and (args.duckdb or args.mariadb):
+        print(
+            json.dumps(asyncio.run(_sync_duckdb(json.loads(args.spec), args.flow, args.duckdb, args.mariadb)))
+        )
         return
     if args.cmd == "child":
         child(args)
@@ -431,6 +514,8 @@ def main() -> None:
 
     if args.duckdb:
         rows.extend(duckdb_scenario(full, limit))
+    if args.mariadb:
+        rows.extend(mariadb_scenario(full, limit))
 
     print()
     print("| scenario | wall s | rows/s | client peak RSS MiB | limit time / this (or x reference) |")
