@@ -213,17 +213,21 @@ async def _sync_duckdb(
     src: Any = PostgresBulk(
         system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600
     )
-    dst: Any = DuckdbBulk(
-        DuckdbSystem.model_validate(
-            {
-                "path": path,
-                **(
-                    {"memory_limit_mb": int(os.environ["PB_DUCK_MB"])} if os.environ.get("PB_DUCK_MB") else {}
-                ),
-            }
-        ),
-        Resources(allow_private=True, system="duck"),
-    )
+    dst: Any = None
+    if path:
+        dst = DuckdbBulk(
+            DuckdbSystem.model_validate(
+                {
+                    "path": path,
+                    **(
+                        {"memory_limit_mb": int(os.environ["PB_DUCK_MB"])}
+                        if os.environ.get("PB_DUCK_MB")
+                        else {}
+                    ),
+                }
+            ),
+            Resources(allow_private=True, system="duck"),
+        )
     if mariadb is not None:
         from patchbay.connectors.mysql import MysqlSystem
         from patchbay.connectors.mysql_bulk import MysqlBulk
