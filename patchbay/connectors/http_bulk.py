@@ -53,11 +53,17 @@ def _api_config(frm: BatchFrom, cursor_field: str | None) -> HttpPollConfig:
         raw["cursor"] = IncrementalCursor(field=cursor_field, param=frm.api_since_param)
     raw.setdefault("id_field", None)
     try:
-        return HttpPollConfig.model_validate(raw)
+        cfg = HttpPollConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"batch.from.api.{where}: {first['msg']}") from exc
+    if cfg.path and not cfg.path.startswith("/"):
+        # Appended to the system's URL: `@host` or `.host` would name another server (with its credentials).
+        raise ConfigError(
+            f"batch.from.api.path: {cfg.path!r} must start with / (it is appended to the system's URL)"
+        )
+    return cfg
 
 
 def _minus(value: str, seconds: float) -> str:

@@ -166,6 +166,10 @@ def test_check_knows_what_an_api_side_needs(tmp_path):
     project(tmp_path, "https://shop.example", bad)
     text = "\n".join(str(p) for p in load_project(tmp_path)[1])
     assert "batch.from.api.max_pages: Input should be greater than or equal to 1" in text
+    elsewhere = FLOW.replace("path: /orders", "path: '@evil.example/orders'")
+    project(tmp_path, "https://shop.example", elsewhere)
+    text = "\n".join(str(p) for p in load_project(tmp_path)[1])
+    assert "batch.from.api.path: '@evil.example/orders' must start with /" in text
     swapped = FLOW.replace("to: {system: report, table: orders}", "to: {system: shop, table: orders}")
     project(tmp_path, "https://shop.example", swapped)
     text = "\n".join(str(p) for p in load_project(tmp_path)[1])
