@@ -400,3 +400,22 @@ def test_check_refuses_format_on_a_table_destination(tmp_path):
         "  from: {system: report, table: t}\n  to: {system: lake, table: t, format: csv}\n  mode: full\n",
     )
     assert "`format` is for a files destination; duckdb writes a table" in text
+
+
+async def test_a_file_with_a_new_or_a_missing_column_follows_the_drift_policy(tmp_path):
+    root = project(tmp_path, CSV_INTO_SQLITE)
+    t = time.time() - 100
+    put(root / "drop/orders-1.csv", "id,email\n1,a@x.io\n", t)
+    assert (await run(root)).inserted == 1
+    put(root / "drop/orders-2.csv", "id,email,tier\n2,b@x.io,pro\n", t + 1)
+    stopped = await run(root)
+    assert stopped.status == "stopped" and "new column tier (text)" in (stopped.error or "")
+    evolve = project(tmp_path, CSV_INTO_SQLITE + "  on_drift: evolve\n")
+    evolved = await run(evolve)
+    assert (evolved.status, evolved.read, evolved.inserted) == ("ok", 1, 1), evolved.error
+    assert table(root, "SELECT id, tier FROM orders ORDER BY id") == [("1", None), ("2", "pro")]
+    put(root / "drop/orders-3.csv", "id,tier\n3,free\n", t + 2)
+    dropped = await run(root)
+    # Under evolve a dropped column is reported and left alone at the destination, never written as NULL.
+    assert (dropped.status, dropped.schema_changes) == ("ok", ["column email dropped"]), dropped.error
+    assert table(root, "SELECT email FROM orders WHERE id = '1'") == [("a@x.io",)]
