@@ -3,6 +3,7 @@ and SQLite; full, merge with updates, lookback boundary, soft and key deletes, d
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from pathlib import Path
@@ -279,3 +280,108 @@ async def test_a_mariadb_json_column_arrives_as_json(my, pg):
         ("pro", "object"),
         (None, None),
     ]
+
+
+async def test_append_and_a_dropped_or_retyped_column(my, pg):
+    src = await customers(my, 50)
+    dst = pg_name(pg)
+    name = flow()
+    spec = {
+        "from": {"system": "my", "table": src},
+        "to": {"system": "db", "table": dst},
+        "mode": "append",
+        "key": ["id"],
+        "cursor": {"column": "id"},
+    }
+    assert (await sync(mysql(), bulk(), name, spec)).inserted == 50
+    await run(my, f"INSERT INTO `{src}` (id, email, updated_at) VALUES (51, 'n@x.io', NOW())")
+    again = await sync(mysql(), bulk(), name, spec)
+    # The boundary row (id 50, equal to the mark) is read again and skipped; the new one is appended.
+    assert (again.status, again.read, again.inserted, again.unchanged) == ("ok", 2, 1, 1), again.error
+
+    await run(my, f"ALTER TABLE `{src}` DROP COLUMN note")
+    stopped = await sync(mysql(), bulk(), name, spec)
+    assert stopped.status == "stopped" and "column note dropped" in (stopped.error or "")
+    await run(my, f"ALTER TABLE `{src}` MODIFY price VARCHAR(20)")
+    ignored = await sync(mysql(), bulk(), name, {**spec, "on_drift": "ignore"})
+    assert ignored.status == "ok", ignored.error
+    assert "column price changed type numeric -> text" in ignored.schema_changes
+    # Under ignore, the dropped column is left as it was at the destination, never NULLed.
+    assert await fetch(pg, f'SELECT count(*) FROM "{dst}" WHERE note IS NULL AND id <= 50') == [(0,)]
+
+
+RUNNER = """
+import asyncio, sys
+from pathlib import Path
+from patchbay.config.project import load_or_raise
+from patchbay.engine.batch import run_flow
+from patchbay.engine.hub import open_resolver_for
+
+root = Path(sys.argv[1])
+project = load_or_raise(root)
+def progress(p):
+    print(f"read {p.read}", flush=True)
+report = asyncio.run(run_flow(project, open_resolver_for(root), project.flows["f"], progress=progress))
+print(f"done {report.status} {report.inserted} {report.error}", flush=True)
+"""
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_run_into_mariadb_leaves_nothing_and_the_rerun_writes_each_row_once(my, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import write_project
+
+    dst = f"dst_{uuid.uuid4().hex[:10]}"
+    my.made.append(dst)
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    write_project(
+        tmp_path,
+        {
+            "systems.yaml": "shop: {kind: sqlite, owner: ops, path: shop.db}\n"
+            "mart: {kind: mysql, owner: data, host: 127.0.0.1, port: 3306, database: test, user: root,"
+            " allow_private_network: true}\n",
+            f"flows/{name}.yaml": "purpose: Into the mart.\nowner: data\ntrigger: {manual: true}\nbatch:\n"
+            f"  from: {{system: shop, table: orders}}\n  to: {{system: mart, table: {dst}}}\n  mode: merge\n"
+            "  key: [id]\n  cursor: {column: id}\n  batch_rows: 1000\n",
+        },
+    )
+    runner = RUNNER.replace('project.flows["f"]', f'project.flows["{name}"]')
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, email TEXT, total REAL)")
+        c.executemany(
+            "INSERT INTO orders VALUES (?, ?, ?)", [(i, f"u{i}@x.io", i * 1.5) for i in range(1, 100_001)]
+        )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", runner, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("read ") and int(line.split()[1]) >= 20000:
+            break
+    else:
+        pytest.fail(f"the run ended before it could be killed (exit {proc.wait()})")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    # The server rolls the dead client's transaction back (the table itself was created before it: DDL).
+    for _ in range(50):
+        if await run(my, f"SHOW TABLES LIKE '{dst}'") and await run(my, f"SELECT COUNT(*) FROM `{dst}`") == [
+            (0,)
+        ]:
+            break
+        await asyncio.sleep(0.1)
+    assert await run(my, f"SELECT COUNT(*) FROM `{dst}`") == [(0,)]
+    assert await run(my, "SELECT COUNT(*) FROM _patchbay_sync_state WHERE flow = %s", (name,)) == [(0,)]
+    done = subprocess.run(
+        [sys.executable, "-c", runner, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert "done ok 100000 None" in done.stdout, done.stdout + done.stderr
+    assert await run(my, f"SELECT COUNT(*), COUNT(DISTINCT id), SUM(id) FROM `{dst}`") == [
+        (100_000, 100_000, 100_000 * 100_001 // 2)
+    ]
+    await run(my, "DELETE FROM _patchbay_sync_state WHERE flow = %s", (name,))
