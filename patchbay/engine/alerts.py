@@ -568,9 +568,14 @@ class AlertManager:
         since = st["since"] if st["state"] == "firing" else snap.now
         f = Finding(rule, flow.name, flow.name, None, n > 0, since)
         pinned = flow.contract.file if flow.contract is not None else "its contract"
-        f.title = f"ALERT {flow.name}: input differs from its contract"
+        answers = sorted(
+            {d.split(":", 1)[0].removeprefix("response of ") for d in drift if d.startswith("response of ")}
+        )
+        what = f"answers of {', '.join(answers)} differ" if answers else "input differs"
+        f.title = f"ALERT {flow.name}: {what} from its contract"
         f.text = (
-            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}: {n}; "
+            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}"
+            f"{' (in the answers of ' + ', '.join(answers) + ')' if answers else ''}: {n}; "
             f"the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}` and `patchbay contract "
             f"check {flow.name}`; if the change is expected, `patchbay contract learn {flow.name} --force`."
         )

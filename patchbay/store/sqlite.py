@@ -763,6 +763,9 @@ class SqliteStore:
     async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
         return await self._read(rq.q_recent_payloads, flow, limit)
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        return await self._read(rq.q_recent_answers, flow, limit)
+
     async def counts(self) -> dict[str, Any]:
         return await self._read(rq.counts)
 
