@@ -112,7 +112,8 @@ class ExpectDoc(Spec):
             isinstance(self.filtered, int) and not isinstance(self.filtered, bool)
         ):
             raise ValueError(
-                "a list of quarantined rows or a count of filtered ones needs `rows` (a batch test)"
+                "a list of quarantined rows or a count of filtered ones is for a batch flow's test: "
+                "expect `rows:` too (the rows written; [] for none)"
             )
         given = [
             k for k in ("deliveries", "quarantined", "filtered") if getattr(self, k) not in (None, False)

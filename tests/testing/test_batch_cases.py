@@ -45,3 +45,126 @@ def test_a_computed_column_of_whole_and_fractional_numbers_is_written_as_float(t
     run = simulate_batch(flow, [{"id": 1, "total_cents": 4200}, {"id": 2, "total_cents": 1999}])
     assert run.rows == [{"order_id": 1, "total": 42.0}, {"order_id": 2, "total": 19.99}]
     assert isinstance(run.rows[0]["total"], float)
+
+
+def _template(tmp_path: Path) -> Path:
+    root = tmp_path / "nightly"
+    create_project(root, template="nightly-orders-export")
+    return root
+
+
+def _reporting(root: Path) -> list[dict[str, object]]:
+    with sqlite3.connect(root / "data" / "reporting.db") as conn:
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute("SELECT * FROM orders_daily ORDER BY order_id")]
+    conn.close()
+    return rows
+
+
+def test_the_templates_tests_expect_what_its_real_run_writes(tmp_path):
+    """Each test case's rows, put in a real shop database and synced by `patchbay run`, give exactly the
+    rows the case expects in the reporting table, and the quarantined rows with the expected reasons."""
+    root = _template(tmp_path)
+    cases = yaml.safe_load((root / "flows" / "nightly-orders-export.test.yaml").read_text())["tests"]
+    schema = (root / "data" / "shop.sql").read_text().split("INSERT INTO")[0]
+    for i, case in enumerate(cases):
+        shop, reporting = root / "data" / "shop.db", root / "data" / "reporting.db"
+        shop.unlink()
+        reporting.unlink()
+        sqlite3.connect(reporting).close()
+        with sqlite3.connect(shop) as conn:
+            conn.executescript(schema)
+            cols = list(case["rows"][0])
+            conn.executemany(
+                f"INSERT INTO orders({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [[r[c] for c in cols] for r in case["rows"]],
+            )
+        conn.close()
+        res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root)])
+        assert res.exit_code == 0, (case["name"], res.output)
+        want = sorted(case["expect"]["rows"], key=lambda r: r["order_id"])
+        assert _reporting(root) == want, case["name"]
+        for q in case["expect"].get("quarantined", []):
+            assert f"quarantined: validate: {q['reason']}" in res.output, (case["name"], res.output)
+        if "filtered" in case["expect"]:
+            assert f"filtered {case['expect']['filtered']}" in res.output, (case["name"], res.output)
+        assert i < len(cases)
+
+
+def test_a_mapping_change_fails_the_batch_test_with_a_readable_diff(tmp_path):
+    root = _template(tmp_path)
+    flow_file = root / "flows" / "nightly-orders-export.yaml"
+    flow_file.write_text(flow_file.read_text().replace("lower(trim(email))", "trim(email)"))
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 1, res.output
+    assert "FAIL  an order becomes a row in euros, its email cleaned" in res.output
+    assert 'rows.0.customer_email: expected "ada@example.com", got "Ada@Example.com"' in res.output
+    assert '-    "customer_email": "ada@example.com",' in res.output
+    assert '+    "customer_email": "Ada@Example.com",' in res.output
+    assert '"total"' not in res.output  # only what differs is marked; the diff shows the row around it
+    assert "PASS  a refunded order keeps its status" in res.output
+
+
+def test_batch_and_event_tests_each_need_their_own_input(tmp_path):
+    root = _template(tmp_path)
+    test_file = root / "flows" / "nightly-orders-export.test.yaml"
+    test_file.write_text(
+        "tests:\n"
+        "  - name: an event\n"
+        "    event: {id: 1}\n"
+        "    expect: {filtered: true}\n"
+        "  - name: bad type\n"
+        "    rows: [{id: 1}]\n"
+        "    columns: {id: integer}\n"
+        "    expect: {rows: []}\n"
+    )
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 2, res.output
+    assert (
+        "nightly-orders-export.test.yaml:2: flow 'nightly-orders-export' is a batch flow: give" in res.output
+    )
+    assert "nightly-orders-export.test.yaml:7: id: unknown column type 'integer'; use one of text, int" in (
+        res.output
+    )
+    test_file.write_text(
+        "tests:\n  - name: no rows expected\n    rows: [{id: 1}]\n    expect: {filtered: 1}\n"
+    )
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 2, res.output
+    assert "nightly-orders-export.test.yaml:4: " in res.output
+    assert "is for a batch flow's test: expect `rows:` too (the rows written; [] for none)" in res.output
+
+
+def test_an_event_flow_test_cannot_give_rows(tmp_path):
+    root = tmp_path / "pay"
+    create_project(root, template="payment-reporting")
+    (root / "flows" / "payment-to-reporting.test.yaml").write_text(
+        "tests:\n  - name: rows\n    rows: [{id: 1}]\n    expect: {rows: []}\n"
+    )
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 2, res.output
+    assert (
+        "payment-to-reporting.test.yaml:2: flow 'payment-to-reporting' is an event flow: give an `event:`"
+        in (res.output)
+    )
+
+
+def test_the_shop_dropping_a_column_stops_the_next_nightly_run_and_writes_nothing(tmp_path):
+    """The batch half of "a source that drops a field is reported within one run": the run after the
+    change stops before writing, names the column, and is recorded as a failed run of the flow."""
+    root = _template(tmp_path)
+    res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    before = _reporting(root)
+    assert len(before) == 3
+    with sqlite3.connect(root / "data" / "shop.db") as conn:
+        conn.execute("ALTER TABLE orders DROP COLUMN currency")
+        conn.execute("UPDATE orders SET updated_at = '2026-01-02T00:00:00Z' WHERE id = 1001")
+    conn.close()
+    res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root)])
+    assert res.exit_code != 0, res.output
+    assert "source column(s) currency dropped but the flow reads them; nothing was written" in res.output
+    assert _reporting(root) == before
+    res = CliRunner().invoke(main, ["runs", "-p", str(root), "--flow", "nightly-orders-export"])
+    assert "failed" in res.output, res.output
+    assert pytest is not None

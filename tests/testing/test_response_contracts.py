@@ -105,11 +105,8 @@ async def test_an_api_that_changes_its_answers_shape_raises_drift_through_a_real
             store = hub.store
             assert store is not None
 
-            async def delivered(n: int) -> bool:
-                runs = [await store.get_run(i) for i in ids[:n]]
-                return all(r is not None and r["status"] == "delivered" for r in runs)
-
-            await eventually(lambda: delivered(2), what="two deliveries")
+            for i in ids:
+                await eventually(lambda i=i: _status(store, i, "delivered"), what="two deliveries")
         finally:
             await hub.stop()
         res = CliRunner().invoke(main, ["contract", "learn", "lead-capture", "-p", str(root)])
@@ -140,6 +137,7 @@ async def test_an_api_that_changes_its_answers_shape_raises_drift_through_a_real
                 await eventually(lambda: _status(store, drifted, "delivered"), what="the drifted delivery")
             # The answer is still a success (the lead is in the CRM); its attempt says how it drifted.
             run = await store.get_run(drifted)
+            assert run is not None
             [attempt] = run["deliveries"][0]["attempts_log"]
             assert attempt["outcome"] == "success"
             assert attempt["error"] == (
