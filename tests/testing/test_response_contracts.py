@@ -4,6 +4,7 @@ flow's contract file under `responses:`, and checked on every 2xx answer by a re
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ async def test_an_api_that_changes_its_answers_shape_raises_drift_through_a_real
             assert store is not None
 
             for i in ids:
-                await eventually(lambda i=i: _status(store, i, "delivered"), what="two deliveries")
+                await eventually(partial(_status, store, i, "delivered"), what="two deliveries")
         finally:
             await hub.stop()
         res = CliRunner().invoke(main, ["contract", "learn", "lead-capture", "-p", str(root)])
