@@ -496,7 +496,8 @@ class Snapshot:
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alert state row
     sources: dict[str, SourceState]
-    # Events that drifted from their flow's contract since `drift_since`, per flow and second:
+    # Events (and successful answers, by their attempt's `DRIFT …` note) that drifted from their flow's
+    # contract since `drift_since`, per flow and second:
     # (flow, second, count, the latest event's id, its drift). Read once, at start.
     drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id

@@ -1315,6 +1315,15 @@ def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int
         trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
         drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
         out.append((flow, second, n, last, drift))
+    # Answers that drifted from the flow's response contract: the attempt's note holds "DRIFT a; b".
+    for flow, second, n, last_event, note in conn.execute(
+        "SELECT d.flow, CAST(a.started_at AS INTEGER), COUNT(*), MAX(d.event_id), MAX(a.error) FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id"
+        " WHERE a.started_at>=? AND a.outcome='success' AND a.error LIKE 'DRIFT response of %'"
+        " GROUP BY d.flow, 2",
+        (since,),
+    ):
+        out.append((flow, second, n, last_event, note.removeprefix("DRIFT ").split("; ")))
     return out
 
 

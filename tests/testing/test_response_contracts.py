@@ -167,6 +167,18 @@ async def test_an_api_that_changes_its_answers_shape_raises_drift_through_a_real
     res = CliRunner().invoke(main, ["contract", "check", "lead-capture", "-p", str(root)])
     assert res.exit_code == 0, res.output  # the only drifted answer is over 500 chars: not in the store whole
 
+    # After a restart the answers' drift within the window is read back: the alert stays, it does not resolve.
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    await hub.start()
+    try:
+        assert hub.alert_manager is not None
+        await hub.alert_manager.evaluate()
+        assert [f.title for f in hub.alert_manager.active] == [
+            "ALERT lead-capture: answers of crm differ from its contract"
+        ]
+    finally:
+        await hub.stop()
+
 
 async def test_contract_check_reports_stored_answers_that_drift(tmp_path: Path) -> None:
     crm = ShapeShifter()
