@@ -14,6 +14,7 @@ import orjson
 
 from patchbay.config.project import FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
+from patchbay.contracts import response_drift
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.policy import decide
 from patchbay.security.secrets import SecretResolver
@@ -76,6 +77,7 @@ class Captured:
     view: dict[str, Any]  # the same, for people and expectations: body parsed, `path` added
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = "delivered"  # delivered | dead | paused | disabled
+    drift: list[str] = field(default_factory=list)  # the simulated 2xx answer against the response contract
 
 
 @dataclass
@@ -146,7 +148,11 @@ def simulate(
         spec = next(x for x in flow.destinations if x.name == d.destination)
         shown = view(d.request, project, spec.system, credentials(sinks[d.destination]))
         c = Captured(d.destination, spec.kind, d.request, shown)
-        _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
+        answers = list((responses or {}).get(d.destination, ()))
+        _deliver(c, spec.policy, answers)
+        if c.outcome == "delivered" and answers:
+            body = answers[min(len(c.attempts), len(answers)) - 1].body
+            c.drift = response_drift(flow.contract, d.destination, body) if body is not None else []
         captured.append(c)
     worst = "delivered"
     for rank in ("paused", "disabled", "dead"):

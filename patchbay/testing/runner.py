@@ -178,6 +178,10 @@ def check(case: Case, run: FlowRun) -> list[str]:
             path = ", ".join(a.describe() for a in c.attempts)
             out.append(f"{name}: expected the delivery to end {want.outcome}, it ended {c.outcome}: {path}")
         out += _check_request(name, want.fields(), c.view)
+    for c in captured.values():
+        if c.drift:  # the test's answer and the pinned contract disagree: one of them is out of date
+            out.append(f"{c.destination}: the simulated answer differs from the flow's response contract:")
+            out += [f"  {d}" for d in c.drift]
     return out
 
 

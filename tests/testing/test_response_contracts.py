@@ -218,3 +218,28 @@ async def test_contract_check_reports_stored_answers_that_drift(tmp_path: Path) 
 async def _status(store: Any, event_id: str, want: str) -> bool:
     run = await store.get_run(event_id)
     return run is not None and run["status"] == want
+
+
+def test_a_flow_test_whose_simulated_answer_differs_from_the_response_contract_fails(tmp_path):
+    root = lead_project(tmp_path, "http://127.0.0.1:9")
+    (root / "flows" / "lead-capture.contract.yaml").write_text(
+        "responses:\n  crm:\n    fields: {id: string}\n"
+    )
+    test_file = root / "flows" / "lead-capture.test.yaml"
+    test_file.write_text(
+        "tests:\n"
+        "  - name: the CRM answers with its id\n"
+        "    event: {email: a@example.com}\n"
+        "    responses: {crm: [503, {status: 201, body: {id: c1}}]}\n"
+        "    expect: {deliveries: {crm: {attempts: 2}}}\n"
+        "  - name: an answer recorded before the API changed\n"
+        "    event: {email: a@example.com}\n"
+        "    responses: {crm: [{status: 201, body: {contactId: 5}}]}\n"
+        "    expect: {deliveries: {crm: {}}}\n"
+    )
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 1, res.output
+    assert "PASS  the CRM answers with its id" in res.output
+    assert "crm: the simulated answer differs from the flow's response contract:" in res.output
+    assert "response of crm: id: missing (the contract says string)" in res.output
+    assert "response of crm: contactId: new field (number), not in the contract" in res.output
