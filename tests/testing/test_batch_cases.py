@@ -4,8 +4,10 @@ run uses. The nightly-orders-export template: its tests, its real run, and its d
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -168,3 +170,41 @@ def test_the_shop_dropping_a_column_stops_the_next_nightly_run_and_writes_nothin
     res = CliRunner().invoke(main, ["runs", "-p", str(root), "--flow", "nightly-orders-export"])
     assert "failed" in res.output, res.output
     assert pytest is not None
+
+
+async def test_a_dropped_source_column_raises_the_contract_drift_alert(tmp_path, sink):
+    """The run that meets the change stops, and its run (kept in the store) carries the drift: the hub's
+    `contract_drift` rule alerts on it, naming the column, as it does for an event flow's input."""
+    from patchbay.engine.hub import Hub
+    from tests.conftest import resolver
+
+    root = _template(tmp_path)
+    systems = yaml.safe_load((root / "systems.yaml").read_text())
+    systems["ops-hook"] = {"kind": "http", "owner": "ops", "url": sink.url, "allow_private_network": True}
+    (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
+    flow_file = root / "flows" / "nightly-orders-export.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["alerts"] = [{"when": "contract_drift", "notify": ["ops-hook"], "window": "24h"}]
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+
+    def run() -> Any:  # the CLI runs its own event loop: off this test's
+        return asyncio.to_thread(CliRunner().invoke, main, ["run", "nightly-orders-export", "-p", str(root)])
+
+    assert (await run()).exit_code == 0
+    with sqlite3.connect(root / "data" / "shop.db") as conn:
+        conn.execute("ALTER TABLE orders DROP COLUMN currency")
+    conn.close()
+    res = await run()
+    assert res.exit_code != 0, res.output
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    await hub.start()
+    try:
+        assert hub.alert_manager is not None
+        await hub.alert_manager.evaluate()
+        await sink.wait_for(1)
+        [alert] = hub.alert_manager.active
+        assert alert.title == "ALERT nightly-orders-export: input differs from its contract"
+        text = sink.received[0].body["text"]
+        assert "column currency dropped" in text, text
+    finally:
+        await hub.stop()
