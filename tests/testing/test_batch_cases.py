@@ -208,3 +208,16 @@ async def test_a_dropped_source_column_raises_the_contract_drift_alert(tmp_path,
         assert "column currency dropped" in text, text
     finally:
         await hub.stop()
+
+
+def test_a_batch_flows_dry_run_shows_the_row_it_would_write(tmp_path):
+    root = _template(tmp_path)
+    row = '{"id": 7, "email": " Bo@Example.com", "status": "paid", "total_cents": 250, "currency": "sek"}'
+    res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root), "--dry-run", "-d", row])
+    assert res.exit_code == 0, res.output
+    assert "would write to reporting.orders_daily: " in res.output
+    assert '"customer_email": "bo@example.com"' in res.output and '"total": 2.5' in res.output
+    bad = '{"id": 8, "email": "nope", "status": "paid", "total_cents": 1, "currency": "sek"}'
+    res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root), "--dry-run", "-d", bad])
+    assert 'result: quarantined: validate: customer_email: "nope" is not a valid email address' in res.output
+    assert not (root / "data" / "reporting.db").stat().st_size  # nothing was written
