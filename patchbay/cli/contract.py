@@ -65,6 +65,17 @@ def recent_answers(project: Any, flow: str, limit: int) -> tuple[dict[str, list[
     return out, skipped
 
 
+def _not_batch(project: Any, flow: str) -> None:
+    spec = project.flows.get(flow)
+    if spec is not None and spec.batch is not None:
+        click.echo(
+            f"contract: {flow} is a batch flow: its source's shape is its columns, compared with the last "
+            "run's on every run (`batch.on_drift`); a change is drift in the run and the contract_drift alert",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+
+
 @main.group()
 def contract() -> None:
     """A flow's input contract (flows/<flow>.contract.yaml): the shape its events have, pinned in git;
@@ -87,6 +98,7 @@ def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> Non
     if flow not in project.flows:
         click.echo(f"contract: no flow {flow!r}; flows: {', '.join(sorted(project.flows))}", err=True)
         sys.exit(EXIT_CONFIG)
+    _not_batch(project, flow)
     path = contract_path(project.root, flow)
     if path.exists() and not force:
         click.echo(
@@ -136,6 +148,7 @@ def contract_check(flow: str, project_dir: Path, limit: int, as_json: bool) -> N
     """Check FLOW's recent events against its contract: each drift with how often and example runs.
     Exit 0 when they conform, 1 on drift."""
     project = load_offline(project_dir)
+    _not_batch(project, flow)
     spec = project.flows.get(flow)
     if spec is None or spec.contract is None:
         what = f"flow {flow!r} has no contract" if spec else f"no flow {flow!r}"

@@ -221,3 +221,13 @@ def test_a_batch_flows_dry_run_shows_the_row_it_would_write(tmp_path):
     res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root), "--dry-run", "-d", bad])
     assert 'result: quarantined: validate: customer_email: "nope" is not a valid email address' in res.output
     assert not (root / "data" / "reporting.db").stat().st_size  # nothing was written
+
+
+def test_contracts_are_not_learned_from_a_batch_flows_run_reports(tmp_path):
+    root = _template(tmp_path)
+    assert CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root)]).exit_code == 0
+    for cmd in ("learn", "check"):
+        res = CliRunner().invoke(main, ["contract", cmd, "nightly-orders-export", "-p", str(root)])
+        assert res.exit_code == 2, res.output
+        assert "nightly-orders-export is a batch flow: its source's shape is its columns" in res.output
+    assert not (root / "flows" / "nightly-orders-export.contract.yaml").exists()
