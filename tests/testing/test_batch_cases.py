@@ -203,9 +203,11 @@ async def test_a_dropped_source_column_raises_the_contract_drift_alert(tmp_path,
         await hub.alert_manager.evaluate()
         await sink.wait_for(1)
         [alert] = hub.alert_manager.active
-        assert alert.title == "ALERT nightly-orders-export: input differs from its contract"
+        assert alert.title == "ALERT nightly-orders-export: the source's columns changed"
         text = sink.received[0].body["text"]
+        assert "that met changed source columns: 1; the latest, run_" in text, text
         assert "column currency dropped" in text, text
+        assert "`patchbay run nightly-orders-export --accept-schema`" in text
     finally:
         await hub.stop()
 
