@@ -428,12 +428,18 @@ class Hub:
 
         def check(event_id: str, outcome: Outcome) -> list[str]:
             body = outcome.body if outcome.body is not None else parse_answer(outcome.excerpt)
-            drift = response_drift(spec.contract, dest, body) if body is not None else []
-            if drift:
-                self.note_answer_drift(spec.name, dest, event_id, drift)
-            return drift
+            return self.check_answer(spec, dest, event_id, body)
 
         return check
+
+    def check_answer(self, spec: FlowSpec, name: str, event_id: str, body: Any) -> list[str]:
+        """The one line a step that calls an API (`call`, `lookup`) needs: its successful answer's JSON
+        body against the flow's `responses:` for `name`; drift is counted, alerted and logged here, and
+        returned for the step's trace. Empty when it conforms, or nothing is pinned for `name`."""
+        drift = response_drift(spec.contract, name, body) if body is not None else []
+        if drift:
+            self.note_answer_drift(spec.name, name, event_id, drift)
+        return drift
 
     def note_answer_drift(self, flow: str, name: str, event_id: str, drift: list[str]) -> None:
         """An answer (of a destination, or of a call step) differs from the flow's response contract:

@@ -243,3 +243,24 @@ def test_a_flow_test_whose_simulated_answer_differs_from_the_response_contract_f
     assert "crm: the simulated answer differs from the flow's response contract:" in res.output
     assert "response of crm: id: missing (the contract says string)" in res.output
     assert "response of crm: contactId: new field (number), not in the contract" in res.output
+
+
+async def test_a_call_steps_answer_is_checked_with_one_line(tmp_path: Path) -> None:
+    """The hook for `call`/`lookup` steps: `hub.check_answer(flow, step, event, body)` checks, counts and
+    alerts like a destination's answer, keyed by the step's name."""
+    root = lead_project(tmp_path, "http://127.0.0.1:9")
+    (root / "flows" / "lead-capture.contract.yaml").write_text(
+        "responses:\n  normalise:\n    fields: {results: array, 'results[]': object, 'results[].id': string}\n"
+    )
+    hub = Hub(load_or_raise(root), resolver=resolver())
+    await hub.start()
+    try:
+        spec = hub.project.flows["lead-capture"]
+        assert hub.check_answer(spec, "normalise", "evt_1", {"results": [{"id": "a"}]}) == []
+        assert hub.check_answer(spec, "normalise", "evt_2", {"results": [{"id": 1}]}) == [
+            "response of normalise: results[].id: number where the contract says string"
+        ]
+        assert hub.check_answer(spec, "crm", "evt_3", {"anything": True}) == []  # nothing pinned for crm
+        assert hub.metrics.answer_drift.labels("lead-capture", "normalise")._value.get() == 1
+    finally:
+        await hub.stop()
