@@ -5,6 +5,7 @@ run uses. The nightly-orders-export template: its tests, its real run, and its d
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,34 @@ def test_contracts_are_not_learned_from_a_batch_flows_run_reports(tmp_path):
         assert res.exit_code == 2, res.output
         assert "nightly-orders-export is a batch flow: its source's shape is its columns" in res.output
     assert not (root / "flows" / "nightly-orders-export.contract.yaml").exists()
+
+
+def test_a_quarantined_row_of_a_real_run_becomes_a_passing_batch_test(tmp_path):
+    root = _template(tmp_path)
+    res = CliRunner().invoke(main, ["run", "nightly-orders-export", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["dead", "-p", str(root), "--json"])
+    [row] = [r for r in json.loads(res.output) if r.get("kind", "quarantine") == "quarantine"]
+    run_id = row.get("run") or row.get("event_id") or row.get("id")
+    res = CliRunner().invoke(main, ["runs", "export", run_id, "-p", str(root), "--as-test"])
+    assert res.exit_code == 0, res.output
+    tests = yaml.safe_load((root / "flows" / "nightly-orders-export.test.yaml").read_text())["tests"]
+    exported = tests[-1]
+    assert exported["rows"][0] == {
+        "id": 1004,
+        "email": "not-an-email",
+        "status": "paid",
+        "total_cents": 500,
+        "currency": "eur",
+        "created_at": "2026-01-01T12:45:00Z",
+        "updated_at": "2026-01-01T12:45:00Z",
+    }
+    assert exported["expect"]["rows"] == []
+    assert exported["expect"]["quarantined"][0].startswith("validate: customer_email:")
+    res = CliRunner().invoke(main, ["test", str(root)])
+    assert res.exit_code == 0 and "4 passed, 0 failed" in res.output, res.output
+    runs = json.loads(CliRunner().invoke(main, ["runs", "-p", str(root), "--json"]).output)
+    [report] = [r["id"] for r in runs if r["status"] == "delivered"]
+    res = CliRunner().invoke(main, ["runs", "export", report, "-p", str(root), "--as-test"])
+    assert res.exit_code != 0
+    assert "is a run of batch flow nightly-orders-export (its report), not a row" in res.output
