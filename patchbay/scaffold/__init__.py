@@ -17,7 +17,7 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 # name -> (folder, what it shows). Each is runnable on a laptop against the demo inbox or a local
 # SQLite file, and has tests beside its flows that `patchbay test` runs.
 TEMPLATES: dict[str, tuple[Path, str]] = {
-    "lead-capture": (EXAMPLE, "website form -> CRM + sales chat (the default)"),
+    "lead-capture": (EXAMPLE, "website form -> CRM + sales chat + email sequence (the default)"),
     "support-ticket": (TEMPLATE_DIR / "support-ticket", "helpdesk ticket -> support chat notification"),
     "payment-reporting": (TEMPLATE_DIR / "payment-reporting", "payment webhook -> reporting table (SQLite)"),
     "contact-sync": (TEMPLATE_DIR / "contact-sync", "CRM <-> email platform: consent and unsubscribes"),
