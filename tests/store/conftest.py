@@ -6,12 +6,14 @@ A new store (PostgreSQL, issue 13) is one more parameter here: a factory that op
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from patchbay.store.base import SecretRows, Store
+from tests.conftest import require_service
 
 
 def _sqlite(tmp_path: Path) -> Store:
@@ -20,7 +22,37 @@ def _sqlite(tmp_path: Path) -> Store:
     return SqliteStore(tmp_path / "store.db")
 
 
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": _sqlite}
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+_schemas: list[str] = []
+
+
+def postgres_url() -> str:
+    """A PostgreSQL store URL with a fresh schema of its own (dropped at the end of the test);
+    skips (fails under CI=true) when the server is unreachable."""
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    schema = f"pb_test_{uuid.uuid4().hex[:16]}"
+    _schemas.append(schema)
+    return f"{PG_URL}?schema={schema}"
+
+
+@pytest.fixture(autouse=True)
+def _drop_postgres_schemas() -> Iterator[None]:
+    yield
+    while _schemas:
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]
+
+
+def _postgres(tmp_path: Path) -> Store:
+    from patchbay.store.postgres import PostgresStore
+
+    return PostgresStore(postgres_url())
+
+
+STORES: dict[str, Callable[[Path], Store]] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(STORES))
@@ -38,7 +70,16 @@ def _sqlite_secret_rows(tmp_path: Path) -> SecretRows:
     return SqliteSecretRows(tmp_path / "store.db")
 
 
-SECRET_ROWS: dict[str, Callable[[Path], SecretRows]] = {"sqlite": _sqlite_secret_rows}
+def _postgres_secret_rows(tmp_path: Path) -> SecretRows:
+    from patchbay.store.postgres import PostgresSecretRows
+
+    return PostgresSecretRows(postgres_url())
+
+
+SECRET_ROWS: dict[str, Callable[[Path], SecretRows]] = {
+    "sqlite": _sqlite_secret_rows,
+    "postgres": _postgres_secret_rows,
+}
 
 
 @pytest.fixture(params=sorted(SECRET_ROWS))

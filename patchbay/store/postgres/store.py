@@ -1,0 +1,258 @@
+"""`PostgresStore`: the `Store` protocol on PostgreSQL, and the vault's rows beside it.
+
+Every operation is one transaction on a connection from a `psycopg_pool.ConnectionPool`, run on a
+thread of the store's executor so the event loop never waits on the network. The operations are the
+SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
+run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
+(synchronous_commit as the server has it), so there is no group-commit writer: `accept` returns after
+its own COMMIT. A hub claims the store with a session advisory lock (`lock`), as SQLite does with flock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from patchbay.errors import StoreUnavailable, StoreUnusable
+from patchbay.store.postgres import ops as pg_ops
+from patchbay.store.postgres.dialect import PgConnection
+from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
+from patchbay.store.secrets import SqliteSecretRows
+from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
+from patchbay.store.sqlite_monitor import q_snapshot
+
+T = TypeVar("T")
+_RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """`?schema=NAME` selects a schema (tests: one per test); the rest is psycopg's conninfo."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise StoreUnusable(f"opening the store {redacted(url)}: schema {schema!r} must be a lower-case name")
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> None:
+    """Create the schema's tables, or refuse a store newer than this code."""
+    with conn.transaction():
+        if schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
+        conn.execute("SELECT pg_advisory_xact_lock(7311999)")  # two openers never create at once
+        found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+        if found and found[0]:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreUnusable(
+                    f"the store's schema is version {version}, newer than this Patchbay's"
+                    f" ({SCHEMA_VERSION}); upgrade Patchbay"
+                )
+        conn.execute(ddl().replace("%", "%%"))  # type: ignore[arg-type]
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES('schema_version', %s) ON CONFLICT DO NOTHING",
+            (str(SCHEMA_VERSION),),
+        )
+
+
+class PostgresStore(SqliteStore):
+    """The `Store` protocol on PostgreSQL (see the module's docstring).
+
+    It inherits SqliteStore's methods, each `self._write(fn, …)` or `self._read(fn, …)` of a query
+    function: here those run the function on a pooled PostgreSQL connection in one transaction."""
+
+    def __init__(self, url: str, *, check: bool = True, max_connections: int = 8) -> None:
+        self.url = url
+        self.path = Path(redacted(url))  # what messages name
+        conninfo, self.schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if self.schema:
+            kwargs["options"] = f"-c search_path={self.schema}"
+        try:
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                open_schema(conn, self.schema)
+        except psycopg.Error as exc:
+            raise StoreUnusable(f"opening the store {redacted(url)}: {_reason(exc)}") from None
+        self._pool = ConnectionPool(
+            conninfo, min_size=1, max_size=max_connections, kwargs=kwargs, open=True, name="patchbay-store"
+        )
+        self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
+        self._closed = False
+        self._lock_conn: psycopg.Connection[Any] | None = None
+        self._problem: str | None = None
+        self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
+        self._count_lock = threading.Lock()
+
+    # -------------------------------------------------------------- plumbing
+    def lock(self) -> None:
+        """One serving hub per store (as with SQLite's flock): a session advisory lock held until close."""
+        conninfo, _ = _split_schema(self.url)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+        key = int.from_bytes(hashlib.sha256(f"patchbay:{self.schema or ''}".encode()).digest()[:7], "big")
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if not (row and row[0]):
+            conn.close()
+            raise StoreLocked(
+                f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
+            )
+        self._lock_conn = conn
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        for attempt in range(3):
+            local = {"statements": 0, "round_trips": 0}
+            try:
+                with self._pool.connection() as conn:
+                    res = fn(PgConnection(conn, local), *args)
+                    local["round_trips"] += 1  # the COMMIT
+            except _RETRY:
+                if attempt == 2:
+                    raise
+                continue  # a concurrent writer won (same dedupe key): the next try sees its row
+            except psycopg.OperationalError as exc:
+                self._problem = _reason(exc)
+                raise StoreUnavailable(
+                    f"the store {self.path} cannot be reached: {self._problem}", "the store is unreachable"
+                ) from None
+            self._problem = None
+            with self._count_lock:
+                for k, v in local.items():
+                    self.counter[k] += v
+                self.counter["transactions"] += 1
+            return res
+        raise AssertionError("unreachable")
+
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise StoreClosed(
+                f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
+                "the store is closed",
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._run, fn, args)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> Any:  # type: ignore[override]
+        return self._submit(fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(fn, *args)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._exec.shutdown, True)
+        await loop.run_in_executor(None, self._pool.close)
+        if self._lock_conn is not None:
+            self._lock_conn.close()
+            self._lock_conn = None
+
+    @property
+    def writing(self) -> bool:
+        return not self._closed
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"]}
+
+    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
+        return await self._write(pg_ops.tx_compress, flow, before, limit)
+
+    async def snapshot(
+        self,
+        now: float,
+        after_id: int | None,
+        seed_from: float,
+        pairs: list[tuple[str, str]],
+        dead_windows: set[float | None],
+        count_after: int | None,
+        drift_since: float | None = None,
+        *,
+        timeout: float,
+    ) -> Any:
+        """The alert loop's read: one transaction on a pooled connection, cancelled past `timeout`."""
+        return await asyncio.wait_for(
+            self._submit(
+                _with_timeout(q_snapshot, timeout),
+                now,
+                after_id,
+                seed_from,
+                pairs,
+                dead_windows,
+                count_after,
+                drift_since,
+            ),
+            timeout + 1.0,
+        )
+
+
+def _with_timeout(fn: Callable[..., T], timeout: float) -> Callable[..., T]:
+    def run(conn: PgConnection, *args: Any) -> T:
+        conn.conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")  # type: ignore[arg-type]
+        try:
+            return fn(conn, *args)
+        except pg_errors.QueryCanceled as exc:
+            raise TimeoutError("the store's snapshot took too long") from exc
+
+    return run
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"password=\S+", "password=***", text)
+
+
+class PostgresSecretRows(SqliteSecretRows):
+    """The vault's rows in the PostgreSQL store: SqliteSecretRows' statements, each operation one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conninfo, self.schema = _split_schema(url)
+        self.kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if self.schema:
+            self.kwargs["options"] = f"-c search_path={self.schema}"
+
+    def ensure_schema(self) -> None:
+        with psycopg.connect(self.conninfo, **self.kwargs) as conn:
+            open_schema(conn, self.schema)
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:  # type: ignore[override]
+        with psycopg.connect(self.conninfo, **self.kwargs) as conn:
+            yield PgConnection(conn)
+
+    _write = _read  # type: ignore[assignment]
+
+
+__all__ = ["PostgresSecretRows", "PostgresStore", "is_postgres_url", "redacted"]
