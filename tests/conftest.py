@@ -7,7 +7,8 @@ import os
 import socket
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,3 +313,30 @@ async def vault_hub(root: Path, secrets: dict[str, str]) -> AsyncIterator[tuple[
         logging.getLogger().setLevel(logging.WARNING)
         await runner.cleanup()
         await hub.stop()
+
+
+# ----------------------------------------------------------------------------- a PostgreSQL store (issue 13)
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+_schemas: list[str] = []
+
+
+def postgres_url() -> str:
+    """A PostgreSQL store URL with a fresh schema of its own (dropped at the end of the test);
+    skips (fails under CI=true) when the server is unreachable."""
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    schema = f"pb_test_{uuid.uuid4().hex[:16]}"
+    _schemas.append(schema)
+    return f"{PG_URL}?schema={schema}"
+
+
+@pytest.fixture(autouse=True)
+def _drop_postgres_schemas() -> Iterator[None]:
+    yield
+    if not _schemas:
+        return
+    import psycopg
+
+    while _schemas:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]

@@ -6,44 +6,19 @@ A new store (PostgreSQL, issue 13) is one more parameter here: a factory that op
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from patchbay.store.base import SecretRows, Store
-from tests.conftest import require_service
+from tests.conftest import postgres_url
 
 
 def _sqlite(tmp_path: Path) -> Store:
     from patchbay.store.sqlite import SqliteStore
 
     return SqliteStore(tmp_path / "store.db")
-
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
-_schemas: list[str] = []
-
-
-def postgres_url() -> str:
-    """A PostgreSQL store URL with a fresh schema of its own (dropped at the end of the test);
-    skips (fails under CI=true) when the server is unreachable."""
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    schema = f"pb_test_{uuid.uuid4().hex[:16]}"
-    _schemas.append(schema)
-    return f"{PG_URL}?schema={schema}"
-
-
-@pytest.fixture(autouse=True)
-def _drop_postgres_schemas() -> Iterator[None]:
-    yield
-    while _schemas:
-        import psycopg
-
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]
 
 
 def _postgres(tmp_path: Path) -> Store:

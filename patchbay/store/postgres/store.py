@@ -83,6 +83,27 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> None:
         )
 
 
+def probe(url: str) -> str | None:
+    """Why the store at `url` cannot be used (unreachable, refused, newer schema), or None."""
+    try:
+        conninfo, schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 5}
+        if schema:
+            kwargs["options"] = f"-c search_path={schema}"
+        with psycopg.connect(conninfo, **kwargs) as conn:
+            found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            if found and found[0]:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    return f"its schema is version {version}, newer than this Patchbay's ({SCHEMA_VERSION}); upgrade Patchbay"
+    except StoreUnusable as exc:
+        return str(exc)
+    except psycopg.Error as exc:
+        return f"cannot connect: {_reason(exc)}"
+    return None
+
+
 class PostgresStore(SqliteStore):
     """The `Store` protocol on PostgreSQL (see the module's docstring).
 
@@ -244,12 +265,18 @@ class PostgresSecretRows(SqliteSecretRows):
             self.kwargs["options"] = f"-c search_path={self.schema}"
 
     def ensure_schema(self) -> None:
-        with psycopg.connect(self.conninfo, **self.kwargs) as conn:
+        with self._connect() as conn:
             open_schema(conn, self.schema)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.conninfo, **self.kwargs)
+        except psycopg.OperationalError as exc:
+            raise StoreUnusable(f"opening the store {redacted(self.url)}: {_reason(exc)}") from None
 
     @contextmanager
     def _read(self) -> Iterator[Any]:  # type: ignore[override]
-        with psycopg.connect(self.conninfo, **self.kwargs) as conn:
+        with self._connect() as conn:
             yield PgConnection(conn)
 
     _write = _read  # type: ignore[assignment]
