@@ -82,6 +82,7 @@ def load_flow(
     _check_webhook(src, doc.trigger, systems, broken, problems)
     source = load_source(src, doc.trigger, systems, broken, problems)
     steps, stopped_at = _load_steps(src, doc.steps, problems)
+    _check_calls(src, doc.steps, systems, broken, problems)
     typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
     dests = load_destinations(
         src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems, typed
@@ -197,6 +198,64 @@ def _check_webhook(
                 "add how it authenticates (e.g. scheme: standard_webhooks)",
             )
         )
+
+
+CALLING_STEPS = ("call", "lookup")
+
+
+def _check_calls(
+    src: Located,
+    raws: list[dict[str, Any]],
+    systems: dict[str, SystemSpec],
+    broken: set[str],
+    problems: list[Problem],
+) -> None:
+    """Steps that ask a system: the system exists and can be asked; names and `as` names are unique (a
+    call's idempotency key is `<event>.<step name>`)."""
+    names: dict[str, int] = {}
+    bound: dict[str, int] = {}
+    for i, raw in enumerate(raws):
+        kind = next((k for k in CALLING_STEPS if isinstance(raw, dict) and k in raw), None)
+        if kind is None or not isinstance(raw[kind], dict):
+            continue
+        cfg, loc = raw[kind], ("steps", i, kind)
+        sysname = cfg.get("system")
+        if isinstance(sysname, str) and sysname not in broken:
+            system = systems.get(sysname)
+            if system is None:
+                problems.append(
+                    src.problem(
+                        (*loc, "system"),
+                        f"{kind}: unknown system {sysname!r}" + did_you_mean(sysname, [*systems, *broken]),
+                    )
+                )
+            elif kind == "call" and registry.connector_for(system.kind or "", "destination") is None:
+                problems.append(
+                    src.problem(
+                        (*loc, "system"),
+                        f"call: system {sysname!r} ({system.kind}) cannot be called; use an http system",
+                    )
+                )
+        name = str(raw.get("name", kind))
+        if name in names:
+            problems.append(
+                src.problem(
+                    ("steps", i),
+                    f"{kind}: another call step (step {names[name] + 1}) is named {name!r}; give each call "
+                    "a unique `name:` (it is part of the call's idempotency key)",
+                )
+            )
+        names.setdefault(name, i)
+        as_ = cfg.get("as")
+        if isinstance(as_, str):
+            if as_ in bound:
+                problems.append(
+                    src.problem(
+                        (*loc, "as"),
+                        f"{kind}: step {bound[as_] + 1} already binds {as_!r}; choose another name",
+                    )
+                )
+            bound.setdefault(as_, i)
 
 
 def _load_steps(
