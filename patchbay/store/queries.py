@@ -168,7 +168,8 @@ def tx_replay(
         except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
             rep.skipped.append((eid, str(exc)))
             continue
-        processed = pipe.process(record, eid, q_answers(conn, eid))  # answered calls are not asked again
+        answers = q_answers(conn, eid)  # answered calls are not asked again: the run resumes where it stopped
+        processed = pipe.process(record, eid, answers) if answers else pipe.process(record, eid)
         if processed.status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
