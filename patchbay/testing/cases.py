@@ -99,9 +99,15 @@ class CaseDoc(Spec):
         description="Destination -> simulated answers in turn (an HTTP status, an outcome name or a "
         "mapping); the last one repeats. Default: success.",
     )
+    calls: dict[str, list[int | str | ResponseDoc]] = Field(
+        default_factory=dict,
+        description="Call step name -> its recorded answers in turn (like `responses`; after a split each "
+        "element's call takes the next one, the last repeats), e.g. `{find_contact: [{status: 200, body: "
+        "{id: c-1}}]}`. A call the test does not answer stops the run (dead).",
+    )
     expect: ExpectDoc
 
-    @field_validator("responses")
+    @field_validator("responses", "calls")
     @classmethod
     def _answers(
         cls, v: dict[str, list[int | str | ResponseDoc]]
@@ -138,6 +144,7 @@ class Case:
     event: Any
     responses: dict[str, list[Response]]
     expect: ExpectDoc
+    calls: dict[str, list[Response]] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,8 +182,18 @@ def load_test_file(path: Path, project: Project, display: str | None = None) -> 
         event = c.event
         if c.event_file is not None:
             event = _read_event(path.parent / c.event_file, src, (*loc, "event_file"), problems)
+        called = [s.name for s in flow.steps if getattr(s.step, "calls", False)]
+        for key in c.calls:
+            if key not in called:
+                problems.append(
+                    src.problem(
+                        (*loc, "calls", key),
+                        f"flow {flow.name!r} has no call step {key!r} (it has: {', '.join(called) or 'none'})",
+                    )
+                )
         responses = {k: [_response(r) for r in v] for k, v in c.responses.items()}
-        out.cases.append(Case(c.name, src.file, src.line(loc), event, responses, c.expect))
+        calls = {k: [_response(r) for r in v] for k, v in c.calls.items()}
+        out.cases.append(Case(c.name, src.file, src.line(loc), event, responses, c.expect, calls))
     if problems:
         raise ConfigError(problems)
     return out

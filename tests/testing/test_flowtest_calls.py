@@ -1,0 +1,101 @@
+"""`patchbay test` with call steps: recorded answers (`calls:`) stand in for the system, the run goes on
+with them bound as in the hub, nothing reaches the network, and a call left unanswered is named."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from patchbay.cli.main import main
+from tests.conftest import lead_project, write_project
+
+STEPS = """
+- name: find_contact
+  call: {system: crm, method: GET, path: "/search?email={{ email }}", as: contact, on_404: continue}
+"""
+DESTS = {
+    "dest": {"when": "contact.status == `404`", "body": {"email": "email"}},
+    "extra_dests": [
+        {
+            "name": "crm_update",
+            "system": "crm",
+            "method": "PATCH",
+            "path": "/contacts/{{ contact.body.id }}",
+            "when": "contact.status == `200`",
+        }
+    ],
+}
+
+
+def _test(root: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["test", root])
+    return res.exit_code, res.output
+
+
+def test_recorded_answers_drive_find_or_create(tmp_path, sink):
+    lead_project(tmp_path, sink.url, steps=STEPS, **DESTS)
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: not found, so created
+                event: {email: new@example.com}
+                calls: {find_contact: [{status: 404}]}
+                expect:
+                  deliveries:
+                    crm: {method: POST, path: /contacts, body: {email: new@example.com}}
+              - name: found, so updated
+                event: {email: ada@example.com}
+                calls: {find_contact: [503, {status: 200, body: {id: c-42}}]}
+                expect:
+                  record_includes: {contact: {status: 200, body: {id: c-42}}}
+                  deliveries:
+                    crm_update: {method: PATCH, path: /contacts/c-42}
+              - name: the CRM refuses the credential
+                event: {email: ada@example.com}
+                calls: {find_contact: [401]}
+                expect:
+                  deliveries: {crm_update: {}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert "PASS  not found, so created" in out, out
+    assert "PASS  found, so updated" in out, out
+    assert "FAIL  the CRM refuses the credential" in out  # paused at the call: the test says so
+    assert "the run stopped at a call (paused): call find_contact: HTTP 401" in out
+    assert code == 1
+    assert sink.received == []  # recorded answers: no request left the process
+
+
+def test_an_unanswered_call_and_an_unknown_call_name(tmp_path, sink):
+    lead_project(tmp_path, sink.url, steps=STEPS, **DESTS)
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: no answer given
+                event: {email: new@example.com}
+                expect: {deliveries: {crm: {}}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert code == 1 and "the test gives no answer for it; add `calls: {find_contact: [...]}`" in out, out
+
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: misnamed
+                event: {email: new@example.com}
+                calls: {find: [200]}
+                expect: {deliveries: {crm: {}}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert code == 2, out
+    assert "lead-capture.test.yaml:4" in out and "no call step 'find' (it has: find_contact)" in out
