@@ -229,11 +229,22 @@ def _check_calls(
                         f"{kind}: unknown system {sysname!r}" + did_you_mean(sysname, [*systems, *broken]),
                     )
                 )
-            elif kind == "call" and registry.connector_for(system.kind or "", "destination") is None:
+            elif cfg.get("query") is not None and kind == "lookup":
+                found = registry.connector_for(system.kind or "", "source")
+                if found is None or getattr(found[0], "dialect", None) is None:
+                    problems.append(
+                        src.problem(
+                            (*loc, "system"),
+                            f"lookup: a query needs a SQL system (postgres, mysql, sqlite); {sysname!r} is "
+                            f"{system.kind or 'not a connector system'}",
+                        )
+                    )
+            elif system.kind != "http":
                 problems.append(
                     src.problem(
                         (*loc, "system"),
-                        f"call: system {sysname!r} ({system.kind}) cannot be called; use an http system",
+                        f"{kind}: system {sysname!r} ({system.kind or 'no kind'}) cannot be called; "
+                        "use an http system",
                     )
                 )
         name = str(raw.get("name", kind))

@@ -19,6 +19,7 @@ from typing import Any
 from patchbay import registry
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Sink
+from patchbay.connectors.sql_client.lookup import SqlLookup, is_sql_source
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import CALL_PREFIX
 from patchbay.security.secrets import SecretResolver
@@ -102,12 +103,18 @@ def build_call_sinks(
     for spec in call_steps(flow):
         cfg = spec.config
         system = project.systems[cfg.system]
-        found = registry.connector_for(system.kind or "", "destination")
-        assert found is not None
-        cls, config_model = found
-        sink_config = config_model.model_validate(call_request(cfg))
         res = system_resources(project, resolver, system, flow.name, resources)
-        inner = cls(system.config, sink_config, project.settings.delivery, res)
+        inner: Any
+        if getattr(cfg, "query", None) is not None:  # a lookup's SELECT, on the system's read connection
+            found = registry.connector_for(system.kind or "", "source")
+            assert found is not None and is_sql_source(found[0])
+            inner = SqlLookup(found[0], system.config, spec.step, project.settings.delivery, res)
+        else:
+            found = registry.connector_for(system.kind or "", "destination")
+            assert found is not None
+            cls, config_model = found
+            sink_config = config_model.model_validate(call_request(cfg))
+            inner = cls(system.config, sink_config, project.settings.delivery, res)
         out[CALL_PREFIX + spec.name] = CallSink(inner, spec.step, f"{flow.name}/{spec.name}")  # type: ignore[assignment]
     return out
 

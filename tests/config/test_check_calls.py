@@ -1,0 +1,103 @@
+"""`patchbay check` on call, lookup and split steps: each problem as file:line, what is wrong, how to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.config.test_check import SYSTEMS, check, project
+
+DB = """
+billing_db:
+  kind: sqlite
+  owner: finance
+  path: billing.db
+"""
+
+
+def flow(steps: str) -> str:
+    return f"""
+purpose: leads reach the CRM
+owner: sales
+trigger:
+  webhook: {{system: website}}
+steps:
+{steps}
+destinations:
+  - name: crm
+    system: crm
+    path: /contacts
+"""
+
+
+def problems(tmp_path: Path, steps: str) -> list[str]:
+    root = project(tmp_path, flow(steps), SYSTEMS + DB)
+    (root / "billing.db").touch()
+    code, lines = check(root)
+    assert code != 0, lines
+    return lines
+
+
+def test_a_call_to_a_system_that_does_not_exist(tmp_path):
+    lines = problems(tmp_path, "  - call: {system: crn, path: /x, as: contact}")
+    assert any(
+        "flows/leads.yaml:6" in ln and "call: unknown system 'crn'" in ln and "crm" in ln for ln in lines
+    ), lines
+
+
+def test_a_call_to_a_system_that_cannot_be_called(tmp_path):
+    lines = problems(tmp_path, "  - call: {system: billing_db, path: /x, as: contact}")
+    assert any(
+        ":6" in ln and "'billing_db' (sqlite) cannot be called; use an http system" in ln for ln in lines
+    ), lines
+
+
+def test_two_calls_with_one_name_and_one_binding(tmp_path):
+    steps = """  - call: {system: crm, path: /a, as: contact}
+  - call: {system: crm, path: /b, as: contact}"""
+    lines = problems(tmp_path, steps)
+    assert any(":7" in ln and "is named 'call'; give each call a unique `name:`" in ln for ln in lines), lines
+    assert any(":7" in ln and "step 1 already binds 'contact'" in ln for ln in lines), lines
+
+
+def test_lookup_sql_must_be_one_select_with_bound_parameters(tmp_path):
+    cases = {
+        "DELETE FROM accounts WHERE email = :email": "a lookup's query is one SELECT",
+        "SELECT * FROM accounts WHERE email = :email; DROP TABLE accounts": "one SELECT statement, without `;`",
+        "SELECT * FROM accounts WHERE email = '{{ email }}'": "never as {{ }} in the text",
+        "SELECT * FROM accounts WHERE email = :email AND tier = :tier": "the query uses :tier; bind it in `params`",
+    }
+    for i, (query, message) in enumerate(cases.items()):
+        steps = f'  - lookup: {{system: billing_db, query: "{query}", params: {{email: email}}, as: account}}'
+        lines = problems(tmp_path / str(i), steps)
+        assert any("flows/leads.yaml:6" in ln and message in ln for ln in lines), (query, lines)
+
+
+def test_a_lookup_query_on_an_http_system(tmp_path):
+    steps = '  - lookup: {system: crm, query: "SELECT 1 WHERE :a = 1", params: {a: email}, as: x}'
+    lines = problems(tmp_path, steps)
+    assert any(":6" in ln and "a query needs a SQL system" in ln for ln in lines), lines
+
+
+def test_split_and_call_expressions_are_checked(tmp_path):
+    steps = """  - split: {path: items, with: {order: "nope("}}
+  - call: {system: crm, path: "/c/{{ id( }}", as: contact, select: {id: "body.[["}}"""
+    lines = problems(tmp_path, steps)
+    assert any(":6" in ln and "split:" in ln for ln in lines), lines
+    assert any(":7" in ln and "call:" in ln for ln in lines), lines
+
+
+def test_a_good_project_with_calls_checks_clean(tmp_path):
+    steps = """  - split: {path: items, with: {email: email}}
+  - name: account
+    lookup:
+      system: billing_db
+      query: "SELECT owner FROM accounts WHERE email = :email"
+      params: {email: lower(email)}
+      as: account
+      cache: {key: email, ttl: 10m}
+  - name: find_contact
+    call: {system: crm, path: "/search?email={{ email }}", as: contact, on_404: continue}"""
+    root = project(tmp_path, flow(steps), SYSTEMS + DB)
+    (root / "billing.db").touch()
+    code, lines = check(root)
+    assert code == 0, lines
