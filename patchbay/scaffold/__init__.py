@@ -23,6 +23,10 @@ TEMPLATES: dict[str, tuple[Path, str]] = {
     "payment-reporting": (TEMPLATE_DIR / "payment-reporting", "payment webhook -> reporting table (SQLite)"),
     "contact-sync": (TEMPLATE_DIR / "contact-sync", "CRM <-> email platform: consent and unsubscribes"),
     "sales-analytics": (TEMPLATE_DIR / "sales-analytics", "shop orders -> analytics table (SQLite)"),
+    "stripe-hubspot": (
+        TEMPLATE_DIR / "stripe-hubspot",
+        "new Stripe customer -> find or create the HubSpot contact -> its id back to billing",
+    ),
 }
 EXAMPLE_LEAD = {
     "email": "  Ada@Example.com ",
