@@ -136,7 +136,7 @@ async def test_a_dead_call_is_listed_and_its_replay_resumes_at_the_call(tmp_path
     assert keys == [f"{eid}.find_contact", f"{eid}.find_contact", f"{eid}.crm_update"]
 
 
-async def test_a_refused_credential_pauses_the_call_and_nothing_goes_on(tmp_path, sink, start_hub):
+async def test_a_refused_credential_pauses_the_call_until_it_is_resumed(tmp_path, sink, start_hub):
     sink.default = 401
     hub = await start_hub(project(tmp_path, sink.url, **CREATE_OR_UPDATE))
     _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
@@ -149,6 +149,12 @@ async def test_a_refused_credential_pauses_the_call_and_nothing_goes_on(tmp_path
     run = await hub.run(body["event_id"])
     assert run["status"] == "pending"
     assert [d["status"] for d in run["deliveries"]] == ["pending"]  # waits, untouched, for a resume
+
+    sink.default = crm({"ada@example.com": "c-3"})  # the credential is fixed; `patchbay resume` does this
+    await hub.hub.set_state("lead-capture", "call:find_contact", "active", Actor("ops"))
+    await settled(hub, body["event_id"], "delivered")
+    keys = {r.headers["Idempotency-Key"] for r in sink.received}
+    assert keys == {f"{body['event_id']}.find_contact", f"{body['event_id']}.crm_update"}
 
 
 async def test_cached_answers_are_shared_across_events(tmp_path, sink, start_hub):
