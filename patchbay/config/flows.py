@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field
@@ -83,6 +85,7 @@ def load_flow(
     source = load_source(src, doc.trigger, systems, broken, problems)
     steps, stopped_at = _load_steps(src, doc.steps, problems)
     _check_calls(src, doc.steps, systems, broken, problems)
+    _check_bindings(src, doc.steps, doc.destinations, problems)
     typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
     dests = load_destinations(
         src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems, typed
@@ -267,6 +270,74 @@ def _check_calls(
                     )
                 )
             bound.setdefault(as_, i)
+
+
+_TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def _answer_reads(value: Any) -> Iterator[str]:
+    """The names read as a call's answer (`X.body…`, `X.status`) in the expressions and templates of
+    a step's or destination's settings; text that is not an expression reads nothing."""
+    from patchbay.expressions import ExprError, compile_expr
+
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _answer_reads(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _answer_reads(v)
+    elif isinstance(value, str):
+        texts = _TEMPLATE.findall(value) if "{{" in value else [value]
+        for text in texts:
+            try:
+                expr = compile_expr(text.strip())
+            except ExprError:
+                continue
+            yield from _answer_names(expr.ast)
+
+
+def _answer_names(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        kids = node.get("children") or []
+        if node.get("type") == "subexpression" and len(kids) >= 2:
+            head, tail = kids[0], kids[1]
+            if (
+                head.get("type") == "field"
+                and tail.get("type") == "field"
+                and tail.get("value") in ("body", "status")
+            ):
+                yield str(head.get("value"))
+        for k in kids:
+            yield from _answer_names(k)
+
+
+def _check_bindings(
+    src: Located, raws: list[dict[str, Any]], dests: list[dict[str, Any]], problems: list[Problem]
+) -> None:
+    """An answer read before the step that binds it, or under a name close to a bound one (a typo)."""
+    bound: dict[str, int] = {}
+    for i, raw in enumerate(raws):
+        kind = next((k for k in CALLING_STEPS if isinstance(raw, dict) and k in raw), None)
+        if kind is not None and isinstance(raw[kind], dict) and isinstance(raw[kind].get("as"), str):
+            bound.setdefault(raw[kind]["as"], i)
+    if not bound:
+        return
+    users = [(("steps", i), i, raw) for i, raw in enumerate(raws)]
+    users += [(("destinations", j), len(raws), d) for j, d in enumerate(dests)]
+    for loc, at, raw in users:
+        for name in dict.fromkeys(_answer_reads(raw)):
+            if name in bound and bound[name] >= at:
+                problems.append(
+                    src.problem(
+                        loc,
+                        f"reads {name}'s answer, which step {bound[name] + 1} binds later; "
+                        "move this after that step",
+                    )
+                )
+            elif name not in bound and difflib.get_close_matches(name, list(bound), n=1):
+                problems.append(
+                    src.problem(loc, f"no call or lookup binds {name!r}" + did_you_mean(name, list(bound)))
+                )
 
 
 def _load_steps(

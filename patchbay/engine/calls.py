@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from patchbay import registry
+from patchbay.config.models import DeliveryPolicy
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources, Sink
 from patchbay.connectors.sql_client.lookup import SqlLookup, is_sql_source
@@ -108,13 +109,13 @@ def build_call_sinks(
         if getattr(cfg, "query", None) is not None:  # a lookup's SELECT, on the system's read connection
             found = registry.connector_for(system.kind or "", "source")
             assert found is not None and is_sql_source(found[0])
-            inner = SqlLookup(found[0], system.config, spec.step, project.settings.delivery, res)
+            inner = SqlLookup(found[0], system.config, spec.step, policy_of(cfg, project), res)
         else:
             found = registry.connector_for(system.kind or "", "destination")
             assert found is not None
             cls, config_model = found
             sink_config = config_model.model_validate(call_request(cfg))
-            inner = cls(system.config, sink_config, project.settings.delivery, res)
+            inner = cls(system.config, sink_config, policy_of(cfg, project), res)
         out[CALL_PREFIX + spec.name] = CallSink(inner, spec.step, f"{flow.name}/{spec.name}")  # type: ignore[assignment]
     return out
 
@@ -127,6 +128,11 @@ def call_request(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def policy_of(cfg: Any, project: Project) -> DeliveryPolicy:
+    """A call's delivery policy: the hub's, with the step's `delivery:` overrides."""
+    return project.settings.delivery.merged(getattr(cfg, "delivery", None))
+
+
 def call_destinations(flow: FlowSpec, project: Project) -> list[DestinationSpec]:
     """A destination spec per call step, for its worker: the hub's delivery policy."""
     return [
@@ -135,7 +141,7 @@ def call_destinations(flow: FlowSpec, project: Project) -> list[DestinationSpec]
             s.config.system,
             project.systems[s.config.system].kind or "",
             s.config,
-            project.settings.delivery,
+            policy_of(s.config, project),
         )
         for s in call_steps(flow)
     ]

@@ -86,6 +86,14 @@ class CallConfig(StepConfig):
     cache: CallCache | None = Field(
         None, description="Reuse answers per key for `ttl`, across events (kept in the store)."
     )
+    delivery: dict[str, Any] | None = Field(
+        None,
+        description="Delivery policy overrides for this call (timeout_s, max_concurrency, rate_limit_per_s, "
+        "retry, idempotency_header); the hub's `delivery` otherwise.",
+        examples=[{"timeout_s": 5, "rate_limit_per_s": 10}],
+    )
+
+    _delivery = field_validator("delivery")(classmethod(lambda cls, v: check_delivery(v)))
 
     @field_validator("as_")
     @classmethod
@@ -95,6 +103,15 @@ class CallConfig(StepConfig):
         if not re.match(NAME_RE, v):
             raise ValueError(f"bad name {v!r}: use letters, digits and '_', starting with a letter")
         return v
+
+
+def check_delivery(v: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A call's `delivery:` overrides, validated as a delivery policy (the errors name the setting)."""
+    if v is not None:
+        from patchbay.config.models import DeliveryPolicy
+
+        DeliveryPolicy().merged(v)
+    return v
 
 
 def is_empty(value: Any) -> bool:

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from patchbay.expressions import ExprError, compile_expr, render_template
 from patchbay.expressions.compiler import ExprError as _ExprError
 from patchbay.processors.base import CheckIssue, StepConfig
-from patchbay.processors.call import NAME_RE, CallCache, CallingStep
+from patchbay.processors.call import NAME_RE, CallCache, CallingStep, check_delivery
 from patchbay.registry import step
 
 # What a lookup's SQL may hold: literals and comments are skipped; `:name` is a bound parameter.
@@ -94,6 +94,11 @@ class LookupConfig(StepConfig):
         "record, or quarantine it.",
     )
     cache: CallCache | None = Field(None, description="Reuse answers per key for `ttl`, across events.")
+    delivery: dict[str, Any] | None = Field(
+        None, description="Delivery policy overrides for this lookup (timeout_s, retry, ...), like a call's."
+    )
+
+    _delivery = field_validator("delivery")(classmethod(lambda cls, v: check_delivery(v)))
 
     @field_validator("as_")
     @classmethod

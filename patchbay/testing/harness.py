@@ -14,6 +14,7 @@ import orjson
 
 from patchbay.config.project import FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
+from patchbay.engine.calls import policy_of
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.policy import decide
 from patchbay.security.secrets import SecretResolver
@@ -206,7 +207,7 @@ def _answer_call(
         outcome = answer.to_outcome()
         if answer.status == 404 and on_404 == "continue":
             outcome = Outcome(OutcomeClass.SUCCESS, 404)
-        dec = decide(outcome, retries, project.settings.delivery, now, rng)
+        dec = decide(outcome, retries, policy_of(spec.config, project), now, rng)
         wait = None if dec.next_at is None else round(dec.next_at - now, 3)
         c.attempts.append(Attempt(outcome.cls.value, outcome.status_code, dec.status, dec.reason, wait))
         if dec.destination_state is not None or dec.status == "dead":

@@ -101,3 +101,19 @@ def test_a_good_project_with_calls_checks_clean(tmp_path):
     (root / "billing.db").touch()
     code, lines = check(root)
     assert code == 0, lines
+
+
+def test_an_answer_read_before_its_call_or_under_a_misspelt_name(tmp_path):
+    steps = """  - map: {id: contact.body.id, email: email}
+  - name: find_contact
+    call: {system: crm, path: "/search?email={{ email }}", as: contact}"""
+    lines = problems(tmp_path / "early", steps)
+    assert any(":6" in ln and "reads contact's answer, which step 2 binds later" in ln for ln in lines), lines
+
+    steps = """  - name: find_contact
+    call: {system: crm, path: "/search?email={{ email }}", as: contact}
+  - map: {id: contcat.body.id}"""
+    lines = problems(tmp_path / "typo", steps)
+    assert any(
+        ":8" in ln and "no call or lookup binds 'contcat'; did you mean 'contact'?" in ln for ln in lines
+    ), lines
