@@ -99,3 +99,37 @@ def test_an_unanswered_call_and_an_unknown_call_name(tmp_path, sink):
     code, out = _test(str(tmp_path))
     assert code == 2, out
     assert "lead-capture.test.yaml:4" in out and "no call step 'find' (it has: find_contact)" in out
+
+
+async def test_a_run_with_calls_exports_as_a_test_with_its_answers(tmp_path, sink, start_hub, monkeypatch):
+    import yaml
+
+    from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, eventually
+
+    monkeypatch.setenv("PATCHBAY_SECRET_CRM_TOKEN", SECRET_TOKEN)
+    monkeypatch.setenv("PATCHBAY_SECRET_WEBSITE_WHSEC", SECRET_WHSEC)
+
+    def answer(request, rec):
+        if request.method == "GET":
+            return (200, {"Content-Type": "application/json"}, f'{{"id": "c-9", "note": "{SECRET_TOKEN}"}}')
+        return 201
+
+    sink.default = answer
+    root = lead_project(tmp_path, sink.url, steps=STEPS, **DESTS)
+    hub = await start_hub(root)
+    _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
+
+    async def delivered() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "delivered"
+
+    await eventually(delivered, what="the run delivered")
+    res = CliRunner().invoke(main, ["runs", "export", body["event_id"], "--as-test", "-p", str(root)])
+    assert res.exit_code == 0, res.output
+    text = (root / "flows" / "lead-capture.test.yaml").read_text()
+    assert SECRET_TOKEN not in text  # an answer that echoed a credential is scrubbed
+    [case] = yaml.safe_load(text)["tests"]
+    assert case["calls"] == {"find_contact": [{"status": 200, "body": {"id": "c-9", "note": "[secret]"}}]}
+    assert list(case["expect"]["deliveries"]) == ["crm_update"]
+    assert case["expect"]["deliveries"]["crm_update"]["path"] == "/contacts/c-9"
+    code, out = _test(str(root))
+    assert code == 0 and "1 passed, 0 failed" in out, out
