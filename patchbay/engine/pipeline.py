@@ -60,7 +60,7 @@ class Pipeline:
         """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
         return redact_paths(record, self.flow.sensitive)
 
-    def process(self, record: Any, event_id: str, answers: Mapping[str, Any] | None = None) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Processed:
         """Steps, then routing. What is kept to be shown (trace, reason) never holds a sensitive value:
         a validation message quoting card.number is stored with the number replaced by [redacted]."""
         values = sensitive_values(record, self.flow.sensitive)  # before a step changes the record

@@ -139,7 +139,7 @@ class Reprocessor(Protocol):
         """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
         ...
 
-    def process(self, record: Any, event_id: str, answers: Mapping[str, Any] | None = None) -> Reprocessed:
+    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Reprocessed:
         """The steps and routing; `answers` are the recorded answers of the event's calls, by key."""
         ...
 

@@ -58,7 +58,7 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
             (f"continuing after a call: {exc}", now, event_id),
         )
         return []
-    processed = pipe.process(record, event_id, q_answers(conn, event_id))
+    processed = pipe.process(record, event_id, answers=q_answers(conn, event_id))
     existing = {
         (r[0], r[1])
         for r in conn.execute(

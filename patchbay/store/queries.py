@@ -169,7 +169,7 @@ def tx_replay(
             rep.skipped.append((eid, str(exc)))
             continue
         answers = q_answers(conn, eid)  # answered calls are not asked again: the run resumes where it stopped
-        processed = pipe.process(record, eid, answers) if answers else pipe.process(record, eid)
+        processed = pipe.process(record, eid, answers=answers) if answers else pipe.process(record, eid)
         if processed.status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",

@@ -151,7 +151,7 @@ def simulate(
     turns = {name: list(given) for name, given in (calls or {}).items()}
     asked: list[Captured] = []
     for _ in range(MAX_ATTEMPTS):
-        processed = pipeline.process(record, eid, answers)
+        processed = pipeline.process(record, eid, answers=answers)
         waiting = [d for d in processed.deliveries if d.destination.startswith(CALL_PREFIX)]
         if not waiting:
             break

@@ -376,7 +376,7 @@ class Steps:
             raise PatchbayError("opening the sealed fields: no key")
         return record
 
-    def process(self, record: Any, event_id: str, answers: Any = None) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
         if "email" not in record:
             return Processed("quarantined", [{"step": "validate"}], reason="email: required")
         return Processed(
@@ -490,7 +490,7 @@ class CallingSteps:
     def load_payload(self, payload: bytes) -> Any:
         return orjson.loads(payload)
 
-    def process(self, record: Any, event_id: str, answers: Any = None) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
         answer = (answers or {}).get(f"{event_id}.find")
         if answer is None:
             call = NewDelivery("call:find", {"url": record["email"]}, f"{event_id}.find")
