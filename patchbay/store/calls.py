@@ -107,11 +107,8 @@ def tx_record_calls(
     """The attempts (as `record` does), then the run of each answered call goes on; (event, destinations)."""
     record(conn, results)
     now = time.time()
-    out = []
-    for r in results:
-        if r.new_status == "delivered":
-            out.append((r.event_id, tx_continue(conn, r.event_id, pipe, now)))
-    return out
+    answered = dict.fromkeys(r.event_id for r in results if r.new_status == "delivered")
+    return [(eid, tx_continue(conn, eid, pipe, now)) for eid in answered]  # once per event: all its answers
 
 
 def q_cached_answer(conn: sqlite3.Connection, scope: str, key: str, now: float) -> dict[str, Any] | None:
