@@ -24,7 +24,7 @@ from patchbay.connectors.sql_client.lookup import SqlLookup, is_sql_source
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import CALL_PREFIX
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import AttemptResult, Reprocessor, Store
+from patchbay.store.base import AttemptResult, CachedAnswer, Reprocessor, Store
 
 log = logging.getLogger("patchbay.calls")
 ANSWER = {
@@ -47,6 +47,7 @@ class CallSink:
         self.step = step
         self.scope = scope  # the cache's scope: flow and step
         self.store: Store | None = None  # set by the hub for the cache
+        self.to_cache: list[CachedAnswer] = []  # answers the worker writes with its next results
         self.policy = getattr(inner, "policy", None)
 
     def render(self, record: Any, key: str) -> dict[str, Any]:
@@ -80,12 +81,11 @@ class CallSink:
             and cache is not None
             and self.store is not None
         ):
-            try:
-                await self.store.cache_answer(
-                    self.scope, str(cache_key), outcome.fields or {}, time.time() + cache.ttl
-                )
-            except Exception:  # a cache is an optimisation: the answer itself is recorded with the attempt
-                log.exception("caching an answer of %s", self.scope)
+            # Kept with the next recorded attempts of this call (one write); a crash before forgets it,
+            # which only costs asking again.
+            self.to_cache.append(
+                CachedAnswer(self.scope, str(cache_key), outcome.fields or {}, time.time() + cache.ttl)
+            )
         return outcome
 
     async def close(self) -> None:
@@ -158,7 +158,15 @@ class CallWorker(DestinationWorker):
         self.on_continued = on_continued
 
     async def _store_record(self, results: list[AttemptResult]) -> None:
-        continued = await self.store.record_calls(results, self.pipeline)
+        cache: list[CachedAnswer] = []
+        if isinstance(self.sink, CallSink):
+            cache, self.sink.to_cache = self.sink.to_cache, []
+        try:
+            continued = await self.store.record_calls(results, self.pipeline, cache)
+        except BaseException:
+            if isinstance(self.sink, CallSink):
+                self.sink.to_cache[:0] = cache  # written with the results that are recorded again
+            raise
         added = sorted({d for _, ds in continued for d in ds})
         if added:
             self.on_continued(added)

@@ -318,15 +318,29 @@ class DeadLetters(Protocol):
     ) -> DiscardReport: ...
 
 
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer to keep for a call step's `cache:` (scope: flow/step)."""
+
+    scope: str
+    key: str
+    answer: dict[str, Any]
+    expires_at: float
+
+
 class Calls(Protocol):
     """Calls inside flows: a call is a delivery to `call:<step>`; its answer continues the run."""
 
     async def record_calls(
-        self, results: list[AttemptResult], pipeline: Reprocessor
+        self,
+        results: list[AttemptResult],
+        pipeline: Reprocessor,
+        cache: Sequence[CachedAnswer] = (),
     ) -> list[tuple[str, list[str]]]:
         """Record the attempts of calls (as `record`), and in the same transaction, for each answered one,
         run its event's flow again with every recorded answer and insert the deliveries (or next calls)
-        it did not have yet. Returns (event id, destinations added) per answered call."""
+        it did not have yet; `cache` answers are kept too (as `cache_answer`). Returns (event id,
+        destinations added) per event whose calls were answered."""
         ...
 
     async def call_answers(self, event_id: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from patchbay.errors import PatchbayError
-from patchbay.store.base import AttemptResult, Reprocessor
+from patchbay.store.base import AttemptResult, CachedAnswer, Reprocessor
 from patchbay.store.common import _j, refresh_event_status
 
 CALLS_SCHEMA = """
@@ -103,9 +103,12 @@ def tx_record_calls(
     results: list[AttemptResult],
     pipe: Reprocessor,
     record: Callable[[sqlite3.Connection, list[AttemptResult]], None],
+    cache: list[CachedAnswer] | None = None,
 ) -> list[tuple[str, list[str]]]:
     """The attempts (as `record` does), then the run of each answered call goes on; (event, destinations)."""
     record(conn, results)
+    for c in cache or ():
+        tx_cache_answer(conn, c.scope, c.key, c.answer, c.expires_at)
     now = time.time()
     answered = dict.fromkeys(r.event_id for r in results if r.new_status == "delivered")
     return [(eid, tx_continue(conn, eid, pipe, now)) for eid in answered]  # once per event: all its answers

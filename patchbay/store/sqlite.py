@@ -35,6 +35,7 @@ from patchbay.store.base import (
     AlertChange,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     DestinationStates,
     DiscardReport,
     DueDelivery,
@@ -844,9 +845,9 @@ class SqliteStore:
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
     async def record_calls(
-        self, results: list[AttemptResult], pipeline: Reprocessor
+        self, results: list[AttemptResult], pipeline: Reprocessor, cache: Sequence[CachedAnswer] = ()
     ) -> list[tuple[str, list[str]]]:
-        return await self._write(cq.tx_record_calls, results, pipeline, tx_record)
+        return await self._write(cq.tx_record_calls, results, pipeline, tx_record, list(cache))
 
     async def call_answers(self, event_id: str) -> dict[str, Any]:
         return await self._read(cq.q_answers, event_id)

@@ -20,6 +20,7 @@ from patchbay.store.base import (
     Actor,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     NewDelivery,
     NewEvent,
     RunFilter,
@@ -522,8 +523,12 @@ async def test_an_answered_call_continues_its_run_in_the_same_write(store: Store
 
     answer = {"status": 200, "body": {"id": "c-1"}}
     [call] = await due(store, dest="call:find")
-    continued = await store.record_calls([result(call, "success", "delivered", response=answer)], steps)
+    kept = CachedAnswer("orders/find", "ada@example.com", answer, time.time() + 60)
+    continued = await store.record_calls(
+        [result(call, "success", "delivered", response=answer)], steps, [kept]
+    )
     assert continued == [(e.id, ["crm"])]
+    assert await store.cached_answer("orders/find", "ada@example.com", time.time()) == answer  # same write
     assert await store.call_answers(e.id) == {f"{e.id}.find": answer}
     [crm] = await due(store)
     assert crm.request == {"id": "c-1"} and crm.idempotency_key == f"{e.id}.crm"
