@@ -11,6 +11,7 @@ import orjson
 from click.testing import CliRunner
 
 from patchbay.cli import main
+from patchbay.cli.trace import render_trace
 from patchbay.store.base import Actor
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Received, eventually, lead_project
 
@@ -113,6 +114,10 @@ async def test_a_failing_call_retries_with_the_same_key_then_the_run_goes_on(tmp
     assert keys == [f"{body['event_id']}.find_contact"] * 3 + [f"{body['event_id']}.crm_update"]
     call = next(d for d in run["deliveries"] if d["destination"] == "call:find_contact")
     assert [a["status_code"] for a in call["attempts_log"]] == [503, 503, 200]
+    text = render_trace(run)  # `patchbay runs show`: the step, then the call with its attempts
+    assert "3. find_contact  answer HTTP 200 (call:find_contact below)" in text, text
+    assert "deliver to call:find_contact: DELIVERED  GET http://127.0.0.1:" in text, text
+    assert SECRET_TOKEN not in text and SECRET_TOKEN not in orjson.dumps(run).decode()
 
 
 async def test_a_dead_call_is_listed_and_its_replay_resumes_at_the_call(tmp_path, sink, start_hub):
