@@ -167,7 +167,10 @@ def simulate(
             continue
         spec = next(x for x in flow.destinations if x.name == d.destination)
         shown = view(d.request, project, spec.system, credentials(sinks[d.destination]))
-        c = Captured(d.destination, spec.kind, d.request, shown)
+        element = d.idempotency_key[
+            len(eid) + 1 : -len(d.destination) - 1
+        ]  # "<event>.<i>.<dest>" after a split
+        c = Captured(f"{d.destination}[{element}]" if element else d.destination, spec.kind, d.request, shown)
         _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
         captured.append(c)
     worst = "delivered"

@@ -133,3 +133,27 @@ async def test_a_run_with_calls_exports_as_a_test_with_its_answers(tmp_path, sin
     assert case["expect"]["deliveries"]["crm_update"]["path"] == "/contacts/c-9"
     code, out = _test(str(root))
     assert code == 0 and "1 passed, 0 failed" in out, out
+
+
+def test_a_split_delivers_per_element_in_a_flow_test(tmp_path, sink):
+    steps = """
+- split: {path: items, with: {order: id}}
+- validate: {sku: {required: true}}
+"""
+    lead_project(tmp_path, sink.url, steps=steps, dest={"body": {"order": "order", "sku": "sku"}})
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: two good lines and a bad one
+                event: {id: o-1, items: [{sku: A}, {qty: 2}, {sku: C}]}
+                expect:
+                  deliveries:
+                    crm[0]: {body: {order: o-1, sku: A}}
+                    crm[2]: {body: {order: o-1, sku: C}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert code == 0 and "1 passed, 0 failed" in out, out
