@@ -155,3 +155,72 @@ async def test_postgres_lookup_with_cache(tmp_path, sink, start_hub):
     finally:
         await admin.execute(f'DROP TABLE IF EXISTS "{table}"')
         await admin.close()
+
+
+async def test_mariadb_lookup_binds_percent_style_parameters(tmp_path, sink, start_hub):
+    pytest.importorskip("aiomysql", reason="the mysql extra is not installed: pip install 'patchbay[mysql]'")
+    import aiomysql
+
+    host = os.environ.get("PATCHBAY_TEST_MYSQL_HOST", "127.0.0.1")
+    require_service("MariaDB/MySQL", host, 3306)
+    table = f"pb_accounts_{uuid.uuid4().hex[:10]}"
+    admin = await aiomysql.connect(host=host, port=3306, user="root", password="", db="test", autocommit=True)
+    try:
+        async with admin.cursor() as cur:
+            await cur.execute(
+                f"CREATE TABLE `{table}` (email varchar(200), owner varchar(50), tier varchar(10))"
+            )
+            await cur.execute(f"INSERT INTO `{table}` VALUES ('ada@example.com', 'grace', 'gold')")
+        # A literal % in the text stays a literal; the value comes in only as :email.
+        query = f"SELECT owner, tier FROM `{table}` WHERE email = :email AND tier LIKE 'g%'"
+        steps = f"""
+- name: account
+  lookup: {{system: billing, query: "{query}", params: {{email: lower(email)}}, as: account}}
+"""
+        root = lead_project(tmp_path, sink.url, steps=steps, delivery=FAST, hub={"delivery": FAST}, dest=DEST)
+        system = {
+            "kind": "mysql",
+            "owner": "finance",
+            "host": host,
+            "port": 3306,
+            "database": "test",
+            "user": "root",
+            "allow_private_network": True,
+        }
+        with_system(root, "billing", system)
+        hub = await start_hub(root)
+        _, body = await hub.post("/hooks/lead-capture", {"email": "ADA@example.com"})
+        await settled(hub, body["event_id"], "delivered")
+        assert [r.body for r in sink.received] == [
+            {"email": "ADA@example.com", "owner": "grace", "tier": "gold"}
+        ]
+    finally:
+        async with admin.cursor() as cur:
+            await cur.execute(f"DROP TABLE IF EXISTS `{table}`")
+        admin.close()
+
+
+async def test_http_lookup_reads_an_answer_and_a_404_is_null(tmp_path, sink, start_hub):
+    def answer(request: Any, rec: Any) -> Any:
+        if request.method == "GET":
+            if request.query.get("email") == "ada@example.com":
+                return (200, {"Content-Type": "application/json"}, '{"owner": "grace", "tier": "gold"}')
+            return (404, {}, "{}")
+        return 201
+
+    sink.default = answer
+    steps = """
+- name: account
+  lookup: {system: crm, path: "/accounts?email={{ lower(email) }}", as: account}
+"""
+    root = lead_project(tmp_path, sink.url, steps=steps, delivery=FAST, hub={"delivery": FAST}, dest=DEST)
+    hub = await start_hub(root)
+    _, known = await hub.post("/hooks/lead-capture", {"email": "Ada@example.com"})
+    _, unknown = await hub.post("/hooks/lead-capture", {"email": "nobody@example.com"})
+    await settled(hub, known["event_id"], "delivered")
+    await settled(hub, unknown["event_id"], "delivered")
+    got = {r.headers["Idempotency-Key"]: r.body for r in sink.received if r.method == "POST"}
+    assert got == {
+        f"{known['event_id']}.crm": {"email": "Ada@example.com", "owner": "grace", "tier": "gold"},
+        f"{unknown['event_id']}.crm": {"email": "nobody@example.com", "owner": None, "tier": None},
+    }
