@@ -46,9 +46,15 @@ class Fakes:
 
     async def update_customer(self, request: web.Request) -> web.Response:
         self._seen(request)
-        body = await request.json()
         cid = request.match_info["id"]
-        self.metadata.setdefault(cid, {}).update(body["metadata"])
+        if request.content_type == "application/x-www-form-urlencoded":  # Stripe's own body format
+            form = await request.post()
+            metadata = {
+                k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")
+            }
+        else:  # the http destination's JSON, until the template's billing destination sends a form
+            metadata = (await request.json())["metadata"]
+        self.metadata.setdefault(cid, {}).update(metadata)
         return web.json_response({"id": cid, "object": "customer", "metadata": self.metadata[cid]})
 
     def _seen(self, request: web.Request) -> None:
