@@ -20,6 +20,7 @@ import orjson
 from patchbay.errors import PatchbayError
 from patchbay.store.base import AttemptResult, CachedAnswer, Reprocessor
 from patchbay.store.common import _j, refresh_event_status
+from patchbay.store.retention import opened
 
 CALLS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS call_cache(
@@ -51,7 +52,7 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
     if row is None or row["status"] in ("discarded",):
         return []
     try:
-        record = pipe.load_payload(row["payload"])
+        record = pipe.load_payload(opened(row["payload"]))  # a dead run's payload may be compressed
     except PatchbayError as exc:  # e.g. sealed fields whose key is gone: the run stops here, visibly
         conn.execute(
             "UPDATE events SET status='quarantined', reason=?, updated_at=? WHERE id=?",
