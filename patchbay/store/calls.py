@@ -53,13 +53,15 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
         return []
     try:
         record = pipe.load_payload(opened(row["payload"]))  # a dead run's payload may be compressed
-    except PatchbayError as exc:  # e.g. sealed fields whose key is gone: the run stops here, visibly
+        processed = pipe.process(record, event_id, answers=q_answers(conn, event_id))
+    except Exception as exc:  # sealed fields whose key is gone, a custom step's bug: the run stops here,
+        # visibly and replayably, and the answer is still recorded (a failed write would send the call again)
+        what = str(exc) if isinstance(exc, PatchbayError) else f"{type(exc).__name__}: {exc}"
         conn.execute(
             "UPDATE events SET status='quarantined', reason=?, updated_at=? WHERE id=?",
-            (f"continuing after a call: {exc}", now, event_id),
+            (f"continuing after a call: {what}", now, event_id),
         )
         return []
-    processed = pipe.process(record, event_id, answers=q_answers(conn, event_id))
     existing = {
         (r[0], r[1])
         for r in conn.execute(

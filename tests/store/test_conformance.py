@@ -574,6 +574,32 @@ async def test_a_dead_call_of_a_compressed_run_is_replayed_and_continues(store: 
     assert crm.request == {"id": "c-2"}
 
 
+class BrokenAfterTheCall(CallingSteps):
+    """A flow whose steps raise once the answer is there (a bug in a custom step)."""
+
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+        if answers:
+            raise ZeroDivisionError("division by zero")
+        return super().process(record, event_id)
+
+
+async def test_a_flow_that_raises_after_the_answer_quarantines_the_run_and_records_the_call(
+    store: Store,
+) -> None:
+    steps = BrokenAfterTheCall()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    answer = {"status": 200, "body": {"id": "c-1"}}
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, [])
+    ]
+    assert await due(store, dest="call:find") == []  # recorded: never asked again in a loop
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "quarantined"
+    assert run["reason"] == "continuing after a call: ZeroDivisionError: division by zero"
+
+
 async def test_cached_answers_expire(store: Store) -> None:
     now = time.time()
     await store.cache_answer("f/find", "ada", {"status": 200, "body": {"id": 1}}, now + 60)
