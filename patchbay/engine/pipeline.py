@@ -144,7 +144,10 @@ class Pipeline:
                 if getattr(spec.step, "calls", False):
                     key = f"{event_id}{suffix}.{spec.name}"
                     if key not in answers:  # ask first: the run goes on when the answer is recorded
-                        request = self.sinks[CALL_PREFIX + spec.name].render(record, key)
+                        try:
+                            request = self.sinks[CALL_PREFIX + spec.name].render(record, key)
+                        except (TypeError, ValueError) as exc:  # e.g. a body that is not JSON-able
+                            raise invalid(spec.name, f"cannot render the call: {exc}") from exc
                         cache_key = spec.step.cache_key(record)
                         if cache_key is not None:
                             request["cache_key"] = cache_key
