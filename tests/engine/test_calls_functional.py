@@ -231,3 +231,18 @@ async def test_split_then_a_call_per_element(tmp_path, sink, start_hub):
     }
     calls = sorted(r.headers["Idempotency-Key"] for r in sink.received if r.method == "GET")
     assert calls == [f"{eid}.{i}.find_product" for i in range(3)]
+
+
+async def test_a_call_to_a_private_address_is_refused_by_the_ssrf_guard(tmp_path, sink, start_hub):
+    import yaml
+
+    root = project(tmp_path, sink.url, **CREATE_OR_UPDATE)
+    systems = yaml.safe_load((root / "systems.yaml").read_text())
+    systems["crm"]["allow_private_network"] = False  # the default: 127.0.0.1 is not for outbound calls
+    (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
+    hub = await start_hub(root)
+    _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
+    run = await settled(hub, body["event_id"], "dead")
+    [call] = run["deliveries"]
+    assert call["destination"] == "call:find_contact" and sink.received == []
+    assert "allow_private_network" in (call["last_error"] or ""), call["last_error"]
