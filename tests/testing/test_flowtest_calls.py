@@ -3,6 +3,8 @@ with them bound as in the hub, nothing reaches the network, and a call left unan
 
 from __future__ import annotations
 
+from typing import Any
+
 from click.testing import CliRunner
 
 from patchbay.cli.main import main
@@ -12,7 +14,7 @@ STEPS = """
 - name: find_contact
   call: {system: crm, method: GET, path: "/search?email={{ email }}", as: contact, on_404: continue}
 """
-DESTS = {
+DESTS: dict[str, Any] = {
     "dest": {"when": "contact.status == `404`", "body": {"email": "email"}},
     "extra_dests": [
         {

@@ -86,7 +86,7 @@ async def test_the_template_runs_end_to_end_against_fakes(tmp_path):
     await hub.start()
     flow = "stripe-customer-to-hubspot"
     try:
-        events = [
+        events: list[dict[str, Any]] = [
             {
                 "id": "evt_1",
                 "type": "customer.created",
