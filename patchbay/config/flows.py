@@ -156,6 +156,16 @@ def _check_batch(
                 "a batch flow runs on a schedule or on demand: use `schedule:` and/or `manual: true`",
             )
         )
+    for i, raw in enumerate(doc.steps):  # frames of rows, not events: nothing to wait on or fan out
+        kind = next((k for k in (*CALLING_STEPS, "split") if isinstance(raw, dict) and k in raw), None)
+        if kind is not None:
+            problems.append(
+                src.problem(
+                    ("steps", i, kind),
+                    f"{kind}: a batch sync's steps run over frames of rows; call, lookup and split are for "
+                    "event flows (a SQL join in `batch.from.query` does a lookup's work here)",
+                )
+            )
     for side in ("from", "to"):
         name = getattr(doc.batch, "from_" if side == "from" else "to").system
         sysspec = systems.get(name)

@@ -117,3 +117,32 @@ def test_an_answer_read_before_its_call_or_under_a_misspelt_name(tmp_path):
     assert any(
         ":8" in ln and "no call or lookup binds 'contcat'; did you mean 'contact'?" in ln for ln in lines
     ), lines
+
+
+def test_a_batch_sync_refuses_call_lookup_and_split(tmp_path):
+    from tests.config.test_check import check as run_check
+    from tests.conftest import write_project
+
+    flow_text = """
+purpose: Orders copied into the reporting file.
+owner: data
+trigger: {manual: true}
+steps:
+  - split: items
+  - call: {system: shop, path: /x, as: y}
+batch:
+  from: {system: shop, table: orders}
+  to: {system: report, table: orders}
+  mode: merge
+  key: [id]
+"""
+    systems = "shop: {kind: sqlite, owner: ops, path: shop.db}\nreport: {kind: sqlite, owner: data, path: report.db}\n"
+    root = write_project(tmp_path, {"systems.yaml": systems, "flows/orders.yaml": flow_text})
+    (root / "shop.db").touch()
+    (root / "report.db").touch()
+    code, lines = run_check(root, env={})
+    assert code != 0
+    assert any(
+        "orders.yaml:5" in ln and "split: a batch sync's steps run over frames" in ln for ln in lines
+    ), lines
+    assert any("orders.yaml:6" in ln and "call: a batch sync's steps" in ln for ln in lines), lines
