@@ -196,13 +196,14 @@ def _answer_call(
     repeats), through the delivery policy; (status, reason) when the run stops at it."""
     step = d.destination[len(CALL_PREFIX) :]
     spec = next(s for s in flow.steps if s.name == step)
-    given = turns.get(step)
-    if not given:
-        return "dead", f"call {step}: the test gives no answer for it; add `calls: {{{step}: [...]}}`"
     c = Captured(
         d.destination, spec.kind, d.request, view(d.request, project, str(getattr(spec.config, "system", "")))
     )
     asked.append(c)
+    given = turns.get(step)
+    if not given:  # what it would ask is captured; nothing answers it
+        c.outcome = "unanswered"
+        return "dead", f"call {step}: the test gives no answer for it; add `calls: {{{step}: [...]}}`"
     on_404 = getattr(spec.config, "on_404", "fail")
     rng, now, retries = _NoJitter(), 0.0, 0
     for _ in range(MAX_ATTEMPTS):

@@ -159,3 +159,15 @@ def test_a_split_delivers_per_element_in_a_flow_test(tmp_path, sink):
     )
     code, out = _test(str(tmp_path))
     assert code == 0 and "1 passed, 0 failed" in out, out
+
+
+def test_a_dry_run_shows_the_call_it_would_ask_and_asks_nothing(tmp_path, sink):
+    lead_project(tmp_path, sink.url, steps=STEPS, **DESTS)
+    res = CliRunner().invoke(
+        main, ["run", "lead-capture", "-p", str(tmp_path), "--dry-run", "-d", '{"email": "a@b.co"}']
+    )
+    assert res.exit_code == 0, res.output
+    assert "1. find_contact (call): asks find_contact (below), then goes on with its answer" in res.output
+    assert "would ask first (a dry run asks nothing" in res.output
+    assert f"call:find_contact (call): GET {sink.url}/search?email=a%40b.co" in res.output
+    assert sink.received == []
