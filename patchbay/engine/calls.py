@@ -75,6 +75,10 @@ class CallSink:
             )
         if outcome.cls is OutcomeClass.SUCCESS and outcome.fields is None:
             outcome.fields = {"status": outcome.status_code, "body": None}
+        if outcome.fields is not None and any(k.startswith(HEADER) for k in outcome.fields):
+            fields = dict(outcome.fields)
+            kept = {k[len(HEADER) :]: fields.pop(k) for k in list(fields) if k.startswith(HEADER)}
+            outcome.fields = {**fields, "headers": kept}
         if (
             outcome.cls is OutcomeClass.SUCCESS
             and cache_key is not None
@@ -120,9 +124,18 @@ def build_call_sinks(
     return out
 
 
+HEADER = "header:"  # a kept answer header among the connector's response fields
+
+
 def call_request(cfg: Any) -> dict[str, Any]:
-    """A call step's settings as its connector's destination settings, keeping status and body."""
-    out: dict[str, Any] = {"method": cfg.method, "path": cfg.path, "headers": cfg.headers, "response": ANSWER}
+    """A call step's settings as its connector's destination settings, keeping status, body and headers."""
+    kept = {f"{HEADER}{h}": f"headers.{h}" for h in getattr(cfg, "headers_kept", [])}
+    out: dict[str, Any] = {
+        "method": cfg.method,
+        "path": cfg.path,
+        "headers": cfg.headers,
+        "response": {**ANSWER, **kept},
+    }
     if cfg.body is not None:
         out["body"] = cfg.body
     return out

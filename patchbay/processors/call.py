@@ -73,6 +73,12 @@ class CallConfig(StepConfig):
         "`{id: body.results[0].id}`). With select, an answer is empty when every selected field is null.",
         examples=[{"id": "body.results[0].id"}],
     )
+    headers_kept: list[str] = Field(
+        default_factory=list,
+        description="Answer headers kept with the answer, bound as `<as>.headers.<name>` (lower case), e.g. "
+        "`[location, etag]`; secrets in them are redacted.",
+        examples=[["location"]],
+    )
     on_404: Literal["fail", "continue"] = Field(
         "fail",
         description="fail: a 404 is a permanent failure (dead letter); continue: bind `{status: 404, body: "
@@ -103,6 +109,11 @@ class CallConfig(StepConfig):
         if not re.match(NAME_RE, v):
             raise ValueError(f"bad name {v!r}: use letters, digits and '_', starting with a letter")
         return v
+
+    @field_validator("headers_kept")
+    @classmethod
+    def _headers_kept(cls, v: list[str]) -> list[str]:
+        return [h.strip().lower() for h in v]
 
 
 def check_delivery(v: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -143,8 +154,10 @@ class CallingStep:
         return None if v is None or isinstance(v, dict | list) else str(v)
 
     def value_of(self, answer: dict[str, Any]) -> dict[str, Any]:
-        """The bound value: `{status, body}` and the selected fields."""
+        """The bound value: `{status, body}`, the kept headers and the selected fields."""
         out = {"status": answer.get("status"), "body": answer.get("body")}
+        if "headers" in answer:
+            out["headers"] = answer["headers"]
         for name, expr in self._select.items():
             out[name] = expr.search(answer)
         return out

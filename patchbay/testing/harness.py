@@ -221,6 +221,10 @@ def _answer_call(
         if dec.status == "delivered":
             body = None if answer.status == 404 else answer.body
             answers[d.idempotency_key] = {"status": answer.status or 200, "body": body}
+            kept = getattr(spec.config, "headers_kept", [])
+            if kept:
+                given_headers = {k.lower(): v for k, v in answer.headers.items()}
+                answers[d.idempotency_key]["headers"] = {h: given_headers.get(h) for h in kept}
             return None
         retries += 1 if dec.consumed_retry else 0
         now = dec.next_at or now

@@ -246,3 +246,25 @@ async def test_a_call_to_a_private_address_is_refused_by_the_ssrf_guard(tmp_path
     [call] = run["deliveries"]
     assert call["destination"] == "call:find_contact" and sink.received == []
     assert "allow_private_network" in (call["last_error"] or ""), call["last_error"]
+
+
+async def test_kept_answer_headers_are_bound(tmp_path, sink, start_hub):
+    steps = """
+- name: create
+  call: {system: crm, method: POST, path: /contacts, body: {email: email}, as: created, headers_kept: [Location]}
+"""
+
+    def answer(request: Any, rec: Received) -> Any:
+        if request.path == "/contacts":
+            return (201, {"Location": "/contacts/c-77", "Content-Type": "application/json"}, "{}")
+        return 201
+
+    sink.default = answer
+    dest = {"path": "/notes", "body": {"contact": "created.headers.location"}}
+    hub = await start_hub(project(tmp_path, sink.url, steps, dest=dest))
+    _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
+    await settled(hub, body["event_id"], "delivered")
+    assert [(r.path, r.body) for r in sink.received] == [
+        ("/contacts", {"email": "ada@example.com"}),
+        ("/notes", {"contact": "/contacts/c-77"}),
+    ]

@@ -171,3 +171,32 @@ def test_a_dry_run_shows_the_call_it_would_ask_and_asks_nothing(tmp_path, sink):
     assert "would ask first (a dry run asks nothing" in res.output
     assert f"call:find_contact (call): GET {sink.url}/search?email=a%40b.co" in res.output
     assert sink.received == []
+
+
+def test_recorded_answer_headers_are_bound(tmp_path, sink):
+    steps = """
+- name: create
+  call: {system: crm, method: POST, path: /contacts, as: created, headers_kept: [location]}
+"""
+    lead_project(
+        tmp_path,
+        sink.url,
+        steps=steps,
+        dest={"path": "/notes", "body": {"contact": "created.headers.location"}},
+    )
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: the created contact's location
+                event: {email: a@b.co}
+                calls: {create: [{status: 201, headers: {Location: /contacts/c-1}}]}
+                expect:
+                  deliveries:
+                    crm: {path: /notes, body: {contact: /contacts/c-1}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert code == 0 and "1 passed, 0 failed" in out, out
