@@ -141,6 +141,22 @@ async def test_a_dead_call_is_listed_and_its_replay_resumes_at_the_call(tmp_path
     assert keys == [f"{eid}.find_contact", f"{eid}.find_contact", f"{eid}.crm_update"]
 
 
+async def test_patchbay_replay_of_a_dead_call_resumes_the_run_in_the_serving_hub(tmp_path, sink, start_hub):
+    sink.default = 422
+    hub = await start_hub(project(tmp_path, sink.url, **CREATE_OR_UPDATE))
+    _, body = await hub.post("/hooks/lead-capture", {"email": "ada@example.com"})
+    eid = body["event_id"]
+    await settled(hub, eid, "dead")
+
+    sink.default = crm({"ada@example.com": "c-5"})  # the CRM is fixed; an operator replays from the shell
+    env = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
+    res = CliRunner(env=env).invoke(main, ["replay", eid, "-p", str(hub.root)])
+    assert res.exit_code == 0, res.output
+    await settled(hub, eid, "delivered")  # the hub picks the requeued call up from the store
+    keys = [r.headers["Idempotency-Key"] for r in sink.received]
+    assert keys == [f"{eid}.find_contact", f"{eid}.find_contact", f"{eid}.crm_update"]
+
+
 async def test_a_refused_credential_pauses_the_call_until_it_is_resumed(tmp_path, sink, start_hub):
     sink.default = 401
     hub = await start_hub(project(tmp_path, sink.url, **CREATE_OR_UPDATE))
