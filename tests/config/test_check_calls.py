@@ -101,6 +101,10 @@ def test_a_good_project_with_calls_checks_clean(tmp_path):
     (root / "billing.db").touch()
     code, lines = check(root)
     assert code == 0, lines
+    assert (
+        "  leads: POST /hooks/leads -> crm; asks billing_db (account); asks crm (find_contact)  (owner sales)"
+        in lines
+    )
 
 
 def test_an_answer_read_before_its_call_or_under_a_misspelt_name(tmp_path):
