@@ -704,6 +704,8 @@ DRIVERS = {
     "nats": "nats",
     "redis": "redis",
     "email": "aiosmtplib",
+    "duckdb": "duckdb",
+    "parquet": "pyarrow",
 }
 
 
