@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from patchbay.config.durations import Duration
+from patchbay.connectors.http_client import appended_path
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import Expr, ExprError, compile_expr, render_template
 from patchbay.expressions.compiler import ExprError as _ExprError
@@ -51,7 +52,8 @@ class CallConfig(StepConfig):
     system: str = Field(description="The system to call (an http system of the project).")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = Field("GET", description="HTTP method.")
     path: str = Field(
-        "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
+        "",
+        description="Appended to the system's URL (starts with /); may hold {{ expressions }} (URL-quoted).",
     )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra headers; values may hold {{ expr }}."
@@ -109,6 +111,8 @@ class CallConfig(StepConfig):
         if not re.match(NAME_RE, v):
             raise ValueError(f"bad name {v!r}: use letters, digits and '_', starting with a letter")
         return v
+
+    _path = field_validator("path")(classmethod(lambda cls, v: appended_path(v)))
 
     @field_validator("headers_kept")
     @classmethod

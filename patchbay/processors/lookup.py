@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from patchbay.connectors.http_client import appended_path
 from patchbay.expressions import ExprError, compile_expr, render_template
 from patchbay.expressions.compiler import ExprError as _ExprError
 from patchbay.processors.base import CheckIssue, StepConfig
@@ -68,7 +69,8 @@ class LookupConfig(StepConfig):
         description="SQL systems: parameter name -> expression over the record, e.g. `{email: lower(email)}`.",
     )
     path: str | None = Field(
-        None, description="HTTP systems: appended to the system's URL (a GET); may hold {{ expressions }}."
+        None,
+        description="HTTP systems: appended to the system's URL (starts with /; a GET); may hold {{ expressions }}.",
     )
     headers: dict[str, str] = Field(default_factory=dict, description="HTTP systems: extra headers.")
     as_: str = Field(
@@ -106,6 +108,11 @@ class LookupConfig(StepConfig):
         if not re.match(NAME_RE, v):
             raise ValueError(f"bad name {v!r}: use letters, digits and '_', starting with a letter")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else appended_path(v)
 
     @field_validator("query")
     @classmethod

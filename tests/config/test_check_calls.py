@@ -150,3 +150,14 @@ batch:
         "orders.yaml:5" in ln and "split: a batch sync's steps run over frames" in ln for ln in lines
     ), lines
     assert any("orders.yaml:6" in ln and "call: a batch sync's steps" in ln for ln in lines), lines
+
+
+def test_a_call_or_lookup_path_must_start_with_a_slash(tmp_path):
+    for i, step in enumerate(
+        [
+            '  - call: {system: crm, path: "@evil.example/x", as: contact}',
+            '  - lookup: {system: crm, path: ".evil.example/x", as: account}',
+        ]
+    ):
+        lines = problems(tmp_path / str(i), step)
+        assert any(":6" in ln and "must start with / (or ?)" in ln for ln in lines), lines
