@@ -20,7 +20,7 @@ from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
-from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
@@ -230,6 +230,7 @@ class Hub:
                 on_state=self._destination_state_changed,
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
                 pipeline=pipeline,
                 on_continued=continued,
             )
@@ -464,7 +465,11 @@ class Hub:
             sink.keep_answer = True  # the sink parses a success's JSON body for the check
 
         def check(event_id: str, outcome: Outcome) -> list[str]:
-            body = outcome.body if outcome.body is not None else parse_answer(outcome.excerpt)
+            body = outcome.body
+            if body is None and outcome.fields is not None and "body" in outcome.fields:
+                body = outcome.fields["body"]  # a call's answer, as bound for the later steps
+            if body is None:
+                body = parse_answer(outcome.excerpt)
             return self.check_answer(spec, dest, event_id, body)
 
         return check

@@ -284,3 +284,24 @@ async def test_kept_answer_headers_are_bound(tmp_path, sink, start_hub):
         ("/contacts", {"email": "ada@example.com"}),
         ("/notes", {"contact": "/contacts/c-77"}),
     ]
+
+
+async def test_a_call_whose_answer_changes_shape_is_reported_as_contract_drift(tmp_path, sink, start_hub):
+    """A call step's answers are checked against the flow's `responses:` like a destination's."""
+    known = {"a@example.com": "c-1"}
+    sink.default = crm(known)
+    root = project(tmp_path, sink.url, **CREATE_OR_UPDATE)
+    (root / "flows" / "lead-capture.contract.yaml").write_text(
+        "responses:\n  find_contact:\n    fields: {id: string}\n"
+    )
+    hub = await start_hub(root)
+    _, ok = await hub.post("/hooks/lead-capture", {"email": "a@example.com"})
+    await settled(hub, ok["event_id"], "delivered")
+    assert hub.hub.metrics.answer_drift.labels("lead-capture", "find_contact")._value.get() == 0
+
+    known["a@example.com"] = 7  # type: ignore[assignment]  # the CRM starts answering ids as numbers
+    _, drifted = await hub.post("/hooks/lead-capture", {"email": "a@example.com"})
+    run = await settled(hub, drifted["event_id"], "delivered")  # drift is reported, the run goes on
+    assert hub.hub.metrics.answer_drift.labels("lead-capture", "find_contact")._value.get() == 1
+    call = next(d for d in run["deliveries"] if d["destination"] == "call:find_contact")
+    assert "DRIFT" in call["attempts_log"][-1]["error"] or "drift" in orjson.dumps(call).decode().lower()
