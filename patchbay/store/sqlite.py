@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from patchbay.store import api_queries as aq
+from patchbay.store import calls as cq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -30,6 +31,7 @@ from patchbay.store.base import (
     AlertChange,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     DestinationStates,
     DiscardReport,
     DueDelivery,
@@ -302,6 +304,21 @@ class SqliteStore:
         return await self._read(q_response_fields, event_id, destination)
 
     # -------------------------------------------------------------- SQLite only
+    # -- calls inside flows (store/calls.py)
+    async def record_calls(
+        self, results: list[AttemptResult], pipeline: Reprocessor, cache: Sequence[CachedAnswer] = ()
+    ) -> list[tuple[str, list[str]]]:
+        return await self._write(cq.tx_record_calls, results, pipeline, tx_record, list(cache))
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        return await self._read(cq.q_answers, event_id)
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        return await self._read(cq.q_cached_answer, scope, key, now)
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        await self._write(cq.tx_cache_answer, scope, key, answer, expires_at)
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a query function `fn(conn, *args)` on the reader thread (SQLite only: the store's own
         tests and modules; everything else uses the protocol's methods)."""

@@ -51,9 +51,20 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
     if e.deliveries:
         conn.executemany(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
+            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
             [
-                (e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now)
+                (
+                    e.id,
+                    e.flow,
+                    d.destination,
+                    d.status,
+                    _j(d.request),
+                    d.idempotency_key,
+                    e.received_at,
+                    d.error,
+                    now,
+                    now,
+                )
                 for d in e.deliveries
             ],
         )

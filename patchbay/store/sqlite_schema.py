@@ -164,9 +164,17 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def schema_parts() -> list[str]:
+    """Every table of the store, in order: the core, the monitoring block, each concern's own tables.
+    The PostgreSQL store translates the same list (store/postgres/schema.py)."""
+    from patchbay.store import calls as cq
+
+    return [SCHEMA, MONITOR_SCHEMA, cq.CALLS_SCHEMA]
+
+
 def init_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-    conn.executescript(MONITOR_SCHEMA)
+    for part in schema_parts():
+        conn.executescript(part)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
