@@ -46,3 +46,44 @@ def probe(location: str | Path) -> str | None:
     from patchbay.store.postgres.store import probe as pg_probe
 
     return pg_probe(str(location))
+
+
+def migrate(location: str | Path) -> tuple[int, int, list[str]]:
+    """Take the store at `location` to the newest schema: (version before, after, the steps applied)."""
+    from patchbay.store.migrations import read_version
+
+    if is_postgres(location):
+        import psycopg
+
+        from patchbay.store.postgres.store import PostgresStore, _split_schema
+
+        conninfo, schema = _split_schema(str(location))
+        options = {"options": f"-c search_path={schema}"} if schema else {}
+        with psycopg.connect(conninfo, connect_timeout=10, **options) as conn:  # type: ignore[arg-type]
+            exists = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            before = read_version(conn) if exists and exists[0] else 0
+    else:
+        from patchbay.store.sqlite_schema import connect, schema_version
+
+        path = Path(location)
+        if not path.exists():
+            from patchbay.errors import StoreUnusable
+
+            raise StoreUnusable(f"migrating the store {path}: there is no store file there yet")
+        conn_l = connect(path)
+        try:
+            before = schema_version(conn_l, path)
+        finally:
+            conn_l.close()
+    from patchbay.store.migrations import pending
+
+    steps = [f"{m.version}: {m.what}" for m in pending(before)]
+    if is_postgres(location):
+        PostgresStore.migrate_only(str(location))
+    else:
+        from patchbay.store.sqlite_schema import open_store
+
+        open_store(Path(location)).close()
+    from patchbay.store.migrations import LATEST
+
+    return before, LATEST, steps

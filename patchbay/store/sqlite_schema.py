@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
+from patchbay.store.migrations import BASELINE, LATEST, apply_sqlite
 
 log = logging.getLogger("patchbay.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = LATEST  # the newest schema this code reads: store/migrations.py
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events(
@@ -175,7 +176,9 @@ def schema_parts() -> list[str]:
 def init_schema(conn: sqlite3.Connection) -> None:
     for part in schema_parts():
         conn.executescript(part)
-    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+    # A new store starts at the baseline and takes every migration, as an old one does.
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(BASELINE),))
+    apply_sqlite(conn)
 
 
 # ================================================================== opening the file

@@ -1,5 +1,5 @@
-"""The PostgreSQL store's tables: the SQLite store's schema, its types translated, plus the columns only
-PostgreSQL uses (the delivery lease, for several hubs sharing one store: issue 13 item 2).
+"""The PostgreSQL store's tables: the SQLite store's schema, its types translated (the version-1 shape;
+store/migrations.py takes both stores on from there).
 
 Translating the one schema (rather than keeping a second copy) keeps the two stores' tables the same as
 either grows; `test_conformance.py` proves the behaviour on both.
@@ -18,11 +18,6 @@ _TYPES = [
     (r"\bBLOB\b", "BYTEA"),
 ]
 
-EXTRA = """
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS leased_by TEXT;
-ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION;
-"""
-
 
 def translate(sqlite_ddl: str) -> str:
     out = sqlite_ddl
@@ -34,7 +29,7 @@ def translate(sqlite_ddl: str) -> str:
 def ddl() -> str:
     """Every CREATE statement of the store, in PostgreSQL."""
     parts = [*schema_parts(), SECRETS_SCHEMA]
-    return "\n".join(translate(p.strip().rstrip(";")) + ";" for p in parts) + EXTRA
+    return "\n".join(translate(p.strip().rstrip(";")) + ";" for p in parts)
 
 
 __all__ = ["SCHEMA_VERSION", "ddl"]

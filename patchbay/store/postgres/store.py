@@ -26,6 +26,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
+from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
@@ -61,8 +62,9 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
-def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> None:
-    """Create the schema's tables, or refuse a store newer than this code."""
+def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migration]:
+    """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
+    serialises openers), or refuse a store newer than this code. The migrations applied."""
     with conn.transaction():
         if schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
@@ -79,8 +81,9 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> None:
         conn.execute(ddl().replace("%", "%%"))  # type: ignore[arg-type]
         conn.execute(
             "INSERT INTO meta(key, value) VALUES('schema_version', %s) ON CONFLICT DO NOTHING",
-            (str(SCHEMA_VERSION),),
+            (str(BASELINE),),
         )
+        return apply_postgres(conn)
 
 
 def probe(url: str) -> str | None:
@@ -131,6 +134,19 @@ class PostgresStore(SqliteStore):
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
+
+    @staticmethod
+    def migrate_only(url: str) -> None:
+        """Create the tables and apply pending migrations, without opening a pool."""
+        conninfo, schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if schema:
+            kwargs["options"] = f"-c search_path={schema}"
+        try:
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                open_schema(conn, schema)
+        except psycopg.Error as exc:
+            raise StoreUnusable(f"opening the store {redacted(url)}: {_reason(exc)}") from None
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
