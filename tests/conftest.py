@@ -253,6 +253,8 @@ async def start_hub() -> AsyncIterator[HubFactory]:
     running: list[RunningHub] = []
 
     async def start(root: Path) -> RunningHub:
+        if os.environ.get("PATCHBAY_TEST_STORE") == "postgres":  # the functional suites on PostgreSQL
+            _use_postgres(root)
         project = load_or_raise(root)
         hub = Hub(project, resolver=resolver())
         await hub.start()
@@ -340,3 +342,15 @@ def _drop_postgres_schemas() -> Iterator[None]:
     while _schemas:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]
+
+
+def _use_postgres(root: Path) -> None:
+    """Point the project at a fresh PostgreSQL store (once: a restart keeps it), so the hub and the CLI share it."""
+    import yaml
+
+    path = root / "patchbay.yaml"
+    doc = yaml.safe_load(path.read_text()) if path.exists() else {}
+    doc = doc or {}
+    if not str(doc.get("store", "")).startswith("postgresql://"):
+        doc["store"] = postgres_url()
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))

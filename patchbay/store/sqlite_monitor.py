@@ -109,13 +109,14 @@ def q_snapshot(
                 (after_id, max_id),
             )
         ]
-        # SQLite takes the bare columns from the row holding MAX(a.id): the latest attempt per destination.
+        # The latest attempt per destination: its id per group, then those rows (by primary key).
         last = {
             (flow, dest): (at, outcome == "success")
-            for flow, dest, _, at, outcome in conn.execute(
-                "SELECT d.flow, d.destination, MAX(a.id), a.started_at, a.outcome"
-                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
-                " GROUP BY d.flow, d.destination",
+            for flow, dest, at, outcome in conn.execute(
+                "SELECT d.flow, d.destination, a.started_at, a.outcome"
+                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id IN ("
+                "  SELECT MAX(a2.id) FROM attempts a2 JOIN deliveries d2 ON d2.id=a2.delivery_id"
+                "  WHERE a2.id>? AND a2.id<=? GROUP BY d2.flow, d2.destination)",
                 (after_id, max_id),
             )
         }
