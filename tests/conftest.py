@@ -295,6 +295,8 @@ async def vault_hub(root: Path, secrets: dict[str, str]) -> AsyncIterator[tuple[
     from patchbay import logs
     from patchbay.security.project import open_project_secrets
 
+    if os.environ.get("PATCHBAY_TEST_STORE") == "postgres":
+        _use_postgres(root)
     vault, _ = open_project_secrets(root, create_key=True)
     assert vault is not None
     for name, value in secrets.items():
@@ -323,13 +325,28 @@ PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
 _schemas: list[str] = []
 
 
-def postgres_url() -> str:
-    """A PostgreSQL store URL with a fresh schema of its own (dropped at the end of the test);
-    skips (fails under CI=true) when the server is unreachable."""
+_session_schemas: list[str] = []
+
+
+def postgres_url(*, for_session: bool = False) -> str:
+    """A PostgreSQL store URL with a fresh schema of its own, dropped at the end of the test (or of the
+    session, for a hub a module-scoped fixture keeps); skips (fails under CI=true) when unreachable."""
     require_service("PostgreSQL", PG_HOST, PG_PORT)
     schema = f"pb_test_{uuid.uuid4().hex[:16]}"
-    _schemas.append(schema)
+    (_session_schemas if for_session else _schemas).append(schema)
     return f"{PG_URL}?schema={schema}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _drop_session_postgres_schemas() -> Iterator[None]:
+    yield
+    if not _session_schemas:
+        return
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        for schema in _session_schemas:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
@@ -352,5 +369,5 @@ def _use_postgres(root: Path) -> None:
     doc = yaml.safe_load(path.read_text()) if path.exists() else {}
     doc = doc or {}
     if not str(doc.get("store", "")).startswith("postgresql://"):
-        doc["store"] = postgres_url()
+        doc["store"] = postgres_url(for_session=True)  # a fixture may keep the hub past one test
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
