@@ -180,3 +180,16 @@ class PgConnection:
 
     def executescript(self, sql: str) -> None:
         self.conn.execute(sql.replace("%", "%%"))  # type: ignore[arg-type]
+
+
+class RawConnection:
+    """The psycopg connection for the store's own PostgreSQL statements (no translation), counted."""
+
+    def __init__(self, conn: psycopg.Connection[Any], counter: dict[str, int]) -> None:
+        self.conn = conn
+        self.counter = counter
+
+    def execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        self.counter["statements"] += 1
+        self.counter["round_trips"] += 1
+        return self.conn.execute(sql, params)  # type: ignore[arg-type]

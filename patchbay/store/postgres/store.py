@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +28,10 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
-from patchbay.store.postgres.dialect import PgConnection
+from patchbay.store.postgres.dialect import PgConnection, RawConnection
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
@@ -113,7 +116,9 @@ class PostgresStore(SqliteStore):
     It inherits SqliteStore's methods, each `self._write(fn, …)` or `self._read(fn, …)` of a query
     function: here those run the function on a pooled PostgreSQL connection in one transaction."""
 
-    def __init__(self, url: str, *, check: bool = True, max_connections: int = 8) -> None:
+    def __init__(
+        self, url: str, *, check: bool = True, max_connections: int = 8, holder: str | None = None
+    ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
         conninfo, self.schema = _split_schema(url)
@@ -126,8 +131,16 @@ class PostgresStore(SqliteStore):
         except psycopg.Error as exc:
             raise StoreUnusable(f"opening the store {redacted(url)}: {_reason(exc)}") from None
         self._pool = ConnectionPool(
-            conninfo, min_size=1, max_size=max_connections, kwargs=kwargs, open=True, name="patchbay-store"
+            conninfo,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={**kwargs, "autocommit": True},  # a transaction is opened explicitly where one is needed
+            open=True,
+            name="patchbay-store",
         )
+        # Who holds a claimed delivery: the same name after a restart takes its own leases back at once.
+        self.holder = holder or os.environ.get("PATCHBAY_HUB_ID") or socket.gethostname()
+        self._due = pg_ops.due_for(self.holder)
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
         self._lock_conn: psycopg.Connection[Any] | None = None
@@ -167,8 +180,12 @@ class PostgresStore(SqliteStore):
             local = {"statements": 0, "round_trips": 0}
             try:
                 with self._pool.connection() as conn:
-                    res = fn(PgConnection(conn, local), *args)
-                    local["round_trips"] += 1  # the COMMIT
+                    if getattr(fn, "native", False):  # one statement: its own transaction (autocommit)
+                        res = fn(RawConnection(conn, local), *args)
+                    else:
+                        with conn.transaction():
+                            res = fn(PgConnection(conn, local), *args)
+                        local["round_trips"] += 2  # BEGIN, COMMIT
             except _RETRY:
                 if attempt == 2:
                     raise
@@ -222,6 +239,18 @@ class PostgresStore(SqliteStore):
     @property
     def stats(self) -> dict[str, int]:
         return {"commits": self.counter["transactions"], "ops": self.counter["transactions"]}
+
+    # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
+    async def accept(self, event: NewEvent) -> Accepted:
+        return await self._write(pg_ops.accept, event)
+
+    async def due(
+        self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
+    ) -> list[DueDelivery]:
+        return await self._read(self._due, flow, destination, now, limit, frozenset(skip), after_id)
+
+    async def record(self, results: list[AttemptResult]) -> None:
+        await self._write(pg_ops.record, results)
 
     async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
         return await self._write(pg_ops.tx_compress, flow, before, limit)
