@@ -12,11 +12,11 @@ from patchbay.config.project import FlowSpec
 from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import is_truthy
-from patchbay.processors.base import Dropped
+from patchbay.processors.base import Dropped, GateContext
 from patchbay.records import dig
 from patchbay.security.fields import MARKER, FieldCipher, FieldError
 from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
-from patchbay.store.base import NewDelivery
+from patchbay.store.base import DedupeClaim, NewDelivery, WindowAdd
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Processed:
     deliveries: list[NewDelivery] = field(default_factory=list)
     record_key: str | None = None
     record: Any = None  # after the steps, when there are deliveries
+    # Asked of the accept's transaction by dedupe and aggregate steps (store/base.py, "windows and dedupe").
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 class Pipeline:
@@ -42,12 +45,25 @@ class Pipeline:
         """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
         return redact_paths(record, self.flow.sensitive)
 
-    def process(self, record: Any, event_id: str) -> Processed:
+    def process(
+        self,
+        record: Any,
+        event_id: str,
+        *,
+        received_at: float | None = None,
+        after: str | None = None,
+        note: dict[str, Any] | None = None,
+    ) -> Processed:
         """Steps, then routing. What is kept to be shown (trace, reason) never holds a sensitive value:
-        a validation message quoting card.number is stored with the number replaced by [redacted]."""
+        a validation message quoting card.number is stored with the number replaced by [redacted].
+
+        `after`: start with the step after the one so named (a window's record starts after its
+        aggregate), with `note` as the first trace entry; `received_at`: the event's arrival time."""
         values = sensitive_values(record, self.flow.sensitive)  # before a step changes the record
         scrub = Scrubber(values)
-        out = self._process(record, event_id)
+        gates = _Gates(event_id, time.time() if received_at is None else received_at)
+        out = self._process(record, event_id, gates, after, note)
+        out.claims, out.windows = gates.claims, gates.windows
         if scrub:
             out.trace, out.reason = scrub(out.trace), scrub(out.reason)
         if self.sealing:
@@ -87,19 +103,30 @@ class Pipeline:
         opened, revealed = self.cipher.open(request)
         return opened, Scrubber(revealed) if revealed else None
 
-    def _process(self, record: Any, event_id: str) -> Processed:
-        trace: list[dict[str, Any]] = []
+    def _process(
+        self, record: Any, event_id: str, gates: _Gates, after: str | None, note: dict[str, Any] | None
+    ) -> Processed:
+        trace: list[dict[str, Any]] = [note] if note else []
         key_source = record
-        if self.flow.contract is not None:  # the event as received, against its pinned shape
+        steps = self.flow.steps
+        if after is not None:
+            steps = steps[next((i + 1 for i, s in enumerate(steps) if s.name == after), len(steps)) :]
+        elif self.flow.contract is not None:  # the event as received, against its pinned shape
             drift = self.flow.contract.check(record)
             if drift:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
-        for spec in self.flow.steps:
+        for spec in steps:
             t0 = time.perf_counter()
             if spec.when is not None and not is_truthy(spec.when.search(record)):
                 trace.append({"step": spec.name, "kind": spec.kind, "skipped": True})
                 continue
             try:
+                if hasattr(spec.step, "gate"):  # dedupe, aggregate: settled in the accept's transaction
+                    entry = gates.add(spec, record, self.flow.name, len(trace))
+                    trace.append({"step": spec.name, "kind": spec.kind, "ms": _ms(t0), **entry})
+                    if spec.step.absorbs:  # counted into its window: the window's record goes on later
+                        return Processed("aggregated", trace, None, record_key=self._key(record, key_source))
+                    continue
                 record = spec.step.apply(record)
             except RecordInvalid as exc:
                 reasons = [str(v) for v in exc.violations]
@@ -150,6 +177,24 @@ class Pipeline:
         if v is None:
             v = dig(original, path)
         return None if v is None or isinstance(v, dict | list) else str(v)
+
+
+class _Gates:
+    """What the gate steps of one run ask of the store."""
+
+    def __init__(self, event_id: str, received_at: float) -> None:
+        self.event_id, self.received_at = event_id, received_at
+        self.claims: list[DedupeClaim] = []
+        self.windows: list[WindowAdd] = []
+
+    def add(self, spec: Any, record: Any, flow: str, trace_at: int) -> dict[str, Any]:
+        ctx = GateContext(flow, spec.name, self.event_id, self.received_at, trace_at)
+        asked, entry = spec.step.gate(record, ctx)
+        if isinstance(asked, DedupeClaim):
+            self.claims.append(asked)
+        elif isinstance(asked, WindowAdd):
+            self.windows.append(asked)
+        return dict(entry)
 
 
 def _ms(t0: float) -> float:

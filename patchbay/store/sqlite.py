@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store import api_queries as aq
 from patchbay.store import queries as rq
 from patchbay.store import tokens as tq
+from patchbay.store import windows as wq
 from patchbay.store.base import (
     SCHEDULE_FIELDS,
     Accepted,
@@ -45,6 +47,7 @@ from patchbay.store.base import (
     Snapshot,
     SourceState,
     TokenInfo,
+    WindowState,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 
@@ -180,6 +183,7 @@ def connect(path: Path) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     conn.executescript(MONITOR_SCHEMA)
+    conn.executescript(wq.WINDOW_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -883,6 +887,19 @@ class SqliteStore:
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
 
+    # -------------------------------------------------------------- windows and dedupe keys (store/windows.py)
+    async def closable_windows(self, now: float, limit: int) -> list[WindowState]:
+        return await self._read(wq.q_closable, now, limit)
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        return await self._write(wq.tx_emit_window, event, window, tx_accept)
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        return await self._write(wq.tx_tidy, now)
+
+    async def open_windows(self) -> dict[str, int]:
+        return await self._read(wq.q_open_windows)
+
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
 
@@ -932,6 +949,16 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         ).fetchone()
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    if e.claims or e.windows:
+        refused = wq.refusal(conn, e, now)
+        if refused is not None:  # a dedupe key held by another run, or too late for its window
+            status, reason, trace = refused
+            tx_accept(
+                conn,
+                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
+            )
+            return Accepted(e.id, status=status, reason=reason)
+        wq.apply_gates(conn, e, now)
     conn.execute(
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",

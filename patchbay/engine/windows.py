@@ -1,0 +1,178 @@
+"""Closing aggregate windows: each window past its end and grace becomes one record of its flow.
+
+The closer asks the store for windows due (`closable_windows`), builds each one's record with its
+aggregate step, and writes it through `hub.ingest(commit=store.emit_window)`: the record (an event
+that runs the steps after the aggregate, then the destinations) and the window's emitted mark in
+one transaction, under a dedupe key of flow, window, key and revision, so closing twice never emits
+twice. It runs at start (windows that closed while the hub was down), then every second; every
+minute it lets go of emitted windows past their keep time and of expired dedupe keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+
+from patchbay.config.project import FlowSpec
+from patchbay.metrics import Metrics
+from patchbay.store.base import Accepted, NewEvent, Store, WindowState
+
+log = logging.getLogger("patchbay.windows")
+
+
+class _Flow(Protocol):
+    spec: FlowSpec
+
+
+class WindowHub(Protocol):
+    """What the closer needs of the hub (engine/hub.py); the hub imports this module, never the reverse."""
+
+    store: Any
+    metrics: Metrics
+
+    @property
+    def flows(self) -> dict[str, Any]: ...
+
+    async def ingest(
+        self,
+        flow_name: str,
+        payload: bytes,
+        record: Any,
+        *,
+        dedupe_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        commit: Callable[[NewEvent], Awaitable[Accepted]] | None = None,
+        after: str | None = None,
+    ) -> tuple[Accepted, str]: ...
+
+
+def has_gates(flow: FlowSpec) -> bool:
+    return any(s.kind in ("aggregate", "dedupe") for s in flow.steps)
+
+
+def window_dedupe_key(w: WindowState) -> str:
+    """The emitted record's dedupe key: one event per flow, window, key and revision, ever."""
+    key = hashlib.sha256(w.key.encode()).hexdigest()[:20]
+    return f"window:{w.step}:{w.start:.3f}:{key}:r{w.revision}"
+
+
+class WindowCloser:
+    def __init__(
+        self, hub: WindowHub, interval_s: float = 1.0, tidy_s: float = 60.0, batch: int = 500
+    ) -> None:
+        self.hub = hub
+        self.interval_s = interval_s
+        self.tidy_s = tidy_s
+        self.batch = batch
+        self.task: asyncio.Task[None] | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="window closer")
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+    async def _run(self) -> None:
+        next_tidy = 0.0
+        while True:
+            now = time.time()
+            try:
+                await self.close_due(now)
+                if now >= next_tidy:
+                    windows, keys = await self.hub.store.tidy_windows(now)
+                    if windows or keys:
+                        log.info("let go of %d emitted windows and %d expired dedupe keys", windows, keys)
+                    next_tidy = now + self.tidy_s
+                await self.gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is unavailable, ...: the next round tries again
+                log.exception("closing aggregate windows")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+
+    async def gauges(self) -> None:
+        open_ = await self.hub.store.open_windows()
+        for name, fr in self.hub.flows.items():
+            if any(s.kind == "aggregate" for s in fr.spec.steps):
+                self.hub.metrics.windows_open.labels(name).set(open_.get(name, 0))
+
+    async def close_due(self, now: float | None = None) -> int:
+        """Emit every window due by `now`; how many were emitted."""
+        store: Store = self.hub.store
+        emitted = 0
+        while True:
+            due = await store.closable_windows(time.time() if now is None else now, self.batch)
+            due = [w for w in due if (w.flow, w.step) not in self._warned]
+            if not due:
+                return emitted
+            for w in due:
+                if await self._emit(store, w):
+                    emitted += 1
+            if len(due) < self.batch:
+                return emitted
+
+    async def _emit(self, store: Store, w: WindowState) -> bool:
+        fr = self.hub.flows.get(w.flow)
+        spec = None if fr is None else next((s for s in fr.spec.steps if s.name == w.step), None)
+        if spec is None or spec.kind != "aggregate":
+            if (w.flow, w.step) not in self._warned:
+                self._warned.add((w.flow, w.step))
+                log.warning(
+                    "windows of flow %s step %s are due but the flow has no such aggregate step any more;"
+                    " they are kept, not emitted (put the step back to emit them)",
+                    w.flow,
+                    w.step,
+                )
+            return False
+        record = spec.step.window_record(w)
+        note = {
+            "step": w.step,
+            "kind": "aggregate",
+            "emitted": {"window": w.label, "key": record["key"], "revision": w.revision, "records": w.adds},
+        }
+
+        async def commit(event: NewEvent) -> Accepted:
+            return await store.emit_window(event, w)
+
+        accepted, status = await self.hub.ingest(
+            w.flow,
+            orjson.dumps(record),
+            record,
+            dedupe_key=window_dedupe_key(w),
+            meta={"window": note, "after_step": w.step},
+            commit=commit,
+            after=w.step,
+        )
+        if not accepted.duplicate:
+            self.hub.metrics.windows_emitted.labels(w.flow).inc()
+            log.info(
+                "window %s of %s/%s (key %s, revision %d, %d records) emitted as run %s: %s",
+                w.label,
+                w.flow,
+                w.step,
+                w.key,
+                w.revision,
+                w.adds,
+                accepted.event_id,
+                status,
+                extra={"event_id": accepted.event_id, "flow": w.flow},
+            )
+        return True
