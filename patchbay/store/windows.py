@@ -157,7 +157,8 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float) -> None:
         late, row = _late(conn, e.flow, w, now)
         close_at = w.end + w.grace_s
         if late:  # revising (refusal() let it through): emitted shortly, or with the revision on its way
-            close_at = row["close_at"] if row is not None and row["close_at"] > now else now + REVISE_AFTER_S
+            pending = row is not None and row["adds"] > row["emitted_adds"] and row["close_at"] > now
+            close_at = row["close_at"] if pending else now + REVISE_AFTER_S
         purge_at = w.end + w.grace_s + (w.keep_s or 0.0)
         pk = (e.flow, w.step, w.start, w.key)
         conn.execute(
