@@ -268,7 +268,9 @@ def _load_steps(
             problems.append(src.problem((*loc, kind), f"{kind}: {exc}"))
             continue
         name = str(meta.get("name", kind))
-        if hasattr(instance, "gate") and any(s.name == name for s in steps):  # its state is kept under its name
+        if hasattr(instance, "gate") and any(
+            s.name == name for s in steps
+        ):  # its state is kept under its name
             problems.append(
                 src.problem(
                     loc,

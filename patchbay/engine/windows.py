@@ -72,6 +72,7 @@ class WindowCloser:
         self.batch = batch
         self.task: asyncio.Task[None] | None = None
         self._warned: set[tuple[str, str]] = set()
+        self.open: dict[str, int] = {}  # per flow: windows holding records not yet emitted (the last round's)
         self._wake = asyncio.Event()
 
     def start(self) -> None:
@@ -109,10 +110,16 @@ class WindowCloser:
                 pass
 
     async def gauges(self) -> None:
-        open_ = await self.hub.store.open_windows()
+        self.open = await self.hub.store.open_windows()
         for name, fr in self.hub.flows.items():
             if any(s.kind == "aggregate" for s in fr.spec.steps):
-                self.hub.metrics.windows_open.labels(name).set(open_.get(name, 0))
+                self.hub.metrics.windows_open.labels(name).set(self.open.get(name, 0))
+
+    def open_windows(self, flow: FlowSpec) -> int | None:
+        """The flow's open windows as last counted; None when it has no aggregate step."""
+        if not any(s.kind == "aggregate" for s in flow.steps):
+            return None
+        return self.open.get(flow.name, 0)
 
     async def close_due(self, now: float | None = None) -> int:
         """Emit every window due by `now`; how many were emitted."""

@@ -67,6 +67,7 @@ async def test_each_window_and_key_is_emitted_once_with_its_totals(tmp_path, sin
         assert run["trace"][-1]["kind"] == "aggregate" and "window" in run["trace"][-1]
     assert rh.hub.windows is not None
     await eventually(lambda: _open(rh, 3), what="three open windows")
+    await eventually(lambda: _api_open(rh, 3), what="the API's open_windows at 3")
 
     await sink.wait_for(3, timeout=10)
     got = {(r.body["shop"], r.body["day"]): r.body for r in sink.received}
@@ -163,6 +164,20 @@ async def test_dedupe_lets_one_of_many_concurrent_posts_through(tmp_path, sink, 
     assert (await rh.run(other["event_id"]))["status"] in ("pending", "delivered")
     await asyncio.sleep(0.2)
     assert len(sink.received) == 2
+
+
+async def _api_open(rh: RunningHub, n: int) -> bool:
+    import aiohttp
+
+    from patchbay.security.tokens import create_token
+    from patchbay.store.base import Actor
+
+    token, _ = await create_token(rh.store, "t", ["flows:read"], None, Actor("test"))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as s, s.get(rh.url + "/api/v1/flows", headers=headers) as r:
+        assert r.status == 200, await r.text()
+        [flow] = (await r.json())["flows"]
+    return bool(flow["open_windows"] == n)
 
 
 async def _open(rh: RunningHub, n: int) -> bool:
