@@ -71,7 +71,6 @@ class WindowCloser:
         self.tidy_s = tidy_s
         self.batch = batch
         self.task: asyncio.Task[None] | None = None
-        self._warned: set[tuple[str, str]] = set()
         self.open: dict[str, int] = {}  # per flow: windows holding records not yet emitted (the last round's)
         self._wake = asyncio.Event()
 
@@ -124,12 +123,16 @@ class WindowCloser:
     async def close_due(self, now: float | None = None) -> int:
         """Emit every window due by `now`; how many were emitted."""
         store: Store = self.hub.store
+        steps = [
+            (name, s.name)
+            for name, fr in self.hub.flows.items()
+            for s in fr.spec.steps
+            if s.kind == "aggregate"
+        ]
         emitted = 0
         while True:
-            due = await store.closable_windows(time.time() if now is None else now, self.batch)
-            due = [w for w in due if (w.flow, w.step) not in self._warned]
-            if not due:
-                return emitted
+            # Only the aggregate steps the hub runs: windows of a step removed from its flow stay, unemitted.
+            due = await store.closable_windows(time.time() if now is None else now, self.batch, steps)
             for w in due:
                 if await self._emit(store, w):
                     emitted += 1
@@ -139,15 +142,7 @@ class WindowCloser:
     async def _emit(self, store: Store, w: WindowState) -> bool:
         fr = self.hub.flows.get(w.flow)
         spec = None if fr is None else next((s for s in fr.spec.steps if s.name == w.step), None)
-        if spec is None or spec.kind != "aggregate":
-            if (w.flow, w.step) not in self._warned:
-                self._warned.add((w.flow, w.step))
-                log.warning(
-                    "windows of flow %s step %s are due but the flow has no such aggregate step any more;"
-                    " they are kept, not emitted (put the step back to emit them)",
-                    w.flow,
-                    w.step,
-                )
+        if spec is None or spec.kind != "aggregate":  # the flow changed since the query
             return False
         record = spec.step.window_record(w)
         note = {
@@ -170,12 +165,11 @@ class WindowCloser:
         )
         if not accepted.duplicate:
             self.hub.metrics.windows_emitted.labels(w.flow).inc()
-            log.info(
-                "window %s of %s/%s (key %s, revision %d, %d records) emitted as run %s: %s",
+            log.info(  # not the key: it may be a person's email
+                "window %s of %s/%s (revision %d, %d records) emitted as run %s: %s",
                 w.label,
                 w.flow,
                 w.step,
-                w.key,
                 w.revision,
                 w.adds,
                 accepted.event_id,

@@ -32,6 +32,7 @@ RESERVED = ("key", "window")
 MIN_WINDOW_S = 1.0
 MAX_WINDOW_S = 7 * 86400.0
 DAY = 86400.0
+ARRIVAL_GRACE_S = 5.0
 
 
 class AggregateConfig(StepConfig):
@@ -78,7 +79,7 @@ class AggregateConfig(StepConfig):
         0.0,
         description=(
             "Grace after a window's end: records up to this late are still counted, then the window's record"
-            " is emitted."
+            " is emitted (by arrival time, at least 5s, for events in flight at the end)."
         ),
         examples=["0s", "5m", "1h"],
     )
@@ -193,7 +194,9 @@ class AggregateStep:
             key=_canon(key),
             start=start,
             end=end,
-            grace_s=self.config.late,
+            # By arrival time, an event processed just before its window's end must not be found late
+            # when its transaction commits just after: such windows wait at least ARRIVAL_GRACE_S.
+            grace_s=self.config.late if self._time is not None else max(self.config.late, ARRIVAL_GRACE_S),
             keep_s=self.config.keep if self.config.too_late == "revise" else None,
             label=label,
             values=contributions,

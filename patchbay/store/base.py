@@ -430,8 +430,11 @@ class SecretRows(Protocol):
 class Windows(Protocol):
     """Aggregate windows and dedupe keys (their writes ride on `Ingest`: NewEvent.claims and .windows)."""
 
-    async def closable_windows(self, now: float, limit: int) -> list[WindowState]:
-        """Windows past their close time with records not yet emitted, oldest first, with their totals."""
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        """Windows of the (flow, step) pairs in `steps` past their close time with records not yet emitted,
+        oldest first, with their totals."""
         ...
 
     async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:

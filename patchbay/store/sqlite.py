@@ -897,8 +897,10 @@ class SqliteStore:
         return await self._read(q_source_states)
 
     # -------------------------------------------------------------- windows and dedupe keys (store/windows.py)
-    async def closable_windows(self, now: float, limit: int) -> list[WindowState]:
-        return await self._read(wq.q_closable, now, limit)
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        return await self._read(wq.q_closable, now, limit, list(steps))
 
     async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
         return await self._write(wq.tx_emit_window, event, window, tx_accept)

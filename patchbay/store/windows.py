@@ -186,10 +186,15 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float) -> None:
                 )
 
 
-def q_closable(conn: sqlite3.Connection, now: float, limit: int) -> list[WindowState]:
+def q_closable(
+    conn: sqlite3.Connection, now: float, limit: int, steps: list[tuple[str, str]]
+) -> list[WindowState]:
+    if not steps:
+        return []
+    which = " OR ".join(["(flow=? AND step=?)"] * len(steps))
     rows = conn.execute(
-        "SELECT * FROM windows WHERE close_at<=? AND adds>emitted_adds ORDER BY close_at LIMIT ?",
-        (now, limit),
+        f"SELECT * FROM windows WHERE close_at<=? AND adds>emitted_adds AND ({which}) ORDER BY close_at LIMIT ?",
+        (now, *(x for pair in steps for x in pair), limit),
     ).fetchall()
     out = []
     for r in rows:

@@ -188,3 +188,17 @@ def _filter(flow: str) -> Any:
     from patchbay.store.base import RunFilter
 
     return RunFilter(flow=flow, limit=100)
+
+
+async def test_dedupe_before_aggregate_counts_a_resent_order_once(tmp_path, sink, start_hub) -> None:
+    steps = "\n  - name: once\n    dedupe: {key: id, within: 1h}" + AGGREGATE
+    rh = await start_hub(lead_project(tmp_path, sink.url, steps=steps))
+    t0 = next_window()
+    order = {"id": "ord-1", "shop": "paris", "amount": 10, "email": "a@x.com", "at": iso(t0 + 0.5)}
+    other = {**order, "id": "ord-2", "amount": 5}
+    first, again, second = await post_all(rh, [order, order, other])  # new message ids: not webhook dupes
+    statuses = sorted([(await rh.run(a["event_id"]))["status"] for a in (first, again, second)])
+    assert statuses == ["aggregated", "aggregated", "filtered"]
+    await sink.wait_for(1, timeout=10)
+    [window] = [r.body for r in sink.received]
+    assert (window["revenue"], window["orders"]) == (15, 2)

@@ -642,6 +642,9 @@ def test_secret_rows_reseal_is_all_or_nothing(secret_rows: SecretRows) -> None:
 
 
 # ------------------------------------------------------------------ windows and dedupe keys (NewEvent.claims, .windows)
+DAILY = [("orders", "daily")]
+
+
 def window_add(
     start: float,
     key: str = '"shop-1"',
@@ -694,8 +697,9 @@ async def test_records_add_to_their_window_and_close_with_the_totals(store: Stor
         assert acc.status is None and not acc.duplicate
     await store.accept(counted(window_add(start, key='"shop-2"')))
     assert await store.open_windows() == {"orders": 2}
-    assert await store.closable_windows(start + 59, 10) == []  # not yet closed
-    due = await store.closable_windows(start + 60, 10)
+    assert await store.closable_windows(start + 59, 10, DAILY) == []  # not yet closed
+    assert await store.closable_windows(start + 60, 10, [("orders", "hourly"), ("other", "daily")]) == []
+    due = await store.closable_windows(start + 60, 10, DAILY)
     assert [(w.key, w.adds, w.revision) for w in due] == [('"shop-1"', 3, 1), ('"shop-2"', 1, 1)]
     v = due[0].values
     assert (v["orders"].n, v["coupons"].n, v["customers"].distinct) == (3, 0, 2)
@@ -709,11 +713,11 @@ async def test_emitting_a_window_is_once_per_revision(store: Store) -> None:
     start = time.time() - 120  # ended a minute ago: records are late, but the window can be emitted
     for _ in range(2):
         await store.accept(counted(window_add(start, grace=1000)))
-    [w] = await store.closable_windows(start + 2000, 10)
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
     out = event("orders", dedupe_key="window:daily:1:r1")
     acc = await store.emit_window(out, w)
     assert not acc.duplicate
-    assert await store.closable_windows(start + 2000, 10) == []
+    assert await store.closable_windows(start + 2000, 10, DAILY) == []
     assert await store.open_windows() == {}
     again = await store.emit_window(event("orders", dedupe_key="window:daily:1:r1"), w)
     assert again.duplicate and again.event_id == out.id  # closing twice never emits twice
@@ -734,7 +738,7 @@ async def test_a_late_record_is_quarantined_with_the_reason(store: Store) -> Non
 async def test_a_record_after_its_window_was_emitted_is_late(store: Store) -> None:
     start = time.time() - 30
     await store.accept(counted(window_add(start, grace=1000)))
-    [w] = await store.closable_windows(start + 2000, 10)
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
     await store.emit_window(event("orders", dedupe_key="w1"), w)
     acc = await store.accept(counted(window_add(start, grace=1000)))  # in its grace, but emitted already
     assert acc.status == "quarantined"
@@ -743,12 +747,12 @@ async def test_a_record_after_its_window_was_emitted_is_late(store: Store) -> No
 async def test_a_late_record_revises_its_window_when_asked(store: Store) -> None:
     start = time.time() - 120
     await store.accept(counted(window_add(start, grace=1000, keep=3600)))
-    [w] = await store.closable_windows(start + 2000, 10)
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
     await store.emit_window(event("orders", dedupe_key="r1"), w)
     acc = await store.accept(counted(window_add(start, grace=0, keep=3600)))
     assert acc.status is None  # counted
-    assert await store.closable_windows(time.time(), 10) == []  # a revision waits briefly for others
-    [r2] = await store.closable_windows(time.time() + 60, 10)
+    assert await store.closable_windows(time.time(), 10, DAILY) == []  # a revision waits briefly for others
+    [r2] = await store.closable_windows(time.time() + 60, 10, DAILY)
     assert (r2.revision, r2.adds, r2.values["orders"].n) == (2, 2, 2)
     too_late = await store.accept(counted(window_add(start - 7200, grace=0, keep=60)))
     assert too_late.status == "quarantined" and "too late" in (too_late.reason or "")
@@ -757,11 +761,11 @@ async def test_a_late_record_revises_its_window_when_asked(store: Store) -> None
 async def test_emitted_windows_are_let_go_after_their_keep_time(store: Store) -> None:
     start = time.time() - 120
     await store.accept(counted(window_add(start, grace=1000)))
-    [w] = await store.closable_windows(start + 2000, 10)
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
     assert await store.tidy_windows(start + 2000) == (0, 0)  # not emitted yet: kept
     await store.emit_window(event("orders", dedupe_key="t1"), w)
     assert await store.tidy_windows(start + 2000) == (1, 0)
-    assert await store.closable_windows(start + 5000, 10) == []
+    assert await store.closable_windows(start + 5000, 10, DAILY) == []
 
 
 async def test_concurrent_records_with_one_dedupe_key_let_exactly_one_through(store: Store) -> None:
@@ -811,5 +815,5 @@ async def test_replay_counts_a_fixed_quarantined_record_into_its_window(store: S
     assert rep.requeued == [q.id]
     run = await store.get_run(q.id)
     assert run is not None and run["status"] == "aggregated" and run["reason"] is None
-    [w] = await store.closable_windows(start + 60, 10)
+    [w] = await store.closable_windows(start + 60, 10, DAILY)
     assert w.adds == 1
