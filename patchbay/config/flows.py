@@ -103,6 +103,15 @@ def load_flow(
                         " in the query, or use a flow with a trigger and destinations",
                     )
                 )
+    waits = next((i for i, sp in enumerate(steps) if getattr(sp.step, "calls", False)), None)
+    for i, sp in enumerate(steps):  # a run resumed after a call's answer does not settle them again
+        if waits is not None and i > waits and hasattr(sp.step, "gate"):
+            problems.append(
+                src.problem(
+                    ("steps", i, sp.kind),
+                    f"a {sp.kind} step cannot come after a call step (step {waits + 1}) yet: put it before the call",
+                )
+            )
     history = _history(src, settings, doc.history, problems)
     if len(problems) > n0 or history is None:
         return None

@@ -225,3 +225,32 @@ def test_check_reports_dedupe_problems_and_twin_names(tmp_path) -> None:
     twice = "  - dedupe: {key: email, within: 1h}\n" * 2
     code, out = check(project(tmp_path, FLOW.replace("  - validate:", twice + "  - validate:")))
     assert code == 2 and any(":9:" in o and "two steps are named 'dedupe'" in o for o in out), out
+
+
+def test_check_refuses_a_gate_step_after_a_call(tmp_path, monkeypatch) -> None:
+    from patchbay import registry
+    from patchbay.processors.base import StepConfig
+
+    class WaitConfig(StepConfig):
+        url: str
+
+    class WaitStep:  # stands for a call step: its run waits for an answer, then resumes
+        calls = True
+
+        def __init__(self, config: WaitConfig) -> None:
+            self.config = config
+
+        @classmethod
+        def check(cls, config: WaitConfig) -> Any:
+            return iter(())
+
+    registry.discover()
+    monkeypatch.setitem(
+        registry.STEPS, "wait_for", registry.Entry("wait_for", WaitStep, WaitConfig, ("step",))
+    )
+    flow = FLOW.replace(
+        "  - validate:", "  - wait_for: {url: x}\n  - dedupe: {key: email, within: 1h}\n  - validate:"
+    )
+    code, out = check(project(tmp_path, flow))
+    assert code == 2
+    assert any(":9:" in o and "cannot come after a call step (step 2)" in o for o in out), out
