@@ -88,6 +88,7 @@ class WindowCloser:
 
     async def _run(self) -> None:
         next_tidy = 0.0
+        failing = False
         while True:
             now = time.time()
             try:
@@ -98,10 +99,15 @@ class WindowCloser:
                         log.info("let go of %d emitted windows and %d expired dedupe keys", windows, keys)
                     next_tidy = now + self.tidy_s
                 await self.gauges()
+                if failing:
+                    log.warning("closing aggregate windows succeeds again")
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception:  # the store is unavailable, ...: the next round tries again
-                log.exception("closing aggregate windows")
+                if not failing:  # one line per spell of trouble, not one a second
+                    log.exception("closing aggregate windows; trying again every %.0f s", self.interval_s)
+                failing = True
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
@@ -130,14 +136,15 @@ class WindowCloser:
             if s.kind == "aggregate"
         ]
         emitted = 0
-        while True:
+        while steps:
             # Only the aggregate steps the hub runs: windows of a step removed from its flow stay, unemitted.
             due = await store.closable_windows(time.time() if now is None else now, self.batch, steps)
             for w in due:
                 if await self._emit(store, w):
                     emitted += 1
             if len(due) < self.batch:
-                return emitted
+                break
+        return emitted
 
     async def _emit(self, store: Store, w: WindowState) -> bool:
         fr = self.hub.flows.get(w.flow)

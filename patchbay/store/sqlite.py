@@ -900,7 +900,9 @@ class SqliteStore:
     async def closable_windows(
         self, now: float, limit: int, steps: Sequence[tuple[str, str]]
     ) -> list[WindowState]:
-        return await self._read(wq.q_closable, now, limit, list(steps))
+        # Read in the writer's order, not on the reader: a record accepted before `now` is then always seen
+        # (even one still in a group about to commit), and every one after it is late (store/windows.py).
+        return await self._write(wq.q_closable, now, limit, list(steps))
 
     async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
         return await self._write(wq.tx_emit_window, event, window, tx_accept)

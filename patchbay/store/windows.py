@@ -37,8 +37,9 @@ CREATE TABLE IF NOT EXISTS windows(
   opened_at REAL NOT NULL,
   PRIMARY KEY(flow, step, start, key)
 );
-CREATE INDEX IF NOT EXISTS windows_due ON windows(close_at);
+CREATE INDEX IF NOT EXISTS windows_due ON windows(close_at) WHERE adds>emitted_adds;
 CREATE INDEX IF NOT EXISTS windows_purge ON windows(purge_at);
+CREATE INDEX IF NOT EXISTS windows_open ON windows(flow) WHERE adds>emitted_adds;
 CREATE TABLE IF NOT EXISTS window_values(
   flow TEXT NOT NULL,
   step TEXT NOT NULL,
@@ -193,7 +194,10 @@ def q_closable(
         return []
     which = " OR ".join(["(flow=? AND step=?)"] * len(steps))
     rows = conn.execute(
-        f"SELECT * FROM windows WHERE close_at<=? AND adds>emitted_adds AND ({which}) ORDER BY close_at LIMIT ?",
+        # The partial index holds only windows with records to emit: emitted ones kept for revisions
+        # (`keep`) and open ones not due yet are never read.
+        f"SELECT * FROM windows INDEXED BY windows_due WHERE close_at<=? AND adds>emitted_adds AND ({which})"
+        " ORDER BY close_at LIMIT ?",
         (now, *(x for pair in steps for x in pair), limit),
     ).fetchall()
     out = []
