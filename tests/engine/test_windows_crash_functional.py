@@ -18,7 +18,7 @@ from tests.conftest import SECRET_WHSEC, Sink, lead_project
 from tests.test_crash_functional import free_port, start_serve
 
 pytestmark = pytest.mark.slow
-N = 600
+N = 1000
 SHOPS = ("paris", "lyon", "nice")
 
 STEPS = """
@@ -80,9 +80,9 @@ async def test_sigkill_while_aggregating_counts_every_record_once(tmp_path, sink
             await asyncio.sleep(0.05)
 
     async def sender(session: aiohttp.ClientSession) -> None:
-        for start in range(0, N, 20):  # about 4 s of traffic: windows open and close throughout
+        for start in range(0, N, 20):  # about 10 s of traffic: windows open and close throughout
             await asyncio.gather(*(post(session, n) for n in range(start, start + 20)))
-            await asyncio.sleep(0.12)
+            await asyncio.sleep(0.15)
 
     async def killer() -> None:
         while len(sink.keys) < 3:  # some windows were emitted, others are open
