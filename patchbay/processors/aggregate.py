@@ -168,6 +168,8 @@ class AggregateStep:
                 raise ValueError(message)
             self._values.append(v)
         self.absorbs = not config.pass_through
+        self._last: tuple[float, float] = (0.0, 0.0)  # the last window found, and its label
+        self._label: tuple[float, str] = (-1.0, "")
 
     def apply(self, record: Any) -> Any:
         """Without the hub (a flow test): the record goes on unchanged; counting needs the store."""
@@ -241,6 +243,13 @@ class AggregateStep:
     # -------------------------------------------------------------- windows
     def bounds(self, t: float) -> tuple[float, float]:
         """The window holding instant `t`: days and weeks from local midnight, shorter ones on the local clock."""
+        last = self._last
+        if last[0] <= t < last[1]:  # most records fall in the window of the one before
+            return last
+        self._last = last = self._bounds(t)
+        return last
+
+    def _bounds(self, t: float) -> tuple[float, float]:
         w = self.config.window
         local = datetime.fromtimestamp(t, self.tz)
         if w >= DAY:
@@ -255,6 +264,12 @@ class AggregateStep:
         return start, start + w
 
     def label(self, start: float) -> str:
+        if start == self._label[0]:
+            return self._label[1]
+        self._label = (start, self._make_label(start))
+        return self._label[1]
+
+    def _make_label(self, start: float) -> str:
         local = datetime.fromtimestamp(start, self.tz)
         if self.config.window == DAY:
             return local.date().isoformat()

@@ -183,11 +183,12 @@ def tx_replay(
                 eid, row["flow"], row["received_at"], b"", "", None, status, trace=trace,
                 claims=processed.claims, windows=processed.windows,
             )  # fmt: skip
-            refused = wq.refusal(conn, gated, now)
+            seen: wq.Seen = {}
+            refused = wq.refusal(conn, gated, now, seen)
             if refused is not None:
                 status, reason, trace = refused
             else:
-                wq.apply_gates(conn, gated, now)
+                wq.apply_gates(conn, gated, now, seen)
         if status == "aggregated":  # counted into its window now; the window's record goes on later
             conn.execute(
                 "UPDATE events SET status='aggregated', trace=?, reason=NULL, updated_at=? WHERE id=?",

@@ -963,7 +963,8 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
     if e.claims or e.windows:
-        refused = wq.refusal(conn, e, now)
+        seen: wq.Seen = {}
+        refused = wq.refusal(conn, e, now, seen)
         if refused is not None:  # a dedupe key held by another run, or too late for its window
             status, reason, trace = refused
             tx_accept(
@@ -971,7 +972,7 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
                 _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
             )
             return Accepted(e.id, status=status, reason=reason)
-        wq.apply_gates(conn, e, now)
+        wq.apply_gates(conn, e, now, seen)
     conn.execute(
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",

@@ -100,10 +100,14 @@ def gates(e: NewEvent) -> tuple[list[DedupeClaim], list[WindowAdd]]:
     return claims, windows
 
 
+Seen = dict[tuple[str, float, str], tuple[bool, Any]]  # a window's lateness and row, read once per accept
+
+
 def refusal(
-    conn: sqlite3.Connection, e: NewEvent, now: float
+    conn: sqlite3.Connection, e: NewEvent, now: float, seen: Seen | None = None
 ) -> tuple[str, str, list[dict[str, Any]]] | None:
-    """Whether a claim or window of `e` refuses it: (status, reason, trace), first refusal in step order."""
+    """Whether a claim or window of `e` refuses it: (status, reason, trace), first refusal in step order.
+    The windows' rows read are left in `seen` for `apply_gates`."""
     claims, windows = gates(e)
     ordered: list[DedupeClaim | WindowAdd] = sorted([*claims, *windows], key=lambda g: g.trace_at)
     for g in ordered:
@@ -120,7 +124,9 @@ def refusal(
                     [*e.trace[: g.trace_at], {"step": g.step, "kind": "dedupe", "dropped": reason}],
                 )
             continue
-        late, _ = _late(conn, e.flow, g, now)
+        late, row = _late(conn, e.flow, g, now)
+        if seen is not None:
+            seen[(g.step, g.start, g.key)] = (late, row)
         if not late:
             continue
         closed = g.end + g.grace_s
@@ -144,7 +150,7 @@ def refusal(
     return None
 
 
-def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float) -> None:
+def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float, seen: Seen | None = None) -> None:
     """Write what a record that got through claims and adds (after `refusal` found nothing)."""
     claims, windows = gates(e)
     for claim in claims:
@@ -155,7 +161,8 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float) -> None:
             (e.flow, claim.step, claim.key, e.id, now + claim.within_s),
         )
     for w in windows:
-        late, row = _late(conn, e.flow, w, now)
+        known = seen.pop((w.step, w.start, w.key), None) if seen is not None else None
+        late, row = known if known is not None else _late(conn, e.flow, w, now)
         close_at = w.end + w.grace_s
         if late:  # revising (refusal() let it through): emitted shortly, or with the revision on its way
             pending = row is not None and row["adds"] > row["emitted_adds"] and row["close_at"] > now
@@ -168,23 +175,26 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float) -> None:
             " adds=windows.adds+1, close_at=excluded.close_at",
             (*pk, w.end, close_at, purge_at, w.label, now),
         )
-        for name, c in w.values.items():
-            conn.execute(
-                "INSERT INTO window_values(flow, step, start, key, name, n, total, scale, is_float, lo, hi)"
-                " VALUES(?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(flow, step, start, key, name) DO UPDATE SET"
-                " n=n+excluded.n, total=total+excluded.total, scale=MAX(scale, excluded.scale),"
-                " is_float=MAX(is_float, excluded.is_float),"
-                " lo=CASE WHEN excluded.lo IS NULL THEN lo WHEN lo IS NULL THEN excluded.lo"
-                "   ELSE MIN(lo, excluded.lo) END,"
-                " hi=CASE WHEN excluded.hi IS NULL THEN hi WHEN hi IS NULL THEN excluded.hi"
-                "   ELSE MAX(hi, excluded.hi) END",
-                (*pk, name, c.n, c.num, c.scale, int(c.is_float), c.extreme, c.extreme),
+        conn.executemany(
+            "INSERT INTO window_values(flow, step, start, key, name, n, total, scale, is_float, lo, hi)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(flow, step, start, key, name) DO UPDATE SET"
+            " n=n+excluded.n, total=total+excluded.total, scale=MAX(scale, excluded.scale),"
+            " is_float=MAX(is_float, excluded.is_float),"
+            " lo=CASE WHEN excluded.lo IS NULL THEN lo WHEN lo IS NULL THEN excluded.lo"
+            "   ELSE MIN(lo, excluded.lo) END,"
+            " hi=CASE WHEN excluded.hi IS NULL THEN hi WHEN hi IS NULL THEN excluded.hi"
+            "   ELSE MAX(hi, excluded.hi) END",
+            [
+                (*pk, name, c.n, c.num, c.scale, int(c.is_float), c.extreme, c.extreme)
+                for name, c in w.values.items()
+            ],
+        )
+        items = [(*pk, name, c.item) for name, c in w.values.items() if c.item is not None]
+        if items:
+            conn.executemany(
+                "INSERT OR IGNORE INTO window_items(flow, step, start, key, name, item) VALUES(?,?,?,?,?,?)",
+                items,
             )
-            if c.item is not None:
-                conn.execute(
-                    "INSERT OR IGNORE INTO window_items(flow, step, start, key, name, item) VALUES(?,?,?,?,?,?)",
-                    (*pk, name, c.item),
-                )
 
 
 def q_closable(
