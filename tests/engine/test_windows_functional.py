@@ -202,3 +202,41 @@ async def test_dedupe_before_aggregate_counts_a_resent_order_once(tmp_path, sink
     await sink.wait_for(1, timeout=10)
     [window] = [r.body for r in sink.received]
     assert (window["revenue"], window["orders"]) == (15, 2)
+
+
+async def test_a_quarantined_window_record_replays_from_after_its_aggregate(
+    tmp_path, sink, start_hub
+) -> None:
+    from patchbay.engine.replay import replay
+    from patchbay.store.base import Actor
+
+    strict = AGGREGATE + "  - validate:\n      approved_by: {required: true}\n"
+    root = lead_project(tmp_path, sink.url, steps=strict)
+    rh = await start_hub(root)
+    t0 = next_window()
+    await post_all(rh, [{"shop": "paris", "amount": 4, "email": "a@x.com", "at": iso(t0 + 0.5)}])
+
+    async def quarantined() -> list[Any]:
+        runs = await rh.store.list_runs(_filter("lead-capture"))
+        return [r for r in runs if r["status"] == "quarantined"]
+
+    await eventually(lambda: _truthy(quarantined()), timeout=10, what="the window record quarantined")
+    [bad] = await quarantined()
+    await rh.runner.cleanup()
+    await rh.hub.stop()
+
+    lead_project(tmp_path, sink.url, steps=AGGREGATE)  # the rule is fixed
+    again = await start_hub(root)
+    pipelines = {name: fr.pipeline for name, fr in again.hub.flows.items()}
+    rep = await replay(again.store, pipelines, [bad["id"]], None, Actor("test"))
+    assert rep.requeued == [bad["id"]]
+    await sink.wait_for(1, timeout=10)
+    [window] = [r.body for r in sink.received]
+    assert (window["shop"], window["revenue"], window["orders"]) == ("paris", 4, 1)  # not counted again
+    run = await again.run(bad["id"])
+    assert run["trace"][0]["kind"] == "aggregate" and run["trace"][0]["emitted"]["records"] == 1
+    assert [s["kind"] for s in run["trace"][1:]] == ["map", "route"]
+
+
+async def _truthy(aw: Any) -> bool:
+    return bool(await aw)

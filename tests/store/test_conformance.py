@@ -817,3 +817,20 @@ async def test_replay_counts_a_fixed_quarantined_record_into_its_window(store: S
     assert run is not None and run["status"] == "aggregated" and run["reason"] is None
     [w] = await store.closable_windows(start + 60, 10, DAILY)
     assert w.adds == 1
+
+
+async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> None:
+    e = claimed("k", flow="orders", body={"email": "a@example.com"})
+    await store.accept(e)
+    for d in await due(store):
+        await store.record([result(d, "terminal", "dead", status_code=422, error="rejected")])
+
+    class Deduping(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            out = super().process(record, event_id)
+            out.claims = [DedupeClaim("once", "k", 60.0, 1)]
+            return out
+
+    rep = await store.replay({"orders": Deduping()}, [e.id], None, ALICE)
+    assert rep.requeued == [e.id]  # the key is its own
+    assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held
