@@ -254,3 +254,19 @@ def test_check_refuses_a_gate_step_after_a_call(tmp_path, monkeypatch) -> None:
     code, out = check(project(tmp_path, flow))
     assert code == 2
     assert any(":9:" in o and "cannot come after a call step (step 2)" in o for o in out), out
+
+
+def test_a_dry_run_says_which_window_a_record_counts_in(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from patchbay.cli.main import main
+    from tests.conftest import lead_project
+
+    steps = "- dedupe: {key: email, within: 1h}\n- name: daily\n  aggregate: {by: shop, window: 1d, time: at, values: {n: {count: true}}}\n"
+    root = lead_project(tmp_path, "http://127.0.0.1:9", steps=steps)
+    data = '{"email": "a@x.com", "shop": "paris", "at": "2026-12-06T10:00:00Z"}'
+    res = CliRunner().invoke(main, ["run", "lead-capture", "-p", str(root), "--dry-run", "-d", data])
+    assert res.exit_code == 0, res.output
+    assert 'dedupe (dedupe): key "a@x.com" (a duplicate is decided when stored)' in res.output
+    assert 'daily (aggregate): window 2026-12-06, key "paris"' in res.output
+    assert "result: counted into its window" in res.output
