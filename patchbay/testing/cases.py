@@ -76,17 +76,21 @@ class ExpectDoc(Spec):
     filtered: str | bool | None = Field(
         None, description="The event is filtered out (a step dropped it, or no destination matched)."
     )
+    aggregated: str | bool | None = Field(
+        None,
+        description="The event is counted into an aggregate window; a string must appear in the window's"
+        " label (e.g. its date).",
+    )
     record_includes: dict[str, Any] | None = Field(
         None, description="Fields the record has after the steps (a subset)."
     )
 
     @model_validator(mode="after")
     def _one(self) -> ExpectDoc:
-        given = [
-            k for k in ("deliveries", "quarantined", "filtered") if getattr(self, k) not in (None, False)
-        ]
+        kinds = ("deliveries", "quarantined", "filtered", "aggregated")
+        given = [k for k in kinds if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("expect exactly one of `deliveries`, `quarantined` or `filtered`")
+            raise ValueError("expect exactly one of `deliveries`, `quarantined`, `filtered` or `aggregated`")
         return self
 
 
