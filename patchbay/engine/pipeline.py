@@ -190,10 +190,11 @@ class _Gates:
     def add(self, spec: Any, record: Any, flow: str, trace_at: int) -> dict[str, Any]:
         ctx = GateContext(flow, spec.name, self.event_id, self.received_at, trace_at)
         asked, entry = spec.step.gate(record, ctx)
-        if isinstance(asked, DedupeClaim):
-            self.claims.append(asked)
-        elif isinstance(asked, WindowAdd):
-            self.windows.append(asked)
+        for a in asked if isinstance(asked, list) else [asked]:  # a hopping aggregate: several windows
+            if isinstance(a, DedupeClaim):
+                self.claims.append(a)
+            elif isinstance(a, WindowAdd):
+                self.windows.append(a)
         return dict(entry)
 
 

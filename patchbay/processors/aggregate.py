@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from decimal import Decimal, InvalidOperation
@@ -96,6 +97,15 @@ class AggregateConfig(StepConfig):
         description="With `too_late: revise`: how long after it closed a window can be revised; later records are quarantined.",
         examples=["1d", "7d"],
     )
+    hop: Duration | None = Field(
+        None,
+        description=(
+            "Hopping windows (windows shorter than a day only): a window starts every `hop` and lasts"
+            " `window`, so a record counts in window/hop of them (at most 24), e.g. `window: 1h, hop: 15m`:"
+            " the last hour, every quarter hour. Default: tumbling windows, one per record."
+        ),
+        examples=["15m", "1m"],
+    )
     pass_through: bool = Field(
         False,
         description=(
@@ -150,13 +160,25 @@ def window_problem(seconds: float) -> str | None:
     return None
 
 
+def hop_problem(window: float, hop: float) -> str | None:
+    if window >= DAY:
+        return "hopping windows are shorter than a day; remove `hop` or shorten the window"
+    if hop <= 0 or hop >= window or (window / hop) % 1:
+        return f"hop divides the window into whole parts (window {window:g}s: e.g. {window / 4:g}s), not {hop:g}s"
+    if window / hop > 24:
+        return f"a record would count in {window / hop:g} windows; at most 24: make `hop` longer"
+    return None
+
+
 @step("aggregate", config=AggregateConfig)
 class AggregateStep:
     """Count and sum records per key over time windows; one record per window and key when it closes."""
 
     def __init__(self, config: AggregateConfig) -> None:
         self.config = config
-        problem = window_problem(config.window)
+        problem = window_problem(config.window) or (
+            hop_problem(config.window, config.hop) if config.hop is not None else None
+        )
         if problem:
             raise ValueError(problem)
         self.tz = ZoneInfo(config.timezone)
@@ -176,8 +198,8 @@ class AggregateStep:
         return record
 
     # -------------------------------------------------------------- at ingest
-    def gate(self, record: Any, ctx: GateContext) -> tuple[WindowAdd, dict[str, Any]]:
-        """What `record` adds to its window, and the trace entry that says which window."""
+    def gate(self, record: Any, ctx: GateContext) -> tuple[WindowAdd | list[WindowAdd], dict[str, Any]]:
+        """What `record` adds to its window (each of its windows, when they hop), and the trace entry."""
         key = self._by.search(record) if self._by else None
         t = self._when(record, ctx.received_at)
         start, end = self.bounds(t)
@@ -204,7 +226,13 @@ class AggregateStep:
             values=contributions,
             trace_at=ctx.trace_at,
         )
-        return add, {"window": label, "key": key}
+        if self.config.hop is None:
+            return add, {"window": label, "key": key}
+        adds = [add]  # the newest window holding t, then the earlier ones that still hold it
+        for k in range(1, round(self.config.window / self.config.hop)):
+            s0 = start - k * self.config.hop
+            adds.append(replace(add, start=s0, end=s0 + self.config.window, label=self.label(s0)))
+        return adds, {"window": label, "windows": [a.label for a in adds], "key": key}
 
     def _when(self, record: Any, arrival: float) -> float:
         if self._time is None:
@@ -244,7 +272,8 @@ class AggregateStep:
     def bounds(self, t: float) -> tuple[float, float]:
         """The window holding instant `t`: days and weeks from local midnight, shorter ones on the local clock."""
         last = self._last
-        if last[0] <= t < last[1]:  # most records fall in the window of the one before
+        until = last[1] if self.config.hop is None else last[0] + self.config.hop
+        if last[0] <= t < until:  # most records fall in the window of the one before
             return last
         self._last = last = self._bounds(t)
         return last
@@ -260,7 +289,8 @@ class AggregateStep:
             return _midnight(day, self.tz), _midnight(nxt, self.tz)
         offset = local.utcoffset() or timedelta(0)
         off = offset.total_seconds()
-        start = math.floor((t + off) / w) * w - off
+        step = self.config.hop or w  # hopping: windows start every `hop`
+        start = math.floor((t + off) / step) * step - off
         return start, start + w
 
     def label(self, start: float) -> str:
@@ -318,6 +348,10 @@ class AggregateStep:
         for loc, message, _ in _parse_values(config.values):
             if message:
                 yield CheckIssue(("values", *loc), message)
+        if config.hop is not None:
+            problem = hop_problem(config.window, config.hop)
+            if problem:
+                yield CheckIssue(("hop",), problem)
         if config.too_late == "revise" and config.keep < config.late:
             yield CheckIssue(("keep",), "keep is shorter than the `late` grace: no revision could happen")
 

@@ -240,3 +240,19 @@ async def test_a_quarantined_window_record_replays_from_after_its_aggregate(
 
 async def _truthy(aw: Any) -> bool:
     return bool(await aw)
+
+
+async def test_hopping_windows_emit_each_window_once(tmp_path, sink, start_hub) -> None:
+    steps = AGGREGATE.replace("window: 1s", "window: 2s\n      hop: 1s")
+    rh = await start_hub(lead_project(tmp_path, sink.url, steps=steps))
+    t0 = next_window()
+    bodies = [
+        {"shop": "paris", "amount": 1, "email": "a@x.com", "at": iso(t0 + 0.5)},  # windows from t0-1 and t0
+        {"shop": "paris", "amount": 2, "email": "b@x.com", "at": iso(t0 + 1.5)},  # windows from t0 and t0+1
+    ]
+    [first, _] = await post_all(rh, bodies)
+    assert len((await rh.run(first["event_id"]))["trace"][-1]["windows"]) == 2
+    await sink.wait_for(3, timeout=10)
+    await asyncio.sleep(0.5)
+    got = sorted((r.body["day"], r.body["revenue"], r.body["orders"]) for r in sink.received)
+    assert [(revenue, orders) for _, revenue, orders in got] == [(1, 1), (3, 2), (2, 1)]

@@ -270,3 +270,24 @@ def test_a_dry_run_says_which_window_a_record_counts_in(tmp_path) -> None:
     assert 'dedupe (dedupe): key "a@x.com" (a duplicate is decided when stored)' in res.output
     assert 'daily (aggregate): window 2026-12-06, key "paris"' in res.output
     assert "result: counted into its window" in res.output
+
+
+def test_hopping_windows_count_a_record_in_each_window_that_holds_it() -> None:
+    step = agg(window="1h", hop="15m", timezone="Europe/Paris")
+    adds, entry = step.gate({}, ctx(ts("2026-12-06T10:20:00+01:00")))
+    assert isinstance(adds, list) and len(adds) == 4
+    starts = [datetime.fromtimestamp(a.start, PARIS).strftime("%H:%M") for a in adds]
+    assert starts == ["10:15", "10:00", "09:45", "09:30"]
+    assert all(a.end - a.start == 3600 and a.start <= ts("2026-12-06T10:20:00+01:00") < a.end for a in adds)
+    assert entry["windows"] == [a.label for a in adds] and entry["window"] == adds[0].label
+    later, _ = step.gate({}, ctx(ts("2026-12-06T10:31:00+01:00")))  # the next quarter: windows move on
+    assert isinstance(later, list) and later[0].start == adds[0].start + 900
+
+
+@pytest.mark.parametrize(
+    ("window", "hop", "message"),
+    [("1d", "1h", "shorter than a day"), ("1h", "7m", "whole parts"), ("1h", "1m", "at most 24")],
+)
+def test_bad_hops_are_refused(window: str, hop: str, message: str) -> None:
+    config = AggregateConfig.model_validate({"window": window, "hop": hop, "values": {"n": {"count": True}}})
+    assert any(message in i.message for i in AggregateStep.check(config))
