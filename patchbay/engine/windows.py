@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from patchbay.config.project import FlowSpec
+from patchbay.errors import StoreUnavailable
 from patchbay.metrics import Metrics
 from patchbay.store.base import Accepted, NewEvent, Store, WindowState
 
@@ -71,6 +72,9 @@ class WindowCloser:
         self.tidy_s = tidy_s
         self.batch = batch
         self.task: asyncio.Task[None] | None = None
+        self._failed: set[tuple[str, str, float, str, int]] = (
+            set()
+        )  # windows whose emission raised, told once
         self.open: dict[str, int] = {}  # per flow: windows holding records not yet emitted (the last round's)
         self._wake = asyncio.Event()
 
@@ -140,8 +144,18 @@ class WindowCloser:
             # Only the aggregate steps the hub runs: windows of a step removed from its flow stay, unemitted.
             due = await store.closable_windows(time.time() if now is None else now, self.batch, steps)
             for w in due:
-                if await self._emit(store, w):
-                    emitted += 1
+                try:
+                    if await self._emit(store, w):
+                        emitted += 1
+                except StoreUnavailable:
+                    raise  # every window would fail alike: the next round tries again
+                except Exception:  # e.g. a custom step after the aggregate raises: the others go on
+                    ident = (w.flow, w.step, w.start, w.key, w.revision)
+                    if ident not in self._failed:
+                        self._failed.add(ident)
+                        log.exception(
+                            "emitting window %s of %s/%s; trying again every round", w.label, w.flow, w.step
+                        )
             if len(due) < self.batch:
                 break
         return emitted

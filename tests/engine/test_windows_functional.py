@@ -256,3 +256,27 @@ async def test_hopping_windows_emit_each_window_once(tmp_path, sink, start_hub) 
     await asyncio.sleep(0.5)
     got = sorted((r.body["day"], r.body["revenue"], r.body["orders"]) for r in sink.received)
     assert [(revenue, orders) for _, revenue, orders in got] == [(1, 1), (3, 2), (2, 1)]
+
+
+async def test_a_window_whose_record_cannot_be_built_does_not_hold_the_others(
+    tmp_path, sink, start_hub
+) -> None:
+    rh = await start_hub(lead_project(tmp_path, sink.url, steps=AGGREGATE))
+    step = rh.hub.flows["lead-capture"].spec.steps[0].step
+    real = step.window_record
+
+    def broken(w: Any) -> Any:
+        if w.key == '"bad"':
+            raise ZeroDivisionError("a bug")
+        return real(w)
+
+    step.window_record = broken
+    t0 = next_window()
+    await post_all(
+        rh, [{"shop": s, "amount": 1, "email": "a@x.com", "at": iso(t0 + 0.5)} for s in ("bad", "good")]
+    )
+    await sink.wait_for(1, timeout=10)
+    assert [r.body["shop"] for r in sink.received] == ["good"]
+    step.window_record = real  # fixed: the next round emits it
+    await sink.wait_for(2, timeout=10)
+    assert sorted(r.body["shop"] for r in sink.received) == ["bad", "good"]
