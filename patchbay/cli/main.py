@@ -696,6 +696,8 @@ DRIVERS = {
     "nats": "nats",
     "redis": "redis",
     "email": "aiosmtplib",
+    "duckdb": "duckdb",
+    "parquet": "pyarrow",
 }
 
 
