@@ -12,7 +12,6 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from patchbay import registry
 from tests.conftest import IN_CI, eventually, require_service, write_project
 
 if not IN_CI:
@@ -23,10 +22,6 @@ import psycopg
 
 PARIS = ZoneInfo("Europe/Paris")
 SERVER = {"kind": "postgres", "host": "127.0.0.1", "port": 5432, "database": "test", "user": "postgres"}
-# `split` comes with the calls work (issue 11.1). Until it is on main the lines table gets one row per
-# order (its first line); with it, one row per line item. The revenue part does not depend on it.
-registry.discover()
-HAS_SPLIT = "split" in registry.STEPS
 
 
 @pytest.fixture
@@ -50,16 +45,9 @@ async def pg() -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], str, str]]:
 
 
 def project(root: Any, lines: str, report: str) -> Any:
-    per_line: list[dict[str, Any]] = (
-        [{"split": {"path": "items", "with": {"order_id": "id"}}, "when": "window == null"}]
-        if HAS_SPLIT
-        else []
-    )
-    line_columns = (
-        {"order_id": "order_id", "sku": "sku", "qty": "qty", "amount": "amount"}
-        if HAS_SPLIT
-        else {"order_id": "id", "sku": "items[0].sku", "qty": "items[0].qty", "amount": "items[0].amount"}
-    )
+    # The window records skip the split (they have no items) and go to the report only.
+    per_line = [{"split": {"path": "items", "with": {"order_id": "id"}}, "when": "window == null"}]
+    line_columns = {"order_id": "order_id", "sku": "sku", "qty": "qty", "amount": "amount"}
     flow = {
         "purpose": "orders reach the database; revenue per day reaches the report",
         "owner": "finance",
@@ -157,17 +145,14 @@ async def test_orders_become_line_rows_and_one_revenue_row_per_day(tmp_path, sta
 
     cur = await conn.execute(f"SELECT order_id, sku, qty, amount::float FROM {lines} ORDER BY order_id, sku")
     got = [tuple(r) for r in await cur.fetchall()]
-    if HAS_SPLIT:
-        assert got == [
-            ("ord-1", "cup", 1, 12.0),
-            ("ord-1", "pot", 1, 30.0),
-            ("ord-1", "tea", 2, 4.5),
-            ("ord-2", "tea", 1, 4.5),
-            ("ord-3", "cup", 4, 12.0),
-            ("ord-3", "tea", 2, 4.5),
-        ]
-    else:  # without split: one row per order (marked above; the lead completes it when split lands)
-        assert [r[0] for r in got] == ["ord-1", "ord-2", "ord-3"]
+    assert got == [
+        ("ord-1", "cup", 1, 12.0),
+        ("ord-1", "pot", 1, 30.0),
+        ("ord-1", "tea", 2, 4.5),
+        ("ord-2", "tea", 1, 4.5),
+        ("ord-3", "cup", 4, 12.0),
+        ("ord-3", "tea", 2, 4.5),
+    ]  # one row per line item
 
     # A late order for the first day: the day's row is written again with the corrected totals.
     status, _ = await rh.post("/hooks/orders", order(4, d1, [("pot", 1, 30.0)]))
