@@ -226,6 +226,25 @@ class DeliveryPolicy(Spec):
         return DeliveryPolicy.model_validate(base)
 
 
+class DestinationBatch(Spec):
+    """Several deliveries to one destination sent in one request (a destination's `batch:`)."""
+
+    max_records: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="At most this many records in one request; a preset operation may allow fewer (its "
+        "API's documented limit, which `check` enforces).",
+    )
+    max_wait: Duration = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="How long the first record waits for others before a smaller batch goes out, e.g. 2s. "
+        "A backlog fills whole batches at once.",
+    )
+
+
 class WebhookTrigger(Spec):
     system: str = Field(
         description="The system that calls this endpoint; its `webhook` settings authenticate it."

@@ -9,7 +9,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from patchbay.config.batch import BatchSpec
-from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
+from patchbay.config.models import (
+    AlertRule,
+    DeliveryPolicy,
+    DestinationBatch,
+    HubSettings,
+    SecretRef,
+    SystemCommon,
+    Trigger,
+)
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
 
@@ -51,6 +59,7 @@ class DestinationSpec:
     config: BaseModel
     policy: DeliveryPolicy
     when: Expr | None = None  # route: deliver only when true
+    batch: DestinationBatch | None = None  # several deliveries in one request (the sink can `send_batch`)
 
 
 @dataclass
