@@ -7,6 +7,7 @@ an answer with `results[]` (each with its objectWriteTraceId) and `errors[]` who
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
 
@@ -25,8 +26,9 @@ class FakeHubSpotBatch:
     """POST /crm/v3/objects/contacts/batch/upsert, at most 100 inputs. `atomic`: an invalid input refuses
     the whole batch with a 400 that names no input (the case the engine must split to find)."""
 
-    def __init__(self, *, atomic: bool = False, throttle_first: int = 0) -> None:
+    def __init__(self, *, atomic: bool = False, throttle_first: int = 0, delay_s: float = 0.0) -> None:
         self.atomic = atomic
+        self.delay_s = delay_s
         self.throttle = throttle_first
         self.requests: list[dict[str, Any]] = []
         self.headers: list[str] = []
@@ -39,6 +41,8 @@ class FakeHubSpotBatch:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(request.headers.get("Idempotency-Key", ""))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.throttle:
             self.throttle -= 1
             return web.json_response(
@@ -98,7 +102,12 @@ async def fake(api: FakeHubSpotBatch) -> tuple[web.AppRunner, str]:
 
 
 def project(
-    root, url: str, batch: dict[str, Any] | None, *, extra_dest: dict[str, Any] | None = None
+    root,
+    url: str,
+    batch: dict[str, Any] | None,
+    *,
+    extra_dest: dict[str, Any] | None = None,
+    hub: dict[str, Any] | None = None,
 ) -> None:
     dest: dict[str, Any] = {
         "name": "crm",
@@ -133,7 +142,7 @@ def project(
     write_project(
         root,
         {
-            "patchbay.yaml": "port: 0\n",
+            "patchbay.yaml": yaml.safe_dump(hub or {"port": 0}),
             "systems.yaml": yaml.safe_dump(systems),
             "flows/f.yaml": yaml.safe_dump(flow),
         },
