@@ -70,7 +70,8 @@ class HttpSinkConfig(Spec):
     body_format: BodyFormat = Field(
         "json",
         description="json (application/json) or form (application/x-www-form-urlencoded, nested fields in "
-        "the bracket style `metadata[plan]=pro`, lists as `items[0][price]=...`: Stripe's writes).",
+        "the bracket style `metadata[plan]=pro`, lists as `items[0][price]=...`, booleans true/false, null "
+        "fields left out: Stripe's writes).",
     )
     response: dict[str, str] = Field(
         default_factory=dict,

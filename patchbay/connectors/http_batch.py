@@ -285,7 +285,8 @@ BodyFormat = Literal["json", "form"]
 
 def form_encode(value: Any) -> str:
     """application/x-www-form-urlencoded in the bracket style (Stripe's): nested mappings as
-    `metadata[key]=v`, lists as `items[0][price]=p`, booleans as true/false, null as an empty value."""
+    `metadata[key]=v`, lists as `items[0][price]=p`, booleans as true/false. A null (a field the record
+    lacks) is not sent: an empty string is what unsets a field at such APIs, and it is sent as given."""
     if not isinstance(value, Mapping):
         raise ValueError(f"a form body is a mapping of fields, not a {type(value).__name__}")
     pairs: list[tuple[str, str]] = []
@@ -298,7 +299,7 @@ def form_encode(value: Any) -> str:
             for i, x in enumerate(v):
                 walk(f"{name}[{i}]", x)
         elif v is None:
-            pairs.append((name, ""))
+            return
         elif isinstance(v, bool):
             pairs.append((name, "true" if v else "false"))
         else:
