@@ -447,3 +447,30 @@ def test_check_refuses_batch_of_form_bodies(tmp_path, monkeypatch):
     project(tmp_path, "https://api.hubapi.com", {"max_records": 10}, extra_dest={"body_format": "form"})
     problems = check_problems(tmp_path)
     assert any("form-encoded bodies cannot be combined" in p for p in problems), problems
+
+
+async def test_refused_credentials_pause_the_destination_and_keep_every_member(
+    tmp_path, start_hub, monkeypatch
+):
+    api = FakeHubSpotBatch()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", "pat-na1-revoked")
+    project(tmp_path, url, {"max_records": 100, "max_wait": "200ms"})
+    try:
+        hub = await start_hub(tmp_path)
+        await post_all(hub, contacts(30), per_post=30)
+
+        async def paused() -> bool:
+            states = await hub.store.destination_states()
+            return states.get(("f", "crm"), ("active",))[0] == "paused"
+
+        await eventually(paused, what="the destination paused")
+        assert await statuses(hub) == {"pending": 30}  # waiting, untouched, for a resume
+        rows = await hub.store.read(
+            lambda c: c.execute(
+                "SELECT COUNT(*), MIN(status_code), MAX(status_code) FROM attempts"
+            ).fetchone()
+        )
+        assert tuple(rows) == (30, 401, 401)  # one request: every member has its attempt row
+    finally:
+        await runner.cleanup()
