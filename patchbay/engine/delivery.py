@@ -444,8 +444,10 @@ class DestinationWorker:
         bid = batch_key(keys)[6:14]
         split: list[tuple[DueDelivery, dict[str, Any], Any]] = []
         again: list[tuple[DueDelivery, dict[str, Any], Any]] = []
-        for i, ((d, request, scrub), outcome) in enumerate(zip(group, outcomes, strict=True)):
-            if scrub is not None:
+        # One answer speaks of every member: what any of them revealed is scrubbed from all of them.
+        scrubs = [scrub for _, _, scrub in group if scrub is not None]
+        for i, ((d, request, scrub_one), outcome) in enumerate(zip(group, outcomes, strict=True)):
+            for scrub in scrubs:
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
                 outcome.fields = scrub(outcome.fields)
             if not outcome.latency_ms:
@@ -454,7 +456,7 @@ class DestinationWorker:
             if (outcome.split and len(group) > 1 or outcome.resend) and depth > 0:
                 then = "split into halves to find the refused record" if outcome.split else "sent again"
                 self._row(rows, d, outcome, started, where, Decision("pending", reason=then))
-                (split if outcome.split else again).append((d, request, scrub))
+                (split if outcome.split else again).append((d, request, scrub_one))
                 continue
             if outcome.resend:  # out of depth: a normal retry later
                 outcome.cls = OutcomeClass.TRANSIENT
