@@ -13,6 +13,7 @@ from patchbay.config.models import (
     AlertRule,
     DeliveryPolicy,
     DestinationBatch,
+    History,
     HubSettings,
     SecretRef,
     SystemCommon,
@@ -88,6 +89,7 @@ class FlowSpec:
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
+    history: History = field(default_factory=History)  # retention: the flow's setting over the hub's
 
     @property
     def webhook_path(self) -> str | None:
