@@ -144,3 +144,47 @@ async def test_stripe_create_and_update_customer_with_form_bodies(tmp_path, star
         assert api.customers["cus_0001"]["email"] == "ada@example.com"  # left out, so left unchanged
     finally:
         await runner.cleanup()
+
+
+def test_a_flow_test_reads_a_form_body_as_its_fields(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from patchbay.cli.main import main
+
+    write_project(
+        tmp_path,
+        {
+            "systems.yaml": """
+            website:
+              owner: web
+              webhook: {scheme: standard_webhooks, secrets: [{secret: website_whsec}]}
+            billing:
+              preset: stripe
+              owner: finance
+              auth: {scheme: bearer, token: {secret: stripe_key}}
+            """,
+            "flows/f.yaml": """
+            purpose: the CRM id written back to billing
+            owner: finance
+            trigger: {webhook: {system: website}}
+            steps:
+              - map: {id: customer, metadata.hubspot_id: crm_id}
+            destinations:
+              - {name: billing, system: billing, operation: update_customer}
+            """,
+            "flows/f.test.yaml": """
+            tests:
+              - name: metadata in Stripe's bracket style
+                event: {customer: cus_9, crm_id: 512}
+                expect:
+                  deliveries:
+                    billing:
+                      method: POST
+                      path: /v1/customers/cus_9
+                      body: {"metadata[hubspot_id]": "512"}
+            """,
+        },
+    )
+    res = CliRunner().invoke(main, ["test", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "1 passed, 0 failed" in res.output
