@@ -86,6 +86,42 @@ async def sheets(request: web.Request, seen: list[Any]) -> web.Response:
     )
 
 
+async def brevo(request: web.Request, seen: list[Any]) -> web.Response:
+    """POST /v3/contacts/batch {contacts[]}: 204 when every contact is updated, else 400 for the request."""
+    assert request.headers["api-key"] == TOKEN
+    body = await request.json()
+    seen.append(body)
+    if any("@" not in c["email"] for c in body["contacts"]):
+        return web.json_response(
+            {"code": "invalid_parameter", "message": "Invalid email address"}, status=400
+        )
+    return web.Response(status=204)
+
+
+async def hubspot_deals(request: web.Request, seen: list[Any]) -> web.Response:
+    """POST /crm/v3/objects/deals/batch/create: inputs[] with objectWriteTraceId; 207 names the refused."""
+    body = await request.json()
+    seen.append(body)
+    results, errors = [], []
+    for i, item in enumerate(body["inputs"]):
+        trace = item["objectWriteTraceId"]
+        if not item["properties"].get("dealname"):
+            errors.append(
+                {
+                    "status": "error",
+                    "category": "VALIDATION_ERROR",
+                    "message": "Property values were not valid: dealname is required",
+                    "context": {"objectWriteTraceId": [trace]},
+                }
+            )
+        else:
+            results.append(
+                {"id": str(9000 + i), "properties": item["properties"], "objectWriteTraceId": trace}
+            )
+    answer = {"status": "COMPLETE", "results": results, "errors": errors, "numErrors": len(errors)}
+    return web.json_response(answer, status=207 if errors else 201)
+
+
 @dataclass
 class Op:
     preset: str
@@ -97,6 +133,7 @@ class Op:
     record: Callable[[int], dict[str, Any]]  # record i; the bad one is record 4 (None if none)
     bad: int | None
     items: str
+    split: bool = False  # the API refuses the whole request: the engine splits it to find the bad record
 
 
 OPS = [
@@ -144,6 +181,37 @@ OPS = [
         lambda i: {"values": [f"o-{i}", f"c{i}@example.com", i]},
         None,
         "values",
+    ),
+    Op(
+        "brevo",
+        {
+            "url": "/v3",
+            "auth": {"scheme": "api_key", "header": "api-key", "token": {"env": "BATCH_OP_TOKEN"}},
+        },
+        "/v3/contacts/batch",
+        brevo,
+        "update_contacts",
+        {},
+        lambda i: {
+            "email": f"b{i}@example.com" if i != 4 else "b4-at-example.com",
+            "attributes": {"FIRSTNAME": "B"},
+        },
+        4,
+        "contacts",
+        split=True,
+    ),
+    Op(
+        "hubspot",
+        {"auth": {"scheme": "bearer", "token": {"env": "BATCH_OP_TOKEN"}}},
+        "/crm/v3/objects/deals/batch/create",
+        hubspot_deals,
+        "create_deals",
+        {},
+        lambda i: {
+            "properties": {"dealname": f"Deal {i}" if i != 4 else "", "dealstage": "appointmentscheduled"}
+        },
+        4,
+        "inputs",
     ),
 ]
 
@@ -206,7 +274,11 @@ async def test_batch_operation(op: Op, tmp_path, start_hub, monkeypatch) -> None
             return {r[0]: r[1] for r in rows} == want
 
         await eventually(settled, what=str(want))
-        assert [len(b[op.items]) for b in seen] == [10]  # one request for all ten
+        if op.split:  # 10 refused -> 5 + 5, one half refused -> ... -> the one record alone
+            assert len(seen[0][op.items]) == 10 and len(seen) <= 2 * 10 - 1
+            assert sum(len(b[op.items]) == 1 for b in seen) >= 1
+        else:
+            assert [len(b[op.items]) for b in seen] == [10]  # one request for all ten
         if op.bad is not None:
             run = await hub.run(ids[op.bad])
             assert run["deliveries"][0]["status"] == "dead"
