@@ -474,3 +474,56 @@ async def test_refused_credentials_pause_the_destination_and_keep_every_member(
         assert tuple(rows) == (30, 401, 401)  # one request: every member has its attempt row
     finally:
         await runner.cleanup()
+
+
+async def test_sensitive_values_of_any_member_never_reach_the_store(tmp_path, monkeypatch):
+    """A batch answer speaks of every member: a 429 body echoing all the inputs is stored, for each
+    member, without any member's sensitive value, and so are the members' own results."""
+    from tests.conftest import vault_hub
+
+    class Echoing(FakeHubSpotBatch):
+        async def upsert(self, request: web.Request) -> web.Response:
+            if not self.requests:
+                body = await request.json()
+                self.requests.append(body)
+                phones = [i["properties"]["phone"] for i in body["inputs"]]
+                return web.json_response(
+                    {
+                        "status": "error",
+                        "message": f"slow down; you sent {phones}",
+                        "category": "RATE_LIMITS",
+                    },
+                    status=429,
+                    headers={"Retry-After": "0"},
+                )
+            return await super().upsert(request)
+
+    api = Echoing()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", TOKEN)
+    project(tmp_path, url, {"max_records": 100, "max_wait": "300ms"})
+    flow_file = tmp_path / "flows" / "f.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["steps"][0]["map"]["properties.phone"] = "phone"
+    flow["sensitive"] = ["phone", "properties.phone"]
+    flow["encrypt_sensitive"] = True
+    flow_file.write_text(yaml.safe_dump(flow))
+    phones = [f"+1-555-01{i:02d}-7788" for i in range(5)]
+    try:
+        async with vault_hub(tmp_path, {"website_whsec": SECRET_WHSEC}) as (hub, log):
+            items = [{"email": f"s{i}@example.com", "name": "S", "phone": p} for i, p in enumerate(phones)]
+            await post_all(hub, items)
+
+            async def settled() -> bool:
+                return await statuses(hub) == {"delivered": 5}
+
+            await eventually(settled, timeout=20, what="5 delivered after the echoing 429")
+            assert api.contacts["s0@example.com"]["phone"] == phones[0]  # sent in clear to the API
+            rows = await hub.store.read(lambda c: c.execute("SELECT excerpt, error FROM attempts").fetchall())
+            assert len(rows) == 10
+            stored = " ".join(f"{r[0]} {r[1]}" for r in rows)
+            assert "slow down" in stored and "objectWriteTraceId" in stored
+            assert not any(p in stored for p in phones), stored
+            assert not any(p in log.getvalue() for p in phones)
+    finally:
+        await runner.cleanup()
