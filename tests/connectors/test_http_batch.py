@@ -527,3 +527,51 @@ async def test_sensitive_values_of_any_member_never_reach_the_store(tmp_path, mo
             assert not any(p in log.getvalue() for p in phones)
     finally:
         await runner.cleanup()
+
+
+async def test_a_batch_whose_results_cannot_be_recorded_is_not_sent_again(tmp_path, start_hub, monkeypatch):
+    """The store fills up while a batch is in flight: its members stay leased until their results are on
+    disk, nothing is sent meanwhile, and after room returns each member has one attempt and one key."""
+    from tests.store.test_disk_full_functional import fill_up, lift, limit_pages
+
+    class Gated(FakeHubSpotBatch):
+        gate = asyncio.Event()
+
+        async def upsert(self, request: web.Request) -> web.Response:
+            await self.gate.wait()
+            return await super().upsert(request)
+
+    api = Gated()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", TOKEN)
+    project(tmp_path, url, {"max_records": 100, "max_wait": "200ms"})
+    try:
+        hub = await start_hub(tmp_path)
+        await post_all(hub, contacts(20), per_post=20)
+        await eventually(
+            lambda: _true(hub.hub.flows["f"].workers["crm"].inflight == 20), what="the batch sent"
+        )
+        await hub.store.write(limit_pages)
+        await fill_up(hub.store)
+        Gated.gate.set()  # the API answers 200 for all; the store cannot record it
+        await asyncio.sleep(2.5)
+        assert len(api.requests) == 1  # not sent again while its results wait
+        assert await statuses(hub) == {"pending": 20}
+        await lift(hub.store)
+
+        async def settled() -> bool:
+            return await statuses(hub) == {"delivered": 20}
+
+        await eventually(settled, what="the held results recorded")
+        assert len(api.requests) == 1 and all(len(k) == 1 for k in api.keys.values())
+        rows = await hub.store.read(  # the filler's rows have no delivery
+            lambda c: c.execute("SELECT n, outcome FROM attempts WHERE delivery_id > 0").fetchall()
+        )
+        assert [tuple(r) for r in rows] == [(1, "success")] * 20
+    finally:
+        Gated.gate.set()
+        await runner.cleanup()
+
+
+async def _true(v: bool) -> bool:
+    return v
