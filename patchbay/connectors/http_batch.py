@@ -182,18 +182,19 @@ class BatchShape:
         if cls not in (OutcomeClass.SUCCESS, OutcomeClass.TERMINAL) or whole.status_code is None:
             return [_copy(whole) for _ in range(n)]
         failed: dict[int, Outcome] = {}
-        unplaced = 0
+        unplaced: list[str] = []  # the texts of errors that name no record of the batch
         if self.errors is not None:
             for err in _listed(self.errors.path.search(answer)):
+                text = self.errors.message.search(err) if self.errors.message else None
+                text = redact(str(text)) if text else "refused by the API for this record"
                 who, known = self.members(combined, keys, self.errors.ref.search(err), self.errors.spec)
                 if not known:
-                    unplaced += 1
+                    unplaced.append(text)
                     continue
                 status = _int(self.errors.status.search(err)) if self.errors.status else None
                 rec_cls = classify(status) if status is not None else OutcomeClass.TERMINAL
                 if rec_cls is OutcomeClass.SUCCESS:
                     continue
-                text = self.errors.message.search(err) if self.errors.message else None
                 for m in who:
                     failed.setdefault(
                         m,
@@ -202,18 +203,21 @@ class BatchShape:
                             whole.status_code,
                             whole.latency_ms,
                             redact(excerpt(orjson.dumps(err))),
-                            error=redact(str(text)) if text else "refused by the API for this record",
+                            error=text,
                             retry_after_s=whole.retry_after_s,
                         ),
                     )
+        if n == 1 and unplaced:  # alone in its request: the answer's error is about this record
+            return [_copy(whole, cls=OutcomeClass.TERMINAL, error=unplaced[0])]
         if cls is OutcomeClass.TERMINAL and not failed or unplaced:
-            # Refused (or partly refused) without saying which record: halves are sent to find out.
+            # Refused (or partly refused) without saying which record: halves are sent to find out. A
+            # record is never taken for delivered while an error in the answer may be its own.
             why = (
                 f"HTTP {whole.status_code} for the whole batch of {n} without per-record detail"
                 if not unplaced
-                else f"{unplaced} error(s) in the answer point at no record of the batch"
+                else f"{len(unplaced)} error(s) in the answer point at no record of the batch"
             )
-            return [_copy(whole, split=True, error=why) for _ in range(n)]
+            return [_copy(whole, cls=OutcomeClass.TERMINAL, split=True, error=why) for _ in range(n)]
         results: dict[int, Any] = {}
         if cls is OutcomeClass.SUCCESS and self.results is not None:
             for res in _listed(self.results.path.search(answer)):
@@ -265,9 +269,16 @@ def _int(v: Any) -> int | None:
         return None
 
 
-def _copy(o: Outcome, *, split: bool = False, resend: bool = False, error: str | None = None) -> Outcome:
+def _copy(
+    o: Outcome,
+    *,
+    cls: OutcomeClass | None = None,
+    split: bool = False,
+    resend: bool = False,
+    error: str | None = None,
+) -> Outcome:
     return Outcome(
-        o.cls,
+        o.cls if cls is None else cls,
         o.status_code,
         o.latency_ms,
         o.excerpt,

@@ -575,3 +575,37 @@ async def test_a_batch_whose_results_cannot_be_recorded_is_not_sent_again(tmp_pa
 
 async def _true(v: bool) -> bool:
     return v
+
+
+async def test_an_error_naming_no_record_is_never_taken_for_a_delivery():
+    """A 2xx listing an error that points at no record: split to find it; alone, the record failed.
+    An error with a retryable status of its own retries only that record."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        errors = [{"message": "something was refused"} for x in body if x["n"] == 1]
+        errors += [{"i": i, "status": 503, "message": "busy"} for i, x in enumerate(body) if x["n"] == 3]
+        return web.json_response({"errors": errors}, status=207 if errors else 200)
+
+    app = web.Application()
+    app.router.add_post("/bulk", handle)
+    runner, url = await _start(app)
+    try:
+        s = sink(
+            url,
+            path="/bulk",
+            batch_format={
+                "errors": {"path": "body.errors", "ref": "i", "status": "status", "message": "message"}
+            },
+        )
+        pair = await s.send_batch([s.render({"n": n}, f"k{n}") for n in (0, 1)], ["k0", "k1"])
+        assert [(o.cls, o.split) for o in pair] == [(OutcomeClass.TERMINAL, True)] * 2
+        alone = await s.send_batch([s.render({"n": 1}, "k1")], ["k1"])
+        assert [(o.cls, o.split, o.error) for o in alone] == [
+            (OutcomeClass.TERMINAL, False, "something was refused")
+        ]
+        busy = await s.send_batch([s.render({"n": n}, f"k{n}") for n in (2, 3)], ["k2", "k3"])
+        assert [o.cls for o in busy] == [OutcomeClass.SUCCESS, OutcomeClass.TRANSIENT]
+        await close(s)
+    finally:
+        await runner.cleanup()
