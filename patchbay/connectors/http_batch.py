@@ -13,7 +13,7 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import orjson
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from patchbay.config.models import Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, excerpt
@@ -77,6 +77,17 @@ class HttpBatchFormat(Spec):
     errors: PerRecord | None = Field(
         None, description="Per-record errors, in a 2xx (multi-status) or a 4xx answer."
     )
+
+    @model_validator(mode="after")
+    def _keyed(self) -> HttpBatchFormat:
+        for name in ("results", "errors"):
+            spec = getattr(self, name)
+            if spec is not None and spec.match == "key" and not self.item_key:
+                raise ValueError(
+                    f"{name}.match: key needs `item_key` (the field of each item that carries its key), "
+                    "e.g. item_key: objectWriteTraceId"
+                )
+        return self
 
 
 @dataclass

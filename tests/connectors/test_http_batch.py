@@ -609,3 +609,35 @@ async def test_an_error_naming_no_record_is_never_taken_for_a_delivery():
         await close(s)
     finally:
         await runner.cleanup()
+
+
+def test_check_refuses_matching_by_key_without_an_item_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATCHBAY_SECRET_WEBSITE_WHSEC", SECRET_WHSEC)
+    write_project(
+        tmp_path,
+        {
+            "systems.yaml": """
+            website:
+              owner: web
+              webhook: {scheme: standard_webhooks, secrets: [{secret: website_whsec}]}
+            api:
+              kind: http
+              owner: ops
+              url: https://api.example.com
+            """,
+            "flows/f.yaml": """
+            purpose: bulk
+            owner: ops
+            trigger: {webhook: {system: website}}
+            destinations:
+              - name: bulk
+                system: api
+                path: /bulk
+                batch: {max_records: 10}
+                batch_format:
+                  errors: {path: body.errors, ref: trace, match: key}
+            """,
+        },
+    )
+    problems = check_problems(tmp_path)
+    assert any("flows/f.yaml:" in p and "match: key needs `item_key`" in p for p in problems), problems

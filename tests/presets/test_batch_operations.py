@@ -134,6 +134,7 @@ class Op:
     bad: int | None
     items: str
     split: bool = False  # the API refuses the whole request: the engine splits it to find the bad record
+    result_id: Callable[[dict[str, Any]], str] | None = None  # a record's id in the answer's results
 
 
 OPS = [
@@ -153,6 +154,7 @@ OPS = [
         },
         4,
         "members",
+        result_id=lambda rec: hashlib.md5(rec["email_address"].lower().encode()).hexdigest(),
     ),
     Op(
         "jira",
@@ -253,6 +255,7 @@ async def test_batch_operation(op: Op, tmp_path, start_hub, monkeypatch) -> None
                             "operation": op.operation,
                             "vars": op.vars,
                             "batch": {"max_records": 50, "max_wait": "300ms"},
+                            **({"response": {"id": "result.id"}} if op.result_id else {}),
                             "delivery": {"rate_limit_per_s": 100},
                         }
                     ],
@@ -283,5 +286,8 @@ async def test_batch_operation(op: Op, tmp_path, start_hub, monkeypatch) -> None
             run = await hub.run(ids[op.bad])
             assert run["deliveries"][0]["status"] == "dead"
             assert run["deliveries"][0]["attempts_log"][0]["error"].startswith("batch ")
+        if op.result_id is not None:  # each record's own id, from its own element of the results
+            run = await hub.run(ids[0])
+            assert run["deliveries"][0]["response"] == {"id": op.result_id(op.record(0))}
     finally:
         await runner.cleanup()
