@@ -288,16 +288,15 @@ def _copy(
     resend: bool = False,
     error: str | None = None,
 ) -> Outcome:
-    return Outcome(
+    return Outcome(  # by keyword: Outcome may gain fields
         o.cls if cls is None else cls,
-        o.status_code,
-        o.latency_ms,
-        o.excerpt,
-        o.error if error is None else error,
-        o.retry_after_s,
-        None,
-        split,
-        resend,
+        status_code=o.status_code,
+        latency_ms=o.latency_ms,
+        excerpt=o.excerpt,
+        error=o.error if error is None else error,
+        retry_after_s=o.retry_after_s,
+        split=split,
+        resend=resend,
     )
 
 
