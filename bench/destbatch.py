@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Batches at a destination: N contacts to a HubSpot-shaped batch upsert endpoint, one per request vs batched.
 
-    .venv/bin/python bench/destbatch.py [--contacts 2000] [--latency-ms 40] [--max-records 100]
+    .venv/bin/python bench/destbatch.py [--contacts 2000] [--latency-ms 40] [--max-records 100] [--sql]
 
 For each mode a fresh temporary project and an in-process hub (the same engine `patchbay serve` runs):
 a website webhook (batch trigger) takes the contacts in posts of 100 while the destination is paused,
@@ -10,6 +10,9 @@ then the destination is resumed and the clock runs until every delivery is deliv
 The preset holds HubSpot to 10 requests/s; here that limit is lifted (rate_limit_per_s: 1000) so the
 engine's own cost shows, and the time the preset's limit would impose (requests / 10 s) is printed
 beside it. Concurrency is the default 8 in both modes.
+
+--sql adds the same for a SQLite destination (an upsert per contact into a table in the temporary folder):
+one transaction per record vs the records of a batch in one transaction.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Fake:
         return web.json_response({"status": "COMPLETE", "results": results, "errors": []})
 
 
-async def run(mode: str, n: int, latency_s: float, max_records: int) -> dict[str, Any]:
+async def run(mode: str, n: int, latency_s: float, max_records: int, sql: bool = False) -> dict[str, Any]:
     fake = Fake(latency_s)
     app = web.Application(client_max_size=32 * 2**20)
     app.router.add_post("/crm/v3/objects/contacts/batch/upsert", fake.upsert)
@@ -73,6 +76,20 @@ async def run(mode: str, n: int, latency_s: float, max_records: int) -> dict[str
         "operation": "upsert_contact",
         "delivery": {"rate_limit_per_s": 1000},
     }
+    db = root / "w.db"
+    if sql:
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE contacts (email TEXT PRIMARY KEY, firstname TEXT)")
+        dest = {
+            "name": "crm",
+            "system": "db",
+            "table": "contacts",
+            "write_mode": "upsert",
+            "key": ["email"],
+            "columns": {"email": "properties.email", "firstname": "properties.firstname"},
+        }
     if mode == "batch":
         dest["batch"] = {"max_records": max_records, "max_wait": "1s"}
     (root / "flows").mkdir()
@@ -91,6 +108,7 @@ async def run(mode: str, n: int, latency_s: float, max_records: int) -> dict[str
                     "allow_private_network": True,
                     "auth": {"scheme": "bearer", "token": {"env": "T"}},
                 },
+                "db": {"kind": "sqlite", "owner": "data", "path": str(db)},
             }
         )
     )
@@ -143,7 +161,7 @@ async def run(mode: str, n: int, latency_s: float, max_records: int) -> dict[str
         await runner.cleanup()
         shutil.rmtree(root, ignore_errors=True)
     return {
-        "mode": mode,
+        "mode": ("sqlite, " if sql else "") + mode,
         "contacts": n,
         "requests": fake.requests,
         "seconds": seconds,
@@ -157,8 +175,12 @@ async def main() -> None:
     ap.add_argument("--contacts", type=int, default=2000)
     ap.add_argument("--latency-ms", type=float, default=40.0)
     ap.add_argument("--max-records", type=int, default=100)
+    ap.add_argument("--sql", action="store_true", help="also a SQLite destination")
     a = ap.parse_args()
     rows = [await run(m, a.contacts, a.latency_ms / 1000, a.max_records) for m in ("single", "batch")]
+    sql_rows = (
+        [await run(m, a.contacts, 0, a.max_records, sql=True) for m in ("single", "batch")] if a.sql else []
+    )
     print(f"{a.contacts} contacts, fake API latency {a.latency_ms:g} ms, max_concurrency 8\n")
     print("| mode | requests | seconds | contacts/s | time at HubSpot's 10 requests/s |")
     print("|---|---|---|---|---|")
@@ -166,11 +188,15 @@ async def main() -> None:
         print(
             f"| {r['mode']} | {r['requests']} | {r['seconds']:.2f} | {r['per_s']:.0f} | {r['at_10_rps_s']:.0f} s |"
         )
+    for r in sql_rows:
+        print(f"| {r['mode']} | - | {r['seconds']:.2f} | {r['per_s']:.0f} | - |")
     single, batch = rows
     print(
         f"\nbatched/single: {single['requests'] / batch['requests']:.0f}x fewer requests, "
         f"{batch['per_s'] / single['per_s']:.1f}x the contacts/s"
     )
+    if sql_rows:
+        print(f"sqlite batched/single: {sql_rows[1]['per_s'] / sql_rows[0]['per_s']:.1f}x the rows/s")
 
 
 if __name__ == "__main__":
