@@ -641,3 +641,52 @@ def test_check_refuses_matching_by_key_without_an_item_key(tmp_path, monkeypatch
     )
     problems = check_problems(tmp_path)
     assert any("flows/f.yaml:" in p and "match: key needs `item_key`" in p for p in problems), problems
+
+
+async def test_a_replayed_member_goes_out_again_under_its_own_key(tmp_path, start_hub, monkeypatch):
+    from patchbay.engine.replay import replay
+    from patchbay.store.base import Actor
+
+    class Fixable(FakeHubSpotBatch):
+        fixed = False
+
+        async def upsert(self, request: web.Request) -> web.Response:
+            if not self.fixed:
+                return await super().upsert(request)
+            body = await request.json()  # the account now takes the value: every input is written
+            self.requests.append(body)
+            for item in body["inputs"]:
+                self.keys[item["id"]].add(item["objectWriteTraceId"])
+            results = [{"id": "1", "objectWriteTraceId": i["objectWriteTraceId"]} for i in body["inputs"]]
+            return web.json_response({"status": "COMPLETE", "results": results, "errors": []})
+
+    api = Fixable()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", TOKEN)
+    project(tmp_path, url, {"max_records": 100, "max_wait": "200ms"})
+    try:
+        hub = await start_hub(tmp_path)
+        ids = await post_all(hub, contacts(5, bad={2}), per_post=5)
+
+        async def first() -> bool:
+            return await statuses(hub) == {"delivered": 4, "dead": 1}
+
+        await eventually(first, what="4 delivered, 1 dead")
+        api.fixed = True
+        pipelines = {name: fr.pipeline for name, fr in hub.hub.flows.items()}
+        rep = await replay(hub.store, pipelines, [ids[2]], None, Actor("test"))
+        assert rep.requeued
+        for fr in hub.hub.flows.values():
+            for w in fr.workers.values():
+                w.notify(rescan=True)
+
+        async def replayed() -> bool:
+            return await statuses(hub) == {"delivered": 5}
+
+        await eventually(replayed, what="the replayed contact delivered")
+        assert len(api.keys["bad-contact-2"]) == 1  # the same key as its first try
+        attempts = (await hub.run(ids[2]))["deliveries"][0]["attempts_log"]
+        assert [a["outcome"] for a in attempts] == ["terminal", "success"]
+        assert attempts[1]["error"].endswith("(1 of 1)")
+    finally:
+        await runner.cleanup()
