@@ -233,6 +233,21 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                 bodies.append(orjson.loads(r["body"]) if r.get("body") is not None else None)
             except orjson.JSONDecodeError as exc:
                 return [Outcome(OutcomeClass.TERMINAL, error=f"stored body is not JSON: {exc}") for _ in keys]
+        rounds = self._batch.rounds(bodies)
+        if len(rounds) == 1:
+            return await self._send_round(requests, bodies, keys)
+        out: list[Outcome | None] = [None] * len(keys)
+        for members in rounds:  # one after the other: a later change of a record goes after the earlier
+            got = await self._send_round(
+                [requests[i] for i in members], [bodies[i] for i in members], [keys[i] for i in members]
+            )
+            for i, o in zip(members, got, strict=True):
+                out[i] = o
+        return [o for o in out if o is not None]
+
+    async def _send_round(
+        self, requests: Sequence[Mapping[str, Any]], bodies: list[Any], keys: Sequence[str]
+    ) -> list[Outcome]:
         combined: Combined = self._batch.combine(bodies, keys)
         whole, raw, status, headers = await self._exchange(
             requests[0], orjson.dumps(combined.body).decode(), batch_key(keys)

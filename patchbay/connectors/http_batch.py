@@ -71,6 +71,12 @@ class HttpBatchFormat(Spec):
         description="A field set in every item to its delivery's idempotency key (e.g. objectWriteTraceId), "
         "so the API (and the answer's references, with `match: key`) can tell the records apart.",
     )
+    unique: str | None = Field(
+        None,
+        description="A field of each item (e.g. id) no two items of one request may share: a later record "
+        "with the same value goes in the next request, so two changes of one record apply in arrival order "
+        "as they would one by one.",
+    )
     results: PerRecord | None = Field(
         None, description="Per-record results of a successful answer; `response: {id: result.id}` reads them."
     )
@@ -127,6 +133,28 @@ class BatchShape:
         self.fmt = fmt
         self.results = _compile(fmt.results)
         self.errors = _compile(fmt.errors)
+
+    def rounds(self, bodies: Sequence[Any]) -> list[list[int]]:
+        """The members in requests sent one after the other: with `unique`, a member whose item repeats a
+        value of an earlier member goes in a later request than it; else all in one."""
+        if not self.fmt.unique:
+            return [list(range(len(bodies)))]
+        last: dict[str, int] = {}  # value -> the round of the latest member holding it
+        out: list[list[int]] = []
+        for i, body in enumerate(bodies):
+            part = dig(body, self.fmt.items) if self.fmt.items else body
+            values = [
+                orjson.dumps(v).decode()
+                for item in (part if isinstance(part, list) else [part])
+                if (v := dig(item, self.fmt.unique)) is not None
+            ]
+            r = max((last[v] + 1 for v in values if v in last), default=0)
+            while len(out) <= r:
+                out.append([])
+            out[r].append(i)
+            for v in values:
+                last[v] = r
+        return out
 
     def combine(self, bodies: Sequence[Any], keys: Sequence[str]) -> Combined:
         """The bodies (parsed JSON) of several records as one body; each item gets `item_key` set."""

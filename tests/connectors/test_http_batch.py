@@ -690,3 +690,31 @@ async def test_a_replayed_member_goes_out_again_under_its_own_key(tmp_path, star
         assert attempts[1]["error"].endswith("(1 of 1)")
     finally:
         await runner.cleanup()
+
+
+async def test_two_changes_of_one_contact_go_in_two_requests_in_arrival_order(
+    tmp_path, start_hub, monkeypatch
+):
+    api = FakeHubSpotBatch()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", TOKEN)
+    project(tmp_path, url, {"max_records": 100, "max_wait": "300ms"})
+    try:
+        hub = await start_hub(tmp_path)
+        items = [
+            {"email": "ada@example.com", "name": "Ada"},
+            {"email": "bob@example.com", "name": "Bob"},
+            {"email": "ADA@example.com", "name": "Augusta"},  # the same contact, changed again
+            {"email": "cy@example.com", "name": "Cy"},
+        ]
+        await post_all(hub, items)
+
+        async def settled() -> bool:
+            return await statuses(hub) == {"delivered": 4}
+
+        await eventually(settled, what="4 delivered")
+        sent = [[i["id"] for i in r["inputs"]] for r in api.requests]
+        assert sent == [["ada@example.com", "bob@example.com", "cy@example.com"], ["ada@example.com"]]
+        assert api.contacts["ada@example.com"]["firstname"] == "Augusta"  # the later change wins
+    finally:
+        await runner.cleanup()
