@@ -50,6 +50,10 @@ class Outcome:
     # refused for other records and nothing of this one was applied (sent again without them).
     split: bool = False
     resend: bool = False
+    # A success's JSON body, in memory only (never stored), for the flow's response contract; set by a
+    # sink whose `keep_answer` the hub turned on. `drift`: how it differs from that contract.
+    body: Any = None
+    drift: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:

@@ -24,6 +24,7 @@ from patchbay.connectors.http_client import (
     read_bounded,
 )
 from patchbay.connectors.oauth2_client import OAuth2Error
+from patchbay.contracts import parse_answer
 from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress
@@ -103,6 +104,7 @@ class HttpSinkConfig(Spec):
 
 @connector("http", roles=("destination",), config=HttpSinkConfig, system_config=HttpSystem)
 class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
+    keep_answer = False  # the hub turns it on when the flow pins this destination's answers (contracts.py)
     """Deliver each record as one HTTP request."""
 
     def __init__(
@@ -156,6 +158,8 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
         outcome, raw, status, headers = await self._exchange(request, body, key)
         if self.config.response and outcome.cls is OutcomeClass.SUCCESS and status is not None:
             outcome.fields = map_response(self.config.response, status, headers, raw, self.resources.redact)
+        if self.keep_answer and outcome.cls is OutcomeClass.SUCCESS:
+            outcome.body = parse_answer(raw)  # checked against the flow's response contract
         return outcome
 
     async def _exchange(
@@ -175,8 +179,8 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                 timeout=self._timeout,
                 allow_redirects=self.policy.follow_redirects,
             ) as resp:
-                limit = RESPONSE_LIMIT if self.config.response or self.config.batch_format else 4096
-                raw = await read_bounded(resp, limit)
+                keep = self.config.response or self.config.batch_format or self.keep_answer
+                raw = await read_bounded(resp, RESPONSE_LIMIT if keep else 4096)
                 outcome = classify_response(
                     resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
                 )
@@ -266,7 +270,12 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
         def classify(code: int) -> OutcomeClass:
             return classify_response(code, {}, b"", 0.0).cls
 
-        return self._batch.outcomes(whole, answer, combined, keys, redact, pick, classify)
+        outcomes = self._batch.outcomes(whole, answer, combined, keys, redact, pick, classify)
+        if self.keep_answer:  # each member's answer is the request's, as one record's would be
+            for o in outcomes:
+                if o.cls is OutcomeClass.SUCCESS:
+                    o.body = parsed
+        return outcomes
 
     @property
     def retry_after(self) -> tuple[str, str]:
