@@ -11,6 +11,7 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
+import orjson
 import yaml
 from aiohttp import web
 
@@ -716,5 +717,62 @@ async def test_two_changes_of_one_contact_go_in_two_requests_in_arrival_order(
         sent = [[i["id"] for i in r["inputs"]] for r in api.requests]
         assert sent == [["ada@example.com", "bob@example.com", "cy@example.com"], ["ada@example.com"]]
         assert api.contacts["ada@example.com"]["firstname"] == "Augusta"  # the later change wins
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_batch_members_answer_is_checked_against_the_response_contract(
+    tmp_path, start_hub, monkeypatch
+):
+    """Each member's success is checked against the flow's pinned answer shape (the request's answer, as
+    a batch of one gets it): a field the API starts sending shows as drift in every member's row."""
+    from patchbay.contracts import learn
+
+    class Versioned(FakeHubSpotBatch):
+        v2 = False
+
+        async def upsert(self, request: web.Request) -> web.Response:
+            resp = await super().upsert(request)
+            if not self.v2:
+                return resp
+            answer = orjson.loads(resp.body)  # type: ignore[arg-type]
+            answer["requestedAt"] = "2026-12-06T10:00:00Z"  # the API ships a new field
+            return web.json_response(answer, status=resp.status)
+
+    api = Versioned()
+    runner, url = await fake(api)
+    monkeypatch.setenv("HUBSPOT_BATCH_TOKEN", TOKEN)
+    project(tmp_path, url, {"max_records": 100, "max_wait": "200ms"})
+    sample = {
+        "status": "COMPLETE",
+        "results": [
+            {
+                "id": "1",
+                "properties": {"email": "a@b.co", "firstname": "A"},
+                "new": True,
+                "objectWriteTraceId": "k",
+            }
+        ],
+        "errors": [],
+        "numErrors": 0,
+    }
+    pinned = learn("f", [])
+    pinned.responses = {"crm": learn("f", [sample])}
+    (tmp_path / "flows" / "f.contract.yaml").write_text(pinned.dump())
+    try:
+        hub = await start_hub(tmp_path)
+        ids = await post_all(hub, contacts(3), per_post=3)
+
+        async def delivered(n: int) -> bool:
+            return await statuses(hub) == {"delivered": n}
+
+        await eventually(lambda: delivered(3), what="3 delivered")
+        notes = [(await hub.run(i))["deliveries"][0]["attempts_log"][0]["error"] for i in ids]
+        assert not any("DRIFT" in n for n in notes), notes
+        api.v2 = True
+        ids = await post_all(hub, [{"email": f"v2-{i}@example.com", "name": "V"} for i in range(3)])
+        await eventually(lambda: delivered(6), what="6 delivered")
+        notes = [(await hub.run(i))["deliveries"][0]["attempts_log"][0]["error"] for i in ids]
+        assert all("DRIFT" in n and "requestedAt: new field" in n for n in notes), notes
     finally:
         await runner.cleanup()
