@@ -17,6 +17,7 @@ from patchbay.connectors.http_batch import BatchShape, BodyFormat, Combined, Htt
 from patchbay.connectors.http_client import (
     HttpAuth,
     HttpClient,
+    appended_path,
     check_url,
     classify_response,
     map_response,
@@ -58,8 +59,15 @@ class HttpSystem(Spec):
 class HttpSinkConfig(Spec):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field("POST", description="HTTP method.")
     path: str = Field(
-        "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
+        "",
+        description="Appended to the system's URL (starts with /); may hold {{ expressions }} (URL-quoted).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return appended_path(v)
+
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra headers; values may hold {{ expr }}."
     )
