@@ -158,6 +158,9 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
     if result.status in ("quarantined", "filtered"):
         click.echo(f"result: {result.status}: {scrub(result.reason)}")
         return
+    if result.status == "aggregated":
+        click.echo("result: counted into its window; the window's record goes on when the window closes")
+        return
     waiting = [d for d in deliveries if d["destination"].startswith("call:")]
     if any(c.outcome == "unanswered" for c in result.captured):
         click.echo("would ask first (a dry run asks nothing; the steps after a call wait on its answer):")
@@ -218,6 +221,12 @@ def _step_line(step: dict[str, Any]) -> str:
         return f"{head}: DRIFT: " + "; ".join(step["drift"])
     if "dropped" in step:
         return f"{head}: filtered out: {step['dropped']}"
+    if "window" in step:  # aggregate
+        return f"{head}: window {step['window']}, key {json.dumps(step.get('key'), ensure_ascii=False)}"
+    if step.get("kind") == "dedupe" and "key" in step:
+        return f"{head}: key {json.dumps(step['key'], ensure_ascii=False)}" + (
+            f" ({step['note']})" if step.get("note") else " (a duplicate is decided when stored)"
+        )
     if "routes" in step:
         return (
             head

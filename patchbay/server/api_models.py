@@ -38,7 +38,7 @@ TokenId = Annotated[
 Scope = Literal[
     "flows:read", "runs:read", "runs:replay", "destinations:write", "secrets:read", "secrets:write", "admin"
 ]
-RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded"]
+RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded", "aggregated"]
 Health = Literal["ok", "retrying", "paused", "failing", "late"]
 DestState = Literal["active", "paused", "disabled"]
 Timestamp = Annotated[float, Field(description="Unix seconds.")]
@@ -192,6 +192,11 @@ class FlowSummary(Out):
     )
     health: Health
     stats: FlowStats
+    open_windows: int | None = Field(
+        None,
+        description="Aggregate windows holding records not yet emitted (as counted within the last second);"
+        " null when the flow has no aggregate step.",
+    )
 
 
 class FlowsOut(Out):

@@ -24,6 +24,7 @@ from patchbay.store import calls as cq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
+from patchbay.store import windows as wq
 from patchbay.store.base import (
     SCHEDULE_FIELDS,
     Accepted,
@@ -42,6 +43,7 @@ from patchbay.store.base import (
     Snapshot,
     SourceState,
     TokenInfo,
+    WindowState,
 )
 from patchbay.store.common import tx_audit
 from patchbay.store.sqlite_monitor import (
@@ -361,6 +363,23 @@ class SqliteStore:
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
+
+    # -------------------------------------------------------------- windows and dedupe keys (store/windows.py)
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        # Read in the writer's order, not on the reader: a record accepted before `now` is then always seen
+        # (even one still in a group about to commit), and every one after it is late (store/windows.py).
+        return await self._write(wq.q_closable, now, limit, list(steps))
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        return await self._write(wq.tx_emit_window, event, window, tx_accept)
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        return await self._write(wq.tx_tidy, now)
+
+    async def open_windows(self) -> dict[str, int]:
+        return await self._read(wq.q_open_windows)
 
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)

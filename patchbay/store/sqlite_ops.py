@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import replace as _replace
 from typing import Any
 
 import orjson
 
+from patchbay.store import windows as wq
 from patchbay.store.base import (
     Accepted,
     Actor,
@@ -30,6 +32,17 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         ).fetchone()
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    if e.claims or e.windows:
+        seen: wq.Seen = {}
+        refused = wq.refusal(conn, e, now, seen)
+        if refused is not None:  # a dedupe key held by another run, or too late for its window
+            status, reason, trace = refused
+            tx_accept(
+                conn,
+                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
+            )
+            return Accepted(e.id, status=status, reason=reason)
+        wq.apply_gates(conn, e, now, seen)
     conn.execute(
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",

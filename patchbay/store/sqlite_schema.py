@@ -169,8 +169,9 @@ def schema_parts() -> list[str]:
     """Every table of the store, in order: the core, the monitoring block, each concern's own tables.
     The PostgreSQL store translates the same list (store/postgres/schema.py)."""
     from patchbay.store import calls as cq
+    from patchbay.store import windows as wq
 
-    return [SCHEMA, MONITOR_SCHEMA, cq.CALLS_SCHEMA]
+    return [SCHEMA, MONITOR_SCHEMA, wq.WINDOW_SCHEMA, cq.CALLS_SCHEMA]
 
 
 def init_schema(conn: sqlite3.Connection) -> None:

@@ -88,6 +88,47 @@ def _sum_of_conditions(sql: str) -> str:
     return "".join(out)
 
 
+def _scalar_min_max(sql: str) -> str:
+    """SQLite's two-argument MIN(a, b) and MAX(a, b) are LEAST and GREATEST in PostgreSQL."""
+    out, i = [], 0
+    for m in re.finditer(r"\b(MIN|MAX)\(", sql, re.I):
+        if m.start() < i:
+            continue
+        end = _close_paren(sql, m.end() - 1)
+        if end < 0:
+            break
+        arg, depth, top_comma = sql[m.end() : end], 0, False
+        for ch in arg:
+            depth += ch == "("
+            depth -= ch == ")"
+            top_comma = top_comma or (ch == "," and depth == 0)
+        if top_comma:
+            name = "LEAST" if m.group(1).upper() == "MIN" else "GREATEST"
+            out.append(sql[i : m.start()] + f"{name}({_scalar_min_max(arg)})")
+            i = end + 1
+    out.append(sql[i:])
+    return "".join(out)
+
+
+# Statements whose parameters PostgreSQL needs typed: a window's min and max (JSONB, see schema.py).
+def _window_values(args: Sequence[Any]) -> list[Any]:
+    from psycopg.types.json import Jsonb
+
+    a = list(args)
+    a[-2:] = [None if v is None else Jsonb(v) for v in a[-2:]]
+    return a
+
+
+TYPED: dict[str, Any] = {"INSERT INTO window_values(": _window_values}
+
+
+def _typed(sql: str, args: Sequence[Any]) -> Sequence[Any]:
+    for prefix, fn in TYPED.items():
+        if sql.lstrip().startswith(prefix):
+            return fn(args)  # type: ignore[no-any-return]
+    return args
+
+
 @lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
     """The PostgreSQL text of one SQLite-dialect statement (see the module's docstring)."""
@@ -109,7 +150,8 @@ def translate(sql: str) -> str:
         s = s[: r.start()] + conflict + s[r.start() :] if r else s.rstrip().rstrip(";") + conflict
     s = _CAST_INT.sub(r"CAST(FLOOR(\1) AS BIGINT)", s)
     s = re.sub(r"\binstr\(", "strpos(", s, flags=re.I)
-    return _sum_of_conditions(s)
+    s = re.sub(r"\s+INDEXED BY \w+", "", s, flags=re.I)  # SQLite's index hint; PostgreSQL plans itself
+    return _scalar_min_max(_sum_of_conditions(s))
 
 
 # Conflict targets for INSERT OR REPLACE (the tables' primary keys, where not the first column).
@@ -165,7 +207,7 @@ class PgConnection:
         if _SKIP.match(sql):
             return _Empty()
         cur = self.conn.cursor(row_factory=_row_factory)
-        cur.execute(translate(sql), [_param(a) for a in args])  # type: ignore[arg-type]
+        cur.execute(translate(sql), [_param(a) for a in _typed(sql, args)])  # type: ignore[arg-type]
         self.counter["statements"] += 1
         self.counter["round_trips"] += 1
         return Cursor(cur)
@@ -173,7 +215,7 @@ class PgConnection:
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
         rows = list(rows)
         cur = self.conn.cursor(row_factory=_row_factory)
-        cur.executemany(translate(sql), [[_param(a) for a in r] for r in rows])  # type: ignore[arg-type]
+        cur.executemany(translate(sql), [[_param(a) for a in _typed(sql, r)] for r in rows])  # type: ignore[arg-type]
         self.counter["statements"] += len(rows)
         self.counter["round_trips"] += 1 if rows else 0  # pipelined: one round trip for all
         return Cursor(cur)

@@ -23,7 +23,10 @@ def translate(sqlite_ddl: str) -> str:
     out = sqlite_ddl
     for pattern, repl in _TYPES:
         out = re.sub(pattern, repl, out)
-    return out
+    out = re.sub(r"\)\s*WITHOUT ROWID", ")", out)
+    # A column without a type holds a number or a text in SQLite (a window's min and max): JSONB keeps
+    # either and orders numbers as numbers (dialect.py passes such values as JSON).
+    return re.sub(r"^(\s+)(\w+),[ \t]*$", r"\1\2 JSONB,", out, flags=re.M)
 
 
 def ddl() -> str:

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +28,8 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
-from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent
+from patchbay.store import windows as wq
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, WindowState
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
@@ -36,6 +37,7 @@ from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
 from patchbay.store.sqlite_monitor import q_snapshot
+from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch
 
 T = TypeVar("T")
 _RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
@@ -242,7 +244,19 @@ class PostgresStore(SqliteStore):
 
     # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
     async def accept(self, event: NewEvent) -> Accepted:
+        if event.claims or event.windows:  # dedupe keys and windows: the shared operation, one transaction
+            return await self._write(_gated(tx_accept), event)
         return await self._write(pg_ops.accept, event)
+
+    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+        return await self._write(_gated_batch, events, flow, cursor)
+
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        # SQLite reads them in the writer's order; here the lock waits for the accepts adding to windows
+        # that are in flight, so a record accepted before `now` is seen and every later one is late.
+        return await self._write(_windows_closing, now, limit, list(steps))
 
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
@@ -281,6 +295,40 @@ class PostgresStore(SqliteStore):
             ),
             timeout + 1.0,
         )
+
+
+# Transaction locks that give the SQLite writer's order where it matters: one accept at a time per dedupe key
+# (two records with one key: exactly one passes) and per window; closing windows waits for adds in flight.
+_WINDOWS_LOCK = 7311998
+
+
+def _lock_gates(conn: Any, events: Sequence[NewEvent]) -> None:
+    keys = sorted(
+        {f"claim\x1f{e.flow}\x1f{c.step}\x1f{c.key}" for e in events for c in e.claims}
+        | {f"window\x1f{e.flow}\x1f{w.step}\x1f{w.start}\x1f{w.key}" for e in events for w in e.windows}
+    )
+    if any(e.windows for e in events):
+        conn.execute("SELECT pg_advisory_xact_lock_shared(?)", (_WINDOWS_LOCK,))
+    for key in keys:  # in one order: two accepts never wait on each other crosswise
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+
+
+def _gated(fn: Callable[..., T]) -> Callable[..., T]:
+    def run(conn: Any, event: NewEvent) -> T:
+        _lock_gates(conn, [event])
+        return fn(conn, event)
+
+    return run
+
+
+def _gated_batch(conn: Any, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    _lock_gates(conn, events)
+    return tx_accept_batch(conn, events, flow, cursor)
+
+
+def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
+    conn.execute("SELECT pg_advisory_xact_lock(?)", (_WINDOWS_LOCK,))
+    return wq.q_closable(conn, now, limit, steps)
 
 
 def _with_timeout(fn: Callable[..., T], timeout: float) -> Callable[..., T]:
