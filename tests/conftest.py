@@ -361,6 +361,9 @@ def _drop_postgres_schemas() -> Iterator[None]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]
 
 
+_pg_roots: dict[Path, str] = {}
+
+
 def _use_postgres(root: Path) -> None:
     """Point the project at a fresh PostgreSQL store (once: a restart keeps it), so the hub and the CLI share it."""
     import yaml
@@ -369,5 +372,8 @@ def _use_postgres(root: Path) -> None:
     doc = yaml.safe_load(path.read_text()) if path.exists() else {}
     doc = doc or {}
     if not str(doc.get("store", "")).startswith("postgresql://"):
-        doc["store"] = postgres_url(for_session=True)  # a fixture may keep the hub past one test
+        # One store per project folder, also when a test rewrites patchbay.yaml between two starts.
+        if root not in _pg_roots:
+            _pg_roots[root] = postgres_url(for_session=True)  # a fixture may keep the hub past one test
+        doc["store"] = _pg_roots[root]
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
