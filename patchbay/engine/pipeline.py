@@ -172,7 +172,7 @@ class Pipeline:
                 continue
             try:
                 if hasattr(spec.step, "gate"):  # dedupe, aggregate: settled in the accept's transaction
-                    entry = gates.add(spec, record, self.flow.name, len(trace))
+                    entry = gates.add(spec, record, self.flow.name, len(trace), element)
                     trace.append({"step": spec.name, "kind": spec.kind, **tag, "ms": _ms(t0), **entry})
                     if spec.step.absorbs:  # counted into its window: the window's record goes on later
                         return [_Branch("aggregated", record, element=element)]
@@ -333,10 +333,14 @@ class _Gates:
         self.claims: list[DedupeClaim] = []
         self.windows: list[WindowAdd] = []
 
-    def add(self, spec: Any, record: Any, flow: str, trace_at: int) -> dict[str, Any]:
+    def add(
+        self, spec: Any, record: Any, flow: str, trace_at: int, element: str | None = None
+    ) -> dict[str, Any]:
         ctx = GateContext(flow, spec.name, self.event_id, self.received_at, trace_at)
         asked, entry = spec.step.gate(record, ctx)
         for a in asked if isinstance(asked, list) else [asked]:  # a hopping aggregate: several windows
+            if isinstance(a, DedupeClaim | WindowAdd):
+                a.element = element  # after a split the element claims and counts, not the whole event
             if isinstance(a, DedupeClaim):
                 self.claims.append(a)
             elif isinstance(a, WindowAdd):
