@@ -142,6 +142,8 @@ class Pipeline:
             if drift:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         branches = self._run(record, start, "", event_id, answers, trace, None, gates)
+        if any(b.element is not None for b in branches):  # only an element that gets through claims its key
+            gates.keep_claims({b.element for b in branches if b.status in ("pending", "aggregated")})
         if len(branches) == 1 and not branches[0].element:
             b = branches[0]  # no split: the event is the one record
             key = self._key(b.record, key_source)
@@ -332,6 +334,15 @@ class _Gates:
         self.event_id, self.received_at = event_id, received_at
         self.claims: list[DedupeClaim] = []
         self.windows: list[WindowAdd] = []
+
+    def keep_claims(self, through: set[str | None]) -> None:
+        """Drop the dedupe claims of split elements that did not get through (quarantined, filtered): as for a
+        whole event, a corrected resend of such an element must pass."""
+
+        def passed(element: str | None) -> bool:
+            return element is None or any(t == element or str(t).startswith(element + ".") for t in through)
+
+        self.claims = [c for c in self.claims if passed(c.element)]
 
     def add(
         self, spec: Any, record: Any, flow: str, trace_at: int, element: str | None = None

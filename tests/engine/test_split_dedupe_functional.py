@@ -56,3 +56,30 @@ async def test_a_repeated_key_drops_only_the_repeating_element(tmp_path, sink: S
     assert "element 1: once: duplicate of run " + eid + " (element 0)" in run3["reason"]
     await asyncio.sleep(0.3)
     assert len(sink.received) == 3
+
+
+async def test_an_element_quarantined_after_the_dedupe_does_not_take_its_key(
+    tmp_path, sink: Sink, start_hub
+) -> None:
+    steps = SPLIT_DEDUPE + "  - validate:\n      qty: {required: true}\n"
+    rh = await start_hub(lead_project(tmp_path, sink.url, steps=steps))
+    status, first = await rh.post("/hooks/lead-capture", {"items": [{"sku": "A", "qty": 1}, {"sku": "B"}]})
+    assert status == 202
+    assert await _delivered(sink, 1) == ["A"]
+    run = await rh.run(first["event_id"])
+    assert [(d["destination"], d["status"]) for d in run["deliveries"] if d["status"] == "dead"] == [
+        ("quarantine:validate", "dead")
+    ]
+    # B was quarantined, so it did not claim its key: the corrected B passes; A is still a duplicate
+    status, fixed = await rh.post(
+        "/hooks/lead-capture", {"items": [{"sku": "B", "qty": 2}, {"sku": "A", "qty": 1}]}
+    )
+    assert status == 202
+    assert await _delivered(sink, 2) == ["A", "B"]
+    run2 = await rh.run(fixed["event_id"])
+    assert {
+        "step": "once",
+        "kind": "dedupe",
+        "element": "1",
+        "dropped": f"once: duplicate of run {first['event_id']} (element 0)",
+    } in run2["trace"]
