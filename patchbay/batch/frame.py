@@ -51,9 +51,13 @@ class Frame:
 
     columns: list[Column]
     rows: list[list[bytes]]
+    # A pushed-down read's fast rows as one COPY-text block (`raw_rows` lines), never split into fields.
+    raw: bytes | None = None
+    raw_rows: int = 0
+    part: str = ""  # a pushed-down read: "pushed" (its SELECT's columns) or "python" (the source's)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.raw_rows if self.raw is not None else len(self.rows)
 
 
 _ESC_IN = re.compile(rb"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
