@@ -162,11 +162,11 @@ class Compiler:
         keys: list[str] = []
         cur = node
         while cur["type"] == "subexpression":
-            left, right = cur["children"]
-            if right["type"] != "field":
+            first, *rest = cur["children"]
+            if not rest or any(r["type"] != "field" for r in rest):
                 raise NotPushable("only plain JSON field paths (a.b.c) are pushed")
-            keys.insert(0, str(right["value"]))
-            cur = left
+            keys[:0] = [str(r["value"]) for r in rest]
+            cur = first
         if cur["type"] != "field":
             raise NotPushable("only plain JSON field paths (a.b.c) are pushed")
         base = self.column(str(cur["value"]))
@@ -244,7 +244,9 @@ def field_sql(comp: Compiler, f: Any) -> Sql:
         if s.kind == "text":
             trimmed = f"btrim({s.text}, {literal(WS)})"
             ok = f"(({s.text}) IS NULL OR (octet_length({s.text}) = char_length({s.text}) AND {trimmed} ~ {literal(_INT_TEXT)}))"
-            s = Sql(f"({trimmed})::bigint", "int", [*s.guards, ok])
+            # Cast only what the guard lets through: any other text would fail the whole SELECT.
+            cast = f"CASE WHEN {trimmed} ~ {literal(_INT_TEXT)} THEN ({trimmed})::bigint END"
+            s = Sql(cast, "int", [*s.guards, ok])
         elif s.kind != "int":
             raise NotPushable(f"type: int of a {s.kind} value")
     elif f.type is not None:
