@@ -271,9 +271,9 @@ def rule_sql(rules: Any, s: Sql) -> str:
         if rules.format is not None:
             if rules.format not in _FORMATS:
                 raise NotPushable(f"format: {rules.format} has no exact SQL form")
-            parts.append(f'({e}) ~ {literal(_FORMATS[rules.format])}')
+            parts.append(f"({e}) ~ {literal(_FORMATS[rules.format])}")
         if rules.pattern is not None:
-            parts.append(f'({e}) ~ {literal(translate_regex(rules.pattern))}')
+            parts.append(f"({e}) ~ {literal(translate_regex(rules.pattern))}")
         parts[:0] = _ascii_guard(s)
     if rules.min_length is not None or rules.max_length is not None:
         if kind != "text":

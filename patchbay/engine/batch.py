@@ -387,6 +387,17 @@ async def run_flow(
     return report
 
 
+async def explain(project: Project, resolver: SecretResolver, flow: FlowSpec) -> list[str]:
+    """Which of the flow's steps its source would compute in SQL, and why the others stay in Python."""
+    assert flow.batch is not None, f"flow {flow.name} has no batch block"
+    source = open_bulk(project, resolver, flow.batch.from_.system, flow.name)
+    try:
+        columns = await source.columns(flow.batch.from_)
+    finally:
+        await source.close()
+    return pushdown_plan(flow.steps, columns, source, flow.batch).notes
+
+
 async def store_quarantined(store: Any, flow: FlowSpec, report: RunReport) -> None:
     """The report's quarantined rows (not yet stored) as quarantined events of the flow, with their reasons,
     so `patchbay dead`, the API and the console list them. Fix a row at the source: its next change is read."""

@@ -98,11 +98,32 @@ ODD = [
 ALPHABET = st.sampled_from(ODD) | st.characters(min_codepoint=32, max_codepoint=126)
 TEXT = st.none() | st.text(ALPHABET, max_size=12)
 EMAILS = st.builds(lambda a, b, c: f"{a}@{b}.{c}", TEXT.map(lambda s: s or "x"), TEXT.map(str), TEXT.map(str))
-INTS = st.none() | st.sampled_from([0, -1, 1, 3, 2**63 - 1, -(2**63), 1000, 1001, -100, -101]) | st.integers(-500, 2000)
-NUMBERS = st.none() | st.sampled_from(
-    ["12", " 12 ", "+5", "-0", "007", "1_0", "1.0", "1e3", "٣", "１２", "", " ", "99999999999999999999", "\t7\n"]
+INTS = (
+    st.none()
+    | st.sampled_from([0, -1, 1, 3, 2**63 - 1, -(2**63), 1000, 1001, -100, -101])
+    | st.integers(-500, 2000)
 )
-JSON_VALUE = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+NUMBERS = st.none() | st.sampled_from(
+    [
+        "12",
+        " 12 ",
+        "+5",
+        "-0",
+        "007",
+        "1_0",
+        "1.0",
+        "1e3",
+        "٣",
+        "１２",
+        "",
+        " ",
+        "99999999999999999999",
+        "\t7\n",
+    ]
+)
+JSON_VALUE = (
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False) | TEXT
+)
 JSON = st.none() | st.one_of(
     st.fixed_dictionaries({}, optional={"tier": JSON_VALUE | st.sampled_from(["gold", "silver", "1"]),
                                         "a": st.none() | st.fixed_dictionaries({}, optional={"b": JSON_VALUE})}),
@@ -126,7 +147,9 @@ SEEN: Counter[str] = Counter()  # rows per kind of frame, over every example: th
 # Rows that mostly pass every guard and rule (so the fast path carries them), with a few odd values.
 WORD = st.text(st.sampled_from("abcxyzABC .-"), min_size=1, max_size=8)
 NICE_ROW = st.tuples(
-    st.builds(lambda a, b: f" {a}@{b}.com", st.text(st.sampled_from("abcXYZ.+_1"), min_size=1, max_size=6), WORD),
+    st.builds(
+        lambda a, b: f" {a}@{b}.com", st.text(st.sampled_from("abcXYZ.+_1"), min_size=1, max_size=6), WORD
+    ),
     st.none() | st.sampled_from(["ab", "AB", "xyz", "0e4f2a3c-1b2d-4e5f-8a9b-0C1D2E3F4A5B"]),
     st.none() | st.sampled_from(["ab", "AB", "xyz"]),
     st.none() | st.integers(0, 900),
@@ -208,11 +231,18 @@ def _load(conn: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
     with conn.cursor() as cur:
         cur.executemany(
             f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s)",
-            [(i + 1, *r[:5], psycopg.types.json.Jsonb(r[5]) if r[5] is not None else None, *r[6:]) for i, r in enumerate(rows)],
+            [
+                (i + 1, *r[:5], psycopg.types.json.Jsonb(r[5]) if r[5] is not None else None, *r[6:])
+                for i, r in enumerate(rows)
+            ],
         )
 
 
-EQUIV = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+EQUIV = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @EQUIV
@@ -253,11 +283,18 @@ def test_fast_rows_skip_python_and_odd_rows_take_it(source_table: Any) -> None:
     _load(conn, table, rows)
     out = _same(table, RAW)
     assert out["parts"] == ["pushed", "python"]
-    assert [r[1] for r in out["rows"]] == ["ann@example.com", "éve@example.com", "bob@example.com", "carl@example.com"]
+    assert [r[1] for r in out["rows"]] == [
+        "ann@example.com",
+        "éve@example.com",
+        "bob@example.com",
+        "carl@example.com",
+    ]
     assert out["rows"][3][2] == "7"  # the number as the Python path writes it
     [(rid, row, reason)] = out["invalid"]
     assert rid == 5 and row["t"] == "not an email"
-    assert reason == 'validate: e: "not an email" is not a valid email address; n: -5 is less than the minimum 0'
+    assert (
+        reason == 'validate: e: "not an email" is not a valid email address; n: -5 is less than the minimum 0'
+    )
 
 
 def test_plan_says_what_is_pushed_and_why_not() -> None:
@@ -267,7 +304,16 @@ def test_plan_says_what_is_pushed_and_why_not() -> None:
     ]  # fmt: skip
     p = plan(
         steps(
-            {"map": {"id": "id", "e": "lower(t)", "lc": "lower(c)", "h": "hash_md5(t)", "ff": "concat(f)", "w": "j"}},
+            {
+                "map": {
+                    "id": "id",
+                    "e": "lower(t)",
+                    "lc": "lower(c)",
+                    "h": "hash_md5(t)",
+                    "ff": "concat(f)",
+                    "w": "j",
+                }
+            },
             {"validate": {"e": {"format": "date"}, "h": {"required": True}, "id": {"minimum": 1}}},
             {"filter": {"when": "id"}},
             {"validate": {"e": {"required": True}}},
