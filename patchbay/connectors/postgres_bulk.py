@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import select
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -289,19 +290,18 @@ def _copy_frames(
 ) -> Iterator[Frame]:
     buf = bytearray()
     rows: list[list[bytes]] = []
-    with conn.cursor().copy(copy_sql) as copy:
-        for chunk in copy:
-            data = bytes(chunk)
-            # The server sends one row per message: split it directly; anything else by lines.
-            if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
-                rows.append(data[:-1].split(b"\t"))
-            else:
-                rows.extend(split_lines(buf, data))
-            if len(rows) >= batch_rows:
-                yield Frame(columns, rows[:batch_rows], part=part)
-                del rows[:batch_rows]
-                if stop.is_set():
-                    raise RuntimeError("reading stopped")
+    for chunk in _copy_out(conn, copy_sql):
+        data = bytes(chunk)
+        # The server sends one row per message: split it directly; anything else by lines.
+        if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
+            rows.append(data[:-1].split(b"\t"))
+        else:
+            rows.extend(split_lines(buf, data))
+        if len(rows) >= batch_rows:
+            yield Frame(columns, rows[:batch_rows], part=part)
+            del rows[:batch_rows]
+            if stop.is_set():
+                raise RuntimeError("reading stopped")
     if rows:
         yield Frame(columns, rows, part=part)
 
@@ -353,7 +353,7 @@ def _pushed_frames(
     for block in _copy_blocks(conn, copy_sql, batch_rows, stop):
         n = block.count(b"\n")
         if block.count(tail) == n:
-            fast, slow = block.replace(tail, b"\n"), []
+            fast, slow = block.replace(tail, b"\n"), list[list[bytes]]()
         else:
             kept: list[bytes] = []
             slow = []
@@ -373,21 +373,70 @@ def _pushed_frames(
             yield Frame(columns, slow, part="python")
 
 
+def _copy_out(conn: Any, copy_sql: Any) -> Iterator[Any]:
+    """COPY TO's messages (one row each) straight from libpq.
+
+    psycopg's per-row read (a generator and a wait per message) costs more than the row itself; libpq's
+    non-blocking PQgetCopyData hands over what it has buffered, and the thread waits for more in select(),
+    which lets the other threads run (a blocking libpq call would hold the GIL)."""
+    from psycopg import OperationalError, pq
+    from psycopg.errors import error_from_result
+
+    pgconn = conn.pgconn
+    sock = pgconn.socket
+
+    def wait_idle() -> None:
+        while pgconn.is_busy():
+            select.select([sock], [], [])
+            pgconn.consume_input()
+
+    pgconn.send_query(copy_sql.as_bytes(conn))
+    wait_idle()
+    res = pgconn.get_result()
+    if res is None or res.status != pq.ExecStatus.COPY_OUT:
+        while pgconn.get_result() is not None:
+            pass
+        if res is None:
+            raise OperationalError("COPY gave no result")
+        raise error_from_result(res, encoding="utf-8")
+    get = pgconn.get_copy_data
+    while True:
+        nbytes, data = get(1)
+        if nbytes > 0:
+            yield data
+        elif nbytes == 0:
+            select.select([sock], [], [])
+            pgconn.consume_input()
+        elif nbytes == -1:
+            break
+        else:
+            raise OperationalError(f"reading COPY data: {pgconn.error_message.decode(errors='replace')}")
+    failed = None
+    while True:
+        wait_idle()
+        res = pgconn.get_result()
+        if res is None:
+            break
+        if res.status != pq.ExecStatus.COMMAND_OK and failed is None:
+            failed = error_from_result(res, encoding="utf-8")
+    if failed is not None:
+        raise failed
+
+
 def _copy_blocks(conn: Any, copy_sql: Any, batch_rows: int, stop: threading.Event) -> Iterator[bytes]:
     """COPY out as blocks of whole lines (about batch_rows each), never split into fields."""
-    parts: list[bytes] = []
+    parts: list[Any] = []
     carry = b""
-    with conn.cursor().copy(copy_sql) as copy:
-        for chunk in copy:
-            parts.append(bytes(chunk))
-            if len(parts) >= batch_rows:
-                block = carry + b"".join(parts)
-                parts.clear()
-                end = block.rfind(b"\n") + 1
-                block, carry = block[:end], block[end:]
-                yield block
-                if stop.is_set():
-                    raise RuntimeError("reading stopped")
+    for chunk in _copy_out(conn, copy_sql):
+        parts.append(chunk)
+        if len(parts) >= batch_rows:
+            block = carry + b"".join(parts)
+            parts.clear()
+            end = block.rfind(b"\n") + 1
+            block, carry = block[:end], block[end:]
+            yield block
+            if stop.is_set():
+                raise RuntimeError("reading stopped")
     block = carry + b"".join(parts)
     if block:
         yield block
