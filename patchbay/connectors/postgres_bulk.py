@@ -659,11 +659,18 @@ class _PgLoad:
                     sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in rest),
                 )
                 action = sql.SQL("DO UPDATE SET {} WHERE {}").format(sets, changed)
-            q = sql.SQL(
+            upsert = sql.SQL(
                 "WITH u AS (INSERT INTO {t} ({c}) {s} ON CONFLICT ({k}) {a} RETURNING (xmax = 0) AS ins)"
                 " SELECT count(*) FILTER (WHERE ins), count(*) FILTER (WHERE NOT ins) FROM u"
-            ).format(t=t, c=cols, s=staged, k=keys, a=action)
-            row = conn.execute(q).fetchone()
+            )
+            # Most stages hold each key once (a table's rows by its key): no sort for DISTINCT ON then. A key
+            # staged twice makes the upsert fail ("cannot affect row a second time"): again, deduplicated.
+            plain = sql.SQL("SELECT {c} FROM _pb_stage").format(c=cols)
+            try:
+                with conn.transaction():
+                    row = conn.execute(upsert.format(t=t, c=cols, s=plain, k=keys, a=action)).fetchone()
+            except self.owner._pg.errors.CardinalityViolation:  # psycopg.errors
+                row = conn.execute(upsert.format(t=t, c=cols, s=staged, k=keys, a=action)).fetchone()
             out.inserted, out.updated = int(row[0]), int(row[1])
         else:
             # No unique index on the key: replace the staged keys' rows (DELETE + INSERT), as COPY-staged loads do.

@@ -194,7 +194,9 @@ class BatchRun:
             report.cursor_from = state.cursor
             total = await self.source.count(spec.from_, window)
             exists = await self.dest.table_columns(spec.to.table) is not None
-            self._dest_rows = await self.dest.row_count(spec.to.table) if exists else 0
+            # Only the delete guard needs the destination's size (a count of a large table is not free).
+            follows_deletes = spec.deletes.detect != "none"
+            self._dest_rows = await self.dest.row_count(spec.to.table) if exists and follows_deletes else 0
             deletes = await self._key_deletes(report) if spec.deletes.detect == "keys" else []
             transform, reader = self._reader(columns, window, report)
             soft_deleted: list[tuple[Any, ...]] = []
