@@ -290,7 +290,7 @@ def main() -> None:
     if args.cmd == "child":
         child(args)
         return
-    SRC = args.src_db
+    SRC = os.environ["SRC_DB"] = args.src_db  # the children read it too
     n = int(psql(SRC, "SELECT count(*) FROM public.customers"))
     print(
         f"source: public.customers in {SRC}, {n:,} rows; destination database {DST}; pushdown {args.pushdown}"

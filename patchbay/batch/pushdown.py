@@ -7,6 +7,7 @@ source columns and goes through the flow's own steps in Python, so its values an
 are the Python path's, byte for byte. Anything not provably equivalent stays in Python, per field, and
 `Plan.notes` says which and why (`patchbay run FLOW --explain`).
 
+Comparisons and patterns use the database's default collation (never a column's nondeterministic one).
 The traps it refuses or guards: lower/upper only fold ASCII (`COLLATE "C"`), so non-ASCII text takes
 the Python path; Python's strip() trims more than SQL's trim() (the ASCII whitespace set is spelled
 out); concat() of only nulls is null in Python and '' in SQL; JSON values other than strings render
@@ -266,9 +267,9 @@ def rule_sql(rules: Any, s: Sql) -> str:
         if rules.format is not None:
             if rules.format not in _FORMATS:
                 raise NotPushable(f"format: {rules.format} has no exact SQL form")
-            parts.append(f"({e}) ~ {literal(_FORMATS[rules.format])}")
+            parts.append(f'({e}) COLLATE "default" ~ {literal(_FORMATS[rules.format])}')
         if rules.pattern is not None:
-            parts.append(f"({e}) ~ {literal(translate_regex(rules.pattern))}")
+            parts.append(f'({e}) COLLATE "default" ~ {literal(translate_regex(rules.pattern))}')
         parts[:0] = _ascii_guard(s)
     if rules.min_length is not None or rules.max_length is not None:
         if kind != "text":
@@ -295,7 +296,9 @@ def rule_sql(rules: Any, s: Sql) -> str:
             ]
         else:
             raise NotPushable(f"one_of of a {kind} value")
-        parts.append(f"({e}) IN ({', '.join(ok)})" if ok else "false")
+        # A column's own collation may be nondeterministic (case-insensitive); Python compares code points.
+        coll = ' COLLATE "default"' if kind == "text" else ""
+        parts.append(f"({e}){coll} IN ({', '.join(ok)})" if ok else "false")
     if rules.not_empty and kind == "text":
         parts.extend(_ascii_guard(s))
         parts.append(f"btrim({e}, {literal(WS)}) <> ''")

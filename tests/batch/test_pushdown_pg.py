@@ -417,3 +417,25 @@ async def test_an_error_mid_copy_fails_the_run_and_the_connection_stays_usable()
             assert await source.count(frm, Window()) is not None
         finally:
             await source.close()
+
+
+async def test_a_case_insensitive_column_is_compared_as_python_does() -> None:
+    """A column with a nondeterministic collation: one_of and patterns still compare code points."""
+    async with database() as pg:
+        await pg.execute(
+            "CREATE COLLATION IF NOT EXISTS pb_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+        )
+        src = name(pg, "pd_ci_src")
+        await pg.execute(f"CREATE TABLE {src} (id bigint PRIMARY KEY, t text COLLATE pb_ci)")
+        await pg.execute(f"INSERT INTO {src} VALUES (1, 'gold'), (2, 'GOLD'), (3, 'Gold')")
+        step_list = steps({"validate": {"t": {"one_of": ["gold"], "pattern": "^[a-z]+$"}}})
+        for mode in ("auto", "off"):
+            spec = {
+                "from": {"system": "db", "table": src},
+                "to": {"system": "db", "table": name(pg, "pd_ci_dst")},
+                "mode": "full",
+                "pushdown": mode,
+            }
+            report = await sync(f"test-pd-ci-{mode}", spec, step_list)
+            assert report.status == "ok", report.error
+            assert (report.written, report.quarantined) == (1, 2), mode
