@@ -385,10 +385,17 @@ def plan(steps: list[Any], columns: list[Column]) -> Plan:
     pushing = True
     for s in rest:
         if not pushing or s.kind not in ("validate", "filter") or s.when is not None:
+            why = (
+                "after a step that changes values"
+                if not pushing
+                else ("a step with `when`" if s.when is not None else f"{s.kind} is not pushed down")
+            )
+            notes.append(f"{s.name}: Python ({why})")
             pushing = False
             reduced.append(s)
             continue
         if s.kind == "filter":
+            notes.append(f"{s.name}: Python (filters are not pushed down)")
             reduced.append(s)
             continue
         left: dict[str, Any] = {}

@@ -329,6 +329,7 @@ def test_plan_says_what_is_pushed_and_why_not() -> None:
     assert "validate#2 h: Python (its value is computed in Python)" in notes
     assert "validate#2 id: pushed down" in notes
     assert "validate#4 e: pushed down" in notes  # after a filter: the same values
+    assert "filter#3: Python (filters are not pushed down)" in notes
     assert not p.read.raw
 
 
