@@ -153,8 +153,14 @@ class PostgresBulk:
         async for frame in self._read(frm, columns, window, batch_rows, None):
             yield frame
 
-    # SQL pushdown (batch/pushdown.py): the planner writes PostgreSQL.
-    pushdown_dialect = "postgres"
+    @property
+    def pushdown_dialect(self) -> str | None:
+        """SQL pushdown (batch/pushdown.py) writes PostgreSQL for a UTF8 database (its ASCII guard counts
+        bytes against characters); asked after `columns`, so the connection is open."""
+        if self._conn is None or self._conn.closed:
+            return None
+        encoding = self._conn.pgconn.parameter_status(b"server_encoding")
+        return "postgres" if encoding in (b"UTF8", b"UTF-8") else None
 
     async def read_pushed(
         self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int, pushed: PushedRead

@@ -395,9 +395,9 @@ async def explain(project: Project, resolver: SecretResolver, flow: FlowSpec) ->
     source = open_bulk(project, resolver, flow.batch.from_.system, flow.name)
     try:
         columns = await source.columns(flow.batch.from_)
+        return pushdown_plan(flow.steps, columns, source, flow.batch).notes
     finally:
         await source.close()
-    return pushdown_plan(flow.steps, columns, source, flow.batch).notes
 
 
 async def store_quarantined(store: Any, flow: FlowSpec, report: RunReport) -> None:
