@@ -13,7 +13,8 @@ import asyncio
 import queue
 import select
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from contextlib import closing
 from typing import Any, TypeVar
 
 import orjson
@@ -146,12 +147,12 @@ class PostgresBulk:
         )
         return None if row is None else int(row[0])
 
-    async def read(
+    def read(
         self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int
     ) -> AsyncIterator[Frame]:
         """The window's rows in batches, all from one snapshot; `snapshot_max` is the cursor's mark in it."""
-        async for frame in self._read(frm, columns, window, batch_rows, None):
-            yield frame
+        # The generator itself, not a wrapper around it: closing it must stop the reader before it returns.
+        return self._read(frm, columns, window, batch_rows, None)
 
     @property
     def pushdown_dialect(self) -> str | None:
@@ -162,14 +163,13 @@ class PostgresBulk:
         encoding = self._conn.pgconn.parameter_status(b"server_encoding")
         return "postgres" if encoding in (b"UTF8", b"UTF-8") else None
 
-    async def read_pushed(
+    def read_pushed(
         self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int, pushed: PushedRead
     ) -> AsyncIterator[Frame]:
         """Like `read`, in the same snapshot, in two passes: the rows `pushed.fast` holds for through the
         pushed SELECT (frames of part "pushed", as COPY blocks when `pushed.raw`), then the others with the
         source's columns (part "python") for the flow's steps."""
-        async for frame in self._read(frm, columns, window, batch_rows, pushed):
-            yield frame
+        return self._read(frm, columns, window, batch_rows, pushed)
 
     async def _read(
         self,
@@ -296,18 +296,21 @@ def _copy_frames(
 ) -> Iterator[Frame]:
     buf = bytearray()
     rows: list[list[bytes]] = []
-    for chunk in _copy_out(conn, copy_sql):
-        data = bytes(chunk)
-        # The server sends one row per message: split it directly; anything else by lines.
-        if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
-            rows.append(data[:-1].split(b"\t"))
-        else:
-            rows.extend(split_lines(buf, data))
-        if len(rows) >= batch_rows:
-            yield Frame(columns, rows[:batch_rows], part=part)
-            del rows[:batch_rows]
-            if stop.is_set():
-                raise RuntimeError("reading stopped")
+    # closing(): a reader stopped early ends the COPY now, before its transaction rolls back (an
+    # exception's traceback would keep the generator alive until after that).
+    with closing(_copy_out(conn, copy_sql)) as chunks:
+        for chunk in chunks:
+            data = bytes(chunk)
+            # The server sends one row per message: split it directly; anything else by lines.
+            if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
+                rows.append(data[:-1].split(b"\t"))
+            else:
+                rows.extend(split_lines(buf, data))
+            if len(rows) >= batch_rows:
+                yield Frame(columns, rows[:batch_rows], part=part)
+                del rows[:batch_rows]
+                if stop.is_set():
+                    raise RuntimeError("reading stopped")
     if rows:
         yield Frame(columns, rows, part=part)
 
@@ -379,7 +382,7 @@ def _pushed_frames(
             yield Frame(columns, slow, part="python")
 
 
-def _copy_out(conn: Any, copy_sql: Any) -> Iterator[Any]:
+def _copy_out(conn: Any, copy_sql: Any) -> Generator[Any, None, None]:
     """COPY TO's messages (one row each) straight from libpq.
 
     psycopg's per-row read (a generator and a wait per message) costs more than the row itself; libpq's
@@ -406,17 +409,24 @@ def _copy_out(conn: Any, copy_sql: Any) -> Iterator[Any]:
             raise OperationalError("COPY gave no result")
         raise error_from_result(res, encoding="utf-8")
     get = pgconn.get_copy_data
-    while True:
-        nbytes, data = get(1)
-        if nbytes > 0:
-            yield data
-        elif nbytes == 0:
-            select.select([sock], [], [])
-            pgconn.consume_input()
-        elif nbytes == -1:
-            break
-        else:
-            raise OperationalError(f"reading COPY data: {pgconn.error_message.decode(errors='replace')}")
+    ended = False
+    try:
+        while True:
+            nbytes, data = get(1)
+            if nbytes > 0:
+                yield data
+            elif nbytes == 0:
+                select.select([sock], [], [])
+                pgconn.consume_input()
+            elif nbytes == -1:
+                ended = True
+                break
+            else:
+                ended = True
+                raise OperationalError(f"reading COPY data: {pgconn.error_message.decode(errors='replace')}")
+    finally:
+        if not ended:  # the reader stopped early: cancel the COPY, so the transaction can roll back
+            _abandon_copy(conn, pgconn, sock)
     failed = None
     while True:
         wait_idle()
@@ -429,20 +439,45 @@ def _copy_out(conn: Any, copy_sql: Any) -> Iterator[Any]:
         raise failed
 
 
+def _abandon_copy(conn: Any, pgconn: Any, sock: int) -> None:
+    try:
+        conn.cancel()
+        while True:
+            nbytes, _ = pgconn.get_copy_data(1)
+            if nbytes < 0:
+                break
+            if nbytes == 0:
+                if not select.select([sock], [], [], 10)[0]:
+                    return
+                pgconn.consume_input()
+        while True:
+            while pgconn.is_busy():
+                if not select.select([sock], [], [], 10)[0]:
+                    return
+                pgconn.consume_input()
+            if pgconn.get_result() is None:
+                break
+    except Exception:  # the connection is closed after a failed run anyway
+        pass
+
+
 def _copy_blocks(conn: Any, copy_sql: Any, batch_rows: int, stop: threading.Event) -> Iterator[bytes]:
     """COPY out as blocks of whole lines (about batch_rows each), never split into fields."""
     parts: list[Any] = []
     carry = b""
-    for chunk in _copy_out(conn, copy_sql):
-        parts.append(chunk)
-        if len(parts) >= batch_rows:
-            block = carry + b"".join(parts)
-            parts.clear()
-            end = block.rfind(b"\n") + 1
-            block, carry = block[:end], block[end:]
-            yield block
-            if stop.is_set():
-                raise RuntimeError("reading stopped")
+    # closing(): a reader stopped early ends the COPY now, before its transaction rolls back (an
+    # exception's traceback would keep the generator alive until after that).
+    with closing(_copy_out(conn, copy_sql)) as chunks:
+        for chunk in chunks:
+            parts.append(chunk)
+            if len(parts) >= batch_rows:
+                block = carry + b"".join(parts)
+                parts.clear()
+                end = block.rfind(b"\n") + 1
+                block, carry = block[:end], block[end:]
+                yield block
+                if stop.is_set():
+                    raise RuntimeError("reading stopped")
     block = carry + b"".join(parts)
     if block:
         yield block

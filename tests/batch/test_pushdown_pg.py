@@ -440,3 +440,28 @@ async def test_a_case_insensitive_column_is_compared_as_python_does() -> None:
             report = await sync(f"test-pd-ci-{mode}", spec, step_list)
             assert report.status == "ok", report.error
             assert (report.written, report.quarantined) == (1, 2), mode
+
+
+async def test_a_reader_stopped_early_leaves_the_connection_usable() -> None:
+    """The consumer stops after the first frame (a failed write, say): the COPY is cancelled, the
+    snapshot rolled back, and the same connection answers the next question."""
+    async with database() as pg:
+        src = name(pg, "pd_stop_src")
+        await pg.execute(f"CREATE TABLE {src} (id bigint PRIMARY KEY, t text)")
+        await pg.execute(f"INSERT INTO {src} SELECT i, 'a' || i FROM generate_series(1, 50000) i")
+        source = bulk()
+        try:
+            frm = BatchFrom(system="db", table=src)
+            columns = await source.columns(frm)
+            p = plan(steps({"map": {"id": "id", "t": "upper(t)"}}), columns)
+            for reader in (
+                source.read_pushed(frm, columns, Window(), 100, p.read),
+                source.read(frm, columns, Window(), 100),
+            ):
+                async for _ in reader:
+                    break
+                await reader.aclose()  # type: ignore[attr-defined]
+                assert await source.count(frm, Window()) is not None
+                assert [c.name for c in await source.columns(frm)] == ["id", "t"]
+        finally:
+            await source.close()
