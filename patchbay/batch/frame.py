@@ -13,7 +13,7 @@ import base64
 import datetime as dt
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -52,9 +52,12 @@ class Frame:
     columns: list[Column]
     rows: list[list[bytes]]
     # A pushed-down read's fast rows as one COPY-text block (`raw_rows` lines), never split into fields.
-    raw: bytes | None = None
-    raw_rows: int = 0
-    part: str = ""  # a pushed-down read: "pushed" (its SELECT's columns) or "python" (the source's)
+    # Keyword-only, so that frames of other readers (FileFrame) keep adding their own fields positionally.
+    raw: bytes | None = field(default=None, kw_only=True)
+    raw_rows: int = field(default=0, kw_only=True)
+    part: str = field(
+        default="", kw_only=True
+    )  # pushed-down read: "pushed" (its SELECT's columns) or "python"
 
     def __len__(self) -> int:
         return self.raw_rows if self.raw is not None else len(self.rows)
@@ -157,14 +160,15 @@ def encode(value: Any) -> bytes:
 
 
 def infer_type(values: list[Any]) -> str:
-    """The column type for values a step computed (the first non-null one decides; text when unsure)."""
+    """The column type for values a step computed (the first non-null one decides; text when unsure).
+    Whole numbers with a fraction among them are float: divide() gives 42 for 4200 cents, 19.99 for 1999."""
     for v in values:
         if v is None:
             continue
         if isinstance(v, bool):
             return "bool"
         if isinstance(v, int):
-            return "int"
+            return "float" if any(isinstance(x, float) for x in values) else "int"
         if isinstance(v, float):
             return "float"
         if isinstance(v, dict | list):

@@ -16,9 +16,11 @@ import orjson
 from patchbay import registry
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
+from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
+from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
-from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
@@ -45,6 +47,7 @@ def build_sinks(
         cls, _ = found
         res = system_resources(project, resolver, system, flow.name, resources)
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
+    out.update(build_call_sinks(flow, project, resolver, resources, system_resources))  # `call:<step>`
     return out
 
 
@@ -151,7 +154,8 @@ class Hub:
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
-        for system in dict.fromkeys(d.system for d in flow.destinations):
+        called = [str(getattr(s.config, "system", "")) for s in flow.steps if getattr(s.step, "calls", False)]
+        for system in dict.fromkeys([*(d.system for d in flow.destinations), *called]):
             for ref in system_secret_refs(self.project.systems[system]):
                 self.resolver.resolve(ref)
 
@@ -179,6 +183,7 @@ class Hub:
                 on_state=self._destination_state_changed,
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
             )
             if state != "active":
                 alerts.warning(
@@ -190,12 +195,46 @@ class Hub:
                     spec.name,
                     dest.name,
                 )
+        workers.update(self._call_workers(spec, sinks, pipeline, states))
         fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
             w.start()
         await self._start_trigger(fr)
         return fr
+
+    def _call_workers(
+        self, spec: FlowSpec, sinks: dict[str, Sink], pipeline: Pipeline, states: Any
+    ) -> dict[str, DestinationWorker]:
+        """A worker per call step (engine/calls.py): its answers continue their runs."""
+        assert self.store is not None
+        out: dict[str, DestinationWorker] = {}
+        for dest in call_destinations(spec, self.project):
+            sink = sinks[dest.name]
+            if isinstance(sink, CallSink):
+                sink.store = self.store  # the answers' cache
+
+            def continued(added: list[str], flow: str = spec.name) -> None:
+                fr = self.flows.get(flow)
+                for name in added if fr is not None else ():
+                    if name in fr.workers:  # type: ignore[union-attr]
+                        fr.workers[name].notify()  # type: ignore[union-attr]
+
+            state, _, _ = states.get((spec.name, dest.name), ("active", None, 0.0))
+            out[dest.name] = CallWorker(
+                spec.name,
+                dest,
+                sink,
+                self.store,
+                state=state,
+                on_state=self._destination_state_changed,
+                on_attempt=self._count_attempt,
+                open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
+                pipeline=pipeline,
+                on_continued=continued,
+            )
+        return out
 
     async def _start_trigger(self, fr: FlowRuntime) -> None:
         spec = fr.spec
@@ -353,7 +392,8 @@ class Hub:
                 extra={"event_id": event.id, "flow": name},
             )
         for d in event.deliveries:
-            fr.workers[d.destination].notify()
+            if d.status == "pending":  # a split element's quarantine row is dead from the start
+                fr.workers[d.destination].notify()
         return event.status
 
     async def ingest(
@@ -413,6 +453,50 @@ class Hub:
             flow,
             dest,
             extra={"flow": flow, "destination": dest, "alert": state},
+        )
+
+    def _answer_check(
+        self, spec: FlowSpec, dest: str, sink: Any
+    ) -> Callable[[str, Outcome], list[str]] | None:
+        """The check of `dest`'s successful answers against the flow's pinned `responses:`, if it has one."""
+        if spec.contract is None or dest not in spec.contract.responses:
+            return None
+        if hasattr(sink, "keep_answer"):
+            sink.keep_answer = True  # the sink parses a success's JSON body for the check
+
+        def check(event_id: str, outcome: Outcome) -> list[str]:
+            body = outcome.body
+            if body is None and outcome.fields is not None and "body" in outcome.fields:
+                body = outcome.fields["body"]  # a call's answer, as bound for the later steps
+            if body is None:
+                body = parse_answer(outcome.excerpt)
+            return self.check_answer(spec, dest, event_id, body)
+
+        return check
+
+    def check_answer(self, spec: FlowSpec, name: str, event_id: str, body: Any) -> list[str]:
+        """The one line a step that calls an API (`call`, `lookup`) needs: its successful answer's JSON
+        body against the flow's `responses:` for `name`; drift is counted, alerted and logged here, and
+        returned for the step's trace. Empty when it conforms, or nothing is pinned for `name`."""
+        drift = response_drift(spec.contract, name, body) if body is not None else []
+        if drift:
+            self.note_answer_drift(spec.name, name, event_id, drift)
+        return drift
+
+    def note_answer_drift(self, flow: str, name: str, event_id: str, drift: list[str]) -> None:
+        """An answer (of a destination, or of a call step) differs from the flow's response contract:
+        counted, alerted (`contract_drift`) and logged like input drift, the answer's source named."""
+        self.metrics.answer_drift.labels(flow, name).inc()
+        if self.alert_manager is not None:
+            self.alert_manager.note_drift(flow, event_id, drift, time.time())
+        log.warning(
+            "contract drift in the answers of %s/%s, event %s: %s; see `patchbay contract check %s`",
+            flow,
+            name,
+            event_id,
+            "; ".join(drift[:5]) + (f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""),
+            flow,
+            extra={"event_id": event_id, "flow": flow, "destination": name},
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:

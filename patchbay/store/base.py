@@ -19,6 +19,10 @@ class NewDelivery:
     destination: str
     request: dict[str, Any]
     idempotency_key: str
+    # A split element quarantined while its siblings go on is kept as a dead row (destination
+    # `quarantine:<step>`, `error` the reason): listed with the dead letters, replayed with its event.
+    status: str = "pending"
+    error: str | None = None
 
 
 @dataclass
@@ -135,7 +139,9 @@ class Reprocessor(Protocol):
         """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
         ...
 
-    def process(self, record: Any, event_id: str) -> Reprocessed: ...
+    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Reprocessed:
+        """The steps and routing; `answers` are the recorded answers of the event's calls, by key."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,11 @@ class Runs(Protocol):
         """The flow's newest events, newest first: (id, received_at, payload as stored)."""
         ...
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        """The flow's newest successful attempts, newest first: (destination, event id, started_at, the
+        answer's excerpt as stored), for learning and checking its response contract."""
+        ...
+
     async def counts(self) -> dict[str, Any]: ...
 
     async def counts_by_flow(self) -> dict[str, dict[str, dict[str, int]]]: ...
@@ -310,6 +321,44 @@ class DeadLetters(Protocol):
     async def discard(
         self, event_ids: Sequence[str], destination: str | None, by: Actor
     ) -> DiscardReport: ...
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer to keep for a call step's `cache:` (scope: flow/step)."""
+
+    scope: str
+    key: str
+    answer: dict[str, Any]
+    expires_at: float
+
+
+class Calls(Protocol):
+    """Calls inside flows: a call is a delivery to `call:<step>`; its answer continues the run."""
+
+    async def record_calls(
+        self,
+        results: list[AttemptResult],
+        pipeline: Reprocessor,
+        cache: Sequence[CachedAnswer] = (),
+    ) -> list[tuple[str, list[str]]]:
+        """Record the attempts of calls (as `record`), and in the same transaction, for each answered one,
+        run its event's flow again with every recorded answer and insert the deliveries (or next calls)
+        it did not have yet; `cache` answers are kept too (as `cache_answer`). Returns (event id,
+        destinations added) per event whose calls were answered."""
+        ...
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        """The recorded answers of an event's calls, by idempotency key."""
+        ...
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        """A cached answer not expired by `now`."""
+        ...
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        """Keep an answer until `expires_at` (expired entries are removed on the way)."""
+        ...
 
 
 class Tokens(Protocol):
@@ -415,6 +464,7 @@ class Store(
     Schedules,
     Runs,
     DeadLetters,
+    Calls,
     Tokens,
     Audit,
     Retention,
@@ -518,7 +568,8 @@ class Snapshot:
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alert state row
     sources: dict[str, SourceState]
-    # Events that drifted from their flow's contract since `drift_since`, per flow and second:
+    # Events (and successful answers, by their attempt's `DRIFT …` note) that drifted from their flow's
+    # contract since `drift_since`, per flow and second:
     # (flow, second, count, the latest event's id, its drift). Read once, at start.
     drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id
