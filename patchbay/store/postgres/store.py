@@ -131,7 +131,10 @@ class PostgresStore(SqliteStore):
             with psycopg.connect(conninfo, **kwargs) as conn:
                 open_schema(conn, self.schema)
         except psycopg.Error as exc:
-            raise StoreUnusable(f"opening the store {redacted(url)}: {_reason(exc)}") from None
+            raise StoreUnusable(
+                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
+                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
+            ) from None
         self._pool = ConnectionPool(
             conninfo,
             min_size=1,
@@ -161,7 +164,10 @@ class PostgresStore(SqliteStore):
             with psycopg.connect(conninfo, **kwargs) as conn:
                 open_schema(conn, schema)
         except psycopg.Error as exc:
-            raise StoreUnusable(f"opening the store {redacted(url)}: {_reason(exc)}") from None
+            raise StoreUnusable(
+                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
+                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
+            ) from None
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
