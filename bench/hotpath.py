@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,7 +98,10 @@ def main() -> None:
             t0 = time.process_time()
             records = [orjson.loads(b) for b in bodies]
             t1 = time.process_time()
-            events = [hub._event(fr, b, r, None, {"remote": "127.0.0.1"}) for b, r in zip(bodies, records)]  # type: ignore[arg-type]
+            events = [
+                hub._event(fr, b, r, None, {"remote": "127.0.0.1"})
+                for b, r in zip(bodies, records, strict=True)
+            ]  # type: ignore[arg-type]
             t2 = time.process_time()
             for e in events:
                 hub._after_commit(fr, e, Accepted(e.id))  # type: ignore[arg-type]
@@ -115,7 +117,7 @@ def main() -> None:
             eids = [r[0] for r in conn.execute("SELECT event_id FROM deliveries ORDER BY id")]
             now = time.time()
             results = []
-            for did, eid in zip(ids, eids):
+            for did, eid in zip(ids, eids, strict=True):
                 kw = dict(
                     delivery_id=did,
                     event_id=eid,

@@ -51,14 +51,14 @@ def main() -> None:
                         pass
                 cells.append(cell(vals))
                 meds.append(statistics.median(vals) if vals else None)
-            ratios = [
-                f"{m / meds[0]:.3f}" if m is not None and meds[0] else "-" for m in meds[1:]
-            ]
+            ratios = [f"{m / meds[0]:.3f}" if m is not None and meds[0] else "-" for m in meds[1:]]
             print("| " + " | ".join([f"{kname}: {title}", *cells, *ratios]) + " |")
     loads = [float(open(p).read()) for p in glob.glob(f"{out}/*.load")]
     if loads:
-        print(f"\nload average (1 min) at the start of each e2e run: median {statistics.median(loads):.2f}, "
-              f"range {min(loads):.2f}–{max(loads):.2f} ({len(loads)} runs)")
+        print(
+            f"\nload average (1 min) at the start of each e2e run: median {statistics.median(loads):.2f}, "
+            f"range {min(loads):.2f}–{max(loads):.2f} ({len(loads)} runs)"
+        )
     env = os.path.join(out, "env.txt")
     if os.path.exists(env):
         print("\n" + open(env).read().strip())
