@@ -391,7 +391,7 @@ class Hub:
                     extra={"event_id": event.id, "flow": name},
                 )
             return accepted.status
-        self.metrics.accepted.labels(name, event.status).inc()
+        self.metrics.child(self.metrics.accepted, name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
         drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
         if drift:
@@ -525,8 +525,9 @@ class Hub:
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:
-        self.metrics.attempts.labels(flow, dest, outcome.cls.value).inc()
-        self.metrics.latency.labels(flow, dest).observe(outcome.latency_ms / 1000)
+        m = self.metrics
+        m.child(m.attempts, flow, dest, outcome.cls.value).inc()
+        m.child(m.latency, flow, dest).observe(outcome.latency_ms / 1000)
 
     async def set_state(self, flow: str, dest: str, state: str, by: Actor | None = None) -> None:
         """Pause or resume a destination by hand; audited (`resume` or the state) in the same transaction."""
