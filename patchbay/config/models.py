@@ -331,7 +331,13 @@ class Trigger(Spec):
 
 
 AlertKind = Literal[
-    "failures", "destination_paused", "schedule_late", "source_failing", "dead_letters", "contract_drift"
+    "failures",
+    "destination_paused",
+    "schedule_late",
+    "source_failing",
+    "dead_letters",
+    "contract_drift",
+    "batch_failed",
 ]
 
 
@@ -346,7 +352,9 @@ class AlertRule(Spec):
         "flow's source or schedule paused (auth error) or stopped (terminal error) until resumed, or "
         "failing `count` runs in a row (default 3); dead_letters: "
         "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
-        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
+        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml); "
+        "batch_failed: a batch flow's latest run failed or stopped (schema drift, the delete guard, an "
+        "error); a later good run clears it."
     )
     notify: list[str | dict[str, Any]] = Field(
         min_length=1,

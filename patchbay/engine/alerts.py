@@ -25,6 +25,7 @@ from patchbay import registry
 from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
+from patchbay.engine.batch_runs import LastRun, latest_run
 from patchbay.engine.scheduler import late_after, late_by
 from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
@@ -243,6 +244,7 @@ class AlertManager:
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._first = True
+        self._batch_last: dict[str, LastRun | None] = {}  # batch_failed: each batch flow's latest run
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -309,6 +311,9 @@ class AlertManager:
                 )
                 return []
             self._after_id = snap.after_id
+            if any(r.spec.when == "batch_failed" for r in self.rules):
+                flows = [f.name for f in self.hub.project.flows.values() if f.batch is not None]
+                self._batch_last = {n: await latest_run(store, n) for n in flows}
             if self._first:
                 self._count_from, self._first = snap.max_id, False
             self._failures.feed(snap.attempts)
@@ -390,6 +395,7 @@ class AlertManager:
             "source_failing": self._source,
             "dead_letters": self._dead,
             "contract_drift": self._drifting,
+            "batch_failed": self._batch_failed,
         }[rule.spec.when]
         out = []
         for flow in self._flows(rule):
@@ -578,6 +584,32 @@ class AlertManager:
         f.ok_text = (
             f"No event of flow {flow.name} in the last {_dur(rule.window)} differs from {pinned}; "
             f"drift was seen since {_ts(st['since'])}."
+        )
+        return [f]
+
+    def _batch_failed(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        if flow.batch is None:
+            return []
+        last = self._batch_last.get(flow.name)
+        st = self._state(rule, flow.name, snap)
+        active = last is not None and last.failing
+        since = st["since"] if st["state"] == "firing" else (last.at if last is not None else snap.now)
+        # Repeated failures are one alert; a failure that becomes a stop (or back) is told again.
+        f = Finding(
+            rule, flow.name, flow.name, None, active, since, detail=last.status if active and last else ""
+        )
+        if last is not None and active:
+            f.title = f"ALERT {flow.name}: batch run {last.status}"
+            f.text = (
+                f"The batch run {last.run_id} of flow {flow.name} (started {_ts(last.at)}) {last.status}: "
+                f"{last.error}. Nothing of it was written: the destination and the cursor are as the last good "
+                f"run left them. `patchbay runs show {last.run_id}` has the report; fix the cause, then run it "
+                f"again (`patchbay run {flow.name}`, the console's Run button, or the schedule)."
+            )
+        f.ok_title = f"RESOLVED {flow.name}: batch run ok again"
+        f.ok_text = (
+            f"The batch run {last.run_id if last else '-'} of flow {flow.name} succeeded; runs had failed "
+            f"since {_ts(st['since'])}."
         )
         return [f]
 

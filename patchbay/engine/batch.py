@@ -28,6 +28,7 @@ from patchbay.batch.transform import FrameTransform, Invalid, Result, step_reads
 from patchbay.config.batch import BatchFrom, BatchSpec
 from patchbay.config.specs import FlowSpec, Project
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
+from patchbay.engine.policy import outcome_of
 from patchbay.errors import PatchbayError
 from patchbay.records import new_id
 from patchbay.security.secrets import SecretResolver
@@ -88,6 +89,7 @@ class RunReport:
     cursor_from: str | None = None
     cursor_to: str | None = None
     error: str | None = None
+    error_class: str | None = None  # failed: the error vocabulary's class (transient, auth, terminal)
     samples: list[dict[str, Any]] = field(default_factory=list)  # quarantined rows with their reasons
     run_id: str = field(default_factory=lambda: new_id("run"))
 
@@ -144,8 +146,10 @@ class BatchRun:
         progress: Callable[[Progress], None] | None = None,
         before_commit: Callable[[RunReport], Any] | None = None,
         accept_schema: bool = False,
+        run_id: str | None = None,
     ) -> None:
         self.flow, self.steps, self.spec = flow_name, steps, spec
+        self.run_id = run_id  # given by whoever started the run (the API answers it before the run ends)
         self.source, self.dest = source, dest
         self.progress = progress
         self.before_commit = before_commit  # e.g. keep the quarantined rows in the hub's store first
@@ -155,6 +159,8 @@ class BatchRun:
     async def run(self) -> RunReport:
         spec = self.spec
         report = RunReport(self.flow, spec.mode)
+        if self.run_id:
+            report.run_id = self.run_id
         t0 = time.monotonic()
         load: Load | None = None
         try:
@@ -210,6 +216,7 @@ class BatchRun:
             report.status, report.error = "stopped", str(exc)
         except Exception as exc:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}".strip()
+            report.error_class = outcome_of(exc).cls.value
         finally:
             if load is not None:
                 await load.abort()
@@ -324,6 +331,7 @@ async def run_flow(
     progress: Callable[[Progress], None] | None = None,
     before_commit: Callable[[RunReport], Any] | None = None,
     accept_schema: bool = False,
+    run_id: str | None = None,
 ) -> RunReport:
     """One run of a batch flow of `project`; the report's error text has every secret scrubbed."""
     assert flow.batch is not None, f"flow {flow.name} has no batch block"
@@ -339,6 +347,7 @@ async def run_flow(
             progress=progress,
             before_commit=before_commit,
             accept_schema=accept_schema,
+            run_id=run_id,
         )
         report = await run.run()
     finally:

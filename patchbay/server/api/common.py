@@ -172,6 +172,8 @@ class Resource:
     def _source_system(spec: FlowSpec) -> str | None:
         if spec.trigger.webhook is not None:
             return spec.trigger.webhook.system
+        if spec.batch is not None:
+            return spec.batch.from_.system
         return spec.source.system if spec.source is not None else None
 
     def _schedule(self, name: str, row: dict[str, Any] | None, late: float) -> dict[str, Any] | None:
@@ -199,10 +201,12 @@ class Resource:
     def _flow_summary(self, spec: FlowSpec, ov: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         dests = [ov["dests"][(spec.name, d.name)] for d in spec.destinations]
         source = ov["sources"].get(spec.name)
+        batch = self._batch(spec)
         health = worst(
             [d["health"] for d in dests]
             + (["late"] if ov["late"][spec.name] else [])
             + ([source["health"]] if source else [])
+            + (["failing"] if batch and batch["last_run"] and batch["last_run"]["status"] != "ok" else [])
         )
         return {
             "name": spec.name,
@@ -216,4 +220,24 @@ class Resource:
             "source_health": source,
             "health": health,
             "stats": stats[spec.name],
+            "batch": batch,
+        }
+
+    def _batch(self, spec: FlowSpec) -> dict[str, Any] | None:
+        """A batch flow's run going now and its latest run (its error redacted)."""
+        runs = self.hub.batch
+        if spec.batch is None or runs is None:
+            return None
+        live = runs.running.get(spec.name)
+        last = runs.last.get(spec.name)
+        return {
+            "running": live.view() if live is not None else None,
+            "last_run": {
+                "run_id": last.run_id,
+                "status": last.status,
+                "error": self._redact(last.error),
+                "at": last.at,
+            }
+            if last is not None
+            else None,
         }

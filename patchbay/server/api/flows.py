@@ -19,6 +19,8 @@ class Flows(Resource):
         for f in project.flows.values():
             source = self._source_system(f)
             names = {d.system for d in f.destinations} | ({source} if source else set())
+            if f.batch is not None:
+                names.add(f.batch.to.system)
             for n in sorted(names):
                 used.setdefault(n, []).append(f.name)
         return {"systems": [self._system(s, used.get(s.name, [])) for s in project.systems.values()]}
@@ -105,6 +107,11 @@ class Flows(Resource):
             source = ov["sources"].get(name)
             if source is not None and source["health"] != "ok":  # a failing source colours its node
                 outgoing[src] = [*outgoing.get(src, []), source["health"]]
+            if (
+                fr.spec.batch is not None
+            ):  # a batch flow: one edge from the table it reads to the one it writes
+                edges.append(self._batch_edge(fr.spec, src, source))
+                incoming.setdefault(fr.spec.batch.to.system, []).append(edges[-1]["health"])
             for d in fr.spec.destinations:
                 dd = ov["dests"][(name, d.name)]
                 edges.append(
@@ -149,3 +156,24 @@ class Flows(Resource):
                 }
             )
         return {"nodes": nodes, "edges": edges}
+
+    def _batch_edge(self, spec: FlowSpec, src: str, source: dict[str, Any] | None) -> dict[str, Any]:
+        assert spec.batch is not None
+        batch = self._batch(spec) or {}
+        last = batch.get("last_run")
+        healths = (["failing"] if last and last["status"] != "ok" else []) + (
+            [source["health"]] if source else []
+        )
+        return {
+            "id": f"{spec.name}/batch",
+            "flow": spec.name,
+            "destination": spec.batch.to.table,
+            "source": src,
+            "target": spec.batch.to.system,
+            "trigger": self._trigger(spec),
+            "state": "active",
+            "health": worst(healths),
+            "source_state": source["state"] if source else None,
+            "source_error": (last["error"] if last and last["status"] != "ok" else None)
+            or (source["error"] if source and source["state"] != "active" else None),
+        }
