@@ -236,6 +236,8 @@ class StartRun(In):
 
 
 class BatchStateOut(Out):
+    reads: str = Field(description="What it reads: `system table name`, or `system (a query)`.")
+    writes: str = Field(description="What it writes: `system table name`.")
     running: FlowRunOut | None = Field(description="The run going now, if any.")
     last_run: dict[str, Any] | None = Field(
         description="The latest finished run: run_id, status (ok, failed, stopped), error, at."

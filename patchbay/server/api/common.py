@@ -230,7 +230,11 @@ class Resource:
             return None
         live = runs.running.get(spec.name)
         last = runs.last.get(spec.name)
+        b = spec.batch
+        reads = f"{b.from_.system} table {b.from_.table}" if b.from_.table else f"{b.from_.system} (a query)"
         return {
+            "reads": reads,
+            "writes": f"{b.to.system} table {b.to.table}",
             "running": live.view() if live is not None else None,
             "last_run": {
                 "run_id": last.run_id,

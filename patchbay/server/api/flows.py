@@ -71,6 +71,7 @@ class Flows(Resource):
                 }
                 for s in spec.steps
             ],
+            "batch": self._redact(self._dump(spec.batch)) if spec.batch is not None else None,
             "destinations": [
                 {
                     "name": d.name,
