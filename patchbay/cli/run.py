@@ -57,6 +57,13 @@ def read_data(data: str) -> tuple[bytes, Any]:
 )
 @click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
 @click.option(
+    "--remote",
+    is_flag=True,
+    help="Ask the running hub to run it (POST /api/v1/flows/FLOW/runs) with the token in $PATCHBAY_TOKEN "
+    "(scope runs:start and runs:read), and follow it.",
+)
+@click.option("--url", help="With --remote: the hub's address (default: host and port of patchbay.yaml).")
+@click.option(
     "--wait-s",
     type=float,
     default=15.0,
@@ -70,6 +77,8 @@ def run(
     data: str | None,
     accept_schema: bool,
     dry_run: bool,
+    remote: bool,
+    url: str | None,
     wait_s: float,
     as_json: bool,
 ) -> None:
@@ -77,7 +86,15 @@ def run(
     steps and routing, each destination's request as it would be sent, nothing sent and no secret read.
     Without: the flow must have `trigger: {manual: true}`; the event is stored and delivered like any
     other run. A batch flow reads its source's window and writes it in one transaction, with a progress
-    line, and prints the run's report (exit 1 when it failed or stopped)."""
+    line, and prints the run's report (exit 1 when it failed or stopped). With --remote the running hub
+    does it (the hub holds the store while it runs)."""
+    if remote:
+        from patchbay.cli.remote import run_remote
+
+        if dry_run:
+            raise click.UsageError("--remote runs for real; leave out --dry-run")
+        run_remote(project_dir, flow, data, accept_schema, url, as_json)
+        return
     if data is None:
         project, resolver = _load(project_dir)
         spec = _flow(project, flow)

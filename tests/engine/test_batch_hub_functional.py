@@ -253,8 +253,39 @@ async def test_scheduled_and_api_runs_progress_409_drift_alert_readyz_and_recove
         assert len(alerts(sink)) == 2  # one alert, one recovery
         with sqlite3.connect(tmp_path / "report.db") as c:
             assert c.execute("SELECT count(*) FROM orders").fetchone() == (120299,)
+
+        # The CLI asks the running hub (--remote), follows the run, and `runs show` prints its report.
+        remote = await cli(tmp_path, hub, "run", "orders", "--remote", "--url", hub.url)
+        assert remote.returncode == 0, remote.stderr
+        assert (
+            remote.stdout.startswith("orders: run run_") and " ok: read 120000, inserted 0" in remote.stdout
+        )
+        run_id = remote.stdout.split()[2]
+        shown = await cli(tmp_path, hub, "runs", "show", run_id)
+        assert f"run {run_id}  flow orders  batch run OK" in shown.stdout, shown.stdout + shown.stderr
+        assert "read 120,000, inserted 0, updated 0, unchanged 120,000" in shown.stdout
+        assert "started " in shown.stdout and " by api, took " in shown.stdout
     finally:
         await hub.stop()
+
+
+async def cli(root: Path, hub: Serve, *args: str) -> Any:
+    import subprocess
+
+    env = {**os.environ, "PATCHBAY_TOKEN": hub.tok}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "patchbay",
+        *args,
+        "-p",
+        str(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    out, err = await proc.communicate()
+    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
 
 
 async def _first(items: list[dict[str, Any]], status: str) -> dict[str, Any] | None:
