@@ -209,8 +209,9 @@ class BatchRuns:
                 await store_quarantined(self.store, spec, report)
             await record_run(self.store, spec, report, trigger=live.trigger)
             live.report = report
+            before = self.last.get(spec.name)
             self.last[spec.name] = LastRun(report.run_id, report.status, report.error, report.started_at)
-            self._log(spec, report)
+            self._log(spec, report, again=before is not None and before.status == report.status)
         except asyncio.CancelledError:
             log.warning(
                 "batch run %s of flow %s was cancelled (the hub is stopping); nothing was written",
@@ -227,11 +228,12 @@ class BatchRuns:
                 self.finished[live.run_id] = live
                 while len(self.finished) > KEEP_FINISHED:
                     self.finished.pop(next(iter(self.finished)))
-            live.done.set()
-        try:
-            await self.on_finished(spec, live)
-        except Exception:
-            log.exception("after batch run %s of flow %s", live.run_id, spec.name)
+            try:
+                await self.on_finished(spec, live)
+            except Exception:
+                log.exception("after batch run %s of flow %s", live.run_id, spec.name)
+            finally:
+                live.done.set()
 
     async def _in_thread(
         self, spec: FlowSpec, live: LiveRun, accept_schema: bool, main: asyncio.AbstractEventLoop
@@ -290,13 +292,15 @@ class BatchRuns:
                 live._loop.call_soon_threadsafe(live._task.cancel)
             raise
 
-    def _log(self, spec: FlowSpec, report: RunReport) -> None:
+    def _log(self, spec: FlowSpec, report: RunReport, again: bool) -> None:
         extra = {"flow": spec.name, "run_id": report.run_id}
         if report.status == "ok":
             log.info("batch run %s of flow %s: %s", report.run_id, spec.name, report.summary, extra=extra)
             return
-        alert_log.error(
-            "ALERT batch run %s of flow %s %s: %s. Nothing was written; `patchbay runs show %s` has the report",
+        # The first failed run alerts; the ones after it (retries, the schedule) are warnings.
+        (log.warning if again else alert_log.error)(
+            ("" if again else "ALERT ")
+            + "batch run %s of flow %s %s: %s. Nothing was written; `patchbay runs show %s` has the report",
             report.run_id,
             spec.name,
             report.status,

@@ -206,8 +206,12 @@ def make_app(hub: Hub) -> web.Application:
             # Webhooks are still taken (a 503 would stop every flow behind a load balancer), but what is
             # broken says so: a failing source is never silently "ready". The upstream's own error text
             # stays behind the API's tokens (this endpoint is public).
-            problems = {flow: _batch_problem(flow, last) for flow, last in sorted(batches.items())}
-            problems.update({flow: _source_problem(s) for flow, s in sorted(sources.items())})
+            problems = {flow: _source_problem(s) for flow, s in sorted(sources.items())}
+            for flow, last in batches.items():
+                waits = flow in sources and sources[flow].state in ("paused", "stopped")
+                problems[flow] = _batch_problem(flow, last) + (
+                    f"; its schedule waits for `patchbay resume {flow}` or a good run" if waits else ""
+                )
             return web.json_response(
                 {"status": "degraded", "flows": len(hub.flows), "problems": dict(sorted(problems.items()))}
             )
