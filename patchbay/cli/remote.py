@@ -42,10 +42,10 @@ def _call(base: str, token: str, method: str, path: str, body: Any = None) -> tu
 
 
 def run_remote(
-    project_dir: Path, flow: str, data: str | None, accept_schema: bool, url: str | None, as_json: bool
+    project_dir: Path, flow: str, data: Any, accept_schema: bool, url: str | None, as_json: bool
 ) -> None:
+    """`data`: the event (parsed JSON) for an event flow, None for a batch flow."""
     from patchbay.cli.main import _load
-    from patchbay.cli.run import read_data
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
@@ -59,7 +59,7 @@ def run_remote(
     base = (url or f"http://{project.settings.host}:{project.settings.port}").rstrip("/")
     body: dict[str, Any] = {"accept_schema": True} if accept_schema else {}
     if data is not None:
-        body["data"] = read_data(data)[1]
+        body["data"] = data
     status, started = _call(base, token, "POST", f"/api/v1/flows/{flow}/runs", body)
     if status != 202:
         click.echo(f"run: {started.get('message', started)}", err=True)

@@ -93,7 +93,7 @@ def run(
 
         if dry_run:
             raise click.UsageError("--remote runs for real; leave out --dry-run")
-        run_remote(project_dir, flow, data, accept_schema, url, as_json)
+        run_remote(project_dir, flow, read_data(data)[1] if data else None, accept_schema, url, as_json)
         return
     if data is None:
         project, resolver = _load(project_dir)

@@ -29,6 +29,7 @@ from patchbay.config.batch import BatchFrom, BatchSpec
 from patchbay.config.specs import FlowSpec, Project
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
 from patchbay.engine.policy import outcome_of
+from patchbay.engine.resources import system_resources
 from patchbay.errors import PatchbayError
 from patchbay.records import new_id
 from patchbay.security.secrets import SecretResolver
@@ -317,8 +318,6 @@ def open_bulk(project: Project, resolver: SecretResolver, system_name: str, flow
     found = registry.connector_for(system.kind or "", "bulk")
     if found is None:
         raise BatchStopped(f"system {system_name!r} ({system.kind}) cannot take part in a batch sync")
-    from patchbay.engine.hub import system_resources
-
     bulk: BulkSystem = found[0](system.config, system_resources(project, resolver, system, flow_name))
     return bulk
 

@@ -20,6 +20,7 @@ from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.resources import system_resources
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.errors import TransientError
@@ -47,26 +48,6 @@ def build_sinks(
         res = system_resources(project, resolver, system, flow.name, resources)
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
     return out
-
-
-def system_resources(
-    project: Project,
-    resolver: SecretResolver,
-    system: SystemSpec,
-    flow_name: str,
-    shared: Resources | None = None,
-) -> Resources:
-    """What a connector of `system` gets for flow `flow_name`: only that system's credentials, its address
-    policy, and the hub's shared sessions (`shared`) when there are some."""
-    return Resources(
-        http=shared.http if shared else None,
-        secret=resolver.scoped(system_secret_refs(system)),
-        redact=resolver.redactor,
-        extra={**(shared.extra if shared else {}), "root": project.root, "flow": flow_name},
-        system=system.name,
-        allow_private=system.common.allow_private_network,
-        allow_networks=tuple(system.common.allow_networks),
-    )
 
 
 def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
