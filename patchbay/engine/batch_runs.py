@@ -64,9 +64,8 @@ class LiveRun:
     def view(self) -> dict[str, Any]:
         """The run as the API shows it: phase and progress while running, the report when done."""
         p = self.progress
-        elapsed = (p.elapsed_s if p is not None else 0.0) if self.phase != "done" else None
         progress = None
-        if p is not None or self.phase != "done":
+        if self.phase != "done":
             read = p.read if p is not None else 0
             progress = {
                 "read": read,
@@ -74,7 +73,7 @@ class LiveRun:
                 "total": p.total if p is not None else None,
                 "rows_per_s": round(p.rate, 1) if p is not None else 0.0,
                 "eta_s": round(p.eta_s, 1) if p is not None and p.eta_s is not None else None,
-                "elapsed_s": round(elapsed if elapsed is not None else p.elapsed_s if p else 0.0, 3),
+                "elapsed_s": round(time.time() - self.started_at, 3),
                 "share": round(min(1.0, read / p.total), 4) if p is not None and p.total else None,
             }
         report = None

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from patchbay.security.tokens import create_token, revoke_token
-from patchbay.store.base import Actor
+from patchbay.store.base import Actor, RunFilter
 from tests.conftest import IN_CI, eventually, lead_project, write_project
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -447,6 +447,11 @@ async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink
         # The run's page shows the same report; the flow is healthy.
         await panel.get_by_role("link").first.click()
         await page.locator("section.outcome.good").filter(has_text="Batch run ok: read 80,000").wait_for()
+        assert (await hub.store.list_runs(RunFilter(flow="orders", status="delivered")))[0]["id"]
+        run = await hub.store.get_run(
+            (await hub.store.list_runs(RunFilter(flow="orders", status="delivered")))[0]["id"]
+        )
+        assert run["meta"]["trigger"] == "console"
         assert await page.locator('.batch-report[data-status="ok"] tbody td').first.inner_text() == "80,000"
         with sqlite3.connect(root / "report.db") as c:
             assert c.execute("SELECT count(*) FROM orders").fetchone() == (79999,)
