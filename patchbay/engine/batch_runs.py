@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,10 @@ from patchbay.store.base import RunFilter, Store
 log = logging.getLogger("patchbay.batch")
 alert_log = logging.getLogger("patchbay.alert")
 KEEP_FINISHED = 50  # finished runs kept in memory for their progress page (the store keeps every report)
+# While a run goes, its thread wants the GIL for pure-Python steps; the hub's loop gets it back after at
+# most this long (Python's default is 5 ms). Measured with bench/batch_hub.py, 300k rows, webhooks at 50/s:
+# ack p50 10.0 -> 6.3 ms, p99 65 -> 36 ms, the run's rows/s unchanged. Restored when no run goes.
+SWITCH_INTERVAL_S = 0.001
 
 
 class RunGoing(PatchbayError):
@@ -155,6 +160,7 @@ class BatchRuns:
         self.finished: dict[str, LiveRun] = {}  # by run id, the latest KEEP_FINISHED
         self.last: dict[str, LastRun] = {}  # by flow
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._switch = sys.getswitchinterval()  # the process's own, restored when no run goes
 
     async def load(self) -> None:
         """The latest run of each batch flow, as recorded (its health survives a restart)."""
@@ -176,6 +182,9 @@ class BatchRuns:
         if going is not None:
             raise RunGoing(going)
         live = LiveRun(new_id("run"), spec.name, trigger)
+        if not self.running:
+            self._switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL_S))
         self.running[spec.name] = live
         task = asyncio.create_task(self._run(spec, live, accept_schema), name=f"batch {spec.name}")
         self._tasks.add(task)
@@ -223,6 +232,8 @@ class BatchRuns:
         finally:
             live.phase = "done"
             self.running.pop(spec.name, None)
+            if not self.running:
+                sys.setswitchinterval(self._switch)
             if live.report is not None:
                 self.finished[live.run_id] = live
                 while len(self.finished) > KEEP_FINISHED:
