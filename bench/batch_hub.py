@@ -193,7 +193,9 @@ if __name__ == "__main__":
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--rate", type=float, default=50.0, help="webhook posts per second")
     ap.add_argument("--idle-s", type=float, default=5.0)
-    ap.add_argument("--switch-ms", type=float, help="sys.setswitchinterval for the whole process (default 5 ms)")
+    ap.add_argument(
+        "--switch-ms", type=float, help="sys.setswitchinterval for the whole process (default 5 ms)"
+    )
     a = ap.parse_args()
     if a.switch_ms:
         sys.setswitchinterval(a.switch_ms / 1000)

@@ -25,7 +25,7 @@ from patchbay import registry
 from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
-from patchbay.engine.batch_runs import LastRun, latest_run
+from patchbay.engine.batch_runs import LastRun
 from patchbay.engine.scheduler import late_after, late_by
 from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
@@ -265,6 +265,12 @@ class AlertManager:
         if any(r.spec.when == "contract_drift" for r in self.rules):
             self.kick()
 
+    def note_batch(self, flow: str, last: LastRun | None) -> None:
+        """The latest run of batch flow `flow` (the hub's, at start from the store): alerted at the next evaluation."""
+        self._batch_last[flow] = last
+        if any(r.spec.when == "batch_failed" for r in self.rules):
+            self.kick()
+
     def kick(self) -> None:
         """Evaluate soon (a destination or a source changed state)."""
         self._kick.set()
@@ -311,9 +317,6 @@ class AlertManager:
                 )
                 return []
             self._after_id = snap.after_id
-            if any(r.spec.when == "batch_failed" for r in self.rules):
-                flows = [f.name for f in self.hub.project.flows.values() if f.batch is not None]
-                self._batch_last = {n: await latest_run(store, n) for n in flows}
             if self._first:
                 self._count_from, self._first = snap.max_id, False
             self._failures.feed(snap.attempts)

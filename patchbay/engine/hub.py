@@ -21,6 +21,7 @@ from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.resources import system_resources
+from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.errors import TransientError
@@ -92,6 +93,7 @@ class Hub:
         self._watch: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
         self.batch: BatchRuns | None = None  # batch flows' runs (schedule, API, console), from start()
+        self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.started_at = time.time()
 
@@ -115,6 +117,8 @@ class Hub:
         self.batch = BatchRuns(self.project, self.resolver, self.store, self._batch_finished)
         await self.batch.load()
         self.alert_manager = AlertManager(self)  # alert messages are events of the internal flow `_alerts`
+        for name, last in self.batch.last.items():
+            self.alert_manager.note_batch(name, last)
         flows = list(self.project.flows.values())
         if self.alert_manager.flow is not None:
             flows.append(self.alert_manager.flow)
@@ -124,6 +128,14 @@ class Hub:
             await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
         await self.alert_manager.start()
+        self.retention = Retention(
+            self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
+        )
+        self.retention.start()
+
+    def _count_history(self, flow: str, removed: int, compressed: int) -> None:
+        self.metrics.history_removed.labels(flow).inc(removed)
+        self.metrics.history_compressed.labels(flow).inc(compressed)
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
@@ -249,7 +261,8 @@ class Hub:
             if report.status == "ok":
                 await fr.health.succeeded()
                 await fr.health.resume()
-        if self.alert_manager is not None:
+        if self.alert_manager is not None and self.batch is not None:
+            self.alert_manager.note_batch(spec.name, self.batch.last.get(spec.name))
             self.alert_manager.kick()
 
     def failing_batches(self) -> dict[str, LastRun]:
@@ -282,6 +295,8 @@ class Hub:
 
         Every step is bounded: a connector that will not close cannot keep the store from being closed.
         """
+        if self.retention is not None:
+            await _bounded(self.retention.stop(), "stopping the history cleanup")
         if self.alert_manager is not None:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
