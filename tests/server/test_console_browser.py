@@ -455,6 +455,9 @@ async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink
         assert await page.locator('.batch-report[data-status="ok"] tbody td').first.inner_text() == "80,000"
         with sqlite3.connect(root / "report.db") as c:
             assert c.execute("SELECT count(*) FROM orders").fetchone() == (79999,)
+        # The map: the batch flow is an arrow from the table it reads to the one it writes, healthy.
+        await page.get_by_role("link", name="Map").click()
+        await page.locator('a.edge-label[data-edge="orders/batch"].h-ok').wait_for()
         assert not problems, problems
     except BaseException:
         await page.screenshot(path=str(ARTIFACTS / "console-failure.png"), full_page=True)

@@ -227,13 +227,15 @@ export async function viewFlow(root, r) {
   const stats = h('div');
   const runs = h('div');
   const defn = h('div');
-  append(root, head, runBox, h('h2', {}, 'Last hour and day'), stats, h('h2', {}, 'Destinations'), dests,
+  const destsHead = h('h2', {}, 'Destinations');
+  append(root, head, runBox, h('h2', {}, 'Last hour and day'), stats, destsHead, dests,
     h('div', { class: 'title-row' }, h('h2', {}, 'Recent runs'),
       h('a', { href: `#/runs?flow=${encodeURIComponent(name)}` }, 'Search all runs of this flow →')),
     runs, h('h2', {}, 'Definition'), defn);
   let defnShown = false;
   let panel = null;
   const refreshFlow = liveSection(head, () => api(`flows/${encodeURIComponent(name)}`), (f) => {
+    destsHead.hidden = dests.hidden = Boolean(f.batch); // a batch flow writes its table, not destinations
     if (!panel && (f.batch || f.definition?.trigger?.manual)) {
       panel = runPanel(f, () => refreshFlow(true));
       fill(runBox, panel.el);
