@@ -409,6 +409,9 @@ async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink
     systems["report"] = {"kind": "sqlite", "owner": "data", "path": "report.db"}
     (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
     write_project(root, {"flows/orders.yaml": BATCH_FLOW})
+    lead_flow = yaml.safe_load((root / "flows" / "lead-capture.yaml").read_text())
+    lead_flow["trigger"]["manual"] = True
+    (root / "flows" / "lead-capture.yaml").write_text(yaml.safe_dump(lead_flow, sort_keys=False))
     with sqlite3.connect(root / "shop.db") as c:
         c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, email TEXT, updated_at TEXT)")
         c.executemany(
@@ -455,6 +458,15 @@ async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink
         assert await page.locator('.batch-report[data-status="ok"] tbody td').first.inner_text() == "80,000"
         with sqlite3.connect(root / "report.db") as c:
             assert c.execute("SELECT count(*) FROM orders").fetchone() == (79999,)
+        # A manual event flow: its Run panel takes one event as JSON; it is stored and delivered.
+        await page.goto(hub.url + "/console/#/flows/lead-capture")
+        panel = page.get_by_role("region", name="Run", exact=True)
+        await panel.get_by_label("Event (JSON)").fill('{"email": "Ada@Example.com"}')
+        await panel.get_by_role("button", name="Run", exact=True).click()
+        await panel.get_by_text("Stored:").wait_for()
+        await sink.wait_for(1)
+        assert sink.received[-1].body["properties"]["email"] == "ada@example.com"
+
         # The map: the batch flow is an arrow from the table it reads to the one it writes, healthy.
         await page.get_by_role("link", name="Map").click()
         await page.locator('a.edge-label[data-edge="orders/batch"].h-ok').wait_for()
