@@ -263,6 +263,10 @@ class Hub:
                 await fr.health.resume()
         if self.alert_manager is not None and self.batch is not None:
             self.alert_manager.note_batch(spec.name, self.batch.last.get(spec.name))
+            if (
+                report is not None and report.schema_changes
+            ):  # the source's columns changed: contract drift too
+                self.alert_manager.note_drift(spec.name, report.run_id, report.schema_changes, time.time())
             self.alert_manager.kick()
 
     def failing_batches(self) -> dict[str, LastRun]:

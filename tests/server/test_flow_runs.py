@@ -112,3 +112,36 @@ async def test_a_quarantined_batch_row_is_not_replayed_and_says_what_to_do(tmp_p
     await eventually(done, what="the second batch run")
     with sqlite3.connect(tmp_path / "report.db") as c:
         assert c.execute("SELECT email FROM orders WHERE id = 7").fetchone() == ("seven@shop.io",)
+
+
+async def test_run_remote_sends_one_event_of_a_manual_flow_to_the_running_hub(tmp_path, sink, api_for):
+    import asyncio
+    import json
+
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    root = manual_lead_project(tmp_path, sink.url)
+    api = await api_for(root)
+    await api.token("runner", "runs:start", "runs:read")
+    args = [
+        "run",
+        "lead-capture",
+        "--remote",
+        "--url",
+        api.hub.url,
+        "-p",
+        str(root),
+        "-d",
+        json.dumps(lead(5)),
+    ]
+    env = {"PATCHBAY_TOKEN": api.tokens["runner"]}
+    got = await asyncio.to_thread(CliRunner().invoke, main, args, env=env)
+    assert got.exit_code == 0, got.output
+    assert got.output.startswith("lead-capture: event evt_") and "stored (" in got.output
+    await sink.wait_for(1)
+    assert sink.received[-1].body["properties"]["email"] == "lead-5@example.com"
+    # Without a token it says how to make one, and nothing is sent.
+    got = await asyncio.to_thread(CliRunner().invoke, main, args, env={"PATCHBAY_TOKEN": ""})
+    assert got.exit_code == 2 and "tokens create runner --scope runs:start" in got.output
