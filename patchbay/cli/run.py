@@ -257,8 +257,8 @@ def _run_batch(project: Any, resolver: Any, spec: Any, accept_schema: bool, as_j
         report = asyncio.run(run_batch_in_process(project, resolver, spec, line, accept_schema))
     except StoreLocked as exc:
         click.echo(
-            f"run: {exc}. A batch run records its report in the store; stop `patchbay serve` and run again,"
-            " or let the hub run it on its schedule",
+            f"run: {exc}. The hub is running: ask it to run the flow with `patchbay run {spec.name} --remote`"
+            " (a token in $PATCHBAY_TOKEN), or stop `patchbay serve` and run again",
             err=True,
         )
         sys.exit(EXIT_STORE)

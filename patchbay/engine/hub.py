@@ -238,9 +238,15 @@ class Hub:
             assert self.batch is not None
             try:
                 live = await self.batch.run(spec, "schedule")
-            except RunGoing as exc:
-                log.info("flow %s: the scheduled run is skipped, run %s is going", spec.name, exc.live.run_id)
-                return
+            except RunGoing as exc:  # never two at once: the run going stands for this one, its result too
+                log.info(
+                    "flow %s: a run is going (%s, started by %s); the scheduled run waits for it instead",
+                    spec.name,
+                    exc.live.run_id,
+                    exc.live.trigger,
+                )
+                live = exc.live
+                await live.done.wait()
             if live.report is None:
                 raise TransientError(f"batch run {live.run_id} could not be recorded; see the log")
             if live.report.status != "ok":
@@ -263,9 +269,7 @@ class Hub:
                 await fr.health.resume()
         if self.alert_manager is not None and self.batch is not None:
             self.alert_manager.note_batch(spec.name, self.batch.last.get(spec.name))
-            if (
-                report is not None and report.schema_changes
-            ):  # the source's columns changed: contract drift too
+            if report is not None and report.schema_changes:  # the source's columns changed: drift too
                 self.alert_manager.note_drift(spec.name, report.run_id, report.schema_changes, time.time())
             self.alert_manager.kick()
 
