@@ -111,11 +111,17 @@ class LastRun:
         return self.status != "ok"
 
 
-async def latest_run(store: Store, flow: str) -> LastRun | None:
-    """The flow's latest recorded batch run (the hub's, the CLI's or the API's), from the store."""
+async def latest_run(store: Store, flow: str, keep_s: float | None = None) -> LastRun | None:
+    """The flow's latest recorded batch run (the hub's, the CLI's or the API's), from the store.
+
+    History retention removes good runs after `keep_s` (the flow's `history.keep`) but never a failed one,
+    so a failure older than that may have been followed by good runs that are gone: it is not taken as
+    the latest (a restart must not call a flow failing for a failure that was long since cleared)."""
     rows = []
     for status in ("delivered", "failed"):
         rows += await store.list_runs(RunFilter(flow=flow, status=status, limit=1))
+    if keep_s is not None:
+        rows = [r for r in rows if r["status"] == "delivered" or r["received_at"] >= time.time() - keep_s]
     if not rows:
         return None
     row = max(rows, key=lambda r: r["received_at"])
@@ -166,7 +172,7 @@ class BatchRuns:
         """The latest run of each batch flow, as recorded (its health survives a restart)."""
         for name, spec in self.project.flows.items():
             if spec.batch is not None:
-                last = await latest_run(self.store, name)
+                last = await latest_run(self.store, name, spec.history.keep)
                 if last is not None:
                     self.last[name] = last
 

@@ -76,3 +76,40 @@ async def test_a_stopped_scheduled_run_stops_the_schedule_until_a_good_run(tmp_p
     assert fr.health.state.state == "active" and not fr.health.waiting
     async with aiohttp.ClientSession() as s, s.get(hub.url + "/readyz") as r:
         assert (await r.json())["status"] == "ready"
+
+
+async def test_the_latest_run_ignores_a_failure_older_than_history_keeps_good_runs(tmp_path):
+    import time
+
+    from patchbay.config.project import load_or_raise
+    from patchbay.engine.batch import RunReport, record_run
+    from patchbay.store.sqlite import SqliteStore
+
+    write_project(
+        tmp_path,
+        {"systems.yaml": yaml.safe_dump(SYSTEMS), "flows/orders.yaml": yaml.safe_dump(FLOW, sort_keys=False)},
+    )
+    flow = load_or_raise(tmp_path).flows["orders"]
+    store = SqliteStore(tmp_path / "store.db")
+    try:
+        day = 86400.0
+        old = RunReport("orders", "merge", status="failed", error="boom", started_at=time.time() - 40 * day)
+        await record_run(store, flow, old, trigger="schedule")
+        # Retention (keep 30d) may have removed the good runs after it: a restart must not call it failing.
+        assert await latest_run(store, "orders", 30 * day) is None
+        last = await latest_run(store, "orders")  # no retention: it is the latest there is
+        assert last is not None and (last.status, last.error) == ("failed", "boom")
+        recent = RunReport("orders", "merge", status="stopped", error="drift", started_at=time.time() - day)
+        await record_run(store, flow, recent, trigger="api")
+        last = await latest_run(store, "orders", 30 * day)
+        assert last is not None and (last.status, last.error, last.run_id) == (
+            "stopped",
+            "drift",
+            recent.run_id,
+        )
+        good = RunReport("orders", "merge", status="ok")
+        await record_run(store, flow, good, trigger="api")
+        last = await latest_run(store, "orders", 30 * day)
+        assert last is not None and (last.status, last.failing) == ("ok", False)
+    finally:
+        await store.close()
