@@ -11,6 +11,7 @@ record  the quarantined rows before the destination commits (on the hub's loop, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -62,9 +63,13 @@ class LiveRun:
     _loop: asyncio.AbstractEventLoop | None = None  # the run's own loop and task, to cancel it
     _task: asyncio.Task[Any] | None = None
 
+    _cancel: bool = False  # the hub is stopping: the run is cancelled as soon as its loop exists
+
     @property
     def status(self) -> str:
-        return self.report.status if self.report is not None and self.phase == "done" else "running"
+        if self.phase != "done":
+            return "running"
+        return self.report.status if self.report is not None else "failed"  # not recorded: see the log
 
     def view(self) -> dict[str, Any]:
         """The run as the API shows it: phase and progress while running, the report when done."""
@@ -209,8 +214,10 @@ class BatchRuns:
     async def stop(self) -> None:
         """Cancel the runs going: each aborts its destination transaction (nothing half written)."""
         for live in list(self.running.values()):
+            live._cancel = True
             if live._loop is not None and live._task is not None:
-                live._loop.call_soon_threadsafe(live._task.cancel)
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: the run has ended
+                    live._loop.call_soon_threadsafe(live._task.cancel)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -228,7 +235,8 @@ class BatchRuns:
             self._log(spec, report, again=before is not None and before.status == report.status)
         except asyncio.CancelledError:
             log.warning(
-                "batch run %s of flow %s was cancelled (the hub is stopping); nothing was written",
+                "batch run %s of flow %s was cancelled (the hub is stopping): the destination has all of it or"
+                " none of it; a scheduled run is done again at start",
                 live.run_id,
                 spec.name,
             )
@@ -268,6 +276,8 @@ class BatchRuns:
 
         async def body() -> RunReport:
             live._loop, live._task = asyncio.get_running_loop(), asyncio.current_task()
+            if live._cancel:  # stop() came before this loop existed
+                raise asyncio.CancelledError
             return await run_flow(
                 self.project,
                 self.resolver,
@@ -304,8 +314,9 @@ class BatchRuns:
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
-            if live._loop is not None and live._task is not None:
-                live._loop.call_soon_threadsafe(live._task.cancel)
+            if not done.done() and live._loop is not None and live._task is not None:  # we were cancelled
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: the run ended anyway
+                    live._loop.call_soon_threadsafe(live._task.cancel)
             raise
 
     def _log(self, spec: FlowSpec, report: RunReport, again: bool) -> None:

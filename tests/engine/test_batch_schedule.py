@@ -113,3 +113,41 @@ async def test_the_latest_run_ignores_a_failure_older_than_history_keeps_good_ru
         assert last is not None and (last.status, last.failing) == ("ok", False)
     finally:
         await store.close()
+
+
+async def test_a_hub_stopping_during_a_run_aborts_it_whole_and_says_so(tmp_path, caplog):
+    from patchbay.config.project import load_or_raise
+    from patchbay.engine.hub import Hub
+    from tests.conftest import resolver
+
+    flow = {**FLOW, "trigger": {"manual": True}, "batch": {**FLOW["batch"], "batch_rows": 1000}}
+    write_project(
+        tmp_path,
+        {"systems.yaml": yaml.safe_dump(SYSTEMS), "flows/orders.yaml": yaml.safe_dump(flow, sort_keys=False)},
+    )
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, email TEXT, updated_at TEXT)")
+        c.executemany(
+            "INSERT INTO orders VALUES (?, ?, '2024-01-01')", [(i, f"u{i}@x.io") for i in range(1, 400_001)]
+        )
+    sqlite3.connect(tmp_path / "report.db").close()
+    hub = Hub(load_or_raise(tmp_path), resolver=resolver())
+    await hub.start()
+    stopped = False
+    try:
+        live = hub.start_batch("orders", "test")
+
+        async def copying() -> bool:
+            return live.progress is not None and live.progress.read >= 20_000
+
+        await eventually(copying, what="the run half way")
+        await hub.stop()
+        stopped = True
+        assert live.done.is_set() and live.report is None and live.status == "failed"
+        assert "was cancelled (the hub is stopping)" in caplog.text
+    finally:
+        if not stopped:
+            await hub.stop()
+    with sqlite3.connect(tmp_path / "report.db") as c:  # nothing of it: no table, or no rows
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "orders" not in tables or c.execute("SELECT count(*) FROM orders").fetchone() == (0,)
