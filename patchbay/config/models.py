@@ -346,7 +346,12 @@ class Trigger(Spec):
         description="A source system to read from: `system:` plus that connector's source settings "
         "(a table or API to poll on the schedule, or a queue/topic/folder to consume continuously).",
     )
-    manual: bool = Field(False, description="Allow `patchbay run FLOW` / API runs with a given payload.")
+    manual: bool = Field(
+        False,
+        description="Allow runs with a given event on demand: `patchbay run FLOW -d JSON` (`--remote` for a "
+        "running hub), `POST /api/v1/flows/FLOW/runs` with `data`, the console's Run button. A batch flow "
+        "can be run on demand either way.",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Trigger:
