@@ -7,7 +7,7 @@ hub does it), and with the same run on the hub's event loop (what the thread avo
 
 One process: a hub (its store, its aiohttp app on 127.0.0.1) with a webhook flow whose destination is
 paused (so the probe measures accept -> persist -> 202 only) and a batch flow (mode full, map + validate,
-SQLite files in a temporary folder). A client thread with its own event loop sends signed-free webhooks at
+SQLite files in a temporary folder). A client thread with its own event loop sends unsigned webhooks (scheme none) at
 a fixed rate (open loop) and times each answer. Printed: ack latency p50 / p99 / max per phase, the batch
 run's duration and rows/s, and the ratios to idle. Nothing leaves 127.0.0.1.
 """
