@@ -211,8 +211,8 @@ def _run_event(project: Any, resolver: Any, spec: Any, raw: bytes, record: Any, 
         return asyncio.run(run_in_process(project, resolver, spec, raw, record, wait_s))
     except StoreLocked as exc:
         click.echo(
-            f"run: {exc}. A manual run uses the store itself; stop `patchbay serve` and run again, "
-            "or send the event through a webhook flow with `patchbay send`",
+            f"run: {exc}. The hub is running: ask it to run the event with `patchbay run {spec.name} --remote -d …`"
+            " (a token in $PATCHBAY_TOKEN), or stop `patchbay serve` and run again",
             err=True,
         )
         sys.exit(EXIT_STORE)

@@ -81,7 +81,9 @@ export async function viewFlows(root, r) {
         h('td', {}, triggerText(f)),
         h('td', {}, f.source_system || 'hub', ' → ', f.batch ? f.batch.writes : f.destinations.map((d) => d.system).join(', ')),
         h('td', {}, f.owner),
-        h('td', {}, pill(f.health)),
+        h('td', {}, pill(f.health), f.batch?.running ? h('div', { class: 'small', 'data-running': f.batch.running.run_id },
+          pill('pending', 'running'), f.batch.running.progress?.share != null
+            ? ` ${Math.floor(f.batch.running.progress.share * 100)} %` : '') : null),
         h('td', { class: 'nowrap' }, last ? [pill(last.status), ' ', h('a', { href: `#/runs/${last.id}` }, when(last.received_at))]
           : h('span', { class: 'muted' }, 'never')),
         h('td', { class: 'num' }, pair(String(f.stats.hour.runs), String(f.stats.day.runs))),
