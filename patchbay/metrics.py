@@ -63,6 +63,12 @@ class Metrics:
             ["flow"],
             registry=r,
         )
+        self.answer_drift = Counter(
+            "patchbay_contract_drift_answers_total",
+            "Successful answers whose body differs from the flow's pinned response contract.",
+            ["flow", "destination"],
+            registry=r,
+        )
         self.rejected = Counter(
             "patchbay_requests_rejected_total",
             "Inbound requests refused, by reason.",

@@ -152,7 +152,7 @@ def init(directory: Path, force: bool, template: str, list_templates: bool) -> N
 
     if list_templates:
         for name, (_, about) in TEMPLATES.items():
-            click.echo(f"{name:<19} {about}")
+            click.echo(f"{name:<22} {about}")
         return
     try:
         created = create_project(directory, force=force, template=template)

@@ -44,6 +44,10 @@ class Outcome:
     error: str = ""
     retry_after_s: float | None = None
     fields: dict[str, Any] | None = None  # values mapped from the answer (a destination's `response:`)
+    # A success's JSON body, in memory only (never stored), for the flow's response contract; set by a
+    # sink whose `keep_answer` the hub turned on. `drift`: how it differs from that contract.
+    body: Any = None
+    drift: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:

@@ -22,6 +22,7 @@ from patchbay.connectors.http_client import (
     read_bounded,
 )
 from patchbay.connectors.oauth2_client import OAuth2Error
+from patchbay.contracts import parse_answer
 from patchbay.expressions import compile_expr, render_template
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress
@@ -88,6 +89,7 @@ class HttpSinkConfig(Spec):
 
 @connector("http", roles=("destination",), config=HttpSinkConfig, system_config=HttpSystem)
 class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
+    keep_answer = False  # the hub turns it on when the flow pins this destination's answers (contracts.py)
     """Deliver each record as one HTTP request."""
 
     def __init__(
@@ -146,7 +148,8 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                 timeout=self._timeout,
                 allow_redirects=self.policy.follow_redirects,
             ) as resp:
-                raw = await read_bounded(resp, RESPONSE_LIMIT if self.config.response else 4096)
+                keep = self.config.response or self.keep_answer
+                raw = await read_bounded(resp, RESPONSE_LIMIT if keep else 4096)
                 outcome = classify_response(
                     resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
                 )
@@ -154,6 +157,8 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
                     outcome.fields = map_response(
                         self.config.response, resp.status, resp.headers, raw, self.resources.redact
                     )
+                if self.keep_answer and outcome.cls is OutcomeClass.SUCCESS:
+                    outcome.body = parse_answer(raw)  # checked against the flow's response contract
                 return outcome
         except BlockedAddress as exc:  # the same address is refused on every try: not worth a retry
             error = exc.explain(self.resources.system or None)

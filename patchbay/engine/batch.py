@@ -394,11 +394,19 @@ async def record_run(store: Any, flow: FlowSpec, report: RunReport, *, trigger: 
             dedupe_key=None,
             status="delivered" if report.status == "ok" else "failed",
             meta={"trigger": trigger, "batch": True},
-            trace=[{"step": "batch", "kind": "batch", "output": shown}],
+            trace=[{"step": "batch", "kind": "batch", "output": shown}, *_drift_entry(report)],
             reason=None if report.status == "ok" else f"{report.status}: {report.error}",
         )
     )
     return report.run_id
+
+
+def _drift_entry(report: RunReport) -> list[dict[str, Any]]:
+    """The source's column changes as contract drift in the run's trace: `runs show` marks them, and the
+    `contract_drift` alert rule counts the run as it counts an event flow's drifted event."""
+    if not report.schema_changes:
+        return []
+    return [{"step": "contract", "kind": "contract", "drift": list(report.schema_changes)}]
 
 
 def _key(row: dict[str, Any], flow: FlowSpec) -> str | None:

@@ -38,6 +38,7 @@ class DestinationWorker:
         on_attempt: Callable[[str, str, Outcome], None] | None = None,
         state: str = "active",
         open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
+        on_answer: Callable[[str, Outcome], list[str]] | None = None,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -50,6 +51,7 @@ class DestinationWorker:
         self.on_state = on_state
         self.on_attempt = on_attempt
         self.open_request = open_request  # sealed sensitive values -> the request to send, and their scrubber
+        self.on_answer = on_answer  # (event id, a success) -> how its answer drifts from the flow's contract
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
         # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
@@ -218,6 +220,7 @@ class DestinationWorker:
             if scrub is not None:  # what the remote echoed of the opened values is not stored
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
                 outcome.fields = scrub(outcome.fields)
+            self._check_answer(d, outcome)
         if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
             outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
@@ -243,6 +246,15 @@ class DestinationWorker:
             self._hold(d, outcome, decision, result, exc)
             return
         await self._recorded_one(d, outcome, decision)
+
+    def _check_answer(self, d: DueDelivery, outcome: Outcome) -> None:
+        """A success's answer against the flow's response contract; the drift goes into the attempt's note."""
+        if self.on_answer is not None and outcome.cls is OutcomeClass.SUCCESS:
+            try:
+                outcome.drift = self.on_answer(d.event_id, outcome)
+            except Exception:  # a contract check never fails a delivery
+                log.exception("checking the answer of %s/%s against its contract", self.flow, self.name)
+        outcome.body = None  # never kept past here
 
     async def _recorded_one(self, d: DueDelivery, outcome: Outcome, decision: Decision) -> None:
         """What follows an attempt once its result is on disk: logs, the retry's rescan, a pause."""
@@ -342,6 +354,9 @@ def attempt_note(outcome: Outcome, decision: Decision) -> str:
     """An attempt row's note: what went wrong and what follows ("timed out after 10s; retry in 4.7s").
     The decision's reason alone when it already says what went wrong ("gave up after 5 attempts: …")."""
     what, then = outcome.error, decision.reason
+    if outcome.drift:  # a success whose answer differs from the flow's response contract
+        shown = outcome.drift[:5] + ([f"and {len(outcome.drift) - 5} more"] if len(outcome.drift) > 5 else [])
+        what = "; ".join(x for x in (what, "DRIFT " + "; ".join(shown)) if x)
     if not what or (then and what in then):
         return then or what
     return f"{what}; {then}" if then else what

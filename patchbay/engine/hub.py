@@ -16,6 +16,7 @@ import orjson
 from patchbay import registry
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
+from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.delivery import DestinationWorker
@@ -167,6 +168,7 @@ class Hub:
                 on_state=self._destination_state_changed,
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
             )
             if state != "active":
                 alerts.warning(
@@ -452,6 +454,46 @@ class Hub:
             flow,
             dest,
             extra={"flow": flow, "destination": dest, "alert": state},
+        )
+
+    def _answer_check(
+        self, spec: FlowSpec, dest: str, sink: Any
+    ) -> Callable[[str, Outcome], list[str]] | None:
+        """The check of `dest`'s successful answers against the flow's pinned `responses:`, if it has one."""
+        if spec.contract is None or dest not in spec.contract.responses:
+            return None
+        if hasattr(sink, "keep_answer"):
+            sink.keep_answer = True  # the sink parses a success's JSON body for the check
+
+        def check(event_id: str, outcome: Outcome) -> list[str]:
+            body = outcome.body if outcome.body is not None else parse_answer(outcome.excerpt)
+            return self.check_answer(spec, dest, event_id, body)
+
+        return check
+
+    def check_answer(self, spec: FlowSpec, name: str, event_id: str, body: Any) -> list[str]:
+        """The one line a step that calls an API (`call`, `lookup`) needs: its successful answer's JSON
+        body against the flow's `responses:` for `name`; drift is counted, alerted and logged here, and
+        returned for the step's trace. Empty when it conforms, or nothing is pinned for `name`."""
+        drift = response_drift(spec.contract, name, body) if body is not None else []
+        if drift:
+            self.note_answer_drift(spec.name, name, event_id, drift)
+        return drift
+
+    def note_answer_drift(self, flow: str, name: str, event_id: str, drift: list[str]) -> None:
+        """An answer (of a destination, or of a call step) differs from the flow's response contract:
+        counted, alerted (`contract_drift`) and logged like input drift, the answer's source named."""
+        self.metrics.answer_drift.labels(flow, name).inc()
+        if self.alert_manager is not None:
+            self.alert_manager.note_drift(flow, event_id, drift, time.time())
+        log.warning(
+            "contract drift in the answers of %s/%s, event %s: %s; see `patchbay contract check %s`",
+            flow,
+            name,
+            event_id,
+            "; ".join(drift[:5]) + (f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""),
+            flow,
+            extra={"event_id": event_id, "flow": flow, "destination": name},
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:

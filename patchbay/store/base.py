@@ -269,6 +269,11 @@ class Runs(Protocol):
         """The flow's newest events, newest first: (id, received_at, payload as stored)."""
         ...
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        """The flow's newest successful attempts, newest first: (destination, event id, started_at, the
+        answer's excerpt as stored), for learning and checking its response contract."""
+        ...
+
     async def counts(self) -> dict[str, Any]: ...
 
     async def counts_by_flow(self) -> dict[str, dict[str, dict[str, int]]]: ...
@@ -518,7 +523,8 @@ class Snapshot:
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alert state row
     sources: dict[str, SourceState]
-    # Events that drifted from their flow's contract since `drift_since`, per flow and second:
+    # Events (and successful answers, by their attempt's `DRIFT …` note) that drifted from their flow's
+    # contract since `drift_since`, per flow and second:
     # (flow, second, count, the latest event's id, its drift). Read once, at start.
     drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id

@@ -80,6 +80,16 @@ def q_recent_payloads(conn: sqlite3.Connection, flow: str, limit: int) -> list[t
     return [(r[0], r[1], opened(r[2])) for r in rows]
 
 
+def q_recent_answers(conn: sqlite3.Connection, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+    rows = conn.execute(
+        "SELECT d.destination, d.event_id, a.started_at, a.excerpt FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id"
+        " WHERE d.flow=? AND a.outcome='success' ORDER BY a.started_at DESC, a.id DESC LIMIT ?",
+        (flow, limit),
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Dead deliveries and quarantined events, newest first, each with its reason and the destination's
     last answer (`response`); as stored (scrubbing sensitive values is the caller's)."""

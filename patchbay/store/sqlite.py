@@ -765,6 +765,9 @@ class SqliteStore:
     async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
         return await self._read(rq.q_recent_payloads, flow, limit)
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        return await self._read(rq.q_recent_answers, flow, limit)
+
     async def counts(self) -> dict[str, Any]:
         return await self._read(rq.counts)
 
@@ -1323,6 +1326,15 @@ def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int
         )
         drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
         out.append((flow, second, n, last, drift))
+    # Answers that drifted from the flow's response contract: the attempt's note holds "DRIFT a; b".
+    for flow, second, n, last_event, note in conn.execute(
+        "SELECT d.flow, CAST(a.started_at AS INTEGER), COUNT(*), MAX(d.event_id), MAX(a.error) FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id"
+        " WHERE a.started_at>=? AND a.outcome='success' AND a.error LIKE 'DRIFT response of %'"
+        " GROUP BY d.flow, 2",
+        (since,),
+    ):
+        out.append((flow, second, n, last_event, note.removeprefix("DRIFT ").split("; ")))
     return out
 
 

@@ -15,7 +15,7 @@ from patchbay.config.project import FlowSpec, Project
 from patchbay.errors import PatchbayError
 from patchbay.records import dig, has_path, put
 from patchbay.security.redaction import SEALED_RE, sensitive_values
-from patchbay.testing.harness import FlowRun, simulate
+from patchbay.testing.harness import FlowRun, simulate, simulate_batch
 
 if TYPE_CHECKING:
     from patchbay.store.blocking import BlockingStore
@@ -89,6 +89,7 @@ def load_event(store: BlockingStore, run_id: str) -> dict[str, Any] | None:
         "reason": run["reason"],
         "payload": orjson.dumps(run["payload"]),  # values may be sealed (encrypt_sensitive): they stay so
         "destinations": [d["destination"] for d in run["deliveries"]],
+        "meta": run.get("meta") or {},
     }
 
 
@@ -104,6 +105,8 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
     notes: list[str] = []
     record = stand_ins(_opened(event["payload"], flow, project), flow, notes)
     record = _scrub_secrets(record, project_redactor(project), notes)
+    if flow.batch is not None:
+        return _export_batch_row(event, flow, record, name, notes)
     now = simulate(flow, project, record)
     recorded = {"pending": "delivered", "delivered": "delivered", "dead": "delivered"}.get(
         event["status"], event["status"]
@@ -122,6 +125,32 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
     title = name or f"run {event['id']} ({now.status})"
     case = {"name": title, "event": record, "expect": expectation(now)}
     return Exported(flow.name, title, case, notes)
+
+
+def _export_batch_row(
+    event: dict[str, Any], flow: FlowSpec, row: Any, name: str | None, notes: list[str]
+) -> Exported:
+    """A quarantined row of a batch run as a batch test: the row, and what the steps make of it now."""
+    if event["meta"].get("batch") or not isinstance(row, dict):
+        raise PatchbayError(
+            f"run {event['id']} is a run of batch flow {flow.name} (its report), not a row; export one of "
+            "its quarantined rows instead (`patchbay dead` lists them)"
+        )
+    now = simulate_batch(flow, [row])
+    expect: dict[str, Any] = {"rows": now.rows}
+    if now.quarantined:
+        expect["quarantined"] = [reason for _, reason in now.quarantined]
+    if now.filtered:
+        expect["filtered"] = now.filtered
+    if event["status"] == "quarantined" and not now.quarantined:
+        notes.append(
+            f"the recorded row was quarantined ({event['reason']}); the flow as it is now "
+            + ("writes it" if now.rows else "drops it")
+            + ": the test expects what the flow does now"
+        )
+    status = "quarantined" if now.quarantined else "written" if now.rows else "filtered"
+    title = name or f"row {event['id']} ({status})"
+    return Exported(flow.name, title, {"name": title, "rows": [row], "expect": expect}, notes)
 
 
 def _opened(payload: bytes, flow: FlowSpec, project: Project) -> Any:

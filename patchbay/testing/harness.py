@@ -14,6 +14,7 @@ import orjson
 
 from patchbay.config.project import FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
+from patchbay.contracts import response_drift
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.policy import decide
 from patchbay.security.secrets import SecretResolver
@@ -76,6 +77,7 @@ class Captured:
     view: dict[str, Any]  # the same, for people and expectations: body parsed, `path` added
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = "delivered"  # delivered | dead | paused | disabled
+    drift: list[str] = field(default_factory=list)  # the simulated 2xx answer against the response contract
 
 
 @dataclass
@@ -146,7 +148,11 @@ def simulate(
         spec = next(x for x in flow.destinations if x.name == d.destination)
         shown = view(d.request, project, spec.system, credentials(sinks[d.destination]))
         c = Captured(d.destination, spec.kind, d.request, shown)
-        _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
+        answers = list((responses or {}).get(d.destination, ()))
+        _deliver(c, spec.policy, answers)
+        if c.outcome == "delivered" and answers:
+            body = answers[min(len(c.attempts), len(answers)) - 1].body
+            c.drift = response_drift(flow.contract, d.destination, body) if body is not None else []
         captured.append(c)
     worst = "delivered"
     for rank in ("paused", "disabled", "dead"):
@@ -208,3 +214,45 @@ def view(
             parts = urlsplit(url)
             out["path"] = parts.path + (f"?{parts.query}" if parts.query else "")
     return out
+
+
+@dataclass
+class BatchCaseRun:
+    """What a batch flow's steps make of a test's source rows: the rows written (decoded, as the
+    destination table gets them), the quarantined rows with their reasons, and how many were dropped."""
+
+    rows: list[dict[str, Any]]
+    quarantined: list[tuple[dict[str, Any], str]]
+    filtered: int
+    deleted: list[tuple[Any, ...]]  # soft-deleted rows' keys
+
+
+def source_columns(rows: Sequence[Mapping[str, Any]], types: Mapping[str, str] | None = None) -> list[Any]:
+    """The source table's columns as a reader would give them: the given types, else each column's from
+    its first value that is not null (int, float, bool, json, text)."""
+    from patchbay.batch.frame import Column, infer_type
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    given = types or {}
+    return [Column(n, given.get(n) or infer_type([r.get(n) for r in rows])) for n in names]
+
+
+def simulate_batch(
+    flow: FlowSpec, rows: Sequence[Mapping[str, Any]], types: Mapping[str, str] | None = None
+) -> BatchCaseRun:
+    """The batch flow's steps over `rows` through the transform a real run uses (batch/transform.py
+    FrameTransform over one frame, COPY-text encoded as a reader gives it): no database, no store."""
+    from patchbay.batch.frame import Frame, decode, encode
+    from patchbay.batch.transform import FrameTransform
+
+    assert flow.batch is not None, f"flow {flow.name} is not a batch flow"
+    spec = flow.batch
+    columns = source_columns(rows, types)
+    frame = Frame(columns, [[encode(r.get(c.name)) for c in columns] for r in rows])
+    soft = spec.deletes.column if spec.deletes.detect == "soft" else None
+    transform = FrameTransform(flow.steps, columns, key=spec.key, soft_delete=soft)
+    result = transform.apply(frame)
+    out = transform.output_columns()
+    written = [{c.name: decode(v, c.type) for c, v in zip(out, row, strict=True)} for row in result.rows]
+    bad = [(i.row, i.reason) for i in result.invalid]
+    return BatchCaseRun(written, bad, result.filtered, list(result.deleted_keys))

@@ -309,6 +309,25 @@ async def test_recent_payloads_are_the_flows_newest_as_stored(store: Store) -> N
     assert len(await store.recent_payloads("orders", 1)) == 1
 
 
+async def test_recent_answers_are_the_flows_newest_successes(store: Store) -> None:
+    first, second = event(destinations=("crm", "chat")), event(destinations=("crm",))
+    for e in (first, second, event("invoices")):
+        await store.accept(e)
+    [crm1, crm2] = await due(store)
+    await store.record([result(crm1, "success", "delivered", excerpt='{"id": "c1"}')])
+    await store.record([result(crm2, "transient", "pending", next_at=time.time() + 600)])
+    [chat] = await due(store, dest="chat")
+    await store.record([result(chat, "success", "delivered", excerpt='{"ok": true}')])
+    got = await store.recent_answers("orders", 10)
+    assert [(d, e, x) for d, e, _, x in got] == [
+        ("chat", first.id, '{"ok": true}'),
+        ("crm", first.id, '{"id": "c1"}'),
+    ]
+    assert got[0][2] >= got[1][2]
+    assert len(await store.recent_answers("orders", 1)) == 1
+    assert await store.recent_answers("invoices", 10) == []
+
+
 async def test_counts_overall_and_per_flow(store: Store) -> None:
     await store.accept(event())
     await store.accept(event("invoices", status="quarantined", reason="x"))

@@ -29,7 +29,7 @@ def test_the_example_projects_tests_pass_from_a_fresh_init(tmp_path):
     root = _demo(tmp_path)
     code, out = _test(str(root))
     assert code == 0, out
-    assert "4 passed, 0 failed" in out
+    assert "6 passed, 0 failed" in out
     assert "PASS  the CRM answers 503 once, the retry delivers it" in out
 
 
@@ -51,7 +51,7 @@ def test_a_mapping_change_fails_with_a_readable_diff(tmp_path):
     assert 'crm.body.properties.email: expected "ada@example.com", got "Ada@Example.com"' in out
     assert '-    "email": "ada@example.com",' in out  # the unified diff of the body
     assert '+    "email": "Ada@Example.com",' in out
-    assert "3 passed, 1 failed" in out
+    assert "5 passed, 1 failed" in out
 
 
 def test_nothing_reaches_the_destination(tmp_path, sink):
