@@ -57,19 +57,19 @@ def read_data(data: str) -> tuple[bytes, Any]:
 )
 @click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
 @click.option(
-    "--remote",
-    is_flag=True,
-    help="Ask the running hub to run it (POST /api/v1/flows/FLOW/runs) with the token in $PATCHBAY_TOKEN "
-    "(scope runs:start and runs:read), and follow it.",
-)
-@click.option("--url", help="With --remote: the hub's address (default: host and port of patchbay.yaml).")
-@click.option(
     "--wait-s",
     type=float,
     default=15.0,
     show_default=True,
     help="Real run: how long to wait for the first attempt of every delivery.",
 )
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Ask the running hub to run it (POST /api/v1/flows/FLOW/runs) with the token in $PATCHBAY_TOKEN "
+    "(scope runs:start and runs:read), and follow it.",
+)
+@click.option("--url", help="With --remote: the hub's address (default: host and port of patchbay.yaml).")
 @json_option
 def run(
     flow: str,
