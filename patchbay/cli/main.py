@@ -694,6 +694,8 @@ DRIVERS = {
     "nats": "nats",
     "redis": "redis",
     "email": "aiosmtplib",
+    "duckdb": "duckdb",
+    "parquet": "pyarrow",
 }
 
 

@@ -170,6 +170,34 @@ def _check_batch(
                     f" batch kinds: {', '.join(kinds)}",
                 )
             )
+        else:
+            _check_bulk_side(src, doc.batch, side, sysspec, loc, problems)
+
+
+def _check_bulk_side(
+    src: Located, batch: Any, side: str, sysspec: SystemSpec, loc: Loc, problems: list[Problem]
+) -> None:
+    """What the system's bulk connector says of its side of the batch block (a missing driver, a bad setting)."""
+    found = registry.connector_for(sysspec.kind or "", "bulk")
+    check = getattr(found[0], "check_batch", None) if found is not None else None
+    if check is not None:
+        for message in check(sysspec.config, side, batch):
+            problems.append(src.problem(("batch", side), message))
+    elif side == "to" and batch.to.format is not None:
+        problems.append(
+            src.problem(
+                ("batch", side, "format"),
+                f"`format` is for a files destination; {sysspec.kind} writes a table",
+            )
+        )
+    elif side == "from" and (batch.from_.files is not None or batch.from_.api is not None):
+        problems.append(
+            src.problem(
+                ("batch", side),
+                f"system {batch.from_.system!r} ({sysspec.kind}) is a database: read it with `table` or"
+                " `query` (`files` is for a files system, `api` for an http system)",
+            )
+        )
 
 
 def with_trigger_defaults(data: dict[str, Any], systems: dict[str, SystemSpec]) -> dict[str, Any]:

@@ -165,7 +165,12 @@ class BatchRun:
         t0 = time.monotonic()
         load: Load | None = None
         try:
+            for side in (self.source, self.dest):  # a side whose settings live in the batch block (files)
+                if hasattr(side, "for_batch"):
+                    side.for_batch(spec)
             state = await self.dest.state(self.flow) or SyncState()
+            if hasattr(self.source, "remember"):  # a source that learns its columns as it reads (an API)
+                self.source.remember(state)
             columns = await self.source.columns(spec.from_)
             evolve = self._check_drift(state, columns, report)
             window = Window()
@@ -173,6 +178,8 @@ class BatchRun:
                 window = Window(spec.cursor.column, state.cursor, spec.cursor.lookback)
                 if spec.cursor.column not in {c.name for c in columns}:
                     raise BatchStopped(f"cursor column {spec.cursor.column!r} is not a column of the source")
+            elif getattr(self.source, "keeps_cursor", False):
+                window = Window(None, state.cursor)  # the source knows what it read (files): its own cursor
             report.cursor_from = state.cursor
             total = await self.source.count(spec.from_, window)
             exists = await self.dest.table_columns(spec.to.table) is not None
@@ -189,6 +196,10 @@ class BatchRun:
             async for frame in reader:
                 result = _apply(transform, frame)
                 report.read += len(frame)
+                rejected = getattr(frame, "rejected", None)  # rows a reader could not parse (files)
+                if rejected:
+                    report.read += len(rejected)
+                    self._quarantine(report, rejected)
                 if load is None:
                     load = await self._begin(transform, evolve)
                 await load.write(result.rows)
