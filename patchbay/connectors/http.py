@@ -16,6 +16,7 @@ from patchbay.connectors.base import BaseSink, Outcome, OutcomeClass, Resources,
 from patchbay.connectors.http_client import (
     HttpAuth,
     HttpClient,
+    appended_path,
     check_url,
     classify_response,
     map_response,
@@ -56,8 +57,15 @@ class HttpSystem(Spec):
 class HttpSinkConfig(Spec):
     method: Literal["POST", "PUT", "PATCH", "DELETE", "GET"] = Field("POST", description="HTTP method.")
     path: str = Field(
-        "", description="Appended to the system's URL; may hold {{ expressions }} (URL-quoted)."
+        "",
+        description="Appended to the system's URL (starts with /); may hold {{ expressions }} (URL-quoted).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return appended_path(v)
+
     headers: dict[str, str] = Field(
         default_factory=dict, description="Extra headers; values may hold {{ expr }}."
     )

@@ -57,12 +57,7 @@ def _api_config(frm: BatchFrom, cursor_field: str | None) -> HttpPollConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"batch.from.api.{where}: {first['msg']}") from exc
-    if cfg.path and not cfg.path.startswith("/"):
-        # Appended to the system's URL: `@host` or `.host` would name another server (with its credentials).
-        raise ConfigError(
-            f"batch.from.api.path: {cfg.path!r} must start with / (it is appended to the system's URL)"
-        )
+        raise ConfigError(f"batch.from.api.{where}: {first['msg'].removeprefix('Value error, ')}") from exc
     return cfg
 
 

@@ -294,3 +294,18 @@ def map_response(
         return value
 
     return {name: scrub(dig(answer, path)) for name, path in mapping.items()}
+
+
+def appended_path(path: str) -> str:
+    """A path appended to a system's URL: empty, or starting with / or ?. Anything else could name another
+    server (`@evil.example/x` makes the base its user info, `.evil.example` extends its host), which would
+    then receive the system's credentials. The one rule for every http connector's `path`."""
+    if path and not path.startswith(("/", "?")):
+        raise ValueError(f"{path!r} must start with / (or ?): it is appended to the system's URL")
+    return path
+
+
+def same_server(url: str, base: str) -> bool:
+    """`url` is on the server of `base` (scheme, host and port), so the system's credentials may go to it."""
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
