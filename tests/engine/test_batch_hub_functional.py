@@ -206,6 +206,9 @@ async def test_scheduled_and_api_runs_progress_409_drift_alert_readyz_and_recove
         status, refused = await hub.call("POST", "/api/v1/flows/orders/runs", {})
         assert status == 409 and refused["error"] == "run_in_progress"
         assert refused["run_id"] == started["run_id"] and started["run_id"] in refused["message"]
+        # The trace endpoint has it once recorded; meanwhile it says where to follow it (or it has just ended).
+        status, trace = await hub.call("GET", f"/api/v1/runs/{started['run_id']}")
+        assert status == 200 or (status == 404 and "is still going" in trace["message"]), (status, trace)
         seen: list[dict[str, Any]] = []
 
         async def finished() -> Any:
