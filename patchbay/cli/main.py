@@ -205,11 +205,21 @@ def check(directory: Path, as_json: bool) -> None:
                 click.echo(
                     f"  {f.name}: {describe_trigger(f)}"
                     + (f" -> {', '.join(d.name for d in f.destinations)}" if f.destinations else "")
+                    + _asks(f)
                     + f"  (owner {f.owner})"
                 )
         else:
             click.echo(plural(len(problems), "problem"))
     sys.exit(0 if project is not None else EXIT_CONFIG)
+
+
+def _asks(flow: Any) -> str:
+    """`; asks hubspot (find_contact, create_contact)`: the systems a flow's call and lookup steps ask."""
+    by_system: dict[str, list[str]] = {}
+    for s in flow.steps:
+        if getattr(s.step, "calls", False):
+            by_system.setdefault(str(getattr(s.config, "system", "")), []).append(s.name)
+    return "".join(f"; asks {sys_} ({', '.join(names)})" for sys_, names in by_system.items())
 
 
 # ------------------------------------------------------------------------- serve

@@ -175,8 +175,12 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
     if result.status in ("quarantined", "filtered"):
         click.echo(f"result: {result.status}: {scrub(result.reason)}")
         return
-    click.echo("would deliver:")
-    for d in deliveries:
+    waiting = [d for d in deliveries if d["destination"].startswith("call:")]
+    if any(c.outcome == "unanswered" for c in result.captured):
+        click.echo("would ask first (a dry run asks nothing; the steps after a call wait on its answer):")
+    else:
+        click.echo("would deliver:")
+    for d in deliveries if not waiting else waiting:
         req = d["request"]
         head = " ".join(str(req[k]) for k in ("method", "url") if k in req)
         click.echo(f"  {d['destination']} ({d['kind']}){': ' + head if head else ''}")
@@ -223,6 +227,8 @@ def _step_line(step: dict[str, Any]) -> str:
     head = f"{step['step']} ({step['kind']})"
     if step.get("skipped"):
         return f"{head}: skipped (when was false)"
+    if "waiting" in step:
+        return f"{head}: asks {step['step']} (below), then goes on with its answer"
     if "error" in step:
         return f"{head}: STOPPED: " + "; ".join(step["error"])
     if "drift" in step:

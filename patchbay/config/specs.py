@@ -98,6 +98,9 @@ class FlowSpec:
     def secret_refs(self, systems: dict[str, SystemSpec]) -> list[SecretRef]:
         """The credentials this flow declares: those of the systems it uses, nothing else."""
         names = {d.system for d in self.destinations}
+        names |= {
+            getattr(s.config, "system", "") for s in self.steps if getattr(s.step, "calls", False)
+        }  # call, lookup
         if self.trigger.webhook:
             names.add(self.trigger.webhook.system)
         if self.source:

@@ -295,7 +295,7 @@ class DestinationWorker:
     def _flush(self) -> None:
         results, self._results = self._results, []
         done, self._recorded = self._recorded, None
-        task = asyncio.ensure_future(self.store.record(results))
+        task = asyncio.ensure_future(self._store_record(results))
 
         def settle(t: asyncio.Future[None]) -> None:
             if done is None or done.done():
@@ -308,6 +308,10 @@ class DestinationWorker:
                 done.set_result(None)
 
         task.add_done_callback(settle)
+
+    async def _store_record(self, results: list[AttemptResult]) -> None:
+        """Where attempt results are written (a call's worker also continues its runs: engine/calls.py)."""
+        await self.store.record(results)
 
     def _hold(
         self, d: DueDelivery, outcome: Outcome, decision: Decision, result: AttemptResult, exc: Exception
@@ -332,7 +336,7 @@ class DestinationWorker:
             await asyncio.sleep(self.record_retry_s)
             held = list(self._held)
             try:
-                await self.store.record([h[3] for h in held])
+                await self._store_record([h[3] for h in held])
             except StoreUnavailable:
                 continue
             except Exception:

@@ -19,8 +19,9 @@ from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceReco
 from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
+from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
-from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
@@ -49,6 +50,7 @@ def build_sinks(
         cls, _ = found
         res = system_resources(project, resolver, system, flow.name, resources)
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
+    out.update(build_call_sinks(flow, project, resolver, resources, system_resources))  # `call:<step>`
     return out
 
 
@@ -140,7 +142,8 @@ class Hub:
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
-        for system in dict.fromkeys(d.system for d in flow.destinations):
+        called = [str(getattr(s.config, "system", "")) for s in flow.steps if getattr(s.step, "calls", False)]
+        for system in dict.fromkeys([*(d.system for d in flow.destinations), *called]):
             for ref in system_secret_refs(self.project.systems[system]):
                 self.resolver.resolve(ref)
 
@@ -180,12 +183,46 @@ class Hub:
                     spec.name,
                     dest.name,
                 )
+        workers.update(self._call_workers(spec, sinks, pipeline, states))
         fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
             w.start()
         await self._start_trigger(fr)
         return fr
+
+    def _call_workers(
+        self, spec: FlowSpec, sinks: dict[str, Sink], pipeline: Pipeline, states: Any
+    ) -> dict[str, DestinationWorker]:
+        """A worker per call step (engine/calls.py): its answers continue their runs."""
+        assert self.store is not None
+        out: dict[str, DestinationWorker] = {}
+        for dest in call_destinations(spec, self.project):
+            sink = sinks[dest.name]
+            if isinstance(sink, CallSink):
+                sink.store = self.store  # the answers' cache
+
+            def continued(added: list[str], flow: str = spec.name) -> None:
+                fr = self.flows.get(flow)
+                for name in added if fr is not None else ():
+                    if name in fr.workers:  # type: ignore[union-attr]
+                        fr.workers[name].notify()  # type: ignore[union-attr]
+
+            state, _, _ = states.get((spec.name, dest.name), ("active", None, 0.0))
+            out[dest.name] = CallWorker(
+                spec.name,
+                dest,
+                sink,
+                self.store,
+                state=state,
+                on_state=self._destination_state_changed,
+                on_attempt=self._count_attempt,
+                open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
+                pipeline=pipeline,
+                on_continued=continued,
+            )
+        return out
 
     async def _start_trigger(self, fr: FlowRuntime) -> None:
         spec = fr.spec
@@ -394,7 +431,8 @@ class Hub:
                 extra={"event_id": event.id, "flow": name},
             )
         for d in event.deliveries:
-            fr.workers[d.destination].notify()
+            if d.status == "pending":  # a split element's quarantine row is dead from the start
+                fr.workers[d.destination].notify()
         return event.status
 
     async def ingest(
@@ -466,7 +504,11 @@ class Hub:
             sink.keep_answer = True  # the sink parses a success's JSON body for the check
 
         def check(event_id: str, outcome: Outcome) -> list[str]:
-            body = outcome.body if outcome.body is not None else parse_answer(outcome.excerpt)
+            body = outcome.body
+            if body is None and outcome.fields is not None and "body" in outcome.fields:
+                body = outcome.fields["body"]  # a call's answer, as bound for the later steps
+            if body is None:
+                body = parse_answer(outcome.excerpt)
             return self.check_answer(spec, dest, event_id, body)
 
         return check

@@ -26,6 +26,10 @@ TEMPLATES: dict[str, tuple[Path, str]] = {
         TEMPLATE_DIR / "nightly-orders-export",
         "orders table -> reporting table, nightly batch sync (SQLite)",
     ),
+    "stripe-hubspot": (
+        TEMPLATE_DIR / "stripe-hubspot",
+        "new Stripe customer -> find or create the HubSpot contact -> its id back to billing",
+    ),
 }
 EXAMPLE_LEAD = {
     "email": "  Ada@Example.com ",

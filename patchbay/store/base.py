@@ -19,6 +19,10 @@ class NewDelivery:
     destination: str
     request: dict[str, Any]
     idempotency_key: str
+    # A split element quarantined while its siblings go on is kept as a dead row (destination
+    # `quarantine:<step>`, `error` the reason): listed with the dead letters, replayed with its event.
+    status: str = "pending"
+    error: str | None = None
 
 
 @dataclass
@@ -135,7 +139,9 @@ class Reprocessor(Protocol):
         """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
         ...
 
-    def process(self, record: Any, event_id: str) -> Reprocessed: ...
+    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Reprocessed:
+        """The steps and routing; `answers` are the recorded answers of the event's calls, by key."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,44 @@ class DeadLetters(Protocol):
     ) -> DiscardReport: ...
 
 
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer to keep for a call step's `cache:` (scope: flow/step)."""
+
+    scope: str
+    key: str
+    answer: dict[str, Any]
+    expires_at: float
+
+
+class Calls(Protocol):
+    """Calls inside flows: a call is a delivery to `call:<step>`; its answer continues the run."""
+
+    async def record_calls(
+        self,
+        results: list[AttemptResult],
+        pipeline: Reprocessor,
+        cache: Sequence[CachedAnswer] = (),
+    ) -> list[tuple[str, list[str]]]:
+        """Record the attempts of calls (as `record`), and in the same transaction, for each answered one,
+        run its event's flow again with every recorded answer and insert the deliveries (or next calls)
+        it did not have yet; `cache` answers are kept too (as `cache_answer`). Returns (event id,
+        destinations added) per event whose calls were answered."""
+        ...
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        """The recorded answers of an event's calls, by idempotency key."""
+        ...
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        """A cached answer not expired by `now`."""
+        ...
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        """Keep an answer until `expires_at` (expired entries are removed on the way)."""
+        ...
+
+
 class Tokens(Protocol):
     """API tokens as stored: the SHA-256 of their secret, never the secret."""
 
@@ -420,6 +464,7 @@ class Store(
     Schedules,
     Runs,
     DeadLetters,
+    Calls,
     Tokens,
     Audit,
     Retention,

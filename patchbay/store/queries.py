@@ -11,8 +11,11 @@ import orjson
 
 from patchbay.errors import PatchbayError
 from patchbay.store.base import Actor, ReplayReport, Reprocessor, RunFilter
+from patchbay.store.calls import q_answers
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 from patchbay.store.retention import opened
+
+QUARANTINE_PREFIX = "quarantine:"  # a split element's quarantine row (engine/pipeline.py)
 
 __all__ = ["RunFilter", "counts", "get_run", "list_dead", "list_runs", "q_replayable", "tx_replay"]
 
@@ -161,10 +164,11 @@ def tx_replay(
         if pipe is None:
             rep.skipped.append((eid, f"flow {row['flow']!r} is no longer configured"))
             continue
-        dead = {
-            d["destination"]: d["id"]
+        dead = {  # by (destination, key): after a split an event has one delivery per element
+            (d["destination"], d["idempotency_key"]): d["id"]
             for d in conn.execute(
-                "SELECT id, destination FROM deliveries WHERE event_id=? AND status='dead'", (eid,)
+                "SELECT id, destination, idempotency_key FROM deliveries WHERE event_id=? AND status='dead'",
+                (eid,),
             )
         }
         if row["status"] != "quarantined" and not dead:
@@ -175,7 +179,8 @@ def tx_replay(
         except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
             rep.skipped.append((eid, str(exc)))
             continue
-        processed = pipe.process(record, eid)
+        answers = q_answers(conn, eid)  # answered calls are not asked again: the run resumes where it stopped
+        processed = pipe.process(record, eid, answers=answers) if answers else pipe.process(record, eid)
         if processed.status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
@@ -184,25 +189,36 @@ def tx_replay(
             rep.still_invalid.append((eid, processed.reason or processed.status))
             continue
         existing = {
-            d["destination"]
-            for d in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (eid,))
+            (d["destination"], d["idempotency_key"])
+            for d in conn.execute(
+                "SELECT destination, idempotency_key FROM deliveries WHERE event_id=?", (eid,)
+            )
         }
         touched = False
+        wanted = set()
         for nd in processed.deliveries:
+            at = (nd.destination, nd.idempotency_key)
+            wanted.add(at)
             if destination and nd.destination != destination:
                 continue
-            if nd.destination in dead:
+            if nd.status != "pending":  # a split element still quarantined: its dead row stays
+                continue
+            if at in dead:
                 conn.execute(
                     "UPDATE deliveries SET status='pending', request=?, retries=0, next_at=?, updated_at=? WHERE id=?",
-                    (_j(nd.request), now, now, dead[nd.destination]),
+                    (_j(nd.request), now, now, dead[at]),
                 )
                 touched = True
-            elif nd.destination not in existing:
+            elif at not in existing:
                 conn.execute(
                     "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
                     " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
                     (eid, row["flow"], nd.destination, _j(nd.request), nd.idempotency_key, now, now, now),
                 )
+                touched = True
+        for at, did in dead.items():  # a split element that was quarantined and now passes
+            if at[0].startswith(QUARANTINE_PREFIX) and at not in wanted and not destination:
+                conn.execute("UPDATE deliveries SET status='discarded', updated_at=? WHERE id=?", (now, did))
                 touched = True
         if not touched:
             rep.skipped.append((eid, "no dead delivery matches"))

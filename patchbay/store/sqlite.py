@@ -25,6 +25,7 @@ import orjson
 
 from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store import api_queries as aq
+from patchbay.store import calls as cq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -35,6 +36,7 @@ from patchbay.store.base import (
     AlertChange,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     DestinationStates,
     DiscardReport,
     DueDelivery,
@@ -182,6 +184,7 @@ def connect(path: Path) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     conn.executescript(MONITOR_SCHEMA)
+    conn.executescript(cq.CALLS_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -852,6 +855,21 @@ class SqliteStore:
         return await self._read(q_response_fields, event_id, destination)
 
     # -------------------------------------------------------------- SQLite only
+    # -- calls inside flows (store/calls.py)
+    async def record_calls(
+        self, results: list[AttemptResult], pipeline: Reprocessor, cache: Sequence[CachedAnswer] = ()
+    ) -> list[tuple[str, list[str]]]:
+        return await self._write(cq.tx_record_calls, results, pipeline, tx_record, list(cache))
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        return await self._read(cq.q_answers, event_id)
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        return await self._read(cq.q_cached_answer, scope, key, now)
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        await self._write(cq.tx_cache_answer, scope, key, answer, expires_at)
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a query function `fn(conn, *args)` on the reader thread (SQLite only: the store's own
         tests and modules; everything else uses the protocol's methods)."""
@@ -965,9 +983,20 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
     if e.deliveries:
         conn.executemany(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
+            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
             [
-                (e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now)
+                (
+                    e.id,
+                    e.flow,
+                    d.destination,
+                    d.status,
+                    _j(d.request),
+                    d.idempotency_key,
+                    e.received_at,
+                    d.error,
+                    now,
+                    now,
+                )
                 for d in e.deliveries
             ],
         )

@@ -142,9 +142,15 @@ class CaseDoc(Spec):
         description="Destination -> simulated answers in turn (an HTTP status, an outcome name or a "
         "mapping); the last one repeats. Default: success.",
     )
+    calls: dict[str, list[int | str | ResponseDoc]] = Field(
+        default_factory=dict,
+        description="Call step name -> its recorded answers in turn (like `responses`; after a split each "
+        "element's call takes the next one, the last repeats), e.g. `{find_contact: [{status: 200, body: "
+        "{id: c-1}}]}`. A call the test does not answer stops the run (dead).",
+    )
     expect: ExpectDoc
 
-    @field_validator("responses")
+    @field_validator("responses", "calls")
     @classmethod
     def _answers(
         cls, v: dict[str, list[int | str | ResponseDoc]]
@@ -191,6 +197,7 @@ class Case:
     expect: ExpectDoc
     rows: list[dict[str, Any]] | None = None  # a batch flow's source rows
     columns: dict[str, str] = field(default_factory=dict)
+    calls: dict[str, list[Response]] = field(default_factory=dict)  # recorded answers of call steps
 
 
 @dataclass
@@ -239,14 +246,24 @@ def load_test_file(path: Path, project: Project, display: str | None = None) -> 
             if key not in names:
                 problems.append(_unknown(src, (*loc, "responses", key), key, flow.name, names))
         for key in c.expect.deliveries or {}:
-            if key not in names:
+            if key.split("[", 1)[0] not in names:  # `crm[1]`: element 1's delivery after a split
                 problems.append(_unknown(src, (*loc, "expect", "deliveries", key), key, flow.name, names))
         event = c.event
         if c.event_file is not None:
             event = _read_event(path.parent / c.event_file, src, (*loc, "event_file"), problems)
+        called = [s.name for s in flow.steps if getattr(s.step, "calls", False)]
+        for key in c.calls:
+            if key not in called:
+                problems.append(
+                    src.problem(
+                        (*loc, "calls", key),
+                        f"flow {flow.name!r} has no call step {key!r} (it has: {', '.join(called) or 'none'})",
+                    )
+                )
         responses = {k: [_response(r) for r in v] for k, v in c.responses.items()}
+        calls = {k: [_response(r) for r in v] for k, v in c.calls.items()}
         out.cases.append(
-            Case(c.name, src.file, src.line(loc), event, responses, c.expect, c.rows, dict(c.columns))
+            Case(c.name, src.file, src.line(loc), event, responses, c.expect, c.rows, dict(c.columns), calls)
         )
     if problems:
         raise ConfigError(problems)

@@ -15,7 +15,7 @@ from patchbay.config.project import FlowSpec, Project
 from patchbay.errors import PatchbayError
 from patchbay.records import dig, has_path, put
 from patchbay.security.redaction import SEALED_RE, sensitive_values
-from patchbay.testing.harness import FlowRun, simulate, simulate_batch
+from patchbay.testing.harness import FlowRun, Response, simulate, simulate_batch
 
 if TYPE_CHECKING:
     from patchbay.store.blocking import BlockingStore
@@ -88,9 +88,24 @@ def load_event(store: BlockingStore, run_id: str) -> dict[str, Any] | None:
         "status": run["status"],
         "reason": run["reason"],
         "payload": orjson.dumps(run["payload"]),  # values may be sealed (encrypt_sensitive): they stay so
-        "destinations": [d["destination"] for d in run["deliveries"]],
+        "destinations": [
+            d["destination"] for d in run["deliveries"] if not d["destination"].startswith("call:")
+        ],
+        "calls": _recorded_answers(run),
         "meta": run.get("meta") or {},
     }
+
+
+def _recorded_answers(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The answers the run's calls got, by step, in the order they were asked: the test's `calls:`."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in run["deliveries"]:
+        if d["destination"].startswith("call:") and d.get("response") is not None:
+            answer = d["response"]
+            out.setdefault(d["destination"][5:], []).append(
+                {"status": answer.get("status"), "body": answer.get("body")}
+            )
+    return out
 
 
 def export_run(store: BlockingStore, project: Project, run_id: str, name: str | None = None) -> Exported:
@@ -107,7 +122,9 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
     record = _scrub_secrets(record, project_redactor(project), notes)
     if flow.batch is not None:
         return _export_batch_row(event, flow, record, name, notes)
-    now = simulate(flow, project, record)
+    calls = _scrub_secrets(event["calls"], project_redactor(project), notes)
+    answers = {k: [Response(status=a["status"], body=a["body"]) for a in v] for k, v in calls.items()}
+    now = simulate(flow, project, record, calls=answers)
     recorded = {"pending": "delivered", "delivered": "delivered", "dead": "delivered"}.get(
         event["status"], event["status"]
     )
@@ -123,7 +140,7 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
             f"now it goes to {', '.join(sorted(now.deliveries))}: the test expects what the flow does now"
         )
     title = name or f"run {event['id']} ({now.status})"
-    case = {"name": title, "event": record, "expect": expectation(now)}
+    case = {"name": title, "event": record, **({"calls": calls} if calls else {}), "expect": expectation(now)}
     return Exported(flow.name, title, case, notes)
 
 
@@ -171,7 +188,7 @@ def expectation(run: FlowRun) -> dict[str, Any]:
     if run.status == "filtered":
         return {"filtered": run.reason or True}
     out: dict[str, Any] = {}
-    for c in run.captured:
+    for c in run.deliveries.values():
         view = {k: v for k, v in c.view.items() if not (k == "url" and "path" in c.view)}
         first = [k for k in ("method", "path") if k in view]
         out[c.destination] = {k: view[k] for k in [*first, *(k for k in view if k not in first)]}

@@ -81,7 +81,7 @@ def run_case(project: Project, flow_name: str, case: Case) -> CaseResult:
     if case.rows is not None:
         return _run_batch_case(project, flow_name, case, result, t0)
     try:
-        run = simulate(project.flows[flow_name], project, case.event, case.responses)
+        run = simulate(project.flows[flow_name], project, case.event, case.responses, calls=case.calls)
     except Exception as exc:  # a step or connector that raises instead of refusing the record
         result.error = f"the flow raised {type(exc).__name__}: {exc}"
         result.seconds = time.perf_counter() - t0
@@ -161,6 +161,9 @@ def check(case: Case, run: FlowRun) -> list[str]:
         out += [str(m) for m in compare(e.record_includes, run.record, "record", subset=True)]
     expected = e.deliveries or {}
     captured = run.deliveries
+    if run.status in ("dead", "paused") and (run.reason or "").startswith("call "):
+        if expected:  # the run stopped at a call: say so before the destinations it never reached
+            out.append(f"the run stopped at a call ({run.status}): {run.reason}")
     for name in expected:
         if name not in captured:
             out.append(f"{name}: expected a delivery, but this destination's route did not match")

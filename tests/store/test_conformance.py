@@ -20,6 +20,7 @@ from patchbay.store.base import (
     Actor,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     NewDelivery,
     NewEvent,
     RunFilter,
@@ -395,7 +396,7 @@ class Steps:
             raise PatchbayError("opening the sealed fields: no key")
         return record
 
-    def process(self, record: Any, event_id: str) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
         if "email" not in record:
             return Processed("quarantined", [{"step": "validate"}], reason="email: required")
         return Processed(
@@ -502,6 +503,152 @@ async def test_discard_gives_up_and_is_audited(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ tokens and audit
+# ------------------------------------------------------------------ calls inside flows
+class CallingSteps:
+    """A flow that asks `call:find` first, then delivers to crm with the answer's id."""
+
+    def load_payload(self, payload: bytes) -> Any:
+        return orjson.loads(payload)
+
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+        answer = (answers or {}).get(f"{event_id}.find")
+        if answer is None:
+            call = NewDelivery("call:find", {"url": record["email"]}, f"{event_id}.find")
+            return Processed("pending", [{"step": "find", "waiting": True}], deliveries=[call])
+        if answer["status"] == 404:
+            return Processed("quarantined", [{"step": "find"}], reason="find: not found")
+        crm = NewDelivery("crm", {"id": answer["body"]["id"]}, f"{event_id}.crm")
+        return Processed(
+            "pending", [{"step": "find", "status": 200}], deliveries=[crm], record_key=record["email"]
+        )
+
+
+def call_event(steps: CallingSteps) -> NewEvent:
+    e = event(body={"email": "ada@example.com"}, destinations=())
+    p = steps.process({"email": "ada@example.com"}, e.id)
+    e.deliveries, e.trace = p.deliveries, p.trace
+    return e
+
+
+async def test_an_answered_call_continues_its_run_in_the_same_write(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    assert call.idempotency_key == f"{e.id}.find" and await due(store) == []
+
+    await store.record_calls([result(call, "transient", "pending", next_at=time.time() - 1)], steps)
+    assert await due(store) == [] and await store.call_answers(e.id) == {}  # a failure continues nothing
+
+    answer = {"status": 200, "body": {"id": "c-1"}}
+    [call] = await due(store, dest="call:find")
+    kept = CachedAnswer("orders/find", "ada@example.com", answer, time.time() + 60)
+    continued = await store.record_calls(
+        [result(call, "success", "delivered", response=answer)], steps, [kept]
+    )
+    assert continued == [(e.id, ["crm"])]
+    assert await store.cached_answer("orders/find", "ada@example.com", time.time()) == answer  # same write
+    assert await store.call_answers(e.id) == {f"{e.id}.find": answer}
+    [crm] = await due(store)
+    assert crm.request == {"id": "c-1"} and crm.idempotency_key == f"{e.id}.crm"
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "pending" and run["record_key"] == "ada@example.com"
+    assert run["trace"] == [{"step": "find", "status": 200}]
+
+    # Recorded twice (a replayed call): the run's deliveries are not made twice.
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, [])
+    ]
+    await store.record([result(crm, "success", "delivered")])
+    assert (await store.get_run(e.id) or {})["status"] == "delivered"
+
+
+async def test_an_answer_that_quarantines_the_run_marks_the_event(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    await store.record_calls(
+        [result(call, "success", "delivered", response={"status": 404, "body": None})], steps
+    )
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "quarantined" and run["reason"] == "find: not found"
+    assert e.id in await store.replayable(None, None)
+
+
+async def test_a_dead_call_of_a_compressed_run_is_replayed_and_continues(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    await store.record_calls([result(call, "terminal", "dead", status_code=400, error="bad")], steps)
+    assert await store.compress_runs("orders", time.time() + 1) == 1  # a dead run: old enough
+    assert (await store.replay({"orders": steps}, [e.id], None, ALICE)).requeued == [e.id]
+    [call] = await due(store, dest="call:find")
+    answer = {"status": 200, "body": {"id": "c-2"}}
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, ["crm"])
+    ]
+    [crm] = await due(store)
+    assert crm.request == {"id": "c-2"}
+
+
+class BrokenAfterTheCall(CallingSteps):
+    """A flow whose steps raise once the answer is there (a bug in a custom step)."""
+
+    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+        if answers:
+            raise ZeroDivisionError("division by zero")
+        return super().process(record, event_id)
+
+
+async def test_a_flow_that_raises_after_the_answer_quarantines_the_run_and_records_the_call(
+    store: Store,
+) -> None:
+    steps = BrokenAfterTheCall()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    answer = {"status": 200, "body": {"id": "c-1"}}
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, [])
+    ]
+    assert await due(store, dest="call:find") == []  # recorded: never asked again in a loop
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "quarantined"
+    assert run["reason"] == "continuing after a call: ZeroDivisionError: division by zero"
+
+
+async def test_cached_answers_expire(store: Store) -> None:
+    now = time.time()
+    await store.cache_answer("f/find", "ada", {"status": 200, "body": {"id": 1}}, now + 60)
+    await store.cache_answer("f/find", "old", {"status": 200, "body": None}, now - 1)
+    assert await store.cached_answer("f/find", "ada", now) == {"status": 200, "body": {"id": 1}}
+    assert await store.cached_answer("f/other", "ada", now) is None  # per flow and step
+    assert await store.cached_answer("f/find", "ada", now + 61) is None
+    assert await store.cached_answer("f/find", "old", now) is None
+    await store.cache_answer("f/find", "ada", {"status": 200, "body": {"id": 2}}, now + 60)
+    assert await store.cached_answer("f/find", "ada", now) == {"status": 200, "body": {"id": 2}}
+
+
+async def test_a_dead_element_row_is_listed_and_discarded_when_its_replay_passes(store: Store) -> None:
+    e = event(body={"email": "a@example.com"})
+    e.deliveries.append(
+        NewDelivery(
+            "quarantine:validate", {"element": "1"}, f"{e.id}.1.quarantine:validate", "dead", "sku: missing"
+        )
+    )
+    await store.accept(e)
+    [crm] = await due(store)
+    await store.record([result(crm, "success", "delivered")])
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "dead"
+    assert [d["destination"] for d in await store.list_dead()] == ["quarantine:validate"]
+    rep = await store.replay({"orders": Steps()}, [e.id], None, ALICE)  # now every element passes
+    assert rep.requeued == [e.id]
+    assert await store.list_dead() == []
+
+
 async def test_tokens_created_listed_touched_and_revoked(store: Store) -> None:
     info = await store.create_token("ci", ["runs:read"], None, "ab" * 32, ALICE)
     assert len(info.id) == 12 and info.scopes == ("runs:read",) and info.created_by == "alice"
