@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ from patchbay.errors import PatchbayError
 from patchbay.records import new_id
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import NewEvent
+
+log = logging.getLogger("patchbay.batch")
 
 
 def _apply(transform: FrameTransform, frame: Frame) -> Result:
@@ -164,6 +167,7 @@ class BatchRun:
             report.run_id = self.run_id
         t0 = time.monotonic()
         load: Load | None = None
+        reader: Any = None
         try:
             for side in (self.source, self.dest):  # a side whose settings live in the batch block (files)
                 if hasattr(side, "for_batch"):
@@ -230,6 +234,12 @@ class BatchRun:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}".strip()
             report.error_class = outcome_of(exc).cls.value
         finally:
+            close = getattr(reader, "aclose", None)
+            if close is not None:  # now, not when collected: a reader's thread may wait on a full queue
+                try:
+                    await close()
+                except Exception as exc:  # the run's own outcome stands
+                    log.warning("closing the reader of batch flow %s: %s", self.flow, exc)
             if load is not None:
                 await load.abort()
             report.duration_s = time.monotonic() - t0
