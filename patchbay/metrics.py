@@ -88,6 +88,18 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.windows_open = Gauge(
+            "patchbay_windows_open",
+            "Aggregate windows holding records not yet emitted.",
+            ["flow"],
+            registry=r,
+        )
+        self.windows_emitted = Counter(
+            "patchbay_windows_emitted_total",
+            "Window records emitted (revisions included).",
+            ["flow"],
+            registry=r,
+        )
         self.destination_paused = Gauge(
             "patchbay_destination_paused",
             "1 while a destination is paused or disabled.",

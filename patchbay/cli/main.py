@@ -347,7 +347,9 @@ def _explain_quarantine(project: Any, answer: str) -> None:
 @main.group(invoke_without_command=True)
 @project_option
 @click.option("--flow", help="Only this flow.")
-@click.option("--status", type=click.Choice(["pending", "delivered", "dead", "quarantined", "filtered"]))
+@click.option(
+    "--status", type=click.Choice(["pending", "delivered", "dead", "quarantined", "filtered", "aggregated"])
+)
 @click.option("--since", help="From this time (ISO) or age (15m, 2h, 1d).")
 @click.option("--until", help="Before this time (ISO) or age.")
 @click.option("--key", help="Record key, e.g. an email address.")

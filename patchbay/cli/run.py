@@ -57,6 +57,12 @@ def read_data(data: str) -> tuple[bytes, Any]:
 )
 @click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
 @click.option(
+    "--explain",
+    is_flag=True,
+    help="Batch flow: show which steps the source's SELECT computes (pushdown) and why others run in Python; "
+    "reads only the source's columns.",
+)
+@click.option(
     "--wait-s",
     type=float,
     default=15.0,
@@ -81,6 +87,7 @@ def run(
     url: str | None,
     wait_s: float,
     as_json: bool,
+    explain: bool = False,
 ) -> None:
     """Run one event through FLOW, or one sync of a batch FLOW. With --dry-run: the live definition's
     steps and routing, each destination's request as it would be sent, nothing sent and no secret read.
@@ -100,6 +107,9 @@ def run(
         spec = _flow(project, flow)
         if spec.batch is None:
             raise click.UsageError("give the event with --data JSON (or @file.json)")
+        if explain:
+            _explain_batch(project, resolver, spec, as_json)
+            return
         if dry_run:
             raise click.UsageError("--dry-run takes one event (--data); a batch flow has no dry run yet")
         _run_batch(project, resolver, spec, accept_schema, as_json)
@@ -130,6 +140,24 @@ def run(
     click.echo(render_trace(result))
     if result["status"] in ("quarantined", "dead"):
         sys.exit(EXIT_PROBLEMS)
+
+
+def _explain_batch(project: Any, resolver: Any, spec: Any, as_json: bool) -> None:
+    from patchbay.engine.batch import explain
+
+    try:
+        notes = asyncio.run(explain(project, resolver, spec))
+    except Exception as exc:
+        click.echo(f"run --explain: {resolver.redactor(str(exc))}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    if as_json:
+        _echo_json({"flow": spec.name, "pushdown": notes})
+        return
+    click.echo(
+        f"flow {spec.name}: what the source computes in its SELECT (pushdown), and what runs in Python"
+    )
+    for line in notes:
+        click.echo(f"  {line}")
 
 
 def _flow(project: Any, name: str) -> Any:
@@ -174,6 +202,9 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
         click.echo(f"{n}. {_step_line(step)}")
     if result.status in ("quarantined", "filtered"):
         click.echo(f"result: {result.status}: {scrub(result.reason)}")
+        return
+    if result.status == "aggregated":
+        click.echo("result: counted into its window; the window's record goes on when the window closes")
         return
     waiting = [d for d in deliveries if d["destination"].startswith("call:")]
     if any(c.outcome == "unanswered" for c in result.captured):
@@ -235,6 +266,12 @@ def _step_line(step: dict[str, Any]) -> str:
         return f"{head}: DRIFT: " + "; ".join(step["drift"])
     if "dropped" in step:
         return f"{head}: filtered out: {step['dropped']}"
+    if "window" in step:  # aggregate
+        return f"{head}: window {step['window']}, key {json.dumps(step.get('key'), ensure_ascii=False)}"
+    if step.get("kind") == "dedupe" and "key" in step:
+        return f"{head}: key {json.dumps(step['key'], ensure_ascii=False)}" + (
+            f" ({step['note']})" if step.get("note") else " (a duplicate is decided when stored)"
+        )
     if "routes" in step:
         return (
             head

@@ -97,6 +97,25 @@ def load_flow(
     for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
         problems.append(src.problem(at, message))
     _check_batch(src, doc, systems, broken, problems)
+    if doc.batch is not None:  # a batch sync moves rows in bulk, not events through the store
+        for i, sp in enumerate(steps):
+            if hasattr(sp.step, "gate"):
+                problems.append(
+                    src.problem(
+                        ("steps", i, sp.kind),
+                        f"a {sp.kind} step runs on events, not in a batch sync: deduplicate or aggregate"
+                        " in the query, or use a flow with a trigger and destinations",
+                    )
+                )
+    waits = next((i for i, sp in enumerate(steps) if getattr(sp.step, "calls", False)), None)
+    for i, sp in enumerate(steps):  # a run resumed after a call's answer does not settle them again
+        if waits is not None and i > waits and hasattr(sp.step, "gate"):
+            problems.append(
+                src.problem(
+                    ("steps", i, sp.kind),
+                    f"a {sp.kind} step cannot come after a call step (step {waits + 1}) yet: put it before the call",
+                )
+            )
     history = _history(src, settings, doc.history, problems)
     if len(problems) > n0 or history is None:
         return None
@@ -454,7 +473,19 @@ def _load_steps(
         except Exception as exc:  # a step's own constructor may refuse a config its check missed
             problems.append(src.problem((*loc, kind), f"{kind}: {exc}"))
             continue
-        steps.append(StepSpec(kind, str(meta.get("name", kind)), cfg, instance, when))
+        name = str(meta.get("name", kind))
+        if hasattr(instance, "gate") and any(
+            s.name == name for s in steps
+        ):  # its state is kept under its name
+            problems.append(
+                src.problem(
+                    loc,
+                    f"two steps are named {name!r}; a {kind} step keeps its state under its name:"
+                    " give each a `name:` of its own",
+                )
+            )
+            continue
+        steps.append(StepSpec(kind, name, cfg, instance, when))
     return steps, stopped_at
 
 

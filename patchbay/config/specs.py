@@ -12,6 +12,7 @@ from patchbay.config.batch import BatchSpec
 from patchbay.config.models import (
     AlertRule,
     DeliveryPolicy,
+    DestinationBatch,
     History,
     HubSettings,
     SecretRef,
@@ -59,6 +60,7 @@ class DestinationSpec:
     config: BaseModel
     policy: DeliveryPolicy
     when: Expr | None = None  # route: deliver only when true
+    batch: DestinationBatch | None = None  # several deliveries in one request (the sink can `send_batch`)
 
 
 @dataclass

@@ -276,13 +276,19 @@ def map_response(
 ) -> dict[str, Any]:
     """Fields picked from an answer: name -> `status`, `headers.<name>` or `body.<path>` (JSON; a body that
     is not JSON, or was cut at the read limit, has no fields). Strings pass the secret redactor."""
-    from patchbay.records import dig
-
     try:
         body: Any = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         body = None
     answer = {"status": status, "headers": {k.lower(): v for k, v in headers.items()}, "body": body}
+    return pick_fields(mapping, answer, redact)
+
+
+def pick_fields(
+    mapping: Mapping[str, str], answer: Mapping[str, Any], redact: Callable[[str], str] = lambda s: s
+) -> dict[str, Any]:
+    """Fields picked from an answer already read (`status`, `headers`, `body`, and a batch's `result`)."""
+    from patchbay.records import dig
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):

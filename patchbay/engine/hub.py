@@ -26,6 +26,7 @@ from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
+from patchbay.engine.windows import WindowCloser, has_gates
 from patchbay.errors import TransientError
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
@@ -98,6 +99,7 @@ class Hub:
         self.batch: BatchRuns | None = None  # batch flows' runs (schedule, API, console), from start()
         self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
+        self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
         self.started_at = time.time()
 
     @classmethod
@@ -135,6 +137,9 @@ class Hub:
             self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
         )
         self.retention.start()
+        if any(has_gates(f) for f in flows):  # first round at once: windows that closed while down
+            self.windows = WindowCloser(self)
+            self.windows.start()
 
     def _count_history(self, flow: str, removed: int, compressed: int) -> None:
         self.metrics.history_removed.labels(flow).inc(removed)
@@ -348,6 +353,8 @@ class Hub:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
             self._watch.cancel()
+        if self.windows is not None:
+            await _bounded(self.windows.stop(), "stopping the window closer")
         for fr in self.flows.values():  # stop taking new work first
             if fr.schedule is not None:
                 await _bounded(fr.schedule.stop(), f"stopping the schedule of {fr.spec.name}")
@@ -383,14 +390,17 @@ class Hub:
         record: Any,
         dedupe_key: str | None,
         meta: dict[str, Any] | None,
+        after: str | None = None,
     ) -> NewEvent:
         event_id = new_id()
+        received_at = time.time()
         stored = fr.pipeline.seal_payload(payload, record)  # before a step can change the record
-        processed = fr.pipeline.process(record, event_id)
+        note = (meta or {}).get("window") if after else None
+        processed = fr.pipeline.process(record, event_id, received_at=received_at, after=after, note=note)
         return NewEvent(
             id=event_id,
             flow=fr.spec.name,
-            received_at=time.time(),
+            received_at=received_at,
             payload=stored,
             body_hash=hashlib.sha256(payload).hexdigest(),
             dedupe_key=dedupe_key,
@@ -400,6 +410,8 @@ class Hub:
             trace=processed.trace,
             reason=processed.reason,
             deliveries=processed.deliveries,
+            claims=processed.claims,
+            windows=processed.windows,
         )
 
     def _after_commit(self, fr: FlowRuntime, event: NewEvent, accepted: Accepted) -> str:
@@ -407,6 +419,17 @@ class Hub:
         if accepted.duplicate:
             self.metrics.duplicates.labels(name).inc()
             return "duplicate"
+        if accepted.status is not None:  # the store refused it: a duplicate key, or late for its window
+            self.metrics.accepted.labels(name, accepted.status).inc()
+            if accepted.status == "quarantined":
+                log.warning(
+                    "quarantined: %s in %s: %s",
+                    event.id,
+                    name,
+                    accepted.reason,
+                    extra={"event_id": event.id, "flow": name},
+                )
+            return accepted.status
         self.metrics.accepted.labels(name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
         drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
@@ -444,15 +467,17 @@ class Hub:
         dedupe_key: str | None = None,
         meta: dict[str, Any] | None = None,
         commit: Callable[[NewEvent], Awaitable[Accepted]] | None = None,
+        after: str | None = None,
     ) -> tuple[Accepted, str]:
         """Run the steps and persist the event with its deliveries in one transaction.
 
         `commit` writes the event instead of the store's plain `accept`, for a caller that writes more
         in the same transaction (the alert loop: the message and the rule's new state, `accept_alert`).
+        `after`: run the steps after the one so named (a window's record: after its aggregate step).
         """
         assert self.store is not None
         fr = self.flows[flow_name]
-        event = self._event(fr, payload, record, dedupe_key, meta)
+        event = self._event(fr, payload, record, dedupe_key, meta, after)
         accepted = await (commit or self.store.accept)(event)
         return accepted, self._after_commit(fr, event, accepted)
 

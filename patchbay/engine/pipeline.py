@@ -13,11 +13,11 @@ from patchbay.config.project import FlowSpec
 from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import is_truthy
-from patchbay.processors.base import Dropped
+from patchbay.processors.base import Dropped, GateContext
 from patchbay.records import dig
 from patchbay.security.fields import MARKER, FieldCipher, FieldError
 from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
-from patchbay.store.base import NewDelivery
+from patchbay.store.base import DedupeClaim, NewDelivery, WindowAdd
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Processed:
     deliveries: list[NewDelivery] = field(default_factory=list)
     record_key: str | None = None
     record: Any = None  # after the steps, when there are deliveries
+    # Asked of the accept's transaction by dedupe and aggregate steps (store/base.py, "windows and dedupe").
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 CALL_PREFIX = "call:"  # a call step's deliveries: destination `call:<step name>`
@@ -38,7 +41,7 @@ QUARANTINE_PREFIX = "quarantine:"  # a split element's quarantine, kept as a dea
 class _Branch:
     """Where one record (the event's, or one element's after a split) got to."""
 
-    status: str  # pending | quarantined | filtered
+    status: str  # pending | quarantined | filtered | aggregated
     record: Any
     deliveries: list[NewDelivery] = field(default_factory=list)
     reason: str | None = None
@@ -60,12 +63,26 @@ class Pipeline:
         """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
         return redact_paths(record, self.flow.sensitive)
 
-    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Processed:
+    def process(
+        self,
+        record: Any,
+        event_id: str,
+        *,
+        answers: Mapping[str, Any] | None = None,
+        received_at: float | None = None,
+        after: str | None = None,
+        note: dict[str, Any] | None = None,
+    ) -> Processed:
         """Steps, then routing. What is kept to be shown (trace, reason) never holds a sensitive value:
-        a validation message quoting card.number is stored with the number replaced by [redacted]."""
+        a validation message quoting card.number is stored with the number replaced by [redacted].
+
+        `after`: start with the step after the one so named (a window's record starts after its
+        aggregate), with `note` as the first trace entry; `received_at`: the event's arrival time."""
         values = sensitive_values(record, self.flow.sensitive)  # before a step changes the record
         scrub = Scrubber(values)
-        out = self._process(record, event_id, answers or {})
+        gates = _Gates(event_id, time.time() if received_at is None else received_at)
+        out = self._process(record, event_id, answers or {}, gates, after, note)
+        out.claims, out.windows = gates.claims, gates.windows
         if scrub:
             out.trace, out.reason = scrub(out.trace), scrub(out.reason)
         if self.sealing:
@@ -105,14 +122,26 @@ class Pipeline:
         opened, revealed = self.cipher.open(request)
         return opened, Scrubber(revealed) if revealed else None
 
-    def _process(self, record: Any, event_id: str, answers: Mapping[str, Any]) -> Processed:
-        trace: list[dict[str, Any]] = []
+    def _process(
+        self,
+        record: Any,
+        event_id: str,
+        answers: Mapping[str, Any],
+        gates: _Gates,
+        after: str | None,
+        note: dict[str, Any] | None,
+    ) -> Processed:
+        trace: list[dict[str, Any]] = [note] if note else []
         key_source = record
-        if self.flow.contract is not None:  # the event as received, against its pinned shape
+        start = 0
+        if after is not None:  # a window's record: the steps after its aggregate
+            steps = self.flow.steps
+            start = next((i + 1 for i, s in enumerate(steps) if s.name == after), len(steps))
+        elif self.flow.contract is not None:  # the event as received, against its pinned shape
             drift = self.flow.contract.check(record)
             if drift:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
-        branches = self._run(record, 0, "", event_id, answers, trace, None)
+        branches = self._run(record, start, "", event_id, answers, trace, None, gates)
         if len(branches) == 1 and not branches[0].element:
             b = branches[0]  # no split: the event is the one record
             key = self._key(b.record, key_source)
@@ -130,6 +159,7 @@ class Pipeline:
         answers: Mapping[str, Any],
         trace: list[dict[str, Any]],
         element: str | None,
+        gates: _Gates,
     ) -> list[_Branch]:
         """The steps from `start` on, then routing, for one record (one element after a split: `suffix`
         ".<i>" is part of every key it makes). It stops at a call whose answer is not known yet."""
@@ -141,6 +171,12 @@ class Pipeline:
                 trace.append({"step": spec.name, "kind": spec.kind, **tag, "skipped": True})
                 continue
             try:
+                if hasattr(spec.step, "gate"):  # dedupe, aggregate: settled in the accept's transaction
+                    entry = gates.add(spec, record, self.flow.name, len(trace))
+                    trace.append({"step": spec.name, "kind": spec.kind, **tag, "ms": _ms(t0), **entry})
+                    if spec.step.absorbs:  # counted into its window: the window's record goes on later
+                        return [_Branch("aggregated", record, element=element)]
+                    continue
                 if getattr(spec.step, "calls", False):
                     key = f"{event_id}{suffix}.{spec.name}"
                     if key not in answers:  # ask first: the run goes on when the answer is recorded
@@ -187,7 +223,7 @@ class Pipeline:
                     out: list[_Branch] = []
                     for j, el in enumerate(elements):
                         sub = f"{suffix}.{j}"
-                        out += self._run(el, i + 1, sub, event_id, answers, trace, sub[1:])
+                        out += self._run(el, i + 1, sub, event_id, answers, trace, sub[1:], gates)
                     return out
                 record = spec.step.apply(record)
             except RecordInvalid as exc:
@@ -257,8 +293,10 @@ class Pipeline:
         bad = [b for b in branches if b.status == "quarantined"]
         reasons = [f"element {b.element}: {b.reason}" for b in bad]
         if not pending:
-            if bad:
+            if bad:  # its windows are not counted (the store skips a quarantined event's): replay counts all
                 return Processed("quarantined", trace, "; ".join(reasons), record_key=key)
+            if any(b.status == "aggregated" for b in branches):  # elements counted into their windows
+                return Processed("aggregated", trace, None, record_key=key)
             return Processed(
                 "filtered", trace, branches[0].reason if branches else "no elements", record_key=key
             )
@@ -285,6 +323,25 @@ class Pipeline:
         if v is None:
             v = dig(original, path)
         return None if v is None or isinstance(v, dict | list) else str(v)
+
+
+class _Gates:
+    """What the gate steps of one run ask of the store."""
+
+    def __init__(self, event_id: str, received_at: float) -> None:
+        self.event_id, self.received_at = event_id, received_at
+        self.claims: list[DedupeClaim] = []
+        self.windows: list[WindowAdd] = []
+
+    def add(self, spec: Any, record: Any, flow: str, trace_at: int) -> dict[str, Any]:
+        ctx = GateContext(flow, spec.name, self.event_id, self.received_at, trace_at)
+        asked, entry = spec.step.gate(record, ctx)
+        for a in asked if isinstance(asked, list) else [asked]:  # a hopping aggregate: several windows
+            if isinstance(a, DedupeClaim):
+                self.claims.append(a)
+            elif isinstance(a, WindowAdd):
+                self.windows.append(a)
+        return dict(entry)
 
 
 def _ms(t0: float) -> float:

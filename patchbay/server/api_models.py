@@ -45,7 +45,7 @@ Scope = Literal[
     "secrets:write",
     "admin",
 ]
-RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded"]
+RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded", "aggregated"]
 Health = Literal["ok", "retrying", "paused", "failing", "late"]
 DestState = Literal["active", "paused", "disabled"]
 Timestamp = Annotated[float, Field(description="Unix seconds.")]
@@ -261,6 +261,11 @@ class FlowSummary(Out):
     batch: BatchStateOut | None = Field(
         None,
         description="A batch flow: the run going now and the latest run (a failed one makes it failing).",
+    )
+    open_windows: int | None = Field(
+        None,
+        description="Aggregate windows holding records not yet emitted (as counted within the last second);"
+        " null when the flow has no aggregate step.",
     )
 
 

@@ -41,6 +41,9 @@ class NewEvent:
     trace: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
+    # What stateful steps (dedupe, aggregate) ask of the same transaction; see "windows and dedupe" below.
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +51,10 @@ class Accepted:
     event_id: str
     duplicate: bool = False
     conflict: bool = False  # same sender id, different body
+    # Set when the transaction decided otherwise than the steps: a dedupe key held by another run
+    # (filtered) or a record too late for its window (quarantined). The event is stored so.
+    status: str | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -125,11 +132,13 @@ class DiscardReport:
 class Reprocessed(Protocol):
     """What running a flow's steps again gives (engine/pipeline.py's `Processed`)."""
 
-    status: str  # pending | quarantined | filtered
+    status: str  # pending | quarantined | filtered | aggregated
     trace: list[dict[str, Any]]
     reason: str | None
     deliveries: list[NewDelivery]
     record_key: str | None
+    claims: list[DedupeClaim]
+    windows: list[WindowAdd]
 
 
 class Reprocessor(Protocol):
@@ -139,8 +148,19 @@ class Reprocessor(Protocol):
         """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
         ...
 
-    def process(self, record: Any, event_id: str, *, answers: Mapping[str, Any] | None = None) -> Reprocessed:
-        """The steps and routing; `answers` are the recorded answers of the event's calls, by key."""
+    def process(
+        self,
+        record: Any,
+        event_id: str,
+        *,
+        answers: Mapping[str, Any] | None = None,
+        received_at: float | None = None,
+        after: str | None = None,
+        note: dict[str, Any] | None = None,
+    ) -> Reprocessed:
+        """The steps and routing; `answers` are the recorded answers of the event's calls, by key.
+        `after`: start with the step after the one of that name (a window's record: after its
+        aggregate), `note` the trace entry that says so; `received_at`: the event's arrival."""
         ...
 
 
@@ -456,6 +476,30 @@ class SecretRows(Protocol):
         ...
 
 
+class Windows(Protocol):
+    """Aggregate windows and dedupe keys (their writes ride on `Ingest`: NewEvent.claims and .windows)."""
+
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        """Windows of the (flow, step) pairs in `steps` past their close time with records not yet emitted,
+        oldest first, with their totals."""
+        ...
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        """The window's record (an event) and the window marked emitted up to `window.adds`, in one
+        transaction; a second emission of the same revision is a duplicate (the event's dedupe key)."""
+        ...
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        """Let go of emitted windows past their keep time and of expired dedupe keys: (windows, keys)."""
+        ...
+
+    async def open_windows(self) -> dict[str, int]:
+        """Per flow, the windows holding records not yet emitted."""
+        ...
+
+
 class Store(
     Ingest,
     Deliveries,
@@ -468,6 +512,7 @@ class Store(
     Tokens,
     Audit,
     Retention,
+    Windows,
     Protocol,
 ):
     """The hub's durable state. Every operation is async; writes return after they are committed."""
@@ -574,3 +619,75 @@ class Snapshot:
     drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id
     max_id: int = 0  # the largest attempt id when read
+
+
+# ================================================================== windows and dedupe (stateful steps)
+# A dedupe or aggregate step cannot decide alone: whether a key was seen, or whether a window is still
+# open, is the store's to say, in the transaction that accepts the event (so two events racing for one
+# key, or a crash mid-way, never count twice). The steps describe what they ask; the store applies it.
+
+
+@dataclass
+class DedupeClaim:
+    """A dedupe step's claim on a key: the first run to claim it passes, others within `within_s` are
+    filtered ("duplicate of run X"). Applied only when the record gets through (pending or aggregated)."""
+
+    step: str
+    key: str  # a digest of the key's value, never the value
+    within_s: float
+    trace_at: int  # when refused: the trace kept up to here, then the refusal
+
+
+@dataclass
+class Contribution:
+    """What one record adds to one named value of a window: deltas the store adds up."""
+
+    n: int  # 1 when the value is present (count of values), else 0
+    num: float = 0.0  # for sum and avg
+    scale: int = 0  # decimal places of `num` (a sum is rounded to the most seen)
+    is_float: bool = False
+    extreme: Any = None  # for min and max: a number or a text
+    item: str | None = None  # for distinct: the value as canonical JSON
+
+
+@dataclass
+class WindowAdd:
+    """One record counted into the window (`step`, `start`, `key`) of its flow."""
+
+    step: str
+    key: str  # the `by` value as canonical JSON
+    start: float
+    end: float
+    grace_s: float  # records are taken until end + grace; then the window's record is emitted
+    keep_s: float | None  # late records: None quarantines them; else they revise the window this long
+    label: str  # the window as people read it, for reasons and traces
+    values: dict[str, Contribution]
+    trace_at: int  # when refused: the trace kept up to here, then the refusal
+
+
+@dataclass
+class ValueState:
+    """A window's value as the store holds it; the aggregate step turns it into sum, count, ..."""
+
+    n: int
+    total: float
+    scale: int
+    is_float: bool
+    lo: Any
+    hi: Any
+    distinct: int
+
+
+@dataclass
+class WindowState:
+    """A window due to be emitted: its totals and the revision its record is."""
+
+    flow: str
+    step: str
+    key: str
+    start: float
+    end: float
+    label: str
+    revision: int  # 1 for the first record of the window, 2+ for corrections from late records
+    adds: int  # records counted so far
+    values: dict[str, ValueState]

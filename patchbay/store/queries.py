@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 
 from patchbay.errors import PatchbayError
-from patchbay.store.base import Actor, ReplayReport, Reprocessor, RunFilter
+from patchbay.store import windows as wq
+from patchbay.store.base import Actor, NewEvent, ReplayReport, Reprocessor, RunFilter
 from patchbay.store.calls import q_answers
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 from patchbay.store.retention import opened
@@ -156,7 +157,9 @@ def tx_replay(
     rep = ReplayReport()
     now = time.time()
     for eid in event_ids:
-        row = conn.execute("SELECT id, flow, status, payload FROM events WHERE id=?", (eid,)).fetchone()
+        row = conn.execute(
+            "SELECT id, flow, status, payload, received_at, meta FROM events WHERE id=?", (eid,)
+        ).fetchone()
         if row is None:
             rep.skipped.append((eid, "no such event"))
             continue
@@ -179,14 +182,43 @@ def tx_replay(
         except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
             rep.skipped.append((eid, str(exc)))
             continue
+        meta = orjson.loads(row["meta"] or "{}")
+        after = meta.get("after_step")  # a window's record runs the steps after its aggregate
         answers = q_answers(conn, eid)  # answered calls are not asked again: the run resumes where it stopped
-        processed = pipe.process(record, eid, answers=answers) if answers else pipe.process(record, eid)
-        if processed.status != "pending":
+        processed = pipe.process(
+            record,
+            eid,
+            answers=answers or None,
+            received_at=row["received_at"],
+            after=after,
+            note=meta.get("window") if after else None,
+        )
+        status, reason, trace = processed.status, processed.reason, processed.trace
+        if processed.claims or processed.windows:  # dedupe keys and windows, settled here as at accept
+            gated = NewEvent(
+                eid, row["flow"], row["received_at"], b"", "", None, status, trace=trace,
+                claims=processed.claims, windows=processed.windows,
+            )  # fmt: skip
+            seen: wq.Seen = {}
+            refused = wq.refusal(conn, gated, now, seen)
+            if refused is not None:
+                status, reason, trace = refused
+            else:
+                wq.apply_gates(conn, gated, now, seen)
+        if status == "aggregated":  # counted into its window now; the window's record goes on later
+            conn.execute(
+                "UPDATE events SET status='aggregated', trace=?, reason=NULL, updated_at=? WHERE id=?",
+                (_j(trace), now, eid),
+            )
+            tx_audit(conn, by.name, "replay", eid, {"destination": destination, **by.detail}, by.origin)
+            rep.requeued.append(eid)
+            continue
+        if status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
-                (_j(processed.trace), processed.reason, now, eid),
+                (_j(trace), reason, now, eid),
             )
-            rep.still_invalid.append((eid, processed.reason or processed.status))
+            rep.still_invalid.append((eid, reason or status))
             continue
         existing = {
             (d["destination"], d["idempotency_key"])

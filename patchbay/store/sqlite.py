@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from patchbay.store import calls as cq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
+from patchbay.store import windows as wq
 from patchbay.store.base import (
     SCHEDULE_FIELDS,
     Accepted,
@@ -48,6 +50,7 @@ from patchbay.store.base import (
     Snapshot,
     SourceState,
     TokenInfo,
+    WindowState,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 from patchbay.store.retention import opened
@@ -184,6 +187,7 @@ def connect(path: Path) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     conn.executescript(MONITOR_SCHEMA)
+    conn.executescript(wq.WINDOW_SCHEMA)
     conn.executescript(cq.CALLS_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -913,6 +917,23 @@ class SqliteStore:
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
 
+    # -------------------------------------------------------------- windows and dedupe keys (store/windows.py)
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        # Read in the writer's order, not on the reader: a record accepted before `now` is then always seen
+        # (even one still in a group about to commit), and every one after it is late (store/windows.py).
+        return await self._write(wq.q_closable, now, limit, list(steps))
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        return await self._write(wq.tx_emit_window, event, window, tx_accept)
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        return await self._write(wq.tx_tidy, now)
+
+    async def open_windows(self) -> dict[str, int]:
+        return await self._read(wq.q_open_windows)
+
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
 
@@ -962,6 +983,17 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         ).fetchone()
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    if e.claims or e.windows:
+        seen: wq.Seen = {}
+        refused = wq.refusal(conn, e, now, seen)
+        if refused is not None:  # a dedupe key held by another run, or too late for its window
+            status, reason, trace = refused
+            tx_accept(
+                conn,
+                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
+            )
+            return Accepted(e.id, status=status, reason=reason)
+        wq.apply_gates(conn, e, now, seen)
     conn.execute(
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",

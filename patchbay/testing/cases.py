@@ -88,6 +88,11 @@ class ExpectDoc(Spec):
         description="The event is filtered out (a step dropped it, or no destination matched). A batch "
         "flow's test: how many rows the steps drop.",
     )
+    aggregated: str | bool | None = Field(
+        None,
+        description="The event is counted into an aggregate window; a string must appear in the window's"
+        " label (e.g. its date).",
+    )
     record_includes: dict[str, Any] | None = Field(
         None, description="Fields the record has after the steps (a subset)."
     )
@@ -115,11 +120,10 @@ class ExpectDoc(Spec):
                 "a list of quarantined rows or a count of filtered ones is for a batch flow's test: "
                 "expect `rows:` too (the rows written; [] for none)"
             )
-        given = [
-            k for k in ("deliveries", "quarantined", "filtered") if getattr(self, k) not in (None, False)
-        ]
+        kinds = ("deliveries", "quarantined", "filtered", "aggregated")
+        given = [k for k in kinds if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("expect exactly one of `deliveries`, `quarantined` or `filtered`")
+            raise ValueError("expect exactly one of `deliveries`, `quarantined`, `filtered` or `aggregated`")
         return self
 
 

@@ -187,6 +187,9 @@ def expectation(run: FlowRun) -> dict[str, Any]:
         return {"quarantined": run.reason or True}
     if run.status == "filtered":
         return {"filtered": run.reason or True}
+    if run.status == "aggregated":
+        window = next((s.get("window") for s in run.trace if s.get("kind") == "aggregate"), None)
+        return {"aggregated": window or True}
     out: dict[str, Any] = {}
     for c in run.deliveries.values():
         view = {k: v for k, v in c.view.items() if not (k == "url" and "path" in c.view)}

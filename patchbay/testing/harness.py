@@ -8,7 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
@@ -276,7 +276,11 @@ def view(
     if auth:
         out["headers"] = {**(out.get("headers") or {}), **auth}
     body = out.get("body")
-    if isinstance(body, str):
+    ctype = {k.lower(): v for k, v in (out.get("headers") or {}).items()}.get("content-type", "")
+    if isinstance(body, str) and ctype.startswith("application/x-www-form-urlencoded"):
+        # A form body (`body_format: form`) as its fields, names as sent: {"metadata[plan]": "pro"}.
+        out["body"] = dict(parse_qsl(body, keep_blank_values=True))
+    elif isinstance(body, str):
         try:
             out["body"] = orjson.loads(body)
         except orjson.JSONDecodeError:

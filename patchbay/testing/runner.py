@@ -154,7 +154,17 @@ def check(case: Case, run: FlowRun) -> list[str]:
         if text and text not in (run.reason or ""):
             return [f"filtered, but the reason does not contain {text!r}:", f"  reason: {run.reason}"]
         return []
-    if run.status in ("quarantined", "filtered"):
+    if e.aggregated not in (None, False):
+        if run.status != "aggregated":
+            return [f"expected the event to be counted into a window, but {got}"]
+        label = window_label(run.trace)
+        text = e.aggregated if isinstance(e.aggregated, str) else ""
+        if text and text not in label:
+            return [f"counted into window {label}, which does not contain {text!r}"]
+        return []
+    if run.status in ("quarantined", "filtered", "aggregated"):
+        if run.status == "aggregated":
+            got = f"it was counted into window {window_label(run.trace)}"
         return [f"expected deliveries, but {got}"]
     out: list[str] = []
     if e.record_includes is not None:
@@ -253,3 +263,10 @@ def junit_xml(report: Report) -> bytes:
 def flow_test_path(root: Path, flow: str) -> Path:
     """Where a flow's tests live: beside the flow, `flows/<flow>.test.yaml`."""
     return root / "flows" / f"{flow}.test.yaml"
+
+
+def window_label(trace: list[dict[str, Any]]) -> str:
+    """The window an aggregated run was counted into, from its trace."""
+    return next(
+        (str(s["window"]) for s in reversed(trace) if s.get("kind") == "aggregate" and "window" in s), ""
+    )

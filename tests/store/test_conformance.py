@@ -21,12 +21,15 @@ from patchbay.store.base import (
     AttemptResult,
     AuditFilter,
     CachedAnswer,
+    Contribution,
+    DedupeClaim,
     NewDelivery,
     NewEvent,
     RunFilter,
     SecretRow,
     SecretRows,
     Store,
+    WindowAdd,
 )
 
 ALICE = Actor("alice", "127.0.0.1", {"token_id": "t1"})
@@ -382,6 +385,8 @@ class Processed:
     reason: str | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
     record_key: str | None = None
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 class Steps:
@@ -396,7 +401,7 @@ class Steps:
             raise PatchbayError("opening the sealed fields: no key")
         return record
 
-    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+    def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
         if "email" not in record:
             return Processed("quarantined", [{"step": "validate"}], reason="email: required")
         return Processed(
@@ -510,7 +515,7 @@ class CallingSteps:
     def load_payload(self, payload: bytes) -> Any:
         return orjson.loads(payload)
 
-    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Any = None, **kw: Any) -> Processed:
         answer = (answers or {}).get(f"{event_id}.find")
         if answer is None:
             call = NewDelivery("call:find", {"url": record["email"]}, f"{event_id}.find")
@@ -596,7 +601,7 @@ async def test_a_dead_call_of_a_compressed_run_is_replayed_and_continues(store: 
 class BrokenAfterTheCall(CallingSteps):
     """A flow whose steps raise once the answer is there (a bug in a custom step)."""
 
-    def process(self, record: Any, event_id: str, *, answers: Any = None) -> Processed:
+    def process(self, record: Any, event_id: str, *, answers: Any = None, **kw: Any) -> Processed:
         if answers:
             raise ZeroDivisionError("division by zero")
         return super().process(record, event_id)
@@ -800,3 +805,198 @@ def test_secret_rows_reseal_is_all_or_nothing(secret_rows: SecretRows) -> None:
         secret_rows.reseal(fail_on_b)
     assert {r.key_id for r in secret_rows.list()} == {"new"}  # nothing changed
     assert all(r.version == 1 for r in secret_rows.list())  # resealing is not a rotation
+
+
+# ------------------------------------------------------------------ windows and dedupe keys (NewEvent.claims, .windows)
+DAILY = [("orders", "daily")]
+
+
+def window_add(
+    start: float,
+    key: str = '"shop-1"',
+    *,
+    length: float = 60.0,
+    grace: float = 0.0,
+    keep: float | None = None,
+    **values: Contribution,
+) -> WindowAdd:
+    return WindowAdd(
+        step="daily",
+        key=key,
+        start=start,
+        end=start + length,
+        grace_s=grace,
+        keep_s=keep,
+        label=f"w{start:.0f}",
+        values=values or {"orders": Contribution(1)},
+        trace_at=1,
+    )
+
+
+def counted(add: WindowAdd, flow: str = "orders") -> NewEvent:
+    e = event(flow, status="aggregated")
+    e.windows = [add]
+    e.trace = [{"step": "map"}, {"step": "daily", "kind": "aggregate"}]
+    return e
+
+
+def claimed(key: str, within: float = 60.0, flow: str = "leads", **kw: Any) -> NewEvent:
+    e = event(flow, **kw)
+    e.claims = [DedupeClaim("once", key, within, 1)]
+    e.trace = [{"step": "map"}, {"step": "once", "kind": "dedupe"}, {"step": "route"}]
+    return e
+
+
+async def test_records_add_to_their_window_and_close_with_the_totals(store: Store) -> None:
+    start = time.time() + 1000  # open for a while
+    amounts = [19.99, 5, 0.01]
+    for i, amount in enumerate(amounts):
+        values = {
+            "orders": Contribution(1),
+            "revenue": Contribution(1, num=float(amount), scale=2 if i != 1 else 0, is_float=i != 1),
+            "smallest": Contribution(1, extreme=amount),
+            "largest": Contribution(1, extreme=amount),
+            "customers": Contribution(1, item=f'"c{i % 2}"'),
+            "coupons": Contribution(0),
+        }
+        acc = await store.accept(counted(window_add(start, **values)))
+        assert acc.status is None and not acc.duplicate
+    await store.accept(counted(window_add(start, key='"shop-2"')))
+    assert await store.open_windows() == {"orders": 2}
+    assert await store.closable_windows(start + 59, 10, DAILY) == []  # not yet closed
+    assert await store.closable_windows(start + 60, 10, [("orders", "hourly"), ("other", "daily")]) == []
+    due = await store.closable_windows(start + 60, 10, DAILY)
+    assert [(w.key, w.adds, w.revision) for w in due] == [('"shop-1"', 3, 1), ('"shop-2"', 1, 1)]
+    v = due[0].values
+    assert (v["orders"].n, v["coupons"].n, v["customers"].distinct) == (3, 0, 2)
+    assert round(v["revenue"].total, 2) == 25.0 and v["revenue"].scale == 2 and v["revenue"].is_float
+    assert (v["smallest"].lo, v["largest"].hi) == (0.01, 19.99)
+    run = await store.get_run((await store.list_runs(RunFilter(flow="orders")))[-1]["id"])
+    assert run is not None and run["status"] == "aggregated" and run["deliveries"] == []
+
+
+async def test_emitting_a_window_is_once_per_revision(store: Store) -> None:
+    start = time.time() - 120  # ended a minute ago: records are late, but the window can be emitted
+    for _ in range(2):
+        await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    out = event("orders", dedupe_key="window:daily:1:r1")
+    acc = await store.emit_window(out, w)
+    assert not acc.duplicate
+    assert await store.closable_windows(start + 2000, 10, DAILY) == []
+    assert await store.open_windows() == {}
+    again = await store.emit_window(event("orders", dedupe_key="window:daily:1:r1"), w)
+    assert again.duplicate and again.event_id == out.id  # closing twice never emits twice
+    assert len(await due(store)) == 1
+
+
+async def test_a_late_record_is_quarantined_with_the_reason(store: Store) -> None:
+    start = time.time() - 120
+    late = counted(window_add(start, grace=30))
+    acc = await store.accept(late)
+    assert acc.status == "quarantined" and "late for window" in (acc.reason or "")
+    run = await store.get_run(late.id)
+    assert run is not None and run["status"] == "quarantined" and run["reason"] == acc.reason
+    assert run["trace"][-1]["kind"] == "aggregate" and run["trace"][-1]["error"] == [acc.reason]
+    assert await store.open_windows() == {}  # nothing counted
+
+
+async def test_a_record_after_its_window_was_emitted_is_late(store: Store) -> None:
+    start = time.time() - 30
+    await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    await store.emit_window(event("orders", dedupe_key="w1"), w)
+    acc = await store.accept(counted(window_add(start, grace=1000)))  # in its grace, but emitted already
+    assert acc.status == "quarantined"
+
+
+async def test_a_late_record_revises_its_window_when_asked(store: Store) -> None:
+    start = time.time() - 120
+    await store.accept(counted(window_add(start, grace=1000, keep=3600)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    await store.emit_window(event("orders", dedupe_key="r1"), w)
+    acc = await store.accept(counted(window_add(start, grace=0, keep=3600)))
+    assert acc.status is None  # counted
+    assert await store.closable_windows(time.time(), 10, DAILY) == []  # a revision waits briefly for others
+    [r2] = await store.closable_windows(time.time() + 60, 10, DAILY)
+    assert (r2.revision, r2.adds, r2.values["orders"].n) == (2, 2, 2)
+    too_late = await store.accept(counted(window_add(start - 7200, grace=0, keep=60)))
+    assert too_late.status == "quarantined" and "too late" in (too_late.reason or "")
+
+
+async def test_emitted_windows_are_let_go_after_their_keep_time(store: Store) -> None:
+    start = time.time() - 120
+    await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    assert await store.tidy_windows(start + 2000) == (0, 0)  # not emitted yet: kept
+    await store.emit_window(event("orders", dedupe_key="t1"), w)
+    assert await store.tidy_windows(start + 2000) == (1, 0)
+    assert await store.closable_windows(start + 5000, 10, DAILY) == []
+
+
+async def test_concurrent_records_with_one_dedupe_key_let_exactly_one_through(store: Store) -> None:
+    events = [claimed("k1") for _ in range(10)]
+    results = await asyncio.gather(*(store.accept(e) for e in events))
+    passed = [e for e, r in zip(events, results, strict=True) if r.status is None]
+    assert len(passed) == 1
+    first = passed[0].id
+    for e, r in zip(events, results, strict=True):
+        if e.id == first:
+            continue
+        assert (r.status, r.reason) == ("filtered", f"once: duplicate of run {first}")
+        run = await store.get_run(e.id)
+        assert run is not None and run["status"] == "filtered" and run["deliveries"] == []
+        assert run["trace"] == [{"step": "map"}, {"step": "once", "kind": "dedupe", "dropped": r.reason}]
+    assert len(await due(store, "leads")) == 1
+    assert not (await store.accept(claimed("k2"))).status  # another key passes
+
+
+async def test_a_dedupe_key_is_claimed_only_by_a_record_that_gets_through(store: Store) -> None:
+    assert (await store.accept(claimed("k", status="quarantined", reason="bad"))).status is None
+    assert (await store.accept(claimed("k", status="filtered", reason="no destination"))).status is None
+    assert (await store.accept(claimed("k"))).status is None  # the first to get through
+    assert (await store.accept(claimed("k"))).status == "filtered"
+
+
+async def test_dedupe_keys_expire_and_are_cleaned_up(store: Store) -> None:
+    assert (await store.accept(claimed("k", within=0.2))).status is None
+    assert (await store.accept(claimed("k", within=0.2))).status == "filtered"
+    await asyncio.sleep(0.3)
+    assert (await store.accept(claimed("k", within=0.2))).status is None  # seen again after the window
+    assert await store.tidy_windows(time.time() + 1) == (0, 1)
+
+
+async def test_replay_counts_a_fixed_quarantined_record_into_its_window(store: Store) -> None:
+    start = time.time() + 1000
+    q = event("orders", body={"email": "x@example.com"}, status="quarantined", reason="bad")
+    await store.accept(q)
+
+    class Counting(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            return Processed(
+                "aggregated", [{"step": "daily", "kind": "aggregate"}], windows=[window_add(start)]
+            )
+
+    rep = await store.replay({"orders": Counting()}, [q.id], None, ALICE)
+    assert rep.requeued == [q.id]
+    run = await store.get_run(q.id)
+    assert run is not None and run["status"] == "aggregated" and run["reason"] is None
+    [w] = await store.closable_windows(start + 60, 10, DAILY)
+    assert w.adds == 1
+
+
+async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> None:
+    e = claimed("k", flow="orders", body={"email": "a@example.com"})
+    await store.accept(e)
+    for d in await due(store):
+        await store.record([result(d, "terminal", "dead", status_code=422, error="rejected")])
+
+    class Deduping(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            out = super().process(record, event_id)
+            out.claims = [DedupeClaim("once", "k", 60.0, 1)]
+            return out
+
+    rep = await store.replay({"orders": Deduping()}, [e.id], None, ALICE)
+    assert rep.requeued == [e.id]  # the key is its own
+    assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held

@@ -47,13 +47,10 @@ class Fakes:
     async def update_customer(self, request: web.Request) -> web.Response:
         self._seen(request)
         cid = request.match_info["id"]
-        if request.content_type == "application/x-www-form-urlencoded":  # Stripe's own body format
-            form = await request.post()
-            metadata = {
-                k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")
-            }
-        else:  # the http destination's JSON, until the template's billing destination sends a form
-            metadata = (await request.json())["metadata"]
+        if request.content_type != "application/x-www-form-urlencoded":  # Stripe takes form bodies only
+            return web.json_response({"error": {"type": "invalid_request_error"}}, status=400)
+        form = await request.post()
+        metadata = {k[len("metadata[") : -1]: str(v) for k, v in form.items() if k.startswith("metadata[")}
         self.metadata.setdefault(cid, {}).update(metadata)
         return web.json_response({"id": cid, "object": "customer", "metadata": self.metadata[cid]})
 

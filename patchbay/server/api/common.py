@@ -221,6 +221,7 @@ class Resource:
             "health": health,
             "stats": stats[spec.name],
             "batch": batch,
+            "open_windows": self.hub.windows.open_windows(spec) if self.hub.windows is not None else None,
         }
 
     def _batch(self, spec: FlowSpec) -> dict[str, Any] | None:
