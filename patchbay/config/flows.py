@@ -49,6 +49,12 @@ class FlowDoc(Spec):
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy for every destination of this flow."
     )
+    sync: str | None = Field(
+        None,
+        description="Make this a sync flow of an entity (entities/<name>.yaml): each record from the trigger's "
+        "system is linked in the identity map, and each destination gets an operation (`op`: create, update, "
+        "delete, archive; `id`: the record's id in that system; `fields`: what that system should receive).",
+    )
     alerts: list[AlertRule] = Field(
         default_factory=list,
         description="Alert rules for this flow only, e.g. "
@@ -107,6 +113,7 @@ def load_flow(
         doc.alerts,
         settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
         batch=doc.batch,
+        sync=doc.sync,
     )
 
 

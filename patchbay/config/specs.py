@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -12,6 +12,9 @@ from patchbay.config.batch import BatchSpec
 from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
+
+if TYPE_CHECKING:
+    from patchbay.config.entities import EntitySpec
 
 
 @dataclass
@@ -79,6 +82,9 @@ class FlowSpec:
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
+    sync: str | None = (
+        None  # the entity this flow's records feed (entities/<name>.yaml), if it is a sync flow
+    )
 
     @property
     def webhook_path(self) -> str | None:
@@ -104,6 +110,7 @@ class Project:
     settings: HubSettings
     systems: dict[str, SystemSpec] = field(default_factory=dict)
     flows: dict[str, FlowSpec] = field(default_factory=dict)
+    entities: dict[str, EntitySpec] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
