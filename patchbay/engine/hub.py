@@ -21,6 +21,7 @@ from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
+from patchbay.engine.sync import EntitySync, Item
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
@@ -110,6 +111,7 @@ class Hub:
         self.alert_manager: AlertManager | None = None
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.started_at = time.time()
+        self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
 
     @classmethod
     def from_dir(cls, root: Path) -> Hub:
@@ -181,6 +183,8 @@ class Hub:
                     dest.name,
                 )
         fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
+        if spec.sync is not None and spec.sync not in self.syncs:
+            self.syncs[spec.sync] = EntitySync(self.project.entities[spec.sync], self.store)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
             w.start()
@@ -361,6 +365,11 @@ class Hub:
         """
         assert self.store is not None
         fr = self.flows[flow_name]
+        if fr.spec.sync is not None and commit is None:  # a sync flow: the identity map decides the writes
+            [event], [accepted] = await self.syncs[fr.spec.sync].step(
+                fr.spec, fr.pipeline, [Item(payload, record, dedupe_key)], meta
+            )
+            return accepted, self._after_commit(fr, event, accepted)
         event = self._event(fr, payload, record, dedupe_key, meta)
         accepted = await (commit or self.store.accept)(event)
         return accepted, self._after_commit(fr, event, accepted)
@@ -371,6 +380,17 @@ class Hub:
         """A source's batch: every event and the source cursor in one transaction; returns after commit."""
         assert self.store is not None
         fr = self.flows[flow_name]
+        if fr.spec.sync is not None:
+            items = [
+                Item(r.raw if r.raw is not None else orjson.dumps(r.data), r.data, r.id)
+                for r in batch.records
+            ]
+            synced, accepted = await self.syncs[fr.spec.sync].step(
+                fr.spec, fr.pipeline, items, meta, batch.cursor
+            )
+            for e, a in zip(synced, accepted, strict=True):
+                self._after_commit(fr, e, a)
+            return accepted
         events = []
         for r in batch.records:
             payload = r.raw if r.raw is not None else orjson.dumps(r.data)

@@ -512,9 +512,9 @@ class Identities(Protocol):
         ...
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, flow: str | None, cursor: Any
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
     ) -> list[Accepted]:
-        """Events, identity changes and the flow's source cursor (unless None) in one transaction."""
+        """Events, identity changes and source cursors (flow -> cursor) in one transaction."""
         ...
 
     async def conflicts(

@@ -872,9 +872,9 @@ class SqliteStore:
         return await self._read(q_all, entity, after, limit)
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, flow: str | None, cursor: Any
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
     ) -> list[Accepted]:
-        return await self._write(tx_accept_synced, events, changes, flow, cursor)
+        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
 
     async def conflicts(
         self, entity: str | None = None, status: str | None = None, limit: int = 100
@@ -1028,13 +1028,14 @@ def tx_accept_batch(
 
 
 def tx_accept_synced(
-    conn: sqlite3.Connection, events: list[NewEvent], changes: IdentityChanges, flow: str | None, cursor: Any
+    conn: sqlite3.Connection, events: list[NewEvent], changes: IdentityChanges, cursors: dict[str, Any]
 ) -> list[Accepted]:
     """A sync step: its events, the identity map's changes and the source cursor, together."""
     out = [tx_accept(conn, e) for e in events]
     tx_identity_changes(conn, changes)
-    if flow is not None and cursor is not None:
-        tx_set_cursor(conn, flow, cursor)
+    for flow, cursor in cursors.items():
+        if cursor is not None:
+            tx_set_cursor(conn, flow, cursor)
     return out
 
 
