@@ -21,7 +21,7 @@ from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
-from patchbay.engine.sync import EntitySync, Item
+from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
@@ -136,10 +136,37 @@ class Hub:
             flows.append(self.alert_manager.flow)
         for flow in flows:  # resolve now: a missing secret stops the start, before anything runs
             self._resolve_secrets(flow)
+        await self._first_runs()
         for flow in flows:
             await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
         await self.alert_manager.start()
+
+    async def _first_runs(self) -> None:
+        """An entity whose identity map is empty starts with a first run: every polled system is read and
+        linked before anything is written, so records that exist on both sides are not duplicated."""
+        assert self.store is not None and self.resolver is not None
+        resolver = self.resolver
+        for name, ent in self.project.entities.items():
+            flows = sync_flows(self.project.flows, name)
+            if not flows or (await self.store.identity_stats(name))["identities"]:
+                continue
+            sync = self.syncs[name] = EntitySync(ent, self.store)
+
+            def pipeline_of(f: FlowSpec) -> Pipeline:
+                return Pipeline(f, build_sinks(f, self.project, resolver, self.resources), self._cipher)
+
+            def source_of(f: FlowSpec) -> Any:
+                assert f.source is not None
+                found = registry.connector_for(f.source.kind, "source")
+                assert found is not None
+                system = self.project.systems[f.source.system]
+                res = system_resources(self.project, resolver, system, f.name, self.resources)
+                return found[0](system.config, f.source.config, res)
+
+            preview = await first_run(sync, flows, pipeline_of, source_of, dry_run=False)
+            if sum(preview.records.values()):
+                log.info("first run of %s: %s", name, preview.summary())
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None

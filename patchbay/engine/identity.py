@@ -203,8 +203,17 @@ class Session:
         self._dirty[ident.id] = ident
 
     # -------------------------------------------------------------- applying a record
-    def apply(self, inc: Incoming, event_id: str | None) -> Applied:
-        ident, how, candidates = self.find(inc)
+    def apply(
+        self, inc: Incoming, event_id: str | None, into: Identity | None = None, new: bool = False
+    ) -> Applied:
+        """Apply a record. `into` (or `new`): a person decided which identity it is (the review queue)."""
+        candidates: list[str] = []
+        if into is not None:
+            ident, how = into, "link"
+        elif new:
+            ident, how = None, "new"
+        else:
+            ident, how, candidates = self.find(inc)
         if ident is None and how != "new":
             if inc.record_id is not None:
                 self.changes.reviews.append(
@@ -396,18 +405,22 @@ class Session:
         return Applied(ident, "deleted", f"deleted in {inc.system}; policy {policy}", deleted=True)
 
     # -------------------------------------------------------------- planning writes
-    def plan(self, ident: Identity, targets: set[str]) -> list[Op]:
-        """What each target system should receive now so that it holds what the rules say."""
+    def plan(
+        self, ident: Identity, targets: set[str], include_owned: frozenset[str] = frozenset()
+    ) -> list[Op]:
+        """What each target system should receive now so that it holds what the rules say.
+
+        `include_owned`: fields written even to their owner (a person's resolution of a conflict)."""
         ops: list[Op] = []
-        for system in targets:
+        for system in sorted(targets):
             if system not in self.ent.systems or not self.ent.writes(system):
                 continue
-            op = self._plan_one(ident, system)
+            op = self._plan_one(ident, system, include_owned)
             if op is not None:
                 ops.append(op)
         return ops
 
-    def _plan_one(self, ident: Identity, system: str) -> Op | None:
+    def _plan_one(self, ident: Identity, system: str, include_owned: frozenset[str]) -> Op | None:
         view = ident.systems.get(system)
         if ident.status in ("deleted", "archived"):
             if view is None or view.get("id") is None or view.get("deleted_at") is not None:
@@ -425,7 +438,7 @@ class Session:
             return Op(system, "create", None, dict(agreed), dict(agreed))
         if view.get("id") is None:
             return None  # a create is in flight: its id comes back first (response or read back)
-        record = {f: v for f, v in agreed.items() if self.ent.owner(f) != system}
+        record = {f: v for f, v in agreed.items() if self.ent.owner(f) != system or f in include_owned}
         changed = {f: v for f, v in record.items() if not same(_known(view, f), v)}
         if not changed:
             return None
@@ -447,6 +460,11 @@ class Session:
         view = ident.systems.setdefault(system, _view())
         view["id"] = record_id
         view["pending"] = None
+        self.touch(ident)
+
+    def resolve(self, ident: Identity, f: str, value: Any, by: str) -> None:
+        """A person's decision: the agreed value of `f`, written to every system (its owner too)."""
+        ident.golden[f] = {"value": value, "system": "manual", "at": self.now, "by": by}
         self.touch(ident)
 
     def finish(self) -> IdentityChanges:

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +22,12 @@ import orjson
 from patchbay.config.entities import EntitySpec, flow_origin
 from patchbay.config.specs import FlowSpec
 from patchbay.connectors.base import Batch
-from patchbay.engine.identity import Applied, Incoming, Op, Session, read_record
+from patchbay.engine.identity import MISSING, Applied, Incoming, Op, Session, read_record
 from patchbay.errors import RecordInvalid, TerminalError
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
 from patchbay.records import new_id
-from patchbay.store.base import Accepted, Identity, NewDelivery, NewEvent, Store
+from patchbay.store.base import Accepted, Actor, Identity, IdentityLookup, NewDelivery, NewEvent, Store
 
 if TYPE_CHECKING:
     from patchbay.engine.pipeline import Pipeline
@@ -158,7 +158,7 @@ class EntitySync:
     async def _session(self, incs: list[Incoming], now: float) -> Session:
         session_keys: list[tuple[str, str]] = []
         links = [(i.system, i.record_id) for i in incs if i.record_id is not None]
-        probe = Session(self.ent, _empty(), now)
+        probe = Session(self.ent, IdentityLookup(), now)
         for inc in incs:
             session_keys += probe.keys_of(inc)
         lookup = await self.store.identity_lookup(self.ent.name, links, session_keys)
@@ -179,15 +179,24 @@ class EntitySync:
                     session.link_created(ident, system, str(rid))
 
     def _render(
-        self, flow: FlowSpec, pipeline: Pipeline, session: Session, applied: Applied, event_id: str
+        self,
+        flow: FlowSpec,
+        pipeline: Pipeline,
+        session: Session,
+        applied: Applied,
+        event_id: str,
+        include_owned: frozenset[str] = frozenset(),
+        targets: set[str] | None = None,
     ) -> tuple[list[NewDelivery], list[dict[str, Any]]]:
         ident = applied.identity
         if ident is None or applied.action == "ignored":
             return [], []
-        targets = {d.system for d in flow.destinations}
+        systems = {d.system for d in flow.destinations}
+        if targets is not None:
+            systems &= targets
         deliveries: list[NewDelivery] = []
         writes: list[dict[str, Any]] = []
-        for op in session.plan(ident, targets):
+        for op in session.plan(ident, systems, include_owned):
             rendered = self._deliveries(flow, pipeline, op, ident, event_id)
             if not rendered:
                 continue
@@ -242,6 +251,135 @@ class EntitySync:
             reason=reason,
             deliveries=deliveries,
         )
+
+    # -------------------------------------------------------------- a person's decisions
+    async def resolve_conflict(
+        self,
+        conflict_id: int,
+        flows: list[tuple[FlowSpec, Pipeline]],
+        by: Actor,
+        value: Any = MISSING,
+        take: str | None = None,
+    ) -> dict[str, Any]:
+        """Settle a conflict with a value (given, or the one `take` system had); written to every system
+        that differs, its owner too, through the entity's sync flows. LookupError/ValueError when it cannot."""
+        async with self.lock:
+            c = await self.store.conflict(conflict_id)
+            if c is None or c["entity"] != self.ent.name:
+                raise LookupError(f"no conflict {conflict_id} of entity {self.ent.name}")
+            if c["status"] == "resolved":
+                raise ValueError(f"conflict {conflict_id} was already resolved: {c['resolution']}")
+            if take is not None:
+                found = [v for v in c["values"] if v["system"] == take]
+                if not found:
+                    systems = ", ".join(v["system"] for v in c["values"])
+                    raise ValueError(f"conflict {conflict_id} has no value from {take!r} (it has: {systems})")
+                value = found[-1]["value"]
+            if value is MISSING:
+                raise ValueError("give the value to keep (--value) or the system whose value wins (--take)")
+            ident = await self.store.identity(c["identity_id"])
+            if ident is None:
+                raise LookupError(f"identity {c['identity_id']} is gone")
+            now = time.time()
+            session = Session(self.ent, IdentityLookup(identities={ident.id: ident}), now)
+            session.resolve(ident, c["field"], value, by.name)
+            how = {"field": c["field"], "value": value, "by": by.name}
+            events = self._writes_everywhere(session, ident, flows, how, now, frozenset({c["field"]}))
+            changes = session.finish()
+            changes.resolve_conflicts.append((conflict_id, "resolved", how))
+            changes.by = by
+            await self.store.accept_synced(events, changes)
+            return {
+                "conflict": conflict_id,
+                "identity": ident.id,
+                "value": value,
+                "runs": [e.id for e in events],
+            }
+
+    async def resolve_review(
+        self,
+        review_id: int,
+        flows: list[tuple[FlowSpec, Pipeline]],
+        by: Actor,
+        link_to: str | None = None,
+        new: bool = False,
+        dismiss: bool = False,
+    ) -> dict[str, Any]:
+        """Decide a review: link the record to identity `link_to`, make it a new identity, or dismiss it."""
+        async with self.lock:
+            r = await self.store.review(review_id)
+            if r is None or r["entity"] != self.ent.name:
+                raise LookupError(f"no review {review_id} of entity {self.ent.name}")
+            if r["status"] != "open":
+                raise ValueError(f"review {review_id} was already decided: {r['status']}")
+            if sum([link_to is not None, new, dismiss]) != 1:
+                raise ValueError("decide one way: --link IDENTITY, --new or --dismiss")
+            now = time.time()
+            session = Session(self.ent, IdentityLookup(), now)
+            events: list[NewEvent] = []
+            if dismiss:
+                how: dict[str, Any] = {"decision": "dismissed", "by": by.name}
+            else:
+                into = None
+                if link_to is not None:
+                    into = await self.store.identity(link_to)
+                    if into is None or into.entity != self.ent.name:
+                        raise LookupError(f"no identity {link_to} of entity {self.ent.name}")
+                    session.identities[into.id] = into
+                inc = Incoming(r["system"], r["record_id"], r["values"])
+                applied = session.apply(inc, None, into=into, new=new)
+                assert applied.identity is not None
+                how = {
+                    "decision": "linked" if into else "new",
+                    "identity": applied.identity.id,
+                    "by": by.name,
+                }
+                events = self._writes_everywhere(session, applied.identity, flows, how, now, frozenset())
+            changes = session.finish()
+            changes.resolve_reviews.append((review_id, str(how["decision"]), how))
+            changes.by = by
+            await self.store.accept_synced(events, changes)
+            return {"review": review_id, **how, "runs": [e.id for e in events]}
+
+    def _writes_everywhere(
+        self,
+        session: Session,
+        ident: Identity,
+        flows: list[tuple[FlowSpec, Pipeline]],
+        why: dict[str, Any],
+        now: float,
+        include_owned: frozenset[str],
+    ) -> list[NewEvent]:
+        """One event per sync flow that has something to write for `ident`, each system written once."""
+        events = []
+        done: set[str] = set()
+        payload = orjson.dumps({"entity": self.ent.name, "identity": ident.id, **why}, default=str)
+        for flow, pipeline in flows:
+            targets = {d.system for d in flow.destinations} - done
+            if not targets:
+                continue
+            event_id = new_id()
+            applied = Applied(ident, "decided")
+            deliveries, writes = self._render(
+                flow, pipeline, session, applied, event_id, include_owned, targets
+            )
+            done |= targets
+            if deliveries:
+                trace = [{"step": "identity", "kind": "sync", "action": "decided", **why, "writes": writes}]
+                events.append(
+                    self._event(
+                        flow,
+                        Item(payload, None, None),
+                        event_id,
+                        now,
+                        "pending",
+                        None,
+                        trace,
+                        deliveries,
+                        None,
+                    )
+                )
+        return events
 
     # -------------------------------------------------------------- first run
     async def first_run(
@@ -307,6 +445,34 @@ class EntitySync:
             return prev
 
 
+def sync_flows(flows: dict[str, FlowSpec], entity: str) -> list[FlowSpec]:
+    """The enabled sync flows of `entity`, by name."""
+    return [f for _, f in sorted(flows.items()) if f.sync == entity and f.enabled]
+
+
+async def first_run(
+    sync: EntitySync,
+    flows: list[FlowSpec],
+    pipeline_of: Callable[[FlowSpec], Pipeline],
+    source_of: Callable[[FlowSpec], Any],
+    *,
+    dry_run: bool,
+) -> Preview:
+    """Read every record of each polled system of the entity (from the start), then link them all before
+    anything is written (`EntitySync.first_run`). Systems fed only by webhooks or brokers are not read."""
+    reads: dict[str, tuple[FlowSpec, Pipeline, list[Item], Any]] = {}
+    for flow in flows:
+        if flow.source is None or flow.source.mode != "poll":
+            continue
+        source = source_of(flow)
+        try:
+            items, cursor = await read_all(source)
+        finally:
+            await source.close()
+        reads[flow.source.system] = (flow, pipeline_of(flow), items, cursor)
+    return await sync.first_run(reads, dry_run=dry_run)
+
+
 async def read_all(source: Any, cursor: Any = None) -> tuple[list[Item], Any]:
     """Every record a poll source holds (from `cursor`), and the cursor after them."""
     items: list[Item] = []
@@ -318,12 +484,6 @@ async def read_all(source: Any, cursor: Any = None) -> tuple[list[Item], Any]:
         if batch.cursor is not None:
             last = batch.cursor
     return items, last
-
-
-def _empty() -> Any:
-    from patchbay.store.base import IdentityLookup
-
-    return IdentityLookup()
 
 
 def _trace(applied: Applied, writes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -241,3 +241,67 @@ async def test_two_way_sync_writes_once_each_way_and_never_echoes(tmp_path, tabl
     stats = await hub.store.identity_stats("customer")
     assert stats["identities"] == 1 and stats["linked"] == {"crm": 1, "marketing": 1}
     await asyncio.sleep(0)
+
+
+def cli(root: Path, *args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    res = CliRunner().invoke(main, [*args, "-p", str(root)])
+    return res.exit_code, res.output
+
+
+async def test_first_run_links_records_present_on_both_sides_and_creates_the_rest(
+    tmp_path, tables: Tables, start_hub
+):
+    crm = [(f"user{i}@example.com", f"User {i}", f"10{i}") for i in range(5)]
+    await tables.pg.cursor().executemany(
+        f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)', crm
+    )
+    # Two of them already in marketing, under other ids, with case and whitespace differences; one only there.
+    mk = [
+        ("  USER1@Example.com ", "User 1", "101", "pro"),
+        ("user3@EXAMPLE.COM", "User 3", "103", None),
+        ("only@marketing.io", "Only M", None, "free"),
+    ]
+    for row in mk:
+        await tables.my_exec(
+            f"INSERT INTO `{tables.mk}` (email_address, full_name, phone, plan) VALUES (%s, %s, %s, %s)",
+            list(row),
+        )
+    root = sync_project(tmp_path, tables)
+    code, out = await asyncio.to_thread(cli, root, "sync", "preview", "customer")
+    assert code == 0, out
+    # Linked: user1 and user3. Created: 3 in marketing, 1 in the CRM. The CRM owns the email, so the two
+    # emails written differently in marketing are conflicts settled by the owner and written back (2
+    # updates), and the plan marketing owns goes to the CRM for user1 (1 update).
+    assert "would link 2, create 4, update 3, conflicts 2, review 0 (6 identities from 8 records)" in out
+    assert await tables.my_exec(f"SELECT COUNT(*) FROM `{tables.mk}`") == [(3,)]  # the preview wrote nothing
+
+    hub = await start_hub(root)
+
+    async def converged() -> bool:
+        return len(await tables.crm_rows()) == 6 and len(await tables.mk_rows()) == 6
+
+    await eventually(converged, timeout=20, what="both sides holding the 6 customers")
+    await polls(hub, 3)
+    crm_emails = sorted(r[1].strip().lower() for r in await tables.crm_rows())
+    mk_emails = sorted(r[1].strip().lower() for r in await tables.mk_rows())
+    assert crm_emails == mk_emails and len(set(crm_emails)) == 6  # no duplicates on either side
+    stats = await hub.store.identity_stats("customer")
+    assert stats["identities"] == 6 and stats["linked"] == {"crm": 6, "marketing": 6}
+    assert await deliveries(hub) == {
+        "marketing_create": 3,
+        "crm_create": 1,
+        "marketing_update": 2,
+        "crm_update": 1,
+    }
+    assert {c["kind"] for c in await hub.store.conflicts("customer")} == {"owned"}
+    # The plan marketing owns reached the CRM for the customer present on both sides.
+    [user1] = [r for r in await tables.crm_rows() if r[1] == "user1@example.com"]
+    assert user1[3] == "pro"
+
+    code, out = await asyncio.to_thread(cli, root, "identities", "show", "customer", " User1@EXAMPLE.com")
+    assert code == 0, out
+    assert "crm: id " in out and "marketing: id " in out and "owner marketing" in out
