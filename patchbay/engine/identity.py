@@ -48,10 +48,10 @@ def same(a: Any, b: Any) -> bool:
     """Values the hub takes for equal: 1 == 1.0, and a number equals its text (databases and JSON differ)."""
     if a is MISSING or b is MISSING:
         return a is b
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
     if a == b:
         return True
-    if isinstance(a, bool) or isinstance(b, bool):
-        return False
     if isinstance(a, int | float | str) and isinstance(b, int | float | str):
         return str(a) == str(b)
     return False
@@ -277,6 +277,7 @@ class Session:
             return  # unchanged (or read before the hub's write landed)
         base = seen["value"] if seen is not None else MISSING
         view["seen"][f] = entry
+        view["written"].pop(f, None)  # what the system now says supersedes what the hub sent it
         self._seen_changed = True
         rule = self.ent.fields[f]
         g = ident.golden.get(f)
@@ -431,7 +432,17 @@ class Session:
         if view is not None and view.get("deleted_at") is not None:
             return None  # deleted there: never recreated by the hub
         mapped = self.ent.systems[system].fields
-        agreed = {f: g["value"] for f, g in ident.golden.items() if f in mapped and not g.get("hold")}
+        agreed = {
+            f: g["value"]
+            for f, g in ident.golden.items()
+            if f in mapped
+            and not g.get("hold")
+            and g["value"] is not None
+            or f in mapped
+            and not g.get("hold")
+            and view is not None
+            and f in view["seen"]
+        }
         if view is None or (view.get("id") is None and view.get("pending") is None):
             if not agreed:
                 return None
@@ -439,7 +450,7 @@ class Session:
         if view.get("id") is None:
             return None  # a create is in flight: its id comes back first (response or read back)
         record = {f: v for f, v in agreed.items() if self.ent.owner(f) != system or f in include_owned}
-        changed = {f: v for f, v in record.items() if not same(_known(view, f), v)}
+        changed = {f: v for f, v in record.items() if not _holds(view, f, v)}
         if not changed:
             return None
         return Op(system, "update", str(view["id"]), changed, record)
@@ -474,6 +485,12 @@ class Session:
 
 def _view() -> dict[str, Any]:
     return {"id": None, "seen": {}, "written": {}, "pending": None, "deleted_at": None}
+
+
+def _holds(view: dict[str, Any], f: str, v: Any) -> bool:
+    """The system holds `v` for `f` as far as the hub knows (a field it never had counts as null)."""
+    known = _known(view, f)
+    return (v is None) if known is MISSING else same(known, v)
 
 
 def _known(view: dict[str, Any], f: str) -> Any:
