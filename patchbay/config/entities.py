@@ -195,6 +195,8 @@ def load_entities(
             continue
         ent = _load_entity(src, f.stem, systems, broken, problems)
         if ent is None:
+            name = src.data.get("entity") or f.stem
+            srcs[str(name)] = src  # known, but broken: flows that name it are not reported again
             continue
         if ent.name in out:
             problems.append(src.problem(("entity",), f"duplicate entity name {ent.name!r}; rename one"))
@@ -314,6 +316,7 @@ def check_sync_flows(
     flows: dict[str, FlowSpec],
     flow_srcs: dict[str, Located],
     problems: list[Problem],
+    broken: frozenset[str] | set[str] = frozenset(),
 ) -> None:
     """A sync flow feeds a known entity from a system that takes part; no flow writes an owned field into
     its owner from elsewhere."""
@@ -324,6 +327,8 @@ def check_sync_flows(
         origin = flow_origin(flow)
         if flow.sync is not None:
             ent = entities.get(flow.sync)
+            if ent is None and flow.sync in broken:
+                continue
             if ent is None:
                 problems.append(
                     src.problem(
@@ -344,6 +349,19 @@ def check_sync_flows(
                     src.problem(
                         ("sync",),
                         f"entity {ent.name!r} says the hub never reads {origin!r} (direction: write)",
+                    )
+                )
+            missing = [
+                s for s in ent.systems if ent.writes(s) and s not in {d.system for d in flow.destinations}
+            ]
+            for s in missing:
+                problems.append(
+                    src.problem(
+                        ("destinations",),
+                        f"sync flow {flow.name!r} has no destination for {s!r}, which entity {ent.name!r} "
+                        f"writes (its operations: create, update{', delete' if ent.doc.deletes.policy == 'propagate' else ''}"
+                        f"{', archive' if ent.doc.deletes.policy == 'archive' else ''}); add one, or set "
+                        f"systems.{s}.direction: read in {ent.file}",
                     )
                 )
             for i, d in enumerate(flow.destinations):

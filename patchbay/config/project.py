@@ -76,8 +76,8 @@ def load_project(
         alert_docs.append((hub_src, settings.alerts, None))
     alert_docs += [(flow_srcs[n], f.alerts, f) for n, f in flows.items()]
     check_alerts(alert_docs, systems, broken, problems)
-    entities, _ = load_entities(root, parse, systems, broken, problems)
-    check_sync_flows(entities, flows, flow_srcs, problems)
+    entities, ent_srcs = load_entities(root, parse, systems, broken, problems)
+    check_sync_flows(entities, flows, flow_srcs, problems, set(ent_srcs) - set(entities))
 
     if secret_exists is not None:
         _check_secrets(systems, secret_exists, problems)
