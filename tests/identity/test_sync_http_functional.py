@@ -71,7 +71,10 @@ class Marketing:
 
     async def _post(self, contact: dict[str, Any]) -> None:
         await asyncio.sleep(0.05)  # after the API answer, as real services do
-        async with aiohttp.ClientSession() as s, s.post(self.hook, json={"type": "contact.changed", "contact": contact}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(self.hook, json={"type": "contact.changed", "contact": contact}) as r,
+        ):
             assert r.status == 202, await r.text()
 
 
@@ -95,37 +98,93 @@ async def marketing() -> AsyncIterator[Marketing]:
 
 def project(root: Path, t: Tables, m: Marketing) -> Path:
     entity = {
-        "fields": {"email": {"owner": "crm"}, "name": {"owner": "crm"}, "plan": {"owner": "marketing"},
-                   "phone": {"rule": "latest"}},
+        "fields": {
+            "email": {"owner": "crm"},
+            "name": {"owner": "crm"},
+            "plan": {"owner": "marketing"},
+            "phone": {"rule": "latest"},
+        },
         "match": [{"field": "email", "normalize": "email"}],
         "systems": {
-            "crm": {"id": "id", "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}},
-            "marketing": {"id": "contact.id", "fields": {"email": "contact.email", "name": "contact.name",
-                                                         "plan": "contact.plan", "phone": "contact.phone"}},
+            "crm": {
+                "id": "id",
+                "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"},
+            },
+            "marketing": {
+                "id": "contact.id",
+                "fields": {
+                    "email": "contact.email",
+                    "name": "contact.name",
+                    "plan": "contact.plan",
+                    "phone": "contact.phone",
+                },
+            },
         },
     }
     systems = {
         "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
-        "marketing": {"kind": "http", "owner": "growth", "url": m.url, "allow_private_network": True,
-                      "webhook": {"scheme": "none", "public": True}},
+        "marketing": {
+            "kind": "http",
+            "owner": "growth",
+            "url": m.url,
+            "allow_private_network": True,
+            "webhook": {"scheme": "none", "public": True},
+        },
     }
     dests = [
-        {"name": "crm_create", "system": "crm", "when": "op == 'create'", "table": t.crm, "write_mode": "insert",
-         "columns": {c: f"record.{c}" for c in ("email", "name", "plan", "phone")}},
-        {"name": "crm_update", "system": "crm", "when": "op == 'update'", "table": t.crm, "write_mode": "update",
-         "key": ["id"], "columns": {"id": "id", "plan": "record.plan", "phone": "record.phone"}},
-        {"name": "mk_create", "system": "marketing", "when": "op == 'create'", "method": "POST", "path": "/contacts",
-         "body": "fields.contact", "response": {"id": "body.id"}},
-        {"name": "mk_update", "system": "marketing", "when": "op == 'update'", "method": "PATCH",
-         "path": "/contacts/{{ id }}", "body": "fields.contact"},
+        {
+            "name": "crm_create",
+            "system": "crm",
+            "when": "op == 'create'",
+            "table": t.crm,
+            "write_mode": "insert",
+            "columns": {c: f"record.{c}" for c in ("email", "name", "plan", "phone")},
+        },
+        {
+            "name": "crm_update",
+            "system": "crm",
+            "when": "op == 'update'",
+            "table": t.crm,
+            "write_mode": "update",
+            "key": ["id"],
+            "columns": {"id": "id", "plan": "record.plan", "phone": "record.phone"},
+        },
+        {
+            "name": "mk_create",
+            "system": "marketing",
+            "when": "op == 'create'",
+            "method": "POST",
+            "path": "/contacts",
+            "body": "fields.contact",
+            "response": {"id": "body.id"},
+        },
+        {
+            "name": "mk_update",
+            "system": "marketing",
+            "when": "op == 'update'",
+            "method": "PATCH",
+            "path": "/contacts/{{ id }}",
+            "body": "fields.contact",
+        },
     ]
     flows = {
-        "crm_sync": {"purpose": "CRM changes reach marketing", "owner": "ops", "sync": "customer",
-                     "trigger": {"schedule": {"every": "1s"},
-                                 "source": {"system": "crm", "table": t.crm, "cursor_column": "updated_at"}},
-                     "destinations": dests},
-        "marketing_sync": {"purpose": "marketing changes reach the CRM", "owner": "ops", "sync": "customer",
-                           "trigger": {"webhook": {"system": "marketing"}}, "destinations": dests},
+        "crm_sync": {
+            "purpose": "CRM changes reach marketing",
+            "owner": "ops",
+            "sync": "customer",
+            "trigger": {
+                "schedule": {"every": "1s"},
+                "source": {"system": "crm", "table": t.crm, "cursor_column": "updated_at"},
+            },
+            "destinations": dests,
+        },
+        "marketing_sync": {
+            "purpose": "marketing changes reach the CRM",
+            "owner": "ops",
+            "sync": "customer",
+            "trigger": {"webhook": {"system": "marketing"}},
+            "destinations": dests,
+        },
     }
     files = {
         "patchbay.yaml": yaml.safe_dump({"port": 0}),
@@ -136,12 +195,17 @@ def project(root: Path, t: Tables, m: Marketing) -> Path:
 
 
 async def test_crm_and_rest_marketing_converge_with_one_write_per_change(
-    tmp_path, tables: Tables, marketing: Marketing, start_hub  # noqa: F811
+    tmp_path,
+    tables: Tables,
+    marketing: Marketing,
+    start_hub,  # noqa: F811
 ):
     running = await start_hub(project(tmp_path, tables, marketing))
     marketing.hook = f"{running.url}/hooks/marketing_sync"
-    await tables.pg_exec(f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
-                         ["ada@example.com", "Ada", "111"])
+    await tables.pg_exec(
+        f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
+        ["ada@example.com", "Ada", "111"],
+    )
 
     async def created() -> bool:
         return len(marketing.contacts) == 1
@@ -177,13 +241,18 @@ async def test_crm_and_rest_marketing_converge_with_one_write_per_change(
 
 
 async def test_the_id_a_create_returns_is_kept_when_no_webhook_tells_it(
-    tmp_path, tables: Tables, marketing: Marketing, start_hub  # noqa: F811
+    tmp_path,
+    tables: Tables,
+    marketing: Marketing,
+    start_hub,  # noqa: F811
 ):
     marketing.notify_api_writes = False  # only the create's answer says which id the contact got
     running = await start_hub(project(tmp_path, tables, marketing))
     marketing.hook = f"{running.url}/hooks/marketing_sync"
-    await tables.pg_exec(f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
-                         ["bob@example.com", "Bob", "1"])
+    await tables.pg_exec(
+        f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
+        ["bob@example.com", "Bob", "1"],
+    )
 
     async def delivered() -> bool:
         rows = await running.store.read(

@@ -38,7 +38,7 @@ class Tables:
         )
         await self.pg.execute(
             f'CREATE TABLE "{self.crm}" (id serial PRIMARY KEY, email text, name text, plan text, phone text,'
-            " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            " deleted_at timestamptz, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
         await self.pg.execute(
             f"CREATE FUNCTION {self.crm}_stamp() RETURNS trigger AS $$ BEGIN "
@@ -113,7 +113,9 @@ ENTITY = {
 }
 
 
-def sync_project(root: Path, t: Tables, entity: dict[str, Any] | None = None) -> Path:
+def sync_project(
+    root: Path, t: Tables, entity: dict[str, Any] | None = None, extra: list[dict[str, Any]] | None = None
+) -> Path:
     systems = {
         "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
         "marketing": {"kind": "mysql", "owner": "marketing", "allow_private_network": True, **MY},
@@ -145,6 +147,7 @@ def sync_project(root: Path, t: Tables, entity: dict[str, Any] | None = None) ->
         ]
 
     all_dests = dests("crm", t.crm, crm_cols, {"email", "name"}) + dests("marketing", t.mk, mk_cols, {"plan"})
+    all_dests += extra or []
 
     def flow(system: str, table: str) -> dict[str, Any]:
         return {
@@ -305,3 +308,52 @@ async def test_first_run_links_records_present_on_both_sides_and_creates_the_res
     code, out = await asyncio.to_thread(cli, root, "identities", "show", "customer", " User1@EXAMPLE.com")
     assert code == 0, out
     assert "crm: id " in out and "marketing: id " in out and "owner marketing" in out
+
+
+async def test_a_delete_is_propagated_and_a_mass_delete_stops_the_source(tmp_path, tables: Tables, start_hub):
+    entity = {
+        **ENTITY,
+        "systems": {
+            **ENTITY["systems"],
+            "crm": {**ENTITY["systems"]["crm"], "deleted": "deleted_at != null"},
+        },
+        "deletes": {"policy": "propagate", "max_share": 0.5, "min_identities": 5},
+    }
+    delete = {
+        "name": "marketing_delete",
+        "system": "marketing",
+        "when": "op == 'delete'",
+        "table": tables.mk,
+        "write_mode": "delete",
+        "key": ["id"],
+        "columns": {"id": "id"},
+    }
+    rows = [(f"u{i}@example.com", f"U{i}") for i in range(10)]
+    await tables.pg.cursor().executemany(f'INSERT INTO "{tables.crm}" (email, name) VALUES (%s, %s)', rows)
+    hub = await start_hub(sync_project(tmp_path, tables, entity, [delete]))
+
+    async def count_mk(n: int) -> bool:
+        return len(await tables.mk_rows()) == n
+
+    await eventually(lambda: count_mk(10), timeout=20, what="10 customers in marketing")
+    await tables.pg_exec(f"UPDATE \"{tables.crm}\" SET deleted_at = now() WHERE email = 'u0@example.com'")
+    await eventually(lambda: count_mk(9), timeout=20, what="the deleted customer gone from marketing")
+    assert (await hub.store.identity_stats("customer"))["status"] == {"active": 9, "deleted": 1}
+
+    # 6 of the 9 left deleted at once (67 %, over max_share 50 %): refused whole, the source stops.
+    await tables.pg_exec(
+        f'UPDATE "{tables.crm}" SET deleted_at = now() WHERE email IN '
+        "('u1@example.com','u2@example.com','u3@example.com','u4@example.com','u5@example.com','u6@example.com')"
+    )
+
+    async def stopped() -> bool:
+        state = (await hub.store.source_states()).get("crm_sync")
+        return state is not None and state.state == "stopped"
+
+    await eventually(stopped, timeout=20, what="the crm source stopped by the delete guard")
+    state = (await hub.store.source_states())["crm_sync"]
+    assert "would delete 6 of 9 identities (67%, more than deletes.max_share 50%)" in (state.error or "")
+    await asyncio.sleep(1.5)
+    assert len(await tables.mk_rows()) == 9  # nothing of that batch was applied
+    assert (await hub.store.identity_stats("customer"))["status"] == {"active": 9, "deleted": 1}
+    assert "crm_sync" in hub.hub.unhealthy_sources()  # what /readyz, the API and the alert rules read
