@@ -97,8 +97,11 @@ class Op:
     system: str
     op: str  # create | update | delete | archive
     id: str | None
-    values: dict[str, Any]  # entity field -> value (changed fields; all fields for a create)
-    record: dict[str, Any]  # entity field -> value: everything the system should hold that it does not own
+    values: dict[str, Any]  # entity field -> value: what changes (never a field the system owns, unless a
+    # person decided it); all fields for a create
+    record: dict[
+        str, Any
+    ]  # entity field -> value: the whole record as agreed (its own fields as it gave them)
 
     def as_record(self, ent: EntitySpec, identity: Identity) -> dict[str, Any]:
         """The record a destination renders: op, id, fields/record under the system's own names."""
@@ -449,11 +452,11 @@ class Session:
             return Op(system, "create", None, dict(agreed), dict(agreed))
         if view.get("id") is None:
             return None  # a create is in flight: its id comes back first (response or read back)
-        record = {f: v for f, v in agreed.items() if self.ent.owner(f) != system or f in include_owned}
-        changed = {f: v for f, v in record.items() if not _holds(view, f, v)}
+        writable = {f: v for f, v in agreed.items() if self.ent.owner(f) != system or f in include_owned}
+        changed = {f: v for f, v in writable.items() if not _holds(view, f, v)}
         if not changed:
             return None
-        return Op(system, "update", str(view["id"]), changed, record)
+        return Op(system, "update", str(view["id"]), changed, {**agreed, **changed})
 
     def wrote(self, ident: Identity, op: Op, event_id: str, destination: str) -> None:
         """Record that `op` is on its way (its deliveries are in this step's transaction)."""

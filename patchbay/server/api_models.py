@@ -36,7 +36,15 @@ TokenId = Annotated[
     ),
 ]
 Scope = Literal[
-    "flows:read", "runs:read", "runs:replay", "destinations:write", "secrets:read", "secrets:write", "admin"
+    "flows:read",
+    "runs:read",
+    "runs:replay",
+    "destinations:write",
+    "secrets:read",
+    "secrets:write",
+    "identities:read",
+    "identities:write",
+    "admin",
 ]
 RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded"]
 Health = Literal["ok", "retrying", "paused", "failing", "late"]

@@ -198,7 +198,7 @@ async def test_crm_and_rest_marketing_converge_with_one_write_per_change(
     tmp_path,
     tables: Tables,
     marketing: Marketing,
-    start_hub,  # noqa: F811
+    start_hub,
 ):
     running = await start_hub(project(tmp_path, tables, marketing))
     marketing.hook = f"{running.url}/hooks/marketing_sync"
@@ -244,7 +244,7 @@ async def test_the_id_a_create_returns_is_kept_when_no_webhook_tells_it(
     tmp_path,
     tables: Tables,
     marketing: Marketing,
-    start_hub,  # noqa: F811
+    start_hub,
 ):
     marketing.notify_api_writes = False  # only the create's answer says which id the contact got
     running = await start_hub(project(tmp_path, tables, marketing))

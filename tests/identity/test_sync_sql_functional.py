@@ -123,9 +123,9 @@ def sync_project(
     crm_cols = {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}
     mk_cols = {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"}
 
-    def dests(system: str, table: str, cols: dict[str, str], owned: set[str]) -> list[dict[str, Any]]:
+    def dests(system: str, table: str, cols: dict[str, str]) -> list[dict[str, Any]]:
         create = {c: f"record.{c}" for c in cols.values()}
-        update = {"id": "id", **{c: f"record.{c}" for f, c in cols.items() if f not in owned}}
+        update = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
         return [
             {
                 "name": f"{system}_create",
@@ -146,7 +146,7 @@ def sync_project(
             },
         ]
 
-    all_dests = dests("crm", t.crm, crm_cols, {"email", "name"}) + dests("marketing", t.mk, mk_cols, {"plan"})
+    all_dests = dests("crm", t.crm, crm_cols) + dests("marketing", t.mk, mk_cols)
     all_dests += extra or []
 
     def flow(system: str, table: str) -> dict[str, Any]:
@@ -174,6 +174,7 @@ def sync_project(
 
 
 async def deliveries(hub: Any) -> dict[str, int]:
+    """Deliveries per destination (`hub`: a RunningHub)."""
     rows = await hub.store.read(
         lambda c: c.execute("SELECT destination, COUNT(*) FROM deliveries GROUP BY destination").fetchall()
     )
