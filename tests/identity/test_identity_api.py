@@ -10,7 +10,7 @@ import aiohttp
 from patchbay.security.tokens import create_token
 from patchbay.store.base import Actor
 from tests.conftest import eventually
-from tests.identity.test_sync_sql_functional import Tables, cli, deliveries, polls, sync_project, tables  # noqa: F401
+from tests.identity.helpers import Tables, cli, deliveries, polls, sync_project
 
 
 async def api(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -26,7 +26,7 @@ async def api(url: str, token: str, method: str, path: str, body: Any = None) ->
 async def test_find_an_entity_then_resolve_its_conflict_and_review_by_api_and_cli(
     tmp_path,
     tables: Tables,
-    start_hub,  # noqa: F811
+    start_hub,
 ):
     root = sync_project(tmp_path, tables)
     running = await start_hub(root)

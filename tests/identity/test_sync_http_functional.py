@@ -21,7 +21,7 @@ import yaml
 from aiohttp import web
 
 from tests.conftest import eventually, write_project
-from tests.identity.test_sync_sql_functional import PG, Tables, tables  # noqa: F401 (fixture)
+from tests.identity.helpers import PG, Tables
 
 
 @dataclass
