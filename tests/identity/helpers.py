@@ -99,8 +99,16 @@ ENTITY = {
 
 
 def sync_project(
-    root: Path, t: Tables, entity: dict[str, Any] | None = None, extra: list[dict[str, Any]] | None = None
+    root: Path,
+    t: Tables,
+    entity: dict[str, Any] | None = None,
+    extra: list[dict[str, Any]] | None = None,
+    *,
+    upsert_creates: bool = False,
+    hub: dict[str, Any] | None = None,
 ) -> Path:
+    """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
+    so a create retried after a crash lands once."""
     systems = {
         "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
         "marketing": {"kind": "mysql", "owner": "marketing", "allow_private_network": True, **MY},
@@ -117,7 +125,8 @@ def sync_project(
                 "system": system,
                 "when": "op == 'create'",
                 "table": table,
-                "write_mode": "insert",
+                "write_mode": "upsert" if upsert_creates else "insert",
+                **({"key": [cols["email"]]} if upsert_creates else {}),
                 "columns": create,
             },
             {
@@ -149,7 +158,7 @@ def sync_project(
     return write_project(
         root,
         {
-            "patchbay.yaml": yaml.safe_dump({"port": 0}),
+            "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}),
             "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
             "entities/customer.yaml": yaml.safe_dump(entity or ENTITY, sort_keys=False),
             "flows/crm_sync.yaml": yaml.safe_dump(flow("crm", t.crm), sort_keys=False),
