@@ -121,6 +121,8 @@ class Op:
             "fields": fields,
             "record": rec,
             "values": dict(self.values),
+            # Fields this system owns that the operation changes: only a person's decision does that.
+            "owned": sorted(f for f in self.values if ent.owner(f) == self.system),
         }
 
 

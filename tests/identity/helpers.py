@@ -116,10 +116,23 @@ def sync_project(
     crm_cols = {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}
     mk_cols = {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"}
 
+    owned = {"crm": {"email", "name"}, "marketing": {"plan"}}
+
     def dests(system: str, table: str, cols: dict[str, str]) -> list[dict[str, Any]]:
         create = {c: f"record.{c}" for c in cols.values()}
-        update = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
+        # An update never writes the columns the system owns; a person's decision (`owned` not empty) may.
+        update = {"id": "id", **{c: f"record.{c}" for f, c in cols.items() if f not in owned[system]}}
+        correct = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
         return [
+            {
+                "name": f"{system}_correct",
+                "system": system,
+                "when": "op == 'update' && owned",
+                "table": table,
+                "write_mode": "update",
+                "key": ["id"],
+                "columns": correct,
+            },
             {
                 "name": f"{system}_create",
                 "system": system,
@@ -132,7 +145,7 @@ def sync_project(
             {
                 "name": f"{system}_update",
                 "system": system,
-                "when": "op == 'update'",
+                "when": "op == 'update' && !owned",
                 "table": table,
                 "write_mode": "update",
                 "key": ["id"],

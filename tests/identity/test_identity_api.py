@@ -87,7 +87,7 @@ async def test_find_an_entity_then_resolve_its_conflict_and_review_by_api_and_cl
     status, again = await api(running.url, writer, "POST", f"/conflicts/{c['id']}/resolve", {"take": "crm"})
     assert status == 409 and "already resolved" in again["message"]
     n = await deliveries(running)
-    assert n.get("crm_update") == 1  # the decision, written once to the owner; its echo went nowhere
+    assert n.get("crm_correct") == 1  # the decision, written once to the owner; its echo went nowhere
 
     # A second marketing contact with her email: a duplicate inside marketing, for a person to review.
     await tables.my_exec(
