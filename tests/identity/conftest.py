@@ -20,3 +20,6 @@ async def tables() -> AsyncIterator[Tables]:
     t = await Tables().open()
     yield t
     await t.close()
+
+
+from tests.server.test_console_browser import browser  # noqa: E402, F401  (the console tests' Chromium)
