@@ -243,9 +243,19 @@ def _decide(project_dir: Path, what: str, item_id: int, **kw: Any) -> dict[str, 
     from patchbay.engine.hub import build_sinks
     from patchbay.engine.pipeline import Pipeline
     from patchbay.engine.sync import EntitySync, sync_flows
+    from patchbay.store.sqlite import StoreLocked
 
     project, resolver = _load(project_dir)
     store = _store(project_dir)
+    try:  # the hub applies records under the entity's lock: a decision beside it could be overwritten
+        store.store.lock()
+    except StoreLocked:
+        click.echo(
+            f"the hub is running: decide through it instead, with the console's Identities page or "
+            f"`POST /api/v1/{what}s/{item_id}/resolve` (scope identities:write)",
+            err=True,
+        )
+        sys.exit(EXIT_STORE)
     item = store.run(lambda s: s.conflict(item_id) if what == "conflict" else s.review(item_id))
     if item is None:
         click.echo(f"no {what} {item_id}", err=True)

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 
 from patchbay.security.tokens import create_token
-from patchbay.store.base import Actor
+from patchbay.store.base import Actor, AuditFilter
 from tests.conftest import eventually
 from tests.identity.helpers import Tables, cli, deliveries, polls, sync_project
 
@@ -103,8 +103,67 @@ async def test_find_an_entity_then_resolve_its_conflict_and_review_by_api_and_cl
     assert code == 0 and "duplicate inside marketing" in out and "proposal: merge record" in out, out
     [r] = await running.store.reviews("customer")
     code, out = await asyncio.to_thread(cli, root, "identities", "review", str(r["id"]), "--dismiss")
-    assert code == 0 and "dismissed" in out, out
+    assert code == 3 and "the hub is running: decide through it" in out, out  # never beside the hub's lock
+    status, done = await api(running.url, writer, "POST", f"/reviews/{r['id']}/resolve", {"dismiss": True})
+    assert status == 200 and done["result"]["decision"] == "dismissed", done
     assert await running.store.reviews("customer") == []
+    code, out = await asyncio.to_thread(cli, root, "conflicts", "show", str(c["id"]))
+    assert code == 0 and '"status": "resolved"' in out and '"by": "token' in out, out
     code, out = await asyncio.to_thread(cli, root, "conflicts", "list")
     assert code == 0 and "name [resolved]" in out, out
     assert len(await tables.crm_rows()) == 1  # the duplicate was never copied to the CRM
+
+
+async def test_the_cli_decides_a_conflict_with_the_hub_stopped(tmp_path, tables: Tables):
+    from patchbay.store.base import Identity, IdentityChanges, NewConflict
+    from patchbay.store.sqlite import SqliteStore
+
+    root = sync_project(tmp_path, tables)
+    store = SqliteStore(root / ".patchbay" / "patchbay.db")
+    seen = {"value": "Ada", "at": 1.0, "event": None}
+    ident = Identity(
+        "idn_x",
+        "customer",
+        1.0,
+        1.0,
+        golden={"name": {"value": "Ada", "system": "crm", "at": 1.0}},
+        systems={
+            "crm": {"id": "1", "seen": {"name": seen}, "written": {}},
+            "marketing": {"id": "7", "seen": {"name": {**seen, "value": "Ada L."}}, "written": {}},
+        },
+    )
+    conflict = NewConflict(
+        "customer",
+        "idn_x",
+        "name",
+        "owned",
+        [{"system": "crm", "value": "Ada", "at": 1.0}, {"system": "marketing", "value": "Ada L.", "at": 2.0}],
+        "crm",
+        "Ada",
+        "owner",
+        "marketing changed name",
+        "settled",
+        2.0,
+    )
+    await store.accept_synced([], IdentityChanges("customer", [ident], [conflict]))
+    [c] = await store.conflicts()
+    await store.close()
+
+    code, out = await asyncio.to_thread(cli, root, "conflicts", "resolve", str(c["id"]), "--take", "nowhere")
+    assert code == 1 and "has no value from 'nowhere' (it has: crm, marketing)" in out, out
+    code, out = await asyncio.to_thread(
+        cli, root, "conflicts", "resolve", str(c["id"]), "--take", "marketing"
+    )
+    assert code == 0 and 'resolved: "Ada L."; 1 run(s) write it' in out, out
+    store = SqliteStore(root / ".patchbay" / "patchbay.db")
+    try:
+        rows = await store.read(
+            lambda db: db.execute("SELECT destination, request FROM deliveries").fetchall()
+        )
+        assert [r[0] for r in rows] == ["crm_correct"]  # to the owner, through the destination for decisions
+        assert '"name":"Ada L."' in rows[0][1]
+        assert (await store.conflict(c["id"]))["status"] == "resolved"  # type: ignore[index]
+        [entry] = await store.audit_log(AuditFilter(action="conflict.resolve"))
+        assert entry["target"] == str(c["id"])
+    finally:
+        await store.close()
