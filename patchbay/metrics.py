@@ -45,6 +45,18 @@ class Metrics:
         self.duplicates = Counter(
             "patchbay_events_duplicate_total", "Re-sent events acknowledged again.", ["flow"], registry=r
         )
+        self.history_removed = Counter(
+            "patchbay_history_removed_total",
+            "Finished runs removed by the flow's `history` retention.",
+            ["flow"],
+            registry=r,
+        )
+        self.history_compressed = Counter(
+            "patchbay_history_compressed_total",
+            "Finished runs whose payload and trace were compressed (`history.compress_after`).",
+            ["flow"],
+            registry=r,
+        )
         self.drift = Counter(
             "patchbay_contract_drift_events_total",
             "Events whose shape differs from their flow's pinned input contract.",

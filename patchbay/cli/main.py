@@ -127,6 +127,10 @@ class _Main(click.Group):
         except StoreUnusable as exc:  # any command that meets an empty, foreign or damaged store file
             click.echo(str(exc), err=True)
             sys.exit(EXIT_STORE)
+        except ConfigError as exc:  # e.g. a store setting the hub cannot use, met before the project loads
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            sys.exit(EXIT_CONFIG)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -169,9 +173,13 @@ def check(directory: Path, as_json: bool) -> None:
     """Validate a project before it runs: every problem as file:line: what is wrong, how to fix."""
     from patchbay.config.project import load_project
     from patchbay.engine.hub import open_resolver_for
+    from patchbay.security.secrets import SecretResolver
     from patchbay.security.ssrf import outbound_warnings
 
-    resolver = open_resolver_for(directory)
+    try:
+        resolver = open_resolver_for(directory)
+    except ConfigError:  # the store setting is unusable: load_project reports it where it is written
+        resolver = SecretResolver(None)
     project, problems = load_project(directory, resolver.exists)
     warnings = outbound_warnings(project) if project is not None else []  # reported, never failing
     if as_json:

@@ -1,9 +1,10 @@
-"""`patchbay store check`: is the store file whole, and is it a Patchbay store this version reads."""
+"""`patchbay store check`: is the store file whole and readable; `patchbay store prune`: retention now."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -12,7 +13,7 @@ from patchbay.cli.main import EXIT_PROBLEMS, EXIT_STORE, _echo_json, json_option
 
 @main.group()
 def store() -> None:
-    """The store file: check it for damage."""
+    """The store file: check it for damage, apply the history retention."""
 
 
 @store.command("check")
@@ -47,3 +48,30 @@ def store_check(project_dir: Path, quick: bool, as_json: bool) -> None:
         click.echo(f"Stop the hub, then {RESTORE}.")
     if not report["ok"]:
         sys.exit(EXIT_STORE if missing else EXIT_PROBLEMS)
+
+
+@store.command("prune")
+@project_option
+@json_option
+def store_prune(project_dir: Path, as_json: bool) -> None:
+    """Apply each flow's `history` retention now: remove finished runs past `keep` (and failures past
+    `keep_failures`), compress those past `compress_after`. The serving hub does this every 10 minutes."""
+    from patchbay.cli.main import _load, _store
+    from patchbay.engine.retention import Retention
+
+    project, _ = _load(project_dir, check_secrets=False)
+    blocking = _store(project_dir)
+
+    async def sweep(store: Any) -> Any:
+        return await Retention(store, lambda: project.flows.values(), pause_s=0.0).sweep()
+
+    report = blocking.run(sweep)
+    if as_json:
+        _echo_json({"removed": report.removed, "compressed": report.compressed})
+        return
+    if not report.removed and not report.compressed:
+        click.echo("history: nothing is due for removal or compression")
+    for flow in sorted(set(report.removed) | set(report.compressed)):
+        click.echo(
+            f"  {flow}: removed {report.removed.get(flow, 0):,} runs, compressed {report.compressed.get(flow, 0):,}"
+        )

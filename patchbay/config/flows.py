@@ -10,7 +10,7 @@ from pydantic import Field
 from patchbay import presets, registry
 from patchbay.config.batch import BatchSpec
 from patchbay.config.destinations import load_destinations
-from patchbay.config.models import NAME_RE, AlertRule, HubSettings, Spec, Trigger
+from patchbay.config.models import NAME_RE, AlertRule, History, HubSettings, Spec, Trigger
 from patchbay.config.problems import compile_at, did_you_mean, validate
 from patchbay.config.source import Loc, Located
 from patchbay.config.specs import FlowSpec, SourceSpec, StepSpec, SystemSpec
@@ -55,6 +55,10 @@ class FlowDoc(Spec):
         "system is linked in the identity map, and each destination gets an operation (`op`: create, update, "
         "delete, archive; `id`: the record's id in that system; `fields`: what that system should receive).",
     )
+    history: dict[str, Any] | None = Field(
+        None,
+        description="Retention of this flow's finished runs (keep, keep_failures, compress_after); default the hub's.",
+    )
     alerts: list[AlertRule] = Field(
         default_factory=list,
         description="Alert rules for this flow only, e.g. "
@@ -95,7 +99,8 @@ def load_flow(
     for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
         problems.append(src.problem(at, message))
     _check_batch(src, doc, systems, broken, problems)
-    if len(problems) > n0:
+    history = _history(src, settings, doc.history, problems)
+    if len(problems) > n0 or history is None:
         return None
     return FlowSpec(
         name,
@@ -114,7 +119,20 @@ def load_flow(
         settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
         batch=doc.batch,
         sync=doc.sync,
+        history=history,
     )
+
+
+def _history(
+    src: Located, settings: HubSettings, override: dict[str, Any] | None, problems: list[Problem]
+) -> History | None:
+    """The flow's retention: the hub's, with the flow's own settings over it."""
+    if not override:
+        return settings.history
+    merged: History | None = validate(
+        src, {**settings.history.model_dump(), **override}, History, ("history",), problems
+    )
+    return merged
 
 
 def _check_batch(

@@ -226,6 +226,35 @@ class DeliveryPolicy(Spec):
         return DeliveryPolicy.model_validate(base)
 
 
+class History(Spec):
+    """How long the hub keeps finished runs (events, their deliveries, attempts and traces), and when it
+    compresses them. Pending work is never removed; a run is removed whole."""
+
+    keep: Duration | None = Field(
+        30 * 86400.0,
+        description="Remove delivered, filtered and discarded runs this long after their last change "
+        "(e.g. 30d); null keeps them forever. A removed run's dedupe id is forgotten with it.",
+    )
+    keep_failures: Duration | None = Field(
+        None,
+        description="Remove dead-lettered and quarantined runs this long after their last change; "
+        "default null: they stay until replayed or discarded.",
+    )
+    compress_after: Duration | None = Field(
+        86400.0,
+        description="Compress a finished run's payload and trace (zlib) this long after its last change; "
+        "null never compresses. Reads, replays and exports open them as before.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> History:
+        for name in ("keep", "keep_failures", "compress_after"):
+            value = getattr(self, name)
+            if value is not None and value < 60:
+                raise ValueError(f"`{name}` must be at least 1m (or null)")
+        return self
+
+
 class WebhookTrigger(Spec):
     system: str = Field(
         description="The system that calls this endpoint; its `webhook` settings authenticate it."
@@ -404,7 +433,11 @@ class HubSettings(Spec):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8787, ge=0, le=65535, description="Port to listen on.")
-    store: str = Field(".patchbay/patchbay.db", description="SQLite file (relative to the project) or a URL.")
+    store: str = Field(
+        ".patchbay/patchbay.db",
+        description="The store: a SQLite file (relative to the project), or the same as a URL: sqlite:///RELATIVE/PATH, "
+        "sqlite:////ABSOLUTE/PATH.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted webhook body.")
     max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest accepted JSON nesting.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
@@ -423,8 +456,36 @@ class HubSettings(Spec):
     delivery: DeliveryPolicy = Field(
         default_factory=DeliveryPolicy, description="Defaults for every destination."
     )
+    history: History = Field(
+        default_factory=History,
+        description="Retention of finished runs for every flow; a flow may override it.",
+    )
     alerts: list[AlertRule] = Field(
         default_factory=list,
         description="Alert rules watching every flow, e.g. "
         "`- {when: failures, count: 5, window: 10m, notify: [ops-chat]}`; a flow file may add its own.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        return store_location(v)
+
+
+def store_location(value: str) -> str:
+    """The store setting as a file path: a path, or sqlite:///PATH. Any other URL is refused here, so it never
+    becomes a file named like the URL; the message names the scheme only (a URL may carry a password). The one
+    reader of the setting: the hub's settings and `security.project.store_path_of` both call it."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    if scheme.lower() == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                "write sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH (as SQLAlchemy), or a plain file path"
+            )
+        return rest[1:]
+    raise ValueError(
+        f"this hub keeps its store in SQLite only and cannot use a {scheme}:// store: "
+        "write a file path such as .patchbay/patchbay.db"
     )

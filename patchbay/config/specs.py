@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from patchbay.config.batch import BatchSpec
-from patchbay.config.models import AlertRule, DeliveryPolicy, HubSettings, SecretRef, SystemCommon, Trigger
+from patchbay.config.models import (
+    AlertRule,
+    DeliveryPolicy,
+    History,
+    HubSettings,
+    SecretRef,
+    SystemCommon,
+    Trigger,
+)
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
 
@@ -82,9 +90,8 @@ class FlowSpec:
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
-    sync: str | None = (
-        None  # the entity this flow's records feed (entities/<name>.yaml), if it is a sync flow
-    )
+    sync: str | None = None  # the entity this flow's records feed (entities/<name>.yaml), if a sync flow
+    history: History = field(default_factory=History)  # retention: the flow's setting over the hub's
 
     @property
     def webhook_path(self) -> str | None:

@@ -19,6 +19,7 @@ from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceReco
 from patchbay.engine.alerts import AlertManager
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
@@ -109,6 +110,7 @@ class Hub:
         self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
+        self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.started_at = time.time()
         self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
@@ -141,6 +143,14 @@ class Hub:
             await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
         await self.alert_manager.start()
+        self.retention = Retention(
+            self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
+        )
+        self.retention.start()
+
+    def _count_history(self, flow: str, removed: int, compressed: int) -> None:
+        self.metrics.history_removed.labels(flow).inc(removed)
+        self.metrics.history_compressed.labels(flow).inc(compressed)
 
     async def _first_runs(self) -> None:
         """An entity whose identity map is empty starts with a first run: every polled system is read and
@@ -287,6 +297,8 @@ class Hub:
 
         Every step is bounded: a connector that will not close cannot keep the store from being closed.
         """
+        if self.retention is not None:
+            await _bounded(self.retention.stop(), "stopping the history cleanup")
         if self.alert_manager is not None:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:

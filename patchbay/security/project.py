@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from patchbay.errors import ConfigError
+from patchbay.config.models import store_location
+from patchbay.errors import ConfigError, Problem
 from patchbay.security.secrets import SecretResolver
 from patchbay.security.vault import ENV_VAR, KEY_FILE, MasterKey, Vault
 
@@ -14,15 +15,22 @@ DEFAULT_STORE = ".patchbay/patchbay.db"
 
 
 def store_path_of(root: Path) -> Path:
-    """Where a project keeps its store, read from patchbay.yaml without loading the whole project."""
+    """Where a project keeps its store, read from patchbay.yaml without loading the whole project. A setting
+    the hub cannot use raises ConfigError located at its line (never a file named like a URL)."""
     root = Path(root)
-    store = DEFAULT_STORE
+    store, text = DEFAULT_STORE, ""
     try:
-        doc = yaml.safe_load((root / "patchbay.yaml").read_text()) or {}
+        text = (root / "patchbay.yaml").read_text()
+        doc = yaml.safe_load(text) or {}
         if isinstance(doc, dict) and isinstance(doc.get("store"), str):
             store = doc["store"]
     except (OSError, yaml.YAMLError):
         pass
+    try:
+        store = store_location(store)
+    except ValueError as exc:
+        line = next((n for n, ln in enumerate(text.splitlines(), 1) if ln.startswith("store:")), 0)
+        raise ConfigError([Problem(str(root / "patchbay.yaml"), line, f"store: {exc}")]) from None
     p = Path(store)
     return p if p.is_absolute() else root / p
 

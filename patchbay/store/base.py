@@ -349,6 +349,21 @@ class Audit(Protocol):
         ...
 
 
+class Retention(Protocol):
+    """Finished runs removed or compressed in bounded chunks; each call is one short write."""
+
+    async def purge_runs(self, flow: str, statuses: Sequence[str], before: float, limit: int = 500) -> int:
+        """Remove up to `limit` runs of `flow` in `statuses` last changed before `before` (epoch seconds), whole:
+        event, deliveries, attempts, response fields. Runs with a pending delivery are never removed. Returns
+        how many were removed (fewer than `limit`: nothing more is due)."""
+        ...
+
+    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
+        """Compress the payload and trace of up to `limit` finished runs last changed before `before`; every
+        read returns them as before. Returns how many were compressed."""
+        ...
+
+
 @dataclass(frozen=True)
 class SecretRow:
     """One vault secret as stored: encrypted by security/vault.py, never decrypted by a store."""
@@ -546,6 +561,7 @@ class Store(
     DeadLetters,
     Tokens,
     Audit,
+    Retention,
     Identities,
     Protocol,
 ):

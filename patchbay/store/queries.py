@@ -12,6 +12,7 @@ import orjson
 from patchbay.errors import PatchbayError
 from patchbay.store.base import Actor, ReplayReport, Reprocessor, RunFilter
 from patchbay.store.common import _j, refresh_event_status, tx_audit
+from patchbay.store.retention import opened
 
 __all__ = ["RunFilter", "counts", "get_run", "list_dead", "list_runs", "q_replayable", "tx_replay"]
 
@@ -54,9 +55,9 @@ def get_run(conn: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
     if row is None:
         return None
     run = dict(row)
-    run["payload"] = _loads(run["payload"])
+    run["payload"] = _loads(opened(run["payload"]))
     run["meta"] = orjson.loads(run["meta"])
-    run["trace"] = orjson.loads(run["trace"])
+    run["trace"] = orjson.loads(opened(run["trace"]))
     run["deliveries"] = []
     for d in conn.execute("SELECT * FROM deliveries WHERE event_id=? ORDER BY id", (run["id"],)):
         dd = dict(d)
@@ -76,7 +77,7 @@ def q_recent_payloads(conn: sqlite3.Connection, flow: str, limit: int) -> list[t
         "SELECT id, received_at, payload FROM events WHERE flow=? ORDER BY received_at DESC, id DESC LIMIT ?",
         (flow, limit),
     ).fetchall()
-    return [(r[0], r[1], r[2]) for r in rows]
+    return [(r[0], r[1], opened(r[2])) for r in rows]
 
 
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -160,7 +161,7 @@ def tx_replay(
             rep.skipped.append((eid, f"nothing to replay (status {row['status']})"))
             continue
         try:
-            record = pipe.load_payload(row["payload"])
+            record = pipe.load_payload(opened(row["payload"]))
         except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
             rep.skipped.append((eid, str(exc)))
             continue

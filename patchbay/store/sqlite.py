@@ -26,6 +26,7 @@ import orjson
 from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store import api_queries as aq
 from patchbay.store import queries as rq
+from patchbay.store import retention
 from patchbay.store import tokens as tq
 from patchbay.store.base import (
     SCHEDULE_FIELDS,
@@ -63,6 +64,7 @@ from patchbay.store.identity import (
     q_stats,
     tx_identity_changes,
 )
+from patchbay.store.retention import opened
 
 T = TypeVar("T")
 log = logging.getLogger("patchbay.store")
@@ -851,6 +853,13 @@ class SqliteStore:
     async def audit_log(self, f: AuditFilter) -> list[dict[str, Any]]:
         return await self._read(tq.q_audit, f)
 
+    # -------------------------------------------------------------- retention
+    async def purge_runs(self, flow: str, statuses: Sequence[str], before: float, limit: int = 500) -> int:
+        return await self._write(retention.tx_purge, flow, tuple(statuses), before, limit)
+
+    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
+        return await self._write(retention.tx_compress, flow, before, limit)
+
     # -------------------------------------------------------------- responses
     async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None:
         """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
@@ -1377,7 +1386,9 @@ def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int
         " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
         (since, '%"kind":"contract"%'),
     ):
-        trace = orjson.loads(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        trace = orjson.loads(
+            opened(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
+        )
         drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
         out.append((flow, second, n, last, drift))
     return out

@@ -198,3 +198,53 @@ def test_a_filter_that_never_passes_makes_later_steps_and_destinations_unreachab
         f"{leads}:9: unreachable step: step 2 never lets a record through; remove this step or fix that condition",
         f"{leads}:12: unreachable destination: step 2 never lets a record through",
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret-pw@db.internal:5432/patchbay",
+        "mysql://root@localhost/x",
+        "redis://cache:6379/0",
+    ],
+)
+def test_a_store_url_the_hub_cannot_use_is_a_check_error_never_a_file(tmp_path, url):
+    root = project(tmp_path, extra={"patchbay.yaml": f"store: {url}\n"})
+    code, out = check(root)
+    assert code == 2
+    scheme = url.split("://")[0]
+    assert any(
+        line.startswith(p(tmp_path, "patchbay.yaml") + ":1: store:") and f"{scheme}://" in line
+        for line in out
+    ), out
+    assert not any("s3cret-pw" in line for line in out), "the URL's password is never echoed"
+    for args in (
+        ["secrets", "init", "-p", str(root)],
+        ["secrets", "list", "-p", str(root)],
+        ["serve", str(root)],
+    ):
+        res = CliRunner().invoke(main, args)
+        assert (
+            res.exit_code == 2 and "patchbay.yaml:1: store: " in res.output and "s3cret" not in res.output
+        ), (
+            args,
+            res.output,
+        )
+    made = [
+        f
+        for f in tmp_path.rglob("*")
+        if f.name not in ("patchbay.yaml", "systems.yaml", "leads.yaml", "flows")
+    ]
+    assert [f for f in made if f.name != "master.key" and f.name != ".patchbay"] == [], made
+
+
+def test_a_sqlite_url_names_the_store_file(tmp_path):
+    store = tmp_path / "state" / "hub.db"
+    root = project(tmp_path, extra={"patchbay.yaml": f"store: sqlite:///{store}\n"})
+    code, out = check(root)
+    assert code == 0, out
+    from patchbay.config.project import load_project
+
+    loaded, problems = load_project(root, secret_exists=lambda _ref: True)
+    assert problems == [] and loaded is not None
+    assert loaded.store_path == store

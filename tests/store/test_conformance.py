@@ -527,6 +527,66 @@ async def test_audit_log_filters_newest_first(store: Store) -> None:
     assert len(await store.audit_log(AuditFilter(since=t0 - 1))) == 3
 
 
+# ------------------------------------------------------------------ retention
+async def _delivered(store: Store, flow: str = "orders") -> str:
+    e = event(flow=flow)
+    await store.accept(e)
+    for d in await due(store, flow=flow):
+        if d.event_id == e.id:
+            await store.record([result(d, "success", "delivered", response={"id": "c-1"})])
+    return e.id
+
+
+async def test_purge_removes_old_finished_runs_whole_and_never_pending_work(store: Store) -> None:
+    done = [await _delivered(store) for _ in range(3)]
+    filtered = event(status="filtered", reason="no destination matched")
+    quarantined = event(status="quarantined", reason="email: required")
+    pending = event()
+    other = await _delivered(store, flow="invoices")
+    for e in (filtered, quarantined, pending):
+        await store.accept(e)
+    later = time.time() + 10
+    assert await store.purge_runs("orders", ("delivered", "filtered"), later, limit=2) == 2  # a bounded chunk
+    assert await store.purge_runs("orders", ("delivered", "filtered"), later, limit=2) == 2
+    assert await store.purge_runs("orders", ("delivered", "filtered"), later, limit=2) == 0
+    for gone in (*done, filtered.id):
+        assert await store.get_run(gone) is None
+        assert await store.response_fields(gone, "crm") is None
+    for kept in (quarantined.id, pending.id, other):
+        assert await store.get_run(kept) is not None
+    assert [d.event_id for d in await due(store)] == [pending.id]
+    assert await store.purge_runs("orders", ("delivered", "filtered"), time.time() - 3600) == 0  # not old yet
+    assert {r["id"] for r in await store.list_runs(RunFilter(flow="orders"))} == {quarantined.id, pending.id}
+
+
+async def test_a_purged_runs_dedupe_key_is_forgotten(store: Store) -> None:
+    e = event(status="filtered", dedupe_key="order-7")
+    await store.accept(e)
+    assert (await store.accept(event(status="filtered", dedupe_key="order-7"))).duplicate
+    assert await store.purge_runs("orders", ("filtered",), time.time() + 10) == 1
+    assert not (await store.accept(event(status="filtered", dedupe_key="order-7"))).duplicate
+
+
+async def test_compressed_runs_read_replay_and_export_as_before(store: Store) -> None:
+    delivered = await _delivered(store)
+    body = {"email": "b@example.com", "note": "x" * 2000}
+    fixed = event(body=body, status="quarantined", reason="old rule")
+    await store.accept(fixed)
+    before = await store.get_run(fixed.id)
+    assert await store.compress_runs("orders", time.time() + 10) == 2
+    assert await store.compress_runs("orders", time.time() + 10) == 0  # already compressed
+    after = await store.get_run(fixed.id)
+    assert after is not None and before is not None
+    assert (after["payload"], after["trace"]) == (before["payload"], before["trace"]) == (body, fixed.trace)
+    assert (await store.get_run(delivered))["deliveries"][0]["response"] == {"id": "c-1"}  # type: ignore[index]
+    [(eid, _, payload), *_] = await store.recent_payloads("orders", 1)
+    assert eid == fixed.id and orjson.loads(payload) == body
+    rep = await store.replay({"orders": Steps()}, [fixed.id], None, ALICE)
+    assert rep.requeued == [fixed.id]
+    [d] = await due(store)
+    assert d.event_id == fixed.id
+
+
 async def test_writes_are_visible_to_reads_at_once(store: Store) -> None:
     e = event()
     await store.accept(e)

@@ -1,0 +1,130 @@
+"""Retention: finished runs removed and compressed by each flow's `history` policy.
+
+A sweep goes flow by flow; each store call handles at most `chunk` runs in one short write, with a
+pause between calls, so the writer never holds ingest up behind a cleanup. Pending work is never
+touched; dead letters and quarantined runs stay until `keep_failures` (default: until replayed or
+discarded). The hub runs a sweep after start and then every `interval_s`; `patchbay store prune`
+runs one by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+from patchbay.config.specs import FlowSpec
+from patchbay.engine.waiting import wait_set
+from patchbay.store.base import Retention as RetentionStore
+
+log = logging.getLogger("patchbay.retention")
+
+FINISHED = ("delivered", "filtered", "discarded")
+FAILED = ("dead", "quarantined")
+
+
+class Counts(Protocol):
+    def __call__(self, flow: str, removed: int, compressed: int) -> None: ...
+
+
+@dataclass
+class SweepReport:
+    removed: dict[str, int] = field(default_factory=dict)  # flow -> runs removed
+    compressed: dict[str, int] = field(default_factory=dict)  # flow -> runs compressed
+
+    @property
+    def total_removed(self) -> int:
+        return sum(self.removed.values())
+
+    @property
+    def total_compressed(self) -> int:
+        return sum(self.compressed.values())
+
+
+class Retention:
+    def __init__(
+        self,
+        store: RetentionStore,
+        flows: Callable[[], Iterable[FlowSpec]],
+        *,
+        on_counts: Counts | None = None,
+        interval_s: float = 600.0,
+        chunk: int = 100,
+        pause_s: float = 0.02,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.flows = flows
+        self.on_counts = on_counts
+        self.interval_s = interval_s
+        self.chunk = chunk
+        self.pause_s = pause_s
+        self.clock = clock
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep(self) -> SweepReport:
+        """One pass over every flow: remove what is past `keep` / `keep_failures`, compress what is past
+        `compress_after`. Returns what it did."""
+        report = SweepReport()
+        now = self.clock()
+        for flow in self.flows():
+            h = flow.history
+            removed = compressed = 0
+            if h.keep is not None:
+                removed += await self._drain(
+                    partial(self.store.purge_runs, flow.name, FINISHED, now - h.keep)
+                )
+            if h.keep_failures is not None:
+                removed += await self._drain(
+                    partial(self.store.purge_runs, flow.name, FAILED, now - h.keep_failures)
+                )
+            if h.compress_after is not None:
+                compressed = await self._drain(
+                    partial(self.store.compress_runs, flow.name, now - h.compress_after)
+                )
+            if removed:
+                report.removed[flow.name] = removed
+            if compressed:
+                report.compressed[flow.name] = compressed
+            if (removed or compressed) and self.on_counts is not None:
+                self.on_counts(flow.name, removed, compressed)
+        return report
+
+    async def _drain(self, step: Callable[[int], Awaitable[int]]) -> int:
+        """Call `step(chunk)` until it does less than a chunk (nothing more is due) or the hub stops."""
+        done = 0
+        while not self._stop.is_set():
+            n = await step(self.chunk)
+            done += n
+            if n < self.chunk:
+                break
+            await asyncio.sleep(self.pause_s)  # let ingest's writes in between two chunks
+        return done
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                report = await self.sweep()
+                if report.total_removed or report.total_compressed:
+                    log.info(
+                        "history: removed %d finished runs, compressed %d",
+                        report.total_removed,
+                        report.total_compressed,
+                    )
+            except Exception as exc:  # the store in trouble: its own health says so; try again next time
+                log.warning("history: cleanup failed, tried again in %.0fs: %s", self.interval_s, exc)
+            if await wait_set(self._stop, self.interval_s):
+                return
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
