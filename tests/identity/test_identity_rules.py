@@ -242,3 +242,30 @@ def test_deletes_follow_the_policy(policy, ops):
     assert all(o.system == "crm" for o in planned)  # never to the system it was deleted in
     if policy == "ignore":
         assert s.plan(ident, {"billing"}) == []  # not recreated where it was deleted
+
+
+def test_latest_by_the_systems_clock_keeps_the_newer_change_whatever_arrives_last():
+    doc = {
+        "fields": {"email": {"owner": "a"}, "phone": {"rule": "latest", "clock": "system"}},
+        "match": [{"field": "email", "normalize": "email"}],
+        "systems": {
+            "a": {"id": "id", "fields": {"email": "email", "phone": "phone"}, "clock": "updated_at"},
+            "b": {"id": "id", "fields": {"email": "email", "phone": "phone"}, "clock": "updated_at"},
+        },
+    }
+    ent = EntitySpec("customer", EntityDoc.model_validate(doc), "entities/customer.yaml", 1)
+    s = session(ent)
+
+    def rec(system: str, phone: str, at: str) -> Incoming:
+        return Incoming(system, "1", {"email": "a@x.io", "phone": phone}, clock=at)
+
+    ident = s.apply(rec("a", "1", "2026-12-06T10:00:00Z"), "e1").identity
+    assert ident is not None
+    s.apply(rec("b", "1", "2026-12-06T10:00:01Z"), "e2")
+    s.apply(rec("a", "2", "2026-12-06T10:05:00Z"), "e3")  # a changed it at 10:05
+    late = s.apply(rec("b", "3", "2026-12-06T10:04:00Z"), "e4")  # b at 10:04, arriving later
+    [c] = late.conflicts
+    assert (c.rule, c.winner, c.winner_value) == ("latest", "a", "2")
+    assert ident.golden["phone"]["value"] == "2"
+    [op] = s.plan(ident, {"a", "b"})
+    assert (op.system, op.values) == ("b", {"phone": "2"})  # b gets the newer value back
