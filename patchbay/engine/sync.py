@@ -100,7 +100,8 @@ class EntitySync:
             now = time.time()
             prepared = [(it, *self._steps(pipeline, it.record)) for it in items]
             incs = [read_record(self.ent, origin, rec) for _, rec, _, _ in prepared if rec is not None]
-            self._guard_deletes(incs, await self.store.identity_stats(self.ent.name))
+            if any(i.deleted for i in incs):  # the guard counts the entity only when there are deletes
+                self._guard_deletes(incs, await self.store.identity_stats(self.ent.name))
             session = await self._session(incs, now)
             events = []
             for it, rec, trace, refused in prepared:
