@@ -5,6 +5,7 @@
   source /work/shared/bench/dlt/env.sh && psql -d src -v n=1000000 -f /work/shared/bench/dlt/gen_source.sql
   .venv/bin/python bench/batch.py                  # full load, merge of 100k changed rows, RSS; ratios
   .venv/bin/python bench/batch.py --rows 5000000   # the same at another size (gen_source.sql with that n)
+  .venv/bin/python bench/batch.py --duckdb --mariadb   # also PG -> DuckDB, PG -> MariaDB and MariaDB -> PG
 
 Every figure is taken in the same run as the limit it is compared with (the machine is shared and
 noisy: quote ratios). Each Patchbay run is a child process, so its peak RSS is its own. The flow is
@@ -184,15 +185,246 @@ def patchbay(spec: dict[str, Any], flow: str) -> tuple[float, float, dict[str, A
     return wall, rss, report
 
 
+# ---------------------------------------------------------------- PostgreSQL -> DuckDB (flag --duckdb)
+async def _sync_duckdb(
+    spec: dict[str, Any], flow: str, path: str, mariadb: str | None = None
+) -> dict[str, Any]:
+    """One run from the bench table into the DuckDB file `path`; or, with `mariadb`, into MariaDB's test
+    database ("to", with the steps) or from its pb_full into PostgreSQL's dst database ("from", no steps)."""
+    from patchbay.config.batch import BatchSpec
+    from patchbay.config.project import StepSpec
+    from patchbay.connectors.base import Resources
+    from patchbay.connectors.duckdb_bulk import DuckdbBulk, DuckdbSystem
+    from patchbay.connectors.postgres import PostgresSystem
+    from patchbay.connectors.postgres_bulk import PostgresBulk
+    from patchbay.engine.batch import BatchRun
+    from patchbay.registry import STEPS as REGISTRY
+    from patchbay.registry import discover
+
+    discover()
+    steps = []  # the same map + validate as the PostgreSQL -> PostgreSQL load
+    for i, s in enumerate(STEPS):
+        ((kind, raw),) = s.items()
+        config = REGISTRY[kind].config.model_validate(raw)
+        steps.append(
+            StepSpec(kind=kind, name=f"{kind}#{i + 1}", config=config, step=REGISTRY[kind].cls(config))
+        )
+    system = PostgresSystem.model_validate({**PG, "database": SRC, "password": {"env": "PGPASSWORD"}})
+    src: Any = PostgresBulk(
+        system, Resources(allow_private=True, secret=lambda ref: PASSWORD, system=SRC), 600
+    )
+    dst: Any = None
+    if path:
+        dst = DuckdbBulk(
+            DuckdbSystem.model_validate(
+                {
+                    "path": path,
+                    **(
+                        {"memory_limit_mb": int(os.environ["PB_DUCK_MB"])}
+                        if os.environ.get("PB_DUCK_MB")
+                        else {}
+                    ),
+                }
+            ),
+            Resources(allow_private=True, system="duck"),
+        )
+    if mariadb is not None:
+        from patchbay.connectors.mysql import MysqlSystem
+        from patchbay.connectors.mysql_bulk import MysqlBulk
+
+        my = MysqlBulk(
+            MysqlSystem.model_validate(
+                {"host": "127.0.0.1", "port": 3306, "database": "test", "user": "root"}
+            ),
+            Resources(allow_private=True, system="mariadb"),
+            600,
+        )
+        if mariadb == "to":
+            dst = my
+        else:
+            dst = PostgresBulk(
+                PostgresSystem.model_validate({**PG, "database": DST, "password": {"env": "PGPASSWORD"}}),
+                Resources(allow_private=True, secret=lambda ref: PASSWORD, system=DST),
+                600,
+            )
+            src, steps = my, []
+    try:
+        report = await BatchRun(flow, steps, BatchSpec.model_validate(spec), src, dst).run()
+    finally:
+        await src.close()
+        await dst.close()
+    out = report.as_dict()
+    out.pop("samples")
+    return out
+
+
+def duckdb_load_routes(n: int = 300_000) -> list[tuple[str, float, float, float | None, str]]:
+    """DuckDB's two bulk routes on the same COPY-text rows: Arrow text columns cast in one INSERT (what
+    duckdb_bulk does) against the appender with values decoded in Python."""
+    import datetime as dt
+
+    import duckdb
+    import pyarrow as pa
+
+    from patchbay.batch.frame import NULL, unescape
+
+    rows = [
+        [str(i).encode(), f"u{i}@x.io".encode(), b"Ana", b"DE", f"2024-01-01 00:00:{i % 60:02d}+00".encode(),
+         b'{"tier": "pro"}']
+        for i in range(n)
+    ]  # fmt: skip
+    types = ["BIGINT", "VARCHAR", "VARCHAR", "VARCHAR", "TIMESTAMPTZ", "JSON"]
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-routes.duckdb"
+    path.unlink(missing_ok=True)
+    out = []
+    with duckdb.connect(str(path)) as c:
+        c.execute("SET TimeZone = 'UTC'")
+        for route in ("arrow", "appender"):
+            c.execute("DROP TABLE IF EXISTS t")
+            c.execute(
+                "CREATE TABLE t (id BIGINT PRIMARY KEY, email VARCHAR, fn VARCHAR, cc VARCHAR, ts TIMESTAMPTZ, j JSON)"
+            )
+            t0 = time.perf_counter()
+            for s in range(0, n, 10_000):
+                chunk = rows[s : s + 10_000]
+                if route == "arrow":
+                    arrays = [
+                        pa.array(
+                            [
+                                None if (f := r[j]) == NULL else f.decode() if b"\\" not in f else unescape(f)
+                                for r in chunk
+                            ],
+                            type=pa.string(),
+                        )
+                        for j in range(6)
+                    ]
+                    c.register("b", pa.Table.from_arrays(arrays, names=[f"c{j}" for j in range(6)]))
+                    c.execute(
+                        "INSERT INTO t SELECT "
+                        + ", ".join(f"CAST(c{j} AS {t})" for j, t in enumerate(types))
+                        + " FROM b"
+                    )
+                    c.unregister("b")
+                else:
+                    app = c.appender("t")
+                    app.append_rows(
+                        [[int(r[0]), r[1].decode(), r[2].decode(), r[3].decode(),
+                          dt.datetime.fromisoformat(r[4].decode()), r[5].decode()] for r in chunk]
+                    )  # fmt: skip
+                    app.flush()
+            wall = time.perf_counter() - t0
+            out.append((f"DuckDB load route: {route} ({n:,} rows, in-process)", wall, n / wall, None, ""))
+    path.unlink(missing_ok=True)
+    return out
+
+
+def duckdb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float, float, float | None, str]]:
+    """PostgreSQL -> DuckDB full load of the bench table with the same steps (the routes are compared last).
+    PB_DUCK_MB sets the DuckDB system's memory_limit_mb (default 128)."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / "patchbay-bench-batch.duckdb"
+    path.unlink(missing_ok=True)
+    spec = {**full, "to": {"system": "duck", "table": "pb_full"}}
+    wall, rss, out = timed_child(
+        [
+            sys.executable,
+            __file__,
+            "child",
+            "--flow",
+            "bench-duckdb",
+            "--spec",
+            json.dumps(spec),
+            "--duckdb",
+            str(path),
+        ]
+    )
+    rep = json.loads(out.strip().splitlines()[-1])
+    if rep["status"] != "ok":
+        raise SystemExit(f"patchbay run failed: {rep['error']}")
+    path.unlink(missing_ok=True)
+    rows = [
+        (
+            "patchbay full load -> DuckDB file (Arrow), map + validate",
+            wall,
+            rep["read"] / wall,
+            rss,
+            f"{limit / wall:.2f}",
+        )
+    ]
+    return rows
+
+
+def mariadb_scenario(full: dict[str, Any], limit: float) -> list[tuple[str, float, float, float | None, str]]:
+    """PostgreSQL -> MariaDB with the steps (MysqlBulk's LOAD DATA LOCAL), then that table read back in bulk
+    (one consistent snapshot, a server-side cursor) into PostgreSQL without steps."""
+    out = []
+    subprocess.run(
+        ["mysql", "-uroot", "-h127.0.0.1", "test", "-e", "DROP TABLE IF EXISTS pb_mariadb_full"], check=True
+    )
+    psql(DST, "DROP TABLE IF EXISTS pb_from_mariadb")
+    for direction, spec, label in (
+        (
+            "to",
+            {**full, "to": {"system": "mariadb", "table": "pb_mariadb_full"}},
+            "patchbay full load -> MariaDB (LOAD DATA LOCAL), map + validate",
+        ),
+        (
+            "from",
+            {
+                "from": {"system": "mariadb", "table": "pb_mariadb_full"},
+                "to": {"system": "dst", "table": "pb_from_mariadb"},
+                "mode": "full",
+            },
+            "patchbay MariaDB (snapshot, server-side cursor) -> PostgreSQL, no steps",
+        ),
+    ):
+        wall, rss, text = timed_child(
+            [
+                sys.executable,
+                __file__,
+                "child",
+                "--flow",
+                f"bench-mariadb-{direction}",
+                "--spec",
+                json.dumps(spec),
+                "--mariadb",
+                direction,
+            ]
+        )
+        rep = json.loads(text.strip().splitlines()[-1])
+        if rep["status"] != "ok":
+            raise SystemExit(f"patchbay run failed: {rep['error']}")
+        out.append((label, wall, rep["read"] / wall, rss, f"{limit / wall:.2f}"))
+    subprocess.run(
+        ["mysql", "-uroot", "-h127.0.0.1", "test", "-e", "DROP TABLE IF EXISTS pb_mariadb_full"], check=True
+    )
+    psql(DST, "DROP TABLE IF EXISTS pb_from_mariadb")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("child")
     c.add_argument("--flow", required=True)
     c.add_argument("--spec", required=True)
+    c.add_argument("--duckdb", help="write into this DuckDB file (the --duckdb scenario)")
+    c.add_argument("--mariadb", choices=["to", "from"], help="the --mariadb scenario's two directions")
     ap.add_argument("--skip-merge", action="store_true")
     ap.add_argument("--skip-others", action="store_true", help="only PostgreSQL -> PostgreSQL")
+    ap.add_argument(
+        "--duckdb", action="store_true", help="also PostgreSQL -> DuckDB (needs patchbay[duckdb])"
+    )
+    ap.add_argument(
+        "--mariadb",
+        action="store_true",
+        help="also PostgreSQL -> MariaDB (LOAD DATA LOCAL) and back (MariaDB's bulk read), into database test",
+    )
     args = ap.parse_args()
+    if args.cmd == "child" and (args.duckdb or args.mariadb):
+        print(
+            json.dumps(asyncio.run(_sync_duckdb(json.loads(args.spec), args.flow, args.duckdb, args.mariadb)))
+        )
+        return
     if args.cmd == "child":
         child(args)
         return
@@ -289,6 +521,13 @@ def main() -> None:
             ("patchbay full load -> SQLite file", wall, rep["read"] / wall, rss, f"{limit / wall:.2f}")
         )
         lite.unlink()
+
+    if args.duckdb:
+        rows.extend(duckdb_scenario(full, limit))
+    if args.mariadb:
+        rows.extend(mariadb_scenario(full, limit))
+    if args.duckdb:  # in this process, so last: a child forked from a big parent reports the parent's RSS
+        rows.extend(duckdb_load_routes())
 
     print()
     print("| scenario | wall s | rows/s | client peak RSS MiB | limit time / this (or x reference) |")

@@ -12,6 +12,20 @@ A contract maps dotted paths to JSON types; `[]` stands for the elements of an a
     new_fields: report          # or ignore
 
 A field is checked where its parent is present: `address.city` is not missing when `address` is.
+
+The same file pins the shape of the answers a flow gets, keyed by destination (or `call`/`lookup`
+step) name, with paths inside the answer's JSON body; every 2xx answer is checked against it:
+
+    responses:
+      crm:                      # a destination (or a call step) of the flow
+        fields:
+          id: string
+          properties.email: string
+        new_fields: report
+
+`response_drift(contract, name, body)` is the one hook: what a step or a delivery calls with the
+parsed body of a successful answer; it returns the drift as lines naming the answer's source.
+A file with only `responses:` pins no input shape: its events are not checked.
 """
 
 from __future__ import annotations
@@ -105,9 +119,14 @@ class Contract:
     fields: dict[str, Rule] = field(default_factory=dict)
     new_fields: str = "report"  # report | ignore
     file: str = ""
+    # The answers' shapes, by destination or call/lookup step name (paths inside the answer's body).
+    responses: dict[str, Contract] = field(default_factory=dict)
+    input_pinned: bool = True  # False: the file pins only `responses:`, events are not checked
 
     def check(self, record: Any) -> list[Drift]:
         """What in `record` differs from the contract (empty: it conforms)."""
+        if not self.input_pinned:
+            return []
         seen = observe(record)
         out: list[Drift] = []
         for path, rule in self.fields.items():
@@ -131,14 +150,42 @@ class Contract:
             "# missing, of another type or new is reported as drift. Edit it freely: `string?` may be absent,",
             "# `number|null` is either type, `items[].sku` is a field of each element of items.",
         ]
+        if self.responses:
+            head.append("# `responses:` pins the JSON body of each 2xx answer of a destination or call step.")
         if note:
             head.append(f"# {note}")
-        body = {
-            "flow": self.flow,
-            "new_fields": self.new_fields,
-            "fields": {p: str(r) for p, r in self.fields.items()},
-        }
+        body: dict[str, Any] = {"flow": self.flow}
+        if self.input_pinned:
+            body["new_fields"] = self.new_fields
+            body["fields"] = {p: str(r) for p, r in self.fields.items()}
+        if self.responses:
+            body["responses"] = {
+                name: {"new_fields": r.new_fields, "fields": {p: str(x) for p, x in r.fields.items()}}
+                for name, r in self.responses.items()
+            }
         return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
+
+
+def response_drift(contract: Contract | None, name: str, body: Any) -> list[str]:
+    """The hook for every answer a flow gets: `body` (a successful answer's JSON body) of destination or
+    call/lookup step `name` against the flow's pinned `responses:`. Lines that name the answer
+    ("response of crm: id: missing ..."); empty when it conforms or nothing is pinned for `name`."""
+    pinned = contract.responses.get(name) if contract is not None else None
+    if pinned is None:
+        return []
+    return [f"response of {name}: {d}" for d in pinned.check(body)]
+
+
+def parse_answer(text: str | bytes | None) -> Any:
+    """A stored or received answer's JSON body; None when it is not JSON (or was cut short)."""
+    import orjson
+
+    if not text:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _parent_pinned(path: str, fields: dict[str, Rule]) -> bool:
@@ -176,34 +223,68 @@ def is_contract_file(path: Path) -> bool:
     return path.name.endswith(SUFFIX)
 
 
-def load_contract(path: Path, display: str | None = None) -> Contract:
-    """Parse a contract file; ConfigError with file:line for each problem."""
+def load_contract(path: Path, display: str | None = None, answers: Iterable[str] | None = None) -> Contract:
+    """Parse a contract file; ConfigError with file:line for each problem. `answers`: the names a
+    `responses:` entry may have (the flow's destinations and call steps); None accepts any."""
     src = load_yaml(path, display or str(path))
     problems: list[Problem] = []
     data = src.data if isinstance(src.data, dict) else {}
-    if not isinstance(src.data, dict) or not isinstance(data.get("fields"), dict):
-        raise ConfigError([src.problem((), "a contract is a mapping with `fields:` (path: type)")])
-    unknown = set(data) - {"flow", "fields", "new_fields"}
+    has_fields = isinstance(data.get("fields"), dict)
+    if not isinstance(src.data, dict) or not (has_fields or isinstance(data.get("responses"), dict)):
+        raise ConfigError(
+            [src.problem((), "a contract is a mapping with `fields:` (path: type) and/or `responses:`")]
+        )
+    unknown = set(data) - {"flow", "fields", "new_fields", "responses"}
     for key in sorted(unknown):
-        problems.append(src.problem((key,), f"unknown setting {key!r} (known: flow, fields, new_fields)"))
-    new_fields = data.get("new_fields", "report")
-    if new_fields not in ("report", "ignore"):
-        problems.append(src.problem(("new_fields",), "new_fields is report or ignore"))
-    fields = dict(_rules(src, data["fields"], problems))
+        problems.append(
+            src.problem((key,), f"unknown setting {key!r} (known: flow, fields, new_fields, responses)")
+        )
+    new_fields = _new_fields(src, data, (), problems)
+    fields = dict(_rules(src, data["fields"], problems, ())) if has_fields else {}
+    flow = str(data.get("flow") or path.name.removesuffix(SUFFIX))
+    responses: dict[str, Contract] = {}
+    known = sorted(answers) if answers is not None else None
+    for name, raw in (data.get("responses") or {}).items():
+        loc = ("responses", name)
+        if known is not None and name not in known:
+            problems.append(
+                src.problem(
+                    loc,
+                    f"responses: flow {flow!r} has no destination or call step {name!r} "
+                    f"(it has: {', '.join(known) or 'none'})",
+                )
+            )
+            continue
+        if not isinstance(raw, dict) or not isinstance(raw.get("fields"), dict):
+            problems.append(src.problem(loc, f"responses.{name} is a mapping with `fields:` (path: type)"))
+            continue
+        for key in sorted(set(raw) - {"fields", "new_fields"}):
+            problems.append(src.problem((*loc, key), f"unknown setting {key!r} (known: fields, new_fields)"))
+        rules = dict(_rules(src, raw["fields"], problems, loc))
+        responses[str(name)] = Contract(flow, rules, _new_fields(src, raw, loc, problems), src.file)
     if problems:
         raise ConfigError(problems)
-    flow = str(data.get("flow") or path.name.removesuffix(SUFFIX))
-    return Contract(flow, fields, str(new_fields), src.file)
+    return Contract(flow, fields, new_fields, src.file, responses, has_fields)
 
 
-def _rules(src: Located, raw: dict[str, Any], problems: list[Problem]) -> Iterator[tuple[str, Rule]]:
+def _new_fields(src: Located, data: dict[str, Any], loc: tuple[Any, ...], problems: list[Problem]) -> str:
+    value = data.get("new_fields", "report")
+    if value not in ("report", "ignore"):
+        problems.append(src.problem((*loc, "new_fields"), "new_fields is report or ignore"))
+        return "report"
+    return str(value)
+
+
+def _rules(
+    src: Located, raw: dict[str, Any], problems: list[Problem], loc: tuple[Any, ...]
+) -> Iterator[tuple[str, Rule]]:
     for path, text in raw.items():
         m = _RULE_RE.match(str(text).strip()) if isinstance(text, str) else None
         bad = [t for t in m.group(1).split("|") if t not in TYPES] if m else []
         if m is None or bad:
             problems.append(
                 src.problem(
-                    ("fields", path),
+                    (*loc, "fields", path),
                     f"{path}: write types from {', '.join(TYPES)}, joined by | and ending in ? if the field "
                     f"may be absent (e.g. string|null?); got {text!r}",
                 )

@@ -63,6 +63,12 @@ class Metrics:
             ["flow"],
             registry=r,
         )
+        self.answer_drift = Counter(
+            "patchbay_contract_drift_answers_total",
+            "Successful answers whose body differs from the flow's pinned response contract.",
+            ["flow", "destination"],
+            registry=r,
+        )
         self.rejected = Counter(
             "patchbay_requests_rejected_total",
             "Inbound requests refused, by reason.",
@@ -81,6 +87,18 @@ class Metrics:
             ["flow", "destination"],
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.windows_open = Gauge(
+            "patchbay_windows_open",
+            "Aggregate windows holding records not yet emitted.",
+            ["flow"],
+            registry=r,
+        )
+        self.windows_emitted = Counter(
+            "patchbay_windows_emitted_total",
+            "Window records emitted (revisions included).",
+            ["flow"],
+            registry=r,
         )
         self.destination_paused = Gauge(
             "patchbay_destination_paused",

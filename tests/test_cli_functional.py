@@ -43,7 +43,7 @@ def test_init_check_serve_send_and_look(tmp_path):
     for f in ("patchbay.yaml", "systems.yaml"):
         p = demo / f
         p.write_text(p.read_text().replace("8787", str(port)))
-    assert pb("check", str(demo)).stdout.startswith("ok: 3 systems, 1 flow\n")
+    assert pb("check", str(demo)).stdout.startswith("ok: 4 systems, 1 flow\n")
 
     log = open(tmp_path / "serve.log", "w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PATCHBAY_")}

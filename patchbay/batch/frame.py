@@ -153,14 +153,15 @@ def encode(value: Any) -> bytes:
 
 
 def infer_type(values: list[Any]) -> str:
-    """The column type for values a step computed (the first non-null one decides; text when unsure)."""
+    """The column type for values a step computed (the first non-null one decides; text when unsure).
+    Whole numbers with a fraction among them are float: divide() gives 42 for 4200 cents, 19.99 for 1999."""
     for v in values:
         if v is None:
             continue
         if isinstance(v, bool):
             return "bool"
         if isinstance(v, int):
-            return "int"
+            return "float" if any(isinstance(x, float) for x in values) else "int"
         if isinstance(v, float):
             return "float"
         if isinstance(v, dict | list):

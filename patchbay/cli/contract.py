@@ -47,6 +47,35 @@ def recent_events(project: Any, flow: str, limit: int) -> list[tuple[str, float,
     return out
 
 
+def recent_answers(project: Any, flow: str, limit: int) -> tuple[dict[str, list[tuple[str, Any]]], int]:
+    """The flow's recent successful answers by destination, as (event id, JSON body); and how many were
+    skipped because their stored excerpt is not whole JSON (the store keeps the first 500 characters)."""
+    from patchbay.cli.main import _store
+    from patchbay.contracts import parse_answer
+
+    rows = _store(project.root).run(lambda s: s.recent_answers(flow, limit))
+    out: dict[str, list[tuple[str, Any]]] = {}
+    skipped = 0
+    for dest, event_id, _, text in rows:
+        body = parse_answer(text)
+        if body is None:
+            skipped += 1 if text else 0
+            continue
+        out.setdefault(dest, []).append((event_id, body))
+    return out, skipped
+
+
+def _not_batch(project: Any, flow: str) -> None:
+    spec = project.flows.get(flow)
+    if spec is not None and spec.batch is not None:
+        click.echo(
+            f"contract: {flow} is a batch flow: its source's shape is its columns, compared with the last "
+            "run's on every run (`batch.on_drift`); a change is drift in the run and the contract_drift alert",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+
+
 @main.group()
 def contract() -> None:
     """A flow's input contract (flows/<flow>.contract.yaml): the shape its events have, pinned in git;
@@ -61,13 +90,15 @@ def contract() -> None:
 )
 @click.option("--force", is_flag=True, help="Replace an existing contract (to accept a change).")
 def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> None:
-    """Write FLOW's contract from the shape of its recent events in the store."""
+    """Write FLOW's contract from the shape of its recent events in the store, and `responses:` from
+    the recent successful answers of its destinations."""
     from patchbay.contracts import contract_path, learn
 
     project = load_offline(project_dir)
     if flow not in project.flows:
         click.echo(f"contract: no flow {flow!r}; flows: {', '.join(sorted(project.flows))}", err=True)
         sys.exit(EXIT_CONFIG)
+    _not_batch(project, flow)
     path = contract_path(project.root, flow)
     if path.exists() and not force:
         click.echo(
@@ -75,20 +106,37 @@ def contract_learn(flow: str, project_dir: Path, limit: int, force: bool) -> Non
         )
         sys.exit(EXIT_CONFIG)
     rows = recent_events(project, flow, limit)
-    if not rows:
+    answers, skipped = recent_answers(project, flow, limit)
+    if not rows and not answers:
         click.echo(
             f"contract: flow {flow} has no events yet to learn from; write the contract by hand", err=True
         )
         sys.exit(EXIT_PROBLEMS)
     learned = learn(flow, [r[2] for r in rows])
-    first, last = (
-        datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") for t in (rows[-1][1], rows[0][1])
-    )
-    note = f"Learned from {plural(len(rows), 'event')} received {first} to {last} UTC."
-    path.write_text(learned.dump(note), encoding="utf-8")
-    click.echo(
-        f"wrote {shown(path)}: {plural(len(learned.fields), 'field')} from {plural(len(rows), 'event')}"
-    )
+    learned.input_pinned = bool(rows)
+    learned.responses = {d: learn(flow, [b for _, b in got]) for d, got in sorted(answers.items())}
+    note = ""
+    if rows:
+        first, last = (
+            datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M") for t in (rows[-1][1], rows[0][1])
+        )
+        note = f"Learned from {plural(len(rows), 'event')} received {first} to {last} UTC"
+    if answers:
+        n = sum(len(v) for v in answers.values())
+        note += ("; " if note else "Learned ") + f"responses from {plural(n, 'answer')}"
+    path.write_text(learned.dump(note + "."), encoding="utf-8")
+    parts = [f"{plural(len(learned.fields), 'field')} from {plural(len(rows), 'event')}"] if rows else []
+    parts += [
+        f"{d}'s answers: {plural(len(c.fields), 'field')} from {plural(len(answers[d]), 'answer')}"
+        for d, c in learned.responses.items()
+    ]
+    click.echo(f"wrote {shown(path)}: " + "; ".join(parts))
+    if skipped:
+        click.echo(
+            f"note: {plural(skipped, 'answer')} skipped: stored cut short (over 500 characters) or not JSON;"
+            " pin those destinations' `responses:` by hand",
+            err=True,
+        )
 
 
 @contract.command("check")
@@ -100,23 +148,35 @@ def contract_check(flow: str, project_dir: Path, limit: int, as_json: bool) -> N
     """Check FLOW's recent events against its contract: each drift with how often and example runs.
     Exit 0 when they conform, 1 on drift."""
     project = load_offline(project_dir)
+    _not_batch(project, flow)
     spec = project.flows.get(flow)
     if spec is None or spec.contract is None:
         what = f"flow {flow!r} has no contract" if spec else f"no flow {flow!r}"
         click.echo(f"contract: {what}; pin one with `patchbay contract learn {flow}`", err=True)
         sys.exit(EXIT_CONFIG)
+    from patchbay.contracts import response_drift
+
     rows = recent_events(project, flow, limit)
     found: dict[str, list[str]] = {}
     for event_id, _, payload in rows:
         for d in spec.contract.check(payload):
             found.setdefault(str(d), []).append(event_id)
+    answers = recent_answers(project, flow, limit)[0] if spec.contract.responses else {}
+    for dest, got in answers.items():
+        for event_id, body in got:
+            for line in response_drift(spec.contract, dest, body):
+                found.setdefault(line, []).append(event_id)
     report: list[dict[str, Any]] = [
         {"drift": k, "events": len(v), "examples": v[:3]} for k, v in found.items()
     ]
     if as_json:
         _echo_json(report)
     elif not report:
-        click.echo(f"ok: the last {plural(len(rows), 'event')} of {flow} conform to {spec.contract.file}")
+        n = sum(len(v) for v in answers.values())
+        more = f" and {plural(n, 'answer')}" if n else ""
+        click.echo(
+            f"ok: the last {plural(len(rows), 'event')}{more} of {flow} conform to {spec.contract.file}"
+        )
     else:
         click.echo(
             f"drift in flow {flow} ({plural(len(rows), 'event')} checked against {spec.contract.file}):"

@@ -152,7 +152,7 @@ def init(directory: Path, force: bool, template: str, list_templates: bool) -> N
 
     if list_templates:
         for name, (_, about) in TEMPLATES.items():
-            click.echo(f"{name:<19} {about}")
+            click.echo(f"{name:<22} {about}")
         return
     try:
         created = create_project(directory, force=force, template=template)
@@ -205,11 +205,21 @@ def check(directory: Path, as_json: bool) -> None:
                 click.echo(
                     f"  {f.name}: {describe_trigger(f)}"
                     + (f" -> {', '.join(d.name for d in f.destinations)}" if f.destinations else "")
+                    + _asks(f)
                     + f"  (owner {f.owner})"
                 )
         else:
             click.echo(plural(len(problems), "problem"))
     sys.exit(0 if project is not None else EXIT_CONFIG)
+
+
+def _asks(flow: Any) -> str:
+    """`; asks hubspot (find_contact, create_contact)`: the systems a flow's call and lookup steps ask."""
+    by_system: dict[str, list[str]] = {}
+    for s in flow.steps:
+        if getattr(s.step, "calls", False):
+            by_system.setdefault(str(getattr(s.config, "system", "")), []).append(s.name)
+    return "".join(f"; asks {sys_} ({', '.join(names)})" for sys_, names in by_system.items())
 
 
 # ------------------------------------------------------------------------- serve
@@ -337,7 +347,9 @@ def _explain_quarantine(project: Any, answer: str) -> None:
 @main.group(invoke_without_command=True)
 @project_option
 @click.option("--flow", help="Only this flow.")
-@click.option("--status", type=click.Choice(["pending", "delivered", "dead", "quarantined", "filtered"]))
+@click.option(
+    "--status", type=click.Choice(["pending", "delivered", "dead", "quarantined", "filtered", "aggregated"])
+)
 @click.option("--since", help="From this time (ISO) or age (15m, 2h, 1d).")
 @click.option("--until", help="Before this time (ISO) or age.")
 @click.option("--key", help="Record key, e.g. an email address.")
@@ -694,6 +706,8 @@ DRIVERS = {
     "nats": "nats",
     "redis": "redis",
     "email": "aiosmtplib",
+    "duckdb": "duckdb",
+    "parquet": "pyarrow",
 }
 
 

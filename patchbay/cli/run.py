@@ -127,6 +127,9 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
     from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
     from patchbay.testing.harness import simulate
 
+    if spec.batch is not None:
+        dry_run_batch_row(spec, record, as_json)
+        return
     result = simulate(spec, project, record)
     scrub = Scrubber(
         sensitive_values(record, spec.sensitive) | sensitive_values(result.record, spec.sensitive)
@@ -155,8 +158,15 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
     if result.status in ("quarantined", "filtered"):
         click.echo(f"result: {result.status}: {scrub(result.reason)}")
         return
-    click.echo("would deliver:")
-    for d in deliveries:
+    if result.status == "aggregated":
+        click.echo("result: counted into its window; the window's record goes on when the window closes")
+        return
+    waiting = [d for d in deliveries if d["destination"].startswith("call:")]
+    if any(c.outcome == "unanswered" for c in result.captured):
+        click.echo("would ask first (a dry run asks nothing; the steps after a call wait on its answer):")
+    else:
+        click.echo("would deliver:")
+    for d in deliveries if not waiting else waiting:
         req = d["request"]
         head = " ".join(str(req[k]) for k in ("method", "url") if k in req)
         click.echo(f"  {d['destination']} ({d['kind']}){': ' + head if head else ''}")
@@ -166,16 +176,57 @@ def dry_run_event(project: Any, spec: Any, record: Any, as_json: bool) -> None:
             click.echo(f"    {k}: {json.dumps(v, ensure_ascii=False, sort_keys=True)}")
 
 
+def dry_run_batch_row(spec: Any, record: Any, as_json: bool) -> None:
+    """A batch flow's dry run: the given row of its source table through the transform a real run
+    uses, and the row it would write (or why it would not)."""
+    from patchbay.testing.harness import simulate_batch
+
+    if not isinstance(record, dict):
+        raise click.UsageError("a batch flow's dry run takes one row of its source table: a JSON object")
+    from patchbay.security.redaction import Scrubber, redact_paths, sensitive_values
+
+    run = simulate_batch(spec, [record])
+    if spec.sensitive:  # a dry run's output lands in terminals and CI logs: no sensitive value
+        scrub = Scrubber(sensitive_values(record, spec.sensitive))
+        run.rows = [scrub(redact_paths(r, spec.sensitive)) for r in run.rows]
+        run.quarantined = [(row, scrub(reason)) for row, reason in run.quarantined]
+    table = f"{spec.batch.to.system}.{spec.batch.to.table}"
+    if run.quarantined:
+        status, detail = "quarantined", run.quarantined[0][1]
+    elif run.filtered:
+        status, detail = "filtered", "a step dropped the row"
+    else:
+        status, detail = "would write", ""
+    if as_json:
+        _echo_json(
+            {"flow": spec.name, "status": status, "reason": detail or None, "rows": run.rows, "to": table}
+        )
+        return
+    click.echo(f"dry run of batch flow {spec.name} ({spec.file}): one source row, nothing is written")
+    if run.rows:
+        click.echo(f"would write to {table}: {json.dumps(run.rows[0], ensure_ascii=False, sort_keys=True)}")
+    else:
+        click.echo(f"result: {status}: {detail}")
+
+
 def _step_line(step: dict[str, Any]) -> str:
     head = f"{step['step']} ({step['kind']})"
     if step.get("skipped"):
         return f"{head}: skipped (when was false)"
+    if "waiting" in step:
+        return f"{head}: asks {step['step']} (below), then goes on with its answer"
     if "error" in step:
         return f"{head}: STOPPED: " + "; ".join(step["error"])
     if "drift" in step:
         return f"{head}: DRIFT: " + "; ".join(step["drift"])
     if "dropped" in step:
         return f"{head}: filtered out: {step['dropped']}"
+    if "window" in step:  # aggregate
+        return f"{head}: window {step['window']}, key {json.dumps(step.get('key'), ensure_ascii=False)}"
+    if step.get("kind") == "dedupe" and "key" in step:
+        return f"{head}: key {json.dumps(step['key'], ensure_ascii=False)}" + (
+            f" ({step['note']})" if step.get("note") else " (a duplicate is decided when stored)"
+        )
     if "routes" in step:
         return (
             head

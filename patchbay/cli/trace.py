@@ -45,6 +45,16 @@ def render_trace(run: dict[str, Any]) -> str:
             out.extend(f"     - {d}" for d in step["drift"])
         elif "dropped" in step:
             out.append(f"{head}  filtered out: {step['dropped']}")
+        elif "waiting" in step:  # a call or lookup asked, its answer not recorded yet
+            out.append(f"{head}  waiting on call:{step['step']} (key {step['waiting']}; see below)")
+        elif "call" in step:
+            where = f"  element {step['element']}" if "element" in step else ""
+            out.append(
+                f"{head}  answer HTTP {step.get('status')} (call:{step['step']} below){where}"
+                f" output {_short(step.get('output'))}"
+            )
+        elif "elements" in step:
+            out.append(f"{head}  {step['elements']} elements, each goes on alone")
         elif "routes" in step:
             routes = ", ".join(
                 f"{r['destination']}{'' if r['matched'] else ' (not matched)'}" for r in step["routes"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -10,6 +10,7 @@ from patchbay.config.durations import Duration
 from patchbay.config.models import Spec
 
 Mode = Literal["full", "append", "merge"]
+FileFormat = Literal["csv", "jsonl", "parquet"]
 DriftPolicy = Literal["evolve", "ignore", "stop"]
 
 
@@ -32,10 +33,44 @@ class BatchFrom(Spec):
         description="Or a SELECT; the cursor window is applied around it (`SELECT * FROM (query) q WHERE ...`).",
     )
 
+    files: str | None = Field(
+        None,
+        description=(
+            "Or, from a files system: a file name or a glob such as `orders-*.csv` inside its folder. Each run "
+            "reads the files it has not read before (by name, size and modification time), oldest first."
+        ),
+    )
+    format: FileFormat | None = Field(
+        None,
+        description="files: csv (a header line; an empty cell is NULL), jsonl (one object a line) or parquet; "
+        "omitted = from the extension (.csv, .jsonl or .ndjson, .parquet).",
+    )
+    api: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Or, from an http system: the API to read page by page, with the settings of an http source "
+            "(path, params, items_path, pagination, max_pages, timeout_s); the flow's `cursor.column` is the "
+            "record field sent back as `api_since_param` (e.g. updated_since)."
+        ),
+    )
+    api_since_param: str | None = Field(
+        None, description="api: the query parameter that carries the last cursor value (e.g. updated_since)."
+    )
+
     @field_validator("table")
     @classmethod
     def _table(cls, v: str | None) -> str | None:
         return None if v is None else _ident(v, "table")
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not v.strip() or "/" in v or "\\" in v or v.startswith((".", "~")):
+                raise ValueError(
+                    f"bad files {v!r}: give a file name or a glob inside the system's folder, e.g. orders-*.csv"
+                )
+        return v
 
     @field_validator("query")
     @classmethod
@@ -51,8 +86,13 @@ class BatchFrom(Spec):
 
     @model_validator(mode="after")
     def _one(self) -> BatchFrom:
-        if (self.table is None) == (self.query is None):
-            raise ValueError("give exactly one of `table` or `query`")
+        given = [n for n in ("table", "query", "files", "api") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `table` or `query` (or `files` for files, `api` for http)")
+        if self.format is not None and self.files is None:
+            raise ValueError("`format` goes with `files`")
+        if self.api_since_param is not None and self.api is None:
+            raise ValueError("`api_since_param` goes with `api`")
         return self
 
 
@@ -60,7 +100,15 @@ class BatchTo(Spec):
     """Where a batch sync writes: a table of a database system (created when missing)."""
 
     system: str = Field(description="The destination system (a database the hub can write in bulk).")
-    table: str = Field(description="Table to write, e.g. reporting.customers; created when missing.")
+    table: str = Field(
+        description="Table to write, e.g. reporting.customers; created when missing. For a files system: the "
+        "name of the files written (customers -> customers.csv)."
+    )
+    format: FileFormat | None = Field(
+        None,
+        description="files: csv, jsonl or parquet (default csv). Each run writes one new file, complete or not "
+        "at all: full replaces `<table>.<ext>`, append adds `<table>-<time>-<run>.<ext>`.",
+    )
 
     @field_validator("table")
     @classmethod

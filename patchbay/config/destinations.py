@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
 from patchbay import presets, registry
-from patchbay.config.models import NAME_RE, DeliveryPolicy, HubSettings, Spec
+from patchbay.config.models import NAME_RE, DeliveryPolicy, DestinationBatch, HubSettings, Spec
 from patchbay.config.problems import compile_at, did_you_mean, pydantic_problems, validate
 from patchbay.config.source import Loc, Located
 from patchbay.config.specs import DestinationSpec, SystemSpec
@@ -25,6 +25,13 @@ class DestinationCommon(Spec):
     )
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy overrides for this destination."
+    )
+    batch: DestinationBatch | Literal[False] | None = Field(
+        None,
+        description="Send up to `max_records` due deliveries in one request (or what is due after "
+        "`max_wait`), e.g. `{max_records: 100, max_wait: 2s}`; each record keeps its own outcome, "
+        "retries and trace. Only for connectors that can batch (http); `false` turns off a preset "
+        "operation's batching.",
     )
 
 
@@ -151,7 +158,7 @@ def _load_destination(
     if cfg is None:
         return None
     try:  # building it compiles its templates and expressions: their errors belong to `check`
-        registry.build_to_check(cls, sysspec.config, cfg, policy)
+        built = registry.build_to_check(cls, sysspec.config, cfg, policy)
     except ExprError as exc:
         problems.append(src.problem(loc, f"destination {common.name}: {exc}"))
         return None
@@ -161,7 +168,47 @@ def _load_destination(
     except ValueError as exc:
         problems.append(src.problem(loc, f"destination {common.name}: {exc}"))
         return None
-    return DestinationSpec(common.name, common.system, sysspec.kind, cfg, policy, when)
+    batch = common.batch or None
+    if batch is not None and not _batch_ok(src, loc, batch, built, sysspec, problems):
+        return None
+    return DestinationSpec(common.name, common.system, sysspec.kind, cfg, policy, when, batch)
+
+
+def _batch_ok(
+    src: Located,
+    loc: Loc,
+    batch: DestinationBatch,
+    sink: Any,
+    sysspec: SystemSpec,
+    problems: list[Problem],
+) -> bool:
+    """A destination's `batch:` fits its connector: it can batch, this request shape can be combined, and
+    `max_records` is within the API's documented limit."""
+    at = (*loc, "batch")
+    if not callable(getattr(sink, "send_batch", None)):  # connectors/base.BatchSink
+        problems.append(
+            src.problem(
+                at,
+                f"system {sysspec.name!r} is a {sysspec.kind}, whose connector sends one record per "
+                "request; remove `batch`",
+            )
+        )
+        return False
+    why = sink.batch_problem()
+    if why:
+        problems.append(src.problem(at, f"cannot batch: {why}"))
+        return False
+    limit = sink.batch_limit
+    if limit is not None and batch.max_records > limit:
+        problems.append(
+            src.problem(
+                (*at, "max_records"),
+                f"max_records {batch.max_records} is beyond this API's documented limit of {limit} "
+                f"records per request; write max_records: {limit} or less",
+            )
+        )
+        return False
+    return True
 
 
 def apply_operation(

@@ -22,6 +22,8 @@ from patchbay.config.specs import FlowSpec, SystemSpec
 from patchbay.errors import Problem
 from patchbay.expressions import Expr
 
+PURE_STEPS = frozenset({"map", "validate", "filter"})  # what a sync step runs before the identity map
+
 
 class FieldRule(Spec):
     """Who decides a field's value: one owner system, or a rule for a field several systems edit."""
@@ -351,6 +353,15 @@ def check_sync_flows(
                         f"entity {ent.name!r} says the hub never reads {origin!r} (direction: write)",
                     )
                 )
+            for i, st in enumerate(flow.steps):
+                if st.kind not in PURE_STEPS:
+                    problems.append(
+                        src.problem(
+                            ("steps", i),
+                            f"step {st.name!r} ({st.kind}): a sync flow runs only {', '.join(sorted(PURE_STEPS))} "
+                            "before the identity map; move it to a flow of its own",
+                        )
+                    )
             missing = [
                 s for s in ent.systems if ent.writes(s) and s not in {d.system for d in flow.destinations}
             ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field
@@ -92,6 +94,8 @@ def load_flow(
     _check_webhook(src, doc.trigger, systems, broken, problems)
     source = load_source(src, doc.trigger, systems, broken, problems)
     steps, stopped_at = _load_steps(src, doc.steps, problems)
+    _check_calls(src, doc.steps, systems, broken, problems)
+    _check_bindings(src, doc.steps, doc.destinations, problems)
     typed: list[tuple[str, dict[str, str], list[str]]] = []  # destinations whose operation lists its fields
     dests = load_destinations(
         src, doc.destinations, doc.delivery, settings, systems, broken, stopped_at, problems, typed
@@ -99,6 +103,25 @@ def load_flow(
     for at, message in presets.mapped_field_problems(doc.steps, typed, len(doc.destinations)):
         problems.append(src.problem(at, message))
     _check_batch(src, doc, systems, broken, problems)
+    if doc.batch is not None:  # a batch sync moves rows in bulk, not events through the store
+        for i, sp in enumerate(steps):
+            if hasattr(sp.step, "gate"):
+                problems.append(
+                    src.problem(
+                        ("steps", i, sp.kind),
+                        f"a {sp.kind} step runs on events, not in a batch sync: deduplicate or aggregate"
+                        " in the query, or use a flow with a trigger and destinations",
+                    )
+                )
+    waits = next((i for i, sp in enumerate(steps) if getattr(sp.step, "calls", False)), None)
+    for i, sp in enumerate(steps):  # a run resumed after a call's answer does not settle them again
+        if waits is not None and i > waits and hasattr(sp.step, "gate"):
+            problems.append(
+                src.problem(
+                    ("steps", i, sp.kind),
+                    f"a {sp.kind} step cannot come after a call step (step {waits + 1}) yet: put it before the call",
+                )
+            )
     history = _history(src, settings, doc.history, problems)
     if len(problems) > n0 or history is None:
         return None
@@ -159,6 +182,16 @@ def _check_batch(
                 "a batch flow runs on a schedule or on demand: use `schedule:` and/or `manual: true`",
             )
         )
+    for i, raw in enumerate(doc.steps):  # frames of rows, not events: nothing to wait on or fan out
+        kind = next((k for k in (*CALLING_STEPS, "split") if isinstance(raw, dict) and k in raw), None)
+        if kind is not None:
+            problems.append(
+                src.problem(
+                    ("steps", i, kind),
+                    f"{kind}: a batch sync's steps run over frames of rows; call, lookup and split are for "
+                    "event flows (a SQL join in `batch.from.query` does a lookup's work here)",
+                )
+            )
     for side in ("from", "to"):
         name = getattr(doc.batch, "from_" if side == "from" else "to").system
         sysspec = systems.get(name)
@@ -177,6 +210,34 @@ def _check_batch(
                     f" batch kinds: {', '.join(kinds)}",
                 )
             )
+        else:
+            _check_bulk_side(src, doc.batch, side, sysspec, loc, problems)
+
+
+def _check_bulk_side(
+    src: Located, batch: Any, side: str, sysspec: SystemSpec, loc: Loc, problems: list[Problem]
+) -> None:
+    """What the system's bulk connector says of its side of the batch block (a missing driver, a bad setting)."""
+    found = registry.connector_for(sysspec.kind or "", "bulk")
+    check = getattr(found[0], "check_batch", None) if found is not None else None
+    if check is not None:
+        for message in check(sysspec.config, side, batch):
+            problems.append(src.problem(("batch", side), message))
+    elif side == "to" and batch.to.format is not None:
+        problems.append(
+            src.problem(
+                ("batch", side, "format"),
+                f"`format` is for a files destination; {sysspec.kind} writes a table",
+            )
+        )
+    elif side == "from" and (batch.from_.files is not None or batch.from_.api is not None):
+        problems.append(
+            src.problem(
+                ("batch", side),
+                f"system {batch.from_.system!r} ({sysspec.kind}) is a database: read it with `table` or"
+                " `query` (`files` is for a files system, `api` for an http system)",
+            )
+        )
 
 
 def with_trigger_defaults(data: dict[str, Any], systems: dict[str, SystemSpec]) -> dict[str, Any]:
@@ -222,6 +283,143 @@ def _check_webhook(
                 "add how it authenticates (e.g. scheme: standard_webhooks)",
             )
         )
+
+
+CALLING_STEPS = ("call", "lookup")
+
+
+def _check_calls(
+    src: Located,
+    raws: list[dict[str, Any]],
+    systems: dict[str, SystemSpec],
+    broken: set[str],
+    problems: list[Problem],
+) -> None:
+    """Steps that ask a system: the system exists and can be asked; names and `as` names are unique (a
+    call's idempotency key is `<event>.<step name>`)."""
+    names: dict[str, int] = {}
+    bound: dict[str, int] = {}
+    for i, raw in enumerate(raws):
+        kind = next((k for k in CALLING_STEPS if isinstance(raw, dict) and k in raw), None)
+        if kind is None or not isinstance(raw[kind], dict):
+            continue
+        cfg, loc = raw[kind], ("steps", i, kind)
+        sysname = cfg.get("system")
+        if isinstance(sysname, str) and sysname not in broken:
+            system = systems.get(sysname)
+            if system is None:
+                problems.append(
+                    src.problem(
+                        (*loc, "system"),
+                        f"{kind}: unknown system {sysname!r}" + did_you_mean(sysname, [*systems, *broken]),
+                    )
+                )
+            elif cfg.get("query") is not None and kind == "lookup":
+                found = registry.connector_for(system.kind or "", "source")
+                if found is None or getattr(found[0], "dialect", None) is None:
+                    problems.append(
+                        src.problem(
+                            (*loc, "system"),
+                            f"lookup: a query needs a SQL system (postgres, mysql, sqlite); {sysname!r} is "
+                            f"{system.kind or 'not a connector system'}",
+                        )
+                    )
+            elif system.kind != "http":
+                problems.append(
+                    src.problem(
+                        (*loc, "system"),
+                        f"{kind}: system {sysname!r} ({system.kind or 'no kind'}) cannot be called; "
+                        "use an http system",
+                    )
+                )
+        name = str(raw.get("name", kind))
+        if name in names:
+            problems.append(
+                src.problem(
+                    ("steps", i),
+                    f"{kind}: another call step (step {names[name] + 1}) is named {name!r}; give each call "
+                    "a unique `name:` (it is part of the call's idempotency key)",
+                )
+            )
+        names.setdefault(name, i)
+        as_ = cfg.get("as")
+        if isinstance(as_, str):
+            if as_ in bound:
+                problems.append(
+                    src.problem(
+                        (*loc, "as"),
+                        f"{kind}: step {bound[as_] + 1} already binds {as_!r}; choose another name",
+                    )
+                )
+            bound.setdefault(as_, i)
+
+
+_TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def _answer_reads(value: Any) -> Iterator[str]:
+    """The names read as a call's answer (`X.body…`, `X.status`) in the expressions and templates of
+    a step's or destination's settings; text that is not an expression reads nothing."""
+    from patchbay.expressions import ExprError, compile_expr
+
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _answer_reads(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _answer_reads(v)
+    elif isinstance(value, str):
+        texts = _TEMPLATE.findall(value) if "{{" in value else [value]
+        for text in texts:
+            try:
+                expr = compile_expr(text.strip())
+            except ExprError:
+                continue
+            yield from _answer_names(expr.ast)
+
+
+def _answer_names(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        kids = node.get("children") or []
+        if node.get("type") == "subexpression" and len(kids) >= 2:
+            head, tail = kids[0], kids[1]
+            if (
+                head.get("type") == "field"
+                and tail.get("type") == "field"
+                and tail.get("value") in ("body", "status")
+            ):
+                yield str(head.get("value"))
+        for k in kids:
+            yield from _answer_names(k)
+
+
+def _check_bindings(
+    src: Located, raws: list[dict[str, Any]], dests: list[dict[str, Any]], problems: list[Problem]
+) -> None:
+    """An answer read before the step that binds it, or under a name close to a bound one (a typo)."""
+    bound: dict[str, int] = {}
+    for i, raw in enumerate(raws):
+        kind = next((k for k in CALLING_STEPS if isinstance(raw, dict) and k in raw), None)
+        if kind is not None and isinstance(raw[kind], dict) and isinstance(raw[kind].get("as"), str):
+            bound.setdefault(raw[kind]["as"], i)
+    if not bound:
+        return
+    users = [(("steps", i), i, raw) for i, raw in enumerate(raws)]
+    users += [(("destinations", j), len(raws), d) for j, d in enumerate(dests)]
+    for loc, at, raw in users:
+        for name in dict.fromkeys(_answer_reads(raw)):
+            if name in bound and bound[name] >= at:
+                problems.append(
+                    src.problem(
+                        loc,
+                        f"reads {name}'s answer, which step {bound[name] + 1} binds later; "
+                        "move this after that step",
+                    )
+                )
+            elif name not in bound and difflib.get_close_matches(name, list(bound), n=1):
+                problems.append(
+                    src.problem(loc, f"no call or lookup binds {name!r}" + did_you_mean(name, list(bound)))
+                )
 
 
 def _load_steps(
@@ -282,7 +480,19 @@ def _load_steps(
         except Exception as exc:  # a step's own constructor may refuse a config its check missed
             problems.append(src.problem((*loc, kind), f"{kind}: {exc}"))
             continue
-        steps.append(StepSpec(kind, str(meta.get("name", kind)), cfg, instance, when))
+        name = str(meta.get("name", kind))
+        if hasattr(instance, "gate") and any(
+            s.name == name for s in steps
+        ):  # its state is kept under its name
+            problems.append(
+                src.problem(
+                    loc,
+                    f"two steps are named {name!r}; a {kind} step keeps its state under its name:"
+                    " give each a `name:` of its own",
+                )
+            )
+            continue
+        steps.append(StepSpec(kind, name, cfg, instance, when))
     return steps, stopped_at
 
 

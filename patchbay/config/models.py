@@ -226,6 +226,49 @@ class DeliveryPolicy(Spec):
         return DeliveryPolicy.model_validate(base)
 
 
+class DestinationBatch(Spec):
+    """Several deliveries to one destination sent in one request (a destination's `batch:`)."""
+
+    max_records: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="At most this many records in one request; a preset operation may allow fewer (its "
+        "API's documented limit, which `check` enforces).",
+    )
+    max_wait: Duration = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="How long the first record waits for others before a smaller batch goes out, e.g. 2s. "
+        "A backlog fills whole batches at once.",
+    )
+
+
+class Handshake(Spec):
+    """A request a sender makes to check the endpoint (not an event): answered, not stored."""
+
+    when: str = Field(
+        description="Expression over the request's JSON body, true for the handshake, e.g. "
+        "`type == 'url_verification'`. It is asked after the request is authenticated."
+    )
+    status: int = Field(200, ge=200, le=299, description="The answer's status code.")
+    body: str | None = Field(
+        None,
+        description="Expression over the body giving the JSON answer, e.g. `{challenge: challenge}`; "
+        "omitted: an empty answer.",
+    )
+
+    @field_validator("when", "body")
+    @classmethod
+    def _expr(cls, v: str | None) -> str | None:
+        if v is not None:
+            from patchbay.expressions import compile_expr
+
+            compile_expr(v)  # an ExprError is a ValueError: reported at its line
+        return v
+
+
 class History(Spec):
     """How long the hub keeps finished runs (events, their deliveries, attempts and traces), and when it
     compresses them. Pending work is never removed; a run is removed whole."""
@@ -275,6 +318,15 @@ class WebhookTrigger(Spec):
         False,
         description="A JSON array body is a batch: each element one event (deduped by id_path each), "
         "all stored in one transaction; the 202 lists the event ids.",
+    )
+    handshakes: list[Handshake] = Field(
+        default_factory=list,
+        description="Requests that check the endpoint rather than carry an event (Slack's url_verification, "
+        "Xero's intent to receive): each authenticated like any request, then answered as given and not "
+        "stored. A preset's trigger_defaults fill them in.",
+    )
+    accept_status: Literal[200, 202] = Field(
+        202, description="The status of a stored event's answer; some senders count only 200 as received."
     )
 
     @field_validator("path")

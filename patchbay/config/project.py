@@ -163,16 +163,17 @@ def _load_flows(
             paths[wp] = flow.name
         flows[flow.name] = flow
         flow_srcs[flow.name] = src
-        flow.contract = _load_contract(root, flow.name, problems)
+        answers = [d.name for d in flow.destinations] + [s.name for s in flow.steps if s.name]
+        flow.contract = _load_contract(root, flow.name, problems, answers)
     return flows, flow_srcs
 
 
-def _load_contract(root: Path, flow: str, problems: list[Problem]) -> Any:
+def _load_contract(root: Path, flow: str, problems: list[Problem], answers: list[str]) -> Any:
     path = contract_path(root, flow)
     if not path.is_file():
         return None
     try:
-        return load_contract(path, _rel(path))
+        return load_contract(path, _rel(path), answers)
     except ConfigError as exc:
         problems.extend(exc.problems)
         return None

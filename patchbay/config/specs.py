@@ -12,6 +12,7 @@ from patchbay.config.batch import BatchSpec
 from patchbay.config.models import (
     AlertRule,
     DeliveryPolicy,
+    DestinationBatch,
     History,
     HubSettings,
     SecretRef,
@@ -62,6 +63,7 @@ class DestinationSpec:
     config: BaseModel
     policy: DeliveryPolicy
     when: Expr | None = None  # route: deliver only when true
+    batch: DestinationBatch | None = None  # several deliveries in one request (the sink can `send_batch`)
 
 
 @dataclass
@@ -102,6 +104,9 @@ class FlowSpec:
     def secret_refs(self, systems: dict[str, SystemSpec]) -> list[SecretRef]:
         """The credentials this flow declares: those of the systems it uses, nothing else."""
         names = {d.system for d in self.destinations}
+        names |= {
+            getattr(s.config, "system", "") for s in self.steps if getattr(s.step, "calls", False)
+        }  # call, lookup
         if self.trigger.webhook:
             names.add(self.trigger.webhook.system)
         if self.source:

@@ -8,9 +8,10 @@ that nothing is lost and retries are cheap:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
@@ -44,6 +45,15 @@ class Outcome:
     error: str = ""
     retry_after_s: float | None = None
     fields: dict[str, Any] | None = None  # values mapped from the answer (a destination's `response:`)
+    # A member of a batch request only (`send_batch`): `split` when the whole request was refused without
+    # saying which record (the engine sends it again in smaller batches to find out), `resend` when it was
+    # refused for other records and nothing of this one was applied (sent again without them).
+    split: bool = False
+    resend: bool = False
+    # A success's JSON body, in memory only (never stored), for the flow's response contract; set by a
+    # sink whose `keep_answer` the hub turned on. `drift`: how it differs from that contract.
+    body: Any = None
+    drift: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -100,6 +110,34 @@ class Sink(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class BatchSink(Protocol):
+    """A sink that can also send several deliveries in one request (a destination's `batch:`)."""
+
+    @property
+    def batch_limit(self) -> int | None:
+        """The most records one request may carry (the API's documented limit), or None."""
+        ...
+
+    def batch_problem(self) -> str | None:
+        """Why this destination's requests cannot be combined (checked at load time), or None."""
+        ...
+
+    async def send_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[Outcome]:
+        """One request for all of them; one Outcome per request, in order. Never raises for remote failures."""
+        ...
+
+
+def can_batch(sink: Any) -> bool:
+    """Whether a sink (or its class) implements `send_batch`."""
+    return callable(getattr(sink, "send_batch", None))
+
+
+def batch_key(keys: Sequence[str]) -> str:
+    """The idempotency key of a batch request: the same members give the same key (sent again after a
+    transient failure or a restart), so an API that honours it applies the request once."""
+    return "batch-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
 
 
 SystemT = TypeVar("SystemT", bound=BaseModel)

@@ -276,13 +276,19 @@ def map_response(
 ) -> dict[str, Any]:
     """Fields picked from an answer: name -> `status`, `headers.<name>` or `body.<path>` (JSON; a body that
     is not JSON, or was cut at the read limit, has no fields). Strings pass the secret redactor."""
-    from patchbay.records import dig
-
     try:
         body: Any = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         body = None
     answer = {"status": status, "headers": {k.lower(): v for k, v in headers.items()}, "body": body}
+    return pick_fields(mapping, answer, redact)
+
+
+def pick_fields(
+    mapping: Mapping[str, str], answer: Mapping[str, Any], redact: Callable[[str], str] = lambda s: s
+) -> dict[str, Any]:
+    """Fields picked from an answer already read (`status`, `headers`, `body`, and a batch's `result`)."""
+    from patchbay.records import dig
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):
@@ -294,3 +300,18 @@ def map_response(
         return value
 
     return {name: scrub(dig(answer, path)) for name, path in mapping.items()}
+
+
+def appended_path(path: str) -> str:
+    """A path appended to a system's URL: empty, or starting with / or ?. Anything else could name another
+    server (`@evil.example/x` makes the base its user info, `.evil.example` extends its host), which would
+    then receive the system's credentials. The one rule for every http connector's `path`."""
+    if path and not path.startswith(("/", "?")):
+        raise ValueError(f"{path!r} must start with / (or ?): it is appended to the system's URL")
+    return path
+
+
+def same_server(url: str, base: str) -> bool:
+    """`url` is on the server of `base` (scheme, host and port), so the system's credentials may go to it."""
+    a, b = urlsplit(url), urlsplit(base)
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)

@@ -9,12 +9,12 @@ from urllib.parse import urljoin
 
 import aiohttp
 import orjson
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from patchbay.config.models import Spec
 from patchbay.connectors.base import Batch, OutcomeClass, Resources, SourceRecord
 from patchbay.connectors.http import HttpSystem
-from patchbay.connectors.http_client import HttpClient, classify_response
+from patchbay.connectors.http_client import HttpClient, appended_path, classify_response, same_server
 from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig
@@ -55,7 +55,7 @@ class IncrementalCursor(Spec):
 
 
 class HttpPollConfig(Spec):
-    path: str = Field("", description="Appended to the system's URL.")
+    path: str = Field("", description="Appended to the system's URL; starts with /.")
     params: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Query parameters.")
     items_path: str = Field(
         "", description="Dotted path to the array of records; empty if the body is the array."
@@ -69,6 +69,11 @@ class HttpPollConfig(Spec):
         100, ge=1, description="Most pages read in one poll; the rest waits for the next poll."
     )
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout in seconds.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return appended_path(v)
 
 
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
@@ -147,6 +152,11 @@ class HttpPollSource:
             elif pg.type == "link":
                 m = _LINK_NEXT.search(headers.get("Link", ""))
                 url = urljoin(url, m.group(1)) if m else None
+                if url is not None and not same_server(url, self.system.url):
+                    raise TerminalError(
+                        f"polling {self.system.url}: the next-page Link points to another server; "
+                        "it is not followed (the system's credentials go only to its own server)"
+                    )
                 more = url is not None
             else:
                 more = False

@@ -1,4 +1,9 @@
-"""mysql (bulk): write batch syncs into MySQL/MariaDB with LOAD DATA LOCAL, in one transaction.
+"""mysql (bulk): read MySQL/MariaDB in one consistent snapshot; write with LOAD DATA LOCAL, in one transaction.
+
+Reading: START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY takes the cursor's high-water mark,
+then streams the window with a server-side cursor (memory stays bounded: one batch at a time). Values
+arrive as the server's text (no driver conversion), which is already the COPY text form for numbers,
+dates and times; booleans (TINYINT(1)) become t/f and binary columns \\x hex. Session time zone UTC.
 
 Each batch is written to a private temporary file in the COPY text form the readers produce
 (MariaDB's LOAD DATA reads it: tab-separated, `\\N` for NULL, backslash escapes) and loaded into
@@ -10,13 +15,14 @@ errors, so any warning fails the run: nothing is ever truncated or zeroed silent
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 
-from patchbay.batch.frame import NULL, Column, Frame
+from patchbay.batch.frame import NULL, Column, Frame, escape
 from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
@@ -29,8 +35,11 @@ _TYPES = {
     "longtext": "text", "enum": "text", "set": "text",
     "tinyint": "int", "smallint": "int", "mediumint": "int", "int": "int", "bigint": "int",
     "float": "float", "double": "float", "decimal": "numeric", "json": "json",
-    "datetime": "timestamp", "timestamp": "timestamp", "date": "date", "time": "time",
+    "datetime": "timestamp", "timestamp": "timestamp", "date": "date", "time": "time", "year": "int",
+    "binary": "bytes", "varbinary": "bytes", "blob": "bytes", "tinyblob": "bytes", "mediumblob": "bytes",
+    "longblob": "bytes",
 }  # fmt: skip
+_TEMPORAL = {"timestamp", "timestamptz", "date"}
 _DDL = {
     "text": "LONGTEXT", "int": "BIGINT", "float": "DOUBLE", "numeric": "DECIMAL(38,10)", "bool": "BOOLEAN",
     "json": "JSON", "timestamptz": "DATETIME(6)", "timestamp": "DATETIME(6)", "date": "DATE", "time": "TIME(6)",
@@ -50,6 +59,51 @@ def _ddl(c: Column, key: list[str]) -> str:
     if c.name in key and c.type == "text":
         return "VARCHAR(255)"  # a key must be indexable
     return _DDL.get(c.type, "LONGTEXT")
+
+
+def _field_type(field: Any) -> str:
+    """A result column's canonical type from the protocol's field type (a query's columns)."""
+    from pymysql.constants import FIELD_TYPE  # type: ignore[import-untyped,unused-ignore]
+
+    t = field.type_code
+    if t == FIELD_TYPE.TINY and field.length == 1:
+        return "bool"
+    if t in (FIELD_TYPE.TINY, FIELD_TYPE.SHORT, FIELD_TYPE.LONG, FIELD_TYPE.LONGLONG, FIELD_TYPE.INT24):
+        return "int"
+    if t in (FIELD_TYPE.FLOAT, FIELD_TYPE.DOUBLE):
+        return "float"
+    if t in (FIELD_TYPE.DECIMAL, FIELD_TYPE.NEWDECIMAL):
+        return "numeric"
+    if t in (FIELD_TYPE.DATETIME, FIELD_TYPE.TIMESTAMP):
+        return "timestamp"
+    if t in (FIELD_TYPE.DATE, FIELD_TYPE.NEWDATE):
+        return "date"
+    if t == FIELD_TYPE.TIME:
+        return "time"
+    if t == FIELD_TYPE.JSON:
+        return "json"
+    if t in (FIELD_TYPE.BLOB, FIELD_TYPE.TINY_BLOB, FIELD_TYPE.MEDIUM_BLOB, FIELD_TYPE.LONG_BLOB):
+        return "bytes" if field.charsetnr == 63 else "text"
+    if t in (FIELD_TYPE.STRING, FIELD_TYPE.VAR_STRING) and field.charsetnr == 63:
+        return "bytes"
+    return "text"
+
+
+def _reader_encoder(c: Column) -> Callable[[Any], bytes]:
+    """A value as the server sent it (text, or bytes for binary columns) as a COPY text field."""
+    if c.type == "bool":
+        return lambda v: NULL if v is None else (b"f" if v in ("0", b"0") else b"t")
+
+    def plain(v: Any) -> bytes:
+        if v is None:
+            return NULL
+        if isinstance(v, bytes | bytearray):
+            if c.type == "bytes":
+                return escape("\\x" + bytes(v).hex())
+            v = bytes(v).decode()
+        return escape(v)
+
+    return plain
 
 
 def _converter(c: Column) -> Any:
@@ -75,13 +129,14 @@ def _converter(c: Column) -> Any:
 
 @connector("mysql", roles=("bulk",), config=BatchTo, system_config=MysqlSystem, extra="mysql")
 class MysqlBulk:
-    """Batch syncs into MySQL/MariaDB (a destination; reading in bulk from it is not built yet)."""
+    """Batch syncs from and into MySQL/MariaDB: a consistent snapshot streamed out, LOAD DATA LOCAL in."""
 
     def __init__(self, system: MysqlSystem, resources: Resources, timeout_s: float = 30.0) -> None:
         self.system = system
         self.resources = resources
         self.timeout_s = timeout_s
         self._conn: Any = None
+        self._rconn: Any = None
         self.snapshot_max: str | None = None
 
     async def _c(self) -> Any:
@@ -98,6 +153,9 @@ class MysqlBulk:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
 
     async def _all(self, sql: str, args: Any = None) -> list[Any]:
         conn = await self._c()
@@ -105,46 +163,113 @@ class MysqlBulk:
             await cur.execute(sql, args)
             return list(await cur.fetchall())
 
-    # ---------------------------------------------------------------- reading (for delete detection)
+    # ---------------------------------------------------------------- reading
+    async def _reader(self) -> Any:
+        """The reading connection: values as the server's text (conv={}), session time zone UTC."""
+        if self._rconn is None or self._rconn.closed:
+            _, cursor_class = load_driver()
+            self._rconn = await connect(self.system, self.resources, self.timeout_s, cursor_class, conv={})
+            async with self._rconn.cursor() as cur:
+                await cur.execute("SET SESSION time_zone = '+00:00'")
+        return self._rconn
+
+    async def _rall(self, sql: str, args: Any = None) -> list[Any]:
+        conn = await self._reader()
+        async with conn.cursor() as cur:
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
+    def _rel(self, frm: BatchFrom) -> str:
+        return q(frm.table) if frm.table is not None else f"({frm.query}) AS q"
+
     async def columns(self, frm: BatchFrom) -> list[Column]:
-        if frm.table is None:
-            raise ConfigError("reading a query in bulk from MySQL/MariaDB is not built yet: read a table")
-        got = await self.table_columns(frm.table)
-        if got is None:
-            raise ConfigError(f"table {frm.table} does not exist")
-        return got
+        if frm.table is not None:
+            got = await self.table_columns(frm.table)
+            if got is None:
+                raise ConfigError(f"table {frm.table} does not exist")
+            return got
+        conn = await self._reader()
+        async with conn.cursor() as cur:
+            await cur.execute(f"SELECT * FROM ({frm.query}) AS q LIMIT 0")
+            fields = list(cur._result.fields if cur._result is not None else [])
+        return [Column(f.name, _field_type(f), "") for f in fields]
+
+    def _where(self, window: Window, columns: list[Column]) -> tuple[str, tuple[Any, ...]]:
+        if window.column is None or window.start is None:
+            return "", ()
+        col = next((c for c in columns if c.name == window.column), None)
+        kind = col.type if col is not None else "text"
+        if kind in _TEMPORAL:
+            micros = int(round(window.lookback_s * 1_000_000))
+            return (
+                f" WHERE {q(window.column)} >= CAST(%s AS DATETIME(6)) - INTERVAL %s MICROSECOND",
+                (window.start, micros),
+            )
+        if kind in ("int", "float", "numeric"):
+            return f" WHERE {q(window.column)} >= %s - %s", (window.start, window.lookback_s)
+        return f" WHERE {q(window.column)} >= %s", (window.start,)
 
     async def cursor_max(self, frm: BatchFrom, window: Window) -> str | None:
-        raise ConfigError("reading from MySQL/MariaDB in bulk is not built yet; it is a destination")
+        rows = await self._rall(f"SELECT MAX({q(window.column or '')}) FROM {self._rel(frm)}")
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
 
     async def count(self, frm: BatchFrom, window: Window) -> int | None:
-        raise ConfigError("reading from MySQL/MariaDB in bulk is not built yet; it is a destination")
+        cols = await self.columns(frm) if window.column else []
+        where, args = self._where(window, cols)
+        rows = await self._rall(f"SELECT COUNT(*) FROM {self._rel(frm)}{where}", args)
+        return int(rows[0][0]) if rows else None
 
     async def read(
         self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int
     ) -> AsyncIterator[Frame]:
-        raise ConfigError("reading from MySQL/MariaDB in bulk is not built yet; it is a destination")
-        yield  # pragma: no cover  (an async generator)
+        """The window's rows in batches from one consistent snapshot; `snapshot_max` is the cursor's mark in it."""
+        my, _ = load_driver()
+        conn = await self._reader()
+        where, args = self._where(window, columns)
+        names = ", ".join(q(c.name) for c in columns)
+        encoders = [_reader_encoder(c) for c in columns]
+        self.snapshot_max = None
+        done = False
+        async with conn.cursor() as cur:
+            await cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        try:
+            if window.column is not None:
+                rows = await self._rall(f"SELECT MAX({q(window.column)}) FROM {self._rel(frm)}")
+                self.snapshot_max = None if not rows or rows[0][0] is None else str(rows[0][0])
+            cur = await conn.cursor(my.SSCursor)
+            await cur.execute(f"SELECT {names} FROM {self._rel(frm)}{where}", args)
+            while batch := await cur.fetchmany(batch_rows):
+                yield Frame(
+                    columns, [[enc(v) for enc, v in zip(encoders, row, strict=True)] for row in batch]
+                )
+            await cur.close()
+            done = True
+        finally:
+            if done:
+                async with conn.cursor() as c2:
+                    await c2.execute("ROLLBACK")
+            else:  # a stream left unread cannot be stopped politely: drop the connection (and its snapshot)
+                conn.close()
+                self._rconn = None
 
     def _key_expr(self, key: list[str]) -> str:
         return "CONCAT_WS('|', " + ", ".join(f"COALESCE(CAST({q(k)} AS CHAR), '')" for k in key) + ")"
 
     async def key_buckets(self, relation: BatchFrom, key: list[str]) -> dict[str, tuple[int, int]]:
-        assert relation.table is not None
-        rows = await self._all(
+        """Per key range (first two hex digits of md5(key)): how many keys and a checksum, as the other dialects."""
+        rows = await self._rall(
             "SELECT SUBSTR(h, 1, 2), COUNT(*), CAST(SUM(CONV(SUBSTR(h, 3, 8), 16, 10)) AS SIGNED)"
-            f" FROM (SELECT MD5({self._key_expr(key)}) AS h FROM {q(relation.table)}) k GROUP BY 1"
+            f" FROM (SELECT MD5({self._key_expr(key)}) AS h FROM {self._rel(relation)}) k GROUP BY 1"
         )
-        return {b: (int(n), int(s)) for b, n, s in rows}
+        return {str(b): (int(n), int(s)) for b, n, s in rows}
 
     async def bucket_keys(self, relation: BatchFrom, key: list[str], bucket: str) -> set[str]:
-        assert relation.table is not None
-        rows = await self._all(
-            f"SELECT k FROM (SELECT {self._key_expr(key)} AS k FROM {q(relation.table)}) t"
+        rows = await self._rall(
+            f"SELECT k FROM (SELECT {self._key_expr(key)} AS k FROM {self._rel(relation)}) t"
             " WHERE SUBSTR(MD5(k), 1, 2) = %s",
             (bucket,),
         )
-        return {r[0] for r in rows}
+        return {r[0] if isinstance(r[0], str) else r[0].decode() for r in rows}
 
     # ---------------------------------------------------------------- writing
     async def table_columns(self, table: str) -> list[Column] | None:
@@ -155,14 +280,34 @@ class MysqlBulk:
         )
         if not rows:
             return None
+        json_cols = await self._json_checked(table.split(".")[-1])
         out = []
         for name, data_type, column_type in rows:
             kind = (
                 "bool"
                 if str(column_type).lower() == "tinyint(1)"
+                else "json"
+                if name in json_cols
                 else _TYPES.get(str(data_type).lower(), "text")
             )
             out.append(Column(name, kind, str(column_type)))
+        return out
+
+    async def _json_checked(self, table: str) -> set[str]:
+        """MariaDB's JSON columns: LONGTEXT with a json_valid() check (MySQL has a JSON type instead)."""
+        try:
+            rows = await self._all(
+                "SELECT check_clause FROM information_schema.check_constraints"
+                " WHERE constraint_schema = DATABASE() AND table_name = %s",
+                (table,),
+            )
+        except Exception:  # MySQL before 8.0.16 has no such view: JSON columns are typed there
+            return set()
+        out = set()
+        for (clause,) in rows:
+            m = re.fullmatch(r"json_valid\(`([^`]+)`\)", str(clause).strip(), re.IGNORECASE)
+            if m:
+                out.add(m.group(1))
         return out
 
     async def row_count(self, table: str) -> int:

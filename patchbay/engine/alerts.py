@@ -568,17 +568,36 @@ class AlertManager:
         since = st["since"] if st["state"] == "firing" else snap.now
         f = Finding(rule, flow.name, flow.name, None, n > 0, since)
         pinned = flow.contract.file if flow.contract is not None else "its contract"
-        f.title = f"ALERT {flow.name}: input differs from its contract"
+        answers = sorted(
+            {d.split(":", 1)[0].removeprefix("response of ") for d in drift if d.startswith("response of ")}
+        )
+        what = f"answers of {', '.join(answers)} differ" if answers else "input differs"
+        f.title = f"ALERT {flow.name}: {what} from its contract"
         f.text = (
-            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}: {n}; "
+            f"Events of flow {flow.name} in the last {_dur(rule.window)} that differ from {pinned}"
+            f"{' (in the answers of ' + ', '.join(answers) + ')' if answers else ''}: {n}; "
             f"the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}` and `patchbay contract "
             f"check {flow.name}`; if the change is expected, `patchbay contract learn {flow.name} --force`."
         )
-        f.ok_title = f"RESOLVED {flow.name}: input matches its contract again"
+        f.ok_title = (
+            f"RESOLVED {flow.name}: {'answers match' if answers else 'input matches'} its contract again"
+        )
         f.ok_text = (
             f"No event of flow {flow.name} in the last {_dur(rule.window)} differs from {pinned}; "
             f"drift was seen since {_ts(st['since'])}."
         )
+        if flow.batch is not None:  # a batch flow's contract is the columns its last run saw
+            f.title = f"ALERT {flow.name}: the source's columns changed"
+            f.text = (
+                f"Runs of batch flow {flow.name} in the last {_dur(rule.window)} that met changed source columns: "
+                f"{n}; the latest, {last}: {'; '.join(drift[:5])}. See `patchbay runs show {last}`; if the change "
+                f"is expected, `patchbay run {flow.name} --accept-schema` (or set batch.on_drift)."
+            )
+            f.ok_title = f"RESOLVED {flow.name}: no run met changed source columns"
+            f.ok_text = (
+                f"No run of flow {flow.name} in the last {_dur(rule.window)} met changed source columns; "
+                f"drift was seen since {_ts(st['since'])}."
+            )
         return [f]
 
     def _schedule_lag(self, snap: Snapshot) -> dict[str, float]:

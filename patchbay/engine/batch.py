@@ -158,7 +158,12 @@ class BatchRun:
         t0 = time.monotonic()
         load: Load | None = None
         try:
+            for side in (self.source, self.dest):  # a side whose settings live in the batch block (files)
+                if hasattr(side, "for_batch"):
+                    side.for_batch(spec)
             state = await self.dest.state(self.flow) or SyncState()
+            if hasattr(self.source, "remember"):  # a source that learns its columns as it reads (an API)
+                self.source.remember(state)
             columns = await self.source.columns(spec.from_)
             evolve = self._check_drift(state, columns, report)
             window = Window()
@@ -166,6 +171,8 @@ class BatchRun:
                 window = Window(spec.cursor.column, state.cursor, spec.cursor.lookback)
                 if spec.cursor.column not in {c.name for c in columns}:
                     raise BatchStopped(f"cursor column {spec.cursor.column!r} is not a column of the source")
+            elif getattr(self.source, "keeps_cursor", False):
+                window = Window(None, state.cursor)  # the source knows what it read (files): its own cursor
             report.cursor_from = state.cursor
             total = await self.source.count(spec.from_, window)
             exists = await self.dest.table_columns(spec.to.table) is not None
@@ -182,6 +189,10 @@ class BatchRun:
             async for frame in reader:
                 result = _apply(transform, frame)
                 report.read += len(frame)
+                rejected = getattr(frame, "rejected", None)  # rows a reader could not parse (files)
+                if rejected:
+                    report.read += len(rejected)
+                    self._quarantine(report, rejected)
                 if load is None:
                     load = await self._begin(transform, evolve)
                 await load.write(result.rows)
@@ -386,11 +397,19 @@ async def record_run(store: Any, flow: FlowSpec, report: RunReport, *, trigger: 
             dedupe_key=None,
             status="delivered" if report.status == "ok" else "failed",
             meta={"trigger": trigger, "batch": True},
-            trace=[{"step": "batch", "kind": "batch", "output": shown}],
+            trace=[{"step": "batch", "kind": "batch", "output": shown}, *_drift_entry(report)],
             reason=None if report.status == "ok" else f"{report.status}: {report.error}",
         )
     )
     return report.run_id
+
+
+def _drift_entry(report: RunReport) -> list[dict[str, Any]]:
+    """The source's column changes as contract drift in the run's trace: `runs show` marks them, and the
+    `contract_drift` alert rule counts the run as it counts an event flow's drifted event."""
+    if not report.schema_changes:
+        return []
+    return [{"step": "contract", "kind": "contract", "drift": list(report.schema_changes)}]
 
 
 def _key(row: dict[str, Any], flow: FlowSpec) -> str | None:

@@ -4,19 +4,24 @@ Backlog lives in the store; memory holds at most `4 x max_concurrency` deliverie
 so RSS stays flat however large the backlog grows. A delivery is "leased" in memory while it is
 queued or in flight, and released only after its result is committed. After a crash nothing is
 leased, so whatever was in flight is simply due again (same idempotency key).
+
+A destination with `batch:` (and a sink that can `send_batch`) sends up to `max_records` deliveries in one
+request; each member keeps its own outcome, decision and attempt rows (see `_work_batches`). Memory then
+holds at most `2 x max_records` queued plus `max_concurrency x max_records` in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from patchbay.config.project import DestinationSpec
-from patchbay.connectors.base import Outcome, OutcomeClass, Sink
+from patchbay.connectors.base import Outcome, OutcomeClass, Sink, batch_key, can_batch
 from patchbay.engine.policy import Decision, decide, outcome_of
 from patchbay.engine.waiting import wait_set
 from patchbay.errors import PatchbayError, StoreUnavailable
@@ -38,6 +43,7 @@ class DestinationWorker:
         on_attempt: Callable[[str, str, Outcome], None] | None = None,
         state: str = "active",
         open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
+        on_answer: Callable[[str, Outcome], list[str]] | None = None,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -50,13 +56,19 @@ class DestinationWorker:
         self.on_state = on_state
         self.on_attempt = on_attempt
         self.open_request = open_request  # sealed sensitive values -> the request to send, and their scrubber
+        self.on_answer = on_answer  # (event id, a success) -> how its answer drifts from the flow's contract
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
         # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
         # when a retry this worker scheduled comes due.
         self._after_id = 0
         self._rescan_at = 0.0
-        self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=4 * self.policy.max_concurrency)
+        self.batch = spec.batch if spec.batch is not None and can_batch(sink) else None
+        size = 4 * self.policy.max_concurrency
+        if self.batch is not None:  # room for one batch filling and the next one ready
+            size = max(size, 2 * self.batch.max_records)
+        self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=size)
+        self._assembling = asyncio.Lock()  # one batch fills at a time, so a backlog makes full batches
         self._low_water = self.queue.maxsize // 2
         self.wake = asyncio.Event()
         self.resumed = asyncio.Event()
@@ -81,8 +93,9 @@ class DestinationWorker:
     # -------------------------------------------------------------- control
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._feed(), name=f"feed {self.flow}/{self.name}"))
+        work = self._work if self.batch is None else self._work_batches
         for i in range(self.policy.max_concurrency):
-            self._tasks.append(asyncio.create_task(self._work(), name=f"send {self.flow}/{self.name} #{i}"))
+            self._tasks.append(asyncio.create_task(work(), name=f"send {self.flow}/{self.name} #{i}"))
 
     @property
     def running(self) -> bool:
@@ -218,6 +231,7 @@ class DestinationWorker:
             if scrub is not None:  # what the remote echoed of the opened values is not stored
                 outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
                 outcome.fields = scrub(outcome.fields)
+            self._check_answer(d, outcome)
         if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
             outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
         decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
@@ -243,6 +257,15 @@ class DestinationWorker:
             self._hold(d, outcome, decision, result, exc)
             return
         await self._recorded_one(d, outcome, decision)
+
+    def _check_answer(self, d: DueDelivery, outcome: Outcome) -> None:
+        """A success's answer against the flow's response contract; the drift goes into the attempt's note."""
+        if self.on_answer is not None and outcome.cls is OutcomeClass.SUCCESS:
+            try:
+                outcome.drift = self.on_answer(d.event_id, outcome)
+            except Exception:  # a contract check never fails a delivery
+                log.exception("checking the answer of %s/%s against its contract", self.flow, self.name)
+        outcome.body = None  # never kept past here
 
     async def _recorded_one(self, d: DueDelivery, outcome: Outcome, decision: Decision) -> None:
         """What follows an attempt once its result is on disk: logs, the retry's rescan, a pause."""
@@ -283,7 +306,7 @@ class DestinationWorker:
     def _flush(self) -> None:
         results, self._results = self._results, []
         done, self._recorded = self._recorded, None
-        task = asyncio.ensure_future(self.store.record(results))
+        task = asyncio.ensure_future(self._store_record(results))
 
         def settle(t: asyncio.Future[None]) -> None:
             if done is None or done.done():
@@ -296,6 +319,10 @@ class DestinationWorker:
                 done.set_result(None)
 
         task.add_done_callback(settle)
+
+    async def _store_record(self, results: list[AttemptResult]) -> None:
+        """Where attempt results are written (a call's worker also continues its runs: engine/calls.py)."""
+        await self.store.record(results)
 
     def _hold(
         self, d: DueDelivery, outcome: Outcome, decision: Decision, result: AttemptResult, exc: Exception
@@ -320,7 +347,7 @@ class DestinationWorker:
             await asyncio.sleep(self.record_retry_s)
             held = list(self._held)
             try:
-                await self.store.record([h[3] for h in held])
+                await self._store_record([h[3] for h in held])
             except StoreUnavailable:
                 continue
             except Exception:
@@ -337,11 +364,174 @@ class DestinationWorker:
         self._recordable.set()
         self.wake.set()
 
+    # -------------------------------------------------------------- batches
+    async def _work_batches(self) -> None:
+        """A sender of a batching destination: take up to max_records (waiting at most max_wait for more
+        after the first), send them in one request, record each member's attempt."""
+        while True:
+            await self._recordable.wait()
+            async with self._assembling:
+                members = await self._take_batch()
+            if self.state != "active":
+                for d in members:
+                    self.leased.discard(d.id)
+                continue
+            self.inflight += len(members)
+            try:
+                await self._attempt_batch(members)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivering a batch of %d to %s/%s", len(members), self.flow, self.name)
+            finally:
+                self.inflight -= len(members)
+                held = {h[0].id for h in self._held}
+                for d in members:
+                    if d.id not in held:
+                        self.leased.discard(d.id)
+
+    async def _take_batch(self) -> list[DueDelivery]:
+        assert self.batch is not None
+        members = [await self.queue.get()]
+        deadline = time.monotonic() + self.batch.max_wait
+        while len(members) < self.batch.max_records and not self._stopping:
+            if self.queue.qsize() < self._low_water:
+                self.wake.set()  # the feeder refills before the queue runs dry
+            try:
+                members.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                members.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        return members
+
+    async def _attempt_batch(self, members: list[DueDelivery]) -> None:
+        """Send the members (splitting or re-sending as their outcomes ask), then record every attempt row
+        of every member in one store operation."""
+        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]] = []
+        ready: list[tuple[DueDelivery, dict[str, Any], Any]] = []
+        for d in members:
+            try:
+                request, scrub = self.open_request(d.request) if self.open_request else (d.request, None)
+            except PatchbayError as exc:  # a sealed value that cannot be opened fails the same way every time
+                self._row(rows, d, Outcome(OutcomeClass.TERMINAL, error=str(exc)), time.time(), "")
+                continue
+            ready.append((d, request, scrub))
+        assert self.batch is not None
+        depth = math.ceil(math.log2(max(2, self.batch.max_records))) + 2
+        if ready:
+            await self._send_batch(ready, rows, depth)
+        try:
+            await self._record_many([r[3] for r in rows])
+        except StoreUnavailable as exc:
+            for d, outcome, decision, result in rows:
+                self._hold(d, outcome, decision, result, exc)
+            return
+        for d, outcome, decision, _ in rows:
+            await self._recorded_one(d, outcome, decision)
+
+    async def _send_batch(
+        self,
+        group: list[tuple[DueDelivery, dict[str, Any], Any]],
+        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]],
+        depth: int,
+    ) -> None:
+        """One request for `group`; members the answer refused as a whole are split into halves, members
+        refused for others' sake are sent again without them, while `depth` lasts."""
+        keys = [d.idempotency_key for d, _, _ in group]
+        if self.bucket is not None:
+            await self.bucket.wait()
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            outcomes = await self.sink.send_batch([r for _, r, _ in group], keys)  # type: ignore[attr-defined]
+        except Exception as exc:  # read like a source's error: never a lost event
+            outcomes = [outcome_of(exc, "connector error") for _ in group]
+        if len(outcomes) != len(group):
+            error = f"connector error: {len(outcomes)} outcomes for a batch of {len(group)}"
+            outcomes = [Outcome(OutcomeClass.TRANSIENT, error=error) for _ in group]
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        bid = batch_key(keys)[6:14]
+        split: list[tuple[DueDelivery, dict[str, Any], Any]] = []
+        again: list[tuple[DueDelivery, dict[str, Any], Any]] = []
+        # One answer speaks of every member: what any of them revealed is scrubbed from all of them.
+        scrubs = [scrub for _, _, scrub in group if scrub is not None]
+        for i, ((d, request, scrub_one), outcome) in enumerate(zip(group, outcomes, strict=True)):
+            for scrub in scrubs:
+                outcome.excerpt, outcome.error = scrub(outcome.excerpt), scrub(outcome.error)
+                outcome.fields = scrub(outcome.fields)
+            if not outcome.latency_ms:
+                outcome.latency_ms = ms
+            self._check_answer(d, outcome)
+            where = f"batch {bid} ({i + 1} of {len(group)})"
+            if (outcome.split and len(group) > 1 or outcome.resend) and depth > 0:
+                then = "split into halves to find the refused record" if outcome.split else "sent again"
+                self._row(rows, d, outcome, started, where, Decision("pending", reason=then))
+                (split if outcome.split else again).append((d, request, scrub_one))
+                continue
+            if outcome.resend:  # out of depth: a normal retry later
+                outcome.cls = OutcomeClass.TRANSIENT
+            self._row(rows, d, outcome, started, where)
+        if split:
+            half = len(split) // 2
+            await self._send_batch(split[:half], rows, depth - 1)
+            await self._send_batch(split[half:], rows, depth - 1)
+        if again:
+            await self._send_batch(again, rows, depth - 1)
+
+    def _row(
+        self,
+        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]],
+        d: DueDelivery,
+        outcome: Outcome,
+        started: float,
+        where: str,
+        decision: Decision | None = None,
+    ) -> None:
+        """A member's attempt row: `decision` given for a step on the way (split, sent again), else decided."""
+        if decision is None:
+            decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
+        if self.on_attempt:
+            self.on_attempt(self.flow, self.name, outcome)
+        note = attempt_note(outcome, decision)
+        result = AttemptResult(
+            d.id,
+            d.event_id,
+            started,
+            outcome.latency_ms,
+            outcome.status_code,
+            outcome.cls.value,
+            outcome.excerpt,
+            f"{where}: {note}" if where and note else where or note,
+            decision.status,
+            decision.next_at,
+            decision.consumed_retry,
+            outcome.fields if outcome.cls is OutcomeClass.SUCCESS else None,
+        )
+        rows.append((d, outcome, decision, result))
+
+    async def _record_many(self, results: list[AttemptResult]) -> None:
+        """Record several attempt rows in the same store operation as this tick's other results."""
+        if not results:
+            return
+        last = results.pop()
+        self._results.extend(results)
+        await self._record(last)
+
 
 def attempt_note(outcome: Outcome, decision: Decision) -> str:
     """An attempt row's note: what went wrong and what follows ("timed out after 10s; retry in 4.7s").
     The decision's reason alone when it already says what went wrong ("gave up after 5 attempts: …")."""
     what, then = outcome.error, decision.reason
+    if outcome.drift:  # a success whose answer differs from the flow's response contract
+        shown = outcome.drift[:5] + ([f"and {len(outcome.drift) - 5} more"] if len(outcome.drift) > 5 else [])
+        what = "; ".join(x for x in (what, "DRIFT " + "; ".join(shown)) if x)
     if not what or (then and what in then):
         return then or what
     return f"{what}; {then}" if then else what

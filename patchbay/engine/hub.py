@@ -16,13 +16,16 @@ import orjson
 from patchbay import registry
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
+from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
+from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
-from patchbay.engine.pipeline import Pipeline
+from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
+from patchbay.engine.windows import WindowCloser, has_gates
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
@@ -46,6 +49,7 @@ def build_sinks(
         cls, _ = found
         res = system_resources(project, resolver, system, flow.name, resources)
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
+    out.update(build_call_sinks(flow, project, resolver, resources, system_resources))  # `call:<step>`
     return out
 
 
@@ -112,6 +116,7 @@ class Hub:
         self.alert_manager: AlertManager | None = None
         self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
+        self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
         self.started_at = time.time()
         self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
 
@@ -147,6 +152,9 @@ class Hub:
             self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
         )
         self.retention.start()
+        if any(has_gates(f) for f in flows):  # first round at once: windows that closed while down
+            self.windows = WindowCloser(self)
+            self.windows.start()
 
     def _count_history(self, flow: str, removed: int, compressed: int) -> None:
         self.metrics.history_removed.labels(flow).inc(removed)
@@ -180,7 +188,8 @@ class Hub:
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
-        for system in dict.fromkeys(d.system for d in flow.destinations):
+        called = [str(getattr(s.config, "system", "")) for s in flow.steps if getattr(s.step, "calls", False)]
+        for system in dict.fromkeys([*(d.system for d in flow.destinations), *called]):
             for ref in system_secret_refs(self.project.systems[system]):
                 self.resolver.resolve(ref)
 
@@ -208,6 +217,7 @@ class Hub:
                 on_state=self._destination_state_changed,
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
             )
             if state != "active":
                 alerts.warning(
@@ -219,6 +229,7 @@ class Hub:
                     spec.name,
                     dest.name,
                 )
+        workers.update(self._call_workers(spec, sinks, pipeline, states))
         fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
         if spec.sync is not None and spec.sync not in self.syncs:
             self.syncs[spec.sync] = EntitySync(self.project.entities[spec.sync], self.store)
@@ -227,6 +238,39 @@ class Hub:
             w.start()
         await self._start_trigger(fr)
         return fr
+
+    def _call_workers(
+        self, spec: FlowSpec, sinks: dict[str, Sink], pipeline: Pipeline, states: Any
+    ) -> dict[str, DestinationWorker]:
+        """A worker per call step (engine/calls.py): its answers continue their runs."""
+        assert self.store is not None
+        out: dict[str, DestinationWorker] = {}
+        for dest in call_destinations(spec, self.project):
+            sink = sinks[dest.name]
+            if isinstance(sink, CallSink):
+                sink.store = self.store  # the answers' cache
+
+            def continued(added: list[str], flow: str = spec.name) -> None:
+                fr = self.flows.get(flow)
+                for name in added if fr is not None else ():
+                    if name in fr.workers:  # type: ignore[union-attr]
+                        fr.workers[name].notify()  # type: ignore[union-attr]
+
+            state, _, _ = states.get((spec.name, dest.name), ("active", None, 0.0))
+            out[dest.name] = CallWorker(
+                spec.name,
+                dest,
+                sink,
+                self.store,
+                state=state,
+                on_state=self._destination_state_changed,
+                on_attempt=self._count_attempt,
+                open_request=pipeline.open_request,
+                on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
+                pipeline=pipeline,
+                on_continued=continued,
+            )
+        return out
 
     async def _start_trigger(self, fr: FlowRuntime) -> None:
         spec = fr.spec
@@ -303,6 +347,8 @@ class Hub:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
             self._watch.cancel()
+        if self.windows is not None:
+            await _bounded(self.windows.stop(), "stopping the window closer")
         for fr in self.flows.values():  # stop taking new work first
             if fr.schedule is not None:
                 await _bounded(fr.schedule.stop(), f"stopping the schedule of {fr.spec.name}")
@@ -336,14 +382,17 @@ class Hub:
         record: Any,
         dedupe_key: str | None,
         meta: dict[str, Any] | None,
+        after: str | None = None,
     ) -> NewEvent:
         event_id = new_id()
+        received_at = time.time()
         stored = fr.pipeline.seal_payload(payload, record)  # before a step can change the record
-        processed = fr.pipeline.process(record, event_id)
+        note = (meta or {}).get("window") if after else None
+        processed = fr.pipeline.process(record, event_id, received_at=received_at, after=after, note=note)
         return NewEvent(
             id=event_id,
             flow=fr.spec.name,
-            received_at=time.time(),
+            received_at=received_at,
             payload=stored,
             body_hash=hashlib.sha256(payload).hexdigest(),
             dedupe_key=dedupe_key,
@@ -353,6 +402,8 @@ class Hub:
             trace=processed.trace,
             reason=processed.reason,
             deliveries=processed.deliveries,
+            claims=processed.claims,
+            windows=processed.windows,
         )
 
     def _after_commit(self, fr: FlowRuntime, event: NewEvent, accepted: Accepted) -> str:
@@ -360,6 +411,17 @@ class Hub:
         if accepted.duplicate:
             self.metrics.duplicates.labels(name).inc()
             return "duplicate"
+        if accepted.status is not None:  # the store refused it: a duplicate key, or late for its window
+            self.metrics.accepted.labels(name, accepted.status).inc()
+            if accepted.status == "quarantined":
+                log.warning(
+                    "quarantined: %s in %s: %s",
+                    event.id,
+                    name,
+                    accepted.reason,
+                    extra={"event_id": event.id, "flow": name},
+                )
+            return accepted.status
         self.metrics.accepted.labels(name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
         drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
@@ -384,7 +446,8 @@ class Hub:
                 extra={"event_id": event.id, "flow": name},
             )
         for d in event.deliveries:
-            fr.workers[d.destination].notify()
+            if d.status == "pending":  # a split element's quarantine row is dead from the start
+                fr.workers[d.destination].notify()
         return event.status
 
     async def ingest(
@@ -396,11 +459,13 @@ class Hub:
         dedupe_key: str | None = None,
         meta: dict[str, Any] | None = None,
         commit: Callable[[NewEvent], Awaitable[Accepted]] | None = None,
+        after: str | None = None,
     ) -> tuple[Accepted, str]:
         """Run the steps and persist the event with its deliveries in one transaction.
 
         `commit` writes the event instead of the store's plain `accept`, for a caller that writes more
         in the same transaction (the alert loop: the message and the rule's new state, `accept_alert`).
+        `after`: run the steps after the one so named (a window's record: after its aggregate step).
         """
         assert self.store is not None
         fr = self.flows[flow_name]
@@ -409,7 +474,7 @@ class Hub:
                 fr.spec, fr.pipeline, [Item(payload, record, dedupe_key)], meta
             )
             return accepted, self._after_commit(fr, event, accepted)
-        event = self._event(fr, payload, record, dedupe_key, meta)
+        event = self._event(fr, payload, record, dedupe_key, meta, after)
         accepted = await (commit or self.store.accept)(event)
         return accepted, self._after_commit(fr, event, accepted)
 
@@ -460,6 +525,50 @@ class Hub:
             flow,
             dest,
             extra={"flow": flow, "destination": dest, "alert": state},
+        )
+
+    def _answer_check(
+        self, spec: FlowSpec, dest: str, sink: Any
+    ) -> Callable[[str, Outcome], list[str]] | None:
+        """The check of `dest`'s successful answers against the flow's pinned `responses:`, if it has one."""
+        if spec.contract is None or dest not in spec.contract.responses:
+            return None
+        if hasattr(sink, "keep_answer"):
+            sink.keep_answer = True  # the sink parses a success's JSON body for the check
+
+        def check(event_id: str, outcome: Outcome) -> list[str]:
+            body = outcome.body
+            if body is None and outcome.fields is not None and "body" in outcome.fields:
+                body = outcome.fields["body"]  # a call's answer, as bound for the later steps
+            if body is None:
+                body = parse_answer(outcome.excerpt)
+            return self.check_answer(spec, dest, event_id, body)
+
+        return check
+
+    def check_answer(self, spec: FlowSpec, name: str, event_id: str, body: Any) -> list[str]:
+        """The one line a step that calls an API (`call`, `lookup`) needs: its successful answer's JSON
+        body against the flow's `responses:` for `name`; drift is counted, alerted and logged here, and
+        returned for the step's trace. Empty when it conforms, or nothing is pinned for `name`."""
+        drift = response_drift(spec.contract, name, body) if body is not None else []
+        if drift:
+            self.note_answer_drift(spec.name, name, event_id, drift)
+        return drift
+
+    def note_answer_drift(self, flow: str, name: str, event_id: str, drift: list[str]) -> None:
+        """An answer (of a destination, or of a call step) differs from the flow's response contract:
+        counted, alerted (`contract_drift`) and logged like input drift, the answer's source named."""
+        self.metrics.answer_drift.labels(flow, name).inc()
+        if self.alert_manager is not None:
+            self.alert_manager.note_drift(flow, event_id, drift, time.time())
+        log.warning(
+            "contract drift in the answers of %s/%s, event %s: %s; see `patchbay contract check %s`",
+            flow,
+            name,
+            event_id,
+            "; ".join(drift[:5]) + (f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""),
+            flow,
+            extra={"event_id": event_id, "flow": flow, "destination": name},
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:

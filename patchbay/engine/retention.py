@@ -23,7 +23,7 @@ from patchbay.store.base import Retention as RetentionStore
 
 log = logging.getLogger("patchbay.retention")
 
-FINISHED = ("delivered", "filtered", "discarded")
+FINISHED = ("delivered", "filtered", "discarded", "aggregated")
 FAILED = ("dead", "quarantined")
 
 

@@ -258,6 +258,16 @@ def describe(name: str) -> str:
             variables = sorted(set(_VAR.findall(str(settings_of(op)))))
             if variables:
                 lines += ["", "Needs `vars:` " + ", ".join(f"`{v}`" for v in variables) + "."]
+            fmt = op.get("batch_format")
+            if isinstance(fmt, dict):
+                limit = fmt.get("max_records")
+                per = f"up to {limit} records" if limit else "many records"
+                said = (
+                    "per-record results and errors"
+                    if fmt.get("errors")
+                    else "no per-record detail (a refused request is split to find the record)"
+                )
+                lines += ["", f"Batches with the destination's `batch:`: {per} per request, {said}."]
             if fields:
                 lines += ["", "| field | description |", "|---|---|"]
                 lines += [f"| `{f}` | {d} |" for f, d in fields.items()]

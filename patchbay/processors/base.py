@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
@@ -10,7 +11,7 @@ from pydantic import BaseModel
 from patchbay.errors import PatchbayError
 from patchbay.registry import CheckIssue, Loc
 
-__all__ = ["CheckIssue", "Dropped", "Loc", "Step", "StepConfig"]
+__all__ = ["CheckIssue", "Dropped", "GateContext", "Loc", "Step", "StepConfig"]
 
 
 class Dropped(PatchbayError):
@@ -36,3 +37,14 @@ class StepConfig(BaseModel):
     """Base for step configs (extra keys are errors)."""
 
     model_config = {"extra": "forbid"}
+
+
+@dataclass
+class GateContext:
+    """What a gate step (dedupe, aggregate) knows of the event besides the record."""
+
+    flow: str
+    step: str  # the step's name in the flow (its state is kept under it)
+    event_id: str
+    received_at: float
+    trace_at: int  # the index of the step's own trace entry

@@ -15,14 +15,21 @@ from patchbay.errors import PatchbayError
 EXAMPLE = Path(__file__).parent / "example"
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 # name -> (folder, what it shows). Each is runnable on a laptop against the demo inbox or a local
-# SQLite file, and has tests beside its flows that `patchbay test` runs. The lead's batch flows add
-# "nightly-orders-export" here (a `batch:` flow), with its folder under templates/.
+# SQLite file, and has tests beside its flows that `patchbay test` runs.
 TEMPLATES: dict[str, tuple[Path, str]] = {
-    "lead-capture": (EXAMPLE, "website form -> CRM + sales chat (the default)"),
+    "lead-capture": (EXAMPLE, "website form -> CRM + sales chat + email sequence (the default)"),
     "support-ticket": (TEMPLATE_DIR / "support-ticket", "helpdesk ticket -> support chat notification"),
     "payment-reporting": (TEMPLATE_DIR / "payment-reporting", "payment webhook -> reporting table (SQLite)"),
     "contact-sync": (TEMPLATE_DIR / "contact-sync", "CRM <-> email platform: consent and unsubscribes"),
     "sales-analytics": (TEMPLATE_DIR / "sales-analytics", "shop orders -> analytics table (SQLite)"),
+    "nightly-orders-export": (
+        TEMPLATE_DIR / "nightly-orders-export",
+        "orders table -> reporting table, nightly batch sync (SQLite)",
+    ),
+    "stripe-hubspot": (
+        TEMPLATE_DIR / "stripe-hubspot",
+        "new Stripe customer -> find or create the HubSpot contact -> its id back to billing",
+    ),
 }
 EXAMPLE_LEAD = {
     "email": "  Ada@Example.com ",

@@ -27,6 +27,13 @@ def redact_run(run: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
             parsed = None
         bodies.append(parsed)
         values |= sensitive_values(parsed, paths)
+    # A call's answer is bound under its step's `as` name, which a sensitive path starts with
+    # (`contact.body.phone`); the kept answer is `{status, body}`, so the path's rest applies to it.
+    in_answers = [p.split(".", 1)[1] for p in paths if "." in p]
+    for d in run["deliveries"]:
+        if d["destination"].startswith("call:") and isinstance(d.get("response"), dict) and in_answers:
+            values |= sensitive_values(d["response"], in_answers)
+            d["response"] = redact_paths(d["response"], in_answers)
     scrub = Scrubber(values)
     run["payload"] = scrub(redact_paths(run["payload"], paths))
     for d, parsed in zip(run["deliveries"], bodies, strict=True):

@@ -46,7 +46,7 @@ Scope = Literal[
     "identities:write",
     "admin",
 ]
-RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded"]
+RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded", "aggregated"]
 Health = Literal["ok", "retrying", "paused", "failing", "late"]
 DestState = Literal["active", "paused", "disabled"]
 Timestamp = Annotated[float, Field(description="Unix seconds.")]
@@ -200,6 +200,11 @@ class FlowSummary(Out):
     )
     health: Health
     stats: FlowStats
+    open_windows: int | None = Field(
+        None,
+        description="Aggregate windows holding records not yet emitted (as counted within the last second);"
+        " null when the flow has no aggregate step.",
+    )
 
 
 class FlowsOut(Out):

@@ -12,6 +12,7 @@ from patchbay.config.project import FlowSpec
 from patchbay.connectors.base import Batch, SourceRecord
 from patchbay.engine.hub import Hub
 from patchbay.errors import RejectedRequest, StoreUnavailable
+from patchbay.expressions import compile_expr, is_truthy
 from patchbay.records import dig, json_depth
 from patchbay.security.ratelimit import limits_for, rate_limited
 from patchbay.security.webhook_auth import InboundRequest, Verifier
@@ -48,6 +49,10 @@ class WebhookEndpoint:
         m = hub.metrics
         self.m_received = m.received.labels(flow.name)
         self.m_rejected = m.rejected
+        self.handshakes = [
+            (compile_expr(h.when), compile_expr(h.body) if h.body else None, h.status)
+            for h in self.trigger.handshakes
+        ]
 
     def reject(
         self, status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -96,6 +101,13 @@ class WebhookEndpoint:
         )
         ctype = request.headers.get("Content-Type", "")
         record = self.parse(ctype, body)
+        for when, answer, code in self.handshakes:  # authenticated above; answered, never stored
+            if is_truthy(when.search(record)):
+                value = answer.search(record) if answer is not None else None
+                log.info("answered a handshake of %s", self.trigger.system, extra={"flow": self.flow.name})
+                if value is None:
+                    return web.Response(status=code)
+                return web.Response(status=code, body=orjson.dumps(value), content_type="application/json")
         meta: dict[str, Any] = {k: request.headers[k] for k in KEEP_HEADERS if k in request.headers}
         meta["remote"] = request.remote
         if isinstance(record, list):  # a batch (the trigger says so): every element one event
@@ -127,7 +139,7 @@ class WebhookEndpoint:
             )
         if accepted.duplicate:
             return _json(200, {"event_id": accepted.event_id, "status": "duplicate"})
-        return _json(202, {"event_id": accepted.event_id, "status": status})
+        return _json(self.trigger.accept_status, {"event_id": accepted.event_id, "status": status})
 
     def parse(self, ctype: str, body: bytes) -> Any:
         """The record (or, for a batch trigger, the list of records) a body makes; RejectedRequest if none."""
@@ -203,7 +215,7 @@ class WebhookEndpoint:
             for a in accepted
         ]
         # 202 when anything was stored; else 409 if an element reused a known id with another body, else 200.
-        status = 202 if any(e["status"] == "accepted" for e in events) else 200
+        status: int = self.trigger.accept_status if any(e["status"] == "accepted" for e in events) else 200
         if status == 200 and any(a.conflict for a in accepted):
             status = 409
         return _json(status, {"event_ids": [a.event_id for a in accepted], "events": events})

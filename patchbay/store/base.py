@@ -19,6 +19,10 @@ class NewDelivery:
     destination: str
     request: dict[str, Any]
     idempotency_key: str
+    # A split element quarantined while its siblings go on is kept as a dead row (destination
+    # `quarantine:<step>`, `error` the reason): listed with the dead letters, replayed with its event.
+    status: str = "pending"
+    error: str | None = None
 
 
 @dataclass
@@ -37,6 +41,9 @@ class NewEvent:
     trace: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
+    # What stateful steps (dedupe, aggregate) ask of the same transaction; see "windows and dedupe" below.
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 @dataclass
@@ -44,6 +51,10 @@ class Accepted:
     event_id: str
     duplicate: bool = False
     conflict: bool = False  # same sender id, different body
+    # Set when the transaction decided otherwise than the steps: a dedupe key held by another run
+    # (filtered) or a record too late for its window (quarantined). The event is stored so.
+    status: str | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -121,11 +132,13 @@ class DiscardReport:
 class Reprocessed(Protocol):
     """What running a flow's steps again gives (engine/pipeline.py's `Processed`)."""
 
-    status: str  # pending | quarantined | filtered
+    status: str  # pending | quarantined | filtered | aggregated
     trace: list[dict[str, Any]]
     reason: str | None
     deliveries: list[NewDelivery]
     record_key: str | None
+    claims: list[DedupeClaim]
+    windows: list[WindowAdd]
 
 
 class Reprocessor(Protocol):
@@ -135,7 +148,20 @@ class Reprocessor(Protocol):
         """A stored payload as the record it was; PatchbayError when it cannot be (the event is skipped)."""
         ...
 
-    def process(self, record: Any, event_id: str) -> Reprocessed: ...
+    def process(
+        self,
+        record: Any,
+        event_id: str,
+        *,
+        answers: Mapping[str, Any] | None = None,
+        received_at: float | None = None,
+        after: str | None = None,
+        note: dict[str, Any] | None = None,
+    ) -> Reprocessed:
+        """The steps and routing; `answers` are the recorded answers of the event's calls, by key.
+        `after`: start with the step after the one of that name (a window's record: after its
+        aggregate), `note` the trace entry that says so; `received_at`: the event's arrival."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -269,6 +295,11 @@ class Runs(Protocol):
         """The flow's newest events, newest first: (id, received_at, payload as stored)."""
         ...
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        """The flow's newest successful attempts, newest first: (destination, event id, started_at, the
+        answer's excerpt as stored), for learning and checking its response contract."""
+        ...
+
     async def counts(self) -> dict[str, Any]: ...
 
     async def counts_by_flow(self) -> dict[str, dict[str, dict[str, int]]]: ...
@@ -310,6 +341,44 @@ class DeadLetters(Protocol):
     async def discard(
         self, event_ids: Sequence[str], destination: str | None, by: Actor
     ) -> DiscardReport: ...
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """An answer to keep for a call step's `cache:` (scope: flow/step)."""
+
+    scope: str
+    key: str
+    answer: dict[str, Any]
+    expires_at: float
+
+
+class Calls(Protocol):
+    """Calls inside flows: a call is a delivery to `call:<step>`; its answer continues the run."""
+
+    async def record_calls(
+        self,
+        results: list[AttemptResult],
+        pipeline: Reprocessor,
+        cache: Sequence[CachedAnswer] = (),
+    ) -> list[tuple[str, list[str]]]:
+        """Record the attempts of calls (as `record`), and in the same transaction, for each answered one,
+        run its event's flow again with every recorded answer and insert the deliveries (or next calls)
+        it did not have yet; `cache` answers are kept too (as `cache_answer`). Returns (event id,
+        destinations added) per event whose calls were answered."""
+        ...
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        """The recorded answers of an event's calls, by idempotency key."""
+        ...
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        """A cached answer not expired by `now`."""
+        ...
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        """Keep an answer until `expires_at` (expired entries are removed on the way)."""
+        ...
 
 
 class Tokens(Protocol):
@@ -551,6 +620,30 @@ class Identities(Protocol):
         ...
 
 
+class Windows(Protocol):
+    """Aggregate windows and dedupe keys (their writes ride on `Ingest`: NewEvent.claims and .windows)."""
+
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        """Windows of the (flow, step) pairs in `steps` past their close time with records not yet emitted,
+        oldest first, with their totals."""
+        ...
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        """The window's record (an event) and the window marked emitted up to `window.adds`, in one
+        transaction; a second emission of the same revision is a duplicate (the event's dedupe key)."""
+        ...
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        """Let go of emitted windows past their keep time and of expired dedupe keys: (windows, keys)."""
+        ...
+
+    async def open_windows(self) -> dict[str, int]:
+        """Per flow, the windows holding records not yet emitted."""
+        ...
+
+
 class Store(
     Ingest,
     Deliveries,
@@ -559,10 +652,12 @@ class Store(
     Schedules,
     Runs,
     DeadLetters,
+    Calls,
     Tokens,
     Audit,
     Retention,
     Identities,
+    Windows,
     Protocol,
 ):
     """The hub's durable state. Every operation is async; writes return after they are committed."""
@@ -663,8 +758,81 @@ class Snapshot:
     dead: dict[float | None, dict[str, tuple[int, int]]]  # window -> flow -> (dead deliveries, quarantined)
     states: dict[tuple[str, str], dict[str, Any]]  # (rule, subject) -> alert state row
     sources: dict[str, SourceState]
-    # Events that drifted from their flow's contract since `drift_since`, per flow and second:
+    # Events (and successful answers, by their attempt's `DRIFT …` note) that drifted from their flow's
+    # contract since `drift_since`, per flow and second:
     # (flow, second, count, the latest event's id, its drift). Read once, at start.
     drift: list[tuple[str, int, int, str, list[str]]] = field(default_factory=list)
     after_id: int = 0  # the next read starts after this attempt id
     max_id: int = 0  # the largest attempt id when read
+
+
+# ================================================================== windows and dedupe (stateful steps)
+# A dedupe or aggregate step cannot decide alone: whether a key was seen, or whether a window is still
+# open, is the store's to say, in the transaction that accepts the event (so two events racing for one
+# key, or a crash mid-way, never count twice). The steps describe what they ask; the store applies it.
+
+
+@dataclass
+class DedupeClaim:
+    """A dedupe step's claim on a key: the first run to claim it passes, others within `within_s` are
+    filtered ("duplicate of run X"). Applied only when the record gets through (pending or aggregated)."""
+
+    step: str
+    key: str  # a digest of the key's value, never the value
+    within_s: float
+    trace_at: int  # when refused: the trace kept up to here, then the refusal
+
+
+@dataclass
+class Contribution:
+    """What one record adds to one named value of a window: deltas the store adds up."""
+
+    n: int  # 1 when the value is present (count of values), else 0
+    num: float = 0.0  # for sum and avg
+    scale: int = 0  # decimal places of `num` (a sum is rounded to the most seen)
+    is_float: bool = False
+    extreme: Any = None  # for min and max: a number or a text
+    item: str | None = None  # for distinct: the value as canonical JSON
+
+
+@dataclass
+class WindowAdd:
+    """One record counted into the window (`step`, `start`, `key`) of its flow."""
+
+    step: str
+    key: str  # the `by` value as canonical JSON
+    start: float
+    end: float
+    grace_s: float  # records are taken until end + grace; then the window's record is emitted
+    keep_s: float | None  # late records: None quarantines them; else they revise the window this long
+    label: str  # the window as people read it, for reasons and traces
+    values: dict[str, Contribution]
+    trace_at: int  # when refused: the trace kept up to here, then the refusal
+
+
+@dataclass
+class ValueState:
+    """A window's value as the store holds it; the aggregate step turns it into sum, count, ..."""
+
+    n: int
+    total: float
+    scale: int
+    is_float: bool
+    lo: Any
+    hi: Any
+    distinct: int
+
+
+@dataclass
+class WindowState:
+    """A window due to be emitted: its totals and the revision its record is."""
+
+    flow: str
+    step: str
+    key: str
+    start: float
+    end: float
+    label: str
+    revision: int  # 1 for the first record of the window, 2+ for corrections from late records
+    adds: int  # records counted so far
+    values: dict[str, ValueState]

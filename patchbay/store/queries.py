@@ -10,9 +10,13 @@ from typing import Any
 import orjson
 
 from patchbay.errors import PatchbayError
-from patchbay.store.base import Actor, ReplayReport, Reprocessor, RunFilter
+from patchbay.store import windows as wq
+from patchbay.store.base import Actor, NewEvent, ReplayReport, Reprocessor, RunFilter
+from patchbay.store.calls import q_answers
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 from patchbay.store.retention import opened
+
+QUARANTINE_PREFIX = "quarantine:"  # a split element's quarantine row (engine/pipeline.py)
 
 __all__ = ["RunFilter", "counts", "get_run", "list_dead", "list_runs", "q_replayable", "tx_replay"]
 
@@ -80,6 +84,16 @@ def q_recent_payloads(conn: sqlite3.Connection, flow: str, limit: int) -> list[t
     return [(r[0], r[1], opened(r[2])) for r in rows]
 
 
+def q_recent_answers(conn: sqlite3.Connection, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+    rows = conn.execute(
+        "SELECT d.destination, d.event_id, a.started_at, a.excerpt FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id"
+        " WHERE d.flow=? AND a.outcome='success' ORDER BY a.started_at DESC, a.id DESC LIMIT ?",
+        (flow, limit),
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
 def list_dead(conn: sqlite3.Connection, flow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Dead deliveries and quarantined events, newest first, each with its reason and the destination's
     last answer (`response`); as stored (scrubbing sensitive values is the caller's)."""
@@ -143,7 +157,9 @@ def tx_replay(
     rep = ReplayReport()
     now = time.time()
     for eid in event_ids:
-        row = conn.execute("SELECT id, flow, status, payload FROM events WHERE id=?", (eid,)).fetchone()
+        row = conn.execute(
+            "SELECT id, flow, status, payload, received_at, meta FROM events WHERE id=?", (eid,)
+        ).fetchone()
         if row is None:
             rep.skipped.append((eid, "no such event"))
             continue
@@ -151,10 +167,11 @@ def tx_replay(
         if pipe is None:
             rep.skipped.append((eid, f"flow {row['flow']!r} is no longer configured"))
             continue
-        dead = {
-            d["destination"]: d["id"]
+        dead = {  # by (destination, key): after a split an event has one delivery per element
+            (d["destination"], d["idempotency_key"]): d["id"]
             for d in conn.execute(
-                "SELECT id, destination FROM deliveries WHERE event_id=? AND status='dead'", (eid,)
+                "SELECT id, destination, idempotency_key FROM deliveries WHERE event_id=? AND status='dead'",
+                (eid,),
             )
         }
         if row["status"] != "quarantined" and not dead:
@@ -165,34 +182,75 @@ def tx_replay(
         except PatchbayError as exc:  # e.g. encrypted fields whose key is gone: say so, replay the rest
             rep.skipped.append((eid, str(exc)))
             continue
-        processed = pipe.process(record, eid)
-        if processed.status != "pending":
+        meta = orjson.loads(row["meta"] or "{}")
+        after = meta.get("after_step")  # a window's record runs the steps after its aggregate
+        answers = q_answers(conn, eid)  # answered calls are not asked again: the run resumes where it stopped
+        processed = pipe.process(
+            record,
+            eid,
+            answers=answers or None,
+            received_at=row["received_at"],
+            after=after,
+            note=meta.get("window") if after else None,
+        )
+        status, reason, trace = processed.status, processed.reason, processed.trace
+        if processed.claims or processed.windows:  # dedupe keys and windows, settled here as at accept
+            gated = NewEvent(
+                eid, row["flow"], row["received_at"], b"", "", None, status, trace=trace,
+                claims=processed.claims, windows=processed.windows,
+            )  # fmt: skip
+            seen: wq.Seen = {}
+            refused = wq.refusal(conn, gated, now, seen)
+            if refused is not None:
+                status, reason, trace = refused
+            else:
+                wq.apply_gates(conn, gated, now, seen)
+        if status == "aggregated":  # counted into its window now; the window's record goes on later
+            conn.execute(
+                "UPDATE events SET status='aggregated', trace=?, reason=NULL, updated_at=? WHERE id=?",
+                (_j(trace), now, eid),
+            )
+            tx_audit(conn, by.name, "replay", eid, {"destination": destination, **by.detail}, by.origin)
+            rep.requeued.append(eid)
+            continue
+        if status != "pending":
             conn.execute(
                 "UPDATE events SET trace=?, reason=?, updated_at=? WHERE id=?",
-                (_j(processed.trace), processed.reason, now, eid),
+                (_j(trace), reason, now, eid),
             )
-            rep.still_invalid.append((eid, processed.reason or processed.status))
+            rep.still_invalid.append((eid, reason or status))
             continue
         existing = {
-            d["destination"]
-            for d in conn.execute("SELECT destination FROM deliveries WHERE event_id=?", (eid,))
+            (d["destination"], d["idempotency_key"])
+            for d in conn.execute(
+                "SELECT destination, idempotency_key FROM deliveries WHERE event_id=?", (eid,)
+            )
         }
         touched = False
+        wanted = set()
         for nd in processed.deliveries:
+            at = (nd.destination, nd.idempotency_key)
+            wanted.add(at)
             if destination and nd.destination != destination:
                 continue
-            if nd.destination in dead:
+            if nd.status != "pending":  # a split element still quarantined: its dead row stays
+                continue
+            if at in dead:
                 conn.execute(
                     "UPDATE deliveries SET status='pending', request=?, retries=0, next_at=?, updated_at=? WHERE id=?",
-                    (_j(nd.request), now, now, dead[nd.destination]),
+                    (_j(nd.request), now, now, dead[at]),
                 )
                 touched = True
-            elif nd.destination not in existing:
+            elif at not in existing:
                 conn.execute(
                     "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
                     " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
                     (eid, row["flow"], nd.destination, _j(nd.request), nd.idempotency_key, now, now, now),
                 )
+                touched = True
+        for at, did in dead.items():  # a split element that was quarantined and now passes
+            if at[0].startswith(QUARANTINE_PREFIX) and at not in wanted and not destination:
+                conn.execute("UPDATE deliveries SET status='discarded', updated_at=? WHERE id=?", (now, did))
                 touched = True
         if not touched:
             rep.skipped.append((eid, "no dead delivery matches"))

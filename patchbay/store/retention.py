@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ZMARK = b"\x00zl"
-FINISHED = ("delivered", "filtered", "discarded")
+FINISHED = ("delivered", "filtered", "discarded", "aggregated")
 FAILED = ("dead", "quarantined")
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,9 +26,11 @@ import orjson
 
 from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store import api_queries as aq
+from patchbay.store import calls as cq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
+from patchbay.store import windows as wq
 from patchbay.store.base import (
     SCHEDULE_FIELDS,
     Accepted,
@@ -35,6 +38,7 @@ from patchbay.store.base import (
     AlertChange,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
     DestinationStates,
     DiscardReport,
     DueDelivery,
@@ -49,6 +53,7 @@ from patchbay.store.base import (
     Snapshot,
     SourceState,
     TokenInfo,
+    WindowState,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
 from patchbay.store.identity import (
@@ -199,6 +204,8 @@ def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     conn.executescript(MONITOR_SCHEMA)
     conn.executescript(IDENTITY_SCHEMA)
+    conn.executescript(wq.WINDOW_SCHEMA)
+    conn.executescript(cq.CALLS_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 
@@ -782,6 +789,9 @@ class SqliteStore:
     async def recent_payloads(self, flow: str, limit: int) -> list[tuple[str, float, bytes]]:
         return await self._read(rq.q_recent_payloads, flow, limit)
 
+    async def recent_answers(self, flow: str, limit: int) -> list[tuple[str, str, float, str]]:
+        return await self._read(rq.q_recent_answers, flow, limit)
+
     async def counts(self) -> dict[str, Any]:
         return await self._read(rq.counts)
 
@@ -905,6 +915,21 @@ class SqliteStore:
         return await self._read(q_stats, entity)
 
     # -------------------------------------------------------------- SQLite only
+    # -- calls inside flows (store/calls.py)
+    async def record_calls(
+        self, results: list[AttemptResult], pipeline: Reprocessor, cache: Sequence[CachedAnswer] = ()
+    ) -> list[tuple[str, list[str]]]:
+        return await self._write(cq.tx_record_calls, results, pipeline, tx_record, list(cache))
+
+    async def call_answers(self, event_id: str) -> dict[str, Any]:
+        return await self._read(cq.q_answers, event_id)
+
+    async def cached_answer(self, scope: str, key: str, now: float) -> dict[str, Any] | None:
+        return await self._read(cq.q_cached_answer, scope, key, now)
+
+    async def cache_answer(self, scope: str, key: str, answer: dict[str, Any], expires_at: float) -> None:
+        await self._write(cq.tx_cache_answer, scope, key, answer, expires_at)
+
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a query function `fn(conn, *args)` on the reader thread (SQLite only: the store's own
         tests and modules; everything else uses the protocol's methods)."""
@@ -947,6 +972,23 @@ class SqliteStore:
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
+
+    # -------------------------------------------------------------- windows and dedupe keys (store/windows.py)
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        # Read in the writer's order, not on the reader: a record accepted before `now` is then always seen
+        # (even one still in a group about to commit), and every one after it is late (store/windows.py).
+        return await self._write(wq.q_closable, now, limit, list(steps))
+
+    async def emit_window(self, event: NewEvent, window: WindowState) -> Accepted:
+        return await self._write(wq.tx_emit_window, event, window, tx_accept)
+
+    async def tidy_windows(self, now: float) -> tuple[int, int]:
+        return await self._write(wq.tx_tidy, now)
+
+    async def open_windows(self) -> dict[str, int]:
+        return await self._read(wq.q_open_windows)
 
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
@@ -997,6 +1039,17 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         ).fetchone()
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    if e.claims or e.windows:
+        seen: wq.Seen = {}
+        refused = wq.refusal(conn, e, now, seen)
+        if refused is not None:  # a dedupe key held by another run, or too late for its window
+            status, reason, trace = refused
+            tx_accept(
+                conn,
+                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
+            )
+            return Accepted(e.id, status=status, reason=reason)
+        wq.apply_gates(conn, e, now, seen)
     conn.execute(
         "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
         " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -1018,9 +1071,20 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
     if e.deliveries:
         conn.executemany(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
+            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
             [
-                (e.id, e.flow, d.destination, _j(d.request), d.idempotency_key, e.received_at, now, now)
+                (
+                    e.id,
+                    e.flow,
+                    d.destination,
+                    d.status,
+                    _j(d.request),
+                    d.idempotency_key,
+                    e.received_at,
+                    d.error,
+                    now,
+                    now,
+                )
                 for d in e.deliveries
             ],
         )
@@ -1391,6 +1455,15 @@ def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int
         )
         drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
         out.append((flow, second, n, last, drift))
+    # Answers that drifted from the flow's response contract: the attempt's note holds "DRIFT a; b".
+    for flow, second, n, last_event, note in conn.execute(
+        "SELECT d.flow, CAST(a.started_at AS INTEGER), COUNT(*), MAX(d.event_id), MAX(a.error) FROM attempts a"
+        " JOIN deliveries d ON d.id = a.delivery_id"
+        " WHERE a.started_at>=? AND a.outcome='success' AND a.error LIKE 'DRIFT response of %'"
+        " GROUP BY d.flow, 2",
+        (since,),
+    ):
+        out.append((flow, second, n, last_event, note.removeprefix("DRIFT ").split("; ")))
     return out
 
 

@@ -15,7 +15,7 @@ from patchbay.config.project import FlowSpec, Project
 from patchbay.errors import PatchbayError
 from patchbay.records import dig, has_path, put
 from patchbay.security.redaction import SEALED_RE, sensitive_values
-from patchbay.testing.harness import FlowRun, simulate
+from patchbay.testing.harness import FlowRun, Response, simulate, simulate_batch
 
 if TYPE_CHECKING:
     from patchbay.store.blocking import BlockingStore
@@ -88,8 +88,24 @@ def load_event(store: BlockingStore, run_id: str) -> dict[str, Any] | None:
         "status": run["status"],
         "reason": run["reason"],
         "payload": orjson.dumps(run["payload"]),  # values may be sealed (encrypt_sensitive): they stay so
-        "destinations": [d["destination"] for d in run["deliveries"]],
+        "destinations": [
+            d["destination"] for d in run["deliveries"] if not d["destination"].startswith("call:")
+        ],
+        "calls": _recorded_answers(run),
+        "meta": run.get("meta") or {},
     }
+
+
+def _recorded_answers(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The answers the run's calls got, by step, in the order they were asked: the test's `calls:`."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in run["deliveries"]:
+        if d["destination"].startswith("call:") and d.get("response") is not None:
+            answer = d["response"]
+            out.setdefault(d["destination"][5:], []).append(
+                {"status": answer.get("status"), "body": answer.get("body")}
+            )
+    return out
 
 
 def export_run(store: BlockingStore, project: Project, run_id: str, name: str | None = None) -> Exported:
@@ -104,7 +120,11 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
     notes: list[str] = []
     record = stand_ins(_opened(event["payload"], flow, project), flow, notes)
     record = _scrub_secrets(record, project_redactor(project), notes)
-    now = simulate(flow, project, record)
+    if flow.batch is not None:
+        return _export_batch_row(event, flow, record, name, notes)
+    calls = _scrub_secrets(event["calls"], project_redactor(project), notes)
+    answers = {k: [Response(status=a["status"], body=a["body"]) for a in v] for k, v in calls.items()}
+    now = simulate(flow, project, record, calls=answers)
     recorded = {"pending": "delivered", "delivered": "delivered", "dead": "delivered"}.get(
         event["status"], event["status"]
     )
@@ -120,8 +140,34 @@ def export_run(store: BlockingStore, project: Project, run_id: str, name: str | 
             f"now it goes to {', '.join(sorted(now.deliveries))}: the test expects what the flow does now"
         )
     title = name or f"run {event['id']} ({now.status})"
-    case = {"name": title, "event": record, "expect": expectation(now)}
+    case = {"name": title, "event": record, **({"calls": calls} if calls else {}), "expect": expectation(now)}
     return Exported(flow.name, title, case, notes)
+
+
+def _export_batch_row(
+    event: dict[str, Any], flow: FlowSpec, row: Any, name: str | None, notes: list[str]
+) -> Exported:
+    """A quarantined row of a batch run as a batch test: the row, and what the steps make of it now."""
+    if event["meta"].get("batch") or not isinstance(row, dict):
+        raise PatchbayError(
+            f"run {event['id']} is a run of batch flow {flow.name} (its report), not a row; export one of "
+            "its quarantined rows instead (`patchbay dead` lists them)"
+        )
+    now = simulate_batch(flow, [row])
+    expect: dict[str, Any] = {"rows": now.rows}
+    if now.quarantined:
+        expect["quarantined"] = [reason for _, reason in now.quarantined]
+    if now.filtered:
+        expect["filtered"] = now.filtered
+    if event["status"] == "quarantined" and not now.quarantined:
+        notes.append(
+            f"the recorded row was quarantined ({event['reason']}); the flow as it is now "
+            + ("writes it" if now.rows else "drops it")
+            + ": the test expects what the flow does now"
+        )
+    status = "quarantined" if now.quarantined else "written" if now.rows else "filtered"
+    title = name or f"row {event['id']} ({status})"
+    return Exported(flow.name, title, {"name": title, "rows": [row], "expect": expect}, notes)
 
 
 def _opened(payload: bytes, flow: FlowSpec, project: Project) -> Any:
@@ -141,8 +187,11 @@ def expectation(run: FlowRun) -> dict[str, Any]:
         return {"quarantined": run.reason or True}
     if run.status == "filtered":
         return {"filtered": run.reason or True}
+    if run.status == "aggregated":
+        window = next((s.get("window") for s in run.trace if s.get("kind") == "aggregate"), None)
+        return {"aggregated": window or True}
     out: dict[str, Any] = {}
-    for c in run.captured:
+    for c in run.deliveries.values():
         view = {k: v for k, v in c.view.items() if not (k == "url" and "path" in c.view)}
         first = [k for k in ("method", "path") if k in view]
         out[c.destination] = {k: view[k] for k in [*first, *(k for k in view if k not in first)]}

@@ -8,13 +8,15 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
 from patchbay.config.project import FlowSpec, Project
 from patchbay.connectors.base import Outcome, OutcomeClass, Sink
-from patchbay.engine.pipeline import Pipeline
+from patchbay.contracts import response_drift
+from patchbay.engine.calls import policy_of
+from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.policy import decide
 from patchbay.security.secrets import SecretResolver
 
@@ -76,6 +78,7 @@ class Captured:
     view: dict[str, Any]  # the same, for people and expectations: body parsed, `path` added
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = "delivered"  # delivered | dead | paused | disabled
+    drift: list[str] = field(default_factory=list)  # the simulated 2xx answer against the response contract
 
 
 @dataclass
@@ -88,7 +91,12 @@ class FlowRun:
 
     @property
     def deliveries(self) -> dict[str, Captured]:
-        return {c.destination: c for c in self.captured}
+        return {c.destination: c for c in self.captured if not c.destination.startswith(CALL_PREFIX)}
+
+    @property
+    def calls(self) -> dict[str, Captured]:
+        """The calls asked, by `call:<step>` (the last one of a step after a split)."""
+        return {c.destination: c for c in self.captured if c.destination.startswith(CALL_PREFIX)}
 
 
 def event_id(ms: int = TEST_EVENT_TIME_MS) -> str:
@@ -134,26 +142,100 @@ def simulate(
     record: Any,
     responses: Mapping[str, Sequence[Response]] | None = None,
     sinks: dict[str, Sink] | None = None,
+    calls: Mapping[str, Sequence[Response]] | None = None,
 ) -> FlowRun:
     """The flow's steps and routing over `record`, each routed request captured; then each delivery
-    answered by `responses[destination]` in turn (the last answer repeats; none given: success)."""
+    answered by `responses[destination]` in turn (the last answer repeats; none given: success). A call
+    step is answered by `calls[step]` in turn, and the run goes on with the answer bound, as in the hub."""
     sinks = sinks if sinks is not None else offline_sinks(flow, project)
-    processed = Pipeline(flow, sinks).process(record, event_id())
+    pipeline, eid = Pipeline(flow, sinks), event_id()
+    answers: dict[str, Any] = {}  # the calls' answers, by key, as the store keeps them
+    turns = {name: list(given) for name, given in (calls or {}).items()}
+    asked: list[Captured] = []
+    for _ in range(MAX_ATTEMPTS):
+        processed = pipeline.process(record, eid, answers=answers)
+        waiting = [d for d in processed.deliveries if d.destination.startswith(CALL_PREFIX)]
+        if not waiting:
+            break
+        for d in waiting:
+            stopped = _answer_call(d, flow, project, sinks, turns, answers, asked)
+            if stopped is not None:
+                return FlowRun(stopped[0], stopped[1], processed.trace, asked, processed.record)
     if processed.status != "pending":
-        return FlowRun(processed.status, processed.reason, processed.trace, [], processed.record)
+        return FlowRun(processed.status, processed.reason, processed.trace, asked, processed.record)
     captured = []
     for d in processed.deliveries:
+        if d.status != "pending":  # a split element's quarantine: in the reason, nothing is sent
+            continue
         spec = next(x for x in flow.destinations if x.name == d.destination)
         shown = view(d.request, project, spec.system, credentials(sinks[d.destination]))
-        c = Captured(d.destination, spec.kind, d.request, shown)
-        _deliver(c, spec.policy, list((responses or {}).get(d.destination, ())))
+        element = d.idempotency_key[
+            len(eid) + 1 : -len(d.destination) - 1
+        ]  # "<event>.<i>.<dest>" after a split
+        c = Captured(f"{d.destination}[{element}]" if element else d.destination, spec.kind, d.request, shown)
+        replies = list((responses or {}).get(d.destination, ()))
+        _deliver(c, spec.policy, replies)
+        if c.outcome == "delivered" and replies:
+            body = replies[min(len(c.attempts), len(replies)) - 1].body
+            c.drift = response_drift(flow.contract, d.destination, body) if body is not None else []
         captured.append(c)
     worst = "delivered"
     for rank in ("paused", "disabled", "dead"):
         if any(c.outcome == rank for c in captured):
             worst = "dead" if rank == "disabled" else rank
     reasons = [f"{c.destination}: {c.attempts[-1].reason}" for c in captured if c.outcome != "delivered"]
-    return FlowRun(worst, "; ".join(reasons) or None, processed.trace, captured, processed.record)
+    if processed.reason:  # split elements quarantined while their siblings went on
+        reasons.append(processed.reason)
+    return FlowRun(worst, "; ".join(reasons) or None, processed.trace, asked + captured, processed.record)
+
+
+def _answer_call(
+    d: Any,
+    flow: FlowSpec,
+    project: Project,
+    sinks: dict[str, Sink],
+    turns: dict[str, list[Response]],
+    answers: dict[str, Any],
+    asked: list[Captured],
+) -> tuple[str, str] | None:
+    """A call answered from the test's `calls:` (each attempt takes the next answer of its step; the last
+    repeats), through the delivery policy; (status, reason) when the run stops at it."""
+    step = d.destination[len(CALL_PREFIX) :]
+    spec = next(s for s in flow.steps if s.name == step)
+    c = Captured(
+        d.destination, spec.kind, d.request, view(d.request, project, str(getattr(spec.config, "system", "")))
+    )
+    asked.append(c)
+    given = turns.get(step)
+    if not given:  # what it would ask is captured; nothing answers it
+        c.outcome = "unanswered"
+        return "dead", f"call {step}: the test gives no answer for it; add `calls: {{{step}: [...]}}`"
+    on_404 = getattr(spec.config, "on_404", "fail")
+    rng, now, retries = _NoJitter(), 0.0, 0
+    for _ in range(MAX_ATTEMPTS):
+        answer = given.pop(0) if len(given) > 1 else given[0]
+        outcome = answer.to_outcome()
+        if answer.status == 404 and on_404 == "continue":
+            outcome = Outcome(OutcomeClass.SUCCESS, 404)
+        dec = decide(outcome, retries, policy_of(spec.config, project), now, rng)
+        wait = None if dec.next_at is None else round(dec.next_at - now, 3)
+        c.attempts.append(Attempt(outcome.cls.value, outcome.status_code, dec.status, dec.reason, wait))
+        if dec.destination_state is not None or dec.status == "dead":
+            c.outcome = dec.destination_state or "dead"
+            status = "paused" if c.outcome == "paused" else "dead"
+            return status, f"call {step}: {dec.reason}"
+        if dec.status == "delivered":
+            body = None if answer.status == 404 else answer.body
+            answers[d.idempotency_key] = {"status": answer.status or 200, "body": body}
+            kept = getattr(spec.config, "headers_kept", [])
+            if kept:
+                given_headers = {k.lower(): v for k, v in answer.headers.items()}
+                answers[d.idempotency_key]["headers"] = {h: given_headers.get(h) for h in kept}
+            return None
+        retries += 1 if dec.consumed_retry else 0
+        now = dec.next_at or now
+    c.outcome = "dead"
+    return "dead", f"call {step}: the simulation stopped after {MAX_ATTEMPTS} attempts"
 
 
 def _deliver(c: Captured, policy: Any, answers: list[Response]) -> None:
@@ -194,7 +276,11 @@ def view(
     if auth:
         out["headers"] = {**(out.get("headers") or {}), **auth}
     body = out.get("body")
-    if isinstance(body, str):
+    ctype = {k.lower(): v for k, v in (out.get("headers") or {}).items()}.get("content-type", "")
+    if isinstance(body, str) and ctype.startswith("application/x-www-form-urlencoded"):
+        # A form body (`body_format: form`) as its fields, names as sent: {"metadata[plan]": "pro"}.
+        out["body"] = dict(parse_qsl(body, keep_blank_values=True))
+    elif isinstance(body, str):
         try:
             out["body"] = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -208,3 +294,45 @@ def view(
             parts = urlsplit(url)
             out["path"] = parts.path + (f"?{parts.query}" if parts.query else "")
     return out
+
+
+@dataclass
+class BatchCaseRun:
+    """What a batch flow's steps make of a test's source rows: the rows written (decoded, as the
+    destination table gets them), the quarantined rows with their reasons, and how many were dropped."""
+
+    rows: list[dict[str, Any]]
+    quarantined: list[tuple[dict[str, Any], str]]
+    filtered: int
+    deleted: list[tuple[Any, ...]]  # soft-deleted rows' keys
+
+
+def source_columns(rows: Sequence[Mapping[str, Any]], types: Mapping[str, str] | None = None) -> list[Any]:
+    """The source table's columns as a reader would give them: the given types, else each column's from
+    its first value that is not null (int, float, bool, json, text)."""
+    from patchbay.batch.frame import Column, infer_type
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    given = types or {}
+    return [Column(n, given.get(n) or infer_type([r.get(n) for r in rows])) for n in names]
+
+
+def simulate_batch(
+    flow: FlowSpec, rows: Sequence[Mapping[str, Any]], types: Mapping[str, str] | None = None
+) -> BatchCaseRun:
+    """The batch flow's steps over `rows` through the transform a real run uses (batch/transform.py
+    FrameTransform over one frame, COPY-text encoded as a reader gives it): no database, no store."""
+    from patchbay.batch.frame import Frame, decode, encode
+    from patchbay.batch.transform import FrameTransform
+
+    assert flow.batch is not None, f"flow {flow.name} is not a batch flow"
+    spec = flow.batch
+    columns = source_columns(rows, types)
+    frame = Frame(columns, [[encode(r.get(c.name)) for c in columns] for r in rows])
+    soft = spec.deletes.column if spec.deletes.detect == "soft" else None
+    transform = FrameTransform(flow.steps, columns, key=spec.key, soft_delete=soft)
+    result = transform.apply(frame)
+    out = transform.output_columns()
+    written = [{c.name: decode(v, c.type) for c, v in zip(out, row, strict=True)} for row in result.rows]
+    bad = [(i.row, i.reason) for i in result.invalid]
+    return BatchCaseRun(written, bad, result.filtered, list(result.deleted_keys))

@@ -13,7 +13,7 @@ from patchbay.config.project import Project
 from patchbay.errors import ConfigError, Problem
 from patchbay.testing.cases import RESERVED, Case, FlowTestFile, find_test_files, load_test_file
 from patchbay.testing.compare import compare, missing, unified
-from patchbay.testing.harness import FlowRun, simulate
+from patchbay.testing.harness import BatchCaseRun, FlowRun, simulate, simulate_batch
 
 
 @dataclass
@@ -78,8 +78,10 @@ def run_project(project: Project, flows: Iterable[str] = (), display: Any = str)
 def run_case(project: Project, flow_name: str, case: Case) -> CaseResult:
     t0 = time.perf_counter()
     result = CaseResult(case, flow_name)
+    if case.rows is not None:
+        return _run_batch_case(project, flow_name, case, result, t0)
     try:
-        run = simulate(project.flows[flow_name], project, case.event, case.responses)
+        run = simulate(project.flows[flow_name], project, case.event, case.responses, calls=case.calls)
     except Exception as exc:  # a step or connector that raises instead of refusing the record
         result.error = f"the flow raised {type(exc).__name__}: {exc}"
         result.seconds = time.perf_counter() - t0
@@ -87,6 +89,51 @@ def run_case(project: Project, flow_name: str, case: Case) -> CaseResult:
     result.failures = check(case, run)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _run_batch_case(
+    project: Project, flow_name: str, case: Case, result: CaseResult, t0: float
+) -> CaseResult:
+    try:
+        run = simulate_batch(project.flows[flow_name], case.rows or [], case.columns)
+    except Exception as exc:  # e.g. a map target a table cannot take, a soft-delete column not given
+        result.error = f"the batch steps raised {type(exc).__name__}: {exc}"
+    else:
+        result.failures = check_batch(case, run)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def check_batch(case: Case, run: BatchCaseRun) -> list[str]:
+    """What differs between a batch test's expectations and what the steps made of its rows."""
+    e = case.expect
+    out: list[str] = []
+    want_rows = e.rows or []
+    found = compare(want_rows, run.rows, "rows", subset=False)
+    if found:
+        out += [str(m) for m in found]
+        out += ["  " + line for line in unified(want_rows, run.rows, "rows")]
+    if isinstance(e.filtered, int) and not isinstance(e.filtered, bool) and e.filtered != run.filtered:
+        out.append(f"filtered: expected {e.filtered} rows dropped by the steps, got {run.filtered}")
+    want_bad = e.quarantined if isinstance(e.quarantined, list) else []
+    got = [f"  {reason}  (row {_short(row)})" for row, reason in run.quarantined]
+    if len(want_bad) != len(run.quarantined):
+        out.append(f"quarantined: expected {len(want_bad)} rows, got {len(run.quarantined)}")
+        out += got
+        return out
+    for n, (want, (row, reason)) in enumerate(zip(want_bad, run.quarantined, strict=True)):
+        text = want if isinstance(want, str) else want.reason
+        if text not in reason:
+            out.append(f"quarantined[{n}]: the reason does not contain {text!r}:")
+            out.append(f"  reason: {reason}")
+        if not isinstance(want, str) and want.row_includes is not None:
+            out += [str(m) for m in compare(want.row_includes, row, f"quarantined[{n}].row", subset=True)]
+    return out
+
+
+def _short(row: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in row.items())
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def check(case: Case, run: FlowRun) -> list[str]:
@@ -107,13 +154,26 @@ def check(case: Case, run: FlowRun) -> list[str]:
         if text and text not in (run.reason or ""):
             return [f"filtered, but the reason does not contain {text!r}:", f"  reason: {run.reason}"]
         return []
-    if run.status in ("quarantined", "filtered"):
+    if e.aggregated not in (None, False):
+        if run.status != "aggregated":
+            return [f"expected the event to be counted into a window, but {got}"]
+        label = window_label(run.trace)
+        text = e.aggregated if isinstance(e.aggregated, str) else ""
+        if text and text not in label:
+            return [f"counted into window {label}, which does not contain {text!r}"]
+        return []
+    if run.status in ("quarantined", "filtered", "aggregated"):
+        if run.status == "aggregated":
+            got = f"it was counted into window {window_label(run.trace)}"
         return [f"expected deliveries, but {got}"]
     out: list[str] = []
     if e.record_includes is not None:
         out += [str(m) for m in compare(e.record_includes, run.record, "record", subset=True)]
     expected = e.deliveries or {}
     captured = run.deliveries
+    if run.status in ("dead", "paused") and (run.reason or "").startswith("call "):
+        if expected:  # the run stopped at a call: say so before the destinations it never reached
+            out.append(f"the run stopped at a call ({run.status}): {run.reason}")
     for name in expected:
         if name not in captured:
             out.append(f"{name}: expected a delivery, but this destination's route did not match")
@@ -131,6 +191,10 @@ def check(case: Case, run: FlowRun) -> list[str]:
             path = ", ".join(a.describe() for a in c.attempts)
             out.append(f"{name}: expected the delivery to end {want.outcome}, it ended {c.outcome}: {path}")
         out += _check_request(name, want.fields(), c.view)
+    for c in captured.values():
+        if c.drift:  # the test's answer and the pinned contract disagree: one of them is out of date
+            out.append(f"{c.destination}: the simulated answer differs from the flow's response contract:")
+            out += [f"  {d}" for d in c.drift]
     return out
 
 
@@ -199,3 +263,10 @@ def junit_xml(report: Report) -> bytes:
 def flow_test_path(root: Path, flow: str) -> Path:
     """Where a flow's tests live: beside the flow, `flows/<flow>.test.yaml`."""
     return root / "flows" / f"{flow}.test.yaml"
+
+
+def window_label(trace: list[dict[str, Any]]) -> str:
+    """The window an aggregated run was counted into, from its trace."""
+    return next(
+        (str(s["window"]) for s in reversed(trace) if s.get("kind") == "aggregate" and "window" in s), ""
+    )

@@ -86,5 +86,6 @@ def test_an_unknown_preset_default_is_a_problem_not_a_crash(tmp_path, preset_dir
     _, problems = load(tmp_path / "p", "  id_pth: id\n")
     flow = str(tmp_path / "p" / "flows" / "pay.yaml")
     assert problems == [
-        f"{flow}:4: unknown setting 'id_pth'; did you mean 'id_path'? (known: batch, files, id_header, id_path, path, system)"
+        f"{flow}:4: unknown setting 'id_pth'; did you mean 'id_path'? "
+        "(known: accept_status, batch, files, handshakes, id_header, id_path, path, system)"
     ]

@@ -12,7 +12,7 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.connectors.base import Resources
 from patchbay.connectors.http import HttpSystem
 from patchbay.connectors.http_poll import HttpPollConfig, HttpPollSource
-from patchbay.errors import TransientError
+from patchbay.errors import TerminalError, TransientError
 from tests.conftest import _start, eventually, write_project
 from tests.connectors import polls_more
 
@@ -173,3 +173,43 @@ async def test_scheduled_poll_flow_end_to_end(tmp_path, api, sink, start_hub, mo
     assert '"2026-11-01T00:01:01"' in res.output and "every 1s" in res.output
     res = CliRunner().invoke(main, ["state", "orders", "--reset"])
     assert "reset" in res.output
+
+
+async def test_a_link_to_another_server_is_never_followed_with_the_systems_credentials():
+    seen: list[str] = []  # requests the other server got: a system's auth goes only to its own server
+
+    async def other(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response([{"id": 99}])
+
+    other_app = web.Application()
+    other_app.router.add_get("/steal", other)
+    other_runner, other_url = await _start(other_app)
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response([{"id": 1}], headers={"Link": f'<{other_url}/steal>; rel="next"'})
+
+    app = web.Application()
+    app.router.add_get("/items", handle)
+    runner, url = await _start(app)
+    try:
+        cfg = HttpPollConfig.model_validate(
+            {"path": "/items", "items_path": "", "pagination": {"type": "link"}}
+        )
+        src = HttpPollSource(HttpSystem(url=url), cfg, Resources(allow_private=True))
+        with pytest.raises(TerminalError, match="another server"):
+            await collect(src)
+        assert seen == []
+    finally:
+        await runner.cleanup()
+        await other_runner.cleanup()
+
+
+@pytest.mark.parametrize("path", ["@evil.example/orders", ".evil.example/orders", "orders"])
+def test_a_path_that_could_name_another_server_is_refused(path):
+    with pytest.raises(ValueError, match="must start with /"):
+        HttpPollConfig.model_validate({"path": path})
+    from patchbay.connectors.http import HttpSinkConfig
+
+    with pytest.raises(ValueError, match="must start with /"):
+        HttpSinkConfig.model_validate({"path": path})

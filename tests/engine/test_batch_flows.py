@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -108,11 +109,14 @@ from patchbay.config.project import load_or_raise
 from patchbay.engine.batch import run_flow
 from patchbay.engine.hub import open_resolver_for
 
-root = Path(sys.argv[1])
+import time
+root, flow, hold_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 project = load_or_raise(root)
 def progress(p):
     print(f"read {p.read}", flush=True)
-report = asyncio.run(run_flow(project, open_resolver_for(root), project.flows["copy"], progress=progress))
+    if hold_at and p.read >= hold_at:
+        time.sleep(60)  # hold mid-run, its destination transaction open, until the test kills it
+report = asyncio.run(run_flow(project, open_resolver_for(root), project.flows[flow], progress=progress))
 print(f"done {report.status} {report.inserted} {report.error}", flush=True)
 """
 
@@ -142,33 +146,41 @@ async def test_kill_9_mid_run_leaves_nothing_half_written_and_the_rerun_complete
               batch_rows: 2000
             """
         )
-        write_project(tmp_path, {"systems.yaml": PG_SYSTEMS, "flows/copy.yaml": flow})
-        # A unique flow name per test run keeps the shared state table apart.
+        # A unique flow name per test run keeps the shared state table apart (and the harness cleans it up).
+        flow_name = f"test-copy-{uuid.uuid4().hex[:8]}"
+        write_project(tmp_path, {"systems.yaml": PG_SYSTEMS, f"flows/{flow_name}.yaml": flow})
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         proc = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", RUNNER, str(tmp_path), flow_name, "60000"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("read ") and int(line.split()[1]) >= 60000:
-                break
-        else:
-            pytest.fail(f"the run ended before it could be killed (exit {proc.wait()})")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("read ") and int(line.split()[1]) >= 60000:
+                    break  # the runner now holds, mid-run, until it is killed
+            else:
+                pytest.fail(f"the run ended before it could be killed (exit {proc.wait()})")
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
         # Nothing of the killed run is visible: no table rows, no moved cursor.
         exists = await (await pg.execute("SELECT to_regclass(%s)", (dst,))).fetchone()
         if exists and exists[0]:
             assert await (await pg.execute(f'SELECT count(*) FROM "{dst}"')).fetchone() == (0,)
         if (await (await pg.execute("SELECT to_regclass('_patchbay_sync_state')")).fetchone())[0]:
             state = await (
-                await pg.execute("SELECT count(*) FROM _patchbay_sync_state WHERE flow = 'copy'")
+                await pg.execute("SELECT count(*) FROM _patchbay_sync_state WHERE flow = %s", (flow_name,))
             ).fetchone()
             assert state == (0,)
         await asyncio.sleep(0.2)  # the server notices the dead client and rolls back
         done = subprocess.run(
-            [sys.executable, "-c", RUNNER, str(tmp_path)],
+            [sys.executable, "-c", RUNNER, str(tmp_path), flow_name, "0"],
             capture_output=True,
             text=True,
             env=env,
@@ -179,7 +191,7 @@ async def test_kill_9_mid_run_leaves_nothing_half_written_and_the_rerun_complete
             await pg.execute(f"""SELECT count(*), count(DISTINCT id), sum(id), min(email) FROM "{dst}" """)
         ).fetchone()
         assert got == (200000, 200000, 200000 * 200001 // 2, "U100000@X.IO")
-        await pg.execute("DELETE FROM _patchbay_sync_state WHERE flow = 'copy'")
+        await pg.execute("DELETE FROM _patchbay_sync_state WHERE flow = %s", (flow_name,))
 
 
 def test_patchbay_run_syncs_a_batch_flow_and_keeps_its_report_and_quarantined_rows(tmp_path):

@@ -295,3 +295,42 @@ async def test_a_quarantined_event_and_a_sensitive_record_key_are_not_stored_in_
     conn = sqlite3.connect(root / ".patchbay" / "patchbay.db")
     assert conn.execute("SELECT record_key FROM events").fetchall() == [(None,), (None,)]
     conn.close()
+
+
+async def test_a_call_of_an_encrypting_flow_sends_sealed_values_and_keeps_none(tmp_path, sink: Sink, hubs):
+    root = _project(tmp_path / "proj", sink.url, hub_default=False)
+    flow_file = root / "flows" / "lead-capture.yaml"
+    flow = yaml.safe_load(flow_file.read_text())
+    flow["steps"].append(
+        {
+            "name": "owner",
+            "call": {"system": "crm", "method": "GET", "path": "/cards/{{ card.number }}", "as": "owner"},
+        }
+    )
+    flow_file.write_text(yaml.safe_dump(flow, sort_keys=False))
+
+    def answer(request: Any, rec: Any) -> Any:
+        if request.method == "GET":  # the remote echoes the card it was asked about
+            return (
+                200,
+                {"Content-Type": "application/json"},
+                json.dumps({"owner": "grace", "card": request.path[7:]}),
+            )
+        return 201
+
+    sink.default = answer
+    hub = await hubs(root)
+    _, body = await hub.post(
+        "/hooks/lead-capture", {"email": "a@example.com", "card": {"number": CARD, "code": CODE}}
+    )
+
+    async def delivered() -> bool:
+        return (await hub.run(body["event_id"]))["status"] == "delivered"
+
+    await eventually(delivered, what="delivered after the call")
+    call, contact = sink.received
+    assert call.path == f"/cards/{CARD}" and contact.path == f"/contacts/{CARD}"  # opened to be sent
+    assert contact.body["owner"]["body"]["owner"] == "grace"
+    assert CARD not in json.dumps(contact.body["owner"])  # the echo was scrubbed before it was kept
+    await _stop(hub)
+    assert CARD.encode() not in _store_bytes(root)  # the call's request, its answer, the rest of the run

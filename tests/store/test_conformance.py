@@ -20,12 +20,16 @@ from patchbay.store.base import (
     Actor,
     AttemptResult,
     AuditFilter,
+    CachedAnswer,
+    Contribution,
+    DedupeClaim,
     NewDelivery,
     NewEvent,
     RunFilter,
     SecretRow,
     SecretRows,
     Store,
+    WindowAdd,
 )
 
 ALICE = Actor("alice", "127.0.0.1", {"token_id": "t1"})
@@ -309,6 +313,25 @@ async def test_recent_payloads_are_the_flows_newest_as_stored(store: Store) -> N
     assert len(await store.recent_payloads("orders", 1)) == 1
 
 
+async def test_recent_answers_are_the_flows_newest_successes(store: Store) -> None:
+    first, second = event(destinations=("crm", "chat")), event(destinations=("crm",))
+    for e in (first, second, event("invoices")):
+        await store.accept(e)
+    [crm1, crm2] = await due(store)
+    await store.record([result(crm1, "success", "delivered", excerpt='{"id": "c1"}')])
+    await store.record([result(crm2, "transient", "pending", next_at=time.time() + 600)])
+    [chat] = await due(store, dest="chat")
+    await store.record([result(chat, "success", "delivered", excerpt='{"ok": true}')])
+    got = await store.recent_answers("orders", 10)
+    assert [(d, e, x) for d, e, _, x in got] == [
+        ("chat", first.id, '{"ok": true}'),
+        ("crm", first.id, '{"id": "c1"}'),
+    ]
+    assert got[0][2] >= got[1][2]
+    assert len(await store.recent_answers("orders", 1)) == 1
+    assert await store.recent_answers("invoices", 10) == []
+
+
 async def test_counts_overall_and_per_flow(store: Store) -> None:
     await store.accept(event())
     await store.accept(event("invoices", status="quarantined", reason="x"))
@@ -362,6 +385,8 @@ class Processed:
     reason: str | None = None
     deliveries: list[NewDelivery] = field(default_factory=list)
     record_key: str | None = None
+    claims: list[DedupeClaim] = field(default_factory=list)
+    windows: list[WindowAdd] = field(default_factory=list)
 
 
 class Steps:
@@ -376,7 +401,7 @@ class Steps:
             raise PatchbayError("opening the sealed fields: no key")
         return record
 
-    def process(self, record: Any, event_id: str) -> Processed:
+    def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
         if "email" not in record:
             return Processed("quarantined", [{"step": "validate"}], reason="email: required")
         return Processed(
@@ -483,6 +508,152 @@ async def test_discard_gives_up_and_is_audited(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ tokens and audit
+# ------------------------------------------------------------------ calls inside flows
+class CallingSteps:
+    """A flow that asks `call:find` first, then delivers to crm with the answer's id."""
+
+    def load_payload(self, payload: bytes) -> Any:
+        return orjson.loads(payload)
+
+    def process(self, record: Any, event_id: str, *, answers: Any = None, **kw: Any) -> Processed:
+        answer = (answers or {}).get(f"{event_id}.find")
+        if answer is None:
+            call = NewDelivery("call:find", {"url": record["email"]}, f"{event_id}.find")
+            return Processed("pending", [{"step": "find", "waiting": True}], deliveries=[call])
+        if answer["status"] == 404:
+            return Processed("quarantined", [{"step": "find"}], reason="find: not found")
+        crm = NewDelivery("crm", {"id": answer["body"]["id"]}, f"{event_id}.crm")
+        return Processed(
+            "pending", [{"step": "find", "status": 200}], deliveries=[crm], record_key=record["email"]
+        )
+
+
+def call_event(steps: CallingSteps) -> NewEvent:
+    e = event(body={"email": "ada@example.com"}, destinations=())
+    p = steps.process({"email": "ada@example.com"}, e.id)
+    e.deliveries, e.trace = p.deliveries, p.trace
+    return e
+
+
+async def test_an_answered_call_continues_its_run_in_the_same_write(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    assert call.idempotency_key == f"{e.id}.find" and await due(store) == []
+
+    await store.record_calls([result(call, "transient", "pending", next_at=time.time() - 1)], steps)
+    assert await due(store) == [] and await store.call_answers(e.id) == {}  # a failure continues nothing
+
+    answer = {"status": 200, "body": {"id": "c-1"}}
+    [call] = await due(store, dest="call:find")
+    kept = CachedAnswer("orders/find", "ada@example.com", answer, time.time() + 60)
+    continued = await store.record_calls(
+        [result(call, "success", "delivered", response=answer)], steps, [kept]
+    )
+    assert continued == [(e.id, ["crm"])]
+    assert await store.cached_answer("orders/find", "ada@example.com", time.time()) == answer  # same write
+    assert await store.call_answers(e.id) == {f"{e.id}.find": answer}
+    [crm] = await due(store)
+    assert crm.request == {"id": "c-1"} and crm.idempotency_key == f"{e.id}.crm"
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "pending" and run["record_key"] == "ada@example.com"
+    assert run["trace"] == [{"step": "find", "status": 200}]
+
+    # Recorded twice (a replayed call): the run's deliveries are not made twice.
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, [])
+    ]
+    await store.record([result(crm, "success", "delivered")])
+    assert (await store.get_run(e.id) or {})["status"] == "delivered"
+
+
+async def test_an_answer_that_quarantines_the_run_marks_the_event(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    await store.record_calls(
+        [result(call, "success", "delivered", response={"status": 404, "body": None})], steps
+    )
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "quarantined" and run["reason"] == "find: not found"
+    assert e.id in await store.replayable(None, None)
+
+
+async def test_a_dead_call_of_a_compressed_run_is_replayed_and_continues(store: Store) -> None:
+    steps = CallingSteps()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    await store.record_calls([result(call, "terminal", "dead", status_code=400, error="bad")], steps)
+    assert await store.compress_runs("orders", time.time() + 1) == 1  # a dead run: old enough
+    assert (await store.replay({"orders": steps}, [e.id], None, ALICE)).requeued == [e.id]
+    [call] = await due(store, dest="call:find")
+    answer = {"status": 200, "body": {"id": "c-2"}}
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, ["crm"])
+    ]
+    [crm] = await due(store)
+    assert crm.request == {"id": "c-2"}
+
+
+class BrokenAfterTheCall(CallingSteps):
+    """A flow whose steps raise once the answer is there (a bug in a custom step)."""
+
+    def process(self, record: Any, event_id: str, *, answers: Any = None, **kw: Any) -> Processed:
+        if answers:
+            raise ZeroDivisionError("division by zero")
+        return super().process(record, event_id)
+
+
+async def test_a_flow_that_raises_after_the_answer_quarantines_the_run_and_records_the_call(
+    store: Store,
+) -> None:
+    steps = BrokenAfterTheCall()
+    e = call_event(steps)
+    await store.accept(e)
+    [call] = await due(store, dest="call:find")
+    answer = {"status": 200, "body": {"id": "c-1"}}
+    assert await store.record_calls([result(call, "success", "delivered", response=answer)], steps) == [
+        (e.id, [])
+    ]
+    assert await due(store, dest="call:find") == []  # recorded: never asked again in a loop
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "quarantined"
+    assert run["reason"] == "continuing after a call: ZeroDivisionError: division by zero"
+
+
+async def test_cached_answers_expire(store: Store) -> None:
+    now = time.time()
+    await store.cache_answer("f/find", "ada", {"status": 200, "body": {"id": 1}}, now + 60)
+    await store.cache_answer("f/find", "old", {"status": 200, "body": None}, now - 1)
+    assert await store.cached_answer("f/find", "ada", now) == {"status": 200, "body": {"id": 1}}
+    assert await store.cached_answer("f/other", "ada", now) is None  # per flow and step
+    assert await store.cached_answer("f/find", "ada", now + 61) is None
+    assert await store.cached_answer("f/find", "old", now) is None
+    await store.cache_answer("f/find", "ada", {"status": 200, "body": {"id": 2}}, now + 60)
+    assert await store.cached_answer("f/find", "ada", now) == {"status": 200, "body": {"id": 2}}
+
+
+async def test_a_dead_element_row_is_listed_and_discarded_when_its_replay_passes(store: Store) -> None:
+    e = event(body={"email": "a@example.com"})
+    e.deliveries.append(
+        NewDelivery(
+            "quarantine:validate", {"element": "1"}, f"{e.id}.1.quarantine:validate", "dead", "sku: missing"
+        )
+    )
+    await store.accept(e)
+    [crm] = await due(store)
+    await store.record([result(crm, "success", "delivered")])
+    run = await store.get_run(e.id)
+    assert run is not None and run["status"] == "dead"
+    assert [d["destination"] for d in await store.list_dead()] == ["quarantine:validate"]
+    rep = await store.replay({"orders": Steps()}, [e.id], None, ALICE)  # now every element passes
+    assert rep.requeued == [e.id]
+    assert await store.list_dead() == []
+
+
 async def test_tokens_created_listed_touched_and_revoked(store: Store) -> None:
     info = await store.create_token("ci", ["runs:read"], None, "ab" * 32, ALICE)
     assert len(info.id) == 12 and info.scopes == ("runs:read",) and info.created_by == "alice"
@@ -729,3 +900,198 @@ async def test_an_identity_rewritten_moves_its_links_and_decisions_are_audited(s
     assert (await store.review(r["id"]))["status"] == "dismissed"  # type: ignore[index]
     [entry] = await store.audit_log(AuditFilter(action="review.resolve"))
     assert entry["actor"] == "alice" and entry["target"] == str(r["id"])
+
+
+# ------------------------------------------------------------------ windows and dedupe keys (NewEvent.claims, .windows)
+DAILY = [("orders", "daily")]
+
+
+def window_add(
+    start: float,
+    key: str = '"shop-1"',
+    *,
+    length: float = 60.0,
+    grace: float = 0.0,
+    keep: float | None = None,
+    **values: Contribution,
+) -> WindowAdd:
+    return WindowAdd(
+        step="daily",
+        key=key,
+        start=start,
+        end=start + length,
+        grace_s=grace,
+        keep_s=keep,
+        label=f"w{start:.0f}",
+        values=values or {"orders": Contribution(1)},
+        trace_at=1,
+    )
+
+
+def counted(add: WindowAdd, flow: str = "orders") -> NewEvent:
+    e = event(flow, status="aggregated")
+    e.windows = [add]
+    e.trace = [{"step": "map"}, {"step": "daily", "kind": "aggregate"}]
+    return e
+
+
+def claimed(key: str, within: float = 60.0, flow: str = "leads", **kw: Any) -> NewEvent:
+    e = event(flow, **kw)
+    e.claims = [DedupeClaim("once", key, within, 1)]
+    e.trace = [{"step": "map"}, {"step": "once", "kind": "dedupe"}, {"step": "route"}]
+    return e
+
+
+async def test_records_add_to_their_window_and_close_with_the_totals(store: Store) -> None:
+    start = time.time() + 1000  # open for a while
+    amounts = [19.99, 5, 0.01]
+    for i, amount in enumerate(amounts):
+        values = {
+            "orders": Contribution(1),
+            "revenue": Contribution(1, num=float(amount), scale=2 if i != 1 else 0, is_float=i != 1),
+            "smallest": Contribution(1, extreme=amount),
+            "largest": Contribution(1, extreme=amount),
+            "customers": Contribution(1, item=f'"c{i % 2}"'),
+            "coupons": Contribution(0),
+        }
+        acc = await store.accept(counted(window_add(start, **values)))
+        assert acc.status is None and not acc.duplicate
+    await store.accept(counted(window_add(start, key='"shop-2"')))
+    assert await store.open_windows() == {"orders": 2}
+    assert await store.closable_windows(start + 59, 10, DAILY) == []  # not yet closed
+    assert await store.closable_windows(start + 60, 10, [("orders", "hourly"), ("other", "daily")]) == []
+    due = await store.closable_windows(start + 60, 10, DAILY)
+    assert [(w.key, w.adds, w.revision) for w in due] == [('"shop-1"', 3, 1), ('"shop-2"', 1, 1)]
+    v = due[0].values
+    assert (v["orders"].n, v["coupons"].n, v["customers"].distinct) == (3, 0, 2)
+    assert round(v["revenue"].total, 2) == 25.0 and v["revenue"].scale == 2 and v["revenue"].is_float
+    assert (v["smallest"].lo, v["largest"].hi) == (0.01, 19.99)
+    run = await store.get_run((await store.list_runs(RunFilter(flow="orders")))[-1]["id"])
+    assert run is not None and run["status"] == "aggregated" and run["deliveries"] == []
+
+
+async def test_emitting_a_window_is_once_per_revision(store: Store) -> None:
+    start = time.time() - 120  # ended a minute ago: records are late, but the window can be emitted
+    for _ in range(2):
+        await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    out = event("orders", dedupe_key="window:daily:1:r1")
+    acc = await store.emit_window(out, w)
+    assert not acc.duplicate
+    assert await store.closable_windows(start + 2000, 10, DAILY) == []
+    assert await store.open_windows() == {}
+    again = await store.emit_window(event("orders", dedupe_key="window:daily:1:r1"), w)
+    assert again.duplicate and again.event_id == out.id  # closing twice never emits twice
+    assert len(await due(store)) == 1
+
+
+async def test_a_late_record_is_quarantined_with_the_reason(store: Store) -> None:
+    start = time.time() - 120
+    late = counted(window_add(start, grace=30))
+    acc = await store.accept(late)
+    assert acc.status == "quarantined" and "late for window" in (acc.reason or "")
+    run = await store.get_run(late.id)
+    assert run is not None and run["status"] == "quarantined" and run["reason"] == acc.reason
+    assert run["trace"][-1]["kind"] == "aggregate" and run["trace"][-1]["error"] == [acc.reason]
+    assert await store.open_windows() == {}  # nothing counted
+
+
+async def test_a_record_after_its_window_was_emitted_is_late(store: Store) -> None:
+    start = time.time() - 30
+    await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    await store.emit_window(event("orders", dedupe_key="w1"), w)
+    acc = await store.accept(counted(window_add(start, grace=1000)))  # in its grace, but emitted already
+    assert acc.status == "quarantined"
+
+
+async def test_a_late_record_revises_its_window_when_asked(store: Store) -> None:
+    start = time.time() - 120
+    await store.accept(counted(window_add(start, grace=1000, keep=3600)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    await store.emit_window(event("orders", dedupe_key="r1"), w)
+    acc = await store.accept(counted(window_add(start, grace=0, keep=3600)))
+    assert acc.status is None  # counted
+    assert await store.closable_windows(time.time(), 10, DAILY) == []  # a revision waits briefly for others
+    [r2] = await store.closable_windows(time.time() + 60, 10, DAILY)
+    assert (r2.revision, r2.adds, r2.values["orders"].n) == (2, 2, 2)
+    too_late = await store.accept(counted(window_add(start - 7200, grace=0, keep=60)))
+    assert too_late.status == "quarantined" and "too late" in (too_late.reason or "")
+
+
+async def test_emitted_windows_are_let_go_after_their_keep_time(store: Store) -> None:
+    start = time.time() - 120
+    await store.accept(counted(window_add(start, grace=1000)))
+    [w] = await store.closable_windows(start + 2000, 10, DAILY)
+    assert await store.tidy_windows(start + 2000) == (0, 0)  # not emitted yet: kept
+    await store.emit_window(event("orders", dedupe_key="t1"), w)
+    assert await store.tidy_windows(start + 2000) == (1, 0)
+    assert await store.closable_windows(start + 5000, 10, DAILY) == []
+
+
+async def test_concurrent_records_with_one_dedupe_key_let_exactly_one_through(store: Store) -> None:
+    events = [claimed("k1") for _ in range(10)]
+    results = await asyncio.gather(*(store.accept(e) for e in events))
+    passed = [e for e, r in zip(events, results, strict=True) if r.status is None]
+    assert len(passed) == 1
+    first = passed[0].id
+    for e, r in zip(events, results, strict=True):
+        if e.id == first:
+            continue
+        assert (r.status, r.reason) == ("filtered", f"once: duplicate of run {first}")
+        run = await store.get_run(e.id)
+        assert run is not None and run["status"] == "filtered" and run["deliveries"] == []
+        assert run["trace"] == [{"step": "map"}, {"step": "once", "kind": "dedupe", "dropped": r.reason}]
+    assert len(await due(store, "leads")) == 1
+    assert not (await store.accept(claimed("k2"))).status  # another key passes
+
+
+async def test_a_dedupe_key_is_claimed_only_by_a_record_that_gets_through(store: Store) -> None:
+    assert (await store.accept(claimed("k", status="quarantined", reason="bad"))).status is None
+    assert (await store.accept(claimed("k", status="filtered", reason="no destination"))).status is None
+    assert (await store.accept(claimed("k"))).status is None  # the first to get through
+    assert (await store.accept(claimed("k"))).status == "filtered"
+
+
+async def test_dedupe_keys_expire_and_are_cleaned_up(store: Store) -> None:
+    assert (await store.accept(claimed("k", within=0.2))).status is None
+    assert (await store.accept(claimed("k", within=0.2))).status == "filtered"
+    await asyncio.sleep(0.3)
+    assert (await store.accept(claimed("k", within=0.2))).status is None  # seen again after the window
+    assert await store.tidy_windows(time.time() + 1) == (0, 1)
+
+
+async def test_replay_counts_a_fixed_quarantined_record_into_its_window(store: Store) -> None:
+    start = time.time() + 1000
+    q = event("orders", body={"email": "x@example.com"}, status="quarantined", reason="bad")
+    await store.accept(q)
+
+    class Counting(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            return Processed(
+                "aggregated", [{"step": "daily", "kind": "aggregate"}], windows=[window_add(start)]
+            )
+
+    rep = await store.replay({"orders": Counting()}, [q.id], None, ALICE)
+    assert rep.requeued == [q.id]
+    run = await store.get_run(q.id)
+    assert run is not None and run["status"] == "aggregated" and run["reason"] is None
+    [w] = await store.closable_windows(start + 60, 10, DAILY)
+    assert w.adds == 1
+
+
+async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> None:
+    e = claimed("k", flow="orders", body={"email": "a@example.com"})
+    await store.accept(e)
+    for d in await due(store):
+        await store.record([result(d, "terminal", "dead", status_code=422, error="rejected")])
+
+    class Deduping(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            out = super().process(record, event_id)
+            out.claims = [DedupeClaim("once", "k", 60.0, 1)]
+            return out
+
+    rep = await store.replay({"orders": Deduping()}, [e.id], None, ALICE)
+    assert rep.requeued == [e.id]  # the key is its own
+    assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held

@@ -29,7 +29,7 @@ def test_the_example_projects_tests_pass_from_a_fresh_init(tmp_path):
     root = _demo(tmp_path)
     code, out = _test(str(root))
     assert code == 0, out
-    assert "4 passed, 0 failed" in out
+    assert "6 passed, 0 failed" in out
     assert "PASS  the CRM answers 503 once, the retry delivers it" in out
 
 
@@ -51,7 +51,7 @@ def test_a_mapping_change_fails_with_a_readable_diff(tmp_path):
     assert 'crm.body.properties.email: expected "ada@example.com", got "Ada@Example.com"' in out
     assert '-    "email": "ada@example.com",' in out  # the unified diff of the body
     assert '+    "email": "Ada@Example.com",' in out
-    assert "3 passed, 1 failed" in out
+    assert "5 passed, 1 failed" in out
 
 
 def test_nothing_reaches_the_destination(tmp_path, sink):
@@ -216,3 +216,36 @@ def test_check_does_not_read_test_files_as_flows(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "1 flow" in res.output
     assert yaml.safe_load((root / "flows" / "lead-capture.test.yaml").read_text())["tests"]
+
+
+def test_aggregated_expectation(tmp_path):
+    lead_project(
+        tmp_path,
+        "http://127.0.0.1:9",
+        steps="""
+        - name: daily
+          aggregate: {by: shop, window: 1d, time: at, values: {orders: {count: true}}}
+        """,
+    )
+    write_project(
+        tmp_path,
+        {
+            "flows/lead-capture.test.yaml": """
+            tests:
+              - name: counted on its day
+                event: {shop: paris, at: "2026-12-06T10:00:00Z"}
+                expect: {aggregated: "2026-12-06"}
+              - name: wrong day on purpose
+                event: {shop: paris, at: "2026-12-07T10:00:00Z"}
+                expect: {aggregated: "2026-12-06"}
+              - name: expects a delivery
+                event: {shop: paris, at: "2026-12-06T10:00:00Z"}
+                expect: {deliveries: {crm: {}}}
+            """
+        },
+    )
+    code, out = _test(str(tmp_path))
+    assert code == 1, out
+    assert "1 passed, 2 failed" in out
+    assert "counted into window 2026-12-07, which does not contain '2026-12-06'" in out
+    assert "expected deliveries, but it was counted into window 2026-12-06" in out

@@ -69,7 +69,10 @@ async def test_the_payment_template_writes_its_reporting_table(tmp_path):
         await hub.stop()
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+# The batch template's tests give rows, not events: test_batch_cases.py runs them for real. stripe-hubspot
+# calls HubSpot mid-flow, which the demo inbox cannot answer: it runs live against local fakes in HubSpot's
+# and Stripe's shapes in tests/testing/test_stripe_hubspot_template.py.
+@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"nightly-orders-export", "stripe-hubspot"}))
 async def test_each_templates_test_events_are_delivered_live(tmp_path, name):
     """What the tests expect is what a running hub does: each test's event that expects deliveries,
     ingested by a real hub serving the demo inbox (or writing the template's SQLite file), is delivered."""

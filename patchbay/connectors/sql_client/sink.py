@@ -1,9 +1,10 @@
-"""The send half every SQL sink shares: one statement per record over a small pool."""
+"""The send half every SQL sink shares: one statement per record over a small pool; with a destination's
+`batch:`, the statements of many records in one transaction."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from patchbay.connectors.sql_client.pool import Pool
 from patchbay.connectors.sql_client.statements import RowRenderer, Statement, build_statement
 
 C = TypeVar("C")
+_BEGIN = {"postgres": "BEGIN", "mysql": "START TRANSACTION", "sqlite": "BEGIN IMMEDIATE"}
 SystemT = TypeVar("SystemT", bound=BaseModel)
 
 
@@ -104,12 +106,16 @@ class SqlSink(BaseSink[SystemT, SqlSinkConfig], Generic[SystemT, C]):
             finally:
                 if conn is not None:
                     await self._pool.give_back(conn, reuse)
+        return self._result(stmt, count, notes, sw.ms)
+
+    def _result(self, stmt: Statement, count: int, notes: list[str], ms: float) -> Outcome:
+        """A statement that ran: written, or (an update that matched no row) dead-lettered if so asked."""
         if stmt.op == "update" and count == 0 and self.config.if_missing == "dead_letter":
             where = ", ".join(f"{k}={v!r}" for k, v in stmt.key.items())
             return Outcome(
                 OutcomeClass.TERMINAL,
                 None,
-                sw.ms,
+                ms,
                 error=self.resources.redact(
                     f"{stmt.action}: no row has the key ({where}); "
                     "set if_missing: ignore to skip such records"
@@ -117,7 +123,83 @@ class SqlSink(BaseSink[SystemT, SqlSinkConfig], Generic[SystemT, C]):
             )
         done = "written" if stmt.op == "upsert" else f"{count} row{'s' if count != 1 else ''}"
         text = f"{stmt.action}: {done}" + ("; " + "; ".join(notes) if notes else "")
-        return Outcome(OutcomeClass.SUCCESS, None, sw.ms, excerpt(self.resources.redact(text)))
+        return Outcome(OutcomeClass.SUCCESS, None, ms, excerpt(self.resources.redact(text)))
+
+    # -- batches (connectors/base.BatchSink) -------------------------------
+    @property
+    def batch_limit(self) -> int | None:
+        return None
+
+    def batch_problem(self) -> str | None:
+        return None
+
+    async def send_batch(self, requests: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[Outcome]:
+        """Every record's statement in one transaction, in order. A statement the database refuses is that
+        record's failure; the others were rolled back and are sent again without it (`resend`)."""
+        out: list[Outcome | None] = [None] * len(requests)
+        built: list[tuple[int, Statement]] = []
+        for i, request in enumerate(requests):
+            try:
+                built.append((i, self._build(request)))
+            except (KeyError, TypeError, ValueError) as exc:
+                error = f"cannot build a statement from the stored request: {exc}"
+                out[i] = Outcome(OutcomeClass.TERMINAL, None, 0.0, error=error)
+        if built:
+            for (i, _), outcome in zip(built, await self._run_batch([s for _, s in built]), strict=True):
+                out[i] = outcome
+        return [o for o in out if o is not None]
+
+    async def _tx(self, conn: C, sql: str) -> None:
+        await self._execute(conn, Statement("tx", "", sql, [], {}))
+
+    async def _run_batch(self, stmts: list[Statement]) -> list[Outcome]:
+        async with self._pool.slot():
+            sw = Stopwatch()
+            conn: C | None = None
+            reuse = False
+            at: int | None = None  # the statement running when something failed
+            ran: list[tuple[int, list[str]]] = []
+            deadline = asyncio.timeout(self._deadline())
+            try:
+                async with deadline:
+                    conn = await self._pool.take()
+                    await self._tx(conn, _BEGIN[self.dialect])
+                    try:
+                        for at, stmt in enumerate(stmts):  # noqa: B007 - `at` names the failing one
+                            ran.append(await self._execute(conn, stmt))
+                        at = None
+                        await self._tx(conn, "COMMIT")
+                    except Exception:
+                        try:
+                            await self._tx(conn, "ROLLBACK")
+                        except Exception:  # the connection is gone: the server rolls back
+                            pass
+                        raise
+                reuse = True
+            except Exception as exc:
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    error = f"{stmts[0].action}: a batch of {len(stmts)} timed out after {self.policy.timeout_s:g}s"
+                    return [Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=error) for _ in stmts]
+                failed = self._failed(exc, stmts[at if at is not None else 0], sw.ms)
+                reuse = conn is not None and failed.cls is OutcomeClass.TERMINAL and self._healthy(conn)
+                if conn is not None and not self._healthy(conn):
+                    await self._pool.clear()
+                if at is None or failed.cls is not OutcomeClass.TERMINAL:
+                    return [_same(failed) for _ in stmts]  # the whole transaction: retried or refused alike
+                rolled_back = (
+                    f"not applied: the transaction was rolled back for record {at + 1} of {len(stmts)}"
+                )
+                return [
+                    failed
+                    if j == at
+                    else Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=rolled_back, resend=True)
+                    for j in range(len(stmts))
+                ]
+            finally:
+                if conn is not None:
+                    await self._pool.give_back(conn, reuse)
+        ms = sw.ms
+        return [self._result(stmt, count, notes, ms) for stmt, (count, notes) in zip(stmts, ran, strict=True)]
 
     def _failed(self, exc: BaseException, stmt: Statement, ms: float) -> Outcome:
         return classify_db(
@@ -131,3 +213,9 @@ class SqlSink(BaseSink[SystemT, SqlSinkConfig], Generic[SystemT, C]):
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def _same(o: Outcome) -> Outcome:
+    return Outcome(
+        o.cls, o.status_code, o.latency_ms, o.excerpt, error=o.error, retry_after_s=o.retry_after_s
+    )

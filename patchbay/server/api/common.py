@@ -216,4 +216,5 @@ class Resource:
             "source_health": source,
             "health": health,
             "stats": stats[spec.name],
+            "open_windows": self.hub.windows.open_windows(spec) if self.hub.windows is not None else None,
         }

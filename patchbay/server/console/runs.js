@@ -6,7 +6,7 @@ import {
   pill, runLink, table, when,
 } from './dom.js';
 
-const RUN_STATUSES = ['pending', 'delivered', 'dead', 'quarantined', 'filtered', 'discarded'];
+const RUN_STATUSES = ['pending', 'delivered', 'dead', 'quarantined', 'filtered', 'discarded', 'aggregated'];
 const RANGES = { '': 'any time', '15m': 'last 15 min', '1h': 'last hour', '24h': 'last 24 h', '7d': 'last 7 days',
   custom: 'between…' };
 const RANGE_S = { '15m': 900, '1h': 3600, '24h': 86400, '7d': 604800 };

@@ -1,0 +1,2 @@
+-- The reporting database; `patchbay init` creates data/reporting.db from this file. The nightly sync
+-- creates its table (orders_daily) on its first run, with the columns the flow's map names.
