@@ -43,6 +43,9 @@ from patchbay.store.base import (
     DiscardReport,
     DueDelivery,
     FailedAttempt,
+    Identity,
+    IdentityChanges,
+    IdentityLookup,
     NewEvent,
     ReplayReport,
     Reprocessor,
@@ -53,6 +56,19 @@ from patchbay.store.base import (
     WindowState,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
+from patchbay.store.identity import (
+    IDENTITY_SCHEMA,
+    q_all,
+    q_conflict,
+    q_conflicts,
+    q_identity,
+    q_lookup,
+    q_review,
+    q_reviews,
+    q_search,
+    q_stats,
+    tx_identity_changes,
+)
 from patchbay.store.retention import opened
 
 T = TypeVar("T")
@@ -187,6 +203,7 @@ def connect(path: Path) -> sqlite3.Connection:
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.executescript(SCHEMA)
     conn.executescript(MONITOR_SCHEMA)
+    conn.executescript(IDENTITY_SCHEMA)
     conn.executescript(wq.WINDOW_SCHEMA)
     conn.executescript(cq.CALLS_SCHEMA)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -858,6 +875,45 @@ class SqliteStore:
         """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
         return await self._read(q_response_fields, event_id, destination)
 
+    # -------------------------------------------------------------- identity map (store/identity.py)
+    async def identity_lookup(
+        self, entity: str, links: Sequence[tuple[str, str]], keys: Sequence[tuple[str, str]]
+    ) -> IdentityLookup:
+        return await self._read(q_lookup, entity, list(links), list(keys))
+
+    async def identity(self, identity_id: str) -> Identity | None:
+        return await self._read(q_identity, identity_id)
+
+    async def search_identities(self, entity: str | None, text: str, limit: int = 20) -> list[Identity]:
+        return await self._read(q_search, entity, text, limit)
+
+    async def all_identities(self, entity: str, after: str = "", limit: int = 1000) -> list[Identity]:
+        return await self._read(q_all, entity, after, limit)
+
+    async def accept_synced(
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+    ) -> list[Accepted]:
+        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+
+    async def conflicts(
+        self, entity: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_conflicts, entity, status, limit)
+
+    async def conflict(self, conflict_id: int) -> dict[str, Any] | None:
+        return await self._read(q_conflict, conflict_id)
+
+    async def reviews(
+        self, entity: str | None = None, status: str | None = "open", limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_reviews, entity, status, limit)
+
+    async def review(self, review_id: int) -> dict[str, Any] | None:
+        return await self._read(q_review, review_id)
+
+    async def identity_stats(self, entity: str) -> dict[str, Any]:
+        return await self._read(q_stats, entity)
+
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
     async def record_calls(
@@ -1044,6 +1100,18 @@ def tx_accept_batch(
     out = [tx_accept(conn, e) for e in events]
     if cursor is not None:
         tx_set_cursor(conn, flow, cursor)
+    return out
+
+
+def tx_accept_synced(
+    conn: sqlite3.Connection, events: list[NewEvent], changes: IdentityChanges, cursors: dict[str, Any]
+) -> list[Accepted]:
+    """A sync step: its events, the identity map's changes and the source cursor, together."""
+    out = [tx_accept(conn, e) for e in events]
+    tx_identity_changes(conn, changes)
+    for flow, cursor in cursors.items():
+        if cursor is not None:
+            tx_set_cursor(conn, flow, cursor)
     return out
 
 
