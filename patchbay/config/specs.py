@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -21,6 +21,9 @@ from patchbay.config.models import (
 )
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
+
+if TYPE_CHECKING:
+    from patchbay.config.entities import EntitySpec
 
 
 @dataclass
@@ -89,6 +92,7 @@ class FlowSpec:
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
+    sync: str | None = None  # the entity this flow's records feed (entities/<name>.yaml), if a sync flow
     history: History = field(default_factory=History)  # retention: the flow's setting over the hub's
 
     @property
@@ -118,6 +122,7 @@ class Project:
     settings: HubSettings
     systems: dict[str, SystemSpec] = field(default_factory=dict)
     flows: dict[str, FlowSpec] = field(default_factory=dict)
+    entities: dict[str, EntitySpec] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:

@@ -36,6 +36,9 @@ from patchbay.store.base import (
     DestinationStates,
     DiscardReport,
     DueDelivery,
+    Identity,
+    IdentityChanges,
+    IdentityLookup,
     NewEvent,
     ReplayReport,
     Reprocessor,
@@ -46,6 +49,17 @@ from patchbay.store.base import (
     WindowState,
 )
 from patchbay.store.common import tx_audit
+from patchbay.store.identity import (
+    q_all,
+    q_conflict,
+    q_conflicts,
+    q_identity,
+    q_lookup,
+    q_review,
+    q_reviews,
+    q_search,
+    q_stats,
+)
 from patchbay.store.sqlite_monitor import (
     _MonitorReader,
     q_snapshot,
@@ -62,6 +76,7 @@ from patchbay.store.sqlite_ops import (
     q_schedule,
     tx_accept,
     tx_accept_batch,
+    tx_accept_synced,
     tx_record,
     tx_reset_cursor,
     tx_schedule,
@@ -304,6 +319,45 @@ class SqliteStore:
     async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None:
         """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
         return await self._read(q_response_fields, event_id, destination)
+
+    # -------------------------------------------------------------- identity map (store/identity.py)
+    async def identity_lookup(
+        self, entity: str, links: Sequence[tuple[str, str]], keys: Sequence[tuple[str, str]]
+    ) -> IdentityLookup:
+        return await self._read(q_lookup, entity, list(links), list(keys))
+
+    async def identity(self, identity_id: str) -> Identity | None:
+        return await self._read(q_identity, identity_id)
+
+    async def search_identities(self, entity: str | None, text: str, limit: int = 20) -> list[Identity]:
+        return await self._read(q_search, entity, text, limit)
+
+    async def all_identities(self, entity: str, after: str = "", limit: int = 1000) -> list[Identity]:
+        return await self._read(q_all, entity, after, limit)
+
+    async def accept_synced(
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+    ) -> list[Accepted]:
+        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+
+    async def conflicts(
+        self, entity: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_conflicts, entity, status, limit)
+
+    async def conflict(self, conflict_id: int) -> dict[str, Any] | None:
+        return await self._read(q_conflict, conflict_id)
+
+    async def reviews(
+        self, entity: str | None = None, status: str | None = "open", limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_reviews, entity, status, limit)
+
+    async def review(self, review_id: int) -> dict[str, Any] | None:
+        return await self._read(q_review, review_id)
+
+    async def identity_stats(self, entity: str) -> dict[str, Any]:
+        return await self._read(q_stats, entity)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)

@@ -19,9 +19,11 @@ from patchbay.store.base import (
     Actor,
     AttemptResult,
     DueDelivery,
+    IdentityChanges,
     NewEvent,
 )
 from patchbay.store.common import _j, refresh_event_status, tx_audit
+from patchbay.store.identity import tx_identity_changes
 
 
 def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
@@ -93,6 +95,18 @@ def tx_accept_batch(
     out = [tx_accept(conn, e) for e in events]
     if cursor is not None:
         tx_set_cursor(conn, flow, cursor)
+    return out
+
+
+def tx_accept_synced(
+    conn: sqlite3.Connection, events: list[NewEvent], changes: IdentityChanges, cursors: dict[str, Any]
+) -> list[Accepted]:
+    """A sync step: its events, the identity map's changes and the source cursor, together."""
+    out = [tx_accept(conn, e) for e in events]
+    tx_identity_changes(conn, changes)
+    for flow, cursor in cursors.items():
+        if cursor is not None:
+            tx_set_cursor(conn, flow, cursor)
     return out
 
 

@@ -170,8 +170,9 @@ def schema_parts() -> list[str]:
     The PostgreSQL store translates the same list (store/postgres/schema.py)."""
     from patchbay.store import calls as cq
     from patchbay.store import windows as wq
+    from patchbay.store.identity import IDENTITY_SCHEMA
 
-    return [SCHEMA, MONITOR_SCHEMA, wq.WINDOW_SCHEMA, cq.CALLS_SCHEMA]
+    return [SCHEMA, MONITOR_SCHEMA, IDENTITY_SCHEMA, wq.WINDOW_SCHEMA, cq.CALLS_SCHEMA]
 
 
 def init_schema(conn: sqlite3.Connection) -> None:

@@ -158,6 +158,7 @@ def translate(sql: str) -> str:
 PRIMARY_KEYS: dict[str, list[str]] = {
     "destinations": ["flow", "destination"],
     "alerts": ["rule", "subject"],
+    "identity_links": ["entity", "system", "record_id"],
 }
 
 
