@@ -129,6 +129,17 @@ class Project:
         return self.root / ".patchbay"
 
     @property
+    def store_url(self) -> str | None:
+        """The PostgreSQL store's URL, or None when the store is a SQLite file (`store_path`)."""
+        s = self.settings.store
+        return s if s.startswith(("postgresql://", "postgres://")) else None
+
+    @property
+    def store_location(self) -> str | Path:
+        """What opens the store: the PostgreSQL URL, or the SQLite file's path."""
+        return self.store_url or self.store_path
+
+    @property
     def store_path(self) -> Path:
         p = Path(self.settings.store)
         return p if p.is_absolute() else self.root / p

@@ -34,6 +34,7 @@ from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import Accepted, Actor, NewEvent, SourceState
+from patchbay.store.opening import open_hub_store
 from patchbay.store.sqlite import SqliteStore
 
 log = logging.getLogger("patchbay.hub")
@@ -116,7 +117,7 @@ class Hub:
         self._cipher = field_cipher(
             self.project
         )  # before anything opens: a missing master key stops the start
-        self.store = SqliteStore(self.project.store_path)
+        self.store = open_hub_store(self.project.store_location)
         if lock:
             self.store.lock()
         await self.resources.http_session()
