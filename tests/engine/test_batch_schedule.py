@@ -54,8 +54,9 @@ async def test_a_stopped_scheduled_run_stops_the_schedule_until_a_good_run(tmp_p
     with sqlite3.connect(tmp_path / "shop.db") as c:
         c.execute("ALTER TABLE orders ADD COLUMN note TEXT")
 
-    async def stopped() -> bool:
-        return fr.health is not None and fr.health.state.state == "stopped"
+    async def stopped() -> bool:  # the health stops first, then the scheduler records the run it ended
+        recorded = (await hub.store.schedule("orders"))["last_status"] == "error"
+        return fr.health is not None and fr.health.state.state == "stopped" and recorded
 
     await eventually(stopped, what="the schedule stopped")
     assert await last_is("stopped")
