@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import Field, field_validator
@@ -18,6 +20,8 @@ from patchbay.connectors.sql_client.source import SqlSource
 from patchbay.connectors.sql_client.source_config import SqlSourceConfig
 from patchbay.connectors.sql_client.statements import Statement
 from patchbay.registry import connector
+
+T = TypeVar("T")
 
 
 class SqliteSystem(Spec):
@@ -57,8 +61,26 @@ def open_db(path: Path, mode: str, timeout_s: float, foreign_keys: bool) -> sqli
     return conn
 
 
+class OneThread:
+    """Every use of a connector's SQLite connections runs on its one thread, in order. A cancelled await
+    leaves its statement running in the thread; a close queued behind it on the same thread waits for it,
+    where a close on another thread freed the connection under the running statement (a segfault)."""
+
+    _thread: ThreadPoolExecutor | None = None
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="patchbay-sqlite")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _let_thread_go(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)  # after the close queued on it
+            self._thread = None
+
+
 @connector("sqlite", roles=("destination",), config=SqlSinkConfig, system_config=SqliteSystem)
-class SqliteSink(SqlSink[SqliteSystem, sqlite3.Connection]):
+class SqliteSink(OneThread, SqlSink[SqliteSystem, sqlite3.Connection]):
     """One statement per record on one connection, run in a worker thread (SQLite has one writer)."""
 
     dialect = "sqlite"
@@ -80,10 +102,14 @@ class SqliteSink(SqlSink[SqliteSystem, sqlite3.Connection]):
         return open_db(self.path, "rw", self.policy.timeout_s, self.system.foreign_keys)
 
     async def _connect(self) -> sqlite3.Connection:
-        return await asyncio.to_thread(self._open)
+        return await self._in_thread(self._open)
 
     async def _disconnect(self, conn: sqlite3.Connection) -> None:
-        await asyncio.to_thread(conn.close)
+        await self._in_thread(conn.close)
+
+    async def close(self) -> None:
+        await super().close()
+        self._let_thread_go()
 
     def _adapt(self, value: Any) -> Any:
         return orjson.dumps(value).decode() if isinstance(value, dict | list) else value
@@ -92,11 +118,11 @@ class SqliteSink(SqlSink[SqliteSystem, sqlite3.Connection]):
         def run() -> int:
             return conn.execute(stmt.sql, stmt.params).rowcount
 
-        return await asyncio.to_thread(run), []
+        return await self._in_thread(run), []
 
 
 @connector("sqlite", roles=("source",), config=SqlSourceConfig, system_config=SqliteSystem)
-class SqliteSource(SqlSource[sqlite3.Connection]):
+class SqliteSource(OneThread, SqlSource[sqlite3.Connection]):
     """Poll a table or query by (cursor_column, id_column) on one read-only connection, in a worker thread.
 
     Timestamps in SQLite are whatever the table holds (usually text), and are compared as stored.
@@ -114,10 +140,14 @@ class SqliteSource(SqlSource[sqlite3.Connection]):
 
     async def _connect(self) -> sqlite3.Connection:
         path = db_path(self.system, self.resources)
-        return await asyncio.to_thread(open_db, path, "ro", self.config.timeout_s, False)
+        return await self._in_thread(open_db, path, "ro", self.config.timeout_s, False)
 
     async def _disconnect(self, conn: sqlite3.Connection) -> None:
-        await asyncio.to_thread(conn.close)
+        await self._in_thread(conn.close)
+
+    async def close(self) -> None:
+        await super().close()
+        self._let_thread_go()
 
     async def _fetch(
         self, conn: sqlite3.Connection, sql: str, params: dict[str, Any]
@@ -127,4 +157,4 @@ class SqliteSource(SqlSource[sqlite3.Connection]):
             names = [d[0] for d in cur.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-        return await asyncio.to_thread(run)
+        return await self._in_thread(run)

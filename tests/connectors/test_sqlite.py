@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -162,3 +163,51 @@ async def test_webhook_to_sqlite_upsert_end_to_end(tmp_path, start_hub):
     assert rows(path, "SELECT tags FROM people ORDER BY email") == [('["vip"]',), ("[]",)]
     attempt = runs[0]["deliveries"][0]["attempts_log"][0]
     assert attempt["outcome"] == "success" and attempt["excerpt"] == "upsert into people: written"
+
+
+CANCEL_THEN_CLOSE = """
+import asyncio, sqlite3, sys
+from pathlib import Path
+from patchbay.connectors.base import Resources
+from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from patchbay.connectors.sqlite import SqliteSource, SqliteSystem
+
+async def main(db):
+    config = SqlSourceConfig.model_validate({
+        "query": "SELECT a.id AS id, a.v AS v FROM t a JOIN t b ON b.id = a.id ORDER BY a.v DESC",
+        "cursor_column": "id", "id_column": "id"})
+    for _ in range(80):
+        src = SqliteSource(SqliteSystem(path=db), config, Resources(allow_private=True))
+        async def poll():
+            async for _ in src.poll(None):
+                pass
+        task = asyncio.create_task(poll())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the statement goes on in its worker thread
+        await asyncio.gather(task, return_exceptions=True)
+        await src.close()  # must not free the connection under it
+    print("survived")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_closing_a_source_whose_cancelled_poll_still_runs_waits_for_it(tmp_path):
+    """A cancelled poll leaves its SQLite statement running in a thread; closing the connection from another
+    thread freed it under the statement and crashed the process (segfault, seen in the full suite)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "s.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        c.executemany("INSERT INTO t VALUES (?, ?)", [(i, "x" * 50) for i in range(200_000)])
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", CANCEL_THEN_CLOSE, str(db)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-2000:])
