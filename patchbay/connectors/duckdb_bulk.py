@@ -1,7 +1,11 @@
 """duckdb (bulk): batch syncs into (and out of) a DuckDB file, the analytics destination, each run in one transaction.
 
-Writing: every batch goes in as one Arrow table of text columns, cast to the table's types by DuckDB
-in one INSERT ... SELECT (the appender took longer: see bench/batch.py --duckdb-load); a full
+Writing: every batch is written to a private temporary file and read by DuckDB's CSV reader in one
+INSERT ... SELECT that casts the text to the table's types. A batch with no backslash escapes goes
+in as its COPY text bytes unchanged (tab-separated, no quoting, `\\N` is NULL); a batch with escapes
+goes in as quoted CSV with the values decoded (an unquoted empty field is NULL, `""` the empty
+string). No pyarrow: importing it and building Arrow tables cost ≈ 100 MiB of the hub's memory, and
+the file route is as fast (bench/batch.py --duckdb compares the routes). A full
 refresh DELETEs and inserts in the run's transaction, append and merge go through a temporary stage
 applied at commit (merge: UPDATE ... FROM for changed rows, then INSERT of new keys), with the
 deletes and the flow's sync state in the same transaction. Reading: one transaction (a snapshot),
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -83,10 +89,6 @@ def _load_driver() -> Any:
     return import_driver("duckdb", package="duckdb", extra="duckdb", kind="duckdb")
 
 
-def _pa() -> Any:
-    return import_driver("pyarrow", package="pyarrow", extra="duckdb", kind="duckdb")
-
-
 def _select_expr(c: Column) -> str:
     """How a column is read: as DuckDB's text (the COPY form) but for booleans and blobs."""
     if c.type in ("bool", "bytes"):
@@ -125,7 +127,7 @@ class DuckdbBulk:
     def check_batch(cls, system: Any, side: str, batch: Any) -> list[str]:
         """`check`'s problems for a batch flow using this system (the driver is installed)."""
         out = []
-        missing = [m for m in ("duckdb", "pyarrow") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("duckdb",) if importlib.util.find_spec(m) is None]
         if missing:
             out.append(
                 f"the duckdb connector needs the {' and '.join(missing)} driver: {install_hint('duckdb')}"
@@ -144,7 +146,6 @@ class DuckdbBulk:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._conn is None:
             duckdb = _load_driver()
-            _pa()
             path = self.path()
             if not path.parent.is_dir():
                 raise FileNotFoundError(f"the folder of the DuckDB file {path} does not exist")
@@ -318,8 +319,10 @@ class _DuckLoad:
         self._deletes: list[tuple[Any, ...]] = []
         self._open = False
         self._names = [f"c{i}" for i in range(len(columns))]
-        self._pa = _pa()
-        self._schema = self._pa.schema([(n, self._pa.string()) for n in self._names])
+        # one column: a NULL or empty value would be an empty line, which CSV readers skip; a constant
+        # second field keeps every line non-empty
+        self._pad = len(columns) == 1
+        self._file: str | None = None  # the batch file DuckDB reads (created at the first write)
 
     def start(self, conn: Any, evolve: list[Column]) -> None:
         conn.execute("BEGIN TRANSACTION")
@@ -341,47 +344,75 @@ class _DuckLoad:
 
     async def write(self, rows: list[list[bytes]]) -> None:
         if rows:
-            batch = await asyncio.to_thread(self._arrow, rows)
-            await self.owner._call(self._insert, batch)
+            if self._file is None:
+                fd, self._file = tempfile.mkstemp(prefix="patchbay-duckdb-", suffix=".tsv")  # mode 0600
+                os.close(fd)
+            if self._pad:
+                rows = [[*r, b"-"] for r in rows]
+            quoted = await asyncio.to_thread(self._to_file, rows, self._file)
+            await self.owner._call(self._insert, quoted)
             self.copied += len(rows)
 
-    def _arrow(self, rows: list[list[bytes]]) -> tuple[Any, list[bool]]:
-        """The rows as an Arrow table of text columns, off the event loop, and which columns went in as
-        COPY text unchanged (no backslash in this batch: `\\N` is NULL, turned so in SQL): those skip the
-        per-field decoding in Python, 6x cheaper."""
-        arrays, raw = [], []
-        for j in range(len(self.columns)):
-            col = [r[j] for r in rows]
-            if b"\\" not in b"\x00".join(col).replace(NULL, b""):
-                arrays.append(self._pa.array(col, type=self._pa.string()))
-                raw.append(True)
-            else:
-                arrays.append(
-                    self._pa.array(
-                        [None if f == NULL else f.decode() if b"\\" not in f else unescape(f) for f in col],
-                        type=self._pa.string(),
-                    )
-                )
-                raw.append(False)
-        return self._pa.Table.from_arrays(arrays, schema=self._schema), raw
+    @staticmethod
+    def _to_file(rows: list[list[bytes]], path: str) -> bool:
+        """Write the batch where DuckDB reads it, off the event loop; True when written as quoted CSV.
 
-    def _insert(self, conn: Any, batch: tuple[Any, list[bool]]) -> None:
-        table, raw = batch
+        COPY text whose only backslashes are NULL markers (`\\N` fields: COPY writes a literal
+        backslash as `\\\\`, and every other escape starts with one) is what DuckDB's reader takes
+        with `quote=''` and `nullstr='\\N'`, byte for byte; anything else is decoded and quoted."""
+        blob = b"\n".join([b"\t".join(r) for r in rows])
+        if b"\\" not in blob.replace(NULL, b""):
+            quoted = False
+        else:
+            quoted = True
+            lines = []
+            for r in rows:
+                line = b"\t".join(r)
+                if b"\\" not in line:  # no NULL, no escape: quote every field at once
+                    lines.append(b'"' + line.replace(b'"', b'""').replace(b"\t", b'"\t"') + b'"')
+                else:
+                    lines.append(
+                        b"\t".join(
+                            b""
+                            if f == NULL
+                            else b'"' + (unescape(f) or "").encode().replace(b'"', b'""') + b'"'
+                            if b"\\" in f
+                            else b'"' + f.replace(b'"', b'""') + b'"'
+                            for f in r
+                        )
+                    )
+            blob = b"\n".join(lines)
+        with open(path, "wb") as fh:
+            fh.write(blob)
+            fh.write(b"\n")
+        return quoted
+
+    def _insert(self, conn: Any, quoted: bool) -> None:
         target = q(self.table) if self.mode == "full" else "temp._pb_stage"
         names = ", ".join(q(c.name) for c in self.columns)
-        casts = ", ".join(
-            _cast(c, f"NULLIF({n}, '\\N')" if r else n)
-            for c, n, r in zip(self.columns, self._names, raw, strict=True)
+        casts = ", ".join(_cast(c, n) for c, n in zip(self.columns, self._names, strict=True))
+        cols = "{" + ", ".join(f"'{n}': 'VARCHAR'" for n in self._names + ["pad"] * self._pad) + "}"
+        fmt = (
+            "quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false"
+            if quoted
+            else "quote = '', escape = '', nullstr = '\\N'"
         )
-        # DuckDB finds the Arrow table by this local name (a replacement scan). Not register(): a view
-        # registered inside a transaction keeps its table alive until COMMIT (memory grew with the run).
-        _pb_batch = table
-        conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
+        conn.execute(
+            f"INSERT INTO {target} ({names}) SELECT {casts} FROM read_csv(?, delim = '\\t', {fmt},"
+            f" header = false, auto_detect = false, new_line = '\\n', columns = {cols})",
+            [self._file],
+        )
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            path, self._file = self._file, None
+            Path(path).unlink(missing_ok=True)
 
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:
         self._deletes.extend(keys)
 
     async def commit(self, state: SyncState) -> Applied:
+        self._drop_file()
         out = await self.owner._call(self._apply, state)
         self._open = False
         return out
@@ -446,6 +477,7 @@ class _DuckLoad:
         return out
 
     async def abort(self) -> None:
+        self._drop_file()
         if self._open:
             self._open = False
             await self.owner._call(_rollback)
