@@ -19,6 +19,7 @@ import importlib.util
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,10 +51,11 @@ class DuckdbSystem(Spec):
     )
 
     memory_limit_mb: int = Field(
-        128,
+        32,
         ge=32,
         description="Memory DuckDB may use in the hub's process (MiB); a run larger than this spills to "
-        "`<file>.tmp` beside the database, so memory stays bounded whatever the table's size.",
+        "`<file>.tmp` beside the database, so memory stays bounded whatever the table's size. The default "
+        "keeps a hub loading millions of rows under 200 MiB; more makes large merges faster.",
     )
 
     @field_validator("path")
@@ -115,12 +117,19 @@ def _cast(c: Column, src: str) -> str:
 class DuckdbBulk:
     """Batch syncs into and out of a DuckDB file (the analytics destination; tables are created when missing)."""
 
+    # rows per batch at most when DuckDB is the destination (the engine reads it): DuckDB's own memory
+    # sits beside the batches in flight, and 2,000 rows keep a load under 200 MiB (bench/batch.py --duckdb)
+    max_batch_rows = 2_000
+
     def __init__(self, system: DuckdbSystem, resources: Resources, timeout_s: float = 30.0) -> None:
         self.system = system
         self.resources = resources
         self.timeout_s = timeout_s
         self._conn: Any = None
         self._lock = threading.Lock()
+        # every DuckDB call and batch file runs on this one thread: calls spread over the default pool's
+        # threads gave each its own allocator arenas and caches (tens of MiB more at peak)
+        self._thread: ThreadPoolExecutor | None = None
         self.snapshot_max: str | None = None
 
     @classmethod
@@ -143,6 +152,12 @@ class DuckdbBulk:
         root = self.resources.extra.get("root")
         return p if p.is_absolute() or root is None else Path(root) / p
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the connector's own thread."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._conn is None:
             duckdb = _load_driver()
@@ -151,24 +166,30 @@ class DuckdbBulk:
                 raise FileNotFoundError(f"the folder of the DuckDB file {path} does not exist")
 
             def open_() -> Any:
-                conn = duckdb.connect(str(path))
+                # one DuckDB thread: the hub's own thread feeds it, the machine's other cores serve the
+                # source and the steps, and each DuckDB thread adds its own buffers to the hub's memory
+                conn = duckdb.connect(
+                    str(path), config={"threads": 1, "memory_limit": f"{int(self.system.memory_limit_mb)}MB"}
+                )
                 conn.execute("SET TimeZone = 'UTC'")
-                conn.execute(f"SET memory_limit = '{int(self.system.memory_limit_mb)}MB'")
                 return conn
 
-            self._conn = await asyncio.to_thread(open_)
+            self._conn = await self._run(open_)
         conn = self._conn
 
         def locked() -> T:
             with self._lock:
                 return fn(conn, *args)
 
-        return await asyncio.to_thread(locked)
+        return await self._run(locked)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.to_thread(conn.close)
+            await self._run(conn.close)
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            thread.shutdown(wait=False)
 
     # ---------------------------------------------------------------- reading
     def _rel(self, frm: BatchFrom) -> str:
@@ -349,7 +370,7 @@ class _DuckLoad:
                 os.close(fd)
             if self._pad:
                 rows = [[*r, b"-"] for r in rows]
-            quoted = await asyncio.to_thread(self._to_file, rows, self._file)
+            quoted = await self.owner._run(self._to_file, rows, self._file)
             await self.owner._call(self._insert, quoted)
             self.copied += len(rows)
 

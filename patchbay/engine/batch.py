@@ -185,7 +185,9 @@ class BatchRun:
                 soft_delete=spec.deletes.column if spec.deletes.detect == "soft" else None,
             )
             soft_deleted: list[tuple[Any, ...]] = []
-            reader = self.source.read(spec.from_, columns, window, spec.batch_rows)
+            # a destination may cap the rows per batch (DuckDB: its own memory beside the frames in flight)
+            batch_rows = min(spec.batch_rows, getattr(self.dest, "max_batch_rows", None) or spec.batch_rows)
+            reader = self.source.read(spec.from_, columns, window, batch_rows)
             async for frame in reader:
                 result = _apply(transform, frame)
                 report.read += len(frame)
