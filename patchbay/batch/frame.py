@@ -13,7 +13,7 @@ import base64
 import datetime as dt
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -51,9 +51,16 @@ class Frame:
 
     columns: list[Column]
     rows: list[list[bytes]]
+    # A pushed-down read's fast rows as one COPY-text block (`raw_rows` lines), never split into fields.
+    # Keyword-only, so that frames of other readers (FileFrame) keep adding their own fields positionally.
+    raw: bytes | None = field(default=None, kw_only=True)
+    raw_rows: int = field(default=0, kw_only=True)
+    part: str = field(
+        default="", kw_only=True
+    )  # pushed-down read: "pushed" (its SELECT's columns) or "python"
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.raw_rows if self.raw is not None else len(self.rows)
 
 
 _ESC_IN = re.compile(rb"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")

@@ -32,6 +32,12 @@ class Result:
     invalid: list[Invalid] = field(default_factory=list)
     filtered: int = 0
     deleted_keys: list[tuple[Any, ...]] = field(default_factory=list)  # soft-deleted rows' keys
+    raw: bytes | None = None  # rows as one COPY-text block (a pushed-down read's fast rows)
+    raw_rows: int = 0
+
+    @property
+    def written(self) -> int:
+        return len(self.rows) + self.raw_rows
 
 
 def _names(ast: Any) -> Iterator[str]:
@@ -274,3 +280,43 @@ class FrameTransform:
 def _is_set(value: Any) -> bool:
     """A soft-delete marker: true, or any non-null value that is not false (deleted_at)."""
     return value is not None and value is not False
+
+
+class PushedTransform:
+    """The steps over a pushed-down read (batch/pushdown.py): the fast rows through what is left of the
+    steps (nothing at all for a raw read), the other rows through every step, as FrameTransform would."""
+
+    def __init__(
+        self,
+        plan: Any,
+        steps: list[Any],
+        source: list[Column],
+        *,
+        key: list[str] = (),  # type: ignore[assignment]
+    ) -> None:
+        self.plan = plan
+        self.python = FrameTransform(steps, source, key=key)
+        self.fast = None if plan.read.raw else FrameTransform(plan.steps, plan.read.columns, key=key)
+        self._source_names = {c.name for c in source}
+        self.out_names = self.python.out_names
+
+    def apply(self, frame: Frame) -> Result:
+        if frame.part == "python":
+            return self.python.apply(frame)
+        if frame.raw is not None:
+            return Result([], raw=frame.raw, raw_rows=frame.raw_rows)
+        assert self.fast is not None
+        out = self.fast.apply(frame)
+        for bad in out.invalid:  # the row as the source has it, without the pushed columns
+            bad.row = {k: v for k, v in bad.row.items() if k in self._source_names}
+        return out
+
+    def output_columns(self) -> list[Column]:
+        """Pushed and copied columns take their type from the SELECT; columns computed in Python from the
+        first batch's values, as FrameTransform does."""
+        if self.fast is None:
+            pushed = {c.name: c.type for c in self.plan.read.columns}
+        else:
+            pushed = dict(self.fast.out_types)
+        names = self.python.out_names or (self.fast.out_names if self.fast is not None else [])
+        return [Column(n, pushed.get(n) or self.python.out_types.get(n, "text")) for n in names]

@@ -57,6 +57,12 @@ def read_data(data: str) -> tuple[bytes, Any]:
 )
 @click.option("--dry-run", is_flag=True, help="Show the steps and the would-be deliveries; send nothing.")
 @click.option(
+    "--explain",
+    is_flag=True,
+    help="Batch flow: show which steps the source's SELECT computes (pushdown) and why others run in Python; "
+    "reads only the source's columns.",
+)
+@click.option(
     "--wait-s",
     type=float,
     default=15.0,
@@ -72,6 +78,7 @@ def run(
     dry_run: bool,
     wait_s: float,
     as_json: bool,
+    explain: bool = False,
 ) -> None:
     """Run one event through FLOW, or one sync of a batch FLOW. With --dry-run: the live definition's
     steps and routing, each destination's request as it would be sent, nothing sent and no secret read.
@@ -83,6 +90,9 @@ def run(
         spec = _flow(project, flow)
         if spec.batch is None:
             raise click.UsageError("give the event with --data JSON (or @file.json)")
+        if explain:
+            _explain_batch(project, resolver, spec, as_json)
+            return
         if dry_run:
             raise click.UsageError("--dry-run takes one event (--data); a batch flow has no dry run yet")
         _run_batch(project, resolver, spec, accept_schema, as_json)
@@ -113,6 +123,24 @@ def run(
     click.echo(render_trace(result))
     if result["status"] in ("quarantined", "dead"):
         sys.exit(EXIT_PROBLEMS)
+
+
+def _explain_batch(project: Any, resolver: Any, spec: Any, as_json: bool) -> None:
+    from patchbay.engine.batch import explain
+
+    try:
+        notes = asyncio.run(explain(project, resolver, spec))
+    except Exception as exc:
+        click.echo(f"run --explain: {resolver.redactor(str(exc))}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    if as_json:
+        _echo_json({"flow": spec.name, "pushdown": notes})
+        return
+    click.echo(
+        f"flow {spec.name}: what the source computes in its SELECT (pushdown), and what runs in Python"
+    )
+    for line in notes:
+        click.echo(f"  {line}")
 
 
 def _flow(project: Any, name: str) -> Any:

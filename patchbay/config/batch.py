@@ -190,6 +190,16 @@ class BatchSpec(Spec):
     batch_rows: int = Field(
         10_000, ge=100, le=1_000_000, description="Rows per batch in memory (memory stays bounded)."
     )
+    pushdown: Literal["auto", "off"] = Field(
+        "auto",
+        description=(
+            "auto: the source database computes the steps it can compute exactly (copies, lower/upper/trim on "
+            "ASCII text, concat, JSON string fields, casts; required, formats, patterns, lengths, ranges, "
+            "accepted values) in its SELECT, and only rows outside that go through the steps in Python, with "
+            "the same values and quarantine reasons (`patchbay run FLOW --explain` shows what was pushed); "
+            "off: every step runs in Python."
+        ),
+    )
     quarantine_samples: int = Field(
         1000, ge=0, le=100_000, description="Invalid rows kept with their reasons per run (the rest counted)."
     )

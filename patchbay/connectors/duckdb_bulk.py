@@ -374,6 +374,21 @@ class _DuckLoad:
             await self.owner._call(self._insert, quoted)
             self.copied += len(rows)
 
+    async def write_raw(self, block: bytes, rows: int) -> None:
+        """A block of COPY-text lines (steps pushed down into the source's SELECT): written to the batch
+        file as it is when it has no escapes, else split into rows and quoted."""
+        if not rows:
+            return
+        if self._pad or b"\\" in block.replace(NULL, b""):
+            await self.write([line.split(b"\t") for line in block[:-1].split(b"\n")])
+            return
+        if self._file is None:
+            fd, self._file = tempfile.mkstemp(prefix="patchbay-duckdb-", suffix=".tsv")  # mode 0600
+            os.close(fd)
+        await self.owner._run(Path(self._file).write_bytes, block)
+        await self.owner._call(self._insert, False)
+        self.copied += rows
+
     @staticmethod
     def _to_file(rows: list[list[bytes]], path: str) -> bool:
         """Write the batch where DuckDB reads it, off the event loop; True when written as quoted CSV.

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import select
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from contextlib import closing
 from typing import Any, TypeVar
 
 import orjson
 
 from patchbay.batch.frame import Column, Frame, join_rows, split_lines
+from patchbay.batch.pushdown import PushedRead
 from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
@@ -144,17 +147,45 @@ class PostgresBulk:
         )
         return None if row is None else int(row[0])
 
-    async def read(
+    def read(
         self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int
     ) -> AsyncIterator[Frame]:
         """The window's rows in batches, all from one snapshot; `snapshot_max` is the cursor's mark in it."""
+        # The generator itself, not a wrapper around it: closing it must stop the reader before it returns.
+        return self._read(frm, columns, window, batch_rows, None)
+
+    @property
+    def pushdown_dialect(self) -> str | None:
+        """SQL pushdown (batch/pushdown.py) writes PostgreSQL for a UTF8 database (its ASCII guard counts
+        bytes against characters); asked after `columns`, so the connection is open."""
+        if self._conn is None or self._conn.closed:
+            return None
+        encoding = self._conn.pgconn.parameter_status(b"server_encoding")
+        return "postgres" if encoding in (b"UTF8", b"UTF-8") else None
+
+    def read_pushed(
+        self, frm: BatchFrom, columns: list[Column], window: Window, batch_rows: int, pushed: PushedRead
+    ) -> AsyncIterator[Frame]:
+        """Like `read`, in the same snapshot, in two passes: the rows `pushed.fast` holds for through the
+        pushed SELECT (frames of part "pushed", as COPY blocks when `pushed.raw`), then the others with the
+        source's columns (part "python") for the flow's steps."""
+        return self._read(frm, columns, window, batch_rows, pushed)
+
+    async def _read(
+        self,
+        frm: BatchFrom,
+        columns: list[Column],
+        window: Window,
+        batch_rows: int,
+        pushed: PushedRead | None,
+    ) -> AsyncIterator[Frame]:
         self.snapshot_max = None
         frames: queue.Queue[Any] = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def produce(conn: Any) -> None:
             try:
-                for item in self._read_sync(conn, frm, columns, window, batch_rows, stop):
+                for item in self._read_sync(conn, frm, columns, window, batch_rows, stop, pushed):
                     frames.put(item)
             except BaseException as exc:  # handed to the consumer, raised there
                 frames.put(exc)
@@ -187,6 +218,7 @@ class PostgresBulk:
         window: Window,
         batch_rows: int,
         stop: threading.Event,
+        pushed: PushedRead | None = None,
     ) -> Iterator[Frame]:
         from psycopg import sql
 
@@ -199,26 +231,14 @@ class PostgresBulk:
                 )
                 row = conn.execute(q).fetchone()
                 self.snapshot_max = None if row is None else row[0]
-            copy_sql = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
-                cols, _relation(frm), _where(window, columns)
+            where = _where(window, columns)
+            if pushed is None:
+                copy_sql = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(cols, _relation(frm), where)
+                yield from _copy_frames(conn, copy_sql, columns, batch_rows, stop, "")
+                return
+            yield from _pushed_frames(
+                conn, _pushed_sql(frm, columns, where, pushed), columns, pushed, batch_rows, stop
             )
-            buf = bytearray()
-            rows: list[list[bytes]] = []
-            with conn.cursor().copy(copy_sql) as copy:
-                for chunk in copy:
-                    data = bytes(chunk)
-                    # The server sends one row per message: split it directly; anything else by lines.
-                    if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
-                        rows.append(data[:-1].split(b"\t"))
-                    else:
-                        rows.extend(split_lines(buf, data))
-                    if len(rows) >= batch_rows:
-                        yield Frame(columns, rows[:batch_rows])
-                        del rows[:batch_rows]
-                        if stop.is_set():
-                            raise RuntimeError("reading stopped")
-            if rows:
-                yield Frame(columns, rows)
 
     async def key_buckets(self, relation: BatchFrom, key: list[str]) -> dict[str, tuple[int, int]]:
         """Per key range (first two hex digits of md5(key)): how many keys and a checksum of them."""
@@ -269,6 +289,198 @@ class PostgresBulk:
         load = _PgLoad(self, flow, table, columns, mode, key)
         await self._call(load.start, evolve)
         return load
+
+
+def _copy_frames(
+    conn: Any, copy_sql: Any, columns: list[Column], batch_rows: int, stop: threading.Event, part: str
+) -> Iterator[Frame]:
+    buf = bytearray()
+    rows: list[list[bytes]] = []
+    # closing(): a reader stopped early ends the COPY now, before its transaction rolls back (an
+    # exception's traceback would keep the generator alive until after that).
+    with closing(_copy_out(conn, copy_sql)) as chunks:
+        for chunk in chunks:
+            data = bytes(chunk)
+            # The server sends one row per message: split it directly; anything else by lines.
+            if not buf and data.endswith(b"\n") and data.count(b"\n") == 1:
+                rows.append(data[:-1].split(b"\t"))
+            else:
+                rows.extend(split_lines(buf, data))
+            if len(rows) >= batch_rows:
+                yield Frame(columns, rows[:batch_rows], part=part)
+                del rows[:batch_rows]
+                if stop.is_set():
+                    raise RuntimeError("reading stopped")
+    if rows:
+        yield Frame(columns, rows, part=part)
+
+
+def _pushed_sql(frm: BatchFrom, columns: list[Column], where: Any, pushed: PushedRead) -> Any:
+    """One COPY, three layers: the pushed expressions once per row, then whether the row is fast, then
+    the fast columns, the flag and (only for rows that are not fast) the source's columns."""
+    from psycopg import sql
+
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+    # The planner's SQL is built from quoted identifiers and literals only (batch/pushdown.py).
+    inner = sql.SQL("").join(
+        sql.SQL(", {} AS {}").format(sql.SQL(text), sql.Identifier(name))  # type: ignore[arg-type]
+        for name, text in pushed.inner
+    )
+    select = sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(sql.SQL(text), sql.Identifier(name))  # type: ignore[arg-type]
+        for name, text in pushed.select
+    )
+    source = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN _pb_ok THEN NULL ELSE {} END").format(sql.Identifier(c.name)) for c in columns
+    )
+    return sql.SQL(
+        "COPY (SELECT {select}, _pb_ok, {source} FROM (SELECT q1.*, {fast} AS _pb_ok FROM"
+        " (SELECT s.*{inner} FROM (SELECT {cols} FROM {rel}{where}) s OFFSET 0) q1 OFFSET 0) q2) TO STDOUT"
+    ).format(
+        select=select,
+        source=source,
+        fast=sql.SQL(pushed.fast),  # type: ignore[arg-type]
+        inner=inner,
+        cols=cols,
+        rel=_relation(frm),
+        where=where,
+    )
+
+
+def _pushed_frames(
+    conn: Any,
+    copy_sql: Any,
+    columns: list[Column],
+    pushed: PushedRead,
+    batch_rows: int,
+    stop: threading.Event,
+) -> Iterator[Frame]:
+    """A fast row ends in the flag `t` and a NULL per source column: that constant tail is cut off the whole
+    block at once (a field never holds a raw tab or newline, so it can only match at a row's end)."""
+    tail = b"\tt" + b"\t\\N" * len(columns) + b"\n"
+    width = len(pushed.select)
+    for block in _copy_blocks(conn, copy_sql, batch_rows, stop):
+        n = block.count(b"\n")
+        if block.count(tail) == n:
+            fast, slow = block.replace(tail, b"\n"), list[list[bytes]]()
+        else:
+            kept: list[bytes] = []
+            slow = []
+            for line in block[:-1].split(b"\n"):
+                if (line + b"\n").endswith(tail):
+                    kept.append(line[: len(line) - len(tail) + 1])
+                else:
+                    slow.append(line.split(b"\t")[width + 1 :])
+            fast = b"".join(k + b"\n" for k in kept)
+        if fast:
+            if pushed.raw:
+                yield Frame(pushed.columns, [], raw=fast, raw_rows=n - len(slow), part="pushed")
+            else:
+                rows = [line.split(b"\t") for line in fast[:-1].split(b"\n")]
+                yield Frame(pushed.columns, rows, part="pushed")
+        if slow:
+            yield Frame(columns, slow, part="python")
+
+
+def _copy_out(conn: Any, copy_sql: Any) -> Generator[Any, None, None]:
+    """COPY TO's messages (one row each) straight from libpq.
+
+    psycopg's per-row read (a generator and a wait per message) costs more than the row itself; libpq's
+    non-blocking PQgetCopyData hands over what it has buffered, and the thread waits for more in select(),
+    which lets the other threads run (a blocking libpq call would hold the GIL)."""
+    from psycopg import OperationalError, pq
+    from psycopg.errors import error_from_result
+
+    pgconn = conn.pgconn
+    sock = pgconn.socket
+
+    def wait_idle() -> None:
+        while pgconn.is_busy():
+            select.select([sock], [], [])
+            pgconn.consume_input()
+
+    pgconn.send_query(copy_sql.as_bytes(conn))
+    wait_idle()
+    res = pgconn.get_result()
+    if res is None or res.status != pq.ExecStatus.COPY_OUT:
+        while pgconn.get_result() is not None:
+            pass
+        if res is None:
+            raise OperationalError("COPY gave no result")
+        raise error_from_result(res, encoding="utf-8")
+    get = pgconn.get_copy_data
+    ended = False
+    try:
+        while True:
+            nbytes, data = get(1)
+            if nbytes > 0:
+                yield data
+            elif nbytes == 0:
+                select.select([sock], [], [])
+                pgconn.consume_input()
+            elif nbytes == -1:
+                ended = True
+                break
+            else:
+                ended = True
+                raise OperationalError(f"reading COPY data: {pgconn.error_message.decode(errors='replace')}")
+    finally:
+        if not ended:  # the reader stopped early: cancel the COPY, so the transaction can roll back
+            _abandon_copy(conn, pgconn, sock)
+    failed = None
+    while True:
+        wait_idle()
+        res = pgconn.get_result()
+        if res is None:
+            break
+        if res.status != pq.ExecStatus.COMMAND_OK and failed is None:
+            failed = error_from_result(res, encoding="utf-8")
+    if failed is not None:
+        raise failed
+
+
+def _abandon_copy(conn: Any, pgconn: Any, sock: int) -> None:
+    try:
+        conn.cancel()
+        while True:
+            nbytes, _ = pgconn.get_copy_data(1)
+            if nbytes < 0:
+                break
+            if nbytes == 0:
+                if not select.select([sock], [], [], 10)[0]:
+                    return
+                pgconn.consume_input()
+        while True:
+            while pgconn.is_busy():
+                if not select.select([sock], [], [], 10)[0]:
+                    return
+                pgconn.consume_input()
+            if pgconn.get_result() is None:
+                break
+    except Exception:  # the connection is closed after a failed run anyway
+        pass
+
+
+def _copy_blocks(conn: Any, copy_sql: Any, batch_rows: int, stop: threading.Event) -> Iterator[bytes]:
+    """COPY out as blocks of whole lines (about batch_rows each), never split into fields."""
+    parts: list[Any] = []
+    carry = b""
+    # closing(): a reader stopped early ends the COPY now, before its transaction rolls back (an
+    # exception's traceback would keep the generator alive until after that).
+    with closing(_copy_out(conn, copy_sql)) as chunks:
+        for chunk in chunks:
+            parts.append(chunk)
+            if len(parts) >= batch_rows:
+                block = carry + b"".join(parts)
+                parts.clear()
+                end = block.rfind(b"\n") + 1
+                block, carry = block[:end], block[end:]
+                yield block
+                if stop.is_set():
+                    raise RuntimeError("reading stopped")
+    block = carry + b"".join(parts)
+    if block:
+        yield block
 
 
 def _one(conn: Any, q: Any, params: Any) -> Any:
@@ -395,6 +607,14 @@ class _PgLoad:
             await asyncio.to_thread(self._queue.put, join_rows(rows))
             self.copied += len(rows)
 
+    async def write_raw(self, block: bytes, rows: int) -> None:
+        """Whole COPY-text lines as they are (a pushed-down read's fast rows)."""
+        if self._error is not None:
+            raise self._error
+        if block:
+            await asyncio.to_thread(self._queue.put, block)
+            self.copied += rows
+
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:
         self._deletes.extend(keys)
 
@@ -480,11 +700,18 @@ class _PgLoad:
                     sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in rest),
                 )
                 action = sql.SQL("DO UPDATE SET {} WHERE {}").format(sets, changed)
-            q = sql.SQL(
+            upsert = sql.SQL(
                 "WITH u AS (INSERT INTO {t} ({c}) {s} ON CONFLICT ({k}) {a} RETURNING (xmax = 0) AS ins)"
                 " SELECT count(*) FILTER (WHERE ins), count(*) FILTER (WHERE NOT ins) FROM u"
-            ).format(t=t, c=cols, s=staged, k=keys, a=action)
-            row = conn.execute(q).fetchone()
+            )
+            # Most stages hold each key once (a table's rows by its key): no sort for DISTINCT ON then. A key
+            # staged twice makes the upsert fail ("cannot affect row a second time"): again, deduplicated.
+            plain = sql.SQL("SELECT {c} FROM _pb_stage").format(c=cols)
+            try:
+                with conn.transaction():
+                    row = conn.execute(upsert.format(t=t, c=cols, s=plain, k=keys, a=action)).fetchone()
+            except self.owner._pg.errors.CardinalityViolation:  # psycopg.errors
+                row = conn.execute(upsert.format(t=t, c=cols, s=staged, k=keys, a=action)).fetchone()
             out.inserted, out.updated = int(row[0]), int(row[1])
         else:
             # No unique index on the key: replace the staged keys' rows (DELETE + INSERT), as COPY-staged loads do.

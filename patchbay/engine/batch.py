@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +24,8 @@ import orjson
 
 from patchbay import registry
 from patchbay.batch.frame import Column, Frame
-from patchbay.batch.transform import FrameTransform, Invalid, Result, step_reads
+from patchbay.batch.pushdown import Plan, plan
+from patchbay.batch.transform import FrameTransform, Invalid, PushedTransform, Result, step_reads
 from patchbay.config.batch import BatchFrom, BatchSpec
 from patchbay.config.specs import FlowSpec, Project
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
@@ -34,7 +35,7 @@ from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import NewEvent
 
 
-def _apply(transform: FrameTransform, frame: Frame) -> Result:
+def _apply(transform: FrameTransform | PushedTransform, frame: Frame) -> Result:
     """The steps over one frame with the cyclic GC paused: a frame allocates millions of short-lived
     lists and dicts that reference counting frees anyway; the collector's passes over them cost a
     third of the time (measured on 100k rows: 16.7 -> 9.9-12 us/row)."""
@@ -45,6 +46,29 @@ def _apply(transform: FrameTransform, frame: Frame) -> Result:
     finally:
         if enabled:
             gc.enable()
+
+
+async def _write_raw(load: Load, block: bytes, rows: int) -> None:
+    """A block of COPY-text lines: as it is where the destination takes that, else split into rows."""
+    write_raw = getattr(load, "write_raw", None)
+    if write_raw is not None:
+        await write_raw(block, rows)
+    else:
+        await load.write([line.split(b"\t") for line in block[:-1].split(b"\n")] if block else [])
+
+
+def pushdown_plan(steps: list[Any], columns: list[Column], source: Any, spec: BatchSpec) -> Plan:
+    """What the source's SELECT can compute of `steps` (batch/pushdown.py), or None, with a note saying why."""
+    dialect = getattr(source, "pushdown_dialect", None)
+    if getattr(spec, "pushdown", "auto") == "off":
+        return Plan.nothing("pushdown: off for this flow; every step runs in Python")
+    if dialect != "postgres":
+        return Plan.nothing(
+            "pushdown: the source cannot compute steps in its SELECT; every step runs in Python"
+        )
+    if spec.deletes.detect == "soft":
+        return Plan.nothing("pushdown: not with soft deletes; every step runs in Python")
+    return plan(steps, columns)
 
 
 class BatchStopped(PatchbayError):
@@ -89,6 +113,7 @@ class RunReport:
     cursor_to: str | None = None
     error: str | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)  # quarantined rows with their reasons
+    pushdown: list[str] = field(default_factory=list)  # which steps the source's SELECT computed, and why not
     run_id: str = field(default_factory=lambda: new_id("run"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,18 +201,12 @@ class BatchRun:
             report.cursor_from = state.cursor
             total = await self.source.count(spec.from_, window)
             exists = await self.dest.table_columns(spec.to.table) is not None
-            self._dest_rows = await self.dest.row_count(spec.to.table) if exists else 0
+            # Only the delete guard needs the destination's size (a count of a large table is not free).
+            follows_deletes = spec.deletes.detect != "none"
+            self._dest_rows = await self.dest.row_count(spec.to.table) if exists and follows_deletes else 0
             deletes = await self._key_deletes(report) if spec.deletes.detect == "keys" else []
-            transform = FrameTransform(
-                self.steps,
-                columns,
-                key=spec.key,
-                soft_delete=spec.deletes.column if spec.deletes.detect == "soft" else None,
-            )
+            transform, reader = self._reader(columns, window, report)
             soft_deleted: list[tuple[Any, ...]] = []
-            # a destination may cap the rows per batch (DuckDB: its own memory beside the frames in flight)
-            batch_rows = min(spec.batch_rows, getattr(self.dest, "max_batch_rows", None) or spec.batch_rows)
-            reader = self.source.read(spec.from_, columns, window, batch_rows)
             async for frame in reader:
                 result = _apply(transform, frame)
                 report.read += len(frame)
@@ -198,7 +217,9 @@ class BatchRun:
                 if load is None:
                     load = await self._begin(transform, evolve)
                 await load.write(result.rows)
-                report.written += len(result.rows)
+                if result.raw is not None:
+                    await _write_raw(load, result.raw, result.raw_rows)
+                report.written += result.written
                 report.filtered += result.filtered
                 self._quarantine(report, result.invalid)
                 soft_deleted.extend(result.deleted_keys)
@@ -228,6 +249,25 @@ class BatchRun:
                 await load.abort()
             report.duration_s = time.monotonic() - t0
         return report
+
+    def _reader(
+        self, columns: list[Column], window: Window, report: RunReport
+    ) -> tuple[FrameTransform | PushedTransform, AsyncIterator[Frame]]:
+        """The steps and the source's frames: pushed down into the source's SELECT where it can be exact."""
+        spec = self.spec
+        # a destination may cap the rows per batch (DuckDB: its own memory beside the frames in flight)
+        batch_rows = min(spec.batch_rows, getattr(self.dest, "max_batch_rows", None) or spec.batch_rows)
+        soft = spec.deletes.column if spec.deletes.detect == "soft" else None
+        found = pushdown_plan(self.steps, columns, self.source, spec)
+        report.pushdown = found.notes
+        if found.pushed:
+            pushed = PushedTransform(found, self.steps, columns, key=spec.key)
+            reader = self.source.read_pushed(  # type: ignore[attr-defined]
+                spec.from_, columns, window, batch_rows, found.read
+            )
+            return pushed, reader
+        transform = FrameTransform(self.steps, columns, key=spec.key, soft_delete=soft)
+        return transform, self.source.read(spec.from_, columns, window, batch_rows)
 
     def _check_drift(self, state: SyncState, columns: list[Column], report: RunReport) -> list[Column]:
         """Columns to add at the destination; BatchStopped when the policy says stop."""
@@ -262,7 +302,7 @@ class BatchRun:
             )
         return added if policy == "evolve" else []
 
-    async def _begin(self, transform: FrameTransform, evolve: list[Column]) -> Load:
+    async def _begin(self, transform: FrameTransform | PushedTransform, evolve: list[Column]) -> Load:
         out = transform.output_columns()
         existing = await self.dest.table_columns(self.spec.to.table)
         add: list[Column] = []
@@ -360,6 +400,17 @@ async def run_flow(
     if report.error:
         report.error = resolver.redactor(report.error)
     return report
+
+
+async def explain(project: Project, resolver: SecretResolver, flow: FlowSpec) -> list[str]:
+    """Which of the flow's steps its source would compute in SQL, and why the others stay in Python."""
+    assert flow.batch is not None, f"flow {flow.name} has no batch block"
+    source = open_bulk(project, resolver, flow.batch.from_.system, flow.name)
+    try:
+        columns = await source.columns(flow.batch.from_)
+        return pushdown_plan(flow.steps, columns, source, flow.batch).notes
+    finally:
+        await source.close()
 
 
 async def store_quarantined(store: Any, flow: FlowSpec, report: RunReport) -> None:

@@ -142,6 +142,8 @@ class Pipeline:
             if drift:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         branches = self._run(record, start, "", event_id, answers, trace, None, gates)
+        if any(b.element is not None for b in branches):  # only an element that gets through claims its key
+            gates.keep_claims({b.element for b in branches if b.status in ("pending", "aggregated")})
         if len(branches) == 1 and not branches[0].element:
             b = branches[0]  # no split: the event is the one record
             key = self._key(b.record, key_source)
@@ -172,7 +174,7 @@ class Pipeline:
                 continue
             try:
                 if hasattr(spec.step, "gate"):  # dedupe, aggregate: settled in the accept's transaction
-                    entry = gates.add(spec, record, self.flow.name, len(trace))
+                    entry = gates.add(spec, record, self.flow.name, len(trace), element)
                     trace.append({"step": spec.name, "kind": spec.kind, **tag, "ms": _ms(t0), **entry})
                     if spec.step.absorbs:  # counted into its window: the window's record goes on later
                         return [_Branch("aggregated", record, element=element)]
@@ -333,10 +335,23 @@ class _Gates:
         self.claims: list[DedupeClaim] = []
         self.windows: list[WindowAdd] = []
 
-    def add(self, spec: Any, record: Any, flow: str, trace_at: int) -> dict[str, Any]:
+    def keep_claims(self, through: set[str | None]) -> None:
+        """Drop the dedupe claims of split elements that did not get through (quarantined, filtered): as for a
+        whole event, a corrected resend of such an element must pass."""
+
+        def passed(element: str | None) -> bool:
+            return element is None or any(t == element or str(t).startswith(element + ".") for t in through)
+
+        self.claims = [c for c in self.claims if passed(c.element)]
+
+    def add(
+        self, spec: Any, record: Any, flow: str, trace_at: int, element: str | None = None
+    ) -> dict[str, Any]:
         ctx = GateContext(flow, spec.name, self.event_id, self.received_at, trace_at)
         asked, entry = spec.step.gate(record, ctx)
         for a in asked if isinstance(asked, list) else [asked]:  # a hopping aggregate: several windows
+            if isinstance(a, DedupeClaim | WindowAdd):
+                a.element = element  # after a split the element claims and counts, not the whole event
             if isinstance(a, DedupeClaim):
                 self.claims.append(a)
             elif isinstance(a, WindowAdd):

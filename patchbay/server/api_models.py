@@ -13,7 +13,12 @@ from patchbay.config.models import DeliveryPolicy
 NAME = r"^[a-z][a-z0-9_\-]{0,62}$"  # flows, systems, destinations (config NAME_RE)
 FlowName = Annotated[str, Field(pattern=NAME, description="A flow's name.", examples=["lead-capture"])]
 DestName = Annotated[
-    str, Field(pattern=NAME, description="A destination's name within its flow.", examples=["crm"])
+    str,
+    Field(
+        pattern=r"^(call:)?[a-z][a-z0-9_\-]{0,62}$",
+        description="A destination's name within its flow, or `call:<step>` for a call or lookup step.",
+        examples=["crm", "call:find_contact"],
+    ),
 ]
 RunId = Annotated[
     str,
@@ -165,6 +170,10 @@ class DestinationBrief(Out):
     health: Health
     when: str | None = Field(description="Routing condition; null when every record goes here.")
     policy: DeliveryPolicy
+    call: str | None = Field(
+        None,
+        description="Set for a call or lookup step (`call:<step>`): the step's name; runs wait on its answers.",
+    )
 
 
 class SourceHealthOut(Out):
@@ -262,6 +271,9 @@ class MapEdge(Out):
     health: Health
     source_state: str | None = Field(None, description="The state of the flow's source or schedule, if any.")
     source_error: str | None = Field(None, description="Why the source is not active, if it is not.")
+    call: str | None = Field(
+        None, description="A call or lookup step's arrow: the step's name (`destination` is `call:<step>`)."
+    )
 
 
 class MapOut(Out):
@@ -460,6 +472,11 @@ class DestinationOut(Out):
     next_due_at: Timestamp | None
     in_flight: int
     policy: DeliveryPolicy
+    call: str | None = Field(
+        None,
+        description="Set for a call or lookup step's worker (`call:<step>`): the step's name. Its runs wait"
+        " on its answers; it is paused and resumed like a destination.",
+    )
 
 
 class DestinationsOut(Out):

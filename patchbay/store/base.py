@@ -636,6 +636,9 @@ class DedupeClaim:
     key: str  # a digest of the key's value, never the value
     within_s: float
     trace_at: int  # when refused: the trace kept up to here, then the refusal
+    # After a split: the element that claims ("1", "0.2"). The key is then owned by that element, so a
+    # second element with the same key (of this run or another) is dropped alone, its siblings go on.
+    element: str | None = None
 
 
 @dataclass
@@ -663,6 +666,7 @@ class WindowAdd:
     label: str  # the window as people read it, for reasons and traces
     values: dict[str, Contribution]
     trace_at: int  # when refused: the trace kept up to here, then the refusal
+    element: str | None = None  # after a split: the element counted (not counted if a dedupe drops it)
 
 
 @dataclass

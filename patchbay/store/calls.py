@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 
 from patchbay.errors import PatchbayError
-from patchbay.store.base import AttemptResult, CachedAnswer, Reprocessor
+from patchbay.store.base import AttemptResult, CachedAnswer, NewEvent, Reprocessor
 from patchbay.store.common import _j, refresh_event_status
 from patchbay.store.retention import opened
+from patchbay.store.windows import drop_duplicate_elements
 
 CALLS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS call_cache(
@@ -62,13 +63,25 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
             (f"continuing after a call: {what}", now, event_id),
         )
         return []
+    flow = conn.execute("SELECT flow FROM events WHERE id=?", (event_id,)).fetchone()[0]
+    if any(c.element is not None for c in processed.claims):  # a split element dropped as a duplicate at
+        # accept stays dropped (its key is held by a sibling or another run): its calls are not asked
+        e = drop_duplicate_elements(
+            conn,
+            NewEvent(
+                event_id, flow, now, b"", "", None, processed.status, trace=processed.trace,
+                reason=processed.reason, deliveries=processed.deliveries, claims=processed.claims,
+            ),
+            now,
+        )  # fmt: skip
+        processed.status, processed.reason, processed.trace = e.status, e.reason, e.trace
+        processed.deliveries = e.deliveries
     existing = {
         (r[0], r[1])
         for r in conn.execute(
             "SELECT destination, idempotency_key FROM deliveries WHERE event_id=?", (event_id,)
         )
     }
-    flow = conn.execute("SELECT flow FROM events WHERE id=?", (event_id,)).fetchone()[0]
     added: list[str] = []
     for d in processed.deliveries:
         if (d.destination, d.idempotency_key) in existing:

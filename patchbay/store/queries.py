@@ -199,6 +199,16 @@ def tx_replay(
                 eid, row["flow"], row["received_at"], b"", "", None, status, trace=trace,
                 claims=processed.claims, windows=processed.windows,
             )  # fmt: skip
+            gated.reason, gated.deliveries = reason, processed.deliveries
+            gated = wq.drop_duplicate_elements(
+                conn, gated, now
+            )  # a split element's duplicate key: dropped alone
+            status, reason, trace, processed.deliveries = (
+                gated.status,
+                gated.reason,
+                gated.trace,
+                gated.deliveries,
+            )
             seen: wq.Seen = {}
             refused = wq.refusal(conn, gated, now, seen)
             if refused is not None:

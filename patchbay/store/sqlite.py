@@ -984,6 +984,9 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
         if row is not None:
             return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
     if e.claims or e.windows:
+        e = wq.drop_duplicate_elements(
+            conn, e, now
+        )  # after a split: an element's duplicate key drops it alone
         seen: wq.Seen = {}
         refused = wq.refusal(conn, e, now, seen)
         if refused is not None:  # a dedupe key held by another run, or too late for its window

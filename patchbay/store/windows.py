@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import replace
 from typing import Any
 
 from patchbay.store.base import (
@@ -100,6 +101,68 @@ def gates(e: NewEvent) -> tuple[list[DedupeClaim], list[WindowAdd]]:
     return claims, windows
 
 
+def owner(event_id: str, claim: DedupeClaim) -> str:
+    """Who holds a dedupe key: the run, or after a split one element of it (`<run>#<element>`)."""
+    return event_id if claim.element is None else f"{event_id}#{claim.element}"
+
+
+def _held_by(holder: str) -> str:
+    run, _, element = holder.partition("#")
+    return f"run {run}" + (f" (element {element})" if element else "")
+
+
+def _of(element: str | None, dropped: str) -> bool:
+    return element is not None and (element == dropped or element.startswith(dropped + "."))
+
+
+def drop_duplicate_elements(conn: sqlite3.Connection, e: NewEvent, now: float) -> NewEvent:
+    """After a split, each element claims its own key: an element whose key another element holds (of
+    this run or of another within the window) is dropped alone (its deliveries, calls, later claims and
+    windows), with the reason in the trace; its siblings go on. An event left with nothing is filtered."""
+    if e.status not in ("pending", "aggregated") or not any(c.element is not None for c in e.claims):
+        return e
+    claimed: dict[tuple[str, str], str] = {}
+    dropped: list[str] = []
+    trace = list(e.trace)
+    reasons: list[str] = []
+    for c in sorted(e.claims, key=lambda c: c.trace_at):
+        if c.element is None or any(_of(c.element, d) for d in dropped):
+            continue
+        mine = owner(e.id, c)
+        holder = claimed.get((c.step, c.key))
+        if holder is None:
+            row = conn.execute(
+                "SELECT run, expires_at FROM dedupe_keys WHERE flow=? AND step=? AND key=?",
+                (e.flow, c.step, c.key),
+            ).fetchone()
+            if row is not None and row["expires_at"] > now and row["run"] != mine:
+                holder = row["run"]
+        if holder is None or holder == mine:
+            claimed[(c.step, c.key)] = mine
+            continue
+        reason = f"{c.step}: duplicate of {_held_by(holder)}"
+        dropped.append(c.element)
+        reasons.append(f"element {c.element}: {reason}")
+        trace.append({"step": c.step, "kind": "dedupe", "element": c.element, "dropped": reason})
+    if not dropped:
+        return e
+    gone = [f"{e.id}.{d}." for d in dropped]
+    deliveries = [nd for nd in e.deliveries if not any(nd.idempotency_key.startswith(g) for g in gone)]
+    claims = [c for c in e.claims if not any(_of(c.element, d) for d in dropped)]
+    windows = [w for w in e.windows if not any(_of(w.element, d) for d in dropped)]
+    status, reason = e.status, "; ".join(filter(None, [e.reason, *reasons]))
+    if not any(nd.status == "pending" for nd in deliveries):
+        if any(nd.status == "dead" for nd in deliveries):  # as a split with no element left to deliver:
+            status, deliveries = "quarantined", []  # the event is quarantined, replay takes it up
+        elif windows:
+            status, deliveries = "aggregated", []
+        else:
+            status, deliveries = "filtered", []
+    return replace(
+        e, status=status, reason=reason, trace=trace, deliveries=deliveries, claims=claims, windows=windows
+    )
+
+
 Seen = dict[tuple[str, float, str], tuple[bool, Any]]  # a window's lateness and row, read once per accept
 
 
@@ -116,8 +179,8 @@ def refusal(
                 "SELECT run, expires_at FROM dedupe_keys WHERE flow=? AND step=? AND key=?",
                 (e.flow, g.step, g.key),
             ).fetchone()
-            if row is not None and row["expires_at"] > now and row["run"] != e.id:
-                reason = f"{g.step}: duplicate of run {row['run']}"
+            if row is not None and row["expires_at"] > now and row["run"] != owner(e.id, g):
+                reason = f"{g.step}: duplicate of {_held_by(row['run'])}"
                 return (
                     "filtered",
                     reason,
@@ -158,7 +221,7 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float, seen: Seen | 
             "INSERT INTO dedupe_keys(flow, step, key, run, expires_at) VALUES(?,?,?,?,?)"
             " ON CONFLICT(flow, step, key) DO UPDATE SET run=excluded.run, expires_at=excluded.expires_at"
             " WHERE dedupe_keys.run!=excluded.run",
-            (e.flow, claim.step, claim.key, e.id, now + claim.within_s),
+            (e.flow, claim.step, claim.key, owner(e.id, claim), now + claim.within_s),
         )
     for w in windows:
         known = seen.pop((w.step, w.start, w.key), None) if seen is not None else None

@@ -179,3 +179,21 @@ async def test_soft_and_hard_deletes_follow_with_a_guard(pg):
     assert guarded.status == "stopped"
     assert "would delete 60 of 85 rows" in (guarded.error or "")
     assert await fetch(pg, f'SELECT count(*) FROM "{dst}"') == [(85,)]
+
+
+async def test_merge_of_a_query_that_gives_a_key_twice_keeps_one_row():
+    """A stage holding a key twice: the upsert without a sort fails and is run again deduplicated."""
+    async with database() as pg:
+        src, dst = name(pg, "dup_src"), name(pg, "dup_dst")
+        await pg.execute(f"CREATE TABLE {src} (id bigint, v text)")
+        await pg.execute(f"INSERT INTO {src} VALUES (1, 'a'), (2, 'b'), (2, 'b'), (3, 'c')")
+        spec = {
+            "from": {"system": "db", "query": f"SELECT id, v FROM {src}"},
+            "to": {"system": "db", "table": dst},
+            "mode": "merge",
+            "key": ["id"],
+        }
+        report = await sync("test-dup-merge", spec)
+        assert report.status == "ok", report.error
+        assert await fetch(pg, f"SELECT id, v FROM {dst} ORDER BY id") == [(1, "a"), (2, "b"), (3, "c")]
+        assert (report.inserted, report.updated) == (3, 0)

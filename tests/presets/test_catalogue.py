@@ -926,3 +926,19 @@ async def test_hubspot_v3_webhook_through_the_hub(tmp_path, start_hub, sink, mon
     status, _ = await hub.post("/hooks/f", body, headers=hubspot_sign(body, url), sign=False)
     assert status in (200, 202)  # HubSpot re-sends with the same eventIds
     assert await hub.count() == 2  # each event stored once
+
+
+# Facts checked against the vendors' pages this session (the note of polish11 lists the pages).
+def test_documented_limits_are_the_ones_held_to() -> None:
+    stripe = presets.load("stripe")
+    for op in ("create_customer", "update_customer"):  # Stripe: 25 requests per second per endpoint
+        assert stripe["operations"][op]["delivery"]["rate_limit_per_s"] == 25
+    assert "no Retry-After" in stripe["rate_limits"]
+    hubspot = presets.load("hubspot")["rate_limits"]
+    assert "190 per 10 s" in hubspot and "150" not in hubspot  # raised from 150 by HubSpot's changelog
+    shopify = presets.load("shopify")["rate_limits"]
+    assert "Retry-After in seconds" in shopify and "20 on Plus" in shopify
+    zendesk = presets.load("zendesk")
+    assert zendesk["webhook"]["signed"] == "{timestamp}{body}" and zendesk["webhook"]["encoding"] == "base64"
+    brevo = presets.load("brevo")["system"]
+    assert (brevo["retry_after_header"], brevo["retry_after_unit"]) == ("x-sib-ratelimit-reset", "seconds")

@@ -958,6 +958,42 @@ async def test_a_dedupe_key_is_claimed_only_by_a_record_that_gets_through(store:
     assert (await store.accept(claimed("k"))).status == "filtered"
 
 
+def split_claims(keys: list[str], flow: str = "leads") -> NewEvent:
+    """A split event: element i claims keys[i] and has its own delivery `<event>.<i>.crm`."""
+    e = event(flow, destinations=())
+    e.deliveries = [NewDelivery("crm", {"i": i}, f"{e.id}.{i}.crm") for i in range(len(keys))]
+    e.claims = [DedupeClaim("once", k, 60.0, 1 + i, element=str(i)) for i, k in enumerate(keys)]
+    e.trace = [
+        {"step": "items", "kind": "split"},
+        *({"step": "once", "element": str(i)} for i in range(len(keys))),
+    ]
+    return e
+
+
+async def test_a_split_elements_claim_drops_that_element_alone(store: Store) -> None:
+    first = split_claims(["a", "b", "a"])
+    acc = await store.accept(first)
+    assert acc.status is None  # the event goes on
+    run = await store.get_run(first.id)
+    assert run is not None
+    assert sorted(d["idempotency_key"] for d in run["deliveries"]) == [
+        f"{first.id}.0.crm",
+        f"{first.id}.1.crm",
+    ]
+    reason = f"once: duplicate of run {first.id} (element 0)"
+    assert {"step": "once", "kind": "dedupe", "element": "2", "dropped": reason} in run["trace"]
+    second = split_claims(["c", "b"])  # b is held by element 1 of the first run
+    assert (await store.accept(second)).status is None
+    run = await store.get_run(second.id)
+    assert run is not None and [d["idempotency_key"] for d in run["deliveries"]] == [f"{second.id}.0.crm"]
+    third = split_claims(["b", "c"])  # every element a duplicate: filtered
+    await store.accept(third)
+    run = await store.get_run(third.id)
+    assert run is not None and run["status"] == "filtered" and run["deliveries"] == []
+    assert f"element 1: once: duplicate of run {second.id} (element 0)" in run["reason"]
+    assert len(await due(store, "leads")) == 3
+
+
 async def test_dedupe_keys_expire_and_are_cleaned_up(store: Store) -> None:
     assert (await store.accept(claimed("k", within=0.2))).status is None
     assert (await store.accept(claimed("k", within=0.2))).status == "filtered"

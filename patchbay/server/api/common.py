@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from patchbay.config.models import SecretRef
 from patchbay.config.project import FlowSpec
 from patchbay.engine.hub import Hub
+from patchbay.engine.pipeline import CALL_PREFIX
 from patchbay.server.api.http import ApiError
 from patchbay.store.base import Store
 
@@ -110,7 +111,7 @@ class Resource:
         late = {name: self._late_s(fr.spec, schedules.get(name), now) for name, fr in self.hub.flows.items()}
         dests: dict[tuple[str, str], dict[str, Any]] = {}
         for name, fr in self.hub.flows.items():
-            for d in fr.spec.destinations:
+            for d in self._targets(fr):
                 w = fr.workers[d.name]
                 b = backlog.get(
                     (name, d.name),
@@ -139,9 +140,18 @@ class Resource:
                     "in_flight": w.inflight,
                     "policy": d.policy,
                     "when": d.when.text if d.when is not None else None,
+                    "call": d.name.removeprefix(CALL_PREFIX) if d.name.startswith(CALL_PREFIX) else None,
                     **b,
                 }
         return {"now": now, "dests": dests, "late": late, "schedules": schedules, "sources": self._sources()}
+
+    def _targets(self, fr: Any) -> list[Any]:
+        """What a flow sends to: its destinations, then a `call:<step>` per call or lookup step (each has a
+        worker, a backlog, a state; a paused or failing call shows and colours the map like a destination)."""
+        from patchbay.engine.calls import call_destinations
+
+        calls = [d for d in call_destinations(fr.spec, self.hub.project) if d.name in fr.workers]
+        return [*fr.spec.destinations, *calls]
 
     def _sources(self) -> dict[str, dict[str, Any]]:
         """Each source's (or schedule's) health, from the hub: ok, retrying, failing or paused."""
@@ -197,7 +207,7 @@ class Resource:
         }
 
     def _flow_summary(self, spec: FlowSpec, ov: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
-        dests = [ov["dests"][(spec.name, d.name)] for d in spec.destinations]
+        dests = [ov["dests"][(spec.name, d.name)] for d in self._targets(self.hub.flows[spec.name])]
         source = ov["sources"].get(spec.name)
         health = worst(
             [d["health"] for d in dests]

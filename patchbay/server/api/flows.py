@@ -18,7 +18,8 @@ class Flows(Resource):
         used: dict[str, list[str]] = {}
         for f in project.flows.values():
             source = self._source_system(f)
-            names = {d.system for d in f.destinations} | ({source} if source else set())
+            called = {getattr(s.config, "system", "") for s in f.steps if getattr(s.step, "calls", False)}
+            names = {d.system for d in f.destinations} | called | ({source} if source else set())
             for n in sorted(names):
                 used.setdefault(n, []).append(f.name)
         return {"systems": [self._system(s, used.get(s.name, [])) for s in project.systems.values()]}
@@ -105,13 +106,14 @@ class Flows(Resource):
             source = ov["sources"].get(name)
             if source is not None and source["health"] != "ok":  # a failing source colours its node
                 outgoing[src] = [*outgoing.get(src, []), source["health"]]
-            for d in fr.spec.destinations:
+            for d in self._targets(fr):  # destinations, then call and lookup steps
                 dd = ov["dests"][(name, d.name)]
                 edges.append(
                     {
                         "id": f"{name}/{d.name}",
                         "flow": name,
                         "destination": d.name,
+                        "call": dd["call"],
                         "source": src,
                         "target": d.system,
                         "trigger": self._trigger(fr.spec),

@@ -156,7 +156,9 @@ export async function viewFlow(root, r) {
         h('dt', {}, 'Owner'), h('dd', {}, f.owner),
         h('dt', {}, 'Trigger'), h('dd', {}, triggerText(f)),
         h('dt', {}, 'From'), h('dd', {}, f.source_system || 'the hub (schedule or manual)'),
-        h('dt', {}, 'To'), h('dd', {}, f.destinations.map((d) => `${d.name} (${d.system})`).join(', ')),
+        h('dt', {}, 'To'), h('dd', {}, f.destinations.filter((d) => !d.call).map((d) => `${d.name} (${d.system})`).join(', ')),
+        f.destinations.some((d) => d.call) ? [h('dt', {}, 'Asks'), h('dd', {},
+          f.destinations.filter((d) => d.call).map((d) => `${d.call} (${d.system})`).join(', '))] : null,
         h('dt', {}, 'Record key'), h('dd', {}, f.record_key ? h('code', {}, f.record_key) : '—'),
         sched ? [h('dt', {}, 'Schedule'), h('dd', {},
           sched.cron ? `cron ${sched.cron} (${sched.timezone})` : `every ${fmtSeconds(sched.every_s)}`,
@@ -168,7 +170,8 @@ export async function viewFlow(root, r) {
   });
   const refreshDests = liveSection(dests, () => api('destinations'), (data) => {
     const rows = data.destinations.filter((d) => d.flow === name).map((d) => h('tr', { 'data-destination': d.name },
-      h('td', {}, h('strong', {}, d.name), d.when ? h('div', { class: 'muted small' }, 'when ', h('code', {}, d.when)) : null),
+      h('td', {}, h('strong', {}, d.name), d.when ? h('div', { class: 'muted small' }, 'when ', h('code', {}, d.when)) : null,
+        d.call ? h('div', { class: 'muted small' }, `call step ${d.call}: runs wait on its answer`) : null),
       h('td', {}, `${d.system} (${d.kind})`),
       h('td', {}, pill(d.state === 'active' ? 'active' : d.state, d.state),
         d.reason ? h('div', { class: 'small' }, d.reason) : null,

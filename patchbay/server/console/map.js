@@ -37,7 +37,8 @@ function fit(text, font, max) {
 }
 
 export function edgeLabel(e) {
-  const name = e.destination && e.destination !== e.target ? `${e.flow} · ${e.destination}` : e.flow;
+  const dest = e.call ? `asks ${e.call}` : e.destination;
+  const name = dest && dest !== e.target ? `${e.flow} · ${dest}` : e.flow;
   return e.health === 'ok' ? name : `${name} · ${e.health}`;
 }
 
@@ -425,9 +426,9 @@ export function drawMap(map, flows) {
     const e = oe.e;
     const f = flows.get(e.flow) || {};
     const tip = [
-      `Flow ${e.flow}: ${e.source} → ${e.target} (destination ${e.destination})`,
+      `Flow ${e.flow}: ${e.source} → ${e.target} (${e.call ? `call step ${e.call}` : `destination ${e.destination}`})`,
       `Owner: ${f.owner || '—'}`, `Purpose: ${f.purpose || '—'}`,
-      `Health: ${e.health}${e.state !== 'active' ? ` (destination ${e.state})` : ''}`,
+      `Health: ${e.health}${e.state !== 'active' ? ` (${e.call ? 'call' : 'destination'} ${e.state})` : ''}`,
       ...(e.source_error ? [`Source ${e.source_state}: ${e.source_error}`] : []),
       `Trigger: ${e.trigger}`, 'Click to open the flow.',
     ].join('\n');
