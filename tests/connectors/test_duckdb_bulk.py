@@ -405,3 +405,36 @@ async def test_batch_files_are_private_and_removed_after_the_run(pg, tmp_path, m
     failed = await sync(bulk(), duck(db), flow(), spec(src, mode="full", batch_rows=100), before_commit=boom)
     assert failed.status == "failed"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("patchbay-duckdb-")] == []
+
+
+async def test_pushed_down_steps_write_copy_blocks_byte_exact(pg, tmp_path, monkeypatch):
+    """With the steps computed in PostgreSQL's SELECT, DuckDB gets whole COPY-text blocks (write_raw):
+    a block without escapes goes to the batch file as it is, one with escapes is quoted; values exact."""
+    from patchbay.connectors import duckdb_bulk
+
+    blocks: list[int] = []
+    write_raw = duckdb_bulk._DuckLoad.write_raw
+
+    async def spy(self: Any, block: bytes, n: int) -> None:
+        blocks.append(n)
+        await write_raw(self, block, n)
+
+    monkeypatch.setattr(duckdb_bulk._DuckLoad, "write_raw", spy)
+    t = name(pg, "pushed")
+    await pg.execute(f'CREATE TABLE "{t}" (id bigint PRIMARY KEY, v text, w text)')
+    mixed = PLAIN + ESCAPED
+    want = {i: (mixed[i % len(mixed)], mixed[(i * 3) % len(mixed)]) for i in range(300)}
+    async with pg.cursor() as cur:
+        await cur.executemany(f'INSERT INTO "{t}" VALUES (%s, %s, %s)', [(k, *v) for k, v in want.items()])
+    db = tmp_path / "pushed.duckdb"
+    s = {
+        "from": {"system": "db", "table": t},
+        "to": {"system": "duck", "table": "pushed"},
+        "mode": "full",
+        "batch_rows": 100,
+    }
+    report = await sync(bulk(), duck(db), flow(), s, steps({"map": {"id": "id", "v": "v", "w": "w", "n": "lower(v)"}}))
+    assert (report.status, report.inserted) == ("ok", 300), report.error
+    assert sum(blocks) >= 200, report.pushdown  # non-ASCII lower() is guarded: those rows take Python
+    got = {r[0]: (r[1], r[2]) for r in rows(db, "SELECT id, v, w FROM pushed")}
+    assert got == want
