@@ -309,19 +309,23 @@ def duckdb_load_routes(n: int = 300_000) -> list[tuple[str, float, float, float 
         c.execute("SET TimeZone = 'UTC'")
         for route in routes:
             c.execute("DROP TABLE IF EXISTS t")
-            c.execute("CREATE TABLE t (id BIGINT, email VARCHAR, fn VARCHAR, cc VARCHAR, ts TIMESTAMPTZ, j JSON)")
+            c.execute(
+                "CREATE TABLE t (id BIGINT, email VARCHAR, fn VARCHAR, cc VARCHAR, ts TIMESTAMPTZ, j JSON)"
+            )
             t0 = time.perf_counter()
             for s in range(0, n, 2_000):
                 chunk = rows[s : s + 2_000]
                 if route == "arrow":
                     import pyarrow as pa
 
-                    b = pa.Table.from_arrays(
+                    _pb_batch = pa.Table.from_arrays(  # found by name (replacement scan)
                         [pa.array([r[j] for r in chunk], type=pa.string()) for j in range(6)],
                         names=[f"c{j}" for j in range(6)],
                     )
                     nulls = ", ".join(f"NULLIF(c{j}, '\\N')" for j in range(6))
-                    c.execute(f"INSERT INTO t SELECT {casts} FROM (SELECT {nulls} FROM b) AS b(c0, c1, c2, c3, c4, c5)")
+                    c.execute(
+                        f"INSERT INTO t SELECT {casts} FROM (SELECT {nulls} FROM _pb_batch) AS b(c0, c1, c2, c3, c4, c5)"
+                    )
                 else:
                     _DuckLoad._to_file(chunk, batch_file)
                     c.execute(

@@ -360,7 +360,9 @@ async def test_text_values_arrive_byte_exact_through_both_batch_file_forms(pg, t
     assert forms == [False, True, True]  # the plain batch as raw COPY text, the others quoted
     got = {r[0]: (r[1], r[2]) for r in rows(db, "SELECT id, v, w FROM exact")}
     assert got == want
-    assert rows(db, "SELECT count(*) FROM exact WHERE v IS NULL") == [(sum(v is None for v, _ in want.values()),)]
+    assert rows(db, "SELECT count(*) FROM exact WHERE v IS NULL") == [
+        (sum(v is None for v, _ in want.values()),)
+    ]
     assert rows(db, "SELECT count(*) FROM exact WHERE v = ''") == [(sum(v == "" for v, _ in want.values()),)]
 
     # One column: an empty string or a NULL would be an empty line in the file (CSV readers skip those).
@@ -433,7 +435,9 @@ async def test_pushed_down_steps_write_copy_blocks_byte_exact(pg, tmp_path, monk
         "mode": "full",
         "batch_rows": 100,
     }
-    report = await sync(bulk(), duck(db), flow(), s, steps({"map": {"id": "id", "v": "v", "w": "w", "n": "lower(v)"}}))
+    report = await sync(
+        bulk(), duck(db), flow(), s, steps({"map": {"id": "id", "v": "v", "w": "w", "n": "lower(v)"}})
+    )
     assert (report.status, report.inserted) == ("ok", 300), report.error
     assert sum(blocks) >= 200, report.pushdown  # non-ASCII lower() is guarded: those rows take Python
     got = {r[0]: (r[1], r[2]) for r in rows(db, "SELECT id, v, w FROM pushed")}
