@@ -433,9 +433,12 @@ class _DuckLoad:
             if quoted
             else "quote = '', escape = '', nullstr = '\\N'"
         )
+        # a line is never longer than its file: values past the reader's 2 MB default line still load
+        longest = max(2_097_152, os.path.getsize(self._file or "") + 1)
         conn.execute(
             f"INSERT INTO {target} ({names}) SELECT {casts} FROM read_csv(?, delim = '\\t', {fmt},"
-            f" header = false, auto_detect = false, new_line = '\\n', columns = {cols})",
+            f" header = false, auto_detect = false, new_line = '\\n', max_line_size = {longest},"
+            f" columns = {cols})",
             [self._file],
         )
 

@@ -346,6 +346,8 @@ async def test_text_values_arrive_byte_exact_through_both_batch_file_forms(pg, t
     mixed = ESCAPED + PLAIN
     for i in range(100, 230):  # then batches with escapes, NULLs and plain values side by side
         want[i] = (mixed[i % len(mixed)], mixed[(i * 5) % len(mixed)])
+    want[0] = ("x" * 3_000_000, None)  # longer than a CSV reader's default line (2 MB)
+    want[150] = ("é\t" * 1_000_000, "")
     async with pg.cursor() as cur:
         await cur.executemany(f'INSERT INTO "{t}" VALUES (%s, %s, %s)', [(k, *v) for k, v in want.items()])
     db = tmp_path / "exact.duckdb"
