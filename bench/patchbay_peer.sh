@@ -11,10 +11,11 @@
 #   lead_backlog  POST /hook/lead-backlog  scheme none, public                -> a sink answering 401
 #                                          (the destination pauses; events queue in the store)
 # Env: PB_RUN_DIR (default ${TMPDIR:-/tmp}/patchbay-bench), PB_PORT (18787), PB_MAX_CONCURRENCY (32),
-#      SINK_PORT (18080, the harness's sink.py), PB_DENY_PORT (18081), PB_PYTHON (the repo's venv).
+#      SINK_PORT (18080, the harness's sink.py), PB_DENY_PORT (18081), PB_PYTHON (the repo's venv),
+#      PB_REPO (the checkout whose .venv/bin/patchbay runs; default this one).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/.." && pwd)"
+REPO="$(cd "${PB_REPO:-$HERE/..}" && pwd)"  # PB_REPO: run another checkout's patchbay (bench/versions.sh)
 : "${PB_RUN_DIR:=${TMPDIR:-/tmp}/patchbay-bench}"
 : "${PB_PORT:=18787}"
 : "${PB_MAX_CONCURRENCY:=32}"

@@ -140,13 +140,23 @@ class Metrics:
         )
         self.snapshot = StoreSnapshot()
         r.register(_StoreCollector(self))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, kept: the hot path (every event, every attempt) asks for the same few
+        series, and `labels()` costs several times the update itself. Only for series never removed."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
 
     def observe_steps(self, flow: str, trace: Iterable[dict[str, Any]]) -> None:
         """Record each step's duration from a run trace (skipped steps and routing have none)."""
         for entry in trace:
             ms = entry.get("ms")
             if ms is not None:
-                self.step_seconds.labels(flow, str(entry.get("step", "?"))).observe(ms / 1000)
+                self.child(self.step_seconds, flow, str(entry.get("step", "?"))).observe(ms / 1000)
 
     def set_alerts_firing(self, counts: dict[tuple[str, str], int]) -> None:
         self.alerts_firing.clear()  # no await between clear and set: a scrape never sees them half-done

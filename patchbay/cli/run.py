@@ -69,6 +69,13 @@ def read_data(data: str) -> tuple[bytes, Any]:
     show_default=True,
     help="Real run: how long to wait for the first attempt of every delivery.",
 )
+@click.option(
+    "--remote",
+    is_flag=True,
+    help="Ask the running hub to run it (POST /api/v1/flows/FLOW/runs) with the token in $PATCHBAY_TOKEN "
+    "(scope runs:start and runs:read), and follow it.",
+)
+@click.option("--url", help="With --remote: the hub's address (default: host and port of patchbay.yaml).")
 @json_option
 def run(
     flow: str,
@@ -76,6 +83,8 @@ def run(
     data: str | None,
     accept_schema: bool,
     dry_run: bool,
+    remote: bool,
+    url: str | None,
     wait_s: float,
     as_json: bool,
     explain: bool = False,
@@ -84,7 +93,15 @@ def run(
     steps and routing, each destination's request as it would be sent, nothing sent and no secret read.
     Without: the flow must have `trigger: {manual: true}`; the event is stored and delivered like any
     other run. A batch flow reads its source's window and writes it in one transaction, with a progress
-    line, and prints the run's report (exit 1 when it failed or stopped)."""
+    line, and prints the run's report (exit 1 when it failed or stopped). With --remote the running hub
+    does it (the hub holds the store while it runs)."""
+    if remote:
+        from patchbay.cli.remote import run_remote
+
+        if dry_run:
+            raise click.UsageError("--remote runs for real; leave out --dry-run")
+        run_remote(project_dir, flow, read_data(data)[1] if data else None, accept_schema, url, as_json)
+        return
     if data is None:
         project, resolver = _load(project_dir)
         spec = _flow(project, flow)
@@ -273,8 +290,8 @@ def _run_event(project: Any, resolver: Any, spec: Any, raw: bytes, record: Any, 
         return asyncio.run(run_in_process(project, resolver, spec, raw, record, wait_s))
     except StoreLocked as exc:
         click.echo(
-            f"run: {exc}. A manual run uses the store itself; stop `patchbay serve` and run again, "
-            "or send the event through a webhook flow with `patchbay send`",
+            f"run: {exc}. The hub is running: ask it to run the event with `patchbay run {spec.name} --remote -d …`"
+            " (a token in $PATCHBAY_TOKEN), or stop `patchbay serve` and run again",
             err=True,
         )
         sys.exit(EXIT_STORE)
@@ -319,8 +336,8 @@ def _run_batch(project: Any, resolver: Any, spec: Any, accept_schema: bool, as_j
         report = asyncio.run(run_batch_in_process(project, resolver, spec, line, accept_schema))
     except StoreLocked as exc:
         click.echo(
-            f"run: {exc}. A batch run records its report in the store; stop `patchbay serve` and run again,"
-            " or let the hub run it on its schedule",
+            f"run: {exc}. The hub is running: ask it to run the flow with `patchbay run {spec.name} --remote`"
+            " (a token in $PATCHBAY_TOKEN), or stop `patchbay serve` and run again",
             err=True,
         )
         sys.exit(EXIT_STORE)

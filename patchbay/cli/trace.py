@@ -18,7 +18,38 @@ def _short(value: Any, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def render_batch_run(run: dict[str, Any]) -> str:
+    """A batch run: its report (the run's payload), not a step-by-step trace."""
+    rep = run["payload"] if isinstance(run["payload"], dict) else {}
+    read, took = rep.get("read", 0), rep.get("duration_s") or 0.0
+    rate = f" ({read / took:,.0f} rows/s)" if took else ""
+    started = datetime.fromtimestamp(run["received_at"], UTC).isoformat(timespec="seconds")
+    out = [
+        f"run {run['id']}  flow {run['flow']}  batch run {str(rep.get('status', '?')).upper()}",
+        f"started {started} by {run['meta'].get('trigger', '?')}, took {took:.1f}s{rate}; mode {rep.get('mode')}",
+        "",
+        "  "
+        + ", ".join(
+            f"{k} {rep.get(k, 0):,}" for k in ("read", "inserted", "updated", "unchanged", "deleted")
+        ),
+        "  " + ", ".join(f"{k} {rep.get(k, 0):,}" for k in ("quarantined", "filtered", "written")),
+        f"  cursor {rep.get('cursor_from') or '(start)'} -> {rep.get('cursor_to') or '-'}",
+        f"  schema {'; '.join(rep.get('schema_changes') or []) or 'unchanged'}",
+    ]
+    if rep.get("error"):
+        out += [
+            "",
+            f"{rep.get('status')}: {rep['error']}",
+            "Nothing of this run was written; fix it and run again.",
+        ]
+    if rep.get("quarantined"):
+        out.append(f"quarantined rows: `patchbay dead --flow {run['flow']}`")
+    return "\n".join(out)
+
+
 def render_trace(run: dict[str, Any]) -> str:
+    if run["meta"].get("batch"):
+        return render_batch_run(run)
     out = [
         f"run {run['id']}  flow {run['flow']}  status {run['status'].upper()}",
         f"received {datetime.fromtimestamp(run['received_at'], UTC).isoformat(timespec='milliseconds')}"

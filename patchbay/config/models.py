@@ -398,7 +398,12 @@ class Trigger(Spec):
         description="A source system to read from: `system:` plus that connector's source settings "
         "(a table or API to poll on the schedule, or a queue/topic/folder to consume continuously).",
     )
-    manual: bool = Field(False, description="Allow `patchbay run FLOW` / API runs with a given payload.")
+    manual: bool = Field(
+        False,
+        description="Allow runs with a given event on demand: `patchbay run FLOW -d JSON` (`--remote` for a "
+        "running hub), `POST /api/v1/flows/FLOW/runs` with `data`, the console's Run button. A batch flow "
+        "can be run on demand either way.",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> Trigger:
@@ -412,7 +417,13 @@ class Trigger(Spec):
 
 
 AlertKind = Literal[
-    "failures", "destination_paused", "schedule_late", "source_failing", "dead_letters", "contract_drift"
+    "failures",
+    "destination_paused",
+    "schedule_late",
+    "source_failing",
+    "dead_letters",
+    "contract_drift",
+    "batch_failed",
 ]
 
 
@@ -427,7 +438,9 @@ class AlertRule(Spec):
         "flow's source or schedule paused (auth error) or stopped (terminal error) until resumed, or "
         "failing `count` runs in a row (default 3); dead_letters: "
         "a flow's dead letters plus quarantined events above `above`; contract_drift: events within "
-        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml)."
+        "`window` (default 10m) that differ from the flow's input contract (flows/<flow>.contract.yaml); "
+        "batch_failed: a batch flow's latest run failed or stopped (schema drift, the delete guard, an "
+        "error); a later good run clears it."
     )
     notify: list[str | dict[str, Any]] = Field(
         min_length=1,

@@ -25,6 +25,7 @@ from patchbay import registry
 from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
+from patchbay.engine.batch_runs import LastRun
 from patchbay.engine.scheduler import late_after, late_by
 from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
@@ -243,6 +244,7 @@ class AlertManager:
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._first = True
+        self._batch_last: dict[str, LastRun | None] = {}  # batch_failed: each batch flow's latest run
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -261,6 +263,12 @@ class AlertManager:
         """An event of `flow` differs from its contract: counted now, alerted at the next evaluation."""
         self._drift.feed(flow, int(at), 1, event_id, drift)
         if any(r.spec.when == "contract_drift" for r in self.rules):
+            self.kick()
+
+    def note_batch(self, flow: str, last: LastRun | None) -> None:
+        """The latest run of batch flow `flow` (the hub's, at start from the store): alerted at the next evaluation."""
+        self._batch_last[flow] = last
+        if any(r.spec.when == "batch_failed" for r in self.rules):
             self.kick()
 
     def kick(self) -> None:
@@ -390,6 +398,7 @@ class AlertManager:
             "source_failing": self._source,
             "dead_letters": self._dead,
             "contract_drift": self._drifting,
+            "batch_failed": self._batch_failed,
         }[rule.spec.when]
         out = []
         for flow in self._flows(rule):
@@ -598,6 +607,32 @@ class AlertManager:
                 f"No run of flow {flow.name} in the last {_dur(rule.window)} met changed source columns; "
                 f"drift was seen since {_ts(st['since'])}."
             )
+        return [f]
+
+    def _batch_failed(self, rule: Rule, flow: FlowSpec, snap: Snapshot) -> list[Finding]:
+        if flow.batch is None:
+            return []
+        last = self._batch_last.get(flow.name)
+        st = self._state(rule, flow.name, snap)
+        active = last is not None and last.failing
+        since = st["since"] if st["state"] == "firing" else (last.at if last is not None else snap.now)
+        # Repeated failures are one alert; a failure that becomes a stop (or back) is told again.
+        f = Finding(
+            rule, flow.name, flow.name, None, active, since, detail=last.status if active and last else ""
+        )
+        if last is not None and active:
+            f.title = f"ALERT {flow.name}: batch run {last.status}"
+            f.text = (
+                f"The batch run {last.run_id} of flow {flow.name} (started {_ts(last.at)}) {last.status}: "
+                f"{last.error}. Nothing of it was written: the destination and the cursor are as the last good "
+                f"run left them. `patchbay runs show {last.run_id}` has the report; fix the cause, then run it "
+                f"again (`patchbay run {flow.name}`, the console's Run button, or the schedule)."
+            )
+        f.ok_title = f"RESOLVED {flow.name}: batch run ok again"
+        f.ok_text = (
+            f"The batch run {last.run_id if last else '-'} of flow {flow.name} succeeded; runs had failed "
+            f"since {_ts(st['since'])}."
+        )
         return [f]
 
     def _schedule_lag(self, snap: Snapshot) -> dict[str, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,14 @@ from patchbay.batch.transform import FrameTransform, Invalid, PushedTransform, R
 from patchbay.config.batch import BatchFrom, BatchSpec
 from patchbay.config.specs import FlowSpec, Project
 from patchbay.connectors.bulk_client import BulkSystem, Load, SyncState, Window
+from patchbay.engine.policy import outcome_of
+from patchbay.engine.resources import system_resources
 from patchbay.errors import PatchbayError
 from patchbay.records import new_id
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import NewEvent
+
+log = logging.getLogger("patchbay.batch")
 
 
 def _apply(transform: FrameTransform | PushedTransform, frame: Frame) -> Result:
@@ -112,6 +117,7 @@ class RunReport:
     cursor_from: str | None = None
     cursor_to: str | None = None
     error: str | None = None
+    error_class: str | None = None  # failed: the error vocabulary's class (transient, auth, terminal)
     samples: list[dict[str, Any]] = field(default_factory=list)  # quarantined rows with their reasons
     pushdown: list[str] = field(default_factory=list)  # which steps the source's SELECT computed, and why not
     run_id: str = field(default_factory=lambda: new_id("run"))
@@ -169,8 +175,10 @@ class BatchRun:
         progress: Callable[[Progress], None] | None = None,
         before_commit: Callable[[RunReport], Any] | None = None,
         accept_schema: bool = False,
+        run_id: str | None = None,
     ) -> None:
         self.flow, self.steps, self.spec = flow_name, steps, spec
+        self.run_id = run_id  # given by whoever started the run (the API answers it before the run ends)
         self.source, self.dest = source, dest
         self.progress = progress
         self.before_commit = before_commit  # e.g. keep the quarantined rows in the hub's store first
@@ -180,8 +188,11 @@ class BatchRun:
     async def run(self) -> RunReport:
         spec = self.spec
         report = RunReport(self.flow, spec.mode)
+        if self.run_id:
+            report.run_id = self.run_id
         t0 = time.monotonic()
         load: Load | None = None
+        reader: Any = None
         try:
             for side in (self.source, self.dest):  # a side whose settings live in the batch block (files)
                 if hasattr(side, "for_batch"):
@@ -244,7 +255,14 @@ class BatchRun:
             report.status, report.error = "stopped", str(exc)
         except Exception as exc:
             report.status, report.error = "failed", f"{type(exc).__name__}: {exc}".strip()
+            report.error_class = outcome_of(exc).cls.value
         finally:
+            close = getattr(reader, "aclose", None)
+            if close is not None:  # now, not when collected: a reader's thread may wait on a full queue
+                try:
+                    await close()
+                except Exception as exc:  # the run's own outcome stands
+                    log.warning("closing the reader of batch flow %s: %s", self.flow, exc)
             if load is not None:
                 await load.abort()
             report.duration_s = time.monotonic() - t0
@@ -363,8 +381,6 @@ def open_bulk(project: Project, resolver: SecretResolver, system_name: str, flow
     found = registry.connector_for(system.kind or "", "bulk")
     if found is None:
         raise BatchStopped(f"system {system_name!r} ({system.kind}) cannot take part in a batch sync")
-    from patchbay.engine.hub import system_resources
-
     bulk: BulkSystem = found[0](system.config, system_resources(project, resolver, system, flow_name))
     return bulk
 
@@ -377,6 +393,7 @@ async def run_flow(
     progress: Callable[[Progress], None] | None = None,
     before_commit: Callable[[RunReport], Any] | None = None,
     accept_schema: bool = False,
+    run_id: str | None = None,
 ) -> RunReport:
     """One run of a batch flow of `project`; the report's error text has every secret scrubbed."""
     assert flow.batch is not None, f"flow {flow.name} has no batch block"
@@ -392,6 +409,7 @@ async def run_flow(
             progress=progress,
             before_commit=before_commit,
             accept_schema=accept_schema,
+            run_id=run_id,
         )
         report = await run.run()
     finally:

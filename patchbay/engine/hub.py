@@ -18,13 +18,16 @@ from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise
 from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
 from patchbay.contracts import parse_answer, response_drift
 from patchbay.engine.alerts import AlertManager
+from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
+from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.windows import WindowCloser, has_gates
+from patchbay.errors import TransientError
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
@@ -50,26 +53,6 @@ def build_sinks(
         out[dest.name] = cls(system.config, dest.config, dest.policy, res)
     out.update(build_call_sinks(flow, project, resolver, resources, system_resources))  # `call:<step>`
     return out
-
-
-def system_resources(
-    project: Project,
-    resolver: SecretResolver,
-    system: SystemSpec,
-    flow_name: str,
-    shared: Resources | None = None,
-) -> Resources:
-    """What a connector of `system` gets for flow `flow_name`: only that system's credentials, its address
-    policy, and the hub's shared sessions (`shared`) when there are some."""
-    return Resources(
-        http=shared.http if shared else None,
-        secret=resolver.scoped(system_secret_refs(system)),
-        redact=resolver.redactor,
-        extra={**(shared.extra if shared else {}), "root": project.root, "flow": flow_name},
-        system=system.name,
-        allow_private=system.common.allow_private_network,
-        allow_networks=tuple(system.common.allow_networks),
-    )
 
 
 def open_resolver(project: Project) -> tuple[SecretResolver, Any]:
@@ -113,6 +96,7 @@ class Hub:
         self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
+        self.batch: BatchRuns | None = None  # batch flows' runs (schedule, API, console), from start()
         self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
@@ -135,7 +119,11 @@ class Hub:
             self.store.lock()
         await self.resources.http_session()
         self.resources.redact = self.resolver.redactor
+        self.batch = BatchRuns(self.project, self.resolver, self.store, self._batch_finished)
+        await self.batch.load()
         self.alert_manager = AlertManager(self)  # alert messages are events of the internal flow `_alerts`
+        for name, last in self.batch.last.items():
+            self.alert_manager.note_batch(name, last)
         flows = list(self.project.flows.values())
         if self.alert_manager.flow is not None:
             flows.append(self.alert_manager.flow)
@@ -263,7 +251,9 @@ class Hub:
             res = system_resources(self.project, self.resolver, system, spec.name, self.resources)
             fr.source = found[0](system.config, spec.source.config, res)
         if spec.trigger.schedule is not None:
-            if fr.source is not None:
+            if spec.batch is not None:
+                job = self._batch_job(spec)
+            elif fr.source is not None:
                 src = fr.source
 
                 async def job(due: float) -> None:
@@ -283,6 +273,53 @@ class Hub:
             fr.stream_task = asyncio.create_task(
                 consume(self, fr, fr.source, fr.health), name=f"consume {spec.name}"
             )
+
+    # -------------------------------------------------------------- batch runs
+    def _batch_job(self, spec: FlowSpec) -> Callable[[float], Awaitable[None]]:
+        """A batch flow's scheduled run; a failed or stopped one raises, so the schedule's health reads it."""
+
+        async def job(due: float) -> None:
+            assert self.batch is not None
+            try:
+                live = await self.batch.run(spec, "schedule")
+            except RunGoing as exc:  # never two at once: the run going stands for this one, its result too
+                log.info(
+                    "flow %s: a run is going (%s, started by %s); the scheduled run waits for it instead",
+                    spec.name,
+                    exc.live.run_id,
+                    exc.live.trigger,
+                )
+                live = exc.live
+                await live.done.wait()
+            if live.report is None:
+                raise TransientError(f"batch run {live.run_id} could not be recorded; see the log")
+            if live.report.status != "ok":
+                raise as_error(live.report)
+
+        return job
+
+    def start_batch(self, flow: str, trigger: str, *, accept_schema: bool = False) -> LiveRun:
+        """Start a run of batch flow `flow` now (RunGoing when one is going); the API's and console's way."""
+        assert self.batch is not None
+        return self.batch.start(self.flows[flow].spec, trigger, accept_schema=accept_schema)
+
+    async def _batch_finished(self, spec: FlowSpec, live: LiveRun) -> None:
+        """A good run started by hand also clears its stopped or failing schedule; alerts look again."""
+        fr = self.flows.get(spec.name)
+        report = live.report
+        if live.trigger != "schedule" and fr is not None and fr.health is not None and report is not None:
+            if report.status == "ok":
+                await fr.health.succeeded()
+                await fr.health.resume()
+        if self.alert_manager is not None and self.batch is not None:
+            self.alert_manager.note_batch(spec.name, self.batch.last.get(spec.name))
+            if report is not None and report.schema_changes:  # the source's columns changed: drift too
+                self.alert_manager.note_drift(spec.name, report.run_id, report.schema_changes, time.time())
+            self.alert_manager.kick()
+
+    def failing_batches(self) -> dict[str, LastRun]:
+        """Batch flows whose latest run failed or stopped (a later good run clears it)."""
+        return {n: last for n, last in (self.batch.last if self.batch else {}).items() if last.failing}
 
     def not_running(self) -> list[str]:
         """What should be running and is not: the store's writer, delivery workers, sources, schedules."""
@@ -329,6 +366,8 @@ class Hub:
                 )
             if fr.source is not None:
                 await _bounded(fr.source.close(), f"closing the source of {fr.spec.name}")
+        if self.batch is not None:  # a run going aborts its destination transaction: nothing half written
+            await _bounded(self.batch.stop(), "stopping batch runs", 30)
         grace = self.project.settings.shutdown_grace_s
         await _bounded(
             asyncio.gather(*(w.stop(grace) for fr in self.flows.values() for w in fr.workers.values())),
@@ -391,7 +430,7 @@ class Hub:
                     extra={"event_id": event.id, "flow": name},
                 )
             return accepted.status
-        self.metrics.accepted.labels(name, event.status).inc()
+        self.metrics.child(self.metrics.accepted, name, event.status).inc()
         self.metrics.observe_steps(name, event.trace)
         drift = next((s["drift"] for s in event.trace if s.get("kind") == "contract"), None)
         if drift:
@@ -525,8 +564,9 @@ class Hub:
         )
 
     def _count_attempt(self, flow: str, dest: str, outcome: Outcome) -> None:
-        self.metrics.attempts.labels(flow, dest, outcome.cls.value).inc()
-        self.metrics.latency.labels(flow, dest).observe(outcome.latency_ms / 1000)
+        m = self.metrics
+        m.child(m.attempts, flow, dest, outcome.cls.value).inc()
+        m.child(m.latency, flow, dest).observe(outcome.latency_ms / 1000)
 
     async def set_state(self, flow: str, dest: str, state: str, by: Actor | None = None) -> None:
         """Pause or resume a destination by hand; audited (`resume` or the state) in the same transaction."""

@@ -58,6 +58,10 @@ class Pipeline:
         self.sinks = sinks
         self.cipher = cipher  # opens sealed rows; seals new ones only when the flow encrypts
         self.sealing = cipher is not None and flow.encrypt_sensitive and bool(flow.sensitive)
+        # What each step is, decided once (not per record): a gate (dedupe, aggregate), a call, a split, or
+        # a plain step whose `apply` changes the record. Flows without gates skip their bookkeeping.
+        self._kinds = [_step_kind(s.step) for s in flow.steps]
+        self._gated = "gate" in self._kinds
 
     def redact(self, record: Any) -> Any:
         """`record` as it may be shown: the flow's sensitive fields replaced by [redacted]."""
@@ -80,9 +84,12 @@ class Pipeline:
         aggregate), with `note` as the first trace entry; `received_at`: the event's arrival time."""
         values = sensitive_values(record, self.flow.sensitive)  # before a step changes the record
         scrub = Scrubber(values)
-        gates = _Gates(event_id, time.time() if received_at is None else received_at)
+        gates = None
+        if self._gated:
+            gates = _Gates(event_id, time.time() if received_at is None else received_at)
         out = self._process(record, event_id, answers or {}, gates, after, note)
-        out.claims, out.windows = gates.claims, gates.windows
+        if gates is not None:
+            out.claims, out.windows = gates.claims, gates.windows
         if scrub:
             out.trace, out.reason = scrub(out.trace), scrub(out.reason)
         if self.sealing:
@@ -127,7 +134,7 @@ class Pipeline:
         record: Any,
         event_id: str,
         answers: Mapping[str, Any],
-        gates: _Gates,
+        gates: _Gates | None,
         after: str | None,
         note: dict[str, Any] | None,
     ) -> Processed:
@@ -142,7 +149,8 @@ class Pipeline:
             if drift:
                 trace.append({"step": "contract", "kind": "contract", "drift": [str(d) for d in drift]})
         branches = self._run(record, start, "", event_id, answers, trace, None, gates)
-        if any(b.element is not None for b in branches):  # only an element that gets through claims its key
+        if gates is not None and any(b.element is not None for b in branches):
+            # only an element that gets through claims its key
             gates.keep_claims({b.element for b in branches if b.status in ("pending", "aggregated")})
         if len(branches) == 1 and not branches[0].element:
             b = branches[0]  # no split: the event is the one record
@@ -161,25 +169,29 @@ class Pipeline:
         answers: Mapping[str, Any],
         trace: list[dict[str, Any]],
         element: str | None,
-        gates: _Gates,
+        gates: _Gates | None,
     ) -> list[_Branch]:
         """The steps from `start` on, then routing, for one record (one element after a split: `suffix`
         ".<i>" is part of every key it makes). It stops at a call whose answer is not known yet."""
         tag = {"element": element} if element is not None else {}
-        for i in range(start, len(self.flow.steps)):
-            spec = self.flow.steps[i]
+        steps, kinds = self.flow.steps, self._kinds
+        for i in range(start, len(steps)):
+            spec, kind = steps[i], kinds[i]
             t0 = time.perf_counter()
             if spec.when is not None and not is_truthy(spec.when.search(record)):
                 trace.append({"step": spec.name, "kind": spec.kind, **tag, "skipped": True})
                 continue
             try:
-                if hasattr(spec.step, "gate"):  # dedupe, aggregate: settled in the accept's transaction
+                if kind is _APPLY:  # the common case first: map, validate, filter, ...
+                    record = spec.step.apply(record)
+                elif kind is _GATE:  # dedupe, aggregate: settled in the accept's transaction
+                    assert gates is not None
                     entry = gates.add(spec, record, self.flow.name, len(trace), element)
                     trace.append({"step": spec.name, "kind": spec.kind, **tag, "ms": _ms(t0), **entry})
                     if spec.step.absorbs:  # counted into its window: the window's record goes on later
                         return [_Branch("aggregated", record, element=element)]
                     continue
-                if getattr(spec.step, "calls", False):
+                elif kind is _CALL:
                     key = f"{event_id}{suffix}.{spec.name}"
                     if key not in answers:  # ask first: the run goes on when the answer is recorded
                         try:
@@ -211,7 +223,7 @@ class Pipeline:
                         }
                     )
                     continue
-                if getattr(spec.step, "splits", False):
+                else:  # a split
                     elements = spec.step.elements(record)
                     trace.append(
                         {
@@ -227,7 +239,6 @@ class Pipeline:
                         sub = f"{suffix}.{j}"
                         out += self._run(el, i + 1, sub, event_id, answers, trace, sub[1:], gates)
                     return out
-                record = spec.step.apply(record)
             except RecordInvalid as exc:
                 reasons = [str(v) for v in exc.violations]
                 trace.append({"step": spec.name, "kind": spec.kind, **tag, "ms": _ms(t0), "error": reasons})
@@ -357,6 +368,20 @@ class _Gates:
             elif isinstance(a, WindowAdd):
                 self.windows.append(a)
         return dict(entry)
+
+
+_APPLY, _GATE, _CALL, _SPLIT = "apply", "gate", "call", "split"
+
+
+def _step_kind(step: Any) -> str:
+    """How `_run` treats a step (the checks it made per record before, made once per flow)."""
+    if hasattr(step, "gate"):
+        return _GATE
+    if getattr(step, "calls", False):
+        return _CALL
+    if getattr(step, "splits", False):
+        return _SPLIT
+    return _APPLY
 
 
 def _ms(t0: float) -> float:

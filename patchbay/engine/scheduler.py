@@ -95,6 +95,18 @@ class ScheduleRunner:
         if not due:
             # First start ever: an interval runs now, a cron expression waits for its time.
             return now if self.spec.every is not None else next_after(self.spec, now)
+        assert row is not None
+        started, finished = row.get("last_started_at") or 0.0, row.get("last_finished_at") or 0.0
+        if started > finished and self.spec.catch_up == "once":
+            # The last run never finished (the hub was killed or stopped during it): a batch run left its
+            # destination as the run before left it, so it is done again, once, now.
+            log.info(
+                "schedule %s: the run started at %s did not finish (the hub stopped during it): running it "
+                "again once now",
+                self.flow,
+                datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            )
+            return now
         if due <= now:
             if self.spec.catch_up == "once":
                 log.info(

@@ -35,6 +35,7 @@ SCOPES: dict[str, str] = {
     "flows:read": "Read systems, flows, the map, destinations, schedules and cursors.",
     "runs:read": "Read runs, traces, dead letters and counts.",
     "runs:replay": "Replay or discard dead letters and quarantined events; reset a source cursor.",
+    "runs:start": "Start a run: a batch flow's sync now, or an event into a `manual: true` flow.",
     "destinations:write": "Pause and resume destinations; resume a paused or stopped source.",
     "secrets:read": "List secret names and which flows use them (never values).",
     "secrets:write": "Set, rotate and delete secrets.",

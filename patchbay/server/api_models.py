@@ -41,7 +41,14 @@ TokenId = Annotated[
     ),
 ]
 Scope = Literal[
-    "flows:read", "runs:read", "runs:replay", "destinations:write", "secrets:read", "secrets:write", "admin"
+    "flows:read",
+    "runs:read",
+    "runs:replay",
+    "runs:start",
+    "destinations:write",
+    "secrets:read",
+    "secrets:write",
+    "admin",
 ]
 RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded", "aggregated"]
 Health = Literal["ok", "retrying", "paused", "failing", "late"]
@@ -116,6 +123,11 @@ class RunPath(In):
     run_id: RunId
 
 
+class FlowRunPath(In):
+    flow: FlowName
+    run_id: RunId
+
+
 class SecretPath(In):
     name: SecretName
 
@@ -187,6 +199,60 @@ class SourceHealthOut(Out):
     health: Health
 
 
+class RunProgressOut(Out):
+    read: int = Field(description="Source rows read so far.")
+    written: int = Field(description="Rows handed to the destination so far (committed only at the end).")
+    total: int | None = Field(description="Rows the run will read, when the source can count them.")
+    rows_per_s: float
+    eta_s: float | None = Field(description="Seconds left at the current rate, when the total is known.")
+    elapsed_s: float
+    share: float | None = Field(description="read / total, 0..1, when the total is known.")
+
+
+class FlowRunOut(Out):
+    """A run started with POST /flows/{flow}/runs: live while it runs, its report when done."""
+
+    run_id: str = Field(description="The run's id; `GET /runs/{run_id}` has its trace once recorded.")
+    flow: str
+    kind: Literal["batch", "event"]
+    trigger: str = Field(description="What started it: api, console, schedule, manual (the CLI).")
+    started_at: Timestamp
+    status: str = Field(
+        description="A batch run: running, ok, failed or stopped. An event: its run status (pending, "
+        "delivered, quarantined, ...)."
+    )
+    phase: str | None = Field(
+        description="A batch run: preparing, copying, committing, recording, done. Null for an event."
+    )
+    progress: RunProgressOut | None = Field(description="A batch run while it runs: rows, rows/s, ETA.")
+    report: dict[str, Any] | None = Field(
+        description="A finished batch run's report: read, inserted, updated, unchanged, deleted, quarantined, "
+        "filtered, schema_changes, cursor_from, cursor_to, duration_s, error."
+    )
+
+
+class StartRun(In):
+    data: Any = Field(
+        None,
+        description="An event flow with `manual: true`: the event to run (any JSON value). Leave out for a "
+        "batch flow.",
+    )
+    accept_schema: bool = Field(
+        False,
+        description="A batch flow: accept the source's changed columns for this run (new ones are added at "
+        "the destination), as `patchbay run FLOW --accept-schema` does.",
+    )
+
+
+class BatchStateOut(Out):
+    reads: str = Field(description="What it reads: `system table name`, or `system (a query)`.")
+    writes: str = Field(description="What it writes: `system table name`.")
+    running: FlowRunOut | None = Field(description="The run going now, if any.")
+    last_run: dict[str, Any] | None = Field(
+        description="The latest finished run: run_id, status (ok, failed, stopped), error, at."
+    )
+
+
 class FlowSummary(Out):
     name: str
     purpose: str
@@ -201,6 +267,10 @@ class FlowSummary(Out):
     )
     health: Health
     stats: FlowStats
+    batch: BatchStateOut | None = Field(
+        None,
+        description="A batch flow: the run going now and the latest run (a failed one makes it failing).",
+    )
     open_windows: int | None = Field(
         None,
         description="Aggregate windows holding records not yet emitted (as counted within the last second);"

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from patchbay.engine.batch_runs import LastRun
 from patchbay.engine.hub import Hub
 from patchbay.engine.waiting import wait_set
 from patchbay.server.api import add_api
@@ -200,12 +201,20 @@ def make_app(hub: Hub) -> web.Application:
                 {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, status=503
             )
         sources = hub.unhealthy_sources()
-        if sources:
+        batches = hub.failing_batches()
+        if sources or batches:
             # Webhooks are still taken (a 503 would stop every flow behind a load balancer), but what is
             # broken says so: a failing source is never silently "ready". The upstream's own error text
             # stays behind the API's tokens (this endpoint is public).
             problems = {flow: _source_problem(s) for flow, s in sorted(sources.items())}
-            return web.json_response({"status": "degraded", "flows": len(hub.flows), "problems": problems})
+            for flow, last in batches.items():
+                waits = flow in sources and sources[flow].state in ("paused", "stopped")
+                problems[flow] = _batch_problem(flow, last) + (
+                    f"; its schedule waits for `patchbay resume {flow}` or a good run" if waits else ""
+                )
+            return web.json_response(
+                {"status": "degraded", "flows": len(hub.flows), "problems": dict(sorted(problems.items()))}
+            )
         return web.json_response({"status": "ready", "flows": len(hub.flows)})
 
     async def metrics(_: web.Request) -> web.Response:
@@ -221,6 +230,13 @@ def make_app(hub: Hub) -> web.Application:
     add_oauth(app, hub)  # /oauth/callback: finishes `patchbay connect SYSTEM`
     app[HUB_KEY] = hub
     return app
+
+
+def _batch_problem(flow: str, last: LastRun) -> str:
+    return (
+        f"batch run {last.run_id} {last.status} (nothing written); `patchbay runs show {last.run_id}` says why,"
+        " a good run clears it"
+    )
 
 
 def _source_problem(s: SourceState) -> str:

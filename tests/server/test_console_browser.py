@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from patchbay.security.tokens import create_token, revoke_token
-from patchbay.store.base import Actor
+from patchbay.store.base import Actor, RunFilter
 from tests.conftest import IN_CI, eventually, lead_project, write_project
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -381,5 +381,98 @@ async def test_a_read_only_token_can_look_but_not_change_and_hidden_tabs_stop_po
         await page.get_by_role("button", name="Sign out").click()
         await page.get_by_label("API token").wait_for()
         assert await page.evaluate("sessionStorage.getItem('patchbay.token')") is None
+    finally:
+        await context.close()
+
+
+BATCH_FLOW = """
+purpose: Orders copied into reporting, merged by id.
+owner: data
+trigger: {schedule: {cron: "0 2 * * *"}, manual: true}
+steps:
+  - map: {id: id, email: lower(trim(email)), updated_at: updated_at}
+  - validate: {email: {required: true, format: email}}
+batch:
+  from: {system: shop, table: orders}
+  to: {system: report, table: orders}
+  mode: merge
+  key: [id]
+  cursor: {column: updated_at}
+  batch_rows: 1000
+"""
+
+
+async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink, start_hub, browser):
+    root = lead_project(tmp_path, sink.url, delivery=FAST)
+    systems = yaml.safe_load((root / "systems.yaml").read_text())
+    systems["shop"] = {"kind": "sqlite", "owner": "ops", "path": "shop.db"}
+    systems["report"] = {"kind": "sqlite", "owner": "data", "path": "report.db"}
+    (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
+    write_project(root, {"flows/orders.yaml": BATCH_FLOW})
+    lead_flow = yaml.safe_load((root / "flows" / "lead-capture.yaml").read_text())
+    lead_flow["trigger"]["manual"] = True
+    (root / "flows" / "lead-capture.yaml").write_text(yaml.safe_dump(lead_flow, sort_keys=False))
+    with sqlite3.connect(root / "shop.db") as c:
+        c.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, email TEXT, updated_at TEXT)")
+        c.executemany(
+            "INSERT INTO orders VALUES (?, ?, '2024-01-01')", [(i, f" U{i}@Shop.io") for i in range(1, 80001)]
+        )
+        c.execute("UPDATE orders SET email = 'nope' WHERE id = 7")
+    sqlite3.connect(root / "report.db").close()
+    hub = await start_hub(root)
+    token, _ = await create_token(
+        hub.store, "operator", ["flows:read", "runs:read", "runs:start"], None, Actor("t")
+    )
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.set_default_timeout(15_000)
+    try:
+        await page.goto(hub.url + "/console/")
+        await page.get_by_label("API token").fill(token)
+        await page.get_by_label("API token").press("Enter")
+        await page.locator("#who-name").filter(has_text="operator").wait_for()
+        await page.goto(hub.url + "/console/#/flows/orders")
+        panel = page.get_by_role("region", name="Run", exact=True)
+        await panel.get_by_text("No run yet.").wait_for()
+        assert "shop table orders" in await panel.inner_text()
+        await panel.get_by_role("button", name="Run now").click()
+        # While it runs: a progress bar with rows and rows/s (or, on a fast machine, already the report).
+        progress_or_report = page.locator(".run-progress progress, .batch-report")
+        await progress_or_report.first.wait_for()
+        report = page.locator('.batch-report[data-status="ok"]')
+        await report.wait_for(timeout=60_000)
+        cells = await report.locator("tbody td").all_inner_texts()
+        assert cells[:6] == ["80,000", "79,999", "0", "0", "0", "1"], cells
+        await page.screenshot(path=str(ARTIFACTS / "console-batch-run.png"), full_page=True)
+        # The run's page shows the same report; the flow is healthy.
+        await panel.get_by_role("link").first.click()
+        await page.locator("section.outcome.good").filter(has_text="Batch run ok: read 80,000").wait_for()
+        assert (await hub.store.list_runs(RunFilter(flow="orders", status="delivered")))[0]["id"]
+        run = await hub.store.get_run(
+            (await hub.store.list_runs(RunFilter(flow="orders", status="delivered")))[0]["id"]
+        )
+        assert run["meta"]["trigger"] == "console"
+        assert await page.locator('.batch-report[data-status="ok"] tbody td').first.inner_text() == "80,000"
+        with sqlite3.connect(root / "report.db") as c:
+            assert c.execute("SELECT count(*) FROM orders").fetchone() == (79999,)
+        # A manual event flow: its Run panel takes one event as JSON; it is stored and delivered.
+        await page.goto(hub.url + "/console/#/flows/lead-capture")
+        panel = page.get_by_role("region", name="Run", exact=True)
+        await panel.get_by_label("Event (JSON)").fill('{"email": "Ada@Example.com"}')
+        await panel.get_by_role("button", name="Run", exact=True).click()
+        await panel.get_by_text("Stored:").wait_for()
+        await sink.wait_for(1)
+        assert sink.received[-1].body["properties"]["email"] == "ada@example.com"
+
+        # The map: the batch flow is an arrow from the table it reads to the one it writes, healthy.
+        await page.get_by_role("link", name="Map").click()
+        await page.locator('a.edge-label[data-edge="orders/batch"].h-ok').wait_for()
+        assert not problems, problems
+    except BaseException:
+        await page.screenshot(path=str(ARTIFACTS / "console-failure.png"), full_page=True)
+        raise
     finally:
         await context.close()

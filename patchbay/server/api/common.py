@@ -182,6 +182,8 @@ class Resource:
     def _source_system(spec: FlowSpec) -> str | None:
         if spec.trigger.webhook is not None:
             return spec.trigger.webhook.system
+        if spec.batch is not None:
+            return spec.batch.from_.system
         return spec.source.system if spec.source is not None else None
 
     def _schedule(self, name: str, row: dict[str, Any] | None, late: float) -> dict[str, Any] | None:
@@ -209,10 +211,12 @@ class Resource:
     def _flow_summary(self, spec: FlowSpec, ov: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
         dests = [ov["dests"][(spec.name, d.name)] for d in self._targets(self.hub.flows[spec.name])]
         source = ov["sources"].get(spec.name)
+        batch = self._batch(spec)
         health = worst(
             [d["health"] for d in dests]
             + (["late"] if ov["late"][spec.name] else [])
             + ([source["health"]] if source else [])
+            + (["failing"] if batch and batch["last_run"] and batch["last_run"]["status"] != "ok" else [])
         )
         return {
             "name": spec.name,
@@ -226,5 +230,29 @@ class Resource:
             "source_health": source,
             "health": health,
             "stats": stats[spec.name],
+            "batch": batch,
             "open_windows": self.hub.windows.open_windows(spec) if self.hub.windows is not None else None,
+        }
+
+    def _batch(self, spec: FlowSpec) -> dict[str, Any] | None:
+        """A batch flow's run going now and its latest run (its error redacted)."""
+        runs = self.hub.batch
+        if spec.batch is None or runs is None:
+            return None
+        live = runs.running.get(spec.name)
+        last = runs.last.get(spec.name)
+        b = spec.batch
+        reads = f"{b.from_.system} table {b.from_.table}" if b.from_.table else f"{b.from_.system} (a query)"
+        return {
+            "reads": reads,
+            "writes": f"{b.to.system} table {b.to.table}",
+            "running": live.view() if live is not None else None,
+            "last_run": {
+                "run_id": last.run_id,
+                "status": last.status,
+                "error": self._redact(last.error),
+                "at": last.at,
+            }
+            if last is not None
+            else None,
         }

@@ -9,6 +9,7 @@ from patchbay.server import api_models as m
 from patchbay.server.api.admin import Admin
 from patchbay.server.api.dead_letters import DeadLetters
 from patchbay.server.api.destinations import Destinations
+from patchbay.server.api.flow_runs import FlowRuns
 from patchbay.server.api.flows import Flows
 from patchbay.server.api.http import PREFIX
 from patchbay.server.api.runs import Runs
@@ -28,11 +29,19 @@ class Handlers:
     destinations: Destinations
     state: State
     secrets: Secrets
+    flow_runs: FlowRuns
 
     @classmethod
     def of(cls, hub: Hub) -> Handlers:
         return cls(
-            Admin(hub), Flows(hub), Runs(hub), DeadLetters(hub), Destinations(hub), State(hub), Secrets(hub)
+            Admin(hub),
+            Flows(hub),
+            Runs(hub),
+            DeadLetters(hub),
+            Destinations(hub),
+            State(hub),
+            Secrets(hub),
+            FlowRuns(hub),
         )
 
 
@@ -68,6 +77,30 @@ def endpoints(h: Handlers) -> list[Endpoint]:
             "flows",
             m.FlowDetail,
             path_params=m.FlowPath,
+        ),
+        E(
+            "POST",
+            f"{flow}/runs",
+            h.flow_runs.start_run,
+            "runs:start",
+            "Start a run now: a batch flow's sync (202 at once; 409 with the run's id while one is going), or "
+            "`data` as one event of a `manual: true` flow; audited.",
+            "runs",
+            m.FlowRunOut,
+            status=202,
+            path_params=m.FlowPath,
+            body=m.StartRun,
+        ),
+        E(
+            "GET",
+            f"{flow}/runs/{{run_id}}",
+            h.flow_runs.get_flow_run,
+            "runs:read",
+            "A run started on demand or by the schedule: a batch run's phase and progress (rows, rows/s, ETA) "
+            "while it runs, its report when done.",
+            "runs",
+            m.FlowRunOut,
+            path_params=m.FlowRunPath,
         ),
         E(
             "GET",

@@ -20,6 +20,8 @@ class Flows(Resource):
             source = self._source_system(f)
             called = {getattr(s.config, "system", "") for s in f.steps if getattr(s.step, "calls", False)}
             names = {d.system for d in f.destinations} | called | ({source} if source else set())
+            if f.batch is not None:
+                names.add(f.batch.to.system)
             for n in sorted(names):
                 used.setdefault(n, []).append(f.name)
         return {"systems": [self._system(s, used.get(s.name, [])) for s in project.systems.values()]}
@@ -70,6 +72,7 @@ class Flows(Resource):
                 }
                 for s in spec.steps
             ],
+            "batch": self._redact(self._dump(spec.batch)) if spec.batch is not None else None,
             "destinations": [
                 {
                     "name": d.name,
@@ -106,6 +109,9 @@ class Flows(Resource):
             source = ov["sources"].get(name)
             if source is not None and source["health"] != "ok":  # a failing source colours its node
                 outgoing[src] = [*outgoing.get(src, []), source["health"]]
+            if fr.spec.batch is not None:  # a batch flow: one edge from the table it reads to the one it writes
+                edges.append(self._batch_edge(fr.spec, src, source))
+                incoming.setdefault(fr.spec.batch.to.system, []).append(edges[-1]["health"])
             for d in self._targets(fr):  # destinations, then call and lookup steps
                 dd = ov["dests"][(name, d.name)]
                 edges.append(
@@ -151,3 +157,24 @@ class Flows(Resource):
                 }
             )
         return {"nodes": nodes, "edges": edges}
+
+    def _batch_edge(self, spec: FlowSpec, src: str, source: dict[str, Any] | None) -> dict[str, Any]:
+        assert spec.batch is not None
+        batch = self._batch(spec) or {}
+        last = batch.get("last_run")
+        healths = (["failing"] if last and last["status"] != "ok" else []) + (
+            [source["health"]] if source else []
+        )
+        return {
+            "id": f"{spec.name}/batch",
+            "flow": spec.name,
+            "destination": spec.batch.to.table,
+            "source": src,
+            "target": spec.batch.to.system,
+            "trigger": self._trigger(spec),
+            "state": "active",
+            "health": worst(healths),
+            "source_state": source["state"] if source else None,
+            "source_error": (last["error"] if last and last["status"] != "ok" else None)
+            or (source["error"] if source and source["state"] != "active" else None),
+        }

@@ -22,6 +22,14 @@ class Runs(Resource):
     async def get_run(self, c: Call) -> Any:
         run = await self.store.get_run(c.path.run_id)
         if run is None:
+            live = self.hub.batch.get(c.path.run_id) if self.hub.batch is not None else None
+            if live is not None:  # a batch run is recorded when it ends
+                raise ApiError(
+                    404,
+                    "not_found",
+                    f"run {live.run_id} of flow {live.flow} is still going ({live.phase}); it is recorded when it "
+                    f"ends. GET /api/v1/flows/{live.flow}/runs/{live.run_id} follows it",
+                )
             raise ApiError(404, "not_found", f"no run {c.path.run_id!r}")
         fr = self.hub.flows.get(run["flow"])
         # Also with no paths: values sealed at rest show as [redacted].

@@ -39,6 +39,7 @@ export async function api(path, { method = 'GET', body, params } = {}) {
   }
   const headers = { Authorization: `Bearer ${session.token}`, Accept: 'application/json' };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
+  if (method !== 'GET') headers['X-Patchbay-Console'] = '1'; // says who started a run (`trigger: console`)
   let res;
   try {
     res = await fetch(url, {

@@ -66,7 +66,7 @@ function showLogin(reason) {
   h('p', { id: 'token-help', class: 'muted small' },
     'Create one on the hub’s machine, for example ',
     h('code', {}, 'patchbay tokens create console --scope flows:read --scope runs:read --scope runs:replay '
-      + '--scope destinations:write'),
+      + '--scope runs:start --scope destinations:write'),
     '. It stays in this browser tab only (session storage) and is sent as a Bearer token.'),
   button);
   fill($main, form);

@@ -1,11 +1,11 @@
 // The map, the list of flows and one flow's page.
 
-import { api, needs } from './api.js';
+import { api, can, needs } from './api.js';
 import {
   append, code, emptyRow, errorBox, fill, flowLink, fmtMs, fmtPct, fmtSeconds, h, liveSection, pill, runLink, table, when,
 } from './dom.js';
 import { drawMap, HEALTHS } from './map.js';
-import { runsTable } from './runs.js';
+import { fmtRows, reportView, runsTable } from './runs.js';
 
 const HEALTH_TEXT = {
   ok: 'delivering normally', retrying: 'failed attempts waiting for a retry', late: 'a schedule is late',
@@ -79,9 +79,11 @@ export async function viewFlows(root, r) {
       return h('tr', { 'data-flow': f.name },
         h('td', {}, h('strong', { class: 'nowrap' }, flowLink(f.name)), h('div', { class: 'muted small' }, f.purpose)),
         h('td', {}, triggerText(f)),
-        h('td', {}, f.source_system || 'hub', ' → ', f.destinations.map((d) => d.system).join(', ')),
+        h('td', {}, f.source_system || 'hub', ' → ', f.batch ? f.batch.writes : f.destinations.map((d) => d.system).join(', ')),
         h('td', {}, f.owner),
-        h('td', {}, pill(f.health)),
+        h('td', {}, pill(f.health), f.batch?.running ? h('div', { class: 'small', 'data-running': f.batch.running.run_id },
+          pill('pending', 'running'), f.batch.running.progress?.share != null
+            ? ` ${Math.floor(f.batch.running.progress.share * 100)} %` : '') : null),
         h('td', { class: 'nowrap' }, last ? [pill(last.status), ' ', h('a', { href: `#/runs/${last.id}` }, when(last.received_at))]
           : h('span', { class: 'muted' }, 'never')),
         h('td', { class: 'num' }, pair(String(f.stats.hour.runs), String(f.stats.day.runs))),
@@ -126,19 +128,120 @@ export function stateButton(d, after) {
   return [btn, status];
 }
 
+// ---------------------------------------------------------------------------- running a flow on demand
+const PHASE_TEXT = { preparing: 'Preparing (columns, drift, counts)…', copying: 'Copying…',
+  committing: 'Committing…', recording: 'Recording the report…', done: 'Done.' };
+
+/** A batch run's progress: a bar when the total is known, rows, rows/s and ETA. */
+export function progressView(run) {
+  const p = run.progress || { read: 0, total: null, rows_per_s: 0, eta_s: null };
+  const share = p.total ? Math.min(1, p.read / p.total) : null;
+  return h('div', { class: 'run-progress', 'data-run': run.run_id, 'data-phase': run.phase },
+    h('p', {}, pill('pending', 'running'), ' ', PHASE_TEXT[run.phase] || run.phase, ' ', h('span', { class: 'muted small' },
+      `run ${run.run_id}, started by ${run.trigger}`)),
+    h('progress', share === null ? { 'aria-label': 'Rows read' }
+      : { max: p.total, value: p.read, 'aria-label': 'Rows read' }),
+    h('p', { class: 'small', role: 'status' }, share === null ? `${fmtRows(p.read)} rows`
+      : `${Math.floor(share * 100)} % · ${fmtRows(p.read)} / ${fmtRows(p.total)} rows`,
+    ` · ${fmtRows(Math.round(p.rows_per_s))} rows/s`, p.eta_s !== null && p.eta_s !== undefined ? ` · ETA ${fmtSeconds(p.eta_s)}` : ''));
+}
+
+function runPanel(f, after) {
+  const name = f.name;
+  const out = h('div', { class: 'run-live' });
+  const msg = h('span', { role: 'status', class: 'small' });
+  let following = null;
+  let reported = null; // the run whose report is shown: the live refresh leaves it until another run exists
+  const follow = async (id) => {
+    following = id;
+    while (following === id) {
+      let run;
+      try { run = await api(`flows/${encodeURIComponent(name)}/runs/${encodeURIComponent(id)}`); } catch (err) {
+        fill(msg, errorBox(err)); return;
+      }
+      if (run.status !== 'running') {
+        fill(out, reportView(run.report), h('p', {}, runLink(run.run_id), ' · the run\'s page has the report'));
+        reported = run.run_id;
+        following = null;
+        await after();
+        return;
+      }
+      fill(out, progressView(run));
+      await new Promise((res) => { setTimeout(res, 300); });
+    }
+  };
+  if (f.batch) {
+    const accept = h('input', { type: 'checkbox', id: 'run-accept' });
+    const btn = h('button', needs('runs:start', {
+      type: 'button', class: 'primary', 'data-action': 'run',
+      onclick: async () => {
+        btn.disabled = true;
+        msg.textContent = '';
+        try {
+          const run = await api(`flows/${encodeURIComponent(name)}/runs`, { method: 'POST', body: { accept_schema: accept.checked } });
+          await follow(run.run_id);
+        } catch (err) { fill(msg, errorBox(err)); }
+        btn.disabled = !can('runs:start');
+      },
+    }), 'Run now');
+    const update = (fl) => {
+      const b = fl.batch;
+      if (following || (reported && !b.running && b.last_run?.run_id === reported)) return;
+      if (b.running) fill(out, progressView(b.running));
+      else if (b.last_run) {
+        fill(out, h('p', {}, 'Last run ', pill(b.last_run.status === 'ok' ? 'delivered' : 'dead', b.last_run.status), ' ',
+          runLink(b.last_run.run_id), ' ', when(b.last_run.at)),
+        b.last_run.error ? h('p', { class: 'notice bad' }, b.last_run.error) : null);
+      } else fill(out, h('p', { class: 'muted' }, 'No run yet.'));
+    };
+    update(f);
+    return { update, el: h('section', { class: 'run-panel', 'aria-label': 'Run' }, h('h2', {}, 'Run'),
+      h('p', { class: 'muted small' }, `Reads ${f.batch.reads} and writes ${f.batch.writes} in one transaction; `
+        + 'one run at a time.'),
+      h('div', { class: 'actions' }, btn, h('label', { for: 'run-accept', class: 'small' }, accept,
+        ' accept schema changes'), msg), out) };
+  }
+  const data = h('textarea', { id: 'run-data', rows: 4, cols: 60, 'aria-label': 'Event (JSON)', placeholder: '{"email": "ada@example.com"}' });
+  const btn = h('button', needs('runs:start', {
+    type: 'button', class: 'primary', 'data-action': 'run',
+    onclick: async () => {
+      let body;
+      try { body = { data: JSON.parse(data.value) }; } catch (err) { msg.textContent = `Not JSON: ${err.message}`; return; }
+      btn.disabled = true;
+      try {
+        const run = await api(`flows/${encodeURIComponent(name)}/runs`, { method: 'POST', body });
+        fill(msg, 'Stored: ', runLink(run.run_id), ` (${run.status})`);
+        await after();
+      } catch (err) { fill(msg, errorBox(err)); }
+      btn.disabled = !can('runs:start');
+    },
+  }), 'Run');
+  return { update: () => {}, el: h('section', { class: 'run-panel', 'aria-label': 'Run' }, h('h2', {}, 'Run'),
+    h('p', { class: 'muted small' }, 'Runs one event through this flow (it has `manual: true`); it is stored and delivered like any other.'),
+    h('label', { for: 'run-data', class: 'small' }, 'Event (JSON)'), data, h('div', { class: 'actions' }, btn, msg)) };
+}
+
 export async function viewFlow(root, r) {
   const name = r.parts[1];
   const head = h('div');
+  const runBox = h('div');
   const dests = h('div');
   const stats = h('div');
   const runs = h('div');
   const defn = h('div');
-  append(root, head, h('h2', {}, 'Last hour and day'), stats, h('h2', {}, 'Destinations'), dests,
+  const destsHead = h('h2', {}, 'Destinations');
+  append(root, head, runBox, h('h2', {}, 'Last hour and day'), stats, destsHead, dests,
     h('div', { class: 'title-row' }, h('h2', {}, 'Recent runs'),
       h('a', { href: `#/runs?flow=${encodeURIComponent(name)}` }, 'Search all runs of this flow →')),
     runs, h('h2', {}, 'Definition'), defn);
   let defnShown = false;
+  let panel = null;
   const refreshFlow = liveSection(head, () => api(`flows/${encodeURIComponent(name)}`), (f) => {
+    destsHead.hidden = dests.hidden = Boolean(f.batch); // a batch flow writes its table, not destinations
+    if (!panel && (f.batch || f.definition?.trigger?.manual)) {
+      panel = runPanel(f, () => refreshFlow(true));
+      fill(runBox, panel.el);
+    } else if (panel) panel.update(f);
     fill(stats, statsCards(f.stats));
     fill(runs, runsTable(f.recent_runs, false));
     if (!defnShown) {
@@ -156,7 +259,8 @@ export async function viewFlow(root, r) {
         h('dt', {}, 'Owner'), h('dd', {}, f.owner),
         h('dt', {}, 'Trigger'), h('dd', {}, triggerText(f)),
         h('dt', {}, 'From'), h('dd', {}, f.source_system || 'the hub (schedule or manual)'),
-        h('dt', {}, 'To'), h('dd', {}, f.destinations.filter((d) => !d.call).map((d) => `${d.name} (${d.system})`).join(', ')),
+        h('dt', {}, 'To'), h('dd', {}, f.batch ? f.batch.writes
+          : f.destinations.filter((d) => !d.call).map((d) => `${d.name} (${d.system})`).join(', ')),
         f.destinations.some((d) => d.call) ? [h('dt', {}, 'Asks'), h('dd', {},
           f.destinations.filter((d) => d.call).map((d) => `${d.call} (${d.system})`).join(', '))] : null,
         h('dt', {}, 'Record key'), h('dd', {}, f.record_key ? h('code', {}, f.record_key) : '—'),
@@ -202,3 +306,4 @@ function statsCards(st) {
         st.last_run.record_key ? h('div', { class: 'small' }, st.last_run.record_key) : null)
         : h('p', { class: 'muted' }, 'No runs yet.')));
 }
+

@@ -2,8 +2,8 @@
 
 import { api, can, needs, replayReport } from './api.js';
 import {
-  ago, append, code, confirmDialog, emptyRow, errorBox, fill, flowLink, fmtMs, fmtTime, go, h, liveSection, maybeJson,
-  pill, runLink, table, when,
+  ago, append, code, confirmDialog, emptyRow, errorBox, fill, flowLink, fmtMs, fmtSeconds, fmtTime, go, h, liveSection,
+  maybeJson, pill, runLink, table, when,
 } from './dom.js';
 
 const RUN_STATUSES = ['pending', 'delivered', 'dead', 'quarantined', 'filtered', 'discarded', 'aggregated'];
@@ -12,6 +12,29 @@ const RANGES = { '': 'any time', '15m': 'last 15 min', '1h': 'last hour', '24h':
 const RANGE_S = { '15m': 900, '1h': 3600, '24h': 86400, '7d': 604800 };
 
 // ============================================================================ runs
+export function fmtRows(n) {
+  return n === null || n === undefined ? '—' : Number(n).toLocaleString('en');
+}
+
+/** A finished batch run's report, as the run's page and the flow's page show it. */
+export function reportView(rep) {
+  const rate = rep.duration_s ? Math.round(rep.read / rep.duration_s) : 0;
+  const status = rep.status === 'ok' ? 'delivered' : 'dead';
+  return h('section', { class: `batch-report ${rep.status === 'ok' ? 'good' : 'bad'}`, 'aria-label': 'Run report',
+    'data-status': rep.status },
+  h('h3', {}, 'Report ', pill(status, rep.status)),
+  rep.error ? h('p', { class: 'notice bad' }, rep.error) : null,
+  table(['Read', 'Inserted', 'Updated', 'Unchanged', 'Deleted', 'Quarantined', 'Filtered', 'Duration'],
+    [h('tr', {}, [rep.read, rep.inserted, rep.updated, rep.unchanged, rep.deleted, rep.quarantined, rep.filtered]
+      .map((n) => h('td', { class: 'num' }, fmtRows(n))),
+    h('td', { class: 'num' }, `${fmtSeconds(rep.duration_s)} (${fmtRows(rate)} rows/s)`))], { class: 'compact report' }),
+  h('dl', { class: 'facts' },
+    h('dt', {}, 'Mode'), h('dd', {}, rep.mode),
+    h('dt', {}, 'Cursor'), h('dd', {}, `${rep.cursor_from || '(start)'} → ${rep.cursor_to || '—'}`),
+    h('dt', {}, 'Schema'), h('dd', {}, rep.schema_changes?.length ? rep.schema_changes.join('; ') : 'unchanged')));
+}
+
+
 export function runsTable(runs, withFlow = true) {
   const rows = runs.map((r) => h('tr', { 'data-run': r.id, 'data-status': r.status },
     h('td', {}, h('time', { title: ago(r.received_at) }, fmtTime(r.received_at))),
@@ -108,6 +131,17 @@ export async function viewRuns(root, r) {
 /** Where a run stopped and why: `{tone, text, stepIndex?, deliveries: {id: note}}`. */
 function diagnose(run, destStates) {
   const trace = run.trace || [];
+  if (run.meta?.batch) {
+    const rep = trace.find((t) => t.kind === 'batch')?.output || {};
+    if (rep.status === 'ok') {
+      return { tone: 'good', step: -1, deliveries: new Map(), lines: [`Batch run ok: read ${fmtRows(rep.read)}, `
+        + `inserted ${fmtRows(rep.inserted)}, updated ${fmtRows(rep.updated)}, deleted ${fmtRows(rep.deleted)}, `
+        + `quarantined ${fmtRows(rep.quarantined)}; written in one transaction.`] };
+    }
+    return { tone: 'bad', step: 0, deliveries: new Map(), lines: [`Batch run ${rep.status || 'failed'}: ${rep.error || run.reason}`,
+      'Nothing of it was written: the destination and the cursor are as the last good run left them. '
+      + 'Fix the cause, then run the flow again.'] };
+  }
   const bad = trace.findIndex((t) => t.error);
   const dropped = trace.findIndex((t) => t.dropped);
   const out = { tone: 'neutral', lines: [], step: -1, deliveries: new Map() };
@@ -289,6 +323,7 @@ export async function viewRun(root, r) {
         h('h2', {}, { good: 'Delivered', bad: 'Where and why it stopped', warn: 'In progress', neutral: 'Outcome' }[dx.tone]),
         dx.lines.map((l, i) => h(i === 0 ? 'p' : 'p', { class: i === 0 ? 'lead' : 'detail' }, l))),
       runActions(run, () => refresh(true)),
+      run.meta?.batch && run.payload && typeof run.payload === 'object' ? reportView(run.payload) : null,
       h('h2', {}, 'Trace'),
       h('ol', { class: 'trace' }, steps),
     ];
