@@ -366,8 +366,7 @@ class _DuckLoad:
     async def write(self, rows: list[list[bytes]]) -> None:
         if rows:
             if self._file is None:
-                fd, self._file = tempfile.mkstemp(prefix="patchbay-duckdb-", suffix=".tsv")  # mode 0600
-                os.close(fd)
+                self._file = _batch_file()
             if self._pad:
                 rows = [[*r, b"-"] for r in rows]
             quoted = await self.owner._run(self._to_file, rows, self._file)
@@ -383,8 +382,7 @@ class _DuckLoad:
             await self.write([line.split(b"\t") for line in block[:-1].split(b"\n")])
             return
         if self._file is None:
-            fd, self._file = tempfile.mkstemp(prefix="patchbay-duckdb-", suffix=".tsv")  # mode 0600
-            os.close(fd)
+            self._file = _batch_file()
         await self.owner._run(Path(self._file).write_bytes, block)
         await self.owner._call(self._insert, False)
         self.copied += rows
@@ -520,6 +518,25 @@ class _DuckLoad:
         if self._open:
             self._open = False
             await self.owner._call(_rollback)
+
+
+def _batch_file() -> str:
+    """A new private batch file (mode 0600) in the temp folder, named with this process's id; batch files
+    of processes that are gone (killed mid-run) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for stale in tmp.glob("patchbay-duckdb-*-*.tsv"):
+        pid = stale.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or not ours to remove
+            pass
+    fd, path = tempfile.mkstemp(prefix=f"patchbay-duckdb-{os.getpid()}-", suffix=".tsv")
+    os.close(fd)
+    return path
 
 
 def _rollback(conn: Any) -> None:

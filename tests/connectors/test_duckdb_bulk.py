@@ -289,7 +289,9 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
         c.executemany(
             "INSERT INTO orders VALUES (?, ?, ?)", [(i, f"u{i}@x.io", i * 1.5) for i in range(1, 200_001)]
         )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    tmp = tmp_path / "tmp"  # the runs' temp folder, where the batch files go
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TMPDIR": str(tmp)}
     proc = subprocess.Popen(
         [sys.executable, "-c", RUNNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -302,6 +304,8 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
+    # the killed run's batch file is left behind (named with its process id) ...
+    assert [p.name.split("-")[2] for p in tmp.iterdir()] == [str(proc.pid)]
     db = tmp_path / "lake.duckdb"
     # DuckDB replays its WAL on open: nothing of the killed transaction is there.
     tables = {r[0] for r in rows(db, "SELECT table_name FROM information_schema.tables")}
@@ -313,6 +317,7 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
         [sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
     )
     assert "done ok 200000 None" in done.stdout, done.stdout + done.stderr
+    assert list(tmp.iterdir()) == []  # ... and the next run removes it (and its own)
     assert rows(db, "SELECT count(*), count(DISTINCT id), sum(id) FROM orders") == [
         (200_000, 200_000, 200_000 * 200_001 // 2)
     ]
