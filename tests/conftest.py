@@ -7,7 +7,8 @@ import os
 import socket
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +253,8 @@ async def start_hub() -> AsyncIterator[HubFactory]:
     running: list[RunningHub] = []
 
     async def start(root: Path) -> RunningHub:
+        if os.environ.get("PATCHBAY_TEST_STORE") == "postgres":  # the functional suites on PostgreSQL
+            _use_postgres(root)
         project = load_or_raise(root)
         hub = Hub(project, resolver=resolver())
         await hub.start()
@@ -292,6 +295,8 @@ async def vault_hub(root: Path, secrets: dict[str, str]) -> AsyncIterator[tuple[
     from patchbay import logs
     from patchbay.security.project import open_project_secrets
 
+    if os.environ.get("PATCHBAY_TEST_STORE") == "postgres":
+        _use_postgres(root)
     vault, _ = open_project_secrets(root, create_key=True)
     assert vault is not None
     for name, value in secrets.items():
@@ -312,3 +317,63 @@ async def vault_hub(root: Path, secrets: dict[str, str]) -> AsyncIterator[tuple[
         logging.getLogger().setLevel(logging.WARNING)
         await runner.cleanup()
         await hub.stop()
+
+
+# ----------------------------------------------------------------------------- a PostgreSQL store (issue 13)
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+_schemas: list[str] = []
+
+
+_session_schemas: list[str] = []
+
+
+def postgres_url(*, for_session: bool = False) -> str:
+    """A PostgreSQL store URL with a fresh schema of its own, dropped at the end of the test (or of the
+    session, for a hub a module-scoped fixture keeps); skips (fails under CI=true) when unreachable."""
+    require_service("PostgreSQL", PG_HOST, PG_PORT)
+    schema = f"pb_test_{uuid.uuid4().hex[:16]}"
+    (_session_schemas if for_session else _schemas).append(schema)
+    return f"{PG_URL}?schema={schema}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _drop_session_postgres_schemas() -> Iterator[None]:
+    yield
+    if not _session_schemas:
+        return
+    import psycopg
+
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        for schema in _session_schemas:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _drop_postgres_schemas() -> Iterator[None]:
+    yield
+    if not _schemas:
+        return
+    import psycopg
+
+    while _schemas:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{_schemas.pop()}" CASCADE')  # type: ignore[arg-type]
+
+
+_pg_roots: dict[Path, str] = {}
+
+
+def _use_postgres(root: Path) -> None:
+    """Point the project at a fresh PostgreSQL store (once: a restart keeps it), so the hub and the CLI share it."""
+    import yaml
+
+    path = root / "patchbay.yaml"
+    doc = yaml.safe_load(path.read_text()) if path.exists() else {}
+    doc = doc or {}
+    if not str(doc.get("store", "")).startswith("postgresql://"):
+        # One store per project folder, also when a test rewrites patchbay.yaml between two starts.
+        if root not in _pg_roots:
+            _pg_roots[root] = postgres_url(for_session=True)  # a fixture may keep the hub past one test
+        doc["store"] = _pg_roots[root]
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from patchbay.security.webhook_auth import sign_standard_webhooks
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project
+from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project, postgres_url
 
 pytestmark = pytest.mark.slow
 N = 1000
@@ -63,17 +63,21 @@ async def start_serve(root, port: int) -> asyncio.subprocess.Process:
     raise AssertionError(f"hub did not become ready:\n{(root / 'serve.log').read_text()[-3000:]}")
 
 
-async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink):
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink, store):
     async def slowish(request, rec):
         await asyncio.sleep(0.005)  # deliveries take time, so plenty are in flight at the kill
         return 201
 
     sink.default = slowish
     port = free_port()
+    hub: dict[str, object] = {"port": port}
+    if store == "postgres":  # the same crash with the store on a PostgreSQL server (issue 13)
+        hub["store"] = postgres_url()
     root = lead_project(
         tmp_path,
         sink.url,
-        hub={"port": port},
+        hub=hub,
         delivery={"max_concurrency": 4, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
     )
     proc = await start_serve(root, port)
@@ -129,6 +133,8 @@ async def test_sigkill_during_delivery_loses_nothing(tmp_path, sink):
         expected_keys = {f"{eid}.crm" for eid in accepted.values()}
         assert set(sink.keys) == expected_keys
         assert len(set(accepted.values())) == N
+        if store == "postgres":  # the runs are in the server, not in a file beside the project
+            assert not (root / ".patchbay" / "patchbay.db").exists()
     finally:
         p = state.get("proc")
         if p is not None:

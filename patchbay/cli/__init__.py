@@ -7,8 +7,8 @@ config errors, 3 the store or the hub could not be reached.
 from __future__ import annotations
 
 # Each registers its commands on main: connect, contract, run, secrets, store, test (and runs export),
-# tokens (and audit).
-from patchbay.cli import connect, contract, run, secrets, store, test, tokens  # noqa: F401
+# tokens (and audit), identity (identities, conflicts, sync).
+from patchbay.cli import connect, contract, identity, run, secrets, store, test, tokens  # noqa: F401
 from patchbay.cli.main import main
 
 __all__ = ["main"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from patchbay.errors import ConfigError, PatchbayError, StoreUnusable
+from patchbay.errors import ConfigError, PatchbayError, Problem, StoreUnusable
 
 if TYPE_CHECKING:
     from patchbay.store.base import Actor
@@ -97,8 +97,8 @@ def _store(project_dir: Path) -> BlockingStore:
         from patchbay.config.project import Project
 
         project = Project(project_dir, HubSettings())
-    path = project.store_path
-    if not path.exists():
+    path = project.store_location
+    if isinstance(path, Path) and not path.exists():
         if not (project_dir / "patchbay.yaml").is_file():
             click.echo(
                 f"no project in {project_dir} (no patchbay.yaml): pass -p DIR or set PATCHBAY_PROJECT",
@@ -178,9 +178,25 @@ def check(directory: Path, as_json: bool) -> None:
 
     try:
         resolver = open_resolver_for(directory)
-    except ConfigError:  # the store setting is unusable: load_project reports it where it is written
+    except (ConfigError, StoreUnusable):  # the store is unusable: reported where its setting is written
         resolver = SecretResolver(None)
     project, problems = load_project(directory, resolver.exists)
+    if project is not None and project.store_url:  # a server: connect now, so `serve` does not fail later
+        from patchbay.store.opening import probe
+
+        why = probe(project.store_url)
+        if why:
+            text = (directory / "patchbay.yaml").read_text()
+            line = next((n for n, ln in enumerate(text.splitlines(), 1) if ln.startswith("store:")), 0)
+            problems = [
+                Problem(
+                    str(directory / "patchbay.yaml"),
+                    line,
+                    f"store: the PostgreSQL store cannot be used: {why}; start the server, create the database,"
+                    " or set PGPASSWORD for its password",
+                )
+            ]
+            project = None
     warnings = outbound_warnings(project) if project is not None else []  # reported, never failing
     if as_json:
         _echo_json(

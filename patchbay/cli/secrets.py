@@ -185,9 +185,9 @@ def secrets_rotate_master(project_dir: Path) -> None:
 
 
 def _audit(root: Path, action: str, target: str) -> None:
-    from patchbay.security.project import store_path_of
+    from patchbay.security.project import store_location_of
     from patchbay.store.base import Actor
     from patchbay.store.blocking import BlockingStore
 
-    with BlockingStore(store_path_of(root)) as store:
+    with BlockingStore(store_location_of(root)) as store:
         store.run(lambda s: s.audit(action, target, Actor(os.environ.get("USER", "cli"), "cli")))

@@ -75,3 +75,79 @@ def store_prune(project_dir: Path, as_json: bool) -> None:
         click.echo(
             f"  {flow}: removed {report.removed.get(flow, 0):,} runs, compressed {report.compressed.get(flow, 0):,}"
         )
+
+
+@store.command("migrate")
+@project_option
+@json_option
+def store_migrate(project_dir: Path, as_json: bool) -> None:
+    """Apply the schema migrations the store lacks (the hub applies them on start too); changes nothing
+    when it is up to date. Exit 1 when the store cannot be used (newer than this Patchbay, damaged)."""
+    from patchbay.errors import PatchbayError
+    from patchbay.security.project import store_location_of
+    from patchbay.store.opening import migrate
+
+    location = store_location_of(project_dir)
+    try:
+        before, after, applied = migrate(location)
+    except PatchbayError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_PROBLEMS)
+    shown = redact_location(location)
+    if as_json:
+        _echo_json({"store": shown, "from": before, "to": after, "applied": applied})
+        return
+    if not applied:
+        click.echo(f"store {shown}: schema {after}, up to date")
+        return
+    click.echo(f"store {shown}: schema {before} -> {after}")
+    for line in applied:
+        click.echo(f"  applied {line}")
+
+
+@store.command("copy")
+@project_option
+@click.option("--to", "target", required=True, help="The empty PostgreSQL store: postgresql://USER@HOST/DB.")
+@json_option
+def store_copy(project_dir: Path, target: str, as_json: bool) -> None:
+    """Copy the project's SQLite store (every table: runs, deliveries, attempts, cursors, schedules,
+    tokens, audit, vault rows…) into an empty PostgreSQL store, verified by row counts, all or nothing.
+    Stop the hub first. Then set `store:` in patchbay.yaml to the URL."""
+    from patchbay.config.models import store_location
+    from patchbay.errors import PatchbayError
+    from patchbay.security.project import store_path_of
+    from patchbay.store.copy import copy_to_postgres
+
+    try:
+        url = store_location(target)
+    except ValueError as exc:
+        click.echo(f"--to: {exc}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    if not url.startswith(("postgresql://", "postgres://")):
+        click.echo("--to: give a postgresql://USER@HOST/DATABASE URL", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    src = store_path_of(project_dir)
+
+    def progress(table: str, done: int, total: int) -> None:
+        if not as_json:
+            click.echo(f"\rcopying {table}: {done:,}/{total:,} rows", nl=done >= total, err=True)
+
+    try:
+        counts = copy_to_postgres(src, url, progress)
+    except PatchbayError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_PROBLEMS)
+    shown = redact_location(url)
+    if as_json:
+        _echo_json({"from": str(src), "to": shown, "rows": counts})
+        return
+    click.echo(
+        f"copied {sum(counts.values()):,} rows in {len(counts)} tables from {src} to {shown}; verified by counts"
+    )
+    click.echo(f"now set `store: {shown}` in patchbay.yaml (its password from PGPASSWORD)")
+
+
+def redact_location(location: str | Path) -> str:
+    from patchbay.store.postgres.store import redacted
+
+    return redacted(str(location))

@@ -29,13 +29,13 @@ if TYPE_CHECKING:
 
 def _open(root: Path) -> BlockingStore:
     """The project's store; created if the hub has never run (tokens come first)."""
-    from patchbay.security.project import store_path_of
+    from patchbay.security.project import store_location_of
     from patchbay.store.blocking import BlockingStore
 
     if not Path(root).is_dir():
         click.echo(f"no project folder {root}; create one with `patchbay init DIR`", err=True)
         sys.exit(EXIT_CONFIG)
-    return BlockingStore(store_path_of(root))
+    return BlockingStore(store_location_of(root))
 
 
 def _actor() -> Actor:
@@ -168,12 +168,12 @@ def audit(
     as_json: bool,
 ) -> None:
     """The audit log, newest first: who changed or replayed what, when and from where."""
-    from patchbay.security.project import store_path_of
+    from patchbay.security.project import store_location_of
     from patchbay.store.base import AuditFilter
     from patchbay.store.blocking import BlockingStore
 
-    path = store_path_of(project_dir)
-    if not path.exists():
+    path = store_location_of(project_dir)
+    if isinstance(path, Path) and not path.exists():
         click.echo(f"no store at {path} yet: nothing has been audited", err=True)
         sys.exit(EXIT_PROBLEMS)
     f = AuditFilter(_parse_time(since), _parse_time(until), action, actor, None, limit)

@@ -51,6 +51,12 @@ class FlowDoc(Spec):
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy for every destination of this flow."
     )
+    sync: str | None = Field(
+        None,
+        description="Make this a sync flow of an entity (entities/<name>.yaml): each record from the trigger's "
+        "system is linked in the identity map, and each destination gets an operation (`op`: create, update, "
+        "delete, archive; `id`: the record's id in that system; `fields`: what that system should receive).",
+    )
     history: dict[str, Any] | None = Field(
         None,
         description="Retention of this flow's finished runs (keep, keep_failures, compress_after); default the hub's.",
@@ -135,6 +141,7 @@ def load_flow(
         doc.alerts,
         settings.encrypt_sensitive if doc.encrypt_sensitive is None else doc.encrypt_sensitive,
         batch=doc.batch,
+        sync=doc.sync,
         history=history,
     )
 

@@ -501,7 +501,8 @@ class HubSettings(Spec):
     store: str = Field(
         ".patchbay/patchbay.db",
         description="The store: a SQLite file (relative to the project), or the same as a URL: sqlite:///RELATIVE/PATH, "
-        "sqlite:////ABSOLUTE/PATH.",
+        "sqlite:////ABSOLUTE/PATH; or a PostgreSQL database: postgresql://USER@HOST:PORT/DATABASE (optionally "
+        "?schema=NAME). Its password is never written here: libpq reads it from PGPASSWORD or ~/.pgpass.",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted webhook body.")
     max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest accepted JSON nesting.")
@@ -538,7 +539,8 @@ class HubSettings(Spec):
 
 
 def store_location(value: str) -> str:
-    """The store setting as a file path: a path, or sqlite:///PATH. Any other URL is refused here, so it never
+    """The store setting as a file path (a path, or sqlite:///PATH) or a PostgreSQL URL, returned as written
+    (without a password: that comes from the environment). Any other URL is refused here, so it never
     becomes a file named like the URL; the message names the scheme only (a URL may carry a password). The one
     reader of the setting: the hub's settings and `security.project.store_path_of` both call it."""
     scheme, sep, rest = value.partition("://")
@@ -550,7 +552,15 @@ def store_location(value: str) -> str:
                 "write sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH (as SQLAlchemy), or a plain file path"
             )
         return rest[1:]
+    if scheme.lower() in ("postgresql", "postgres"):
+        netloc = rest.split("/", 1)[0]
+        if "@" in netloc and ":" in netloc.rsplit("@", 1)[0]:
+            raise ValueError(
+                f"a {scheme}:// store's password is never written in patchbay.yaml: remove it from the URL and "
+                "set PGPASSWORD in the hub's environment (or use ~/.pgpass)"
+            )
+        return value
     raise ValueError(
-        f"this hub keeps its store in SQLite only and cannot use a {scheme}:// store: "
-        "write a file path such as .patchbay/patchbay.db"
+        f"this hub keeps its store in SQLite or PostgreSQL and cannot use a {scheme}:// store: "
+        "write a file path such as .patchbay/patchbay.db, or postgresql://USER@HOST/DATABASE"
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from patchbay import registry
 from patchbay.config.alerts import check_alerts
+from patchbay.config.entities import check_sync_flows, load_entities
 from patchbay.config.flows import load_flow
 from patchbay.config.models import AlertRule, HubSettings, SecretRef
 from patchbay.config.problems import validate
@@ -75,12 +76,14 @@ def load_project(
         alert_docs.append((hub_src, settings.alerts, None))
     alert_docs += [(flow_srcs[n], f.alerts, f) for n, f in flows.items()]
     check_alerts(alert_docs, systems, broken, problems)
+    entities, ent_srcs = load_entities(root, parse, systems, broken, problems)
+    check_sync_flows(entities, flows, flow_srcs, problems, set(ent_srcs) - set(entities))
 
     if secret_exists is not None:
         _check_secrets(systems, secret_exists, problems)
     if problems:
         return None, problems
-    return Project(root, settings, systems, flows), []
+    return Project(root, settings, systems, flows, entities), []
 
 
 def _rel(p: Path) -> str:

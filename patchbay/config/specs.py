@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -21,6 +21,9 @@ from patchbay.config.models import (
 )
 from patchbay.config.source import Located
 from patchbay.expressions import Expr
+
+if TYPE_CHECKING:
+    from patchbay.config.entities import EntitySpec
 
 
 @dataclass
@@ -89,6 +92,7 @@ class FlowSpec:
     encrypt_sensitive: bool = False  # the flow's setting, else the hub's
     contract: Any = None  # contracts.Contract pinned in flows/<name>.contract.yaml, if there is one
     batch: BatchSpec | None = None
+    sync: str | None = None  # the entity this flow's records feed (entities/<name>.yaml), if a sync flow
     history: History = field(default_factory=History)  # retention: the flow's setting over the hub's
 
     @property
@@ -118,10 +122,22 @@ class Project:
     settings: HubSettings
     systems: dict[str, SystemSpec] = field(default_factory=dict)
     flows: dict[str, FlowSpec] = field(default_factory=dict)
+    entities: dict[str, EntitySpec] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
         return self.root / ".patchbay"
+
+    @property
+    def store_url(self) -> str | None:
+        """The PostgreSQL store's URL, or None when the store is a SQLite file (`store_path`)."""
+        s = self.settings.store
+        return s if s.startswith(("postgresql://", "postgres://")) else None
+
+    @property
+    def store_location(self) -> str | Path:
+        """What opens the store: the PostgreSQL URL, or the SQLite file's path."""
+        return self.store_url or self.store_path
 
     @property
     def store_path(self) -> Path:

@@ -26,6 +26,7 @@ from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
+from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
 from patchbay.engine.windows import WindowCloser, has_gates
 from patchbay.errors import TransientError
 from patchbay.metrics import Metrics
@@ -33,6 +34,7 @@ from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import Accepted, Actor, NewEvent, SourceState
+from patchbay.store.opening import open_hub_store
 from patchbay.store.sqlite import SqliteStore
 
 log = logging.getLogger("patchbay.hub")
@@ -101,6 +103,7 @@ class Hub:
         self._cipher: FieldCipher | None = None  # of encrypted sensitive fields, from start()
         self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
         self.started_at = time.time()
+        self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
 
     @classmethod
     def from_dir(cls, root: Path) -> Hub:
@@ -114,7 +117,7 @@ class Hub:
         self._cipher = field_cipher(
             self.project
         )  # before anything opens: a missing master key stops the start
-        self.store = SqliteStore(self.project.store_path)
+        self.store = open_hub_store(self.project.store_location)
         if lock:
             self.store.lock()
         await self.resources.http_session()
@@ -129,6 +132,7 @@ class Hub:
             flows.append(self.alert_manager.flow)
         for flow in flows:  # resolve now: a missing secret stops the start, before anything runs
             self._resolve_secrets(flow)
+        await self._first_runs()
         for flow in flows:
             await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
@@ -144,6 +148,32 @@ class Hub:
     def _count_history(self, flow: str, removed: int, compressed: int) -> None:
         self.metrics.history_removed.labels(flow).inc(removed)
         self.metrics.history_compressed.labels(flow).inc(compressed)
+
+    async def _first_runs(self) -> None:
+        """An entity whose identity map is empty starts with a first run: every polled system is read and
+        linked before anything is written, so records that exist on both sides are not duplicated."""
+        assert self.store is not None and self.resolver is not None
+        resolver = self.resolver
+        for name, ent in self.project.entities.items():
+            flows = sync_flows(self.project.flows, name)
+            if not flows or (await self.store.identity_stats(name))["identities"]:
+                continue
+            sync = self.syncs[name] = EntitySync(ent, self.store)
+
+            def pipeline_of(f: FlowSpec) -> Pipeline:
+                return Pipeline(f, build_sinks(f, self.project, resolver, self.resources), self._cipher)
+
+            def source_of(f: FlowSpec) -> Any:
+                assert f.source is not None
+                found = registry.connector_for(f.source.kind, "source")
+                assert found is not None
+                system = self.project.systems[f.source.system]
+                res = system_resources(self.project, resolver, system, f.name, self.resources)
+                return found[0](system.config, f.source.config, res)
+
+            preview = await first_run(sync, flows, pipeline_of, source_of, dry_run=False)
+            if sum(preview.records.values()):
+                log.info("first run of %s: %s", name, preview.summary())
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
@@ -190,6 +220,8 @@ class Hub:
                 )
         workers.update(self._call_workers(spec, sinks, pipeline, states))
         fr = self.flows[spec.name] = FlowRuntime(spec, pipeline, workers)
+        if spec.sync is not None and spec.sync not in self.syncs:
+            self.syncs[spec.sync] = EntitySync(self.project.entities[spec.sync], self.store)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
             w.start()
@@ -477,6 +509,11 @@ class Hub:
         """
         assert self.store is not None
         fr = self.flows[flow_name]
+        if fr.spec.sync is not None and commit is None:  # a sync flow: the identity map decides the writes
+            [event], [accepted] = await self.syncs[fr.spec.sync].step(
+                fr.spec, fr.pipeline, [Item(payload, record, dedupe_key)], meta
+            )
+            return accepted, self._after_commit(fr, event, accepted)
         event = self._event(fr, payload, record, dedupe_key, meta, after)
         accepted = await (commit or self.store.accept)(event)
         return accepted, self._after_commit(fr, event, accepted)
@@ -487,6 +524,17 @@ class Hub:
         """A source's batch: every event and the source cursor in one transaction; returns after commit."""
         assert self.store is not None
         fr = self.flows[flow_name]
+        if fr.spec.sync is not None:
+            items = [
+                Item(r.raw if r.raw is not None else orjson.dumps(r.data), r.data, r.id)
+                for r in batch.records
+            ]
+            synced, accepted = await self.syncs[fr.spec.sync].step(
+                fr.spec, fr.pipeline, items, meta, batch.cursor
+            )
+            for e, a in zip(synced, accepted, strict=True):
+                self._after_commit(fr, e, a)
+            return accepted
         events = []
         for r in batch.records:
             payload = r.raw if r.raw is not None else orjson.dumps(r.data)

@@ -14,6 +14,20 @@ from patchbay.security.vault import ENV_VAR, KEY_FILE, MasterKey, Vault
 DEFAULT_STORE = ".patchbay/patchbay.db"
 
 
+def store_location_of(root: Path) -> str | Path:
+    """The project's store: a PostgreSQL URL (str), or the SQLite file's path (see `store_path_of`)."""
+    root = Path(root)
+    store_path_of(root)  # the one validation of the setting
+    try:
+        doc = yaml.safe_load((root / "patchbay.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        doc = {}
+    store = doc.get("store") if isinstance(doc, dict) else None
+    if isinstance(store, str) and store.startswith(("postgresql://", "postgres://")):
+        return store
+    return store_path_of(root)
+
+
 def store_path_of(root: Path) -> Path:
     """Where a project keeps its store, read from patchbay.yaml without loading the whole project. A setting
     the hub cannot use raises ConfigError located at its line (never a file named like a URL)."""
@@ -44,11 +58,16 @@ def open_project_secrets(root: Path, *, create_key: bool = False) -> tuple[Vault
     vault = None
     if create_key or os.environ.get(ENV_VAR) or (state_dir / KEY_FILE).exists():
         keys = MasterKey.load_ring(state_dir, create=create_key)
-        path = store_path_of(root)
-        from patchbay.store.sqlite import open_store  # the vault lives in the store file: same checks
+        location = store_location_of(root)
+        if isinstance(location, str):  # PostgreSQL: the vault's rows are a table of the store
+            from patchbay.store.opening import secret_rows_at
 
-        open_store(path).close()
-        vault = Vault.at(path, keys)
+            vault = Vault(secret_rows_at(location), keys)
+        else:
+            from patchbay.store.sqlite import open_store  # the vault lives in the store file: same checks
+
+            open_store(location).close()
+            vault = Vault.at(location, keys)
         vault.ensure_schema()
     return vault, SecretResolver(vault.get if vault else None)
 

@@ -39,6 +39,8 @@ SCOPES: dict[str, str] = {
     "destinations:write": "Pause and resume destinations; resume a paused or stopped source.",
     "secrets:read": "List secret names and which flows use them (never values).",
     "secrets:write": "Set, rotate and delete secrets.",
+    "identities:read": "Read entities, identities across systems, conflicts and the review queue.",
+    "identities:write": "Resolve conflicts and decide reviews (written to the systems; audited).",
     "admin": "Everything, including tokens and the audit log.",
 }
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")

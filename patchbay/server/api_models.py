@@ -48,6 +48,8 @@ Scope = Literal[
     "destinations:write",
     "secrets:read",
     "secrets:write",
+    "identities:read",
+    "identities:write",
     "admin",
 ]
 RunStatus = Literal["pending", "delivered", "dead", "quarantined", "filtered", "discarded", "aggregated"]

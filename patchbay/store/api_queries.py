@@ -113,7 +113,7 @@ def _dead_union(flow: str | None, destination: str | None, reason: str | None) -
     if destination:
         d_where.append("d.destination=?")
         d_args.append(destination)
-        e_where.append("0")  # a quarantined event never reached a destination
+        e_where.append("1=0")  # a quarantined event never reached a destination
     sql = (
         "SELECT 'delivery' AS kind, d.event_id, d.flow, d.destination, COALESCE(d.last_error,'') AS reason,"
         " d.updated_at AS at, d.attempts, e.record_key, e.received_at"
@@ -139,12 +139,14 @@ def dead_letters(
         dict(r)
         for r in conn.execute(
             f"SELECT kind, flow, destination, reason, COUNT(*) AS count, MIN(at) AS first_at,"
-            f" MAX(at) AS last_at FROM ({sql}) GROUP BY kind, flow, destination, reason"
+            f" MAX(at) AS last_at FROM ({sql}) AS dl GROUP BY kind, flow, destination, reason"
             " ORDER BY last_at DESC",
             args,
         )
     ]
-    items = [dict(r) for r in conn.execute(f"SELECT * FROM ({sql}) ORDER BY at DESC LIMIT ?", [*args, limit])]
+    items = [
+        dict(r) for r in conn.execute(f"SELECT * FROM ({sql}) AS dl ORDER BY at DESC LIMIT ?", [*args, limit])
+    ]
     total = sum(g["count"] for g in groups)
     return {"total": total, "groups": groups, "items": items}
 
@@ -154,7 +156,7 @@ def dead_event_ids(
 ) -> list[str]:
     """Ids of the events with a matching dead delivery or quarantine, oldest first, each once."""
     sql, args = _dead_union(flow, destination, reason)
-    sql = f"SELECT event_id FROM ({sql}) GROUP BY event_id ORDER BY MIN(received_at)"
+    sql = f"SELECT event_id FROM ({sql}) AS dl GROUP BY event_id ORDER BY MIN(received_at)"
     return [r[0] for r in conn.execute(sql, args)]
 
 

@@ -476,6 +476,150 @@ class SecretRows(Protocol):
         ...
 
 
+# ================================================================== identity map (entities, issue 9)
+# An identity is one entity (a customer) and its record in every system, with the last value seen from
+# each system per field and the agreed (golden) value. Stored as one document per identity, with its
+# links (system, record id) and match keys (rule, normalised value) kept in their own indexes.
+
+
+@dataclass
+class Identity:
+    """One entity across systems.
+
+    `golden`: field -> {"value", "system", "at"}: the agreed value and where and when it came from.
+    `systems`: system -> {"id": its record id (None while a create is in flight), "seen": field ->
+    {"value", "at", "event"} (the last value read from it), "written": field -> {"value", "at", "event"}
+    (values the hub wrote and has not yet read back), "pending": {"event", "destination"} of a create
+    in flight or None, "deleted_at"}.
+    """
+
+    id: str
+    entity: str
+    created_at: float
+    updated_at: float
+    golden: dict[str, dict[str, Any]] = field(default_factory=dict)
+    systems: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (match rule, normalised value)
+    status: str = "active"  # active | archived | deleted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "entity": self.entity,
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "golden": self.golden,
+            "systems": self.systems,
+            "keys": [list(k) for k in self.keys],
+        }
+
+
+@dataclass
+class NewConflict:
+    """Two systems disagree on a field: both values, sources and times, the winner and why."""
+
+    entity: str
+    identity_id: str
+    field: str
+    kind: str  # owned (a non-owner changed an owned field) | concurrent (a shared field changed on two sides)
+    values: list[dict[str, Any]]  # [{"system", "value", "at"}], the agreed value's first
+    winner: str | None  # the system whose value stands; None while a person decides (rule manual)
+    winner_value: Any
+    rule: str  # owner | latest | first | manual
+    reason: str
+    status: str  # settled (by a rule; still recorded) | open (waits for a person)
+    at: float
+
+
+@dataclass
+class NewReview:
+    """A record the hub would not link by itself: several candidates, or only a weak rule matched."""
+
+    entity: str
+    system: str
+    record_id: str
+    values: dict[str, Any]
+    candidates: list[str]  # identity ids
+    reason: str
+    at: float
+    event_id: str | None = None
+
+
+@dataclass
+class IdentityChanges:
+    """What one sync step changes in the identity map, written with its events in one transaction."""
+
+    entity: str
+    identities: list[Identity] = field(default_factory=list)  # whole documents; links and keys follow them
+    conflicts: list[NewConflict] = field(default_factory=list)
+    reviews: list[NewReview] = field(default_factory=list)
+    resolve_conflicts: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # id, status, how
+    resolve_reviews: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    by: Actor | None = None  # a person's change is audited in the same transaction
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.identities
+            or self.conflicts
+            or self.reviews
+            or self.resolve_conflicts
+            or self.resolve_reviews
+        )
+
+
+@dataclass
+class IdentityLookup:
+    """What the identity map knows about some records: links, key matches and the identities they name."""
+
+    by_link: dict[tuple[str, str], str] = field(default_factory=dict)  # (system, record id) -> identity id
+    by_key: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (rule, key) -> identity ids
+    identities: dict[str, Identity] = field(default_factory=dict)
+    open_reviews: dict[tuple[str, str], int] = field(default_factory=dict)  # (system, record id) -> review id
+
+
+class Identities(Protocol):
+    """The identity map, its conflict log and its review queue (engine/identity.py, engine/sync.py)."""
+
+    async def identity_lookup(
+        self, entity: str, links: Sequence[tuple[str, str]], keys: Sequence[tuple[str, str]]
+    ) -> IdentityLookup: ...
+
+    async def identity(self, identity_id: str) -> Identity | None: ...
+
+    async def search_identities(self, entity: str | None, text: str, limit: int = 20) -> list[Identity]:
+        """Identities whose match key, record id or identity id equals `text` (normalised by the caller)."""
+        ...
+
+    async def all_identities(self, entity: str, after: str = "", limit: int = 1000) -> list[Identity]:
+        """A page of an entity's identities in id order, past `after`."""
+        ...
+
+    async def accept_synced(
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+    ) -> list[Accepted]:
+        """Events, identity changes and source cursors (flow -> cursor) in one transaction."""
+        ...
+
+    async def conflicts(
+        self, entity: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Conflicts, newest first."""
+        ...
+
+    async def conflict(self, conflict_id: int) -> dict[str, Any] | None: ...
+
+    async def reviews(
+        self, entity: str | None = None, status: str | None = "open", limit: int = 100
+    ) -> list[dict[str, Any]]: ...
+
+    async def review(self, review_id: int) -> dict[str, Any] | None: ...
+
+    async def identity_stats(self, entity: str) -> dict[str, Any]:
+        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
+        ...
+
+
 class Windows(Protocol):
     """Aggregate windows and dedupe keys (their writes ride on `Ingest`: NewEvent.claims and .windows)."""
 
@@ -512,6 +656,7 @@ class Store(
     Tokens,
     Audit,
     Retention,
+    Identities,
     Windows,
     Protocol,
 ):

@@ -20,13 +20,13 @@ class BlockingStore:
     the CLI) can use it too. The SQLite store runs in WAL mode: the CLI works beside a serving hub.
     """
 
-    def __init__(self, path: Path) -> None:
-        from patchbay.store.sqlite import SqliteStore
+    def __init__(self, path: Path | str) -> None:
+        from patchbay.store.opening import open_hub_store
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="patchbay-cli-store", daemon=True)
         self._thread.start()
-        self.store: Store = SqliteStore(path, check=False)  # the hub runs quick_check, not each command
+        self.store: Store = open_hub_store(path, check=False)  # the hub runs quick_check, not each command
         self._closed = False
 
     def run(self, op: Callable[[Store], Coroutine[Any, Any, T]]) -> T:

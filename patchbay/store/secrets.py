@@ -52,7 +52,7 @@ class SqliteSecretRows:
                 "INSERT INTO secrets (name, key_id, nonce, ciphertext, created_at, rotated_at, version) "
                 "VALUES (?, ?, ?, ?, ?, NULL, 1) "
                 "ON CONFLICT (name) DO UPDATE SET key_id = excluded.key_id, nonce = excluded.nonce, "
-                "ciphertext = excluded.ciphertext, rotated_at = excluded.created_at, version = version + 1",
+                "ciphertext = excluded.ciphertext, rotated_at = excluded.created_at, version = secrets.version + 1",
                 (name, key_id, nonce, ciphertext, now),
             )
 

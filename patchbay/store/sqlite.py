@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from patchbay.errors import PatchbayError, StoreUnavailable, StoreUnusable
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import queries as rq
@@ -42,7 +36,9 @@ from patchbay.store.base import (
     DestinationStates,
     DiscardReport,
     DueDelivery,
-    FailedAttempt,
+    Identity,
+    IdentityChanges,
+    IdentityLookup,
     NewEvent,
     ReplayReport,
     Reprocessor,
@@ -52,588 +48,54 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import _j, refresh_event_status, tx_audit
-from patchbay.store.retention import opened
+from patchbay.store.common import tx_audit
+from patchbay.store.identity import (
+    q_all,
+    q_conflict,
+    q_conflicts,
+    q_identity,
+    q_lookup,
+    q_review,
+    q_reviews,
+    q_search,
+    q_stats,
+)
+from patchbay.store.sqlite_monitor import (
+    _MonitorReader,
+    q_snapshot,
+    q_source_states,
+    tx_alert,
+    tx_set_source_state,
+)
+from patchbay.store.sqlite_ops import (
+    q_cursor,
+    q_destination_states,
+    q_due,
+    q_next_due_at,
+    q_response_fields,
+    q_schedule,
+    tx_accept,
+    tx_accept_batch,
+    tx_accept_synced,
+    tx_record,
+    tx_reset_cursor,
+    tx_schedule,
+    tx_set_cursor,
+    tx_set_destination_state,
+)
+from patchbay.store.sqlite_schema import (
+    RESTORE,
+    SCHEMA_VERSION,
+    StoreClosed,
+    StoreLocked,
+    check_file,
+    connect,
+    init_schema,
+    open_store,
+)
+from patchbay.store.sqlite_writer import _STOP, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
-log = logging.getLogger("patchbay.store")
-
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  id TEXT NOT NULL UNIQUE,
-  flow TEXT NOT NULL,
-  dedupe_key TEXT,
-  body_hash TEXT NOT NULL,
-  received_at REAL NOT NULL,
-  updated_at REAL NOT NULL,
-  status TEXT NOT NULL,
-  record_key TEXT,
-  reason TEXT,
-  payload BLOB NOT NULL,
-  meta TEXT NOT NULL DEFAULT '{}',
-  trace TEXT NOT NULL DEFAULT '[]'
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(flow, dedupe_key) WHERE dedupe_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_flow_time ON events(flow, received_at);
-CREATE INDEX IF NOT EXISTS events_status ON events(status, received_at);
-CREATE INDEX IF NOT EXISTS events_key ON events(record_key) WHERE record_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS deliveries(
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  event_id TEXT NOT NULL,
-  flow TEXT NOT NULL,
-  destination TEXT NOT NULL,
-  status TEXT NOT NULL,
-  request TEXT NOT NULL,
-  idempotency_key TEXT NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0,
-  retries INTEGER NOT NULL DEFAULT 0,
-  next_at REAL NOT NULL,
-  last_error TEXT,
-  created_at REAL NOT NULL,
-  updated_at REAL NOT NULL
-);
--- The feed reads pending deliveries in id order (arrival order) from a cursor, filtering on next_at:
--- an index by next_at first would make it sort the whole backlog on every read.
-DROP INDEX IF EXISTS deliveries_due;
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries(flow, destination, status, id, next_at);
-CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
-CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries(status, updated_at);
-CREATE TABLE IF NOT EXISTS attempts(
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  delivery_id INTEGER NOT NULL,
-  n INTEGER NOT NULL,
-  started_at REAL NOT NULL,
-  latency_ms REAL NOT NULL,
-  status_code INTEGER,
-  outcome TEXT NOT NULL,
-  excerpt TEXT NOT NULL DEFAULT '',
-  error TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id, n);
--- Fields a destination mapped from its successful answer (`response: {id: body.id}`), one row per delivery.
-CREATE TABLE IF NOT EXISTS responses(
-  delivery_id INTEGER PRIMARY KEY,
-  fields TEXT NOT NULL,
-  at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS destinations(
-  flow TEXT NOT NULL,
-  destination TEXT NOT NULL,
-  state TEXT NOT NULL,
-  reason TEXT,
-  since REAL NOT NULL,
-  PRIMARY KEY(flow, destination)
-);
-CREATE TABLE IF NOT EXISTS cursors(
-  flow TEXT PRIMARY KEY,
-  value TEXT NOT NULL,
-  updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS schedules(
-  flow TEXT PRIMARY KEY,
-  last_started_at REAL,
-  last_finished_at REAL,
-  last_status TEXT,
-  last_error TEXT,
-  next_due_at REAL,
-  runs INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS api_tokens(
-  id TEXT PRIMARY KEY,             -- 12 hex digits; the token is pbt_<id>_<secret>
-  name TEXT NOT NULL,
-  secret_sha256 TEXT NOT NULL,     -- hex SHA-256 of <secret>; the plaintext is never stored
-  scopes TEXT NOT NULL,            -- JSON list
-  created_at REAL NOT NULL,
-  created_by TEXT NOT NULL DEFAULT '',
-  expires_at REAL,
-  last_used_at REAL,
-  revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS audit(
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  at REAL NOT NULL,
-  actor TEXT NOT NULL,
-  action TEXT NOT NULL,
-  target TEXT NOT NULL DEFAULT '',
-  detail TEXT NOT NULL DEFAULT '{}',
-  origin TEXT NOT NULL DEFAULT ''
-);
-"""
-
-EVENT_FINAL = ("delivered", "dead", "quarantined", "filtered", "discarded")
-
-
-class StoreLocked(PatchbayError):
-    pass
-
-
-class StoreClosed(StoreUnavailable):
-    """A write reached the store after its writer stopped (the hub is stopping)."""
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # an acknowledged event survives power loss, not only a crash
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def init_schema(conn: sqlite3.Connection) -> None:
-    conn.executescript(SCHEMA)
-    conn.executescript(MONITOR_SCHEMA)
-    conn.executescript(wq.WINDOW_SCHEMA)
-    conn.executescript(cq.CALLS_SCHEMA)
-    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
-
-
-# ================================================================== opening the file
-# One rule for every opener (the hub, the CLI, the vault): a missing file becomes a new store, created
-# complete and private before it appears under its name; an existing file must already be a Patchbay
-# store. An empty or foreign file is never taken for a new store (that would hide lost data).
-FILE_MODE = 0o600
-RESTORE = "restore it from a backup, or move it aside to start with an empty store"
-
-
-def unusable(path: Path, what: str, fix: str = RESTORE) -> StoreUnusable:
-    return StoreUnusable(f"opening the store {path}: {what}; {fix}")
-
-
-def open_store(path: Path, *, check: bool = False) -> sqlite3.Connection:
-    """A connection to the store at `path`, created (mode 600) when no file is there.
-
-    An existing file is read, never repaired: an empty, foreign, damaged or newer file raises
-    StoreUnusable with a one-line message that names the file and what to do. `check` adds SQLite's
-    quick_check (it reads every page: about 2 ms per MB), which the hub runs before it serves.
-    """
-    path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
-        _create(path)
-    _make_private(path)
-    validate_file(path)
-    try:
-        conn = connect(path)
-    except sqlite3.DatabaseError as exc:
-        raise unusable(path, _damage(exc)) from exc
-    try:
-        version = schema_version(conn, path)
-        if check:
-            problems = _check_lines(conn, "quick_check", 20)
-            if problems != ["ok"]:
-                raise unusable(
-                    path,
-                    f"the file is damaged ({problems[0]}"
-                    + (f", and {len(problems) - 1} more problems" if len(problems) > 1 else "")
-                    + ")",
-                    RESTORE + " (`patchbay store check` lists what is damaged)",
-                )
-        del version
-        init_schema(conn)  # creates what an older store lacks; writes nothing when all is there
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise unusable(path, _damage(exc)) from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def validate_file(path: Path) -> None:
-    """Refuse an empty file: SQLite would take it for a new, empty database.
-
-    Only stat() here: opening and closing the file in Python would drop every POSIX lock SQLite's
-    connections of this process hold on it (locks are per process), and another process closing
-    its last connection could then delete the -wal and -shm files still in use here. SQLite reads
-    the header itself and answers "file is not a database" for a foreign or truncated file.
-    """
-    try:
-        size = os.stat(path).st_size
-    except OSError as exc:
-        raise unusable(path, f"cannot read it ({exc.strerror})", "check its owner and mode") from exc
-    if size == 0:
-        raise unusable(path, "the file is empty (0 bytes): truncated, or never written")
-
-
-def _damage(exc: sqlite3.Error) -> str:
-    if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 26:  # SQLITE_NOTADB
-        return "the file is not a SQLite database (damaged, or another program's file)"
-    return f"the file is damaged ({exc})"
-
-
-def schema_version(conn: sqlite3.Connection, path: Path) -> int:
-    """The store's schema version; StoreUnusable for a SQLite file without Patchbay's tables or a newer one."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    row = (
-        conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if "meta" in tables
-        else None
-    )
-    if row is None or not str(row[0]).isdigit() or not {"events", "deliveries"} <= tables:
-        raise unusable(
-            path,
-            "it is a SQLite database but not a Patchbay store (no schema version or runs table)",
-            "point `store:` in patchbay.yaml at the project's store, or " + RESTORE,
-        )
-    version = int(row[0])
-    if version > SCHEMA_VERSION:
-        raise unusable(
-            path,
-            f"it was written by a newer Patchbay (schema {version}; this one reads up to {SCHEMA_VERSION})",
-            "run the newer version",
-        )
-    return version
-
-
-def check_file(path: Path, *, quick: bool = False, limit: int = 20) -> dict[str, Any]:
-    """What `patchbay store check` reports: the file's first bytes, schema version, size and row count,
-    and SQLite's integrity_check (or quick_check). Changes nothing and creates nothing."""
-    path = Path(path)
-    pragma = "quick_check" if quick else "integrity_check"
-    out: dict[str, Any] = {"path": str(path), "ok": False, "check": pragma, "problems": []}
-    if not path.exists():
-        out["problems"] = [f"no store at {path}"]
-        return out
-    out["size_bytes"] = sum(p.stat().st_size for p in _files(path) if p.exists())
-    try:
-        validate_file(path)
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except (StoreUnusable, sqlite3.Error) as exc:
-        out["problems"] = [str(exc)]
-        return out
-    try:
-        t0 = time.perf_counter()
-        found = _check_lines(conn, pragma, limit)
-        out["seconds"] = round(time.perf_counter() - t0, 3)
-        if found != ["ok"]:
-            out["problems"] = found
-        out["schema_version"] = schema_version(conn, path)
-        out["runs"] = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    except (StoreUnusable, sqlite3.Error) as exc:
-        out["problems"].append(str(exc))
-    finally:
-        conn.close()
-    out["ok"] = not out["problems"]
-    return out
-
-
-def _check_lines(conn: sqlite3.Connection, pragma: str, limit: int) -> list[str]:
-    """SQLite's check result, one problem per item ("ok" alone when whole)."""
-    rows = conn.execute(f"PRAGMA {pragma}({int(limit)})").fetchall()
-    lines = [ln.strip() for r in rows for ln in str(r[0]).splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("***")][:limit]
-
-
-def _create(path: Path) -> None:
-    """A new, complete store at `path`: built under a temporary name (mode 600), then linked into place."""
-    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{threading.get_ident()}")
-    for p in _files(tmp):
-        _unlink(p)
-    os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE))
-    try:
-        conn = connect(tmp)
-        try:
-            init_schema(conn)
-        finally:
-            conn.close()
-        try:
-            os.link(tmp, path)  # never over a file another opener made meanwhile
-        except FileExistsError:
-            pass
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        for p in _files(tmp):
-            _unlink(p)
-
-
-def _files(path: Path) -> list[Path]:
-    return [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")]
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _make_private(path: Path) -> None:
-    """The store holds payloads and the vault: owner-only, as SQLite's -wal and -shm follow its mode."""
-    for p in _files(path):
-        try:
-            mode = os.stat(p).st_mode & 0o777
-            if mode & 0o077:
-                os.chmod(p, mode & 0o700)
-        except FileNotFoundError:
-            continue
-        except PermissionError:
-            log.warning("the store file %s is readable by others; make it private: chmod 600 %s", p, p)
-
-
-# SQLite result codes (the low byte of sqlite_errorcode) that concern the whole store, not one operation.
-_CONDITIONS = {
-    13: "the disk is full",  # SQLITE_FULL
-    10: "an I/O error",  # SQLITE_IOERR
-    8: "the file is read-only",  # SQLITE_READONLY
-    14: "the file cannot be opened",  # SQLITE_CANTOPEN
-    11: "the file is damaged",  # SQLITE_CORRUPT
-    26: "the file is damaged",  # SQLITE_NOTADB
-}
-
-
-def store_condition(exc: BaseException | None) -> str | None:
-    """What is wrong with the store when `exc` says so (disk full, I/O error, damage), else None."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        return None
-    return _CONDITIONS.get(code & 0xFF)
-
-
-_STOP = object()
-
-
-class _Writer(threading.Thread):
-    """Group commit: one transaction (and one fsync) per batch of queued operations."""
-
-    def __init__(self, path: Path, max_batch: int = 512, probe_s: float = 1.0) -> None:
-        super().__init__(name="patchbay-store-writer", daemon=True)
-        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.path = path
-        self.max_batch = max_batch
-        self.commits = 0
-        self.ops = 0
-        # Why writes fail right now (disk full, I/O error, damage), or None. Set and cleared only here,
-        # from what a transaction did: one log line when it starts, one when writes succeed again.
-        self.problem: str | None = None
-        self.probe_s = probe_s
-        # Set (under `lock`) when the loop below ends: later work is refused, never left waiting.
-        self.stopped = False
-        self.lock = threading.Lock()
-
-    def submit(self, item: Any) -> bool:
-        with self.lock:
-            if self.stopped:
-                return False
-            self.q.put(item)
-            return True
-
-    def run(self) -> None:
-        conn = connect(self.path)
-        # Checkpoints run on their own thread (_Checkpointer), so no acknowledgement waits for one. Under
-        # a sustained burst that thread may never catch the WAL complete; past WAL_LIMIT the writer then
-        # checkpoints itself between two groups (nothing new is written meanwhile, so it completes) and
-        # the next transaction starts the WAL over, truncated to WAL_LIMIT.
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-        wal = str(self.path) + "-wal"
-        try:
-            while True:
-                try:
-                    # While writes fail and nobody writes, a probe finds out when they succeed again.
-                    item = self.q.get(timeout=self.probe_s if self.problem else None)
-                except queue.Empty:
-                    self._probe(conn)
-                    continue
-                if item is _STOP:
-                    return
-                batch = [item]
-                while len(batch) < self.max_batch:
-                    try:
-                        nxt = self.q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is _STOP:
-                        self._run_batch(conn, batch)
-                        return
-                    batch.append(nxt)
-                self._run_batch(conn, batch)
-                if self.commits % 64 == 0 and _size(wal) > WAL_LIMIT:
-                    try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    except sqlite3.Error as exc:
-                        log.warning("checkpointing the store's WAL: %s", exc)
-        finally:
-            conn.close()
-            self._refuse_the_rest()
-
-    def _refuse_the_rest(self) -> None:
-        with self.lock:
-            self.stopped = True
-        while True:
-            try:
-                item = self.q.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                loop, fut, _, _ = item
-                loop.call_soon_threadsafe(_resolve, [(fut, False, _closed_error(self.path))])
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        try:
-            results = self._transaction(conn, batch, isolate=False)
-        except _OpFailed as exc:
-            if store_condition(exc.__cause__) is None:  # one operation failed: again, each in a savepoint
-                results = self._transaction(conn, batch, isolate=True)
-            else:  # the disk is full (or worse) for every operation alike
-                results = [(fut, False, exc.__cause__) for _, fut, _, _ in batch]
-        problem = None
-        for i, (fut, ok, value) in enumerate(results):
-            what = None if ok else store_condition(value)
-            if what is not None:
-                problem = problem or f"{what} ({value})"
-                err = StoreUnavailable(f"writing to the store {self.path}: {what} ({value})", what)
-                err.__cause__ = value
-                results[i] = (fut, False, err)
-        self._set_problem(problem)
-        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
-        for (loop, _, _, _), r in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append(r)
-        for loop, rs in by_loop.items():
-            loop.call_soon_threadsafe(_resolve, rs)
-
-    def _transaction(
-        self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool
-    ) -> list[tuple[Any, bool, Any]]:
-        """One transaction for the whole group. The fast path runs the operations back to back; when one
-        raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
-        operation fails alone and never sinks the others."""
-        results: list[tuple[Any, bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for _loop, fut, fn, args in batch:
-                if not isolate:
-                    try:
-                        results.append((fut, True, fn(conn, *args)))
-                    except Exception as exc:
-                        raise _OpFailed from exc
-                    continue
-                conn.execute("SAVEPOINT op")
-                try:
-                    res = fn(conn, *args)
-                    conn.execute("RELEASE op")
-                    results.append((fut, True, res))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((fut, False, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
-            self.ops += len(batch)
-            return results
-        except _OpFailed:
-            _rollback(conn)
-            raise
-        except (
-            Exception
-        ) as exc:  # the transaction itself failed (disk full, I/O error): every caller hears it
-            _rollback(conn)
-            return [(fut, False, exc) for _, fut, _, _ in batch]
-
-    def _probe(self, conn: sqlite3.Connection) -> None:
-        """A small write of new pages, then undone: does writing succeed again?"""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('write_probe', zeroblob(16384))")
-            conn.execute("DELETE FROM meta WHERE key='write_probe'")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            _rollback(conn)
-            self._set_problem(f"{store_condition(exc) or 'a write failed'} ({exc})")
-            return
-        self._set_problem(None)
-
-    def _set_problem(self, problem: str | None) -> None:
-        if problem == self.problem:
-            return
-        if problem is None:
-            log.warning("writing to the store %s succeeds again; ready", self.path)
-        elif self.problem is None:
-            log.error(
-                "writing to the store %s fails: %s. Webhooks are answered 503 (the sender retries),"
-                " deliveries wait, /readyz is 503 until a write succeeds",
-                self.path,
-                problem,
-            )
-        self.problem = problem
-
-
-class _OpFailed(Exception):
-    """An operation of the group raised (the fast path gives way to one savepoint per operation)."""
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
-
-
-WAL_LIMIT = 64 * 1024 * 1024
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-class _Checkpointer(threading.Thread):
-    """Copies the WAL back into the database file twice a second (PASSIVE: it never blocks the writer).
-
-    SQLite would otherwise checkpoint inside whichever commit crosses 1,000 WAL pages, and every event
-    acknowledged by that group commit would wait for the copy and its fsync.
-    """
-
-    def __init__(self, path: Path, interval_s: float = 0.5) -> None:
-        super().__init__(name="patchbay-store-checkpoint", daemon=True)
-        self.path = path
-        self.interval_s = interval_s
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        conn = connect(self.path)
-        failing = False
-        try:
-            while not self.stopping.wait(self.interval_s):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
-                    if not failing:  # one line per spell of trouble, not two a second
-                        log.warning("checkpointing the store's WAL: %s; trying again", exc)
-                    failing = True
-                    continue
-                if failing:
-                    log.info("checkpointing the store's WAL succeeds again")
-                failing = False
-        finally:
-            conn.close()
-
-
-def _closed_error(path: Path) -> StoreClosed:
-    return StoreClosed(
-        f"writing to the store {path}: it is closed (the hub is stopping); try again once it runs",
-        "the store is closed",
-    )
-
-
-def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
-    for fut, ok, value in results:
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
 
 
 class SqliteStore:
@@ -858,6 +320,45 @@ class SqliteStore:
         """The fields `destination` mapped from its answer for `event_id` (None before a success)."""
         return await self._read(q_response_fields, event_id, destination)
 
+    # -------------------------------------------------------------- identity map (store/identity.py)
+    async def identity_lookup(
+        self, entity: str, links: Sequence[tuple[str, str]], keys: Sequence[tuple[str, str]]
+    ) -> IdentityLookup:
+        return await self._read(q_lookup, entity, list(links), list(keys))
+
+    async def identity(self, identity_id: str) -> Identity | None:
+        return await self._read(q_identity, identity_id)
+
+    async def search_identities(self, entity: str | None, text: str, limit: int = 20) -> list[Identity]:
+        return await self._read(q_search, entity, text, limit)
+
+    async def all_identities(self, entity: str, after: str = "", limit: int = 1000) -> list[Identity]:
+        return await self._read(q_all, entity, after, limit)
+
+    async def accept_synced(
+        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+    ) -> list[Accepted]:
+        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+
+    async def conflicts(
+        self, entity: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_conflicts, entity, status, limit)
+
+    async def conflict(self, conflict_id: int) -> dict[str, Any] | None:
+        return await self._read(q_conflict, conflict_id)
+
+    async def reviews(
+        self, entity: str | None = None, status: str | None = "open", limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self._read(q_reviews, entity, status, limit)
+
+    async def review(self, review_id: int) -> dict[str, Any] | None:
+        return await self._read(q_review, review_id)
+
+    async def identity_stats(self, entity: str) -> dict[str, Any]:
+        return await self._read(q_stats, entity)
+
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
     async def record_calls(
@@ -970,474 +471,20 @@ class SyncStore:
         self.conn.close()
 
 
-# ================================================================== operations
-# Each takes a connection first; transactions (tx_*) run inside the writer's group transaction and may be
-# run twice (the group is replayed with savepoints when another operation fails): no side effects outside it.
-
-
-def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
-    now = time.time()
-    if e.dedupe_key is not None:
-        row = conn.execute(
-            "SELECT id, body_hash FROM events WHERE flow=? AND dedupe_key=?", (e.flow, e.dedupe_key)
-        ).fetchone()
-        if row is not None:
-            return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
-    if e.claims or e.windows:
-        e = wq.drop_duplicate_elements(
-            conn, e, now
-        )  # after a split: an element's duplicate key drops it alone
-        seen: wq.Seen = {}
-        refused = wq.refusal(conn, e, now, seen)
-        if refused is not None:  # a dedupe key held by another run, or too late for its window
-            status, reason, trace = refused
-            tx_accept(
-                conn,
-                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
-            )
-            return Accepted(e.id, status=status, reason=reason)
-        wq.apply_gates(conn, e, now, seen)
-    conn.execute(
-        "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
-        " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            e.id,
-            e.flow,
-            e.dedupe_key,
-            e.body_hash,
-            e.received_at,
-            now,
-            e.status,
-            e.record_key,
-            e.reason,
-            e.payload,
-            _j(e.meta),
-            _j(e.trace),
-        ),
-    )
-    if e.deliveries:
-        conn.executemany(
-            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    e.id,
-                    e.flow,
-                    d.destination,
-                    d.status,
-                    _j(d.request),
-                    d.idempotency_key,
-                    e.received_at,
-                    d.error,
-                    now,
-                    now,
-                )
-                for d in e.deliveries
-            ],
-        )
-    return Accepted(e.id)
-
-
-def tx_accept_batch(
-    conn: sqlite3.Connection, events: list[NewEvent], flow: str, cursor: Any
-) -> list[Accepted]:
-    out = [tx_accept(conn, e) for e in events]
-    if cursor is not None:
-        tx_set_cursor(conn, flow, cursor)
-    return out
-
-
-def tx_set_cursor(conn: sqlite3.Connection, flow: str, cursor: Any) -> None:
-    conn.execute(
-        "INSERT INTO cursors(flow, value, updated_at) VALUES(?,?,?)"
-        " ON CONFLICT(flow) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
-        (flow, _j(cursor), time.time()),
-    )
-
-
-def q_cursor(conn: sqlite3.Connection, flow: str) -> Any:
-    row = conn.execute("SELECT value FROM cursors WHERE flow=?", (flow,)).fetchone()
-    return None if row is None else orjson.loads(row[0])
-
-
-def tx_reset_cursor(conn: sqlite3.Connection, flow: str, by: Actor | None = None) -> bool:
-    done = conn.execute("DELETE FROM cursors WHERE flow=?", (flow,)).rowcount > 0
-    if by is not None:
-        tx_audit(conn, by.name, "cursor.reset", flow, {**by.detail, "had_cursor": done}, by.origin)
-    return done
-
-
-def q_schedule(conn: sqlite3.Connection, flow: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT * FROM schedules WHERE flow=?", (flow,)).fetchone()
-    return None if row is None else dict(row)
-
-
-def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
-    conn.execute("INSERT OR IGNORE INTO schedules(flow) VALUES(?)", (flow,))
-    if fields.pop("count_run", False):
-        conn.execute("UPDATE schedules SET runs=runs+1 WHERE flow=?", (flow,))
-    if fields:
-        cols = ", ".join(f"{k}=?" for k in fields)
-        conn.execute(f"UPDATE schedules SET {cols} WHERE flow=?", (*fields.values(), flow))
-
-
-def q_due(
-    conn: sqlite3.Connection,
-    flow: str,
-    destination: str,
-    now: float,
-    limit: int,
-    skip: frozenset[int],
-    after_id: int = 0,
-) -> list[DueDelivery]:
-    """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased)."""
-    rows = conn.execute(
-        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries"
-        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? ORDER BY id LIMIT ?",
-        (flow, destination, now, after_id, limit + len(skip)),
-    ).fetchall()
-    out = []
-    for r in rows:
-        if r["id"] in skip:
-            continue
-        out.append(
-            DueDelivery(
-                r["id"],
-                r["event_id"],
-                flow,
-                destination,
-                orjson.loads(r["request"]),
-                r["idempotency_key"],
-                r["attempts"],
-                r["retries"],
-            )
-        )
-        if len(out) >= limit:
-            break
-    return out
-
-
-def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
-    row = conn.execute(
-        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'",
-        (flow, destination),
-    ).fetchone()
-    return row[0]
-
-
-def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
-    now = time.time()
-    events: set[str] = set()
-    for r in results:
-        conn.execute(
-            "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
-            " last_error=?, updated_at=? WHERE id=?",
-            (
-                r.new_status,
-                1 if r.consumed_retry else 0,
-                r.next_at,
-                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"),
-                now,
-                r.delivery_id,
-            ),
-        )
-        conn.execute(
-            "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)"
-            " VALUES(?, (SELECT attempts FROM deliveries WHERE id=?), ?, ?, ?, ?, ?, ?)",
-            (
-                r.delivery_id,
-                r.delivery_id,
-                r.started_at,
-                r.latency_ms,
-                r.status_code,
-                r.outcome,
-                r.excerpt,
-                r.error,
-            ),
-        )
-        if r.response is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO responses(delivery_id, fields, at) VALUES(?,?,?)",
-                (r.delivery_id, _j(r.response), now),
-            )
-        if r.new_status != "pending":
-            events.add(r.event_id)
-    for ev in events:
-        refresh_event_status(conn, ev, now)
-
-
-def q_response_fields(conn: sqlite3.Connection, event_id: str, destination: str) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT r.fields FROM responses r JOIN deliveries d ON d.id=r.delivery_id"
-        " WHERE d.event_id=? AND d.destination=? ORDER BY d.id DESC LIMIT 1",
-        (event_id, destination),
-    ).fetchone()
-    return None if row is None else orjson.loads(row[0])
-
-
-def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None, float]]:
-    return {
-        (r["flow"], r["destination"]): (r["state"], r["reason"], r["since"])
-        for r in conn.execute("SELECT * FROM destinations")
-    }
-
-
-def tx_set_destination_state(
-    conn: sqlite3.Connection,
-    flow: str,
-    destination: str,
-    state: str,
-    reason: str | None,
-    by: Actor | None = None,
-) -> None:
-    conn.execute(
-        "INSERT INTO destinations(flow, destination, state, reason, since) VALUES(?,?,?,?,?)"
-        " ON CONFLICT(flow, destination) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
-        " since=CASE WHEN destinations.state=excluded.state THEN destinations.since ELSE excluded.since END",
-        (flow, destination, state, reason, time.time()),
-    )
-    if by is not None:
-        action = "resume" if state == "active" else state
-        tx_audit(conn, by.name, action, f"{flow}/{destination}", dict(by.detail), by.origin)
-
-
-# ================================================================== monitoring: alert state, source health
-# The alert loop's snapshot reads on a connection and thread of their own, with a timeout: a slow read
-# never delays the delivery feed on the shared reader. Alert states and source health have their tables.
-
-MONITOR_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts(
-  rule TEXT NOT NULL,
-  subject TEXT NOT NULL,
-  state TEXT NOT NULL,
-  since REAL NOT NULL,
-  fired_at REAL,
-  cleared_at REAL,
-  detail TEXT NOT NULL DEFAULT '',
-  event_id TEXT,
-  updated_at REAL NOT NULL,
-  PRIMARY KEY(rule, subject)
-);
-CREATE TABLE IF NOT EXISTS sources(
-  flow TEXT PRIMARY KEY,
-  state TEXT NOT NULL,
-  failures INTEGER NOT NULL DEFAULT 0,
-  error TEXT,
-  since REAL NOT NULL,
-  updated_at REAL NOT NULL
-);
-"""
-
-
-class _MonitorReader:
-    """One thread and connection for the monitor's reads; a read past its timeout is interrupted."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.conn: sqlite3.Connection | None = None
-        self.exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-monitor")
-
-    async def read(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
-        def run() -> T:
-            if self.conn is None:
-                self.conn = connect(self.path)
-            return fn(self.conn, *args)
-
-        fut = asyncio.get_running_loop().run_in_executor(self.exec, run)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            if self.conn is not None:
-                self.conn.interrupt()  # the query stops; the next read tries again
-            raise
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self.exec, shut)
-        self.exec.shutdown(wait=True)
-
-
-def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
-    """The id just before the first attempt started at or after `t` (ids follow time closely: bisect them)."""
-    lo, hi = conn.execute("SELECT MIN(id), MAX(id) FROM attempts").fetchone()
-    if lo is None:
-        return 0
-    hi += 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = conn.execute(
-            "SELECT started_at FROM attempts WHERE id>=? ORDER BY id LIMIT 1", (mid,)
-        ).fetchone()
-        if row is None or row[0] >= t:
-            hi = mid
-        else:
-            lo = mid + 1
-    return int(lo) - 1
-
-
-def q_snapshot(
-    conn: sqlite3.Connection,
-    now: float,
-    after_id: int | None,
-    seed_from: float,
-    pairs: list[tuple[str, str]],
-    dead_windows: set[float | None],
-    count_after: int | None = None,
-    drift_since: float | None = None,
-) -> Snapshot:
-    """One consistent read of all the rules and metrics need.
-
-    New attempts are aggregated in SQL (only failures come back as rows): at thousands of deliveries
-    a second, building a row per attempt here would hold the GIL long enough to delay webhook acks.
-    """
-    conn.execute("BEGIN")
-    try:
-        max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM attempts").fetchone()[0]
-        if after_id is None:
-            after_id = _first_attempt_at(conn, seed_from)
-        attempts = [
-            FailedAttempt(*r)
-            for r in conn.execute(
-                "SELECT a.id, a.started_at, a.outcome, a.n, a.status_code, a.error, d.flow, d.destination"
-                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
-                " AND a.outcome!='success' ORDER BY a.id",
-                (after_id, max_id),
-            )
-        ]
-        # SQLite takes the bare columns from the row holding MAX(a.id): the latest attempt per destination.
-        last = {
-            (flow, dest): (at, outcome == "success")
-            for flow, dest, _, at, outcome in conn.execute(
-                "SELECT d.flow, d.destination, MAX(a.id), a.started_at, a.outcome"
-                " FROM attempts a JOIN deliveries d ON d.id=a.delivery_id WHERE a.id>? AND a.id<=?"
-                " GROUP BY d.flow, d.destination",
-                (after_id, max_id),
-            )
-        }
-        retries: dict[tuple[str, str], int] = {}
-        if count_after is not None:
-            for flow, dest, n in conn.execute(
-                "SELECT d.flow, d.destination, COUNT(*) FROM attempts a JOIN deliveries d ON d.id=a.delivery_id"
-                " WHERE a.id>? AND a.id<=? AND a.n>1 GROUP BY d.flow, d.destination",
-                (max(after_id, count_after), max_id),
-            ):
-                retries[(flow, dest)] = n
-        queue: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for flow, dest in pairs:  # the due index covers count and min id: no row is read but the oldest
-            n, first = conn.execute(
-                "SELECT COUNT(*), MIN(id) FROM deliveries"
-                " WHERE flow=? AND destination=? AND status='pending'",
-                (flow, dest),
-            ).fetchone()
-            oldest = (
-                conn.execute("SELECT created_at FROM deliveries WHERE id=?", (first,)).fetchone()
-                if n
-                else None
-            )
-            queue[(flow, dest)] = (n, oldest[0] if oldest else None)
-        dead: dict[float | None, dict[str, tuple[int, int]]] = {}
-        for window in dead_windows:
-            since = now - window if window is not None else 0.0
-            per: dict[str, list[int]] = {}
-            for flow, n in conn.execute(
-                "SELECT flow, COUNT(*) FROM deliveries WHERE status='dead' AND updated_at>=? GROUP BY flow",
-                (since,),
-            ):
-                per.setdefault(flow, [0, 0])[0] = n
-            for flow, n in conn.execute(
-                "SELECT flow, COUNT(*) FROM events"
-                " WHERE status='quarantined' AND updated_at>=? GROUP BY flow",
-                (since,),
-            ):
-                per.setdefault(flow, [0, 0])[1] = n
-            dead[window] = {f: (v[0], v[1]) for f, v in per.items()}
-        snap = Snapshot(
-            now,
-            q_destination_states(conn),
-            queue,
-            attempts,
-            last,
-            retries,
-            {r["flow"]: dict(r) for r in conn.execute("SELECT * FROM schedules")},
-            dead,
-            {(r["rule"], r["subject"]): dict(r) for r in conn.execute("SELECT * FROM alerts")},
-            q_source_states(conn),
-            _drifted(conn, drift_since) if drift_since is not None else [],
-            max(after_id, max_id),
-            max_id,
-        )
-    finally:
-        if conn.in_transaction:  # an interrupted query may have ended it already
-            conn.execute("COMMIT")
-    return snap
-
-
-def _drifted(conn: sqlite3.Connection, since: float) -> list[tuple[str, int, int, str, list[str]]]:
-    """Events since `since` whose trace has a contract drift entry, per flow and second: (flow, second,
-    count, the latest event's id, its drift). Read once at start; later ones are fed as they happen."""
-    out: list[tuple[str, int, int, str, list[str]]] = []
-    for flow, second, n, last in conn.execute(
-        "SELECT flow, CAST(received_at AS INTEGER), COUNT(*), MAX(id) FROM events"
-        " WHERE received_at>=? AND trace LIKE ? GROUP BY flow, 2",
-        (since, '%"kind":"contract"%'),
-    ):
-        trace = orjson.loads(
-            opened(conn.execute("SELECT trace FROM events WHERE id=?", (last,)).fetchone()[0])
-        )
-        drift: list[str] = next((s["drift"] for s in trace if s.get("kind") == "contract"), [])
-        out.append((flow, second, n, last, drift))
-    # Answers that drifted from the flow's response contract: the attempt's note holds "DRIFT a; b".
-    for flow, second, n, last_event, note in conn.execute(
-        "SELECT d.flow, CAST(a.started_at AS INTEGER), COUNT(*), MAX(d.event_id), MAX(a.error) FROM attempts a"
-        " JOIN deliveries d ON d.id = a.delivery_id"
-        " WHERE a.started_at>=? AND a.outcome='success' AND a.error LIKE 'DRIFT response of %'"
-        " GROUP BY d.flow, 2",
-        (since,),
-    ):
-        out.append((flow, second, n, last_event, note.removeprefix("DRIFT ").split("; ")))
-    return out
-
-
-def tx_alert(conn: sqlite3.Connection, event: NewEvent, change: AlertChange) -> Accepted:
-    """The message and the rule's new state, in one transaction: told once, whatever crashes when."""
-    accepted = tx_accept(conn, event)
-    firing = change.state == "firing"
-    conn.execute(
-        "INSERT INTO alerts(rule, subject, state, since, fired_at, cleared_at, detail, event_id, updated_at)"
-        " VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(rule, subject) DO UPDATE SET state=excluded.state,"
-        " since=excluded.since, fired_at=COALESCE(excluded.fired_at, alerts.fired_at),"
-        " cleared_at=COALESCE(excluded.cleared_at, alerts.cleared_at), detail=excluded.detail,"
-        " event_id=excluded.event_id, updated_at=excluded.updated_at",
-        (
-            change.rule,
-            change.subject,
-            change.state,
-            change.since,
-            change.at if firing else None,
-            None if firing else change.at,
-            change.detail,
-            accepted.event_id,
-            change.at,
-        ),
-    )
-    return accepted
-
-
-def q_source_states(conn: sqlite3.Connection) -> dict[str, SourceState]:
-    return {
-        r["flow"]: SourceState(r["flow"], r["state"], r["failures"], r["error"], r["since"], r["updated_at"])
-        for r in conn.execute("SELECT * FROM sources")
-    }
-
-
-def tx_set_source_state(conn: sqlite3.Connection, s: SourceState) -> None:
-    conn.execute(
-        "INSERT INTO sources(flow, state, failures, error, since, updated_at) VALUES(?,?,?,?,?,?)"
-        " ON CONFLICT(flow) DO UPDATE SET state=excluded.state, failures=excluded.failures,"
-        " error=excluded.error, since=excluded.since, updated_at=excluded.updated_at",
-        (s.flow, s.state, s.failures, s.error, s.since, s.updated_at),
-    )
+__all__ = [
+    "RESTORE",
+    "SCHEMA_VERSION",
+    "_STOP",
+    "SqliteStore",
+    "StoreClosed",
+    "StoreLocked",
+    "SyncStore",
+    "check_file",
+    "connect",
+    "init_schema",
+    "open_store",
+    "q_schedule",
+    "tx_accept",
+    "tx_schedule",
+    "tx_set_cursor",
+]

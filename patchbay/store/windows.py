@@ -241,12 +241,13 @@ def apply_gates(conn: sqlite3.Connection, e: NewEvent, now: float, seen: Seen | 
         conn.executemany(
             "INSERT INTO window_values(flow, step, start, key, name, n, total, scale, is_float, lo, hi)"
             " VALUES(?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(flow, step, start, key, name) DO UPDATE SET"
-            " n=n+excluded.n, total=total+excluded.total, scale=MAX(scale, excluded.scale),"
-            " is_float=MAX(is_float, excluded.is_float),"
-            " lo=CASE WHEN excluded.lo IS NULL THEN lo WHEN lo IS NULL THEN excluded.lo"
-            "   ELSE MIN(lo, excluded.lo) END,"
-            " hi=CASE WHEN excluded.hi IS NULL THEN hi WHEN hi IS NULL THEN excluded.hi"
-            "   ELSE MAX(hi, excluded.hi) END",
+            # Columns named with their table: PostgreSQL finds a bare name ambiguous beside `excluded`.
+            " n=window_values.n+excluded.n, total=window_values.total+excluded.total,"
+            " scale=MAX(window_values.scale, excluded.scale), is_float=MAX(window_values.is_float, excluded.is_float),"
+            " lo=CASE WHEN excluded.lo IS NULL THEN window_values.lo WHEN window_values.lo IS NULL THEN excluded.lo"
+            "   ELSE MIN(window_values.lo, excluded.lo) END,"
+            " hi=CASE WHEN excluded.hi IS NULL THEN window_values.hi WHEN window_values.hi IS NULL THEN excluded.hi"
+            "   ELSE MAX(window_values.hi, excluded.hi) END",
             [
                 (*pk, name, c.n, c.num, c.scale, int(c.is_float), c.extreme, c.extreme)
                 for name, c in w.values.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ def make_vault(root: Path) -> None:
     from patchbay.security.project import open_project_secrets
     from tests.conftest import SECRET_TOKEN, SECRET_WHSEC
 
+    if os.environ.get("PATCHBAY_TEST_STORE") == "postgres":  # the vault beside the hub's store
+        from tests.conftest import _use_postgres
+
+        _use_postgres(root)
     vault, _ = open_project_secrets(root, create_key=True)
     assert vault is not None
     vault.set("website_whsec", SECRET_WHSEC)

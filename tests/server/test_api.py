@@ -21,6 +21,10 @@ FILL = {
     "run_id": "evt_nothing",
     "name": "unused_secret",
     "token_id": "000000000000",
+    "entity": "customer",
+    "identity_id": "idn_nothing",
+    "conflict_id": "1",
+    "review_id": "1",
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from patchbay.store.base import SecretRows, Store
+from tests.conftest import postgres_url
 
 
 def _sqlite(tmp_path: Path) -> Store:
@@ -20,7 +21,13 @@ def _sqlite(tmp_path: Path) -> Store:
     return SqliteStore(tmp_path / "store.db")
 
 
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": _sqlite}
+def _postgres(tmp_path: Path) -> Store:
+    from patchbay.store.postgres import PostgresStore
+
+    return PostgresStore(postgres_url())
+
+
+STORES: dict[str, Callable[[Path], Store]] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(STORES))
@@ -38,7 +45,16 @@ def _sqlite_secret_rows(tmp_path: Path) -> SecretRows:
     return SqliteSecretRows(tmp_path / "store.db")
 
 
-SECRET_ROWS: dict[str, Callable[[Path], SecretRows]] = {"sqlite": _sqlite_secret_rows}
+def _postgres_secret_rows(tmp_path: Path) -> SecretRows:
+    from patchbay.store.postgres import PostgresSecretRows
+
+    return PostgresSecretRows(postgres_url())
+
+
+SECRET_ROWS: dict[str, Callable[[Path], SecretRows]] = {
+    "sqlite": _sqlite_secret_rows,
+    "postgres": _postgres_secret_rows,
+}
 
 
 @pytest.fixture(params=sorted(SECRET_ROWS))

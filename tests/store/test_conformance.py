@@ -807,6 +807,101 @@ def test_secret_rows_reseal_is_all_or_nothing(secret_rows: SecretRows) -> None:
     assert all(r.version == 1 for r in secret_rows.list())  # resealing is not a rotation
 
 
+# ------------------------------------------------------------------ identity map (issue 9)
+def _identity(iid: str, **systems: str) -> Any:
+    from patchbay.store.base import Identity
+
+    return Identity(
+        iid,
+        "customer",
+        1.0,
+        2.0,
+        golden={"email": {"value": "ada@example.com", "system": "crm", "at": 1.0}},
+        systems={
+            s: {
+                "id": rid,
+                "seen": {"email": {"value": "ada@example.com", "at": 1.0, "event": None}},
+                "written": {},
+            }
+            for s, rid in systems.items()
+        },
+        keys=[("email", f"{iid}@example.com")],
+    )
+
+
+async def test_identities_are_found_by_link_and_key_and_written_with_their_events(store: Store):
+    from patchbay.store.base import IdentityChanges, NewConflict, NewReview
+
+    ident = _identity("idn_1", crm="45", billing="cus_9")
+    ev = event("crm_sync")
+    conflict = NewConflict(
+        "customer",
+        "idn_1",
+        "name",
+        "owned",
+        [{"system": "crm", "value": "Ada", "at": 1.0}, {"system": "mkt", "value": "Ada L.", "at": 2.0}],
+        "crm",
+        "Ada",
+        "owner",
+        "mkt changed name",
+        "settled",
+        3.0,
+    )
+    review = NewReview("customer", "mkt", "m7", {"email": "x@y.z"}, ["idn_1"], "weak", 4.0, ev.id)
+    changes = IdentityChanges("customer", [ident], [conflict], [review])
+    [acc] = await store.accept_synced([ev], changes, {"crm_sync": {"at": 5}})
+    assert not acc.duplicate
+    assert await store.cursor("crm_sync") == {"at": 5}
+    assert (await store.get_run(ev.id)) is not None
+
+    found = await store.identity_lookup(
+        "customer", [("crm", "45"), ("billing", "nope")], [("email", "idn_1@example.com"), ("email", "zz")]
+    )
+    assert found.by_link == {("crm", "45"): "idn_1"}
+    assert found.by_key == {("email", "idn_1@example.com"): ["idn_1"]}
+    assert found.identities["idn_1"].systems["billing"]["id"] == "cus_9"
+    assert found.open_reviews == {}
+    again = await store.identity_lookup("customer", [("mkt", "m7")], [])
+    assert list(again.open_reviews) == [("mkt", "m7")]
+    assert (await store.identity("idn_1")) == ident
+    assert [i.id for i in await store.search_identities("customer", "cus_9")] == ["idn_1"]
+    assert [i.id for i in await store.search_identities(None, "idn_1@example.com")] == ["idn_1"]
+    assert [i.id for i in await store.all_identities("customer")] == ["idn_1"]
+    assert await store.all_identities("customer", after="idn_1") == []
+
+    [c] = await store.conflicts("customer")
+    assert (c["field"], c["winner"], c["status"]) == ("name", "crm", "settled")
+    assert [v["value"] for v in c["values"]] == ["Ada", "Ada L."]
+    assert await store.conflict(c["id"]) == c
+    [r] = await store.reviews("customer")
+    assert (r["record_id"], r["candidates"], r["status"]) == ("m7", ["idn_1"], "open")
+    stats = await store.identity_stats("customer")
+    assert stats["identities"] == 1 and stats["linked"] == {"billing": 1, "crm": 1}
+    assert stats["conflicts"] == {"settled": 1} and stats["reviews"] == {"open": 1}
+
+
+async def test_an_identity_rewritten_moves_its_links_and_decisions_are_audited(store: Store):
+    from patchbay.store.base import IdentityChanges, NewReview
+
+    await store.accept_synced([], IdentityChanges("customer", [_identity("idn_2", crm="1")]))
+    moved = _identity("idn_2", crm="2")
+    moved.status = "archived"
+    review = NewReview("customer", "mkt", "m1", {}, [], "two match", 1.0)
+    await store.accept_synced([], IdentityChanges("customer", [moved], reviews=[review]))
+    assert (await store.identity_lookup("customer", [("crm", "1")], [])).by_link == {}
+    assert (await store.identity_lookup("customer", [("crm", "2")], [])).by_link == {("crm", "2"): "idn_2"}
+    assert (await store.identity_stats("customer"))["status"] == {"archived": 1}
+    [r] = await store.reviews("customer")
+    done = IdentityChanges(
+        "customer", resolve_reviews=[(r["id"], "dismissed", {"decision": "dismissed"})], by=ALICE
+    )
+    await store.accept_synced([], done)
+    assert await store.reviews("customer") == []
+    assert (await store.review(r["id"]))["status"] == "dismissed"  # type: ignore[index]
+    [entry] = await store.audit_log(AuditFilter(action="review.resolve"))
+    assert entry["actor"] == "alice" and entry["target"] == str(r["id"])
+
+
 # ------------------------------------------------------------------ windows and dedupe keys (NewEvent.claims, .windows)
 DAILY = [("orders", "daily")]
 

@@ -148,7 +148,10 @@ def test_store_check_of_a_whole_store(tmp_path):
     project_with_runs(tmp_path, 300)
     res = pb("store", "check", "-p", str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "ok (schema 1, 300 runs" in res.stdout and "integrity_check found no problem" in res.stdout
+    assert (
+        f"ok (schema {SCHEMA_VERSION}, 300 runs" in res.stdout
+        and "integrity_check found no problem" in res.stdout
+    )
     quick = pb("store", "check", "--quick", "-p", str(tmp_path), "--json")
     assert quick.returncode == 0 and '"check": "quick_check"' in quick.stdout
 

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from patchbay.engine.hub import Hub
 from patchbay.server import api_models as m
+from patchbay.server.api import identity as im
 from patchbay.server.api.admin import Admin
 from patchbay.server.api.dead_letters import DeadLetters
 from patchbay.server.api.destinations import Destinations
 from patchbay.server.api.flow_runs import FlowRuns
 from patchbay.server.api.flows import Flows
 from patchbay.server.api.http import PREFIX
+from patchbay.server.api.identity import Identities
 from patchbay.server.api.runs import Runs
 from patchbay.server.api.secrets import Secrets
 from patchbay.server.api.state import State
@@ -30,6 +32,7 @@ class Handlers:
     state: State
     secrets: Secrets
     flow_runs: FlowRuns
+    identities: Identities
 
     @classmethod
     def of(cls, hub: Hub) -> Handlers:
@@ -42,7 +45,92 @@ class Handlers:
             State(hub),
             Secrets(hub),
             FlowRuns(hub),
+            Identities(hub),
         )
+
+
+def identity_endpoints(h: Handlers) -> list[Endpoint]:
+    """Entities: the identity map, conflicts and the review queue (issue 9)."""
+    E, P = Endpoint, PREFIX
+    read, write = "identities:read", "identities:write"
+    return [
+        E(
+            "GET",
+            f"{P}/entities",
+            h.identities.list_entities,
+            read,
+            "Entities: fields with their owner or rule, "
+            "systems, identities linked per system, open conflicts and reviews.",
+            "identities",
+            im.EntitiesOut,
+        ),
+        E(
+            "GET",
+            f"{P}/entities/{{entity}}/identities",
+            h.identities.search,
+            read,
+            "Find an entity across systems by a match value (an email), a record id or an identity id.",
+            "identities",
+            im.IdentitiesOut,
+            query=im.SearchQuery,
+            path_params=im.EntityPath,
+        ),
+        E(
+            "GET",
+            f"{P}/identities/{{identity_id}}",
+            h.identities.get_identity,
+            read,
+            "One identity: its id in every "
+            "system, the agreed value of each field, and what each system said and when.",
+            "identities",
+            im.IdentityOut,
+            path_params=im.IdentityPath,
+        ),
+        E(
+            "GET",
+            f"{P}/conflicts",
+            h.identities.list_conflicts,
+            read,
+            "Conflicts, newest first: both values, sources and times, the winner and why.",
+            "identities",
+            im.ConflictsOut,
+            query=im.ItemsQuery,
+        ),
+        E(
+            "POST",
+            f"{P}/conflicts/{{conflict_id}}/resolve",
+            h.identities.resolve_conflict,
+            write,
+            "Settle a "
+            "conflict with a value; it is written to every system that differs, its owner too. Audited.",
+            "identities",
+            im.DecisionOut,
+            path_params=im.ConflictPath,
+            body=im.ConflictResolve,
+        ),
+        E(
+            "GET",
+            f"{P}/reviews",
+            h.identities.list_reviews,
+            read,
+            "The review queue: records not linked by "
+            "themselves (several matches, a weak rule, a duplicate inside one system).",
+            "identities",
+            im.ReviewsOut,
+            query=im.ItemsQuery,
+        ),
+        E(
+            "POST",
+            f"{P}/reviews/{{review_id}}/resolve",
+            h.identities.resolve_review,
+            write,
+            "Decide a review: link the record to an identity, make it a new one, or dismiss it. Audited.",
+            "identities",
+            im.DecisionOut,
+            path_params=im.ReviewPath,
+            body=im.ReviewResolve,
+        ),
+    ]
 
 
 def endpoints(h: Handlers) -> list[Endpoint]:
@@ -309,4 +397,5 @@ def endpoints(h: Handlers) -> list[Endpoint]:
             m.TokenOut,
             path_params=m.TokenPath,
         ),
+        *identity_endpoints(h),
     ]

@@ -109,8 +109,7 @@ class Flows(Resource):
             source = ov["sources"].get(name)
             if source is not None and source["health"] != "ok":  # a failing source colours its node
                 outgoing[src] = [*outgoing.get(src, []), source["health"]]
-            # a batch flow: one edge from the table it reads to the one it writes
-            if fr.spec.batch is not None:
+            if fr.spec.batch is not None:  # a batch flow: one edge, the table it reads -> the one it writes
                 edges.append(self._batch_edge(fr.spec, src, source))
                 incoming.setdefault(fr.spec.batch.to.system, []).append(edges[-1]["health"])
             for d in self._targets(fr):  # destinations, then call and lookup steps

@@ -5,6 +5,7 @@ import { api, can, forgetToken, keepToken, onUnauthorized, session } from './api
 import { append, errorBox, fill, fmtTime, h } from './dom.js';
 import { viewFailures } from './failures.js';
 import { viewFlow, viewFlows, viewMap } from './flows.js';
+import { viewIdentities } from './identity.js';
 import { viewRun, viewRuns } from './runs.js';
 
 const POLL_MS = 2000;
@@ -78,6 +79,7 @@ function showLogin(reason) {
 function renderHeader() {
   const me = session.me;
   const links = [['map', 'Map'], ['flows', 'Flows'], ['runs', 'Runs'], ['failures', 'Failures']];
+  if (can('identities:read')) links.push(['identities', 'Identities']);
   fill($header,
     h('a', { class: 'brand', href: '#/map' }, 'Patchbay'),
     h('nav', { 'aria-label': 'Main' }, h('ul', {}, links.map(([k, label]) => h('li', {},
@@ -227,7 +229,10 @@ async function notFound(root) {
   append(root, h('h1', {}, 'Not found'), h('p', {}, 'No such page. ', h('a', { href: '#/map' }, 'Go to the map')));
 }
 
-const VIEWS = { map: viewMap, flows: viewFlows, flow: viewFlow, runs: viewRuns, run: viewRun, failures: viewFailures };
+const VIEWS = {
+  map: viewMap, flows: viewFlows, flow: viewFlow, runs: viewRuns, run: viewRun, failures: viewFailures,
+  identities: viewIdentities,
+};
 
 if (session.token) start();
 else showLogin();

@@ -1,0 +1,80 @@
+"""Versioned migrations of the store's schema, for both stores.
+
+A store records its schema version in `meta` (key `schema_version`). Tables and indexes that are new
+in a release are created by `CREATE … IF NOT EXISTS` when the store opens (sqlite_schema.schema_parts);
+every change to a table that exists is a numbered step here, with its SQL for SQLite and for
+PostgreSQL. Opening a store applies the steps it lacks, in order, each in its own transaction with the
+new version (so a crash leaves the store at a whole version); `patchbay store migrate` does the same
+ahead of a start and says what it applied. A store newer than the code is refused, never downgraded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int  # the schema version once applied
+    what: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        2,
+        "deliveries: lease columns (leased_by, lease_until), so several hubs can share one store",
+        (
+            "ALTER TABLE deliveries ADD COLUMN leased_by TEXT",
+            "ALTER TABLE deliveries ADD COLUMN lease_until REAL",
+        ),
+        (
+            "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS leased_by TEXT",
+            "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION",
+        ),
+    ),
+)
+BASELINE = 1  # the version a store created by the schema alone has
+LATEST = MIGRATIONS[-1].version if MIGRATIONS else BASELINE
+
+
+def pending(version: int) -> list[Migration]:
+    return [m for m in MIGRATIONS if m.version > version]
+
+
+def read_version(conn: Any) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row[0]) if row else BASELINE
+
+
+def apply_sqlite(conn: Any) -> list[Migration]:
+    """Apply what the SQLite store at `conn` (autocommit) lacks; each step one IMMEDIATE transaction."""
+    done: list[Migration] = []
+    for m in pending(read_version(conn)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if read_version(conn) >= m.version:  # another opener applied it meanwhile
+                conn.execute("ROLLBACK")
+                continue
+            for sql in m.sqlite:
+                conn.execute(sql)
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(m.version),))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        done.append(m)
+    return done
+
+
+def apply_postgres(conn: Any) -> list[Migration]:
+    """Apply what the PostgreSQL store lacks (psycopg connection, the caller holds the schema lock)."""
+    done: list[Migration] = []
+    for m in pending(read_version(conn)):
+        for sql in m.postgres:
+            conn.execute(sql)
+        conn.execute("UPDATE meta SET value=%s WHERE key='schema_version'", (str(m.version),))
+        done.append(m)
+    return done

@@ -1,0 +1,212 @@
+"""Operations the PostgreSQL store does its own way (the rest are the shared query functions)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from patchbay.store.retention import FAILED, FINISHED, ZMARK
+
+
+def tx_compress(conn: Any, flow: str, before: float, limit: int) -> int:
+    """Compress the payload of up to `limit` finished runs (as retention.tx_compress does). The trace stays
+    text: PostgreSQL compresses a long text value itself (TOAST), and a text column cannot hold bytes."""
+    statuses = FINISHED + FAILED
+    marks = ",".join("?" * len(statuses))
+    rows = conn.execute(
+        f"SELECT id, payload FROM events WHERE flow=? AND received_at<? AND updated_at<?"
+        f" AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
+        (flow, before, before, *statuses, ZMARK, limit),
+    ).fetchall()
+    if rows:
+        conn.executemany(
+            "UPDATE events SET payload=? WHERE id=?",
+            [(ZMARK + zlib.compress(bytes(payload), 6), eid) for eid, payload in rows],
+        )
+    return len(rows)
+
+
+# ================================================================== the hot path, one statement each
+# These take the raw psycopg connection in autocommit mode: one statement is one transaction (and one
+# round trip), committed durably by the server before it answers. `native` marks them for PostgresStore._run.
+
+
+def native(fn: Any) -> Any:
+    fn.native = True
+    return fn
+
+
+_ACCEPT = """
+WITH ev AS (
+  INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,
+                     payload, meta, trace)
+  VALUES (%(id)s, %(flow)s, %(dedupe_key)s, %(body_hash)s, %(received_at)s, %(now)s, %(status)s, %(record_key)s,
+          %(reason)s, %(payload)s, %(meta)s, %(trace)s)
+  ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+  RETURNING id
+), dl AS (
+  INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at, last_error,
+                         created_at, updated_at)
+  SELECT ev.id, %(flow)s, d.destination, d.status, d.request, d.ikey, %(received_at)s, d.err, %(now)s, %(now)s
+  FROM ev, unnest(%(d_dest)s::text[], %(d_status)s::text[], %(d_request)s::text[], %(d_ikey)s::text[],
+                  %(d_err)s::text[]) WITH ORDINALITY AS d(destination, status, request, ikey, err, ord)
+  ORDER BY d.ord
+)
+SELECT id FROM ev
+"""
+
+
+@native
+def accept(conn: Any, e: Any) -> Any:
+    """The event and its deliveries in one statement (one round trip); a duplicate costs a second read."""
+    import time
+
+    from patchbay.store.base import Accepted
+    from patchbay.store.common import _j
+
+    row = conn.execute(
+        _ACCEPT,
+        {
+            "id": e.id,
+            "flow": e.flow,
+            "dedupe_key": e.dedupe_key,
+            "body_hash": e.body_hash,
+            "received_at": e.received_at,
+            "now": time.time(),
+            "status": e.status,
+            "record_key": e.record_key,
+            "reason": e.reason,
+            "payload": e.payload,
+            "meta": _j(e.meta),
+            "trace": _j(e.trace),
+            "d_dest": [d.destination for d in e.deliveries],
+            "d_status": [d.status for d in e.deliveries],
+            "d_request": [_j(d.request) for d in e.deliveries],
+            "d_ikey": [d.idempotency_key for d in e.deliveries],
+            "d_err": [d.error for d in e.deliveries],
+        },
+    ).fetchone()
+    if row is not None:
+        return Accepted(row[0])
+    dup = conn.execute(
+        "SELECT id, body_hash FROM events WHERE flow=%s AND dedupe_key=%s", (e.flow, e.dedupe_key)
+    ).fetchone()
+    return Accepted(dup[0], duplicate=True, conflict=dup[1] != e.body_hash)
+
+
+LEASE_S = 300.0  # a claimed delivery another hub may take over after this long without an answer
+
+_DUE = """
+UPDATE deliveries SET leased_by=%(holder)s, lease_until=%(until)s
+WHERE id IN (
+  SELECT id FROM deliveries
+  WHERE flow=%(flow)s AND destination=%(dest)s AND status='pending' AND next_at<=%(now)s AND id>%(after)s
+    AND NOT (id = ANY(%(skip)s::bigint[]))
+    AND (leased_by IS NULL OR leased_by=%(holder)s OR lease_until<%(now)s)
+  ORDER BY id LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+)
+RETURNING id, event_id, request, idempotency_key, attempts, retries
+"""
+
+
+def due_for(holder: str) -> Any:
+    @native
+    def due(
+        conn: Any, flow: str, destination: str, now: float, limit: int, skip: Any, after_id: int = 0
+    ) -> list[Any]:
+        """Claim the due deliveries (a lease in the row, SKIP LOCKED): several hubs can share the feed."""
+        import orjson
+
+        from patchbay.store.base import DueDelivery
+
+        rows = conn.execute(
+            _DUE,
+            {
+                "holder": holder,
+                "until": now + LEASE_S,
+                "flow": flow,
+                "dest": destination,
+                "now": now,
+                "after": after_id,
+                "skip": sorted(skip),
+                "limit": limit,
+            },
+        ).fetchall()
+        rows.sort(key=lambda r: r[0])  # RETURNING has no order: arrival order is the id's
+        return [
+            DueDelivery(r[0], r[1], flow, destination, orjson.loads(r[2]), r[3], r[4], r[5]) for r in rows
+        ]
+
+    return due
+
+
+_RECORD = """
+WITH r AS (
+  SELECT * FROM unnest(%(did)s::bigint[], %(status)s::text[], %(consumed)s::int[], %(next_at)s::float8[],
+                       %(last_error)s::text[], %(started)s::float8[], %(latency)s::float8[], %(code)s::int[],
+                       %(outcome)s::text[], %(excerpt)s::text[], %(error)s::text[], %(response)s::text[])
+    AS r(did, status, consumed, next_at, last_error, started, latency, code, outcome, excerpt, error, response)
+), upd AS (
+  UPDATE deliveries d SET status=r.status, attempts=d.attempts+1, retries=d.retries+r.consumed,
+    next_at=COALESCE(r.next_at, d.next_at), last_error=r.last_error, updated_at=%(now)s,
+    leased_by=NULL, lease_until=NULL
+  FROM r WHERE d.id=r.did
+  RETURNING d.id, d.attempts, d.event_id, d.status
+), att AS (
+  INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)
+  SELECT r.did, upd.attempts, r.started, r.latency, r.code, r.outcome, r.excerpt, r.error
+  FROM r JOIN upd ON upd.id=r.did ORDER BY r.did
+), resp AS (
+  INSERT INTO responses(delivery_id, fields, at)
+  SELECT r.did, r.response, %(now)s FROM r WHERE r.response IS NOT NULL
+  ON CONFLICT (delivery_id) DO UPDATE SET fields=excluded.fields, at=excluded.at
+), ev AS (
+  SELECT d.event_id,
+    SUM(CASE WHEN COALESCE(u.status, d.status)='pending' THEN 1 ELSE 0 END) AS pending,
+    SUM(CASE WHEN COALESCE(u.status, d.status)='dead' THEN 1 ELSE 0 END) AS dead,
+    SUM(CASE WHEN COALESCE(u.status, d.status)='delivered' THEN 1 ELSE 0 END) AS delivered
+  FROM deliveries d LEFT JOIN upd u ON u.id=d.id
+  WHERE d.event_id IN (SELECT event_id FROM upd WHERE status!='pending')
+  GROUP BY d.event_id
+)
+UPDATE events e SET updated_at=%(now)s, status=CASE WHEN ev.pending>0 THEN 'pending' WHEN ev.dead>0 THEN 'dead'
+  WHEN ev.delivered>0 THEN 'delivered' ELSE 'discarded' END
+FROM ev WHERE e.id=ev.event_id AND e.status NOT IN ('quarantined','filtered')
+"""
+
+
+@native
+def record(conn: Any, results: list[Any]) -> None:
+    """Every attempt, its delivery's new status (the lease let go) and the events that follow: one statement."""
+    import time
+
+    from patchbay.store.common import _j
+
+    if not results:
+        return
+    if len({r.delivery_id for r in results}) != len(results):  # the same delivery twice: in order, one by one
+        with conn.conn.transaction():
+            for r in results:
+                record(conn, [r])
+        return
+    conn.execute(
+        _RECORD,
+        {
+            "now": time.time(),
+            "did": [r.delivery_id for r in results],
+            "status": [r.new_status for r in results],
+            "consumed": [1 if r.consumed_retry else 0 for r in results],
+            "next_at": [r.next_at for r in results],
+            "last_error": [
+                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}") for r in results
+            ],
+            "started": [r.started_at for r in results],
+            "latency": [r.latency_ms for r in results],
+            "code": [r.status_code for r in results],
+            "outcome": [r.outcome for r in results],
+            "excerpt": [r.excerpt for r in results],
+            "error": [r.error for r in results],
+            "response": [None if r.response is None else _j(r.response) for r in results],
+        },
+    )

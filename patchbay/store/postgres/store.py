@@ -1,0 +1,384 @@
+"""`PostgresStore`: the `Store` protocol on PostgreSQL, and the vault's rows beside it.
+
+Every operation is one transaction on a connection from a `psycopg_pool.ConnectionPool`, run on a
+thread of the store's executor so the event loop never waits on the network. The operations are the
+SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
+run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
+(synchronous_commit as the server has it), so there is no group-commit writer: `accept` returns after
+its own COMMIT. A hub claims the store with a session advisory lock (`lock`), as SQLite does with flock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from patchbay.errors import StoreUnavailable, StoreUnusable
+from patchbay.store import windows as wq
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, WindowState
+from patchbay.store.migrations import BASELINE, Migration, apply_postgres
+from patchbay.store.postgres import ops as pg_ops
+from patchbay.store.postgres.dialect import PgConnection, RawConnection
+from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
+from patchbay.store.secrets import SqliteSecretRows
+from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
+from patchbay.store.sqlite_monitor import q_snapshot
+from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch
+
+T = TypeVar("T")
+_RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """`?schema=NAME` selects a schema (tests: one per test); the rest is psycopg's conninfo."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise StoreUnusable(f"opening the store {redacted(url)}: schema {schema!r} must be a lower-case name")
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migration]:
+    """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
+    serialises openers), or refuse a store newer than this code. The migrations applied."""
+    with conn.transaction():
+        if schema:
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
+        conn.execute("SELECT pg_advisory_xact_lock(7311999)")  # two openers never create at once
+        found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+        if found and found[0]:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreUnusable(
+                    f"the store's schema is version {version}, newer than this Patchbay's"
+                    f" ({SCHEMA_VERSION}); upgrade Patchbay"
+                )
+        conn.execute(ddl().replace("%", "%%"))  # type: ignore[arg-type]
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES('schema_version', %s) ON CONFLICT DO NOTHING",
+            (str(BASELINE),),
+        )
+        return apply_postgres(conn)
+
+
+def probe(url: str) -> str | None:
+    """Why the store at `url` cannot be used (unreachable, refused, newer schema), or None."""
+    try:
+        conninfo, schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 5}
+        if schema:
+            kwargs["options"] = f"-c search_path={schema}"
+        with psycopg.connect(conninfo, **kwargs) as conn:
+            found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            if found and found[0]:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    return f"its schema is version {version}, newer than this Patchbay's ({SCHEMA_VERSION}); upgrade Patchbay"
+    except StoreUnusable as exc:
+        return str(exc)
+    except psycopg.Error as exc:
+        return f"cannot connect: {_reason(exc)}"
+    return None
+
+
+class PostgresStore(SqliteStore):
+    """The `Store` protocol on PostgreSQL (see the module's docstring).
+
+    It inherits SqliteStore's methods, each `self._write(fn, …)` or `self._read(fn, …)` of a query
+    function: here those run the function on a pooled PostgreSQL connection in one transaction."""
+
+    def __init__(
+        self, url: str, *, check: bool = True, max_connections: int = 8, holder: str | None = None
+    ) -> None:
+        self.url = url
+        self.path = Path(redacted(url))  # what messages name
+        conninfo, self.schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if self.schema:
+            kwargs["options"] = f"-c search_path={self.schema}"
+        try:
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                open_schema(conn, self.schema)
+        except psycopg.Error as exc:
+            raise StoreUnusable(
+                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
+                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
+            ) from None
+        self._pool = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max_connections,
+            kwargs={**kwargs, "autocommit": True},  # a transaction is opened explicitly where one is needed
+            open=True,
+            name="patchbay-store",
+        )
+        # Who holds a claimed delivery: the same name after a restart takes its own leases back at once.
+        self.holder = holder or os.environ.get("PATCHBAY_HUB_ID") or socket.gethostname()
+        self._due = pg_ops.due_for(self.holder)
+        self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
+        self._closed = False
+        self._lock_conn: psycopg.Connection[Any] | None = None
+        self._problem: str | None = None
+        self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
+        self._count_lock = threading.Lock()
+
+    @staticmethod
+    def migrate_only(url: str) -> None:
+        """Create the tables and apply pending migrations, without opening a pool."""
+        conninfo, schema = _split_schema(url)
+        kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if schema:
+            kwargs["options"] = f"-c search_path={schema}"
+        try:
+            with psycopg.connect(conninfo, **kwargs) as conn:
+                open_schema(conn, schema)
+        except psycopg.Error as exc:
+            raise StoreUnusable(
+                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
+                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
+            ) from None
+
+    # -------------------------------------------------------------- plumbing
+    def lock(self) -> None:
+        """One serving hub per store (as with SQLite's flock): a session advisory lock held until close."""
+        conninfo, _ = _split_schema(self.url)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+        key = int.from_bytes(hashlib.sha256(f"patchbay:{self.schema or ''}".encode()).digest()[:7], "big")
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if not (row and row[0]):
+            conn.close()
+            raise StoreLocked(
+                f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
+            )
+        self._lock_conn = conn
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        for attempt in range(3):
+            local = {"statements": 0, "round_trips": 0}
+            try:
+                with self._pool.connection() as conn:
+                    if getattr(fn, "native", False):  # one statement: its own transaction (autocommit)
+                        res = fn(RawConnection(conn, local), *args)
+                    else:
+                        with conn.transaction():
+                            res = fn(PgConnection(conn, local), *args)
+                        local["round_trips"] += 2  # BEGIN, COMMIT
+            except _RETRY:
+                if attempt == 2:
+                    raise
+                continue  # a concurrent writer won (same dedupe key): the next try sees its row
+            except psycopg.OperationalError as exc:
+                self._problem = _reason(exc)
+                raise StoreUnavailable(
+                    f"the store {self.path} cannot be reached: {self._problem}", "the store is unreachable"
+                ) from None
+            self._problem = None
+            with self._count_lock:
+                for k, v in local.items():
+                    self.counter[k] += v
+                self.counter["transactions"] += 1
+            return res
+        raise AssertionError("unreachable")
+
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise StoreClosed(
+                f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
+                "the store is closed",
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._exec, self._run, fn, args)
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> Any:  # type: ignore[override]
+        return self._submit(fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(fn, *args)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._exec.shutdown, True)
+        await loop.run_in_executor(None, self._pool.close)
+        if self._lock_conn is not None:
+            self._lock_conn.close()
+            self._lock_conn = None
+
+    @property
+    def writing(self) -> bool:
+        return not self._closed
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"]}
+
+    # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
+    async def accept(self, event: NewEvent) -> Accepted:
+        if event.claims or event.windows:  # dedupe keys and windows: the shared operation, one transaction
+            return await self._write(_gated(tx_accept), event)
+        return await self._write(pg_ops.accept, event)
+
+    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+        return await self._write(_gated_batch, events, flow, cursor)
+
+    async def closable_windows(
+        self, now: float, limit: int, steps: Sequence[tuple[str, str]]
+    ) -> list[WindowState]:
+        # SQLite reads them in the writer's order; here the lock waits for the accepts adding to windows
+        # that are in flight, so a record accepted before `now` is seen and every later one is late.
+        return await self._write(_windows_closing, now, limit, list(steps))
+
+    async def due(
+        self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
+    ) -> list[DueDelivery]:
+        return await self._read(self._due, flow, destination, now, limit, frozenset(skip), after_id)
+
+    async def record(self, results: list[AttemptResult]) -> None:
+        await self._write(pg_ops.record, results)
+
+    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
+        return await self._write(pg_ops.tx_compress, flow, before, limit)
+
+    async def snapshot(
+        self,
+        now: float,
+        after_id: int | None,
+        seed_from: float,
+        pairs: list[tuple[str, str]],
+        dead_windows: set[float | None],
+        count_after: int | None,
+        drift_since: float | None = None,
+        *,
+        timeout: float,
+    ) -> Any:
+        """The alert loop's read: one transaction on a pooled connection, cancelled past `timeout`."""
+        return await asyncio.wait_for(
+            self._submit(
+                _with_timeout(q_snapshot, timeout),
+                now,
+                after_id,
+                seed_from,
+                pairs,
+                dead_windows,
+                count_after,
+                drift_since,
+            ),
+            timeout + 1.0,
+        )
+
+
+# Transaction locks that give the SQLite writer's order where it matters: one accept at a time per dedupe key
+# (two records with one key: exactly one passes) and per window; closing windows waits for adds in flight.
+_WINDOWS_LOCK = 7311998
+
+
+def _lock_gates(conn: Any, events: Sequence[NewEvent]) -> None:
+    keys = sorted(
+        {f"claim\x1f{e.flow}\x1f{c.step}\x1f{c.key}" for e in events for c in e.claims}
+        | {f"window\x1f{e.flow}\x1f{w.step}\x1f{w.start}\x1f{w.key}" for e in events for w in e.windows}
+    )
+    if any(e.windows for e in events):
+        conn.execute("SELECT pg_advisory_xact_lock_shared(?)", (_WINDOWS_LOCK,))
+    for key in keys:  # in one order: two accepts never wait on each other crosswise
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (key,))
+
+
+def _gated(fn: Callable[..., T]) -> Callable[..., T]:
+    def run(conn: Any, event: NewEvent) -> T:
+        _lock_gates(conn, [event])
+        return fn(conn, event)
+
+    return run
+
+
+def _gated_batch(conn: Any, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    _lock_gates(conn, events)
+    return tx_accept_batch(conn, events, flow, cursor)
+
+
+def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
+    conn.execute("SELECT pg_advisory_xact_lock(?)", (_WINDOWS_LOCK,))
+    return wq.q_closable(conn, now, limit, steps)
+
+
+def _with_timeout(fn: Callable[..., T], timeout: float) -> Callable[..., T]:
+    def run(conn: PgConnection, *args: Any) -> T:
+        conn.conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")  # type: ignore[arg-type]
+        try:
+            return fn(conn, *args)
+        except pg_errors.QueryCanceled as exc:
+            raise TimeoutError("the store's snapshot took too long") from exc
+
+    return run
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"password=\S+", "password=***", text)
+
+
+class PostgresSecretRows(SqliteSecretRows):
+    """The vault's rows in the PostgreSQL store: SqliteSecretRows' statements, each operation one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conninfo, self.schema = _split_schema(url)
+        self.kwargs: dict[str, Any] = {"connect_timeout": 10}
+        if self.schema:
+            self.kwargs["options"] = f"-c search_path={self.schema}"
+
+    def ensure_schema(self) -> None:
+        with self._connect() as conn:
+            open_schema(conn, self.schema)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.conninfo, **self.kwargs)
+        except psycopg.OperationalError as exc:
+            raise StoreUnusable(f"opening the store {redacted(self.url)}: {_reason(exc)}") from None
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:  # type: ignore[override]
+        with self._connect() as conn:
+            yield PgConnection(conn)
+
+    _write = _read  # type: ignore[assignment]
+
+
+__all__ = ["PostgresSecretRows", "PostgresStore", "is_postgres_url", "redacted"]

@@ -1,0 +1,264 @@
+"""The SQLite store's hot path and state operations: accept, due, record, cursors, schedules, destination states.
+
+Each takes a connection first; transactions (tx_*) run inside the writer's group transaction and may be
+run twice (the group is replayed with savepoints when another operation fails): no side effects outside it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import replace as _replace
+from typing import Any
+
+import orjson
+
+from patchbay.store import windows as wq
+from patchbay.store.base import (
+    Accepted,
+    Actor,
+    AttemptResult,
+    DueDelivery,
+    IdentityChanges,
+    NewEvent,
+)
+from patchbay.store.common import _j, refresh_event_status, tx_audit
+from patchbay.store.identity import tx_identity_changes
+
+
+def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
+    now = time.time()
+    if e.dedupe_key is not None:
+        row = conn.execute(
+            "SELECT id, body_hash FROM events WHERE flow=? AND dedupe_key=?", (e.flow, e.dedupe_key)
+        ).fetchone()
+        if row is not None:
+            return Accepted(row["id"], duplicate=True, conflict=row["body_hash"] != e.body_hash)
+    if e.claims or e.windows:
+        e = wq.drop_duplicate_elements(
+            conn, e, now
+        )  # after a split: an element's duplicate key drops it alone
+        seen: wq.Seen = {}
+        refused = wq.refusal(conn, e, now, seen)
+        if refused is not None:  # a dedupe key held by another run, or too late for its window
+            status, reason, trace = refused
+            tx_accept(
+                conn,
+                _replace(e, status=status, reason=reason, trace=trace, deliveries=[], claims=[], windows=[]),
+            )
+            return Accepted(e.id, status=status, reason=reason)
+        wq.apply_gates(conn, e, now, seen)
+    conn.execute(
+        "INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,"
+        " payload, meta, trace) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            e.id,
+            e.flow,
+            e.dedupe_key,
+            e.body_hash,
+            e.received_at,
+            now,
+            e.status,
+            e.record_key,
+            e.reason,
+            e.payload,
+            _j(e.meta),
+            _j(e.trace),
+        ),
+    )
+    if e.deliveries:
+        conn.executemany(
+            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
+            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    e.id,
+                    e.flow,
+                    d.destination,
+                    d.status,
+                    _j(d.request),
+                    d.idempotency_key,
+                    e.received_at,
+                    d.error,
+                    now,
+                    now,
+                )
+                for d in e.deliveries
+            ],
+        )
+    return Accepted(e.id)
+
+
+def tx_accept_batch(
+    conn: sqlite3.Connection, events: list[NewEvent], flow: str, cursor: Any
+) -> list[Accepted]:
+    out = [tx_accept(conn, e) for e in events]
+    if cursor is not None:
+        tx_set_cursor(conn, flow, cursor)
+    return out
+
+
+def tx_accept_synced(
+    conn: sqlite3.Connection, events: list[NewEvent], changes: IdentityChanges, cursors: dict[str, Any]
+) -> list[Accepted]:
+    """A sync step: its events, the identity map's changes and the source cursor, together."""
+    out = [tx_accept(conn, e) for e in events]
+    tx_identity_changes(conn, changes)
+    for flow, cursor in cursors.items():
+        if cursor is not None:
+            tx_set_cursor(conn, flow, cursor)
+    return out
+
+
+def tx_set_cursor(conn: sqlite3.Connection, flow: str, cursor: Any) -> None:
+    conn.execute(
+        "INSERT INTO cursors(flow, value, updated_at) VALUES(?,?,?)"
+        " ON CONFLICT(flow) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+        (flow, _j(cursor), time.time()),
+    )
+
+
+def q_cursor(conn: sqlite3.Connection, flow: str) -> Any:
+    row = conn.execute("SELECT value FROM cursors WHERE flow=?", (flow,)).fetchone()
+    return None if row is None else orjson.loads(row[0])
+
+
+def tx_reset_cursor(conn: sqlite3.Connection, flow: str, by: Actor | None = None) -> bool:
+    done = conn.execute("DELETE FROM cursors WHERE flow=?", (flow,)).rowcount > 0
+    if by is not None:
+        tx_audit(conn, by.name, "cursor.reset", flow, {**by.detail, "had_cursor": done}, by.origin)
+    return done
+
+
+def q_schedule(conn: sqlite3.Connection, flow: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM schedules WHERE flow=?", (flow,)).fetchone()
+    return None if row is None else dict(row)
+
+
+def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
+    conn.execute("INSERT OR IGNORE INTO schedules(flow) VALUES(?)", (flow,))
+    if fields.pop("count_run", False):
+        conn.execute("UPDATE schedules SET runs=runs+1 WHERE flow=?", (flow,))
+    if fields:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        conn.execute(f"UPDATE schedules SET {cols} WHERE flow=?", (*fields.values(), flow))
+
+
+def q_due(
+    conn: sqlite3.Connection,
+    flow: str,
+    destination: str,
+    now: float,
+    limit: int,
+    skip: frozenset[int],
+    after_id: int = 0,
+) -> list[DueDelivery]:
+    """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased)."""
+    rows = conn.execute(
+        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries"
+        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? ORDER BY id LIMIT ?",
+        (flow, destination, now, after_id, limit + len(skip)),
+    ).fetchall()
+    out = []
+    for r in rows:
+        if r["id"] in skip:
+            continue
+        out.append(
+            DueDelivery(
+                r["id"],
+                r["event_id"],
+                flow,
+                destination,
+                orjson.loads(r["request"]),
+                r["idempotency_key"],
+                r["attempts"],
+                r["retries"],
+            )
+        )
+        if len(out) >= limit:
+            break
+    return out
+
+
+def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
+    row = conn.execute(
+        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'",
+        (flow, destination),
+    ).fetchone()
+    return row[0]
+
+
+def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
+    now = time.time()
+    events: set[str] = set()
+    for r in results:
+        conn.execute(
+            "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
+            " last_error=?, updated_at=? WHERE id=?",
+            (
+                r.new_status,
+                1 if r.consumed_retry else 0,
+                r.next_at,
+                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"),
+                now,
+                r.delivery_id,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)"
+            " VALUES(?, (SELECT attempts FROM deliveries WHERE id=?), ?, ?, ?, ?, ?, ?)",
+            (
+                r.delivery_id,
+                r.delivery_id,
+                r.started_at,
+                r.latency_ms,
+                r.status_code,
+                r.outcome,
+                r.excerpt,
+                r.error,
+            ),
+        )
+        if r.response is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO responses(delivery_id, fields, at) VALUES(?,?,?)",
+                (r.delivery_id, _j(r.response), now),
+            )
+        if r.new_status != "pending":
+            events.add(r.event_id)
+    for ev in events:
+        refresh_event_status(conn, ev, now)
+
+
+def q_response_fields(conn: sqlite3.Connection, event_id: str, destination: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT r.fields FROM responses r JOIN deliveries d ON d.id=r.delivery_id"
+        " WHERE d.event_id=? AND d.destination=? ORDER BY d.id DESC LIMIT 1",
+        (event_id, destination),
+    ).fetchone()
+    return None if row is None else orjson.loads(row[0])
+
+
+def q_destination_states(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | None, float]]:
+    return {
+        (r["flow"], r["destination"]): (r["state"], r["reason"], r["since"])
+        for r in conn.execute("SELECT * FROM destinations")
+    }
+
+
+def tx_set_destination_state(
+    conn: sqlite3.Connection,
+    flow: str,
+    destination: str,
+    state: str,
+    reason: str | None,
+    by: Actor | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO destinations(flow, destination, state, reason, since) VALUES(?,?,?,?,?)"
+        " ON CONFLICT(flow, destination) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
+        " since=CASE WHEN destinations.state=excluded.state THEN destinations.since ELSE excluded.since END",
+        (flow, destination, state, reason, time.time()),
+    )
+    if by is not None:
+        action = "resume" if state == "active" else state
+        tx_audit(conn, by.name, action, f"{flow}/{destination}", dict(by.detail), by.origin)

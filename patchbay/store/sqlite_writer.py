@@ -1,0 +1,273 @@
+"""The SQLite store's writer: one thread, group commit, and the conditions (disk full, damage) it reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from patchbay.errors import StoreUnavailable
+from patchbay.store.sqlite_schema import StoreClosed, connect
+
+log = logging.getLogger("patchbay.store")
+
+# SQLite result codes (the low byte of sqlite_errorcode) that concern the whole store, not one operation.
+_CONDITIONS = {
+    13: "the disk is full",  # SQLITE_FULL
+    10: "an I/O error",  # SQLITE_IOERR
+    8: "the file is read-only",  # SQLITE_READONLY
+    14: "the file cannot be opened",  # SQLITE_CANTOPEN
+    11: "the file is damaged",  # SQLITE_CORRUPT
+    26: "the file is damaged",  # SQLITE_NOTADB
+}
+
+
+def store_condition(exc: BaseException | None) -> str | None:
+    """What is wrong with the store when `exc` says so (disk full, I/O error, damage), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    return _CONDITIONS.get(code & 0xFF)
+
+
+_STOP = object()
+
+
+class _Writer(threading.Thread):
+    """Group commit: one transaction (and one fsync) per batch of queued operations."""
+
+    def __init__(self, path: Path, max_batch: int = 512, probe_s: float = 1.0) -> None:
+        super().__init__(name="patchbay-store-writer", daemon=True)
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.path = path
+        self.max_batch = max_batch
+        self.commits = 0
+        self.ops = 0
+        # Why writes fail right now (disk full, I/O error, damage), or None. Set and cleared only here,
+        # from what a transaction did: one log line when it starts, one when writes succeed again.
+        self.problem: str | None = None
+        self.probe_s = probe_s
+        # Set (under `lock`) when the loop below ends: later work is refused, never left waiting.
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def submit(self, item: Any) -> bool:
+        with self.lock:
+            if self.stopped:
+                return False
+            self.q.put(item)
+            return True
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        # Checkpoints run on their own thread (_Checkpointer), so no acknowledgement waits for one. Under
+        # a sustained burst that thread may never catch the WAL complete; past WAL_LIMIT the writer then
+        # checkpoints itself between two groups (nothing new is written meanwhile, so it completes) and
+        # the next transaction starts the WAL over, truncated to WAL_LIMIT.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        wal = str(self.path) + "-wal"
+        try:
+            while True:
+                try:
+                    # While writes fail and nobody writes, a probe finds out when they succeed again.
+                    item = self.q.get(timeout=self.probe_s if self.problem else None)
+                except queue.Empty:
+                    self._probe(conn)
+                    continue
+                if item is _STOP:
+                    return
+                batch = [item]
+                while len(batch) < self.max_batch:
+                    try:
+                        nxt = self.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        self._run_batch(conn, batch)
+                        return
+                    batch.append(nxt)
+                self._run_batch(conn, batch)
+                if self.commits % 64 == 0 and _size(wal) > WAL_LIMIT:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:
+                        log.warning("checkpointing the store's WAL: %s", exc)
+        finally:
+            conn.close()
+            self._refuse_the_rest()
+
+    def _refuse_the_rest(self) -> None:
+        with self.lock:
+            self.stopped = True
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                loop, fut, _, _ = item
+                loop.call_soon_threadsafe(_resolve, [(fut, False, _closed_error(self.path))])
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        try:
+            results = self._transaction(conn, batch, isolate=False)
+        except _OpFailed as exc:
+            if store_condition(exc.__cause__) is None:  # one operation failed: again, each in a savepoint
+                results = self._transaction(conn, batch, isolate=True)
+            else:  # the disk is full (or worse) for every operation alike
+                results = [(fut, False, exc.__cause__) for _, fut, _, _ in batch]
+        problem = None
+        for i, (fut, ok, value) in enumerate(results):
+            what = None if ok else store_condition(value)
+            if what is not None:
+                problem = problem or f"{what} ({value})"
+                err = StoreUnavailable(f"writing to the store {self.path}: {what} ({value})", what)
+                err.__cause__ = value
+                results[i] = (fut, False, err)
+        self._set_problem(problem)
+        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
+        for (loop, _, _, _), r in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append(r)
+        for loop, rs in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, rs)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool
+    ) -> list[tuple[Any, bool, Any]]:
+        """One transaction for the whole group. The fast path runs the operations back to back; when one
+        raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
+        operation fails alone and never sinks the others."""
+        results: list[tuple[Any, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for _loop, fut, fn, args in batch:
+                if not isolate:
+                    try:
+                        results.append((fut, True, fn(conn, *args)))
+                    except Exception as exc:
+                        raise _OpFailed from exc
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    res = fn(conn, *args)
+                    conn.execute("RELEASE op")
+                    results.append((fut, True, res))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.ops += len(batch)
+            return results
+        except _OpFailed:
+            _rollback(conn)
+            raise
+        except (
+            Exception
+        ) as exc:  # the transaction itself failed (disk full, I/O error): every caller hears it
+            _rollback(conn)
+            return [(fut, False, exc) for _, fut, _, _ in batch]
+
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        """A small write of new pages, then undone: does writing succeed again?"""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('write_probe', zeroblob(16384))")
+            conn.execute("DELETE FROM meta WHERE key='write_probe'")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            self._set_problem(f"{store_condition(exc) or 'a write failed'} ({exc})")
+            return
+        self._set_problem(None)
+
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self.problem:
+            return
+        if problem is None:
+            log.warning("writing to the store %s succeeds again; ready", self.path)
+        elif self.problem is None:
+            log.error(
+                "writing to the store %s fails: %s. Webhooks are answered 503 (the sender retries),"
+                " deliveries wait, /readyz is 503 until a write succeeds",
+                self.path,
+                problem,
+            )
+        self.problem = problem
+
+
+class _OpFailed(Exception):
+    """An operation of the group raised (the fast path gives way to one savepoint per operation)."""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+WAL_LIMIT = 64 * 1024 * 1024
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the WAL back into the database file twice a second (PASSIVE: it never blocks the writer).
+
+    SQLite would otherwise checkpoint inside whichever commit crosses 1,000 WAL pages, and every event
+    acknowledged by that group commit would wait for the copy and its fsync.
+    """
+
+    def __init__(self, path: Path, interval_s: float = 0.5) -> None:
+        super().__init__(name="patchbay-store-checkpoint", daemon=True)
+        self.path = path
+        self.interval_s = interval_s
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        failing = False
+        try:
+            while not self.stopping.wait(self.interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or I/O trouble: the next round tries again
+                    if not failing:  # one line per spell of trouble, not two a second
+                        log.warning("checkpointing the store's WAL: %s; trying again", exc)
+                    failing = True
+                    continue
+                if failing:
+                    log.info("checkpointing the store's WAL succeeds again")
+                failing = False
+        finally:
+            conn.close()
+
+
+def _closed_error(path: Path) -> StoreClosed:
+    return StoreClosed(
+        f"writing to the store {path}: it is closed (the hub is stopping); try again once it runs",
+        "the store is closed",
+    )
+
+
+def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)

@@ -1,0 +1,213 @@
+"""Helpers of the sync tests: a PostgreSQL "crm" table and a MariaDB "marketing" table, a project syncing them.
+
+Both tables stamp their own updated_at on every write (a trigger, ON UPDATE), so every write the hub
+makes is read back by the other side's poll: the echo must be recognised by value, not by time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import eventually, write_project
+
+PG = {"host": "127.0.0.1", "port": 5432, "database": "test", "user": "postgres"}
+MY = {"host": "127.0.0.1", "port": 3306, "database": "test", "user": "root"}
+
+
+class Tables:
+    """A crm table in PostgreSQL and a marketing table in MariaDB, unique names per test."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:10]
+        self.crm = f"pb_crm_{tag}"
+        self.mk = f"pb_mk_{tag}"
+
+    async def open(self) -> Tables:
+        import aiomysql  # type: ignore[import-untyped,unused-ignore]
+        import psycopg
+
+        self.pg = await psycopg.AsyncConnection.connect(
+            host=PG["host"], port=PG["port"], dbname="test", user="postgres", autocommit=True
+        )
+        await self.pg.execute(
+            f'CREATE TABLE "{self.crm}" (id serial PRIMARY KEY, email text, name text, plan text, phone text,'
+            " deleted_at timestamptz, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+        await self.pg.execute(
+            f"CREATE FUNCTION {self.crm}_stamp() RETURNS trigger AS $$ BEGIN "
+            "NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        await self.pg.execute(
+            f'CREATE TRIGGER {self.crm}_t BEFORE UPDATE ON "{self.crm}" FOR EACH ROW EXECUTE FUNCTION {self.crm}_stamp()'
+        )
+        self.my = await aiomysql.connect(
+            host=MY["host"], port=MY["port"], user="root", password="", db="test", autocommit=True
+        )
+        await self.my_exec(
+            f"CREATE TABLE `{self.mk}` (id INT AUTO_INCREMENT PRIMARY KEY, email_address VARCHAR(200),"
+            " full_name VARCHAR(200), plan VARCHAR(50), phone VARCHAR(50),"
+            " updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"
+        )
+        return self
+
+    async def pg_exec(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        cur = await self.pg.execute(sql, params)
+        return list(await cur.fetchall()) if cur.description else []
+
+    async def my_exec(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        async with self.my.cursor() as cur:
+            await cur.execute(sql, params)
+            return list(await cur.fetchall())
+
+    async def crm_rows(self) -> list[tuple[Any, ...]]:
+        return await self.pg_exec(f'SELECT id, email, name, plan, phone FROM "{self.crm}" ORDER BY id')
+
+    async def mk_rows(self) -> list[tuple[Any, ...]]:
+        return await self.my_exec(
+            f"SELECT id, email_address, full_name, plan, phone FROM `{self.mk}` ORDER BY id"
+        )
+
+    async def close(self) -> None:
+        await self.pg.execute(f'DROP TABLE IF EXISTS "{self.crm}"')
+        await self.pg.execute(f"DROP FUNCTION IF EXISTS {self.crm}_stamp()")
+        await self.pg.close()
+        await self.my_exec(f"DROP TABLE IF EXISTS `{self.mk}`")
+        self.my.close()
+
+
+ENTITY = {
+    "purpose": "a customer, in the CRM and in the marketing tool",
+    "fields": {
+        "email": {"owner": "crm"},
+        "name": {"owner": "crm"},
+        "plan": {"owner": "marketing"},
+        "phone": {"rule": "latest"},
+    },
+    "match": [{"field": "email", "normalize": "email"}],
+    "systems": {
+        "crm": {"id": "id", "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}},
+        "marketing": {
+            "id": "id",
+            "fields": {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"},
+        },
+    },
+}
+
+
+def sync_project(
+    root: Path,
+    t: Tables,
+    entity: dict[str, Any] | None = None,
+    extra: list[dict[str, Any]] | None = None,
+    *,
+    upsert_creates: bool = False,
+    hub: dict[str, Any] | None = None,
+) -> Path:
+    """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
+    so a create retried after a crash lands once."""
+    systems = {
+        "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
+        "marketing": {"kind": "mysql", "owner": "marketing", "allow_private_network": True, **MY},
+    }
+    crm_cols = {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}
+    mk_cols = {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"}
+
+    owned = {"crm": {"email", "name"}, "marketing": {"plan"}}
+
+    def dests(system: str, table: str, cols: dict[str, str]) -> list[dict[str, Any]]:
+        create = {c: f"record.{c}" for c in cols.values()}
+        # An update never writes the columns the system owns; a person's decision (`owned` not empty) may.
+        update = {"id": "id", **{c: f"record.{c}" for f, c in cols.items() if f not in owned[system]}}
+        correct = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
+        return [
+            {
+                "name": f"{system}_correct",
+                "system": system,
+                "when": "op == 'update' && owned",
+                "table": table,
+                "write_mode": "update",
+                "key": ["id"],
+                "columns": correct,
+            },
+            {
+                "name": f"{system}_create",
+                "system": system,
+                "when": "op == 'create'",
+                "table": table,
+                "write_mode": "upsert" if upsert_creates else "insert",
+                **({"key": [cols["email"]]} if upsert_creates else {}),
+                "columns": create,
+            },
+            {
+                "name": f"{system}_update",
+                "system": system,
+                "when": "op == 'update' && !owned",
+                "table": table,
+                "write_mode": "update",
+                "key": ["id"],
+                "columns": update,
+            },
+        ]
+
+    all_dests = dests("crm", t.crm, crm_cols) + dests("marketing", t.mk, mk_cols)
+    all_dests += extra or []
+
+    def flow(system: str, table: str) -> dict[str, Any]:
+        return {
+            "purpose": f"customers changed in {system} reach the other systems",
+            "owner": "ops",
+            "sync": "customer",
+            "trigger": {
+                "schedule": {"every": "1s"},
+                "source": {"system": system, "table": table, "cursor_column": "updated_at"},
+            },
+            "destinations": all_dests,
+        }
+
+    return write_project(
+        root,
+        {
+            "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}),
+            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
+            "entities/customer.yaml": yaml.safe_dump(entity or ENTITY, sort_keys=False),
+            "flows/crm_sync.yaml": yaml.safe_dump(flow("crm", t.crm), sort_keys=False),
+            "flows/marketing_sync.yaml": yaml.safe_dump(flow("marketing", t.mk), sort_keys=False),
+        },
+    )
+
+
+async def deliveries(hub: Any) -> dict[str, int]:
+    """Deliveries per destination (`hub`: a RunningHub)."""
+    rows = await hub.store.read(
+        lambda c: c.execute("SELECT destination, COUNT(*) FROM deliveries GROUP BY destination").fetchall()
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def polls(hub: Any, n: int) -> None:
+    """Wait until both flows have polled `n` more times (each poll reads back what the hub wrote)."""
+
+    async def runs() -> dict[str, int]:
+        rows = await hub.store.read(lambda c: c.execute("SELECT flow, runs FROM schedules").fetchall())
+        return {r[0]: r[1] for r in rows}
+
+    start = await runs()
+
+    async def more() -> bool:
+        now = await runs()
+        return all(now.get(f, 0) >= start.get(f, 0) + n for f in ("crm_sync", "marketing_sync"))
+
+    await eventually(more, timeout=20, what=f"{n} more polls of both flows")
+
+
+def cli(root: Path, *args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    res = CliRunner().invoke(main, [*args, "-p", str(root)])
+    return res.exit_code, res.output
