@@ -1,7 +1,11 @@
 """duckdb (bulk): batch syncs into (and out of) a DuckDB file, the analytics destination, each run in one transaction.
 
-Writing: every batch goes in as one Arrow table of text columns, cast to the table's types by DuckDB
-in one INSERT ... SELECT (the appender took longer: see bench/batch.py --duckdb-load); a full
+Writing: every batch is written to a private temporary file and read by DuckDB's CSV reader in one
+INSERT ... SELECT that casts the text to the table's types. A batch with no backslash escapes goes
+in as its COPY text bytes unchanged (tab-separated, no quoting, `\\N` is NULL); a batch with escapes
+goes in as quoted CSV with the values decoded (an unquoted empty field is NULL, `""` the empty
+string). No pyarrow: importing it and building Arrow tables cost ≈ 100 MiB of the hub's memory, and
+the file route is as fast (bench/batch.py --duckdb compares the routes). A full
 refresh DELETEs and inserts in the run's transaction, append and merge go through a temporary stage
 applied at commit (merge: UPDATE ... FROM for changed rows, then INSERT of new keys), with the
 deletes and the flow's sync state in the same transaction. Reading: one transaction (a snapshot),
@@ -12,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,10 +51,11 @@ class DuckdbSystem(Spec):
     )
 
     memory_limit_mb: int = Field(
-        128,
+        32,
         ge=32,
         description="Memory DuckDB may use in the hub's process (MiB); a run larger than this spills to "
-        "`<file>.tmp` beside the database, so memory stays bounded whatever the table's size.",
+        "`<file>.tmp` beside the database, so memory stays bounded whatever the table's size. The default "
+        "keeps a hub loading millions of rows under 200 MiB; more makes large merges faster.",
     )
 
     @field_validator("path")
@@ -83,10 +91,6 @@ def _load_driver() -> Any:
     return import_driver("duckdb", package="duckdb", extra="duckdb", kind="duckdb")
 
 
-def _pa() -> Any:
-    return import_driver("pyarrow", package="pyarrow", extra="duckdb", kind="duckdb")
-
-
 def _select_expr(c: Column) -> str:
     """How a column is read: as DuckDB's text (the COPY form) but for booleans and blobs."""
     if c.type in ("bool", "bytes"):
@@ -113,19 +117,26 @@ def _cast(c: Column, src: str) -> str:
 class DuckdbBulk:
     """Batch syncs into and out of a DuckDB file (the analytics destination; tables are created when missing)."""
 
+    # rows per batch at most when DuckDB is the destination (the engine reads it): DuckDB's own memory
+    # sits beside the batches in flight, and 2,000 rows keep a load under 200 MiB (bench/batch.py --duckdb)
+    max_batch_rows = 2_000
+
     def __init__(self, system: DuckdbSystem, resources: Resources, timeout_s: float = 30.0) -> None:
         self.system = system
         self.resources = resources
         self.timeout_s = timeout_s
         self._conn: Any = None
         self._lock = threading.Lock()
+        # every DuckDB call and batch file runs on this one thread: calls spread over the default pool's
+        # threads gave each its own allocator arenas and caches (tens of MiB more at peak)
+        self._thread: ThreadPoolExecutor | None = None
         self.snapshot_max: str | None = None
 
     @classmethod
     def check_batch(cls, system: Any, side: str, batch: Any) -> list[str]:
         """`check`'s problems for a batch flow using this system (the driver is installed)."""
         out = []
-        missing = [m for m in ("duckdb", "pyarrow") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("duckdb",) if importlib.util.find_spec(m) is None]
         if missing:
             out.append(
                 f"the duckdb connector needs the {' and '.join(missing)} driver: {install_hint('duckdb')}"
@@ -141,33 +152,44 @@ class DuckdbBulk:
         root = self.resources.extra.get("root")
         return p if p.is_absolute() or root is None else Path(root) / p
 
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the connector's own thread."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._conn is None:
             duckdb = _load_driver()
-            _pa()
             path = self.path()
             if not path.parent.is_dir():
                 raise FileNotFoundError(f"the folder of the DuckDB file {path} does not exist")
 
             def open_() -> Any:
-                conn = duckdb.connect(str(path))
+                # one DuckDB thread: the hub's own thread feeds it, the machine's other cores serve the
+                # source and the steps, and each DuckDB thread adds its own buffers to the hub's memory
+                conn = duckdb.connect(
+                    str(path), config={"threads": 1, "memory_limit": f"{int(self.system.memory_limit_mb)}MB"}
+                )
                 conn.execute("SET TimeZone = 'UTC'")
-                conn.execute(f"SET memory_limit = '{int(self.system.memory_limit_mb)}MB'")
                 return conn
 
-            self._conn = await asyncio.to_thread(open_)
+            self._conn = await self._run(open_)
         conn = self._conn
 
         def locked() -> T:
             with self._lock:
                 return fn(conn, *args)
 
-        return await asyncio.to_thread(locked)
+        return await self._run(locked)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.to_thread(conn.close)
+            await self._run(conn.close)
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            thread.shutdown(wait=False)
 
     # ---------------------------------------------------------------- reading
     def _rel(self, frm: BatchFrom) -> str:
@@ -318,8 +340,10 @@ class _DuckLoad:
         self._deletes: list[tuple[Any, ...]] = []
         self._open = False
         self._names = [f"c{i}" for i in range(len(columns))]
-        self._pa = _pa()
-        self._schema = self._pa.schema([(n, self._pa.string()) for n in self._names])
+        # one column: a NULL or empty value would be an empty line, which CSV readers skip; a constant
+        # second field keeps every line non-empty
+        self._pad = len(columns) == 1
+        self._file: str | None = None  # the batch file DuckDB reads (created at the first write)
 
     def start(self, conn: Any, evolve: list[Column]) -> None:
         conn.execute("BEGIN TRANSACTION")
@@ -341,47 +365,91 @@ class _DuckLoad:
 
     async def write(self, rows: list[list[bytes]]) -> None:
         if rows:
-            batch = await asyncio.to_thread(self._arrow, rows)
-            await self.owner._call(self._insert, batch)
+            if self._file is None:
+                self._file = _batch_file()
+            if self._pad:
+                rows = [[*r, b"-"] for r in rows]
+            quoted = await self.owner._run(self._to_file, rows, self._file)
+            await self.owner._call(self._insert, quoted)
             self.copied += len(rows)
 
-    def _arrow(self, rows: list[list[bytes]]) -> tuple[Any, list[bool]]:
-        """The rows as an Arrow table of text columns, off the event loop, and which columns went in as
-        COPY text unchanged (no backslash in this batch: `\\N` is NULL, turned so in SQL): those skip the
-        per-field decoding in Python, 6x cheaper."""
-        arrays, raw = [], []
-        for j in range(len(self.columns)):
-            col = [r[j] for r in rows]
-            if b"\\" not in b"\x00".join(col).replace(NULL, b""):
-                arrays.append(self._pa.array(col, type=self._pa.string()))
-                raw.append(True)
-            else:
-                arrays.append(
-                    self._pa.array(
-                        [None if f == NULL else f.decode() if b"\\" not in f else unescape(f) for f in col],
-                        type=self._pa.string(),
-                    )
-                )
-                raw.append(False)
-        return self._pa.Table.from_arrays(arrays, schema=self._schema), raw
+    async def write_raw(self, block: bytes, rows: int) -> None:
+        """A block of COPY-text lines (steps pushed down into the source's SELECT): written to the batch
+        file as it is when it has no escapes, else split into rows and quoted."""
+        if not rows:
+            return
+        if self._pad or b"\\" in block.replace(NULL, b""):
+            await self.write([line.split(b"\t") for line in block[:-1].split(b"\n")])
+            return
+        if self._file is None:
+            self._file = _batch_file()
+        await self.owner._run(Path(self._file).write_bytes, block)
+        await self.owner._call(self._insert, False)
+        self.copied += rows
 
-    def _insert(self, conn: Any, batch: tuple[Any, list[bool]]) -> None:
-        table, raw = batch
+    @staticmethod
+    def _to_file(rows: list[list[bytes]], path: str) -> bool:
+        """Write the batch where DuckDB reads it, off the event loop; True when written as quoted CSV.
+
+        COPY text whose only backslashes are NULL markers (`\\N` fields: COPY writes a literal
+        backslash as `\\\\`, and every other escape starts with one) is what DuckDB's reader takes
+        with `quote=''` and `nullstr='\\N'`, byte for byte; anything else is decoded and quoted."""
+        blob = b"\n".join([b"\t".join(r) for r in rows])
+        if b"\\" not in blob.replace(NULL, b""):
+            quoted = False
+        else:
+            quoted = True
+            lines = []
+            for r in rows:
+                line = b"\t".join(r)
+                if b"\\" not in line:  # no NULL, no escape: quote every field at once
+                    lines.append(b'"' + line.replace(b'"', b'""').replace(b"\t", b'"\t"') + b'"')
+                else:
+                    lines.append(
+                        b"\t".join(
+                            b""
+                            if f == NULL
+                            else b'"' + (unescape(f) or "").encode().replace(b'"', b'""') + b'"'
+                            if b"\\" in f
+                            else b'"' + f.replace(b'"', b'""') + b'"'
+                            for f in r
+                        )
+                    )
+            blob = b"\n".join(lines)
+        with open(path, "wb") as fh:
+            fh.write(blob)
+            fh.write(b"\n")
+        return quoted
+
+    def _insert(self, conn: Any, quoted: bool) -> None:
         target = q(self.table) if self.mode == "full" else "temp._pb_stage"
         names = ", ".join(q(c.name) for c in self.columns)
-        casts = ", ".join(
-            _cast(c, f"NULLIF({n}, '\\N')" if r else n)
-            for c, n, r in zip(self.columns, self._names, raw, strict=True)
+        casts = ", ".join(_cast(c, n) for c, n in zip(self.columns, self._names, strict=True))
+        cols = "{" + ", ".join(f"'{n}': 'VARCHAR'" for n in self._names + ["pad"] * self._pad) + "}"
+        fmt = (
+            "quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false"
+            if quoted
+            else "quote = '', escape = '', nullstr = '\\N'"
         )
-        # DuckDB finds the Arrow table by this local name (a replacement scan). Not register(): a view
-        # registered inside a transaction keeps its table alive until COMMIT (memory grew with the run).
-        _pb_batch = table
-        conn.execute(f"INSERT INTO {target} ({names}) SELECT {casts} FROM _pb_batch")
+        # a line is never longer than its file: values past the reader's 2 MB default line still load
+        longest = max(2_097_152, os.path.getsize(self._file or "") + 1)
+        conn.execute(
+            f"INSERT INTO {target} ({names}) SELECT {casts} FROM read_csv(?, delim = '\\t', {fmt},"
+            f" header = false, auto_detect = false, new_line = '\\n', max_line_size = {longest},"
+            f" columns = {cols})",
+            [self._file],
+        )
+
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            path, self._file = self._file, None
+            Path(path).unlink(missing_ok=True)
 
     async def delete_keys(self, keys: list[tuple[Any, ...]]) -> None:
         self._deletes.extend(keys)
 
     async def commit(self, state: SyncState) -> Applied:
+        self._drop_file()
         out = await self.owner._call(self._apply, state)
         self._open = False
         return out
@@ -446,9 +514,29 @@ class _DuckLoad:
         return out
 
     async def abort(self) -> None:
+        self._drop_file()
         if self._open:
             self._open = False
             await self.owner._call(_rollback)
+
+
+def _batch_file() -> str:
+    """A new private batch file (mode 0600) in the temp folder, named with this process's id; batch files
+    of processes that are gone (killed mid-run) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for stale in tmp.glob("patchbay-duckdb-*-*.tsv"):
+        pid = stale.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or not ours to remove
+            pass
+    fd, path = tempfile.mkstemp(prefix=f"patchbay-duckdb-{os.getpid()}-", suffix=".tsv")
+    os.close(fd)
+    return path
 
 
 def _rollback(conn: Any) -> None:

@@ -273,17 +273,19 @@ class BatchRun:
     ) -> tuple[FrameTransform | PushedTransform, AsyncIterator[Frame]]:
         """The steps and the source's frames: pushed down into the source's SELECT where it can be exact."""
         spec = self.spec
+        # a destination may cap the rows per batch (DuckDB: its own memory beside the frames in flight)
+        batch_rows = min(spec.batch_rows, getattr(self.dest, "max_batch_rows", None) or spec.batch_rows)
         soft = spec.deletes.column if spec.deletes.detect == "soft" else None
         found = pushdown_plan(self.steps, columns, self.source, spec)
         report.pushdown = found.notes
         if found.pushed:
             pushed = PushedTransform(found, self.steps, columns, key=spec.key)
             reader = self.source.read_pushed(  # type: ignore[attr-defined]
-                spec.from_, columns, window, spec.batch_rows, found.read
+                spec.from_, columns, window, batch_rows, found.read
             )
             return pushed, reader
         transform = FrameTransform(self.steps, columns, key=spec.key, soft_delete=soft)
-        return transform, self.source.read(spec.from_, columns, window, spec.batch_rows)
+        return transform, self.source.read(spec.from_, columns, window, batch_rows)
 
     def _check_drift(self, state: SyncState, columns: list[Column], report: RunReport) -> list[Column]:
         """Columns to add at the destination; BatchStopped when the policy says stop."""

@@ -289,7 +289,9 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
         c.executemany(
             "INSERT INTO orders VALUES (?, ?, ?)", [(i, f"u{i}@x.io", i * 1.5) for i in range(1, 200_001)]
         )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    tmp = tmp_path / "tmp"  # the runs' temp folder, where the batch files go
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TMPDIR": str(tmp)}
     proc = subprocess.Popen(
         [sys.executable, "-c", RUNNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -302,6 +304,8 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
+    # the killed run's batch file is left behind (named with its process id) ...
+    assert [p.name.split("-")[2] for p in tmp.iterdir()] == [str(proc.pid)]
     db = tmp_path / "lake.duckdb"
     # DuckDB replays its WAL on open: nothing of the killed transaction is there.
     tables = {r[0] for r in rows(db, "SELECT table_name FROM information_schema.tables")}
@@ -313,6 +317,135 @@ def test_kill_9_mid_run_leaves_the_duckdb_file_as_it_was_and_the_rerun_writes_ea
         [sys.executable, "-c", RUNNER, str(tmp_path)], capture_output=True, text=True, env=env, timeout=180
     )
     assert "done ok 200000 None" in done.stdout, done.stdout + done.stderr
+    assert list(tmp.iterdir()) == []  # ... and the next run removes it (and its own)
     assert rows(db, "SELECT count(*), count(DISTINCT id), sum(id) FROM orders") == [
         (200_000, 200_000, 200_000 * 200_001 // 2)
     ]
+
+
+PLAIN = ["", " ", "plain", 'a"b', '""', '"', "it's", "é ü ß", "日本語", "😀 emoji", "a,b;c", "  spaced  ", "N",
+         "NULL", "null", None]  # fmt: skip
+ESCAPED = ["\t", "\n", "\r\n", "\r", "a\\b", "\\", "\\N", "\\\\N", 'tab\there "q"', "line\nbreak\\", "\\x00ff",
+           '"\t"', "end\\", "ü\\ü"]  # fmt: skip
+
+
+async def test_text_values_arrive_byte_exact_through_both_batch_file_forms(pg, tmp_path, monkeypatch):
+    """Batches go to DuckDB as files: COPY text as it is when no value needs an escape, quoted CSV
+    otherwise. Both keep every value exactly: tabs, newlines, CR, backslashes, `\\N` as text, quotes,
+    unicode, and NULL apart from the empty string."""
+    from patchbay.connectors import duckdb_bulk
+
+    forms: list[bool] = []
+    to_file = duckdb_bulk._DuckLoad._to_file
+
+    def spy(rows: list[list[bytes]], path: str) -> bool:
+        forms.append(to_file(rows, path))
+        return forms[-1]
+
+    monkeypatch.setattr(duckdb_bulk._DuckLoad, "_to_file", staticmethod(spy))
+    t = name(pg, "exact")
+    await pg.execute(f'CREATE TABLE "{t}" (id bigint PRIMARY KEY, v text, w text)')
+    want: dict[int, tuple[str | None, str | None]] = {}
+    for i in range(100):  # the first batch: nothing to escape (quotes, unicode, '' and NULL)
+        want[i] = (PLAIN[i % len(PLAIN)], PLAIN[(i * 7) % len(PLAIN)])
+    mixed = ESCAPED + PLAIN
+    for i in range(100, 230):  # then batches with escapes, NULLs and plain values side by side
+        want[i] = (mixed[i % len(mixed)], mixed[(i * 5) % len(mixed)])
+    want[0] = ("x" * 3_000_000, None)  # longer than a CSV reader's default line (2 MB)
+    want[150] = ("é\t" * 1_000_000, "")
+    async with pg.cursor() as cur:
+        await cur.executemany(f'INSERT INTO "{t}" VALUES (%s, %s, %s)', [(k, *v) for k, v in want.items()])
+    db = tmp_path / "exact.duckdb"
+    s = {
+        "from": {"system": "db", "table": t},
+        "to": {"system": "duck", "table": "exact"},
+        "mode": "full",
+        "batch_rows": 100,
+    }
+    report = await sync(bulk(), duck(db), flow(), s)
+    assert (report.status, report.inserted) == ("ok", 230), report.error
+    assert forms == [False, True, True]  # the plain batch as raw COPY text, the others quoted
+    got = {r[0]: (r[1], r[2]) for r in rows(db, "SELECT id, v, w FROM exact")}
+    assert got == want
+    assert rows(db, "SELECT count(*) FROM exact WHERE v IS NULL") == [
+        (sum(v is None for v, _ in want.values()),)
+    ]
+    assert rows(db, "SELECT count(*) FROM exact WHERE v = ''") == [(sum(v == "" for v, _ in want.values()),)]
+
+    # One column: an empty string or a NULL would be an empty line in the file (CSV readers skip those).
+    one = name(pg, "one")
+    await pg.execute(f'CREATE TABLE "{one}" (v text)')
+    vals = ["", None, "x", "\\", "", None, "\t"] * 20
+    async with pg.cursor() as cur:
+        await cur.executemany(f'INSERT INTO "{one}" VALUES (%s)', [(v,) for v in vals])
+    s1 = {**s, "from": {"system": "db", "table": one}, "to": {"system": "duck", "table": "one"}}
+    report = await sync(bulk(), duck(db), flow(), s1)
+    assert (report.status, report.inserted) == ("ok", len(vals)), report.error
+    got_one = sorted(rows(db, "SELECT v FROM one"), key=repr)
+    assert got_one == sorted([(v,) for v in vals], key=repr)
+
+
+async def test_batch_files_are_private_and_removed_after_the_run(pg, tmp_path, monkeypatch):
+    """The batch file holds the rows: it is created 0600 and gone when the run commits or fails."""
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    src = await customers(pg, 300)
+    seen: list[int] = []
+    from patchbay.connectors import duckdb_bulk
+
+    insert = duckdb_bulk._DuckLoad._insert
+
+    def spy(self: Any, conn: Any, quoted: bool) -> None:
+        seen.append(os.stat(self._file).st_mode & 0o777)
+        insert(self, conn, quoted)
+
+    monkeypatch.setattr(duckdb_bulk._DuckLoad, "_insert", spy)
+    db = tmp_path / "f.duckdb"
+    report = await sync(bulk(), duck(db), flow(), spec(src, mode="full", batch_rows=100))
+    assert report.status == "ok", report.error
+    assert seen == [0o600] * 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("patchbay-duckdb-")] == []
+
+    async def boom(report: RunReport) -> None:
+        raise RuntimeError("cut before commit")
+
+    failed = await sync(bulk(), duck(db), flow(), spec(src, mode="full", batch_rows=100), before_commit=boom)
+    assert failed.status == "failed"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("patchbay-duckdb-")] == []
+
+
+async def test_pushed_down_steps_write_copy_blocks_byte_exact(pg, tmp_path, monkeypatch):
+    """With the steps computed in PostgreSQL's SELECT, DuckDB gets whole COPY-text blocks (write_raw):
+    a block without escapes goes to the batch file as it is, one with escapes is quoted; values exact."""
+    from patchbay.connectors import duckdb_bulk
+
+    blocks: list[int] = []
+    write_raw = duckdb_bulk._DuckLoad.write_raw
+
+    async def spy(self: Any, block: bytes, n: int) -> None:
+        blocks.append(n)
+        await write_raw(self, block, n)
+
+    monkeypatch.setattr(duckdb_bulk._DuckLoad, "write_raw", spy)
+    t = name(pg, "pushed")
+    await pg.execute(f'CREATE TABLE "{t}" (id bigint PRIMARY KEY, v text, w text)')
+    mixed = PLAIN + ESCAPED
+    want = {i: (mixed[i % len(mixed)], mixed[(i * 3) % len(mixed)]) for i in range(300)}
+    async with pg.cursor() as cur:
+        await cur.executemany(f'INSERT INTO "{t}" VALUES (%s, %s, %s)', [(k, *v) for k, v in want.items()])
+    db = tmp_path / "pushed.duckdb"
+    s = {
+        "from": {"system": "db", "table": t},
+        "to": {"system": "duck", "table": "pushed"},
+        "mode": "full",
+        "batch_rows": 100,
+    }
+    report = await sync(
+        bulk(), duck(db), flow(), s, steps({"map": {"id": "id", "v": "v", "w": "w", "n": "lower(v)"}})
+    )
+    assert (report.status, report.inserted) == ("ok", 300), report.error
+    assert sum(blocks) >= 200, report.pushdown  # non-ASCII lower() is guarded: those rows take Python
+    got = {r[0]: (r[1], r[2]) for r in rows(db, "SELECT id, v, w FROM pushed")}
+    assert got == want
