@@ -14,13 +14,11 @@ values rendered as text by DuckDB and streamed in batches.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +30,7 @@ from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.config.models import Spec
 from patchbay.connectors.base import Resources, import_driver
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
+from patchbay.connectors.thread_client import OneThread
 from patchbay.registry import connector, install_hint
 
 T = TypeVar("T")
@@ -114,7 +113,7 @@ def _cast(c: Column, src: str) -> str:
 
 
 @connector("duckdb", roles=("bulk",), config=BatchTo, system_config=DuckdbSystem, extra="duckdb")
-class DuckdbBulk:
+class DuckdbBulk(OneThread):
     """Batch syncs into and out of a DuckDB file (the analytics destination; tables are created when missing)."""
 
     # rows per batch at most when DuckDB is the destination (the engine reads it): DuckDB's own memory
@@ -129,7 +128,7 @@ class DuckdbBulk:
         self._lock = threading.Lock()
         # every DuckDB call and batch file runs on this one thread: calls spread over the default pool's
         # threads gave each its own allocator arenas and caches (tens of MiB more at peak)
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread_name = "duckdb"
         self.snapshot_max: str | None = None
 
     @classmethod
@@ -152,12 +151,6 @@ class DuckdbBulk:
         root = self.resources.extra.get("root")
         return p if p.is_absolute() or root is None else Path(root) / p
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) on the connector's own thread."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duckdb")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._conn is None:
             duckdb = _load_driver()
@@ -174,22 +167,20 @@ class DuckdbBulk:
                 conn.execute("SET TimeZone = 'UTC'")
                 return conn
 
-            self._conn = await self._run(open_)
+            self._conn = await self._in_thread(open_)
         conn = self._conn
 
         def locked() -> T:
             with self._lock:
                 return fn(conn, *args)
 
-        return await self._run(locked)
+        return await self._in_thread(locked)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await self._run(conn.close)
-        if self._thread is not None:
-            thread, self._thread = self._thread, None
-            thread.shutdown(wait=False)
+            await self._in_thread(conn.close)
+        self._let_thread_go()
 
     # ---------------------------------------------------------------- reading
     def _rel(self, frm: BatchFrom) -> str:
@@ -369,7 +360,7 @@ class _DuckLoad:
                 self._file = _batch_file()
             if self._pad:
                 rows = [[*r, b"-"] for r in rows]
-            quoted = await self.owner._run(self._to_file, rows, self._file)
+            quoted = await self.owner._in_thread(self._to_file, rows, self._file)
             await self.owner._call(self._insert, quoted)
             self.copied += len(rows)
 
@@ -383,7 +374,7 @@ class _DuckLoad:
             return
         if self._file is None:
             self._file = _batch_file()
-        await self.owner._run(Path(self._file).write_bytes, block)
+        await self.owner._in_thread(Path(self._file).write_bytes, block)
         await self.owner._call(self._insert, False)
         self.copied += rows
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from pydantic import Field, field_validator
@@ -19,9 +16,8 @@ from patchbay.connectors.sql_client.sink import SqlSink
 from patchbay.connectors.sql_client.source import SqlSource
 from patchbay.connectors.sql_client.source_config import SqlSourceConfig
 from patchbay.connectors.sql_client.statements import Statement
+from patchbay.connectors.thread_client import OneThread
 from patchbay.registry import connector
-
-T = TypeVar("T")
 
 
 class SqliteSystem(Spec):
@@ -59,24 +55,6 @@ def open_db(path: Path, mode: str, timeout_s: float, foreign_keys: bool) -> sqli
         conn.close()
         raise
     return conn
-
-
-class OneThread:
-    """Every use of a connector's SQLite connections runs on its one thread, in order. A cancelled await
-    leaves its statement running in the thread; a close queued behind it on the same thread waits for it,
-    where a close on another thread freed the connection under the running statement (a segfault)."""
-
-    _thread: ThreadPoolExecutor | None = None
-
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="patchbay-sqlite")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _let_thread_go(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown(wait=False)  # after the close queued on it
-            self._thread = None
 
 
 @connector("sqlite", roles=("destination",), config=SqlSinkConfig, system_config=SqliteSystem)

@@ -8,7 +8,6 @@ full refresh, after DELETE) or into a temporary stage that append and merge appl
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
 import threading
@@ -22,6 +21,7 @@ from patchbay.config.batch import BatchFrom, BatchTo
 from patchbay.connectors.base import Resources
 from patchbay.connectors.bulk_client import STATE_TABLE, Applied, SyncState, Window
 from patchbay.connectors.sqlite import SqliteSystem, db_path
+from patchbay.connectors.thread_client import OneThread
 from patchbay.registry import connector
 
 T = TypeVar("T")
@@ -104,7 +104,7 @@ def _open(path: str, timeout_s: float) -> sqlite3.Connection:
 
 
 @connector("sqlite", roles=("bulk",), config=BatchTo, system_config=SqliteSystem)
-class SqliteBulk:
+class SqliteBulk(OneThread):
     """Batch syncs from and to a SQLite file (the file must exist; tables are created when missing)."""
 
     def __init__(self, system: SqliteSystem, resources: Resources, timeout_s: float = 30.0) -> None:
@@ -122,19 +122,20 @@ class SqliteBulk:
                 raise FileNotFoundError(
                     f"the SQLite file {path} does not exist (system {self.resources.system})"
                 )
-            self._conn = await asyncio.to_thread(_open, str(path), self.timeout_s)
+            self._conn = await self._in_thread(_open, str(path), self.timeout_s)
         conn = self._conn
 
         def locked() -> T:
             with self._lock:
                 return fn(conn, *args)
 
-        return await asyncio.to_thread(locked)
+        return await self._in_thread(locked)
 
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.to_thread(conn.close)
+            await self._in_thread(conn.close)
+        self._let_thread_go()
 
     # ---------------------------------------------------------------- reading
     async def columns(self, frm: BatchFrom) -> list[Column]:
