@@ -24,6 +24,7 @@ from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
+from patchbay.engine.roles import Node
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
@@ -89,8 +90,11 @@ class FlowRuntime:
 
 
 class Hub:
-    def __init__(self, project: Project, *, resolver: SecretResolver | None = None) -> None:
+    def __init__(
+        self, project: Project, *, resolver: SecretResolver | None = None, node: Node | None = None
+    ) -> None:
         self.project = project
+        self.node = node or Node()  # this process's id and roles (engine/roles.py); default: every role
         self.metrics = Metrics()
         self.resolver = resolver
         self.store: SqliteStore | None = None
@@ -117,7 +121,7 @@ class Hub:
         self._cipher = field_cipher(
             self.project
         )  # before anything opens: a missing master key stops the start
-        self.store = open_hub_store(self.project.store_location)
+        self.store = open_hub_store(self.project.store_location, holder=self.node.id)
         if lock:
             self.store.lock()
         await self.resources.http_session()

@@ -15,13 +15,14 @@ def is_postgres(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def open_hub_store(location: str | Path, *, check: bool = True) -> SqliteStore:
+def open_hub_store(location: str | Path, *, check: bool = True, holder: str | None = None) -> SqliteStore:
     """The store at `location` (a SQLite path or a postgresql:// URL); StoreUnusable when it cannot be used.
-    Typed as SqliteStore, whose `problem` and `stats` the hub reads: PostgresStore is one."""
+    Typed as SqliteStore, whose `problem` and `stats` the hub reads: PostgresStore is one. `holder` names
+    this process in a shared store (its delivery claims); engine/roles.Node.id."""
     if is_postgres(location):
         from patchbay.store.postgres import PostgresStore
 
-        return PostgresStore(str(location), check=check)
+        return PostgresStore(str(location), check=check, holder=holder)
     from patchbay.store.sqlite import SqliteStore
 
     return SqliteStore(Path(location), check=check)

@@ -143,8 +143,8 @@ class PostgresStore(SqliteStore):
             open=True,
             name="patchbay-store",
         )
-        # Who holds a claimed delivery: the same name after a restart takes its own leases back at once.
-        self.holder = holder or os.environ.get("PATCHBAY_HUB_ID") or socket.gethostname()
+        # Who holds a claimed delivery: the hub's node id (engine/roles.py), unique per process.
+        self.holder = holder or os.environ.get("PATCHBAY_NODE_ID") or f"{socket.gethostname()}:{os.getpid()}"
         self._due = pg_ops.due_for(self.holder)
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
