@@ -94,6 +94,92 @@ def accept(conn: Any, e: Any) -> Any:
     return Accepted(dup[0], duplicate=True, conflict=dup[1] != e.body_hash)
 
 
+# Several events at once (store/postgres/group.py gathers concurrent accepts): one statement, one COMMIT.
+# Rows go in in the group's order, so the deliveries' ids keep the order of arrival.
+_ACCEPT_MANY = """
+WITH e AS (
+  SELECT * FROM unnest(%(id)s::text[], %(flow)s::text[], %(dedupe_key)s::text[], %(body_hash)s::text[],
+                       %(received_at)s::float8[], %(status)s::text[], %(record_key)s::text[], %(reason)s::text[],
+                       %(payload)s::bytea[], %(meta)s::text[], %(trace)s::text[]) WITH ORDINALITY
+    AS e(id, flow, dedupe_key, body_hash, received_at, status, record_key, reason, payload, meta, trace, ord)
+), ev AS (
+  INSERT INTO events(id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason,
+                     payload, meta, trace)
+  SELECT id, flow, dedupe_key, body_hash, received_at, %(now)s, status, record_key, reason, payload, meta, trace
+  FROM e ORDER BY ord
+  ON CONFLICT (flow, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+  RETURNING id, received_at
+), dl AS (
+  INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at, last_error,
+                         created_at, updated_at)
+  SELECT ev.id, d.flow, d.destination, d.status, d.request, d.ikey, ev.received_at, d.err, %(now)s, %(now)s
+  FROM unnest(%(d_event)s::text[], %(d_flow)s::text[], %(d_dest)s::text[], %(d_status)s::text[],
+              %(d_request)s::text[], %(d_ikey)s::text[], %(d_err)s::text[]) WITH ORDINALITY
+    AS d(event_id, flow, destination, status, request, ikey, err, ord)
+  JOIN ev ON ev.id = d.event_id
+  ORDER BY d.ord
+)
+SELECT id FROM ev
+"""
+
+_DUPLICATES = """
+SELECT flow, dedupe_key, id, body_hash FROM events
+WHERE (flow, dedupe_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
+"""
+
+
+@native
+def accept_many(conn: Any, events: list[Any]) -> list[Any]:
+    """Events and their deliveries in one statement (one round trip, one COMMIT); the duplicates of
+    earlier events (a dedupe key seen, in this group or before) cost one more read, for all of them."""
+    import time
+
+    from patchbay.store.base import Accepted
+    from patchbay.store.common import _j
+
+    deliveries = [(e, d) for e in events for d in e.deliveries]
+    rows = conn.execute(
+        _ACCEPT_MANY,
+        {
+            "now": time.time(),
+            "id": [e.id for e in events],
+            "flow": [e.flow for e in events],
+            "dedupe_key": [e.dedupe_key for e in events],
+            "body_hash": [e.body_hash for e in events],
+            "received_at": [e.received_at for e in events],
+            "status": [e.status for e in events],
+            "record_key": [e.record_key for e in events],
+            "reason": [e.reason for e in events],
+            "payload": [e.payload for e in events],
+            "meta": [_j(e.meta) for e in events],
+            "trace": [_j(e.trace) for e in events],
+            "d_event": [e.id for e, _ in deliveries],
+            "d_flow": [e.flow for e, _ in deliveries],
+            "d_dest": [d.destination for _, d in deliveries],
+            "d_status": [d.status for _, d in deliveries],
+            "d_request": [_j(d.request) for _, d in deliveries],
+            "d_ikey": [d.idempotency_key for _, d in deliveries],
+            "d_err": [d.error for _, d in deliveries],
+        },
+    ).fetchall()
+    written = {r[0] for r in rows}
+    dups = [e for e in events if e.id not in written]
+    found: dict[tuple[str, str], tuple[str, str]] = {}
+    if dups:
+        for flow, key, eid, body_hash in conn.execute(
+            _DUPLICATES, ([e.flow for e in dups], [e.dedupe_key for e in dups])
+        ).fetchall():
+            found[(flow, key)] = (eid, body_hash)
+    out = []
+    for e in events:
+        if e.id in written:
+            out.append(Accepted(e.id))
+        else:
+            eid, body_hash = found[(e.flow, e.dedupe_key)]
+            out.append(Accepted(eid, duplicate=True, conflict=body_hash != e.body_hash))
+    return out
+
+
 LEASE_S = 300.0  # a claimed delivery another hub may take over after this long without an answer
 
 _DUE = """

@@ -4,8 +4,9 @@ Every operation is one transaction on a connection from a `psycopg_pool.Connecti
 thread of the store's executor so the event loop never waits on the network. The operations are the
 SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
 run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
-(synchronous_commit as the server has it), so there is no group-commit writer: `accept` returns after
-its own COMMIT. A hub claims the store with a session advisory lock (`lock`), as SQLite does with flock.
+(synchronous_commit as the server has it); concurrent accepts share one statement and one COMMIT
+(`group.AcceptGroups`), and each returns after the COMMIT of its group. A hub claims the store with a
+session advisory lock (`lock`), as SQLite does with flock.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, 
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
+from patchbay.store.postgres.group import AcceptGroups
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
@@ -119,7 +121,13 @@ class PostgresStore(SqliteStore):
     function: here those run the function on a pooled PostgreSQL connection in one transaction."""
 
     def __init__(
-        self, url: str, *, check: bool = True, max_connections: int = 8, holder: str | None = None
+        self,
+        url: str,
+        *,
+        check: bool = True,
+        max_connections: int = 8,
+        holder: str | None = None,
+        accept_threads: int = 2,
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
@@ -152,6 +160,7 @@ class PostgresStore(SqliteStore):
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
+        self._groups = AcceptGroups(self._run, self._closed_error, threads=accept_threads)
 
     @staticmethod
     def migrate_only(url: str) -> None:
@@ -211,12 +220,15 @@ class PostgresStore(SqliteStore):
             return res
         raise AssertionError("unreachable")
 
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(
+            f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
+            "the store is closed",
+        )
+
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
-            raise StoreClosed(
-                f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
-                "the store is closed",
-            )
+            raise self._closed_error()
         return await asyncio.get_running_loop().run_in_executor(self._exec, self._run, fn, args)
 
     def _write(self, fn: Callable[..., T], *args: Any) -> Any:  # type: ignore[override]
@@ -230,6 +242,7 @@ class PostgresStore(SqliteStore):
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._groups.stop)  # the accepts queued are written first
         await loop.run_in_executor(None, self._exec.shutdown, True)
         await loop.run_in_executor(None, self._pool.close)
         if self._lock_conn is not None:
@@ -246,13 +259,14 @@ class PostgresStore(SqliteStore):
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"]}
+        extra = self._groups.events - self._groups.groups  # the accepts that shared a group's COMMIT
+        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"] + extra}
 
     # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
     async def accept(self, event: NewEvent) -> Accepted:
         if event.claims or event.windows:  # dedupe keys and windows: the shared operation, one transaction
             return await self._write(_gated(tx_accept), event)
-        return await self._write(pg_ops.accept, event)
+        return await self._groups.accept(event)
 
     async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
         return await self._write(_gated_batch, events, flow, cursor)
