@@ -122,6 +122,7 @@ class Hub:
             self.project
         )  # before anything opens: a missing master key stops the start
         self.store = open_hub_store(self.project.store_location, holder=self.node.id)
+        self.metrics.store_work = lambda: getattr(self.store, "counter", None)
         if lock:
             self.store.lock()
         await self.resources.http_session()
