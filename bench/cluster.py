@@ -66,7 +66,9 @@ def variants(base_port: int) -> dict[str, Variant]:
     return {
         "sqlite": Variant("sqlite", "sqlite", [Proc(None, p)]),
         "pg": Variant("pg", "pg", [Proc(None, p)]),
-        "pg-web1-worker1": Variant("pg-web1-worker1", "pg", [Proc("web", p), Proc("worker,scheduler", p + 1, False)]),
+        "pg-web1-worker1": Variant(
+            "pg-web1-worker1", "pg", [Proc("web", p), Proc("worker,scheduler", p + 1, False)]
+        ),
         "pg-web2-worker1": Variant(
             "pg-web2-worker1",
             "pg",
@@ -207,6 +209,15 @@ class Pg:
                     (start, end, f"% rel %/{oid}/%", f"% rel %/{oid}/%"),
                     db=db,
                 )
+                self.breakdown = self.q(
+                    """WITH r AS (SELECT * FROM pg_get_wal_records_info(%s, %s)),
+                         x AS (SELECT DISTINCT xid FROM r WHERE xid <> '0' AND block_ref LIKE %s)
+                       SELECT resource_manager, record_type, count(*), SUM(record_length), SUM(fpi_length)
+                       FROM r WHERE block_ref LIKE %s OR xid IN (SELECT xid FROM x)
+                       GROUP BY 1, 2 ORDER BY 4 DESC""",
+                    (start, end, f"% rel %/{oid}/%", f"% rel %/{oid}/%"),
+                    db=db,
+                )
                 return float(row[0][0]), "its own records (pg_walinspect)"
             except self.psycopg.Error as exc:
                 why = str(exc).splitlines()[0]
@@ -309,13 +320,20 @@ def warm(a: argparse.Namespace, urls: list[str]) -> None:
 def run_patchbay(
     a: argparse.Namespace, v: Variant, sink: str, out_dir: Path, pg: Pg | None
 ) -> dict[str, Any] | None:
-    if any(p.roles for p in v.procs) and "--role" not in subprocess.run(
-        [str(PATCHBAY), "serve", "--help"], capture_output=True, text=True
-    ).stdout:
+    if (
+        any(p.roles for p in v.procs)
+        and "--role"
+        not in subprocess.run([str(PATCHBAY), "serve", "--help"], capture_output=True, text=True).stdout
+    ):
         print(f"  {v.name}: skipped (this Patchbay's serve has no --role)")
         return None
     run_dir = out_dir / v.name
-    env = {**os.environ, "PB_RUN_DIR": str(run_dir), "PB_PORT": str(v.procs[0].port), "SINK_PORT": str(a.sink_port)}
+    env = {
+        **os.environ,
+        "PB_RUN_DIR": str(run_dir),
+        "PB_PORT": str(v.procs[0].port),
+        "SINK_PORT": str(a.sink_port),
+    }
     subprocess.run([str(HERE / "patchbay_peer.sh"), "setup"], env=env, check=True, stdout=subprocess.DEVNULL)
     project = run_dir / "project"
     db = oid = None
@@ -331,7 +349,9 @@ def run_patchbay(
                 "store: .patchbay/patchbay.db", f"store: {base}/{db}?application_name={app}"
             )
         )
-    secret = subprocess.run([str(HERE / "patchbay_peer.sh"), "secret"], env=env, capture_output=True, text=True)
+    secret = subprocess.run(
+        [str(HERE / "patchbay_peer.sh"), "secret"], env=env, capture_output=True, text=True
+    )
     env["PB_BENCH_WHSEC"] = secret.stdout.strip()
     procs: list[subprocess.Popen[Any]] = []
     try:
@@ -339,7 +359,7 @@ def run_patchbay(
             cmd = [str(PATCHBAY), "serve", str(project), "--port", str(p.port)]
             if p.roles:
                 cmd += ["--role", p.roles, "--node", f"{v.name}-{i}"]
-            log = open(run_dir / f"serve-{i}.log", "ab")  # noqa: SIM115 (closed with the process)
+            log = open(run_dir / f"serve-{i}.log", "ab")
             procs.append(subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=log))
         for p, proc in zip(v.procs, procs, strict=True):
             wait_http(f"http://127.0.0.1:{p.port}/readyz", 60, proc)
@@ -351,9 +371,23 @@ def run_patchbay(
         spy = None
         if a.profile and shutil.which("py-spy", path=str(PATCHBAY.parent)):
             spy = subprocess.Popen(
-                [str(PATCHBAY.parent / "py-spy"), "record", "--gil", "-p", str(procs[0].pid), "-d",
-                 str(int(a.duration)), "-r", "100", "-f", "raw", "-o", str(out_dir / f"{v.name}-spy.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    str(PATCHBAY.parent / "py-spy"),
+                    "record",
+                    "--gil",
+                    "-p",
+                    str(procs[0].pid),
+                    "-d",
+                    str(int(a.duration)),
+                    "-r",
+                    "100",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(out_dir / f"{v.name}-spy.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         hub_watch = CpuWatch(lambda: [x for proc in procs for x in (proc.pid, *children(proc.pid))])
         db_watch = CpuWatch(lambda: pg.backends(app)) if pg and db else None
@@ -373,6 +407,10 @@ def run_patchbay(
             wal, how = pg.wal(db, oid, inspect, lsn0, lsn1)
             res["wal_bytes"] = wal / max(1, res["ok"])
             res["wal_how"] = how
+            if getattr(pg, "breakdown", None):
+                (out_dir / f"{v.name}-wal.json").write_text(
+                    json.dumps([[*r[:2], int(r[2]), int(r[3]), int(r[4] or 0)] for r in pg.breakdown])
+                )
     finally:
         for proc in procs:
             stop(proc)
@@ -395,7 +433,9 @@ def main() -> None:
     ap.add_argument("--sink-port", type=int, default=18180)
     ap.add_argument("--node-red-port", type=int, default=18880)
     ap.add_argument("--out", default="")
-    ap.add_argument("--profile", action="store_true", help="py-spy (GIL holder) of each variant's first process")
+    ap.add_argument(
+        "--profile", action="store_true", help="py-spy (GIL holder) of each variant's first process"
+    )
     a = ap.parse_args()
     out_dir = Path(a.out or f"/tmp/patchbay-cluster-bench/results-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -418,8 +458,10 @@ def main() -> None:
     )
     pg = Pg(a.postgres) if any(table[n].store == "pg" for n in names if n in table) else None
     rows: dict[str, list[dict[str, Any]]] = {}
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cores, load average {loadavg()};"
-          f" {a.reps} x {a.duration:.0f} s at c{a.concurrency}; results in {out_dir}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cores, load average {loadavg()};"
+        f" {a.reps} x {a.duration:.0f} s at c{a.concurrency}; results in {out_dir}"
+    )
     try:
         wait_http(sink_url + "/stats", 10, sink)
         for rep in range(a.reps):
@@ -446,7 +488,9 @@ def med(xs: list[float]) -> float:
 def report(rows: dict[str, list[dict[str, Any]]]) -> None:
     nr = med([r["delivered"] for r in rows["node-red"]]) if "node-red" in rows else None
     print()
-    print("| variant | ack/s | delivered/s | x Node-RED | CPU ms/event hub + db | stmts | round trips | tx | WAL/event | load avg |")
+    print(
+        "| variant | ack/s | delivered/s | x Node-RED | CPU ms/event hub + db | stmts | round trips | tx | WAL/event | load avg |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, rs in rows.items():
         d = med([r["delivered"] for r in rs])
