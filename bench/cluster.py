@@ -368,6 +368,7 @@ def run_patchbay(
         time.sleep(1)
         before = [metrics(p.port) for p in v.procs]
         lsn0 = pg.lsn() if pg and db else None
+        size0 = pg.q("SELECT pg_database_size(current_database())", db=db)[0][0] if pg and db else 0
         spy = None
         if a.profile and shutil.which("py-spy", path=str(PATCHBAY.parent)):
             spy = subprocess.Popen(
@@ -406,6 +407,8 @@ def run_patchbay(
             assert oid is not None
             wal, how = pg.wal(db, oid, inspect, lsn0, lsn1)
             res["wal_bytes"] = wal / max(1, res["ok"])
+            size1 = pg.q("SELECT pg_database_size(current_database())", db=db)[0][0]
+            res["disk_bytes"] = (size1 - size0) / max(1, res["ok"])
             res["wal_how"] = how
             if getattr(pg, "breakdown", None):
                 (out_dir / f"{v.name}-wal.json").write_text(
@@ -498,11 +501,12 @@ def report(rows: dict[str, list[dict[str, Any]]]) -> None:
         hub = med([r["hub_cpu_s"] * 1000 / max(1, r["sink_at_end"]) for r in rs])
         db = med([r["db_cpu_s"] * 1000 / max(1, r["sink_at_end"]) for r in rs])
         ratio = f"{d / nr:.2f}" if nr else "n/a"
-        pgcols = "| | | |"
+        pgcols = "| | | | |"
         if "statements" in rs[0]:
             pgcols = (
                 f"| {med([r['statements'] for r in rs]):.2f} | {med([r['round_trips'] for r in rs]):.2f}"
                 f" | {med([r['transactions'] for r in rs]):.2f} | {med([r['wal_bytes'] for r in rs]) / 1024:.1f} KiB"
+                f" | {med([r.get('disk_bytes', 0) for r in rs]) / 1024:.1f} KiB"
             )
         print(
             f"| {name} | {ack:.0f} | {d:.0f} | {ratio} | {hub:.2f} + {db:.2f} {pgcols} | {rs[-1]['loadavg']} |"

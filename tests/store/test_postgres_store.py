@@ -107,6 +107,20 @@ async def test_one_event_that_cannot_be_written_fails_alone_the_rest_of_its_grou
         await s.close()
 
 
+async def test_concurrent_records_share_one_statement_and_one_commit() -> None:
+    s = PostgresStore(postgres_url())
+    try:
+        await asyncio.gather(*(s.accept(event()) for _ in range(30)))
+        due = await s.due("orders", "crm", time.time() + 1, 100, set())
+        before = dict(s.counter)
+        await asyncio.gather(*(s.record([result(d, "success", "delivered")]) for d in due))
+        assert s.counter["transactions"] - before["transactions"] <= 10  # not one COMMIT per attempt
+        assert await s.due("orders", "crm", time.time() + 1, 100, set()) == []
+        assert (await s.counts())["events"] == {"delivered": 30}
+    finally:
+        await s.close()
+
+
 async def test_two_hubs_share_the_feed_each_delivery_claimed_by_one_until_its_lease_runs_out() -> None:
     url = postgres_url()
     a, b = PostgresStore(url, holder="hub-a"), PostgresStore(url, holder="hub-b")

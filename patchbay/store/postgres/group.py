@@ -1,13 +1,15 @@
-"""Group commit of the PostgreSQL store's accepts: concurrent accepts share one statement and one COMMIT.
+"""Group commit on PostgreSQL: concurrent accepts (and attempt records) share one statement and one COMMIT.
 
 PostgreSQL waits for the WAL flush of each COMMIT (synchronous_commit as the server has it), so an accept
 that commits alone costs a round trip and a flush per event. As SQLite's writer does (sqlite_writer.py),
-the accepts queued while a group is being written go together in the next group: a few threads each take
-every accept waiting (up to `max_group`) and write them with `ops.accept_many`, one statement in its own
-transaction. Each caller hears back after that COMMIT, so the 202 still follows the commit of its event.
-Under light load a group is one event and costs what a lone accept did; a burst makes the groups larger.
+the calls queued while a group is being written go together in the next group: a thread takes every call
+waiting (up to `max_group` items) and writes them with one operation (`ops.accept_many`, `ops.record`),
+one statement in its own transaction. Each caller hears back after that COMMIT, so the 202 still follows
+the commit of its event. Under light load a group is one call and costs what a lone call did; a burst
+makes the groups larger, and the server sees one writer per kind instead of one per caller: on a machine
+whose cores the hub and the server share, fewer backends busy at once cost the server less CPU per row.
 
-A group that fails for another reason than an unreachable server is written again one event at a time,
+A group that fails for another reason than an unreachable server is written again one call at a time,
 so one event the server refuses fails alone and never sinks the others.
 """
 
@@ -20,42 +22,50 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from patchbay.errors import StoreUnavailable
-from patchbay.store.base import Accepted, NewEvent
-from patchbay.store.postgres import ops as pg_ops
 
 _STOP = object()
 
 Run = Callable[[Callable[..., Any], tuple[Any, ...]], Any]
 
 
-class AcceptGroups:
-    """`threads` writers over one queue of accepts (see the module's docstring)."""
+class Groups:
+    """`threads` writers over one queue of calls of `op` (see the module's docstring). A call brings a list
+    of items and gets back the list of their results; `op(conn, items)` returns one result per item of the
+    group (None: each item's result is None)."""
 
     def __init__(
-        self, run: Run, closed: Callable[[], Exception], *, threads: int = 2, max_group: int = 256
+        self,
+        run: Run,
+        op: Callable[..., list[Any] | None],
+        closed: Callable[[], Exception],
+        *,
+        name: str,
+        threads: int = 1,
+        max_group: int = 256,
     ) -> None:
         self._run = run  # PostgresStore._run: a pooled connection, retries, the counters
+        self._op = op
         self._closed = closed
         self.max_group = max_group
         self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopped = False
         self.groups = 0
-        self.events = 0
+        self.calls = 0
         self._threads = [
-            threading.Thread(target=self._loop, name=f"patchbay-store-accept-{i}", daemon=True)
+            threading.Thread(target=self._loop, name=f"patchbay-store-{name}-{i}", daemon=True)
             for i in range(threads)
         ]
         for t in self._threads:
             t.start()
 
-    async def accept(self, event: NewEvent) -> Accepted:
+    async def call(self, items: list[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Accepted] = loop.create_future()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
         with self._lock:
             if self._stopped:
                 raise self._closed()
-            self.q.put((loop, fut, event))
+            self.q.put((loop, fut, items))
         return await fut
 
     def stop(self) -> None:
@@ -73,8 +83,9 @@ class AcceptGroups:
             if item is _STOP:
                 return
             group = [item]
+            size = len(item[2])
             stop = False
-            while len(group) < self.max_group:
+            while size < self.max_group:
                 try:
                     nxt = self.q.get_nowait()
                 except queue.Empty:
@@ -83,22 +94,25 @@ class AcceptGroups:
                     stop = True
                     break
                 group.append(nxt)
+                size += len(nxt[2])
             self._write(group)
             if stop:
                 return
 
     def _write(self, group: list[Any]) -> None:
-        events = [e for _, _, e in group]
         results: list[tuple[bool, Any]]
         try:
-            results = [(True, a) for a in self._run(pg_ops.accept_many, (events,))]
-        except StoreUnavailable as exc:  # the server is unreachable for every event alike
+            results = [
+                (True, r)
+                for r in self._split(group, self._run(self._op, ([i for _, _, c in group for i in c],)))
+            ]
+        except StoreUnavailable as exc:  # the server is unreachable for every call alike
             results = [(False, exc)] * len(group)
         except Exception as exc:
-            results = [(False, exc)] if len(group) == 1 else [self._one(e) for e in events]
+            results = [(False, exc)] if len(group) == 1 else [self._one(items) for _, _, items in group]
         with self._lock:
             self.groups += 1
-            self.events += len(group)
+            self.calls += len(group)
         by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
         for (loop, fut, _), (ok, value) in zip(group, results, strict=True):
             by_loop.setdefault(loop, []).append((fut, ok, value))
@@ -108,9 +122,18 @@ class AcceptGroups:
             except RuntimeError:  # that loop is closed: nobody waits any more
                 pass
 
-    def _one(self, event: NewEvent) -> tuple[bool, Any]:
+    @staticmethod
+    def _split(group: list[Any], out: list[Any] | None) -> list[list[Any]]:
+        """Each call's slice of the group's results."""
+        parts, at = [], 0
+        for _, _, items in group:
+            parts.append([None] * len(items) if out is None else out[at : at + len(items)])
+            at += len(items)
+        return parts
+
+    def _one(self, items: list[Any]) -> tuple[bool, Any]:
         try:
-            return True, self._run(pg_ops.accept_many, ([event],))[0]
+            return True, self._split([(None, None, items)], self._run(self._op, (items,)))[0]
         except Exception as exc:
             return False, exc
 
@@ -125,4 +148,4 @@ def _resolve(results: Iterable[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_exception(value)
 
 
-__all__ = ["AcceptGroups"]
+__all__ = ["Groups"]

@@ -4,9 +4,9 @@ Every operation is one transaction on a connection from a `psycopg_pool.Connecti
 thread of the store's executor so the event loop never waits on the network. The operations are the
 SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
 run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
-(synchronous_commit as the server has it); concurrent accepts share one statement and one COMMIT
-(`group.AcceptGroups`), and each returns after the COMMIT of its group. A hub claims the store with a
-session advisory lock (`lock`), as SQLite does with flock.
+(synchronous_commit as the server has it); concurrent accepts, and concurrent attempt records, share
+one statement and one COMMIT (`group.Groups`), and each returns after the COMMIT of its group. A hub
+claims the store with a session advisory lock (`lock`), as SQLite does with flock.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, 
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
-from patchbay.store.postgres.group import AcceptGroups
+from patchbay.store.postgres.group import Groups
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
@@ -127,7 +127,7 @@ class PostgresStore(SqliteStore):
         check: bool = True,
         max_connections: int = 8,
         holder: str | None = None,
-        accept_threads: int = 2,
+        accept_threads: int = 1,
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
@@ -160,7 +160,10 @@ class PostgresStore(SqliteStore):
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
-        self._groups = AcceptGroups(self._run, self._closed_error, threads=accept_threads)
+        self._accepts = Groups(
+            self._run, pg_ops.accept_many, self._closed_error, name="accept", threads=accept_threads
+        )
+        self._records = Groups(self._run, pg_ops.record, self._closed_error, name="record", max_group=512)
 
     @staticmethod
     def migrate_only(url: str) -> None:
@@ -242,7 +245,8 @@ class PostgresStore(SqliteStore):
             return
         self._closed = True
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._groups.stop)  # the accepts queued are written first
+        for groups in (self._accepts, self._records):  # what is queued is written first
+            await loop.run_in_executor(None, groups.stop)
         await loop.run_in_executor(None, self._exec.shutdown, True)
         await loop.run_in_executor(None, self._pool.close)
         if self._lock_conn is not None:
@@ -259,14 +263,15 @@ class PostgresStore(SqliteStore):
 
     @property
     def stats(self) -> dict[str, int]:
-        extra = self._groups.events - self._groups.groups  # the accepts that shared a group's COMMIT
+        # the calls that shared a group's COMMIT
+        extra = sum(g.calls - g.groups for g in (self._accepts, self._records))
         return {"commits": self.counter["transactions"], "ops": self.counter["transactions"] + extra}
 
     # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
     async def accept(self, event: NewEvent) -> Accepted:
         if event.claims or event.windows:  # dedupe keys and windows: the shared operation, one transaction
             return await self._write(_gated(tx_accept), event)
-        return await self._groups.accept(event)
+        return (await self._accepts.call([event]))[0]  # type: ignore[no-any-return]
 
     async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
         return await self._write(_gated_batch, events, flow, cursor)
@@ -284,7 +289,8 @@ class PostgresStore(SqliteStore):
         return await self._read(self._due, flow, destination, now, limit, frozenset(skip), after_id)
 
     async def record(self, results: list[AttemptResult]) -> None:
-        await self._write(pg_ops.record, results)
+        if results:
+            await self._records.call(results)
 
     async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
         return await self._write(pg_ops.tx_compress, flow, before, limit)
