@@ -163,7 +163,9 @@ class PostgresStore(SqliteStore):
         self._accepts = Groups(
             self._run, pg_ops.accept_many, self._closed_error, name="accept", threads=accept_threads
         )
-        self._records = Groups(self._run, pg_ops.record, self._closed_error, name="record", max_group=512)
+        self._records = Groups(
+            self._run, pg_ops.record, self._closed_error, name="record", threads=2, max_group=512
+        )
 
     @staticmethod
     def migrate_only(url: str) -> None:
