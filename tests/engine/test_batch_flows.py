@@ -221,6 +221,8 @@ def test_patchbay_run_syncs_a_batch_flow_and_keeps_its_report_and_quarantined_ro
     assert "source column(s) total dropped but the flow reads them" in stopped.output
     runs = json.loads(runner.invoke(main, ["runs", "-p", str(tmp_path), "--json"]).output)
     assert [r["status"] for r in runs].count("failed") == 1
+
+
 def test_a_quarantined_row_is_listed_by_its_key_when_the_map_renames_the_key_column(tmp_path):
     """The key is named after mapping; the quarantined row is the source's, so its key comes through the map."""
     from click.testing import CliRunner
