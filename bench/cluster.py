@@ -428,6 +428,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--max-concurrency", type=int, default=32, help="the destination's max_concurrency")
     ap.add_argument("--variants", default="node-red,sqlite,pg,pg-web1-worker1,pg-web2-worker1")
     ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--harness", default=os.environ.get("HARNESS_DIR", "/work/shared/bench/webhook"))
@@ -463,7 +464,8 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {}
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}  {os.cpu_count()} cores, load average {loadavg()};"
-        f" {a.reps} x {a.duration:.0f} s at c{a.concurrency}; results in {out_dir}"
+        f" {a.reps} x {a.duration:.0f} s at c{a.concurrency}, max_concurrency {a.max_concurrency};"
+        f" load.py engine {'wrk' if shutil.which('wrk') else 'py'}; results in {out_dir}"
     )
     try:
         wait_http(sink_url + "/stats", 10, sink)
