@@ -74,6 +74,16 @@ def variants(base_port: int) -> dict[str, Variant]:
             "pg",
             [Proc("web", p), Proc("web", p + 1), Proc("worker,scheduler", p + 2, False)],
         ),
+        "pg-web2-worker2": Variant(
+            "pg-web2-worker2",
+            "pg",
+            [
+                Proc("web,scheduler", p),
+                Proc("web", p + 1),
+                Proc("worker", p + 2, False),
+                Proc("worker", p + 3, False),
+            ],
+        ),
         "pg-web1-worker2": Variant(
             "pg-web1-worker2",
             "pg",
@@ -494,9 +504,10 @@ def report(rows: dict[str, list[dict[str, Any]]]) -> None:
     nr = med([r["delivered"] for r in rows["node-red"]]) if "node-red" in rows else None
     print()
     print(
-        "| variant | ack/s | delivered/s | x Node-RED | CPU ms/event hub + db | stmts | round trips | tx | WAL/event | load avg |"
+        "| variant | ack/s | delivered/s | x Node-RED | CPU ms/event hub + db | statements | round trips"
+        " | transactions | WAL/event | disk/event | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rs in rows.items():
         d = med([r["delivered"] for r in rs])
         ack = med([r["rps_ok"] for r in rs])

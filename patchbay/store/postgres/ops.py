@@ -124,6 +124,12 @@ def accept_many(conn: Any, events: list[Any]) -> list[Any]:
     return out
 
 
+@native
+def accept(conn: Any, e: Any) -> Any:
+    """One event and its deliveries: a group of one."""
+    return accept_many(conn, [e])[0]
+
+
 LEASE_S = 300.0  # a claimed delivery another hub may take over after this long without an answer
 
 _DUE = """
