@@ -4,6 +4,7 @@ one run through the shared webhook harness (sink.py, load.py and Node-RED's flow
     .venv/bin/python bench/cluster.py [--duration 20] [--concurrency 16] [--reps 1]
         [--variants node-red,sqlite,pg,pg-web1-worker1,pg-web2-worker1]
         [--postgres postgresql://postgres@127.0.0.1:5432/postgres] [--out DIR] [--profile]
+        [--other CHECKOUT --variants ...,pg@other]   (the same variant run by another checkout: before/after)
 
 Every variant takes the same lead-capture flow (bench/patchbay_peer.sh writes it: map, validate, POST to
 the harness's sink) and the same closed-loop load (load.py, N connections). It prints per variant:
@@ -59,6 +60,7 @@ class Variant:
     name: str
     store: str  # sqlite | pg
     procs: list[Proc] = field(default_factory=list)
+    patchbay: Path = PATCHBAY  # `pg@other`: another checkout's (--other)
 
 
 def variants(base_port: int) -> dict[str, Variant]:
@@ -366,7 +368,7 @@ def run_patchbay(
     procs: list[subprocess.Popen[Any]] = []
     try:
         for i, p in enumerate(v.procs):
-            cmd = [str(PATCHBAY), "serve", str(project), "--port", str(p.port)]
+            cmd = [str(v.patchbay), "serve", str(project), "--port", str(p.port)]
             if p.roles:
                 cmd += ["--role", p.roles, "--node", f"{v.name}-{i}"]
             log = open(run_dir / f"serve-{i}.log", "ab")
@@ -447,6 +449,7 @@ def main() -> None:
     ap.add_argument("--sink-port", type=int, default=18180)
     ap.add_argument("--node-red-port", type=int, default=18880)
     ap.add_argument("--out", default="")
+    ap.add_argument("--other", default="", help="another checkout (its .venv): variants NAME@other run it")
     ap.add_argument(
         "--profile", action="store_true", help="py-spy (GIL holder) of each variant's first process"
     )
@@ -455,6 +458,11 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
     table = variants(a.base_port)
+    if a.other:  # the same variants run by another checkout's patchbay, named NAME@other
+        other = Path(a.other).resolve() / ".venv" / "bin" / "patchbay"
+        for n in [n for n in names if n.endswith("@other")]:
+            base = table[n.removesuffix("@other")]
+            table[n] = Variant(n, base.store, base.procs, other)
     unknown = [n for n in names if n != "node-red" and n not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: node-red, {', '.join(table)}")
@@ -524,7 +532,7 @@ def report(rows: dict[str, list[dict[str, Any]]]) -> None:
         print(
             f"| {name} | {ack:.0f} | {d:.0f} | {ratio} | {hub:.2f} + {db:.2f} {pgcols} | {rs[-1]['loadavg']} |"
         )
-    hows = {r.get("wal_how") for rs in rows.values() for r in rs if r.get("wal_how")}
+    hows = {str(r["wal_how"]) for rs in rows.values() for r in rs if r.get("wal_how")}
     for how in sorted(hows):
         print(f"WAL per event: {how}")
     if shutil.which("wrk") is None:
