@@ -118,6 +118,7 @@ class Hub:
         self._announce: dict[str, bool] = {}  # flows whose new deliveries other processes hear of next
         self._announcer: asyncio.Task[None] | None = None
         self._look = asyncio.Event()  # the state watcher looks now (another process changed a state)
+        self.watch_s = 0.5  # ...and at least this often (the CLI's changes, a missed wake-up)
 
     @classmethod
     def from_dir(cls, root: Path) -> Hub:
@@ -816,7 +817,7 @@ class Hub:
         half second, and at once when another process says it changed one."""
         assert self.store is not None
         while True:
-            await wait_set(self._look, 0.5)
+            await wait_set(self._look, self.watch_s)
             self._look.clear()
             try:
                 states = await self.store.destination_states()
