@@ -207,6 +207,18 @@ class Hub:
             )
         self.row = row
         self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+        # A node that died on this host (its process is gone: a kill -9, a crash) holds nothing any more: its
+        # claimed deliveries are due again now, not when their leases run out.
+        gone = [
+            n.id
+            for n in await self.store.nodes(now)
+            if n.host == row.host and n.stopped_at is None and n.pid != row.pid and not _alive(n.pid)
+        ]
+        released = await self.store.release_claims(gone) if gone else 0
+        if released:
+            log.info(
+                "%d deliveries claimed by %s (gone from this host) are due again", released, ", ".join(gone)
+            )
 
     def serving_on(self, port: int) -> None:
         """The port it listens on (the cluster view shows it), written with the next heartbeat, at once."""

@@ -479,6 +479,10 @@ class Cluster(Protocol):
         """Every node's row, with `claims`: the deliveries it holds leased at `now`."""
         ...
 
+    async def release_claims(self, node_ids: Collection[str]) -> int:
+        """Let go of the deliveries those nodes hold claimed (their processes are known to be gone); how many."""
+        ...
+
     @property
     def shared(self) -> bool:
         """Other processes may use this store at once (PostgreSQL)."""

@@ -77,6 +77,15 @@ def tx_leave(conn: Any, node_id: str, started_at: float, now: float) -> None:
     )
 
 
+def tx_release(conn: Any, node_ids: list[str]) -> int:
+    marks = ",".join("?" * len(node_ids))
+    cur = conn.execute(
+        f"UPDATE deliveries SET leased_by=NULL, lease_until=NULL WHERE status='pending' AND leased_by IN ({marks})",
+        tuple(node_ids),
+    )
+    return int(cur.rowcount or 0)
+
+
 def q_nodes(conn: Any, now: float) -> list[NodeRow]:
     """Every node's row, with the deliveries it holds claimed (a lease not yet run out), by id."""
     claims = {

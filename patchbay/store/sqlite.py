@@ -399,6 +399,9 @@ class SqliteStore:
     async def nodes(self, now: float) -> list[NodeRow]:
         return await self._read(cl.q_nodes, now)
 
+    async def release_claims(self, node_ids: Collection[str]) -> int:
+        return await self._write(cl.tx_release, list(node_ids)) if node_ids else 0
+
     @property
     def shared(self) -> bool:
         return False  # one serving process per file (`lock`)

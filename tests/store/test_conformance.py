@@ -1209,3 +1209,15 @@ async def test_a_store_that_is_not_shared_announces_to_nobody(store: Store) -> N
         await store.announce(["orders"])
         await asyncio.sleep(0.05)
         assert heard == []
+
+
+async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
+    for _ in range(2):
+        await store.accept(event())
+    due = await store.due("orders", "crm", time.time() + 1, 10, set())
+    assert len(due) == 2
+    assert await store.release_claims(["nobody"]) == 0
+    if store.shared:  # PostgreSQL: claims are rows (SQLite keeps them in its one process's memory)
+        [n] = {store.holder}
+        assert await store.release_claims([n]) == 2
+        assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2
