@@ -11,14 +11,15 @@ the harness's sink) and the same closed-loop load (load.py, N connections). It p
 - acknowledged/s (2xx answers; Node-RED answers after delivering, Patchbay after the commit) and
   delivered/s: what the sink received per second, sampled from its /stats between 20% of the run and its
   end (sustained: a hub that acknowledges faster than it delivers shows its real rate here), and the
-  ratio of each to Node-RED's of the same run;
-- CPU ms per delivered event: the CPU time of the hub's processes, and of the PostgreSQL server
-  processes serving them (backends found by application_name), over the events the sink received;
-- on PostgreSQL, per acknowledged event: statements, round trips and transactions (the store's own
+  ratio of each to Node-RED's of the same run. After the load the backlog drains (--drain-s), and the
+  costs below are over that whole time and every acknowledged event, each through its whole path:
+- CPU ms per event: the CPU time of the hub's processes, and of the PostgreSQL server processes
+  serving them (backends found by application_name);
+- on PostgreSQL, per event: statements, round trips and transactions (the store's own
   counters, /metrics `patchbay_store_*_total`), WAL bytes: the WAL records of the run's own database
   (pg_walinspect over the run's LSN range, by database oid and transaction), or, when those records are
   gone or the extension is missing, pg_current_wal_lsn's difference (then any other client's writes on
-  the server count too; it says which).
+  the server count too; it says which), and the database's growth on disk.
 
 Each PostgreSQL variant runs in a database of its own (created and dropped here), so the WAL and the
 backends are told apart on a shared server. A split variant needs `patchbay serve --role`; without it
@@ -299,6 +300,13 @@ def load(
     end = samples[-1]
     delivered = (end[1] - start[1]) / max(1e-6, end[0] - start[0])
     merged["sink_at_end"] = end[1]
+    # then the backlog drains, so that the costs below are those of every acknowledged event's whole path
+    deadline, count = time.time() + a.drain_s, end[1]
+    while count < merged["ok"] and time.time() < deadline:
+        time.sleep(0.2)
+        count = json.loads(http("GET", sink + "/stats"))["count"]
+    merged["drained"] = count
+    merged["drain_s"] = round(time.time() - t0 - end[0], 1)
     return merged, delivered
 
 
@@ -415,12 +423,12 @@ def run_patchbay(
             after = [metrics(p.port) for p in v.procs]
             for what in ("statements", "round_trips", "transactions"):
                 n = sum(x.get(what, 0) for x in after) - sum(x.get(what, 0) for x in before)
-                res[what] = n / max(1, res["ok"])
+                res[what] = n / max(1, res["drained"])
             assert oid is not None
             wal, how = pg.wal(db, oid, inspect, lsn0, lsn1)
-            res["wal_bytes"] = wal / max(1, res["ok"])
+            res["wal_bytes"] = wal / max(1, res["drained"])
             size1 = pg.q("SELECT pg_database_size(current_database())", db=db)[0][0]
-            res["disk_bytes"] = (size1 - size0) / max(1, res["ok"])
+            res["disk_bytes"] = (size1 - size0) / max(1, res["drained"])
             res["wal_how"] = how
             if getattr(pg, "breakdown", None):
                 (out_dir / f"{v.name}-wal.json").write_text(
@@ -438,6 +446,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--drain-s", type=float, default=90.0, help="wait this long at most for the backlog")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--max-concurrency", type=int, default=32, help="the destination's max_concurrency")
@@ -519,8 +528,8 @@ def report(rows: dict[str, list[dict[str, Any]]]) -> None:
     for name, rs in rows.items():
         d = med([r["delivered"] for r in rs])
         ack = med([r["rps_ok"] for r in rs])
-        hub = med([r["hub_cpu_s"] * 1000 / max(1, r["sink_at_end"]) for r in rs])
-        db = med([r["db_cpu_s"] * 1000 / max(1, r["sink_at_end"]) for r in rs])
+        hub = med([r["hub_cpu_s"] * 1000 / max(1, r.get("drained", r["sink_at_end"])) for r in rs])
+        db = med([r["db_cpu_s"] * 1000 / max(1, r.get("drained", r["sink_at_end"])) for r in rs])
         ratio = f"{d / nr:.2f}" if nr else "n/a"
         pgcols = "| | | | |"
         if "statements" in rs[0]:
