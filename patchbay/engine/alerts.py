@@ -26,6 +26,7 @@ from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
 from patchbay.engine.batch_runs import LastRun
+from patchbay.engine.leader import LOCAL, Leader
 from patchbay.engine.scheduler import late_after, late_by
 from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
@@ -247,9 +248,10 @@ class AlertManager:
         self._batch_last: dict[str, LastRun | None] = {}  # batch_failed: each batch flow's latest run
 
     # -------------------------------------------------------------- lifecycle
-    async def start(self) -> None:
-        """Start evaluating. The hub adds `self.flow` (the alert messages' flow) like any other flow."""
-        self._task = asyncio.create_task(self._loop(), name="alerts")
+    async def start(self, leader: Leader = LOCAL) -> None:
+        """Start evaluating, wherever lease `alerts` is held (engine/leader.py): on one node of a cluster.
+        The hub adds `self.flow` (the alert messages' flow) like any other flow."""
+        self._task = leader.hold("alerts", lambda _fence: self._loop())
 
     async def stop(self) -> None:
         """Stop evaluating (idempotent); the alert flow's workers belong to the hub and stop with it."""

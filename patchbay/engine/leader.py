@@ -67,7 +67,7 @@ class Leader:
     def hold(self, name: str, work: Work) -> asyncio.Task[None]:
         """Run `work` whenever this node holds lease `name`; the task runs until cancelled."""
         if not self.shared:
-            return asyncio.create_task(work(None), name=name)
+            return asyncio.create_task(_as_coroutine(work, None), name=name)
         return asyncio.create_task(self._hold(name, work), name=f"lease {name}")
 
     async def once(self, name: str, work: Work) -> None:
@@ -166,7 +166,7 @@ class Leader:
         await asyncio.sleep(self.standby_s * random.uniform(0.8, 1.2))
 
 
-async def _as_coroutine(work: Work, fence: Fence) -> None:
+async def _as_coroutine(work: Work, fence: Fence | None) -> None:
     await work(fence)
 
 

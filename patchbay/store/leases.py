@@ -29,9 +29,12 @@ ON CONFLICT(name) DO UPDATE SET
 WHERE leases.holder = excluded.holder OR leases.holder IS NULL OR leases.until < excluded.taken_at
 RETURNING fence"""
 TAKE_SQLITE = _TAKE.format(p="?", now="?")
-TAKE_POSTGRES = "WITH clock AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) " + _TAKE.replace(
-    "VALUES({p}, {p}, {now} + {p}, 1, {now})", "SELECT {p}, {p}, clock.now + {p}, 1, clock.now FROM clock"
-).format(p="%s", now="")
+TAKE_POSTGRES = (
+    "WITH clock AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) "
+    + _TAKE.replace(
+        "VALUES({p}, {p}, {now} + {p}, 1, {now})", "SELECT {p}, {p}, clock.now + {p}, 1, clock.now FROM clock"
+    ).format(p="%s", now="")
+)
 
 
 def tx_take(conn: sqlite3.Connection, name: str, holder: str, ttl_s: float) -> int | None:

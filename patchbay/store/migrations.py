@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 _LEASES_SQLITE = """CREATE TABLE IF NOT EXISTS leases(
   name TEXT PRIMARY KEY,
   holder TEXT,

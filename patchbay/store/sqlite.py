@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from patchbay.store import api_queries as aq
-from patchbay.store import leases as lq
 from patchbay.store import calls as cq
+from patchbay.store import leases as lq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -52,7 +52,6 @@ from patchbay.store.base import (
     WindowState,
 )
 from patchbay.store.common import tx_audit
-from patchbay.store.leases import fenced
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -64,6 +63,7 @@ from patchbay.store.identity import (
     q_search,
     q_stats,
 )
+from patchbay.store.leases import fenced
 from patchbay.store.sqlite_monitor import (
     _MonitorReader,
     q_snapshot,

@@ -155,7 +155,9 @@ async def test_once_runs_a_job_on_one_node_and_the_others_after_it(url: str) -> 
         return run
 
     try:
-        await asyncio.gather(*(leader.once("first-run:customer", job(leader.node_id)) for _, leader in cluster))
+        await asyncio.gather(
+            *(leader.once("first-run:customer", job(leader.node_id)) for _, leader in cluster)
+        )
         assert len(done) == 1
         starts = [i for i, o in enumerate(order) if o.startswith("start")]
         ends = [i for i, o in enumerate(order) if o.startswith("end")]

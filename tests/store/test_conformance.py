@@ -1190,6 +1190,8 @@ async def test_writes_under_a_lost_fence_fail_and_change_nothing(store: Store) -
 
 
 async def test_a_schedule_keeps_the_tick_of_its_last_run(store: Store) -> None:
-    await store.update_schedule("pull", {"last_started_at": 101.5, "last_due_at": 100.0, "next_due_at": 160.0})
+    await store.update_schedule(
+        "pull", {"last_started_at": 101.5, "last_due_at": 100.0, "next_due_at": 160.0}
+    )
     row = await store.schedule("pull")
     assert row is not None and row["last_due_at"] == 100.0
