@@ -41,11 +41,12 @@ class Orders:
     async def handle(self, request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))
         self.polls.append((time.monotonic(), str(since)))
-        if self.hang_next:  # the holder's poll is slow: it is killed in the middle of it
+        data = [o for o in self.orders if o["seq"] > since]  # what there is when it asks
+        if self.hang_next:  # the holder's poll is slow: it is killed (or paused) in the middle of it
             self.hang_next = False
             self.hanging.set()
             await self.release.wait()
-        return web.json_response({"data": [o for o in self.orders if o["seq"] > since]})
+        return web.json_response({"data": data})
 
     def add(self, *seqs: int) -> None:
         self.orders += [{"id": f"o{n}", "seq": n, "email": f"o{n}@example.com"} for n in seqs]
@@ -206,6 +207,80 @@ async def test_three_nodes_fire_each_tick_once_and_a_killed_holders_tick_fires_o
         assert row is not None and events - 1 <= row["runs"] <= events + 2, (row["runs"], events)
         assert events >= 6
     finally:
+        for p in procs.values():
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                await asyncio.wait_for(p.wait(), 20)
+            except TimeoutError:
+                p.kill()
+        await store.close()
+
+
+async def test_a_paused_holder_that_wakes_after_a_takeover_commits_nothing(
+    tmp_path: Path, sink: Sink, orders: Orders
+) -> None:
+    url = postgres_url()
+    root = project(tmp_path, sink, orders, url)
+    nodes = NODES[:2]
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    store = PostgresStore(url, holder="test")
+    paused: str | None = None
+    try:
+        procs.update(zip(nodes, await asyncio.gather(*(start_node(root, n) for n in nodes)), strict=True))
+
+        async def pull_holder() -> str | None:
+            return next((x.holder for x in await store.leases() if x.name == "schedule:pull"), None)
+
+        async def held() -> bool:
+            return await pull_holder() in nodes
+
+        await until(held, "schedule:pull held", 60)
+        orders.add(1, 2, 3)
+
+        async def delivered(n: int) -> Any:
+            async def check() -> bool:
+                return len({b["id"] for b in bodies(sink, "/pull")}) >= n
+
+            return check
+
+        await until(await delivered(3), "orders 1-3 delivered")
+        orders.add(4, 5, 6)
+        orders.hang_next = True
+        await asyncio.wait_for(orders.hanging.wait(), 10)
+        paused = await pull_holder()
+        assert paused in nodes
+        os.kill(procs[paused].pid, signal.SIGSTOP)  # a paused process: it holds its lease until it runs out
+
+        async def taken_over() -> bool:
+            return await pull_holder() not in (None, paused)
+
+        await until(taken_over, "the other node taking schedule:pull", TTL_S + STANDBY_S + 10)
+        await until(await delivered(6), "orders 4-6 delivered by the other node")
+        orders.add(7)
+        await until(await delivered(7), "order 7 delivered by the other node")
+        assert await store.cursor("pull") == 7
+
+        # The paused node wakes with its poll's answer (orders 4-6, cursor 6): either its renewal fails first
+        # and its work is cancelled, or its commit is refused by the fence (tests/engine/
+        # test_leases_hub_functional.py makes that order certain); either way nothing of it lands.
+        orders.release.set()
+        os.kill(procs[paused].pid, signal.SIGCONT)
+
+        async def gave_up() -> bool:
+            log = (root / f"{paused}.log").read_text()
+            return "no longer holds it" in log or f"lease schedule:pull lost by node {paused}" in log
+
+        await until(gave_up, "the woken node giving the schedule up", 15)
+        await asyncio.sleep(1.5)  # its every-1s schedule would have run again by now
+        assert await store.cursor("pull") == 7  # not set back to 6 by the stale commit
+        assert sorted(b["id"] for b in bodies(sink, "/pull")) == [f"o{n}" for n in range(1, 8)]
+        assert len(await store.list_runs(RunFilter(flow="pull", limit=100))) == 7
+        assert await pull_holder() not in (None, paused)
+    finally:
+        if paused is not None and procs[paused].returncode is None:
+            os.kill(procs[paused].pid, signal.SIGCONT)
         for p in procs.values():
             if p.returncode is None:
                 p.send_signal(signal.SIGTERM)
