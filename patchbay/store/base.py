@@ -752,8 +752,11 @@ class Store(
         the events that drifted from their flow's contract since then (once, at start)."""
         ...
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        """The alert message and the rule's new state in one transaction: told once, whatever crashes when."""
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        """The alert message and the rule's new state in one transaction: told once, whatever crashes when
+        (with `fence`, only while the alert loop's lease is still its holder's)."""
         ...
 
     async def source_states(self) -> dict[str, SourceState]: ...

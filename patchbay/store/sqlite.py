@@ -440,8 +440,10 @@ class SqliteStore:
             timeout=timeout,
         )
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        return await self._write(tx_alert, event, change)
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        return await self._write(fenced(tx_alert), fence, event, change)
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)

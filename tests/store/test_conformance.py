@@ -18,6 +18,7 @@ import pytest
 from patchbay.errors import LeaseLost, PatchbayError
 from patchbay.store.base import (
     Actor,
+    AlertChange,
     AttemptResult,
     AuditFilter,
     CachedAnswer,
@@ -1183,6 +1184,12 @@ async def test_writes_under_a_lost_fence_fail_and_change_nothing(store: Store) -
         await store.update_schedule("pull", {"next_due_at": 200.0}, count_run=True, fence=mine)
     with pytest.raises(LeaseLost):
         await store.accept_batch([event("pull", dedupe_key="r2")], "pull", {"page": 2}, fence=mine)
+    alerts = Fence("alerts", "node-a", token)  # never this node's: its alert message is refused
+    with pytest.raises(LeaseLost):
+        await store.accept_alert(
+            event("_alerts"), AlertChange("r", "s", "firing", 1.0, "", 1.0), fence=alerts
+        )
+    assert await store.list_runs(RunFilter(flow="_alerts")) == []
     row = await store.schedule("pull")
     assert row is not None and (row["next_due_at"], row["runs"]) == (150.0, 0)
     assert await store.cursor("pull") == {"page": 1}
