@@ -76,9 +76,13 @@ class Leader:
         if not self.shared:
             await work(None)
             return
+        told = False
         while True:
             fence = await self._take(name)
             if fence is None:
+                if not told:
+                    log.info("lease %s is held by another node: node %s waits for it", name, self.node_id)
+                    told = True
                 await self._standby()
             elif await self._run(fence, work, raising=True):
                 return
