@@ -184,6 +184,7 @@ async def test_three_nodes_fire_each_tick_once_and_a_killed_holders_tick_fires_o
         first_after = orders.polls[polls_at_kill]
         moved_in = first_after[0] - killed_at
         assert first_after[1] == "3"  # the same tick again: from the cursor the killed run started at
+        print(f"schedule:pull moved from the killed node in {moved_in:.1f} s (load {os.getloadavg()[0]:.1f})")
         assert moved_in < TTL_S + STANDBY_S * 1.2 + 3, f"the schedule moved in {moved_in:.1f}s"
         new_holder = (await holders())["schedule:pull"]
         assert new_holder in NODES and new_holder != victim
