@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -22,6 +23,8 @@ from patchbay.engine.leader import STANDBY_S, TTL_S
 from patchbay.store.base import RunFilter
 from patchbay.store.postgres import PostgresStore
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, _start, lead_project, postgres_url
+from tests.test_cluster_functional import cluster_json
+from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
 NODES = ("node-a", "node-b", "node-c")
@@ -95,17 +98,32 @@ def project(root: Path, sink: Sink, orders: Orders, url: str) -> Path:
 
 
 async def start_node(root: Path, node: str) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC,
-        "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN,
-    }
+    """`patchbay serve --role worker,scheduler --node NODE`, its log in ROOT/NODE.log; ready at /readyz."""
+    port = free_port()
     log = open(root / f"{node}.log", "ab")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.lease_node", str(root), node, env=env, stdout=log, stderr=log
+        *(sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port)),
+        *("--role", "worker,scheduler", "--node", node),
+        env={
+            **os.environ,
+            "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC,
+            "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN,
+        },
+        stdout=log,
+        stderr=log,
     )
     log.close()
-    return proc
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline and proc.returncode is None:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return proc
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"node {node} not ready:\n{(root / f'{node}.log').read_text()[-3000:]}")
 
 
 async def until(check: Any, what: str, timeout: float = 30.0) -> None:
@@ -126,14 +144,9 @@ async def test_three_nodes_fire_each_tick_once_and_a_killed_holders_tick_fires_o
     url = postgres_url()
     root = project(tmp_path, sink, orders, url)
     procs: dict[str, asyncio.subprocess.Process] = {}
-    store = PostgresStore(url, holder="test")
+    store = PostgresStore(url, holder="test")  # the schema once, before the nodes open it at the same time
     try:
         procs.update(zip(NODES, await asyncio.gather(*(start_node(root, n) for n in NODES)), strict=True))
-
-        async def ready() -> bool:
-            return all((root / f"{n}.ready").exists() for n in NODES)
-
-        await until(ready, "three hub processes started", 60)
 
         async def holders() -> dict[str, str | None]:
             return {lease.name: lease.holder for lease in await store.leases()}
@@ -195,6 +208,10 @@ async def test_three_nodes_fire_each_tick_once_and_a_killed_holders_tick_fires_o
             return all(held[n] in NODES and held[n] != victim for n in singletons)
 
         await until(moved, "every singleton moved off the killed node", TTL_S + STANDBY_S + 10)
+        _, view = cluster_json(root)  # `patchbay cluster --json`: the leases each node holds
+        shown = {name: n["id"] for n in view["nodes"] for name in n["leases"]}
+        assert singletons <= set(shown) and victim not in shown.values()
+        assert {n["id"]: n["status"] for n in view["nodes"]}[victim] in ("up", "lost")  # lost after 10 s
 
         # Each order once (its id is its dedupe key), polled by the one holder of the moment.
         await asyncio.sleep(2)  # a few more ticks on the new holders
@@ -226,7 +243,7 @@ async def test_a_paused_holder_that_wakes_after_a_takeover_commits_nothing(
     root = project(tmp_path, sink, orders, url)
     nodes = NODES[:2]
     procs: dict[str, asyncio.subprocess.Process] = {}
-    store = PostgresStore(url, holder="test")
+    store = PostgresStore(url, holder="test")  # the schema once, before the nodes open it at the same time
     paused: str | None = None
     try:
         procs.update(zip(nodes, await asyncio.gather(*(start_node(root, n) for n in nodes)), strict=True))

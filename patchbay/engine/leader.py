@@ -27,7 +27,7 @@ import contextvars
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from patchbay.errors import LeaseLost
 from patchbay.store.base import Fence, Leases
@@ -38,6 +38,15 @@ TTL_S = 12.0  # a holder that stops renewing loses its leases after this long
 STANDBY_S = 3.0  # how often a node without a lease tries to take it
 
 Work = Callable[[Fence | None], Awaitable[None]]
+
+
+class LeaseStore(Leases, Protocol):
+    @property
+    def shared(self) -> bool:
+        """Several hubs may use the store at once (store/base.py `Cluster.shared`)."""
+        ...
+
+
 _FENCE: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("patchbay_fence", default=None)
 
 
@@ -51,7 +60,7 @@ class Leader:
 
     def __init__(
         self,
-        store: Leases | None,
+        store: LeaseStore | None,
         node_id: str = "local",
         *,
         ttl_s: float | None = None,

@@ -188,3 +188,22 @@ async def test_on_sqlite_every_lease_is_the_hubs_own_and_the_store_is_not_asked(
         await asyncio.gather(task, return_exceptions=True)
     finally:
         await store.close()
+
+
+def test_the_cluster_view_lists_the_leases_each_node_holds() -> None:
+    from patchbay.engine.roles import cluster_view
+    from patchbay.store.base import Lease, NodeRow
+
+    now = time.time()
+    rows = [NodeRow(n, "h", 1, ("scheduler",), "1", None, now, now) for n in ("node-a", "node-b")]
+    leases = [
+        Lease("schedule:pull", "node-a", now + 5, 3, now - 60),
+        Lease("alerts", "node-a", now + 5, 1, now - 60),
+        Lease("windows", "node-b", now - 1, 2, now - 60),  # run out: nobody's any more
+        Lease("retention", None, 0, 4, now - 60),  # released
+    ]
+    view = cluster_view(rows, now, leases)
+    assert {n["id"]: n["leases"] for n in view["nodes"]} == {
+        "node-a": ["alerts", "schedule:pull"],
+        "node-b": [],
+    }
