@@ -23,6 +23,7 @@ from patchbay.config.entities import EntitySpec, flow_origin
 from patchbay.config.specs import FlowSpec
 from patchbay.connectors.base import Batch
 from patchbay.engine.identity import MISSING, Applied, Incoming, Op, Session, read_record
+from patchbay.engine.leader import current_fence
 from patchbay.errors import RecordInvalid, TerminalError
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
@@ -118,8 +119,11 @@ class EntitySync:
                 events.append(
                     self._event(flow, it, event_id, now, status, reason, trace, deliveries, meta, inc.values)
                 )
-            accepted = await self.store.accept_synced(
-                events, session.finish(), {flow.name: cursor} if cursor is not None else None
+            accepted = await self.store.accept_synced(  # a source's commit: fenced by its lease, if any
+                events,
+                session.finish(),
+                {flow.name: cursor} if cursor is not None else None,
+                fence=current_fence(),
             )
         return events, accepted
 
@@ -442,7 +446,7 @@ class EntitySync:
             prev.identities = len({i.id for i in changes.identities})
             if not dry_run:
                 cursors = {flow.name: cursor for flow, _, _, cursor in reads.values() if cursor is not None}
-                await self.store.accept_synced(events, changes, cursors)
+                await self.store.accept_synced(events, changes, cursors, fence=current_fence())
             return prev
 
 

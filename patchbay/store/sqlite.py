@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
+from patchbay.store import leases as lq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -37,9 +38,11 @@ from patchbay.store.base import (
     DestinationStates,
     DiscardReport,
     DueDelivery,
+    Fence,
     Identity,
     IdentityChanges,
     IdentityLookup,
+    Lease,
     NewEvent,
     NodeRow,
     ReplayReport,
@@ -62,6 +65,7 @@ from patchbay.store.identity import (
     q_search,
     q_stats,
 )
+from patchbay.store.leases import fenced
 from patchbay.store.sqlite_monitor import (
     _MonitorReader,
     q_snapshot,
@@ -183,9 +187,13 @@ class SqliteStore:
     async def accept(self, event: NewEvent) -> Accepted:
         return await self._write(tx_accept, event)
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
         """Several events and the source cursor that covers them, committed together."""
-        return await self._write(tx_accept_batch, events, flow, cursor)
+        if fence is None:
+            return await self._write(tx_accept_batch, events, flow, cursor)
+        return await self._write(fenced(tx_accept_batch), fence, events, flow, cursor)
 
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
@@ -222,9 +230,11 @@ class SqliteStore:
     async def schedules(self) -> dict[str, dict[str, Any]]:
         return await self._read(aq.q_schedules)
 
-    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
+    async def update_schedule(
+        self, flow: str, fields: Mapping[str, Any], count_run: bool = False, fence: Fence | None = None
+    ) -> None:
         _check_schedule_fields(fields)
-        await self._write(lambda c: tx_schedule(c, flow, **fields, count_run=count_run))
+        await self._write(fenced(tx_schedule_fields), fence, flow, dict(fields), count_run)
 
     # -------------------------------------------------------------- runs, dead letters
     async def list_runs(self, f: RunFilter) -> list[dict[str, Any]]:
@@ -338,9 +348,23 @@ class SqliteStore:
         return await self._read(q_all, entity, after, limit)
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+        self,
+        events: list[NewEvent],
+        changes: IdentityChanges,
+        cursors: Mapping[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> list[Accepted]:
-        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+        return await self._write(fenced(tx_accept_synced), fence, events, changes, dict(cursors or {}))
+
+    # -------------------------------------------------------------- leases (store/leases.py)
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(lq.tx_take, name, holder, ttl_s)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._write(lq.tx_release, name, holder)
+
+    async def leases(self) -> list[Lease]:
+        return await self._read(lq.q_leases)
 
     async def conflicts(
         self, entity: str | None = None, status: str | None = None, limit: int = 100
@@ -440,8 +464,10 @@ class SqliteStore:
             timeout=timeout,
         )
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        return await self._write(tx_alert, event, change)
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        return await self._write(fenced(tx_alert), fence, event, change)
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
@@ -465,6 +491,10 @@ class SqliteStore:
 
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
+
+
+def tx_schedule_fields(conn: sqlite3.Connection, flow: str, fields: dict[str, Any], count_run: bool) -> None:
+    tx_schedule(conn, flow, **fields, count_run=count_run)
 
 
 def _check_schedule_fields(fields: Mapping[str, Any]) -> None:

@@ -34,7 +34,8 @@ from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import windows as wq
-from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, WindowState
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
+from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
@@ -342,8 +343,14 @@ class PostgresStore(SqliteStore):
             return await self._write(_gated(tx_accept), event)
         return (await self._accepts.call([event]))[0]  # type: ignore[no-any-return]
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
-        return await self._write(_gated_batch, events, flow, cursor)
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
+        return await self._write(_gated_batch, events, flow, cursor, fence)
+
+    # -------------------------------------------------------------- leases: the server's clock
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(_take_lease, name, holder, ttl_s)
 
     async def closable_windows(
         self, now: float, limit: int, steps: Sequence[tuple[str, str]]
@@ -416,9 +423,19 @@ def _gated(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _gated_batch(conn: Any, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+def _gated_batch(
+    conn: Any, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+) -> list[Accepted]:
+    if fence is not None:  # first: a source whose lease went to another node writes nothing
+        check_fence(conn, fence)
     _lock_gates(conn, events)
     return tx_accept_batch(conn, events, flow, cursor)
+
+
+@pg_ops.native
+def _take_lease(conn: RawConnection, name: str, holder: str, ttl_s: float) -> int | None:
+    row = conn.execute(TAKE_POSTGRES, (name, holder, ttl_s)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
