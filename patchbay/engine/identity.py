@@ -464,7 +464,7 @@ class Session:
         """Record that `op` is on its way (its deliveries are in this step's transaction)."""
         view = ident.systems.setdefault(op.system, _view())
         if op.op == "create":
-            view["pending"] = {"event": event_id, "destination": destination}
+            view["pending"] = {"event": event_id, "destination": destination, "at": self.now}
         if op.op in ("delete", "archive"):
             view["closed"] = op.op
         for f, v in op.values.items():

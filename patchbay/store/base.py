@@ -619,6 +619,11 @@ class Identities(Protocol):
         """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
         ...
 
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Creates sent before `older_than` whose record id the map still waits for, oldest first:
+        {"identity_id", "system", "event_id", "destination", "since"}."""
+        ...
+
 
 class Windows(Protocol):
     """Aggregate windows and dedupe keys (their writes ride on `Ingest`: NewEvent.claims and .windows)."""

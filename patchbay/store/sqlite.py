@@ -55,6 +55,7 @@ from patchbay.store.identity import (
     q_conflicts,
     q_identity,
     q_lookup,
+    q_pending_creates,
     q_review,
     q_reviews,
     q_search,
@@ -358,6 +359,9 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
         return await self._read(q_stats, entity)
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        return await self._read(q_pending_creates, entity, older_than, limit)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
