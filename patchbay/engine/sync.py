@@ -253,6 +253,58 @@ class EntitySync:
             deliveries=deliveries,
         )
 
+    # -------------------------------------------------------------- creates not linked in time
+    async def sweep_pending(self, now: float | None = None, limit: int = 500) -> dict[str, int]:
+        """Creates still unlinked `read_back_within` after they were sent (or last checked): link those
+        whose answer now holds the id; flag the others overdue (once, with a warning) and look again a
+        period later. Never waits silently: the flag is in the identity, its stats and the log."""
+        now = time.time() if now is None else now
+        bound = self.ent.doc.read_back_within
+        out = {"linked": 0, "overdue": 0}
+        rows = await self.store.pending_creates(self.ent.name, now - bound, limit)
+        if not rows:
+            return out
+        async with self.lock:
+            lookup = IdentityLookup()
+            for r in rows:
+                ident = await self.store.identity(r["identity_id"])
+                if ident is not None:
+                    lookup.identities[ident.id] = ident
+            session = Session(self.ent, lookup, now)
+            for r in rows:
+                ident = lookup.identities.get(r["identity_id"])
+                view = None if ident is None else ident.systems.get(r["system"])
+                pending = None if view is None else view.get("pending")
+                if ident is None or view is None or view.get("id") is not None or not pending:
+                    continue
+                fields = await self.store.response_fields(pending["event"], pending["destination"])
+                rid = (fields or {}).get("id")
+                if rid is not None:
+                    session.link_created(ident, r["system"], str(rid))
+                    out["linked"] += 1
+                    continue
+                pending["checked"] = now
+                if not pending.get("overdue"):
+                    pending["overdue"] = now
+                    out["overdue"] += 1
+                    log.warning(
+                        "sync %s: identity %s was created in %s %.0fs ago (run %s) and is still not linked: "
+                        "the answer had no id and the record was not read back. Check that %s's source "
+                        "reads it (a SQL source needs `lookback` above its writers' longest transaction), "
+                        "then `patchbay identities show %s %s`",
+                        self.ent.name,
+                        ident.id,
+                        r["system"],
+                        now - float(pending.get("at") or now),
+                        pending["event"],
+                        r["system"],
+                        self.ent.name,
+                        ident.id,
+                    )
+                session.touch(ident)
+            await self.store.accept_synced([], session.finish())
+        return out
+
     # -------------------------------------------------------------- a person's decisions
     async def resolve_conflict(
         self,

@@ -616,7 +616,8 @@ class Identities(Protocol):
     async def review(self, review_id: int) -> dict[str, Any] | None: ...
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
-        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
+        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n},
+        "pending": {"waiting": creates whose id the map waits for, "overdue": those flagged by the sweep}}."""
         ...
 
     async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:

@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS identity_pending(
   event_id TEXT NOT NULL,
   destination TEXT NOT NULL,
   since REAL NOT NULL,
+  overdue REAL,
   PRIMARY KEY(identity_id, system)
 );
 CREATE INDEX IF NOT EXISTS identity_pending_since ON identity_pending(entity, since);
@@ -190,8 +191,8 @@ def tx_identity_changes(conn: sqlite3.Connection, ch: IdentityChanges) -> None:
         # Creates whose id the map waits for: the sweep finds them, and retention keeps their runs.
         conn.execute("DELETE FROM identity_pending WHERE identity_id=?", (ident.id,))
         conn.executemany(
-            "INSERT INTO identity_pending(identity_id, system, entity, event_id, destination, since)"
-            " VALUES(?,?,?,?,?,?)",
+            "INSERT INTO identity_pending(identity_id, system, entity, event_id, destination, since, overdue)"
+            " VALUES(?,?,?,?,?,?,?)",
             [
                 (
                     ident.id,
@@ -199,7 +200,8 @@ def tx_identity_changes(conn: sqlite3.Connection, ch: IdentityChanges) -> None:
                     ident.entity,
                     p["event"],
                     p["destination"],
-                    float(p.get("at", ident.updated_at)),
+                    float(p.get("checked") or p.get("at") or ident.updated_at),  # when to look again
+                    p.get("overdue"),
                 )
                 for system, v in ident.systems.items()
                 if v.get("id") is None and (p := v.get("pending"))
@@ -338,7 +340,11 @@ def q_stats(conn: sqlite3.Connection, entity: str) -> dict[str, Any]:
             "SELECT status, COUNT(*) FROM identity_reviews WHERE entity=? GROUP BY status", (entity,)
         ).fetchall()
     )
+    waiting, overdue = conn.execute(
+        "SELECT COUNT(*), COUNT(overdue) FROM identity_pending WHERE entity=?", (entity,)
+    ).fetchone()
     return {
+        "pending": {"waiting": waiting, "overdue": overdue},
         "identities": sum(status.values()),
         "status": status,
         "linked": linked,
