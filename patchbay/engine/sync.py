@@ -78,7 +78,8 @@ class Preview:
 
 class EntitySync:
     """One entity's sync: every sync flow of the entity goes through its lock, so that each step reads
-    the identity map as the previous step left it."""
+    the identity map as the previous step left it: an asyncio lock in this process, and the store's
+    `entity_lock` across the processes sharing the store (PostgreSQL)."""
 
     def __init__(self, ent: EntitySpec, store: Store) -> None:
         self.ent = ent
@@ -96,7 +97,7 @@ class EntitySync:
         """Apply a trigger's records (a webhook's one, a poll's batch) and commit them with their writes."""
         origin = flow_origin(flow)
         assert origin is not None
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             now = time.time()
             prepared = [(it, *self._steps(pipeline, it.record)) for it in items]
             incs = [read_record(self.ent, origin, rec) for _, rec, _, _ in prepared if rec is not None]
@@ -264,7 +265,7 @@ class EntitySync:
         rows = await self.store.pending_creates(self.ent.name, now - bound, limit)
         if not rows:
             return out
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             lookup = IdentityLookup()
             for r in rows:
                 ident = await self.store.identity(r["identity_id"])
@@ -316,7 +317,7 @@ class EntitySync:
     ) -> dict[str, Any]:
         """Settle a conflict with a value (given, or the one `take` system had); written to every system
         that differs, its owner too, through the entity's sync flows. LookupError/ValueError when it cannot."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             c = await self.store.conflict(conflict_id)
             if c is None or c["entity"] != self.ent.name:
                 raise LookupError(f"no conflict {conflict_id} of entity {self.ent.name}")
@@ -359,7 +360,7 @@ class EntitySync:
         dismiss: bool = False,
     ) -> dict[str, Any]:
         """Decide a review: link the record to identity `link_to`, make it a new identity, or dismiss it."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             r = await self.store.review(review_id)
             if r is None or r["entity"] != self.ent.name:
                 raise LookupError(f"no review {review_id} of entity {self.ent.name}")
@@ -442,7 +443,7 @@ class EntitySync:
 
         `reads`: system -> (its sync flow, that flow's pipeline, every record it holds, the cursor after
         them). With `dry_run`, nothing is written: the preview says what would happen."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             now = time.time()
             prev = Preview(self.ent.name)
             incs: dict[str, list[tuple[Item, Incoming]]] = {}

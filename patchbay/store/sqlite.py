@@ -14,8 +14,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -359,6 +360,10 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
         return await self._read(q_stats, entity)
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
 
     async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
         return await self._read(q_pending_creates, entity, older_than, limit)

@@ -126,3 +126,77 @@ async def test_a_create_not_linked_in_time_is_flagged_then_linked_from_its_answe
     assert (await store.identity_stats("customer"))["pending"] == {"waiting": 0, "overdue": 0}
     assert (await store.identity_lookup("customer", [("mkt", "m-1")], [])).by_link == {("mkt", "m-1"): iid}
     assert orjson.dumps(ident.as_dict())  # still one JSON document
+
+
+def _two_system_project(root: Path, store_url: str) -> Path:
+    import yaml
+
+    from tests.conftest import write_project
+    from tests.connectors import closed_port
+
+    down = f"http://127.0.0.1:{closed_port()}"  # the writes wait in the store: this test is about the map
+    systems = {
+        s: {
+            "kind": "http",
+            "owner": "ops",
+            "url": down,
+            "allow_private_network": True,
+            "webhook": {"scheme": "none", "public": True},
+        }
+        for s in ("crm", "mkt")
+    }
+    dests = [
+        {"name": f"{s}_write", "system": s, "method": "POST", "path": "/contacts", "body": "fields"}
+        for s in ("crm", "mkt")
+    ]
+    flows = {
+        f"{s}_sync": {
+            "purpose": f"{s} changes reach the other system",
+            "owner": "ops",
+            "sync": "customer",
+            "trigger": {"webhook": {"system": s}},
+            "destinations": dests,
+        }
+        for s in ("crm", "mkt")
+    }
+    entity = {k: v for k, v in ENTITY.items() if k != "read_back_within"}
+    files = {
+        "patchbay.yaml": yaml.safe_dump({"port": 0, "store": store_url}),
+        "systems.yaml": yaml.safe_dump(systems),
+        "entities/customer.yaml": yaml.safe_dump(entity),
+    } | {f"flows/{n}.yaml": yaml.safe_dump(f) for n, f in flows.items()}
+    return write_project(root, files)
+
+
+async def test_two_hubs_on_one_postgresql_store_link_one_customer_once(tmp_path: Path):
+    """Hub A reads each customer from the CRM while hub B reads the same customer from marketing, at the
+    same moment: one identity each, linked to both records, never two."""
+    import asyncio
+
+    from patchbay.engine.hub import Hub
+    from tests.conftest import load_or_raise, resolver
+
+    root = _two_system_project(tmp_path, postgres_url())
+    hubs = [Hub(load_or_raise(root), resolver=resolver()) for _ in range(2)]
+    for h in hubs:
+        await h.start(lock=False)  # two processes' hubs (issue 13's roles share a store)
+    try:
+        n = 25
+
+        async def one(i: int) -> None:
+            await asyncio.gather(
+                hubs[0].ingest("crm_sync", b"{}", {"id": f"c{i}", "email": f"u{i}@example.com"}),
+                hubs[1].ingest("mkt_sync", b"{}", {"id": f"m{i}", "email_address": f" U{i}@Example.com"}),
+            )
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        store = hubs[0].store
+        assert store is not None
+        idents = await store.all_identities("customer", limit=1000)
+        linked = [(i.systems.get("crm", {}).get("id"), i.systems.get("mkt", {}).get("id")) for i in idents]
+        assert len(idents) == n, f"{len(idents)} identities for {n} customers: {linked[:6]}"
+        assert all(c and m for c, m in linked)
+        assert (await store.reviews("customer")) == []
+    finally:
+        for h in hubs:
+            await h.stop()

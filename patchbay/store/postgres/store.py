@@ -16,9 +16,9 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -149,6 +149,8 @@ class PostgresStore(SqliteStore):
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
         self._lock_conn: psycopg.Connection[Any] | None = None
+        self._entity_conn: psycopg.Connection[Any] | None = None  # holds the sync steps' advisory locks
+        self._entity_guard = threading.Lock()
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
@@ -182,6 +184,42 @@ class PostgresStore(SqliteStore):
                 f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
             )
         self._lock_conn = conn
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        """A session advisory lock per entity on a connection of its own, taken by polling
+        pg_try_advisory_lock (no thread ever blocks waiting), released after the step's commit. Hubs in
+        several processes on one store therefore run one entity's sync steps one at a time."""
+        key = int.from_bytes(
+            hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
+        )
+        wait = 0.002
+        while not await asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key):
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.05)
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.to_thread(self._entity_call, "SELECT pg_advisory_unlock(%s)", key)
+            except StoreUnavailable:
+                pass  # the session is gone, and its locks with it
+
+    def _entity_call(self, sql: str, key: int) -> bool:
+        with self._entity_guard:
+            try:
+                if self._entity_conn is None or self._entity_conn.closed:
+                    conninfo, _ = _split_schema(self.url)
+                    self._entity_conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+                row = self._entity_conn.execute(sql, (key,)).fetchone()
+            except psycopg.OperationalError as exc:
+                if self._entity_conn is not None:
+                    self._entity_conn.close()
+                self._entity_conn = None
+                raise StoreUnavailable(
+                    f"the store {self.path} cannot be reached: {_reason(exc)}", "the store is unreachable"
+                ) from None
+            return bool(row and row[0])
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         for attempt in range(3):
@@ -235,6 +273,10 @@ class PostgresStore(SqliteStore):
         if self._lock_conn is not None:
             self._lock_conn.close()
             self._lock_conn = None
+        with self._entity_guard:
+            if self._entity_conn is not None:
+                self._entity_conn.close()
+                self._entity_conn = None
 
     @property
     def writing(self) -> bool:
