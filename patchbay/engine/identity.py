@@ -102,6 +102,10 @@ class Op:
     record: dict[
         str, Any
     ]  # entity field -> value: the whole record as agreed (its own fields as it gave them)
+    # entity field -> the value the hub last knew the system held (last seen, or its own write not read
+    # back yet; None when never held), for every field of `record`: a destination's compare-and-set, so
+    # that writing the whole record never overwrites a field someone changed there meanwhile
+    expected: dict[str, Any] = field(default_factory=dict)
 
     def as_record(self, ent: EntitySpec, identity: Identity) -> dict[str, Any]:
         """The record a destination renders: op, id, fields/record under the system's own names."""
@@ -112,6 +116,9 @@ class Op:
         rec: dict[str, Any] = {}
         for f, v in self.record.items():
             put(rec, paths[f], v)
+        expected: dict[str, Any] = {}
+        for f, v in self.expected.items():
+            put(expected, paths[f], v)
         return {
             "op": self.op,
             "entity": ent.name,
@@ -120,6 +127,7 @@ class Op:
             "id": self.id,
             "fields": fields,
             "record": rec,
+            "expected": expected,
             "values": dict(self.values),
             # Fields this system owns that the operation changes: only a person's decision does that.
             "owned": sorted(f for f in self.values if ent.owner(f) == self.system),
@@ -458,7 +466,9 @@ class Session:
         changed = {f: v for f, v in writable.items() if not _holds(view, f, v)}
         if not changed:
             return None
-        return Op(system, "update", str(view["id"]), changed, {**agreed, **changed})
+        record = {**agreed, **changed}
+        expected = {f: (None if (k := _known(view, f)) is MISSING else k) for f in record}
+        return Op(system, "update", str(view["id"]), changed, record, expected)
 
     def wrote(self, ident: Identity, op: Op, event_id: str, destination: str) -> None:
         """Record that `op` is on its way (its deliveries are in this step's transaction)."""

@@ -123,6 +123,9 @@ def sync_project(
         # An update never writes the columns the system owns; a person's decision (`owned` not empty) may.
         update = {"id": "id", **{c: f"record.{c}" for f, c in cols.items() if f not in owned[system]}}
         correct = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
+        # Compare-and-set: a column changes only if it still holds what the hub last knew was there.
+        expect_update = {c: f"expected.{c}" for c in update if c != "id"}
+        expect_correct = {c: f"expected.{c}" for c in correct if c != "id"}
         return [
             {
                 "name": f"{system}_correct",
@@ -132,6 +135,7 @@ def sync_project(
                 "write_mode": "update",
                 "key": ["id"],
                 "columns": correct,
+                "expect": expect_correct,
             },
             {
                 "name": f"{system}_create",
@@ -150,6 +154,7 @@ def sync_project(
                 "write_mode": "update",
                 "key": ["id"],
                 "columns": update,
+                "expect": expect_update,
             },
         ]
 
@@ -163,7 +168,7 @@ def sync_project(
             "sync": "customer",
             "trigger": {
                 "schedule": {"every": "1s"},
-                "source": {"system": system, "table": table, "cursor_column": "updated_at"},
+                "source": {"system": system, "table": table, "cursor_column": "updated_at", "lookback": "5s"},
             },
             "destinations": all_dests,
         }

@@ -62,6 +62,40 @@ async def test_two_way_sync_writes_once_each_way_and_never_echoes(tmp_path, tabl
     await asyncio.sleep(0)
 
 
+async def test_a_whole_row_update_never_overwrites_a_field_changed_there_since_the_hub_read_it(
+    tmp_path, tables: Tables, start_hub
+):
+    hub = await start_hub(sync_project(tmp_path, tables))
+    await tables.pg_exec(
+        f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
+        ["ada@example.com", "Ada", "111"],
+    )
+
+    async def in_marketing() -> bool:
+        return len(await tables.mk_rows()) == 1
+
+    await eventually(in_marketing, timeout=20, what="the customer created in marketing")
+    await polls(hub, 2)
+    [mk] = await tables.mk_rows()
+    # A marketing user changes the shared phone, and the hub has not read it yet (updated_at kept, so no
+    # poll sees it before the hub's next write: the window between a read and a write, made wide).
+    await tables.my_exec(
+        f"UPDATE `{tables.mk}` SET phone = '999', updated_at = updated_at WHERE id = %s", [mk[0]]
+    )
+    # The CRM renames the customer: the hub writes marketing's row, whole (every column it may set).
+    await tables.pg_exec(f'UPDATE "{tables.crm}" SET name = %s', ["Ada B."])
+
+    async def converged() -> bool:
+        [crm], [m] = await tables.crm_rows(), await tables.mk_rows()
+        return m[2] == "Ada B." and crm[4] == "999" and m[4] == "999"
+
+    # The name moved; the phone marketing's user set was kept, read back, and went to the CRM.
+    await eventually(converged, timeout=20, what="the rename in marketing and marketing's phone kept")
+    await polls(hub, 3)
+    [crm], [m] = await tables.crm_rows(), await tables.mk_rows()
+    assert crm[1:] == ("ada@example.com", "Ada B.", None, "999") and m[1:] == crm[1:]
+
+
 async def test_first_run_links_records_present_on_both_sides_and_creates_the_rest(
     tmp_path, tables: Tables, start_hub
 ):
