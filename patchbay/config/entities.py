@@ -115,6 +115,12 @@ class SystemMapping(Spec):
         None,
         description="Dotted path of the record's own update time, for fields with `rule: latest, clock: system`.",
     )
+    version: str | None = Field(
+        None,
+        description="Dotted path of the record's version as the system gives it (an ETag, a version "
+        "number). The hub keeps the last one read and hands it to an update as `version`, for a "
+        'compare-and-set the API offers, e.g. `headers: {If-Match: "{{ version }}"}`.',
+    )
 
 
 class DeletePolicy(Spec):

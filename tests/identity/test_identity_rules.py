@@ -290,3 +290,18 @@ def test_an_update_carries_what_the_hub_last_knew_each_field_held_for_compare_an
     assert op.as_record(ent, ident)["expected"] == {"mail": "a@x.io", "tel": "2", "plan": None, "zip": None}
     [create] = s.plan(s.apply(inc("crm", "46", email="b@x.io"), "e5").identity, {"billing"})  # type: ignore[arg-type]
     assert create.op == "create" and create.as_record(ent, ident)["expected"] == {}
+
+
+def test_an_update_carries_the_version_the_system_gave_last_for_if_match():
+    ent = entity()
+    ent.doc.systems["billing"].version = "etag"
+    s = session(ent)
+    ident = s.apply(inc("crm", "45", email="a@x.io", phone="1"), "e1").identity
+    assert ident is not None
+    billing = read_record(ent, "billing", {"cus": "cus_9", "mail": "a@x.io", "tel": "1", "etag": 'W/"7"'})
+    s.apply(billing, "e2")
+    s.apply(inc("crm", "45", email="a@x.io", phone="2"), "e3")
+    [op] = s.plan(ident, {"billing"})
+    assert op.as_record(ent, ident)["version"] == 'W/"7"'  # headers: {If-Match: "{{ version }}"}
+    [crm] = s.plan(s.apply(billing, "e4").identity, {"crm"}) or [None]  # type: ignore[arg-type]
+    assert crm is None or crm.as_record(ent, ident)["version"] is None  # the CRM gives none
