@@ -106,6 +106,7 @@ def sync_project(
     *,
     upsert_creates: bool = False,
     hub: dict[str, Any] | None = None,
+    lookback: str = "5s",
 ) -> Path:
     """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
     so a create retried after a crash lands once."""
@@ -168,7 +169,12 @@ def sync_project(
             "sync": "customer",
             "trigger": {
                 "schedule": {"every": "1s"},
-                "source": {"system": system, "table": table, "cursor_column": "updated_at", "lookback": "5s"},
+                "source": {
+                    "system": system,
+                    "table": table,
+                    "cursor_column": "updated_at",
+                    "lookback": lookback,
+                },
             },
             "destinations": all_dests,
         }
