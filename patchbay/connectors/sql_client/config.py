@@ -68,7 +68,7 @@ class SqlSinkConfig(Spec):
         "last saw in that column; the column is changed only if it still holds that value (null "
         "included), otherwise it keeps what someone wrote there meanwhile, and the row read back "
         "shows it (a sync flow records that as a conflict). Each column is decided on its own in one "
-        "statement. Sync flows give `expected.<column>` for every field an update changes.",
+        "statement. Sync flows give `expected.<column>` for every column the update sets.",
         examples=[{"phone": "expected.phone", "plan": "expected.plan"}],
     )
     if_missing: Literal["dead_letter", "ignore"] = Field(
