@@ -174,12 +174,14 @@ async def test_two_hubs_on_one_postgresql_store_link_one_customer_once(tmp_path:
     import asyncio
 
     from patchbay.engine.hub import Hub
+    from patchbay.engine.roles import Node
     from tests.conftest import load_or_raise, resolver
 
     root = _two_system_project(tmp_path, postgres_url())
-    hubs = [Hub(load_or_raise(root), resolver=resolver()) for _ in range(2)]
+    # Two processes' hubs (issue 13: any number share a PostgreSQL store), each its own node.
+    hubs = [Hub(load_or_raise(root), resolver=resolver(), node=Node(f"syncfix-{i}")) for i in range(2)]
     for h in hubs:
-        await h.start(lock=False)  # two processes' hubs (issue 13's roles share a store)
+        await h.start()
     try:
         n = 25
 
