@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -691,7 +692,19 @@ class Identities(Protocol):
     async def review(self, review_id: int) -> dict[str, Any] | None: ...
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
-        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
+        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n},
+        "pending": {"waiting": creates whose id the map waits for, "overdue": those flagged by the sweep}}."""
+        ...
+
+    def entity_lock(self, entity: str) -> AbstractAsyncContextManager[None]:
+        """Held around a sync step of `entity` (read the map, decide, `accept_synced`): one step at a time
+        across every process sharing the store. SQLite's store has one serving process (its file lock),
+        whose steps EntitySync already serializes, so there it holds nothing."""
+        ...
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Creates sent before `older_than` whose record id the map still waits for, oldest first:
+        {"identity_id", "system", "event_id", "destination", "since"}."""
         ...
 
 

@@ -14,8 +14,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +61,7 @@ from patchbay.store.identity import (
     q_conflicts,
     q_identity,
     q_lookup,
+    q_pending_creates,
     q_review,
     q_reviews,
     q_search,
@@ -384,6 +386,13 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
         return await self._read(q_stats, entity)
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        return await self._read(q_pending_creates, entity, older_than, limit)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)

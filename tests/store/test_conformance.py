@@ -1136,6 +1136,34 @@ async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> N
     assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held
 
 
+async def test_purge_keeps_the_run_of_a_create_whose_id_the_identity_map_still_waits_for(store: Store):
+    from patchbay.store.base import IdentityChanges
+
+    e = event("crm_sync")  # a create sent to the marketing system (destination "crm" in these helpers)
+    ident = _identity("idn_p", crm="45")
+    ident.systems["mkt"] = {
+        "id": None,
+        "seen": {},
+        "written": {"email": {"value": "ada@example.com", "at": 1.0, "event": e.id}},
+        "pending": {"event": e.id, "destination": "crm", "at": 1.0},
+    }
+    await store.accept_synced([e], IdentityChanges("customer", [ident]))
+    [d] = await due(store, flow="crm_sync")
+    await store.record([result(d, "success", "delivered", response={"id": "m-9"})])
+    later = time.time() + 10
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 0
+    assert await store.response_fields(e.id, "crm") == {"id": "m-9"}  # still there for the map to read
+    waiting = await store.pending_creates("customer", older_than=2.0)
+    assert [(p["identity_id"], p["system"], p["event_id"], p["destination"]) for p in waiting] == [
+        ("idn_p", "mkt", e.id, "crm")
+    ]
+    assert await store.pending_creates("customer", older_than=0.5) == []  # not that old
+    ident.systems["mkt"].update(id="m-9", pending=None)  # linked: the map no longer needs the run
+    await store.accept_synced([], IdentityChanges("customer", [ident]))
+    assert await store.pending_creates("customer", older_than=later) == []
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 1
+
+
 # ================================================================== cluster: the processes sharing the store
 def node(node_id: str = "host-a:1", at: float | None = None, **kw: Any) -> NodeRow:
     now = time.time() if at is None else at
