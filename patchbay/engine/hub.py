@@ -121,7 +121,9 @@ class Hub:
         self._cipher = field_cipher(
             self.project
         )  # before anything opens: a missing master key stops the start
-        self.store = open_hub_store(self.project.store_location, holder=self.node.id)
+        self.store = open_hub_store(
+            self.project.store_location, holder=self.node.id, lease_s=self.project.settings.claim_lease
+        )
         if lock:
             self.store.lock()
         await self.resources.http_session()
@@ -211,6 +213,7 @@ class Hub:
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
+                renew_s=self.project.settings.claim_lease / 3,
             )
             if state != "active":
                 alerts.warning(
@@ -262,6 +265,7 @@ class Hub:
                 on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
                 pipeline=pipeline,
                 on_continued=continued,
+                renew_s=self.project.settings.claim_lease / 3,
             )
         return out
 

@@ -256,9 +256,7 @@ class Deliveries(Protocol):
         """Let go of claims that were not sent (a paused or stopping worker's queue), for any worker."""
         ...
 
-    async def take_slots(
-        self, flow: str, destination: str, limit: int, want: int, busy: int = 0
-    ) -> int:
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
         """The destination's sending slots this holder holds afterwards: `limit` (its max_concurrency) in all,
         across every holder. Renews the ones held, takes free ones up to `want` (at most a fair share while
         other holders want some too), lets go of the rest but never below `busy` (sends in flight)."""

@@ -206,9 +206,7 @@ class SqliteStore:
     async def release(self, flow: str, destination: str, ids: set[int]) -> None:
         return None  # claims are the worker's memory
 
-    async def take_slots(
-        self, flow: str, destination: str, limit: int, want: int, busy: int = 0
-    ) -> int:
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
         return max(min(want, limit), min(busy, limit))  # the only holder
 
     async def take_tokens(

@@ -167,7 +167,8 @@ def q_due(
     of an ordered key only its oldest (HEAD)."""
     rows = conn.execute(
         "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries d"
-        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? AND " + HEAD
+        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? AND "
+        + HEAD
         + " ORDER BY id LIMIT ?",
         (flow, destination, now, after_id, limit + len(skip)),
     ).fetchall()
@@ -194,7 +195,8 @@ def q_due(
 
 def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
     row = conn.execute(
-        "SELECT MIN(next_at) FROM deliveries d WHERE flow=? AND destination=? AND status='pending' AND " + HEAD,
+        "SELECT MIN(next_at) FROM deliveries d WHERE flow=? AND destination=? AND status='pending' AND "
+        + HEAD,
         (flow, destination),
     ).fetchone()
     return row[0]
@@ -202,7 +204,12 @@ def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> floa
 
 def q_pending_of(conn: sqlite3.Connection, ids: frozenset[int]) -> set[int]:
     marks = ",".join("?" * len(ids))
-    return {r[0] for r in conn.execute(f"SELECT id FROM deliveries WHERE status='pending' AND id IN ({marks})", tuple(ids))}
+    return {
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM deliveries WHERE status='pending' AND id IN ({marks})", tuple(ids)
+        )
+    }
 
 
 def q_held_keys(conn: sqlite3.Connection, flow: str, destination: str, limit: int) -> list[dict[str, Any]]:
@@ -212,7 +219,8 @@ def q_held_keys(conn: sqlite3.Connection, flow: str, destination: str, limit: in
         " (SELECT COUNT(*) FROM deliveries w WHERE w.flow=d.flow AND w.destination=d.destination"
         "  AND w.order_key=d.order_key AND w.id>d.id AND w.status='pending') AS waiting"
         " FROM deliveries d WHERE d.flow=? AND d.destination=? AND d.order_key IS NOT NULL"
-        " AND (d.status='dead' OR (d.status='pending' AND d.attempts>0)) AND " + HEAD.replace("d.order_key IS NULL OR ", "")
+        " AND (d.status='dead' OR (d.status='pending' AND d.attempts>0)) AND "
+        + HEAD.replace("d.order_key IS NULL OR ", "")
         + " ORDER BY d.id LIMIT ?",
         (flow, destination, limit),
     ).fetchall()

@@ -204,7 +204,9 @@ class Claims:
         """Sending slots 0..limit-1 of the destination, each held by one holder for the lease (one transaction,
         takers of one destination's slots one at a time). A holder's share is the limit divided by the holders
         that want slots now, rounded up; it keeps what it sends on (`busy`) even past its share."""
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (f"slots\x1f{flow}\x1f{destination}",))
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (f"slots\x1f{flow}\x1f{destination}",)
+        )
         conn.execute(
             "INSERT INTO delivery_slots(flow, destination, slot, holder, until)"
             " SELECT ?, ?, g, NULL, 0 FROM generate_series(0, ?) g ON CONFLICT DO NOTHING",
@@ -259,7 +261,8 @@ def take_tokens(
         (flow, destination, burst, now),
     )
     tokens, at = conn.execute(
-        "SELECT tokens, at FROM delivery_buckets WHERE flow=? AND destination=? FOR UPDATE", (flow, destination)
+        "SELECT tokens, at FROM delivery_buckets WHERE flow=? AND destination=? FOR UPDATE",
+        (flow, destination),
     ).fetchone()
     left, granted, wait = grant_tokens(tokens, at, rate, burst, want, now)
     conn.execute(

@@ -289,9 +289,7 @@ class PostgresStore(SqliteStore):
         if ids:
             await self._write(self.claims.release, frozenset(ids))
 
-    async def take_slots(
-        self, flow: str, destination: str, limit: int, want: int, busy: int = 0
-    ) -> int:
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
         return await self._write(self.claims.take_slots, flow, destination, limit, want, busy, time.time())
 
     async def take_tokens(
