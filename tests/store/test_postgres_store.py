@@ -113,6 +113,27 @@ async def test_one_token_bucket_for_every_holder() -> None:
         await b.close()
 
 
+def test_processes_opening_a_new_schema_at_once_all_open_it() -> None:
+    import threading
+
+    url = postgres_url()
+    start, errors = threading.Barrier(4), []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            PostgresStore.migrate_only(url)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 async def test_a_second_serving_hub_is_refused() -> None:
     url = postgres_url()
     a, b = PostgresStore(url), PostgresStore(url)
