@@ -115,10 +115,10 @@ def cluster_project(
 
 async def start_node(root: Path, node: str) -> tuple[asyncio.subprocess.Process, int]:
     port = free_port()
-    env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC}
+    env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_NODE_ID": node}
     log = open(root / f"{node}.log", "ab")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.engine.cluster_node", str(root), str(port), node,
+        sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port),
         cwd=ROOT, env=env, stdout=log, stderr=log,
     )  # fmt: skip
     log.close()
