@@ -107,6 +107,7 @@ class Hub:
         self.resources = Resources()
         self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
         self.batch: BatchRuns | None = None  # batch flows' runs (schedule, API, console), from start()
         self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
@@ -144,7 +145,7 @@ class Hub:
                 " `patchbay store copy --to postgresql://…`, set `store:` in patchbay.yaml to that URL, or run"
                 " every role in one process (no --role)"
             )
-        self.store = open_hub_store(location, holder=self.node.id)
+        self.store = open_hub_store(location, holder=self.node.id, lease_s=self.project.settings.claim_lease)
         self.metrics.store_work = lambda: getattr(self.store, "counter", None)
         if lock:  # SQLite: one hub per file; PostgreSQL: nothing (many hubs share it; same node id refused)
             self.store.lock()
@@ -178,6 +179,8 @@ class Hub:
         self._watch = asyncio.create_task(self._watch_states())
         if not scheduler:  # what runs once in the cluster runs on the nodes with the scheduler role
             return
+        if self.syncs:  # creates not linked in time: on the one node holding lease `pending-creates`
+            self._sweep = self.leader.hold("pending-creates", lambda _fence: self._sweep_pending())
         await self.alert_manager.start(self.leader)
         self.retention = Retention(
             self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
@@ -365,6 +368,7 @@ class Hub:
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
+                renew_s=self.project.settings.claim_lease / 3,
             )
             if state != "active":
                 alerts.warning(
@@ -418,6 +422,7 @@ class Hub:
                 on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
                 pipeline=pipeline,
                 on_continued=continued,
+                renew_s=self.project.settings.claim_lease / 3,
             )
         return out
 
@@ -553,6 +558,8 @@ class Hub:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
             self._watch.cancel()
+        if self._sweep:
+            self._sweep.cancel()
         if self.windows is not None:
             await _bounded(self.windows.stop(), "stopping the window closer")
         for fr in self.flows.values():  # stop taking new work first
@@ -871,6 +878,17 @@ class Hub:
                 if h is not None and h.waiting and row is not None and row.state == "active":
                     log.info("the source of flow %s was resumed; trying it again", fr.spec.name)
                     await h.resume()
+
+    async def _sweep_pending(self) -> None:
+        """Creates not linked in time: each entity's `read_back_within`, looked at a few times per period."""
+        while True:
+            syncs = list(self.syncs.values())
+            await asyncio.sleep(min([s.ent.doc.read_back_within / 4 for s in syncs] + [30.0]))
+            for sync in syncs:
+                try:
+                    await sync.sweep_pending()
+                except Exception:
+                    log.exception("checking the creates of %s not linked yet", sync.ent.name)
 
 
 def _alive(pid: int) -> bool:

@@ -14,8 +14,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,13 +54,14 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import tx_audit
+from patchbay.store.common import grant_tokens, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
     q_conflicts,
     q_identity,
     q_lookup,
+    q_pending_creates,
     q_review,
     q_reviews,
     q_search,
@@ -77,7 +79,9 @@ from patchbay.store.sqlite_ops import (
     q_cursor,
     q_destination_states,
     q_due,
+    q_held_keys,
     q_next_due_at,
+    q_pending_of,
     q_response_fields,
     q_schedule,
     tx_accept,
@@ -120,6 +124,8 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._closed = False
         self._monitor: _MonitorReader | None = None  # created by the first snapshot()
+        # One process serves a SQLite store: its claims, sending slots and token buckets live in memory.
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
@@ -205,6 +211,26 @@ class SqliteStore:
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(tx_record, results)
+
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        return await self._read(q_pending_of, frozenset(ids)) if ids else set()
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        return None  # claims are the worker's memory
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        return max(min(want, limit), min(busy, limit))  # the only holder
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        tokens, at = self._buckets.get((flow, destination), (burst, now))
+        left, granted, wait = grant_tokens(tokens, at, rate, burst, want, now)
+        self._buckets[(flow, destination)] = (left, max(at, now))
+        return granted, wait
+
+    async def held_keys(self, flow: str, destination: str, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._read(q_held_keys, flow, destination, limit)
 
     # -------------------------------------------------------------- destinations, cursors, schedules
     async def destination_states(self) -> DestinationStates:
@@ -384,6 +410,13 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
         return await self._read(q_stats, entity)
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        return await self._read(q_pending_creates, entity, older_than, limit)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
