@@ -300,12 +300,15 @@ class Session:
                 ident.golden[f] = mine
                 out.changed.append(f)
                 return
+            # The owner's side of it: the agreed value, which the owner holds (or is being sent), even
+            # when it came from elsewhere first (a record created in another system, then in the owner).
+            owned = g if g["system"] == rule.owner else {**g, "system": rule.owner}
             out.conflicts.append(
                 self._conflict(
                     ident,
                     f,
                     "owned",
-                    g,
+                    owned,
                     mine,
                     rule.owner,
                     g["value"],

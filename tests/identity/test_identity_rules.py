@@ -138,6 +138,21 @@ def test_a_non_owner_change_is_a_conflict_and_the_owner_value_is_written_back():
     assert set(ops) == {"mkt"} and ops["mkt"].values == {"name": "Ada"}  # never a write against the owner
 
 
+def test_a_non_owner_change_of_a_value_the_owner_got_from_elsewhere_names_the_owner_in_the_conflict():
+    # The customer started in mkt: the CRM (the owner of `name`) got it from the hub's create and read it
+    # back as an echo. A later mkt edit of the name is a conflict between the owner's value and mkt's.
+    ent = entity()
+    s = session(ent)
+    ident = s.apply(inc("mkt", "m1", email="a@x.io", name="Ada"), "e1").identity
+    assert ident is not None
+    [op] = s.plan(ident, {"crm"})
+    s.wrote(ident, op, "e1", "crm_create")
+    s.apply(inc("crm", "45", email="a@x.io", name="Ada"), "e2")  # the create read back
+    [c] = s.apply(inc("mkt", "m1", email="a@x.io", name="Ada L."), "e3").conflicts
+    assert [(v["system"], v["value"]) for v in c.values] == [("crm", "Ada"), ("mkt", "Ada L.")]
+    assert (c.winner, c.winner_value) == ("crm", "Ada")
+
+
 def test_concurrent_changes_of_a_shared_field_follow_its_rule_and_are_recorded():
     ent = entity()
     s = session(ent)
