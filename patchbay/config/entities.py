@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from patchbay.config.durations import Duration
 from patchbay.config.models import NAME_RE, Spec
 from patchbay.config.problems import compile_at, did_you_mean, validate
 from patchbay.config.source import Located
@@ -126,11 +127,17 @@ class DeletePolicy(Spec):
         0.2,
         gt=0,
         le=1,
-        description="Guard: a batch that would delete more than this share of the entity's identities is "
-        "refused; the source stops and alerts.",
+        description="Guard: a batch that would bring the deletes within `window` above this share of the "
+        "entity's identities is refused whole; the source stops and alerts.",
     )
     min_identities: int = Field(
         10, ge=0, description="The guard applies once the entity has at least this many identities."
+    )
+    window: Duration = Field(
+        3600,
+        ge=1,
+        description="Guard: the deletes of this last period count with the batch's, so a mass delete read "
+        "in many batches (or polls) stops once the share passes max_share, not batch by batch.",
     )
 
 

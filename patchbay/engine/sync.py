@@ -101,7 +101,8 @@ class EntitySync:
             prepared = [(it, *self._steps(pipeline, it.record)) for it in items]
             incs = [read_record(self.ent, origin, rec) for _, rec, _, _ in prepared if rec is not None]
             if any(i.deleted for i in incs):  # the guard counts the entity only when there are deletes
-                self._guard_deletes(incs, await self.store.identity_stats(self.ent.name))
+                since = now - self.ent.doc.deletes.window
+                self._guard_deletes(incs, await self.store.identity_stats(self.ent.name, since))
             session = await self._session(incs, now)
             events = []
             for it, rec, trace, refused in prepared:
@@ -146,14 +147,20 @@ class EntitySync:
         return record, trace, None
 
     def _guard_deletes(self, incs: list[Incoming], stats: dict[str, Any]) -> None:
+        """Refuse a batch that brings the deletes of the last `deletes.window` over `max_share` of the
+        entity: a mass delete read in many batches stops once it passes the share, not batch by batch.
+        (A batch's deletes of records already deleted count too: the guard errs on the side of stopping.)"""
         d = self.ent.doc.deletes
         deletes = sum(1 for i in incs if i.deleted)
-        total = int(stats.get("status", {}).get("active", 0))
-        if deletes and total >= d.min_identities and deletes > d.max_share * total:
+        recent = int(stats.get("closed_since", 0))
+        total = int(stats.get("status", {}).get("active", 0)) + recent  # as it was when the window began
+        if deletes and total >= d.min_identities and deletes + recent > d.max_share * total:
+            within = f", with {recent} deleted within the last {_span(d.window)}" if recent else ""
             raise TerminalError(
-                f"syncing {self.ent.name}: this batch would delete {deletes} of {total} identities "
-                f"({deletes / total:.0%}, more than deletes.max_share {d.max_share:.0%}); nothing was "
-                "applied. Check the source, then raise max_share or resume the flow"
+                f"syncing {self.ent.name}: this batch would delete {deletes} of {total} identities"
+                f"{within} ({(deletes + recent) / total:.0%}, more than deletes.max_share "
+                f"{d.max_share:.0%}); nothing of it was applied. Check the source, then raise max_share "
+                "or resume the flow"
             )
 
     async def _session(self, incs: list[Incoming], now: float) -> Session:
@@ -485,6 +492,13 @@ async def read_all(source: Any, cursor: Any = None) -> tuple[list[Item], Any]:
         if batch.cursor is not None:
             last = batch.cursor
     return items, last
+
+
+def _span(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _trace(applied: Applied, writes: list[dict[str, Any]]) -> dict[str, Any]:

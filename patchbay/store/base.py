@@ -615,8 +615,9 @@ class Identities(Protocol):
 
     async def review(self, review_id: int) -> dict[str, Any] | None: ...
 
-    async def identity_stats(self, entity: str) -> dict[str, Any]:
-        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
+    async def identity_stats(self, entity: str, closed_since: float | None = None) -> dict[str, Any]:
+        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}};
+        with `closed_since`, also "closed_since": identities deleted or archived since then (the delete guard)."""
         ...
 
 

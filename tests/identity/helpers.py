@@ -106,6 +106,7 @@ def sync_project(
     *,
     upsert_creates: bool = False,
     hub: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Path:
     """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
     so a create retried after a crash lands once."""
@@ -163,7 +164,7 @@ def sync_project(
             "sync": "customer",
             "trigger": {
                 "schedule": {"every": "1s"},
-                "source": {"system": system, "table": table, "cursor_column": "updated_at"},
+                "source": {"system": system, "table": table, "cursor_column": "updated_at", **(source or {})},
             },
             "destinations": all_dests,
         }
