@@ -27,7 +27,7 @@ from patchbay.engine.retention import Retention
 from patchbay.engine.roles import Node
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
-from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
+from patchbay.engine.sync import EntitySync, Item, first_run, first_run_needed, sync_flows
 from patchbay.engine.windows import WindowCloser, has_gates
 from patchbay.errors import TransientError
 from patchbay.metrics import Metrics
@@ -160,7 +160,7 @@ class Hub:
         resolver = self.resolver
         for name, ent in self.project.entities.items():
             flows = sync_flows(self.project.flows, name)
-            if not flows or (await self.store.identity_stats(name))["identities"]:
+            if not flows or not await first_run_needed(self.store, name):
                 continue
             sync = self.syncs[name] = EntitySync(ent, self.store)
 

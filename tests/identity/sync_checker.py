@@ -39,7 +39,7 @@ SHARED = ("phone",)
 FIELDS = ("email", "name", "plan", "phone")
 SIDES = ("crm", "marketing")
 SETTLE_S = 5.0
-POLL_S = 1.5  # the CRM's poll period and a margin
+POLL_S = 3.5  # how late the CRM's poll reads a change: its period, the 2 s it leaves out, a margin
 
 
 def key_of(email: Any) -> str:
@@ -269,7 +269,7 @@ def _check_store(
                 continue
             if any(t < t2 <= t + SETTLE_S for t2 in writes[(x["side"], x["key"], f)]):
                 continue  # overwritten on its side by another edit before the hub surely read it
-            # The CRM is polled each second: a hub write within that (of another change) can overwrite the
+            # The CRM is read up to POLL_S late: a hub write within that (of another change) can overwrite the
             # edit before it is read. Marketing's webhook tells each change at once.
             if x["side"] == "crm" and any(t < t2 <= t + POLL_S for t2 in hub[(x["side"], x["key"], f)]):
                 continue
