@@ -113,7 +113,10 @@ class SystemMapping(Spec):
     )
     clock: str | None = Field(
         None,
-        description="Dotted path of the record's own update time, for fields with `rule: latest, clock: system`.",
+        description="Dotted path of the record's own update time, or of a change sequence that grows with "
+        "every change (e.g. `updated_at`, `seq`). It orders the reads of one record: a read older than one "
+        "already applied (a webhook arriving out of order) is stale and ignored, never taken for a change. "
+        "Fields with `rule: latest, clock: system` compare it across systems (then it must be a time).",
     )
 
 

@@ -147,11 +147,13 @@ ENTITY = {
             "id": "id",
             "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"},
             "deleted": "deleted_at != null",
+            "clock": "updated_at",
         },
         "marketing": {
             "id": "id",
             "fields": {f: f"contact.{f}" for f in ("email", "name", "plan", "phone")},
             "deleted": "type == 'contact.deleted'",
+            "clock": "seq",  # the service's change sequence: webhooks arrive out of order
         },
     },
     "deletes": {"policy": "propagate", "max_share": 0.3},
