@@ -243,6 +243,7 @@ def _check_store(
                 r.bad(f"{k}: identity {ds[0]['id']} has no {side} id")
     r.figures["conflicts"] = len(conflicts)
     r.figures["conflicts_owned"] = sum(1 for c in conflicts if c[0] == "owned")
+    r.figures["conflicts_concurrent"] = sum(1 for c in conflicts if c[0] == "concurrent")
     half = [c for c in conflicts if len(c[1]) != 2 or {v.get("system") for v in c[1]} != set(SIDES)]
     for c in half[:10]:
         r.bad(f"a conflict without both systems' values: {c}")
