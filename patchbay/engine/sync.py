@@ -410,7 +410,7 @@ class EntitySync:
         Memory stays bounded whatever the systems hold: each system is read page by page (`reads`: its sync
         flow, pipeline and poll source); a page is linked against the identity map built so far, kept in a
         scratch store beside the real one (lookups go through both), so a record is matched by its keys
-        through the store, never held. Then the identities the run touched are read back in chunks of
+        through the store, never held (the scratch store is a temporary file, in $TMPDIR). Then the identities the run touched are read back in chunks of
         `chunk` and their writes planned; each chunk (identities, conflicts, reviews, events with their
         deliveries) is one transaction of the real store, the last with the sources' cursors and the mark
         that the first run is done (a run killed before it runs again at the next start: linking is
