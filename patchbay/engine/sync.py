@@ -407,15 +407,16 @@ class EntitySync:
     async def first_run(self, reads: list[FirstRead], *, dry_run: bool, chunk: int = 1000) -> Preview:
         """Link every system's existing records before anything is written, then write what is missing.
 
-        Memory stays bounded whatever the systems hold: each system is read page by page (`reads`: its sync
-        flow, pipeline and poll source); a page is linked against the identity map built so far, kept in a
-        scratch store beside the real one (lookups go through both), so a record is matched by its keys
-        through the store, never held (the scratch store is a temporary file, in $TMPDIR). Then the identities the run touched are read back in chunks of
-        `chunk` and their writes planned; each chunk (identities, conflicts, reviews, events with their
-        deliveries) is one transaction of the real store, the last with the sources' cursors and the mark
-        that the first run is done (a run killed before it runs again at the next start: linking is
-        idempotent and a create in flight is never sent twice). With `dry_run` nothing is written: the
-        preview says what would happen, exactly as the run would do it."""
+        Memory stays bounded whatever the systems hold: each system is read page by page (`reads`: its
+        sync flow, pipeline and poll source); a page is linked against the identity map built so far,
+        kept in a scratch store (a temporary file, in $TMPDIR) and looked up together with the real
+        store, so a record is matched by its keys through a store, never held. Then the identities the
+        run touched are read back in chunks of `chunk` and their writes planned; each chunk (identities,
+        their conflicts, events with their deliveries) is one transaction of the real store, the last
+        with the reviews, the sources' cursors and the mark that the first run is done (a run killed
+        before it runs again at the next start: linking is idempotent and a create in flight is never
+        sent twice). With `dry_run` nothing is written: the preview says what would happen, exactly as
+        the run would do it."""
         async with self.lock:
             now = time.time()
             prev = Preview(self.ent.name)
@@ -423,9 +424,20 @@ class EntitySync:
                 scratch = SqliteStore(Path(d) / "first_run.db", check=False)
                 try:
                     layered = _Layered(scratch, self.store)
+                    t0 = time.perf_counter()
                     touched, conflicts, reviews = await self._first_link(reads, layered, now, prev)
+                    t1 = time.perf_counter()
                     await self._first_write(
                         reads, layered, touched, conflicts, reviews, now, prev, dry_run, chunk
+                    )
+                    log.info(
+                        "first run of %s: %d records read and linked in %.1f s, %d identities %s in %.1f s",
+                        self.ent.name,
+                        sum(prev.records.values()),
+                        t1 - t0,
+                        len(touched),
+                        "planned" if dry_run else "written",
+                        time.perf_counter() - t1,
                     )
                 finally:
                     await scratch.close()
