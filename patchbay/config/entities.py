@@ -118,6 +118,12 @@ class SystemMapping(Spec):
         "already applied (a webhook arriving out of order) is stale and ignored, never taken for a change. "
         "Fields with `rule: latest, clock: system` compare it across systems (then it must be a time).",
     )
+    version: str | None = Field(
+        None,
+        description="Dotted path of the record's version as the system gives it (an ETag, a version "
+        "number). The hub keeps the last one read and hands it to an update as `version`, for a "
+        'compare-and-set the API offers, e.g. `headers: {If-Match: "{{ version }}"}`.',
+    )
 
 
 class DeletePolicy(Spec):
@@ -159,6 +165,15 @@ class EntityDoc(Spec):
         description="Each system that takes part, and how it maps fields."
     )
     deletes: DeletePolicy = Field(default_factory=DeletePolicy, description="What deletes do.")
+    read_back_within: Duration = Field(
+        300.0,
+        description="A record the hub created is linked when its id comes back: in the destination's answer "
+        "(`response: {id: ...}`) or when the system's own change feed reads the new record back. A create "
+        "still unlinked after this long is checked again (its answer is read for the id) and, if still "
+        "unlinked, flagged overdue: a warning in the log, `pending.overdue` in the entity's stats, and "
+        "`identities show`. Checked again every such period until linked.",
+        examples=["5m"],
+    )
 
 
 @dataclass

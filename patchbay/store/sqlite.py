@@ -14,14 +14,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
+from patchbay.store import leases as lq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -37,9 +39,11 @@ from patchbay.store.base import (
     DestinationStates,
     DiscardReport,
     DueDelivery,
+    Fence,
     Identity,
     IdentityChanges,
     IdentityLookup,
+    Lease,
     NewEvent,
     NodeRow,
     ReplayReport,
@@ -50,18 +54,20 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import tx_audit
+from patchbay.store.common import grant_tokens, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
     q_conflicts,
     q_identity,
     q_lookup,
+    q_pending_creates,
     q_review,
     q_reviews,
     q_search,
     q_stats,
 )
+from patchbay.store.leases import fenced
 from patchbay.store.sqlite_monitor import (
     _MonitorReader,
     q_snapshot,
@@ -73,7 +79,9 @@ from patchbay.store.sqlite_ops import (
     q_cursor,
     q_destination_states,
     q_due,
+    q_held_keys,
     q_next_due_at,
+    q_pending_of,
     q_response_fields,
     q_schedule,
     tx_accept,
@@ -116,6 +124,8 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._closed = False
         self._monitor: _MonitorReader | None = None  # created by the first snapshot()
+        # One process serves a SQLite store: its claims, sending slots and token buckets live in memory.
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
@@ -183,9 +193,13 @@ class SqliteStore:
     async def accept(self, event: NewEvent) -> Accepted:
         return await self._write(tx_accept, event)
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
         """Several events and the source cursor that covers them, committed together."""
-        return await self._write(tx_accept_batch, events, flow, cursor)
+        if fence is None:
+            return await self._write(tx_accept_batch, events, flow, cursor)
+        return await self._write(fenced(tx_accept_batch), fence, events, flow, cursor)
 
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
@@ -197,6 +211,26 @@ class SqliteStore:
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(tx_record, results)
+
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        return await self._read(q_pending_of, frozenset(ids)) if ids else set()
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        return None  # claims are the worker's memory
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        return max(min(want, limit), min(busy, limit))  # the only holder
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        tokens, at = self._buckets.get((flow, destination), (burst, now))
+        left, granted, wait = grant_tokens(tokens, at, rate, burst, want, now)
+        self._buckets[(flow, destination)] = (left, max(at, now))
+        return granted, wait
+
+    async def held_keys(self, flow: str, destination: str, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._read(q_held_keys, flow, destination, limit)
 
     # -------------------------------------------------------------- destinations, cursors, schedules
     async def destination_states(self) -> DestinationStates:
@@ -222,9 +256,11 @@ class SqliteStore:
     async def schedules(self) -> dict[str, dict[str, Any]]:
         return await self._read(aq.q_schedules)
 
-    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
+    async def update_schedule(
+        self, flow: str, fields: Mapping[str, Any], count_run: bool = False, fence: Fence | None = None
+    ) -> None:
         _check_schedule_fields(fields)
-        await self._write(lambda c: tx_schedule(c, flow, **fields, count_run=count_run))
+        await self._write(fenced(tx_schedule_fields), fence, flow, dict(fields), count_run)
 
     # -------------------------------------------------------------- runs, dead letters
     async def list_runs(self, f: RunFilter) -> list[dict[str, Any]]:
@@ -338,9 +374,23 @@ class SqliteStore:
         return await self._read(q_all, entity, after, limit)
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+        self,
+        events: list[NewEvent],
+        changes: IdentityChanges,
+        cursors: Mapping[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> list[Accepted]:
-        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+        return await self._write(fenced(tx_accept_synced), fence, events, changes, dict(cursors or {}))
+
+    # -------------------------------------------------------------- leases (store/leases.py)
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(lq.tx_take, name, holder, ttl_s)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._write(lq.tx_release, name, holder)
+
+    async def leases(self) -> list[Lease]:
+        return await self._read(lq.q_leases)
 
     async def conflicts(
         self, entity: str | None = None, status: str | None = None, limit: int = 100
@@ -360,6 +410,13 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str, closed_since: float | None = None) -> dict[str, Any]:
         return await self._read(q_stats, entity, closed_since)
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        return await self._read(q_pending_creates, entity, older_than, limit)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
@@ -440,8 +497,10 @@ class SqliteStore:
             timeout=timeout,
         )
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        return await self._write(tx_alert, event, change)
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        return await self._write(fenced(tx_alert), fence, event, change)
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
@@ -465,6 +524,10 @@ class SqliteStore:
 
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
+
+
+def tx_schedule_fields(conn: sqlite3.Connection, flow: str, fields: dict[str, Any], count_run: bool) -> None:
+    tx_schedule(conn, flow, **fields, count_run=count_run)
 
 
 def _check_schedule_fields(fields: Mapping[str, Any]) -> None:

@@ -153,11 +153,11 @@ class DiesAfter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
 
-    async def accept_synced(self, *args: Any) -> Any:
+    async def accept_synced(self, *args: Any, **kw: Any) -> Any:
         if self.n == 0:
             raise Killed
         self.n -= 1
-        return await self.store.accept_synced(*args)
+        return await self.store.accept_synced(*args, **kw)
 
 
 async def test_a_first_run_killed_while_writing_runs_again_and_sends_each_create_once(

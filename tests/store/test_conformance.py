@@ -15,14 +15,16 @@ from typing import Any
 import orjson
 import pytest
 
-from patchbay.errors import PatchbayError
+from patchbay.errors import LeaseLost, PatchbayError
 from patchbay.store.base import (
     Actor,
+    AlertChange,
     AttemptResult,
     AuditFilter,
     CachedAnswer,
     Contribution,
     DedupeClaim,
+    Fence,
     NewDelivery,
     NewEvent,
     NodeRow,
@@ -1137,6 +1139,124 @@ async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> N
     assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held
 
 
+async def test_purge_keeps_the_run_of_a_create_whose_id_the_identity_map_still_waits_for(store: Store):
+    from patchbay.store.base import IdentityChanges
+
+    e = event("crm_sync")  # a create sent to the marketing system (destination "crm" in these helpers)
+    ident = _identity("idn_p", crm="45")
+    ident.systems["mkt"] = {
+        "id": None,
+        "seen": {},
+        "written": {"email": {"value": "ada@example.com", "at": 1.0, "event": e.id}},
+        "pending": {"event": e.id, "destination": "crm", "at": 1.0},
+    }
+    await store.accept_synced([e], IdentityChanges("customer", [ident]))
+    [d] = await due(store, flow="crm_sync")
+    await store.record([result(d, "success", "delivered", response={"id": "m-9"})])
+    later = time.time() + 10
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 0
+    assert await store.response_fields(e.id, "crm") == {"id": "m-9"}  # still there for the map to read
+    waiting = await store.pending_creates("customer", older_than=2.0)
+    assert [(p["identity_id"], p["system"], p["event_id"], p["destination"]) for p in waiting] == [
+        ("idn_p", "mkt", e.id, "crm")
+    ]
+    assert await store.pending_creates("customer", older_than=0.5) == []  # not that old
+    ident.systems["mkt"].update(id="m-9", pending=None)  # linked: the map no longer needs the run
+    await store.accept_synced([], IdentityChanges("customer", [ident]))
+    assert await store.pending_creates("customer", older_than=later) == []
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 1
+
+
+# ------------------------------------------------------------------ claims: per-key order, leases, slots, tokens
+def keyed(key: str | None, dest: str = "crm", body: Any = None) -> NewEvent:
+    """An event whose one delivery to `dest` is ordered by `key` (a destination's `order_by`)."""
+    e = event(body=body, destinations=(dest,))
+    e.deliveries[0].order_key = key
+    return e
+
+
+async def test_ordered_deliveries_go_one_at_a_time_per_key_in_arrival_order(store: Store) -> None:
+    a1, b1, a2, b2, free, a3 = (keyed(k) for k in ("a", "b", "a", "b", None, "a"))
+    for e in (a1, b1, a2, b2, free, a3):
+        await store.accept(e)
+    # only each key's oldest is due (and deliveries without a key, as before)
+    assert [d.event_id for d in await due(store)] == [a1.id, b1.id, free.id]
+    [da1, db1, _] = await due(store)
+    await store.record([result(db1, "success", "delivered")])
+    assert [d.event_id for d in await due(store)] == [a1.id, b2.id, free.id]
+    # a retrying delivery holds back the later ones of its key, not other keys
+    later = time.time() + 600
+    await store.record([result(da1, "transient", "pending", next_at=later, consumed_retry=True)])
+    assert [d.event_id for d in await due(store)] == [b2.id, free.id]
+    [held] = await store.held_keys("orders", "crm")
+    assert (held["key"], held["event_id"], held["status"], held["waiting"]) == ("a", a1.id, "retrying", 2)
+    assert held["next_at"] == pytest.approx(later) and "HTTP 503" in held["reason"]
+    [db2, dfree] = await due(store)
+    await store.record([result(db2, "success", "delivered"), result(dfree, "success", "delivered")])
+    assert await due(store) == []
+    assert await store.next_due_at("orders", "crm") == pytest.approx(later)  # a2 waits for a1, not due
+    # a dead letter blocks its key until it is replayed or discarded
+    [da1] = await due(store, now=later + 1)
+    await store.record([result(da1, "terminal", "dead", status_code=422, error="rejected")])
+    assert await due(store, now=later + 1) == []
+    [held] = await store.held_keys("orders", "crm")
+    assert (held["key"], held["status"], held["waiting"]) == ("a", "dead", 2)
+    assert "dead letter" in held["reason"] and "replay or discard" in held["reason"]
+    await store.discard([a1.id], None, ALICE)
+    assert [d.event_id for d in await due(store)] == [a2.id]
+    assert await store.held_keys("orders", "crm") == []
+    assert await store.held_keys("orders", "other") == []
+
+
+async def test_a_replayed_dead_letter_goes_first_again_in_its_key(store: Store) -> None:
+    class KeyedSteps(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            out = super().process(record, event_id, **kw)
+            for d in out.deliveries:
+                d.order_key = "k"
+            return out
+
+    first, second = keyed("k", body={"email": "a@example.com"}), keyed("k", body={"email": "b@example.com"})
+    await store.accept(first)
+    await store.accept(second)
+    [d] = await due(store)
+    await store.record([result(d, "terminal", "dead", status_code=422, error="rejected")])
+    rep = await store.replay({"orders": KeyedSteps()}, [first.id], None, ALICE)
+    assert rep.requeued == [first.id]
+    assert [d.event_id for d in await due(store)] == [first.id]  # its place in the key kept
+
+
+async def test_claims_renew_and_release(store: Store) -> None:
+    for _ in range(3):
+        await store.accept(event())
+    rows = await due(store)
+    ids = {d.id for d in rows}
+    assert await store.renew("orders", "crm", ids) == ids  # held: queued or in flight
+    await store.release("orders", "crm", ids)
+    assert {d.id for d in await due(store)} == ids  # due again, for any worker
+    await store.record([result(rows[0], "success", "delivered")])
+    assert await store.renew("orders", "crm", ids) == ids - {rows[0].id}  # recorded: not held any more
+
+
+async def test_sending_slots_are_bounded_by_the_limit(store: Store) -> None:
+    assert await store.take_slots("orders", "crm", limit=2, want=5) == 2
+    assert await store.take_slots("orders", "crm", limit=2, want=1) == 1
+    assert await store.take_slots("orders", "crm", limit=4, want=4) == 4
+    assert await store.take_slots("orders", "chat", limit=1, want=1) == 1  # per destination
+    assert await store.take_slots("orders", "crm", limit=4, want=0) == 0
+
+
+async def test_tokens_come_from_one_bucket_per_destination(store: Store) -> None:
+    t = 1000.0
+    assert await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t) == (3, 0.0)  # a full bucket: burst 5
+    granted, wait = await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t)
+    assert granted == 2 and wait == 0.0
+    granted, wait = await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t)
+    assert granted == 0 and wait == pytest.approx(0.1)  # one token more in 1/rate s
+    assert (await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t + 0.25))[0] == 2  # refilled 2.5
+    assert (await store.take_tokens("orders", "chat", 10.0, 5.0, 3, t))[0] == 3
+
+
 # ================================================================== cluster: the processes sharing the store
 def node(node_id: str = "host-a:1", at: float | None = None, **kw: Any) -> NodeRow:
     now = time.time() if at is None else at
@@ -1224,3 +1344,72 @@ async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
         [n] = {store.holder}
         assert await store.release_claims([n]) == 2
         assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2
+
+
+# ------------------------------------------------------------------ leases (one holder per name, fencing)
+async def test_a_lease_is_taken_renewed_by_its_holder_and_refused_to_another(store: Store) -> None:
+    assert await store.leases() == []
+    token = await store.take_lease("schedule:nightly", "node-a", 30.0)
+    assert token is not None
+    assert await store.take_lease("schedule:nightly", "node-b", 30.0) is None  # held: refused
+    assert await store.take_lease("schedule:nightly", "node-a", 30.0) == token  # renewed: same fence
+    assert await store.take_lease("alerts", "node-b", 30.0) is not None  # another name: its own lease
+    [alerts, nightly] = await store.leases()
+    assert (nightly.name, nightly.holder, nightly.fence) == ("schedule:nightly", "node-a", token)
+    assert nightly.until > time.time() + 25 and nightly.taken_at <= time.time()
+    assert (alerts.name, alerts.holder) == ("alerts", "node-b")
+
+
+async def test_an_expired_or_released_lease_goes_to_the_next_taker_with_a_higher_fence(store: Store) -> None:
+    first = await store.take_lease("windows", "node-a", 0.05)
+    assert first is not None
+    await asyncio.sleep(0.15)  # node-a stopped renewing: the lease runs out
+    second = await store.take_lease("windows", "node-b", 30.0)
+    assert second is not None and second > first
+    assert await store.take_lease("windows", "node-a", 30.0) is None  # the old holder cannot renew it
+    await store.release_lease("windows", "node-a")  # not its lease: nothing happens
+    assert (await store.leases())[0].holder == "node-b"
+    await store.release_lease("windows", "node-b")
+    [released] = await store.leases()
+    assert released.holder is None
+    third = await store.take_lease("windows", "node-a", 30.0)  # free at once after a release
+    assert third is not None and third > second
+
+
+async def test_one_of_many_concurrent_takers_gets_a_free_lease(store: Store) -> None:
+    tokens = await asyncio.gather(*(store.take_lease("retention", f"node-{i}", 30.0) for i in range(6)))
+    assert sum(t is not None for t in tokens) == 1
+
+
+async def test_writes_under_a_lost_fence_fail_and_change_nothing(store: Store) -> None:
+    token = await store.take_lease("schedule:pull", "node-a", 0.05)
+    assert token is not None
+    mine = Fence("schedule:pull", "node-a", token)
+    await store.update_schedule("pull", {"next_due_at": 100.0}, fence=mine)  # held: written
+    await store.accept_batch([event("pull", dedupe_key="r1")], "pull", {"page": 1}, fence=mine)
+    await asyncio.sleep(0.15)
+    # Expired but nobody took it: still this holder's, so its writes are harmless and go through.
+    await store.update_schedule("pull", {"next_due_at": 150.0}, fence=mine)
+    assert await store.take_lease("schedule:pull", "node-b", 30.0) is not None  # node-a paused; b takes
+    with pytest.raises(LeaseLost, match="schedule:pull"):
+        await store.update_schedule("pull", {"next_due_at": 200.0}, count_run=True, fence=mine)
+    with pytest.raises(LeaseLost):
+        await store.accept_batch([event("pull", dedupe_key="r2")], "pull", {"page": 2}, fence=mine)
+    alerts = Fence("alerts", "node-a", token)  # never this node's: its alert message is refused
+    with pytest.raises(LeaseLost):
+        await store.accept_alert(
+            event("_alerts"), AlertChange("r", "s", "firing", 1.0, "", 1.0), fence=alerts
+        )
+    assert await store.list_runs(RunFilter(flow="_alerts")) == []
+    row = await store.schedule("pull")
+    assert row is not None and (row["next_due_at"], row["runs"]) == (150.0, 0)
+    assert await store.cursor("pull") == {"page": 1}
+    assert len(await store.list_runs(RunFilter(flow="pull"))) == 1
+
+
+async def test_a_schedule_keeps_the_tick_of_its_last_run(store: Store) -> None:
+    await store.update_schedule(
+        "pull", {"last_started_at": 101.5, "last_due_at": 100.0, "next_due_at": 160.0}
+    )
+    row = await store.schedule("pull")
+    assert row is not None and row["last_due_at"] == 100.0

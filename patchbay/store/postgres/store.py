@@ -20,9 +20,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,7 +33,8 @@ from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import windows as wq
-from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, WindowState
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
+from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
@@ -76,9 +77,11 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migra
     """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
     serialises openers), or refuse a store newer than this code. The migrations applied."""
     with conn.transaction():
+        # Two openers never create at once, the schema included (CREATE SCHEMA IF NOT EXISTS is not safe
+        # against a concurrent one: several workers starting on a new schema).
+        conn.execute("SELECT pg_advisory_xact_lock(7311999)")
         if schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
-        conn.execute("SELECT pg_advisory_xact_lock(7311999)")  # two openers never create at once
         found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
         if found and found[0]:
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -124,7 +127,13 @@ class PostgresStore(SqliteStore):
     function: here those run the function on a pooled PostgreSQL connection in one transaction."""
 
     def __init__(
-        self, url: str, *, check: bool = True, max_connections: int = 8, holder: str | None = None
+        self,
+        url: str,
+        *,
+        check: bool = True,
+        max_connections: int = 8,
+        holder: str | None = None,
+        lease_s: float = pg_ops.LEASE_S,
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
@@ -150,13 +159,15 @@ class PostgresStore(SqliteStore):
         )
         # Who holds a claimed delivery: the hub's node id (engine/roles.py), unique per process.
         self.holder = holder or os.environ.get("PATCHBAY_NODE_ID") or f"{socket.gethostname()}:{os.getpid()}"
-        self._due = pg_ops.due_for(self.holder)
+        self.claims = pg_ops.Claims(self.holder, lease_s)
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
         self._conninfo = conninfo
         self._notify_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-notify")
         self._notify_conn: psycopg.Connection[Any] | None = None
         self._listener: threading.Thread | None = None
+        self._entity_conn: psycopg.Connection[Any] | None = None  # holds the sync steps' advisory locks
+        self._entity_guard = threading.Lock()
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
@@ -248,6 +259,41 @@ class PostgresStore(SqliteStore):
                     )
                     time.sleep(1.0)
 
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        """A session advisory lock per entity on a connection of its own, taken by polling
+        pg_try_advisory_lock (no thread ever blocks waiting), released after the step's commit. Hubs in
+        several processes on one store therefore run one entity's sync steps one at a time."""
+        key = int.from_bytes(
+            hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
+        )
+        wait = 0.002
+        while not await asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key):
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.05)
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.to_thread(self._entity_call, "SELECT pg_advisory_unlock(%s)", key)
+            except StoreUnavailable:
+                pass  # the session is gone, and its locks with it
+
+    def _entity_call(self, sql: str, key: int) -> bool:
+        with self._entity_guard:
+            try:
+                if self._entity_conn is None or self._entity_conn.closed:
+                    self._entity_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+                row = self._entity_conn.execute(sql, (key,)).fetchone()
+            except psycopg.OperationalError as exc:
+                if self._entity_conn is not None:
+                    self._entity_conn.close()
+                self._entity_conn = None
+                raise StoreUnavailable(
+                    f"the store {self.path} cannot be reached: {_reason(exc)}", "the store is unreachable"
+                ) from None
+            return bool(row and row[0])
+
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         for attempt in range(3):
             local = {"statements": 0, "round_trips": 0}
@@ -302,6 +348,10 @@ class PostgresStore(SqliteStore):
             self._notify_conn.close()
         if self._listener is not None:  # it looks at `_closed` every half second
             await loop.run_in_executor(None, self._listener.join, 2.0)
+        with self._entity_guard:
+            if self._entity_conn is not None:
+                self._entity_conn.close()
+                self._entity_conn = None
 
     @property
     def writing(self) -> bool:
@@ -321,8 +371,14 @@ class PostgresStore(SqliteStore):
             return await self._write(_gated(tx_accept), event)
         return await self._write(pg_ops.accept, event)
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
-        return await self._write(_gated_batch, events, flow, cursor)
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
+        return await self._write(_gated_batch, events, flow, cursor, fence)
+
+    # -------------------------------------------------------------- leases: the server's clock
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(_take_lease, name, holder, ttl_s)
 
     async def closable_windows(
         self, now: float, limit: int, steps: Sequence[tuple[str, str]]
@@ -334,10 +390,28 @@ class PostgresStore(SqliteStore):
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
     ) -> list[DueDelivery]:
-        return await self._read(self._due, flow, destination, now, limit, frozenset(skip), after_id)
+        return await self._read(self.claims.due, flow, destination, now, limit, frozenset(skip), after_id)
+
+    async def next_due_at(self, flow: str, destination: str) -> float | None:
+        return await self._read(self.claims.next_due_at, flow, destination)
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(pg_ops.record, results)
+
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        return await self._write(self.claims.renew, frozenset(ids)) if ids else set()
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        if ids:
+            await self._write(self.claims.release, frozenset(ids))
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        return await self._write(self.claims.take_slots, flow, destination, limit, want, busy, time.time())
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        return await self._write(pg_ops.take_tokens, flow, destination, rate, burst, want, now)
 
     async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
         return await self._write(pg_ops.tx_compress, flow, before, limit)
@@ -394,9 +468,19 @@ def _gated(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _gated_batch(conn: Any, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+def _gated_batch(
+    conn: Any, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+) -> list[Accepted]:
+    if fence is not None:  # first: a source whose lease went to another node writes nothing
+        check_fence(conn, fence)
     _lock_gates(conn, events)
     return tx_accept_batch(conn, events, flow, cursor)
+
+
+@pg_ops.native
+def _take_lease(conn: RawConnection, name: str, holder: str, ttl_s: float) -> int | None:
+    row = conn.execute(TAKE_POSTGRES, (name, holder, ttl_s)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
