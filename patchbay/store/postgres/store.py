@@ -71,9 +71,12 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migra
     """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
     serialises openers), or refuse a store newer than this code. The migrations applied."""
     with conn.transaction():
+        # Two openers never create at once: nodes of a cluster start together on a new store, and
+        # CREATE SCHEMA IF NOT EXISTS is not safe against a concurrent one (a duplicate key), so the lock
+        # comes first.
+        conn.execute("SELECT pg_advisory_xact_lock(7311999)")
         if schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
-        conn.execute("SELECT pg_advisory_xact_lock(7311999)")  # two openers never create at once
         found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
         if found and found[0]:
             row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
