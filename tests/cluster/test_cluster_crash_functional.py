@@ -115,6 +115,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                 await asyncio.sleep(0.25)
 
         watchers: list[asyncio.Task[None]] = []
+        restarts: list[asyncio.Task[None]] = []
 
         async def sigkill(node: NodeProcess, restart_as: str | None) -> None:
             at = await cluster.kill(node)
@@ -131,16 +132,19 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
             kills.append(kill)
             if "worker" in node.roles:
                 watchers.append(asyncio.create_task(watch_takeover(kill)))
-            if restart_as is not None:
-                await asyncio.sleep(1.0)
-                # A new node id: the dead one's heartbeat is still fresh, and its claims are not ours.
-                await cluster.start(restart_as, roles=node.roles, port=node.port)
+            if restart_as is not None:  # in the background: the next kill does not wait for it
+                restarts.append(asyncio.create_task(restart(node, restart_as)))
+
+        async def restart(node: NodeProcess, name: str) -> None:
+            await asyncio.sleep(1.0)
+            # A new node id: the dead one's heartbeat is still fresh, and its claims are not ours.
+            await cluster.start(name, roles=node.roles, port=node.port)
 
         async def chaos() -> None:
             """Kill a random worker at 10%, 35% and 60% of the deliveries, the second web process when
             30% of the events are acknowledged; a killed worker comes back (as a new node) or not."""
             thresholds = [("worker", 0.10), ("web", 0.30), ("worker", 0.35), ("worker", 0.60)]
-            restarts = 0
+            comebacks = 0
             for role, share in thresholds:
                 counted = accepted if role == "web" else sink.keys
                 await until(
@@ -154,8 +158,8 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                 # The first victim stays dead (others must take its claims); later ones come back by chance,
                 # and always when fewer than two workers would be left.
                 come_back = bool(kills) and (rng.random() < 0.5 or len(alive) <= 2)
-                restarts += come_back
-                await sigkill(victim, f"{victim.name}-r{restarts}" if come_back else None)
+                comebacks += come_back
+                await sigkill(victim, f"{victim.name}-r{comebacks}" if come_back else None)
 
         started = time.monotonic()
         sem = asyncio.Semaphore(32)
@@ -175,7 +179,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
         bound = claim_lease_s() + SLACK_S
         await until(lambda: expected <= set(sink.keys), bound + 30, "every acknowledged event at the sink")
         delivered_s = time.monotonic() - started
-        await asyncio.gather(*watchers)
+        await asyncio.gather(*watchers, *restarts)
 
         dead = [k["node"] for k in kills]
         held_at_end = held_by(store, dead)
