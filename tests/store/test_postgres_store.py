@@ -76,30 +76,35 @@ async def test_a_second_serving_hub_is_refused() -> None:
 async def test_processes_opening_a_new_store_at_once_all_open_it() -> None:
     """Several nodes of a cluster start together on a store nobody created yet: each opens it (one creates
     the schema, the others wait for it), none fails on the schema's creation."""
-    import threading
-
     for _ in range(3):
-        url = postgres_url()
-        start = threading.Barrier(6)
-        opened: list[PostgresStore] = []
-        failed: list[BaseException] = []
-
-        def open_it(url: str = url, start: threading.Barrier = start) -> None:
-            start.wait()
-            try:
-                opened.append(PostgresStore(url, max_connections=1))
-            except BaseException as exc:  # noqa: BLE001 - the test reports every failure
-                failed.append(exc)
-
-        threads = [threading.Thread(target=open_it) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        opened, failed = open_together(postgres_url(), 6)
         for s in opened:
             await s.close()
         assert not failed, [str(e) for e in failed]
         assert len(opened) == 6
+
+
+def open_together(url: str, n: int) -> tuple[list[PostgresStore], list[BaseException]]:
+    """`n` threads open the store at `url` at the same moment: the stores opened, the errors raised."""
+    import threading
+
+    start = threading.Barrier(n)
+    opened: list[PostgresStore] = []
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            opened.append(PostgresStore(url, max_connections=1))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return opened, failed
 
 
 def test_check_reports_a_postgres_store_it_cannot_reach_at_the_store_line(tmp_path: Path) -> None:
