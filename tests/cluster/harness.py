@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import orjson
 import psycopg
 
 READY_TIMEOUT_S = 60.0  # a process's start under a loaded 2-core machine (import, store open, migrations)
@@ -152,6 +153,24 @@ class Cluster:
         except TimeoutError:
             node.proc.kill()
             await node.proc.wait()
+
+    async def view(self) -> dict[str, Any]:
+        """The cluster view as an operator gets it: `patchbay cluster --json` (it exits 1 while a node is lost)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "patchbay",
+            "cluster",
+            "--json",
+            "-p",
+            str(self.root),
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode in (0, 1), f"patchbay cluster exited {proc.returncode}: {err.decode()}"
+        return dict(orjson.loads(out))
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(n) for n in self.nodes), return_exceptions=True)

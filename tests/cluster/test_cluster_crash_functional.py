@@ -36,11 +36,7 @@ ENV = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN
 SLACK_S = 30.0  # the issue's bound for a dead worker's claims: lease + 30 s
 
 
-def claim_lease_s() -> float:
-    """How long a claim lives without its holder renewing it (the store's own number)."""
-    from patchbay.store.postgres import ops
-
-    return float(ops.LEASE_S)
+CLAIM_LEASE_S = 10.0  # the hub's `claim_lease` here (30 s by default): a dead worker's claims move sooner
 
 
 def held_by(store: str, nodes: list[str]) -> dict[str, int]:
@@ -68,8 +64,8 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
     root = lead_project(
         tmp_path,
         sink.url,
-        hub={"store": store},
-        delivery={"max_concurrency": 8, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
+        hub={"store": store, "claim_lease": f"{CLAIM_LEASE_S:g}s"},
+        delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
     )
     accepted: dict[int, str] = {}  # n -> event id, once a web process answered 2xx
     unanswered = 0  # posts that got no answer (refused, reset, timeout) and were sent again
@@ -114,6 +110,20 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                     return
                 await asyncio.sleep(0.25)
 
+        holding: dict[str, int] = {}  # node -> how many samples found it holding claims
+
+        async def sample_claims() -> None:
+            """Which workers hold claims, twice a second: each of the three takes part, none is starved."""
+            while True:
+                rows = store_query(
+                    store,
+                    "SELECT leased_by, COUNT(*) FROM deliveries WHERE status='pending' AND leased_by IS NOT NULL"
+                    " GROUP BY leased_by",
+                )
+                for node, _ in rows:
+                    holding[node] = holding.get(node, 0) + 1
+                await asyncio.sleep(0.5)
+
         watchers: list[asyncio.Task[None]] = []
         restarts: list[asyncio.Task[None]] = []
 
@@ -154,7 +164,9 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                     await sigkill(webs[1], "web2-r1")
                     continue
                 alive = cluster.alive("worker")
-                victim = rng.choice(alive)
+                # A random worker among those holding claims now (so each kill tests a takeover).
+                holders = held_by(store, [w.name for w in alive])
+                victim = rng.choice([w for w in alive if w.name in holders] or alive)
                 # The first victim stays dead (others must take its claims); later ones come back by chance,
                 # and always when fewer than two workers would be left.
                 come_back = bool(kills) and (rng.random() < 0.5 or len(alive) <= 2)
@@ -170,19 +182,29 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             killing = asyncio.create_task(chaos())
+            sampler = asyncio.create_task(sample_claims())
             await asyncio.wait_for(asyncio.gather(*(bounded(session, n) for n in range(N))), 180)
             posted_s = time.monotonic() - started
             await asyncio.wait_for(killing, 120)
 
         # Every acknowledged event is delivered (within the takeover bound of the last kill).
         expected = {f"{eid}.crm" for eid in accepted.values()}
-        bound = claim_lease_s() + SLACK_S
+        bound = CLAIM_LEASE_S + SLACK_S
         await until(lambda: expected <= set(sink.keys), bound + 30, "every acknowledged event at the sink")
         delivered_s = time.monotonic() - started
+        sampler.cancel()
         await asyncio.gather(*watchers, *restarts)
 
         dead = [k["node"] for k in kills]
         held_at_end = held_by(store, dead)
+
+        # `patchbay cluster` shows every killed node lost, holding nothing, and the others up.
+        async def all_dead_lost() -> bool:
+            nodes = {n["id"]: n for n in (await cluster.view())["nodes"]}
+            return all(nodes[d]["status"] == "lost" for d in dead)
+
+        await until(all_dead_lost, 30, "the killed nodes shown lost by `patchbay cluster`", every=1.0)
+        nodes = {n["id"]: n for n in (await cluster.view())["nodes"]}
         statuses = dict(store_query(store, "SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
         events = store_query(store, "SELECT COUNT(*) FROM events")[0][0]
 
@@ -196,6 +218,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
             + (f", taken over in {k['takeover_s']:.1f} s" if "takeover_s" in k else "")
             for k in kills
         )
+        + f"; samples holding claims per node: {dict(sorted(holding.items()))}"
         + f"; load average {os.getloadavg()[0]:.1f}"
     )
 
@@ -215,6 +238,10 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
             f"{k['node']}'s claims taken over after {k['takeover_s']:.1f} s > {bound}"
         )
     assert held_at_end == {}
+    assert {n: v["claims"] for n, v in nodes.items() if n in dead} == dict.fromkeys(dead, 0)
+    assert sorted(n for n, v in nodes.items() if v["status"] == "up") == sorted(
+        n.name for n in cluster.nodes if n.killed_at is None
+    )
 
 
 # ============================================================================ a scheduler killed mid-run
