@@ -355,6 +355,10 @@ async def test_a_scheduler_killed_mid_run_fires_the_tick_once_on_another_process
         f" load average {os.getloadavg()[0]:.1f}"
     )
 
+    from patchbay.engine.leader import STANDBY_S, TTL_S
+
+    # A dead holder's lease runs out after TTL_S, and a standby node tries every STANDBY_S (±20%).
+    assert takeover_s <= TTL_S + 1.2 * STANDBY_S + 5.0, f"the tick moved after {takeover_s:.1f} s"
     seen = orders_at(sink)
     # The killed run's order never arrived (it died before its commit); its tick fired once more, elsewhere.
     assert f"order-{SLOW_GET}" not in seen
