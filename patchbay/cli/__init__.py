@@ -6,9 +6,19 @@ config errors, 3 the store or the hub could not be reached.
 
 from __future__ import annotations
 
-# Each registers its commands on main: connect, contract, run, secrets, store, test (and runs export),
+# Each registers its commands on main: cluster, connect, contract, run, secrets, store, test (and runs export),
 # tokens (and audit), identity (identities, conflicts, sync).
-from patchbay.cli import connect, contract, identity, run, secrets, store, test, tokens  # noqa: F401
+from patchbay.cli import (  # noqa: F401
+    cluster,
+    connect,
+    contract,
+    identity,
+    run,
+    secrets,
+    store,
+    test,
+    tokens,
+)
 from patchbay.cli.main import main
 
 __all__ = ["main"]

@@ -244,26 +244,64 @@ def _asks(flow: Any) -> str:
 @click.option("--host", default=None, help="Listen address (default from patchbay.yaml: 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Listen port (default from patchbay.yaml: 8787).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None)
-def serve(directory: Path, host: str | None, port: int | None, log_format: str | None) -> None:
-    """Run the hub: webhook endpoints, delivery workers, health and metrics."""
+@click.option(
+    "--role",
+    "roles",
+    default=None,
+    metavar="ROLES",
+    help="Run only these parts, comma-separated: web, worker, scheduler (default: all). Processes with"
+    " roles share one PostgreSQL store; see docs/cluster.md.",
+)
+@click.option(
+    "--node",
+    "node_id",
+    default=None,
+    help="This process's name among the hub's processes (default: PATCHBAY_NODE_ID, else host:pid).",
+)
+def serve(
+    directory: Path,
+    host: str | None,
+    port: int | None,
+    log_format: str | None,
+    roles: str | None,
+    node_id: str | None,
+) -> None:
+    """Run the hub: webhook endpoints, delivery workers, schedules, health and metrics (or some of them:
+    --role)."""
     import asyncio
     import sqlite3
 
     from patchbay import logs
     from patchbay.engine.hub import Hub
+    from patchbay.engine.roles import ALL_ROLES, Node, default_node_id, parse_roles
     from patchbay.server.app import run_hub
     from patchbay.store.sqlite import StoreLocked
 
+    try:
+        node = Node(node_id or default_node_id(), parse_roles(roles) if roles is not None else ALL_ROLES)
+    except ValueError as exc:
+        click.echo(f"serve: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if node_id is not None and not node_id.strip():
+        click.echo("serve: --node is empty; give a name, or leave it out (host:pid)", err=True)
+        sys.exit(EXIT_CONFIG)
     project, resolver = _load(directory)
     logs.setup(log_format or project.settings.log_format, resolver.redactor)
-    hub = Hub(project, resolver=resolver)
+    hub = Hub(project, resolver=resolver, node=node)
     h = host or project.settings.host
     p = project.settings.port if port is None else port
 
     def ready(bound: int) -> None:
         from patchbay.scaffold import banner
 
-        click.echo(banner(project, h, bound), err=True)
+        if node.everything:
+            click.echo(banner(project, h, bound), err=True)
+        else:  # one part of a cluster: what it runs; `patchbay cluster` shows the others
+            click.echo(
+                f"Patchbay node {node.id} ({', '.join(node.role_names)}) is running on http://{h}:{bound}"
+                f"; `patchbay cluster` lists every node",
+                err=True,
+            )
 
     try:
         import uvloop

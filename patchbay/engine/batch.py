@@ -484,7 +484,12 @@ def _drift_entry(report: RunReport) -> list[dict[str, Any]]:
 
 
 def _key(row: dict[str, Any], flow: FlowSpec) -> str | None:
+    """A quarantined row's key. `key` names columns after mapping and the row is the source's, so each key
+    column is computed through the flow's first map when there is one."""
     assert flow.batch is not None
     if not flow.batch.key:
         return None
-    return "|".join(str(row.get(k)) for k in flow.batch.key)
+    mapping = next((s.step for s in flow.steps if s.kind == "map"), None)
+    if mapping is None:
+        return "|".join(str(row.get(k)) for k in flow.batch.key)
+    return "|".join(str(mapping.value_of(row, k)) for k in flow.batch.key)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,19 +26,20 @@ from patchbay.engine.delivery import DestinationWorker
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
-from patchbay.engine.roles import Node
+from patchbay.engine.roles import HEARTBEAT_S, LOST_AFTER_S, SCHEDULER, WORKER, Node
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
+from patchbay.engine.waiting import wait_set
 from patchbay.engine.windows import WindowCloser, has_gates
-from patchbay.errors import TransientError
+from patchbay.errors import ConfigError, TransientError
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import Accepted, Actor, NewEvent, SourceState
-from patchbay.store.opening import open_hub_store
-from patchbay.store.sqlite import SqliteStore
+from patchbay.store.base import Accepted, Actor, NewEvent, NodeRow, SourceState
+from patchbay.store.opening import is_postgres, open_hub_store
+from patchbay.store.sqlite import SqliteStore, StoreLocked
 
 log = logging.getLogger("patchbay.hub")
 alerts = logging.getLogger("patchbay.alert")
@@ -108,6 +111,14 @@ class Hub:
         self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
         self.started_at = time.time()
         self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
+        self.port: int | None = None  # where it listens, once it does (the cluster view shows it)
+        self.row: NodeRow | None = None  # this process's row in the store's `nodes`, from start()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stored_sources: dict[str, SourceState] = {}  # a node without the scheduler role: the store's
+        self._announce: dict[str, bool] = {}  # flows whose new deliveries other processes hear of next
+        self._announcer: asyncio.Task[None] | None = None
+        self._look = asyncio.Event()  # the state watcher looks now (another process changed a state)
+        self.watch_s = 0.5  # ...and at least this often (the CLI's changes, a missed wake-up)
 
     @classmethod
     def from_dir(cls, root: Path) -> Hub:
@@ -121,9 +132,24 @@ class Hub:
         self._cipher = field_cipher(
             self.project
         )  # before anything opens: a missing master key stops the start
-        self.store = open_hub_store(self.project.store_location, holder=self.node.id)
-        if lock:
+        location = self.project.store_location
+        if not self.node.everything and not is_postgres(location):
+            raise ConfigError(
+                f"serve --role {','.join(self.node.role_names)}: roles split a hub over processes that share a"
+                f" PostgreSQL store, and this project's store is the SQLite file {location}. Move it with"
+                " `patchbay store copy --to postgresql://…`, set `store:` in patchbay.yaml to that URL, or run"
+                " every role in one process (no --role)"
+            )
+        self.store = open_hub_store(location, holder=self.node.id)
+        if lock:  # SQLite: one hub per file; PostgreSQL: nothing (many hubs share it; same node id refused)
             self.store.lock()
+        try:
+            await self._join(refuse=lock)
+        except BaseException:
+            await self.store.close()
+            raise
+        if self.store.shared and self.node.runs(WORKER):  # other processes' accepts wake these workers
+            self.store.listen(self._woken)
         await self.resources.http_session()
         self.resources.redact = self.resolver.redactor
         self.batch = BatchRuns(self.project, self.resolver, self.store, self._batch_finished)
@@ -136,10 +162,14 @@ class Hub:
             flows.append(self.alert_manager.flow)
         for flow in flows:  # resolve now: a missing secret stops the start, before anything runs
             self._resolve_secrets(flow)
-        await self._first_runs()
+        scheduler = self.node.runs(SCHEDULER)
+        if scheduler:
+            await self._first_runs()
         for flow in flows:
             await self.add_flow(flow)
         self._watch = asyncio.create_task(self._watch_states())
+        if not scheduler:  # what runs once in the cluster runs on the nodes with the scheduler role
+            return
         await self.alert_manager.start()
         self.retention = Retention(
             self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
@@ -148,6 +178,113 @@ class Hub:
         if any(has_gates(f) for f in flows):  # first round at once: windows that closed while down
             self.windows = WindowCloser(self)
             self.windows.start()
+
+    # -------------------------------------------------------------- the node among the others
+    async def _join(self, refuse: bool) -> None:
+        """This process's row in the store's `nodes`, and its heartbeat. With `refuse`, a live process of
+        the same node id stops the start (StoreLocked); one that died on this host is taken over."""
+        assert self.store is not None
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("patchbay")
+        except PackageNotFoundError:
+            ours = "0"
+        now = time.time()
+        row = NodeRow(
+            self.node.id, socket.gethostname(), os.getpid(), self.node.role_names, ours, self.port, now, now
+        )
+        held = await self.store.join_cluster(row, LOST_AFTER_S, force=not refuse)
+        if held is not None and held.host == row.host and held.pid != row.pid and not _alive(held.pid):
+            held = await self.store.join_cluster(
+                row, LOST_AFTER_S, force=True
+            )  # it died here: its id is free
+        if held is not None:
+            raise StoreLocked(
+                f"opening the store {self.store.path}: node {row.id} is already running (pid {held.pid} on"
+                f" {held.host}, heartbeat {max(0.0, now - held.heartbeat_at):.0f} s ago); give this process"
+                f" another --node (or PATCHBAY_NODE_ID), or stop that one first"
+            )
+        self.row = row
+        self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+        # A node that died on this host (its process is gone: a kill -9, a crash) holds nothing any more: its
+        # claimed deliveries are due again now, not when their leases run out.
+        gone = [
+            n.id
+            for n in await self.store.nodes(now)
+            if n.host == row.host and n.stopped_at is None and n.pid != row.pid and not _alive(n.pid)
+        ]
+        released = await self.store.release_claims(gone) if gone else 0
+        if released:
+            log.info(
+                "%d deliveries claimed by %s (gone from this host) are due again", released, ", ".join(gone)
+            )
+
+    def serving_on(self, port: int) -> None:
+        """The port it listens on (the cluster view shows it), written with the next heartbeat, at once."""
+        self.port = port
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = asyncio.create_task(self._beat(first=0.0), name="heartbeat")
+
+    async def _beat(self, first: float = HEARTBEAT_S) -> None:
+        assert self.store is not None and self.row is not None
+        wait, lost = first, False
+        while True:
+            await asyncio.sleep(wait)
+            wait = HEARTBEAT_S
+            try:
+                mine = await self.store.heartbeat(self.row.id, self.row.started_at, time.time(), self.port)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store's own problem is in /readyz; try again at the next beat
+                log.warning("writing the heartbeat of node %s: %s", self.row.id, exc)
+                continue
+            if not mine and not lost:
+                log.error(
+                    "node %s: another process has taken this node id (this one's heartbeat stopped for more"
+                    " than %.0f s); give every process its own --node",
+                    self.row.id,
+                    LOST_AFTER_S,
+                )
+            lost = not mine
+
+    def wake(self, flows: list[str] | None = None, *, rescan: bool = True) -> None:
+        """Deliveries of `flows` (every flow: None) became due, or a destination's state changed (a replay, a
+        resume, a decision): the workers here look now, and the workers of the other processes too."""
+        for name in self.flows if flows is None else flows:
+            fr = self.flows.get(name)
+            for w in fr.workers.values() if fr is not None else ():
+                w.notify(rescan=rescan)
+            self._tell_others(name, rescan)
+
+    def _tell_others(self, flow: str, rescan: bool = False) -> None:
+        """Coalesced: the flows gathered while one announcement is sent go out together in the next."""
+        if self.store is None or not self.store.shared:
+            return
+        self._announce[flow] = self._announce.get(flow, False) or rescan
+        if self._announcer is None or self._announcer.done():
+            self._announcer = asyncio.create_task(self._send_announcements(), name="announce")
+
+    async def _send_announcements(self) -> None:
+        assert self.store is not None
+        while self._announce:
+            batch, self._announce = self._announce, {}
+            try:
+                for rescan in (False, True):
+                    flows = [f for f, r in batch.items() if r is rescan]
+                    if flows:
+                        await self.store.announce(flows, rescan=rescan)
+            except Exception as exc:  # the other processes' workers rescan each second: late, not lost
+                log.debug("telling the other processes of new deliveries: %s", exc)
+
+    def _woken(self, flow: str, rescan: bool) -> None:
+        """Another process announced deliveries of `flow` (every flow: empty); `rescan`: states changed too."""
+        for fr in self.flows.values() if not flow else filter(None, [self.flows.get(flow)]):
+            for w in fr.workers.values():
+                w.notify(rescan=rescan)
+        if rescan:
+            self._look.set()
 
     def _count_history(self, flow: str, removed: int, compressed: int) -> None:
         self.metrics.history_removed.labels(flow).inc(removed)
@@ -228,8 +365,10 @@ class Hub:
             self.syncs[spec.sync] = EntitySync(self.project.entities[spec.sync], self.store)
         for name, w in workers.items():
             self._apply_destination_state(fr, name, w.state)
-            w.start()
-        await self._start_trigger(fr)
+            if self.node.runs(WORKER):  # elsewhere the worker object only holds the state (API, metrics)
+                w.start()
+        if self.node.runs(SCHEDULER):
+            await self._start_trigger(fr)
         return fr
 
     def _call_workers(
@@ -362,8 +501,9 @@ class Hub:
         out = []
         if self.store is None or not self.store.writing:
             out.append("store writer")
+        workers = self.node.runs(WORKER)
         for name, fr in self.flows.items():
-            out += [f"delivery {name}/{w.name}" for w in fr.workers.values() if not w.running]
+            out += [f"delivery {name}/{w.name}" for w in fr.workers.values() if workers and not w.running]
             if fr.stream_task is not None and fr.stream_task.done():
                 out.append(f"source of {name}")
             if fr.schedule is not None and fr.schedule.task is not None and fr.schedule.task.done():
@@ -371,7 +511,10 @@ class Hub:
         return out
 
     def source_states(self) -> dict[str, SourceState]:
-        """The health of every flow's source or schedule (flows without one are absent)."""
+        """The health of every flow's source or schedule (flows without one are absent); on a node without the
+        scheduler role, as the nodes running them last wrote it in the store."""
+        if not self.node.runs(SCHEDULER):
+            return {n: s for n, s in self._stored_sources.items() if n in self.flows}
         return {name: fr.health.state for name, fr in self.flows.items() if fr.health is not None}
 
     def unhealthy_sources(self) -> dict[str, SourceState]:
@@ -415,7 +558,15 @@ class Hub:
                 await _bounded(sink.close(), f"closing a destination of {fr.spec.name}")
         if self.resources.http is not None:
             await _bounded(self.resources.http.close(), "closing HTTP sessions")
+        for task in (self._heartbeat, self._announcer):
+            if task is not None:
+                task.cancel()
         if self.store is not None:
+            if self.row is not None:  # a clean stop: the cluster view shows it stopped, not lost
+                await _bounded(
+                    self.store.leave_cluster(self.row.id, self.row.started_at, time.time()),
+                    "leaving the cluster",
+                )
             await self.store.close()
 
     # -------------------------------------------------------------- ingest
@@ -489,9 +640,13 @@ class Hub:
                 event.reason,
                 extra={"event_id": event.id, "flow": name},
             )
+        told = False
         for d in event.deliveries:
             if d.status == "pending":  # a split element's quarantine row is dead from the start
                 fr.workers[d.destination].notify()
+                if not told:
+                    self._tell_others(name)
+                    told = True
         return event.status
 
     async def ingest(
@@ -625,6 +780,7 @@ class Hub:
         assert self.store is not None
         await self.store.set_destination_state(flow, dest, state, None, by or Actor("api"))
         self._apply_destination_state(self.flows[flow], dest, state)
+        self._tell_others(flow, rescan=True)  # their workers read the new state from the store now
         if self.alert_manager is not None:
             self.alert_manager.kick()
 
@@ -646,11 +802,22 @@ class Hub:
         self.metrics.source_failures.labels(state.flow).set(state.failures)
 
     async def resume_source(self, flow: str, by: Actor | None = None) -> bool:
-        """Try a paused or stopped source (or schedule) again now; False when it was not waiting."""
+        """Try a paused or stopped source (or schedule) again now; False when it was not waiting. On a node
+        without the scheduler role, the store's state says so and the node running it tries it again."""
         fr = self.flows[flow]
+        assert self.store is not None
+        if not self.node.runs(SCHEDULER):
+            was = self.source_states().get(flow)
+            if was is None or was.state not in WAITING:
+                return False
+            now = time.time()
+            await self.store.set_source_state(SourceState(flow, "active", 0, None, now, now))
+            await self.store.audit("resume", f"{flow}/source", by or Actor("api", detail={"was": was.state}))
+            self._stored_sources[flow] = SourceState(flow, "active", 0, None, now, now)
+            self._tell_others(flow, rescan=True)
+            return True
         if fr.health is None or not fr.health.waiting:
             return False
-        assert self.store is not None
         await self.store.audit(
             "resume", f"{flow}/source", by or Actor("api", detail={"was": fr.health.state.state})
         )
@@ -658,16 +825,19 @@ class Hub:
         return True
 
     async def _watch_states(self) -> None:
-        """Pick up changes made by the CLI (resume, replay) from the store."""
+        """Pick up changes made by the CLI or by other processes (resume, replay, pause) from the store: every
+        half second, and at once when another process says it changed one."""
         assert self.store is not None
         while True:
-            await asyncio.sleep(0.5)
+            await wait_set(self._look, self.watch_s)
+            self._look.clear()
             try:
                 states = await self.store.destination_states()
                 sources = await self.store.source_states()
             except Exception:
                 log.exception("reading destination and source states")
                 continue
+            self._stored_sources = sources
             for fr in self.flows.values():
                 for w in fr.workers.values():
                     new, _, since = states.get((fr.spec.name, w.name), ("active", None, 0.0))
@@ -679,6 +849,17 @@ class Hub:
                 if h is not None and h.waiting and row is not None and row.state == "active":
                     log.info("the source of flow %s was resumed; trying it again", fr.spec.name)
                     await h.resume()
+
+
+def _alive(pid: int) -> bool:
+    """A process of that id runs on this host (it may be another program: then it is taken for alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def _bounded(aw: Awaitable[Any], what: str, seconds: float = 10.0) -> None:

@@ -16,10 +16,15 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any
+
+from patchbay.store.base import NodeRow
 
 WEB, WORKER, SCHEDULER = "web", "worker", "scheduler"
 ROLES: tuple[str, ...] = (WEB, WORKER, SCHEDULER)
 ALL_ROLES: frozenset[str] = frozenset(ROLES)
+HEARTBEAT_S = 2.0  # each hub writes its node row's heartbeat this often
+LOST_AFTER_S = 10.0  # a node without a heartbeat for this long is lost (killed, hung, cut off from the store)
 
 
 def default_node_id() -> str:
@@ -40,6 +45,11 @@ class Node:
     def everything(self) -> bool:
         return self.roles == ALL_ROLES
 
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        """The roles in their usual order: web, worker, scheduler."""
+        return tuple(r for r in ROLES if r in self.roles)
+
 
 def parse_roles(text: str) -> frozenset[str]:
     """`web,worker` -> the roles; an unknown name is a ValueError that names the known ones."""
@@ -53,4 +63,46 @@ def parse_roles(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
-__all__ = ["ALL_ROLES", "ROLES", "SCHEDULER", "WEB", "WORKER", "Node", "default_node_id", "parse_roles"]
+def node_view(row: NodeRow, now: float) -> dict[str, Any]:
+    """One node of the cluster view (API, CLI, console): its row, its status and what it holds."""
+    return {
+        "id": row.id,
+        "host": row.host,
+        "pid": row.pid,
+        "roles": list(row.roles),
+        "version": row.version,
+        "port": row.port,
+        "status": row.status(now, LOST_AFTER_S),
+        "started_at": row.started_at,
+        "heartbeat_at": row.heartbeat_at,
+        "heartbeat_age_s": round(max(0.0, now - row.heartbeat_at), 1),
+        "stopped_at": row.stopped_at,
+        "claims": row.claims,  # deliveries it holds leased (SKIP LOCKED claims)
+        # Named leases it holds (a schedule's, the window closer's, ...): filled in once the store keeps them.
+        "leases": [],
+    }
+
+
+def cluster_view(rows: list[NodeRow], now: float) -> dict[str, Any]:
+    """Every node (up, lost, or stopped within the last hour), and the thresholds that say which."""
+    return {
+        "nodes": [node_view(r, now) for r in rows],
+        "heartbeat_s": HEARTBEAT_S,
+        "lost_after_s": LOST_AFTER_S,
+    }
+
+
+__all__ = [
+    "ALL_ROLES",
+    "HEARTBEAT_S",
+    "LOST_AFTER_S",
+    "ROLES",
+    "SCHEDULER",
+    "WEB",
+    "WORKER",
+    "Node",
+    "cluster_view",
+    "default_node_id",
+    "node_view",
+    "parse_roles",
+]

@@ -328,6 +328,15 @@ class MapStep:
             raise RecordInvalid(problems, step="map")
         return flatten(out) if self.config.flatten else out
 
+    def value_of(self, record: Any, target: str) -> Any:
+        """The value this map gives the output field `target` for `record` (the record's own `target` when the
+        map does not write it, with `keep: true`); None when it cannot be computed."""
+        f = next((f for f in self._fields if f.target == target), None)
+        if f is None:
+            return record.get(target) if self.config.keep and isinstance(record, dict) else None
+        value = _value(f, record, [])
+        return None if value is _FAILED else value
+
     def flat_values(self, record: Any) -> dict[str, Any]:
         """Each field's value, keyed by its target, for a map whose targets are flat names and that has no
         keep, drop, flatten or omit_nulls (a batch sync's row): `apply` without building the output."""

@@ -32,7 +32,7 @@ __all__ = [
 
 TOKEN_PREFIX = "pbt_"
 SCOPES: dict[str, str] = {
-    "flows:read": "Read systems, flows, the map, destinations, schedules and cursors.",
+    "flows:read": "Read systems, flows, the map, destinations, schedules, cursors and the cluster's nodes.",
     "runs:read": "Read runs, traces, dead letters and counts.",
     "runs:replay": "Replay or discard dead letters and quarantined events; reset a source cursor.",
     "runs:start": "Start a run: a batch flow's sync now, or an event into a `manual: true` flow.",

@@ -684,6 +684,33 @@ class TokenCreated(TokenOut):
     token: str = Field(description="The token itself: shown only in this answer, never again.")
 
 
+class NodeOut(Out):
+    id: str = Field(description="The node id: `--node`, PATCHBAY_NODE_ID, or `host:pid`.")
+    host: str
+    pid: int
+    roles: list[Literal["web", "worker", "scheduler"]]
+    version: str = Field(description="The Patchbay version it runs.")
+    port: int | None = Field(
+        description="Where it answers /healthz, /readyz and /metrics (and, as web, the rest)."
+    )
+    status: Literal["up", "lost", "stopped"] = Field(
+        description="`lost`: no heartbeat for `lost_after_s` (killed, hung, or cut off from the store)."
+    )
+    started_at: Timestamp
+    heartbeat_at: Timestamp
+    heartbeat_age_s: float
+    stopped_at: Timestamp | None
+    claims: int = Field(description="Deliveries it holds claimed (leased) right now.")
+    leases: list[str] = Field(description="Named leases it holds (a schedule, the window closer, ...).")
+
+
+class ClusterOut(Out):
+    nodes: list[NodeOut] = Field(description="Every hub process on this store: up, lost, or stopped lately.")
+    node: str = Field(description="The node that answered.")
+    heartbeat_s: float
+    lost_after_s: float
+
+
 class WhoAmI(Out):
     token: TokenOut
 

@@ -16,6 +16,7 @@ from aiohttp.web_request import BaseRequest
 
 from patchbay.engine.batch_runs import LastRun
 from patchbay.engine.hub import Hub
+from patchbay.engine.roles import SCHEDULER, WEB, WORKER
 from patchbay.engine.waiting import wait_set
 from patchbay.server.api import add_api
 from patchbay.server.console import add_console
@@ -168,13 +169,16 @@ def make_runner(app: web.Application) -> HubRunner:
 
 
 def make_app(hub: Hub) -> web.Application:
+    """The hub's app. A process without the web role (`serve --role worker,...`) answers /healthz, /readyz
+    and /metrics only, so it can be probed; webhooks, the API and the console are the web role's."""
     settings = hub.project.settings
     gate = Gate()
     app = web.Application(
         client_max_size=settings.max_body_bytes + 1, middlewares=[gate.middleware, json_http_errors]
     )
     app[GATE_KEY] = gate
-    for flow in hub.project.flows.values():
+    web_role = hub.node.runs(WEB)
+    for flow in hub.project.flows.values() if web_role else ():
         path = flow.webhook_path
         if path is not None:
             app.router.add_post(path, WebhookEndpoint(hub, flow).handle)
@@ -182,23 +186,32 @@ def make_app(hub: Hub) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    def answer(body: dict[str, Any], parts: dict[str, str], status: int = 200) -> web.Response:
+        """Every answer names this node, its roles and the state of each part it runs."""
+        node = {"node": hub.node.id, "roles": list(hub.node.role_names), "parts": parts}
+        return web.json_response({**body, **node}, status=status)
+
     async def readyz(_: web.Request) -> web.Response:
+        parts = {"store": "ok", **dict.fromkeys(hub.node.role_names, "ok")}
         try:
             assert hub.store is not None
             await asyncio.wait_for(hub.store.destination_states(), 2.0)
         except Exception as exc:
-            return web.json_response(
-                {"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, status=503
-            )
+            parts["store"] = f"unreachable: {type(exc).__name__}"
+            return answer({"status": "unavailable", "reason": f"store: {type(exc).__name__}"}, parts, 503)
         problem = hub.store.problem if hub.store is not None else None
         if problem:  # writes fail (disk full, I/O error): nothing new can be accepted or recorded
-            return web.json_response(
-                {"status": "unavailable", "reason": f"store: writes fail: {problem}"}, status=503
-            )
+            parts["store"] = f"writes fail: {problem}"
+            return answer({"status": "unavailable", "reason": f"store: writes fail: {problem}"}, parts, 503)
         stopped = hub.not_running()
+        for what in stopped:
+            part = (
+                "store" if what == "store writer" else WORKER if what.startswith("delivery ") else SCHEDULER
+            )
+            parts[part] = ("not running: " if parts.get(part, "ok") == "ok" else parts[part] + ", ") + what
         if stopped:
-            return web.json_response(
-                {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, status=503
+            return answer(
+                {"status": "unavailable", "reason": "not running: " + ", ".join(stopped)}, parts, 503
             )
         sources = hub.unhealthy_sources()
         batches = hub.failing_batches()
@@ -212,10 +225,11 @@ def make_app(hub: Hub) -> web.Application:
                 problems[flow] = _batch_problem(flow, last) + (
                     f"; its schedule waits for `patchbay resume {flow}` or a good run" if waits else ""
                 )
-            return web.json_response(
-                {"status": "degraded", "flows": len(hub.flows), "problems": dict(sorted(problems.items()))}
+            return answer(
+                {"status": "degraded", "flows": len(hub.flows), "problems": dict(sorted(problems.items()))},
+                parts,
             )
-        return web.json_response({"status": "ready", "flows": len(hub.flows)})
+        return answer({"status": "ready", "flows": len(hub.flows)}, parts)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=hub.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -223,12 +237,14 @@ def make_app(hub: Hub) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app[HUB_KEY] = hub
+    if not web_role:
+        return app
     if settings.demo_inbox:
         add_inbox(app, hub.project.root / "inbox")
     add_api(app, hub)  # /api/v1: REST API behind scoped tokens, and its OpenAPI document
     add_console(app, hub)  # /console/: the web console (static files calling /api/v1)
     add_oauth(app, hub)  # /oauth/callback: finishes `patchbay connect SYSTEM`
-    app[HUB_KEY] = hub
     return app
 
 
@@ -259,6 +275,7 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
+    hub.serving_on(bound)
     # Everything loaded so far (config models, connectors, the app) lives as long as the process: keep it
     # out of the collector's generations, so a full collection under load does not stall acknowledgements.
     gc.collect()

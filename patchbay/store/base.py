@@ -9,7 +9,7 @@ is added by implementing `Store` and adding one parameter to the `store` fixture
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -434,6 +434,71 @@ class Retention(Protocol):
 
 
 @dataclass(frozen=True)
+class NodeRow:
+    """A hub process in the `nodes` table (engine/roles.py `Node`): where it runs, its roles, its heartbeat,
+    and (read by `nodes`) how many deliveries it holds claimed."""
+
+    id: str
+    host: str
+    pid: int
+    roles: tuple[str, ...]
+    version: str
+    port: int | None
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None = None
+    claims: int = 0
+
+    def status(self, now: float, lost_after: float) -> str:
+        """`up`, `stopped` (a clean stop) or `lost` (no heartbeat for `lost_after` s: killed, hung, cut off)."""
+        if self.stopped_at is not None:
+            return "stopped"
+        return "lost" if now - self.heartbeat_at > lost_after else "up"
+
+
+class Cluster(Protocol):
+    """The processes sharing the store: each one's row and heartbeat, and a wake across processes.
+
+    On SQLite there is one process (the file's lock), so `announce` and `listen` do nothing; on PostgreSQL
+    they are NOTIFY and LISTEN on a channel of the store's schema."""
+
+    async def join_cluster(self, node: NodeRow, alive_within: float, force: bool = False) -> NodeRow | None:
+        """Write `node`'s row (its `heartbeat_at` is now). When a process of the same id is alive (a heartbeat
+        within `alive_within` s, not stopped) and not `force`: that one's row, and nothing written."""
+        ...
+
+    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
+        """Refresh this process's row; False when the row is no longer its own (another process took the id)."""
+        ...
+
+    async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
+        """A clean stop: the row is marked stopped (and later removed)."""
+        ...
+
+    async def nodes(self, now: float) -> list[NodeRow]:
+        """Every node's row, with `claims`: the deliveries it holds leased at `now`."""
+        ...
+
+    async def release_claims(self, node_ids: Collection[str]) -> int:
+        """Let go of the deliveries those nodes hold claimed (their processes are known to be gone); how many."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Other processes may use this store at once (PostgreSQL)."""
+        ...
+
+    async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
+        """Tell the other processes that `flows` have new deliveries (`rescan`: older ones became due again:
+        a replay, a resume). Sent after the commit that made them, never part of it."""
+        ...
+
+    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
+        """Call `on_wake(flow, rescan)` on the running loop for every other process's `announce`, until closed."""
+        ...
+
+
+@dataclass(frozen=True)
 class SecretRow:
     """One vault secret as stored: encrypted by security/vault.py, never decrypted by a store."""
 
@@ -658,6 +723,7 @@ class Store(
     Retention,
     Identities,
     Windows,
+    Cluster,
     Protocol,
 ):
     """The hub's durable state. Every operation is async; writes return after they are committed."""

@@ -82,7 +82,8 @@ def copy_to_postgres(src: Path, url: str, progress: Progress | None = None) -> d
         tables = [
             r[0]
             for r in lite.execute(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+                " AND name != 'nodes' ORDER BY name"  # the processes of that file: not the new store's
             )
         ]
         missing = [t for t in tables if t not in target]

@@ -13,6 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# Each hub process's row (engine/roles.py: Node): written at start, its heartbeat every few seconds, marked
+# stopped at a clean stop. A new table, but in a numbered step: the cluster view is version 3's.
+NODES = """CREATE TABLE IF NOT EXISTS nodes(
+  id TEXT PRIMARY KEY,
+  host TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  roles TEXT NOT NULL,
+  version TEXT NOT NULL,
+  port INTEGER,
+  started_at DOUBLE PRECISION NOT NULL,
+  heartbeat_at DOUBLE PRECISION NOT NULL,
+  stopped_at DOUBLE PRECISION
+)"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -34,6 +48,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS leased_by TEXT",
             "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS lease_until DOUBLE PRECISION",
         ),
+    ),
+    Migration(
+        3,
+        "nodes: the processes sharing the store (id, roles, heartbeat), for the cluster view",
+        (NODES.replace("DOUBLE PRECISION", "REAL"),),
+        (NODES,),
     ),
 )
 BASELINE = 1  # the version a store created by the schema alone has

@@ -14,13 +14,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
+from patchbay.store import cluster as cl
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -40,6 +41,7 @@ from patchbay.store.base import (
     IdentityChanges,
     IdentityLookup,
     NewEvent,
+    NodeRow,
     ReplayReport,
     Reprocessor,
     RunFilter,
@@ -383,6 +385,32 @@ class SqliteStore:
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a transaction function `fn(conn, *args)` through the group-commit writer (SQLite only)."""
         return await self._write(fn, *args)
+
+    # -------------------------------------------------------------- cluster: the processes on this store
+    async def join_cluster(self, node: NodeRow, alive_within: float, force: bool = False) -> NodeRow | None:
+        return await self._write(cl.tx_join, node, alive_within, force)
+
+    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
+        return await self._write(cl.tx_heartbeat, node_id, started_at, now, port)
+
+    async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
+        await self._write(cl.tx_leave, node_id, started_at, now)
+
+    async def nodes(self, now: float) -> list[NodeRow]:
+        return await self._read(cl.q_nodes, now)
+
+    async def release_claims(self, node_ids: Collection[str]) -> int:
+        return await self._write(cl.tx_release, list(node_ids)) if node_ids else 0
+
+    @property
+    def shared(self) -> bool:
+        return False  # one serving process per file (`lock`)
+
+    async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
+        return None  # no other process to tell
+
+    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
+        return None
 
     # -------------------------------------------------------------- monitoring: alerts, source health
     async def snapshot(

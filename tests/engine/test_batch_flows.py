@@ -221,3 +221,22 @@ def test_patchbay_run_syncs_a_batch_flow_and_keeps_its_report_and_quarantined_ro
     assert "source column(s) total dropped but the flow reads them" in stopped.output
     runs = json.loads(runner.invoke(main, ["runs", "-p", str(tmp_path), "--json"]).output)
     assert [r["status"] for r in runs].count("failed") == 1
+
+
+def test_a_quarantined_row_is_listed_by_its_key_when_the_map_renames_the_key_column(tmp_path):
+    """The key is named after mapping; the quarantined row is the source's, so its key comes through the map."""
+    from click.testing import CliRunner
+
+    from patchbay.cli import main
+
+    renamed = FLOW.replace("map: {id: id,", "map: {order_id: id,").replace("key: [id]", "key: [order_id]")
+    write_project(tmp_path, {"systems.yaml": SYSTEMS, "flows/orders.yaml": renamed})
+    shop(tmp_path, 20)
+    with sqlite3.connect(tmp_path / "shop.db") as c:
+        c.execute("UPDATE orders SET email = 'nope' WHERE id = 7")
+    runner = CliRunner()
+    got = runner.invoke(main, ["run", "orders", "-p", str(tmp_path)])
+    assert got.exit_code == 0, got.output
+    runs = json.loads(runner.invoke(main, ["runs", "-p", str(tmp_path), "--json"]).output)
+    quarantined = [r for r in runs if r["status"] == "quarantined"]
+    assert [r["record_key"] for r in quarantined] == ["7"], quarantined

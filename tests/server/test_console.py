@@ -19,7 +19,7 @@ FILES = {
     "index.html": "text/html; charset=utf-8",
     **{
         f"{m}.js": "text/javascript; charset=utf-8"
-        for m in ("app", "api", "dom", "map", "flows", "runs", "failures")
+        for m in ("app", "api", "dom", "map", "flows", "runs", "failures", "cluster")
     },
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",

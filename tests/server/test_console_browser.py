@@ -476,3 +476,25 @@ async def test_run_a_batch_flow_from_its_page_and_read_the_report(tmp_path, sink
         raise
     finally:
         await context.close()
+
+
+async def test_the_cluster_page_lists_the_hubs_nodes(tmp_path, sink, start_hub, browser):
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
+    token, _ = await create_token(hub.store, "viewer", ["flows:read", "runs:read"], None, Actor("test"))
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    try:
+        await page.goto(hub.url + "/console/")
+        await page.get_by_label("API token").fill(token)
+        await page.get_by_label("API token").press("Enter")
+        await page.get_by_role("link", name="Cluster").click()
+        row = page.locator(f'table.cluster-nodes tr[data-node="{hub.hub.node.id}"]')
+        await row.wait_for()
+        assert await row.get_attribute("data-status") == "up"
+        assert "web, worker, scheduler" in await row.inner_text()
+        assert await page.title() == "Cluster · Patchbay"
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "console-cluster.png"), full_page=True)
+    finally:
+        await context.close()

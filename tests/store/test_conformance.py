@@ -25,6 +25,7 @@ from patchbay.store.base import (
     DedupeClaim,
     NewDelivery,
     NewEvent,
+    NodeRow,
     RunFilter,
     SecretRow,
     SecretRows,
@@ -1131,3 +1132,92 @@ async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> N
     rep = await store.replay({"orders": Deduping()}, [e.id], None, ALICE)
     assert rep.requeued == [e.id]  # the key is its own
     assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held
+
+
+# ================================================================== cluster: the processes sharing the store
+def node(node_id: str = "host-a:1", at: float | None = None, **kw: Any) -> NodeRow:
+    now = time.time() if at is None else at
+    fields: dict[str, Any] = {
+        "host": "host-a",
+        "pid": 1,
+        "roles": ("web", "worker"),
+        "version": "1.2.3",
+        "port": 8787,
+        "started_at": now,
+        "heartbeat_at": now,
+    }
+    return NodeRow(node_id, **{**fields, **kw})
+
+
+async def test_a_node_joins_beats_and_leaves(store: Store) -> None:
+    now = time.time()
+    me = node(at=now - 30)
+    assert await store.join_cluster(me, alive_within=10) is None
+    assert await store.join_cluster(node("host-b:2", host="host-b", pid=2, roles=("scheduler",)), 10) is None
+    [a, b] = await store.nodes(now)
+    assert (a.id, a.host, a.pid, a.roles, a.version, a.port) == (
+        "host-a:1",
+        "host-a",
+        1,
+        ("web", "worker"),
+        "1.2.3",
+        8787,
+    )
+    assert b.roles == ("scheduler",) and a.claims == 0
+    assert a.status(now, 10) == "lost"  # no heartbeat for 30 s
+    assert await store.heartbeat(me.id, me.started_at, now, port=9000)
+    [a, _] = await store.nodes(now)
+    assert a.status(now, 10) == "up" and a.heartbeat_at == pytest.approx(now) and a.port == 9000
+    await store.leave_cluster(me.id, me.started_at, now + 1)
+    [a, _] = await store.nodes(now + 1)
+    assert a.status(now + 1, 10) == "stopped" and a.stopped_at == pytest.approx(now + 1)
+    assert not await store.heartbeat(me.id, me.started_at, now + 2)  # a stopped row is not brought back
+
+
+async def test_a_live_node_id_is_refused_a_lost_or_stopped_one_taken_over(store: Store) -> None:
+    now = time.time()
+    first = node(at=now)
+    assert await store.join_cluster(first, alive_within=10) is None
+    second = node(pid=2, at=now + 1)
+    held = await store.join_cluster(second, alive_within=10)  # the first one beats: alive
+    assert held is not None and held.pid == 1
+    assert [n.pid for n in await store.nodes(now)] == [1]  # nothing written
+    lost = node(pid=3, at=now + 11)  # 11 s without a heartbeat of the first: lost, its id free again
+    assert await store.join_cluster(lost, alive_within=10) is None
+    assert not await store.heartbeat(first.id, first.started_at, now + 12)  # the first's row is gone
+    await store.leave_cluster(lost.id, lost.started_at, now + 12)
+    assert await store.join_cluster(node(pid=4, at=now + 13), alive_within=10) is None  # stopped: free
+    assert await store.join_cluster(node(pid=5, at=now + 14), alive_within=10, force=True) is None
+    assert [n.pid for n in await store.nodes(now + 14)] == [5]
+
+
+async def test_old_node_rows_are_removed_when_a_node_joins(store: Store) -> None:
+    now = time.time()
+    await store.join_cluster(node("gone:1", at=now - 7200), 10)
+    await store.leave_cluster("gone:1", now - 7200, now - 7200)  # stopped two hours ago
+    await store.join_cluster(node("lost:1", at=now - 2 * 86400), 10)  # lost two days ago
+    await store.join_cluster(node("lost:2", at=now - 600), 10)  # lost ten minutes ago: still shown
+    await store.join_cluster(node("new:1", at=now), 10)
+    assert [n.id for n in await store.nodes(now)] == ["lost:2", "new:1"]
+
+
+async def test_a_store_that_is_not_shared_announces_to_nobody(store: Store) -> None:
+    """SQLite: one process per file; PostgreSQL: NOTIFY (tests/store/test_postgres_store.py hears it)."""
+    heard: list[tuple[str, bool]] = []
+    if not store.shared:
+        store.listen(lambda flow, rescan: heard.append((flow, rescan)))
+        await store.announce(["orders"])
+        await asyncio.sleep(0.05)
+        assert heard == []
+
+
+async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
+    for _ in range(2):
+        await store.accept(event())
+    due = await store.due("orders", "crm", time.time() + 1, 10, set())
+    assert len(due) == 2
+    assert await store.release_claims(["nobody"]) == 0
+    if store.shared:  # PostgreSQL: claims are rows (SQLite keeps them in its one process's memory)
+        [n] = {store.holder}
+        assert await store.release_claims([n]) == 2
+        assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2

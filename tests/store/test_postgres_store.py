@@ -1,19 +1,20 @@
 """What only the PostgreSQL store does: round trips of the hot path, delivery leases shared by several
-hubs, the one-hub lock, and `check` on a store it cannot reach. (Its behaviour otherwise is the
+hubs, the cluster's claims and wake-ups, and `check` on a store it cannot reach. (Its behaviour otherwise is the
 conformance suite's, run on both stores.)"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from patchbay.cli.main import main
+from patchbay.store.base import NodeRow
 from patchbay.store.postgres import PostgresStore
 from patchbay.store.postgres.ops import LEASE_S
-from patchbay.store.sqlite import StoreLocked
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project, postgres_url
 from tests.store.test_conformance import event, result
 
@@ -61,13 +62,23 @@ async def test_two_hubs_share_the_feed_each_delivery_claimed_by_one_until_its_le
         await b.close()
 
 
-async def test_a_second_serving_hub_is_refused() -> None:
+async def test_many_hubs_share_the_store_and_the_cluster_view_counts_each_ones_claims() -> None:
     url = postgres_url()
-    a, b = PostgresStore(url), PostgresStore(url)
+    a, b = PostgresStore(url, holder="hub-a"), PostgresStore(url, holder="hub-b")
     try:
         a.lock()
-        with pytest.raises(StoreLocked, match="another `patchbay serve` is using it"):
-            b.lock()
+        b.lock()  # no one-hub lock: any number of hubs share a PostgreSQL store
+        now = time.time()
+        for holder in ("hub-a", "hub-b"):
+            row = NodeRow(holder, "h", 1, ("worker",), "1", None, now, now)
+            assert await a.join_cluster(row, alive_within=10) is None
+        for _ in range(5):
+            await a.accept(event())
+        await a.due("orders", "crm", now + 1, 3, set())
+        held = await b.due("orders", "crm", now + 1, 10, set())
+        await b.record([result(held[0], "success", "delivered")])  # recorded: the claim is let go
+        assert {n.id: n.claims for n in await a.nodes(now + 2)} == {"hub-a": 3, "hub-b": 1}
+        assert {n.id: n.claims for n in await a.nodes(now + LEASE_S + 2)} == {"hub-a": 0, "hub-b": 0}
     finally:
         await a.close()
         await b.close()
@@ -105,6 +116,32 @@ def open_together(url: str, n: int) -> tuple[list[PostgresStore], list[BaseExcep
     for t in threads:
         t.join(30)
     return opened, failed
+
+
+async def test_an_announcement_reaches_the_listeners_of_the_same_schema_only() -> None:
+    url = postgres_url()
+    a, b, other = PostgresStore(url), PostgresStore(url), PostgresStore(postgres_url())
+    heard: list[tuple[str, bool]] = []
+    elsewhere: list[tuple[str, bool]] = []
+    try:
+        b.listen(lambda flow, rescan: heard.append((flow, rescan)))
+        other.listen(lambda flow, rescan: elsewhere.append((flow, rescan)))
+        await eventually(lambda: ("", True) in heard and ("", True) in elsewhere)  # listening (and a rescan)
+        await a.announce(["orders", "leads"])
+        await a.announce(["orders"], rescan=True)
+        await eventually(lambda: len(heard) >= 4)
+        assert heard[1:] == [("orders", False), ("leads", False), ("orders", True)]
+        assert elsewhere == [("", True)]
+    finally:
+        for s in (a, b, other):
+            await s.close()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
 
 
 def test_check_reports_a_postgres_store_it_cannot_reach_at_the_store_line(tmp_path: Path) -> None:

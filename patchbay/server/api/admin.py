@@ -1,10 +1,12 @@
-"""Handlers for who is calling, the audit log and API tokens."""
+"""Handlers for who is calling, the cluster, the audit log and API tokens."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
+from patchbay.engine.roles import cluster_view
 from patchbay.security.tokens import create_token, revoke_token
 from patchbay.server import api_models as m
 from patchbay.server.api.common import Resource
@@ -13,10 +15,19 @@ from patchbay.store.base import AuditFilter
 
 
 class Admin(Resource):
-    """The calling token, the audit log, API tokens."""
+    """The calling token, the hub's processes, the audit log, API tokens."""
 
     async def whoami(self, c: Call) -> Any:
         return {"token": c.token.as_dict()}
+
+    async def cluster(self, c: Call) -> Any:
+        """The hub's processes on this store (engine/roles.py `cluster_view`), as the CLI's `cluster` shows them."""
+        now = time.time()
+        rows = await self.store.nodes(now)
+        if not self.store.shared:  # SQLite: the one process's claims are its workers' in-memory leases
+            held = sum(len(w.leased) for fr in self.hub.flows.values() for w in fr.workers.values())
+            rows = [replace(r, claims=held) if r.id == self.hub.node.id else r for r in rows]
+        return {**cluster_view(rows, now), "node": self.hub.node.id}
 
     async def list_audit(self, c: Call) -> Any:
         q: m.AuditQuery = c.query

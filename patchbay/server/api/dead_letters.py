@@ -32,9 +32,7 @@ class DeadLetters(Resource):
         by = c.by(**({"all": True, "flow": b.flow, "reason": b.reason} if b.all else {}))
         rep = await replay(self.store, pipelines, ids, b.destination, by)
         if rep.requeued:
-            for fr in self.hub.flows.values():
-                for w in fr.workers.values():
-                    w.notify(rescan=True)
+            self.hub.wake()  # here and in the other processes
             log.info("replayed %d run(s) via the API (%s)", len(rep.requeued), c.actor)
         return {
             "matched": len(ids),

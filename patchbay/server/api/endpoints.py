@@ -140,6 +140,15 @@ def endpoints(h: Handlers) -> list[Endpoint]:
         E("GET", f"{P}/whoami", h.admin.whoami, None, "The token making this call.", "meta", m.WhoAmI),
         E(
             "GET",
+            f"{P}/cluster",
+            h.admin.cluster,
+            "flows:read",
+            "The hub's processes on this store: roles, heartbeat (up, lost, stopped), claims held.",
+            "meta",
+            m.ClusterOut,
+        ),
+        E(
+            "GET",
             f"{P}/systems",
             h.flows.list_systems,
             "flows:read",

@@ -223,7 +223,4 @@ class Identities(Resource):
 
     def _wake(self, result: dict[str, Any]) -> None:
         """The decision's deliveries are in the store: their workers look now, not at the next rescan."""
-        for fr in self.hub.flows.values():
-            if fr.spec.sync is not None:
-                for w in fr.workers.values():
-                    w.notify(rescan=True)
+        self.hub.wake([name for name, fr in self.hub.flows.items() if fr.spec.sync is not None])

@@ -29,10 +29,12 @@ class State(Resource):
     async def resume_source(self, c: Call) -> Any:
         fr = self._flow(c.path.flow)
         name = fr.spec.name
-        if fr.health is None:
+        was = self.hub.source_states().get(name)  # on a node without the scheduler role: the store's
+        if was is None:
             raise ApiError(409, "no_source", f"flow {name} has no source or schedule to resume")
-        resumed = await self.hub.resume_source(name, c.by(was=fr.health.state.state))
-        return {"flow": name, "resumed": resumed, "state": fr.health.state.state}
+        resumed = await self.hub.resume_source(name, c.by(was=was.state))
+        now = self.hub.source_states().get(name, was)
+        return {"flow": name, "resumed": resumed, "state": now.state}
 
     async def list_schedules(self, c: Call) -> Any:
         ov = await self._overview()

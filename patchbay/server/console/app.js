@@ -1,8 +1,9 @@
-// The Patchbay console: a token login, then the map, flows, runs and failures, all read from /api/v1.
+// The Patchbay console: a token login, then the map, flows, runs, failures and the cluster, all read from /api/v1.
 // Routes live in the URL fragment (#/runs/evt_...), so the hub serves one page and links can be shared.
 
 import { api, can, forgetToken, keepToken, onUnauthorized, session } from './api.js';
 import { append, errorBox, fill, fmtTime, h } from './dom.js';
+import { viewCluster } from './cluster.js';
 import { viewFailures } from './failures.js';
 import { viewFlow, viewFlows, viewMap } from './flows.js';
 import { viewIdentities } from './identity.js';
@@ -80,6 +81,7 @@ function renderHeader() {
   const me = session.me;
   const links = [['map', 'Map'], ['flows', 'Flows'], ['runs', 'Runs'], ['failures', 'Failures']];
   if (can('identities:read')) links.push(['identities', 'Identities']);
+  if (can('flows:read')) links.push(['cluster', 'Cluster']);
   fill($header,
     h('a', { class: 'brand', href: '#/map' }, 'Patchbay'),
     h('nav', { 'aria-label': 'Main' }, h('ul', {}, links.map(([k, label]) => h('li', {},
@@ -231,7 +233,7 @@ async function notFound(root) {
 
 const VIEWS = {
   map: viewMap, flows: viewFlows, flow: viewFlow, runs: viewRuns, run: viewRun, failures: viewFailures,
-  identities: viewIdentities,
+  identities: viewIdentities, cluster: viewCluster,
 };
 
 if (session.token) start();

@@ -5,18 +5,22 @@ thread of the store's executor so the event loop never waits on the network. The
 SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
 run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
 (synchronous_commit as the server has it), so there is no group-commit writer: `accept` returns after
-its own COMMIT. A hub claims the store with a session advisory lock (`lock`), as SQLite does with flock.
+its own COMMIT. Any number of hubs share the store (engine/roles.py); a hub's accepted deliveries wake the workers of the
+others by NOTIFY on the schema's channel, sent after the commit from a connection of its own (`announce`),
+and each worker process LISTENs (`listen`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +39,12 @@ from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
-from patchbay.store.sqlite import SqliteStore, StoreClosed, StoreLocked
+from patchbay.store.sqlite import SqliteStore, StoreClosed
 from patchbay.store.sqlite_monitor import q_snapshot
 from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch
 
 T = TypeVar("T")
+log = logging.getLogger("patchbay.store")
 _RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 
@@ -151,7 +156,10 @@ class PostgresStore(SqliteStore):
         self._due = pg_ops.due_for(self.holder)
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
-        self._lock_conn: psycopg.Connection[Any] | None = None
+        self._conninfo = conninfo
+        self._notify_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-notify")
+        self._notify_conn: psycopg.Connection[Any] | None = None
+        self._listener: threading.Thread | None = None
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
@@ -174,17 +182,74 @@ class PostgresStore(SqliteStore):
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
-        """One serving hub per store (as with SQLite's flock): a session advisory lock held until close."""
-        conninfo, _ = _split_schema(self.url)
-        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
-        key = int.from_bytes(hashlib.sha256(f"patchbay:{self.schema or ''}".encode()).digest()[:7], "big")
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if not (row and row[0]):
-            conn.close()
-            raise StoreLocked(
-                f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
-            )
-        self._lock_conn = conn
+        """Nothing to claim: any number of hubs share a PostgreSQL store (engine/roles.py). Two processes with
+        the same node id are refused by `join_cluster`, and deliveries are claimed row by row (SKIP LOCKED)."""
+
+    # -------------------------------------------------------------- cluster: the wake across processes
+    @property
+    def shared(self) -> bool:
+        return True
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel of this store's schema (channels are per database, schemas share them)."""
+        return "patchbay_" + hashlib.sha256((self.schema or "").encode()).hexdigest()[:24]
+
+    async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
+        if self._closed or not flows:
+            return
+        payloads = [("r:" if rescan else "n:") + f for f in flows]
+        await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, payloads)
+
+    def _notify(self, payloads: list[str]) -> None:
+        """One NOTIFY round trip on a connection of its own (never in the transaction that wrote the rows)."""
+        for attempt in range(2):
+            try:
+                if self._notify_conn is None or self._notify_conn.closed:
+                    self._notify_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                self._notify_conn.execute(
+                    "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self.channel, payloads)
+                )
+                return
+            except psycopg.Error:
+                if self._notify_conn is not None:
+                    self._notify_conn.close()
+                self._notify_conn = None
+                if attempt == 1:
+                    raise
+
+    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._listener = threading.Thread(
+            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
+        )
+        self._listener.start()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+        def wake(flow: str, rescan: bool) -> None:
+            try:
+                loop.call_soon_threadsafe(on_wake, flow, rescan)
+            except RuntimeError:  # the loop has closed: the hub is gone
+                self._closed = True
+
+        while not self._closed:
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')  # type: ignore[arg-type]
+                    wake("", True)  # what was announced while not listening: a rescan of every flow finds it
+                    while not self._closed:
+                        for n in conn.notifies(timeout=0.5):
+                            kind, _, flow = n.payload.partition(":")
+                            wake(flow, kind == "r")
+            except psycopg.Error as exc:
+                if not self._closed:
+                    log.warning(
+                        "listening for other processes' deliveries on %s: %s; the workers rescan each second"
+                        " meanwhile, and listening starts again in a second",
+                        self.path,
+                        _reason(exc),
+                    )
+                    time.sleep(1.0)
 
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         for attempt in range(3):
@@ -235,9 +300,11 @@ class PostgresStore(SqliteStore):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._exec.shutdown, True)
         await loop.run_in_executor(None, self._pool.close)
-        if self._lock_conn is not None:
-            self._lock_conn.close()
-            self._lock_conn = None
+        await loop.run_in_executor(None, self._notify_exec.shutdown, True)
+        if self._notify_conn is not None:
+            self._notify_conn.close()
+        if self._listener is not None:  # it looks at `_closed` every half second
+            await loop.run_in_executor(None, self._listener.join, 2.0)
 
     @property
     def writing(self) -> bool:
