@@ -8,6 +8,7 @@
     │   └── RecordInvalid  a record failed validation; carries every reason with its field path
     ├── AuthError          401/403: the destination (or source) is paused, nothing fails
     ├── SecretMissing      a referenced secret has no value
+    ├── LeaseLost          a write under a lease (engine/leader.py) another node holds now: refused
     └── StoreError         the store itself is in trouble (not one record or destination)
         ├── StoreUnusable     the file is empty, foreign, damaged or newer: refused at open, never retried
         └── StoreUnavailable  writes fail right now (disk full, I/O error): answered 503, retried
@@ -94,6 +95,11 @@ class SecretMissing(PatchbayError):
 
     def __str__(self) -> str:
         return f"secret {self.name!r} has no value{': ' + self.hint if self.hint else ''}"
+
+
+class LeaseLost(PatchbayError):
+    """A write made under a lease (a fencing token) that this node no longer holds: another node took it,
+    so the write is refused and this node's work under the lease stops."""
 
 
 class StoreError(PatchbayError):

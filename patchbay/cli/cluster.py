@@ -42,7 +42,7 @@ def cluster(project_dir: Path, as_json: bool, remote: bool, url: str | None) -> 
 
         now = time.time()
         store = _store(project_dir)
-        view = cluster_view(store.run(lambda s: s.nodes(now)), now)
+        view = cluster_view(store.run(lambda s: s.nodes(now)), now, store.run(lambda s: s.leases()))
     if as_json:
         _echo_json(view)
     else:

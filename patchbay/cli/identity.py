@@ -55,8 +55,15 @@ def _search(store: Any, entity: str, text: str) -> list[Any]:
 def _identity_lines(ent: Any, ident: Any) -> list[str]:
     lines = [f"identity {ident.id} ({ident.entity}, {ident.status}; updated {_ts(ident.updated_at)})"]
     for system, view in sorted(ident.systems.items()):
+        pending = view.get("pending") or {}
         state = (
-            "deleted there" if view.get("deleted_at") else "create in flight" if view.get("pending") else ""
+            "deleted there"
+            if view.get("deleted_at")
+            else f"created {_ts(pending.get('at') or 0)}, not linked yet: overdue, see the log"
+            if pending.get("overdue")
+            else "create in flight"
+            if pending
+            else ""
         )
         lines.append(f"  {system}: id {view.get('id') or '-'}" + (f"  ({state})" if state else ""))
     lines.append(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from patchbay.config.durations import Duration
 from patchbay.config.models import NAME_RE, Spec
 from patchbay.config.problems import compile_at, did_you_mean, validate
 from patchbay.config.source import Located
@@ -114,6 +115,12 @@ class SystemMapping(Spec):
         None,
         description="Dotted path of the record's own update time, for fields with `rule: latest, clock: system`.",
     )
+    version: str | None = Field(
+        None,
+        description="Dotted path of the record's version as the system gives it (an ETag, a version "
+        "number). The hub keeps the last one read and hands it to an update as `version`, for a "
+        'compare-and-set the API offers, e.g. `headers: {If-Match: "{{ version }}"}`.',
+    )
 
 
 class DeletePolicy(Spec):
@@ -149,6 +156,15 @@ class EntityDoc(Spec):
         description="Each system that takes part, and how it maps fields."
     )
     deletes: DeletePolicy = Field(default_factory=DeletePolicy, description="What deletes do.")
+    read_back_within: Duration = Field(
+        300.0,
+        description="A record the hub created is linked when its id comes back: in the destination's answer "
+        "(`response: {id: ...}`) or when the system's own change feed reads the new record back. A create "
+        "still unlinked after this long is checked again (its answer is read for the id) and, if still "
+        "unlinked, flagged overdue: a warning in the log, `pending.overdue` in the entity's stats, and "
+        "`identities show`. Checked again every such period until linked.",
+        examples=["5m"],
+    )
 
 
 @dataclass

@@ -26,9 +26,11 @@ from patchbay.config.alerts import notify_config, split_notify
 from patchbay.config.models import AlertRule, Trigger
 from patchbay.config.project import DestinationSpec, FlowSpec, Project
 from patchbay.engine.batch_runs import LastRun
+from patchbay.engine.leader import LOCAL, Leader, current_fence
 from patchbay.engine.scheduler import late_after, late_by
 from patchbay.engine.sources import ALERT_AFTER, WAITING
 from patchbay.engine.waiting import wait_set
+from patchbay.errors import LeaseLost
 from patchbay.metrics import Metrics, StoreSnapshot
 from patchbay.store.base import Accepted, AlertChange, FailedAttempt, NewEvent, Snapshot, Store
 
@@ -247,9 +249,10 @@ class AlertManager:
         self._batch_last: dict[str, LastRun | None] = {}  # batch_failed: each batch flow's latest run
 
     # -------------------------------------------------------------- lifecycle
-    async def start(self) -> None:
-        """Start evaluating. The hub adds `self.flow` (the alert messages' flow) like any other flow."""
-        self._task = asyncio.create_task(self._loop(), name="alerts")
+    async def start(self, leader: Leader = LOCAL) -> None:
+        """Start evaluating, wherever lease `alerts` is held (engine/leader.py): on one node of a cluster.
+        The hub adds `self.flow` (the alert messages' flow) like any other flow."""
+        self._task = leader.hold("alerts", lambda _fence: self._loop())
 
     async def stop(self) -> None:
         """Stop evaluating (idempotent); the alert flow's workers belong to the hub and stop with it."""
@@ -280,8 +283,8 @@ class AlertManager:
             self._kick.clear()
             try:
                 await self.evaluate()
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, LeaseLost):
+                raise  # LeaseLost: another node evaluates the rules now
             except Exception:  # a store hiccup must not end alerting; try again at the next tick
                 log.exception("evaluating alert rules")
             await wait_set(self._kick, self.interval_s)
@@ -381,7 +384,7 @@ class AlertManager:
             record,
             dedupe_key=f"{f.rule.key}|{f.subject}|{status}|{now:.3f}",
             meta={"alert": status},
-            commit=lambda event: store.accept_alert(event, change),
+            commit=lambda event: store.accept_alert(event, change, fence=current_fence()),
         )
 
     def _flows(self, rule: Rule) -> list[FlowSpec]:

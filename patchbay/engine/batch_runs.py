@@ -214,12 +214,23 @@ class BatchRuns:
     async def stop(self) -> None:
         """Cancel the runs going: each aborts its destination transaction (nothing half written)."""
         for live in list(self.running.values()):
-            live._cancel = True
-            if live._loop is not None and live._task is not None:
-                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: the run has ended
-                    live._loop.call_soon_threadsafe(live._task.cancel)
+            self._cancel(live)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cancel(self, flow: str) -> None:
+        """Cancel the run of `flow` going, if any, and wait for its end (its schedule moved to another node)."""
+        live = self.running.get(flow)
+        if live is not None:
+            self._cancel(live)
+            await live.done.wait()
+
+    @staticmethod
+    def _cancel(live: LiveRun) -> None:
+        live._cancel = True
+        if live._loop is not None and live._task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: the run has ended
+                live._loop.call_soon_threadsafe(live._task.cancel)
 
     async def _run(self, spec: FlowSpec, live: LiveRun, accept_schema: bool) -> None:
         main = asyncio.get_running_loop()

@@ -10,12 +10,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from patchbay import registry
+from patchbay.config.entities import EntitySpec
 from patchbay.config.project import FlowSpec, Project, SystemSpec, load_or_raise, system_secret_refs
 from patchbay.connectors.base import Batch, Outcome, Resources, Sink, SourceRecord
 from patchbay.contracts import parse_answer, response_drift
@@ -23,6 +25,7 @@ from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
+from patchbay.engine.leader import Leader, current_fence
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
@@ -37,7 +40,7 @@ from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.store.base import Accepted, Actor, NewEvent, NodeRow, SourceState
+from patchbay.store.base import Accepted, Actor, Fence, NewEvent, NodeRow, SourceState
 from patchbay.store.opening import is_postgres, open_hub_store
 from patchbay.store.sqlite import SqliteStore, StoreLocked
 
@@ -104,6 +107,7 @@ class Hub:
         self.resources = Resources()
         self.flows: dict[str, FlowRuntime] = {}  # the project's flows and the internal `_alerts` flow
         self._watch: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
         self.alert_manager: AlertManager | None = None
         self.batch: BatchRuns | None = None  # batch flows' runs (schedule, API, console), from start()
         self.retention: Retention | None = None  # removes and compresses finished runs (`history:`)
@@ -111,6 +115,7 @@ class Hub:
         self.windows: WindowCloser | None = None  # closes aggregate windows, when a flow has gate steps
         self.started_at = time.time()
         self.syncs: dict[str, EntitySync] = {}  # entity -> its sync (flows with `sync:`), from add_flow
+        self.leader = Leader(None, self.node.id)  # this node's leases (engine/leader.py), from start()
         self.port: int | None = None  # where it listens, once it does (the cluster view shows it)
         self.row: NodeRow | None = None  # this process's row in the store's `nodes`, from start()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -153,6 +158,9 @@ class Hub:
             raise
         if self.store.shared and self.node.runs(WORKER):  # other processes' accepts wake these workers
             self.store.listen(self._woken)
+        # What runs once in the cluster runs under a lease (schedules, consumers, windows, alerts, retention,
+        # first runs); on a store one hub owns, every lease is this hub's.
+        self.leader = Leader(self.store, self.node.id)
         await self.resources.http_session()
         self.resources.redact = self.resolver.redactor
         self.batch = BatchRuns(self.project, self.resolver, self.store, self._batch_finished)
@@ -173,14 +181,16 @@ class Hub:
         self._watch = asyncio.create_task(self._watch_states())
         if not scheduler:  # what runs once in the cluster runs on the nodes with the scheduler role
             return
-        await self.alert_manager.start()
+        if self.syncs:  # creates not linked in time: on the one node holding lease `pending-creates`
+            self._sweep = self.leader.hold("pending-creates", lambda _fence: self._sweep_pending())
+        await self.alert_manager.start(self.leader)
         self.retention = Retention(
             self.store, lambda: [fr.spec for fr in self.flows.values()], on_counts=self._count_history
         )
-        self.retention.start()
+        self.retention.start(self.leader)
         if any(has_gates(f) for f in flows):  # first round at once: windows that closed while down
             self.windows = WindowCloser(self)
-            self.windows.start()
+            self.windows.start(self.leader)
 
     # -------------------------------------------------------------- the node among the others
     async def _join(self, refuse: bool) -> None:
@@ -299,28 +309,37 @@ class Hub:
     async def _first_runs(self) -> None:
         """An entity whose identity map is empty starts with a first run: every polled system is read and
         linked before anything is written, so records that exist on both sides are not duplicated."""
-        assert self.store is not None and self.resolver is not None
-        resolver = self.resolver
+        assert self.store is not None
         for name, ent in self.project.entities.items():
             flows = sync_flows(self.project.flows, name)
             if not flows or (await self.store.identity_stats(name))["identities"]:
                 continue
-            sync = self.syncs[name] = EntitySync(ent, self.store)
+            # One node runs it (lease `first-run:<entity>`); the others wait for it, then find it done.
+            await self.leader.once(f"first-run:{name}", partial(self._first_run, name, ent, flows))
 
-            def pipeline_of(f: FlowSpec) -> Pipeline:
-                return Pipeline(f, build_sinks(f, self.project, resolver, self.resources), self._cipher)
+    async def _first_run(
+        self, name: str, ent: EntitySpec, flows: list[FlowSpec], fence: Fence | None
+    ) -> None:
+        assert self.store is not None and self.resolver is not None
+        resolver = self.resolver
+        if (await self.store.identity_stats(name))["identities"]:
+            return  # another node did it while this one waited for the lease
+        sync = self.syncs[name] = EntitySync(ent, self.store)
 
-            def source_of(f: FlowSpec) -> Any:
-                assert f.source is not None
-                found = registry.connector_for(f.source.kind, "source")
-                assert found is not None
-                system = self.project.systems[f.source.system]
-                res = system_resources(self.project, resolver, system, f.name, self.resources)
-                return found[0](system.config, f.source.config, res)
+        def pipeline_of(f: FlowSpec) -> Pipeline:
+            return Pipeline(f, build_sinks(f, self.project, resolver, self.resources), self._cipher)
 
-            preview = await first_run(sync, flows, pipeline_of, source_of, dry_run=False)
-            if sum(preview.records.values()):
-                log.info("first run of %s: %s", name, preview.summary())
+        def source_of(f: FlowSpec) -> Any:
+            assert f.source is not None
+            found = registry.connector_for(f.source.kind, "source")
+            assert found is not None
+            system = self.project.systems[f.source.system]
+            res = system_resources(self.project, resolver, system, f.name, self.resources)
+            return found[0](system.config, f.source.config, res)
+
+        preview = await first_run(sync, flows, pipeline_of, source_of, dry_run=False)
+        if sum(preview.records.values()):
+            log.info("first run of %s: %s", name, preview.summary())
 
     def _resolve_secrets(self, flow: FlowSpec) -> None:
         assert self.resolver is not None
@@ -449,10 +468,11 @@ class Hub:
                     await self.ingest_batch(spec.name, Batch([SourceRecord(tick, id=f"tick:{due:.0f}")]))
 
             fr.schedule = ScheduleRunner(spec.name, spec.trigger.schedule, self.store, job, fr.health)
-            fr.schedule.start()
+            fr.schedule.start(self.leader)
         elif fr.source is not None and spec.source is not None and spec.source.mode == "stream":
-            fr.stream_task = asyncio.create_task(
-                consume(self, fr, fr.source, fr.health), name=f"consume {spec.name}"
+            src, health = fr.source, fr.health
+            fr.stream_task = self.leader.hold(
+                f"source:{spec.name}", lambda _fence: consume(self, fr, src, health)
             )
 
     # -------------------------------------------------------------- batch runs
@@ -463,6 +483,9 @@ class Hub:
             assert self.batch is not None
             try:
                 live = await self.batch.run(spec, "schedule")
+            except asyncio.CancelledError:  # the schedule stops here (its lease lost, the hub stopping)
+                await self.batch.cancel(spec.name)
+                raise
             except RunGoing as exc:  # never two at once: the run going stands for this one, its result too
                 log.info(
                     "flow %s: a run is going (%s, started by %s); the scheduled run waits for it instead",
@@ -538,6 +561,8 @@ class Hub:
             await _bounded(self.alert_manager.stop(), "stopping alert evaluation")
         if self._watch:
             self._watch.cancel()
+        if self._sweep:
+            self._sweep.cancel()
         if self.windows is not None:
             await _bounded(self.windows.stop(), "stopping the window closer")
         for fr in self.flows.values():  # stop taking new work first
@@ -704,7 +729,8 @@ class Hub:
         for r in batch.records:
             payload = r.raw if r.raw is not None else orjson.dumps(r.data)
             events.append(self._event(fr, payload, r.data, r.id, meta))
-        accepted = await self.store.accept_batch(events, flow_name, batch.cursor)
+        # A source's commit under its lease (schedule:<flow>, source:<flow>): refused once another node has it.
+        accepted = await self.store.accept_batch(events, flow_name, batch.cursor, fence=current_fence())
         for e, a in zip(events, accepted, strict=True):
             self._after_commit(fr, e, a)
         return accepted
@@ -855,6 +881,17 @@ class Hub:
                 if h is not None and h.waiting and row is not None and row.state == "active":
                     log.info("the source of flow %s was resumed; trying it again", fr.spec.name)
                     await h.resume()
+
+    async def _sweep_pending(self) -> None:
+        """Creates not linked in time: each entity's `read_back_within`, looked at a few times per period."""
+        while True:
+            syncs = list(self.syncs.values())
+            await asyncio.sleep(min([s.ent.doc.read_back_within / 4 for s in syncs] + [30.0]))
+            for sync in syncs:
+                try:
+                    await sync.sweep_pending()
+                except Exception:
+                    log.exception("checking the creates of %s not linked yet", sync.ent.name)
 
 
 def _alive(pid: int) -> bool:

@@ -66,6 +66,7 @@ class Incoming:
     values: dict[str, Any]
     deleted: bool = False
     clock: Any = None  # the record's own update time (systems[S].clock), for `clock: system`
+    version: Any = None  # the record's version as the system gives it (systems[S].version)
 
 
 def read_record(ent: EntitySpec, system: str, record: Any) -> Incoming:
@@ -75,7 +76,8 @@ def read_record(ent: EntitySpec, system: str, record: Any) -> Incoming:
     expr = ent.deleted.get(system)
     deleted = bool(expr is not None and is_truthy(expr.search(record)))
     clock = dig(record, m.clock) if m.clock else None
-    return Incoming(system, None if rid is None else str(rid), values, deleted, clock)
+    version = dig(record, m.version) if m.version else None
+    return Incoming(system, None if rid is None else str(rid), values, deleted, clock, version)
 
 
 @dataclass
@@ -102,6 +104,11 @@ class Op:
     record: dict[
         str, Any
     ]  # entity field -> value: the whole record as agreed (its own fields as it gave them)
+    # entity field -> the value the hub last knew the system held (last seen, or its own write not read
+    # back yet; None when never held), for every field of `record`: a destination's compare-and-set, so
+    # that writing the whole record never overwrites a field someone changed there meanwhile
+    expected: dict[str, Any] = field(default_factory=dict)
+    version: Any = None  # the system's version of the record as last read (systems[S].version)
 
     def as_record(self, ent: EntitySpec, identity: Identity) -> dict[str, Any]:
         """The record a destination renders: op, id, fields/record under the system's own names."""
@@ -112,6 +119,9 @@ class Op:
         rec: dict[str, Any] = {}
         for f, v in self.record.items():
             put(rec, paths[f], v)
+        expected: dict[str, Any] = {}
+        for f, v in self.expected.items():
+            put(expected, paths[f], v)
         return {
             "op": self.op,
             "entity": ent.name,
@@ -120,6 +130,8 @@ class Op:
             "id": self.id,
             "fields": fields,
             "record": rec,
+            "expected": expected,
+            "version": self.version,
             "values": dict(self.values),
             # Fields this system owns that the operation changes: only a person's decision does that.
             "owned": sorted(f for f in self.values if ent.owner(f) == self.system),
@@ -248,13 +260,16 @@ class Session:
         view["id"] = inc.record_id
         view["pending"] = None
         view["deleted_at"] = None
+        moved = inc.version is not None and view.get("version") != inc.version
+        if moved:
+            view["version"] = inc.version  # kept even when no value changed: the next If-Match needs it
         out = Applied(ident, "created" if created else "linked" if linked else "unchanged")
         self._seen_changed = False
         for f, v in inc.values.items():
             self._field(ident, view, inc, f, v, event_id, out)
         if out.changed and out.action == "unchanged":
             out.action = "updated"
-        if created or linked or out.changed or out.conflicts or self._seen_changed:
+        if created or linked or moved or out.changed or out.conflicts or self._seen_changed:
             self.touch(ident)
         self.changes.conflicts.extend(out.conflicts)
         return out
@@ -458,13 +473,15 @@ class Session:
         changed = {f: v for f, v in writable.items() if not _holds(view, f, v)}
         if not changed:
             return None
-        return Op(system, "update", str(view["id"]), changed, {**agreed, **changed})
+        record = {**agreed, **changed}
+        expected = {f: (None if (k := _known(view, f)) is MISSING else k) for f in record}
+        return Op(system, "update", str(view["id"]), changed, record, expected, view.get("version"))
 
     def wrote(self, ident: Identity, op: Op, event_id: str, destination: str) -> None:
         """Record that `op` is on its way (its deliveries are in this step's transaction)."""
         view = ident.systems.setdefault(op.system, _view())
         if op.op == "create":
-            view["pending"] = {"event": event_id, "destination": destination}
+            view["pending"] = {"event": event_id, "destination": destination, "at": self.now}
         if op.op in ("delete", "archive"):
             view["closed"] = op.op
         for f, v in op.values.items():

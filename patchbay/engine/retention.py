@@ -18,6 +18,7 @@ from functools import partial
 from typing import Protocol
 
 from patchbay.config.specs import FlowSpec
+from patchbay.engine.leader import LOCAL, Leader
 from patchbay.engine.waiting import wait_set
 from patchbay.store.base import Retention as RetentionStore
 
@@ -66,6 +67,7 @@ class Retention:
         self.clock = clock
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running = False  # this node holds lease `retention` and sweeps
 
     async def sweep(self) -> SweepReport:
         """One pass over every flow: remove what is past `keep` / `keep_failures`, compress what is past
@@ -106,10 +108,18 @@ class Retention:
             await asyncio.sleep(self.pause_s)  # let ingest's writes in between two chunks
         return done
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+    def start(self, leader: Leader = LOCAL) -> None:
+        """Sweep wherever lease `retention` is held (engine/leader.py): on one node of a cluster."""
+        self._task = leader.hold("retention", lambda _fence: self._loop())
 
     async def _loop(self) -> None:
+        self._running = True
+        try:
+            await self._sweeps()
+        finally:
+            self._running = False
+
+    async def _sweeps(self) -> None:
         while not self._stop.is_set():
             try:
                 report = await self.sweep()
@@ -125,6 +135,8 @@ class Retention:
                 return
 
     async def stop(self) -> None:
-        self._stop.set()
+        self._stop.set()  # a sweep going ends after its chunk
         if self._task is not None:
+            if not self._running:
+                self._task.cancel()  # a standby node (another holds lease `retention`): nothing runs here
             await asyncio.gather(self._task, return_exceptions=True)

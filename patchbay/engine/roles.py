@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from patchbay.store.base import NodeRow
+from patchbay.store.base import Lease, NodeRow
 
 WEB, WORKER, SCHEDULER = "web", "worker", "scheduler"
 ROLES: tuple[str, ...] = (WEB, WORKER, SCHEDULER)
@@ -63,7 +64,7 @@ def parse_roles(text: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def node_view(row: NodeRow, now: float) -> dict[str, Any]:
+def node_view(row: NodeRow, now: float, leases: Sequence[str] = ()) -> dict[str, Any]:
     """One node of the cluster view (API, CLI, console): its row, its status and what it holds."""
     return {
         "id": row.id,
@@ -78,15 +79,19 @@ def node_view(row: NodeRow, now: float) -> dict[str, Any]:
         "heartbeat_age_s": round(max(0.0, now - row.heartbeat_at), 1),
         "stopped_at": row.stopped_at,
         "claims": row.claims,  # deliveries it holds leased (SKIP LOCKED claims)
-        # Named leases it holds (a schedule's, the window closer's, ...): filled in once the store keeps them.
-        "leases": [],
+        "leases": sorted(leases),  # named leases it holds (engine/leader.py): schedule:<flow>, alerts, ...
     }
 
 
-def cluster_view(rows: list[NodeRow], now: float) -> dict[str, Any]:
-    """Every node (up, lost, or stopped within the last hour), and the thresholds that say which."""
+def cluster_view(rows: list[NodeRow], now: float, leases: Sequence[Lease] = ()) -> dict[str, Any]:
+    """Every node (up, lost, or stopped within the last hour) with the leases it holds (not run out at
+    `now`), and the thresholds that say which. On SQLite the one hub runs everything: no lease is stored."""
+    held: dict[str, list[str]] = {}
+    for lease in leases:
+        if lease.holder is not None and lease.until > now:
+            held.setdefault(lease.holder, []).append(lease.name)
     return {
-        "nodes": [node_view(r, now) for r in rows],
+        "nodes": [node_view(r, now, held.get(r.id, ())) for r in rows],
         "heartbeat_s": HEARTBEAT_S,
         "lost_after_s": LOST_AFTER_S,
     }

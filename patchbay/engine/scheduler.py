@@ -7,11 +7,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from patchbay.config.models import ScheduleTrigger
+from patchbay.engine.leader import LOCAL, Leader
 from patchbay.engine.sources import SourceHealth
-from patchbay.store.base import Store
+from patchbay.errors import LeaseLost
+from patchbay.store.base import Fence, Store
 
 log = logging.getLogger("patchbay.scheduler")
 
@@ -59,6 +62,13 @@ def late_by(spec: ScheduleTrigger, next_due_at: float | None, now: float) -> flo
 class ScheduleRunner:
     """Runs `job` at each scheduled time; never two at once; a missed run at start is caught up once.
 
+    It runs where lease `schedule:<flow>` is held (engine/leader.py), so on one node of a cluster; its
+    state (the tick of the run started, the next one due) is written under that lease's fence. A run
+    that started and did not finish (its node died, or stopped, during it) is fired again as the same
+    tick by the next holder: `job(due)` gets the tick, and its effects' guard (a plain tick's dedupe key,
+    a poll's cursor, a batch run's destination transaction) makes the second firing of a tick whose
+    effects committed a no-op.
+
     A failed run is read by `health` (the same vocabulary as deliveries): a transient failure is tried
     again with backoff, before the next scheduled time if that comes sooner; an auth or terminal one
     stops the schedule until it is resumed (no next due time meanwhile, so it is not "late" as well).
@@ -79,9 +89,10 @@ class ScheduleRunner:
         self.health = health
         self.task: asyncio.Task[None] | None = None
         self.running = False
+        self.fence: Fence | None = None
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._loop(), name=f"schedule {self.flow}")
+    def start(self, leader: Leader = LOCAL) -> None:
+        self.task = leader.hold(f"schedule:{self.flow}", self._loop)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -97,16 +108,19 @@ class ScheduleRunner:
             return now if self.spec.every is not None else next_after(self.spec, now)
         assert row is not None
         started, finished = row.get("last_started_at") or 0.0, row.get("last_finished_at") or 0.0
-        if started > finished and self.spec.catch_up == "once":
-            # The last run never finished (the hub was killed or stopped during it): a batch run left its
-            # destination as the run before left it, so it is done again, once, now.
+        if started > finished:
+            # The last run never finished (its hub was killed or stopped during it, or lost the lease): its
+            # tick is fired again, once, now (whatever `catch_up` says: that run was not missed, it was cut
+            # short). What committed of it is not done twice: the tick's guard (see the class) sees it.
+            tick = float(row.get("last_due_at") or started)
             log.info(
-                "schedule %s: the run started at %s did not finish (the hub stopped during it): running it "
-                "again once now",
+                "schedule %s: the run of %s (started at %s) did not finish (its hub stopped during it):"
+                " running that tick again now",
                 self.flow,
+                datetime.fromtimestamp(tick).isoformat(timespec="seconds"),
                 datetime.fromtimestamp(started).isoformat(timespec="seconds"),
             )
-            return now
+            return tick
         if due <= now:
             if self.spec.catch_up == "once":
                 log.info(
@@ -118,9 +132,13 @@ class ScheduleRunner:
             return next_after(self.spec, now)
         return float(due)
 
-    async def _loop(self) -> None:
+    async def _save(self, fields: dict[str, Any], count_run: bool = False) -> None:
+        await self.store.update_schedule(self.flow, fields, count_run, fence=self.fence)
+
+    async def _loop(self, fence: Fence | None = None) -> None:
+        self.fence = fence  # the lease this node holds the schedule by (None: a store one hub owns)
         due = await self._first_due()
-        await self.store.update_schedule(self.flow, {"next_due_at": due})
+        await self._save({"next_due_at": due})
         while True:
             if self.health.waiting:  # paused or stopped: no run until it is resumed, then one at once
                 await self.health.resumed.wait()
@@ -128,13 +146,13 @@ class ScheduleRunner:
             await asyncio.sleep(max(0.0, due - time.time()))
             started = time.time()
             nxt = next_after(self.spec, started)
-            await self.store.update_schedule(self.flow, {"last_started_at": started, "next_due_at": nxt})
+            await self._save({"last_started_at": started, "last_due_at": due, "next_due_at": nxt})
             self.running = True
             status, error, retry_in = "ok", None, None
             try:
                 await self.job(due)
-            except asyncio.CancelledError:
-                raise
+            except (asyncio.CancelledError, LeaseLost):
+                raise  # not the job's failure: this node stops running the schedule
             except Exception as exc:
                 decision = await self.health.failed(exc)
                 status, error, retry_in = "error", decision.reason, decision.retry_in
@@ -147,8 +165,7 @@ class ScheduleRunner:
             due = nxt if nxt > finished else next_after(self.spec, finished)
             if retry_in is not None:
                 due = min(due, finished + retry_in)
-            await self.store.update_schedule(
-                self.flow,
+            await self._save(
                 {
                     "last_finished_at": finished,
                     "last_status": status,

@@ -23,6 +23,7 @@ from patchbay.config.entities import EntitySpec, flow_origin
 from patchbay.config.specs import FlowSpec
 from patchbay.connectors.base import Batch
 from patchbay.engine.identity import MISSING, Applied, Incoming, Op, Session, read_record
+from patchbay.engine.leader import current_fence
 from patchbay.errors import RecordInvalid, TerminalError
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
@@ -78,7 +79,8 @@ class Preview:
 
 class EntitySync:
     """One entity's sync: every sync flow of the entity goes through its lock, so that each step reads
-    the identity map as the previous step left it."""
+    the identity map as the previous step left it: an asyncio lock in this process, and the store's
+    `entity_lock` across the processes sharing the store (PostgreSQL)."""
 
     def __init__(self, ent: EntitySpec, store: Store) -> None:
         self.ent = ent
@@ -96,7 +98,7 @@ class EntitySync:
         """Apply a trigger's records (a webhook's one, a poll's batch) and commit them with their writes."""
         origin = flow_origin(flow)
         assert origin is not None
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             now = time.time()
             prepared = [(it, *self._steps(pipeline, it.record)) for it in items]
             incs = [read_record(self.ent, origin, rec) for _, rec, _, _ in prepared if rec is not None]
@@ -118,8 +120,11 @@ class EntitySync:
                 events.append(
                     self._event(flow, it, event_id, now, status, reason, trace, deliveries, meta, inc.values)
                 )
-            accepted = await self.store.accept_synced(
-                events, session.finish(), {flow.name: cursor} if cursor is not None else None
+            accepted = await self.store.accept_synced(  # a source's commit: fenced by its lease, if any
+                events,
+                session.finish(),
+                {flow.name: cursor} if cursor is not None else None,
+                fence=current_fence(),
             )
         return events, accepted
 
@@ -253,6 +258,58 @@ class EntitySync:
             deliveries=deliveries,
         )
 
+    # -------------------------------------------------------------- creates not linked in time
+    async def sweep_pending(self, now: float | None = None, limit: int = 500) -> dict[str, int]:
+        """Creates still unlinked `read_back_within` after they were sent (or last checked): link those
+        whose answer now holds the id; flag the others overdue (once, with a warning) and look again a
+        period later. Never waits silently: the flag is in the identity, its stats and the log."""
+        now = time.time() if now is None else now
+        bound = self.ent.doc.read_back_within
+        out = {"linked": 0, "overdue": 0}
+        rows = await self.store.pending_creates(self.ent.name, now - bound, limit)
+        if not rows:
+            return out
+        async with self.lock, self.store.entity_lock(self.ent.name):
+            lookup = IdentityLookup()
+            for r in rows:
+                ident = await self.store.identity(r["identity_id"])
+                if ident is not None:
+                    lookup.identities[ident.id] = ident
+            session = Session(self.ent, lookup, now)
+            for r in rows:
+                ident = lookup.identities.get(r["identity_id"])
+                view = None if ident is None else ident.systems.get(r["system"])
+                pending = None if view is None else view.get("pending")
+                if ident is None or view is None or view.get("id") is not None or not pending:
+                    continue
+                fields = await self.store.response_fields(pending["event"], pending["destination"])
+                rid = (fields or {}).get("id")
+                if rid is not None:
+                    session.link_created(ident, r["system"], str(rid))
+                    out["linked"] += 1
+                    continue
+                pending["checked"] = now
+                if not pending.get("overdue"):
+                    pending["overdue"] = now
+                    out["overdue"] += 1
+                    log.warning(
+                        "sync %s: identity %s was created in %s %.0fs ago (run %s) and is still not linked: "
+                        "the answer had no id and the record was not read back. Check that %s's source "
+                        "reads it (a SQL source needs `lookback` above its writers' longest transaction), "
+                        "then `patchbay identities show %s %s`",
+                        self.ent.name,
+                        ident.id,
+                        r["system"],
+                        now - float(pending.get("at") or now),
+                        pending["event"],
+                        r["system"],
+                        self.ent.name,
+                        ident.id,
+                    )
+                session.touch(ident)
+            await self.store.accept_synced([], session.finish())
+        return out
+
     # -------------------------------------------------------------- a person's decisions
     async def resolve_conflict(
         self,
@@ -264,7 +321,7 @@ class EntitySync:
     ) -> dict[str, Any]:
         """Settle a conflict with a value (given, or the one `take` system had); written to every system
         that differs, its owner too, through the entity's sync flows. LookupError/ValueError when it cannot."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             c = await self.store.conflict(conflict_id)
             if c is None or c["entity"] != self.ent.name:
                 raise LookupError(f"no conflict {conflict_id} of entity {self.ent.name}")
@@ -307,7 +364,7 @@ class EntitySync:
         dismiss: bool = False,
     ) -> dict[str, Any]:
         """Decide a review: link the record to identity `link_to`, make it a new identity, or dismiss it."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             r = await self.store.review(review_id)
             if r is None or r["entity"] != self.ent.name:
                 raise LookupError(f"no review {review_id} of entity {self.ent.name}")
@@ -390,7 +447,7 @@ class EntitySync:
 
         `reads`: system -> (its sync flow, that flow's pipeline, every record it holds, the cursor after
         them). With `dry_run`, nothing is written: the preview says what would happen."""
-        async with self.lock:
+        async with self.lock, self.store.entity_lock(self.ent.name):
             now = time.time()
             prev = Preview(self.ent.name)
             incs: dict[str, list[tuple[Item, Incoming]]] = {}
@@ -442,7 +499,7 @@ class EntitySync:
             prev.identities = len({i.id for i in changes.identities})
             if not dry_run:
                 cursors = {flow.name: cursor for flow, _, _, cursor in reads.values() if cursor is not None}
-                await self.store.accept_synced(events, changes, cursors)
+                await self.store.accept_synced(events, changes, cursors, fence=current_fence())
             return prev
 
 

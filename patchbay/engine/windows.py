@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from patchbay.config.project import FlowSpec
+from patchbay.engine.leader import LOCAL, Leader
 from patchbay.errors import StoreUnavailable
 from patchbay.metrics import Metrics
 from patchbay.store.base import Accepted, NewEvent, Store, WindowState
@@ -78,8 +79,9 @@ class WindowCloser:
         self.open: dict[str, int] = {}  # per flow: windows holding records not yet emitted (the last round's)
         self._wake = asyncio.Event()
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name="window closer")
+    def start(self, leader: Leader = LOCAL) -> None:
+        """Close windows wherever lease `windows` is held (engine/leader.py): on one node of a cluster."""
+        self.task = leader.hold("windows", lambda _fence: self._run())
 
     def kick(self) -> None:
         self._wake.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -208,7 +209,7 @@ class TokenInfo:
 
 DestinationStates = dict[tuple[str, str], tuple[str, str | None, float]]
 SCHEDULE_FIELDS = frozenset(
-    {"last_started_at", "last_finished_at", "last_status", "last_error", "next_due_at"}
+    {"last_started_at", "last_due_at", "last_finished_at", "last_status", "last_error", "next_due_at"}
 )
 
 
@@ -220,7 +221,9 @@ class Ingest(Protocol):
         and dedupe key; `conflict` when the body differs). Returns after the commit."""
         ...
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
         """Every event and the flow's source cursor (unless None) in one transaction."""
         ...
 
@@ -277,8 +280,11 @@ class Schedules(Protocol):
 
     async def schedules(self) -> dict[str, dict[str, Any]]: ...
 
-    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
-        """Set `fields` (names from SCHEDULE_FIELDS); `count_run` adds one to `runs`."""
+    async def update_schedule(
+        self, flow: str, fields: Mapping[str, Any], count_run: bool = False, fence: Fence | None = None
+    ) -> None:
+        """Set `fields` (names from SCHEDULE_FIELDS); `count_run` adds one to `runs`. With `fence`, only
+        while that lease is still its holder's (else LeaseLost, nothing written)."""
         ...
 
 
@@ -661,9 +667,14 @@ class Identities(Protocol):
         ...
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+        self,
+        events: list[NewEvent],
+        changes: IdentityChanges,
+        cursors: Mapping[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> list[Accepted]:
-        """Events, identity changes and source cursors (flow -> cursor) in one transaction."""
+        """Events, identity changes and source cursors (flow -> cursor) in one transaction (with `fence`,
+        only while that lease is still its holder's)."""
         ...
 
     async def conflicts(
@@ -681,7 +692,19 @@ class Identities(Protocol):
     async def review(self, review_id: int) -> dict[str, Any] | None: ...
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
-        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n}}."""
+        """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n},
+        "pending": {"waiting": creates whose id the map waits for, "overdue": those flagged by the sweep}}."""
+        ...
+
+    def entity_lock(self, entity: str) -> AbstractAsyncContextManager[None]:
+        """Held around a sync step of `entity` (read the map, decide, `accept_synced`): one step at a time
+        across every process sharing the store. SQLite's store has one serving process (its file lock),
+        whose steps EntitySync already serializes, so there it holds nothing."""
+        ...
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Creates sent before `older_than` whose record id the map still waits for, oldest first:
+        {"identity_id", "system", "event_id", "destination", "since"}."""
         ...
 
 
@@ -709,6 +732,48 @@ class Windows(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A named lease: what must run once in the whole cluster runs on its holder (engine/leader.py)."""
+
+    name: str  # schedule:<flow>, source:<flow>, windows, alerts, retention, first-run:<entity>
+    holder: str | None  # a node id; None once released
+    until: float  # the holder must renew before this (the store's clock), or anyone may take it
+    fence: int  # raised by one each time the lease changes hands: the fencing token
+    taken_at: float
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A lease as its holder took it. A write made with it commits only while the lease is still this
+    holder's with this token (a paused holder whose lease was taken meanwhile gets LeaseLost)."""
+
+    name: str
+    holder: str
+    token: int
+
+
+class Leases(Protocol):
+    """Named leases, so that several hubs sharing a store run each singleton on one node at a time. On a
+    store one hub owns (`Cluster.shared` False: SQLite's lock) every lease is that hub's and the engine
+    never asks the store."""
+
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Take lease `name` for `holder` until now + `ttl_s` (the store's clock), or renew it when
+        `holder` has it: its fencing token, the same on a renewal and higher whenever the lease changed
+        hands. None when another holder has it and it has not expired. Atomic: of concurrent takers of a
+        free lease, one gets it."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Let go of `name` now, when `holder` has it (another node may take it at once)."""
+        ...
+
+    async def leases(self) -> list[Lease]:
+        """Every lease, by name (the cluster view)."""
+        ...
+
+
 class Store(
     Ingest,
     Deliveries,
@@ -724,6 +789,7 @@ class Store(
     Identities,
     Windows,
     Cluster,
+    Leases,
     Protocol,
 ):
     """The hub's durable state. Every operation is async; writes return after they are committed."""
@@ -761,8 +827,11 @@ class Store(
         the events that drifted from their flow's contract since then (once, at start)."""
         ...
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        """The alert message and the rule's new state in one transaction: told once, whatever crashes when."""
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        """The alert message and the rule's new state in one transaction: told once, whatever crashes when
+        (with `fence`, only while the alert loop's lease is still its holder's)."""
         ...
 
     async def source_states(self) -> dict[str, SourceState]: ...

@@ -73,6 +73,18 @@ CREATE TABLE IF NOT EXISTS identity_reviews(
 CREATE INDEX IF NOT EXISTS identity_reviews_status ON identity_reviews(status, entity, id);
 CREATE UNIQUE INDEX IF NOT EXISTS identity_reviews_open ON identity_reviews(entity, system, record_id)
   WHERE status = 'open';
+CREATE TABLE IF NOT EXISTS identity_pending(
+  identity_id TEXT NOT NULL,
+  system TEXT NOT NULL,
+  entity TEXT NOT NULL,
+  event_id TEXT NOT NULL,
+  destination TEXT NOT NULL,
+  since REAL NOT NULL,
+  overdue REAL,
+  PRIMARY KEY(identity_id, system)
+);
+CREATE INDEX IF NOT EXISTS identity_pending_since ON identity_pending(entity, since);
+CREATE INDEX IF NOT EXISTS identity_pending_event ON identity_pending(event_id);
 """
 
 
@@ -176,6 +188,25 @@ def tx_identity_changes(conn: sqlite3.Connection, ch: IdentityChanges) -> None:
                 if v.get("id") is not None
             ],
         )
+        # Creates whose id the map waits for: the sweep finds them, and retention keeps their runs.
+        conn.execute("DELETE FROM identity_pending WHERE identity_id=?", (ident.id,))
+        conn.executemany(
+            "INSERT INTO identity_pending(identity_id, system, entity, event_id, destination, since, overdue)"
+            " VALUES(?,?,?,?,?,?,?)",
+            [
+                (
+                    ident.id,
+                    system,
+                    ident.entity,
+                    p["event"],
+                    p["destination"],
+                    float(p.get("checked") or p.get("at") or ident.updated_at),  # when to look again
+                    p.get("overdue"),
+                )
+                for system, v in ident.systems.items()
+                if v.get("id") is None and (p := v.get("pending"))
+            ],
+        )
         conn.execute("DELETE FROM identity_keys WHERE identity_id=?", (ident.id,))
         if ident.status != "deleted":
             conn.executemany(
@@ -222,6 +253,17 @@ def tx_identity_changes(conn: sqlite3.Connection, ch: IdentityChanges) -> None:
         )
         if ch.by is not None:
             tx_audit(conn, ch.by.name, "review.resolve", str(rid), {**ch.by.detail, **how}, ch.by.origin)
+
+
+def q_pending_creates(
+    conn: sqlite3.Connection, entity: str, older_than: float, limit: int
+) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT identity_id, system, event_id, destination, since FROM identity_pending"
+        " WHERE entity=? AND since<? ORDER BY since LIMIT ?",
+        (entity, older_than, limit),
+    )
+    return [dict(r) for r in rows]
 
 
 def _conflict(row: sqlite3.Row) -> dict[str, Any]:
@@ -298,7 +340,11 @@ def q_stats(conn: sqlite3.Connection, entity: str) -> dict[str, Any]:
             "SELECT status, COUNT(*) FROM identity_reviews WHERE entity=? GROUP BY status", (entity,)
         ).fetchall()
     )
+    waiting, overdue = conn.execute(
+        "SELECT COUNT(*), COUNT(overdue) FROM identity_pending WHERE entity=?", (entity,)
+    ).fetchone()
     return {
+        "pending": {"waiting": waiting, "overdue": overdue},
         "identities": sum(status.values()),
         "status": status,
         "linked": linked,

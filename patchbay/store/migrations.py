@@ -27,6 +27,15 @@ NODES = """CREATE TABLE IF NOT EXISTS nodes(
   stopped_at DOUBLE PRECISION
 )"""
 
+_LEASES_SQLITE = """CREATE TABLE IF NOT EXISTS leases(
+  name TEXT PRIMARY KEY,
+  holder TEXT,
+  until REAL NOT NULL,
+  fence INTEGER NOT NULL,
+  taken_at REAL NOT NULL
+)"""
+_LEASES_POSTGRES = _LEASES_SQLITE.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -54,6 +63,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         "nodes: the processes sharing the store (id, roles, heartbeat), for the cluster view",
         (NODES.replace("DOUBLE PRECISION", "REAL"),),
         (NODES,),
+    ),
+    Migration(
+        4,
+        "leases: one holder per schedule, source and singleton across hubs (engine/leader.py); schedules:"
+        " the tick of the last run started (last_due_at), fired again as the same tick when it did not finish",
+        (_LEASES_SQLITE, "ALTER TABLE schedules ADD COLUMN last_due_at REAL"),
+        (_LEASES_POSTGRES, "ALTER TABLE schedules ADD COLUMN IF NOT EXISTS last_due_at DOUBLE PRECISION"),
     ),
 )
 BASELINE = 1  # the version a store created by the schema alone has

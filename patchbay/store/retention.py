@@ -26,13 +26,16 @@ def opened(value: Any) -> Any:
 
 def tx_purge(conn: sqlite3.Connection, flow: str, statuses: Sequence[str], before: float, limit: int) -> int:
     """Remove up to `limit` runs of `flow` in `statuses` whose last change is before `before`: the event, its
-    deliveries, their attempts and response fields. A run with a delivery still pending is never removed."""
+    deliveries, their attempts and response fields. A run with a delivery still pending is never removed, nor
+    one whose create the identity map still waits to link (identity_pending)."""
     marks = ",".join("?" * len(statuses))
     ids = [
         r[0]
         for r in conn.execute(
             f"SELECT e.id FROM events e WHERE e.flow=? AND e.received_at<? AND e.updated_at<? AND e.status IN ({marks})"
             " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id=e.id AND d.status='pending')"
+            # A create whose id the identity map still waits for: its response holds the id.
+            " AND NOT EXISTS (SELECT 1 FROM identity_pending p WHERE p.event_id=e.id)"
             " ORDER BY e.received_at LIMIT ?",
             (flow, before, before, *statuses, limit),
         )

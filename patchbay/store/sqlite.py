@@ -14,14 +14,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
+from patchbay.store import leases as lq
 from patchbay.store import queries as rq
 from patchbay.store import retention
 from patchbay.store import tokens as tq
@@ -37,9 +39,11 @@ from patchbay.store.base import (
     DestinationStates,
     DiscardReport,
     DueDelivery,
+    Fence,
     Identity,
     IdentityChanges,
     IdentityLookup,
+    Lease,
     NewEvent,
     NodeRow,
     ReplayReport,
@@ -57,11 +61,13 @@ from patchbay.store.identity import (
     q_conflicts,
     q_identity,
     q_lookup,
+    q_pending_creates,
     q_review,
     q_reviews,
     q_search,
     q_stats,
 )
+from patchbay.store.leases import fenced
 from patchbay.store.sqlite_monitor import (
     _MonitorReader,
     q_snapshot,
@@ -183,9 +189,13 @@ class SqliteStore:
     async def accept(self, event: NewEvent) -> Accepted:
         return await self._write(tx_accept, event)
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
         """Several events and the source cursor that covers them, committed together."""
-        return await self._write(tx_accept_batch, events, flow, cursor)
+        if fence is None:
+            return await self._write(tx_accept_batch, events, flow, cursor)
+        return await self._write(fenced(tx_accept_batch), fence, events, flow, cursor)
 
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
@@ -222,9 +232,11 @@ class SqliteStore:
     async def schedules(self) -> dict[str, dict[str, Any]]:
         return await self._read(aq.q_schedules)
 
-    async def update_schedule(self, flow: str, fields: Mapping[str, Any], count_run: bool = False) -> None:
+    async def update_schedule(
+        self, flow: str, fields: Mapping[str, Any], count_run: bool = False, fence: Fence | None = None
+    ) -> None:
         _check_schedule_fields(fields)
-        await self._write(lambda c: tx_schedule(c, flow, **fields, count_run=count_run))
+        await self._write(fenced(tx_schedule_fields), fence, flow, dict(fields), count_run)
 
     # -------------------------------------------------------------- runs, dead letters
     async def list_runs(self, f: RunFilter) -> list[dict[str, Any]]:
@@ -338,9 +350,23 @@ class SqliteStore:
         return await self._read(q_all, entity, after, limit)
 
     async def accept_synced(
-        self, events: list[NewEvent], changes: IdentityChanges, cursors: Mapping[str, Any] | None = None
+        self,
+        events: list[NewEvent],
+        changes: IdentityChanges,
+        cursors: Mapping[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> list[Accepted]:
-        return await self._write(tx_accept_synced, events, changes, dict(cursors or {}))
+        return await self._write(fenced(tx_accept_synced), fence, events, changes, dict(cursors or {}))
+
+    # -------------------------------------------------------------- leases (store/leases.py)
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(lq.tx_take, name, holder, ttl_s)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._write(lq.tx_release, name, holder)
+
+    async def leases(self) -> list[Lease]:
+        return await self._read(lq.q_leases)
 
     async def conflicts(
         self, entity: str | None = None, status: str | None = None, limit: int = 100
@@ -360,6 +386,13 @@ class SqliteStore:
 
     async def identity_stats(self, entity: str) -> dict[str, Any]:
         return await self._read(q_stats, entity)
+
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
+
+    async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
+        return await self._read(q_pending_creates, entity, older_than, limit)
 
     # -------------------------------------------------------------- SQLite only
     # -- calls inside flows (store/calls.py)
@@ -440,8 +473,10 @@ class SqliteStore:
             timeout=timeout,
         )
 
-    async def accept_alert(self, event: NewEvent, change: AlertChange) -> Accepted:
-        return await self._write(tx_alert, event, change)
+    async def accept_alert(
+        self, event: NewEvent, change: AlertChange, fence: Fence | None = None
+    ) -> Accepted:
+        return await self._write(fenced(tx_alert), fence, event, change)
 
     async def source_states(self) -> dict[str, SourceState]:
         return await self._read(q_source_states)
@@ -465,6 +500,10 @@ class SqliteStore:
 
     async def set_source_state(self, state: SourceState) -> None:
         await self._write(tx_set_source_state, state)
+
+
+def tx_schedule_fields(conn: sqlite3.Connection, flow: str, fields: dict[str, Any], count_run: bool) -> None:
+    tx_schedule(conn, flow, **fields, count_run=count_run)
 
 
 def _check_schedule_fields(fields: Mapping[str, Any]) -> None:

@@ -111,6 +111,31 @@ async def test_insert_upsert_update_delete_move_rows(admin, table, make):
     assert await rows(admin, table) == [(2, "b@x", "B", 9)]
 
 
+async def test_update_with_expect_changes_only_columns_still_holding_the_expected_value(admin, table, make):
+    await write(make("upsert"), {"id": 1, "email": "a@x", "name": "A", "score": 1})
+    cas = make(
+        "update",
+        columns={"id": "id", "name": "fields.name", "score": "fields.score"},
+        expect={"name": "expected.name", "score": "expected.score"},
+    )
+    out = await write(
+        cas, {"id": 1, "fields": {"name": "B", "score": 2}, "expected": {"name": "A", "score": 1}}
+    )
+    assert out.cls is OutcomeClass.SUCCESS, out
+    assert await rows(admin, table) == [(1, "a@x", "B", 2)]
+    # Someone changed the score since the hub read 2: the hub's stale write leaves it, the name still moves.
+    await admin.execute(f'UPDATE "{table}" SET score = 7 WHERE id = 1')
+    out = await write(
+        cas, {"id": 1, "fields": {"name": "C", "score": 3}, "expected": {"name": "B", "score": 2}}
+    )
+    assert out.cls is OutcomeClass.SUCCESS, out
+    assert await rows(admin, table) == [(1, "a@x", "C", 7)]
+    # Null is a value like any other: expected null matches a null column.
+    await admin.execute(f'UPDATE "{table}" SET score = NULL WHERE id = 1')
+    await write(cas, {"id": 1, "fields": {"name": "C", "score": 4}, "expected": {"name": "C", "score": None}})
+    assert await rows(admin, table) == [(1, "a@x", "C", 4)]
+
+
 async def test_schema_and_upsert_on_another_unique_key(admin, table, make):
     up = make(
         "upsert", key=("email",), schema="public", columns={"id": "id", "email": "email", "name": "name"}

@@ -168,6 +168,43 @@ def test_update_and_delete_sql():
     assert de.action == "delete from t"
 
 
+def test_update_with_expect_sql_per_dialect():
+    req = {
+        "op": "update",
+        "table": "t",
+        "row": {"id": 1, "name": "b", "n": 2},
+        "key": ["id"],
+        "expect": {"name": "a"},
+    }
+    pg = build_statement(req, "postgres")
+    assert pg.sql == (
+        'UPDATE "t" SET "name" = CASE WHEN "name" IS NOT DISTINCT FROM %s THEN %s ELSE "name" END, "n" = %s'
+        ' WHERE "id" = %s'
+    )
+    assert pg.params == ["a", "b", 2, 1]
+    assert "CASE WHEN `name` <=> %s THEN %s ELSE `name` END" in build_statement(req, "mysql").sql
+    assert 'CASE WHEN "name" IS ? THEN ? ELSE "name" END' in build_statement(req, "sqlite").sql
+    assert "`expect` applies to write_mode: update" in errors_of(
+        table="t", write_mode="upsert", key=["id"], expect={"name": "x"}
+    )
+    assert "not in `columns`" in errors_of(
+        table="t", write_mode="update", key=["id"], columns={"id": "id", "a": "a"}, expect={"b": "x"}
+    )
+    assert "key column" in errors_of(
+        table="t", write_mode="update", key=["id"], columns={"id": "id", "a": "a"}, expect={"id": "x"}
+    )
+    r = RowRenderer(
+        dest(table="t", write_mode="update", key=["id"], columns={"id": "id", "a": "v"}, expect={"a": "old"})
+    )
+    assert r.render({"id": 1, "v": 2, "old": 1}) == {
+        "op": "update",
+        "table": "t",
+        "row": {"id": 1, "a": 2},
+        "key": ["id"],
+        "expect": {"a": 1},
+    }
+
+
 def test_a_tampered_request_never_reaches_sql():
     with pytest.raises(ValueError, match="bad column name"):
         build_statement({**ROW, "row": {'id" = 1; --': 1, "id": 1}}, "postgres")

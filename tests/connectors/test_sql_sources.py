@@ -497,6 +497,28 @@ async def test_resume_after_a_crash_loses_and_repeats_nothing(db: Db):
     assert len({r.id for r in first.records} | {r.id for b in rest for r in b.records}) == 2500
 
 
+async def test_lookback_reads_a_row_committed_late_once_and_never_moves_the_cursor_back(db: Db):
+    # Rows 1 and 2 are read; row 3 then commits with an older cursor value (its transaction stamped
+    # updated_at before row 2's committed). Without a lookback the cursor has passed it for good.
+    await db.insert([(1, at(10), "1"), (2, at(20), "1")])
+    src = db.source(batch_size=10, lookback="30s")
+    first = await read(src)
+    cursor = first[-1].cursor
+    assert ids(first) == [1, 2]
+    await db.insert([(3, at(15), "1"), (4, at(-20), "1")])  # row 4: older than the lookback reaches
+    late = await read(src, cursor)
+    assert ids(late) == [3]  # read once; rows 1 and 2, read again in the window, are dropped
+    assert late[-1].cursor == cursor  # the position stays at the newest row read (row 2)
+    assert await read(src, cursor) == []  # row 3 is not read again either
+    await db.touch([1], at(25))
+    assert ids(await read(src, cursor)) == [1]  # a change in the window is a new version: read
+    # After a restart (a new source) the window is read again; the store's record ids dedupe it.
+    again = await read(db.source(batch_size=10, lookback="30s"), cursor)
+    assert sorted(ids(again)) == [1, 2, 3]
+    assert "lookback" in errors_of(table="t", lookback="-1s")
+    assert SqlSourceConfig.model_validate({"table": "t", "cursor_column": "id", "lookback": 5}).lookback == 5
+
+
 async def test_query_with_cursor_placeholder_and_where(db: Db):
     await db.insert([(i, at(i), "1") for i in range(1, 9)])
     await db.execute(f"UPDATE {db.q(db.name)} SET note = 'draft%' WHERE id IN (3, 4)")

@@ -376,7 +376,7 @@ async def test_kill_9_during_a_scheduled_run_then_the_schedule_catches_up_once(t
             schedule = (await hub.get(f"/api/v1/flows/{flow_name}"))["schedule"]
             assert schedule["runs"] == 1 and schedule["next_due_at"] > time.time() + 3000
             assert len((await hub.get(f"/api/v1/runs?flow={flow_name}"))["runs"]) == 1
-            assert "did not finish (the hub stopped during it): running it again once now" in hub.log()
+            assert "did not finish (its hub stopped during it): running that tick again now" in hub.log()
         finally:
             await hub.stop()
             await pg.execute("DELETE FROM _patchbay_sync_state WHERE flow = %s", (flow_name,))

@@ -106,6 +106,7 @@ def sync_project(
     *,
     upsert_creates: bool = False,
     hub: dict[str, Any] | None = None,
+    lookback: str = "5s",
 ) -> Path:
     """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
     so a create retried after a crash lands once."""
@@ -123,6 +124,9 @@ def sync_project(
         # An update never writes the columns the system owns; a person's decision (`owned` not empty) may.
         update = {"id": "id", **{c: f"record.{c}" for f, c in cols.items() if f not in owned[system]}}
         correct = {"id": "id", **{c: f"record.{c}" for c in cols.values()}}
+        # Compare-and-set: a column changes only if it still holds what the hub last knew was there.
+        expect_update = {c: f"expected.{c}" for c in update if c != "id"}
+        expect_correct = {c: f"expected.{c}" for c in correct if c != "id"}
         return [
             {
                 "name": f"{system}_correct",
@@ -132,6 +136,7 @@ def sync_project(
                 "write_mode": "update",
                 "key": ["id"],
                 "columns": correct,
+                "expect": expect_correct,
             },
             {
                 "name": f"{system}_create",
@@ -150,6 +155,7 @@ def sync_project(
                 "write_mode": "update",
                 "key": ["id"],
                 "columns": update,
+                "expect": expect_update,
             },
         ]
 
@@ -163,7 +169,12 @@ def sync_project(
             "sync": "customer",
             "trigger": {
                 "schedule": {"every": "1s"},
-                "source": {"system": system, "table": table, "cursor_column": "updated_at"},
+                "source": {
+                    "system": system,
+                    "table": table,
+                    "cursor_column": "updated_at",
+                    "lookback": lookback,
+                },
             },
             "destinations": all_dests,
         }

@@ -269,3 +269,39 @@ def test_latest_by_the_systems_clock_keeps_the_newer_change_whatever_arrives_las
     assert ident.golden["phone"]["value"] == "2"
     [op] = s.plan(ident, {"a", "b"})
     assert (op.system, op.values) == ("b", {"phone": "2"})  # b gets the newer value back
+
+
+def test_an_update_carries_what_the_hub_last_knew_each_field_held_for_compare_and_set():
+    ent = entity()
+    s = session(ent)
+    ident = s.apply(inc("crm", "45", email="a@x.io", phone="1", zip=None), "e1").identity
+    assert ident is not None
+    s.apply(inc("billing", "cus_9", email="a@x.io", phone="1", plan=None, zip=None), "e2")
+    s.apply(inc("crm", "45", email="a@x.io", phone="2", zip=None), "e3")
+    [op] = s.plan(ident, {"billing"})
+    rec = op.as_record(ent, ident)
+    assert rec["fields"] == {"tel": "2"}
+    # Under billing's own names, for every field of the record (a whole-record write compares them all).
+    assert rec["expected"] == {"mail": "a@x.io", "tel": "1", "plan": None, "zip": None}
+    s.wrote(ident, op, "e3", "billing_update")
+    s.apply(inc("crm", "45", email="a@x.io", phone="3", zip="75001"), "e4")
+    [op] = s.plan(ident, {"billing"})
+    # The phone: the hub's own write not read back yet is what it last put there; the zip billing never had.
+    assert op.as_record(ent, ident)["expected"] == {"mail": "a@x.io", "tel": "2", "plan": None, "zip": None}
+    [create] = s.plan(s.apply(inc("crm", "46", email="b@x.io"), "e5").identity, {"billing"})  # type: ignore[arg-type]
+    assert create.op == "create" and create.as_record(ent, ident)["expected"] == {}
+
+
+def test_an_update_carries_the_version_the_system_gave_last_for_if_match():
+    ent = entity()
+    ent.doc.systems["billing"].version = "etag"
+    s = session(ent)
+    ident = s.apply(inc("crm", "45", email="a@x.io", phone="1"), "e1").identity
+    assert ident is not None
+    billing = read_record(ent, "billing", {"cus": "cus_9", "mail": "a@x.io", "tel": "1", "etag": 'W/"7"'})
+    s.apply(billing, "e2")
+    s.apply(inc("crm", "45", email="a@x.io", phone="2"), "e3")
+    [op] = s.plan(ident, {"billing"})
+    assert op.as_record(ent, ident)["version"] == 'W/"7"'  # headers: {If-Match: "{{ version }}"}
+    [crm] = s.plan(s.apply(billing, "e4").identity, {"crm"}) or [None]  # type: ignore[arg-type]
+    assert crm is None or crm.as_record(ent, ident)["version"] is None  # the CRM gives none

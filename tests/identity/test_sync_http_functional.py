@@ -148,6 +148,7 @@ def project(root: Path, t: Tables, m: Marketing) -> Path:
             "write_mode": "update",
             "key": ["id"],
             "columns": {"id": "id", "plan": "record.plan", "phone": "record.phone"},
+            "expect": {"plan": "expected.plan", "phone": "expected.phone"},
         },
         {
             "name": "mk_create",
@@ -174,7 +175,7 @@ def project(root: Path, t: Tables, m: Marketing) -> Path:
             "sync": "customer",
             "trigger": {
                 "schedule": {"every": "1s"},
-                "source": {"system": "crm", "table": t.crm, "cursor_column": "updated_at"},
+                "source": {"system": "crm", "table": t.crm, "cursor_column": "updated_at", "lookback": "5s"},
             },
             "destinations": dests,
         },

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.conftest import eventually
 from tests.identity.helpers import ENTITY, Tables, cli, deliveries, polls, sync_project
 
@@ -60,6 +62,100 @@ async def test_two_way_sync_writes_once_each_way_and_never_echoes(tmp_path, tabl
     stats = await hub.store.identity_stats("customer")
     assert stats["identities"] == 1 and stats["linked"] == {"crm": 1, "marketing": 1}
     await asyncio.sleep(0)
+
+
+async def test_a_whole_row_update_never_overwrites_a_field_changed_there_since_the_hub_read_it(
+    tmp_path, tables: Tables, start_hub
+):
+    hub = await start_hub(sync_project(tmp_path, tables))
+    await tables.pg_exec(
+        f'INSERT INTO "{tables.crm}" (email, name, phone) VALUES (%s, %s, %s)',
+        ["ada@example.com", "Ada", "111"],
+    )
+
+    async def in_marketing() -> bool:
+        return len(await tables.mk_rows()) == 1
+
+    await eventually(in_marketing, timeout=20, what="the customer created in marketing")
+    await polls(hub, 2)
+    [mk] = await tables.mk_rows()
+    # A marketing user changes the shared phone, and the hub has not read it yet (updated_at kept, so no
+    # poll sees it before the hub's next write: the window between a read and a write, made wide).
+    await tables.my_exec(
+        f"UPDATE `{tables.mk}` SET phone = '999', updated_at = updated_at WHERE id = %s", [mk[0]]
+    )
+    # The CRM renames the customer: the hub writes marketing's row, whole (every column it may set).
+    await tables.pg_exec(f'UPDATE "{tables.crm}" SET name = %s', ["Ada B."])
+
+    async def converged() -> bool:
+        [crm], [m] = await tables.crm_rows(), await tables.mk_rows()
+        return m[2] == "Ada B." and crm[4] == "999" and m[4] == "999"
+
+    # The name moved; the phone marketing's user set was kept, read back, and went to the CRM.
+    await eventually(converged, timeout=20, what="the rename in marketing and marketing's phone kept")
+    await polls(hub, 3)
+    [crm], [m] = await tables.crm_rows(), await tables.mk_rows()
+    assert crm[1:] == ("ada@example.com", "Ada B.", None, "999") and m[1:] == crm[1:]
+
+
+@pytest.mark.parametrize("lookback", ["5s", "0s"])
+async def test_a_row_the_hub_created_that_commits_late_is_still_read_back_and_linked(
+    tmp_path, tables: Tables, start_hub, lookback: str
+):
+    # The CRM stamps updated_at when a row is written, and this insert commits 3 s later (a slow trigger,
+    # as a busy server or a long transaction would): a row stamped later and committed meanwhile moves
+    # the cursor past it. Without a lookback the hub's own create is never read back and never linked:
+    # then it is flagged overdue after the entity's read_back_within, never left waiting silently.
+    await tables.pg_exec(
+        f"CREATE FUNCTION {tables.crm}_slow() RETURNS trigger AS $$ BEGIN "
+        "IF NEW.name = 'Slow Ada' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+    )
+    await tables.pg_exec(
+        f'CREATE TRIGGER {tables.crm}_s BEFORE INSERT ON "{tables.crm}" '
+        f"FOR EACH ROW EXECUTE FUNCTION {tables.crm}_slow()"
+    )
+    try:
+        entity = {**ENTITY, "read_back_within": "8s"}
+        hub = await start_hub(sync_project(tmp_path, tables, entity, lookback=lookback))
+        await tables.my_exec(
+            f"INSERT INTO `{tables.mk}` (email_address, full_name) VALUES (%s, %s)",
+            ["ada@example.com", "Slow Ada"],
+        )
+
+        async def creating() -> bool:
+            rows = await tables.pg_exec(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s",
+                [f'INSERT INTO "{tables.crm}"%'],
+            )
+            return rows[0][0] > 0
+
+        await eventually(creating, timeout=20, what="the hub's insert into the CRM under way")
+        # A row stamped after the hub's (2 s ahead: whenever the slow insert stamps its row, this one is
+        # later), committed at once: the next poll reads it and the cursor passes the uncommitted row.
+        await tables.pg_exec(
+            f'INSERT INTO "{tables.crm}" (email, name, updated_at)'
+            " VALUES (%s, %s, clock_timestamp() + interval '2 s')",
+            ["bob@example.com", "Bob"],
+        )
+
+        async def linked() -> bool:
+            stats = await hub.store.identity_stats("customer")
+            return stats["linked"] == {"crm": 2, "marketing": 2}
+
+        async def flagged() -> bool:
+            stats = await hub.store.identity_stats("customer")
+            return stats["pending"] == {"waiting": 1, "overdue": 1}
+
+        if lookback == "0s":
+            await eventually(flagged, timeout=20, what="the unlinked create flagged overdue")
+            assert (await hub.store.identity_stats("customer"))["linked"] == {"crm": 1, "marketing": 2}
+            return
+        await eventually(linked, timeout=20, what="both customers linked on both sides")
+        assert (await hub.store.identity_stats("customer"))["pending"] == {"waiting": 0, "overdue": 0}
+        assert len(await tables.crm_rows()) == 2 and len(await tables.mk_rows()) == 2
+    finally:
+        await tables.pg_exec(f'DROP TRIGGER IF EXISTS {tables.crm}_s ON "{tables.crm}"')
+        await tables.pg_exec(f"DROP FUNCTION IF EXISTS {tables.crm}_slow()")
 
 
 async def test_first_run_links_records_present_on_both_sides_and_creates_the_rest(

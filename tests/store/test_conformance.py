@@ -15,14 +15,16 @@ from typing import Any
 import orjson
 import pytest
 
-from patchbay.errors import PatchbayError
+from patchbay.errors import LeaseLost, PatchbayError
 from patchbay.store.base import (
     Actor,
+    AlertChange,
     AttemptResult,
     AuditFilter,
     CachedAnswer,
     Contribution,
     DedupeClaim,
+    Fence,
     NewDelivery,
     NewEvent,
     NodeRow,
@@ -1134,6 +1136,34 @@ async def test_replay_of_a_dead_run_passes_its_own_dedupe_key(store: Store) -> N
     assert (await store.accept(claimed("k", flow="orders"))).status == "filtered"  # and still held
 
 
+async def test_purge_keeps_the_run_of_a_create_whose_id_the_identity_map_still_waits_for(store: Store):
+    from patchbay.store.base import IdentityChanges
+
+    e = event("crm_sync")  # a create sent to the marketing system (destination "crm" in these helpers)
+    ident = _identity("idn_p", crm="45")
+    ident.systems["mkt"] = {
+        "id": None,
+        "seen": {},
+        "written": {"email": {"value": "ada@example.com", "at": 1.0, "event": e.id}},
+        "pending": {"event": e.id, "destination": "crm", "at": 1.0},
+    }
+    await store.accept_synced([e], IdentityChanges("customer", [ident]))
+    [d] = await due(store, flow="crm_sync")
+    await store.record([result(d, "success", "delivered", response={"id": "m-9"})])
+    later = time.time() + 10
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 0
+    assert await store.response_fields(e.id, "crm") == {"id": "m-9"}  # still there for the map to read
+    waiting = await store.pending_creates("customer", older_than=2.0)
+    assert [(p["identity_id"], p["system"], p["event_id"], p["destination"]) for p in waiting] == [
+        ("idn_p", "mkt", e.id, "crm")
+    ]
+    assert await store.pending_creates("customer", older_than=0.5) == []  # not that old
+    ident.systems["mkt"].update(id="m-9", pending=None)  # linked: the map no longer needs the run
+    await store.accept_synced([], IdentityChanges("customer", [ident]))
+    assert await store.pending_creates("customer", older_than=later) == []
+    assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 1
+
+
 # ================================================================== cluster: the processes sharing the store
 def node(node_id: str = "host-a:1", at: float | None = None, **kw: Any) -> NodeRow:
     now = time.time() if at is None else at
@@ -1221,3 +1251,72 @@ async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
         [n] = {store.holder}
         assert await store.release_claims([n]) == 2
         assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2
+
+
+# ------------------------------------------------------------------ leases (one holder per name, fencing)
+async def test_a_lease_is_taken_renewed_by_its_holder_and_refused_to_another(store: Store) -> None:
+    assert await store.leases() == []
+    token = await store.take_lease("schedule:nightly", "node-a", 30.0)
+    assert token is not None
+    assert await store.take_lease("schedule:nightly", "node-b", 30.0) is None  # held: refused
+    assert await store.take_lease("schedule:nightly", "node-a", 30.0) == token  # renewed: same fence
+    assert await store.take_lease("alerts", "node-b", 30.0) is not None  # another name: its own lease
+    [alerts, nightly] = await store.leases()
+    assert (nightly.name, nightly.holder, nightly.fence) == ("schedule:nightly", "node-a", token)
+    assert nightly.until > time.time() + 25 and nightly.taken_at <= time.time()
+    assert (alerts.name, alerts.holder) == ("alerts", "node-b")
+
+
+async def test_an_expired_or_released_lease_goes_to_the_next_taker_with_a_higher_fence(store: Store) -> None:
+    first = await store.take_lease("windows", "node-a", 0.05)
+    assert first is not None
+    await asyncio.sleep(0.15)  # node-a stopped renewing: the lease runs out
+    second = await store.take_lease("windows", "node-b", 30.0)
+    assert second is not None and second > first
+    assert await store.take_lease("windows", "node-a", 30.0) is None  # the old holder cannot renew it
+    await store.release_lease("windows", "node-a")  # not its lease: nothing happens
+    assert (await store.leases())[0].holder == "node-b"
+    await store.release_lease("windows", "node-b")
+    [released] = await store.leases()
+    assert released.holder is None
+    third = await store.take_lease("windows", "node-a", 30.0)  # free at once after a release
+    assert third is not None and third > second
+
+
+async def test_one_of_many_concurrent_takers_gets_a_free_lease(store: Store) -> None:
+    tokens = await asyncio.gather(*(store.take_lease("retention", f"node-{i}", 30.0) for i in range(6)))
+    assert sum(t is not None for t in tokens) == 1
+
+
+async def test_writes_under_a_lost_fence_fail_and_change_nothing(store: Store) -> None:
+    token = await store.take_lease("schedule:pull", "node-a", 0.05)
+    assert token is not None
+    mine = Fence("schedule:pull", "node-a", token)
+    await store.update_schedule("pull", {"next_due_at": 100.0}, fence=mine)  # held: written
+    await store.accept_batch([event("pull", dedupe_key="r1")], "pull", {"page": 1}, fence=mine)
+    await asyncio.sleep(0.15)
+    # Expired but nobody took it: still this holder's, so its writes are harmless and go through.
+    await store.update_schedule("pull", {"next_due_at": 150.0}, fence=mine)
+    assert await store.take_lease("schedule:pull", "node-b", 30.0) is not None  # node-a paused; b takes
+    with pytest.raises(LeaseLost, match="schedule:pull"):
+        await store.update_schedule("pull", {"next_due_at": 200.0}, count_run=True, fence=mine)
+    with pytest.raises(LeaseLost):
+        await store.accept_batch([event("pull", dedupe_key="r2")], "pull", {"page": 2}, fence=mine)
+    alerts = Fence("alerts", "node-a", token)  # never this node's: its alert message is refused
+    with pytest.raises(LeaseLost):
+        await store.accept_alert(
+            event("_alerts"), AlertChange("r", "s", "firing", 1.0, "", 1.0), fence=alerts
+        )
+    assert await store.list_runs(RunFilter(flow="_alerts")) == []
+    row = await store.schedule("pull")
+    assert row is not None and (row["next_due_at"], row["runs"]) == (150.0, 0)
+    assert await store.cursor("pull") == {"page": 1}
+    assert len(await store.list_runs(RunFilter(flow="pull"))) == 1
+
+
+async def test_a_schedule_keeps_the_tick_of_its_last_run(store: Store) -> None:
+    await store.update_schedule(
+        "pull", {"last_started_at": 101.5, "last_due_at": 100.0, "next_due_at": 160.0}
+    )
+    row = await store.schedule("pull")
+    assert row is not None and row["last_due_at"] == 100.0

@@ -62,6 +62,15 @@ class SqlSinkConfig(Spec):
         "written as JSON (jsonb in PostgreSQL).",
         examples=[{"email": "properties.email", "name": "properties.firstname"}],
     )
+    expect: dict[ColumnName, str] | None = Field(
+        None,
+        description="update: compare-and-set. Column -> JMESPath expression giving the value the writer "
+        "last saw in that column; the column is changed only if it still holds that value (null "
+        "included), otherwise it keeps what someone wrote there meanwhile, and the row read back "
+        "shows it (a sync flow records that as a conflict). Each column is decided on its own in one "
+        "statement. Sync flows give `expected.<column>` for every column the update sets.",
+        examples=[{"phone": "expected.phone", "plan": "expected.plan"}],
+    )
     if_missing: Literal["dead_letter", "ignore"] = Field(
         "dead_letter",
         description="update: what to do when no row has the key: dead_letter (default) or ignore. "
@@ -97,6 +106,17 @@ class SqlSinkConfig(Spec):
             )
         if len(set(key)) != len(key):
             raise ValueError("`key` lists a column twice")
+        if self.expect is not None:
+            if op != "update":
+                raise ValueError("`expect` applies to write_mode: update only")
+            for c, e in self.expect.items():
+                compile_expr(e)
+                if c in key:
+                    raise ValueError(
+                        f"`expect` compares the columns an update sets; key column {c!r} is not one"
+                    )
+                if self.columns is not None and c not in self.columns:
+                    raise ValueError(f"`expect` names {c!r}, which is not in `columns`")
         if op != "update" and self.if_missing != "dead_letter":
             raise ValueError("`if_missing` applies to write_mode: update only")
         if self.columns is not None:

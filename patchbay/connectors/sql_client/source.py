@@ -11,7 +11,7 @@ from patchbay.connectors.sql_client.errors import source_error
 from patchbay.connectors.sql_client.names import Dialect
 from patchbay.connectors.sql_client.pool import Pool
 from patchbay.connectors.sql_client.source_config import SqlSourceConfig
-from patchbay.connectors.sql_client.source_query import SourceQuery
+from patchbay.connectors.sql_client.source_query import SourcePosition, SourceQuery
 from patchbay.errors import (
     TransientError,
 )
@@ -35,6 +35,8 @@ class SqlSource(Generic[C]):
         self.resources = resources
         self.query = SourceQuery(config, self.dialect)
         self._pool: Pool[C] = Pool(self._connect, self._disconnect, 1)
+        # With `lookback`: record id -> the newest cursor value when it was handed over (and committed).
+        self._seen: dict[str, Any] = {}
 
     async def _connect(self) -> C:
         raise NotImplementedError
@@ -58,8 +60,38 @@ class SqlSource(Generic[C]):
         return f"polling {self.query.target}{where}"
 
     async def poll(self, cursor: Any) -> AsyncGenerator[Batch, None]:
-        """Pages from the saved cursor on, each with the position of its last row, until a short page."""
+        """Pages from the saved cursor on, each with the position of its last row, until a short page.
+
+        With `lookback`, the read starts that far behind the saved position; rows this source already
+        handed over in that window (same id and cursor value) are dropped, and each batch's cursor is the
+        newest position read so far, never an older one."""
         pos = self.query.resume(cursor)
+        if not self.config.lookback:
+            async for batch in self._pages(pos):
+                yield batch
+            return
+        if not pos.after:
+            self._seen.clear()  # read from the start (or a reset): nothing was handed over
+            newest = None
+        else:
+            newest = pos
+            pos = SourcePosition(self.query.back(pos.value))
+            self._forget(newest)
+        async for batch in self._pages(pos):
+            last = self.query.resume(batch.cursor)
+            if newest is None or _key(last) > _key(newest):
+                newest = last
+            fresh = [r for r in batch.records if r.id not in self._seen]
+            if not fresh:
+                continue
+            yield Batch(fresh, self.query.cursor_of(newest))
+            # Resumed: the consumer committed the batch (a failed commit never resumes the generator).
+            for r in fresh:
+                self._seen[str(r.id)] = newest.value
+        if newest is not None:
+            self._forget(newest)
+
+    async def _pages(self, pos: SourcePosition) -> AsyncGenerator[Batch, None]:
         while True:
             sql, params = self.query.page(pos)
             rows = await self._read(sql, params)
@@ -69,6 +101,11 @@ class SqlSource(Generic[C]):
             yield batch  # the connection is back in the pool: dropping the generator here leaks nothing
             if len(rows) < self.config.batch_size:
                 return
+
+    def _forget(self, newest: SourcePosition) -> None:
+        """Drop the handed-over ids that the next window no longer reaches."""
+        floor = self.query.back(newest.value)
+        self._seen = {k: v for k, v in self._seen.items() if not v < floor}
 
     async def _read(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._pool.slot():
@@ -105,3 +142,7 @@ class SqlSource(Generic[C]):
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def _key(pos: SourcePosition) -> tuple[Any, Any]:
+    return (pos.value, pos.id)

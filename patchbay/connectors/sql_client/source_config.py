@@ -7,6 +7,7 @@ import warnings
 
 from pydantic import Field, field_validator, model_validator
 
+from patchbay.config.durations import Duration
 from patchbay.config.models import Spec
 from patchbay.connectors.sql_client.config import ColumnName
 from patchbay.connectors.sql_client.names import Dialect, check_ident
@@ -96,8 +97,8 @@ class SqlSourceConfig(Spec):
         "changed rows) or an auto-increment id (new rows only). Each poll reads the rows after the last "
         "one read, in (cursor_column, id_column) order, so rows sharing a value are never skipped. Rows "
         "where it is null are not read. Index (cursor_column, id_column) on large tables. A value "
-        "written by a transaction that commits after later values were read is missed: set it at "
-        "commit time, or read through a `where` that leaves out the last seconds.",
+        "written by a transaction that commits after later values were read is missed unless `lookback` "
+        "reaches back to it.",
         examples=["updated_at"],
     )
     id_column: ColumnName = Field(
@@ -119,6 +120,16 @@ class SqlSourceConfig(Spec):
         "statement as written: trusted project configuration, never values from users or records. "
         "`:cursor` may appear in it as in `query`.",
         examples=["status <> 'draft'"],
+    )
+    lookback: Duration = Field(
+        0.0,
+        description="Read again this far behind the newest row read, e.g. 30s for an updated_at cursor (a "
+        "number cursor goes back by that many units), so a row whose transaction committed after later "
+        "rows were read is still read. Rows read again unchanged (same id and cursor value) are dropped "
+        "by the source, and after a restart by the store's record ids; the saved position never moves "
+        "back. Set it above the longest write transaction of the table's writers. Sync flows need it "
+        "on tables the hub creates rows in.",
+        examples=["30s"],
     )
     batch_size: int = Field(
         1000,

@@ -181,16 +181,45 @@ class SourceQuery:
             ident = data[ikey]
             rid = str(ident) if self.same else f"{ident}@{data[ckey]}"
             records.append(SourceRecord(data, rid))
-        last = rows[-1]
-        value, value_type = _typed(last[ckey])
-        ident, id_type = _typed(last[ikey])
-        cursor: dict[str, Any] = {"column": cfg.cursor_column, "value": value}
+        last = SourcePosition(rows[-1][ckey], rows[-1][ikey], after=True)
+        return Batch(records, self.cursor_of(last)), last
+
+    def cursor_of(self, pos: SourcePosition) -> dict[str, Any]:
+        """The saved cursor of a position (the JSON object described above)."""
+        value, value_type = _typed(pos.value)
+        ident, id_type = _typed(pos.id)
+        cursor: dict[str, Any] = {"column": self.config.cursor_column, "value": value}
         if value_type:
             cursor["value_type"] = value_type
         cursor["id"] = ident
         if id_type:
             cursor["id_type"] = id_type
-        return Batch(records, cursor), SourcePosition(last[ckey], last[ikey], after=True)
+        return cursor
+
+    def back(self, value: Any) -> Any:
+        """`value` moved back by the lookback: a time by seconds, a number by units, an ISO 8601 text
+        (SQLite keeps times as text) as the same kind of text. TerminalError for anything else."""
+        s = self.config.lookback
+        if isinstance(value, dt.datetime):
+            return value - dt.timedelta(seconds=s)
+        if isinstance(value, dt.date):
+            return value - dt.timedelta(days=-(-s // 86400))
+        if isinstance(value, Decimal):
+            return value - Decimal(str(s))
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value - (int(s) if isinstance(value, int) and s == int(s) else s)
+        if isinstance(value, str):
+            try:
+                when = dt.datetime.fromisoformat(value)
+            except ValueError:
+                pass
+            else:
+                moved = when - dt.timedelta(seconds=s)
+                return moved.isoformat(sep=" " if " " in value else "T")
+        raise TerminalError(
+            f"polling {self.target}: `lookback` needs a time or number cursor_column; "
+            f"{self.config.cursor_column!r} holds {value!r}. Remove `lookback` or use another column"
+        )
 
     def _key(self, row: Mapping[str, Any], column: str) -> str:
         if column in row:

@@ -25,6 +25,7 @@ class RowRenderer:
             if config.columns is not None
             else None
         )
+        self._expect = {c: compile_expr(e) for c, e in (config.expect or {}).items()}
 
     def render(self, record: Any) -> dict[str, Any]:
         cfg = self.config
@@ -72,6 +73,8 @@ class RowRenderer:
         if cfg.write_mode == "update" and all(c in cfg.key for c in row):
             raise RecordInvalid([Violation("", "nothing to update besides the key")], step="destination")
         request: dict[str, Any] = {"op": cfg.write_mode, "table": cfg.table, "row": row, "key": list(cfg.key)}
+        if self._expect:
+            request["expect"] = {c: e.search(record) for c, e in self._expect.items() if c in row}
         if cfg.schema:
             request["schema"] = cfg.schema
         return request
@@ -148,8 +151,20 @@ def build_statement(
     elif op == "update":
         if not others:
             raise ValueError("update has nothing to set besides the key")
-        sql = f"UPDATE {target} SET {', '.join(f'{q(c)} = {ph}' for c in others)} WHERE {where}"
-        params = [adapt(row[c]) for c in others] + [adapt(row[k]) for k in key]
+        expect: Mapping[str, Any] = request.get("expect") or {}
+        if not isinstance(expect, Mapping) or any(c not in others for c in expect):
+            raise ValueError("`expect` names a column the update does not set")
+        same = {"postgres": "IS NOT DISTINCT FROM", "mysql": "<=>", "sqlite": "IS"}[dialect]
+        sets, params = [], []
+        for c in others:
+            if c in expect:  # compare-and-set, column by column: a value changed meanwhile is kept
+                sets.append(f"{q(c)} = CASE WHEN {q(c)} {same} {ph} THEN {ph} ELSE {q(c)} END")
+                params += [adapt(expect[c]), adapt(row[c])]
+            else:
+                sets.append(f"{q(c)} = {ph}")
+                params.append(adapt(row[c]))
+        sql = f"UPDATE {target} SET {', '.join(sets)} WHERE {where}"
+        params += [adapt(row[k]) for k in key]
     else:
         sql = f"DELETE FROM {target} WHERE {where}"
         params = [adapt(row[k]) for k in key]

@@ -27,7 +27,7 @@ class Admin(Resource):
         if not self.store.shared:  # SQLite: the one process's claims are its workers' in-memory leases
             held = sum(len(w.leased) for fr in self.hub.flows.values() for w in fr.workers.values())
             rows = [replace(r, claims=held) if r.id == self.hub.node.id else r for r in rows]
-        return {**cluster_view(rows, now), "node": self.hub.node.id}
+        return {**cluster_view(rows, now, await self.store.leases()), "node": self.hub.node.id}
 
     async def list_audit(self, c: Call) -> Any:
         q: m.AuditQuery = c.query

@@ -20,9 +20,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,7 +33,8 @@ from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import windows as wq
-from patchbay.store.base import Accepted, AttemptResult, DueDelivery, NewEvent, WindowState
+from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
+from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
@@ -160,6 +161,8 @@ class PostgresStore(SqliteStore):
         self._notify_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-notify")
         self._notify_conn: psycopg.Connection[Any] | None = None
         self._listener: threading.Thread | None = None
+        self._entity_conn: psycopg.Connection[Any] | None = None  # holds the sync steps' advisory locks
+        self._entity_guard = threading.Lock()
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
@@ -251,6 +254,41 @@ class PostgresStore(SqliteStore):
                     )
                     time.sleep(1.0)
 
+    @asynccontextmanager
+    async def entity_lock(self, entity: str) -> AsyncIterator[None]:
+        """A session advisory lock per entity on a connection of its own, taken by polling
+        pg_try_advisory_lock (no thread ever blocks waiting), released after the step's commit. Hubs in
+        several processes on one store therefore run one entity's sync steps one at a time."""
+        key = int.from_bytes(
+            hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
+        )
+        wait = 0.002
+        while not await asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key):
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.05)
+        try:
+            yield
+        finally:
+            try:
+                await asyncio.to_thread(self._entity_call, "SELECT pg_advisory_unlock(%s)", key)
+            except StoreUnavailable:
+                pass  # the session is gone, and its locks with it
+
+    def _entity_call(self, sql: str, key: int) -> bool:
+        with self._entity_guard:
+            try:
+                if self._entity_conn is None or self._entity_conn.closed:
+                    self._entity_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10)
+                row = self._entity_conn.execute(sql, (key,)).fetchone()
+            except psycopg.OperationalError as exc:
+                if self._entity_conn is not None:
+                    self._entity_conn.close()
+                self._entity_conn = None
+                raise StoreUnavailable(
+                    f"the store {self.path} cannot be reached: {_reason(exc)}", "the store is unreachable"
+                ) from None
+            return bool(row and row[0])
+
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         for attempt in range(3):
             local = {"statements": 0, "round_trips": 0}
@@ -305,6 +343,10 @@ class PostgresStore(SqliteStore):
             self._notify_conn.close()
         if self._listener is not None:  # it looks at `_closed` every half second
             await loop.run_in_executor(None, self._listener.join, 2.0)
+        with self._entity_guard:
+            if self._entity_conn is not None:
+                self._entity_conn.close()
+                self._entity_conn = None
 
     @property
     def writing(self) -> bool:
@@ -324,8 +366,14 @@ class PostgresStore(SqliteStore):
             return await self._write(_gated(tx_accept), event)
         return await self._write(pg_ops.accept, event)
 
-    async def accept_batch(self, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
-        return await self._write(_gated_batch, events, flow, cursor)
+    async def accept_batch(
+        self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+    ) -> list[Accepted]:
+        return await self._write(_gated_batch, events, flow, cursor, fence)
+
+    # -------------------------------------------------------------- leases: the server's clock
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        return await self._write(_take_lease, name, holder, ttl_s)
 
     async def closable_windows(
         self, now: float, limit: int, steps: Sequence[tuple[str, str]]
@@ -397,9 +445,19 @@ def _gated(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _gated_batch(conn: Any, events: list[NewEvent], flow: str, cursor: Any) -> list[Accepted]:
+def _gated_batch(
+    conn: Any, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
+) -> list[Accepted]:
+    if fence is not None:  # first: a source whose lease went to another node writes nothing
+        check_fence(conn, fence)
     _lock_gates(conn, events)
     return tx_accept_batch(conn, events, flow, cursor)
+
+
+@pg_ops.native
+def _take_lease(conn: RawConnection, name: str, holder: str, ttl_s: float) -> int | None:
+    row = conn.execute(TAKE_POSTGRES, (name, holder, ttl_s)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
