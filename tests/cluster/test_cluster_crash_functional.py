@@ -350,6 +350,11 @@ async def test_a_scheduler_killed_mid_run_fires_the_tick_once_on_another_process
         last = SLOW_GET + 3
         await until(lambda: f"order-{last}" in orders_at(sink), 10 + 3 * INTERVAL_S, f"order-{last}")
         gets = list(slow_orders.gets)
+        # `patchbay cluster`: the schedule's lease is a live scheduler's now, the killed one holds nothing.
+        nodes = {n["id"]: n for n in (await cluster.view())["nodes"]}
+    holders = [n for n, v in nodes.items() if "schedule:orders" in v["leases"]]
+    assert len(holders) == 1 and holders[0] in ("sched2", "sched3"), nodes
+    assert nodes["sched1"]["leases"] == [], "a dead node's leases run out"
     print(
         f"\nscheduler: the killed tick fired again {takeover_s:.1f} s after the SIGKILL, on another node;"
         f" load average {os.getloadavg()[0]:.1f}"
