@@ -12,7 +12,7 @@ from patchbay.config.problems import compile_at, did_you_mean, pydantic_problems
 from patchbay.config.source import Loc, Located
 from patchbay.config.specs import DestinationSpec, SystemSpec
 from patchbay.errors import ConfigError, Problem
-from patchbay.expressions import ExprError, is_constant_false
+from patchbay.expressions import Expr, ExprError, compile_expr, is_constant, is_constant_false
 
 
 class DestinationCommon(Spec):
@@ -25,6 +25,13 @@ class DestinationCommon(Spec):
     )
     delivery: dict[str, Any] | None = Field(
         None, description="Delivery policy overrides for this destination."
+    )
+    order_by: str | None = Field(
+        None,
+        description="Per-key order: an expression over the record giving its key, e.g. `customer.id`. "
+        "Deliveries of one key go to this destination one at a time in arrival order, across every "
+        "worker: a retrying one holds the later ones of its key back (not other keys), a dead letter "
+        "holds them until it is replayed or discarded. A record whose key is null is not ordered.",
     )
     batch: DestinationBatch | Literal[False] | None = Field(
         None,
@@ -155,6 +162,9 @@ def _load_destination(
             problems.append(
                 src.problem((*loc, "when"), "unreachable destination: its `when` is always false")
             )
+    order_by = None
+    if common.order_by is not None:
+        order_by = _order_by(src, loc, common.order_by, problems)
     if cfg is None:
         return None
     try:  # building it compiles its templates and expressions: their errors belong to `check`
@@ -171,7 +181,28 @@ def _load_destination(
     batch = common.batch or None
     if batch is not None and not _batch_ok(src, loc, batch, built, sysspec, problems):
         return None
-    return DestinationSpec(common.name, common.system, sysspec.kind, cfg, policy, when, batch)
+    return DestinationSpec(common.name, common.system, sysspec.kind, cfg, policy, when, batch, order_by)
+
+
+def _order_by(src: Located, loc: Loc, text: str, problems: list[Problem]) -> Expr | None:
+    at = (*loc, "order_by")
+    try:
+        expr = compile_expr(text)
+    except ExprError as exc:
+        problems.append(
+            src.problem(at, f"order_by: {exc}; write an expression over the record, e.g. customer.id")
+        )
+        return None
+    if is_constant(expr):
+        problems.append(
+            src.problem(
+                at,
+                f"order_by: it gives the same key for every record ({text!r}), which sends one delivery at a"
+                " time; name the record's field that keys the order, e.g. customer.id",
+            )
+        )
+        return None
+    return expr
 
 
 def _batch_ok(

@@ -514,6 +514,13 @@ class HubSettings(Spec):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight deliveries may finish."
     )
+    claim_lease: Duration = Field(
+        30.0,
+        description="With a PostgreSQL store: how long a worker's claim on a delivery (queued or sending) and "
+        "on a destination's sending slot lasts unless renewed; the worker renews it every third of this while "
+        "it holds it. A worker that dies without letting go has its claims taken over this long after its "
+        "last renewal (plus about a second). At least 5s.",
+    )
     encrypt_sensitive: bool = Field(
         False,
         description="Store every flow's `sensitive` values encrypted with a key kept in the vault; "
@@ -536,6 +543,13 @@ class HubSettings(Spec):
     @classmethod
     def _store(cls, v: str) -> str:
         return store_location(v)
+
+    @field_validator("claim_lease")
+    @classmethod
+    def _lease(cls, v: float) -> float:
+        if not 5.0 <= v <= 3600.0:
+            raise ValueError("must be at least 5s (renewed every third of it) and at most 1h, e.g. 30s")
+        return v
 
 
 def store_location(value: str) -> str:

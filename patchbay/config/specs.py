@@ -64,6 +64,7 @@ class DestinationSpec:
     policy: DeliveryPolicy
     when: Expr | None = None  # route: deliver only when true
     batch: DestinationBatch | None = None  # several deliveries in one request (the sink can `send_batch`)
+    order_by: Expr | None = None  # per-key order: the key of a record's delivery (NewDelivery.order_key)
 
 
 @dataclass

@@ -5,6 +5,14 @@ so RSS stays flat however large the backlog grows. A delivery is "leased" in mem
 queued or in flight, and released only after its result is committed. After a crash nothing is
 leased, so whatever was in flight is simply due again (same idempotency key).
 
+Across workers (several processes sharing a PostgreSQL store) three things hold per destination, kept in
+the store: a claim on each delivery queued or in flight (`due` leases it to this node; renewed every third
+of the lease while held, released when not sent, so a dead worker's are taken over once its lease runs
+out); `max_concurrency` sending slots, of which this worker sends on as many as it holds (`take_slots`:
+a fair share while others want some, claiming ahead only for its slots); and one token bucket for
+`rate_limit_per_s` (`take_tokens`, in grants of a tenth of a second's worth). With `order_by`, the store
+hands out only each key's oldest delivery, so a key goes one at a time in arrival order everywhere.
+
 A destination with `batch:` (and a sink that can `send_batch`) sends up to `max_records` deliveries in one
 request; each member keeps its own outcome, decision and attempt rows (see `_work_batches`). Memory then
 holds at most `2 x max_records` queued plus `max_concurrency x max_records` in flight.
@@ -25,7 +33,6 @@ from patchbay.connectors.base import Outcome, OutcomeClass, Sink, batch_key, can
 from patchbay.engine.policy import Decision, decide, outcome_of
 from patchbay.engine.waiting import wait_set
 from patchbay.errors import PatchbayError, StoreUnavailable
-from patchbay.security.ratelimit import TokenBucket
 from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
@@ -44,6 +51,7 @@ class DestinationWorker:
         state: str = "active",
         open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
         on_answer: Callable[[str, Outcome], list[str]] | None = None,
+        renew_s: float = 10.0,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -76,6 +84,7 @@ class DestinationWorker:
             self.resumed.set()
         self.rng = random.Random()
         self._tasks: list[asyncio.Task[None]] = []
+        self._releasing: set[asyncio.Future[None]] = set()
         self._stopping = False
         self.inflight = 0
         self._results: list[AttemptResult] = []  # attempt results of this loop tick, recorded together
@@ -88,7 +97,18 @@ class DestinationWorker:
         self._rerecord: asyncio.Task[None] | None = None
         self.record_retry_s = 1.0
         rate = self.policy.rate_limit_per_s
-        self.bucket = TokenBucket(rate, max(1.0, rate)) if rate else None  # bursts up to one second's worth
+        self.bucket = SharedBucket(store, flow, spec.name, rate) if rate else None
+        # Claims across workers: sending slots held (a sender sends only while `sending` < `slots`), when
+        # to renew them and the deliveries' leases, whether there is work to want slots for.
+        self.ordered = spec.order_by is not None  # the store hands out each key's oldest: always a full scan
+        self.renew_s = renew_s
+        self.slots = 0
+        self.sending = 0  # requests in flight (a batch is one)
+        self._slot_freed = asyncio.Event()
+        self._renew_at = 0.0
+        self._slots_at = 0.0
+        self._has_work = True
+        self._in_flight: set[int] = set()
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -106,6 +126,8 @@ class DestinationWorker:
         """New deliveries are waiting; `rescan` when older ones may have become pending again (a replay)."""
         if rescan:
             self._rescan_at = 0.0
+        if not self._has_work:
+            self._has_work, self._slots_at = True, 0.0  # ask for sending slots at once
         self.wake.set()
 
     def set_state(self, state: str) -> None:
@@ -122,9 +144,25 @@ class DestinationWorker:
             self._drain()  # queued ones go back to the store, so the order of arrival holds after resume
 
     def _drain(self) -> None:
+        """Queued deliveries go back to the store: their claims are let go, for any worker to take."""
+        ids = set()
         while not self.queue.empty():
             d = self.queue.get_nowait()
             self.leased.discard(d.id)
+            ids.add(d.id)
+        if ids:
+            self._let_go(ids)
+
+    def _let_go(self, ids: set[int]) -> None:
+        task = asyncio.ensure_future(self._release(ids))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, ids: set[int]) -> None:
+        try:
+            await self.store.release(self.flow, self.name, ids)
+        except Exception as exc:  # their leases run out instead
+            log.warning("letting go of %d claims of %s/%s: %s", len(ids), self.flow, self.name, exc)
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking work; let in-flight attempts finish for up to `grace_s`."""
@@ -151,16 +189,38 @@ class DestinationWorker:
                 self.name,
             )
         await asyncio.gather(*self._tasks, *filter(None, [self._rerecord]), return_exceptions=True)
+        await asyncio.gather(*self._releasing, return_exceptions=True)
+        if self.slots:
+            try:  # others may send on them at once
+                self.slots = await self.store.take_slots(self.flow, self.name, self.policy.max_concurrency, 0)
+            except Exception as exc:
+                log.warning("letting go of the sending slots of %s/%s: %s", self.flow, self.name, exc)
 
     # -------------------------------------------------------------- loops
     async def _feed(self) -> None:
         while not self._stopping:
             try:
                 if self.state != "active":
+                    if self.slots and not self.sending:  # paused: others get the slots once it resumes
+                        self.slots = await self.store.take_slots(
+                            self.flow, self.name, self.policy.max_concurrency, 0
+                        )
                     await self.resumed.wait()
                     continue
-                room = self.queue.maxsize - self.queue.qsize()
-                if self.queue.qsize() >= self._low_water:
+                await self._claims()
+                if self.slots == 0:  # nothing may be sent here now: wait for work or a free slot
+                    if not self._has_work:
+                        nxt = await self.store.next_due_at(self.flow, self.name)
+                        self._has_work = nxt is not None and nxt <= time.time()
+                    if not self._has_work or time.time() < self._slots_at:
+                        self.wake.clear()
+                        await self._sleep(
+                            1.0 if not self._has_work else max(0.01, self._slots_at - time.time())
+                        )
+                    continue
+                cap = self._capacity()
+                room = cap - self.queue.qsize()
+                if self.queue.qsize() >= cap // 2 or room <= 0:
                     # Enough queued: refill in chunks once workers have taken the queue below half (they
                     # wake the feeder then), not one row at a time and not in a spin.
                     self.wake.clear()
@@ -168,7 +228,7 @@ class DestinationWorker:
                     continue
                 self.wake.clear()
                 now = time.time()
-                full = now >= self._rescan_at
+                full = now >= self._rescan_at or self.ordered
                 if full:
                     self._rescan_at = now + 1.0
                 batch = await self.store.due(
@@ -181,14 +241,74 @@ class DestinationWorker:
                         self._after_id = d.id
                 if len(batch) < room:
                     nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
+                    if not batch and self.queue.empty() and not self.sending:
+                        self._has_work = nxt is not None and nxt <= time.time()
                     wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - time.time()))
                     if wait > 0 or not batch:
                         await self._sleep(wait if wait > 0 else 0.05)
+                else:
+                    self._has_work = True
             except asyncio.CancelledError:
                 raise
             except Exception:  # a store hiccup must not kill delivery; try again shortly
                 log.exception("reading due deliveries for %s/%s", self.flow, self.name)
                 await asyncio.sleep(1.0)
+
+    def _capacity(self) -> int:
+        """Deliveries claimed ahead: four per sending slot held (a batch: room for two batches), at most the
+        queue's size, so a worker claims only what its slots can send."""
+        size = 4 * self.slots
+        if self.batch is not None:
+            size = max(size, 2 * self.batch.max_records)
+        return min(self.queue.maxsize, size)
+
+    async def _claims(self) -> None:
+        """Renew the claims held (every `renew_s`), and hold as many sending slots as there is work for."""
+        now = time.time()
+        want = self.policy.max_concurrency if self._has_work else 0
+        renew = now >= self._renew_at
+        if not renew and not (want > self.slots and now >= self._slots_at):
+            return
+        if renew and self.leased:
+            kept = await self.store.renew(self.flow, self.name, set(self.leased))
+            lost = self.leased - kept - self._in_flight - {h[0].id for h in self._held}
+            if lost:
+                self._forget(lost)
+        self.slots = await self.store.take_slots(
+            self.flow, self.name, self.policy.max_concurrency, want, busy=self.sending
+        )
+        self._slot_freed.set()
+        self._slots_at = now + 1.0
+        if renew:
+            self._renew_at = now + self.renew_s
+
+    def _forget(self, lost: set[int]) -> None:
+        """Claims another worker took over (this one renewed too late): never send them."""
+        log.warning(
+            "%d claimed deliveries of %s/%s were taken over by another worker (their lease ran out before it"
+            " was renewed); not sending them here",
+            len(lost),
+            self.flow,
+            self.name,
+        )
+        keep = []
+        while not self.queue.empty():
+            d = self.queue.get_nowait()
+            if d.id not in lost:
+                keep.append(d)
+        for d in keep:
+            self.queue.put_nowait(d)
+        self.leased -= lost
+
+    async def _slot(self) -> None:
+        """Wait for a sending slot of this worker's own; the caller counts itself in `sending` at once."""
+        while self.sending >= self.slots:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
+    def _slot_done(self) -> None:
+        self.sending -= 1
+        self._slot_freed.set()
 
     async def _sleep(self, seconds: float) -> None:
         await wait_set(self.wake, seconds)
@@ -199,10 +319,15 @@ class DestinationWorker:
             await self._recordable.wait()  # sending what cannot be recorded would only send it again
             if self.queue.qsize() < self._low_water:
                 self.wake.set()  # the feeder refills before the queue runs dry
-            if self.state != "active":
-                self.leased.discard(d.id)
+            if self.state != "active" or d.id not in self.leased:  # paused, or taken over meanwhile
+                if d.id in self.leased:
+                    self.leased.discard(d.id)
+                    self._let_go({d.id})
                 continue
+            await self._slot()
+            self.sending += 1
             self.inflight += 1
+            self._in_flight.add(d.id)
             try:
                 if self.bucket is not None:
                     await self.bucket.wait()
@@ -213,6 +338,8 @@ class DestinationWorker:
                 log.exception("delivering %s to %s/%s", d.event_id, self.flow, self.name)
             finally:
                 self.inflight -= 1
+                self._in_flight.discard(d.id)
+                self._slot_done()
                 if not any(h[0].id == d.id for h in self._held):
                     self.leased.discard(d.id)
 
@@ -372,11 +499,19 @@ class DestinationWorker:
             await self._recordable.wait()
             async with self._assembling:
                 members = await self._take_batch()
+            members = [d for d in members if d.id in self.leased]  # not those taken over meanwhile
             if self.state != "active":
                 for d in members:
                     self.leased.discard(d.id)
+                if members:
+                    self._let_go({d.id for d in members})
                 continue
+            if not members:
+                continue
+            await self._slot()
+            self.sending += 1
             self.inflight += len(members)
+            self._in_flight.update(d.id for d in members)
             try:
                 await self._attempt_batch(members)
             except asyncio.CancelledError:
@@ -385,6 +520,8 @@ class DestinationWorker:
                 log.exception("delivering a batch of %d to %s/%s", len(members), self.flow, self.name)
             finally:
                 self.inflight -= len(members)
+                self._in_flight.difference_update(d.id for d in members)
+                self._slot_done()
                 held = {h[0].id for h in self._held}
                 for d in members:
                     if d.id not in held:
@@ -523,6 +660,38 @@ class DestinationWorker:
         last = results.pop()
         self._results.extend(results)
         await self._record(last)
+
+
+class SharedBucket:
+    """A destination's `rate_limit_per_s` for every worker at once: tokens come from the store's one bucket
+    for the destination (bursts up to one second's worth, at least 1), taken in grants of a tenth of a
+    second's worth; a grant unspent after GRANT_S is dropped, so the bucket's bound holds within GRANT_S."""
+
+    GRANT_S = 0.2
+
+    def __init__(self, store: Store, flow: str, destination: str, rate: float) -> None:
+        self.store, self.flow, self.destination = store, flow, destination
+        self.rate = rate
+        self.burst = max(1.0, rate)
+        self.grant = max(1, int(rate * 0.1))
+        self.tokens = 0
+        self.expires = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        """Take a token, waiting until the destination's bucket has one (senders take them in turn)."""
+        async with self._lock:
+            while True:
+                if self.tokens > 0 and time.monotonic() < self.expires:
+                    self.tokens -= 1
+                    return
+                granted, wait = await self.store.take_tokens(
+                    self.flow, self.destination, self.rate, self.burst, self.grant, time.time()
+                )
+                if granted:
+                    self.tokens, self.expires = granted, time.monotonic() + self.GRANT_S
+                else:
+                    await asyncio.sleep(min(1.0, max(0.002, wait)))
 
 
 def attempt_note(outcome: Outcome, decision: Decision) -> str:

@@ -148,7 +148,7 @@ class Hub:
                 " `patchbay store copy --to postgresql://…`, set `store:` in patchbay.yaml to that URL, or run"
                 " every role in one process (no --role)"
             )
-        self.store = open_hub_store(location, holder=self.node.id)
+        self.store = open_hub_store(location, holder=self.node.id, lease_s=self.project.settings.claim_lease)
         if lock:  # SQLite: one hub per file; PostgreSQL: nothing (many hubs share it; same node id refused)
             self.store.lock()
         try:
@@ -373,6 +373,7 @@ class Hub:
                 on_attempt=self._count_attempt,
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
+                renew_s=self.project.settings.claim_lease / 3,
             )
             if state != "active":
                 alerts.warning(
@@ -426,6 +427,7 @@ class Hub:
                 on_answer=self._answer_check(spec, dest.name.removeprefix(CALL_PREFIX), sink),
                 pipeline=pipeline,
                 on_continued=continued,
+                renew_s=self.project.settings.claim_lease / 3,
             )
         return out
 

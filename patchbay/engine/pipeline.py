@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from patchbay.config.project import FlowSpec
+from patchbay.config.specs import DestinationSpec
 from patchbay.connectors.base import Sink
 from patchbay.errors import RecordInvalid, Violation
 from patchbay.expressions import is_truthy
@@ -48,6 +49,16 @@ class _Branch:
     element: str | None = None  # "1", "0.2" after nested splits
     where: str | None = None  # the step that quarantined it
     suffix: str = ""
+
+
+def order_key_of(dest: DestinationSpec, record: Any) -> str | None:
+    """The record's key for a destination with `order_by` (text; null: not ordered), else None."""
+    if dest.order_by is None:
+        return None
+    value = dest.order_by.search(record)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 class Pipeline:
@@ -289,7 +300,7 @@ class Pipeline:
                     "quarantined", record, reason=reason, element=element, where="route", suffix=suffix
                 )
             routes.append({"destination": dest.name, "matched": True})
-            deliveries.append(NewDelivery(dest.name, request, key))
+            deliveries.append(NewDelivery(dest.name, request, key, order_key=order_key_of(dest, record)))
         trace.append({"step": "route", "kind": "route", **tag, "routes": routes})
         if not deliveries:
             return _Branch("filtered", record, reason="no destination matched", element=element)

@@ -24,6 +24,7 @@ from patchbay.config.specs import FlowSpec
 from patchbay.connectors.base import Batch
 from patchbay.engine.identity import MISSING, Applied, Incoming, Op, Session, read_record
 from patchbay.engine.leader import current_fence
+from patchbay.engine.pipeline import order_key_of
 from patchbay.errors import RecordInvalid, TerminalError
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
@@ -222,7 +223,8 @@ class EntitySync:
             if dest.when is not None and not is_truthy(dest.when.search(record)):
                 continue
             key = f"{event_id}.{dest.name}"
-            out.append(NewDelivery(dest.name, pipeline.sinks[dest.name].render(record, key), key))
+            request = pipeline.sinks[dest.name].render(record, key)
+            out.append(NewDelivery(dest.name, request, key, order_key=order_key_of(dest, record)))
         return out
 
     def _event(

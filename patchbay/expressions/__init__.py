@@ -11,7 +11,7 @@ It sits below config, connectors, processors and the engine, which all use it:
 
 from __future__ import annotations
 
-from patchbay.expressions.compiler import Expr, ExprError, compile_expr, is_constant_false
+from patchbay.expressions.compiler import Expr, ExprError, compile_expr, is_constant, is_constant_false
 from patchbay.expressions.conversions import (
     DataError,
     describe,
@@ -39,6 +39,7 @@ __all__ = [
     "Template",
     "compile_expr",
     "describe",
+    "is_constant",
     "is_constant_false",
     "is_truthy",
     "iso",

@@ -259,6 +259,11 @@ def _constant_truth(node: Node, interp: TreeInterpreter) -> bool | None:
     return None
 
 
+def is_constant(expr: Expr) -> bool:
+    """True when the expression reads nothing of the record (the same value for every record)."""
+    return not any(n["type"] in _DYNAMIC for n in walk(expr.ast))
+
+
 def is_constant_false(expr: Expr | str) -> bool:
     """True when the expression is false for every record (`false`, `null`, `x && false`...)."""
     if isinstance(expr, str):

@@ -528,6 +528,17 @@ class DiscardOut(Out):
 
 
 # ----------------------------------------------------------------------------- destinations, state
+class HeldKey(Out):
+    key: str
+    delivery_id: int
+    event_id: str
+    status: Literal["retrying", "dead"]
+    next_at: Timestamp | None = Field(description="When a retrying one is tried again.")
+    attempts: int
+    waiting: int = Field(description="Later deliveries of the key waiting behind it.")
+    reason: str = Field(description="Why the key is held and what releases it.")
+
+
 class DestinationOut(Out):
     flow: str
     name: str
@@ -548,6 +559,14 @@ class DestinationOut(Out):
         None,
         description="Set for a call or lookup step's worker (`call:<step>`): the step's name. Its runs wait"
         " on its answers; it is paused and resumed like a destination.",
+    )
+    order_by: str | None = Field(
+        None, description="The destination's `order_by`: deliveries of one key go one at a time, in order."
+    )
+    held_keys: list[HeldKey] = Field(
+        default_factory=list,
+        description="Keys (of an ordered destination) held back by their oldest delivery, retrying or dead; "
+        "at most 20, oldest first.",
     )
 
 

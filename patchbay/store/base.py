@@ -24,6 +24,9 @@ class NewDelivery:
     # `quarantine:<step>`, `error` the reason): listed with the dead letters, replayed with its event.
     status: str = "pending"
     error: str | None = None
+    # A destination's `order_by` value for this record: deliveries of one key to one destination go one at a
+    # time in arrival order (a retrying or dead one holds the later ones back); None: not ordered.
+    order_key: str | None = None
 
 
 @dataclass
@@ -237,10 +240,41 @@ class Deliveries(Protocol):
         """Pending deliveries due by `now`, in arrival order, past `after_id`, none of `skip`."""
         ...
 
-    async def next_due_at(self, flow: str, destination: str) -> float | None: ...
+    async def next_due_at(self, flow: str, destination: str) -> float | None:
+        """When the earliest delivery `due` could return comes due (None: nothing pending)."""
+        ...
 
     async def record(self, results: list[AttemptResult]) -> None:
-        """Each attempt's row and its delivery's new status; events follow their deliveries."""
+        """Each attempt's row and its delivery's new status (its claim let go); events follow their deliveries."""
+        ...
+
+    # Claims across workers. `due` claims what it returns for this store's holder (the node id) for the
+    # lease; on SQLite (one process) claims live in the worker's memory and these answer at once.
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        """Extend this holder's claims on `ids` (queued or in flight) by the lease; the ids still held.
+        One missing was taken over by another worker after its lease ran out: never send it."""
+        ...
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        """Let go of claims that were not sent (a paused or stopping worker's queue), for any worker."""
+        ...
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        """The destination's sending slots this holder holds afterwards: `limit` (its max_concurrency) in all,
+        across every holder. Renews the ones held, takes free ones up to `want` (at most a fair share while
+        other holders want some too), lets go of the rest but never below `busy` (sends in flight)."""
+        ...
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        """Up to `want` whole tokens from the destination's one token bucket (`rate` per second, at most
+        `burst`, full at first), shared by every holder: (granted, seconds until the next token when none)."""
+        ...
+
+    async def held_keys(self, flow: str, destination: str, limit: int = 100) -> list[dict[str, Any]]:
+        """Ordered keys held back by their oldest delivery, retrying or dead, oldest first: {"key",
+        "delivery_id", "event_id", "status" (retrying|dead), "next_at", "attempts", "waiting", "reason"}."""
         ...
 
 

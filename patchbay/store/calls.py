@@ -88,7 +88,7 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
             continue
         conn.execute(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            " last_error, created_at, updated_at, order_key) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
             (
                 event_id,
                 flow,
@@ -100,6 +100,7 @@ def tx_continue(conn: sqlite3.Connection, event_id: str, pipe: Reprocessor, now:
                 getattr(d, "error", None),
                 now,
                 now,
+                getattr(d, "order_key", None),
             ),
         )
         added.append(d.destination)

@@ -38,3 +38,15 @@ def tx_audit(
         "INSERT INTO audit(at, actor, action, target, detail, origin) VALUES(?,?,?,?,?,?)",
         (time.time(), actor, action, target, _j(detail), origin),
     )
+
+
+def grant_tokens(
+    tokens: float, at: float, rate: float, burst: float, want: int, now: float
+) -> tuple[float, int, float]:
+    """A token bucket's grant: (tokens left, whole tokens granted (up to `want`), seconds until the next
+    token when none could be granted). It refills at `rate` per second since `at`, up to `burst`."""
+    tokens = min(burst, tokens + max(0.0, now - at) * rate)
+    granted = min(want, int(tokens + 1e-9))
+    if granted > 0:
+        return tokens - granted, granted, 0.0
+    return tokens, 0, (1.0 - tokens) / rate

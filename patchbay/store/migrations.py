@@ -71,6 +71,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         (_LEASES_SQLITE, "ALTER TABLE schedules ADD COLUMN last_due_at REAL"),
         (_LEASES_POSTGRES, "ALTER TABLE schedules ADD COLUMN IF NOT EXISTS last_due_at DOUBLE PRECISION"),
     ),
+    Migration(
+        5,
+        "deliveries: order_key (a destination's `order_by`); PostgreSQL: sending slots and token buckets shared"
+        " by every worker",
+        (
+            "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+            "CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(flow, destination, order_key, id)"
+            " WHERE order_key IS NOT NULL",
+        ),
+        (
+            "ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS order_key TEXT",
+            "CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(flow, destination, order_key, id)"
+            " WHERE order_key IS NOT NULL",
+            "CREATE TABLE IF NOT EXISTS delivery_slots(flow TEXT NOT NULL, destination TEXT NOT NULL,"
+            " slot INTEGER NOT NULL, holder TEXT, until DOUBLE PRECISION NOT NULL DEFAULT 0,"
+            " PRIMARY KEY(flow, destination, slot))",
+            "CREATE TABLE IF NOT EXISTS delivery_wants(flow TEXT NOT NULL, destination TEXT NOT NULL,"
+            " holder TEXT NOT NULL, until DOUBLE PRECISION NOT NULL, PRIMARY KEY(flow, destination, holder))",
+            "CREATE TABLE IF NOT EXISTS delivery_buckets(flow TEXT NOT NULL, destination TEXT NOT NULL,"
+            " tokens DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY(flow, destination))",
+        ),
+    ),
 )
 BASELINE = 1  # the version a store created by the schema alone has
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else BASELINE

@@ -15,14 +15,19 @@ def is_postgres(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def open_hub_store(location: str | Path, *, check: bool = True, holder: str | None = None) -> SqliteStore:
+def open_hub_store(
+    location: str | Path, *, check: bool = True, holder: str | None = None, lease_s: float | None = None
+) -> SqliteStore:
     """The store at `location` (a SQLite path or a postgresql:// URL); StoreUnusable when it cannot be used.
     Typed as SqliteStore, whose `problem` and `stats` the hub reads: PostgresStore is one. `holder` names
-    this process in a shared store (its delivery claims); engine/roles.Node.id."""
+    this process in a shared store (its delivery claims); engine/roles.Node.id; `lease_s` how long its claims
+    last unless renewed (the hub's `claim_lease`)."""
     if is_postgres(location):
         from patchbay.store.postgres import PostgresStore
 
-        return PostgresStore(str(location), check=check, holder=holder)
+        if lease_s is None:
+            return PostgresStore(str(location), check=check, holder=holder)
+        return PostgresStore(str(location), check=check, holder=holder, lease_s=lease_s)
     from patchbay.store.sqlite import SqliteStore
 
     return SqliteStore(Path(location), check=check)

@@ -247,15 +247,26 @@ def tx_replay(
                 continue
             if at in dead:
                 conn.execute(
-                    "UPDATE deliveries SET status='pending', request=?, retries=0, next_at=?, updated_at=? WHERE id=?",
-                    (_j(nd.request), now, now, dead[at]),
+                    "UPDATE deliveries SET status='pending', request=?, retries=0, next_at=?, updated_at=?,"
+                    " order_key=? WHERE id=?",
+                    (_j(nd.request), now, now, nd.order_key, dead[at]),
                 )
                 touched = True
             elif at not in existing:
                 conn.execute(
                     "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-                    " created_at, updated_at) VALUES(?,?,?,'pending',?,?,?,?,?)",
-                    (eid, row["flow"], nd.destination, _j(nd.request), nd.idempotency_key, now, now, now),
+                    " created_at, updated_at, order_key) VALUES(?,?,?,'pending',?,?,?,?,?,?)",
+                    (
+                        eid,
+                        row["flow"],
+                        nd.destination,
+                        _j(nd.request),
+                        nd.idempotency_key,
+                        now,
+                        now,
+                        now,
+                        nd.order_key,
+                    ),
                 )
                 touched = True
         for at, did in dead.items():  # a split element that was quarantined and now passes

@@ -54,7 +54,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import tx_audit
+from patchbay.store.common import grant_tokens, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -79,7 +79,9 @@ from patchbay.store.sqlite_ops import (
     q_cursor,
     q_destination_states,
     q_due,
+    q_held_keys,
     q_next_due_at,
+    q_pending_of,
     q_response_fields,
     q_schedule,
     tx_accept,
@@ -122,6 +124,8 @@ class SqliteStore:
         self._lock_fd: int | None = None
         self._closed = False
         self._monitor: _MonitorReader | None = None  # created by the first snapshot()
+        # One process serves a SQLite store: its claims, sending slots and token buckets live in memory.
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
 
     # -------------------------------------------------------------- plumbing
     def lock(self) -> None:
@@ -207,6 +211,26 @@ class SqliteStore:
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(tx_record, results)
+
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        return await self._read(q_pending_of, frozenset(ids)) if ids else set()
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        return None  # claims are the worker's memory
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        return max(min(want, limit), min(busy, limit))  # the only holder
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        tokens, at = self._buckets.get((flow, destination), (burst, now))
+        left, granted, wait = grant_tokens(tokens, at, rate, burst, want, now)
+        self._buckets[(flow, destination)] = (left, max(at, now))
+        return granted, wait
+
+    async def held_keys(self, flow: str, destination: str, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._read(q_held_keys, flow, destination, limit)
 
     # -------------------------------------------------------------- destinations, cursors, schedules
     async def destination_states(self) -> DestinationStates:

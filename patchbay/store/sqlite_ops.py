@@ -69,7 +69,7 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
     if e.deliveries:
         conn.executemany(
             "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " last_error, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            " last_error, created_at, updated_at, order_key) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     e.id,
@@ -82,6 +82,7 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
                     d.error,
                     now,
                     now,
+                    d.order_key,
                 )
                 for d in e.deliveries
             ],
@@ -144,6 +145,15 @@ def tx_schedule(conn: sqlite3.Connection, flow: str, **fields: Any) -> None:
         conn.execute(f"UPDATE schedules SET {cols} WHERE flow=?", (*fields.values(), flow))
 
 
+# A delivery with an order key (its destination's `order_by`) is due only as the oldest pending or dead one
+# of its key to that destination: one at a time, in arrival order; a retrying or dead one holds the rest.
+HEAD = (
+    "(d.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.flow=d.flow"
+    " AND e.destination=d.destination AND e.order_key=d.order_key AND e.id<d.id"
+    " AND e.status IN ('pending','dead')))"
+)
+
+
 def q_due(
     conn: sqlite3.Connection,
     flow: str,
@@ -153,10 +163,13 @@ def q_due(
     skip: frozenset[int],
     after_id: int = 0,
 ) -> list[DueDelivery]:
-    """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased)."""
+    """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased);
+    of an ordered key only its oldest (HEAD)."""
     rows = conn.execute(
-        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries"
-        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? ORDER BY id LIMIT ?",
+        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries d"
+        " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? AND "
+        + HEAD
+        + " ORDER BY id LIMIT ?",
         (flow, destination, now, after_id, limit + len(skip)),
     ).fetchall()
     out = []
@@ -182,10 +195,63 @@ def q_due(
 
 def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
     row = conn.execute(
-        "SELECT MIN(next_at) FROM deliveries WHERE flow=? AND destination=? AND status='pending'",
+        "SELECT MIN(next_at) FROM deliveries d WHERE flow=? AND destination=? AND status='pending' AND "
+        + HEAD,
         (flow, destination),
     ).fetchone()
     return row[0]
+
+
+def q_pending_of(conn: sqlite3.Connection, ids: frozenset[int]) -> set[int]:
+    marks = ",".join("?" * len(ids))
+    return {
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM deliveries WHERE status='pending' AND id IN ({marks})", tuple(ids)
+        )
+    }
+
+
+def q_held_keys(conn: sqlite3.Connection, flow: str, destination: str, limit: int) -> list[dict[str, Any]]:
+    """Ordered keys whose oldest delivery is retrying or dead, with how many later ones wait behind it."""
+    rows = conn.execute(
+        "SELECT d.order_key, d.id, d.event_id, d.status, d.next_at, d.attempts, d.last_error,"
+        " (SELECT COUNT(*) FROM deliveries w WHERE w.flow=d.flow AND w.destination=d.destination"
+        "  AND w.order_key=d.order_key AND w.id>d.id AND w.status='pending') AS waiting"
+        " FROM deliveries d WHERE d.flow=? AND d.destination=? AND d.order_key IS NOT NULL"
+        " AND (d.status='dead' OR (d.status='pending' AND d.attempts>0)) AND "
+        + HEAD.replace("d.order_key IS NULL OR ", "")
+        + " ORDER BY d.id LIMIT ?",
+        (flow, destination, limit),
+    ).fetchall()
+    out = []
+    for r in rows:
+        error = r["last_error"] or "failed"
+        if r["status"] == "dead":
+            status = "dead"
+            reason = (
+                f"key {r['order_key']!r} held: event {r['event_id']} is a dead letter ({error}); its {r['waiting']}"
+                " later deliveries wait until you replay or discard it"
+            )
+        else:
+            status = "retrying"
+            reason = (
+                f"key {r['order_key']!r} held: event {r['event_id']} is retrying after {r['attempts']} attempts"
+                f" ({error}); its {r['waiting']} later deliveries wait for it"
+            )
+        out.append(
+            {
+                "key": r["order_key"],
+                "delivery_id": r["id"],
+                "event_id": r["event_id"],
+                "status": status,
+                "next_at": r["next_at"] if status == "retrying" else None,
+                "attempts": r["attempts"],
+                "waiting": r["waiting"],
+                "reason": reason,
+            }
+        )
+    return out
 
 
 def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:

@@ -126,6 +126,19 @@ CASES = [
         lambda f, s: (f.replace("lower(email)", "lower(email"), s),
         "flows/leads.yaml:7: map:",
     ),
+    (
+        "bad order_by",
+        lambda f, s: (
+            f.replace("    path: /contacts", "    path: /contacts\n    order_by: 'properties.email ||'"),
+            s,
+        ),
+        "flows/leads.yaml:14: order_by: ",
+    ),
+    (
+        "constant order_by",
+        lambda f, s: (f.replace("    path: /contacts", "    path: /contacts\n    order_by: \"'all'\""), s),
+        "flows/leads.yaml:14: order_by: it gives the same key for every record",
+    ),
 ]
 
 
@@ -248,3 +261,10 @@ def test_a_sqlite_url_names_the_store_file(tmp_path):
     loaded, problems = load_project(root, secret_exists=lambda _ref: True)
     assert problems == [] and loaded is not None
     assert loaded.store_path == store
+
+
+def test_a_claim_lease_too_short_to_renew_is_a_check_error(tmp_path):
+    root = project(tmp_path, extra={"patchbay.yaml": "claim_lease: 1s\n"})
+    code, out = check(root)
+    assert code == 2
+    assert any("patchbay.yaml:1: claim_lease:" in line and "at least 5s" in line for line in out), out

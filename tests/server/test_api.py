@@ -389,6 +389,32 @@ async def test_pause_and_resume_a_destination(api, sink):
 
 
 # ----------------------------------------------------------------------------- cursors and schedules
+async def test_an_ordered_destinations_held_key_shows_why(tmp_path, sink, api_for):
+    root = lead_project(tmp_path, sink.url, delivery=FAST, dest={"order_by": "properties.email"})
+    api = await api_for(root)
+    sink.script = [(400, {}, '{"error": "bad field"}')]
+    _, first = await api.hub.post("/hooks/lead-capture", lead(1))
+    await eventually(lambda: _is(api, first["event_id"], "dead"), what="dead letter")
+    _, second = await api.hub.post("/hooks/lead-capture", lead(1))  # same key: held behind the dead letter
+    _, other = await api.hub.post("/hooks/lead-capture", lead(2))  # another key goes on
+    await eventually(lambda: _is(api, other["event_id"], "delivered"), what="the other key delivered")
+    [dest] = (await api.get("destinations", token="reader"))["destinations"]
+    assert dest["order_by"] == "properties.email"
+    [held] = dest["held_keys"]
+    assert (held["key"], held["event_id"], held["status"], held["waiting"]) == (
+        "lead-1@example.com",
+        first["event_id"],
+        "dead",
+        1,
+    )
+    assert "dead letter" in held["reason"] and "replay or discard" in held["reason"]
+    assert await _status(api, second["event_id"]) == "pending"
+    await api.post("dead-letters/discard", {"run_ids": [first["event_id"]]})
+    await eventually(lambda: _is(api, second["event_id"], "delivered"), what="the held one delivered")
+    [dest] = (await api.get("destinations"))["destinations"]
+    assert dest["held_keys"] == []
+
+
 async def test_cursor_get_and_reset(api):
     assert await api.get("flows/lead-capture/cursor", token="reader") == {
         "flow": "lead-capture",

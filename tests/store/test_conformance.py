@@ -1164,6 +1164,96 @@ async def test_purge_keeps_the_run_of_a_create_whose_id_the_identity_map_still_w
     assert await store.purge_runs("crm_sync", ("delivered", "filtered"), later) == 1
 
 
+# ------------------------------------------------------------------ claims: per-key order, leases, slots, tokens
+def keyed(key: str | None, dest: str = "crm", body: Any = None) -> NewEvent:
+    """An event whose one delivery to `dest` is ordered by `key` (a destination's `order_by`)."""
+    e = event(body=body, destinations=(dest,))
+    e.deliveries[0].order_key = key
+    return e
+
+
+async def test_ordered_deliveries_go_one_at_a_time_per_key_in_arrival_order(store: Store) -> None:
+    a1, b1, a2, b2, free, a3 = (keyed(k) for k in ("a", "b", "a", "b", None, "a"))
+    for e in (a1, b1, a2, b2, free, a3):
+        await store.accept(e)
+    # only each key's oldest is due (and deliveries without a key, as before)
+    assert [d.event_id for d in await due(store)] == [a1.id, b1.id, free.id]
+    [da1, db1, _] = await due(store)
+    await store.record([result(db1, "success", "delivered")])
+    assert [d.event_id for d in await due(store)] == [a1.id, b2.id, free.id]
+    # a retrying delivery holds back the later ones of its key, not other keys
+    later = time.time() + 600
+    await store.record([result(da1, "transient", "pending", next_at=later, consumed_retry=True)])
+    assert [d.event_id for d in await due(store)] == [b2.id, free.id]
+    [held] = await store.held_keys("orders", "crm")
+    assert (held["key"], held["event_id"], held["status"], held["waiting"]) == ("a", a1.id, "retrying", 2)
+    assert held["next_at"] == pytest.approx(later) and "HTTP 503" in held["reason"]
+    [db2, dfree] = await due(store)
+    await store.record([result(db2, "success", "delivered"), result(dfree, "success", "delivered")])
+    assert await due(store) == []
+    assert await store.next_due_at("orders", "crm") == pytest.approx(later)  # a2 waits for a1, not due
+    # a dead letter blocks its key until it is replayed or discarded
+    [da1] = await due(store, now=later + 1)
+    await store.record([result(da1, "terminal", "dead", status_code=422, error="rejected")])
+    assert await due(store, now=later + 1) == []
+    [held] = await store.held_keys("orders", "crm")
+    assert (held["key"], held["status"], held["waiting"]) == ("a", "dead", 2)
+    assert "dead letter" in held["reason"] and "replay or discard" in held["reason"]
+    await store.discard([a1.id], None, ALICE)
+    assert [d.event_id for d in await due(store)] == [a2.id]
+    assert await store.held_keys("orders", "crm") == []
+    assert await store.held_keys("orders", "other") == []
+
+
+async def test_a_replayed_dead_letter_goes_first_again_in_its_key(store: Store) -> None:
+    class KeyedSteps(Steps):
+        def process(self, record: Any, event_id: str, **kw: Any) -> Processed:
+            out = super().process(record, event_id, **kw)
+            for d in out.deliveries:
+                d.order_key = "k"
+            return out
+
+    first, second = keyed("k", body={"email": "a@example.com"}), keyed("k", body={"email": "b@example.com"})
+    await store.accept(first)
+    await store.accept(second)
+    [d] = await due(store)
+    await store.record([result(d, "terminal", "dead", status_code=422, error="rejected")])
+    rep = await store.replay({"orders": KeyedSteps()}, [first.id], None, ALICE)
+    assert rep.requeued == [first.id]
+    assert [d.event_id for d in await due(store)] == [first.id]  # its place in the key kept
+
+
+async def test_claims_renew_and_release(store: Store) -> None:
+    for _ in range(3):
+        await store.accept(event())
+    rows = await due(store)
+    ids = {d.id for d in rows}
+    assert await store.renew("orders", "crm", ids) == ids  # held: queued or in flight
+    await store.release("orders", "crm", ids)
+    assert {d.id for d in await due(store)} == ids  # due again, for any worker
+    await store.record([result(rows[0], "success", "delivered")])
+    assert await store.renew("orders", "crm", ids) == ids - {rows[0].id}  # recorded: not held any more
+
+
+async def test_sending_slots_are_bounded_by_the_limit(store: Store) -> None:
+    assert await store.take_slots("orders", "crm", limit=2, want=5) == 2
+    assert await store.take_slots("orders", "crm", limit=2, want=1) == 1
+    assert await store.take_slots("orders", "crm", limit=4, want=4) == 4
+    assert await store.take_slots("orders", "chat", limit=1, want=1) == 1  # per destination
+    assert await store.take_slots("orders", "crm", limit=4, want=0) == 0
+
+
+async def test_tokens_come_from_one_bucket_per_destination(store: Store) -> None:
+    t = 1000.0
+    assert await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t) == (3, 0.0)  # a full bucket: burst 5
+    granted, wait = await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t)
+    assert granted == 2 and wait == 0.0
+    granted, wait = await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t)
+    assert granted == 0 and wait == pytest.approx(0.1)  # one token more in 1/rate s
+    assert (await store.take_tokens("orders", "crm", 10.0, 5.0, 3, t + 0.25))[0] == 2  # refilled 2.5
+    assert (await store.take_tokens("orders", "chat", 10.0, 5.0, 3, t))[0] == 3
+
+
 # ================================================================== cluster: the processes sharing the store
 def node(node_id: str = "host-a:1", at: float | None = None, **kw: Any) -> NodeRow:
     now = time.time() if at is None else at

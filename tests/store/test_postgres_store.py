@@ -62,6 +62,79 @@ async def test_two_hubs_share_the_feed_each_delivery_claimed_by_one_until_its_le
         await b.close()
 
 
+async def test_a_holder_that_lost_its_lease_learns_it_on_renewal() -> None:
+    url = postgres_url()
+    a, b = PostgresStore(url, holder="hub-a", lease_s=0.5), PostgresStore(url, holder="hub-b", lease_s=0.5)
+    try:
+        for _ in range(4):
+            await a.accept(event())
+        held = {d.id for d in await a.due("orders", "crm", time.time(), 10, set())}
+        assert await a.renew("orders", "crm", held) == held
+        time.sleep(0.6)  # hub-a missed its renewal: hub-b takes two over
+        taken = {d.id for d in await b.due("orders", "crm", time.time(), 2, set())}
+        assert len(taken) == 2 and await a.renew("orders", "crm", held) == held - taken
+        await a.release("orders", "crm", held)
+        rest = {d.id for d in await b.due("orders", "crm", time.time(), 10, taken)}
+        assert rest == held - taken  # released: hub-b takes them at once, before any lease runs out
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_sending_slots_are_shared_fairly_and_never_more_than_the_limit() -> None:
+    url = postgres_url()
+    a, b, c = (PostgresStore(url, holder=f"hub-{x}", lease_s=0.5) for x in "abc")
+    try:
+        assert await a.take_slots("orders", "crm", 4, 4) == 4  # alone: all of them
+        assert await b.take_slots("orders", "crm", 4, 4) == 0  # none free
+        assert await a.take_slots("orders", "crm", 4, 4, busy=3) == 3  # its share is 2, but 3 are sending
+        assert await a.take_slots("orders", "crm", 4, 4, busy=0) == 2  # then it lets go of its share's rest
+        assert await b.take_slots("orders", "crm", 4, 4) == 2
+        assert await c.take_slots("orders", "crm", 4, 4) == 0  # 2 + 2 held: c waits
+        assert await a.take_slots("orders", "crm", 4, 0) == 0  # a is idle: it lets go of all
+        assert await c.take_slots("orders", "crm", 4, 4) == 2  # share of 4 among b, c
+        time.sleep(0.6)  # b and c die: their slots' leases run out
+        assert await a.take_slots("orders", "crm", 4, 4) == 4
+    finally:
+        for s in (a, b, c):
+            await s.close()
+
+
+async def test_one_token_bucket_for_every_holder() -> None:
+    url = postgres_url()
+    a, b = PostgresStore(url, holder="hub-a"), PostgresStore(url, holder="hub-b")
+    try:
+        t = 1000.0
+        assert await a.take_tokens("orders", "crm", 10.0, 10.0, 6, t) == (6, 0.0)
+        assert (await b.take_tokens("orders", "crm", 10.0, 10.0, 6, t))[0] == 4  # the same bucket
+        assert (await a.take_tokens("orders", "crm", 10.0, 10.0, 6, t))[0] == 0
+        assert (await b.take_tokens("orders", "crm", 10.0, 10.0, 6, t + 0.3))[0] == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_processes_opening_a_new_schema_at_once_all_open_it() -> None:
+    import threading
+
+    url = postgres_url()
+    start, errors = threading.Barrier(4), []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            PostgresStore.migrate_only(url)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 async def test_many_hubs_share_the_store_and_the_cluster_view_counts_each_ones_claims() -> None:
     url = postgres_url()
     a, b = PostgresStore(url, holder="hub-a"), PostgresStore(url, holder="hub-b")

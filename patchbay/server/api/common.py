@@ -118,6 +118,7 @@ class Resource:
                     {"pending": 0, "retrying": 0, "dead": 0, "dead_last_hour": 0, "next_due_at": None},
                 )
                 _, reason, since = states.get((name, d.name), (w.state, None, None))
+                order_by = getattr(d, "order_by", None)
                 if w.state != "active":
                     health = "paused"
                 elif b["dead_last_hour"]:
@@ -140,6 +141,9 @@ class Resource:
                     "in_flight": w.inflight,
                     "policy": d.policy,
                     "when": d.when.text if d.when is not None else None,
+                    "order_by": order_by.text if order_by is not None else None,
+                    # keys held back by a retrying or dead delivery, and why (store.held_keys)
+                    "held_keys": await store.held_keys(name, d.name, 20) if order_by is not None else [],
                     "call": d.name.removeprefix(CALL_PREFIX) if d.name.startswith(CALL_PREFIX) else None,
                     **b,
                 }

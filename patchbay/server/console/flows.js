@@ -280,7 +280,9 @@ export async function viewFlow(root, r) {
       h('td', {}, pill(d.state === 'active' ? 'active' : d.state, d.state),
         d.reason ? h('div', { class: 'small' }, d.reason) : null,
         d.since && d.state !== 'active' ? h('div', { class: 'muted small' }, 'since ', when(d.since)) : null),
-      h('td', {}, pill(d.health)),
+      h('td', {}, pill(d.health),
+        d.order_by ? h('div', { class: 'muted small' }, 'in order by ', h('code', {}, d.order_by)) : null,
+        (d.held_keys || []).map((k) => h('div', { class: 'small', 'data-held-key': k.key }, pill('held', k.status), ' ', k.reason))),
       h('td', { class: 'num' }, `${d.pending} / ${d.retrying} / ${d.dead}`),
       h('td', { class: 'small' }, policyText(d.policy)),
       h('td', { class: 'nowrap' }, stateButton(d, () => Promise.all([refreshDests(true), refreshFlow(true)])))));

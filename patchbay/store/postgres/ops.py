@@ -6,6 +6,7 @@ import zlib
 from typing import Any
 
 from patchbay.store.retention import FAILED, FINISHED, ZMARK
+from patchbay.store.sqlite_ops import HEAD
 
 
 def tx_compress(conn: Any, flow: str, before: float, limit: int) -> int:
@@ -46,10 +47,12 @@ WITH ev AS (
   RETURNING id
 ), dl AS (
   INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at, last_error,
-                         created_at, updated_at)
-  SELECT ev.id, %(flow)s, d.destination, d.status, d.request, d.ikey, %(received_at)s, d.err, %(now)s, %(now)s
+                         created_at, updated_at, order_key)
+  SELECT ev.id, %(flow)s, d.destination, d.status, d.request, d.ikey, %(received_at)s, d.err, %(now)s, %(now)s,
+         d.okey
   FROM ev, unnest(%(d_dest)s::text[], %(d_status)s::text[], %(d_request)s::text[], %(d_ikey)s::text[],
-                  %(d_err)s::text[]) WITH ORDINALITY AS d(destination, status, request, ikey, err, ord)
+                  %(d_err)s::text[], %(d_okey)s::text[]) WITH ORDINALITY AS d(destination, status, request, ikey, err,
+                                                                            okey, ord)
   ORDER BY d.ord
 )
 SELECT id FROM ev
@@ -84,6 +87,7 @@ def accept(conn: Any, e: Any) -> Any:
             "d_request": [_j(d.request) for d in e.deliveries],
             "d_ikey": [d.idempotency_key for d in e.deliveries],
             "d_err": [d.error for d in e.deliveries],
+            "d_okey": [d.order_key for d in e.deliveries],
         },
     ).fetchone()
     if row is not None:
@@ -94,26 +98,59 @@ def accept(conn: Any, e: Any) -> Any:
     return Accepted(dup[0], duplicate=True, conflict=dup[1] != e.body_hash)
 
 
-LEASE_S = 300.0  # a claimed delivery another hub may take over after this long without an answer
+# Claims across workers (docs/delivery.md, "Many workers"): a claimed delivery (queued or in flight) carries its
+# holder and lease in the row; the holder renews it every lease/3 while it holds it, so one whose holder died
+# is taken over once the lease runs out (the hub's `claim_lease`, this by default).
+LEASE_S = 30.0
 
-_DUE = """
+_DUE = (
+    """
 UPDATE deliveries SET leased_by=%(holder)s, lease_until=%(until)s
 WHERE id IN (
-  SELECT id FROM deliveries
-  WHERE flow=%(flow)s AND destination=%(dest)s AND status='pending' AND next_at<=%(now)s AND id>%(after)s
-    AND NOT (id = ANY(%(skip)s::bigint[]))
-    AND (leased_by IS NULL OR leased_by=%(holder)s OR lease_until<%(now)s)
-  ORDER BY id LIMIT %(limit)s
-  FOR UPDATE SKIP LOCKED
+  SELECT d.id FROM deliveries d
+  WHERE d.flow=%(flow)s AND d.destination=%(dest)s AND d.status='pending' AND d.next_at<=%(now)s
+    AND d.id>%(after)s AND NOT (d.id = ANY(%(skip)s::bigint[]))
+    AND (d.leased_by IS NULL OR d.leased_by=%(holder)s OR d.lease_until<%(now)s)
+    AND """
+    + HEAD
+    + """
+  ORDER BY d.id LIMIT %(limit)s
+  FOR UPDATE OF d SKIP LOCKED
 )
 RETURNING id, event_id, request, idempotency_key, attempts, retries
 """
+)
+
+_NEXT_DUE = (
+    """
+SELECT MIN(next_at) FROM deliveries d
+WHERE d.flow=%(flow)s AND d.destination=%(dest)s AND d.status='pending'
+  AND (d.leased_by IS NULL OR d.leased_by=%(holder)s OR d.lease_until<%(now)s) AND """
+    + HEAD
+)
+
+_RENEW = """
+UPDATE deliveries SET lease_until=%(until)s
+WHERE id = ANY(%(ids)s::bigint[]) AND leased_by=%(holder)s AND status='pending'
+RETURNING id
+"""
+
+_RELEASE = """
+UPDATE deliveries SET leased_by=NULL, lease_until=NULL
+WHERE id = ANY(%(ids)s::bigint[]) AND leased_by=%(holder)s AND status='pending'
+"""
 
 
-def due_for(holder: str) -> Any:
+class Claims:
+    """The statements of one holder's claims: deliveries (`due`), sending slots, leases' renewal."""
+
+    def __init__(self, holder: str, lease_s: float = LEASE_S) -> None:
+        self.holder = holder
+        self.lease_s = lease_s
+
     @native
     def due(
-        conn: Any, flow: str, destination: str, now: float, limit: int, skip: Any, after_id: int = 0
+        self, conn: Any, flow: str, destination: str, now: float, limit: int, skip: Any, after_id: int = 0
     ) -> list[Any]:
         """Claim the due deliveries (a lease in the row, SKIP LOCKED): several hubs can share the feed."""
         import orjson
@@ -123,8 +160,8 @@ def due_for(holder: str) -> Any:
         rows = conn.execute(
             _DUE,
             {
-                "holder": holder,
-                "until": now + LEASE_S,
+                "holder": self.holder,
+                "until": now + self.lease_s,
                 "flow": flow,
                 "dest": destination,
                 "now": now,
@@ -138,7 +175,101 @@ def due_for(holder: str) -> Any:
             DueDelivery(r[0], r[1], flow, destination, orjson.loads(r[2]), r[3], r[4], r[5]) for r in rows
         ]
 
-    return due
+    @native
+    def next_due_at(self, conn: Any, flow: str, destination: str) -> float | None:
+        """The earliest this holder could claim: other holders' live claims are theirs."""
+        import time
+
+        row = conn.execute(
+            _NEXT_DUE, {"flow": flow, "dest": destination, "holder": self.holder, "now": time.time()}
+        ).fetchone()
+        return None if row is None else row[0]
+
+    @native
+    def renew(self, conn: Any, ids: Any) -> set[int]:
+        import time
+
+        rows = conn.execute(
+            _RENEW, {"ids": sorted(ids), "holder": self.holder, "until": time.time() + self.lease_s}
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    @native
+    def release(self, conn: Any, ids: Any) -> None:
+        conn.execute(_RELEASE, {"ids": sorted(ids), "holder": self.holder})
+
+    def take_slots(
+        self, conn: Any, flow: str, destination: str, limit: int, want: int, busy: int, now: float
+    ) -> int:
+        """Sending slots 0..limit-1 of the destination, each held by one holder for the lease (one transaction,
+        takers of one destination's slots one at a time). A holder's share is the limit divided by the holders
+        that want slots now, rounded up; it keeps what it sends on (`busy`) even past its share."""
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (f"slots\x1f{flow}\x1f{destination}",)
+        )
+        conn.execute(
+            "INSERT INTO delivery_slots(flow, destination, slot, holder, until)"
+            " SELECT ?, ?, g, NULL, 0 FROM generate_series(0, ?) g ON CONFLICT DO NOTHING",
+            (flow, destination, limit - 1),
+        )
+        if want > 0:
+            conn.execute(
+                "INSERT INTO delivery_wants(flow, destination, holder, until) VALUES(?,?,?,?)"
+                " ON CONFLICT (flow, destination, holder) DO UPDATE SET until=excluded.until",
+                (flow, destination, self.holder, now + self.lease_s),
+            )
+        else:
+            conn.execute(
+                "DELETE FROM delivery_wants WHERE flow=? AND destination=? AND (holder=? OR until<?)",
+                (flow, destination, self.holder, now),
+            )
+        wanting = conn.execute(
+            "SELECT COUNT(*) FROM delivery_wants WHERE flow=? AND destination=? AND until>=?",
+            (flow, destination, now),
+        ).fetchone()[0]
+        rows = conn.execute(
+            "SELECT slot, holder, until FROM delivery_slots WHERE flow=? AND destination=? ORDER BY slot",
+            (flow, destination),
+        ).fetchall()
+        mine = [r[0] for r in rows if r[1] == self.holder and r[0] < limit]
+        free = [r[0] for r in rows if r[0] < limit and r[1] != self.holder and (r[1] is None or r[2] < now)]
+        share = -(-limit // max(1, wanting))
+        target = max(min(want, share, len(mine) + len(free)), min(busy, len(mine)))
+        keep = mine[:target] + free[: max(0, target - len(mine))]
+        drop = [r[0] for r in rows if r[1] == self.holder and r[0] not in keep]
+        if keep:
+            conn.execute(
+                "UPDATE delivery_slots SET holder=?, until=? WHERE flow=? AND destination=? AND slot = ANY(?)",
+                (self.holder, now + self.lease_s, flow, destination, keep),
+            )
+        if drop:
+            conn.execute(
+                "UPDATE delivery_slots SET holder=NULL, until=0 WHERE flow=? AND destination=? AND slot = ANY(?)",
+                (flow, destination, drop),
+            )
+        return len(keep)
+
+
+def take_tokens(
+    conn: Any, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+) -> tuple[int, float]:
+    """Up to `want` tokens from the destination's bucket, one row shared by every holder (locked while taken)."""
+    from patchbay.store.common import grant_tokens
+
+    conn.execute(
+        "INSERT INTO delivery_buckets(flow, destination, tokens, at) VALUES(?,?,?,?) ON CONFLICT DO NOTHING",
+        (flow, destination, burst, now),
+    )
+    tokens, at = conn.execute(
+        "SELECT tokens, at FROM delivery_buckets WHERE flow=? AND destination=? FOR UPDATE",
+        (flow, destination),
+    ).fetchone()
+    left, granted, wait = grant_tokens(tokens, at, rate, burst, want, now)
+    conn.execute(
+        "UPDATE delivery_buckets SET tokens=?, at=? WHERE flow=? AND destination=?",
+        (left, max(at, now), flow, destination),
+    )
+    return granted, wait
 
 
 _RECORD = """

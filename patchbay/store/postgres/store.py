@@ -77,9 +77,8 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migra
     """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
     serialises openers), or refuse a store newer than this code. The migrations applied."""
     with conn.transaction():
-        # Two openers never create at once: nodes of a cluster start together on a new store, and
-        # CREATE SCHEMA IF NOT EXISTS is not safe against a concurrent one (a duplicate key), so the lock
-        # comes first.
+        # Two openers never create at once, the schema included (CREATE SCHEMA IF NOT EXISTS is not safe
+        # against a concurrent one: several workers starting on a new schema).
         conn.execute("SELECT pg_advisory_xact_lock(7311999)")
         if schema:
             conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')  # type: ignore[arg-type]
@@ -128,7 +127,13 @@ class PostgresStore(SqliteStore):
     function: here those run the function on a pooled PostgreSQL connection in one transaction."""
 
     def __init__(
-        self, url: str, *, check: bool = True, max_connections: int = 8, holder: str | None = None
+        self,
+        url: str,
+        *,
+        check: bool = True,
+        max_connections: int = 8,
+        holder: str | None = None,
+        lease_s: float = pg_ops.LEASE_S,
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
@@ -154,7 +159,7 @@ class PostgresStore(SqliteStore):
         )
         # Who holds a claimed delivery: the hub's node id (engine/roles.py), unique per process.
         self.holder = holder or os.environ.get("PATCHBAY_NODE_ID") or f"{socket.gethostname()}:{os.getpid()}"
-        self._due = pg_ops.due_for(self.holder)
+        self.claims = pg_ops.Claims(self.holder, lease_s)
         self._exec = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="patchbay-store")
         self._closed = False
         self._conninfo = conninfo
@@ -385,10 +390,28 @@ class PostgresStore(SqliteStore):
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
     ) -> list[DueDelivery]:
-        return await self._read(self._due, flow, destination, now, limit, frozenset(skip), after_id)
+        return await self._read(self.claims.due, flow, destination, now, limit, frozenset(skip), after_id)
+
+    async def next_due_at(self, flow: str, destination: str) -> float | None:
+        return await self._read(self.claims.next_due_at, flow, destination)
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(pg_ops.record, results)
+
+    async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
+        return await self._write(self.claims.renew, frozenset(ids)) if ids else set()
+
+    async def release(self, flow: str, destination: str, ids: set[int]) -> None:
+        if ids:
+            await self._write(self.claims.release, frozenset(ids))
+
+    async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
+        return await self._write(self.claims.take_slots, flow, destination, limit, want, busy, time.time())
+
+    async def take_tokens(
+        self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
+    ) -> tuple[int, float]:
+        return await self._write(pg_ops.take_tokens, flow, destination, rate, burst, want, now)
 
     async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
         return await self._write(pg_ops.tx_compress, flow, before, limit)
