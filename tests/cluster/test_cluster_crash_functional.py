@@ -126,8 +126,12 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
 
         watchers: list[asyncio.Task[None]] = []
         restarts: list[asyncio.Task[None]] = []
+        # Set once the first killed worker's claims moved. No process starts before: on another machine nobody
+        # could see that its pid is gone, so its claim lease running out is what hands them over (a node
+        # starting on the same host lets go of a dead local node's claims at once).
+        lease_moved = asyncio.Event()
 
-        async def sigkill(node: NodeProcess, restart_as: str | None) -> None:
+        async def sigkill(node: NodeProcess, restart_as: str | None) -> dict[str, Any]:
             at = await cluster.kill(node)
             wall = time.time()
             claim_ids = [
@@ -145,34 +149,38 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                 watchers.append(asyncio.create_task(watch_takeover(kill)))
             if restart_as is not None:  # in the background: the next kill does not wait for it
                 restarts.append(asyncio.create_task(restart(node, restart_as)))
+            return kill
 
         async def restart(node: NodeProcess, name: str) -> None:
+            await lease_moved.wait()
             await asyncio.sleep(1.0)
             # A new node id: the dead one's heartbeat is still fresh, and its claims are not ours.
             await cluster.start(name, roles=node.roles, port=node.port)
 
-        async def chaos() -> None:
-            """Kill a random worker at 10%, 35% and 60% of the deliveries, the second web process when
-            30% of the events are acknowledged; a killed worker comes back (as a new node) or not."""
-            thresholds = [("worker", 0.10), ("web", 0.30), ("worker", 0.35), ("worker", 0.60)]
+        async def kill_web() -> None:
+            """The second web process dies when 30% of the events are acknowledged, and comes back later."""
+            await until(lambda: len(accepted) >= 0.3 * N, 120, "30% of the events acknowledged")
+            await sigkill(webs[1], "web2-r1")
+
+        async def kill_workers() -> None:
+            """A random worker dies at 10%, 35% and 60% of the deliveries; it comes back (as a new node) or not."""
             comebacks = 0
-            for role, share in thresholds:
-                counted = accepted if role == "web" else sink.keys
-                await until(
-                    lambda c=counted, at=share * N: len(c) >= at, 120, f"{share:.0%} of the events ({role})"
-                )
-                if role == "web":
-                    await sigkill(webs[1], "web2-r1")
-                    continue
+            for share in (0.10, 0.35, 0.60):
+                await until(lambda at=share * N: len(sink.keys) >= at, 120, f"{share:.0%} of the deliveries")
                 alive = cluster.alive("worker")
                 # A random worker among those holding claims now (so each kill tests a takeover).
                 holders = held_by(store, [w.name for w in alive])
                 victim = rng.choice([w for w in alive if w.name in holders] or alive)
                 # The first victim stays dead (others must take its claims); later ones come back by chance,
                 # and always when fewer than two workers would be left.
-                come_back = bool(kills) and (rng.random() < 0.5 or len(alive) <= 2)
+                first = not lease_moved.is_set()
+                come_back = not first and (rng.random() < 0.5 or len(alive) <= 2)
                 comebacks += come_back
-                await sigkill(victim, f"{victim.name}-r{comebacks}" if come_back else None)
+                kill = await sigkill(victim, f"{victim.name}-r{comebacks}" if come_back else None)
+                if first:
+                    kill["by"] = "lease"
+                    await watchers[-1]
+                    lease_moved.set()
 
         started = time.monotonic()
         sem = asyncio.Semaphore(32)
@@ -182,7 +190,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                 await post(session, n)
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            killing = asyncio.create_task(chaos())
+            killing = asyncio.gather(kill_web(), kill_workers())
             sampler = asyncio.create_task(sample_claims())
             await asyncio.wait_for(asyncio.gather(*(bounded(session, n) for n in range(N))), 180)
             posted_s = time.monotonic() - started
@@ -229,6 +237,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
         + "; ".join(
             f"{k['node']} ({k['roles']}) held {len(k['claim_ids'])} claims"
             + (f", taken over in {k['takeover_s']:.1f} s" if "takeover_s" in k else "")
+            + (f" (by its {CLAIM_LEASE_S:g} s lease)" if k.get("by") == "lease" else "")
             for k in kills
         )
         + f"; samples holding claims per node: {dict(sorted(holding.items()))}"
@@ -246,6 +255,10 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
     # The claims of killed workers were taken over, within lease + 30 s, and none is held by a dead node.
     worker_kills = [k for k in kills if "worker" in k["roles"]]
     assert any(k["claim_ids"] for k in worker_kills), "a killed worker held claims"
+    [by_lease] = [k for k in worker_kills if k.get("by") == "lease"]
+    assert by_lease["claim_ids"] and by_lease["takeover_s"] >= CLAIM_LEASE_S / 2, (
+        "moved by the lease, not before"
+    )
     for k in worker_kills:
         assert k["takeover_s"] <= bound, (
             f"{k['node']}'s claims taken over after {k['takeover_s']:.1f} s > {bound}"
