@@ -8,12 +8,12 @@ every few seconds on its own thread: a scrape never runs a query on the event lo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 STEP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -139,7 +139,11 @@ class Metrics:
             registry=r,
         )
         self.snapshot = StoreSnapshot()
+        # The store's own count of its work (a PostgreSQL store counts statements, round trips and
+        # transactions: what bench/cluster.py divides by the events), read at scrape time.
+        self.store_work: Callable[[], dict[str, int] | None] = lambda: None
         r.register(_StoreCollector(self))
+        r.register(_StoreWorkCollector(self))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -212,3 +216,25 @@ class _StoreCollector(Collector):
                 "When the store-derived series were last read (Unix time).",
             ),
         )
+
+
+class _StoreWorkCollector(Collector):
+    """`patchbay_store_<what>_total` from the store's counters, for a store that keeps them."""
+
+    WHAT = {
+        "statements": "SQL statements the store ran.",
+        "round_trips": "Round trips the store made to its server.",
+        "transactions": "Transactions the store committed (an accept group is one).",
+    }
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.metrics.store_work() or {}
+        for what, text in self.WHAT.items():
+            if what in counts:
+                yield CounterMetricFamily(f"patchbay_store_{what}", text, value=counts[what])

@@ -134,3 +134,16 @@ async def test_schedule_lag_and_alerts_firing(tmp_path, sink, start_hub):
     labels: dict[str, Any] = {"kind": "schedule_late", "flow": "hourly"}
     assert m[series("patchbay_alerts_firing", **labels)] == 1
     assert m[series("patchbay_alerts_firing", kind="destination_paused", flow="lead-capture")] == 0
+
+
+async def test_a_postgres_store_counts_its_statements_round_trips_and_transactions(tmp_path, sink, start_hub):
+    from tests.conftest import postgres_url
+
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST, hub={"store": postgres_url()}))
+    for n in range(3):
+        status, _ = await hub.post("/hooks/lead-capture", lead(n))
+        assert status == 202
+    await sink.wait_for(3)
+    m = await scrape(hub.url)
+    for what in ("statements", "round_trips", "transactions"):
+        assert m[series(f"patchbay_store_{what}_total")] >= 3  # the three accepts at least

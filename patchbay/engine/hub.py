@@ -149,6 +149,7 @@ class Hub:
                 " every role in one process (no --role)"
             )
         self.store = open_hub_store(location, holder=self.node.id, lease_s=self.project.settings.claim_lease)
+        self.metrics.store_work = lambda: getattr(self.store, "counter", None)
         if lock:  # SQLite: one hub per file; PostgreSQL: nothing (many hubs share it; same node id refused)
             self.store.lock()
         try:

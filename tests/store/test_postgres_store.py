@@ -12,7 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from patchbay.cli.main import main
-from patchbay.store.base import NodeRow
+from patchbay.store.base import Accepted, NodeRow
 from patchbay.store.postgres import PostgresStore
 from patchbay.store.postgres.ops import LEASE_S
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project, postgres_url
@@ -35,6 +35,87 @@ async def test_an_event_and_its_deliveries_are_one_statement_and_one_round_trip(
         due = await s.due("orders", "crm", time.time() + 1, 10, set())
         await s.record([result(d, "success", "delivered") for d in due])
         assert s.counter["round_trips"] - before["round_trips"] == 2  # claim the batch, record the batch
+    finally:
+        await s.close()
+
+
+def _committed(url: str, ids: list[str]) -> set[str]:
+    """The event ids among `ids` that another connection sees (committed)."""
+    import psycopg
+
+    from patchbay.store.postgres.store import _split_schema
+
+    conninfo, schema = _split_schema(url)
+    with psycopg.connect(conninfo, autocommit=True, options=f"-c search_path={schema}") as conn:
+        rows = conn.execute("SELECT id FROM events WHERE id = ANY(%s)", (ids,)).fetchall()
+    return {r[0] for r in rows}
+
+
+async def test_concurrent_accepts_share_one_statement_and_one_commit_each_committed_before_it_returns() -> (
+    None
+):
+    url = postgres_url()
+    s = PostgresStore(url)
+    try:
+        events = [event(destinations=("crm", "erp")) for _ in range(40)]
+
+        async def accept_and_look(e: object) -> bool:
+            accepted = await s.accept(e)  # type: ignore[arg-type]
+            return _committed(url, [accepted.event_id]) == {accepted.event_id}
+
+        before = dict(s.counter)
+        seen = await asyncio.gather(*(accept_and_look(e) for e in events))
+        assert all(seen)  # each one committed when its accept returned (the 202 comes after)
+        assert s.counter["transactions"] - before["transactions"] <= 10  # not one COMMIT per event
+        due = await s.due("orders", "erp", time.time() + 1, 100, set())
+        assert [d.event_id for d in due] == [e.id for e in events]  # arrival order kept in the group
+    finally:
+        await s.close()
+
+
+async def test_a_duplicate_in_the_same_group_is_answered_as_a_duplicate_of_the_first() -> None:
+    s = PostgresStore(postgres_url())
+    try:
+        first = event(body={"a": 1}, dedupe_key="k1")
+        same = event(body={"a": 1}, dedupe_key="k1")
+        other_body = event(body={"a": 2}, dedupe_key="k1")
+        rest = [event() for _ in range(5)]
+        got = await asyncio.gather(*(s.accept(e) for e in [*rest[:2], first, same, other_body, *rest[2:]]))
+        assert got[2] == Accepted(first.id)
+        assert got[3] == Accepted(first.id, duplicate=True, conflict=False)
+        assert got[4] == Accepted(first.id, duplicate=True, conflict=True)
+        assert [a.event_id for a in got[:2] + got[5:]] == [e.id for e in rest]
+        assert len(await s.due("orders", "crm", time.time() + 1, 100, set())) == 6
+    finally:
+        await s.close()
+
+
+async def test_one_event_that_cannot_be_written_fails_alone_the_rest_of_its_group_is_committed() -> None:
+    url = postgres_url()
+    s = PostgresStore(url)
+    try:
+        good = [event() for _ in range(8)]
+        bad = event(reason="nul \x00 in text")  # PostgreSQL text cannot hold NUL
+        got = await asyncio.gather(
+            *(s.accept(e) for e in [*good[:4], bad, *good[4:]]), return_exceptions=True
+        )
+        assert isinstance(got[4], Exception)
+        assert [a.event_id for a in got[:4] + got[5:]] == [e.id for e in good]  # type: ignore[union-attr]
+        assert _committed(url, [e.id for e in [*good, bad]]) == {e.id for e in good}
+    finally:
+        await s.close()
+
+
+async def test_concurrent_records_share_one_statement_and_one_commit() -> None:
+    s = PostgresStore(postgres_url())
+    try:
+        await asyncio.gather(*(s.accept(event()) for _ in range(30)))
+        due = await s.due("orders", "crm", time.time() + 1, 100, set())
+        before = dict(s.counter)
+        await asyncio.gather(*(s.record([result(d, "success", "delivered")]) for d in due))
+        assert s.counter["transactions"] - before["transactions"] <= 10  # not one COMMIT per attempt
+        assert await s.due("orders", "crm", time.time() + 1, 100, set()) == []
+        assert (await s.counts())["events"] == {"delivered": 30}
     finally:
         await s.close()
 

@@ -4,10 +4,11 @@ Every operation is one transaction on a connection from a `psycopg_pool.Connecti
 thread of the store's executor so the event loop never waits on the network. The operations are the
 SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
 run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
-(synchronous_commit as the server has it), so there is no group-commit writer: `accept` returns after
-its own COMMIT. Any number of hubs share the store (engine/roles.py); a hub's accepted deliveries wake the workers of the
-others by NOTIFY on the schema's channel, sent after the commit from a connection of its own (`announce`),
-and each worker process LISTENs (`listen`).
+(synchronous_commit as the server has it); concurrent accepts, and concurrent attempt records, share
+one statement and one COMMIT (`group.Groups`), and each returns after the COMMIT of its group. Any number
+of hubs share the store (engine/roles.py); a hub's accepted deliveries wake the workers of the others by
+NOTIFY on the schema's channel, sent after the commit from a connection of its own (`announce`), and each
+worker process LISTENs (`listen`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
+from patchbay.store.postgres.group import Groups
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed
@@ -133,6 +135,7 @@ class PostgresStore(SqliteStore):
         check: bool = True,
         max_connections: int = 8,
         holder: str | None = None,
+        accept_threads: int = 1,
         lease_s: float = pg_ops.LEASE_S,
     ) -> None:
         self.url = url
@@ -171,6 +174,12 @@ class PostgresStore(SqliteStore):
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
+        self._accepts = Groups(
+            self._run, pg_ops.accept_many, self._closed_error, name="accept", threads=accept_threads
+        )
+        self._records = Groups(
+            self._run, pg_ops.record, self._closed_error, name="record", threads=2, max_group=512
+        )
 
     @staticmethod
     def migrate_only(url: str) -> None:
@@ -322,12 +331,15 @@ class PostgresStore(SqliteStore):
             return res
         raise AssertionError("unreachable")
 
+    def _closed_error(self) -> StoreClosed:
+        return StoreClosed(
+            f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
+            "the store is closed",
+        )
+
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
-            raise StoreClosed(
-                f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
-                "the store is closed",
-            )
+            raise self._closed_error()
         return await asyncio.get_running_loop().run_in_executor(self._exec, self._run, fn, args)
 
     def _write(self, fn: Callable[..., T], *args: Any) -> Any:  # type: ignore[override]
@@ -341,6 +353,8 @@ class PostgresStore(SqliteStore):
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        for groups in (self._accepts, self._records):  # what is queued is written first
+            await loop.run_in_executor(None, groups.stop)
         await loop.run_in_executor(None, self._exec.shutdown, True)
         await loop.run_in_executor(None, self._pool.close)
         await loop.run_in_executor(None, self._notify_exec.shutdown, True)
@@ -363,13 +377,15 @@ class PostgresStore(SqliteStore):
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"]}
+        # the calls that shared a group's COMMIT
+        extra = sum(g.calls - g.groups for g in (self._accepts, self._records))
+        return {"commits": self.counter["transactions"], "ops": self.counter["transactions"] + extra}
 
     # -------------------------------------------------------------- the hot path, PostgreSQL's own statements
     async def accept(self, event: NewEvent) -> Accepted:
         if event.claims or event.windows:  # dedupe keys and windows: the shared operation, one transaction
             return await self._write(_gated(tx_accept), event)
-        return await self._write(pg_ops.accept, event)
+        return (await self._accepts.call([event]))[0]  # type: ignore[no-any-return]
 
     async def accept_batch(
         self, events: list[NewEvent], flow: str, cursor: Any, fence: Fence | None = None
@@ -396,7 +412,8 @@ class PostgresStore(SqliteStore):
         return await self._read(self.claims.next_due_at, flow, destination)
 
     async def record(self, results: list[AttemptResult]) -> None:
-        await self._write(pg_ops.record, results)
+        if results:
+            await self._records.call(results)
 
     async def renew(self, flow: str, destination: str, ids: set[int]) -> set[int]:
         return await self._write(self.claims.renew, frozenset(ids)) if ids else set()
