@@ -113,7 +113,10 @@ class SystemMapping(Spec):
     )
     clock: str | None = Field(
         None,
-        description="Dotted path of the record's own update time, for fields with `rule: latest, clock: system`.",
+        description="Dotted path of the record's own update time, or of a change sequence that grows with "
+        "every change (e.g. `updated_at`, `seq`). It orders the reads of one record: a read older than one "
+        "already applied (a webhook arriving out of order) is stale and ignored, never taken for a change. "
+        "Fields with `rule: latest, clock: system` compare it across systems (then it must be a time).",
     )
     version: str | None = Field(
         None,
@@ -133,11 +136,17 @@ class DeletePolicy(Spec):
         0.2,
         gt=0,
         le=1,
-        description="Guard: a batch that would delete more than this share of the entity's identities is "
-        "refused; the source stops and alerts.",
+        description="Guard: a batch that would bring the deletes within `window` above this share of the "
+        "entity's identities is refused whole; the source stops and alerts.",
     )
     min_identities: int = Field(
         10, ge=0, description="The guard applies once the entity has at least this many identities."
+    )
+    window: Duration = Field(
+        3600,
+        ge=1,
+        description="Guard: the deletes of this last period count with the batch's, so a mass delete read "
+        "in many batches (or polls) stops once the share passes max_share, not batch by batch.",
     )
 
 

@@ -32,7 +32,7 @@ from patchbay.engine.retention import Retention
 from patchbay.engine.roles import HEARTBEAT_S, LOST_AFTER_S, SCHEDULER, WORKER, Node
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
-from patchbay.engine.sync import EntitySync, Item, first_run, sync_flows
+from patchbay.engine.sync import EntitySync, Item, first_run, first_run_needed, sync_flows
 from patchbay.engine.waiting import wait_set
 from patchbay.engine.windows import WindowCloser, has_gates
 from patchbay.errors import ConfigError, TransientError
@@ -313,7 +313,7 @@ class Hub:
         assert self.store is not None
         for name, ent in self.project.entities.items():
             flows = sync_flows(self.project.flows, name)
-            if not flows or (await self.store.identity_stats(name))["identities"]:
+            if not flows or not await first_run_needed(self.store, name):
                 continue
             # One node runs it (lease `first-run:<entity>`); the others wait for it, then find it done.
             await self.leader.once(f"first-run:{name}", partial(self._first_run, name, ent, flows))
@@ -323,7 +323,7 @@ class Hub:
     ) -> None:
         assert self.store is not None and self.resolver is not None
         resolver = self.resolver
-        if (await self.store.identity_stats(name))["identities"]:
+        if not await first_run_needed(self.store, name):
             return  # another node did it while this one waited for the lease
         sync = self.syncs[name] = EntitySync(ent, self.store)
 

@@ -248,6 +248,13 @@ class Session:
             return Applied(None, "review", how)
         if ident is not None and ident.status == "deleted":
             return Applied(ident, "ignored", f"identity {ident.id} was deleted")
+        if ident is not None and _stale(ident.systems.get(inc.system), inc):
+            return Applied(
+                ident,
+                "ignored",
+                f"a read of {inc.system} record {inc.record_id} older than one already applied "
+                "(it arrived out of order): stale",
+            )
         if inc.deleted:
             if ident is None:
                 return Applied(None, "ignored", "a delete of a record the hub never linked")
@@ -264,7 +271,7 @@ class Session:
         if moved:
             view["version"] = inc.version  # kept even when no value changed: the next If-Match needs it
         out = Applied(ident, "created" if created else "linked" if linked else "unchanged")
-        self._seen_changed = False
+        self._seen_changed = _advance(view, inc)
         for f, v in inc.values.items():
             self._field(ident, view, inc, f, v, event_id, out)
         if out.changed and out.action == "unchanged":
@@ -315,12 +322,15 @@ class Session:
                 ident.golden[f] = mine
                 out.changed.append(f)
                 return
+            # The owner's side of it: the agreed value, which the owner holds (or is being sent), even
+            # when it came from elsewhere first (a record created in another system, then in the owner).
+            owned = g if g["system"] == rule.owner else {**g, "system": rule.owner}
             out.conflicts.append(
                 self._conflict(
                     ident,
                     f,
                     "owned",
-                    g,
+                    owned,
                     mine,
                     rule.owner,
                     g["value"],
@@ -503,6 +513,23 @@ class Session:
     def finish(self) -> IdentityChanges:
         self.changes.identities = list(self._dirty.values())
         return self.changes
+
+
+def _stale(view: dict[str, Any] | None, inc: Incoming) -> bool:
+    """The record's clock (systems[S].clock) is older than that of a read of it already applied."""
+    if view is None or view.get("clock") is None or view.get("id") != inc.record_id or inc.clock is None:
+        return False
+    t = _clock(inc.clock)
+    return t > 0 and t < float(view["clock"])
+
+
+def _advance(view: dict[str, Any], inc: Incoming) -> bool:
+    """Keep the newest clock read from this system's record; True when it moved."""
+    t = _clock(inc.clock) if inc.clock is not None else 0.0
+    if t > float(view.get("clock") or 0.0):
+        view["clock"] = t
+        return True
+    return False
 
 
 def _view() -> dict[str, Any]:

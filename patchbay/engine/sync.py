@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,7 +31,19 @@ from patchbay.errors import RecordInvalid, TerminalError
 from patchbay.expressions import is_truthy
 from patchbay.processors.base import Dropped
 from patchbay.records import new_id
-from patchbay.store.base import Accepted, Actor, Identity, IdentityLookup, NewDelivery, NewEvent, Store
+from patchbay.store.base import (
+    Accepted,
+    Actor,
+    Identity,
+    IdentityLookup,
+    NewConflict,
+    NewDelivery,
+    NewEvent,
+    NewReview,
+    Store,
+)
+from patchbay.store.identity import q_identities
+from patchbay.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from patchbay.engine.pipeline import Pipeline
@@ -104,7 +118,8 @@ class EntitySync:
             prepared = [(it, *self._steps(pipeline, it.record)) for it in items]
             incs = [read_record(self.ent, origin, rec) for _, rec, _, _ in prepared if rec is not None]
             if any(i.deleted for i in incs):  # the guard counts the entity only when there are deletes
-                self._guard_deletes(incs, await self.store.identity_stats(self.ent.name))
+                since = now - self.ent.doc.deletes.window
+                self._guard_deletes(incs, await self.store.identity_stats(self.ent.name, since))
             session = await self._session(incs, now)
             events = []
             for it, rec, trace, refused in prepared:
@@ -152,14 +167,20 @@ class EntitySync:
         return record, trace, None
 
     def _guard_deletes(self, incs: list[Incoming], stats: dict[str, Any]) -> None:
+        """Refuse a batch that brings the deletes of the last `deletes.window` over `max_share` of the
+        entity: a mass delete read in many batches stops once it passes the share, not batch by batch.
+        (A batch's deletes of records already deleted count too: the guard errs on the side of stopping.)"""
         d = self.ent.doc.deletes
         deletes = sum(1 for i in incs if i.deleted)
-        total = int(stats.get("status", {}).get("active", 0))
-        if deletes and total >= d.min_identities and deletes > d.max_share * total:
+        recent = int(stats.get("closed_since", 0))
+        total = int(stats.get("status", {}).get("active", 0)) + recent  # as it was when the window began
+        if deletes and total >= d.min_identities and deletes + recent > d.max_share * total:
+            within = f", with {recent} deleted within the last {_span(d.window)}" if recent else ""
             raise TerminalError(
-                f"syncing {self.ent.name}: this batch would delete {deletes} of {total} identities "
-                f"({deletes / total:.0%}, more than deletes.max_share {d.max_share:.0%}); nothing was "
-                "applied. Check the source, then raise max_share or resume the flow"
+                f"syncing {self.ent.name}: this batch would delete {deletes} of {total} identities"
+                f"{within} ({(deletes + recent) / total:.0%}, more than deletes.max_share "
+                f"{d.max_share:.0%}); nothing of it was applied. Check the source, then raise max_share "
+                "or resume the flow"
             )
 
     async def _session(self, incs: list[Incoming], now: float) -> Session:
@@ -442,67 +463,216 @@ class EntitySync:
         return events
 
     # -------------------------------------------------------------- first run
-    async def first_run(
-        self, reads: dict[str, tuple[FlowSpec, Pipeline, list[Item], Any]], *, dry_run: bool
-    ) -> Preview:
+    async def first_run(self, reads: list[FirstRead], *, dry_run: bool, chunk: int = 1000) -> Preview:
         """Link every system's existing records before anything is written, then write what is missing.
 
-        `reads`: system -> (its sync flow, that flow's pipeline, every record it holds, the cursor after
-        them). With `dry_run`, nothing is written: the preview says what would happen."""
+        Memory stays bounded whatever the systems hold: each system is read page by page (`reads`: its
+        sync flow, pipeline and poll source); a page is linked against the identity map built so far,
+        kept in a scratch store (a temporary file, in $TMPDIR) and looked up together with the real
+        store, so a record is matched by its keys through a store, never held. Then the identities the
+        run touched are read back in chunks of `chunk` and their writes planned; each chunk (identities,
+        their conflicts, events with their deliveries) is one transaction of the real store, the last
+        with the reviews, the sources' cursors and the mark that the first run is done (a run killed
+        before it runs again at the next start: linking is idempotent and a create in flight is never
+        sent twice). With `dry_run` nothing is written: the preview says what would happen, exactly as
+        the run would do it."""
         async with self.lock, self.store.entity_lock(self.ent.name):
             now = time.time()
             prev = Preview(self.ent.name)
-            incs: dict[str, list[tuple[Item, Incoming]]] = {}
-            for system, (_, pipeline, items, _) in reads.items():
-                for it in items:
-                    rec, _, refused = self._steps(pipeline, it.record)
+            with tempfile.TemporaryDirectory(prefix="patchbay-first-run-") as d:
+                scratch = SqliteStore(Path(d) / "first_run.db", check=False)
+                try:
+                    layered = _Layered(scratch, self.store)
+                    t0 = time.perf_counter()
+                    touched, conflicts, reviews = await self._first_link(reads, layered, now, prev)
+                    t1 = time.perf_counter()
+                    await self._first_write(
+                        reads, layered, touched, conflicts, reviews, now, prev, dry_run, chunk
+                    )
+                    log.info(
+                        "first run of %s: %d records read and linked in %.1f s, %d identities %s in %.1f s",
+                        self.ent.name,
+                        sum(prev.records.values()),
+                        t1 - t0,
+                        len(touched),
+                        "planned" if dry_run else "written",
+                        time.perf_counter() - t1,
+                    )
+                finally:
+                    await scratch.close()
+            return prev
+
+    async def _first_link(
+        self, reads: list[FirstRead], layered: _Layered, now: float, prev: Preview
+    ) -> tuple[dict[str, tuple[str, str | None]], list[NewConflict], list[NewReview]]:
+        """Phase 1: link each page of each system into the scratch map. Returns the identities touched (id ->
+        the system and record that first touched it: its event's origin), conflicts and reviews."""
+        touched: dict[str, tuple[str, str | None]] = {}
+        conflicts: list[NewConflict] = []
+        reviews: list[NewReview] = []
+        for read in reads:
+            system = read.flow.source.system if read.flow.source is not None else read.flow.name
+            prev.records.setdefault(system, 0)
+            cursor = None
+            batches: AsyncIterator[Batch] = read.source.poll(None)
+            async for batch in batches:
+                if batch.cursor is not None:
+                    cursor = batch.cursor
+                prev.records[system] += len(batch.records)
+                incs = []
+                for r in batch.records:
+                    rec, _, refused = self._steps(read.pipeline, r.data)
                     if refused is None:
-                        incs.setdefault(system, []).append((it, read_record(self.ent, system, rec)))
-                prev.records[system] = len(items)
-            every = [i for pairs in incs.values() for _, i in pairs]
-            session = await self._session(every, now)
-            origin: dict[str, tuple[str, Item, str]] = {}  # identity -> (system, item, event id) it came from
-            for system, pairs in incs.items():
-                for it, inc in pairs:
-                    event_id = new_id()
+                        incs.append(read_record(self.ent, system, rec))
+                if not incs:
+                    continue
+                session = await self._lookup(layered, incs, now)
+                for inc in incs:
                     known = session.find(inc)[1] in ("link", "match")
-                    applied = session.apply(inc, event_id)
+                    applied = session.apply(inc, None)
                     if applied.identity is None:
                         prev.reviews += applied.action == "review"
                         continue
                     if known and applied.action in ("linked", "unchanged", "updated"):
                         prev.linked += 1
                     prev.conflicts += len(applied.conflicts)
-                    origin.setdefault(applied.identity.id, (system, it, event_id))
+                    touched.setdefault(applied.identity.id, (system, inc.record_id))
+                changes = session.finish()
+                conflicts += changes.conflicts
+                reviews += changes.reviews
+                changes.conflicts, changes.reviews = [], []
+                await layered.scratch.accept_synced([], changes)
+            read.cursor = cursor
+        return touched, conflicts, reviews
+
+    async def _first_write(
+        self,
+        reads: list[FirstRead],
+        layered: _Layered,
+        touched: dict[str, tuple[str, str | None]],
+        conflicts: list[NewConflict],
+        reviews: list[NewReview],
+        now: float,
+        prev: Preview,
+        dry_run: bool,
+        chunk: int,
+    ) -> None:
+        """Phase 2: the touched identities, a chunk at a time: plan their writes, commit them with the
+        identities to the real store (unless `dry_run`)."""
+        by_system = {r.flow.source.system: r for r in reads if r.flow.source is not None}
+        ids = list(touched)
+        prev.identities = len(ids)
+        cursors = {r.flow.name: r.cursor for r in reads if r.cursor is not None}
+        for start in range(0, max(len(ids), 1), chunk):
+            part = ids[start : start + chunk]
+            last = start + chunk >= len(ids)
+            docs = await layered.identities(part)
+            session = Session(self.ent, IdentityLookup(identities=docs), now)
             events: list[NewEvent] = []
-            for iid, (system, it, event_id) in origin.items():
-                flow, pipeline, _, _ = reads[system]
-                ident = session.identities[iid]
-                applied = Applied(ident, "first run")
-                deliveries, writes = self._render(flow, pipeline, session, applied, event_id)
+            for iid in part:
+                ident = docs.get(iid)
+                if ident is None:
+                    continue
+                system, record_id = touched[iid]
+                read = by_system[system]
+                event_id = new_id()
+                deliveries, writes = self._render(
+                    read.flow, read.pipeline, session, Applied(ident, "first run"), event_id
+                )
                 for w in writes:
                     bucket = prev.creates if w["op"] == "create" else prev.updates
                     bucket[w["system"]] = bucket.get(w["system"], 0) + 1
-                if not dry_run:
-                    events.append(
-                        self._event(
-                            flow,
-                            it,
-                            event_id,
-                            now,
-                            "pending" if deliveries else "filtered",
-                            None if deliveries else "first run: nothing to write",
-                            [{"step": "identity", "kind": "sync", "first_run": True, "writes": writes}],
-                            deliveries,
-                            None,
-                        )
+                if dry_run:
+                    continue
+                payload = orjson.dumps(
+                    {
+                        "entity": self.ent.name,
+                        "identity": iid,
+                        "first_run": True,
+                        "system": system,
+                        "id": record_id,
+                    }
+                )
+                events.append(
+                    self._event(
+                        read.flow,
+                        Item(payload, None, None),
+                        event_id,
+                        now,
+                        "pending" if deliveries else "filtered",
+                        None if deliveries else "first run: nothing to write",
+                        [{"step": "identity", "kind": "sync", "first_run": True, "writes": writes}],
+                        deliveries,
+                        None,
+                        {f: g.get("value") for f, g in ident.golden.items()},
                     )
+                )
+            if dry_run:
+                continue
             changes = session.finish()
-            prev.identities = len({i.id for i in changes.identities})
-            if not dry_run:
-                cursors = {flow.name: cursor for flow, _, _, cursor in reads.values() if cursor is not None}
-                await self.store.accept_synced(events, changes, cursors, fence=current_fence())
-            return prev
+            changes.identities = [docs[i] for i in part if i in docs]  # every one: the map moves over whole
+            # Conflicts go with their identities (a run killed later finds no conflict again in what it
+            # wrote); reviews, of records no identity holds, with the last chunk.
+            mine = set(part)
+            changes.conflicts = [c for c in conflicts if c.identity_id in mine]
+            if last:
+                changes.reviews = reviews
+            marks = {first_run_mark(self.ent.name): {"state": "done" if last else "writing", "at": now}}
+            await self.store.accept_synced(
+                events, changes, {**marks, **(cursors if last else {})}, fence=current_fence()
+            )
+
+    async def _lookup(self, layered: _Layered, incs: list[Incoming], now: float) -> Session:
+        links = [(i.system, i.record_id) for i in incs if i.record_id is not None]
+        probe = Session(self.ent, IdentityLookup(), now)
+        keys = [k for inc in incs for k in probe.keys_of(inc)]
+        return Session(self.ent, await layered.lookup(self.ent.name, links, keys), now)
+
+
+@dataclass
+class FirstRead:
+    """One polled system of an entity, for its first run: its sync flow, that flow's pipeline, its source."""
+
+    flow: FlowSpec
+    pipeline: Pipeline
+    source: Any
+    cursor: Any = None  # after the run: the cursor after every record read
+
+
+def first_run_mark(entity: str) -> str:
+    """The cursor row that says how far an entity's first run got: `writing` (run it again), `done`."""
+    return f"_first_run:{entity}"
+
+
+class _Layered:
+    """The identity map a first run builds: its own scratch store over the real one (read only)."""
+
+    def __init__(self, scratch: SqliteStore, real: Store) -> None:
+        self.scratch = scratch
+        self.real = real
+
+    async def lookup(
+        self, entity: str, links: list[tuple[str, str]], keys: list[tuple[str, str]]
+    ) -> IdentityLookup:
+        a = await self.scratch.identity_lookup(entity, links, keys)
+        b = await self.real.identity_lookup(entity, links, keys)
+        out = IdentityLookup(
+            by_link={**b.by_link, **a.by_link},
+            identities={**b.identities, **a.identities},
+            open_reviews={**b.open_reviews, **a.open_reviews},
+        )
+        for k in set(a.by_key) | set(b.by_key):
+            out.by_key[k] = list(dict.fromkeys(b.by_key.get(k, []) + a.by_key.get(k, [])))
+        return out
+
+    async def identities(self, ids: list[str]) -> dict[str, Identity]:
+        found = await self.scratch.read(q_identities, ids)
+        for iid in ids:
+            if iid not in found:
+                ident = await self.real.identity(iid)
+                if ident is not None:
+                    found[iid] = ident
+        return found
 
 
 def sync_flows(flows: dict[str, FlowSpec], entity: str) -> list[FlowSpec]:
@@ -518,32 +688,34 @@ async def first_run(
     *,
     dry_run: bool,
 ) -> Preview:
-    """Read every record of each polled system of the entity (from the start), then link them all before
-    anything is written (`EntitySync.first_run`). Systems fed only by webhooks or brokers are not read."""
-    reads: dict[str, tuple[FlowSpec, Pipeline, list[Item], Any]] = {}
-    for flow in flows:
-        if flow.source is None or flow.source.mode != "poll":
-            continue
-        source = source_of(flow)
-        try:
-            items, cursor = await read_all(source)
-        finally:
-            await source.close()
-        reads[flow.source.system] = (flow, pipeline_of(flow), items, cursor)
-    return await sync.first_run(reads, dry_run=dry_run)
+    """Read every record of each polled system of the entity (from the start), page by page, and link them
+    all before anything is written (`EntitySync.first_run`). Systems fed only by webhooks or brokers are
+    not read."""
+    reads: list[FirstRead] = []
+    try:
+        for flow in flows:
+            if flow.source is None or flow.source.mode != "poll":
+                continue
+            reads.append(FirstRead(flow, pipeline_of(flow), source_of(flow)))
+        return await sync.first_run(reads, dry_run=dry_run)
+    finally:
+        for r in reads:
+            await r.source.close()
 
 
-async def read_all(source: Any, cursor: Any = None) -> tuple[list[Item], Any]:
-    """Every record a poll source holds (from `cursor`), and the cursor after them."""
-    items: list[Item] = []
-    last = cursor
-    batches: AsyncIterator[Batch] = source.poll(cursor)
-    async for batch in batches:
-        for r in batch.records:
-            items.append(Item(r.raw if r.raw is not None else orjson.dumps(r.data), r.data, r.id))
-        if batch.cursor is not None:
-            last = batch.cursor
-    return items, last
+async def first_run_needed(store: Store, entity: str) -> bool:
+    """An entity whose identity map is empty, or whose first run was killed while writing."""
+    mark = await store.cursor(first_run_mark(entity))
+    if isinstance(mark, dict) and mark.get("state") == "writing":
+        return True
+    return not (await store.identity_stats(entity))["identities"]
+
+
+def _span(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{int(seconds // n)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _trace(applied: Applied, writes: list[dict[str, Any]]) -> dict[str, Any]:

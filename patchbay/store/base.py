@@ -725,7 +725,7 @@ class Identities(Protocol):
 
     async def review(self, review_id: int) -> dict[str, Any] | None: ...
 
-    async def identity_stats(self, entity: str) -> dict[str, Any]:
+    async def identity_stats(self, entity: str, closed_since: float | None = None) -> dict[str, Any]:
         """{"identities", "status": {...}, "linked": {system: n}, "conflicts": {status: n}, "reviews": {status: n},
         "pending": {"waiting": creates whose id the map waits for, "overdue": those flagged by the sweep}}."""
         ...

@@ -319,7 +319,7 @@ def _filters(entity: str | None, status: str | None) -> tuple[str, tuple[Any, ..
     return (" WHERE " + " AND ".join(parts) if parts else ""), tuple(args)
 
 
-def q_stats(conn: sqlite3.Connection, entity: str) -> dict[str, Any]:
+def q_stats(conn: sqlite3.Connection, entity: str, closed_since: float | None = None) -> dict[str, Any]:
     status = dict(
         conn.execute(
             "SELECT status, COUNT(*) FROM identities WHERE entity=? GROUP BY status", (entity,)
@@ -340,10 +340,18 @@ def q_stats(conn: sqlite3.Connection, entity: str) -> dict[str, Any]:
             "SELECT status, COUNT(*) FROM identity_reviews WHERE entity=? GROUP BY status", (entity,)
         ).fetchall()
     )
+    closed = None
+    if closed_since is not None:
+        closed = conn.execute(
+            "SELECT COUNT(*) FROM identities WHERE entity=? AND status IN ('deleted', 'archived')"
+            " AND updated_at >= ?",
+            (entity, closed_since),
+        ).fetchone()[0]
     waiting, overdue = conn.execute(
         "SELECT COUNT(*), COUNT(overdue) FROM identity_pending WHERE entity=?", (entity,)
     ).fetchone()
     return {
+        **({"closed_since": closed} if closed is not None else {}),
         "pending": {"waiting": waiting, "overdue": overdue},
         "identities": sum(status.values()),
         "status": status,

@@ -408,8 +408,8 @@ class SqliteStore:
     async def review(self, review_id: int) -> dict[str, Any] | None:
         return await self._read(q_review, review_id)
 
-    async def identity_stats(self, entity: str) -> dict[str, Any]:
-        return await self._read(q_stats, entity)
+    async def identity_stats(self, entity: str, closed_since: float | None = None) -> dict[str, Any]:
+        return await self._read(q_stats, entity, closed_since)
 
     @asynccontextmanager
     async def entity_lock(self, entity: str) -> AsyncIterator[None]:

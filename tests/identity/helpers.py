@@ -106,6 +106,7 @@ def sync_project(
     *,
     upsert_creates: bool = False,
     hub: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
     lookback: str = "5s",
 ) -> Path:
     """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
@@ -174,6 +175,7 @@ def sync_project(
                     "table": table,
                     "cursor_column": "updated_at",
                     "lookback": lookback,
+                    **(source or {}),
                 },
             },
             "destinations": all_dests,

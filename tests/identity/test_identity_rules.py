@@ -138,6 +138,21 @@ def test_a_non_owner_change_is_a_conflict_and_the_owner_value_is_written_back():
     assert set(ops) == {"mkt"} and ops["mkt"].values == {"name": "Ada"}  # never a write against the owner
 
 
+def test_a_non_owner_change_of_a_value_the_owner_got_from_elsewhere_names_the_owner_in_the_conflict():
+    # The customer started in mkt: the CRM (the owner of `name`) got it from the hub's create and read it
+    # back as an echo. A later mkt edit of the name is a conflict between the owner's value and mkt's.
+    ent = entity()
+    s = session(ent)
+    ident = s.apply(inc("mkt", "m1", email="a@x.io", name="Ada"), "e1").identity
+    assert ident is not None
+    [op] = s.plan(ident, {"crm"})
+    s.wrote(ident, op, "e1", "crm_create")
+    s.apply(inc("crm", "45", email="a@x.io", name="Ada"), "e2")  # the create read back
+    [c] = s.apply(inc("mkt", "m1", email="a@x.io", name="Ada L."), "e3").conflicts
+    assert [(v["system"], v["value"]) for v in c.values] == [("crm", "Ada"), ("mkt", "Ada L.")]
+    assert (c.winner, c.winner_value) == ("crm", "Ada")
+
+
 def test_concurrent_changes_of_a_shared_field_follow_its_rule_and_are_recorded():
     ent = entity()
     s = session(ent)
@@ -242,6 +257,37 @@ def test_deletes_follow_the_policy(policy, ops):
     assert all(o.system == "crm" for o in planned)  # never to the system it was deleted in
     if policy == "ignore":
         assert s.plan(ident, {"billing"}) == []  # not recreated where it was deleted
+
+
+def test_a_read_older_than_one_already_applied_from_that_system_is_stale_and_ignored():
+    # Webhooks arrive out of order: the one for an old edit, after a newer read of the same record, must
+    # not put the old value back (the record's own clock, or a change sequence, orders its reads).
+    doc = {
+        "fields": {"email": {"owner": "a"}, "phone": {"rule": "latest"}},
+        "match": [{"field": "email", "normalize": "email"}],
+        "systems": {
+            "a": {"id": "id", "fields": {"email": "email", "phone": "phone"}, "clock": "seq"},
+            "b": {"id": "id", "fields": {"email": "email", "phone": "phone"}, "clock": "seq"},
+        },
+    }
+    ent = EntitySpec("customer", EntityDoc.model_validate(doc), "entities/customer.yaml", 1)
+    s = session(ent)
+
+    def rec(system: str, phone: str, seq: int) -> Incoming:
+        return Incoming(system, "1", {"email": "a@x.io", "phone": phone}, clock=seq)
+
+    ident = s.apply(rec("a", "1", 10), "e1").identity
+    assert ident is not None
+    s.apply(rec("b", "1", 5), "e2")
+    s.apply(rec("a", "2", 11), "e3")  # a changed the phone; the hub writes it to b
+    [op] = s.plan(ident, {"b"})
+    s.wrote(ident, op, "e3", "b_update")
+    s.apply(rec("b", "2", 7), "e4")  # b's read of that write (its echo)
+    stale = s.apply(rec("b", "1", 6), "e5")  # b's webhook for an older change, arriving last
+    assert stale.action == "ignored" and "older" in stale.reason
+    assert ident.golden["phone"]["value"] == "2" and s.plan(ident, {"a", "b"}) == []
+    again = s.apply(rec("b", "2", 7), "e6")  # the same read again: no change, not stale
+    assert again.action == "unchanged"
 
 
 def test_latest_by_the_systems_clock_keeps_the_newer_change_whatever_arrives_last():

@@ -255,8 +255,57 @@ async def test_a_delete_is_propagated_and_a_mass_delete_stops_the_source(tmp_pat
 
     await eventually(stopped, timeout=20, what="the crm source stopped by the delete guard")
     state = (await hub.store.source_states())["crm_sync"]
-    assert "would delete 6 of 9 identities (67%, more than deletes.max_share 50%)" in (state.error or "")
+    assert (
+        "would delete 6 of 10 identities, with 1 deleted within the last 1h (70%, more than deletes.max_share 50%)"
+        in (state.error or "")
+    )
     await asyncio.sleep(1.5)
     assert len(await tables.mk_rows()) == 9  # nothing of that batch was applied
     assert (await hub.store.identity_stats("customer"))["status"] == {"active": 9, "deleted": 1}
     assert "crm_sync" in hub.hub.unhealthy_sources()  # what /readyz, the API and the alert rules read
+
+
+async def test_a_mass_delete_read_in_small_batches_still_stops_at_the_share(
+    tmp_path, tables: Tables, start_hub
+):
+    # The guard counts the deletes of the last `deletes.window` too: a delete of 60 % of the customers read
+    # two rows at a time is stopped once the share passes max_share, not applied batch by batch.
+    entity = {
+        **ENTITY,
+        "systems": {
+            **ENTITY["systems"],
+            "crm": {**ENTITY["systems"]["crm"], "deleted": "deleted_at != null"},
+        },
+        "deletes": {"policy": "propagate", "max_share": 0.3, "min_identities": 5},
+    }
+    delete = {
+        "name": "marketing_delete",
+        "system": "marketing",
+        "when": "op == 'delete'",
+        "table": tables.mk,
+        "write_mode": "delete",
+        "key": ["id"],
+        "columns": {"id": "id"},
+    }
+    rows = [(f"u{i}@example.com", f"U{i}") for i in range(10)]
+    await tables.pg.cursor().executemany(f'INSERT INTO "{tables.crm}" (email, name) VALUES (%s, %s)', rows)
+    hub = await start_hub(sync_project(tmp_path, tables, entity, [delete], source={"batch_size": 2}))
+
+    async def count_mk(n: int) -> bool:
+        return len(await tables.mk_rows()) == n
+
+    await eventually(lambda: count_mk(10), timeout=20, what="10 customers in marketing")
+    await tables.pg_exec(f'UPDATE "{tables.crm}" SET deleted_at = now() WHERE id <= 6')
+
+    async def stopped() -> bool:
+        state = (await hub.store.source_states()).get("crm_sync")
+        return state is not None and state.state == "stopped"
+
+    await eventually(stopped, timeout=20, what="the crm source stopped by the delete guard")
+    state = (await hub.store.source_states())["crm_sync"]
+    assert "more than deletes.max_share 30%" in (state.error or "")
+    assert "deleted within the last 1h" in (state.error or "")
+    await asyncio.sleep(1.5)
+    status = (await hub.store.identity_stats("customer"))["status"]
+    assert status == {"active": 8, "deleted": 2}  # 2 + 2 more would be 40 %: that batch was refused
+    assert len(await tables.mk_rows()) == 8

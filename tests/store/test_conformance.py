@@ -894,6 +894,9 @@ async def test_an_identity_rewritten_moves_its_links_and_decisions_are_audited(s
     assert (await store.identity_lookup("customer", [("crm", "1")], [])).by_link == {}
     assert (await store.identity_lookup("customer", [("crm", "2")], [])).by_link == {("crm", "2"): "idn_2"}
     assert (await store.identity_stats("customer"))["status"] == {"archived": 1}
+    # The delete guard's count: identities deleted or archived since a time.
+    assert (await store.identity_stats("customer", closed_since=moved.updated_at))["closed_since"] == 1
+    assert (await store.identity_stats("customer", closed_since=moved.updated_at + 1))["closed_since"] == 0
     [r] = await store.reviews("customer")
     done = IdentityChanges(
         "customer", resolve_reviews=[(r["id"], "dismissed", {"decision": "dismissed"})], by=ALICE
