@@ -119,6 +119,9 @@ class Hub:
         self.port: int | None = None  # where it listens, once it does (the cluster view shows it)
         self.row: NodeRow | None = None  # this process's row in the store's `nodes`, from start()
         self._heartbeat: asyncio.Task[None] | None = None
+        # Set when another process took this node id (this one was not heard from for LOST_AFTER_S: paused,
+        # cut off): the serve loop stops this one, which must not renew that one's claims and leases as its own.
+        self.displaced = asyncio.Event()
         self._stored_sources: dict[str, SourceState] = {}  # a node without the scheduler role: the store's
         self._announce: dict[str, bool] = {}  # flows whose new deliveries other processes hear of next
         self._announcer: asyncio.Task[None] | None = None
@@ -240,7 +243,7 @@ class Hub:
 
     async def _beat(self, first: float = HEARTBEAT_S) -> None:
         assert self.store is not None and self.row is not None
-        wait, lost = first, False
+        wait = first
         while True:
             await asyncio.sleep(wait)
             wait = HEARTBEAT_S
@@ -251,14 +254,17 @@ class Hub:
             except Exception as exc:  # the store's own problem is in /readyz; try again at the next beat
                 log.warning("writing the heartbeat of node %s: %s", self.row.id, exc)
                 continue
-            if not mine and not lost:
+            if not mine:
                 log.error(
                     "node %s: another process has taken this node id (this one's heartbeat stopped for more"
-                    " than %.0f s); give every process its own --node",
+                    " than %.0f s); this process stops, as the claims and leases of node %s are that one's now;"
+                    " give every process its own --node",
                     self.row.id,
                     LOST_AFTER_S,
+                    self.row.id,
                 )
-            lost = not mine
+                self.displaced.set()
+                return
 
     def wake(self, flows: list[str] | None = None, *, rescan: bool = True) -> None:
         """Deliveries of `flows` (every flow: None) became due, or a destination's state changed (a replay, a

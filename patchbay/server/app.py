@@ -24,6 +24,7 @@ from patchbay.server.inbox import add_inbox
 from patchbay.server.oauth import add_oauth
 from patchbay.server.webhooks import WebhookEndpoint
 from patchbay.store.base import SourceState
+from patchbay.store.sqlite import StoreLocked
 
 log = logging.getLogger("patchbay.server")
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -287,7 +288,13 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
     if on_ready:
         on_ready(bound)
     try:
-        await stop.wait()
+        # A SIGTERM, or another process took this node id while this one was paused (hub.displaced).
+        stopping = [asyncio.ensure_future(e.wait()) for e in (stop, hub.displaced)]
+        try:
+            await asyncio.wait(stopping, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in stopping:
+                f.cancel()
     finally:
         # The order matters: refuse new requests (503) while still listening, so no client that reaches us
         # goes unanswered; let the admitted requests finish while the store still writes; stop the engine
@@ -307,3 +314,9 @@ async def run_hub(hub: Hub, *, host: str, port: int, on_ready: Callable[[int], N
         await hub.stop()
         await runner.cleanup()
         log.info("stopped; pending work stays in the store for the next start")
+    if hub.displaced.is_set():
+        assert hub.row is not None
+        raise StoreLocked(
+            f"node {hub.row.id}: another process took this node id while this one was not heard from; stopped."
+            " Give every process its own --node (or PATCHBAY_NODE_ID)"
+        )

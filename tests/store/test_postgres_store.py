@@ -238,6 +238,40 @@ async def test_many_hubs_share_the_store_and_the_cluster_view_counts_each_ones_c
         await b.close()
 
 
+async def test_processes_opening_a_new_store_at_once_all_open_it() -> None:
+    """Several nodes of a cluster start together on a store nobody created yet: each opens it (one creates
+    the schema, the others wait for it), none fails on the schema's creation."""
+    for _ in range(3):
+        opened, failed = open_together(postgres_url(), 6)
+        for s in opened:
+            await s.close()
+        assert not failed, [str(e) for e in failed]
+        assert len(opened) == 6
+
+
+def open_together(url: str, n: int) -> tuple[list[PostgresStore], list[BaseException]]:
+    """`n` threads open the store at `url` at the same moment: the stores opened, the errors raised."""
+    import threading
+
+    start = threading.Barrier(n)
+    opened: list[PostgresStore] = []
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            opened.append(PostgresStore(url, max_connections=1))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return opened, failed
+
+
 async def test_an_announcement_reaches_the_listeners_of_the_same_schema_only() -> None:
     url = postgres_url()
     a, b, other = PostgresStore(url), PostgresStore(url), PostgresStore(postgres_url())
