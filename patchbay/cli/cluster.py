@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,20 +51,10 @@ def cluster(project_dir: Path, as_json: bool, remote: bool, url: str | None) -> 
 
 
 def _remote_view(project_dir: Path, url: str | None) -> dict[str, Any]:
-    from patchbay.cli.main import _load
-    from patchbay.cli.remote import TOKEN_ENV, _call
+    from patchbay.cli.remote import _call, remote_hub
 
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        click.echo(
-            f"cluster: --remote needs an API token in ${TOKEN_ENV} (scope flows:read):"
-            " `patchbay tokens create ops --scope flows:read`",
-            err=True,
-        )
-        sys.exit(EXIT_CONFIG)
-    project, _ = _load(project_dir)
-    base = (url or f"http://{project.settings.host}:{project.settings.port}").rstrip("/")
-    status, view = _call(base, token, "GET", "/api/v1/cluster")
+    base, token = remote_hub(project_dir, url, "cluster", ("flows:read",), "ops")
+    status, view = _call(base, token, "GET", "/api/v1/cluster", command="cluster")
     if status != 200:
         click.echo(f"cluster: {view.get('message', view) if isinstance(view, dict) else view}", err=True)
         sys.exit(EXIT_STORE if status >= 500 else EXIT_CONFIG)

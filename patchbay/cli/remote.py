@@ -20,7 +20,29 @@ from patchbay.engine.batch import Progress
 TOKEN_ENV = "PATCHBAY_TOKEN"
 
 
-def _call(base: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def remote_hub(
+    project_dir: Path, url: str | None, command: str, scopes: tuple[str, ...], token_name: str
+) -> tuple[str, str]:
+    """The running hub's base URL and the API token (`$PATCHBAY_TOKEN`) a `--remote` command asks it with;
+    without a token: what to create, and exit."""
+    from patchbay.cli.main import _load
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        flags = " ".join(f"--scope {s}" for s in scopes)
+        click.echo(
+            f"{command}: --remote needs an API token in ${TOKEN_ENV} (scope{'s' if len(scopes) > 1 else ''}"
+            f" {' and '.join(scopes)}): `patchbay tokens create {token_name} {flags}`",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+    project, _ = _load(project_dir)
+    return (url or f"http://{project.settings.host}:{project.settings.port}").rstrip("/"), token
+
+
+def _call(
+    base: str, token: str, method: str, path: str, body: Any = None, *, command: str = "run"
+) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     if data is not None:
@@ -36,7 +58,8 @@ def _call(base: str, token: str, method: str, path: str, body: Any = None) -> tu
             return exc.code, {"error": "http_error", "message": f"HTTP {exc.code}"}
     except urllib.error.URLError as exc:
         click.echo(
-            f"run: the hub at {base} did not answer ({exc.reason}); is `patchbay serve` running?", err=True
+            f"{command}: the hub at {base} did not answer ({exc.reason}); is `patchbay serve` running?",
+            err=True,
         )
         sys.exit(EXIT_STORE)
 
@@ -45,18 +68,7 @@ def run_remote(
     project_dir: Path, flow: str, data: Any, accept_schema: bool, url: str | None, as_json: bool
 ) -> None:
     """`data`: the event (parsed JSON) for an event flow, None for a batch flow."""
-    from patchbay.cli.main import _load
-
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        click.echo(
-            f"run: --remote needs an API token in ${TOKEN_ENV} (scopes runs:start and runs:read): "
-            "`patchbay tokens create runner --scope runs:start --scope runs:read`",
-            err=True,
-        )
-        sys.exit(EXIT_CONFIG)
-    project, _ = _load(project_dir)
-    base = (url or f"http://{project.settings.host}:{project.settings.port}").rstrip("/")
+    base, token = remote_hub(project_dir, url, "run", ("runs:start", "runs:read"), "runner")
     body: dict[str, Any] = {"accept_schema": True} if accept_schema else {}
     if data is not None:
         body["data"] = data
