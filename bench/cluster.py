@@ -69,6 +69,14 @@ def variants(base_port: int) -> dict[str, Variant]:
     return {
         "sqlite": Variant("sqlite", "sqlite", [Proc(None, p)]),
         "pg": Variant("pg", "pg", [Proc(None, p)]),
+        "sqlite-web1-worker1": Variant(
+            "sqlite-web1-worker1", "sqlite", [Proc("web", p), Proc("worker,scheduler", p + 1, False)]
+        ),
+        "sqlite-web2-worker1": Variant(
+            "sqlite-web2-worker1",
+            "sqlite",
+            [Proc("web", p), Proc("web", p + 1), Proc("worker,scheduler", p + 2, False)],
+        ),
         "pg-web1-worker1": Variant(
             "pg-web1-worker1", "pg", [Proc("web", p), Proc("worker,scheduler", p + 1, False)]
         ),
@@ -389,34 +397,40 @@ def run_patchbay(
         before = [metrics(p.port) for p in v.procs]
         lsn0 = pg.lsn() if pg and db else None
         size0 = pg.q("SELECT pg_database_size(current_database())", db=db)[0][0] if pg and db else 0
-        spy = None
+        spies = []
         if a.profile and shutil.which("py-spy", path=str(PATCHBAY.parent)):
-            spy = subprocess.Popen(
-                [
-                    str(PATCHBAY.parent / "py-spy"),
-                    "record",
-                    "--gil",
-                    "-p",
-                    str(procs[0].pid),
-                    "-d",
-                    str(int(a.duration)),
-                    "-r",
-                    "100",
-                    "-f",
-                    "raw",
-                    "-o",
-                    str(out_dir / f"{v.name}-spy.txt"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            for i, proc in enumerate(procs):  # every process of the variant: -spy.txt, -spy-1.txt, ...
+                suffix = "" if i == 0 else f"-{i}"
+                spies.append(
+                    subprocess.Popen(
+                        [
+                            str(PATCHBAY.parent / "py-spy"),
+                            "record",
+                            "--gil",
+                            "-p",
+                            str(proc.pid),
+                            "-d",
+                            str(int(a.duration)),
+                            "-r",
+                            "100",
+                            "-f",
+                            "raw",
+                            "-o",
+                            str(out_dir / f"{v.name}-spy{suffix}.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         hub_watch = CpuWatch(lambda: [x for proc in procs for x in (proc.pid, *children(proc.pid))])
+        by_proc = [CpuWatch(lambda pid=proc.pid: [pid, *children(pid)]) for proc in procs]
         db_watch = CpuWatch(lambda: pg.backends(app)) if pg and db else None
         res, delivered = load(a, urls, sink, v.name, out_dir)
         hub_cpu = hub_watch.stop()
         db_cpu = db_watch.stop() if db_watch else 0.0
         res.update(delivered=delivered, hub_cpu_s=hub_cpu, db_cpu_s=db_cpu, loadavg=loadavg())
-        if spy is not None:
+        res["cpu_s_by_process"] = [round(w.stop(), 2) for w in by_proc]  # the hub's processes, in order
+        for spy in spies:
             spy.wait(30)
         if pg and db and lsn0:
             lsn1 = pg.lsn()
@@ -460,7 +474,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--other", default="", help="another checkout (its .venv): variants NAME@other run it")
     ap.add_argument(
-        "--profile", action="store_true", help="py-spy (GIL holder) of each variant's first process"
+        "--profile", action="store_true", help="py-spy (GIL holder) of each process of each variant"
     )
     a = ap.parse_args()
     out_dir = Path(a.out or f"/tmp/patchbay-cluster-bench/results-{time.strftime('%Y%m%d-%H%M%S')}")

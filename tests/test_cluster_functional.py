@@ -189,13 +189,25 @@ async def test_two_web_and_two_worker_processes_deliver_every_event_once(tmp_pat
                 p.kill()
 
 
-def test_roles_on_a_sqlite_store_are_refused_with_how_to_move(tmp_path: Path) -> None:
+def test_a_second_worker_on_a_sqlite_store_is_refused_with_how_to_go_on(tmp_path: Path) -> None:
+    """On SQLite one process runs the worker role (its flock): another is refused, exit 3, before it serves."""
+    import fcntl
+
     root = lead_project(tmp_path, "http://127.0.0.1:9/")
-    r = CliRunner().invoke(main, ["serve", str(root), "--port", "0", "--role", "worker"], env=ENV)
-    assert r.exit_code == 2
-    assert "serve --role worker: roles split a hub over processes that share a PostgreSQL store" in r.output
+    db = root / ".patchbay" / "patchbay.db"
+    db.parent.mkdir(parents=True)
+    fd = os.open(f"{db}.worker.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's worker
+        os.pwrite(fd, b"4242 worker-1\n", 0)
+        r = CliRunner().invoke(main, ["serve", str(root), "--port", "0", "--role", "worker"], env=ENV)
+    finally:
+        os.close(fd)
+    assert r.exit_code == 3, r.output
+    assert "`serve --role worker` needs the worker role of this SQLite file, and another process runs it" in r.output
+    assert "(pid 4242, node worker-1)" in r.output
+    assert "run this one with `--role web`" in r.output
     assert "patchbay store copy --to postgresql://" in r.output
-    assert not (root / ".patchbay" / "patchbay.db").exists()  # refused before the store was opened
 
 
 def test_an_unknown_role_is_refused(tmp_path: Path) -> None:

@@ -35,13 +35,13 @@ from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume,
 from patchbay.engine.sync import EntitySync, Item, first_run, first_run_needed, sync_flows
 from patchbay.engine.waiting import wait_set
 from patchbay.engine.windows import WindowCloser, has_gates
-from patchbay.errors import ConfigError, TransientError
+from patchbay.errors import TransientError
 from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
 from patchbay.store.base import Accepted, Actor, Fence, NewEvent, NodeRow, SourceState
-from patchbay.store.opening import is_postgres, open_hub_store
+from patchbay.store.opening import open_hub_store
 from patchbay.store.sqlite import SqliteStore, StoreLocked
 
 log = logging.getLogger("patchbay.hub")
@@ -141,17 +141,15 @@ class Hub:
             self.project
         )  # before anything opens: a missing master key stops the start
         location = self.project.store_location
-        if not self.node.everything and not is_postgres(location):
-            raise ConfigError(
-                f"serve --role {','.join(self.node.role_names)}: roles split a hub over processes that share a"
-                f" PostgreSQL store, and this project's store is the SQLite file {location}. Move it with"
-                " `patchbay store copy --to postgresql://…`, set `store:` in patchbay.yaml to that URL, or run"
-                " every role in one process (no --role)"
-            )
         self.store = open_hub_store(location, holder=self.node.id, lease_s=self.project.settings.claim_lease)
         self.metrics.store_work = lambda: getattr(self.store, "counter", None)
-        if lock:  # SQLite: one hub per file; PostgreSQL: nothing (many hubs share it; same node id refused)
-            self.store.lock()
+        if lock:  # SQLite: the roles this process takes of the file (one worker, one scheduler, any web); a
+            # process running another's singleton role is refused. PostgreSQL: nothing (same node id refused)
+            try:
+                self.store.lock(self.node.roles, self.node.id)
+            except BaseException:
+                await self.store.close()
+                raise
         try:
             await self._join(refuse=lock)
         except BaseException:

@@ -68,7 +68,8 @@ class Leader:
     ) -> None:
         self.store = store
         self.node_id = node_id
-        self.shared = store is not None and store.shared
+        # SQLite: one process holds the scheduler role (an flock), so every lease is its own, never stored.
+        self.shared = store is not None and store.shared and not getattr(store, "local_leases", False)
         self.ttl_s = TTL_S if ttl_s is None else ttl_s
         self.standby_s = STANDBY_S if standby_s is None else standby_s
         self.held: dict[str, Fence] = {}  # the leases this node holds now, by name

@@ -833,8 +833,9 @@ class Store(
         """Writes are being accepted (the hub is not ready without)."""
         ...
 
-    def lock(self) -> None:
-        """Claim the store for one serving hub; StoreLocked if another has it."""
+    def lock(self, roles: Collection[str] = ..., node_id: str | None = None) -> None:
+        """Claim what a serving hub with `roles` takes of the store (SQLite: one process per singleton role,
+        engine/roles.py); StoreLocked if another has it. `node_id`: a serving hub (it joins the wake)."""
         ...
 
     async def close(self) -> None: ...

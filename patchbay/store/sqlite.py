@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import os
 import sqlite3
 import threading
@@ -103,9 +104,24 @@ from patchbay.store.sqlite_schema import (
     init_schema,
     open_store,
 )
+from patchbay.store.sqlite_wake import Wake
 from patchbay.store.sqlite_writer import _STOP, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
+
+ROLES = ("web", "worker", "scheduler")  # engine/roles.py (the store does not import the engine)
+WORKER, SCHEDULER = "worker", "scheduler"
+
+
+def _holder(fd: int) -> str:
+    """` (pid P, node N)` from a lock file its holder wrote, or nothing."""
+    try:
+        pid, _, node = os.pread(fd, 200, 0).decode("utf-8", "replace").strip().partition(" ")
+    except OSError:
+        return ""
+    if not pid.isdigit():
+        return ""
+    return f" (pid {pid}" + (f", node {node}" if node and node != "-" else "") + ")"
 
 
 class SqliteStore:
@@ -121,24 +137,59 @@ class SqliteStore:
         self._checkpointer.start()
         self._reader_local = threading.local()
         self._rexec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-reader")
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []  # the flocks of `lock`
+        self._wake: Wake | None = None  # the wake across processes, once `lock` names this node
         self._closed = False
         self._monitor: _MonitorReader | None = None  # created by the first snapshot()
         # One process serves a SQLite store: its claims, sending slots and token buckets live in memory.
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
 
     # -------------------------------------------------------------- plumbing
-    def lock(self) -> None:
-        """Only one hub may serve a SQLite store; a second `serve` is refused, not corrupting."""
-        fd = os.open(str(self.path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def lock(self, roles: Collection[str] = ROLES, node_id: str | None = None) -> None:
+        """Claim what this process runs of the file; StoreLocked (nothing claimed) when another process has it.
+
+        Several processes may serve one SQLite file on one machine: any number with the `web` role, and one
+        each with `worker` and `scheduler`, whose claims, sending slots, buckets and leases live in their
+        memory (an flock each: `<store>.worker.lock`, `<store>.scheduler.lock`). A process running every role
+        (a plain `serve`, the CLI's in-process runs) also takes `<store>.lock`: a second one is refused as
+        before. `node_id` (a serving hub): the process takes part in the wake across processes (`shared`)."""
+        everything = set(roles) >= set(ROLES)
+        wanted = (["serve"] if everything else []) + [r for r in (WORKER, SCHEDULER) if r in roles]
+        taken: list[int] = []
+        try:
+            for what in wanted:
+                taken.append(self._take_lock(what, node_id, everything))
+        except BaseException:
+            for fd in taken:
+                os.close(fd)
+            raise
+        self._lock_fds.extend(taken)
+        if node_id is not None:
+            self._wake = Wake(self.path, node_id)
+
+    def _take_lock(self, what: str, node_id: str | None, everything: bool) -> int:
+        path = str(self.path) + (".lock" if what == "serve" else f".{what}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            holder = _holder(fd)
             os.close(fd)
+            if what == "serve":
+                raise StoreLocked(
+                    f"opening the store {self.path}: another `patchbay serve` is using it{holder}; stop that"
+                    " one first"
+                ) from exc
+            mine = "`patchbay serve` (every role)" if everything else f"`serve --role {what}`"
             raise StoreLocked(
-                f"opening the store {self.path}: another `patchbay serve` is using it; stop that one first"
+                f"opening the store {self.path}: {mine} needs the {what} role of this SQLite file, and another"
+                f" process runs it{holder}. On SQLite one process at a time runs the {what} role (any number"
+                f" run `--role web`): run this one with `--role web`, stop that one first, or move the store"
+                f" to PostgreSQL for more (`patchbay store copy --to postgresql://…`, then set `store:`)"
             ) from exc
-        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {node_id or '-'}\n".encode(), 0)
+        return fd
 
     def _write(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -171,9 +222,11 @@ class SqliteStore:
             lambda: getattr(self._reader_local, "conn", None) and self._reader_local.conn.close()
         )
         self._rexec.shutdown(wait=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._wake is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._wake.close)
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
     @property
     def writing(self) -> bool:
@@ -413,7 +466,22 @@ class SqliteStore:
 
     @asynccontextmanager
     async def entity_lock(self, entity: str) -> AsyncIterator[None]:
-        yield  # one serving process per file (flock); EntitySync's own lock orders its steps
+        """An flock per entity (`<store>.entity-<hash>.lock`), taken by polling (no thread ever blocks on it),
+        so that web processes sharing the file run one entity's sync steps one at a time."""
+        digest = hashlib.sha256(entity.encode()).hexdigest()[:16]
+        fd = os.open(f"{self.path}.entity-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            wait = 0.002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # closing it releases the lock
 
     async def pending_creates(self, entity: str, older_than: float, limit: int = 500) -> list[dict[str, Any]]:
         return await self._read(q_pending_creates, entity, older_than, limit)
@@ -461,13 +529,23 @@ class SqliteStore:
 
     @property
     def shared(self) -> bool:
-        return False  # one serving process per file (`lock`)
+        """A serving hub: other processes may serve the same file (web processes beside this one, or a
+        worker beside this web process), so accepts are announced and workers listen (store/sqlite_wake.py)."""
+        return self._wake is not None
+
+    @property
+    def local_leases(self) -> bool:
+        """The singleton work (schedules, consumers, windows, alerts, retention) runs in the one process that
+        holds the scheduler role's flock (`lock`): every lease is that process's, never stored."""
+        return True
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
-        return None  # no other process to tell
+        if self._wake is not None and not self._closed:
+            self._wake.announce(flows, rescan)
 
     def listen(self, on_wake: Callable[[str, bool], None]) -> None:
-        return None
+        if self._wake is not None:
+            self._wake.listen(asyncio.get_running_loop(), on_wake)
 
     # -------------------------------------------------------------- monitoring: alerts, source health
     async def snapshot(

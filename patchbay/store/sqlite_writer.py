@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -43,6 +44,10 @@ class _Writer(threading.Thread):
 
     def __init__(self, path: Path, max_batch: int = 512, probe_s: float = 1.0) -> None:
         super().__init__(name="patchbay-store-writer", daemon=True)
+        # Several processes may write one file (web processes beside a worker): each transaction holds an
+        # flock on `<store>.write.lock` from BEGIN to COMMIT. A process waiting for it is woken the moment the
+        # other releases it, where SQLite's own busy handler would sleep 1, 2, 5, 10... ms between tries.
+        self._wlock = WriteLock(path)
         self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.path = path
         self.max_batch = max_batch
@@ -100,6 +105,7 @@ class _Writer(threading.Thread):
                         log.warning("checkpointing the store's WAL: %s", exc)
         finally:
             conn.close()
+            self._wlock.close()
             self._refuse_the_rest()
 
     def _refuse_the_rest(self) -> None:
@@ -144,6 +150,12 @@ class _Writer(threading.Thread):
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
+        with self._wlock:
+            return self._transaction_locked(conn, batch, isolate=isolate, results=results)
+
+    def _transaction_locked(
+        self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool, results: list[Any]
+    ) -> list[tuple[Any, bool, Any]]:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for _loop, fut, fn, args in batch:
@@ -177,6 +189,10 @@ class _Writer(threading.Thread):
 
     def _probe(self, conn: sqlite3.Connection) -> None:
         """A small write of new pages, then undone: does writing succeed again?"""
+        with self._wlock:
+            self._probe_locked(conn)
+
+    def _probe_locked(self, conn: sqlite3.Connection) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('write_probe', zeroblob(16384))")
@@ -201,6 +217,37 @@ class _Writer(threading.Thread):
                 problem,
             )
         self.problem = problem
+
+
+class WriteLock:
+    """A blocking flock on `<store>.write.lock`, held around one write transaction (see `_Writer`). Opened at
+    the first use; when the lock file cannot be opened (a read-only folder) SQLite's busy handler is all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path) + ".write.lock"
+        self.fd: int | None = None
+        self.failed = False
+
+    def __enter__(self) -> None:
+        if self.fd is None and not self.failed:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                self.failed = True
+                log.warning(
+                    "opening %s: %s; writers of this store wait in SQLite's busy handler", self.path, exc
+                )
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _OpFailed(Exception):

@@ -24,7 +24,7 @@ class Admin(Resource):
         """The hub's processes on this store (engine/roles.py `cluster_view`), as the CLI's `cluster` shows them."""
         now = time.time()
         rows = await self.store.nodes(now)
-        if not self.store.shared:  # SQLite: the one process's claims are its workers' in-memory leases
+        if getattr(self.store, "local_leases", False):  # SQLite: claims are the worker's in-memory leases
             held = sum(len(w.leased) for fr in self.hub.flows.values() for w in fr.workers.values())
             rows = [replace(r, claims=held) if r.id == self.hub.node.id else r for r in rows]
         return {**cluster_view(rows, now, await self.store.leases()), "node": self.hub.node.id}

@@ -198,7 +198,7 @@ class PostgresStore(SqliteStore):
             ) from None
 
     # -------------------------------------------------------------- plumbing
-    def lock(self) -> None:
+    def lock(self, roles: Collection[str] = (), node_id: str | None = None) -> None:
         """Nothing to claim: any number of hubs share a PostgreSQL store (engine/roles.py). Two processes with
         the same node id are refused by `join_cluster`, and deliveries are claimed row by row (SKIP LOCKED)."""
 

@@ -1,0 +1,177 @@
+"""The wake across processes on one SQLite file: unix datagram sockets in a folder beside the store.
+
+Several `patchbay serve` processes may share one SQLite file (any number with the `web` role, one with
+`worker`, one with `scheduler`: store/sqlite_roles.py). A web process commits an event and its
+deliveries, then tells the others, as PostgreSQL's NOTIFY does: each process that listens binds a
+datagram socket `<store>.wake/<node>.sock`, and `announce` sends the payload to every socket there
+(`n:<flow>`: new deliveries of the flow; `r:<flow>`: states changed too, rescan; an empty flow: every
+flow), one line each, several lines a datagram. A socket whose process is gone refuses the datagram
+and is removed. A lost datagram costs at most the workers' rescan (each second), never an event.
+
+Socket paths are limited to 107 bytes; a longer one is reached through `/proc/self/fd/<folder fd>/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+log = logging.getLogger("patchbay.store")
+
+MAX_DATAGRAM = 8192  # lines beyond this go in the next datagram
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:@-]")
+
+
+def wake_dir(store: Path) -> Path:
+    return Path(str(store) + ".wake")
+
+
+def socket_name(node_id: str) -> str:
+    """`<node>.sock`, the node id made safe for a file name (and short enough: long ids are hashed)."""
+    safe = _UNSAFE.sub("_", node_id)
+    if len(safe) > 60:
+        safe = safe[:40] + "-" + hashlib.sha256(node_id.encode()).hexdigest()[:16]
+    return safe + ".sock"
+
+
+class Wake:
+    """This process's side of the wake: `announce` to the others, `listen` for theirs."""
+
+    def __init__(self, store: Path, node_id: str) -> None:
+        self.dir = wake_dir(store)
+        self.name = socket_name(node_id)
+        self._dir_fd: int | None = None
+        self._send: socket.socket | None = None
+        self._recv: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -------------------------------------------------------------- paths
+    def _folder(self) -> str:
+        """The folder as a path short enough for a socket address (`/proc/self/fd/N` when it is long)."""
+        if self._dir_fd is None:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        plain = str(self.dir)
+        return plain if len(plain) + 70 < 100 else f"/proc/self/fd/{self._dir_fd}"
+
+    def _path(self, name: str) -> str:
+        return f"{self._folder()}/{name}"
+
+    # -------------------------------------------------------------- announce
+    def announce(self, flows: Collection[str], rescan: bool) -> None:
+        """Send `n:<flow>` (or `r:<flow>`) lines to every other process's socket; remove dead ones."""
+        if self._closed or not flows:
+            return
+        if self._send is None:
+            self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._send.setblocking(False)
+        prefix = "r:" if rescan else "n:"
+        datagrams: list[bytes] = []
+        chunk = b""
+        for flow in flows:
+            line = (prefix + flow).encode()
+            if chunk and len(chunk) + 1 + len(line) > MAX_DATAGRAM:
+                datagrams.append(chunk)
+                chunk = b""
+            chunk = chunk + b"\n" + line if chunk else line
+        if chunk:
+            datagrams.append(chunk)
+        folder = self._folder()
+        try:
+            names = [e.name for e in os.scandir(self.dir) if e.name.endswith(".sock")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name == self.name and self._recv is not None:
+                continue  # this process's own workers were woken directly
+            for data in datagrams:
+                try:
+                    self._send.sendto(data, f"{folder}/{name}")
+                except BlockingIOError:
+                    break  # its queue is full: it has plenty to read, and rescans anyway
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                        self._remove_dead(folder, name)
+                    else:
+                        log.debug("waking %s: %s", name, exc)
+                    break
+
+    def _remove_dead(self, folder: str, name: str) -> None:
+        """A socket nobody reads (its process died without removing it)."""
+        try:
+            os.unlink(f"{folder}/{name}")
+        except OSError:
+            pass
+
+    # -------------------------------------------------------------- listen
+    def listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = self._path(self.name)
+        try:
+            os.unlink(path)  # a socket left by a process of this node id that died (ids are unique: cluster)
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        sock.settimeout(0.5)
+        self._recv = sock
+        self._thread = threading.Thread(
+            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
+        )
+        self._thread.start()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+        assert self._recv is not None
+
+        def wake(flow: str, rescan: bool) -> None:
+            try:
+                loop.call_soon_threadsafe(on_wake, flow, rescan)
+            except RuntimeError:  # the loop has closed: the hub is gone
+                self._closed = True
+
+        wake("", True)  # what was announced before this socket existed: a rescan of every flow finds it
+        while not self._closed:
+            try:
+                data = self._recv.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            seen: set[tuple[str, bool]] = set()
+            for line in data.decode("utf-8", "replace").split("\n"):
+                kind, _, flow = line.partition(":")
+                key = (flow, kind == "r")
+                if key not in seen:
+                    seen.add(key)
+                    wake(*key)
+
+    # -------------------------------------------------------------- close
+    def close(self) -> None:
+        self._closed = True
+        if self._recv is not None:
+            try:
+                os.unlink(self._path(self.name))
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(2.0)
+        for s in (self._recv, self._send):
+            if s is not None:
+                s.close()
+        self._recv = self._send = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+__all__ = ["Wake", "socket_name", "wake_dir"]

@@ -1,0 +1,169 @@
+"""Several `patchbay serve --role …` processes on one SQLite file (one machine): 2 web + 1 worker,scheduler.
+
+- a few thousand signed webhooks while one web process and the worker are killed with SIGKILL (the worker
+  restarted): every acknowledged event reaches the sink, and each event carries one idempotency key (a
+  redelivery after the worker's restart reuses it);
+- a second process wanting the worker role is refused (exit 3, what holds it and how to fix);
+- a webhook taken by a web process is delivered well within the worker's one-second rescan (the wake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from patchbay.security.webhook_auth import sign_standard_webhooks
+from tests.cluster.harness import Cluster, NodeProcess, free_port, until
+from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, lead_project
+
+pytestmark = pytest.mark.slow
+
+N = int(os.environ.get("PATCHBAY_SQLITE_SPLIT_EVENTS", "4000"))
+ENV = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
+
+
+def store_rows(root: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(root / ".patchbay" / "patchbay.db", timeout=30)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def post_one(session: aiohttp.ClientSession, url: str, n: int) -> aiohttp.ClientResponse:
+    body = orjson.dumps({"email": f"lead-{n}@example.com", "first_name": "x"})
+    headers = {
+        "Content-Type": "application/json",
+        **sign_standard_webhooks(SECRET_WHSEC, f"msg_{n}", int(time.time()), body),
+    }
+    return await session.post(url, data=body, headers=headers)
+
+
+@pytest.mark.timeout(240)
+async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_event(
+    tmp_path: Path, sink: Sink
+) -> None:
+    async def slowish(request: web.Request, rec: Any) -> int:
+        await asyncio.sleep(0.003)  # deliveries take time: the worker holds sends in flight when killed
+        return 201
+
+    sink.default = slowish
+    root = lead_project(
+        tmp_path, sink.url, delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}}
+    )
+    accepted: dict[int, str] = {}  # n -> event id, once a web process answered 2xx
+    unanswered = 0
+    kills: list[dict[str, Any]] = []
+
+    async with Cluster(root, ENV) as cluster:
+        worker = await cluster.start("worker", roles="worker,scheduler")
+        webs = list(await asyncio.gather(*(cluster.start(f"web{i}", roles="web") for i in (1, 2))))
+        urls = [f"{w.url}/hooks/lead-capture" for w in webs]  # a restarted web process keeps its port
+
+        # A second worker is refused: exit 3, naming what holds the role and how to go on.
+        second = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(free_port())),
+            *("--role", "worker", "--node", "worker-2"),
+            env={**os.environ, **ENV},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(second.communicate(), 60)
+        said = (out + err).decode()
+        assert second.returncode == 3, said
+        assert "needs the worker role of this SQLite file, and another process runs it" in said
+        assert "node worker)" in said and "--role web" in said and "patchbay store copy" in said
+
+        async def post(session: aiohttp.ClientSession, n: int) -> None:
+            nonlocal unanswered
+            i = n % 2
+            while True:  # a real sender: what got no answer is sent again, with the same message id
+                try:
+                    async with await post_one(session, urls[i], n) as r:
+                        if 200 <= r.status < 300:
+                            accepted[n] = (await r.json())["event_id"]
+                            return
+                        assert r.status == 503, f"web answered {r.status}: {await r.text()}"
+                except (TimeoutError, aiohttp.ClientError):
+                    unanswered += 1
+                i = 1 - i  # the other web process (a load balancer's next backend)
+                await asyncio.sleep(0.02)
+
+        async def sigkill(node: NodeProcess, restart_as: str, delay: float) -> None:
+            await cluster.kill(node)
+            kills.append({"node": node.name, "wall": time.time(), "delivered": len(sink.keys)})
+            await asyncio.sleep(delay)
+            await cluster.start(restart_as, roles=node.roles, port=node.port)
+
+        async def kill_web() -> None:
+            await until(lambda: len(accepted) >= 0.3 * N, 120, "30% of the events acknowledged")
+            await sigkill(webs[1], "web2-r1", 2.0)
+
+        async def kill_worker() -> None:
+            await until(lambda: len(sink.keys) >= 0.4 * N, 120, "40% of the deliveries")
+            await sigkill(worker, "worker-r1", 1.0)  # the role's flock went with the process
+
+        started = time.monotonic()
+        sem = asyncio.Semaphore(32)
+
+        async def bounded(session: aiohttp.ClientSession, n: int) -> None:
+            async with sem:
+                await post(session, n)
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            killing = asyncio.gather(kill_web(), kill_worker())
+            await asyncio.wait_for(asyncio.gather(*(bounded(session, n) for n in range(N))), 180)
+            posted_s = time.monotonic() - started
+            await asyncio.wait_for(killing, 120)
+
+        expected = {f"{eid}.crm" for eid in accepted.values()}
+        await until(lambda: expected <= set(sink.keys), 60, "every acknowledged event at the sink")
+        delivered_s = time.monotonic() - started
+
+        # A webhook on a web process is delivered at once: the wake, not the worker's rescan each second.
+        await asyncio.sleep(1.5)  # everything settled: the worker waits idle
+        waits = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            for k in range(6):
+                before = len(sink.keys)
+                sent = time.monotonic()
+                async with await post_one(session, urls[k % 2], N + k) as r:
+                    assert r.status == 202, await r.text()
+                await until(lambda b=before: len(sink.keys) > b, 5, "a webhook delivered", every=0.005)
+                waits.append(time.monotonic() - sent)
+                await asyncio.sleep(0.37)  # another point of the rescan's second each time
+        events = store_rows(root, "SELECT COUNT(*) FROM events")[0][0]
+        view = await cluster.view()
+
+    redeliveries = sum(c - 1 for c in sink.keys.values())
+    print(
+        f"\nsqlite split: {N} events posted in {posted_s:.1f} s, all delivered after {delivered_s:.1f} s;"
+        f" {unanswered} posts sent again after no answer; {redeliveries} redeliveries (same key);"
+        f" kills: {kills}; wake waits {[round(w, 3) for w in waits]}"
+    )
+    # 0 acknowledged events lost; each posted message is one event (the sender's retries deduplicated).
+    assert len(accepted) == N and len(set(accepted.values())) == N
+    assert expected <= set(sink.keys)
+    assert events == N + 6
+    # Each event carries one idempotency key: the sink saw one key per event, whatever was sent twice.
+    assert len(sink.keys) == N + 6
+    assert all(k.endswith(".crm") for k in sink.keys)
+    # Redeliveries only around the worker's SIGKILL (a send made, not yet recorded).
+    assert redeliveries <= 24 * 4, redeliveries
+    assert len(kills) == 2 and all(k["delivered"] < N for k in kills)
+    # Promptly: the rescan alone would take half a second on average, up to one.
+    assert statistics.median(waits) < 0.25 and max(waits) < 1.0, waits
+    # The cluster view lists the SQLite nodes, the killed ones among them.
+    ids = {n["id"] for n in view["nodes"]}
+    assert {"web1", "web2-r1", "worker-r1"} <= ids, ids
