@@ -208,6 +208,10 @@ class PostgresStore(SqliteStore):
         return True
 
     @property
+    def local_leases(self) -> bool:
+        return False  # any number of scheduler processes: the leases are in the store (engine/leader.py)
+
+    @property
     def channel(self) -> str:
         """The NOTIFY channel of this store's schema (channels are per database, schemas share them)."""
         return "patchbay_" + hashlib.sha256((self.schema or "").encode()).hexdigest()[:24]
