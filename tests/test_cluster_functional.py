@@ -204,7 +204,10 @@ def test_a_second_worker_on_a_sqlite_store_is_refused_with_how_to_go_on(tmp_path
     finally:
         os.close(fd)
     assert r.exit_code == 3, r.output
-    assert "`serve --role worker` needs the worker role of this SQLite file, and another process runs it" in r.output
+    assert (
+        "`serve --role worker` needs the worker role of this SQLite file, and another process runs it"
+        in r.output
+    )
     assert "(pid 4242, node worker-1)" in r.output
     assert "run this one with `--role web`" in r.output
     assert "patchbay store copy --to postgresql://" in r.output

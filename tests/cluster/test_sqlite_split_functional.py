@@ -60,7 +60,9 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
 
     sink.default = slowish
     root = lead_project(
-        tmp_path, sink.url, delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}}
+        tmp_path,
+        sink.url,
+        delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
     )
     accepted: dict[int, str] = {}  # n -> event id, once a web process answered 2xx
     unanswered = 0
@@ -167,3 +169,40 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
     # The cluster view lists the SQLite nodes, the killed ones among them.
     ids = {n["id"] for n in view["nodes"]}
     assert {"web1", "web2-r1", "worker-r1"} <= ids, ids
+
+
+@pytest.mark.timeout(120)
+async def test_a_pause_through_a_web_processs_api_stops_the_worker_processs_sends(
+    tmp_path: Path, sink: Sink
+) -> None:
+    root = lead_project(tmp_path, sink.url)
+    made = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "patchbay", "tokens", "create", "ops", "-p", str(root)),
+        *("--scope", "destinations:write", "--json"),
+        env={**os.environ, **ENV},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await made.communicate()
+    assert made.returncode == 0, err.decode()
+    auth = {"Authorization": f"Bearer {orjson.loads(out)['token']}"}
+    async with Cluster(root, ENV) as cluster:
+        await cluster.start("worker", roles="worker,scheduler")
+        web = await cluster.start("web", roles="web")
+        hook = f"{web.url}/hooks/lead-capture"
+        dest = f"{web.url}/api/v1/flows/lead-capture/destinations/crm"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with await post_one(s, hook, 1) as r:
+                assert r.status == 202
+            await sink.wait_for(1, timeout=5)
+            async with s.post(f"{dest}/pause", headers=auth) as r:
+                assert r.status == 200, await r.text()
+            await asyncio.sleep(0.3)
+            for n in (2, 3, 4):
+                async with await post_one(s, hook, n) as r:
+                    assert r.status == 202
+            await asyncio.sleep(1.5)  # past the worker's rescan: still nothing sent
+            assert len(sink.keys) == 1, sink.keys
+            async with s.post(f"{dest}/resume", headers=auth) as r:
+                assert r.status == 200, await r.text()
+            await sink.wait_for(4, timeout=5)
