@@ -333,12 +333,13 @@ WITH r AS (
     SUM(CASE WHEN COALESCE(u.status, d.status)='dead' THEN 1 ELSE 0 END) AS dead,
     SUM(CASE WHEN COALESCE(u.status, d.status)='delivered' THEN 1 ELSE 0 END) AS delivered
   FROM deliveries d LEFT JOIN upd u ON u.id=d.id
-  WHERE d.event_id IN (SELECT event_id FROM upd WHERE status!='pending')
+  WHERE d.event_id = ANY(ARRAY(SELECT event_id FROM upd WHERE status!='pending'))
   GROUP BY d.event_id
 )
 UPDATE events e SET updated_at=%(now)s, status=CASE WHEN ev.pending>0 THEN 'pending' WHEN ev.dead>0 THEN 'dead'
   WHEN ev.delivered>0 THEN 'delivered' ELSE 'discarded' END
 FROM ev WHERE e.id=ev.event_id AND e.status NOT IN ('quarantined','filtered')
+  AND e.id = ANY(ARRAY(SELECT event_id FROM upd WHERE status!='pending'))
 """
 
 
