@@ -120,6 +120,24 @@ async def test_concurrent_records_share_one_statement_and_one_commit() -> None:
         await s.close()
 
 
+def test_the_hot_path_runs_on_the_event_loop_and_an_accept_from_another_loop_is_written_too() -> None:
+    """The group commits are tasks on the hub's event loop (no store thread between the accept and its
+    COMMIT); a caller on another loop meanwhile (a CLI command, a thread's asyncio.run) is served on a thread."""
+    import threading
+
+    url = postgres_url()
+    s = PostgresStore(url)
+
+    async def main() -> None:
+        first = await s.accept(event())
+        assert [t.name for t in threading.enumerate() if t.name.startswith("patchbay-store-accept")] == []
+        second = await asyncio.to_thread(lambda: asyncio.run(s.accept(event())))
+        assert _committed(url, [first.event_id, second.event_id]) == {first.event_id, second.event_id}
+        await s.close()
+
+    asyncio.run(main())
+
+
 async def test_two_hubs_share_the_feed_each_delivery_claimed_by_one_until_its_lease_runs_out() -> None:
     url = postgres_url()
     a, b = PostgresStore(url, holder="hub-a"), PostgresStore(url, holder="hub-b")
