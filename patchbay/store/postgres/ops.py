@@ -74,49 +74,45 @@ WHERE (flow, dedupe_key) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
 """
 
 
-@native
-def accept_many(conn: Any, events: list[Any]) -> list[Any]:
-    """Events and their deliveries in one statement (one round trip, one COMMIT); the duplicates of
-    earlier events (a dedupe key seen, in this group or before) cost one more read, for all of them."""
+def _accept_params(events: list[Any]) -> dict[str, Any]:
     import time
 
-    from patchbay.store.base import Accepted
     from patchbay.store.common import _j
 
     deliveries = [(e, d) for e in events for d in e.deliveries]
-    rows = conn.execute(
-        _ACCEPT_MANY,
-        {
-            "now": time.time(),
-            "id": [e.id for e in events],
-            "flow": [e.flow for e in events],
-            "dedupe_key": [e.dedupe_key for e in events],
-            "body_hash": [e.body_hash for e in events],
-            "received_at": [e.received_at for e in events],
-            "status": [e.status for e in events],
-            "record_key": [e.record_key for e in events],
-            "reason": [e.reason for e in events],
-            "payload": [e.payload for e in events],
-            "meta": [_j(e.meta) for e in events],
-            "trace": [_j(e.trace) for e in events],
-            "d_event": [e.id for e, _ in deliveries],
-            "d_flow": [e.flow for e, _ in deliveries],
-            "d_dest": [d.destination for _, d in deliveries],
-            "d_status": [d.status for _, d in deliveries],
-            "d_request": [_j(d.request) for _, d in deliveries],
-            "d_ikey": [d.idempotency_key for _, d in deliveries],
-            "d_err": [d.error for _, d in deliveries],
-            "d_okey": [d.order_key for _, d in deliveries],
-        },
-    ).fetchall()
-    written = {r[0] for r in rows}
+    return {
+        "now": time.time(),
+        "id": [e.id for e in events],
+        "flow": [e.flow for e in events],
+        "dedupe_key": [e.dedupe_key for e in events],
+        "body_hash": [e.body_hash for e in events],
+        "received_at": [e.received_at for e in events],
+        "status": [e.status for e in events],
+        "record_key": [e.record_key for e in events],
+        "reason": [e.reason for e in events],
+        "payload": [e.payload for e in events],
+        "meta": [_j(e.meta) for e in events],
+        "trace": [_j(e.trace) for e in events],
+        "d_event": [e.id for e, _ in deliveries],
+        "d_flow": [e.flow for e, _ in deliveries],
+        "d_dest": [d.destination for _, d in deliveries],
+        "d_status": [d.status for _, d in deliveries],
+        "d_request": [_j(d.request) for _, d in deliveries],
+        "d_ikey": [d.idempotency_key for _, d in deliveries],
+        "d_err": [d.error for _, d in deliveries],
+        "d_okey": [d.order_key for _, d in deliveries],
+    }
+
+
+def _duplicates_params(events: list[Any], written: set[str]) -> tuple[list[str], list[str]] | None:
     dups = [e for e in events if e.id not in written]
-    found: dict[tuple[str, str], tuple[str, str]] = {}
-    if dups:
-        for flow, key, eid, body_hash in conn.execute(
-            _DUPLICATES, ([e.flow for e in dups], [e.dedupe_key for e in dups])
-        ).fetchall():
-            found[(flow, key)] = (eid, body_hash)
+    return ([e.flow for e in dups], [e.dedupe_key for e in dups]) if dups else None
+
+
+def _accepted(events: list[Any], written: set[str], found_rows: list[Any]) -> list[Any]:
+    from patchbay.store.base import Accepted
+
+    found = {(flow, key): (eid, body_hash) for flow, key, eid, body_hash in found_rows}
     out = []
     for e in events:
         if e.id in written:
@@ -125,6 +121,23 @@ def accept_many(conn: Any, events: list[Any]) -> list[Any]:
             eid, body_hash = found[(e.flow, e.dedupe_key)]
             out.append(Accepted(eid, duplicate=True, conflict=body_hash != e.body_hash))
     return out
+
+
+@native
+def accept_many(conn: Any, events: list[Any]) -> list[Any]:
+    """Events and their deliveries in one statement (one round trip, one COMMIT); the duplicates of
+    earlier events (a dedupe key seen, in this group or before) cost one more read, for all of them."""
+    written = {r[0] for r in conn.execute(_ACCEPT_MANY, _accept_params(events)).fetchall()}
+    dups = _duplicates_params(events, written)
+    return _accepted(events, written, conn.execute(_DUPLICATES, dups).fetchall() if dups else [])
+
+
+async def accept_many_async(conn: Any, events: list[Any]) -> list[Any]:
+    """`accept_many` on an asyncio connection (`group.AsyncRaw`): the hot path on the hub's event loop."""
+    written = {r[0] for r in await (await conn.execute(_ACCEPT_MANY, _accept_params(events))).fetchall()}
+    dups = _duplicates_params(events, written)
+    found = await (await conn.execute(_DUPLICATES, dups)).fetchall() if dups else []
+    return _accepted(events, written, found)
 
 
 @native
@@ -333,46 +346,64 @@ WITH r AS (
     SUM(CASE WHEN COALESCE(u.status, d.status)='dead' THEN 1 ELSE 0 END) AS dead,
     SUM(CASE WHEN COALESCE(u.status, d.status)='delivered' THEN 1 ELSE 0 END) AS delivered
   FROM deliveries d LEFT JOIN upd u ON u.id=d.id
-  WHERE d.event_id IN (SELECT event_id FROM upd WHERE status!='pending')
+  WHERE d.event_id = ANY(ARRAY(SELECT event_id FROM upd WHERE status!='pending'))
   GROUP BY d.event_id
 )
 UPDATE events e SET updated_at=%(now)s, status=CASE WHEN ev.pending>0 THEN 'pending' WHEN ev.dead>0 THEN 'dead'
   WHEN ev.delivered>0 THEN 'delivered' ELSE 'discarded' END
 FROM ev WHERE e.id=ev.event_id AND e.status NOT IN ('quarantined','filtered')
+  AND e.id = ANY(ARRAY(SELECT event_id FROM upd WHERE status!='pending'))
 """
+
+
+def _record_params(results: list[Any]) -> dict[str, Any]:
+    import time
+
+    from patchbay.store.common import _j
+
+    return {
+        "now": time.time(),
+        "did": [r.delivery_id for r in results],
+        "status": [r.new_status for r in results],
+        "consumed": [1 if r.consumed_retry else 0 for r in results],
+        "next_at": [r.next_at for r in results],
+        "last_error": [
+            None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}") for r in results
+        ],
+        "started": [r.started_at for r in results],
+        "latency": [r.latency_ms for r in results],
+        "code": [r.status_code for r in results],
+        "outcome": [r.outcome for r in results],
+        "excerpt": [r.excerpt for r in results],
+        "error": [r.error for r in results],
+        "response": [None if r.response is None else _j(r.response) for r in results],
+    }
+
+
+def _distinct(results: list[Any]) -> bool:
+    return len({r.delivery_id for r in results}) == len(results)
 
 
 @native
 def record(conn: Any, results: list[Any]) -> None:
     """Every attempt, its delivery's new status (the lease let go) and the events that follow: one statement."""
-    import time
-
-    from patchbay.store.common import _j
-
     if not results:
         return
-    if len({r.delivery_id for r in results}) != len(results):  # the same delivery twice: in order, one by one
+    if not _distinct(results):  # the same delivery twice: in order, one by one
         with conn.conn.transaction():
             for r in results:
                 record(conn, [r])
         return
-    conn.execute(
-        _RECORD,
-        {
-            "now": time.time(),
-            "did": [r.delivery_id for r in results],
-            "status": [r.new_status for r in results],
-            "consumed": [1 if r.consumed_retry else 0 for r in results],
-            "next_at": [r.next_at for r in results],
-            "last_error": [
-                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}") for r in results
-            ],
-            "started": [r.started_at for r in results],
-            "latency": [r.latency_ms for r in results],
-            "code": [r.status_code for r in results],
-            "outcome": [r.outcome for r in results],
-            "excerpt": [r.excerpt for r in results],
-            "error": [r.error for r in results],
-            "response": [None if r.response is None else _j(r.response) for r in results],
-        },
-    )
+    conn.execute(_RECORD, _record_params(results))
+
+
+async def record_async(conn: Any, results: list[Any]) -> None:
+    """`record` on an asyncio connection (`group.AsyncRaw`)."""
+    if not results:
+        return
+    if not _distinct(results):  # the same delivery twice: in order, one by one
+        async with conn.conn.transaction():
+            for r in results:
+                await record_async(conn, [r])
+        return
+    await conn.execute(_RECORD, _record_params(results))

@@ -5,7 +5,7 @@ thread of the store's executor so the event loop never waits on the network. The
 SQLite store's own functions (one set of semantics, proved by tests/store/test_conformance.py on both),
 run through `dialect.PgConnection`. PostgreSQL commits each transaction durably itself
 (synchronous_commit as the server has it); concurrent accepts, and concurrent attempt records, share
-one statement and one COMMIT (`group.Groups`), and each returns after the COMMIT of its group. Any number
+one statement and one COMMIT (`group.AsyncGroups`, on the hub's event loop), and each returns after the COMMIT of its group. Any number
 of hubs share the store (engine/roles.py); a hub's accepted deliveries wake the workers of the others by
 NOTIFY on the schema's channel, sent after the commit from a connection of its own (`announce`), and each
 worker process LISTENs (`listen`).
@@ -39,7 +39,7 @@ from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
-from patchbay.store.postgres.group import Groups
+from patchbay.store.postgres.group import AsyncGroups
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
 from patchbay.store.sqlite import SqliteStore, StoreClosed
@@ -48,6 +48,12 @@ from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch
 
 T = TypeVar("T")
 log = logging.getLogger("patchbay.store")
+# psycopg prepares a statement on its fifth execution, and PostgreSQL may then keep a generic plan made for
+# the tables as they were: on a new store, a plan made at a few hundred rows (a sequential scan is cheapest
+# there) stayed while deliveries grew past 30,000, and each attempt record read the whole table (1.7 ms of
+# server CPU per event instead of 0.3, bench/cluster.py). Planning each execution costs a fraction of a
+# millisecond per statement, shared by the events of its group.
+_PLANNING = "-c plan_cache_mode=force_custom_plan"
 _RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 
@@ -135,7 +141,7 @@ class PostgresStore(SqliteStore):
         check: bool = True,
         max_connections: int = 8,
         holder: str | None = None,
-        accept_threads: int = 1,
+        accept_writers: int = 2,
         lease_s: float = pg_ops.LEASE_S,
     ) -> None:
         self.url = url
@@ -152,11 +158,18 @@ class PostgresStore(SqliteStore):
                 f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
                 " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
             ) from None
+        # A transaction is opened explicitly where one is needed; every execution is planned for the tables
+        # as they are now (`_PLANNING`).
+        self._conn_kwargs = {
+            **kwargs,
+            "autocommit": True,
+            "options": f"{kwargs.get('options', '')} {_PLANNING}".strip(),
+        }
         self._pool = ConnectionPool(
             conninfo,
             min_size=1,
             max_size=max_connections,
-            kwargs={**kwargs, "autocommit": True},  # a transaction is opened explicitly where one is needed
+            kwargs=self._conn_kwargs,
             open=True,
             name="patchbay-store",
         )
@@ -174,11 +187,27 @@ class PostgresStore(SqliteStore):
         self._problem: str | None = None
         self.counter = {"statements": 0, "round_trips": 0, "transactions": 0}
         self._count_lock = threading.Lock()
-        self._accepts = Groups(
-            self._run, pg_ops.accept_many, self._closed_error, name="accept", threads=accept_threads
+        # The hot path's group commits run on the hub's event loop, each writer on a connection of its own.
+        self._accepts = AsyncGroups(
+            self._aconnect,
+            pg_ops.accept_many_async,
+            lambda items: self._submit(pg_ops.accept_many, items),
+            self._closed_error,
+            self._account,
+            name="accept",
+            where=str(self.path),
+            writers=accept_writers,
         )
-        self._records = Groups(
-            self._run, pg_ops.record, self._closed_error, name="record", threads=2, max_group=512
+        self._records = AsyncGroups(
+            self._aconnect,
+            pg_ops.record_async,
+            lambda items: self._submit(pg_ops.record, items),
+            self._closed_error,
+            self._account,
+            name="record",
+            where=str(self.path),
+            writers=2,
+            max_group=512,
         )
 
     @staticmethod
@@ -335,6 +364,18 @@ class PostgresStore(SqliteStore):
             return res
         raise AssertionError("unreachable")
 
+    async def _aconnect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self._conninfo, **self._conn_kwargs)
+
+    def _account(self, counts: dict[str, int], problem: str | None) -> None:
+        """An operation of the hot path done (its counters) or failed for want of the server (`problem`)."""
+        self._problem = problem
+        if problem is None:
+            with self._count_lock:
+                for k, v in counts.items():
+                    self.counter[k] += v
+                self.counter["transactions"] += 1
+
     def _closed_error(self) -> StoreClosed:
         return StoreClosed(
             f"writing to the store {self.path}: it is closed (the hub is stopping); try again once it runs",
@@ -358,7 +399,7 @@ class PostgresStore(SqliteStore):
         self._closed = True
         loop = asyncio.get_running_loop()
         for groups in (self._accepts, self._records):  # what is queued is written first
-            await loop.run_in_executor(None, groups.stop)
+            await groups.stop()
         await loop.run_in_executor(None, self._exec.shutdown, True)
         await loop.run_in_executor(None, self._pool.close)
         await loop.run_in_executor(None, self._notify_exec.shutdown, True)
