@@ -105,7 +105,7 @@ from patchbay.store.sqlite_schema import (
     open_store,
 )
 from patchbay.store.sqlite_wake import Wake
-from patchbay.store.sqlite_writer import _STOP, _Checkpointer, _closed_error, _Writer
+from patchbay.store.sqlite_writer import _STOP, WriteLock, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
 
@@ -622,22 +622,25 @@ class SyncStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.conn = open_store(self.path)
+        self._wlock = WriteLock(self.path)
 
     def read(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(self.conn, *args)
 
     def write(self, fn: Callable[..., T], *args: Any) -> T:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            res = fn(self.conn, *args)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-        return res
+        with self._wlock:  # in turn with the serving processes' writers (sqlite_writer.WriteLock)
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                res = fn(self.conn, *args)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            return res
 
     def close(self) -> None:
         self.conn.close()
+        self._wlock.close()
 
 
 __all__ = [

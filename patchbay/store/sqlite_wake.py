@@ -52,6 +52,7 @@ class Wake:
         self._send: socket.socket | None = None
         self._recv: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._inode = 0
         self._closed = False
 
     # -------------------------------------------------------------- paths
@@ -114,6 +115,13 @@ class Wake:
 
     # -------------------------------------------------------------- listen
     def listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+        self._bind()
+        self._thread = threading.Thread(
+            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
+        )
+        self._thread.start()
+
+    def _bind(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         path = self._path(self.name)
         try:
@@ -122,11 +130,18 @@ class Wake:
             pass
         sock.bind(path)
         sock.settimeout(0.5)
-        self._recv = sock
-        self._thread = threading.Thread(
-            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
-        )
-        self._thread.start()
+        old, self._recv = self._recv, sock
+        self._inode = os.stat(path).st_ino
+        if old is not None:
+            old.close()
+
+    def _still_bound(self) -> bool:
+        """The socket file is still ours: another process may have removed it, taking it for a dead one's
+        (it found the socket of this node id's previous process refusing, just before this one bound)."""
+        try:
+            return os.stat(self._path(self.name)).st_ino == self._inode
+        except OSError:
+            return False
 
     def _listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
         assert self._recv is not None
@@ -142,6 +157,9 @@ class Wake:
             try:
                 data = self._recv.recv(65536)
             except TimeoutError:
+                if not self._closed and not self._still_bound():
+                    self._bind()
+                    wake("", True)  # what was sent meanwhile went nowhere
                 continue
             except OSError:
                 if self._closed:

@@ -181,3 +181,27 @@ def test_writes_of_two_processes_are_serialised_by_the_write_lock(tmp_path: Path
             await store.close()
 
     assert asyncio.run(main()) < 0.1
+
+
+async def test_a_listener_whose_socket_was_removed_binds_it_again(tmp_path: Path) -> None:
+    """Another process may remove a live socket, taking it for the dead one of the same node id that it found
+    refusing just before: the listener notices within half a second and binds it again."""
+    store = tmp_path / "patchbay.db"
+    heard: list[tuple[str, bool]] = []
+    a, b = Wake(store, "a"), Wake(store, "b")
+    b.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+    try:
+        os.unlink(wake_dir(store) / "b.sock")
+        deadline = time.monotonic() + 3
+        while (
+            len(heard) < 2 and time.monotonic() < deadline
+        ):  # the first rescan, then the one after rebinding
+            await asyncio.sleep(0.05)
+        assert heard == [("", True), ("", True)]
+        a.announce(["lead-capture"], rescan=False)
+        while len(heard) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert heard[2] == ("lead-capture", False)
+    finally:
+        a.close()
+        b.close()
