@@ -152,11 +152,16 @@ class SqliteStore:
         each with `worker` and `scheduler`, whose claims, sending slots, buckets and leases live in their
         memory (an flock each: `<store>.worker.lock`, `<store>.scheduler.lock`). A process running every role
         (a plain `serve`, the CLI's in-process runs) also takes `<store>.lock`: a second one is refused as
-        before. `node_id` (a serving hub): the process takes part in the wake across processes (`shared`)."""
+        before. `node_id` (a serving hub): the process takes part in the wake across processes (`shared`).
+
+        Every serving hub also holds `<store>.serving.lock` shared; a CLI command that must have the file to
+        itself (`node_id` None: `sync init`, a decision taken beside no hub) takes it exclusively, so it is
+        refused beside `--role web` processes too."""
         everything = set(roles) >= set(ROLES)
         wanted = (["serve"] if everything else []) + [r for r in (WORKER, SCHEDULER) if r in roles]
         taken: list[int] = []
         try:
+            taken.append(self._take_serving(alone=node_id is None))
             for what in wanted:
                 taken.append(self._take_lock(what, node_id, everything))
         except BaseException:
@@ -166,6 +171,22 @@ class SqliteStore:
         self._lock_fds.extend(taken)
         if node_id is not None:
             self._wake = Wake(self.path, node_id)
+
+    def _take_serving(self, alone: bool) -> int:
+        fd = os.open(str(self.path) + ".serving.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise StoreLocked(
+                f"opening the store {self.path}: "
+                + (
+                    "a `patchbay serve` process is using it (`--role web` ones too); stop those first"
+                    if alone
+                    else "a `patchbay` command that needs the file to itself is running; try again when it ends"
+                )
+            ) from exc
+        return fd
 
     def _take_lock(self, what: str, node_id: str | None, everything: bool) -> int:
         path = str(self.path) + (".lock" if what == "serve" else f".{what}.lock")

@@ -105,9 +105,17 @@ async def test_one_worker_and_one_scheduler_per_file_any_number_of_web(tmp_path:
             await hub_of(root, Node("all", ALL_ROLES))
         assert len(webs) == 3
     finally:
+        await worker.stop()
+    try:  # web processes alone: a CLI command wanting the file to itself is refused
+        cli = SqliteStore(root / ".patchbay" / "patchbay.db")
+        try:
+            with pytest.raises(StoreLocked, match="a `patchbay serve` process is using it"):
+                cli.lock()
+        finally:
+            await cli.close()
+    finally:
         for h in webs:
             await h.stop()
-        await worker.stop()
     # Stopped cleanly: the roles are free again, for a plain serve too; a second plain serve is refused.
     everything = await hub_of(root, Node("all", ALL_ROLES))
     try:
