@@ -139,6 +139,15 @@ def cpu_s(pid: int) -> float:
         return 0.0
 
 
+def cpu_times() -> tuple[float, float]:
+    """(idle, total) jiffies of the whole machine (/proc/stat): the share of the cores nobody used."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    return fields[3] + fields[4], sum(fields)
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -425,7 +434,10 @@ def run_patchbay(
         hub_watch = CpuWatch(lambda: [x for proc in procs for x in (proc.pid, *children(proc.pid))])
         by_proc = [CpuWatch(lambda pid=proc.pid: [pid, *children(pid)]) for proc in procs]
         db_watch = CpuWatch(lambda: pg.backends(app)) if pg and db else None
+        idle0 = cpu_times()
         res, delivered = load(a, urls, sink, v.name, out_dir)
+        idle1 = cpu_times()
+        res["idle_pct"] = round(100 * (idle1[0] - idle0[0]) / max(1.0, idle1[1] - idle0[1]), 1)
         hub_cpu = hub_watch.stop()
         db_cpu = db_watch.stop() if db_watch else 0.0
         res.update(delivered=delivered, hub_cpu_s=hub_cpu, db_cpu_s=db_cpu, loadavg=loadavg())
