@@ -370,6 +370,7 @@ def run_patchbay(
         "PB_RUN_DIR": str(run_dir),
         "PB_PORT": str(v.procs[0].port),
         "SINK_PORT": str(a.sink_port),
+        "PB_MAX_CONCURRENCY": str(a.max_concurrency),  # the destination's (patchbay_peer.sh writes the flow)
     }
     subprocess.run([str(HERE / "patchbay_peer.sh"), "setup"], env=env, check=True, stdout=subprocess.DEVNULL)
     project = run_dir / "project"
