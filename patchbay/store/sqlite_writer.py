@@ -8,6 +8,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ class _Writer(threading.Thread):
                         log.warning("checkpointing the store's WAL: %s", exc)
         finally:
             conn.close()
+            if self._wlock.turns:
+                log.info(
+                    "store writer: %d transactions, %.1f s waiting for %s, %.1f s holding it",
+                    self._wlock.turns,
+                    self._wlock.waited_s,
+                    self._wlock.path,
+                    self._wlock.held_s,
+                )
             self._wlock.close()
             self._refuse_the_rest()
 
@@ -227,6 +236,10 @@ class WriteLock:
         self.path = str(path) + ".write.lock"
         self.fd: int | None = None
         self.failed = False
+        # Seconds spent waiting for the lock and holding it, and how many times: logged when the writer stops.
+        self.waited_s = self.held_s = 0.0
+        self.turns = 0
+        self._at = 0.0
 
     def __enter__(self) -> None:
         if self.fd is None and not self.failed:
@@ -238,11 +251,16 @@ class WriteLock:
                     "opening %s: %s; writers of this store wait in SQLite's busy handler", self.path, exc
                 )
         if self.fd is not None:
+            t0 = time.perf_counter()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self._at = time.perf_counter()
+            self.waited_s += self._at - t0
+            self.turns += 1
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self.held_s += time.perf_counter() - self._at
 
     def close(self) -> None:
         if self.fd is not None:
