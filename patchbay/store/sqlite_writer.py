@@ -88,17 +88,13 @@ class _Writer(threading.Thread):
                     continue
                 if item is _STOP:
                     return
-                batch = [item]
-                while len(batch) < self.max_batch:
-                    try:
-                        nxt = self.q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is _STOP:
-                        self._run_batch(conn, batch)
-                        return
-                    batch.append(nxt)
-                self._run_batch(conn, batch)
+                # The write lock first, then the group: what is queued while another process writes joins
+                # this group instead of waiting for a turn of its own.
+                with self._wlock:
+                    batch, stop = self._gather(item)
+                    self._run_batch(conn, batch)
+                if stop:
+                    return
                 if self.commits % 64 == 0 and _size(wal) > WAL_LIMIT:
                     try:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -116,6 +112,19 @@ class _Writer(threading.Thread):
                 )
             self._wlock.close()
             self._refuse_the_rest()
+
+    def _gather(self, first: Any) -> tuple[list[Any], bool]:
+        """`first` and what is queued behind it (up to max_batch); True when the stop came among them."""
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                nxt = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
 
     def _refuse_the_rest(self) -> None:
         with self.lock:
@@ -159,12 +168,6 @@ class _Writer(threading.Thread):
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
-        with self._wlock:
-            return self._transaction_locked(conn, batch, isolate=isolate, results=results)
-
-    def _transaction_locked(
-        self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool, results: list[Any]
-    ) -> list[tuple[Any, bool, Any]]:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for _loop, fut, fn, args in batch:
