@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from patchbay.errors import StoreUnavailable
+from patchbay.store.postgres.errors import RETRY, reason
 
 
 def _split(calls: list[list[Any]], out: list[Any] | None) -> list[list[Any]]:
@@ -169,15 +170,13 @@ class AsyncGroups:
     async def _run(self, i: int, items: list[Any]) -> Any:
         import psycopg
 
-        from patchbay.store.postgres.store import _RETRY, _reason
-
         for attempt in range(3):
             local = {"statements": 0, "round_trips": 0}
             try:
                 if self._conns[i] is None or self._conns[i].closed:
                     self._conns[i] = await self._connect()
                 res = await self._op(AsyncRaw(self._conns[i], local), items)
-            except _RETRY:
+            except RETRY:
                 if attempt == 2:
                     raise
                 continue  # a concurrent writer won (same dedupe key): the next try sees its row
@@ -185,7 +184,7 @@ class AsyncGroups:
                 conn, self._conns[i] = self._conns[i], None
                 if conn is not None:
                     await conn.close()
-                problem = _reason(exc)
+                problem = reason(exc)
                 self._account({}, problem)
                 raise StoreUnavailable(
                     f"the store {self.where} cannot be reached: {problem}", "the store is unreachable"
