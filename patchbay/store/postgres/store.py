@@ -39,6 +39,8 @@ from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
+from patchbay.store.postgres.errors import RETRY as _RETRY
+from patchbay.store.postgres.errors import reason as _reason
 from patchbay.store.postgres.group import AsyncGroups
 from patchbay.store.postgres.schema import SCHEMA_VERSION, ddl
 from patchbay.store.secrets import SqliteSecretRows
@@ -54,7 +56,6 @@ log = logging.getLogger("patchbay.store")
 # server CPU per event instead of 0.3, bench/cluster.py). Planning each execution costs a fraction of a
 # millisecond per statement, shared by the events of its group.
 _PLANNING = "-c plan_cache_mode=force_custom_plan"
-_RETRY = (pg_errors.UniqueViolation, pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 
 def is_postgres_url(location: str) -> bool:
@@ -559,11 +560,6 @@ def _with_timeout(fn: Callable[..., T], timeout: float) -> Callable[..., T]:
             raise TimeoutError("the store's snapshot took too long") from exc
 
     return run
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"password=\S+", "password=***", text)
 
 
 class PostgresSecretRows(SqliteSecretRows):
