@@ -309,6 +309,28 @@ async def test_an_announcement_reaches_the_listeners_of_the_same_schema_only() -
             await s.close()
 
 
+async def test_a_process_does_not_hear_its_own_announcements() -> None:
+    """A process wakes its own workers in memory; its NOTIFY is for the others (as SQLite's wake is). Hearing
+    it back cost a second wake, and a feed read, per accepted group."""
+    url = postgres_url()
+    a, b = PostgresStore(url), PostgresStore(url)
+    mine: list[tuple[str, bool]] = []
+    theirs: list[tuple[str, bool]] = []
+    try:
+        a.listen(lambda flow, rescan: mine.append((flow, rescan)))
+        b.listen(lambda flow, rescan: theirs.append((flow, rescan)))
+        await eventually(lambda: ("", True) in mine and ("", True) in theirs)
+        await a.announce(["orders"])
+        await b.announce(["leads"])
+        await eventually(lambda: ("orders", False) in theirs and ("leads", False) in mine)
+        await asyncio.sleep(0.3)
+        assert mine == [("", True), ("leads", False)]
+        assert theirs == [("", True), ("orders", False)]
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
 async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

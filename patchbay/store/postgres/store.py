@@ -182,6 +182,7 @@ class PostgresStore(SqliteStore):
         self._conninfo = conninfo
         self._notify_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchbay-store-notify")
         self._notify_conn: psycopg.Connection[Any] | None = None
+        self._notify_pid = 0  # the server process of `_notify_conn`: the sender of this process's NOTIFYs
         self._listener: threading.Thread | None = None
         self._entity_conn: psycopg.Connection[Any] | None = None  # holds the sync steps' advisory locks
         self._entity_guard = threading.Lock()
@@ -258,6 +259,7 @@ class PostgresStore(SqliteStore):
             try:
                 if self._notify_conn is None or self._notify_conn.closed:
                     self._notify_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                    self._notify_pid = self._notify_conn.info.backend_pid
                 self._notify_conn.execute(
                     "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self.channel, payloads)
                 )
@@ -290,6 +292,8 @@ class PostgresStore(SqliteStore):
                     wake("", True)  # what was announced while not listening: a rescan of every flow finds it
                     while not self._closed:
                         for n in conn.notifies(timeout=0.5):
+                            if n.pid == self._notify_pid:  # our own: this process woke its workers itself
+                                continue
                             kind, _, flow = n.payload.partition(":")
                             wake(flow, kind == "r")
             except psycopg.Error as exc:
