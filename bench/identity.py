@@ -357,7 +357,7 @@ async def scenario(n: int, overlap: int, k: int, concurrency: int) -> dict[str, 
                     "writes_per_change": round(writes / k, 3),
                 }
             await hub.stop()
-            size = sum(p.stat().st_size for p in (root / ".patchbay").glob("patchbay.db*"))
+            size = sum(p.stat().st_size for p in (root / ".patchbay").glob("patchbay.db*") if p.is_file())
             out["store_mb"] = round(size / 1e6, 1)
     finally:
         await s.close()

@@ -96,7 +96,8 @@ def _echo(status: int) -> Any:
 
 
 def _store_bytes(root: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted((root / ".patchbay").glob("patchbay.db*")))
+    # every file of the store (not `patchbay.db.wake/`, the processes' wake sockets)
+    return b"".join(p.read_bytes() for p in sorted((root / ".patchbay").glob("patchbay.db*")) if p.is_file())
 
 
 async def _stop(rh: RunningHub) -> None:

@@ -110,7 +110,7 @@ async def test_an_echoed_basic_header_and_encoded_password_are_scrubbed_everywhe
     assert "Basic [secret]" in shown[f"runs show {run_id}"]
     store = hub.root / ".patchbay" / "patchbay.db"
     places: dict[str, bytes] = {
-        "store file": b"".join(p.read_bytes() for p in store.parent.glob("patchbay.db*")),
+        "store file": b"".join(p.read_bytes() for p in store.parent.glob("patchbay.db*") if p.is_file()),
         "API runs/ID": api.encode(),
         "JSON log": log_buf.getvalue().encode(),
         **{f"`patchbay {k}`": v.encode() for k, v in shown.items()},
