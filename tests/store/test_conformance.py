@@ -1342,8 +1342,12 @@ async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
     assert await store.release_claims(["nobody"]) == 0
     if store.shared:  # PostgreSQL: claims are rows (SQLite keeps them in its one process's memory)
         [n] = {store.holder}
+        assert await store.take_slots("orders", "crm", 4, 4) == 4  # its destination's sending slots too
         assert await store.release_claims([n]) == 2
         assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2
+        slots = await store.read(lambda c: c.execute("SELECT holder, until FROM delivery_slots").fetchall())
+        wants = await store.read(lambda c: c.execute("SELECT COUNT(*) FROM delivery_wants").fetchone()[0])
+        assert sorted(slots) == [(None, 0)] * 4 and wants == 0
 
 
 # ------------------------------------------------------------------ leases (one holder per name, fencing)

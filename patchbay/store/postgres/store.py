@@ -33,6 +33,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from patchbay.errors import StoreUnavailable, StoreUnusable
+from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
@@ -475,6 +476,9 @@ class PostgresStore(SqliteStore):
     async def take_slots(self, flow: str, destination: str, limit: int, want: int, busy: int = 0) -> int:
         return await self._write(self.claims.take_slots, flow, destination, limit, want, busy, time.time())
 
+    async def release_claims(self, node_ids: Collection[str]) -> int:
+        return await self._write(_release_claims, list(node_ids)) if node_ids else 0
+
     async def take_tokens(
         self, flow: str, destination: str, rate: float, burst: float, want: int, now: float
     ) -> tuple[int, float]:
@@ -548,6 +552,15 @@ def _gated_batch(
 def _take_lease(conn: RawConnection, name: str, holder: str, ttl_s: float) -> int | None:
     row = conn.execute(TAKE_POSTGRES, (name, holder, ttl_s)).fetchone()
     return None if row is None else int(row[0])
+
+
+def _release_claims(conn: Any, node_ids: list[str]) -> int:
+    """The gone nodes' claimed deliveries, and their destinations' sending slots and wants: a node that starts
+    after a kill -9 on the same host sends at once, not after the dead one's slots ran out (`claim_lease`)."""
+    marks = ",".join("?" * len(node_ids))
+    conn.execute(f"UPDATE delivery_slots SET holder=NULL, until=0 WHERE holder IN ({marks})", tuple(node_ids))
+    conn.execute(f"DELETE FROM delivery_wants WHERE holder IN ({marks})", tuple(node_ids))
+    return cl.tx_release(conn, node_ids)
 
 
 def _windows_closing(conn: Any, now: float, limit: int, steps: list[tuple[str, str]]) -> list[WindowState]:
