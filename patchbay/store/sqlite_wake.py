@@ -165,6 +165,8 @@ class Wake:
                 if self._closed:
                     return
                 continue
+            if self._closed:  # closing (its nudge, or a late announce): nobody is to be woken any more
+                return
             seen: set[tuple[str, bool]] = set()
             for line in data.decode("utf-8", "replace").split("\n"):
                 kind, _, flow = line.partition(":")
@@ -177,8 +179,16 @@ class Wake:
     def close(self) -> None:
         self._closed = True
         if self._recv is not None:
+            path = self._path(self.name)
+            if self._thread is not None and self._still_bound():
+                try:  # an empty datagram: the listener's recv returns now, not at its next half-second timeout
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as nudge:
+                        nudge.setblocking(False)
+                        nudge.sendto(b"", path)
+                except OSError:
+                    pass  # its timeout ends the wait
             try:
-                os.unlink(self._path(self.name))
+                os.unlink(path)
             except OSError:
                 pass
         if self._thread is not None:

@@ -213,3 +213,26 @@ async def test_a_listener_whose_socket_was_removed_binds_it_again(tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+async def test_a_listener_stops_at_once_when_closed_and_wakes_nobody(tmp_path: Path) -> None:
+    """Closing ends the listener's wait for its next datagram (every hub's stop does it): at once, not at its
+    half-second timeout, and without a last wake of its own."""
+    heard: list[tuple[str, bool]] = []
+    w = Wake(tmp_path / "patchbay.db", "a")
+    w.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+    await asyncio.sleep(0.05)
+    assert heard == [("", True)]  # listening (its first rescan)
+    took = []
+    for _ in range(5):  # a timeout would show as ~0.25 s on average
+        started = time.monotonic()
+        w.close()
+        took.append(time.monotonic() - started)
+        w = Wake(tmp_path / "patchbay.db", "a")
+        w.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+        await asyncio.sleep(0.05)
+    w.close()
+    await asyncio.sleep(0.05)
+    assert max(took) < 0.1, took
+    assert heard == [("", True)] * 6  # each listener's first rescan, and nothing from a close
+    assert list(wake_dir(tmp_path / "patchbay.db").iterdir()) == []
