@@ -5,9 +5,6 @@ the lease. The sink is a real aiohttp server on 127.0.0.1 that records concurren
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,11 +20,10 @@ from aiohttp import web
 
 from patchbay.engine.delivery import SharedBucket
 from patchbay.security.webhook_auth import sign_standard_webhooks
+from tests.cluster.harness import EVERY_ROLE, LEAD_SECRETS, Cluster, NodeProcess, until
 from tests.conftest import PG_URL, SECRET_WHSEC, postgres_url, write_project
-from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -113,34 +109,9 @@ def cluster_project(
     return write_project(root, files)
 
 
-async def start_node(root: Path, node: str) -> tuple[asyncio.subprocess.Process, int]:
-    port = free_port()
-    env = {**os.environ, "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_NODE_ID": node}
-    log = open(root / f"{node}.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port),
-        cwd=ROOT, env=env, stdout=log, stderr=log,
-    )  # fmt: skip
-    log.close()
-    return proc, port
-
-
-async def wait_ready(root: Path, nodes: list[tuple[str, asyncio.subprocess.Process, int]]) -> None:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as s:
-        for name, proc, port in nodes:
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if proc.returncode is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"{name} did not start:\n{(root / f'{name}.log').read_text()[-3000:]}"
-                    )
-                await asyncio.sleep(0.1)
+async def start_nodes(cluster: Cluster, n: int) -> list[NodeProcess]:
+    """n hub processes of every role, node-0 ... node-{n-1}, at once; each ready at /readyz."""
+    return list(await asyncio.gather(*(cluster.start(f"node-{i}", roles=EVERY_ROLE) for i in range(n))))
 
 
 async def post(
@@ -153,26 +124,6 @@ async def post(
     }
     async with session.post(f"http://127.0.0.1:{port}/hooks/{flow}", data=raw, headers=headers) as r:
         assert r.status == 202, await r.text()
-
-
-async def until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def stop_all(nodes: list[tuple[str, asyncio.subprocess.Process, int]]) -> None:
-    for _, proc, _ in nodes:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    for _, proc, _ in nodes:
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_three_workers_keep_concurrency_rate_and_per_key_order(tmp_path: Path, rec_sink: Any) -> None:
@@ -192,13 +143,8 @@ async def test_three_workers_keep_concurrency_rate_and_per_key_order(tmp_path: P
             },
         },
     )
-    nodes = []
-    for i in range(3):
-        proc, port = await start_node(root, f"node-{i}")
-        nodes.append((f"node-{i}", proc, port))
-    try:
-        await wait_ready(root, nodes)
-        ports = [port for _, _, port in nodes]
+    async with Cluster(root, LEAD_SECRETS) as cluster:
+        ports = [node.port for node in await start_nodes(cluster, 3)]
         async with aiohttp.ClientSession() as s:
             for n in range(60):  # one after another: arrival order is n's order; spread over the nodes
                 port = ports[n % 3]
@@ -208,8 +154,6 @@ async def test_three_workers_keep_concurrency_rate_and_per_key_order(tmp_path: P
         await until(lambda: len(set(rec_sink.keys("/conc"))) >= 60, 90, "60 deliveries to /conc")
         await until(lambda: len(set(rec_sink.keys("/rate"))) >= 60, 90, "60 deliveries to /rate")
         await until(lambda: len(set(rec_sink.keys("/ordered"))) >= 60, 90, "60 deliveries to /ordered")
-    finally:
-        await stop_all(nodes)
     conc, rate, ordered = (rec_sink.paths[p] for p in ("/conc", "/rate", "/ordered"))
     # max_concurrency 2 over three workers: never more than 2 requests at once
     assert conc.most <= 2, conc.most
@@ -240,17 +184,13 @@ async def test_a_killed_workers_claims_are_taken_over_within_the_lease(tmp_path:
         f"{lease:g}s",
         {"slow": {"path": "/slow", "delivery": {"max_concurrency": 4}}},
     )
-    nodes = []
-    for i in range(3):
-        proc, port = await start_node(root, f"node-{i}")
-        nodes.append((f"node-{i}", proc, port))
     schema = url.split("schema=")[1]
     total = 80
-    try:
-        await wait_ready(root, nodes)
+    async with Cluster(root, LEAD_SECRETS) as cluster:
+        nodes = await start_nodes(cluster, 3)
         async with aiohttp.ClientSession() as s:
             for n in range(total):
-                await post(s, nodes[n % 3][2], "slow", {"n": n}, f"s{n}")
+                await post(s, nodes[n % 3].port, "slow", {"n": n}, f"s{n}")
         await until(lambda: len(rec_sink.paths["/slow"].ok) >= 5, 30, "the first deliveries")
         with psycopg.connect(PG_URL, autocommit=True, options=f"-c search_path={schema}") as conn:
             held = conn.execute(
@@ -259,10 +199,10 @@ async def test_a_killed_workers_claims_are_taken_over_within_the_lease(tmp_path:
             ).fetchall()
             assert held, "no worker holds claims"
             victim = held[0][0]
-            name, proc, _ = next(n for n in nodes if n[0] == victim)
-            os.kill(proc.pid, signal.SIGKILL)  # for real: no shutdown code runs, nothing is let go
+            await cluster.kill(
+                next(n for n in nodes if n.name == victim)
+            )  # no shutdown code runs, nothing is let go
             killed_at = time.time()
-            await proc.wait()
             claimed = conn.execute(
                 "SELECT idempotency_key FROM deliveries WHERE status='pending' AND leased_by=%s", (victim,)
             ).fetchall()
@@ -274,8 +214,6 @@ async def test_a_killed_workers_claims_are_taken_over_within_the_lease(tmp_path:
                 await asyncio.sleep(0.1)
             taken_over_s = time.time() - killed_at
         await until(lambda: len(set(rec_sink.keys("/slow"))) >= total, 120, "every event delivered")
-    finally:
-        await stop_all(nodes)
     print(
         f"claims of {len(claimed)} deliveries taken over {taken_over_s:.1f}s after SIGKILL (lease {lease:g}s)"
     )

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_crash_functional import free_port
+from tests.cluster.harness import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -22,9 +19,9 @@ from aiohttp import web
 from patchbay.engine.leader import STANDBY_S, TTL_S
 from patchbay.store.base import RunFilter
 from patchbay.store.postgres import PostgresStore
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, _start, lead_project, postgres_url
+from tests.cluster.harness import LEAD_SECRETS, Cluster, NodeProcess, until
+from tests.conftest import Sink, _start, lead_project, postgres_url
 from tests.test_cluster_functional import cluster_json
-from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
 NODES = ("node-a", "node-b", "node-c")
@@ -97,41 +94,10 @@ def project(root: Path, sink: Sink, orders: Orders, url: str) -> Path:
     return root
 
 
-async def start_node(root: Path, node: str) -> asyncio.subprocess.Process:
-    """`patchbay serve --role worker,scheduler --node NODE`, its log in ROOT/NODE.log; ready at /readyz."""
-    port = free_port()
-    log = open(root / f"{node}.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port)),
-        *("--role", "worker,scheduler", "--node", node),
-        env={
-            **os.environ,
-            "PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC,
-            "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN,
-        },
-        stdout=log,
-        stderr=log,
-    )
-    log.close()
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline and proc.returncode is None:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"node {node} not ready:\n{(root / f'{node}.log').read_text()[-3000:]}")
-
-
-async def until(check: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+async def start_nodes(cluster: Cluster, nodes: tuple[str, ...]) -> dict[str, NodeProcess]:
+    """`patchbay serve --role worker,scheduler --node NODE` for each node, at once; each ready at /readyz."""
+    started = await asyncio.gather(*(cluster.start(n, roles="worker,scheduler") for n in nodes))
+    return dict(zip(nodes, started, strict=True))
 
 
 def bodies(sink: Sink, path: str) -> list[Any]:
@@ -143,96 +109,81 @@ async def test_three_nodes_fire_each_tick_once_and_a_killed_holders_tick_fires_o
 ) -> None:
     url = postgres_url()
     root = project(tmp_path, sink, orders, url)
-    procs: dict[str, asyncio.subprocess.Process] = {}
     store = PostgresStore(url, holder="test")  # the schema once, before the nodes open it at the same time
     try:
-        procs.update(zip(NODES, await asyncio.gather(*(start_node(root, n) for n in NODES)), strict=True))
+        async with Cluster(root, LEAD_SECRETS) as cluster:
+            procs = await start_nodes(cluster, NODES)
 
-        async def holders() -> dict[str, str | None]:
-            return {lease.name: lease.holder for lease in await store.leases()}
+            async def holders() -> dict[str, str | None]:
+                return {lease.name: lease.holder for lease in await store.leases()}
 
-        singletons = {"schedule:ticks", "schedule:pull", "alerts", "retention", "windows"}
+            singletons = {"schedule:ticks", "schedule:pull", "alerts", "retention", "windows"}
 
-        async def all_held() -> bool:
-            held = await holders()
-            return singletons <= set(held) and all(held[n] in NODES for n in singletons)
+            async def all_held() -> bool:
+                held = await holders()
+                return singletons <= set(held) and all(held[n] in NODES for n in singletons)
 
-        await until(all_held, "every singleton held by a node")
+            await until(all_held, 30, "every singleton held by a node")
+            orders.add(1, 2, 3)
 
-        # ---- N ticks across three nodes: each fired once
-        async def ticks_delivered(n: int) -> Any:
-            async def check() -> bool:
-                return len({b["scheduled_at"] for b in bodies(sink, "/ticks")}) >= n
+            # ---- N ticks across three nodes: each fired once
+            def ticks_delivered(n: int) -> Any:
+                return lambda: len({b["scheduled_at"] for b in bodies(sink, "/ticks")}) >= n
 
-            return check
+            def orders_delivered(n: int) -> Any:
+                return lambda: len({b["id"] for b in bodies(sink, "/pull")}) >= n
 
-        await until(await ticks_delivered(6), "six ticks delivered", 30)
-        orders.add(1, 2, 3)
+            await until(ticks_delivered(6), 30, "six ticks delivered")
+            await until(orders_delivered(3), 30, "orders 1-3 delivered")
+            logs = {n: procs[n].log.read_text() for n in NODES}
+            for name in ("alerts", "retention", "windows", "schedule:ticks", "schedule:pull"):
+                taken = [n for n in NODES if f"lease {name} taken by node {n}" in logs[n]]
+                assert len(taken) == 1, f"{name} ran on {taken}"  # one node only, all along
 
-        async def orders_delivered(n: int) -> Any:
-            async def check() -> bool:
-                return len({b["id"] for b in bodies(sink, "/pull")}) >= n
+            # ---- SIGKILL the holder of schedule:pull in the middle of a slow poll
+            orders.add(4, 5, 6)
+            orders.hang_next = True
+            await asyncio.wait_for(orders.hanging.wait(), 10)
+            victim = (await holders())["schedule:pull"]
+            assert victim in NODES
+            killed_at = await cluster.kill(procs[victim])  # for real: no release, no shutdown code
+            polls_at_kill = len(orders.polls)
+            orders.release.set()  # the killed node's request ends; nobody reads its answer
 
-            return check
+            await until(orders_delivered(6), TTL_S + STANDBY_S + 20, "orders 4-6 delivered by another node")
+            first_after = orders.polls[polls_at_kill]
+            moved_in = first_after[0] - killed_at
+            assert first_after[1] == "3"  # the same tick again: from the cursor the killed run started at
+            print(
+                f"schedule:pull moved from the killed node in {moved_in:.1f} s (load {os.getloadavg()[0]:.1f})"
+            )
+            assert moved_in < TTL_S + STANDBY_S * 1.2 + 3, f"the schedule moved in {moved_in:.1f}s"
+            new_holder = (await holders())["schedule:pull"]
+            assert new_holder in NODES and new_holder != victim
+            assert "running that tick again now" in procs[new_holder].log.read_text()
 
-        await until(await orders_delivered(3), "orders 1-3 delivered")
-        logs = {n: (root / f"{n}.log").read_text() for n in NODES}
-        for name in ("alerts", "retention", "windows", "schedule:ticks", "schedule:pull"):
-            taken = [n for n in NODES if f"lease {name} taken by node {n}" in logs[n]]
-            assert len(taken) == 1, f"{name} ran on {taken}"  # one node only, all along
+            async def moved() -> bool:
+                held = await holders()
+                return all(held[n] in NODES and held[n] != victim for n in singletons)
 
-        # ---- SIGKILL the holder of schedule:pull in the middle of a slow poll
-        orders.add(4, 5, 6)
-        orders.hang_next = True
-        await asyncio.wait_for(orders.hanging.wait(), 10)
-        victim = (await holders())["schedule:pull"]
-        assert victim in NODES
-        os.kill(procs[victim].pid, signal.SIGKILL)  # for real: no release, no shutdown code
-        await procs[victim].wait()
-        killed_at = time.monotonic()
-        polls_at_kill = len(orders.polls)
-        orders.release.set()  # the killed node's request ends; nobody reads its answer
+            await until(moved, TTL_S + STANDBY_S + 10, "every singleton moved off the killed node")
+            _, view = cluster_json(root)  # `patchbay cluster --json`: the leases each node holds
+            shown = {name: n["id"] for n in view["nodes"] for name in n["leases"]}
+            assert singletons <= set(shown) and victim not in shown.values()
+            assert {n["id"]: n["status"] for n in view["nodes"]}[victim] in ("up", "lost")  # lost after 10 s
 
-        await until(await orders_delivered(6), "orders 4-6 delivered by another node", TTL_S + STANDBY_S + 20)
-        first_after = orders.polls[polls_at_kill]
-        moved_in = first_after[0] - killed_at
-        assert first_after[1] == "3"  # the same tick again: from the cursor the killed run started at
-        print(f"schedule:pull moved from the killed node in {moved_in:.1f} s (load {os.getloadavg()[0]:.1f})")
-        assert moved_in < TTL_S + STANDBY_S * 1.2 + 3, f"the schedule moved in {moved_in:.1f}s"
-        new_holder = (await holders())["schedule:pull"]
-        assert new_holder in NODES and new_holder != victim
-        assert "running that tick again now" in (root / f"{new_holder}.log").read_text()
-
-        async def moved() -> bool:
-            held = await holders()
-            return all(held[n] in NODES and held[n] != victim for n in singletons)
-
-        await until(moved, "every singleton moved off the killed node", TTL_S + STANDBY_S + 10)
-        _, view = cluster_json(root)  # `patchbay cluster --json`: the leases each node holds
-        shown = {name: n["id"] for n in view["nodes"] for name in n["leases"]}
-        assert singletons <= set(shown) and victim not in shown.values()
-        assert {n["id"]: n["status"] for n in view["nodes"]}[victim] in ("up", "lost")  # lost after 10 s
-
-        # Each order once (its id is its dedupe key), polled by the one holder of the moment.
-        await asyncio.sleep(2)  # a few more ticks on the new holders
-        assert sorted(b["id"] for b in bodies(sink, "/pull")) == [f"o{n}" for n in range(1, 7)]
-        assert len(await store.list_runs(RunFilter(flow="pull", limit=100))) == 6
-        # Each tick fired once across the nodes: one run of the schedule per tick event (three nodes each
-        # running the schedule would count three runs a second, whatever the events' dedupe keys merged).
-        # Off by a little: a run going now, and the killed node's tick fired again.
-        events = len(await store.list_runs(RunFilter(flow="ticks", limit=1000)))
-        row = await store.schedule("ticks")
-        assert row is not None and events - 1 <= row["runs"] <= events + 2, (row["runs"], events)
-        assert events >= 6
+            # Each order once (its id is its dedupe key), polled by the one holder of the moment.
+            await asyncio.sleep(2)  # a few more ticks on the new holders
+            assert sorted(b["id"] for b in bodies(sink, "/pull")) == [f"o{n}" for n in range(1, 7)]
+            assert len(await store.list_runs(RunFilter(flow="pull", limit=100))) == 6
+            # Each tick fired once across the nodes: one run of the schedule per tick event (three nodes each
+            # running the schedule would count three runs a second, whatever the events' dedupe keys merged).
+            # Off by a little: a run going now, and the killed node's tick fired again.
+            events = len(await store.list_runs(RunFilter(flow="ticks", limit=1000)))
+            row = await store.schedule("ticks")
+            assert row is not None and events - 1 <= row["runs"] <= events + 2, (row["runs"], events)
+            assert events >= 6
     finally:
-        for p in procs.values():
-            if p.returncode is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                await asyncio.wait_for(p.wait(), 20)
-            except TimeoutError:
-                p.kill()
         await store.close()
 
 
@@ -242,69 +193,55 @@ async def test_a_paused_holder_that_wakes_after_a_takeover_commits_nothing(
     url = postgres_url()
     root = project(tmp_path, sink, orders, url)
     nodes = NODES[:2]
-    procs: dict[str, asyncio.subprocess.Process] = {}
     store = PostgresStore(url, holder="test")  # the schema once, before the nodes open it at the same time
-    paused: str | None = None
     try:
-        procs.update(zip(nodes, await asyncio.gather(*(start_node(root, n) for n in nodes)), strict=True))
+        async with Cluster(root, LEAD_SECRETS) as cluster:  # a paused node is woken before it is stopped
+            procs = await start_nodes(cluster, nodes)
 
-        async def pull_holder() -> str | None:
-            return next((x.holder for x in await store.leases() if x.name == "schedule:pull"), None)
+            async def pull_holder() -> str | None:
+                return next((x.holder for x in await store.leases() if x.name == "schedule:pull"), None)
 
-        async def held() -> bool:
-            return await pull_holder() in nodes
+            async def held() -> bool:
+                return await pull_holder() in nodes
 
-        await until(held, "schedule:pull held", 60)
-        orders.add(1, 2, 3)
+            await until(held, 60, "schedule:pull held")
+            orders.add(1, 2, 3)
 
-        async def delivered(n: int) -> Any:
-            async def check() -> bool:
-                return len({b["id"] for b in bodies(sink, "/pull")}) >= n
+            def delivered(n: int) -> Any:
+                return lambda: len({b["id"] for b in bodies(sink, "/pull")}) >= n
 
-            return check
+            await until(delivered(3), 30, "orders 1-3 delivered")
+            orders.add(4, 5, 6)
+            orders.hang_next = True
+            await asyncio.wait_for(orders.hanging.wait(), 10)
+            paused = await pull_holder()
+            assert paused in nodes
+            cluster.pause(procs[paused])  # a paused process: it holds its lease until it runs out
 
-        await until(await delivered(3), "orders 1-3 delivered")
-        orders.add(4, 5, 6)
-        orders.hang_next = True
-        await asyncio.wait_for(orders.hanging.wait(), 10)
-        paused = await pull_holder()
-        assert paused in nodes
-        os.kill(procs[paused].pid, signal.SIGSTOP)  # a paused process: it holds its lease until it runs out
+            async def taken_over() -> bool:
+                return await pull_holder() not in (None, paused)
 
-        async def taken_over() -> bool:
-            return await pull_holder() not in (None, paused)
+            await until(taken_over, TTL_S + STANDBY_S + 10, "the other node taking schedule:pull")
+            await until(delivered(6), 30, "orders 4-6 delivered by the other node")
+            orders.add(7)
+            await until(delivered(7), 30, "order 7 delivered by the other node")
+            assert await store.cursor("pull") == 7
 
-        await until(taken_over, "the other node taking schedule:pull", TTL_S + STANDBY_S + 10)
-        await until(await delivered(6), "orders 4-6 delivered by the other node")
-        orders.add(7)
-        await until(await delivered(7), "order 7 delivered by the other node")
-        assert await store.cursor("pull") == 7
+            # The paused node wakes with its poll's answer (orders 4-6, cursor 6): either its renewal fails first
+            # and its work is cancelled, or its commit is refused by the fence (tests/engine/
+            # test_leases_hub_functional.py makes that order certain); either way nothing of it lands.
+            orders.release.set()
+            cluster.resume(procs[paused])
 
-        # The paused node wakes with its poll's answer (orders 4-6, cursor 6): either its renewal fails first
-        # and its work is cancelled, or its commit is refused by the fence (tests/engine/
-        # test_leases_hub_functional.py makes that order certain); either way nothing of it lands.
-        orders.release.set()
-        os.kill(procs[paused].pid, signal.SIGCONT)
+            def gave_up() -> bool:
+                log = procs[paused].log.read_text()
+                return "no longer holds it" in log or f"lease schedule:pull lost by node {paused}" in log
 
-        async def gave_up() -> bool:
-            log = (root / f"{paused}.log").read_text()
-            return "no longer holds it" in log or f"lease schedule:pull lost by node {paused}" in log
-
-        await until(gave_up, "the woken node giving the schedule up", 15)
-        await asyncio.sleep(1.5)  # its every-1s schedule would have run again by now
-        assert await store.cursor("pull") == 7  # not set back to 6 by the stale commit
-        assert sorted(b["id"] for b in bodies(sink, "/pull")) == [f"o{n}" for n in range(1, 8)]
-        assert len(await store.list_runs(RunFilter(flow="pull", limit=100))) == 7
-        assert await pull_holder() not in (None, paused)
+            await until(gave_up, 15, "the woken node giving the schedule up")
+            await asyncio.sleep(1.5)  # its every-1s schedule would have run again by now
+            assert await store.cursor("pull") == 7  # not set back to 6 by the stale commit
+            assert sorted(b["id"] for b in bodies(sink, "/pull")) == [f"o{n}" for n in range(1, 8)]
+            assert len(await store.list_runs(RunFilter(flow="pull", limit=100))) == 7
+            assert await pull_holder() not in (None, paused)
     finally:
-        if paused is not None and procs[paused].returncode is None:
-            os.kill(procs[paused].pid, signal.SIGCONT)
-        for p in procs.values():
-            if p.returncode is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                await asyncio.wait_for(p.wait(), 20)
-            except TimeoutError:
-                p.kill()
         await store.close()

@@ -16,8 +16,8 @@ from patchbay.config.project import load_or_raise
 from patchbay.records import new_id
 from patchbay.security.webhook_auth import sign_standard_webhooks
 from patchbay.store.sqlite import SyncStore
+from tests.cluster.harness import free_port, start_serve
 from tests.conftest import SECRET_WHSEC, lead_project
-from tests.test_crash_functional import free_port, start_serve
 
 pytestmark = pytest.mark.slow
 GRACE_S = 3.0

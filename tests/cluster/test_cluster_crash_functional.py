@@ -18,21 +18,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import orjson
 import pytest
 import yaml
 from aiohttp import web
 
-from patchbay.security.webhook_auth import sign_standard_webhooks
-from tests.cluster.harness import Cluster, NodeProcess, store_query, until
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, _start, lead_project, postgres_url, write_project
+from tests.cluster.harness import LEAD_SECRETS, Cluster, NodeProcess, Sender, lead, store_query, until
+from tests.conftest import Sink, _start, lead_project, postgres_url, write_project
 
 pytestmark = pytest.mark.slow
 
 N = int(os.environ.get("PATCHBAY_CLUSTER_EVENTS", "10000"))  # a smaller N for a quick run while developing
 SEED = 13
-ENV = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
 SLACK_S = 30.0  # the issue's bound for a dead worker's claims: lease + 30 s
 
 
@@ -67,34 +63,14 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
         hub={"store": store, "claim_lease": f"{CLAIM_LEASE_S:g}s"},
         delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
     )
-    accepted: dict[int, str] = {}  # n -> event id, once a web process answered 2xx
-    unanswered = 0  # posts that got no answer (refused, reset, timeout) and were sent again
     kills: list[dict[str, Any]] = []  # one per SIGKILL: node, role, claims held, takeover time
 
-    async with Cluster(root, ENV) as cluster:
+    async with Cluster(root, LEAD_SECRETS) as cluster:
         webs = list(await asyncio.gather(*(cluster.start(f"web{i}", roles="web") for i in (1, 2))))
         await asyncio.gather(*(cluster.start(f"worker{i}", roles="worker") for i in (1, 2, 3)))
-        urls = [f"{w.url}/hooks/lead-capture" for w in webs]  # a restarted web process keeps its port
-
-        async def post(session: aiohttp.ClientSession, n: int) -> None:
-            nonlocal unanswered
-            body = orjson.dumps({"email": f"lead-{n}@example.com", "first_name": "x"})
-            i = n % 2  # spread over both web processes
-            while True:  # a real sender: what got no answer is sent again, with the same message id
-                headers = {
-                    "Content-Type": "application/json",
-                    **sign_standard_webhooks(SECRET_WHSEC, f"msg_{n}", int(time.time()), body),
-                }
-                try:
-                    async with session.post(urls[i], data=body, headers=headers) as r:
-                        if 200 <= r.status < 300:
-                            accepted[n] = (await r.json())["event_id"]
-                            return
-                        assert r.status == 503, f"web answered {r.status}: {await r.text()}"
-                except (TimeoutError, aiohttp.ClientError):
-                    unanswered += 1
-                i = 1 - i  # the other web process (a load balancer's next backend)
-                await asyncio.sleep(0.02)
+        # A real sender over both web processes (a restarted one keeps its port): acknowledged or sent again.
+        sender = Sender([f"{w.url}/hooks/lead-capture" for w in webs])
+        accepted = sender.accepted  # n -> event id, once a web process answered 2xx
 
         async def watch_takeover(kill: dict[str, Any]) -> None:
             """The time until no claim the dead node held is still its own (delivered, or claimed by another)."""
@@ -183,18 +159,11 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
                     lease_moved.set()
 
         started = time.monotonic()
-        sem = asyncio.Semaphore(32)
-
-        async def bounded(session: aiohttp.ClientSession, n: int) -> None:
-            async with sem:
-                await post(session, n)
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            killing = asyncio.gather(kill_web(), kill_workers())
-            sampler = asyncio.create_task(sample_claims())
-            await asyncio.wait_for(asyncio.gather(*(bounded(session, n) for n in range(N))), 180)
-            posted_s = time.monotonic() - started
-            await asyncio.wait_for(killing, 120)
+        killing = asyncio.gather(kill_web(), kill_workers())
+        sampler = asyncio.create_task(sample_claims())
+        await sender.send({n: lead(n) for n in range(N)})
+        posted_s = time.monotonic() - started
+        await asyncio.wait_for(killing, 120)
 
         # Every acknowledged event is delivered (within the takeover bound of the last kill).
         expected = {f"{eid}.crm" for eid in accepted.values()}
@@ -231,7 +200,7 @@ async def test_three_workers_two_web_under_sigkill_lose_no_acknowledged_event(tm
     )
     print(
         f"\ncluster: {N} events posted in {posted_s:.1f} s, all delivered after {delivered_s:.1f} s;"
-        f" {unanswered} posts sent again after no answer; {redeliveries} redeliveries (same key),"
+        f" {sender.unanswered} posts sent again after no answer; {redeliveries} redeliveries (same key),"
         f" {len(unexplained)} not by a kill;"
         f" kills: "
         + "; ".join(
@@ -347,7 +316,7 @@ async def test_a_scheduler_killed_mid_run_fires_the_tick_once_on_another_process
 ):
     sink.default = 200
     root = orders_project(tmp_path, postgres_url(), slow_orders.url, sink.url)
-    async with Cluster(root, ENV) as cluster:
+    async with Cluster(root, LEAD_SECRETS) as cluster:
         # The first scheduler starts alone, so it is the one that holds the schedule.
         holder = await cluster.start("sched1", roles="scheduler")
         await cluster.start("worker1", roles="worker")

@@ -4,26 +4,23 @@ same claims and leases as their own (two senders of one delivery, two runners of
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import Cluster, until
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, lead_project, postgres_url
+from tests.cluster.harness import LEAD_SECRETS, Cluster, until
+from tests.conftest import Sink, lead_project, postgres_url
 
 pytestmark = pytest.mark.slow
-ENV = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
 
 
 async def test_a_paused_process_whose_node_id_was_taken_stops_when_it_wakes(tmp_path: Path, sink: Sink):
     from patchbay.engine.roles import HEARTBEAT_S, LOST_AFTER_S
 
     root = lead_project(tmp_path, sink.url, hub={"store": postgres_url()})
-    async with Cluster(root, ENV) as cluster:
+    async with Cluster(root, LEAD_SECRETS) as cluster:
         first = await cluster.start("w1", roles="worker")
-        os.kill(first.proc.pid, signal.SIGSTOP)
+        cluster.pause(first)
         try:
 
             async def lost() -> bool:
@@ -33,7 +30,7 @@ async def test_a_paused_process_whose_node_id_was_taken_stops_when_it_wakes(tmp_
             await until(lost, LOST_AFTER_S + 10, "the paused node shown lost", every=1.0)
             second = await cluster.start("w1", roles="worker")  # its id is free again: the old one is lost
         finally:
-            os.kill(first.proc.pid, signal.SIGCONT)
+            cluster.resume(first)
         # Its next heartbeat finds the id taken: it stops, saying why, and the new process runs on.
         await until(lambda: first.proc.returncode is not None, HEARTBEAT_S + 15, "the woken process's exit")
         assert first.proc.returncode != 0

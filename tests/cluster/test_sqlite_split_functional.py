@@ -23,14 +23,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from patchbay.security.webhook_auth import sign_standard_webhooks
-from tests.cluster.harness import Cluster, NodeProcess, free_port, until
-from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, Sink, lead_project
+from tests.cluster.harness import LEAD_SECRETS, Cluster, NodeProcess, Sender, lead, until
+from tests.conftest import Sink, lead_project
 
 pytestmark = pytest.mark.slow
 
 N = int(os.environ.get("PATCHBAY_SQLITE_SPLIT_EVENTS", "4000"))
-ENV = {"PATCHBAY_SECRET_WEBSITE_WHSEC": SECRET_WHSEC, "PATCHBAY_SECRET_CRM_TOKEN": SECRET_TOKEN}
 
 
 def store_rows(root: Path, sql: str) -> list[Any]:
@@ -42,12 +40,7 @@ def store_rows(root: Path, sql: str) -> list[Any]:
 
 
 async def post_one(session: aiohttp.ClientSession, url: str, n: int) -> aiohttp.ClientResponse:
-    body = orjson.dumps({"email": f"lead-{n}@example.com", "first_name": "x"})
-    headers = {
-        "Content-Type": "application/json",
-        **sign_standard_webhooks(SECRET_WHSEC, f"msg_{n}", int(time.time()), body),
-    }
-    return await session.post(url, data=body, headers=headers)
+    return await session.post(url, data=lead(n), headers=Sender.headers(lead(n), f"msg_{n}"))
 
 
 @pytest.mark.timeout(240)
@@ -64,43 +57,21 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
         sink.url,
         delivery={"max_concurrency": 24, "retry": {"schedule": ["200ms"] * 20, "jitter": 0}},
     )
-    accepted: dict[int, str] = {}  # n -> event id, once a web process answered 2xx
-    unanswered = 0
     kills: list[dict[str, Any]] = []
 
-    async with Cluster(root, ENV) as cluster:
+    async with Cluster(root, LEAD_SECRETS) as cluster:
         worker = await cluster.start("worker", roles="worker,scheduler")
         webs = list(await asyncio.gather(*(cluster.start(f"web{i}", roles="web") for i in (1, 2))))
         urls = [f"{w.url}/hooks/lead-capture" for w in webs]  # a restarted web process keeps its port
+        sender = Sender(urls)  # acknowledged, or sent again to the other web process
+        accepted = sender.accepted  # n -> event id, once a web process answered 2xx
 
         # A second worker is refused: exit 3, naming what holds the role and how to go on.
-        second = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(free_port())),
-            *("--role", "worker", "--node", "worker-2"),
-            env={**os.environ, **ENV},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(second.communicate(), 60)
-        said = (out + err).decode()
-        assert second.returncode == 3, said
+        second = await cluster.start("worker-2", roles="worker", wait=False)
+        assert await cluster.exited(second) == 3, second.log_tail()
+        said = second.log_tail()
         assert "needs the worker role of this SQLite file, and another process runs it" in said
         assert "node worker)" in said and "--role web" in said and "patchbay store copy" in said
-
-        async def post(session: aiohttp.ClientSession, n: int) -> None:
-            nonlocal unanswered
-            i = n % 2
-            while True:  # a real sender: what got no answer is sent again, with the same message id
-                try:
-                    async with await post_one(session, urls[i], n) as r:
-                        if 200 <= r.status < 300:
-                            accepted[n] = (await r.json())["event_id"]
-                            return
-                        assert r.status == 503, f"web answered {r.status}: {await r.text()}"
-                except (TimeoutError, aiohttp.ClientError):
-                    unanswered += 1
-                i = 1 - i  # the other web process (a load balancer's next backend)
-                await asyncio.sleep(0.02)
 
         async def sigkill(node: NodeProcess, restart_as: str, delay: float) -> None:
             await cluster.kill(node)
@@ -117,17 +88,10 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
             await sigkill(worker, "worker-r1", 1.0)  # the role's flock went with the process
 
         started = time.monotonic()
-        sem = asyncio.Semaphore(32)
-
-        async def bounded(session: aiohttp.ClientSession, n: int) -> None:
-            async with sem:
-                await post(session, n)
-
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            killing = asyncio.gather(kill_web(), kill_worker())
-            await asyncio.wait_for(asyncio.gather(*(bounded(session, n) for n in range(N))), 180)
-            posted_s = time.monotonic() - started
-            await asyncio.wait_for(killing, 120)
+        killing = asyncio.gather(kill_web(), kill_worker())
+        await sender.send({n: lead(n) for n in range(N)})
+        posted_s = time.monotonic() - started
+        await asyncio.wait_for(killing, 120)
 
         expected = {f"{eid}.crm" for eid in accepted.values()}
         await until(lambda: expected <= set(sink.keys), 60, "every acknowledged event at the sink")
@@ -151,7 +115,7 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
     redeliveries = sum(c - 1 for c in sink.keys.values())
     print(
         f"\nsqlite split: {N} events posted in {posted_s:.1f} s, all delivered after {delivered_s:.1f} s;"
-        f" {unanswered} posts sent again after no answer; {redeliveries} redeliveries (same key);"
+        f" {sender.unanswered} posts sent again after no answer; {redeliveries} redeliveries (same key);"
         f" kills: {kills}; wake waits {[round(w, 3) for w in waits]}"
     )
     # 0 acknowledged events lost; each posted message is one event (the sender's retries deduplicated).
@@ -179,14 +143,14 @@ async def test_a_pause_through_a_web_processs_api_stops_the_worker_processs_send
     made = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "patchbay", "tokens", "create", "ops", "-p", str(root)),
         *("--scope", "destinations:write", "--json"),
-        env={**os.environ, **ENV},
+        env={**os.environ, **LEAD_SECRETS},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await made.communicate()
     assert made.returncode == 0, err.decode()
     auth = {"Authorization": f"Bearer {orjson.loads(out)['token']}"}
-    async with Cluster(root, ENV) as cluster:
+    async with Cluster(root, LEAD_SECRETS) as cluster:
         await cluster.start("worker", roles="worker,scheduler")
         web = await cluster.start("web", roles="web")
         hook = f"{web.url}/hooks/lead-capture"

@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from patchbay.security.webhook_auth import sign_standard_webhooks
+from tests.cluster.harness import free_port, start_serve
 from tests.conftest import SECRET_WHSEC
 from tests.connectors.test_http_batch import TOKEN, FakeHubSpotBatch, contacts, fake, project
-from tests.test_crash_functional import free_port, start_serve
 
 pytestmark = pytest.mark.slow
 N = 1000

@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from patchbay.cli import main
+from tests.cluster.harness import free_port
 from tests.conftest import Sink, write_project
 from tests.connectors.bulk_harness import HOST, PORT, database, name
-from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from patchbay.security.webhook_auth import sign_standard_webhooks
+from tests.cluster.harness import free_port, start_serve
 from tests.conftest import SECRET_WHSEC, Sink, lead_project
-from tests.test_crash_functional import free_port, start_serve
 
 pytestmark = pytest.mark.slow
 N = 1000

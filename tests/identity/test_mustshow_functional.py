@@ -20,27 +20,24 @@ import asyncio
 import json
 import os
 import random
-import signal
 import sqlite3
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from aiohttp import web
 
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sql_client.source_config import SqlSourceConfig
+from tests.cluster.harness import Cluster, free_port
 from tests.conftest import IN_CI, eventually, require_service, write_project
 from tests.identity.helpers import PG
 from tests.identity.marketing_app import Marketing
 from tests.identity.sync_checker import State, check, key_of, read_state
-from tests.test_crash_functional import free_port
 
 # Compare-and-set on SQL updates (`expect:`) and the SQL source's `lookback` come with helper syncfix's
 # branch. Without compare-and-set a whole-column update overwrites CRM edits the hub has not read yet (this
@@ -301,29 +298,6 @@ def project(root: Path, crm: Crm, m: Marketing, alerts_url: str, port: int) -> P
     return write_project(root, files)
 
 
-async def serve(root: Path, port: int, timeout: float = 120) -> asyncio.subprocess.Process:
-    """`patchbay serve` in its own process, ready (a first run happens before it listens)."""
-    log = open(root / "serve.log", "ab")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "patchbay", "serve", str(root), "--port", str(port), stdout=log, stderr=log
-    )
-    log.close()
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline and proc.returncode is None:
-            try:
-                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
-    raise AssertionError(f"the hub did not become ready:\n{(root / 'serve.log').read_text()[-3000:]}")
-
-
 def store_rows(root: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(f"file:{root / '.patchbay' / 'patchbay.db'}?mode=ro", uri=True, timeout=10)
     try:
@@ -448,7 +422,8 @@ async def test_ten_thousand_customers_two_way_through_a_minute_of_edits_and_a_ki
     root = project(tmp_path / "hub", crm, marketing, alert_sink[0], port)
     marketing.hook = f"http://127.0.0.1:{port}/hooks/marketing_hooks"
     t0 = time.monotonic()
-    proc = await serve(root, port)
+    hub = Cluster(root)
+    proc = await hub.serve(port=port, timeout=120)  # a first run happens before it listens
     try:
         figures["first_run_ready_s"] = round(time.monotonic() - t0, 1)
 
@@ -474,9 +449,8 @@ async def test_ten_thousand_customers_two_way_through_a_minute_of_edits_and_a_ki
         edits = asyncio.create_task(ed.run(EDIT_S))
         await asyncio.sleep(EDIT_S / 2)  # when to kill, not a proof
         ed.mark("down")
-        os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        proc = await serve(root, port)
+        await hub.kill(proc)
+        proc = await hub.serve(port=port, timeout=120)
         ed.mark("up")
         await edits
         t_edits_done = time.monotonic()
@@ -544,9 +518,7 @@ async def test_ten_thousand_customers_two_way_through_a_minute_of_edits_and_a_ki
             Path(keep, "figures.json").write_text(json.dumps(figures, indent=1))
     finally:
         ed.log.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await proc.wait()
+        await hub.stop_all()
 
 
 async def polls(root: Path, n: int) -> None:

@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
+from tests.cluster.harness import free_port, start_serve
 from tests.conftest import eventually
 from tests.identity.helpers import Tables, sync_project
-from tests.test_crash_functional import free_port, start_serve
 
 pytestmark = pytest.mark.slow
 N = 1500

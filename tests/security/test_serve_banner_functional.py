@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from patchbay.security.project import open_project_secrets
+from tests.cluster.harness import free_port
 from tests.conftest import write_project
-from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 
 from patchbay.store.base import NewDelivery, NewEvent
 from patchbay.store.sqlite import SCHEMA_VERSION, SqliteStore, SyncStore, tx_accept
+from tests.cluster.harness import free_port
 from tests.conftest import SECRET_TOKEN, SECRET_WHSEC, lead_project
-from tests.test_crash_functional import free_port
 
 pytestmark = pytest.mark.slow
 RUNS = 5000

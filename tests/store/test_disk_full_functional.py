@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from patchbay.errors import StoreUnavailable
+from tests.cluster.harness import free_port, start_serve
 from tests.conftest import IN_CI, SECRET_WHSEC, eventually, lead_project
-from tests.test_crash_functional import free_port, start_serve
 
 NOTES = "n" * 20_000  # a payload that needs new pages (overflow pages) wherever it is written
 
