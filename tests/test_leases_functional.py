@@ -66,7 +66,10 @@ async def orders() -> AsyncIterator[Orders]:
 def project(root: Path, sink: Sink, orders: Orders, url: str) -> Path:
     """Lead capture with a dedupe step (so the window closer runs), a plain every-1s schedule `ticks`
     and `pull`, an every-1s poll of the orders API; everything goes to the sink."""
-    lead_project(root, sink.url, hub={"store": url}, steps="- dedupe: {key: email, within: 1h}\n")
+    # The shortest claim lease: a killed or paused node's sending slots are free again after 5 s, not 30 (the
+    # default), so the orders the new holder polls are sent soon; what moves the schedule is its own lease.
+    hub = {"store": url, "claim_lease": "5s"}
+    lead_project(root, sink.url, hub=hub, steps="- dedupe: {key: email, within: 1h}\n")
     systems = yaml.safe_load((root / "systems.yaml").read_text())
     systems["upstream"] = {"kind": "http", "owner": "shop", "url": orders.url, "allow_private_network": True}
     (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
