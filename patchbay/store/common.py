@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def redoable(fn: F) -> F:
+    """Mark a write whose loss in a power cut (never in a crash) breaks no promise: an attempt's record,
+    whose delivery is then sent again under its idempotency key, as at-least-once delivery allows. A group
+    of such writes alone commits without waiting for the disk (SQLite `synchronous=NORMAL`, PostgreSQL
+    `synchronous_commit=off`); its rows reach the disk with the next commit that waits, or the checkpoint.
+    Anything acknowledged to a sender, and anything a user decided, waits for the disk (docs/delivery.md)."""
+    fn.redoable = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_redoable(fn: Callable[..., Any]) -> bool:
+    return getattr(fn, "redoable", False) is True
 
 
 def _j(value: Any) -> str:

@@ -261,7 +261,8 @@ class SqliteStore:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"commits": self._writer.commits, "ops": self._writer.ops}
+        w = self._writer
+        return {"commits": w.commits, "relaxed_commits": w.relaxed_commits, "ops": w.ops}
 
     # -------------------------------------------------------------- hot path
     async def accept(self, event: NewEvent) -> Accepted:

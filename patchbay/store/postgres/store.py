@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -35,6 +35,7 @@ from psycopg_pool import ConnectionPool
 from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
+from patchbay.store.common import is_redoable
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -191,7 +192,7 @@ class PostgresStore(SqliteStore):
         self._count_lock = threading.Lock()
         # The hot path's group commits run on the hub's event loop, each writer on a connection of its own.
         self._accepts = AsyncGroups(
-            self._aconnect,
+            self._aconnect_for(pg_ops.accept_many_async),
             pg_ops.accept_many_async,
             lambda items: self._submit(pg_ops.accept_many, items),
             self._closed_error,
@@ -201,7 +202,7 @@ class PostgresStore(SqliteStore):
             writers=accept_writers,
         )
         self._records = AsyncGroups(
-            self._aconnect,
+            self._aconnect_for(pg_ops.record_async),
             pg_ops.record_async,
             lambda items: self._submit(pg_ops.record, items),
             self._closed_error,
@@ -369,8 +370,18 @@ class PostgresStore(SqliteStore):
             return res
         raise AssertionError("unreachable")
 
-    async def _aconnect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(self._conninfo, **self._conn_kwargs)
+    def _aconnect_for(self, op: Any) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+        """How a group writer of `op` connects: a redoable op's (store/common.py `redoable`: attempt
+        records) commits without waiting for the WAL flush (`synchronous_commit=off`); a server crash loses
+        at most its last records, whose deliveries are sent again under their idempotency keys."""
+        kwargs = self._conn_kwargs
+        if is_redoable(op):
+            kwargs = {**kwargs, "options": f"{kwargs['options']} -c synchronous_commit=off"}
+
+        async def connect() -> psycopg.AsyncConnection[Any]:
+            return await psycopg.AsyncConnection.connect(self._conninfo, **kwargs)
+
+        return connect
 
     def _account(self, counts: dict[str, int], problem: str | None) -> None:
         """An operation of the hot path done (its counters) or failed for want of the server (`problem`)."""
