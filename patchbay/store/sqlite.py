@@ -555,10 +555,11 @@ class SqliteStore:
         return self._wake is not None
 
     @property
-    def local_leases(self) -> bool:
-        """The singleton work (schedules, consumers, windows, alerts, retention) runs in the one process that
-        holds the scheduler role's flock (`lock`): every lease is that process's, never stored."""
-        return True
+    def leases_in_store(self) -> bool:
+        """No (store/base.py `Leases.leases_in_store`): the singleton work (schedules, consumers, windows, alerts,
+        retention) runs in the one process that holds the scheduler role's flock (`lock`), and deliveries are
+        claimed in the memory of the one that holds the worker role's: every lease and claim is that process's."""
+        return False
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._wake is not None and not self._closed:

@@ -239,8 +239,8 @@ class PostgresStore(SqliteStore):
         return True
 
     @property
-    def local_leases(self) -> bool:
-        return False  # any number of scheduler processes: the leases are in the store (engine/leader.py)
+    def leases_in_store(self) -> bool:
+        return True  # any number of worker and scheduler processes: leases and claims are rows (engine/leader.py)
 
     @property
     def channel(self) -> str:
