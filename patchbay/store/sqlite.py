@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from patchbay.roles import ROLES, SCHEDULER, WORKER
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
@@ -108,9 +109,6 @@ from patchbay.store.sqlite_wake import Wake
 from patchbay.store.sqlite_writer import _STOP, WriteLock, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
-
-ROLES = ("web", "worker", "scheduler")  # engine/roles.py (the store does not import the engine)
-WORKER, SCHEDULER = "worker", "scheduler"
 
 
 def _holder(fd: int) -> str:
