@@ -56,7 +56,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, tx_audit
+from patchbay.store.common import grant_tokens, poll_until, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -489,15 +489,16 @@ class SqliteStore:
         so that web processes sharing the file run one entity's sync steps one at a time."""
         digest = hashlib.sha256(entity.encode()).hexdigest()[:16]
         fd = os.open(f"{self.path}.entity-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+        async def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            wait = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(wait)
-                    wait = min(wait * 2, 0.05)
+            await poll_until(take)
             yield
         finally:
             os.close(fd)  # closing it releases the lock
