@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from patchbay.roles import ROLES, SCHEDULER, WORKER
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
@@ -55,7 +56,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, tx_audit
+from patchbay.store.common import grant_tokens, poll_until, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -108,9 +109,6 @@ from patchbay.store.sqlite_wake import Wake
 from patchbay.store.sqlite_writer import _STOP, WriteLock, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
-
-ROLES = ("web", "worker", "scheduler")  # engine/roles.py (the store does not import the engine)
-WORKER, SCHEDULER = "worker", "scheduler"
 
 
 def _holder(fd: int) -> str:
@@ -492,15 +490,16 @@ class SqliteStore:
         so that web processes sharing the file run one entity's sync steps one at a time."""
         digest = hashlib.sha256(entity.encode()).hexdigest()[:16]
         fd = os.open(f"{self.path}.entity-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+        async def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            wait = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(wait)
-                    wait = min(wait * 2, 0.05)
+            await poll_until(take)
             yield
         finally:
             os.close(fd)  # closing it releases the lock
@@ -556,10 +555,11 @@ class SqliteStore:
         return self._wake is not None
 
     @property
-    def local_leases(self) -> bool:
-        """The singleton work (schedules, consumers, windows, alerts, retention) runs in the one process that
-        holds the scheduler role's flock (`lock`): every lease is that process's, never stored."""
-        return True
+    def leases_in_store(self) -> bool:
+        """No (store/base.py `Leases.leases_in_store`): the singleton work (schedules, consumers, windows, alerts,
+        retention) runs in the one process that holds the scheduler role's flock (`lock`), and deliveries are
+        claimed in the memory of the one that holds the worker role's: every lease and claim is that process's."""
+        return False
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._wake is not None and not self._closed:

@@ -1340,7 +1340,7 @@ async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
     due = await store.due("orders", "crm", time.time() + 1, 10, set())
     assert len(due) == 2
     assert await store.release_claims(["nobody"]) == 0
-    if store.shared:  # PostgreSQL: claims are rows (SQLite keeps them in its one process's memory)
+    if store.leases_in_store:  # PostgreSQL: claims are rows (SQLite keeps them in its one worker's memory)
         [n] = {store.holder}
         assert await store.release_claims([n]) == 2
         assert len(await store.due("orders", "crm", time.time() + 1, 10, set())) == 2

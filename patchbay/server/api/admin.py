@@ -24,7 +24,9 @@ class Admin(Resource):
         """The hub's processes on this store (engine/roles.py `cluster_view`), as the CLI's `cluster` shows them."""
         now = time.time()
         rows = await self.store.nodes(now)
-        if getattr(self.store, "local_leases", False):  # SQLite: claims are the worker's in-memory leases
+        if (
+            not self.store.leases_in_store
+        ):  # SQLite: claims are in the worker's memory (its leased deliveries)
             held = sum(len(w.leased) for fr in self.hub.flows.values() for w in fr.workers.values())
             rows = [replace(r, claims=held) if r.id == self.hub.node.id else r for r in rows]
         return {**cluster_view(rows, now, await self.store.leases()), "node": self.hub.node.id}

@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
-from patchbay.store.common import is_redoable
+from patchbay.store.common import is_redoable, poll_until
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -240,8 +240,8 @@ class PostgresStore(SqliteStore):
         return True
 
     @property
-    def local_leases(self) -> bool:
-        return False  # any number of scheduler processes: the leases are in the store (engine/leader.py)
+    def leases_in_store(self) -> bool:
+        return True  # any number of worker and scheduler processes: leases and claims are rows (engine/leader.py)
 
     @property
     def channel(self) -> str:
@@ -315,10 +315,7 @@ class PostgresStore(SqliteStore):
         key = int.from_bytes(
             hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
         )
-        wait = 0.002
-        while not await asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key):
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 0.05)
+        await poll_until(lambda: asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key))
         try:
             yield
         finally:
