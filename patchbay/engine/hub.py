@@ -25,6 +25,7 @@ from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
+from patchbay.engine.intake import Intake
 from patchbay.engine.leader import Leader, current_fence
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
@@ -102,6 +103,8 @@ class Hub:
         self.project = project
         self.node = node or Node()  # this process's id and roles (engine/roles.py); default: every role
         self.metrics = Metrics()
+        # Webhooks yield to deliveries while a destination of this process falls behind (engine/intake.py).
+        self.intake = Intake(project.settings.intake_when_behind, self.metrics.intake_limited.set)
         self.resolver = resolver
         self.store: SqliteStore | None = None
         self.resources = Resources()
@@ -373,6 +376,7 @@ class Hub:
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
                 renew_s=self.project.settings.claim_lease / 3,
+                on_behind=self.intake.report,
             )
             if state != "active":
                 alerts.warning(
@@ -427,6 +431,7 @@ class Hub:
                 pipeline=pipeline,
                 on_continued=continued,
                 renew_s=self.project.settings.claim_lease / 3,
+                on_behind=self.intake.report,
             )
         return out
 
