@@ -508,16 +508,22 @@ class Cluster(Protocol):
         within `alive_within` s, not stopped) and not `force`: that one's row, and nothing written."""
         ...
 
-    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
-        """Refresh this process's row; False when the row is no longer its own (another process took the id)."""
+    async def heartbeat(
+        self, node_id: str, started_at: float, now: float, port: int | None = None, claims: int = 0
+    ) -> bool:
+        """Refresh this process's row, with `claims`: the deliveries its workers hold claimed now (what `nodes`
+        reports where leases are not in the store). False when the row is no longer its own (another process
+        took the id)."""
         ...
 
     async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
-        """A clean stop: the row is marked stopped (and later removed)."""
+        """A clean stop: the row is marked stopped (and later removed), holding no claims."""
         ...
 
     async def nodes(self, now: float) -> list[NodeRow]:
-        """Every node's row, with `claims`: the deliveries it holds leased at `now`."""
+        """Every node's row, with `claims`: the deliveries it holds leased at `now`, counted from the deliveries
+        where leases are in the store (`leases_in_store`), else the figure of its last `heartbeat` (as fresh as
+        that, engine/roles.py HEARTBEAT_S)."""
         ...
 
     async def release_claims(self, node_ids: Collection[str]) -> int:
@@ -804,8 +810,9 @@ class Leases(Protocol):
         fenced through it. False (SQLite): they live in this process's memory, because an OS lock makes this
         process their only holder (the flocks of `lock`: `<store>.scheduler.lock` for the named leases,
         `<store>.worker.lock` for the claims); the leader runs each lease's work as a plain task and the
-        cluster view counts a node's claims from its workers. Each concrete store declares it itself
-        (tests/store/test_store_classes.py): PostgresStore subclasses SqliteStore and must not inherit it."""
+        cluster view reads a node's claims from the figure it writes with its heartbeat (`nodes`). Each concrete
+        store declares it itself (tests/store/test_store_classes.py): PostgresStore subclasses SqliteStore and
+        must not inherit it."""
         ...
 
     async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:

@@ -536,14 +536,16 @@ class SqliteStore:
     async def join_cluster(self, node: NodeRow, alive_within: float, force: bool = False) -> NodeRow | None:
         return await self._write(cl.tx_join, node, alive_within, force)
 
-    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
-        return await self._write(cl.tx_heartbeat, node_id, started_at, now, port)
+    async def heartbeat(
+        self, node_id: str, started_at: float, now: float, port: int | None = None, claims: int = 0
+    ) -> bool:
+        return await self._write(cl.tx_heartbeat, node_id, started_at, now, port, claims)
 
     async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
         await self._write(cl.tx_leave, node_id, started_at, now)
 
     async def nodes(self, now: float) -> list[NodeRow]:
-        return await self._read(cl.q_nodes, now)
+        return await self._read(cl.q_nodes, now, self.leases_in_store)
 
     async def release_claims(self, node_ids: Collection[str]) -> int:
         return await self._write(cl.tx_release, list(node_ids)) if node_ids else 0
