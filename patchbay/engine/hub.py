@@ -242,6 +242,11 @@ class Hub:
             self._heartbeat.cancel()
             self._heartbeat = asyncio.create_task(self._beat(first=0.0), name="heartbeat")
 
+    def claims_held(self) -> int:
+        """The deliveries this process's workers hold claimed now (queued or in flight), written with each
+        heartbeat: where claims live in memory (SQLite) it is the cluster view's only source of them."""
+        return sum(len(w.leased) for fr in self.flows.values() for w in fr.workers.values())
+
     async def _beat(self, first: float = HEARTBEAT_S) -> None:
         assert self.store is not None and self.row is not None
         wait = first
@@ -249,7 +254,9 @@ class Hub:
             await asyncio.sleep(wait)
             wait = HEARTBEAT_S
             try:
-                mine = await self.store.heartbeat(self.row.id, self.row.started_at, time.time(), self.port)
+                mine = await self.store.heartbeat(
+                    self.row.id, self.row.started_at, time.time(), self.port, self.claims_held()
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store's own problem is in /readyz; try again at the next beat

@@ -79,7 +79,7 @@ def node_view(row: NodeRow, now: float, leases: Sequence[str] = ()) -> dict[str,
         "heartbeat_at": row.heartbeat_at,
         "heartbeat_age_s": round(max(0.0, now - row.heartbeat_at), 1),
         "stopped_at": row.stopped_at,
-        "claims": row.claims,  # deliveries it holds leased (SKIP LOCKED claims)
+        "claims": row.claims,  # deliveries it holds leased (store/cluster.py q_nodes: rows, or its heartbeat's figure)
         "leases": sorted(leases),  # named leases it holds (engine/leader.py): schedule:<flow>, alerts, ...
     }
 
