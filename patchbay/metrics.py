@@ -100,6 +100,12 @@ class Metrics:
             ["flow"],
             registry=r,
         )
+        self.intake_limited = Gauge(
+            "patchbay_intake_limited",
+            "1 while a destination of this process falls behind and webhooks are taken a few at a time"
+            " (`intake_when_behind`).",
+            registry=r,
+        )
         self.destination_paused = Gauge(
             "patchbay_destination_paused",
             "1 while a destination is paused or disabled.",

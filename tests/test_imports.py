@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "patchbay.logs",
             "patchbay.metrics",
             "patchbay.registry",
+            "patchbay.roles",
         ),
     ),
     ("expressions", ("patchbay.expressions",)),

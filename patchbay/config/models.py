@@ -521,6 +521,14 @@ class HubSettings(Spec):
         "it holds it. A worker that dies without letting go has its claims taken over this long after its "
         "last renewal (plus about a second). At least 5s.",
     )
+    intake_when_behind: int = Field(
+        16,
+        ge=1,
+        description="In a process that delivers too: while one of its destinations falls behind (more "
+        "deliveries due than its worker holds), at most this many webhooks are taken at once; the others wait "
+        "their turn and none is refused, so the hub keeps time to deliver what it took (engine/intake.py). "
+        "A `--role web` process never limits its intake.",
+    )
     encrypt_sensitive: bool = Field(
         False,
         description="Store every flow's `sensitive` values encrypted with a key kept in the vault; "

@@ -52,6 +52,7 @@ class DestinationWorker:
         open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
         on_answer: Callable[[str, Outcome], list[str]] | None = None,
         renew_s: float = 10.0,
+        on_behind: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -65,6 +66,9 @@ class DestinationWorker:
         self.on_attempt = on_attempt
         self.open_request = open_request  # sealed sensitive values -> the request to send, and their scrubber
         self.on_answer = on_answer  # (event id, a success) -> how its answer drifts from the flow's contract
+        # ("flow/name", behind or not): whether the feed finds more due than it holds (engine/intake.py).
+        self.on_behind = on_behind
+        self.behind = False
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
         # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
@@ -167,6 +171,7 @@ class DestinationWorker:
     async def stop(self, grace_s: float) -> None:
         """Stop taking work; let in-flight attempts finish for up to `grace_s`."""
         self._stopping = True
+        self._report_behind(False)
         self.resumed.set()
         self.wake.set()
         feeder, workers = self._tasks[:1], self._tasks[1:]
@@ -201,6 +206,7 @@ class DestinationWorker:
         while not self._stopping:
             try:
                 if self.state != "active":
+                    self._report_behind(False)  # paused: nothing of its is being sent
                     if self.slots and not self.sending:  # paused: others get the slots once it resumes
                         self.slots = await self.store.take_slots(
                             self.flow, self.name, self.policy.max_concurrency, 0
@@ -239,6 +245,7 @@ class DestinationWorker:
                     self.queue.put_nowait(d)
                     if d.id > self._after_id:
                         self._after_id = d.id
+                self._report_behind(len(batch) >= room)
                 if len(batch) < room:
                     nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
                     if not batch and self.queue.empty() and not self.sending:
@@ -253,6 +260,12 @@ class DestinationWorker:
             except Exception:  # a store hiccup must not kill delivery; try again shortly
                 log.exception("reading due deliveries for %s/%s", self.flow, self.name)
                 await asyncio.sleep(1.0)
+
+    def _report_behind(self, behind: bool) -> None:
+        if behind != self.behind:
+            self.behind = behind
+            if self.on_behind is not None:
+                self.on_behind(f"{self.flow}/{self.name}", behind)
 
     def _capacity(self) -> int:
         """Deliveries claimed ahead: four per sending slot held (a batch: room for two batches), at most the

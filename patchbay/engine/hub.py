@@ -25,6 +25,7 @@ from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
+from patchbay.engine.intake import Intake
 from patchbay.engine.leader import Leader, current_fence
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
@@ -102,6 +103,8 @@ class Hub:
         self.project = project
         self.node = node or Node()  # this process's id and roles (engine/roles.py); default: every role
         self.metrics = Metrics()
+        # Webhooks yield to deliveries while a destination of this process falls behind (engine/intake.py).
+        self.intake = Intake(project.settings.intake_when_behind, self.metrics.intake_limited.set)
         self.resolver = resolver
         self.store: SqliteStore | None = None
         self.resources = Resources()
@@ -239,6 +242,11 @@ class Hub:
             self._heartbeat.cancel()
             self._heartbeat = asyncio.create_task(self._beat(first=0.0), name="heartbeat")
 
+    def claims_held(self) -> int:
+        """The deliveries this process's workers hold claimed now (queued or in flight), written with each
+        heartbeat: where claims live in memory (SQLite) it is the cluster view's only source of them."""
+        return sum(len(w.leased) for fr in self.flows.values() for w in fr.workers.values())
+
     async def _beat(self, first: float = HEARTBEAT_S) -> None:
         assert self.store is not None and self.row is not None
         wait = first
@@ -246,7 +254,9 @@ class Hub:
             await asyncio.sleep(wait)
             wait = HEARTBEAT_S
             try:
-                mine = await self.store.heartbeat(self.row.id, self.row.started_at, time.time(), self.port)
+                mine = await self.store.heartbeat(
+                    self.row.id, self.row.started_at, time.time(), self.port, self.claims_held()
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store's own problem is in /readyz; try again at the next beat
@@ -373,6 +383,7 @@ class Hub:
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
                 renew_s=self.project.settings.claim_lease / 3,
+                on_behind=self.intake.report,
             )
             if state != "active":
                 alerts.warning(
@@ -427,6 +438,7 @@ class Hub:
                 pipeline=pipeline,
                 on_continued=continued,
                 renew_s=self.project.settings.claim_lease / 3,
+                on_behind=self.intake.report,
             )
         return out
 

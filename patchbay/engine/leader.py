@@ -16,8 +16,9 @@ the work (`current_fence()`, also set for every task the work starts): the store
 work's effects (a schedule's state, a source's cursor with its events, a first run) carry it and fail
 with LeaseLost once another node took the lease, so a paused holder that wakes up commits nothing.
 
-On a store one hub owns (SQLite, `store.shared` False) every lease is that hub's: `hold` is a plain task,
-`once` a plain call, the fence None, and the store is never asked.
+On a store whose leases are not in the store (SQLite, `store.leases_in_store` False: the scheduler role's
+flock makes one process their only holder) every lease is that hub's: `hold` is a plain task, `once` a plain
+call, the fence None, and the store is never asked.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import contextvars
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from patchbay.errors import LeaseLost
 from patchbay.store.base import Fence, Leases
@@ -38,13 +39,6 @@ TTL_S = 12.0  # a holder that stops renewing loses its leases after this long
 STANDBY_S = 3.0  # how often a node without a lease tries to take it
 
 Work = Callable[[Fence | None], Awaitable[None]]
-
-
-class LeaseStore(Leases, Protocol):
-    @property
-    def shared(self) -> bool:
-        """Several hubs may use the store at once (store/base.py `Cluster.shared`)."""
-        ...
 
 
 _FENCE: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("patchbay_fence", default=None)
@@ -60,7 +54,7 @@ class Leader:
 
     def __init__(
         self,
-        store: LeaseStore | None,
+        store: Leases | None,
         node_id: str = "local",
         *,
         ttl_s: float | None = None,
@@ -68,22 +62,23 @@ class Leader:
     ) -> None:
         self.store = store
         self.node_id = node_id
-        # SQLite: one process holds the scheduler role (an flock), so every lease is its own, never stored.
-        self.shared = store is not None and store.shared and not getattr(store, "local_leases", False)
+        # The one rule (store/base.py `Leases.leases_in_store`); SQLite: one process holds the scheduler role
+        # (an flock), so every lease is its own, never stored.
+        self.leases_in_store = store is not None and store.leases_in_store
         self.ttl_s = TTL_S if ttl_s is None else ttl_s
         self.standby_s = STANDBY_S if standby_s is None else standby_s
         self.held: dict[str, Fence] = {}  # the leases this node holds now, by name
 
     def hold(self, name: str, work: Work) -> asyncio.Task[None]:
         """Run `work` whenever this node holds lease `name`; the task runs until cancelled."""
-        if not self.shared:
+        if not self.leases_in_store:
             return asyncio.create_task(_as_coroutine(work, None), name=name)
         return asyncio.create_task(self._hold(name, work), name=f"lease {name}")
 
     async def once(self, name: str, work: Work) -> None:
         """Wait until this node holds lease `name`, run `work` once, release it. Another node may have
         done the job meanwhile: `work` looks at what is done first. Its exception is raised here."""
-        if not self.shared:
+        if not self.leases_in_store:
             await work(None)
             return
         told = False

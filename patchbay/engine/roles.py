@@ -9,6 +9,9 @@
 A node's id names it in the store (delivery claims, leases, the cluster view). It is unique per
 process: `--node` / PATCHBAY_NODE_ID when given, else `host:pid`, so two processes on one machine
 never take each other's claims for their own.
+
+The role names (WEB, WORKER, SCHEDULER, ROLES, ALL_ROLES) are defined in patchbay/roles.py, below every layer,
+because the SQLite store's flock per role uses them too; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from patchbay.roles import ALL_ROLES, ROLES, SCHEDULER, WEB, WORKER
 from patchbay.store.base import Lease, NodeRow
 
-WEB, WORKER, SCHEDULER = "web", "worker", "scheduler"
-ROLES: tuple[str, ...] = (WEB, WORKER, SCHEDULER)
-ALL_ROLES: frozenset[str] = frozenset(ROLES)
 HEARTBEAT_S = 2.0  # each hub writes its node row's heartbeat this often
 LOST_AFTER_S = 10.0  # a node without a heartbeat for this long is lost (killed, hung, cut off from the store)
 
@@ -78,7 +79,7 @@ def node_view(row: NodeRow, now: float, leases: Sequence[str] = ()) -> dict[str,
         "heartbeat_at": row.heartbeat_at,
         "heartbeat_age_s": round(max(0.0, now - row.heartbeat_at), 1),
         "stopped_at": row.stopped_at,
-        "claims": row.claims,  # deliveries it holds leased (SKIP LOCKED claims)
+        "claims": row.claims,  # deliveries it holds leased (store/cluster.py q_nodes: rows, or its heartbeat's figure)
         "leases": sorted(leases),  # named leases it holds (engine/leader.py): schedule:<flow>, alerts, ...
     }
 

@@ -719,7 +719,10 @@ class NodeOut(Out):
     heartbeat_at: Timestamp
     heartbeat_age_s: float
     stopped_at: Timestamp | None
-    claims: int = Field(description="Deliveries it holds claimed (leased) right now.")
+    claims: int = Field(
+        description="Deliveries it holds claimed (leased): on PostgreSQL counted from the deliveries now; on"
+        " SQLite (claims in the worker's memory) the figure of its last heartbeat, at most `heartbeat_s` old."
+    )
     leases: list[str] = Field(description="Named leases it holds (a schedule, the window closer, ...).")
 
 

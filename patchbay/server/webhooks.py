@@ -61,6 +61,9 @@ class WebhookEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.m_received.inc()
+        turn = (
+            await self.hub.intake.enter()
+        )  # while deliveries fall behind: a few at a time (engine/intake.py)
         try:
             return await self._handle(request)
         except RejectedRequest as exc:
@@ -76,6 +79,9 @@ class WebhookEndpoint:
                 extra={"flow": self.flow.name, "code": exc.code, "remote": request.remote},
             )
             return error_response(exc, self.flow.name)
+        finally:
+            if turn:
+                self.hub.intake.leave()
 
     async def _handle(self, request: web.Request) -> web.Response:
         wait = limits_for(self.hub).check(self.trigger.system, self.auth)  # before reading anything

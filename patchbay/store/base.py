@@ -499,24 +499,31 @@ class NodeRow:
 class Cluster(Protocol):
     """The processes sharing the store: each one's row and heartbeat, and a wake across processes.
 
-    On SQLite there is one process (the file's lock), so `announce` and `listen` do nothing; on PostgreSQL
-    they are NOTIFY and LISTEN on a channel of the store's schema."""
+    On PostgreSQL `announce` and `listen` are NOTIFY and LISTEN on a channel of the store's schema; on SQLite,
+    datagrams to the serving processes' sockets beside the file (store/sqlite_wake.py), and nothing for a
+    store no serving hub locked (`shared` False)."""
 
     async def join_cluster(self, node: NodeRow, alive_within: float, force: bool = False) -> NodeRow | None:
         """Write `node`'s row (its `heartbeat_at` is now). When a process of the same id is alive (a heartbeat
         within `alive_within` s, not stopped) and not `force`: that one's row, and nothing written."""
         ...
 
-    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
-        """Refresh this process's row; False when the row is no longer its own (another process took the id)."""
+    async def heartbeat(
+        self, node_id: str, started_at: float, now: float, port: int | None = None, claims: int = 0
+    ) -> bool:
+        """Refresh this process's row, with `claims`: the deliveries its workers hold claimed now (what `nodes`
+        reports where leases are not in the store). False when the row is no longer its own (another process
+        took the id)."""
         ...
 
     async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
-        """A clean stop: the row is marked stopped (and later removed)."""
+        """A clean stop: the row is marked stopped (and later removed), holding no claims."""
         ...
 
     async def nodes(self, now: float) -> list[NodeRow]:
-        """Every node's row, with `claims`: the deliveries it holds leased at `now`."""
+        """Every node's row, with `claims`: the deliveries it holds leased at `now`, counted from the deliveries
+        where leases are in the store (`leases_in_store`), else the figure of its last `heartbeat` (as fresh as
+        that, engine/roles.py HEARTBEAT_S)."""
         ...
 
     async def release_claims(self, node_ids: Collection[str]) -> int:
@@ -525,7 +532,9 @@ class Cluster(Protocol):
 
     @property
     def shared(self) -> bool:
-        """Other processes may use this store at once (PostgreSQL)."""
+        """Other processes may use this store at once, so accepts are announced and workers listen (PostgreSQL;
+        a serving hub's SQLite file, which web processes share with one worker and one scheduler). Where
+        leases and claims live is another fact: `Leases.leases_in_store`."""
         ...
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
@@ -789,8 +798,22 @@ class Fence:
 
 class Leases(Protocol):
     """Named leases, so that several hubs sharing a store run each singleton on one node at a time. On a
-    store one hub owns (`Cluster.shared` False: SQLite's lock) every lease is that hub's and the engine
-    never asks the store."""
+    store whose leases are not in the store (`leases_in_store` False: SQLite) every lease is the hub's own and
+    the engine never asks the store."""
+
+    @property
+    def leases_in_store(self) -> bool:
+        """Where leases and claims live; the one rule the engine asks (engine/leader.py, the cluster API).
+
+        True (PostgreSQL): any number of processes may run the worker and scheduler roles, so named leases
+        (`take_lease`) and delivery claims (`due`'s lease columns) are rows of the store, taken, renewed and
+        fenced through it. False (SQLite): they live in this process's memory, because an OS lock makes this
+        process their only holder (the flocks of `lock`: `<store>.scheduler.lock` for the named leases,
+        `<store>.worker.lock` for the claims); the leader runs each lease's work as a plain task and the
+        cluster view reads a node's claims from the figure it writes with its heartbeat (`nodes`). Each concrete
+        store declares it itself (tests/store/test_store_classes.py): PostgresStore subclasses SqliteStore and
+        must not inherit it."""
+        ...
 
     async def take_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
         """Take lease `name` for `holder` until now + `ttl_s` (the store's clock), or renew it when

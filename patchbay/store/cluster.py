@@ -1,6 +1,10 @@
 """The `nodes` table: the hub processes sharing a store, their heartbeats, and the claims each holds.
 
 Written in the SQL both stores share (PostgreSQL runs it through postgres/dialect.py).
+
+A node's claims have one rule, `q_nodes`: where leases are in the store (PostgreSQL) they are the deliveries
+it holds leased, counted from their rows; where they are not (SQLite: in the one worker's memory) they are
+the figure the node wrote with its last heartbeat (`nodes.claims`), as fresh as that heartbeat.
 """
 
 from __future__ import annotations
@@ -60,19 +64,23 @@ def tx_join(conn: Any, node: NodeRow, alive_within: float, force: bool) -> NodeR
     return None
 
 
-def tx_heartbeat(conn: Any, node_id: str, started_at: float, now: float, port: int | None) -> bool:
-    """This process's row is fresh again; False when the row is no longer this process's (another
-    process took the id over after this one's heartbeats stopped)."""
+def tx_heartbeat(
+    conn: Any, node_id: str, started_at: float, now: float, port: int | None, claims: int = 0
+) -> bool:
+    """This process's row is fresh again, with the deliveries it holds claimed now (`claims`, counted in its
+    memory); False when the row is no longer this process's (another process took the id over after this
+    one's heartbeats stopped)."""
     cur = conn.execute(
-        "UPDATE nodes SET heartbeat_at=?, port=COALESCE(?, port) WHERE id=? AND started_at=? AND stopped_at IS NULL",
-        (now, port, node_id, started_at),
+        "UPDATE nodes SET heartbeat_at=?, port=COALESCE(?, port), claims=?"
+        " WHERE id=? AND started_at=? AND stopped_at IS NULL",
+        (now, port, claims, node_id, started_at),
     )
     return bool(cur.rowcount)
 
 
 def tx_leave(conn: Any, node_id: str, started_at: float, now: float) -> None:
     conn.execute(
-        "UPDATE nodes SET stopped_at=?, heartbeat_at=? WHERE id=? AND started_at=?",
+        "UPDATE nodes SET stopped_at=?, heartbeat_at=?, claims=0 WHERE id=? AND started_at=?",
         (now, now, node_id, started_at),
     )
 
@@ -86,8 +94,12 @@ def tx_release(conn: Any, node_ids: list[str]) -> int:
     return int(cur.rowcount or 0)
 
 
-def q_nodes(conn: Any, now: float) -> list[NodeRow]:
-    """Every node's row, with the deliveries it holds claimed (a lease not yet run out), by id."""
+def q_nodes(conn: Any, now: float, leases_in_store: bool) -> list[NodeRow]:
+    """Every node's row, with the deliveries it holds claimed: with `leases_in_store`, those leased to it
+    (a lease not yet run out), counted from the deliveries; otherwise its heartbeat's figure."""
+    if not leases_in_store:
+        rows = conn.execute(f"SELECT {_COLUMNS}, claims FROM nodes ORDER BY id").fetchall()
+        return [_row(r, int(r[9])) for r in rows]
     claims = {
         r[0]: int(r[1])
         for r in conn.execute(

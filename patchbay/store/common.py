@@ -1,12 +1,31 @@
-"""SQL helpers every SQLite query module shares: JSON as text, an event's status, an audit row."""
+"""What the store modules share: SQL helpers (JSON as text, an event's status, an audit row), a token bucket's
+grant, `poll_until` (the wait of both stores' entity locks) and `redoable` (writes that need not wait for the disk)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def redoable(fn: F) -> F:
+    """Mark a write whose loss in a power cut (never in a crash) breaks no promise: an attempt's record,
+    whose delivery is then sent again under its idempotency key, as at-least-once delivery allows. A group
+    of such writes alone commits without waiting for the disk (SQLite `synchronous=NORMAL`, PostgreSQL
+    `synchronous_commit=off`); its rows reach the disk with the next commit that waits, or the checkpoint.
+    Anything acknowledged to a sender, and anything a user decided, waits for the disk (docs/delivery.md)."""
+    fn.redoable = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_redoable(fn: Callable[..., Any]) -> bool:
+    return getattr(fn, "redoable", False) is True
 
 
 def _j(value: Any) -> str:
@@ -50,3 +69,16 @@ def grant_tokens(
     if granted > 0:
         return tokens - granted, granted, 0.0
     return tokens, 0, (1.0 - tokens) / rate
+
+
+async def poll_until(
+    try_once: Callable[[], Awaitable[bool]], first_s: float = 0.002, most_s: float = 0.05
+) -> None:
+    """Await `try_once()` until it returns True, sleeping `first_s` after the first refusal and twice as long
+    after each next one, at most `most_s` (2, 4, 8, 16, 32, 50, 50… ms). The entity locks (SQLite: an flock
+    with LOCK_NB; PostgreSQL: pg_try_advisory_lock) are taken so, and no thread ever blocks waiting for one.
+    A cancel is raised from the sleep or from `try_once`; the caller releases what it took, after this returned."""
+    wait = first_s
+    while not await try_once():
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, most_s)

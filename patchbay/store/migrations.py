@@ -93,6 +93,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             " tokens DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY(flow, destination))",
         ),
     ),
+    Migration(
+        6,
+        "nodes: claims, the deliveries a node holds claimed as it counted them at its last heartbeat (the"
+        " cluster view's figure where claims live in the worker's memory: SQLite)",
+        ("ALTER TABLE nodes ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",),
+        ("ALTER TABLE nodes ADD COLUMN IF NOT EXISTS claims INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 BASELINE = 1  # the version a store created by the schema alone has
 LATEST = MIGRATIONS[-1].version if MIGRATIONS else BASELINE

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from patchbay.roles import ROLES, SCHEDULER, WORKER
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
 from patchbay.store import cluster as cl
@@ -55,7 +56,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, tx_audit
+from patchbay.store.common import grant_tokens, poll_until, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -108,9 +109,6 @@ from patchbay.store.sqlite_wake import Wake
 from patchbay.store.sqlite_writer import _STOP, WriteLock, _Checkpointer, _closed_error, _Writer
 
 T = TypeVar("T")
-
-ROLES = ("web", "worker", "scheduler")  # engine/roles.py (the store does not import the engine)
-WORKER, SCHEDULER = "worker", "scheduler"
 
 
 def _holder(fd: int) -> str:
@@ -261,7 +259,8 @@ class SqliteStore:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"commits": self._writer.commits, "ops": self._writer.ops}
+        w = self._writer
+        return {"commits": w.commits, "relaxed_commits": w.relaxed_commits, "ops": w.ops}
 
     # -------------------------------------------------------------- hot path
     async def accept(self, event: NewEvent) -> Accepted:
@@ -491,15 +490,16 @@ class SqliteStore:
         so that web processes sharing the file run one entity's sync steps one at a time."""
         digest = hashlib.sha256(entity.encode()).hexdigest()[:16]
         fd = os.open(f"{self.path}.entity-{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+        async def take() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            wait = 0.002
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(wait)
-                    wait = min(wait * 2, 0.05)
+            await poll_until(take)
             yield
         finally:
             os.close(fd)  # closing it releases the lock
@@ -536,14 +536,16 @@ class SqliteStore:
     async def join_cluster(self, node: NodeRow, alive_within: float, force: bool = False) -> NodeRow | None:
         return await self._write(cl.tx_join, node, alive_within, force)
 
-    async def heartbeat(self, node_id: str, started_at: float, now: float, port: int | None = None) -> bool:
-        return await self._write(cl.tx_heartbeat, node_id, started_at, now, port)
+    async def heartbeat(
+        self, node_id: str, started_at: float, now: float, port: int | None = None, claims: int = 0
+    ) -> bool:
+        return await self._write(cl.tx_heartbeat, node_id, started_at, now, port, claims)
 
     async def leave_cluster(self, node_id: str, started_at: float, now: float) -> None:
         await self._write(cl.tx_leave, node_id, started_at, now)
 
     async def nodes(self, now: float) -> list[NodeRow]:
-        return await self._read(cl.q_nodes, now)
+        return await self._read(cl.q_nodes, now, self.leases_in_store)
 
     async def release_claims(self, node_ids: Collection[str]) -> int:
         return await self._write(cl.tx_release, list(node_ids)) if node_ids else 0
@@ -555,10 +557,11 @@ class SqliteStore:
         return self._wake is not None
 
     @property
-    def local_leases(self) -> bool:
-        """The singleton work (schedules, consumers, windows, alerts, retention) runs in the one process that
-        holds the scheduler role's flock (`lock`): every lease is that process's, never stored."""
-        return True
+    def leases_in_store(self) -> bool:
+        """No (store/base.py `Leases.leases_in_store`): the singleton work (schedules, consumers, windows, alerts,
+        retention) runs in the one process that holds the scheduler role's flock (`lock`), and deliveries are
+        claimed in the memory of the one that holds the worker role's: every lease and claim is that process's."""
+        return False
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._wake is not None and not self._closed:

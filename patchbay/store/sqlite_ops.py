@@ -22,7 +22,7 @@ from patchbay.store.base import (
     IdentityChanges,
     NewEvent,
 )
-from patchbay.store.common import _j, refresh_event_status, tx_audit
+from patchbay.store.common import _j, redoable, refresh_event_status, tx_audit
 from patchbay.store.identity import tx_identity_changes
 
 
@@ -254,6 +254,7 @@ def q_held_keys(conn: sqlite3.Connection, flow: str, destination: str, limit: in
     return out
 
 
+@redoable
 def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
     now = time.time()
     events: set[str] = set()

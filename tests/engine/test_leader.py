@@ -170,10 +170,11 @@ async def test_once_runs_a_job_on_one_node_and_the_others_after_it(url: str) -> 
 
 async def test_on_sqlite_every_lease_is_the_hubs_own_and_the_store_is_not_asked(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "store.db")
+    store.lock(("scheduler",), "node-0")  # a serving scheduler: the file is shared, its leases are not
     leader = Leader(store, "node-0")
     job = Job()
     try:
-        assert not leader.shared
+        assert store.shared and not store.leases_in_store and not leader.leases_in_store
         task = leader.hold("alerts", job.work("node-0"))
         await soon(lambda: job.running == {"node-0"}, what="the work running")
         assert job.started == [("node-0", None)]

@@ -161,6 +161,27 @@ async def test_an_announcement_reaches_every_listener_and_dead_sockets_are_remov
     assert sorted(p.name for p in wake_dir(store).iterdir()) == []
 
 
+async def test_a_close_while_the_listener_checks_its_socket_leaves_no_socket_behind(tmp_path: Path) -> None:
+    """The listener checks, at each quiet half second, that its socket file is still its own (and binds it
+    again if not). A close landing between that check's start and its answer removed the file, the check
+    then found it gone and bound a new one, which the close never removed."""
+    checking = threading.Event()
+
+    class Preempted(Wake):
+        def _still_bound(self) -> bool:
+            if not checking.is_set():
+                checking.set()
+                time.sleep(0.3)  # the listener loses the CPU here, and the close runs meanwhile
+            return super()._still_bound()
+
+    store = tmp_path / "patchbay.db"
+    w = Preempted(store, "b")
+    w.listen(asyncio.get_running_loop(), lambda f, r: None)
+    assert await asyncio.to_thread(checking.wait, 2.0)
+    w.close()
+    assert sorted(p.name for p in wake_dir(store).iterdir()) == []
+
+
 def test_writes_of_two_processes_are_serialised_by_the_write_lock(tmp_path: Path) -> None:
     """While one writer holds `<store>.write.lock`, another store's writer waits on it, and goes on the moment
     it is released (not after a busy-handler sleep)."""

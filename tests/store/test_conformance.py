@@ -1324,6 +1324,32 @@ async def test_old_node_rows_are_removed_when_a_node_joins(store: Store) -> None
     assert [n.id for n in await store.nodes(now)] == ["lost:2", "new:1"]
 
 
+async def test_a_nodes_claims_come_from_its_heartbeat_where_leases_are_not_in_the_store(store: Store) -> None:
+    """One rule for the cluster view's CLAIMS: the deliveries' leases where they are rows (PostgreSQL), the
+    figure each node writes with its heartbeat where they are in its memory (SQLite: no other reader knows it)."""
+    for _ in range(2):
+        await store.accept(event())
+    claimed = await store.due("orders", "crm", time.time() + 1, 10, set())
+    assert len(claimed) == 2  # on PostgreSQL leased to the node this store is
+    now = time.time()
+    holder = getattr(store, "holder", "host-a:1") if store.leases_in_store else "host-a:1"
+    me = node(holder, at=now)
+    assert await store.join_cluster(me, alive_within=10) is None
+    [n] = await store.nodes(now)
+    assert n.claims == (2 if store.leases_in_store else 0)  # a new row has none of its own figure yet
+    assert await store.heartbeat(me.id, me.started_at, now + 1, claims=7)
+    [n] = await store.nodes(now + 1)
+    assert n.claims == (2 if store.leases_in_store else 7)  # PostgreSQL: the deliveries stay the truth
+    assert await store.heartbeat(me.id, me.started_at, now + 2, claims=3)
+    [n] = await store.nodes(now + 2)
+    assert n.claims == (2 if store.leases_in_store else 3)
+    await store.leave_cluster(me.id, me.started_at, now + 3)
+    [n] = await store.nodes(now + 3)
+    assert n.status(now + 3, 10) == "stopped"
+    if not store.leases_in_store:
+        assert n.claims == 0  # a clean stop holds nothing
+
+
 async def test_a_store_that_is_not_shared_announces_to_nobody(store: Store) -> None:
     """SQLite: one process per file; PostgreSQL: NOTIFY (tests/store/test_postgres_store.py hears it)."""
     heard: list[tuple[str, bool]] = []
@@ -1340,7 +1366,7 @@ async def test_a_gone_nodes_claims_are_let_go(store: Store) -> None:
     due = await store.due("orders", "crm", time.time() + 1, 10, set())
     assert len(due) == 2
     assert await store.release_claims(["nobody"]) == 0
-    if store.shared:  # PostgreSQL: claims are rows (SQLite keeps them in its one process's memory)
+    if store.leases_in_store:  # PostgreSQL: claims are rows (SQLite keeps them in its one worker's memory)
         [n] = {store.holder}
         assert await store.take_slots("orders", "crm", 4, 4) == 4  # its destination's sending slots too
         assert await store.release_claims([n]) == 2

@@ -53,9 +53,9 @@ def pg(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(conninfo, autocommit=True, options=f"-c search_path={schema}")
 
 
-def sqlite_columns(path: Path) -> set[str]:
+def sqlite_columns(path: Path, table: str = "deliveries") -> set[str]:
     with sqlite3.connect(path) as conn:
-        return {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}
+        return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def test_store_migrate_takes_a_version_1_sqlite_store_to_the_latest_once(tmp_path):
@@ -67,6 +67,7 @@ def test_store_migrate_takes_a_version_1_sqlite_store_to_the_latest_once(tmp_pat
     assert res.exit_code == 0, res.output
     assert f"schema 1 -> {LATEST}" in res.output and "applied 2: deliveries: lease columns" in res.output
     assert {"leased_by", "lease_until"} <= sqlite_columns(db)
+    assert "claims" in sqlite_columns(db, "nodes")  # version 6: a node's claims, written with its heartbeat
     again = CliRunner().invoke(main, ["store", "migrate", "-p", str(root)])
     assert again.exit_code == 0 and f"schema {LATEST}, up to date" in again.output
 
@@ -119,14 +120,19 @@ def test_store_migrate_takes_a_version_1_postgres_store_to_the_latest(tmp_path):
     assert res.exit_code == 0, res.output
     assert f"schema 1 -> {LATEST}" in res.output
     with pg(url) as conn:
-        cols = {
-            r[0]
-            for r in conn.execute(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema=current_schema() AND table_name='deliveries'"
-            )
-        }
-        assert {"leased_by", "lease_until"} <= cols
+
+        def cols(table: str) -> set[str]:
+            return {
+                r[0]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema=current_schema() AND table_name=%s",
+                    (table,),
+                )
+            }
+
+        assert {"leased_by", "lease_until"} <= cols("deliveries")
+        assert "claims" in cols("nodes")
     again = CliRunner().invoke(main, ["store", "migrate", "-p", str(root)])
     assert f"schema {LATEST}, up to date" in again.output
 

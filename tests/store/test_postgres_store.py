@@ -120,6 +120,25 @@ async def test_concurrent_records_share_one_statement_and_one_commit() -> None:
         await s.close()
 
 
+async def test_an_attempt_record_commits_without_waiting_for_the_wal_flush_an_accept_waits() -> None:
+    """A record lost in a server crash means its delivery is sent again under its idempotency key (at least
+    once); an accepted event is acknowledged to its sender, so its COMMIT waits for the flush."""
+    s = PostgresStore(postgres_url())
+    try:
+        await s.accept(event())
+        due = await s.due("orders", "crm", time.time() + 1, 100, set())
+        await s.record([result(d, "success", "delivered") for d in due])
+        levels = {}
+        for name, groups in (("accept", s._accepts), ("record", s._records)):
+            conns = [c for c in groups._conns if c is not None]
+            assert conns, f"no {name} writer connected"
+            levels[name] = {(await (await c.execute("SHOW synchronous_commit")).fetchone())[0] for c in conns}
+        assert levels == {"accept": {"on"}, "record": {"off"}}
+        assert (await s.counts())["events"] == {"delivered": 1}
+    finally:
+        await s.close()
+
+
 def test_the_hot_path_runs_on_the_event_loop_and_an_accept_from_another_loop_is_written_too() -> None:
     """The group commits are tasks on the hub's event loop (no store thread between the accept and its
     COMMIT); a caller on another loop meanwhile (a CLI command, a thread's asyncio.run) is served on a thread."""

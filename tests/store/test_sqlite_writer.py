@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
+from patchbay.store.common import is_redoable, redoable
 from patchbay.store.sqlite import SqliteStore, StoreClosed
+from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch, tx_record
 
 
 @pytest.fixture
@@ -122,3 +124,49 @@ def _stop() -> object:
     from patchbay.store.sqlite import _STOP
 
     return _STOP
+
+
+@redoable
+def insert_redoable(conn: sqlite3.Connection, v: str) -> int:
+    """An insert that may be lost in a power cut; answers the synchronous level its group commits at."""
+    conn.execute("INSERT INTO t(v) VALUES(?)", (v,))
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def insert_durable(conn: sqlite3.Connection, v: str) -> int:
+    conn.execute("INSERT INTO t(v) VALUES(?)", (v,))
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+NORMAL, FULL = 1, 2
+
+
+async def test_a_group_of_redoable_writes_alone_commits_without_waiting_for_the_disk(store):
+    assert await one_group(store, *[(insert_redoable, f"r{i}") for i in range(3)]) == [NORMAL] * 3
+    assert store.stats["relaxed_commits"] == 1
+    # One write that must survive a power cut in the group: the whole group waits for the disk.
+    assert await one_group(store, (insert_redoable, "a"), (insert_durable, "b")) == [FULL, FULL]
+    assert await store.write(insert_durable, "c") == FULL
+    assert await store.write(insert_redoable, "d") == NORMAL
+    assert store.stats["relaxed_commits"] == 2
+    # Committed all the same: a new connection reads every row.
+    fresh = sqlite3.connect(store.path)
+    try:
+        assert sorted(r[0] for r in fresh.execute("SELECT v FROM t")) == [
+            "a",
+            "b",
+            "c",
+            "d",
+            "r0",
+            "r1",
+            "r2",
+        ]
+    finally:
+        fresh.close()
+
+
+def test_only_an_attempt_record_is_redoable_on_the_hot_path():
+    """An attempt record lost in a power cut means the delivery is sent again under its idempotency key,
+    which at-least-once delivery allows; an accepted event must never be lost, so its commit waits."""
+    assert is_redoable(tx_record)
+    assert not is_redoable(tx_accept) and not is_redoable(tx_accept_batch)

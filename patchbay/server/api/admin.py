@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 from patchbay.engine.roles import cluster_view
@@ -23,10 +22,7 @@ class Admin(Resource):
     async def cluster(self, c: Call) -> Any:
         """The hub's processes on this store (engine/roles.py `cluster_view`), as the CLI's `cluster` shows them."""
         now = time.time()
-        rows = await self.store.nodes(now)
-        if getattr(self.store, "local_leases", False):  # SQLite: claims are the worker's in-memory leases
-            held = sum(len(w.leased) for fr in self.hub.flows.values() for w in fr.workers.values())
-            rows = [replace(r, claims=held) if r.id == self.hub.node.id else r for r in rows]
+        rows = await self.store.nodes(now)  # each node's claims: store/cluster.py q_nodes, one rule
         return {**cluster_view(rows, now, await self.store.leases()), "node": self.hub.node.id}
 
     async def list_audit(self, c: Call) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+from patchbay.store.common import redoable
 from patchbay.store.retention import FAILED, FINISHED, ZMARK
 from patchbay.store.sqlite_ops import HEAD
 
@@ -384,6 +385,7 @@ def _distinct(results: list[Any]) -> bool:
     return len({r.delivery_id for r in results}) == len(results)
 
 
+@redoable
 @native
 def record(conn: Any, results: list[Any]) -> None:
     """Every attempt, its delivery's new status (the lease let go) and the events that follow: one statement."""
@@ -397,6 +399,7 @@ def record(conn: Any, results: list[Any]) -> None:
     conn.execute(_RECORD, _record_params(results))
 
 
+@redoable
 async def record_async(conn: Any, results: list[Any]) -> None:
     """`record` on an asyncio connection (`group.AsyncRaw`)."""
     if not results:

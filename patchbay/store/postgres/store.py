@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -36,6 +36,7 @@ from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
+from patchbay.store.common import is_redoable, poll_until
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -192,7 +193,7 @@ class PostgresStore(SqliteStore):
         self._count_lock = threading.Lock()
         # The hot path's group commits run on the hub's event loop, each writer on a connection of its own.
         self._accepts = AsyncGroups(
-            self._aconnect,
+            self._aconnect_for(pg_ops.accept_many_async),
             pg_ops.accept_many_async,
             lambda items: self._submit(pg_ops.accept_many, items),
             self._closed_error,
@@ -202,7 +203,7 @@ class PostgresStore(SqliteStore):
             writers=accept_writers,
         )
         self._records = AsyncGroups(
-            self._aconnect,
+            self._aconnect_for(pg_ops.record_async),
             pg_ops.record_async,
             lambda items: self._submit(pg_ops.record, items),
             self._closed_error,
@@ -240,8 +241,8 @@ class PostgresStore(SqliteStore):
         return True
 
     @property
-    def local_leases(self) -> bool:
-        return False  # any number of scheduler processes: the leases are in the store (engine/leader.py)
+    def leases_in_store(self) -> bool:
+        return True  # any number of worker and scheduler processes: leases and claims are rows (engine/leader.py)
 
     @property
     def channel(self) -> str:
@@ -315,10 +316,7 @@ class PostgresStore(SqliteStore):
         key = int.from_bytes(
             hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
         )
-        wait = 0.002
-        while not await asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key):
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 0.05)
+        await poll_until(lambda: asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key))
         try:
             yield
         finally:
@@ -370,8 +368,18 @@ class PostgresStore(SqliteStore):
             return res
         raise AssertionError("unreachable")
 
-    async def _aconnect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(self._conninfo, **self._conn_kwargs)
+    def _aconnect_for(self, op: Any) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+        """How a group writer of `op` connects: a redoable op's (store/common.py `redoable`: attempt
+        records) commits without waiting for the WAL flush (`synchronous_commit=off`); a server crash loses
+        at most its last records, whose deliveries are sent again under their idempotency keys."""
+        kwargs = self._conn_kwargs
+        if is_redoable(op):
+            kwargs = {**kwargs, "options": f"{kwargs['options']} -c synchronous_commit=off"}
+
+        async def connect() -> psycopg.AsyncConnection[Any]:
+            return await psycopg.AsyncConnection.connect(self._conninfo, **kwargs)
+
+        return connect
 
     def _account(self, counts: dict[str, int], problem: str | None) -> None:
         """An operation of the hot path done (its counters) or failed for want of the server (`problem`)."""

@@ -1,0 +1,69 @@
+"""Intake yields to delivery: while a destination falls behind, webhooks are taken a few at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.conftest import eventually, lead_project
+
+
+def lead(n: int) -> dict[str, str]:
+    return {"email": f"lead-{n}@example.com", "first_name": f"L{n}"}
+
+
+async def test_while_a_destination_falls_behind_webhooks_are_taken_a_few_at_a_time_and_none_is_refused(
+    tmp_path, sink, start_hub
+):
+    async def slow(request: Any, rec: Any) -> int:
+        await asyncio.sleep(0.08)
+        return 201
+
+    sink.default = slow
+    root = lead_project(tmp_path, sink.url, delivery={"max_concurrency": 1}, hub={"intake_when_behind": 3})
+    hub = await start_hub(root)
+
+    # How many webhooks the hub works on at once, seen at the store: each accept lingers 50 ms there.
+    inside, peaks = 0, []
+    accept = hub.store.accept
+
+    async def lingering(event: Any) -> Any:
+        nonlocal inside
+        inside += 1
+        peaks[-1] = max(peaks[-1], inside)
+        try:
+            await asyncio.sleep(0.05)
+            return await accept(event)
+        finally:
+            inside -= 1
+
+    hub.store.accept = lingering
+
+    async def burst(first: int) -> list[int]:
+        peaks.append(0)
+        got = await asyncio.gather(*(hub.post("/hooks/lead-capture", lead(first + i)) for i in range(12)))
+        return [status for status, _ in got]
+
+    def gauge() -> float:
+        return hub.hub.metrics.registry.get_sample_value("patchbay_intake_limited") or 0.0
+
+    # Nothing due: a burst is taken as it comes.
+    assert await burst(0) == [202] * 12
+    assert peaks[-1] > 3
+    # Twelve due at one a time, 80 ms each: the worker holds four and finds more due. It is behind.
+    await eventually(lambda: _true(hub.hub.intake.limited), what="the destination reported behind")
+    assert hub.hub.intake.behind == {"lead-capture/crm"} and gauge() == 1.0
+    assert await burst(100) == [202] * 12  # none refused...
+    assert peaks[-1] <= 3  # ...but taken three at a time
+    # Caught up: webhooks are taken as they come again.
+    await sink.wait_for(24, timeout=20)
+    await eventually(lambda: _true(not hub.hub.intake.limited), what="the destination caught up")
+    assert gauge() == 0.0
+    assert await burst(200) == [202] * 12
+    assert peaks[-1] > 3
+    await sink.wait_for(36, timeout=20)
+    assert await hub.count() == 36
+
+
+async def _true(value: bool) -> bool:
+    return value
