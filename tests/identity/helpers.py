@@ -16,6 +16,37 @@ from tests.conftest import eventually, write_project
 
 PG = {"host": "127.0.0.1", "port": 5432, "database": "test", "user": "postgres"}
 MY = {"host": "127.0.0.1", "port": 3306, "database": "test", "user": "root"}
+CRM_SYSTEM = {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG}
+
+
+async def pg_connect() -> Any:
+    """An autocommit connection to the test database of PG."""
+    import psycopg
+
+    return await psycopg.AsyncConnection.connect(
+        host=PG["host"], port=PG["port"], dbname="test", user="postgres", autocommit=True
+    )
+
+
+async def create_crm_table(pg: Any, table: str, columns: str) -> None:
+    """CRM table `table` (`id serial PRIMARY KEY, <columns>, updated_at`) whose trigger stamps updated_at
+    on every write, as the CRM itself does (so the hub's writes are read back by its poll)."""
+    await pg.execute(
+        f'CREATE TABLE "{table}" (id serial PRIMARY KEY, {columns},'
+        " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    await pg.execute(
+        f"CREATE FUNCTION {table}_stamp() RETURNS trigger AS $$ BEGIN "
+        "NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql"
+    )
+    await pg.execute(
+        f'CREATE TRIGGER {table}_t BEFORE UPDATE ON "{table}" FOR EACH ROW EXECUTE FUNCTION {table}_stamp()'
+    )
+
+
+async def drop_crm_table(pg: Any, table: str) -> None:
+    await pg.execute(f'DROP TABLE IF EXISTS "{table}"')
+    await pg.execute(f"DROP FUNCTION IF EXISTS {table}_stamp()")
 
 
 class Tables:
@@ -28,21 +59,10 @@ class Tables:
 
     async def open(self) -> Tables:
         import aiomysql  # type: ignore[import-untyped,unused-ignore]
-        import psycopg
 
-        self.pg = await psycopg.AsyncConnection.connect(
-            host=PG["host"], port=PG["port"], dbname="test", user="postgres", autocommit=True
-        )
-        await self.pg.execute(
-            f'CREATE TABLE "{self.crm}" (id serial PRIMARY KEY, email text, name text, plan text, phone text,'
-            " deleted_at timestamptz, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        )
-        await self.pg.execute(
-            f"CREATE FUNCTION {self.crm}_stamp() RETURNS trigger AS $$ BEGIN "
-            "NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql"
-        )
-        await self.pg.execute(
-            f'CREATE TRIGGER {self.crm}_t BEFORE UPDATE ON "{self.crm}" FOR EACH ROW EXECUTE FUNCTION {self.crm}_stamp()'
+        self.pg = await pg_connect()
+        await create_crm_table(
+            self.pg, self.crm, "email text, name text, plan text, phone text, deleted_at timestamptz"
         )
         self.my = await aiomysql.connect(
             host=MY["host"], port=MY["port"], user="root", password="", db="test", autocommit=True
@@ -72,30 +92,60 @@ class Tables:
         )
 
     async def close(self) -> None:
-        await self.pg.execute(f'DROP TABLE IF EXISTS "{self.crm}"')
-        await self.pg.execute(f"DROP FUNCTION IF EXISTS {self.crm}_stamp()")
+        await drop_crm_table(self.pg, self.crm)
         await self.pg.close()
         await self.my_exec(f"DROP TABLE IF EXISTS `{self.mk}`")
         self.my.close()
 
 
-ENTITY = {
-    "purpose": "a customer, in the CRM and in the marketing tool",
-    "fields": {
-        "email": {"owner": "crm"},
-        "name": {"owner": "crm"},
-        "plan": {"owner": "marketing"},
-        "phone": {"rule": "latest"},
-    },
-    "match": [{"field": "email", "normalize": "email"}],
-    "systems": {
-        "crm": {"id": "id", "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}},
-        "marketing": {
-            "id": "id",
-            "fields": {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"},
+def customer(crm: dict[str, Any], marketing: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """The customer entity of the sync tests: the CRM owns email and name, marketing the plan, the latest
+    phone wins; matched on the email. `crm` and `marketing`: how each system holds it; `more`: deletes..."""
+    return {
+        "purpose": "a customer, in the CRM and in the marketing tool",
+        "fields": {
+            "email": {"owner": "crm"},
+            "name": {"owner": "crm"},
+            "plan": {"owner": "marketing"},
+            "phone": {"rule": "latest"},
         },
-    },
-}
+        "match": [{"field": "email", "normalize": "email"}],
+        "systems": {"crm": crm, "marketing": marketing},
+        **more,
+    }
+
+
+ENTITY = customer(
+    {"id": "id", "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}},
+    {"id": "id", "fields": {"email": "email_address", "name": "full_name", "plan": "plan", "phone": "phone"}},
+)
+
+
+def crm_sync(table: str, dests: list[dict[str, Any]], **flow: Any) -> dict[str, Any]:
+    """The CRM's sync flow: its table polled every second on updated_at (read again 5 s behind the newest
+    row), each change to `dests`."""
+    return {
+        "purpose": "CRM changes reach marketing",
+        "owner": "ops",
+        "sync": "customer",
+        "trigger": {
+            "schedule": {"every": "1s"},
+            "source": {"system": "crm", "table": table, "cursor_column": "updated_at", "lookback": "5s"},
+        },
+        "destinations": dests,
+        **flow,
+    }
+
+
+def sync_files(
+    systems: dict[str, Any], entity: dict[str, Any], flows: dict[str, Any], hub: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The files of a sync project: patchbay.yaml (`hub`), the systems, the customer entity, the flows."""
+    return {
+        "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}, sort_keys=False),
+        "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
+        "entities/customer.yaml": yaml.safe_dump(entity, sort_keys=False),
+    } | {f"flows/{n}.yaml": yaml.safe_dump(f, sort_keys=False) for n, f in flows.items()}
 
 
 def sync_project(
@@ -112,7 +162,7 @@ def sync_project(
     """Two sync flows (one per table); `upsert_creates`: creates upsert on the email (a unique index),
     so a create retried after a crash lands once."""
     systems = {
-        "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
+        "crm": CRM_SYSTEM,
         "marketing": {"kind": "mysql", "owner": "marketing", "allow_private_network": True, **MY},
     }
     crm_cols = {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}
@@ -181,16 +231,8 @@ def sync_project(
             "destinations": all_dests,
         }
 
-    return write_project(
-        root,
-        {
-            "patchbay.yaml": yaml.safe_dump({"port": 0, **(hub or {})}),
-            "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-            "entities/customer.yaml": yaml.safe_dump(entity or ENTITY, sort_keys=False),
-            "flows/crm_sync.yaml": yaml.safe_dump(flow("crm", t.crm), sort_keys=False),
-            "flows/marketing_sync.yaml": yaml.safe_dump(flow("marketing", t.mk), sort_keys=False),
-        },
-    )
+    flows = {"crm_sync": flow("crm", t.crm), "marketing_sync": flow("marketing", t.mk)}
+    return write_project(root, sync_files(systems, entity or ENTITY, flows, hub))
 
 
 async def deliveries(hub: Any) -> dict[str, int]:

@@ -28,14 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiohttp import web
 
 from patchbay.connectors.sql_client.config import SqlSinkConfig
 from patchbay.connectors.sql_client.source_config import SqlSourceConfig
 from tests.cluster.harness import Cluster, free_port
 from tests.conftest import IN_CI, eventually, require_service, write_project
-from tests.identity.helpers import PG
+from tests.identity.helpers import (
+    CRM_SYSTEM,
+    PG,
+    create_crm_table,
+    customer,
+    drop_crm_table,
+    pg_connect,
+    sync_files,
+)
 from tests.identity.marketing_app import Marketing
 from tests.identity.sync_checker import State, check, key_of, read_state
 
@@ -63,20 +70,14 @@ class Crm:
         self.table = f"pb_crm_{uuid.uuid4().hex[:10]}"
 
     async def open(self) -> Crm:
-        import psycopg
-
-        self.pg = await psycopg.AsyncConnection.connect(
-            host=PG["host"], port=PG["port"], dbname="test", user="postgres", autocommit=True
-        )
+        self.pg = await pg_connect()
         t = self.table
         await self.pg.execute("SET pb.actor = 'test'")
+        await create_crm_table(
+            self.pg, t, "email text UNIQUE, name text, plan text, phone text, deleted_at timestamptz"
+        )
         for sql in (
-            f'CREATE TABLE "{t}" (id serial PRIMARY KEY, email text UNIQUE, name text, plan text, phone text,'
-            " deleted_at timestamptz, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())",
             f'CREATE INDEX ON "{t}" (updated_at, id)',
-            f"CREATE FUNCTION {t}_stamp() RETURNS trigger AS $$ BEGIN "
-            "NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql",
-            f'CREATE TRIGGER {t}_t BEFORE UPDATE ON "{t}" FOR EACH ROW EXECUTE FUNCTION {t}_stamp()',
             f'CREATE TABLE "{t}_audit" (n bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(),'
             " actor text NOT NULL, op text NOT NULL, old jsonb, new jsonb)",
             f"CREATE FUNCTION {t}_audit() RETURNS trigger AS $$ BEGIN "
@@ -95,12 +96,8 @@ class Crm:
 
     async def close(self) -> None:
         t = self.table
-        for sql in (
-            f'DROP TABLE IF EXISTS "{t}"',
-            f'DROP TABLE IF EXISTS "{t}_audit"',
-            f"DROP FUNCTION IF EXISTS {t}_stamp()",
-            f"DROP FUNCTION IF EXISTS {t}_audit()",
-        ):
+        await drop_crm_table(self.pg, t)
+        for sql in (f'DROP TABLE IF EXISTS "{t}_audit"', f"DROP FUNCTION IF EXISTS {t}_audit()"):
             await self.pg.execute(sql)
         await self.pg.close()
 
@@ -141,36 +138,26 @@ async def alert_sink() -> AsyncIterator[tuple[str, list[Any]]]:
 
 
 # -------------------------------------------------------------- the project
-ENTITY = {
-    "purpose": "a customer, in the CRM and in the marketing tool",
-    "fields": {
-        "email": {"owner": "crm"},
-        "name": {"owner": "crm"},
-        "plan": {"owner": "marketing"},
-        "phone": {"rule": "latest"},
+ENTITY = customer(
+    {
+        "id": "id",
+        "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"},
+        "deleted": "deleted_at != null",
+        "clock": "updated_at",
     },
-    "match": [{"field": "email", "normalize": "email"}],
-    "systems": {
-        "crm": {
-            "id": "id",
-            "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"},
-            "deleted": "deleted_at != null",
-            "clock": "updated_at",
-        },
-        "marketing": {
-            "id": "id",
-            "fields": {f: f"contact.{f}" for f in ("email", "name", "plan", "phone")},
-            "deleted": "type == 'contact.deleted'",
-            "clock": "seq",  # the service's change sequence: webhooks arrive out of order
-        },
+    {
+        "id": "id",
+        "fields": {f: f"contact.{f}" for f in ("email", "name", "plan", "phone")},
+        "deleted": "type == 'contact.deleted'",
+        "clock": "seq",  # the service's change sequence: webhooks arrive out of order
     },
-    "deletes": {"policy": "propagate", "max_share": 0.3},
-}
+    deletes={"policy": "propagate", "max_share": 0.3},
+)
 
 
 def project(root: Path, crm: Crm, m: Marketing, alerts_url: str, port: int) -> Path:
     systems = {
-        "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, "pool_size": 8, **PG},
+        "crm": {**CRM_SYSTEM, "pool_size": 8},
         "marketing": {
             "kind": "http",
             "owner": "growth",
@@ -284,18 +271,9 @@ def project(root: Path, crm: Crm, m: Marketing, alerts_url: str, port: int) -> P
             "trigger": {"webhook": {"system": "marketing"}},
         },
     }
-    files = {
-        "patchbay.yaml": yaml.safe_dump(
-            {"port": port, "alerts": [{"when": "source_failing", "notify": ["ops"]}]}, sort_keys=False
-        ),
-        "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-        "entities/customer.yaml": yaml.safe_dump(ENTITY, sort_keys=False),
-    }
-    for name, f in flows.items():
-        files[f"flows/{name}.yaml"] = yaml.safe_dump(
-            {**f, "owner": "ops", "delivery": delivery, "destinations": dests}, sort_keys=False
-        )
-    return write_project(root, files)
+    hub = {"port": port, "alerts": [{"when": "source_failing", "notify": ["ops"]}]}
+    full = {n: {**f, "owner": "ops", "delivery": delivery, "destinations": dests} for n, f in flows.items()}
+    return write_project(root, sync_files(systems, ENTITY, full, hub))
 
 
 def store_rows(root: Path, sql: str) -> list[tuple[Any, ...]]:

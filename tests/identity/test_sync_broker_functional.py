@@ -15,10 +15,19 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
 
 from tests.conftest import IN_CI, eventually, require_service, write_project
-from tests.identity.helpers import PG, deliveries
+from tests.identity.helpers import (
+    CRM_SYSTEM,
+    PG,
+    create_crm_table,
+    crm_sync,
+    customer,
+    deliveries,
+    drop_crm_table,
+    pg_connect,
+    sync_files,
+)
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -35,23 +44,9 @@ class Setup:
 
     async def open(self) -> Setup:
         import aio_pika
-        import psycopg
 
-        self.pg = await psycopg.AsyncConnection.connect(
-            host=PG["host"], port=PG["port"], dbname="test", user="postgres", autocommit=True
-        )
-        await self.pg.execute(
-            f'CREATE TABLE "{self.crm}" (id serial PRIMARY KEY, email text, name text, plan text, phone text,'
-            " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        )
-        await self.pg.execute(
-            f"CREATE FUNCTION {self.crm}_stamp() RETURNS trigger AS $$ BEGIN "
-            "NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql"
-        )
-        await self.pg.execute(
-            f'CREATE TRIGGER {self.crm}_t BEFORE UPDATE ON "{self.crm}" '
-            f"FOR EACH ROW EXECUTE FUNCTION {self.crm}_stamp()"
-        )
+        self.pg = await pg_connect()
+        await create_crm_table(self.pg, self.crm, "email text, name text, plan text, phone text")
         self.aio_pika = aio_pika
         self.amqp = await aio_pika.connect(AMQP)
         self.channel = await self.amqp.channel()
@@ -91,8 +86,7 @@ class Setup:
         await self.channel.queue_delete(self.changes)
         await self.channel.queue_delete(self.commands)
         await self.amqp.close()
-        await self.pg.execute(f'DROP TABLE IF EXISTS "{self.crm}"')
-        await self.pg.execute(f"DROP FUNCTION IF EXISTS {self.crm}_stamp()")
+        await drop_crm_table(self.pg, self.crm)
         await self.pg.close()
 
 
@@ -112,22 +106,11 @@ FIELDS = ("email", "name", "plan", "phone")
 
 
 def project(root: Path, s: Setup) -> Path:
-    entity = {
-        "purpose": "a customer, in the CRM and in the marketing tool",
-        "fields": {
-            "email": {"owner": "crm"},
-            "name": {"owner": "crm"},
-            "plan": {"owner": "marketing"},
-            "phone": {"rule": "latest"},
-        },
-        "match": [{"field": "email", "normalize": "email"}],
-        "systems": {
-            "crm": {"id": "id", "fields": {f: f for f in FIELDS}},
-            "marketing": {"id": "id", "fields": {f: f for f in FIELDS}},
-        },
-    }
+    entity = customer(
+        {"id": "id", "fields": {f: f for f in FIELDS}}, {"id": "id", "fields": {f: f for f in FIELDS}}
+    )
     systems = {
-        "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
+        "crm": CRM_SYSTEM,
         "marketing": {
             "kind": "rabbitmq",
             "owner": "growth",
@@ -162,16 +145,7 @@ def project(root: Path, s: Setup) -> Path:
         },
     ]
     flows = {
-        "crm_sync": {
-            "purpose": "CRM changes reach marketing",
-            "owner": "ops",
-            "sync": "customer",
-            "trigger": {
-                "schedule": {"every": "1s"},
-                "source": {"system": "crm", "table": s.crm, "cursor_column": "updated_at", "lookback": "5s"},
-            },
-            "destinations": dests,
-        },
+        "crm_sync": crm_sync(s.crm, dests),
         "marketing_sync": {
             "purpose": "marketing's change messages reach the CRM",
             "owner": "ops",
@@ -180,12 +154,7 @@ def project(root: Path, s: Setup) -> Path:
             "destinations": dests,
         },
     }
-    files = {
-        "patchbay.yaml": yaml.safe_dump({"port": 0}),
-        "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-        "entities/customer.yaml": yaml.safe_dump(entity, sort_keys=False),
-    } | {f"flows/{n}.yaml": yaml.safe_dump(f, sort_keys=False) for n, f in flows.items()}
-    return write_project(root, files)
+    return write_project(root, sync_files(systems, entity, flows))
 
 
 async def events(hub: Any, flow: str) -> int:

@@ -17,11 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 
 from tests.conftest import eventually, write_project
-from tests.identity.helpers import PG, Tables
+from tests.identity.helpers import CRM_SYSTEM, Tables, crm_sync, customer, sync_files
 
 
 @dataclass
@@ -97,32 +96,12 @@ async def marketing() -> AsyncIterator[Marketing]:
 
 
 def project(root: Path, t: Tables, m: Marketing) -> Path:
-    entity = {
-        "fields": {
-            "email": {"owner": "crm"},
-            "name": {"owner": "crm"},
-            "plan": {"owner": "marketing"},
-            "phone": {"rule": "latest"},
-        },
-        "match": [{"field": "email", "normalize": "email"}],
-        "systems": {
-            "crm": {
-                "id": "id",
-                "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"},
-            },
-            "marketing": {
-                "id": "contact.id",
-                "fields": {
-                    "email": "contact.email",
-                    "name": "contact.name",
-                    "plan": "contact.plan",
-                    "phone": "contact.phone",
-                },
-            },
-        },
-    }
+    entity = customer(
+        {"id": "id", "fields": {"email": "email", "name": "name", "plan": "plan", "phone": "phone"}},
+        {"id": "contact.id", "fields": {f: f"contact.{f}" for f in ("email", "name", "plan", "phone")}},
+    )
     systems = {
-        "crm": {"kind": "postgres", "owner": "sales", "allow_private_network": True, **PG},
+        "crm": CRM_SYSTEM,
         "marketing": {
             "kind": "http",
             "owner": "growth",
@@ -169,16 +148,7 @@ def project(root: Path, t: Tables, m: Marketing) -> Path:
         },
     ]
     flows = {
-        "crm_sync": {
-            "purpose": "CRM changes reach marketing",
-            "owner": "ops",
-            "sync": "customer",
-            "trigger": {
-                "schedule": {"every": "1s"},
-                "source": {"system": "crm", "table": t.crm, "cursor_column": "updated_at", "lookback": "5s"},
-            },
-            "destinations": dests,
-        },
+        "crm_sync": crm_sync(t.crm, dests),
         "marketing_sync": {
             "purpose": "marketing changes reach the CRM",
             "owner": "ops",
@@ -187,12 +157,7 @@ def project(root: Path, t: Tables, m: Marketing) -> Path:
             "destinations": dests,
         },
     }
-    files = {
-        "patchbay.yaml": yaml.safe_dump({"port": 0}),
-        "systems.yaml": yaml.safe_dump(systems, sort_keys=False),
-        "entities/customer.yaml": yaml.safe_dump(entity, sort_keys=False),
-    } | {f"flows/{n}.yaml": yaml.safe_dump(f, sort_keys=False) for n, f in flows.items()}
-    return write_project(root, files)
+    return write_project(root, sync_files(systems, entity, flows))
 
 
 async def test_crm_and_rest_marketing_converge_with_one_write_per_change(
