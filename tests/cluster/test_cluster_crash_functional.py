@@ -317,9 +317,10 @@ async def test_a_scheduler_killed_mid_run_fires_the_tick_once_on_another_process
     sink.default = 200
     root = orders_project(tmp_path, postgres_url(), slow_orders.url, sink.url)
     async with Cluster(root, LEAD_SECRETS) as cluster:
-        # The first scheduler starts alone, so it is the one that holds the schedule.
-        holder = await cluster.start("sched1", roles="scheduler")
-        await cluster.start("worker1", roles="worker")
+        # The first scheduler starts alone (the worker beside it runs no schedule), so it holds the schedule.
+        holder, _ = await asyncio.gather(
+            cluster.start("sched1", roles="scheduler"), cluster.start("worker1", roles="worker")
+        )
         await until(lambda: "order-1" in orders_at(sink), 30, "the first tick's order at the sink")
         await asyncio.gather(*(cluster.start(f"sched{i}", roles="scheduler") for i in (2, 3)))
 

@@ -61,13 +61,13 @@ async def test_two_web_one_worker_on_sqlite_under_sigkill_lose_no_acknowledged_e
 
     async with Cluster(root, LEAD_SECRETS) as cluster:
         worker = await cluster.start("worker", roles="worker,scheduler")
+        # The web processes start, and a second worker is refused meanwhile: exit 3, naming what holds the
+        # role and how to go on.
+        second = await cluster.start("worker-2", roles="worker", wait=False)
         webs = list(await asyncio.gather(*(cluster.start(f"web{i}", roles="web") for i in (1, 2))))
         urls = [f"{w.url}/hooks/lead-capture" for w in webs]  # a restarted web process keeps its port
         sender = Sender(urls)  # acknowledged, or sent again to the other web process
         accepted = sender.accepted  # n -> event id, once a web process answered 2xx
-
-        # A second worker is refused: exit 3, naming what holds the role and how to go on.
-        second = await cluster.start("worker-2", roles="worker", wait=False)
         assert await cluster.exited(second) == 3, second.log_tail()
         said = second.log_tail()
         assert "needs the worker role of this SQLite file, and another process runs it" in said
