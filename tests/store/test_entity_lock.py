@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -86,3 +87,37 @@ async def test_poll_until_sleeps_2_ms_doubling_to_50_ms_between_tries() -> None:
     expected = [0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05, 0.05]
     assert len(gaps) == len(expected)
     assert all(g >= e - 0.001 for g, e in zip(gaps, expected, strict=True)), gaps
+
+
+async def test_a_waiter_cancelled_while_its_try_is_on_the_way_to_postgresql_holds_nothing() -> None:
+    """PostgreSQL's try runs on a thread, which a cancel does not stop: a lock it takes after the cancel is let
+    go at once, not held by the session until the process ends."""
+    from patchbay.store.postgres import PostgresStore
+
+    url = postgres_url()
+    a, b = PostgresStore(url), PostgresStore(url)
+    tried = threading.Event()
+    call = b._entity_call
+
+    def watched(sql: str, key: int) -> bool:
+        try:
+            return call(sql, key)
+        finally:
+            tried.set()
+
+    b._entity_call = watched  # type: ignore[method-assign]
+    try:
+        b._entity_guard.acquire()  # b's try waits at its session's door...
+        waiter = asyncio.create_task(_hold(b, "customer", [], "b"))
+        await asyncio.sleep(0.1)
+        waiter.cancel()  # ...is cancelled there...
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        b._entity_guard.release()  # ...and then takes the lock, nobody holding it
+        assert await asyncio.to_thread(tried.wait, 5)
+        order: list[str] = []
+        await asyncio.wait_for(_hold(a, "customer", order, "a"), 5)
+        assert order == ["a"]
+    finally:
+        await a.close()
+        await b.close()

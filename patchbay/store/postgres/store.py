@@ -316,7 +316,20 @@ class PostgresStore(SqliteStore):
         key = int.from_bytes(
             hashlib.sha256(f"patchbay:entity:{self.schema or ''}:{entity}".encode()).digest()[:7], "big"
         )
-        await poll_until(lambda: asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key))
+
+        async def take() -> bool:
+            # The try runs on a thread, which a cancel does not stop: a lock it takes after the cancel is let
+            # go as soon as it answers, or the session would hold it (and other processes wait) until it closes.
+            attempt = asyncio.ensure_future(
+                asyncio.to_thread(self._entity_call, "SELECT pg_try_advisory_lock(%s)", key)
+            )
+            try:
+                return await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(lambda f: self._let_go_if_taken(f, key))
+                raise
+
+        await poll_until(take)
         try:
             yield
         finally:
@@ -324,6 +337,14 @@ class PostgresStore(SqliteStore):
                 await asyncio.to_thread(self._entity_call, "SELECT pg_advisory_unlock(%s)", key)
             except StoreUnavailable:
                 pass  # the session is gone, and its locks with it
+
+    def _let_go_if_taken(self, attempt: asyncio.Future[bool], key: int) -> None:
+        if attempt.cancelled() or attempt.exception() is not None or not attempt.result():
+            return
+        try:
+            self._exec.submit(self._entity_call, "SELECT pg_advisory_unlock(%s)", key)
+        except RuntimeError:  # the store is closing: its session ends, and the lock with it
+            pass
 
     def _entity_call(self, sql: str, key: int) -> bool:
         with self._entity_guard:
