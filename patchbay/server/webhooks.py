@@ -61,9 +61,8 @@ class WebhookEndpoint:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.m_received.inc()
-        turn = (
-            await self.hub.intake.enter()
-        )  # while deliveries fall behind: a few at a time (engine/intake.py)
+        # While a destination of this process falls behind: a few at a time (engine/intake.py).
+        turn = await self.hub.intake.enter()
         try:
             return await self._handle(request)
         except RejectedRequest as exc:
