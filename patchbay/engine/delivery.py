@@ -37,6 +37,9 @@ from patchbay.store.base import AttemptResult, DueDelivery, Store
 
 log = logging.getLogger("patchbay.delivery")
 
+# An attempt: its delivery, the answer, what was decided and the row that records it.
+AttemptRow = tuple[DueDelivery, Outcome, Decision, AttemptResult]
+
 
 class DestinationWorker:
     def __init__(
@@ -95,7 +98,7 @@ class DestinationWorker:
         self._recorded: asyncio.Future[None] | None = None
         # Results the store could not record (disk full): their deliveries stay leased (never re-sent
         # before their result is recorded), nothing new is sent, and a retry records them in order.
-        self._held: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]] = []
+        self._held: list[AttemptRow] = []
         self._recordable = asyncio.Event()
         self._recordable.set()
         self._rerecord: asyncio.Task[None] | None = None
@@ -117,9 +120,12 @@ class DestinationWorker:
     # -------------------------------------------------------------- control
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._feed(), name=f"feed {self.flow}/{self.name}"))
-        work = self._work if self.batch is None else self._work_batches
-        for i in range(self.policy.max_concurrency):
-            self._tasks.append(asyncio.create_task(work(), name=f"send {self.flow}/{self.name} #{i}"))
+        for i in range(
+            2 * self.policy.max_concurrency
+        ):  # two a slot: one sending while one's record is written
+            self._tasks.append(
+                asyncio.create_task(self._send_loop(), name=f"send {self.flow}/{self.name} #{i}")
+            )
 
     @property
     def running(self) -> bool:
@@ -326,37 +332,77 @@ class DestinationWorker:
     async def _sleep(self, seconds: float) -> None:
         await wait_set(self.wake, seconds)
 
-    async def _work(self) -> None:
+    async def _send_loop(self) -> None:
+        """A sender: take work from the queue (one delivery, or a batch's members), send it on a sending slot,
+        record its attempts. The slot is a request in flight (max_concurrency), so it is given back once the
+        answer is in and the next request goes while this one's record is written: there are two senders
+        per slot. An answer that pauses or disables the destination keeps its slot until that change is
+        recorded, so that nothing more is sent meanwhile."""
         while True:
-            d = await self.queue.get()
-            await self._recordable.wait()  # sending what cannot be recorded would only send it again
-            if self.queue.qsize() < self._low_water:
-                self.wake.set()  # the feeder refills before the queue runs dry
-            if self.state != "active" or d.id not in self.leased:  # paused, or taken over meanwhile
-                if d.id in self.leased:
-                    self.leased.discard(d.id)
-                    self._let_go({d.id})
+            members = self._ours(await self._take())
+            if not members:
                 continue
             await self._slot()
+            members = self._ours(members)  # the destination may have paused while this waited for a slot
+            if not members:
+                continue
             self.sending += 1
-            self.inflight += 1
-            self._in_flight.add(d.id)
+            self.inflight += len(members)
+            self._in_flight.update(d.id for d in members)
+            holding = True
             try:
-                if self.bucket is not None:
-                    await self.bucket.wait()
-                await self._attempt(d)
+                rows = await self._send(members)
+                if not any(decision.destination_state for _, _, decision, _ in rows):
+                    holding = False
+                    self._slot_done()
+                await self._finish(rows)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("delivering %s to %s/%s", d.event_id, self.flow, self.name)
+                what = members[0].event_id if self.batch is None else f"a batch of {len(members)}"
+                log.exception("delivering %s to %s/%s", what, self.flow, self.name)
             finally:
-                self.inflight -= 1
-                self._in_flight.discard(d.id)
-                self._slot_done()
-                if not any(h[0].id == d.id for h in self._held):
-                    self.leased.discard(d.id)
+                self.inflight -= len(members)
+                self._in_flight.difference_update(d.id for d in members)
+                if holding:
+                    self._slot_done()
+                held = {h[0].id for h in self._held}
+                for d in members:
+                    if d.id not in held:
+                        self.leased.discard(d.id)
 
-    async def _attempt(self, d: DueDelivery) -> None:
+    async def _take(self) -> list[DueDelivery]:
+        """The next work from the queue: one delivery, or a batch's members."""
+        if self.batch is not None:
+            await self._recordable.wait()
+            async with self._assembling:
+                return await self._take_batch()
+        d = await self.queue.get()
+        await self._recordable.wait()  # sending what cannot be recorded would only send it again
+        if self.queue.qsize() < self._low_water:
+            self.wake.set()  # the feeder refills before the queue runs dry
+        return [d]
+
+    def _ours(self, members: list[DueDelivery]) -> list[DueDelivery]:
+        """Those of `members` still this sender's to send: not those taken over meanwhile, and none while the
+        destination is not active (their claims are let go, so the order of arrival holds after resume)."""
+        members = [d for d in members if d.id in self.leased]
+        if self.state != "active" and members:
+            for d in members:
+                self.leased.discard(d.id)
+            self._let_go({d.id for d in members})
+            return []
+        return members
+
+    async def _send(self, members: list[DueDelivery]) -> list[AttemptRow]:
+        """Send the members (one request each, or one batch) and decide each attempt's row."""
+        rows: list[AttemptRow] = []
+        if self.batch is not None:
+            await self._send_members(members, rows)
+            return rows
+        d = members[0]
+        if self.bucket is not None:
+            await self.bucket.wait()
         started = time.time()
         t0 = time.perf_counter()
         try:
@@ -374,29 +420,20 @@ class DestinationWorker:
             self._check_answer(d, outcome)
         if not outcome.latency_ms:  # every attempt records how long it took, even one that raised
             outcome.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-        decision = decide(outcome, d.retries, self.policy, time.time(), self.rng)
-        if self.on_attempt:
-            self.on_attempt(self.flow, self.name, outcome)
-        result = AttemptResult(
-            d.id,
-            d.event_id,
-            started,
-            outcome.latency_ms,
-            outcome.status_code,
-            outcome.cls.value,
-            outcome.excerpt,
-            attempt_note(outcome, decision),
-            decision.status,
-            decision.next_at,
-            decision.consumed_retry,
-            outcome.fields if outcome.cls is OutcomeClass.SUCCESS else None,
-        )
+        self._row(rows, d, outcome, started, "")
+        return rows
+
+    async def _finish(self, rows: list[AttemptRow]) -> None:
+        """Record the attempts' rows in one store operation (with this tick's other results), then what
+        follows each; what the store cannot write is held, its deliveries still claimed."""
         try:
-            await self._record(result)
+            await self._record_many([r[3] for r in rows])
         except StoreUnavailable as exc:
-            self._hold(d, outcome, decision, result, exc)
+            for d, outcome, decision, result in rows:
+                self._hold(d, outcome, decision, result, exc)
             return
-        await self._recorded_one(d, outcome, decision)
+        for d, outcome, decision, _ in rows:
+            await self._recorded_one(d, outcome, decision)
 
     def _check_answer(self, d: DueDelivery, outcome: Outcome) -> None:
         """A success's answer against the flow's response contract; the drift goes into the attempt's note."""
@@ -505,41 +542,6 @@ class DestinationWorker:
         self.wake.set()
 
     # -------------------------------------------------------------- batches
-    async def _work_batches(self) -> None:
-        """A sender of a batching destination: take up to max_records (waiting at most max_wait for more
-        after the first), send them in one request, record each member's attempt."""
-        while True:
-            await self._recordable.wait()
-            async with self._assembling:
-                members = await self._take_batch()
-            members = [d for d in members if d.id in self.leased]  # not those taken over meanwhile
-            if self.state != "active":
-                for d in members:
-                    self.leased.discard(d.id)
-                if members:
-                    self._let_go({d.id for d in members})
-                continue
-            if not members:
-                continue
-            await self._slot()
-            self.sending += 1
-            self.inflight += len(members)
-            self._in_flight.update(d.id for d in members)
-            try:
-                await self._attempt_batch(members)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("delivering a batch of %d to %s/%s", len(members), self.flow, self.name)
-            finally:
-                self.inflight -= len(members)
-                self._in_flight.difference_update(d.id for d in members)
-                self._slot_done()
-                held = {h[0].id for h in self._held}
-                for d in members:
-                    if d.id not in held:
-                        self.leased.discard(d.id)
-
     async def _take_batch(self) -> list[DueDelivery]:
         assert self.batch is not None
         members = [await self.queue.get()]
@@ -561,10 +563,8 @@ class DestinationWorker:
                 break
         return members
 
-    async def _attempt_batch(self, members: list[DueDelivery]) -> None:
-        """Send the members (splitting or re-sending as their outcomes ask), then record every attempt row
-        of every member in one store operation."""
-        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]] = []
+    async def _send_members(self, members: list[DueDelivery], rows: list[AttemptRow]) -> None:
+        """A batch: send the members (splitting or re-sending as their outcomes ask), a row each in `rows`."""
         ready: list[tuple[DueDelivery, dict[str, Any], Any]] = []
         for d in members:
             try:
@@ -577,19 +577,11 @@ class DestinationWorker:
         depth = math.ceil(math.log2(max(2, self.batch.max_records))) + 2
         if ready:
             await self._send_batch(ready, rows, depth)
-        try:
-            await self._record_many([r[3] for r in rows])
-        except StoreUnavailable as exc:
-            for d, outcome, decision, result in rows:
-                self._hold(d, outcome, decision, result, exc)
-            return
-        for d, outcome, decision, _ in rows:
-            await self._recorded_one(d, outcome, decision)
 
     async def _send_batch(
         self,
         group: list[tuple[DueDelivery, dict[str, Any], Any]],
-        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]],
+        rows: list[AttemptRow],
         depth: int,
     ) -> None:
         """One request for `group`; members the answer refused as a whole are split into halves, members
@@ -637,7 +629,7 @@ class DestinationWorker:
 
     def _row(
         self,
-        rows: list[tuple[DueDelivery, Outcome, Decision, AttemptResult]],
+        rows: list[AttemptRow],
         d: DueDelivery,
         outcome: Outcome,
         started: float,

@@ -227,3 +227,47 @@ async def test_rate_limit_spreads_attempts(tmp_path, sink, start_hub):
     times = sorted(r.at for r in sink.received)
     # A bucket of 10 tokens, then 10/s: 25 attempts need at least 1.5 s.
     assert times[-1] - times[0] >= 1.3
+
+
+async def test_the_next_request_goes_while_the_last_ones_record_is_written_and_never_two_at_once(
+    tmp_path, sink, start_hub
+):
+    """A sending slot is a request in flight (max_concurrency), not a request and its record: with the
+    store's writes held, a second request still goes to the destination, and never two at once."""
+    at_once, peak = 0, 0
+
+    async def counting(request, rec):
+        nonlocal at_once, peak
+        at_once += 1
+        peak = max(peak, at_once)
+        await asyncio.sleep(0.02)
+        at_once -= 1
+        return 201
+
+    sink.default = counting
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery={**FAST, "max_concurrency": 1}))
+    gate, record = asyncio.Event(), hub.store.record
+
+    async def held(results):
+        await gate.wait()
+        return await record(results)
+
+    hub.store.record = held
+    try:
+        ids = [(await hub.post("/hooks/lead-capture", lead(n)))[1]["event_id"] for n in range(4)]
+        await eventually(lambda: _at_least(sink, 2), what="a second request while the first's record waits")
+        assert {(await hub.run(i))["status"] for i in ids} == {"pending"}  # nothing recorded yet
+    finally:
+        gate.set()
+    await sink.wait_for(4)
+    for i in ids:
+        await eventually(lambda i=i: _delivered(hub, i), what=f"{i} recorded as delivered")
+    assert peak == 1 and len(sink.received) == 4
+
+
+async def _at_least(sink, n: int) -> bool:
+    return len(sink.received) >= n
+
+
+async def _delivered(hub, event_id: str) -> bool:
+    return (await hub.run(event_id))["status"] == "delivered"
