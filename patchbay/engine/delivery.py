@@ -120,12 +120,10 @@ class DestinationWorker:
     # -------------------------------------------------------------- control
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._feed(), name=f"feed {self.flow}/{self.name}"))
-        for i in range(
-            2 * self.policy.max_concurrency
-        ):  # two a slot: one sending while one's record is written
-            self._tasks.append(
-                asyncio.create_task(self._send_loop(), name=f"send {self.flow}/{self.name} #{i}")
-            )
+        # Two senders a slot: one sending while the other's record is written (_send_loop).
+        for i in range(2 * self.policy.max_concurrency):
+            name = f"send {self.flow}/{self.name} #{i}"
+            self._tasks.append(asyncio.create_task(self._send_loop(), name=name))
 
     @property
     def running(self) -> bool:

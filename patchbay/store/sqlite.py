@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from patchbay.errors import StoreUnavailable
 from patchbay.roles import ROLES, SCHEDULER, WORKER
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
@@ -277,7 +278,22 @@ class SqliteStore:
     async def due(
         self, flow: str, destination: str, now: float, limit: int, skip: set[int], after_id: int = 0
     ) -> list[DueDelivery]:
-        return await self._read(q_due, flow, destination, now, limit, frozenset(skip), after_id)
+        return await self._read(self._due_on_disk, flow, destination, now, limit, frozenset(skip), after_id)
+
+    def _due_on_disk(self, conn: sqlite3.Connection, *args: Any) -> list[DueDelivery]:
+        """Due deliveries, on disk before they are sent: a commit is seen before its fsync (_Syncer), here
+        or in another process, and an event sent but lost at a power cut would come again as another event."""
+        due = q_due(conn, *args)
+        if due:
+            try:
+                self._writer.syncer.sync()
+            except OSError as exc:
+                raise StoreUnavailable(
+                    f"reading due deliveries from the store {self.path}: an I/O error (putting the WAL on"
+                    f" disk: {exc})",
+                    "an I/O error",
+                ) from exc
+        return due
 
     async def next_due_at(self, flow: str, destination: str) -> float | None:
         return await self._read(q_next_due_at, flow, destination)

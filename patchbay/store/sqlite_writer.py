@@ -42,7 +42,8 @@ _STOP = object()
 
 
 class _Writer(threading.Thread):
-    """Group commit: one transaction (and one fsync) per batch of queued operations."""
+    """Group commit: one transaction per batch of queued operations, put on disk by the syncer (_Syncer)
+    outside the write lock; a batch of redoable writes alone (attempt records) does not wait for it."""
 
     def __init__(self, path: Path, max_batch: int = 512, probe_s: float = 1.0) -> None:
         super().__init__(name="patchbay-store-writer", daemon=True)
@@ -55,11 +56,11 @@ class _Writer(threading.Thread):
         self.max_batch = max_batch
         self.commits = 0
         self.relaxed_commits = 0  # of those, groups of redoable writes alone (store/common.py `redoable`)
-        self._relaxed = False  # the connection's synchronous level now: NORMAL (True) or FULL
         self.ops = 0
-        # Why writes fail right now (disk full, I/O error, damage), or None. Set and cleared only here,
-        # from what a transaction did: one log line when it starts, one when writes succeed again.
-        self.problem: str | None = None
+        self.syncer = _Syncer(path)
+        # Why transactions fail right now (disk full, I/O error, damage), or None. Set and cleared only
+        # here, from what a transaction did: one log line when it starts, one when writes succeed again.
+        self._problem: str | None = None
         self.probe_s = probe_s
         # Set (under `lock`) when the loop below ends: later work is refused, never left waiting.
         self.stopped = False
@@ -72,8 +73,17 @@ class _Writer(threading.Thread):
             self.q.put(item)
             return True
 
+    @property
+    def problem(self) -> str | None:
+        """Why writes fail right now: a transaction's condition, or the WAL that cannot be put on disk."""
+        return self._problem or self.syncer.problem
+
     def run(self) -> None:
         conn = connect(self.path)
+        # A commit does not wait for the disk here: the syncer puts it there after the write lock is let go
+        # (_Syncer), so that the next group, or another process's, commits during the fsync.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self.syncer.start()
         # Checkpoints run on their own thread (_Checkpointer), so no acknowledgement waits for one. Under
         # a sustained burst that thread may never catch the WAL complete; past WAL_LIMIT the writer then
         # checkpoints itself between two groups (nothing new is written meanwhile, so it completes) and
@@ -104,6 +114,8 @@ class _Writer(threading.Thread):
                     except sqlite3.Error as exc:
                         log.warning("checkpointing the store's WAL: %s", exc)
         finally:
+            self.syncer.q.put(_STOP)
+            self.syncer.join()  # every group committed is answered before the rest is refused
             conn.close()
             if self._wlock.turns:
                 log.info(
@@ -158,11 +170,13 @@ class _Writer(threading.Thread):
                 err.__cause__ = value
                 results[i] = (fut, False, err)
         self._set_problem(problem)
-        by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
-        for (loop, _, _, _), r in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append(r)
-        for loop, rs in by_loop.items():
-            loop.call_soon_threadsafe(_resolve, rs)
+        answers = [(loop, r) for (loop, _, _, _), r in zip(batch, results, strict=True)]
+        # What holds a promise (an accept, a decision) is answered once it is on disk; a group of redoable
+        # writes alone, or one where nothing was written, at once.
+        if any(ok for _, ok, _ in results) and not all(is_redoable(fn) for _, _, fn, _ in batch):
+            self.syncer.q.put(answers)
+        else:
+            _answer(answers)
 
     def _transaction(
         self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool
@@ -171,14 +185,7 @@ class _Writer(threading.Thread):
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
-        # A group of redoable writes alone (attempt records) commits without the fsync: a crash of the
-        # process loses nothing (the WAL is in the OS), a power cut at most those records. Measured on the
-        # split (web + worker processes): the worker held the write lock 4.2-5.5 s per run instead of
-        # 8.4-10.4 s; delivered/s stayed the same (the next accept's fsync carries those pages).
         relaxed = all(is_redoable(fn) for _, _, fn, _ in batch)
-        if relaxed != self._relaxed:
-            conn.execute("PRAGMA synchronous=NORMAL" if relaxed else "PRAGMA synchronous=FULL")
-            self._relaxed = relaxed
         try:
             conn.execute("BEGIN IMMEDIATE")
             for _loop, fut, fn, args in batch:
@@ -222,14 +229,15 @@ class _Writer(threading.Thread):
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('write_probe', zeroblob(16384))")
             conn.execute("DELETE FROM meta WHERE key='write_probe'")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+            self.syncer.sync()
+        except (sqlite3.Error, OSError) as exc:
             _rollback(conn)
             self._set_problem(f"{store_condition(exc) or 'a write failed'} ({exc})")
             return
         self._set_problem(None)
 
     def _set_problem(self, problem: str | None) -> None:
-        if problem == self.problem:
+        if problem == self._problem:
             return
         if problem is None:
             log.warning("writing to the store %s succeeds again; ready", self.path)
@@ -240,7 +248,7 @@ class _Writer(threading.Thread):
                 self.path,
                 problem,
             )
-        self.problem = problem
+        self._problem = problem
 
 
 class WriteLock:
@@ -341,6 +349,94 @@ def _closed_error(path: Path) -> StoreClosed:
         f"writing to the store {path}: it is closed (the hub is stopping); try again once it runs",
         "the store is closed",
     )
+
+
+class _Syncer(threading.Thread):
+    """Puts committed groups on disk: one fsync of the WAL answers every group committed before it.
+
+    The writer commits with synchronous=NORMAL, releases the write lock and hands a group that holds a
+    promise (an accept, a decision) here; its callers hear of it after the fsync. The WAL's frames are then
+    on disk, or already in the database file (a checkpoint syncs the WAL before it copies, and the file after).
+    Durability is FULL's, but the write lock is no longer held through the fsync: measured on the SQLite split
+    (web + worker processes, docs/scaling.md), the web process held it about twice as long as with the fsync.
+    A reader may see a commit before its fsync: `SqliteStore.due` syncs before what it read is sent."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="patchbay-store-syncer", daemon=True)
+        self.path = path
+        self.wal = str(path) + "-wal"
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.syncs = 0
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        # Why the WAL cannot be put on disk right now, or None; cleared by the next fsync that succeeds.
+        self.problem: str | None = None
+
+    def sync(self) -> None:
+        """fsync the WAL (from any thread); OSError when it fails."""
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.wal, os.O_RDONLY)
+                os.fsync(self._fd)
+            except FileNotFoundError:  # no WAL (nothing written since the last close): all is in the file
+                return
+            except OSError as exc:
+                if self.problem is None:
+                    log.error("putting the store's WAL %s on disk fails: %s", self.wal, exc)
+                self.problem = f"an I/O error (fsync: {exc})"
+                raise
+            if self.problem is not None:
+                log.warning("putting the store's WAL %s on disk succeeds again", self.wal)
+            self.problem = None
+            self.syncs += 1
+
+    def run(self) -> None:
+        try:
+            while True:
+                groups, stop = [self.q.get()], False
+                while True:
+                    try:
+                        groups.append(self.q.get_nowait())
+                    except queue.Empty:
+                        break
+                if _STOP in groups:
+                    stop = True
+                    groups = [g for g in groups if g is not _STOP]
+                if groups:
+                    self._answer(groups)
+                if stop:
+                    return
+        finally:
+            with self._lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+
+    def _answer(self, groups: list[list[tuple[Any, tuple[Any, bool, Any]]]]) -> None:
+        try:
+            self.sync()
+        except OSError as exc:  # committed, but not known to be on disk: the callers hear it failed
+            err = StoreUnavailable(
+                f"writing to the store {self.path}: an I/O error (putting the WAL on disk: {exc})",
+                "an I/O error",
+            )
+            err.__cause__ = exc
+            groups = [
+                [(loop, (fut, False, err) if ok else (fut, ok, v)) for loop, (fut, ok, v) in g]
+                for g in groups
+            ]
+        for g in groups:
+            _answer(g)
+
+
+def _answer(answers: list[tuple[Any, tuple[Any, bool, Any]]]) -> None:
+    """Each caller's result, on its own event loop."""
+    by_loop: dict[Any, list[tuple[Any, bool, Any]]] = {}
+    for loop, r in answers:
+        by_loop.setdefault(loop, []).append(r)
+    for loop, rs in by_loop.items():
+        loop.call_soon_threadsafe(_resolve, rs)
 
 
 def _resolve(results: Iterable[tuple[Any, bool, Any]]) -> None:

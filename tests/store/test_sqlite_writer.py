@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from patchbay.errors import StoreUnavailable
 from patchbay.store.common import is_redoable, redoable
 from patchbay.store.sqlite import SqliteStore, StoreClosed
 from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch, tx_record
@@ -127,42 +128,80 @@ def _stop() -> object:
 
 
 @redoable
-def insert_redoable(conn: sqlite3.Connection, v: str) -> int:
-    """An insert that may be lost in a power cut; answers the synchronous level its group commits at."""
+def insert_redoable(conn: sqlite3.Connection, v: str) -> str:
+    """An insert that may be lost in a power cut (an attempt record is one)."""
     conn.execute("INSERT INTO t(v) VALUES(?)", (v,))
-    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+    return v
 
 
-def insert_durable(conn: sqlite3.Connection, v: str) -> int:
-    conn.execute("INSERT INTO t(v) VALUES(?)", (v,))
-    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
-
-
-NORMAL, FULL = 1, 2
-
-
-async def test_a_group_of_redoable_writes_alone_commits_without_waiting_for_the_disk(store):
-    assert await one_group(store, *[(insert_redoable, f"r{i}") for i in range(3)]) == [NORMAL] * 3
-    assert store.stats["relaxed_commits"] == 1
-    # One write that must survive a power cut in the group: the whole group waits for the disk.
-    assert await one_group(store, (insert_redoable, "a"), (insert_durable, "b")) == [FULL, FULL]
-    assert await store.write(insert_durable, "c") == FULL
-    assert await store.write(insert_redoable, "d") == NORMAL
-    assert store.stats["relaxed_commits"] == 2
-    # Committed all the same: a new connection reads every row.
-    fresh = sqlite3.connect(store.path)
+def fresh_values(store: SqliteStore) -> list[str]:
+    """What another connection reads: what is committed, on disk or not yet."""
+    conn = sqlite3.connect(store.path)
     try:
-        assert sorted(r[0] for r in fresh.execute("SELECT v FROM t")) == [
-            "a",
-            "b",
-            "c",
-            "d",
-            "r0",
-            "r1",
-            "r2",
-        ]
+        return sorted(r[0] for r in conn.execute("SELECT v FROM t"))
     finally:
-        fresh.close()
+        conn.close()
+
+
+async def test_a_group_of_redoable_writes_alone_is_answered_without_waiting_for_the_disk(store):
+    syncs = store._writer.syncer.syncs
+    assert await one_group(store, *[(insert_redoable, f"r{i}") for i in range(3)]) == ["r0", "r1", "r2"]
+    assert store.stats["relaxed_commits"] == 1
+    assert store._writer.syncer.syncs == syncs + 1  # the holding operation's group (one_group) alone
+    # One write that must survive a power cut in the group: the group is answered after an fsync.
+    syncs = store._writer.syncer.syncs
+    assert await one_group(store, (insert_redoable, "a"), (insert, "b")) == ["a", "b"]
+    assert store._writer.syncer.syncs >= syncs + 1  # the holder's and this group's: one fsync or two
+    syncs = store._writer.syncer.syncs
+    assert await store.write(insert, "c") == "c"
+    assert store._writer.syncer.syncs == syncs + 1
+    assert fresh_values(store) == ["a", "b", "c", "r0", "r1", "r2"]
+
+
+async def test_the_writer_goes_on_while_a_group_is_put_on_disk_and_its_callers_wait_for_that(
+    store, monkeypatch
+):
+    """The fsync runs after the write lock is let go: the next group (here a record) commits and is
+    answered meanwhile; the caller of the group being put on disk hears only once it is there."""
+    from patchbay.store import sqlite_writer
+
+    entered, release, fsync = threading.Event(), threading.Event(), sqlite_writer.os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        fsync(fd)
+
+    monkeypatch.setattr(sqlite_writer.os, "fsync", slow_fsync)
+    try:
+        first = asyncio.ensure_future(store.write(insert, "accepted"))
+        await asyncio.to_thread(entered.wait, 10)
+        assert await asyncio.wait_for(store.write(insert_redoable, "record"), 5) == "record"
+        assert fresh_values(store) == ["accepted", "record"]  # both committed...
+        await asyncio.sleep(0.1)
+        assert not first.done()  # ...but the first caller waits for its fsync
+    finally:
+        release.set()
+    assert await first == "accepted"
+
+
+async def test_a_failed_fsync_fails_its_callers_says_why_and_the_next_one_recovers(store, monkeypatch):
+    from patchbay.store import sqlite_writer
+
+    fsync, fail = sqlite_writer.os.fsync, [True]
+
+    def failing_fsync(fd: int) -> None:
+        if fail:
+            fail.clear()
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(sqlite_writer.os, "fsync", failing_fsync)
+    with pytest.raises(StoreUnavailable, match="putting the WAL on disk"):
+        await store.write(insert, "a")
+    assert "I/O error" in (store.problem or "")
+    assert await store.write(insert, "b") == "b"
+    assert store.problem is None
 
 
 def test_only_an_attempt_record_is_redoable_on_the_hot_path():
@@ -170,3 +209,21 @@ def test_only_an_attempt_record_is_redoable_on_the_hot_path():
     which at-least-once delivery allows; an accepted event must never be lost, so its commit waits."""
     assert is_redoable(tx_record)
     assert not is_redoable(tx_accept) and not is_redoable(tx_accept_batch)
+
+
+async def test_due_deliveries_are_on_disk_before_they_are_handed_out(tmp_path):
+    """A commit is seen before its fsync (another process's too): what `due` hands out to be sent is synced
+    first, so an event lost in a power cut was never sent."""
+    from tests.store.test_conformance import due, event
+
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        syncs = store._writer.syncer.syncs
+        assert await due(store) == []
+        assert store._writer.syncer.syncs == syncs  # nothing to hand out, nothing to sync
+        await store.accept(event())
+        syncs = store._writer.syncer.syncs
+        assert len(await due(store)) == 1
+        assert store._writer.syncer.syncs == syncs + 1
+    finally:
+        await store.close()
