@@ -1,9 +1,11 @@
-"""The embedded store: one SQLite file in WAL mode, synchronous=FULL, with group commit.
+"""The embedded store: one SQLite file in WAL mode, with group commit.
 
 Writes go through one writer thread that takes every operation waiting in its queue, runs them
-inside one transaction (each in its own savepoint only when one of them fails), commits once (one fsync for the whole group) and
-only then resolves the callers' futures: an acknowledged event is on disk. Reads use a second
-connection on a reader thread, so a slow query never blocks the event loop or the writer.
+inside one transaction (each in its own savepoint only when one of them fails) and commits once; a
+syncer thread then puts the WAL on disk (one fsync for every group committed before it, after the
+write lock is let go) and only then resolves the callers' futures: an acknowledged event is on disk
+(sqlite_writer.py). Reads use a second connection on a reader thread, so a slow query never blocks
+the event loop or the writer; due deliveries are synced before they are handed out to be sent.
 """
 
 from __future__ import annotations

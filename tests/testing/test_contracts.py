@@ -14,7 +14,7 @@ from patchbay.contracts import learn
 from patchbay.engine.hub import Hub
 from patchbay.engine.sources import poll_once
 from patchbay.store.queries import get_run
-from tests.conftest import resolver, write_project
+from tests.conftest import eventually, resolver, write_project
 
 
 def test_learn_then_check_names_each_kind_of_drift():
@@ -76,20 +76,29 @@ def _source_project(root: Path, alert_url: str = "http://127.0.0.1:9") -> Path:
     )
 
 
-async def _poll(root: Path) -> tuple[Hub, list[str]]:
+async def _poll(root: Path, events: int) -> tuple[Hub, list[str]]:
+    """Start a hub and poll; returns once `events` events are stored: the schedule's first tick at the start
+    polls too, and may be the one that takes the records while this poll finds none."""
     hub = Hub(load_or_raise(root), resolver=resolver())
     await hub.start()
     fr = hub.flows["orders"]
     await poll_once(hub, fr, fr.source)
-    assert hub.store is not None
-    ids = await hub.store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")])
+    store = hub.store
+    assert store is not None
+    ids: list[str] = []
+
+    async def stored() -> bool:
+        ids[:] = await store.read(lambda c: [r[0] for r in c.execute("SELECT id FROM events ORDER BY id")])
+        return len(ids) >= events
+
+    await eventually(stored, what=f"{events} events stored")
     return hub, ids
 
 
 async def test_a_source_that_drops_a_field_raises_a_drift_alert_in_the_next_run(tmp_path, caplog, sink):
     root = _source_project(tmp_path, sink.url)
     (root / "out").mkdir()
-    hub, ids = await _poll(root)
+    hub, ids = await _poll(root, 2)
     assert hub.alert_manager is not None
     assert await hub.alert_manager.evaluate() == []  # no contract yet: nothing to drift from
     await hub.stop()
@@ -110,7 +119,7 @@ async def test_a_source_that_drops_a_field_raises_a_drift_alert_in_the_next_run(
         conn.execute("ALTER TABLE orders ADD COLUMN currency TEXT")
         conn.execute("INSERT INTO orders(id, email, currency) VALUES(3, 'e@f.co', 'EUR')")
     conn.close()
-    hub, ids = await _poll(root)
+    hub, ids = await _poll(root, 3)
     try:
         run = await hub.store.read(get_run, ids[-1])  # type: ignore[union-attr]
         assert run is not None and run["status"] in ("pending", "delivered")
@@ -119,7 +128,10 @@ async def test_a_source_that_drops_a_field_raises_a_drift_alert_in_the_next_run(
             "total: missing (the contract says number)",
             "currency: new field (string), not in the contract",
         ]
-        assert hub.metrics.drift.labels("orders")._value.get() == 1
+        # Counted once the event's accept is answered (after its fsync; a reader may see it before).
+        await eventually(
+            lambda: _true(hub.metrics.drift.labels("orders")._value.get() == 1), what="drift counted"
+        )
         assert f"contract drift in orders, event {ids[-1]}: total: missing" in caplog.text
         # The drifted event wakes the alert loop: the alert goes out without waiting for its next tick.
         await sink.wait_for(1)  # delivered to the notify system like any alert
@@ -196,3 +208,7 @@ async def test_learning_from_encrypted_events_sees_the_types_the_sender_sent(tmp
     assert res.exit_code == 0, res.output
     pinned = yaml.safe_load((root / "flows" / "lead-capture.contract.yaml").read_text())
     assert pinned["fields"] == {"email": "string", "salary": "number"}
+
+
+async def _true(value: bool) -> bool:
+    return value
