@@ -21,6 +21,7 @@ holds at most `2 x max_records` queued plus `max_concurrency x max_records` in f
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -111,7 +112,9 @@ class DestinationWorker:
         self.renew_s = renew_s
         self.slots = 0
         self.sending = 0  # requests in flight (a batch is one)
-        self._slot_freed = asyncio.Event()
+        # Senders waiting for a slot, first come first served: a freed slot wakes one of them, not all (with
+        # two senders a slot, waking every waiter at each answer cost the hub ~0.08 ms of CPU per event).
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._renew_at = 0.0
         self._slots_at = 0.0
         self._has_work = True
@@ -294,7 +297,7 @@ class DestinationWorker:
         self.slots = await self.store.take_slots(
             self.flow, self.name, self.policy.max_concurrency, want, busy=self.sending
         )
-        self._slot_freed.set()
+        self._wake_senders(self.slots)
         self._slots_at = now + 1.0
         if renew:
             self._renew_at = now + self.renew_s
@@ -320,12 +323,29 @@ class DestinationWorker:
     async def _slot(self) -> None:
         """Wait for a sending slot of this worker's own; the caller counts itself in `sending` at once."""
         while self.sending >= self.slots:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_senders(1)  # the slot it was woken for goes to the next one
+                raise
+            finally:
+                if not waiter.done():
+                    self._slot_waiters.remove(waiter)
 
     def _slot_done(self) -> None:
         self.sending -= 1
-        self._slot_freed.set()
+        self._wake_senders(1)
+
+    def _wake_senders(self, n: int) -> None:
+        """Wake up to `n` senders waiting for a slot, in the order they came."""
+        while n > 0 and self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                n -= 1
 
     async def _sleep(self, seconds: float) -> None:
         await wait_set(self.wake, seconds)
