@@ -293,24 +293,7 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
         _record_each(conn, results)
         return
     now = time.time()
-    rows = orjson.dumps(
-        [
-            [
-                r.delivery_id,
-                r.new_status,
-                1 if r.consumed_retry else 0,
-                r.next_at,
-                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"),
-                r.started_at,
-                r.latency_ms,
-                r.status_code,
-                r.outcome,
-                r.excerpt,
-                r.error,
-            ]
-            for r in results
-        ]
-    ).decode()
+    rows = orjson.dumps([_record_row(r) for r in results]).decode()
     conn.execute(_RECORD_DELIVERIES, (now, rows))
     conn.execute(_RECORD_ATTEMPTS, (rows,))
     answered = [(r.delivery_id, _j(r.response), now) for r in results if r.response is not None]
@@ -321,36 +304,40 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
         conn.execute(_RECORD_EVENTS, (now, orjson.dumps(events).decode()))
 
 
+def _record_row(r: AttemptResult) -> list[Any]:
+    """An attempt record's values in the order of `_RECORD_ROWS`: the delivery's, then the attempt's."""
+    last_error = None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}")
+    retry = 1 if r.consumed_retry else 0
+    return [
+        r.delivery_id,
+        r.new_status,
+        retry,
+        r.next_at,
+        last_error,
+        r.started_at,
+        r.latency_ms,
+        r.status_code,
+        r.outcome,
+        r.excerpt,
+        r.error,
+    ]
+
+
 def _record_each(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
     """One delivery's attempts in order (a batch member split or sent again has several in one record)."""
     now = time.time()
     events: set[str] = set()
     for r in results:
+        d, status, retry, next_at, last_error, *attempt = _record_row(r)
         conn.execute(
             "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
             " last_error=?, updated_at=? WHERE id=?",
-            (
-                r.new_status,
-                1 if r.consumed_retry else 0,
-                r.next_at,
-                None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}"),
-                now,
-                r.delivery_id,
-            ),
+            (status, retry, next_at, last_error, now, d),
         )
         conn.execute(
             "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome, excerpt, error)"
             " VALUES(?, (SELECT attempts FROM deliveries WHERE id=?), ?, ?, ?, ?, ?, ?)",
-            (
-                r.delivery_id,
-                r.delivery_id,
-                r.started_at,
-                r.latency_ms,
-                r.status_code,
-                r.outcome,
-                r.excerpt,
-                r.error,
-            ),
+            (d, d, *attempt),
         )
         if r.response is not None:
             conn.execute(
