@@ -358,7 +358,7 @@ class _Syncer(threading.Thread):
     promise (an accept, a decision) here; its callers hear of it after the fsync. The WAL's frames are then
     on disk, or already in the database file (a checkpoint syncs the WAL before it copies, and the file after).
     Durability is FULL's, but the write lock is no longer held through the fsync: measured on the SQLite split
-    (web + worker processes, docs/scaling.md), the web process held it about twice as long as with the fsync.
+    (web + worker processes, docs/scaling.md), the web process held it twice as long with the fsync inside.
     A reader may see a commit before its fsync: `SqliteStore.due` syncs before what it read is sent."""
 
     def __init__(self, path: Path) -> None:
