@@ -173,7 +173,11 @@ class _Writer(threading.Thread):
         answers = [(loop, r) for (loop, _, _, _), r in zip(batch, results, strict=True)]
         # What holds a promise (an accept, a decision) is answered once it is on disk; a group of redoable
         # writes alone, or one where nothing was written, at once.
-        if any(ok for _, ok, _ in results) and not all(is_redoable(fn) for _, _, fn, _ in batch):
+        written = any(ok for _, ok, _ in results)
+        if written and all(is_redoable(fn) for _, _, fn, _ in batch):
+            self.relaxed_commits += 1
+            _answer(answers)
+        elif written:
             self.syncer.q.put(answers)
         else:
             _answer(answers)
@@ -185,7 +189,6 @@ class _Writer(threading.Thread):
         raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
         operation fails alone and never sinks the others."""
         results: list[tuple[Any, bool, Any]] = []
-        relaxed = all(is_redoable(fn) for _, _, fn, _ in batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
             for _loop, fut, fn, args in batch:
@@ -206,7 +209,6 @@ class _Writer(threading.Thread):
                     results.append((fut, False, exc))
             conn.execute("COMMIT")
             self.commits += 1
-            self.relaxed_commits += relaxed
             self.ops += len(batch)
             return results
         except _OpFailed:
