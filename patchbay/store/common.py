@@ -1,5 +1,6 @@
-"""What the store modules share: SQL helpers (JSON as text, an event's status, an audit row), a token bucket's
-grant, `poll_until` (the wait of both stores' entity locks) and `redoable` (writes that need not wait for the disk)."""
+"""What the store modules share: SQL helpers (JSON as text, an event's status, an audit row, an attempt's
+row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks) and `redoable` (writes
+that need not wait for the disk)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,33 @@ def redoable(fn: F) -> F:
     Anything acknowledged to a sender, and anything a user decided, waits for the disk (docs/delivery.md)."""
     fn.redoable = True  # type: ignore[attr-defined]
     return fn
+
+
+def attempt_row(r: Any) -> list[Any]:
+    """An attempt record's values (an AttemptResult's), in the order both stores' set-based records read them:
+    the delivery's (id, new status, retry consumed, next_at, last error), then the attempt's (started, latency,
+    status code, outcome, excerpt, error). A destination's words may hold a NUL byte, which neither store
+    keeps (PostgreSQL's text refuses it, SQLite's JSON functions cut the text there): it is shown as U+FFFD."""
+    error = _shown(r.error)
+    last_error = None if r.outcome == "success" else (error or f"HTTP {r.status_code}")
+    retry = 1 if r.consumed_retry else 0
+    return [
+        r.delivery_id,
+        r.new_status,
+        retry,
+        r.next_at,
+        last_error,
+        r.started_at,
+        r.latency_ms,
+        r.status_code,
+        r.outcome,
+        _shown(r.excerpt),
+        error,
+    ]
+
+
+def _shown(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def is_redoable(fn: Callable[..., Any]) -> bool:

@@ -22,7 +22,7 @@ from patchbay.store.base import (
     IdentityChanges,
     NewEvent,
 )
-from patchbay.store.common import _j, redoable, refresh_event_status, tx_audit
+from patchbay.store.common import _j, attempt_row, redoable, refresh_event_status, tx_audit
 from patchbay.store.identity import tx_identity_changes
 
 
@@ -293,7 +293,7 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
         _record_each(conn, results)
         return
     now = time.time()
-    rows = orjson.dumps([_record_row(r) for r in results]).decode()
+    rows = orjson.dumps([attempt_row(r) for r in results]).decode()
     conn.execute(_RECORD_DELIVERIES, (now, rows))
     conn.execute(_RECORD_ATTEMPTS, (rows,))
     answered = [(r.delivery_id, _j(r.response), now) for r in results if r.response is not None]
@@ -304,31 +304,12 @@ def tx_record(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
         conn.execute(_RECORD_EVENTS, (now, orjson.dumps(events).decode()))
 
 
-def _record_row(r: AttemptResult) -> list[Any]:
-    """An attempt record's values in the order of `_RECORD_ROWS`: the delivery's, then the attempt's."""
-    last_error = None if r.outcome == "success" else (r.error or f"HTTP {r.status_code}")
-    retry = 1 if r.consumed_retry else 0
-    return [
-        r.delivery_id,
-        r.new_status,
-        retry,
-        r.next_at,
-        last_error,
-        r.started_at,
-        r.latency_ms,
-        r.status_code,
-        r.outcome,
-        r.excerpt,
-        r.error,
-    ]
-
-
 def _record_each(conn: sqlite3.Connection, results: list[AttemptResult]) -> None:
     """One delivery's attempts in order (a batch member split or sent again has several in one record)."""
     now = time.time()
     events: set[str] = set()
     for r in results:
-        d, status, retry, next_at, last_error, *attempt = _record_row(r)
+        d, status, retry, next_at, last_error, *attempt = attempt_row(r)
         conn.execute(
             "UPDATE deliveries SET status=?, attempts=attempts+1, retries=retries+?, next_at=COALESCE(?, next_at),"
             " last_error=?, updated_at=? WHERE id=?",

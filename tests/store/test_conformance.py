@@ -223,6 +223,21 @@ async def test_one_record_call_updates_many_deliveries(store: Store) -> None:
     assert (await store.counts())["events"] == {"delivered": 10}
 
 
+async def test_a_nul_in_a_payload_or_in_a_destinations_answer_is_stored(store: Store) -> None:
+    """A string may hold NUL (\\u0000 in JSON) and a destination may answer with a NUL byte. PostgreSQL's text
+    holds no NUL and its JSON functions refuse \\u0000; SQLite's cut a text there. The event is kept whole,
+    and the attempt recorded with the answer's NUL shown as U+FFFD (store/common.py `attempt_row`)."""
+    e = event(body={"note": "a\x00b"})
+    e.meta["note"] = "a\x00b"
+    await store.accept(e)
+    [d] = await due(store)
+    await store.record([result(d, "transient", "pending", excerpt="a\x00b", error="HTTP 503: a\x00b")])
+    run = await store.get_run(e.id)
+    assert run is not None and run["payload"] == {"note": "a\x00b"} and run["meta"]["note"] == "a\x00b"
+    [attempt] = run["deliveries"][0]["attempts_log"]
+    assert (attempt["excerpt"], attempt["error"]) == ("a\ufffdb", "HTTP 503: a\ufffdb")
+
+
 # ------------------------------------------------------------------ destination states
 async def test_destination_states_keep_since_until_the_state_changes(store: Store) -> None:
     assert await store.destination_states() == {}
