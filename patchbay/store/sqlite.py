@@ -23,7 +23,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from patchbay.errors import StoreUnavailable
 from patchbay.roles import ROLES, SCHEDULER, WORKER
 from patchbay.store import api_queries as aq
 from patchbay.store import calls as cq
@@ -287,14 +286,7 @@ class SqliteStore:
         or in another process, and an event sent but lost at a power cut would come again as another event."""
         due = q_due(conn, *args)
         if due:
-            try:
-                self._writer.syncer.sync()
-            except OSError as exc:
-                raise StoreUnavailable(
-                    f"reading due deliveries from the store {self.path}: an I/O error (putting the WAL on"
-                    f" disk: {exc})",
-                    "an I/O error",
-                ) from exc
+            self._writer.syncer.on_disk("reading due deliveries from")
         return due
 
     async def next_due_at(self, flow: str, destination: str) -> float | None:

@@ -444,15 +444,21 @@ class _Syncer(threading.Thread):
                     os.close(self._fd)
                     self._fd = None
 
-    def _answer(self, groups: list[list[tuple[Any, tuple[Any, bool, Any]]]]) -> None:
+    def on_disk(self, doing: str) -> None:
+        """`sync`, its failure a StoreUnavailable that says what was being done (`doing` the store ...)."""
         try:
             self.sync()
-        except OSError as exc:  # committed, but not known to be on disk: the callers hear it failed
+        except OSError as exc:
             err = StoreUnavailable(
-                f"writing to the store {self.path}: an I/O error (putting the WAL on disk: {exc})",
+                f"{doing} the store {self.path}: an I/O error (putting the WAL on disk: {exc})",
                 "an I/O error",
             )
-            err.__cause__ = exc
+            raise err from exc
+
+    def _answer(self, groups: list[list[tuple[Any, tuple[Any, bool, Any]]]]) -> None:
+        try:
+            self.on_disk("writing to")
+        except StoreUnavailable as err:  # committed, but not known to be on disk: the callers hear it failed
             groups = [
                 [(loop, (fut, False, err) if ok else (fut, ok, v)) for loop, (fut, ok, v) in g]
                 for g in groups
