@@ -274,11 +274,13 @@ async def start_hub() -> AsyncIterator[HubFactory]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, what: str = "condition"
 ) -> None:
+    """Wait until `check()` (a plain or an async function) is true; fail after `timeout` naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
-        if await check():
+        ok = check()
+        if ok if isinstance(ok, bool) else await ok:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

@@ -26,8 +26,9 @@ async def scans_more(hub: Any, n: int) -> None:
     """Wait until each files source of the hub has scanned its folder `n` more times."""
     sources = [fr.source for fr in hub.hub.flows.values() if hasattr(fr.source, "scans")]
     start = [src.scans for src in sources]
-    done = holds(lambda: all(src.scans >= s + n for src, s in zip(sources, start, strict=True)))
-    await eventually(done, what=f"{n} more scans")
+    await eventually(
+        lambda: all(src.scans >= s + n for src, s in zip(sources, start, strict=True)), what=f"{n} more scans"
+    )
 
 
 def make(folder: Path, **cfg: Any) -> FilesSource:
@@ -73,13 +74,6 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
 
 def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
-def holds(pred: Callable[[], bool]) -> Callable[[], Any]:
-    async def check() -> bool:
-        return pred()
-
-    return check
 
 
 def age(path: Path, seconds: float = 60) -> None:
@@ -144,18 +138,17 @@ async def test_jsonl_and_csv_drops_reach_the_destination_and_move_to_done(tmp_pa
         {"order": 1, "total": 10.5},
         {"order": 2, "total": 20},
     ]
-    both_done = holds(lambda: names(inbox / "done") == ["leads.csv", "orders.jsonl"])
-    await eventually(both_done, what="moved to done")
+    await eventually(lambda: names(inbox / "done") == ["leads.csv", "orders.jsonl"], what="moved to done")
     assert names(inbox) == ["done", "later.jsonl.tmp"]
 
     # A new file with a used name is new; an identical copy of a processed file adds nothing.
     (inbox / "later.jsonl.tmp").rename(inbox / "orders.jsonl")
     await sink.wait_for(5)
     assert sink.received[-1].body == {"order": 99}
-    await eventually(holds(lambda: len(names(inbox / "done")) == 3), what="the second orders.jsonl moved")
+    await eventually(lambda: len(names(inbox / "done")) == 3, what="the second orders.jsonl moved")
     (inbox / "copy.tmp").write_bytes((inbox / "done" / "orders.jsonl").read_bytes())
     (inbox / "copy.tmp").rename(inbox / "orders.jsonl")  # written under a temporary name, then renamed
-    await eventually(holds(lambda: len(names(inbox / "done")) == 4), what="the copy moved")
+    await eventually(lambda: len(names(inbox / "done")) == 4, what="the copy moved")
     await scans_more(hub, 2)  # and nothing else comes of it
     assert len(sink.received) == 5
     assert await hub.count() == 5
@@ -194,7 +187,7 @@ async def test_crash_after_a_commit_mid_file_delivers_every_line_once(tmp_path, 
 
     # Second life: the file is read again from the top; the six committed lines are recognised.
     restarted = await start_hub(root)
-    await eventually(holds(lambda: names(inbox / "done") == ["big.jsonl"]), what="moved to done")
+    await eventually(lambda: names(inbox / "done") == ["big.jsonl"], what="moved to done")
     await sink.wait_for(20)
     await scans_more(restarted, 2)  # and nothing else comes
     assert await restarted.count() == 20
@@ -209,10 +202,10 @@ async def test_a_file_is_left_alone_until_it_is_old_enough(tmp_path):
     drop.write_bytes(jsonl([{"a": 1}]))
     task = asyncio.create_task(src.stream(engine.emit))
     try:
-        await eventually(holds(lambda: src.scans >= 2), what="two scans")
+        await eventually(lambda: src.scans >= 2, what="two scans")
         assert engine.batches == [] and names(tmp_path) == ["a.jsonl"]
         age(drop)  # the writer finished half a minute ago
-        await eventually(holds(lambda: names(tmp_path / "done") == ["a.jsonl"]), what="read once old enough")
+        await eventually(lambda: names(tmp_path / "done") == ["a.jsonl"], what="read once old enough")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -549,9 +549,7 @@ async def test_a_batch_whose_results_cannot_be_recorded_is_not_sent_again(tmp_pa
     try:
         hub = await start_hub(tmp_path)
         await post_all(hub, contacts(20), per_post=20)
-        await eventually(
-            lambda: _true(hub.hub.flows["f"].workers["crm"].inflight == 20), what="the batch sent"
-        )
+        await eventually(lambda: hub.hub.flows["f"].workers["crm"].inflight == 20, what="the batch sent")
         await hub.store.write(limit_pages)
         await fill_up(hub.store)
         Gated.gate.set()  # the API answers 200 for all; the store cannot record it
@@ -572,10 +570,6 @@ async def test_a_batch_whose_results_cannot_be_recorded_is_not_sent_again(tmp_pa
     finally:
         Gated.gate.set()
         await runner.cleanup()
-
-
-async def _true(v: bool) -> bool:
-    return v
 
 
 async def test_an_error_naming_no_record_is_never_taken_for_a_delivery():

@@ -51,19 +51,15 @@ async def test_while_a_destination_falls_behind_webhooks_are_taken_a_few_at_a_ti
     assert await burst(0) == [202] * 12
     assert peaks[-1] > 3
     # Twelve due at one a time, 80 ms each: the worker holds four and finds more due. It is behind.
-    await eventually(lambda: _true(hub.hub.intake.limited), what="the destination reported behind")
+    await eventually(lambda: hub.hub.intake.limited, what="the destination reported behind")
     assert hub.hub.intake.behind == {"lead-capture/crm"} and gauge() == 1.0
     assert await burst(100) == [202] * 12  # none refused...
     assert peaks[-1] <= 3  # ...but taken three at a time
     # Caught up: webhooks are taken as they come again.
     await sink.wait_for(24, timeout=20)
-    await eventually(lambda: _true(not hub.hub.intake.limited), what="the destination caught up")
+    await eventually(lambda: not hub.hub.intake.limited, what="the destination caught up")
     assert gauge() == 0.0
     assert await burst(200) == [202] * 12
     assert peaks[-1] > 3
     await sink.wait_for(36, timeout=20)
     assert await hub.count() == 36
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -141,7 +141,7 @@ async def test_a_delivery_whose_result_cannot_be_recorded_is_not_sent_again(
     )
     status, body = await rh.post("/hooks/lead-capture", {"email": "ada@example.com"})
     assert status == 202
-    await eventually(lambda: _true(len(sink.received) == 1), what="the first send")
+    await eventually(lambda: len(sink.received) == 1, what="the first send")
     await rh.store.write(limit_pages)
     await fill_up(rh.store)
     gate.set()  # the destination says 201; the store cannot record it
@@ -166,10 +166,6 @@ async def test_a_delivery_whose_result_cannot_be_recorded_is_not_sent_again(
     assert run["deliveries"][0]["attempts"] == 1 and run["status"] == "delivered"
     assert len(sink.received) == 1 and sink.keys == {run["deliveries"][0]["idempotency_key"]: 1}
     assert (await get(rh.url + "/readyz"))[0] == 200
-
-
-async def _true(v: bool) -> bool:
-    return v
 
 
 # ----------------------------------------------------------------------------- a real full disk
@@ -234,7 +230,7 @@ async def test_a_full_disk_under_a_real_serve(tmp_path, small_disk, sink):
         assert (await hub.post({"email": "first@example.com"}))[0] == 202
         status, held = await hub.post({"email": "held@example.com"})
         assert status == 202
-        await eventually(lambda: _true(len(sink.received) == 2), what="the held send")
+        await eventually(lambda: len(sink.received) == 2, what="the held send")
         filler_file = fill_disk(small_disk)
 
         statuses = []

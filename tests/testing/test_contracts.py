@@ -129,9 +129,7 @@ async def test_a_source_that_drops_a_field_raises_a_drift_alert_in_the_next_run(
             "currency: new field (string), not in the contract",
         ]
         # Counted once the event's accept is answered (after its fsync; a reader may see it before).
-        await eventually(
-            lambda: _true(hub.metrics.drift.labels("orders")._value.get() == 1), what="drift counted"
-        )
+        await eventually(lambda: hub.metrics.drift.labels("orders")._value.get() == 1, what="drift counted")
         assert f"contract drift in orders, event {ids[-1]}: total: missing" in caplog.text
         # The drifted event wakes the alert loop: the alert goes out without waiting for its next tick.
         await sink.wait_for(1)  # delivered to the notify system like any alert
@@ -208,7 +206,3 @@ async def test_learning_from_encrypted_events_sees_the_types_the_sender_sent(tmp
     assert res.exit_code == 0, res.output
     pinned = yaml.safe_load((root / "flows" / "lead-capture.contract.yaml").read_text())
     assert pinned["fields"] == {"email": "string", "salary": "number"}
-
-
-async def _true(value: bool) -> bool:
-    return value
