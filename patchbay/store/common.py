@@ -52,18 +52,6 @@ def _shown(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-def gathered(many: Callable[..., list[Any]]) -> Callable[[F], F]:
-    """Give a write a set-based form: `many(conn, [args of each call])` -> one result a call. The SQLite
-    writer runs consecutive calls of it in its group as one call of `many` (sqlite_writer.py); when the
-    group fails, each call runs alone again (`fn` itself), so one bad call fails alone."""
-
-    def mark(fn: F) -> F:
-        fn.many = many  # type: ignore[attr-defined]
-        return fn
-
-    return mark
-
-
 def is_redoable(fn: Callable[..., Any]) -> bool:
     return getattr(fn, "redoable", False) is True
 

@@ -22,7 +22,7 @@ from patchbay.store.base import (
     IdentityChanges,
     NewEvent,
 )
-from patchbay.store.common import _j, attempt_row, gathered, redoable, refresh_event_status, tx_audit
+from patchbay.store.common import _j, attempt_row, redoable, refresh_event_status, tx_audit
 from patchbay.store.identity import tx_identity_changes
 
 
@@ -88,105 +88,6 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
             ],
         )
     return Accepted(e.id)
-
-
-_EVENT_COLUMNS = "id, flow, dedupe_key, body_hash, received_at, updated_at, status, record_key, reason, payload, meta, trace"
-_DELIVERY_ROWS = (
-    "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at, last_error,"
-    " created_at, updated_at, order_key) SELECT value->>0, value->>1, value->>2, value->>3, value->>4,"
-    " value->>5, value->>6, value->>7, ?, ?, value->>8 FROM json_each(?) ORDER BY key"
-)
-_KEYS_SEEN = (
-    "SELECT flow, dedupe_key, id, body_hash FROM events WHERE (flow, dedupe_key) IN"
-    " (SELECT value->>0, value->>1 FROM json_each(?))"
-)
-
-
-def tx_accept_many(conn: sqlite3.Connection, calls: list[tuple[NewEvent]]) -> list[Accepted]:
-    """The accepts of a writer's group (`gathered`), as `tx_accept` one by one would make them, in a few
-    statements for all: each statement gives the GIL away while SQLite works, and the writer then waits
-    for it behind the busy event loop (~5 ms a hand-off), with the write lock held.
-    A dedupe key seen before, or earlier in the group, makes a duplicate of that run, as one by one. An
-    event with stateful steps (claims, windows), or a NUL in a text (SQLite's JSON functions cut a text
-    there), takes the one-by-one path for the whole group."""
-    events = [e for (e,) in calls]
-    if any(e.claims or e.windows for e in events):
-        return [tx_accept(conn, e) for e in events]
-    now = time.time()
-    rows = [
-        (
-            e.id,
-            e.flow,
-            d.destination,
-            d.status,
-            _j(d.request),
-            d.idempotency_key,
-            e.received_at,
-            d.error,
-            d.order_key,
-        )
-        for e in events
-        for d in e.deliveries
-    ]
-    deliveries = orjson.dumps(rows).decode()
-    if "\\u0000" in deliveries:
-        return [tx_accept(conn, e) for e in events]
-    out: list[Accepted | None] = [None] * len(events)
-    keyed = [(e.flow, e.dedupe_key) for e in events if e.dedupe_key is not None]
-    if keyed:
-        seen = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute(_KEYS_SEEN, (orjson.dumps(keyed).decode(),))}
-        for i, e in enumerate(events):
-            if e.dedupe_key is None:
-                continue
-            first = seen.get((e.flow, e.dedupe_key))
-            if first is None:
-                seen[(e.flow, e.dedupe_key)] = (e.id, e.body_hash)
-            elif first[0] != e.id:
-                out[i] = Accepted(first[0], duplicate=True, conflict=first[1] != e.body_hash)
-    new = [e for e, a in zip(events, out, strict=True) if a is None]
-    for at in range(0, len(new), _VALUES_AT_MOST):
-        _insert_events(conn, new[at : at + _VALUES_AT_MOST], now)
-    if len(new) < len(events):
-        ids = {e.id for e in new}
-        deliveries = orjson.dumps([r for r in rows if r[0] in ids]).decode()
-    conn.execute(_DELIVERY_ROWS, (now, now, deliveries))
-    return [Accepted(e.id) if a is None else a for e, a in zip(events, out, strict=True)]
-
-
-# Events go in as one multi-row VALUES a chunk (their payload is a BLOB, which JSON cannot carry); a chunk's
-# size is a power of two, so the statement cache holds a few texts, not one for every size of group.
-_VALUES_AT_MOST = 64
-
-
-def _insert_events(conn: sqlite3.Connection, events: list[NewEvent], now: float) -> None:
-    while events:
-        n = 1 << (len(events).bit_length() - 1)
-        chunk, events = events[:n], events[n:]
-        values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * n)
-        conn.execute(
-            f"INSERT INTO events({_EVENT_COLUMNS}) VALUES {values}",
-            [
-                v
-                for e in chunk
-                for v in (
-                    e.id,
-                    e.flow,
-                    e.dedupe_key,
-                    e.body_hash,
-                    e.received_at,
-                    now,
-                    e.status,
-                    e.record_key,
-                    e.reason,
-                    e.payload,
-                    _j(e.meta),
-                    _j(e.trace),
-                )
-            ],
-        )
-
-
-tx_accept = gathered(tx_accept_many)(tx_accept)
 
 
 def tx_accept_batch(

@@ -185,16 +185,28 @@ class _Writer(threading.Thread):
     def _transaction(
         self, conn: sqlite3.Connection, batch: list[Any], *, isolate: bool
     ) -> list[tuple[Any, bool, Any]]:
-        """One transaction for the whole group. The fast path runs the operations back to back, consecutive
-        calls of a `gathered` write as one (store/common.py); when one raises, the group is rolled back and
-        retried with a savepoint per operation (`isolate`), so one bad operation fails alone and never sinks
-        the others."""
+        """One transaction for the whole group. The fast path runs the operations back to back; when one
+        raises, the group is rolled back and retried with a savepoint per operation (`isolate`), so one bad
+        operation fails alone and never sinks the others."""
+        results: list[tuple[Any, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if isolate:
-                results = [_isolated(conn, fut, fn, args) for _, fut, fn, args in batch]
-            else:
-                results = _together(conn, batch)
+            for _loop, fut, fn, args in batch:
+                if not isolate:
+                    try:
+                        results.append((fut, True, fn(conn, *args)))
+                    except Exception as exc:
+                        raise _OpFailed from exc
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    res = fn(conn, *args)
+                    conn.execute("RELEASE op")
+                    results.append((fut, True, res))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((fut, False, exc))
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
@@ -279,47 +291,6 @@ class WriteLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _together(conn: sqlite3.Connection, batch: list[Any]) -> list[tuple[Any, bool, Any]]:
-    """The group's operations back to back (consecutive calls of a `gathered` write as one); _OpFailed when
-    one raises."""
-    results: list[tuple[Any, bool, Any]] = []
-    for fn, run in _runs(batch):
-        try:
-            if len(run) > 1:
-                values = fn.many(conn, [args for _, _, _, args in run])
-            else:
-                values = [fn(conn, *run[0][3])]
-        except Exception as exc:
-            raise _OpFailed from exc
-        results.extend((fut, True, v) for (_, fut, _, _), v in zip(run, values, strict=True))
-    return results
-
-
-def _isolated(conn: sqlite3.Connection, fut: Any, fn: Any, args: Any) -> tuple[Any, bool, Any]:
-    """One operation in a savepoint of its own: when it raises, what it wrote is undone and it fails alone."""
-    conn.execute("SAVEPOINT op")
-    try:
-        res = fn(conn, *args)
-        conn.execute("RELEASE op")
-        return (fut, True, res)
-    except Exception as exc:
-        conn.execute("ROLLBACK TO op")
-        conn.execute("RELEASE op")
-        return (fut, False, exc)
-
-
-def _runs(batch: list[Any]) -> list[tuple[Any, list[Any]]]:
-    """The group's calls in order, consecutive calls of one `gathered` write together, the rest one a run."""
-    runs: list[tuple[Any, list[Any]]] = []
-    for item in batch:
-        fn = item[2]
-        if runs and runs[-1][0] is fn and hasattr(fn, "many"):
-            runs[-1][1].append(item)
-        else:
-            runs.append((fn, [item]))
-    return runs
 
 
 class _OpFailed(Exception):

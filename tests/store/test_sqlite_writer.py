@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from dataclasses import replace
 
 import pytest
 
 from patchbay.errors import StoreUnavailable
-from patchbay.store.base import NewEvent
 from patchbay.store.common import is_redoable, redoable
 from patchbay.store.sqlite import SqliteStore, StoreClosed
-from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch, tx_accept_many, tx_record
-from patchbay.store.sqlite_schema import connect
-from tests.store.test_conformance import event
+from patchbay.store.sqlite_ops import tx_accept, tx_accept_batch, tx_record
 
 
 @pytest.fixture
@@ -231,79 +227,3 @@ async def test_due_deliveries_are_on_disk_before_they_are_handed_out(tmp_path):
         assert store._writer.syncer.syncs == syncs + 1
     finally:
         await store.close()
-
-
-# ------------------------------------------------------------------ accepts of one group, together
-def _accepts(evs: list[NewEvent]) -> list[tuple[str, bool, bool]]:
-    return [(e.id, False, False) for e in evs]
-
-
-async def test_accepts_in_one_group_are_written_together_with_the_answers_one_by_one_would_give(tmp_path):
-    """Consecutive accepts of a group run as one `tx_accept_many`: a few statements for the whole group
-    (each statement gives the GIL away, and the writer waits for it behind the event loop with the write
-    lock held). Dedupe keys seen before or earlier in the group, and the deliveries' order, are as one
-    accept at a time would make them."""
-    s = SqliteStore(tmp_path / "store.db")
-    try:
-        before = event(dedupe_key="k1", body={"a": 1})
-        await s.accept(before)
-        evs = [
-            event(dedupe_key="k1", body={"a": 1}),  # a duplicate of a run before the group
-            event(dedupe_key="k2", body={"b": 1}),
-            event(dedupe_key="k2", body={"b": 2}),  # a conflict with one earlier in the group
-            *[event(destinations=("crm", "erp")) for _ in range(20)],
-        ]
-        statements: list[str] = []
-        conn = connect(tmp_path / "store.db")
-        conn.set_trace_callback(statements.append)
-        with conn:
-            got = tx_accept_many(conn, [(e,) for e in evs])
-        conn.close()
-        assert [(a.event_id, a.duplicate, a.conflict) for a in got] == [
-            (before.id, True, False),
-            (evs[1].id, False, False),
-            (evs[1].id, True, True),
-            *_accepts(evs[3:]),
-        ]
-        assert len(statements) <= 5  # BEGIN, the keys seen, the events, the deliveries, COMMIT
-        rows = await s.read(
-            lambda c: c.execute("SELECT event_id, destination FROM deliveries ORDER BY id").fetchall()
-        )
-        expected = [(e.id, d.destination) for e in [before, evs[1], *evs[3:]] for d in e.deliveries]
-        assert [tuple(r) for r in rows] == expected  # in the order of arrival
-    finally:
-        await s.close()
-
-
-async def test_an_accept_that_fails_in_a_gathered_group_fails_alone(tmp_path):
-    s = SqliteStore(tmp_path / "store.db")
-    try:
-        taken = event()
-        await s.accept(taken)
-        evs = [
-            event(),
-            replace(event(), id=taken.id),
-            event(),
-        ]  # the second's id is taken: it cannot be written
-        got = await one_group(s, *[(tx_accept, e) for e in evs])
-        assert [g.event_id for g in (got[0], got[2])] == [evs[0].id, evs[2].id]  # type: ignore[union-attr]
-        assert isinstance(got[1], sqlite3.IntegrityError)
-        assert (await s.counts())["events"] == {"pending": 3}
-    finally:
-        await s.close()
-
-
-async def test_a_nul_in_a_deliverys_text_keeps_the_one_by_one_path_and_is_kept_whole(tmp_path):
-    """SQLite's JSON functions cut a text at a NUL, which the deliveries' rows go through."""
-    s = SqliteStore(tmp_path / "store.db")
-    try:
-        evs = [event(), event()]
-        evs[1].deliveries[0].order_key = "a\x00b"
-        got = await one_group(s, *[(tx_accept, e) for e in evs])
-        assert [g.event_id for g in got] == [e.id for e in evs]  # type: ignore[union-attr]
-        keys = await s.read(
-            lambda c: [r[0] for r in c.execute("SELECT order_key FROM deliveries ORDER BY id")]
-        )
-        assert keys == [None, "a\x00b"]
-    finally:
-        await s.close()
