@@ -25,6 +25,12 @@ def redoable(fn: F) -> F:
     return fn
 
 
+def delivery_row(e: Any, d: Any) -> tuple[Any, ...]:
+    """A new delivery's values (of NewEvent `e`, NewDelivery `d`) in the order both stores' accepts write
+    them: event_id, flow, destination, status, request, idempotency_key, last_error, order_key."""
+    return (e.id, e.flow, d.destination, d.status, _j(d.request), d.idempotency_key, d.error, d.order_key)
+
+
 def attempt_row(r: Any) -> list[Any]:
     """An attempt record's values (an AttemptResult's), in the order both stores' set-based records read them:
     the delivery's (id, new status, retry consumed, next_at, last error), then the attempt's (started, latency,

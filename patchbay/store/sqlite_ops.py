@@ -22,7 +22,7 @@ from patchbay.store.base import (
     IdentityChanges,
     NewEvent,
 )
-from patchbay.store.common import _j, attempt_row, redoable, refresh_event_status, tx_audit
+from patchbay.store.common import _j, attempt_row, delivery_row, redoable, refresh_event_status, tx_audit
 from patchbay.store.identity import tx_identity_changes
 
 
@@ -68,24 +68,9 @@ def tx_accept(conn: sqlite3.Connection, e: NewEvent) -> Accepted:
     )
     if e.deliveries:
         conn.executemany(
-            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at,"
-            " last_error, created_at, updated_at, order_key) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    e.id,
-                    e.flow,
-                    d.destination,
-                    d.status,
-                    _j(d.request),
-                    d.idempotency_key,
-                    e.received_at,
-                    d.error,
-                    now,
-                    now,
-                    d.order_key,
-                )
-                for d in e.deliveries
-            ],
+            "INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, last_error,"
+            " order_key, next_at, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            [(*delivery_row(e, d), e.received_at, now, now) for d in e.deliveries],
         )
     return Accepted(e.id)
 

@@ -424,41 +424,39 @@ async def test_an_attempt_record_reads_only_its_own_rows_however_much_the_tables
     events for every attempt record once they had grown (1.7 ms of server CPU per event at 30,000 rows,
     bench/cluster.py). The record, prepared and executed on the store's own connections while small, is
     planned again for the grown tables."""
-    url = postgres_url()
-    s = PostgresStore(url)
-    try:
-        await asyncio.gather(*(s.accept(event(destinations=("crm", "erp"))) for _ in range(8)))
-        due = await s.due("orders", "crm", time.time() + 1, 8, set())
-        with s._pool.connection() as conn:
-            explain = _prepare_record(conn, [result(d, "success", "delivered") for d in due])
-            for _ in range(6):  # past the five custom plans after which a generic plan may be kept
-                conn.execute(explain)  # type: ignore[arg-type]
-            _grow(url, 3000)
-            got = conn.execute(explain).fetchone()  # type: ignore[arg-type]
-            conn.execute("DEALLOCATE rec")
-        assert got is not None
-        assert _seq_scans(got[0]) == []
-    finally:
-        await s.close()
+    assert _seq_scans(await _record_plan(grown_after=3000)) == []
 
 
 async def test_an_attempt_record_looks_its_deliveries_up_by_id_in_a_table_of_a_few_thousand() -> None:
     """The record's rows come as one JSON text, and PostgreSQL guesses 100 rows for any JSON set: at a
     few thousand deliveries it planned a hash join over all of them for 8 attempts (3.0 ms against 1.1 ms).
     The ids go as an array too, whose length it knows."""
+    assert _seq_scans(await _record_plan(grown_before=250)) == []
+
+
+async def _record_plan(*, grown_before: int = 0, grown_after: int = 0) -> Any:
+    """The plan (EXPLAIN, JSON) of an attempt record of 8 deliveries on the store's own connection: the
+    tables copied `grown_before` times before it is prepared, or `grown_after` times after six executions."""
     url = postgres_url()
     s = PostgresStore(url)
     try:
         await asyncio.gather(*(s.accept(event(destinations=("crm", "erp"))) for _ in range(8)))
-        _grow(url, 250)
+        if grown_before:
+            _grow(url, grown_before)
         due = await s.due("orders", "crm", time.time() + 1, 8, set())
         with s._pool.connection() as conn:
             conn.execute("ANALYZE deliveries")
             explain = _prepare_record(conn, [result(d, "success", "delivered") for d in due])
+            for _ in range(
+                6 if grown_after else 0
+            ):  # past the five custom plans after which a generic plan may be kept
+                conn.execute(explain)  # type: ignore[arg-type]
+            if grown_after:
+                _grow(url, grown_after)
             got = conn.execute(explain).fetchone()  # type: ignore[arg-type]
             conn.execute("DEALLOCATE rec")
         assert got is not None
-        assert _seq_scans(got[0]) == []
+        return got[0]
     finally:
         await s.close()
 

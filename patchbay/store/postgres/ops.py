@@ -7,7 +7,7 @@ import zlib
 from base64 import b64encode
 from typing import Any
 
-from patchbay.store.common import _j, attempt_row, redoable
+from patchbay.store.common import _j, attempt_row, delivery_row, redoable
 from patchbay.store.retention import FAILED, FINISHED, ZMARK
 from patchbay.store.sqlite_ops import HEAD
 
@@ -63,7 +63,7 @@ WITH e AS (
 ), dl AS (
   INSERT INTO deliveries(event_id, flow, destination, status, request, idempotency_key, next_at, last_error,
                          created_at, updated_at, order_key)
-  SELECT ev.id, v->>1, v->>2, v->>3, v->>4, v->>5, ev.received_at, v->>6, %(now)s, %(now)s, v->>7
+  SELECT ev.id, v->>1, v->>2, v->>3, v->>4, v->>5, ev.received_at, v->>6, %(now)s, %(now)s, v->>7  -- delivery_row
   FROM jsonb_array_elements(%(deliveries)s::jsonb) WITH ORDINALITY AS d(v, ord)
   JOIN ev ON ev.id = v->>0
   ORDER BY d.ord
@@ -98,22 +98,7 @@ def _accept_params(events: list[Any]) -> dict[str, Any]:
                 for e in events
             ]
         ),
-        "deliveries": _j(
-            [
-                (
-                    e.id,
-                    e.flow,
-                    d.destination,
-                    d.status,
-                    _j(d.request),
-                    d.idempotency_key,
-                    d.error,
-                    d.order_key,
-                )
-                for e in events
-                for d in e.deliveries
-            ]
-        ),
+        "deliveries": _j([delivery_row(e, d) for e in events for d in e.deliveries]),
     }
 
 
