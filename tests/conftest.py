@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import textwrap
@@ -280,7 +281,7 @@ async def eventually(
     deadline = time.monotonic() + timeout
     while True:
         ok = check()
-        if ok if isinstance(ok, bool) else await ok:
+        if (await ok) if inspect.isawaitable(ok) else ok:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
