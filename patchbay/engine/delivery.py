@@ -94,7 +94,6 @@ class DestinationWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._releasing: set[asyncio.Future[None]] = set()
         self._stopping = False
-        self.inflight = 0
         self._results: list[AttemptResult] = []  # attempt results of this loop tick, recorded together
         self._recorded: asyncio.Future[None] | None = None
         # Results the store could not record (disk full): their deliveries stay leased (never re-sent
@@ -268,6 +267,11 @@ class DestinationWorker:
                 log.exception("reading due deliveries for %s/%s", self.flow, self.name)
                 await asyncio.sleep(1.0)
 
+    @property
+    def inflight(self) -> int:
+        """Deliveries being sent now (a batch counts its members)."""
+        return len(self._in_flight)
+
     def _report_behind(self, behind: bool) -> None:
         if behind != self.behind:
             self.behind = behind
@@ -365,7 +369,6 @@ class DestinationWorker:
             if not members:
                 continue
             self.sending += 1
-            self.inflight += len(members)
             self._in_flight.update(d.id for d in members)
             holding = True
             try:
@@ -380,7 +383,6 @@ class DestinationWorker:
                 what = members[0].event_id if self.batch is None else f"a batch of {len(members)}"
                 log.exception("delivering %s to %s/%s", what, self.flow, self.name)
             finally:
-                self.inflight -= len(members)
                 self._in_flight.difference_update(d.id for d in members)
                 if holding:
                     self._slot_done()
