@@ -81,6 +81,7 @@ def main() -> None:
         hub = Hub.__new__(Hub)
         hub.metrics = Metrics()
         hub.alert_manager = None
+        hub.store = None  # one process: no other to tell (Hub._tell_others)
         bodies = [
             orjson.dumps(
                 {
