@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+_T = TypeVar("_T", str, "str | None")
+
+
+def no_nul(text: _T) -> _T:
+    """`text` as every store keeps it: a NUL shown as U+FFFD. A sender's value may hold NUL (\\u0000 in JSON)
+    and the steps carry it into keys and reasons; PostgreSQL's text refuses it (SQLite's JSON functions
+    cut a text there), so the value types below hold none and a key is the same key on every store.
+    Payloads, meta and traces keep it (stored as JSON, `\\u0000`)."""
+    return text.replace("\x00", "\ufffd") if text is not None and "\x00" in text else text
 
 
 @dataclass
@@ -27,6 +37,9 @@ class NewDelivery:
     # A destination's `order_by` value for this record: deliveries of one key to one destination go one at a
     # time in arrival order (a retrying or dead one holds the later ones back); None: not ordered.
     order_key: str | None = None
+
+    def __post_init__(self) -> None:
+        self.error, self.order_key = no_nul(self.error), no_nul(self.order_key)
 
 
 @dataclass
@@ -48,6 +61,13 @@ class NewEvent:
     # What stateful steps (dedupe, aggregate) ask of the same transaction; see "windows and dedupe" below.
     claims: list[DedupeClaim] = field(default_factory=list)
     windows: list[WindowAdd] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dedupe_key, self.record_key, self.reason = (
+            no_nul(self.dedupe_key),
+            no_nul(self.record_key),
+            no_nul(self.reason),
+        )
 
 
 @dataclass
@@ -109,6 +129,9 @@ class RunFilter:
     key: str | None = None
     limit: int = 50
 
+    def __post_init__(self) -> None:  # a search finds what was kept (a query string may hold %00)
+        self.flow, self.status, self.key = no_nul(self.flow), no_nul(self.status), no_nul(self.key)
+
 
 @dataclass
 class AuditFilter:
@@ -118,6 +141,9 @@ class AuditFilter:
     actor: str | None = None  # a part of the actor's name
     target: str | None = None
     limit: int = 100
+
+    def __post_init__(self) -> None:
+        self.action, self.actor, self.target = no_nul(self.action), no_nul(self.actor), no_nul(self.target)
 
 
 @dataclass

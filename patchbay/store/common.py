@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from patchbay.store.base import no_nul
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -34,9 +36,9 @@ def delivery_row(e: Any, d: Any) -> tuple[Any, ...]:
 def attempt_row(r: Any) -> list[Any]:
     """An attempt record's values (an AttemptResult's), in the order both stores' set-based records read them:
     the delivery's (id, new status, retry consumed, next_at, last error), then the attempt's (started, latency,
-    status code, outcome, excerpt, error). A destination's words may hold a NUL byte, which neither store
-    keeps (PostgreSQL's text refuses it, SQLite's JSON functions cut the text there): it is shown as U+FFFD."""
-    error = _shown(r.error)
+    status code, outcome, excerpt, error). A destination's words may hold a NUL byte: shown as U+FFFD
+    (`base.no_nul`)."""
+    error = no_nul(r.error)
     last_error = None if r.outcome == "success" else (error or f"HTTP {r.status_code}")
     retry = 1 if r.consumed_retry else 0
     return [
@@ -49,13 +51,9 @@ def attempt_row(r: Any) -> list[Any]:
         r.latency_ms,
         r.status_code,
         r.outcome,
-        _shown(r.excerpt),
+        no_nul(r.excerpt),
         error,
     ]
-
-
-def _shown(text: str) -> str:
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
 def is_redoable(fn: Callable[..., Any]) -> bool:

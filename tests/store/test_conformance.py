@@ -238,6 +238,36 @@ async def test_a_nul_in_a_payload_or_in_a_destinations_answer_is_stored(store: S
     assert (attempt["excerpt"], attempt["error"]) == ("a\ufffdb", "HTTP 503: a\ufffdb")
 
 
+async def test_a_nul_in_an_events_keys_or_reasons_is_stored_the_same_on_every_store(store: Store) -> None:
+    """A sender's value may hold NUL, and the steps carry it into the event's dedupe key (id_path), record
+    key, order key and reasons. PostgreSQL's text holds no NUL: every store shows it as U+FFFD there, so
+    the event is accepted alike on both, and the same key is the same duplicate on both."""
+    e = event(
+        body={"id": "a\x00b"}, dedupe_key="a\x00b", record_key="k\x00", reason="email: 'x\x00' is not valid"
+    )
+    first = e.deliveries[0]
+    e.deliveries = [
+        NewDelivery(first.destination, first.request, first.idempotency_key, order_key="o\x00"),
+        NewDelivery("quarantine:map", {"element": "1"}, f"{e.id}.1.q", "dead", "bad \x00 value"),
+    ]
+    acc = await store.accept(e)
+    assert not acc.duplicate
+    run = await store.get_run(e.id)
+    assert run is not None and run["payload"] == {"id": "a\x00b"}
+    assert (run["dedupe_key"], run["record_key"], run["reason"]) == (
+        "a\ufffdb",
+        "k\ufffd",
+        "email: 'x\ufffd' is not valid",
+    )
+    assert [d["last_error"] for d in run["deliveries"]] == [None, "bad \ufffd value"]
+    again = await store.accept(event(body={"id": "a\x00b"}, dedupe_key="a\x00b"))
+    assert (again.event_id, again.duplicate) == (e.id, True)
+    [found] = await store.list_runs(RunFilter(key="k\x00"))  # a search, say `?key=k%00`, finds it too
+    assert found["id"] == e.id
+    assert await store.audit_log(AuditFilter(target="\x00")) == []
+    assert await store.get_run("evt_\x00") is None  # an id from a URL: not found, on every store
+
+
 # ------------------------------------------------------------------ destination states
 async def test_destination_states_keep_since_until_the_state_changes(store: Store) -> None:
     assert await store.destination_states() == {}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from click.testing import CliRunner
 
 from patchbay.cli.main import main
@@ -95,14 +96,18 @@ async def test_one_event_that_cannot_be_written_fails_alone_the_rest_of_its_grou
     url = postgres_url()
     s = PostgresStore(url)
     try:
+        first = event()
+        await s.accept(first)
         good = [event() for _ in range(8)]
-        bad = event(reason="nul \x00 in text")  # PostgreSQL text cannot hold NUL
+        bad = event(body={"other": True})
+        bad.id = first.id  # an id already taken: the insert is refused
         got = await asyncio.gather(
             *(s.accept(e) for e in [*good[:4], bad, *good[4:]]), return_exceptions=True
         )
         assert isinstance(got[4], Exception)
         assert [a.event_id for a in got[:4] + got[5:]] == [e.id for e in good]  # type: ignore[union-attr]
-        assert _committed(url, [e.id for e in [*good, bad]]) == {e.id for e in good}
+        assert _committed(url, [e.id for e in good]) == {e.id for e in good}
+        assert (await s.get_run(first.id))["payload"] == orjson.loads(first.payload)  # type: ignore[index]
     finally:
         await s.close()
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import psycopg
 
+from patchbay.store.base import no_nul
+
 
 class Row(tuple[Any, ...]):
     """A row that answers `r[0]`, `r["name"]`, `dict(r)` and `r.keys()` like `sqlite3.Row`."""
@@ -51,7 +53,11 @@ def _row_factory(cursor: psycopg.Cursor[Any]) -> Any:
 
 
 def _param(v: Any) -> Any:
-    return int(v) if isinstance(v, bool) else v
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, str) and "\x00" in v:  # PostgreSQL's text refuses NUL (a %00 in a URL's id, say)
+        return no_nul(v)
+    return v
 
 
 _SKIP = re.compile(r"^\s*(BEGIN|COMMIT|ROLLBACK|END|PRAGMA)\b", re.I)
