@@ -32,9 +32,12 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 
 
-def bench_project(root: Path, repo: Path) -> Path:
-    """bench/patchbay_peer.sh's project (checked by `repo`'s patchbay) under `root`."""
+def bench_project(root: Path, repo: Path, sink_port: int | None = None) -> Path:
+    """bench/patchbay_peer.sh's project (checked by `repo`'s patchbay) under `root`; its destination
+    posts to 127.0.0.1:`sink_port` (the harness's default when None)."""
     env = dict(os.environ, PB_RUN_DIR=str(root), PB_REPO=str(repo), PB_PYTHON=sys.executable)
+    if sink_port is not None:
+        env["SINK_PORT"] = str(sink_port)
     subprocess.run([str(HERE / "patchbay_peer.sh"), "setup"], env=env, check=True, capture_output=True)
     return root / "project"
 
