@@ -180,7 +180,7 @@ class HttpClient:
 
 class _Request:
     """`HttpClient.request`'s context: a class, not an `asynccontextmanager`, as it is on every delivery's
-    path (the generator-based one cost 4 % more instructions a send, bench/sendpath.py)."""
+    path (the generator-based one cost 3 % more instructions a send, bench/sendpath.py)."""
 
     __slots__ = ("client", "method", "url", "headers", "kwargs", "_cm")
 

@@ -7,7 +7,9 @@ folder consumer (`source:<flow>`), the window closer (`windows`), the alert loop
   hold(name, work)   standby: try to take the lease every STANDBY_S (jittered); taken: start `work(fence)`,
                      renew every TTL_S / 3; a renewal that fails (refused, an error, too slow) cancels the
                      work at once and the node goes back to standby; a clean stop cancels it and releases
-                     the lease, so another node takes it within STANDBY_S.
+                     the lease, so another node takes it within STANDBY_S. With `until` (an event that
+                     also ends the work), the hold ends once it is set, in standby too: a stop that came as
+                     the lease was lost does not wait to take the lease again only to end the work.
   once(name, work)   the same for a job that ends: wait until this node holds the lease, run it, release.
 
 A node that dies stops renewing: its lease runs out after TTL_S and a standby node takes it within
@@ -30,6 +32,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from patchbay.engine.waiting import wait_set
 from patchbay.errors import LeaseLost
 from patchbay.store.base import Fence, Leases
 
@@ -69,11 +72,12 @@ class Leader:
         self.standby_s = STANDBY_S if standby_s is None else standby_s
         self.held: dict[str, Fence] = {}  # the leases this node holds now, by name
 
-    def hold(self, name: str, work: Work) -> asyncio.Task[None]:
-        """Run `work` whenever this node holds lease `name`; the task runs until cancelled."""
+    def hold(self, name: str, work: Work, until: asyncio.Event | None = None) -> asyncio.Task[None]:
+        """Run `work` whenever this node holds lease `name`; the task runs until cancelled, until `work`
+        returns, or until `until` is set (see the module's docstring)."""
         if not self.leases_in_store:
             return asyncio.create_task(_as_coroutine(work, None), name=name)
-        return asyncio.create_task(self._hold(name, work), name=f"lease {name}")
+        return asyncio.create_task(self._hold(name, work, until), name=f"lease {name}")
 
     async def once(self, name: str, work: Work) -> None:
         """Wait until this node holds lease `name`, run `work` once, release it. Another node may have
@@ -92,15 +96,15 @@ class Leader:
             elif await self._run(fence, work, raising=True):
                 return
 
-    async def _hold(self, name: str, work: Work) -> None:
-        while True:
+    async def _hold(self, name: str, work: Work, until: asyncio.Event | None) -> None:
+        while until is None or not until.is_set():
             fence = await self._take(name)
             if fence is None:
-                await self._standby()
+                await self._standby(until)
                 continue
             if await self._run(fence, work, raising=False):
                 return
-            await self._standby()  # lost, or the work failed: another node may take it meanwhile
+            await self._standby(until)  # lost, or the work failed: another node may take it meanwhile
 
     async def _run(self, fence: Fence, work: Work, *, raising: bool) -> bool:
         """Run `work` while renewing `fence`: True when it returned, False when the lease was lost or it
@@ -171,8 +175,12 @@ class Leader:
         except Exception as exc:  # it runs out by itself after ttl
             log.warning("releasing lease %s: %s; it runs out in %.0f s", fence.name, exc, self.ttl_s)
 
-    async def _standby(self) -> None:
-        await asyncio.sleep(self.standby_s * random.uniform(0.8, 1.2))
+    async def _standby(self, until: asyncio.Event | None = None) -> None:
+        delay = self.standby_s * random.uniform(0.8, 1.2)
+        if until is None:
+            await asyncio.sleep(delay)
+        else:
+            await wait_set(until, delay)
 
 
 async def _as_coroutine(work: Work, fence: Fence | None) -> None:

@@ -110,7 +110,7 @@ class Retention:
 
     def start(self, leader: Leader = LOCAL) -> None:
         """Sweep wherever lease `retention` is held (engine/leader.py): on one node of a cluster."""
-        self._task = leader.hold("retention", lambda _fence: self._loop())
+        self._task = leader.hold("retention", lambda _fence: self._loop(), until=self._stop)
 
     async def _loop(self) -> None:
         self._running = True

@@ -117,6 +117,29 @@ async def test_a_holder_whose_lease_was_taken_stops_its_work_and_its_fenced_writ
         await store_b.close()
 
 
+async def test_a_hold_whose_lease_was_lost_as_its_stop_came_ends_without_taking_it_again(url: str) -> None:
+    """Retention's shape: the work runs until `stop` is set, and the hub's stop waits for the hold. When the
+    lease is lost just before the stop, the hold is in standby: it ends there, it does not wait for the
+    lease (held elsewhere for 30 s) only to see the stop."""
+    [(store_a, a), (store_b, _)] = await nodes(url, 2)
+    stop = asyncio.Event()
+    job = Job()
+    task_a = a.hold("retention", job.work("node-0"), until=stop)
+    try:
+        await soon(lambda: job.running == {"node-0"}, what="node-0 running the work")
+        with psycopg.connect(store_a.url.split("?")[0], options=f"-c search_path={store_a.schema}") as c:
+            c.execute("UPDATE leases SET until = 0")
+        assert await store_b.take_lease("retention", "node-1", 30) is not None
+        await soon(lambda: job.cancelled == ["node-0"], what="node-0 losing the lease")
+        stop.set()
+        await asyncio.wait_for(asyncio.shield(task_a), 2)
+    finally:
+        task_a.cancel()
+        await asyncio.gather(task_a, return_exceptions=True)
+        await store_a.close()
+        await store_b.close()
+
+
 async def test_a_dead_holders_work_moves_within_ttl_and_standby(url: str) -> None:
     [(store_a, a), (store_b, b)] = await nodes(url, 2)
     job = Job()
