@@ -108,8 +108,12 @@ async def test_a_holder_whose_lease_was_taken_stops_its_work_and_its_fenced_writ
         assert await store_b.take_lease("schedule:pull", "node-1", 30) is not None
         with pytest.raises(LeaseLost, match="node-0 no longer holds it"):
             await store_a.update_schedule("pull", {"next_due_at": 1.0}, fence=fence)
-        await soon(lambda: job.cancelled == ["node-0"], what="node-0 stopping at its next renewal")
-        assert not job.running and "schedule:pull" not in a.held
+        # The work's cancel is seen before the leader, awaiting it, forgets the lease: wait for both.
+        await soon(
+            lambda: job.cancelled == ["node-0"] and "schedule:pull" not in a.held,
+            what="node-0 stopping at its next renewal",
+        )
+        assert not job.running
     finally:
         task_a.cancel()
         await asyncio.gather(task_a, return_exceptions=True)
