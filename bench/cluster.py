@@ -227,6 +227,11 @@ class Pg:
     def backends(self, app: str) -> list[int]:
         return [r[0] for r in self.q("SELECT pid FROM pg_stat_activity WHERE application_name=%s", (app,))]
 
+    def autovacuum(self, db: str | None) -> list[int]:
+        """The autovacuum workers at work in database `db` now."""
+        sql = "SELECT pid FROM pg_stat_activity WHERE backend_type='autovacuum worker' AND datname=%s"
+        return [r[0] for r in self.q(sql, (db,))]
+
     def wal(self, db: str, oid: int, inspect: bool, start: str, end: str) -> tuple[float, str]:
         """WAL bytes of database `oid` between two LSNs, and how they were told apart."""
         if inspect:

@@ -466,6 +466,42 @@ async def _record_plan(*, grown_before: int = 0, grown_after: int = 0) -> Any:
         await s.close()
 
 
+async def test_a_retention_chunk_deletes_its_runs_by_index_in_a_grown_store() -> None:
+    """A purge chunk deleted by joining a temporary table of its ids, whose size PostgreSQL does not know:
+    it could hash it and read the whole of events and deliveries (attempts and responses too, without
+    statistics) for every chunk, a chunk's cost growing with the store. Each delete now lists its ids."""
+    from patchbay.store.postgres.dialect import PgConnection
+    from patchbay.store.retention import FINISHED, tx_purge
+
+    url = postgres_url()
+    s = PostgresStore(url)
+    try:
+        for _ in range(4):
+            await s.accept_batch([event() for _ in range(500)], "orders", None)
+            due = await s.due("orders", "crm", time.time() + 1, 500, set())
+            await s.record([result(d, "success", "delivered", response={"id": d.id}) for d in due])
+        _grow(url, 10)  # the events and deliveries of a store that has run a while
+        with s._pool.connection() as conn:
+            # and their answers (other deliveries'), made here
+            conn.execute(
+                "INSERT INTO attempts(delivery_id, n, started_at, latency_ms, status_code, outcome)"
+                " SELECT -g, 1, 0, 1, 200, 'success' FROM generate_series(1, 50000) g"
+            )
+            conn.execute(
+                "INSERT INTO responses(delivery_id, fields, at) SELECT -g, '{}', 0 FROM generate_series(1, 50000) g"
+            )
+            conn.execute("ANALYZE")
+            with conn.transaction(force_rollback=True):  # the tables as they were for the store's other tests
+                removed = tx_purge(PgConnection(conn), "orders", FINISHED, time.time() + 1, 100)  # type: ignore[arg-type]
+                scanned = conn.execute(
+                    "SELECT relname FROM pg_stat_xact_user_tables WHERE seq_scan > 0"
+                    " AND relname IN ('events', 'deliveries', 'attempts', 'responses')"
+                ).fetchall()
+        assert removed == 100 and scanned == []
+    finally:
+        await s.close()
+
+
 def _prepare_record(conn: Any, results: list[Any]) -> str:
     """PREPARE the attempt record as `rec` and return an EXPLAIN of its EXECUTE with `results`' values."""
     import re
