@@ -25,6 +25,7 @@ from patchbay.store.base import Retention as RetentionStore
 log = logging.getLogger("patchbay.retention")
 
 FINISHED = ("delivered", "filtered", "discarded", "aggregated")
+FULL_PASS_S = 86_400.0  # how often compression starts again from a flow's first run (`Retention._compress`)
 FAILED = ("dead", "quarantined")
 
 
@@ -68,6 +69,8 @@ class Retention:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running = False  # this node holds lease `retention` and sweeps
+        # flow -> (arrival of the last run compressed, when the pass from the first run began): `_compress`
+        self._compressed_to: dict[str, tuple[float | None, float]] = {}
 
     async def sweep(self) -> SweepReport:
         """One pass over every flow: remove what is past `keep` / `keep_failures`, compress what is past
@@ -86,9 +89,7 @@ class Retention:
                     partial(self.store.purge_runs, flow.name, FAILED, now - h.keep_failures)
                 )
             if h.compress_after is not None:
-                compressed = await self._drain(
-                    partial(self.store.compress_runs, flow.name, now - h.compress_after)
-                )
+                compressed = await self._compress(flow.name, now - h.compress_after)
             if removed:
                 report.removed[flow.name] = removed
             if compressed:
@@ -96,6 +97,27 @@ class Retention:
             if (removed or compressed) and self.on_counts is not None:
                 self.on_counts(flow.name, removed, compressed)
         return report
+
+    async def _compress(self, flow: str, before: float) -> int:
+        """Compress what is due, from the arrival of the last run compressed before: a chunk that began at the
+        first run each time read past every run compressed earlier, so its cost, and on SQLite the time it held
+        the write lock, grew with the history kept. Once a day (FULL_PASS_S), and at the first sweep after a
+        start, it begins at the first run again: a run that finished after newer ones were compressed (a retry
+        that took days) is compressed then."""
+        now = time.monotonic()
+        through, since = self._compressed_to.get(flow, (None, now))
+        if now - since > FULL_PASS_S:
+            through, since = None, now
+
+        async def step(limit: int) -> int:
+            nonlocal through
+            n, last = await self.store.compress_runs(flow, before, limit, through)
+            through = last if last is not None else through
+            return n
+
+        done = await self._drain(step)
+        self._compressed_to[flow] = (through, since)
+        return done
 
     async def _drain(self, step: Callable[[int], Awaitable[int]]) -> int:
         """Call `step(chunk)` until it does less than a chunk (nothing more is due) or the hub stops."""

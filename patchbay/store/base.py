@@ -493,9 +493,13 @@ class Retention(Protocol):
         how many were removed (fewer than `limit`: nothing more is due)."""
         ...
 
-    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
-        """Compress the payload and trace of up to `limit` finished runs last changed before `before`; every
-        read returns them as before. Returns how many were compressed."""
+    async def compress_runs(
+        self, flow: str, before: float, limit: int = 500, after: float | None = None
+    ) -> tuple[int, float | None]:
+        """Compress the payload and trace of up to `limit` finished runs last changed before `before`, the
+        oldest first, from the run received at `after` on (None: from the first); every read returns them as
+        before. Returns how many were compressed, and the arrival time of the last (None if none): the next
+        call goes on from there instead of reading again past every run compressed before."""
         ...
 
 

@@ -433,8 +433,10 @@ class SqliteStore:
     async def purge_runs(self, flow: str, statuses: Sequence[str], before: float, limit: int = 500) -> int:
         return await self._write(retention.tx_purge, flow, tuple(statuses), before, limit)
 
-    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
-        return await self._write(retention.tx_compress, flow, before, limit)
+    async def compress_runs(
+        self, flow: str, before: float, limit: int = 500, after: float | None = None
+    ) -> tuple[int, float | None]:
+        return await self._write(retention.tx_compress, flow, before, limit, after)
 
     # -------------------------------------------------------------- responses
     async def response_fields(self, event_id: str, destination: str) -> dict[str, Any] | None:

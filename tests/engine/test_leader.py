@@ -67,6 +67,14 @@ async def nodes(url: str, n: int) -> list[tuple[PostgresStore, Leader]]:
     return out
 
 
+async def take_over(store_a: PostgresStore, store_b: PostgresStore, name: str) -> None:
+    """node-0 (`store_a`) looks dead to the others, a paused process: its leases are run out, and node-1
+    (`store_b`) takes lease `name` for 30 s."""
+    with psycopg.connect(store_a.url.split("?")[0], options=f"-c search_path={store_a.schema}") as c:
+        c.execute("UPDATE leases SET until = 0")
+    assert await store_b.take_lease(name, "node-1", 30) is not None
+
+
 async def test_one_node_of_three_runs_the_work_and_a_clean_stop_hands_it_over_at_once(url: str) -> None:
     cluster = await nodes(url, 3)
     job = Job()
@@ -102,10 +110,7 @@ async def test_a_holder_whose_lease_was_taken_stops_its_work_and_its_fenced_writ
         await soon(lambda: job.running == {"node-0"}, what="node-0 running the work")
         [(_, fence)] = job.started
         assert fence is not None
-        # node-0 looks dead to the others (a paused process): its lease is run out, and node-1 takes it.
-        with psycopg.connect(store_a.url.split("?")[0], options=f"-c search_path={store_a.schema}") as c:
-            c.execute("UPDATE leases SET until = 0")
-        assert await store_b.take_lease("schedule:pull", "node-1", 30) is not None
+        await take_over(store_a, store_b, "schedule:pull")
         with pytest.raises(LeaseLost, match="node-0 no longer holds it"):
             await store_a.update_schedule("pull", {"next_due_at": 1.0}, fence=fence)
         # The work's cancel is seen before the leader, awaiting it, forgets the lease: wait for both.
@@ -131,9 +136,7 @@ async def test_a_hold_whose_lease_was_lost_as_its_stop_came_ends_without_taking_
     task_a = a.hold("retention", job.work("node-0"), until=stop)
     try:
         await soon(lambda: job.running == {"node-0"}, what="node-0 running the work")
-        with psycopg.connect(store_a.url.split("?")[0], options=f"-c search_path={store_a.schema}") as c:
-            c.execute("UPDATE leases SET until = 0")
-        assert await store_b.take_lease("retention", "node-1", 30) is not None
+        await take_over(store_a, store_b, "retention")
         await soon(lambda: job.cancelled == ["node-0"], what="node-0 losing the lease")
         stop.set()
         await asyncio.wait_for(asyncio.shield(task_a), 2)

@@ -115,3 +115,44 @@ def test_prune_by_hand_removes_runs_past_keep(tmp_path, monkeypatch):
     assert res.exit_code == 0 and res.output.count('"id"') == 1, res.output
     res = CliRunner().invoke(main, ["store", "prune", "-p", str(root)])
     assert "nothing is due" in res.output
+
+
+async def test_compression_resumes_where_the_last_sweep_stopped_and_starts_over_once_a_day(
+    tmp_path, monkeypatch
+) -> None:
+    """Each chunk, and each sweep after the first, starts at the arrival of the last run compressed, not at
+    the first run kept (which would read past every run compressed before); once a day it starts over."""
+    from types import SimpleNamespace
+
+    from patchbay.config.models import History
+    from patchbay.engine import retention
+    from patchbay.store.sqlite import SqliteStore
+    from tests.store.test_conformance import event
+
+    store = SqliteStore(tmp_path / "store.db")
+    asked: list[float | None] = []
+    compress = store.compress_runs
+
+    async def spy(flow, before, limit=500, after=None):  # type: ignore[no-untyped-def]
+        asked.append(after)
+        return await compress(flow, before, limit, after)
+
+    store.compress_runs = spy  # type: ignore[method-assign]
+    t = time.time() - 1000
+    for i in range(5):
+        await store.accept(event(status="quarantined", reason="r", received_at=t + i))
+    flow = SimpleNamespace(name="orders", history=History(keep=None, compress_after=60))
+    ret = Retention(store, lambda: [flow], chunk=2, pause_s=0.0, clock=lambda: time.time() + 3600)  # type: ignore[list-item]
+    try:
+        assert (await ret.sweep()).compressed == {"orders": 5}
+        assert asked == [None, t + 1, t + 3]  # chunks of 2, 2, then 1 (fewer: done)
+        await store.accept(event(status="quarantined", reason="r", received_at=t + 10))
+        asked.clear()
+        assert (await ret.sweep()).compressed == {"orders": 1}
+        assert asked == [t + 4]
+        monkeypatch.setattr(retention, "FULL_PASS_S", 0.0)
+        asked.clear()
+        assert (await ret.sweep()).compressed == {}
+        assert asked == [None]
+    finally:
+        await store.close()

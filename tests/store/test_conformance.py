@@ -635,7 +635,7 @@ async def test_a_dead_call_of_a_compressed_run_is_replayed_and_continues(store: 
     await store.accept(e)
     [call] = await due(store, dest="call:find")
     await store.record_calls([result(call, "terminal", "dead", status_code=400, error="bad")], steps)
-    assert await store.compress_runs("orders", time.time() + 1) == 1  # a dead run: old enough
+    assert (await store.compress_runs("orders", time.time() + 1))[0] == 1  # a dead run: old enough
     assert (await store.replay({"orders": steps}, [e.id], None, ALICE)).requeued == [e.id]
     [call] = await due(store, dest="call:find")
     answer = {"status": 200, "body": {"id": "c-2"}}
@@ -792,8 +792,8 @@ async def test_compressed_runs_read_replay_and_export_as_before(store: Store) ->
     fixed = event(body=body, status="quarantined", reason="old rule")
     await store.accept(fixed)
     before = await store.get_run(fixed.id)
-    assert await store.compress_runs("orders", time.time() + 10) == 2
-    assert await store.compress_runs("orders", time.time() + 10) == 0  # already compressed
+    assert (await store.compress_runs("orders", time.time() + 10))[0] == 2
+    assert (await store.compress_runs("orders", time.time() + 10))[0] == 0  # already compressed
     after = await store.get_run(fixed.id)
     assert after is not None and before is not None
     assert (after["payload"], after["trace"]) == (before["payload"], before["trace"]) == (body, fixed.trace)
@@ -804,6 +804,23 @@ async def test_compressed_runs_read_replay_and_export_as_before(store: Store) ->
     assert rep.requeued == [fixed.id]
     [d] = await due(store)
     assert d.event_id == fixed.id
+
+
+async def test_compression_goes_on_from_the_arrival_of_the_last_run_it_compressed(store: Store) -> None:
+    """A chunk answers how many it compressed and the last one's arrival; the next chunk starts there, and
+    a run that arrived before it is left to a pass from the first run (`after=None`)."""
+    t = time.time() - 100
+    runs = [event(status="quarantined", reason="r", received_at=t + i) for i in range(5)]
+    for e in runs:
+        await store.accept(e)
+    assert await store.compress_runs("orders", time.time() + 10, 2) == (2, t + 1)
+    assert await store.compress_runs("orders", time.time() + 10, 2, t + 1) == (2, t + 3)
+    late = event(status="quarantined", reason="r", received_at=t + 0.5)  # arrived between compressed ones
+    await store.accept(late)
+    assert await store.compress_runs("orders", time.time() + 10, 2, t + 3) == (1, t + 4)
+    assert await store.compress_runs("orders", time.time() + 10, 2, t + 4) == (0, None)
+    assert await store.compress_runs("orders", time.time() + 10, 2) == (1, t + 0.5)  # a pass from the first
+    assert [(await store.get_run(e.id))["reason"] for e in [*runs, late]] == ["r"] * 6  # type: ignore[index]
 
 
 async def test_writes_are_visible_to_reads_at_once(store: Store) -> None:

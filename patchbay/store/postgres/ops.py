@@ -12,22 +12,24 @@ from patchbay.store.retention import FAILED, FINISHED, ZMARK
 from patchbay.store.sqlite_ops import HEAD
 
 
-def tx_compress(conn: Any, flow: str, before: float, limit: int) -> int:
+def tx_compress(
+    conn: Any, flow: str, before: float, limit: int, after: float | None = None
+) -> tuple[int, float | None]:
     """Compress the payload of up to `limit` finished runs (as retention.tx_compress does). The trace stays
     text: PostgreSQL compresses a long text value itself (TOAST), and a text column cannot hold bytes."""
     statuses = FINISHED + FAILED
     marks = ",".join("?" * len(statuses))
     rows = conn.execute(
-        f"SELECT id, payload FROM events WHERE flow=? AND received_at<? AND updated_at<?"
-        f" AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
-        (flow, before, before, *statuses, ZMARK, limit),
+        f"SELECT id, payload, received_at FROM events WHERE flow=? AND received_at>=? AND received_at<?"
+        f" AND updated_at<? AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
+        (flow, after or 0.0, before, before, *statuses, ZMARK, limit),
     ).fetchall()
     if rows:
         conn.executemany(
             "UPDATE events SET payload=? WHERE id=?",
-            [(ZMARK + zlib.compress(bytes(payload), 6), eid) for eid, payload in rows],
+            [(ZMARK + zlib.compress(bytes(payload), 6), eid) for eid, payload, _ in rows],
         )
-    return len(rows)
+    return len(rows), (rows[-1][2] if rows else None)
 
 
 # ================================================================== the hot path, one statement each

@@ -513,8 +513,10 @@ class PostgresStore(SqliteStore):
     ) -> tuple[int, float]:
         return await self._write(pg_ops.take_tokens, flow, destination, rate, burst, want, now)
 
-    async def compress_runs(self, flow: str, before: float, limit: int = 500) -> int:
-        return await self._write(pg_ops.tx_compress, flow, before, limit)
+    async def compress_runs(
+        self, flow: str, before: float, limit: int = 500, after: float | None = None
+    ) -> tuple[int, float | None]:
+        return await self._write(pg_ops.tx_compress, flow, before, limit, after)
 
     async def snapshot(
         self,
