@@ -129,8 +129,8 @@ class RunFilter:
     key: str | None = None
     limit: int = 50
 
-    def __post_init__(self) -> None:  # a search finds what was kept (a query string may hold %00)
-        self.flow, self.status, self.key = no_nul(self.flow), no_nul(self.status), no_nul(self.key)
+    def __post_init__(self) -> None:  # a search by key finds what NewEvent kept (a query string may hold %00)
+        self.key = no_nul(self.key)
 
 
 @dataclass
@@ -141,9 +141,6 @@ class AuditFilter:
     actor: str | None = None  # a part of the actor's name
     target: str | None = None
     limit: int = 100
-
-    def __post_init__(self) -> None:
-        self.action, self.actor, self.target = no_nul(self.action), no_nul(self.actor), no_nul(self.target)
 
 
 @dataclass

@@ -70,18 +70,28 @@ def _by_ids(conn: sqlite3.Connection, sql: str, ids: Sequence[Any]) -> list[list
     return out
 
 
+def due_for_compression(
+    conn: Any, columns: str, flow: str, before: float, limit: int, after: float | None
+) -> list[Any]:
+    """`columns` (then received_at, last) of up to `limit` finished runs of `flow` last changed before `before`,
+    received at `after` or later, not compressed yet, the oldest first: what both stores' compressions read."""
+    statuses = FINISHED + FAILED
+    marks = ",".join("?" * len(statuses))
+    return list(
+        conn.execute(
+            f"SELECT {columns}, received_at FROM events WHERE flow=? AND received_at>=? AND received_at<?"
+            f" AND updated_at<? AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
+            (flow, after or 0.0, before, before, *statuses, ZMARK, limit),
+        ).fetchall()
+    )
+
+
 def tx_compress(
     conn: sqlite3.Connection, flow: str, before: float, limit: int, after: float | None = None
 ) -> tuple[int, float | None]:
     """Compress the payload and trace of up to `limit` finished runs of `flow` last changed before `before`,
     received at `after` or later (see `Retention.compress_runs`): how many, and the last one's arrival."""
-    statuses = FINISHED + FAILED
-    marks = ",".join("?" * len(statuses))
-    rows = conn.execute(
-        f"SELECT id, payload, trace, received_at FROM events WHERE flow=? AND received_at>=? AND received_at<?"
-        f" AND updated_at<? AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
-        (flow, after or 0.0, before, before, *statuses, ZMARK, limit),
-    ).fetchall()
+    rows = due_for_compression(conn, "id, payload, trace", flow, before, limit, after)
     for eid, payload, trace, _ in rows:
         raw = payload if isinstance(payload, bytes) else str(payload).encode()
         text = trace if isinstance(trace, bytes) else str(trace).encode()
@@ -89,4 +99,4 @@ def tx_compress(
             "UPDATE events SET payload=?, trace=? WHERE id=?",
             (ZMARK + zlib.compress(raw, 6), ZMARK + zlib.compress(text, 6), eid),
         )
-    return len(rows), (rows[-1][3] if rows else None)
+    return len(rows), (rows[-1][-1] if rows else None)

@@ -8,7 +8,7 @@ from base64 import b64encode
 from typing import Any
 
 from patchbay.store.common import _j, attempt_row, delivery_row, redoable
-from patchbay.store.retention import FAILED, FINISHED, ZMARK
+from patchbay.store.retention import ZMARK, due_for_compression
 from patchbay.store.sqlite_ops import HEAD
 
 
@@ -17,19 +17,13 @@ def tx_compress(
 ) -> tuple[int, float | None]:
     """Compress the payload of up to `limit` finished runs (as retention.tx_compress does). The trace stays
     text: PostgreSQL compresses a long text value itself (TOAST), and a text column cannot hold bytes."""
-    statuses = FINISHED + FAILED
-    marks = ",".join("?" * len(statuses))
-    rows = conn.execute(
-        f"SELECT id, payload, received_at FROM events WHERE flow=? AND received_at>=? AND received_at<?"
-        f" AND updated_at<? AND status IN ({marks}) AND substr(payload,1,3)!=? ORDER BY received_at LIMIT ?",
-        (flow, after or 0.0, before, before, *statuses, ZMARK, limit),
-    ).fetchall()
+    rows = due_for_compression(conn, "id, payload", flow, before, limit, after)
     if rows:
         conn.executemany(
             "UPDATE events SET payload=? WHERE id=?",
             [(ZMARK + zlib.compress(bytes(payload), 6), eid) for eid, payload, _ in rows],
         )
-    return len(rows), (rows[-1][2] if rows else None)
+    return len(rows), (rows[-1][-1] if rows else None)
 
 
 # ================================================================== the hot path, one statement each
