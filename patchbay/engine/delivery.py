@@ -152,6 +152,7 @@ class DestinationWorker:
         else:
             self.resumed.clear()
             self._drain()  # queued ones go back to the store, so the order of arrival holds after resume
+            self._wake_senders(len(self._slot_waiters))  # and those waiting for a slot let theirs go
 
     def _drain(self) -> None:
         """Queued deliveries go back to the store: their claims are let go, for any worker to take."""
@@ -325,8 +326,10 @@ class DestinationWorker:
         self.leased -= lost
 
     async def _slot(self) -> None:
-        """Wait for a sending slot of this worker's own; the caller counts itself in `sending` at once."""
-        while self.sending >= self.slots:
+        """Wait for a sending slot of this worker's own; the caller counts itself in `sending` at once. A
+        destination that stops being active ends the wait: the caller's `_ours` lets its claims go (a sender
+        that kept them through a pause would send them first after the resume, ahead of older ones)."""
+        while self.sending >= self.slots and self.state == "active":
             waiter = asyncio.get_running_loop().create_future()
             self._slot_waiters.append(waiter)
             try:

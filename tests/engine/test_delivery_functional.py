@@ -121,6 +121,44 @@ async def test_401_pauses_destination_until_resume_then_all_in_order(tmp_path, s
     assert emails == [f"lead-{n}@example.com" for n in range(5)]  # in order of arrival
 
 
+async def test_a_pause_lets_go_at_once_of_a_claim_waiting_for_a_slot_so_order_holds_after_resume(
+    tmp_path, sink, start_hub
+):
+    """With one slot, a second sender holds the next delivery's claim while it waits for the slot. A pause lets
+    that claim go at once: kept until the slot freed, the feed could take the slot back first, and the claim
+    was then sent first after the resume, ahead of older deliveries (a CI failure of the test above)."""
+    gate = asyncio.Event()
+
+    async def held(request, rec):
+        await gate.wait()
+        return 201
+
+    sink.script = [held]
+    root = lead_project(tmp_path, sink.url, delivery={**FAST, "timeout_s": 10, "max_concurrency": 1})
+    hub = await start_hub(root)
+    for n in range(3):
+        await hub.post("/hooks/lead-capture", lead(n))
+    worker = hub.hub.flows["lead-capture"].workers["crm"]
+    # lead-0 in flight, lead-1 in a sender waiting for the slot, lead-2 queued
+    await eventually(
+        lambda: worker.inflight == 1 and worker.queue.qsize() == 1 and len(worker.leased) == 3,
+        what="one delivery in flight, one waiting for the slot, one queued",
+    )
+    await hub.hub.set_state("lead-capture", "crm", "paused")
+    await asyncio.sleep(0.05)
+    assert len(worker.leased) == 1  # only the one in flight is still claimed
+
+    gate.set()
+    await sink.wait_for(1)
+    await eventually(lambda: worker.inflight == 0 and not worker.leased, what="the answer recorded")
+    await asyncio.sleep(0.2)
+    assert len(sink.received) == 1  # nothing more goes while paused
+    await hub.hub.set_state("lead-capture", "crm", "active")
+    await sink.wait_for(3)
+    emails = [r.body["properties"]["email"] for r in sink.received]
+    assert emails == [f"lead-{n}@example.com" for n in range(3)]
+
+
 async def test_410_dead_letters_and_disables(tmp_path, sink, start_hub):
     sink.script = [410]
     hub = await start_hub(lead_project(tmp_path, sink.url, delivery=FAST))
