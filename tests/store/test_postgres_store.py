@@ -5,15 +5,18 @@ conformance suite's, run on both stores.)"""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from click.testing import CliRunner
 
 from patchbay.cli.main import main
+from patchbay.errors import StoreUnavailable
 from patchbay.store.base import Accepted, NodeRow
 from patchbay.store.postgres import PostgresStore
 from patchbay.store.postgres.ops import LEASE_S
@@ -222,6 +225,43 @@ async def test_sending_slots_are_shared_fairly_and_never_more_than_the_limit() -
     finally:
         for s in (a, b, c):
             await s.close()
+
+
+async def test_a_paused_process_in_the_middle_of_a_transaction_holds_its_locks_for_seconds_not_forever() -> (
+    None
+):
+    """A process stopped inside a transaction (SIGSTOP, a frozen VM, a stall) holds that transaction's locks:
+    here the sending slots' lock. Its leases run out, but a lock does not: every other worker would wait for
+    it forever (a CI failure: the node that took a paused node's schedule over never sent). The server ends
+    a transaction left idle longer than the store's `idle_in_transaction_s`, and its locks with it."""
+    url = postgres_url()
+    a = PostgresStore(url, holder="hub-a", idle_in_transaction_s=1.0)
+    b = PostgresStore(url, holder="hub-b")
+    paused, woken = threading.Event(), threading.Event()
+
+    def stopped_inside_take_slots(conn: Any, *args: Any) -> None:
+        a.claims.take_slots(conn, *args)  # the slots' lock taken...
+        paused.set()
+        woken.wait(10)  # ...and the process stopped before it commits
+
+    try:
+        frozen = asyncio.ensure_future(
+            a._submit(stopped_inside_take_slots, "orders", "crm", 4, 4, 0, time.time())
+        )
+        await asyncio.to_thread(paused.wait, 5)
+        started = time.monotonic()
+        got = await asyncio.wait_for(b.take_slots("orders", "crm", 4, 4), 15)
+        waited = time.monotonic() - started
+        assert got == 4  # a's transaction ended uncommitted: every slot is free
+        assert 0.5 < waited < 5, waited  # it waited for a's lock until the server ended a's transaction
+        woken.set()
+        with pytest.raises(StoreUnavailable):  # the woken process learns its transaction is gone
+            await frozen
+        assert await a.take_slots("orders", "crm", 4, 4) == 0  # and goes on on a fresh connection
+    finally:
+        woken.set()
+        await a.close()
+        await b.close()
 
 
 async def test_one_token_bucket_for_every_holder() -> None:

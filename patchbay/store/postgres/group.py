@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from patchbay.errors import StoreUnavailable
-from patchbay.store.postgres.errors import RETRY, reason
+from patchbay.store.postgres.errors import GONE, RETRY, reason
 
 
 def _split(calls: list[list[Any]], out: list[Any] | None) -> list[list[Any]]:
@@ -170,7 +170,6 @@ class AsyncGroups:
         _resolve((fut, ok, value) for (fut, _), (ok, value) in zip(group, results, strict=True))
 
     async def _run(self, i: int, items: list[Any]) -> Any:
-        import psycopg
 
         for attempt in range(3):
             local = {"statements": 0, "round_trips": 0}
@@ -182,7 +181,7 @@ class AsyncGroups:
                 if attempt == 2:
                     raise
                 continue  # a concurrent writer won (same dedupe key): the next try sees its row
-            except psycopg.OperationalError as exc:
+            except GONE as exc:
                 conn, self._conns[i] = self._conns[i], None
                 if conn is not None:
                     await conn.close()

@@ -41,6 +41,7 @@ from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
 from patchbay.store.postgres.dialect import PgConnection, RawConnection
+from patchbay.store.postgres.errors import GONE as _GONE
 from patchbay.store.postgres.errors import RETRY as _RETRY
 from patchbay.store.postgres.errors import reason as _reason
 from patchbay.store.postgres.group import AsyncGroups
@@ -58,6 +59,13 @@ log = logging.getLogger("patchbay.store")
 # server CPU per event instead of 0.3, bench/cluster.py). Planning each execution costs a fraction of a
 # millisecond per statement, shared by the events of its group.
 _PLANNING = "-c plan_cache_mode=force_custom_plan"
+# A process stopped inside a transaction (SIGSTOP, a frozen VM, a long stall) would hold its locks forever:
+# its leases and claims run out, a lock does not, and every other node waits on it (the sending slots', a
+# lease row's). The server ends a transaction left idle this long, and the woken process's next statement
+# fails like a lost connection. Less than a lease (engine/leader.py TTL_S), so a node that takes a stopped
+# one's work over is not held by its locks for longer than the lease itself; our own transactions run
+# their statements back to back.
+IDLE_IN_TRANSACTION_S = 10.0
 
 
 def is_postgres_url(location: str) -> bool:
@@ -146,6 +154,7 @@ class PostgresStore(SqliteStore):
         holder: str | None = None,
         accept_writers: int = 2,
         lease_s: float = pg_ops.LEASE_S,
+        idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
@@ -162,11 +171,12 @@ class PostgresStore(SqliteStore):
                 " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
             ) from None
         # A transaction is opened explicitly where one is needed; every execution is planned for the tables
-        # as they are now (`_PLANNING`).
+        # as they are now (`_PLANNING`); a transaction left idle is ended by the server (IDLE_IN_TRANSACTION_S).
+        idle = f"-c idle_in_transaction_session_timeout={max(1, int(idle_in_transaction_s * 1000))}"
         self._conn_kwargs = {
             **kwargs,
             "autocommit": True,
-            "options": f"{kwargs.get('options', '')} {_PLANNING}".strip(),
+            "options": f"{kwargs.get('options', '')} {_PLANNING} {idle}".strip(),
         }
         self._pool = ConnectionPool(
             conninfo,
@@ -376,7 +386,7 @@ class PostgresStore(SqliteStore):
                 if attempt == 2:
                     raise
                 continue  # a concurrent writer won (same dedupe key): the next try sees its row
-            except psycopg.OperationalError as exc:
+            except _GONE as exc:
                 self._problem = _reason(exc)
                 raise StoreUnavailable(
                     f"the store {self.path} cannot be reached: {self._problem}", "the store is unreachable"
