@@ -101,8 +101,9 @@ class WebhookEndpoint:
         body = await _read_limited(request, self.max_body)
         if body is None:
             raise self.reject(413, "body_too_large", f"body is over the limit of {self.max_body} bytes")
+        url = str(request.url) if self.verifier.needs_url else ""
         verified = self.verifier.verify(
-            InboundRequest(body, request.headers, request.remote, request.method, str(request.url))
+            InboundRequest(body, request.headers, request.remote, request.method, url)
         )
         ctype = request.headers.get("Content-Type", "")
         record = self.parse(ctype, body)

@@ -118,6 +118,41 @@ async def test_same_id_with_another_body_is_refused(hub):
     assert await hub.count() == 1
 
 
+@pytest.mark.parametrize("public", [False, True], ids=["url-it-reached", "public-url"])
+async def test_an_hmac_that_signs_the_url_is_checked_against_the_url_the_request_reached(
+    tmp_path, sink, start_hub, public
+):
+    """HubSpot v3 signs method, URL and body. The server builds the URL only for a scheme that signs it; the
+    signature over the URL the request reached (or the `public_url` set behind a proxy) passes, over another
+    URL it is refused."""
+    import yaml
+
+    from patchbay.config.models import InboundAuth
+    from patchbay.security.webhook_auth import sign_hmac
+
+    root = lead_project(tmp_path, sink.url)
+    systems = yaml.safe_load((root / "systems.yaml").read_text())
+    webhook = {
+        "scheme": "hmac",
+        "secrets": [{"secret": "website_whsec"}],
+        "header": "X-Signature",
+        "signed": "{method}{url}{body}",
+    }
+    if public:
+        webhook["public_url"] = "https://hooks.example.com/hooks/lead-capture"
+    systems["website"]["webhook"] = webhook
+    (root / "systems.yaml").write_text(yaml.safe_dump(systems, sort_keys=False))
+    hub = await start_hub(root)
+    signer = InboundAuth.model_validate({k: v for k, v in webhook.items() if k != "public_url"})
+    raw = orjson.dumps(LEAD)
+    reached = hub.url + "/hooks/lead-capture"
+    right = webhook.get("public_url", reached)
+    for url, status in ((right, 202), (reached if public else reached + "?other=1", 401)):
+        headers = sign_hmac(signer, SECRET_WHSEC, raw, url=url)
+        got, _ = await hub.post("/hooks/lead-capture", raw, headers=headers, sign=False)
+        assert got == status, url
+
+
 async def test_invalid_record_is_quarantined_with_every_reason(tmp_path, sink, start_hub):
     steps = """
       - map:
