@@ -170,7 +170,6 @@ class AsyncGroups:
         _resolve((fut, ok, value) for (fut, _), (ok, value) in zip(group, results, strict=True))
 
     async def _run(self, i: int, items: list[Any]) -> Any:
-
         for attempt in range(3):
             local = {"statements": 0, "round_trips": 0}
             try:
