@@ -12,13 +12,17 @@ never take each other's claims for their own.
 
 The role names (WEB, WORKER, SCHEDULER, ROLES, ALL_ROLES) are defined in patchbay/roles.py, below every layer,
 because the SQLite store's flock per role uses them too; they are re-exported here.
+
+Several processes on one machine may each keep to CPUs of their own (`serve --cpus`, `parse_cpus`, `pin`): a
+process's threads hand Python's GIL to one another at every webhook (the event loop, the store's writer and its
+fsync), and on one CPU that hand-off wakes no other core (docs/scaling.md measures it).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +67,55 @@ def parse_roles(text: str) -> frozenset[str]:
             f" use one or more of {', '.join(ROLES)}, comma-separated (default: all)"
         )
     return frozenset(names)
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """`0`, `0-3`, `0,2` -> the CPU numbers; a ValueError says what is wrong and which CPUs may be used."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--cpus needs Linux (CPU affinity); leave it out here")
+    available = os.sched_getaffinity(0)
+    cpus: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ValueError(
+                f"--cpus {text!r}: {part!r} is not a CPU number or range; write e.g. 0, 0-1 or 0,2"
+            ) from None
+        if first < 0 or last < first:
+            raise ValueError(f"--cpus {text!r}: {part!r} is not a range from low to high, e.g. 0-1")
+        if last > max(available):  # checked before the range is built: `0-100000000` is no set of CPUs
+            cpus.add(last)
+            break
+        cpus.update(range(first, last + 1))
+    missing = sorted(cpus - available)
+    if missing:
+        raise ValueError(
+            f"--cpus {text!r}: CPU {', '.join(map(str, missing[:8]))} is not available to this process;"
+            f" it may use {cpu_list(available)}"
+        )
+    return frozenset(cpus)
+
+
+def cpu_list(cpus: Iterable[int]) -> str:
+    """{0, 1, 2, 5} -> `0-2,5`, as `--cpus` and Linux's cpu lists write them."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def pin(cpus: frozenset[int]) -> None:
+    """Every thread of this process, and every thread it starts later, runs on `cpus` only."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 def node_view(row: NodeRow, now: float, leases: Sequence[str] = ()) -> dict[str, Any]:

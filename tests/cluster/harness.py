@@ -108,10 +108,11 @@ class Cluster:
         port: int | None = None,
         wait: bool = True,
         timeout: float = READY_TIMEOUT_S,
+        args: tuple[str, ...] = (),
     ) -> NodeProcess:
-        """Start `patchbay serve ROOT --role ROLES --node NAME --port PORT`; with `wait`, return once its
+        """Start `patchbay serve ROOT --role ROLES --node NAME --port PORT [ARGS]`; with `wait`, return once its
         /readyz answers 200 (a process that exits or does not get ready fails with its log's tail)."""
-        return await self._spawn(name, roles, ["--role", roles, "--node", name], port, wait, timeout)
+        return await self._spawn(name, roles, ["--role", roles, "--node", name, *args], port, wait, timeout)
 
     async def serve(
         self, name: str = "serve", *, port: int | None = None, timeout: float = READY_TIMEOUT_S
