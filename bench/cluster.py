@@ -25,11 +25,16 @@ Each PostgreSQL variant runs in a database of its own (created and dropped here)
 backends are told apart on a shared server. A split variant needs `patchbay serve --role`; without it
 the variant is skipped with a note. Two web processes listen on two ports and the load is split between
 them (two load.py, half the connections each). Loopback only; only processes started here are stopped.
+
+Any variant named with `-cpus` after it (`sqlite-web1-worker1-cpus`, `pg-cpus`) runs each of its processes on a
+CPU of its own (`serve --cpus`: the first on CPU 0, the next on 1, ...); `node-red-cpus` is Node-RED with every
+thread on CPU 0, for the same comparison. The ratios stay to plain `node-red`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -54,6 +59,7 @@ class Proc:
     roles: str | None  # None: every role (a plain `patchbay serve`)
     port: int
     web: bool = True
+    cpus: str | None = None  # `serve --cpus` (variants NAME-cpus: each process a CPU of its own)
 
 
 @dataclass
@@ -333,16 +339,22 @@ def load(
 
 
 # ------------------------------------------------------------------ the variants
-def run_node_red(a: argparse.Namespace, sink: str, out_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_node_red(
+    a: argparse.Namespace, sink: str, out_dir: Path, env: dict[str, str], pinned: bool = False
+) -> dict[str, Any]:
+    """Node-RED's flow; `pinned` (variant node-red-cpus): every thread of it on CPU 0, as `serve --cpus 0`."""
     peer = str(Path(a.harness) / "peer.sh")
     subprocess.run([peer, "node-red", "setup", "sync"], env=env, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([peer, "node-red", "start"], env=env, check=True, stdout=subprocess.DEVNULL)
     try:
         pid = int(Path(env["RUN_DIR"], "node-red.pid").read_text())
+        for p in [pid, *children(pid)] if pinned else []:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                os.sched_setaffinity(int(tid), {0})
         url = f"http://127.0.0.1:{env['NR_BENCH_PORT']}/hook/lead"
         warm(a, [url])
         watch = CpuWatch(lambda: [pid, *children(pid)])
-        res, delivered = load(a, [url], sink, "node-red", out_dir)
+        res, delivered = load(a, [url], sink, "node-red-cpus" if pinned else "node-red", out_dir)
         cpu = watch.stop()
     finally:
         subprocess.run([peer, "node-red", "stop"], env=env, check=False)
@@ -402,6 +414,8 @@ def run_patchbay(
             cmd = [str(v.patchbay), "serve", str(project), "--port", str(p.port)]
             if p.roles:
                 cmd += ["--role", p.roles, "--node", f"{v.name}-{i}"]
+            if p.cpus is not None:
+                cmd += ["--cpus", p.cpus]
             log = open(run_dir / f"serve-{i}.log", "ab")
             procs.append(subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=log))
         for p, proc in zip(v.procs, procs, strict=True):
@@ -504,7 +518,12 @@ def main() -> None:
         for n in [n for n in names if n.endswith("@other")]:
             base = table[n.removesuffix("@other")]
             table[n] = Variant(n, base.store, base.procs, other)
-    unknown = [n for n in names if n != "node-red" and n not in table]
+    for n in [n for n in names if n.endswith("-cpus") and n.removesuffix("-cpus") in table]:
+        # Each process on a CPU of its own: the first on CPU 0, the next on 1, ... (`serve --cpus`).
+        base, ncpu = table[n.removesuffix("-cpus")], os.cpu_count() or 1
+        pinned = [dataclasses.replace(p, cpus=str(i % ncpu)) for i, p in enumerate(base.procs)]
+        table[n] = Variant(n, base.store, pinned, base.patchbay)
+    unknown = [n for n in names if n not in ("node-red", "node-red-cpus") and n not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: node-red, {', '.join(table)}")
     env = {
@@ -531,8 +550,10 @@ def main() -> None:
         for rep in range(a.reps):
             for name in names:
                 print(f"  rep {rep + 1} {name} ...", flush=True)
-                if name == "node-red":
-                    r: dict[str, Any] | None = run_node_red(a, sink_url, out_dir, env)
+                if name.startswith("node-red"):
+                    r: dict[str, Any] | None = run_node_red(
+                        a, sink_url, out_dir, env, name == "node-red-cpus"
+                    )
                 else:
                     r = run_patchbay(a, table[name], sink_url, out_dir, pg)
                 if r is not None:
