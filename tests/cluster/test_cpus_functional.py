@@ -39,7 +39,7 @@ async def test_every_thread_of_a_process_given_cpus_runs_on_them_and_it_serves(
     root = lead_project(tmp_path, sink.url)
     cpu = min(os.sched_getaffinity(0))  # one this machine lets us use (not always 0 in a container)
     async with Cluster(root, LEAD_SECRETS) as cluster:
-        node = await cluster.start("web", roles="web,worker,scheduler", args=("--cpus", str(cpu)))
+        node = await cluster.start("hub", roles="web,worker,scheduler", args=("--cpus", str(cpu)))
         async with aiohttp.ClientSession() as s:
             async with s.post(
                 f"{node.url}/hooks/lead-capture", data=lead(1), headers=Sender.headers(lead(1), "msg_1")
