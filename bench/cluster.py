@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchbay.engine.roles import pin
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PATCHBAY = REPO / ".venv" / "bin" / "patchbay"
@@ -349,8 +351,7 @@ def run_node_red(
     try:
         pid = int(Path(env["RUN_DIR"], "node-red.pid").read_text())
         for p in [pid, *children(pid)] if pinned else []:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                os.sched_setaffinity(int(tid), {0})
+            pin(frozenset({0}), p)
         url = f"http://127.0.0.1:{env['NR_BENCH_PORT']}/hook/lead"
         warm(a, [url])
         watch = CpuWatch(lambda: [pid, *children(pid)])

@@ -109,9 +109,10 @@ def cpu_list(cpus: Iterable[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def pin(cpus: frozenset[int]) -> None:
-    """Every thread of this process, and every thread it starts later, runs on `cpus` only."""
-    for tid in os.listdir("/proc/self/task"):
+def pin(cpus: frozenset[int], pid: int | str = "self") -> None:
+    """Every thread of process `pid` (this one by default), and every thread it starts later, runs on `cpus`
+    only."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:  # a thread that ended meanwhile
