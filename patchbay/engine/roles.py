@@ -85,10 +85,8 @@ def parse_cpus(text: str) -> frozenset[int]:
             ) from None
         if first < 0 or last < first:
             raise ValueError(f"--cpus {text!r}: {part!r} is not a range from low to high, e.g. 0-1")
-        if last > max(available):  # checked before the range is built: `0-100000000` is no set of CPUs
-            cpus.add(last)
-            break
-        cpus.update(range(first, last + 1))
+        # Past the last CPU there is, only that end is named: `0-100000000` is no range to build.
+        cpus.update(range(first, last + 1) if last <= max(available) else (last,))
     missing = sorted(cpus - available)
     if missing:
         raise ValueError(
