@@ -514,16 +514,17 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
     table = variants(a.base_port)
+    for n in {n.removesuffix("@other") for n in names}:
+        if n.endswith("-cpus") and n.removesuffix("-cpus") in table:
+            # Each process on a CPU of its own: the first on CPU 0, the next on 1, ... (`serve --cpus`).
+            base, ncpu = table[n.removesuffix("-cpus")], os.cpu_count() or 1
+            pinned = [dataclasses.replace(p, cpus=str(i % ncpu)) for i, p in enumerate(base.procs)]
+            table[n] = Variant(n, base.store, pinned, base.patchbay)
     if a.other:  # the same variants run by another checkout's patchbay, named NAME@other
         other = Path(a.other).resolve() / ".venv" / "bin" / "patchbay"
         for n in [n for n in names if n.endswith("@other")]:
             base = table[n.removesuffix("@other")]
             table[n] = Variant(n, base.store, base.procs, other)
-    for n in [n for n in names if n.endswith("-cpus") and n.removesuffix("-cpus") in table]:
-        # Each process on a CPU of its own: the first on CPU 0, the next on 1, ... (`serve --cpus`).
-        base, ncpu = table[n.removesuffix("-cpus")], os.cpu_count() or 1
-        pinned = [dataclasses.replace(p, cpus=str(i % ncpu)) for i, p in enumerate(base.procs)]
-        table[n] = Variant(n, base.store, pinned, base.patchbay)
     unknown = [n for n in names if n not in ("node-red", "node-red-cpus") and n not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: node-red, {', '.join(table)}")
