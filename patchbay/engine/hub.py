@@ -25,12 +25,12 @@ from patchbay.engine.alerts import AlertManager
 from patchbay.engine.batch_runs import BatchRuns, LastRun, LiveRun, RunGoing, as_error
 from patchbay.engine.calls import CallSink, CallWorker, build_call_sinks, call_destinations
 from patchbay.engine.delivery import DestinationWorker
-from patchbay.engine.intake import Intake
+from patchbay.engine.intake import REMOTE_TTL_S, TELL_INTAKE_S, Intake
 from patchbay.engine.leader import Leader, current_fence
 from patchbay.engine.pipeline import CALL_PREFIX, Pipeline
 from patchbay.engine.resources import system_resources
 from patchbay.engine.retention import Retention
-from patchbay.engine.roles import HEARTBEAT_S, LOST_AFTER_S, SCHEDULER, WORKER, Node
+from patchbay.engine.roles import HEARTBEAT_S, LOST_AFTER_S, SCHEDULER, WEB, WORKER, Node
 from patchbay.engine.scheduler import ScheduleRunner
 from patchbay.engine.sources import ALERT_AFTER, WAITING, SourceHealth, consume, health_of, poll_once
 from patchbay.engine.sync import EntitySync, Item, first_run, first_run_needed, sync_flows
@@ -127,6 +127,10 @@ class Hub:
         self.displaced = asyncio.Event()
         self._stored_sources: dict[str, SourceState] = {}  # a node without the scheduler role: the store's
         self._announce: dict[str, bool] = {}  # flows whose new deliveries other processes hear of next
+        self._intake_news: dict[str, bool] = {}  # destinations here behind (True) or caught up, to tell next
+        self._told_behind: set[str] = set()  # destinations here the other processes were told are behind
+        self._intake_at = 0.0  # when that was last told (time.monotonic): at most every TELL_INTAKE_S
+        self._intake_timer: asyncio.TimerHandle | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._look = asyncio.Event()  # the state watcher looks now (another process changed a state)
         self.watch_s = 0.5  # ...and at least this often (the CLI's changes, a missed wake-up)
@@ -158,8 +162,10 @@ class Hub:
         except BaseException:
             await self.store.close()
             raise
-        if self.store.shared and self.node.runs(WORKER):  # other processes' accepts wake these workers
-            self.store.listen(self._woken)
+        if (
+            self.store.shared
+        ):  # others' accepts wake the workers here; their workers' backlogs slow intake here
+            self.store.listen(self._woken, self._heard_behind if self.node.runs(WEB) else None)
         # What runs once in the cluster runs under a lease (schedules, consumers, windows, alerts, retention,
         # first runs); on a store one hub owns, every lease is this hub's.
         self.leader = Leader(self.store, self.node.id)
@@ -253,6 +259,8 @@ class Hub:
         while True:
             await asyncio.sleep(wait)
             wait = HEARTBEAT_S
+            self.intake.expire()  # what other processes did not say again, even while no webhook comes
+            self._tell_intake(dict.fromkeys(self._told_behind, True))  # said again while it holds
             try:
                 mine = await self.store.heartbeat(
                     self.row.id, self.row.started_at, time.time(), self.port, self.claims_held()
@@ -288,20 +296,64 @@ class Hub:
         if self.store is None or not self.store.shared:
             return
         self._announce[flow] = self._announce.get(flow, False) or rescan
+        self._start_announcer()
+
+    def _behind_changed(self, who: str, behind: bool, lagging: bool) -> None:
+        """A destination of this process ("flow/name") fell behind, or caught up: webhooks here yield to its
+        deliveries (engine/intake.py); the other processes' do while it is `lagging` too (`_heard_behind`)."""
+        self.intake.report(who, behind)
+        if self.store is None or not self.store.shared:
+            return
+        if lagging != (who in self._told_behind):
+            if lagging:
+                self._told_behind.add(who)
+            else:
+                self._told_behind.discard(who)
+            self._tell_intake({who: lagging})
+
+    def _heard_behind(self, who: str, behind: bool) -> None:
+        """Another process's destination ("flow/name on node") is behind, or caught up: intake here yields
+        to it too, for REMOTE_TTL_S unless heard again (a worker that dies behind is not waited for)."""
+        self.intake.report(who, behind, REMOTE_TTL_S)
+
+    def _tell_intake(self, news: dict[str, bool]) -> None:
+        """Told with the next announcement, at most every TELL_INTAKE_S: a destination that goes behind and
+        back many times a second (each read of due deliveries decides it) is told as where it ends up."""
+        if self.store is None or not self.store.shared or not news:
+            return
+        self._intake_news.update(news)
+        if self._intake_timer is None:
+            wait = max(0.0, self._intake_at + TELL_INTAKE_S - time.monotonic())
+            self._intake_timer = asyncio.get_running_loop().call_later(wait, self._intake_due)
+
+    def _intake_due(self) -> None:
+        self._intake_timer = None
+        self._intake_at = time.monotonic()
+        self._start_announcer()
+
+    def _start_announcer(self) -> None:
         if self._announcer is None or self._announcer.done():
             self._announcer = asyncio.create_task(self._send_announcements(), name="announce")
 
     async def _send_announcements(self) -> None:
         assert self.store is not None
-        while self._announce:
+        while self._announce or (self._intake_news and self._intake_timer is None):
             batch, self._announce = self._announce, {}
+            news = {}
+            if self._intake_timer is None:  # (else it is told when the timer fires)
+                news, self._intake_news = self._intake_news, {}
             try:
                 for rescan in (False, True):
                     flows = [f for f, r in batch.items() if r is rescan]
                     if flows:
                         await self.store.announce(flows, rescan=rescan)
+                if news:
+                    behind = [w for w, b in news.items() if b]
+                    await self.store.announce_intake(
+                        self.node.id, behind, [w for w, b in news.items() if not b]
+                    )
             except Exception as exc:  # the other processes' workers rescan each second: late, not lost
-                log.debug("telling the other processes of new deliveries: %s", exc)
+                log.debug("telling the other processes of new deliveries or backlogs: %s", exc)
 
     def _woken(self, flow: str, rescan: bool) -> None:
         """Another process announced deliveries of `flow` (every flow: empty); `rescan`: states changed too."""
@@ -383,7 +435,7 @@ class Hub:
                 open_request=pipeline.open_request,
                 on_answer=self._answer_check(spec, dest.name, sinks[dest.name]),
                 renew_s=self.project.settings.claim_lease / 3,
-                on_behind=self.intake.report,
+                on_behind=self._behind_changed,
             )
             if state != "active":
                 alerts.warning(
@@ -438,7 +490,7 @@ class Hub:
                 pipeline=pipeline,
                 on_continued=continued,
                 renew_s=self.project.settings.claim_lease / 3,
-                on_behind=self.intake.report,
+                on_behind=self._behind_changed,
             )
         return out
 
@@ -605,6 +657,15 @@ class Hub:
         for task in (self._heartbeat, self._announcer):
             if task is not None:
                 task.cancel()
+        if self._intake_timer is not None:
+            self._intake_timer.cancel()
+        gone = self._told_behind | set(self._intake_news)  # told behind, or still to be told anything
+        if self.store is not None and gone:
+            # Nothing of this process holds the other processes' intake down once it is gone.
+            self._told_behind, self._intake_news = set(), {}
+            await _bounded(
+                self.store.announce_intake(self.node.id, [], sorted(gone)), "telling the others it is gone"
+            )
         if self.store is not None:
             if self.row is not None:  # a clean stop: the cluster view shows it stopped, not lost
                 await _bounded(

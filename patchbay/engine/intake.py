@@ -14,46 +14,77 @@ refused for it: a sender sees a slower answer, as it would from any busy server.
 has caught up, webhooks are taken as they come again. Measured in the same run: 1,702 delivered/s, with
 acknowledgements at the same pace.
 
-A process that does not deliver (`--role web`) never falls behind here: its webhooks are taken as they
-come, and the delivering processes keep their own pace.
+A process that does not deliver (`--role web`) hears it from the processes that do: a worker process tells
+the others while a destination of its is behind and what it reads has waited longer than `LAGGING_S` since
+it came due (a backlog that grows, not one that exists), and when that ends (the store's `announce_intake`:
+NOTIFY, or the wake sockets on SQLite; at most every `TELL_INTAKE_S`, where each destination ended up). It
+tells them again with every heartbeat while it lasts. What another process said lasts `REMOTE_TTL_S` unless
+said again, so a worker that dies behind does not hold the web processes' intake down: they take webhooks as
+they come again within that time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable
 
 DEFAULT_LIMIT = 16
+# How long another process's "behind" holds unless said again: three of its heartbeats (engine/roles.py).
+REMOTE_TTL_S = 6.0
+# How often a process tells the others at most (where its destinations ended up since it last did).
+TELL_INTAKE_S = 0.5
+# The others are told a destination is behind while what its worker reads has waited longer than this since it
+# came due: a backlog that grows. Under a high rate a worker that keeps up finds more due than it holds at
+# every read (a backlog that exists), and yielding to that would only cost the web processes their pace.
+LAGGING_S = 1.0
 
 
 class Intake:
     def __init__(self, limit: int = DEFAULT_LIMIT, on_change: Callable[[bool], None] | None = None) -> None:
         self.limit = limit
-        self._behind: set[str] = set()
+        # Who is behind ("flow/name", or "flow/name on node" for another process's) -> until when
+        # (time.monotonic; this process's own: until it says it caught up).
+        self._behind: dict[str, float] = {}
         self._turns: asyncio.Semaphore | None = None
         self._on_change = on_change  # (limited or not): the metric's gauge
 
-    def report(self, who: str, behind: bool) -> None:
-        """`who` (a destination, "flow/name") is behind, or has caught up."""
-        was = bool(self._behind)
+    def report(self, who: str, behind: bool, ttl_s: float | None = None) -> None:
+        """`who` (a destination, "flow/name") is behind, or has caught up; `ttl_s`: for that long only
+        unless reported again (another process's report)."""
+        was = self.limited
         if behind:
-            self._behind.add(who)
+            self._behind[who] = math.inf if ttl_s is None else time.monotonic() + ttl_s
         else:
-            self._behind.discard(who)
+            self._behind.pop(who, None)
+        self._changed(was)
+
+    def expire(self) -> None:
+        """Forget what other processes said and did not say again in time."""
+        if self._behind:
+            was, now = True, time.monotonic()
+            for who in [w for w, until in self._behind.items() if until <= now]:
+                del self._behind[who]
+            self._changed(was)
+
+    def _changed(self, was: bool) -> None:
         if was != bool(self._behind) and self._on_change is not None:
             self._on_change(not was)
 
     @property
     def limited(self) -> bool:
+        self.expire()
         return bool(self._behind)
 
     @property
     def behind(self) -> frozenset[str]:
+        self.expire()
         return frozenset(self._behind)
 
     async def enter(self) -> bool:
         """Wait for a turn while intake is limited; True when the caller holds one (then `leave()` it)."""
-        if not self._behind:
+        if not self._behind or not self.limited:
             return False
         if self._turns is None:
             self._turns = asyncio.Semaphore(self.limit)
@@ -65,4 +96,4 @@ class Intake:
         self._turns.release()
 
 
-__all__ = ["DEFAULT_LIMIT", "Intake"]
+__all__ = ["DEFAULT_LIMIT", "LAGGING_S", "REMOTE_TTL_S", "TELL_INTAKE_S", "Intake"]

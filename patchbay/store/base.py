@@ -91,6 +91,7 @@ class DueDelivery:
     idempotency_key: str
     attempts: int
     retries: int
+    due_at: float = 0.0  # since when it is due (its next_at): how long it waited to be read
 
 
 @dataclass
@@ -569,8 +570,16 @@ class Cluster(Protocol):
         a replay, a resume). Sent after the commit that made them, never part of it."""
         ...
 
-    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
-        """Call `on_wake(flow, rescan)` on the running loop for every other process's `announce`, until closed."""
+    async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
+        """Tell the other processes that destinations ("flow/name") of node `node` are behind, or caught up:
+        their web processes take webhooks a few at a time while any is (engine/intake.py)."""
+        ...
+
+    def listen(
+        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+    ) -> None:
+        """Call `on_wake(flow, rescan)` on the running loop for every other process's `announce`, and
+        `on_intake("flow/name on node", behind)` for its `announce_intake`, until closed."""
         ...
 
 

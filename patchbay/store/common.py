@@ -1,13 +1,13 @@
 """What the store modules share: SQL helpers (JSON as text, an event's status, an audit row, an attempt's
-row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks) and `redoable` (writes
-that need not wait for the disk)."""
+row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks), `redoable` (writes
+that need not wait for the disk) and the intake lines of the wake between processes."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
 import orjson
@@ -15,6 +15,25 @@ import orjson
 from patchbay.store.base import no_nul
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# A line of the store's wake to other processes (NOTIFY, SQLite's wake sockets) saying that a destination of
+# the sender is behind, or has caught up: `b:<flow>/<name> on <node>`, `k:...` (engine/intake.py).
+BEHIND, CAUGHT_UP = "b", "k"
+
+
+def intake_lines(node: str, behind: Collection[str], caught_up: Collection[str]) -> list[str]:
+    return [f"{BEHIND}:{who} on {node}" for who in behind] + [
+        f"{CAUGHT_UP}:{who} on {node}" for who in caught_up
+    ]
+
+
+def read_line(line: str) -> tuple[bool, str, bool]:
+    """A wake line as (about intake, what, flag): (False, flow, rescan) for `announce`'s, (True,
+    "flow/name on node", behind) for `announce_intake`'s."""
+    kind, _, what = line.partition(":")
+    if kind in (BEHIND, CAUGHT_UP):
+        return True, what, kind == BEHIND
+    return False, what, kind == "r"
 
 
 def redoable(fn: F) -> F:

@@ -58,7 +58,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, poll_until, tx_audit
+from patchbay.store.common import grant_tokens, intake_lines, poll_until, tx_audit
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -579,9 +579,15 @@ class SqliteStore:
         if self._wake is not None and not self._closed:
             self._wake.announce(flows, rescan)
 
-    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
+    async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
+        if self._wake is not None and not self._closed:
+            self._wake.send(intake_lines(node, behind, caught_up))
+
+    def listen(
+        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+    ) -> None:
         if self._wake is not None:
-            self._wake.listen(asyncio.get_running_loop(), on_wake)
+            self._wake.listen(asyncio.get_running_loop(), on_wake, on_intake)
 
     # -------------------------------------------------------------- monitoring: alerts, source health
     async def snapshot(

@@ -151,7 +151,7 @@ def q_due(
     """Pending deliveries due by `now`, oldest first, past `after_id` and not in `skip` (already leased);
     of an ordered key only its oldest (HEAD)."""
     rows = conn.execute(
-        "SELECT id, event_id, request, idempotency_key, attempts, retries FROM deliveries d"
+        "SELECT id, event_id, request, idempotency_key, attempts, retries, next_at FROM deliveries d"
         " WHERE flow=? AND destination=? AND status='pending' AND next_at<=? AND id>? AND "
         + HEAD
         + " ORDER BY id LIMIT ?",
@@ -171,6 +171,7 @@ def q_due(
                 r["idempotency_key"],
                 r["attempts"],
                 r["retries"],
+                r["next_at"],
             )
         )
         if len(out) >= limit:

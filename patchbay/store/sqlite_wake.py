@@ -5,7 +5,8 @@ Several `patchbay serve` processes may share one SQLite file (any number with th
 deliveries, then tells the others, as PostgreSQL's NOTIFY does: each process that listens binds a
 datagram socket `<store>.wake/<node>.sock`, and `announce` sends the payload to every socket there
 (`n:<flow>`: new deliveries of the flow; `r:<flow>`: states changed too, rescan; an empty flow: every
-flow), one line each, several lines a datagram. A socket whose process is gone refuses the datagram
+flow; `b:`/`k:` a destination of the sender behind or caught up, engine/intake.py), one line each, several
+lines a datagram. A socket whose process is gone refuses the datagram
 and is removed. A lost datagram costs at most the workers' rescan (each second), never an event.
 
 Socket paths are limited to 107 bytes; a longer one is reached through `/proc/self/fd/<folder fd>/`.
@@ -23,6 +24,8 @@ import socket
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
+
+from patchbay.store.common import read_line
 
 log = logging.getLogger("patchbay.store")
 
@@ -72,17 +75,21 @@ class Wake:
 
     # -------------------------------------------------------------- announce
     def announce(self, flows: Collection[str], rescan: bool) -> None:
-        """Send `n:<flow>` (or `r:<flow>`) lines to every other process's socket; remove dead ones."""
-        if self._closed or not flows:
+        """Send `n:<flow>` (or `r:<flow>`) lines to every other process's socket."""
+        prefix = "r:" if rescan else "n:"
+        self.send([prefix + flow for flow in flows])
+
+    def send(self, lines: Collection[str]) -> None:
+        """Send `lines` to every other process's socket, several a datagram; remove dead ones."""
+        if self._closed or not lines:
             return
         if self._send is None:
             self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._send.setblocking(False)
-        prefix = "r:" if rescan else "n:"
         datagrams: list[bytes] = []
         chunk = b""
-        for flow in flows:
-            line = (prefix + flow).encode()
+        for text in lines:
+            line = text.encode()
             if chunk and len(chunk) + 1 + len(line) > MAX_DATAGRAM:
                 datagrams.append(chunk)
                 chunk = b""
@@ -117,10 +124,15 @@ class Wake:
             pass
 
     # -------------------------------------------------------------- listen
-    def listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+    def listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self._bind()
         self._thread = threading.Thread(
-            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
+            target=self._listen, args=(loop, on_wake, on_intake), name="patchbay-store-listen", daemon=True
         )
         self._thread.start()
 
@@ -146,14 +158,22 @@ class Wake:
         except OSError:
             return False
 
-    def _listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
+    def _listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None,
+    ) -> None:
         assert self._recv is not None
 
-        def wake(flow: str, rescan: bool) -> None:
+        def call(fn: Callable[[str, bool], None], what: str, flag: bool) -> None:
             try:
-                loop.call_soon_threadsafe(on_wake, flow, rescan)
+                loop.call_soon_threadsafe(fn, what, flag)
             except RuntimeError:  # the loop has closed: the hub is gone
                 self._closed = True
+
+        def wake(flow: str, rescan: bool) -> None:
+            call(on_wake, flow, rescan)
 
         wake("", True)  # what was announced before this socket existed: a rescan of every flow finds it
         while not self._closed:
@@ -175,11 +195,13 @@ class Wake:
                 return
             seen: set[tuple[str, bool]] = set()
             for line in data.decode("utf-8", "replace").split("\n"):
-                kind, _, flow = line.partition(":")
-                key = (flow, kind == "r")
-                if key not in seen:
-                    seen.add(key)
-                    wake(*key)
+                about_intake, what, flag = read_line(line)
+                if about_intake:
+                    if on_intake is not None:
+                        call(on_intake, what, flag)
+                elif (what, flag) not in seen:
+                    seen.add((what, flag))
+                    wake(what, flag)
 
     # -------------------------------------------------------------- close
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from patchbay.engine.intake import Intake
 from tests.conftest import eventually, lead_project
 
 
@@ -63,3 +64,29 @@ async def test_while_a_destination_falls_behind_webhooks_are_taken_a_few_at_a_ti
     assert peaks[-1] > 3
     await sink.wait_for(36, timeout=20)
     assert await hub.count() == 36
+
+
+async def test_another_processs_report_lasts_its_time_unless_said_again_and_this_processs_until_caught_up() -> (
+    None
+):
+    changes: list[bool] = []
+    intake = Intake(2, changes.append)
+    intake.report("lead-capture/crm on w1", True, ttl_s=0.3)
+    assert intake.limited and changes == [True]
+    await asyncio.sleep(0.2)
+    intake.report("lead-capture/crm on w1", True, ttl_s=0.3)  # said again: it holds
+    await asyncio.sleep(0.2)
+    assert intake.behind == {"lead-capture/crm on w1"}
+    intake.report("lead-capture/crm", True)  # this process's own
+    await asyncio.sleep(0.35)
+    intake.expire()  # the other's report ran out; this process's own holds until it caught up
+    assert intake.behind == {"lead-capture/crm"} and changes == [True]
+    assert await intake.enter() is True
+    intake.leave()
+    intake.report("lead-capture/crm", False)
+    assert not intake.limited and changes == [True, False]
+    assert await intake.enter() is False
+    intake.report("orders/erp on w2", True, ttl_s=0.05)
+    await asyncio.sleep(0.1)
+    assert await intake.enter() is False  # expired: taken as it comes, the gauge down again
+    assert changes == [True, False, True, False]

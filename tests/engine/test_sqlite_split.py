@@ -20,9 +20,10 @@ import pytest
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
 from patchbay.engine.roles import ALL_ROLES, SCHEDULER, WEB, WORKER, Node
+from patchbay.store.common import intake_lines
 from patchbay.store.sqlite import SqliteStore, StoreLocked
 from patchbay.store.sqlite_wake import Wake, socket_name, wake_dir
-from tests.conftest import Sink, lead_project, resolver
+from tests.conftest import Sink, eventually, lead_project, resolver
 
 
 async def hub_of(root: Path, node: Node) -> Hub:
@@ -125,6 +126,27 @@ async def test_one_worker_and_one_scheduler_per_file_any_number_of_web(tmp_path:
         await web.stop()
     finally:
         await everything.stop()
+
+
+async def test_a_backlog_report_reaches_the_other_processes_intake_and_wakes_no_worker(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "patchbay.db"
+    loop = asyncio.get_running_loop()
+    woken: list[tuple[str, bool]] = []
+    told: list[tuple[str, bool]] = []
+    a, b = Wake(store, "a"), Wake(store, "b")
+    b.listen(loop, lambda f, r: woken.append((f, r)), lambda who, behind: told.append((who, behind)))
+    try:
+        await eventually(lambda: woken == [("", True)], what="b listening")
+        a.send(intake_lines("a", ["lead-capture/crm"], ["orders/erp"]))
+        await eventually(lambda: len(told) >= 2, what="b told")
+        assert told == [("lead-capture/crm on a", True), ("orders/erp on a", False)]
+        await asyncio.sleep(0.05)
+        assert woken == [("", True)]  # no worker is woken by it
+    finally:
+        for w in (a, b):
+            w.close()
 
 
 async def test_an_announcement_reaches_every_listener_and_dead_sockets_are_removed(tmp_path: Path) -> None:

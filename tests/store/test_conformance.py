@@ -198,12 +198,15 @@ async def test_a_retry_waits_and_counts_then_dead_marks_the_event(store: Store) 
     e = event()
     await store.accept(e)
     [d] = await due(store)
+    assert (
+        e.received_at <= d.due_at <= time.time()
+    )  # due since it came: how long it waited (engine/intake.py)
     later = time.time() + 600
     await store.record([result(d, "transient", "pending", next_at=later, consumed_retry=True)])
     assert await due(store) == []  # not before next_at
     assert await store.next_due_at("orders", "crm") == pytest.approx(later)
     [d] = await due(store, now=later + 1)
-    assert (d.attempts, d.retries) == (1, 1)
+    assert (d.attempts, d.retries) == (1, 1) and d.due_at == pytest.approx(later)
     await store.record([result(d, "terminal", "dead", status_code=400, error="", excerpt="bad email")])
     run = await store.get_run(e.id)
     assert run is not None and run["status"] == "dead"

@@ -374,6 +374,26 @@ async def test_an_announcement_reaches_the_listeners_of_the_same_schema_only() -
             await s.close()
 
 
+async def test_a_backlog_report_reaches_the_other_processes_intake_and_wakes_no_worker() -> None:
+    url = postgres_url()
+    a, b = PostgresStore(url), PostgresStore(url)
+    woken: list[tuple[str, bool]] = []
+    told: list[tuple[str, bool]] = []
+    try:
+        b.listen(
+            lambda flow, rescan: woken.append((flow, rescan)), lambda who, behind: told.append((who, behind))
+        )
+        await eventually(lambda: ("", True) in woken)
+        await a.announce_intake("node-a", ["lead-capture/crm"], ["orders/erp"])
+        await eventually(lambda: len(told) >= 2)
+        assert told == [("lead-capture/crm on node-a", True), ("orders/erp on node-a", False)]
+        await asyncio.sleep(0.1)
+        assert woken == [("", True)]  # no worker is woken by it
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
 async def test_a_process_does_not_hear_its_own_announcements() -> None:
     """A process wakes its own workers in memory; its NOTIFY is for the others (as SQLite's wake is). Hearing
     it back cost a second wake, and a feed read, per accepted group."""

@@ -160,7 +160,7 @@ WHERE id IN (
   ORDER BY d.id LIMIT %(limit)s
   FOR UPDATE OF d SKIP LOCKED
 )
-RETURNING id, event_id, request, idempotency_key, attempts, retries
+RETURNING id, event_id, request, idempotency_key, attempts, retries, next_at
 """
 )
 
@@ -215,7 +215,8 @@ class Claims:
         ).fetchall()
         rows.sort(key=lambda r: r[0])  # RETURNING has no order: arrival order is the id's
         return [
-            DueDelivery(r[0], r[1], flow, destination, orjson.loads(r[2]), r[3], r[4], r[5]) for r in rows
+            DueDelivery(r[0], r[1], flow, destination, orjson.loads(r[2]), r[3], r[4], r[5], r[6])
+            for r in rows
         ]
 
     @native

@@ -36,7 +36,7 @@ from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
-from patchbay.store.common import is_redoable, poll_until
+from patchbay.store.common import intake_lines, is_redoable, poll_until, read_line
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -265,6 +265,12 @@ class PostgresStore(SqliteStore):
         payloads = [("r:" if rescan else "n:") + f for f in flows]
         await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, payloads)
 
+    async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
+        if self._closed or not (behind or caught_up):
+            return
+        payloads = intake_lines(node, behind, caught_up)
+        await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, payloads)
+
     def _notify(self, payloads: list[str]) -> None:
         """One NOTIFY round trip on a connection of its own (never in the transaction that wrote the rows)."""
         for attempt in range(2):
@@ -283,19 +289,29 @@ class PostgresStore(SqliteStore):
                 if attempt == 1:
                     raise
 
-    def listen(self, on_wake: Callable[[str, bool], None]) -> None:
+    def listen(
+        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._listener = threading.Thread(
-            target=self._listen, args=(loop, on_wake), name="patchbay-store-listen", daemon=True
+            target=self._listen, args=(loop, on_wake, on_intake), name="patchbay-store-listen", daemon=True
         )
         self._listener.start()
 
-    def _listen(self, loop: asyncio.AbstractEventLoop, on_wake: Callable[[str, bool], None]) -> None:
-        def wake(flow: str, rescan: bool) -> None:
+    def _listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None,
+    ) -> None:
+        def call(fn: Callable[[str, bool], None], what: str, flag: bool) -> None:
             try:
-                loop.call_soon_threadsafe(on_wake, flow, rescan)
+                loop.call_soon_threadsafe(fn, what, flag)
             except RuntimeError:  # the loop has closed: the hub is gone
                 self._closed = True
+
+        def wake(flow: str, rescan: bool) -> None:
+            call(on_wake, flow, rescan)
 
         while not self._closed:
             try:
@@ -306,8 +322,11 @@ class PostgresStore(SqliteStore):
                         for n in conn.notifies(timeout=0.5):
                             if n.pid == self._notify_pid:  # our own: this process woke its workers itself
                                 continue
-                            kind, _, flow = n.payload.partition(":")
-                            wake(flow, kind == "r")
+                            about_intake, what, flag = read_line(n.payload)
+                            if not about_intake:
+                                wake(what, flag)
+                            elif on_intake is not None:
+                                call(on_intake, what, flag)
             except psycopg.Error as exc:
                 if not self._closed:
                     log.warning(
