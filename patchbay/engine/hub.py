@@ -162,9 +162,8 @@ class Hub:
         except BaseException:
             await self.store.close()
             raise
-        if (
-            self.store.shared
-        ):  # others' accepts wake the workers here; their workers' backlogs slow intake here
+        # Other processes' accepts wake the workers here, and their workers' growing backlogs slow intake here.
+        if self.store.shared:
             self.store.listen(self._woken, self._heard_behind if self.node.runs(WEB) else None)
         # What runs once in the cluster runs under a lease (schedules, consumers, windows, alerts, retention,
         # first runs); on a store one hub owns, every lease is this hub's.

@@ -27,13 +27,35 @@ def intake_lines(node: str, behind: Collection[str], caught_up: Collection[str])
     ]
 
 
-def read_line(line: str) -> tuple[bool, str, bool]:
-    """A wake line as (about intake, what, flag): (False, flow, rescan) for `announce`'s, (True,
-    "flow/name on node", behind) for `announce_intake`'s."""
-    kind, _, what = line.partition(":")
-    if kind in (BEHIND, CAUGHT_UP):
-        return True, what, kind == BEHIND
-    return False, what, kind == "r"
+class Heard:
+    """What a store's listener thread hears from the other processes, handed to the hub's event loop: `wake`
+    for an announcement of deliveries, `line` for a line as sent (`announce`'s `n:`/`r:` or `announce_intake`'s
+    `b:`/`k:`). `closed` once the loop has closed (the hub is gone): the listener stops."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None,
+    ) -> None:
+        self.loop, self.on_wake, self.on_intake = loop, on_wake, on_intake
+        self.closed = False
+
+    def wake(self, flow: str, rescan: bool) -> None:
+        self._call(self.on_wake, flow, rescan)
+
+    def line(self, line: str) -> None:
+        kind, _, what = line.partition(":")
+        if kind not in (BEHIND, CAUGHT_UP):
+            self.wake(what, kind == "r")
+        elif self.on_intake is not None:
+            self._call(self.on_intake, what, kind == BEHIND)
+
+    def _call(self, fn: Callable[[str, bool], None], what: str, flag: bool) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, what, flag)
+        except RuntimeError:  # the loop has closed
+            self.closed = True
 
 
 def redoable(fn: F) -> F:

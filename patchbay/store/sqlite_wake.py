@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from patchbay.store.common import read_line
+from patchbay.store.common import Heard
 
 log = logging.getLogger("patchbay.store")
 
@@ -131,8 +131,9 @@ class Wake:
         on_intake: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._bind()
+        heard = Heard(loop, on_wake, on_intake)
         self._thread = threading.Thread(
-            target=self._listen, args=(loop, on_wake, on_intake), name="patchbay-store-listen", daemon=True
+            target=self._listen, args=(heard,), name="patchbay-store-listen", daemon=True
         )
         self._thread.start()
 
@@ -158,25 +159,10 @@ class Wake:
         except OSError:
             return False
 
-    def _listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_wake: Callable[[str, bool], None],
-        on_intake: Callable[[str, bool], None] | None,
-    ) -> None:
+    def _listen(self, heard: Heard) -> None:
         assert self._recv is not None
-
-        def call(fn: Callable[[str, bool], None], what: str, flag: bool) -> None:
-            try:
-                loop.call_soon_threadsafe(fn, what, flag)
-            except RuntimeError:  # the loop has closed: the hub is gone
-                self._closed = True
-
-        def wake(flow: str, rescan: bool) -> None:
-            call(on_wake, flow, rescan)
-
-        wake("", True)  # what was announced before this socket existed: a rescan of every flow finds it
-        while not self._closed:
+        heard.wake("", True)  # what was announced before this socket existed: a rescan of every flow finds it
+        while not self._closed and not heard.closed:
             try:
                 data = self._recv.recv(65536)
             except TimeoutError:
@@ -185,7 +171,7 @@ class Wake:
                     if rebound:
                         self._bind()
                 if rebound:
-                    wake("", True)  # what was sent meanwhile went nowhere
+                    heard.wake("", True)  # what was sent meanwhile went nowhere
                 continue
             except OSError:
                 if self._closed:
@@ -193,15 +179,8 @@ class Wake:
                 continue
             if self._closed:  # closing (its nudge, or a late announce): nobody is to be woken any more
                 return
-            seen: set[tuple[str, bool]] = set()
-            for line in data.decode("utf-8", "replace").split("\n"):
-                about_intake, what, flag = read_line(line)
-                if about_intake:
-                    if on_intake is not None:
-                        call(on_intake, what, flag)
-                elif (what, flag) not in seen:
-                    seen.add((what, flag))
-                    wake(what, flag)
+            for line in dict.fromkeys(data.decode("utf-8", "replace").split("\n")):  # each line once
+                heard.line(line)
 
     # -------------------------------------------------------------- close
     def close(self) -> None:

@@ -36,7 +36,7 @@ from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
-from patchbay.store.common import intake_lines, is_redoable, poll_until, read_line
+from patchbay.store.common import Heard, intake_lines, is_redoable, poll_until
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -294,39 +294,26 @@ class PostgresStore(SqliteStore):
     ) -> None:
         loop = asyncio.get_running_loop()
         self._listener = threading.Thread(
-            target=self._listen, args=(loop, on_wake, on_intake), name="patchbay-store-listen", daemon=True
+            target=self._listen,
+            args=(Heard(loop, on_wake, on_intake),),
+            name="patchbay-store-listen",
+            daemon=True,
         )
         self._listener.start()
 
-    def _listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_wake: Callable[[str, bool], None],
-        on_intake: Callable[[str, bool], None] | None,
-    ) -> None:
-        def call(fn: Callable[[str, bool], None], what: str, flag: bool) -> None:
-            try:
-                loop.call_soon_threadsafe(fn, what, flag)
-            except RuntimeError:  # the loop has closed: the hub is gone
-                self._closed = True
-
-        def wake(flow: str, rescan: bool) -> None:
-            call(on_wake, flow, rescan)
-
-        while not self._closed:
+    def _listen(self, heard: Heard) -> None:
+        while not self._closed and not heard.closed:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')  # type: ignore[arg-type]
-                    wake("", True)  # what was announced while not listening: a rescan of every flow finds it
-                    while not self._closed:
+                    heard.wake(
+                        "", True
+                    )  # what was announced while not listening: a rescan of every flow finds it
+                    while not self._closed and not heard.closed:
                         for n in conn.notifies(timeout=0.5):
                             if n.pid == self._notify_pid:  # our own: this process woke its workers itself
                                 continue
-                            about_intake, what, flag = read_line(n.payload)
-                            if not about_intake:
-                                wake(what, flag)
-                            elif on_intake is not None:
-                                call(on_intake, what, flag)
+                            heard.line(n.payload)
             except psycopg.Error as exc:
                 if not self._closed:
                     log.warning(
