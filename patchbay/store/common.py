@@ -1,6 +1,6 @@
 """What the store modules share: SQL helpers (JSON as text, an event's status, an audit row, an attempt's
 row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks), `redoable` (writes
-that need not wait for the disk) and the intake lines of the wake between processes."""
+that need not wait for the disk) and the wake between processes: `intake_lines` sent, `Heard` received."""
 
 from __future__ import annotations
 
