@@ -1,6 +1,6 @@
 """What the store modules share: SQL helpers (JSON as text, an event's status, an audit row, an attempt's
 row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks), `redoable` (writes
-that need not wait for the disk) and the wake between processes: `intake_lines` sent, `Heard` received."""
+that need not wait for the disk) and the wake between processes: `wake_lines` and `intake_lines` sent, `Heard` received."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ from patchbay.store.base import no_nul
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# A line of the store's wake to other processes (NOTIFY, SQLite's wake sockets) saying that a destination of
-# the sender is behind, or has caught up: `b:<flow>/<name> on <node>`, `k:...` (engine/intake.py).
-BEHIND, CAUGHT_UP = "b", "k"
+# The lines of the store's wake to other processes (NOTIFY, SQLite's wake sockets), each one kind and its
+# subject: a flow has new deliveries (`n:<flow>`) or ones to look for again (`r:<flow>`); a destination of the
+# sender is behind (`b:<flow>/<name> on <node>`) or has caught up (`k:...`, engine/intake.py).
+NEW, RESCAN, BEHIND, CAUGHT_UP = "n", "r", "b", "k"
+
+
+def wake_lines(flows: Collection[str], rescan: bool) -> list[str]:
+    kind = RESCAN if rescan else NEW
+    return [f"{kind}:{flow}" for flow in flows]
 
 
 def intake_lines(node: str, behind: Collection[str], caught_up: Collection[str]) -> list[str]:
@@ -47,7 +53,7 @@ class Heard:
     def line(self, line: str) -> None:
         kind, _, what = line.partition(":")
         if kind not in (BEHIND, CAUGHT_UP):
-            self.wake(what, kind == "r")
+            self.wake(what, kind == RESCAN)
         elif self.on_intake is not None:
             self._call(self.on_intake, what, kind == BEHIND)
 

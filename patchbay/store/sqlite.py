@@ -58,7 +58,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, intake_lines, poll_until, tx_audit
+from patchbay.store.common import grant_tokens, intake_lines, poll_until, tx_audit, wake_lines
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -577,7 +577,7 @@ class SqliteStore:
 
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._wake is not None and not self._closed:
-            self._wake.announce(flows, rescan)
+            self._wake.send(wake_lines(flows, rescan))
 
     async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
         if self._wake is not None and not self._closed:

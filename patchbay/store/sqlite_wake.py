@@ -3,9 +3,9 @@
 Several `patchbay serve` processes may share one SQLite file (any number with the `web` role, one with
 `worker`, one with `scheduler`: store/sqlite_roles.py). A web process commits an event and its
 deliveries, then tells the others, as PostgreSQL's NOTIFY does: each process that listens binds a
-datagram socket `<store>.wake/<node>.sock`, and `announce` sends the payload to every socket there
+datagram socket `<store>.wake/<node>.sock`, and `send` sends the store's wake lines to every socket there
 (`n:<flow>`: new deliveries of the flow; `r:<flow>`: states changed too, rescan; an empty flow: every
-flow; `b:`/`k:` a destination of the sender behind or caught up, engine/intake.py), one line each, several
+flow; `b:`/`k:` a destination of the sender behind or caught up: store/common.py), one line each, several
 lines a datagram. A socket whose process is gone refuses the datagram
 and is removed. A lost datagram costs at most the workers' rescan (each second), never an event.
 
@@ -46,7 +46,7 @@ def socket_name(node_id: str) -> str:
 
 
 class Wake:
-    """This process's side of the wake: `announce` to the others, `listen` for theirs."""
+    """This process's side of the wake: `send` to the others, `listen` for theirs."""
 
     def __init__(self, store: Path, node_id: str) -> None:
         self.dir = wake_dir(store)
@@ -73,12 +73,7 @@ class Wake:
     def _path(self, name: str) -> str:
         return f"{self._folder()}/{name}"
 
-    # -------------------------------------------------------------- announce
-    def announce(self, flows: Collection[str], rescan: bool) -> None:
-        """Send `n:<flow>` (or `r:<flow>`) lines to every other process's socket."""
-        prefix = "r:" if rescan else "n:"
-        self.send([prefix + flow for flow in flows])
-
+    # -------------------------------------------------------------- send
     def send(self, lines: Collection[str]) -> None:
         """Send `lines` to every other process's socket, several a datagram; remove dead ones."""
         if self._closed or not lines:

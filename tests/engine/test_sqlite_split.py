@@ -20,7 +20,7 @@ import pytest
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
 from patchbay.engine.roles import ALL_ROLES, SCHEDULER, WEB, WORKER, Node
-from patchbay.store.common import intake_lines
+from patchbay.store.common import intake_lines, wake_lines
 from patchbay.store.sqlite import SqliteStore, StoreLocked
 from patchbay.store.sqlite_wake import Wake, socket_name, wake_dir
 from tests.conftest import Sink, eventually, lead_project, resolver
@@ -169,8 +169,8 @@ async def test_an_announcement_reaches_every_listener_and_dead_sockets_are_remov
     try:
         await asyncio.sleep(0.05)
         assert heard == {"a": [("", True)], "b": [("", True)]}  # listening starts with a rescan of everything
-        c.announce(["lead-capture", "orders"], rescan=False)
-        a.announce(["lead-capture"], rescan=True)
+        c.send(wake_lines(["lead-capture", "orders"], rescan=False))
+        a.send(wake_lines(["lead-capture"], rescan=True))
         deadline = time.monotonic() + 2
         while len(heard["b"]) < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -249,7 +249,7 @@ async def test_a_listener_whose_socket_was_removed_binds_it_again(tmp_path: Path
         ):  # the first rescan, then the one after rebinding
             await asyncio.sleep(0.05)
         assert heard == [("", True), ("", True)]
-        a.announce(["lead-capture"], rescan=False)
+        a.send(wake_lines(["lead-capture"], rescan=False))
         while len(heard) < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert heard[2] == ("lead-capture", False)

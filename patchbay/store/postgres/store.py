@@ -36,7 +36,7 @@ from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
-from patchbay.store.common import Heard, intake_lines, is_redoable, poll_until
+from patchbay.store.common import Heard, intake_lines, is_redoable, poll_until, wake_lines
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -262,8 +262,9 @@ class PostgresStore(SqliteStore):
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._closed or not flows:
             return
-        payloads = [("r:" if rescan else "n:") + f for f in flows]
-        await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, payloads)
+        await asyncio.get_running_loop().run_in_executor(
+            self._notify_exec, self._notify, wake_lines(flows, rescan)
+        )
 
     async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
         if self._closed or not (behind or caught_up):
