@@ -88,6 +88,7 @@ class DestinationWorker:
         self.queue: asyncio.Queue[DueDelivery] = asyncio.Queue(maxsize=size)
         self._assembling = asyncio.Lock()  # one batch fills at a time, so a backlog makes full batches
         self._low_water = self.queue.maxsize // 2
+        self._more = True  # the feed's last read found as many due as it had room for
         self.wake = asyncio.Event()
         self.resumed = asyncio.Event()
         if state == "active":
@@ -255,6 +256,7 @@ class DestinationWorker:
                     if d.id > self._after_id:
                         self._after_id = d.id
                 full = len(batch) >= room
+                self._more = full or self.ordered  # (ordered: a key's next comes due as its last is answered)
                 self._report_behind(full, full and now - batch[0].due_at > LAGGING_S)
                 if len(batch) < room:
                     nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
@@ -405,9 +407,15 @@ class DestinationWorker:
                 return await self._take_batch()
         d = await self.queue.get()
         await self._recordable.wait()  # sending what cannot be recorded would only send it again
-        if self.queue.qsize() < self._low_water:
-            self.wake.set()  # the feeder refills before the queue runs dry
+        self._running_low()
         return [d]
+
+    def _running_low(self) -> None:
+        """A sender took from the queue: below half, the feeder refills it before it runs dry, if its last read
+        left more due behind. After a short read the store had no more: new deliveries wake the feeder
+        (`notify`), a retry's time its timer, so a take that woke it would only read nothing again."""
+        if self._more and self.queue.qsize() < self._low_water:
+            self.wake.set()
 
     def _ours(self, members: list[DueDelivery]) -> list[DueDelivery]:
         """Those of `members` still this sender's to send: not those taken over meanwhile, and none while the
@@ -573,8 +581,7 @@ class DestinationWorker:
         members = [await self.queue.get()]
         deadline = time.monotonic() + self.batch.max_wait
         while len(members) < self.batch.max_records and not self._stopping:
-            if self.queue.qsize() < self._low_water:
-                self.wake.set()  # the feeder refills before the queue runs dry
+            self._running_low()
             try:
                 members.append(self.queue.get_nowait())
                 continue

@@ -309,3 +309,42 @@ async def _at_least(sink, n: int) -> bool:
 
 async def _delivered(hub, event_id: str) -> bool:
     return (await hub.run(event_id))["status"] == "delivered"
+
+
+async def test_a_feed_that_read_all_that_was_due_reads_again_only_when_new_deliveries_come(
+    tmp_path, sink, start_hub
+):
+    """Senders taking from a queue below half wake the feed to refill it, but only when its last read left more
+    due behind. After a short read the store had no more: reading again at every take found nothing, twice
+    (the due read, then when the next comes due), and was a third of a busy worker's reads."""
+
+    async def slow(request, rec):
+        await asyncio.sleep(0.15)
+        return 201
+
+    sink.default = slow
+    hub = await start_hub(lead_project(tmp_path, sink.url, delivery={**FAST, "max_concurrency": 2}))
+    await hub.hub.set_state("lead-capture", "crm", "paused")
+    for n in range(6):  # fewer than the feed has room for (4 a slot)
+        await hub.post("/hooks/lead-capture", lead(n))
+    store, reads = hub.store, []
+    due, next_due_at = store.due, store.next_due_at
+
+    async def counted_due(*args, **kwargs):
+        found = await due(*args, **kwargs)
+        reads.append(len(found))
+        return found
+
+    async def counted_next(*args, **kwargs):
+        reads.append("next")
+        return await next_due_at(*args, **kwargs)
+
+    store.due, store.next_due_at = counted_due, counted_next
+    await hub.hub.set_state("lead-capture", "crm", "active")
+    await sink.wait_for(6)
+    worker = hub.hub.flows["lead-capture"].workers["crm"]
+    await eventually(lambda: worker.inflight == 0 and not worker.leased, what="the answers recorded")
+    # Six deliveries, three rounds of two: one read found them all; the takes in between did not read again
+    # (a rescan may come after a second, and its empty read asks when the next is due).
+    assert reads[0] == 6, reads
+    assert len(reads) <= 3, reads
