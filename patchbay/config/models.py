@@ -524,10 +524,10 @@ class HubSettings(Spec):
     intake_when_behind: int = Field(
         16,
         ge=1,
-        description="While a destination falls behind (more deliveries due than its worker holds), at most "
-        "this many webhooks are taken at once; the others wait their turn and none is refused, so the hub keeps "
-        "time to deliver what it took (engine/intake.py). A `--role web` process does so while a worker process "
-        "of the same store says it is behind.",
+        description="While a destination falls behind (its worker finds more due than it holds, and what it "
+        "reads has waited over a second since it came due), at most this many webhooks are taken at once; the "
+        "others wait their turn and none is refused, so the hub keeps time to deliver what it took "
+        "(engine/intake.py). A `--role web` process does so while a worker process of the same store says so.",
     )
     encrypt_sensitive: bool = Field(
         False,

@@ -57,7 +57,7 @@ class DestinationWorker:
         open_request: Callable[[dict[str, Any]], tuple[dict[str, Any], Any]] | None = None,
         on_answer: Callable[[str, Outcome], list[str]] | None = None,
         renew_s: float = 10.0,
-        on_behind: Callable[[str, bool, bool], None] | None = None,
+        on_behind: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.flow = flow
         self.spec = spec
@@ -71,10 +71,10 @@ class DestinationWorker:
         self.on_attempt = on_attempt
         self.open_request = open_request  # sealed sensitive values -> the request to send, and their scrubber
         self.on_answer = on_answer  # (event id, a success) -> how its answer drifts from the flow's contract
-        # ("flow/name", behind, lagging): whether the feed finds more due than it holds, and whether what it
-        # reads then has waited longer than LAGGING_S since it came due (engine/intake.py).
+        # ("flow/name", behind): the feed finds more due than it holds, and what it reads has waited longer than
+        # LAGGING_S since it came due: a backlog that grows, not one that exists (engine/intake.py).
         self.on_behind = on_behind
-        self.behind = self.lagging = False
+        self.behind = False
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
         # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
@@ -257,7 +257,7 @@ class DestinationWorker:
                         self._after_id = d.id
                 full = len(batch) >= room
                 self._more = full or self.ordered  # (ordered: a key's next comes due as its last is answered)
-                self._report_behind(full, full and now - batch[0].due_at > LAGGING_S)
+                self._report_behind(full and now - batch[0].due_at > LAGGING_S)
                 if len(batch) < room:
                     nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
                     if not batch and self.queue.empty() and not self.sending:
@@ -278,11 +278,11 @@ class DestinationWorker:
         """Deliveries being sent now (a batch counts its members)."""
         return len(self._in_flight)
 
-    def _report_behind(self, behind: bool, lagging: bool = False) -> None:
-        if (behind, lagging) != (self.behind, self.lagging):
-            self.behind, self.lagging = behind, lagging
+    def _report_behind(self, behind: bool) -> None:
+        if behind != self.behind:
+            self.behind = behind
             if self.on_behind is not None:
-                self.on_behind(f"{self.flow}/{self.name}", behind, lagging)
+                self.on_behind(f"{self.flow}/{self.name}", behind)
 
     def _capacity(self) -> int:
         """Deliveries claimed ahead: four per sending slot held (a batch: room for two batches), at most the

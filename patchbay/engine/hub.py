@@ -297,18 +297,17 @@ class Hub:
         self._announce[flow] = self._announce.get(flow, False) or rescan
         self._start_announcer()
 
-    def _behind_changed(self, who: str, behind: bool, lagging: bool) -> None:
+    def _behind_changed(self, who: str, behind: bool) -> None:
         """A destination of this process ("flow/name") fell behind, or caught up: webhooks here yield to its
-        deliveries (engine/intake.py); the other processes' do while it is `lagging` too (`_heard_behind`)."""
+        deliveries, and the other processes' too (`_heard_behind`; engine/intake.py)."""
         self.intake.report(who, behind)
         if self.store is None or not self.store.shared:
             return
-        if lagging != (who in self._told_behind):
-            if lagging:
-                self._told_behind.add(who)
-            else:
-                self._told_behind.discard(who)
-            self._tell_intake({who: lagging})
+        if behind:
+            self._told_behind.add(who)
+        else:
+            self._told_behind.discard(who)
+        self._tell_intake({who: behind})
 
     def _heard_behind(self, who: str, behind: bool) -> None:
         """Another process's destination ("flow/name on node") is behind, or caught up: intake here yields

@@ -17,7 +17,7 @@ async def test_while_a_destination_falls_behind_webhooks_are_taken_a_few_at_a_ti
     tmp_path, sink, start_hub
 ):
     async def slow(request: Any, rec: Any) -> int:
-        await asyncio.sleep(0.08)
+        await asyncio.sleep(0.25)
         return 201
 
     sink.default = slow
@@ -51,7 +51,10 @@ async def test_while_a_destination_falls_behind_webhooks_are_taken_a_few_at_a_ti
     # Nothing due: a burst is taken as it comes.
     assert await burst(0) == [202] * 12
     assert peaks[-1] > 3
-    # Twelve due at one a time, 80 ms each: the worker holds four and finds more due. It is behind.
+    # Twelve due at one a time, 250 ms each: the worker holds four and finds more due. Once what it reads has
+    # waited over a second since it came due (its third read, at 1.5 s), the backlog grows: it is behind.
+    await asyncio.sleep(0.5)
+    assert not hub.hub.intake.limited  # a backlog that exists, not yet one that grows
     await eventually(lambda: hub.hub.intake.limited, what="the destination reported behind")
     assert hub.hub.intake.behind == {"lead-capture/crm"} and gauge() == 1.0
     assert await burst(100) == [202] * 12  # none refused...
