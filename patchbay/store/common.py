@@ -1,6 +1,7 @@
 """What the store modules share: SQL helpers (JSON as text, an event's status, an audit row, an attempt's
 row), a token bucket's grant, `poll_until` (the wait of both stores' entity locks), `redoable` (writes
-that need not wait for the disk) and the wake between processes: `wake_lines` and `intake_lines` sent, `Heard` received."""
+that need not wait for the disk) and the wake between processes: `wake_lines` and `intake_lines` sent,
+`Heard` received."""
 
 from __future__ import annotations
 
