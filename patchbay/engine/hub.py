@@ -164,7 +164,9 @@ class Hub:
             raise
         # Other processes' accepts wake the workers here, and their workers' growing backlogs slow intake here.
         if self.store.shared:
-            self.store.listen(self._woken, self._heard_behind if self.node.runs(WEB) else None)
+            self.store.listen(
+                self._woken, self._heard_behind if self.node.runs(WEB) else None, self.node.runs(WORKER)
+            )
         # What runs once in the cluster runs under a lease (schedules, consumers, windows, alerts, retention,
         # first runs); on a store one hub owns, every lease is this hub's.
         self.leader = Leader(self.store, self.node.id)

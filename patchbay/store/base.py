@@ -576,10 +576,15 @@ class Cluster(Protocol):
         ...
 
     def listen(
-        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+        self,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None = None,
+        deliveries: bool = True,
     ) -> None:
         """Call `on_wake(flow, rescan)` on the running loop for every other process's `announce`, and
-        `on_intake("flow/name on node", behind)` for its `announce_intake`, until closed."""
+        `on_intake("flow/name on node", behind)` for its `announce_intake`, until closed. Without
+        `deliveries` (a process that does not deliver) only the rescans: new deliveries are not announced to it
+        (store/common.py `for_deliverers`)."""
         ...
 
 

@@ -28,6 +28,12 @@ def wake_lines(flows: Collection[str], rescan: bool) -> list[str]:
     return [f"{kind}:{flow}" for flow in flows]
 
 
+def for_deliverers(line: str) -> bool:
+    """A line only a process that delivers acts on (new deliveries, the most frequent): a process that does
+    not (`--role web`) is not sent it, so web processes do not wake each other at every accepted group."""
+    return line.startswith(NEW + ":")
+
+
 def intake_lines(node: str, behind: Collection[str], caught_up: Collection[str]) -> list[str]:
     return [f"{BEHIND}:{who} on {node}" for who in behind] + [
         f"{CAUGHT_UP}:{who} on {node}" for who in caught_up

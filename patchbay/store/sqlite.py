@@ -584,10 +584,13 @@ class SqliteStore:
             self._wake.send(intake_lines(node, behind, caught_up))
 
     def listen(
-        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+        self,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None = None,
+        deliveries: bool = True,
     ) -> None:
         if self._wake is not None:
-            self._wake.listen(asyncio.get_running_loop(), on_wake, on_intake)
+            self._wake.listen(asyncio.get_running_loop(), on_wake, on_intake, deliveries)
 
     # -------------------------------------------------------------- monitoring: alerts, source health
     async def snapshot(

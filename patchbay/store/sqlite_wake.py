@@ -6,8 +6,9 @@ deliveries, then tells the others, as PostgreSQL's NOTIFY does: each process tha
 datagram socket `<store>.wake/<node>.sock`, and `send` sends the store's wake lines to every socket there
 (`n:<flow>`: new deliveries of the flow; `r:<flow>`: states changed too, rescan; an empty flow: every
 flow; `b:`/`k:` a destination of the sender behind or caught up: store/common.py), one line each, several
-lines a datagram. A socket whose process is gone refuses the datagram
-and is removed. A lost datagram costs at most the workers' rescan (each second), never an event.
+lines a datagram. A process that does not deliver binds `<node>+quiet.sock` and is not sent the `n:` lines.
+A socket whose process is gone refuses the datagram and is removed. A lost datagram costs at most the
+workers' rescan (each second), never an event.
 
 Socket paths are limited to 107 bytes; a longer one is reached through `/proc/self/fd/<folder fd>/`.
 """
@@ -22,14 +23,15 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
-from patchbay.store.common import Heard
+from patchbay.store.common import Heard, for_deliverers
 
 log = logging.getLogger("patchbay.store")
 
 MAX_DATAGRAM = 8192  # lines beyond this go in the next datagram
+QUIET = "+quiet.sock"  # the socket of a process that does not deliver: it is not sent new deliveries' lines
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:@-]")
 
 
@@ -37,12 +39,28 @@ def wake_dir(store: Path) -> Path:
     return Path(str(store) + ".wake")
 
 
-def socket_name(node_id: str) -> str:
-    """`<node>.sock`, the node id made safe for a file name (and short enough: long ids are hashed)."""
+def socket_name(node_id: str, deliveries: bool = True) -> str:
+    """`<node>.sock`, the node id made safe for a file name (and short enough: long ids are hashed);
+    `<node>+quiet.sock` for a process that does not deliver (`+` is never in a safe id)."""
     safe = _UNSAFE.sub("_", node_id)
     if len(safe) > 60:
         safe = safe[:40] + "-" + hashlib.sha256(node_id.encode()).hexdigest()[:16]
-    return safe + ".sock"
+    return safe + (".sock" if deliveries else QUIET)
+
+
+def _datagrams(lines: Iterable[str]) -> list[bytes]:
+    """`lines`, several a datagram of at most MAX_DATAGRAM bytes."""
+    datagrams: list[bytes] = []
+    chunk = b""
+    for text in lines:
+        line = text.encode()
+        if chunk and len(chunk) + 1 + len(line) > MAX_DATAGRAM:
+            datagrams.append(chunk)
+            chunk = b""
+        chunk = chunk + b"\n" + line if chunk else line
+    if chunk:
+        datagrams.append(chunk)
+    return datagrams
 
 
 class Wake:
@@ -50,6 +68,7 @@ class Wake:
 
     def __init__(self, store: Path, node_id: str) -> None:
         self.dir = wake_dir(store)
+        self.node_id = node_id
         self.name = socket_name(node_id)
         self._dir_fd: int | None = None
         self._send: socket.socket | None = None
@@ -81,16 +100,9 @@ class Wake:
         if self._send is None:
             self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._send.setblocking(False)
-        datagrams: list[bytes] = []
-        chunk = b""
-        for text in lines:
-            line = text.encode()
-            if chunk and len(chunk) + 1 + len(line) > MAX_DATAGRAM:
-                datagrams.append(chunk)
-                chunk = b""
-            chunk = chunk + b"\n" + line if chunk else line
-        if chunk:
-            datagrams.append(chunk)
+        everyone = _datagrams(lines)
+        others = [line for line in lines if not for_deliverers(line)]  # for a process that does not deliver
+        quiet = everyone if len(others) == len(lines) else _datagrams(others)
         folder = self._folder()
         try:
             names = [e.name for e in os.scandir(self.dir) if e.name.endswith(".sock")]
@@ -99,7 +111,7 @@ class Wake:
         for name in names:
             if name == self.name and self._recv is not None:
                 continue  # this process's own workers were woken directly
-            for data in datagrams:
+            for data in quiet if name.endswith(QUIET) else everyone:
                 try:
                     self._send.sendto(data, f"{folder}/{name}")
                 except BlockingIOError:
@@ -124,7 +136,9 @@ class Wake:
         loop: asyncio.AbstractEventLoop,
         on_wake: Callable[[str, bool], None],
         on_intake: Callable[[str, bool], None] | None = None,
+        deliveries: bool = True,
     ) -> None:
+        self.name = socket_name(self.node_id, deliveries)
         self._bind()
         heard = Heard(loop, on_wake, on_intake)
         self._thread = threading.Thread(

@@ -149,6 +149,39 @@ async def test_a_backlog_report_reaches_the_other_processes_intake_and_wakes_no_
             w.close()
 
 
+async def test_a_process_that_does_not_deliver_hears_rescans_and_backlogs_but_no_new_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Every listener was sent every line, so web processes woke each other at every accepted group."""
+    store = tmp_path / "patchbay.db"
+    loop = asyncio.get_running_loop()
+    heard: dict[str, list[tuple[str, bool]]] = {"web": [], "worker": []}
+    told: list[tuple[str, bool]] = []
+    sender, web, worker = Wake(store, "web1"), Wake(store, "web2"), Wake(store, "worker")
+    web.listen(
+        loop, lambda f, r: heard["web"].append((f, r)), lambda who, b: told.append((who, b)), deliveries=False
+    )
+    worker.listen(loop, lambda f, r: heard["worker"].append((f, r)))
+    try:
+        await eventually(
+            lambda: heard == {"web": [("", True)], "worker": [("", True)]}, what="both listening"
+        )
+        assert sorted(os.listdir(wake_dir(store))) == ["web2+quiet.sock", "worker.sock"]
+        sender.send(
+            wake_lines(["lead-capture"], rescan=False)
+            + wake_lines(["orders"], rescan=True)
+            + intake_lines("worker", ["lead-capture/crm"], [])
+        )
+        await eventually(lambda: len(heard["worker"]) >= 3 and len(told) >= 1, what="both told")
+        await asyncio.sleep(0.05)
+        assert heard["worker"][1:] == [("lead-capture", False), ("orders", True)]
+        assert heard["web"][1:] == [("orders", True)]  # a rescan: states changed
+        assert told == [("lead-capture/crm on worker", True)]
+    finally:
+        for w in (sender, web, worker):
+            w.close()
+
+
 async def test_an_announcement_reaches_every_listener_and_dead_sockets_are_removed(tmp_path: Path) -> None:
     store = tmp_path / "deep" / ("x" * 90) / "patchbay.db"  # longer than a socket address may be
     store.parent.mkdir(parents=True)

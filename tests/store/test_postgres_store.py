@@ -394,6 +394,34 @@ async def test_a_backlog_report_reaches_the_other_processes_intake_and_wakes_no_
             await s.close()
 
 
+async def test_a_process_that_does_not_deliver_hears_rescans_and_backlogs_but_no_new_deliveries() -> None:
+    """Every listener heard every NOTIFY, so web processes woke each other at every accepted group: new
+    deliveries go on a channel of their own, which only processes that deliver listen to."""
+    url = postgres_url()
+    sender, web, worker = PostgresStore(url), PostgresStore(url), PostgresStore(url)
+    heard: dict[str, list[tuple[str, bool]]] = {"web": [], "worker": []}
+    told: list[tuple[str, bool]] = []
+    try:
+        web.listen(
+            lambda flow, rescan: heard["web"].append((flow, rescan)),
+            lambda who, behind: told.append((who, behind)),
+            deliveries=False,
+        )
+        worker.listen(lambda flow, rescan: heard["worker"].append((flow, rescan)))
+        await eventually(lambda: heard == {"web": [("", True)], "worker": [("", True)]})
+        await sender.announce(["lead-capture"])
+        await sender.announce(["orders"], rescan=True)
+        await sender.announce_intake("node-w", ["lead-capture/crm"], [])
+        await eventually(lambda: len(heard["worker"]) >= 3 and len(told) >= 1)
+        await asyncio.sleep(0.1)
+        assert heard["worker"][1:] == [("lead-capture", False), ("orders", True)]
+        assert heard["web"][1:] == [("orders", True)]  # a rescan: states changed
+        assert told == [("lead-capture/crm on node-w", True)]
+    finally:
+        for s in (sender, web, worker):
+            await s.close()
+
+
 async def test_a_process_does_not_hear_its_own_announcements() -> None:
     """A process wakes its own workers in memory; its NOTIFY is for the others (as SQLite's wake is). Hearing
     it back cost a second wake, and a feed read, per accepted group."""

@@ -8,7 +8,7 @@ run through `dialect.PgConnection`. PostgreSQL commits each transaction durably 
 one statement and one COMMIT (`group.AsyncGroups`, on the hub's event loop), and each returns after the COMMIT of its group. Any number
 of hubs share the store (engine/roles.py); a hub's accepted deliveries wake the workers of the others by
 NOTIFY on the schema's channel, sent after the commit from a connection of its own (`announce`), and each
-worker process LISTENs (`listen`).
+process LISTENs (`listen`): new deliveries on a channel of their own, which only processes that deliver hear.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from patchbay.errors import StoreUnavailable, StoreUnusable
 from patchbay.store import cluster as cl
 from patchbay.store import windows as wq
 from patchbay.store.base import Accepted, AttemptResult, DueDelivery, Fence, NewEvent, WindowState
-from patchbay.store.common import Heard, intake_lines, is_redoable, poll_until, wake_lines
+from patchbay.store.common import Heard, for_deliverers, intake_lines, is_redoable, poll_until, wake_lines
 from patchbay.store.leases import TAKE_POSTGRES, check_fence
 from patchbay.store.migrations import BASELINE, Migration, apply_postgres
 from patchbay.store.postgres import ops as pg_ops
@@ -259,20 +259,27 @@ class PostgresStore(SqliteStore):
         """The NOTIFY channel of this store's schema (channels are per database, schemas share them)."""
         return "patchbay_" + hashlib.sha256((self.schema or "").encode()).hexdigest()[:24]
 
+    @property
+    def deliveries_channel(self) -> str:
+        """The channel of the lines only a process that delivers hears (store/common.py `for_deliverers`)."""
+        return self.channel + "_d"
+
     async def announce(self, flows: Collection[str], rescan: bool = False) -> None:
         if self._closed or not flows:
             return
-        await asyncio.get_running_loop().run_in_executor(
-            self._notify_exec, self._notify, wake_lines(flows, rescan)
-        )
+        lines = wake_lines(flows, rescan)
+        channel = self.deliveries_channel if for_deliverers(lines[0]) else self.channel
+        await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, lines, channel)
 
     async def announce_intake(self, node: str, behind: Collection[str], caught_up: Collection[str]) -> None:
         if self._closed or not (behind or caught_up):
             return
         payloads = intake_lines(node, behind, caught_up)
-        await asyncio.get_running_loop().run_in_executor(self._notify_exec, self._notify, payloads)
+        await asyncio.get_running_loop().run_in_executor(
+            self._notify_exec, self._notify, payloads, self.channel
+        )
 
-    def _notify(self, payloads: list[str]) -> None:
+    def _notify(self, payloads: list[str], channel: str) -> None:
         """One NOTIFY round trip on a connection of its own (never in the transaction that wrote the rows)."""
         for attempt in range(2):
             try:
@@ -280,7 +287,7 @@ class PostgresStore(SqliteStore):
                     self._notify_conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
                     self._notify_pid = self._notify_conn.info.backend_pid
                 self._notify_conn.execute(
-                    "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self.channel, payloads)
+                    "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (channel, payloads)
                 )
                 return
             except psycopg.Error:
@@ -291,22 +298,27 @@ class PostgresStore(SqliteStore):
                     raise
 
     def listen(
-        self, on_wake: Callable[[str, bool], None], on_intake: Callable[[str, bool], None] | None = None
+        self,
+        on_wake: Callable[[str, bool], None],
+        on_intake: Callable[[str, bool], None] | None = None,
+        deliveries: bool = True,
     ) -> None:
         loop = asyncio.get_running_loop()
+        channels = [self.channel, self.deliveries_channel] if deliveries else [self.channel]
         self._listener = threading.Thread(
             target=self._listen,
-            args=(Heard(loop, on_wake, on_intake),),
+            args=(Heard(loop, on_wake, on_intake), channels),
             name="patchbay-store-listen",
             daemon=True,
         )
         self._listener.start()
 
-    def _listen(self, heard: Heard) -> None:
+    def _listen(self, heard: Heard, channels: list[str]) -> None:
         while not self._closed and not heard.closed:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(f'LISTEN "{self.channel}"')  # type: ignore[arg-type]
+                    for channel in channels:
+                        conn.execute(f'LISTEN "{channel}"')  # type: ignore[arg-type]
                     heard.wake(
                         "", True
                     )  # what was announced while not listening: a rescan of every flow finds it
