@@ -128,7 +128,6 @@ class Hub:
         self._stored_sources: dict[str, SourceState] = {}  # a node without the scheduler role: the store's
         self._announce: dict[str, bool] = {}  # flows whose new deliveries other processes hear of next
         self._intake_news: dict[str, bool] = {}  # destinations here behind (True) or caught up, to tell next
-        self._told_behind: set[str] = set()  # destinations here the other processes were told are behind
         self._intake_at = 0.0  # when that was last told (time.monotonic): at most every TELL_INTAKE_S
         self._intake_timer: asyncio.TimerHandle | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -261,7 +260,7 @@ class Hub:
             await asyncio.sleep(wait)
             wait = HEARTBEAT_S
             self.intake.expire()  # what other processes did not say again, even while no webhook comes
-            self._tell_intake(dict.fromkeys(self._told_behind, True))  # said again while it holds
+            self._tell_intake(dict.fromkeys(self.intake.own, True))  # said again while it holds
             try:
                 mine = await self.store.heartbeat(
                     self.row.id, self.row.started_at, time.time(), self.port, self.claims_held()
@@ -303,12 +302,6 @@ class Hub:
         """A destination of this process ("flow/name") fell behind, or caught up: webhooks here yield to its
         deliveries, and the other processes' too (`_heard_behind`; engine/intake.py)."""
         self.intake.report(who, behind)
-        if self.store is None or not self.store.shared:
-            return
-        if behind:
-            self._told_behind.add(who)
-        else:
-            self._told_behind.discard(who)
         self._tell_intake({who: behind})
 
     def _heard_behind(self, who: str, behind: bool) -> None:
@@ -659,10 +652,10 @@ class Hub:
                 task.cancel()
         if self._intake_timer is not None:
             self._intake_timer.cancel()
-        gone = self._told_behind | set(self._intake_news)  # told behind, or still to be told anything
-        if self.store is not None and gone:
+        gone = self.intake.own | set(self._intake_news)  # told behind, or still to be told anything
+        if self.store is not None and self.store.shared and gone:
             # Nothing of this process holds the other processes' intake down once it is gone.
-            self._told_behind, self._intake_news = set(), {}
+            self._intake_news = {}
             await _bounded(
                 self.store.announce_intake(self.node.id, [], sorted(gone)), "telling the others it is gone"
             )

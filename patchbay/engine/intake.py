@@ -85,6 +85,11 @@ class Intake:
         self.expire()
         return frozenset(self._behind)
 
+    @property
+    def own(self) -> frozenset[str]:
+        """This process's destinations that are behind (what it tells the other processes)."""
+        return frozenset(w for w, until in self._behind.items() if until == math.inf)
+
     async def enter(self) -> bool:
         """Wait for a turn while intake is limited; True when the caller holds one (then `leave()` it)."""
         if not self._behind or not self.limited:
