@@ -49,7 +49,7 @@ class Heard:
         self,
         loop: asyncio.AbstractEventLoop,
         on_wake: Callable[[str, bool], None],
-        on_intake: Callable[[str, bool], None] | None,
+        on_intake: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.loop, self.on_wake, self.on_intake = loop, on_wake, on_intake
         self.closed = False

@@ -58,7 +58,7 @@ from patchbay.store.base import (
     TokenInfo,
     WindowState,
 )
-from patchbay.store.common import grant_tokens, intake_lines, poll_until, tx_audit, wake_lines
+from patchbay.store.common import Heard, grant_tokens, intake_lines, poll_until, tx_audit, wake_lines
 from patchbay.store.identity import (
     q_all,
     q_conflict,
@@ -589,8 +589,12 @@ class SqliteStore:
         on_intake: Callable[[str, bool], None] | None = None,
         deliveries: bool = True,
     ) -> None:
+        self._listen_to(Heard(asyncio.get_running_loop(), on_wake, on_intake), deliveries)
+
+    def _listen_to(self, heard: Heard, deliveries: bool) -> None:
+        """`listen`'s transport: the wake sockets here, LISTEN on PostgreSQL."""
         if self._wake is not None:
-            self._wake.listen(asyncio.get_running_loop(), on_wake, on_intake, deliveries)
+            self._wake.listen(heard, deliveries)
 
     # -------------------------------------------------------------- monitoring: alerts, source health
     async def snapshot(

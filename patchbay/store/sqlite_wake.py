@@ -15,7 +15,6 @@ Socket paths are limited to 107 bytes; a longer one is reached through `/proc/se
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import logging
@@ -23,7 +22,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from patchbay.store.common import Heard, for_deliverers
@@ -131,16 +130,10 @@ class Wake:
             pass
 
     # -------------------------------------------------------------- listen
-    def listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        on_wake: Callable[[str, bool], None],
-        on_intake: Callable[[str, bool], None] | None = None,
-        deliveries: bool = True,
-    ) -> None:
+    def listen(self, heard: Heard, deliveries: bool = True) -> None:
+        """Hand what the other processes send to `heard` (store/common.py), on a thread, until closed."""
         self.name = socket_name(self.node_id, deliveries)
         self._bind()
-        heard = Heard(loop, on_wake, on_intake)
         self._thread = threading.Thread(
             target=self._listen, args=(heard,), name="patchbay-store-listen", daemon=True
         )

@@ -20,7 +20,7 @@ import pytest
 from patchbay.config.project import load_or_raise
 from patchbay.engine.hub import Hub
 from patchbay.engine.roles import ALL_ROLES, SCHEDULER, WEB, WORKER, Node
-from patchbay.store.common import intake_lines, wake_lines
+from patchbay.store.common import Heard, intake_lines, wake_lines
 from patchbay.store.sqlite import SqliteStore, StoreLocked
 from patchbay.store.sqlite_wake import Wake, socket_name, wake_dir
 from tests.conftest import Sink, eventually, lead_project, resolver
@@ -136,7 +136,7 @@ async def test_a_backlog_report_reaches_the_other_processes_intake_and_wakes_no_
     woken: list[tuple[str, bool]] = []
     told: list[tuple[str, bool]] = []
     a, b = Wake(store, "a"), Wake(store, "b")
-    b.listen(loop, lambda f, r: woken.append((f, r)), lambda who, behind: told.append((who, behind)))
+    b.listen(Heard(loop, lambda f, r: woken.append((f, r)), lambda who, behind: told.append((who, behind))))
     try:
         await eventually(lambda: woken == [("", True)], what="b listening")
         a.send(intake_lines("a", ["lead-capture/crm"], ["orders/erp"]))
@@ -159,9 +159,10 @@ async def test_a_process_that_does_not_deliver_hears_rescans_and_backlogs_but_no
     told: list[tuple[str, bool]] = []
     sender, web, worker = Wake(store, "web1"), Wake(store, "web2"), Wake(store, "worker")
     web.listen(
-        loop, lambda f, r: heard["web"].append((f, r)), lambda who, b: told.append((who, b)), deliveries=False
+        Heard(loop, lambda f, r: heard["web"].append((f, r)), lambda who, b: told.append((who, b))),
+        deliveries=False,
     )
-    worker.listen(loop, lambda f, r: heard["worker"].append((f, r)))
+    worker.listen(Heard(loop, lambda f, r: heard["worker"].append((f, r))))
     try:
         await eventually(
             lambda: heard == {"web": [("", True)], "worker": [("", True)]}, what="both listening"
@@ -188,8 +189,8 @@ async def test_an_announcement_reaches_every_listener_and_dead_sockets_are_remov
     loop = asyncio.get_running_loop()
     heard: dict[str, list[tuple[str, bool]]] = {"a": [], "b": []}
     a, b, c = Wake(store, "a"), Wake(store, "b"), Wake(store, "host:12/3")
-    a.listen(loop, lambda f, r: heard["a"].append((f, r)))
-    b.listen(loop, lambda f, r: heard["b"].append((f, r)))
+    a.listen(Heard(loop, lambda f, r: heard["a"].append((f, r))))
+    b.listen(Heard(loop, lambda f, r: heard["b"].append((f, r))))
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # a process that died without removing its socket
     cwd = os.getcwd()
     os.chdir(wake_dir(store))  # (created by the first listen)
@@ -231,7 +232,7 @@ async def test_a_close_while_the_listener_checks_its_socket_leaves_no_socket_beh
 
     store = tmp_path / "patchbay.db"
     w = Preempted(store, "b")
-    w.listen(asyncio.get_running_loop(), lambda f, r: None)
+    w.listen(Heard(asyncio.get_running_loop(), lambda f, r: None))
     assert await asyncio.to_thread(checking.wait, 2.0)
     w.close()
     assert sorted(p.name for p in wake_dir(store).iterdir()) == []
@@ -273,7 +274,7 @@ async def test_a_listener_whose_socket_was_removed_binds_it_again(tmp_path: Path
     store = tmp_path / "patchbay.db"
     heard: list[tuple[str, bool]] = []
     a, b = Wake(store, "a"), Wake(store, "b")
-    b.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+    b.listen(Heard(asyncio.get_running_loop(), lambda f, r: heard.append((f, r))))
     try:
         os.unlink(wake_dir(store) / "b.sock")
         deadline = time.monotonic() + 3
@@ -296,7 +297,7 @@ async def test_a_listener_stops_at_once_when_closed_and_wakes_nobody(tmp_path: P
     half-second timeout, and without a last wake of its own."""
     heard: list[tuple[str, bool]] = []
     w = Wake(tmp_path / "patchbay.db", "a")
-    w.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+    w.listen(Heard(asyncio.get_running_loop(), lambda f, r: heard.append((f, r))))
     await asyncio.sleep(0.05)
     assert heard == [("", True)]  # listening (its first rescan)
     took = []
@@ -305,7 +306,7 @@ async def test_a_listener_stops_at_once_when_closed_and_wakes_nobody(tmp_path: P
         w.close()
         took.append(time.monotonic() - started)
         w = Wake(tmp_path / "patchbay.db", "a")
-        w.listen(asyncio.get_running_loop(), lambda f, r: heard.append((f, r)))
+        w.listen(Heard(asyncio.get_running_loop(), lambda f, r: heard.append((f, r))))
         await asyncio.sleep(0.05)
     w.close()
     await asyncio.sleep(0.05)

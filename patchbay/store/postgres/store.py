@@ -297,17 +297,11 @@ class PostgresStore(SqliteStore):
                 if attempt == 1:
                     raise
 
-    def listen(
-        self,
-        on_wake: Callable[[str, bool], None],
-        on_intake: Callable[[str, bool], None] | None = None,
-        deliveries: bool = True,
-    ) -> None:
-        loop = asyncio.get_running_loop()
+    def _listen_to(self, heard: Heard, deliveries: bool) -> None:
         channels = [self.channel, self.deliveries_channel] if deliveries else [self.channel]
         self._listener = threading.Thread(
             target=self._listen,
-            args=(Heard(loop, on_wake, on_intake), channels),
+            args=(heard, channels),
             name="patchbay-store-listen",
             daemon=True,
         )
