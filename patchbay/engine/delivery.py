@@ -13,6 +13,10 @@ a fair share while others want some, claiming ahead only for its slots); and one
 `rate_limit_per_s` (`take_tokens`, in grants of a tenth of a second's worth). With `order_by`, the store
 hands out only each key's oldest delivery, so a key goes one at a time in arrival order everywhere.
 
+A feed that found nothing due waits idle (`idle`) until it is woken: new deliveries or a replay (`notify`),
+a state change, its own next retry, or the hub's look, which asks the store once for every idle feed of the
+process (Hub._watch_states, `Store.next_due`), so an idle destination costs no read of its own.
+
 A destination with `batch:` (and a sink that can `send_batch`) sends up to `max_records` deliveries in one
 request; each member keeps its own outcome, decision and attempt rows (see `_work_batches`). Memory then
 holds at most `2 x max_records` queued plus `max_concurrency x max_records` in flight.
@@ -77,10 +81,15 @@ class DestinationWorker:
         self.behind = False
         self.leased: set[int] = set()
         # Fresh deliveries only ever get higher ids: between full scans the feed reads past the last id it
-        # took. A full scan (from id 0) runs at least every second, after a state change or a replay, and
-        # when a retry this worker scheduled comes due.
+        # took. A full scan (from id 0) runs at least every second while it reads, after a state change or a
+        # replay, and when a retry this worker scheduled comes due (`_retry_at`, its earliest).
         self._after_id = 0
         self._rescan_at = 0.0
+        self._retry_at = math.inf
+        # The feed found nothing due and waits to be woken: new deliveries, a replay or a state change
+        # (`notify`), its own next retry, or the hub's look for every idle feed at once (Hub._watch_states:
+        # one read of the store for all of them, not one each per destination and process each second).
+        self.idle = False
         self.batch = spec.batch if spec.batch is not None and can_batch(sink) else None
         size = 4 * self.policy.max_concurrency
         if self.batch is not None:  # room for one batch filling and the next one ready
@@ -151,7 +160,7 @@ class DestinationWorker:
         self._rescan_at = 0.0
         if state == "active":
             self.resumed.set()
-            self.wake.set()
+            self.notify(rescan=True)  # what waited while it was paused
         else:
             self.resumed.clear()
             self._drain()  # queued ones go back to the store, so the order of arrival holds after resume
@@ -224,15 +233,13 @@ class DestinationWorker:
                     await self.resumed.wait()
                     continue
                 await self._claims()
-                if self.slots == 0:  # nothing may be sent here now: wait for work or a free slot
-                    if not self._has_work:
-                        nxt = await self.store.next_due_at(self.flow, self.name)
-                        self._has_work = nxt is not None and nxt <= time.time()
-                    if not self._has_work or time.time() < self._slots_at:
+                if not self._has_work:
+                    await self._idle()
+                    continue
+                if self.slots == 0:  # nothing may be sent here now: wait for a free slot
+                    if time.time() < self._slots_at:
                         self.wake.clear()
-                        await self._sleep(
-                            1.0 if not self._has_work else max(0.01, self._slots_at - time.time())
-                        )
+                        await self._sleep(max(0.01, self._slots_at - time.time()))
                     continue
                 cap = self._capacity()
                 room = cap - self.queue.qsize()
@@ -247,6 +254,8 @@ class DestinationWorker:
                 full = now >= self._rescan_at or self.ordered
                 if full:
                     self._rescan_at = now + 1.0
+                    if now >= self._retry_at:
+                        self._retry_at = math.inf  # (a later retry of its is found by the hub's look)
                 batch = await self.store.due(
                     self.flow, self.name, now, room, self.leased, 0 if full else self._after_id
                 )
@@ -259,10 +268,10 @@ class DestinationWorker:
                 self._more = full or self.ordered  # (ordered: a key's next comes due as its last is answered)
                 self._report_behind(full and now - batch[0].due_at > LAGGING_S)
                 if len(batch) < room:
-                    nxt = await self.store.next_due_at(self.flow, self.name) if not batch else None
                     if not batch and self.queue.empty() and not self.sending:
-                        self._has_work = nxt is not None and nxt <= time.time()
-                    wait = 1.0 if nxt is None else max(0.0, min(1.0, nxt - time.time()))
+                        self._has_work = False  # idle: see `_idle`
+                        continue
+                    wait = max(0.0, min(1.0, self._retry_at - time.time()))
                     if wait > 0 or not batch:
                         await self._sleep(wait if wait > 0 else 0.05)
                 else:
@@ -272,6 +281,24 @@ class DestinationWorker:
             except Exception:  # a store hiccup must not kill delivery; try again shortly
                 log.exception("reading due deliveries for %s/%s", self.flow, self.name)
                 await asyncio.sleep(1.0)
+
+    async def _idle(self) -> None:
+        """Nothing due here: wait to be woken (`idle`), or for this worker's next retry; claims and slots still
+        held are renewed, or given back, on time (`_claims`)."""
+        until = self._retry_at
+        if self.slots or self.leased:
+            until = min(until, self._renew_at)
+        self.wake.clear()
+        self.idle = True
+        try:
+            if until == math.inf:
+                await self.wake.wait()
+            else:
+                await self._sleep(until - time.time())
+        finally:
+            self.idle = False
+        if time.time() >= self._retry_at:
+            self.notify()
 
     @property
     def inflight(self) -> int:
@@ -482,6 +509,7 @@ class DestinationWorker:
         """What follows an attempt once its result is on disk: logs, the retry's rescan, a pause."""
         if decision.status == "pending" and decision.next_at is not None:
             self._rescan_at = min(self._rescan_at, decision.next_at)  # the retry is behind the cursor
+            self._retry_at = min(self._retry_at, decision.next_at)
         if decision.status == "dead":
             log.warning(
                 "dead letter: %s -> %s/%s: %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
@@ -924,8 +925,12 @@ class Hub:
         return True
 
     async def _watch_states(self) -> None:
-        """Pick up changes made by the CLI or by other processes (resume, replay, pause) from the store: every
-        half second, and at once when another process says it changed one."""
+        """What changed in the store that nobody said here, every half second (at once when another process
+        says it changed a state): states changed by the CLI or other processes (pause, resume), and deliveries
+        due for a feed that waits idle (a retry or a claim given up elsewhere, a replay by the CLI, a wake that
+        was lost). Idle feeds are asked about in one read, however many destinations there are: each asking
+        for itself each second, and this look waking every worker, cost an idle cluster of 3 processes and
+        50 destinations 1,961 statements a second on PostgreSQL (bench/idle.py)."""
         assert self.store is not None
         while True:
             await wait_set(self._look, self.watch_s)
@@ -933,17 +938,22 @@ class Hub:
             try:
                 states = await self.store.destination_states()
                 sources = await self.store.source_states()
+                idle = [w for fr in self.flows.values() for w in fr.workers.values() if w.idle]
+                due = await self.store.next_due([(w.flow, w.name) for w in idle])
             except Exception:
-                log.exception("reading destination and source states")
+                log.exception("reading destination and source states, and what came due for idle feeds")
                 continue
             self._stored_sources = sources
+            now = time.time()
+            for w in idle:
+                if due.get((w.flow, w.name), math.inf) <= now:
+                    w.notify(rescan=True)
             for fr in self.flows.values():
                 for w in fr.workers.values():
                     new, _, since = states.get((fr.spec.name, w.name), ("active", None, 0.0))
                     if new != w.state and since > w.state_since:
                         log.info("destination %s/%s is now %s", fr.spec.name, w.name, new)
                         self._apply_destination_state(fr, w.name, new)
-                    w.notify(rescan=True)
                 h, row = fr.health, sources.get(fr.spec.name)
                 if h is not None and h.waiting and row is not None and row.state == "active":
                     log.info("the source of flow %s was resumed; trying it again", fr.spec.name)

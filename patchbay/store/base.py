@@ -264,8 +264,10 @@ class Deliveries(Protocol):
         """Pending deliveries due by `now`, in arrival order, past `after_id`, none of `skip`."""
         ...
 
-    async def next_due_at(self, flow: str, destination: str) -> float | None:
-        """When the earliest delivery `due` could return comes due (None: nothing pending)."""
+    async def next_due(self, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """For each (flow, destination) of `pairs`: when the earliest delivery `due` could return comes due
+        (absent: nothing pending). One read for any number of destinations: the hub asks it for every idle
+        feed at once (Hub._watch_states)."""
         ...
 
     async def record(self, results: list[AttemptResult]) -> None:

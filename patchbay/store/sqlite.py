@@ -84,7 +84,7 @@ from patchbay.store.sqlite_ops import (
     q_destination_states,
     q_due,
     q_held_keys,
-    q_next_due_at,
+    q_next_due,
     q_pending_of,
     q_response_fields,
     q_schedule,
@@ -289,8 +289,8 @@ class SqliteStore:
             self._writer.syncer.on_disk("reading due deliveries from")
         return due
 
-    async def next_due_at(self, flow: str, destination: str) -> float | None:
-        return await self._read(q_next_due_at, flow, destination)
+    async def next_due(self, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        return await self._read(q_next_due, tuple(pairs)) if pairs else {}
 
     async def record(self, results: list[AttemptResult]) -> None:
         await self._write(tx_record, results)

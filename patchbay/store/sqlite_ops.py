@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import replace as _replace
 from typing import Any
 
@@ -179,13 +180,13 @@ def q_due(
     return out
 
 
-def q_next_due_at(conn: sqlite3.Connection, flow: str, destination: str) -> float | None:
-    row = conn.execute(
+def q_next_due(conn: sqlite3.Connection, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    sql = (
         "SELECT MIN(next_at) FROM deliveries d WHERE flow=? AND destination=? AND status='pending' AND "
-        + HEAD,
-        (flow, destination),
-    ).fetchone()
-    return row[0]
+        + HEAD
+    )
+    found = {pair: conn.execute(sql, pair).fetchone()[0] for pair in dict.fromkeys(pairs)}
+    return {pair: at for pair, at in found.items() if at is not None}
 
 
 def q_pending_of(conn: sqlite3.Connection, ids: frozenset[int]) -> set[int]:

@@ -170,11 +170,20 @@ async def test_due_is_arrival_order_past_a_cursor_without_leased_ones(store: Sto
     assert await due(store, "other") == []
 
 
-async def test_next_due_at_is_the_earliest_pending(store: Store) -> None:
-    assert await store.next_due_at("orders", "crm") is None
-    await store.accept(event(received_at=1000.0))
+async def next_due_at(store: Store, flow: str = "orders", dest: str = "crm") -> float | None:
+    return (await store.next_due([(flow, dest)])).get((flow, dest))
+
+
+async def test_next_due_is_the_earliest_pending_of_each_destination_asked_in_one_read(store: Store) -> None:
+    assert await store.next_due([]) == {}
+    assert await store.next_due([("orders", "crm")]) == {}
+    await store.accept(event(received_at=1000.0, destinations=("crm", "chat")))
     await store.accept(event(received_at=900.0))
-    assert await store.next_due_at("orders", "crm") == 900.0
+    asked = [("orders", "crm"), ("orders", "chat"), ("orders", "erp"), ("other", "crm"), ("orders", "crm")]
+    assert await store.next_due(asked) == {("orders", "crm"): 900.0, ("orders", "chat"): 1000.0}
+    [chat] = await due(store, dest="chat")
+    await store.record([result(chat, "success", "delivered")])
+    assert await store.next_due(asked) == {("orders", "crm"): 900.0}  # nothing pending: absent
 
 
 # ------------------------------------------------------------------ record outcomes
@@ -204,7 +213,7 @@ async def test_a_retry_waits_and_counts_then_dead_marks_the_event(store: Store) 
     later = time.time() + 600
     await store.record([result(d, "transient", "pending", next_at=later, consumed_retry=True)])
     assert await due(store) == []  # not before next_at
-    assert await store.next_due_at("orders", "crm") == pytest.approx(later)
+    assert await next_due_at(store) == pytest.approx(later)
     [d] = await due(store, now=later + 1)
     assert (d.attempts, d.retries) == (1, 1) and d.due_at == pytest.approx(later)
     await store.record([result(d, "terminal", "dead", status_code=400, error="", excerpt="bad email")])
@@ -1259,7 +1268,7 @@ async def test_ordered_deliveries_go_one_at_a_time_per_key_in_arrival_order(stor
     [db2, dfree] = await due(store)
     await store.record([result(db2, "success", "delivered"), result(dfree, "success", "delivered")])
     assert await due(store) == []
-    assert await store.next_due_at("orders", "crm") == pytest.approx(later)  # a2 waits for a1, not due
+    assert await next_due_at(store) == pytest.approx(later)  # a2 waits for a1, not due
     # a dead letter blocks its key until it is replayed or discarded
     [da1] = await due(store, now=later + 1)
     await store.record([result(da1, "terminal", "dead", status_code=422, error="rejected")])

@@ -208,6 +208,26 @@ async def test_a_holder_that_lost_its_lease_learns_it_on_renewal() -> None:
         await b.close()
 
 
+async def test_next_due_skips_another_holders_live_claims_and_finds_them_once_their_lease_ran_out() -> None:
+    """What an idle feed is woken for (Hub._watch_states): a claim given up by a dead worker, once its lease
+    ran out; never what a live worker holds."""
+    url = postgres_url()
+    a, b = PostgresStore(url, holder="hub-a", lease_s=0.5), PostgresStore(url, holder="hub-b", lease_s=0.5)
+    try:
+        await a.accept(event())
+        asked = [("orders", "crm"), ("orders", "chat")]
+        assert set(await b.next_due(asked)) == {("orders", "crm")}
+        [d] = await a.due("orders", "crm", time.time(), 10, set())
+        assert await b.next_due(asked) == {}  # hub-a's claim
+        assert set(await a.next_due(asked)) == {("orders", "crm")}  # its own
+        time.sleep(0.6)  # hub-a died: its lease ran out
+        assert (await b.next_due(asked))[("orders", "crm")] <= time.time()
+        assert [x.id for x in await b.due("orders", "crm", time.time(), 10, set())] == [d.id]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_sending_slots_are_shared_fairly_and_never_more_than_the_limit() -> None:
     url = postgres_url()
     a, b, c = (PostgresStore(url, holder=f"hub-{x}", lease_s=0.5) for x in "abc")

@@ -166,10 +166,14 @@ RETURNING id, event_id, request, idempotency_key, attempts, retries, next_at
 
 _NEXT_DUE = (
     """
-SELECT MIN(next_at) FROM deliveries d
-WHERE d.flow=%(flow)s AND d.destination=%(dest)s AND d.status='pending'
-  AND (d.leased_by IS NULL OR d.leased_by=%(holder)s OR d.lease_until<%(now)s) AND """
+SELECT p.flow, p.dest, (
+  SELECT MIN(next_at) FROM deliveries d
+  WHERE d.flow=p.flow AND d.destination=p.dest AND d.status='pending'
+    AND (d.leased_by IS NULL OR d.leased_by=%(holder)s OR d.lease_until<%(now)s) AND """
     + HEAD
+    + """
+) FROM unnest(%(flows)s::text[], %(dests)s::text[]) AS p(flow, dest)
+"""
 )
 
 _RENEW = """
@@ -220,14 +224,22 @@ class Claims:
         ]
 
     @native
-    def next_due_at(self, conn: Any, flow: str, destination: str) -> float | None:
-        """The earliest this holder could claim: other holders' live claims are theirs."""
+    def next_due(self, conn: Any, pairs: Any) -> dict[tuple[str, str], float]:
+        """The earliest each destination's deliveries this holder could claim come due (other holders' live
+        claims are theirs), all in one statement."""
         import time
 
-        row = conn.execute(
-            _NEXT_DUE, {"flow": flow, "dest": destination, "holder": self.holder, "now": time.time()}
-        ).fetchone()
-        return None if row is None else row[0]
+        pairs = list(dict.fromkeys(pairs))
+        rows = conn.execute(
+            _NEXT_DUE,
+            {
+                "flows": [f for f, _ in pairs],
+                "dests": [d for _, d in pairs],
+                "holder": self.holder,
+                "now": time.time(),
+            },
+        ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
     @native
     def renew(self, conn: Any, ids: Any) -> set[int]:

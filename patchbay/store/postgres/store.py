@@ -511,8 +511,8 @@ class PostgresStore(SqliteStore):
     ) -> list[DueDelivery]:
         return await self._read(self.claims.due, flow, destination, now, limit, frozenset(skip), after_id)
 
-    async def next_due_at(self, flow: str, destination: str) -> float | None:
-        return await self._read(self.claims.next_due_at, flow, destination)
+    async def next_due(self, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        return await self._read(self.claims.next_due, tuple(pairs)) if pairs else {}
 
     async def record(self, results: list[AttemptResult]) -> None:
         if results:
