@@ -346,7 +346,7 @@ class Hub:
                     await self.store.announce_intake(
                         self.node.id, behind, [w for w, b in news.items() if not b]
                     )
-            except Exception as exc:  # the other processes' workers rescan each second: late, not lost
+            except Exception as exc:  # the others rescan or look each half second: late, not lost
                 log.debug("telling the other processes of new deliveries or backlogs: %s", exc)
 
     def _woken(self, flow: str, rescan: bool) -> None:

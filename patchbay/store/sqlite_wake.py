@@ -8,7 +8,7 @@ datagram socket `<store>.wake/<node>.sock`, and `send` sends the store's wake li
 flow; `b:`/`k:` a destination of the sender behind or caught up: store/common.py), one line each, several
 lines a datagram. A process that does not deliver binds `<node>+quiet.sock` and is not sent the `n:` lines.
 A socket whose process is gone refuses the datagram and is removed. A lost datagram costs at most the
-workers' rescan (each second), never an event.
+workers' rescan or look (each half second), never an event.
 
 Socket paths are limited to 107 bytes; a longer one is reached through `/proc/self/fd/<folder fd>/`.
 """

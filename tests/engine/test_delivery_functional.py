@@ -345,7 +345,7 @@ async def test_a_feed_that_read_all_that_was_due_reads_again_only_when_new_deliv
     worker = hub.hub.flows["lead-capture"].workers["crm"]
     await eventually(lambda: worker.inflight == 0 and not worker.leased, what="the answers recorded")
     # Six deliveries, three rounds of two: one read found them all; the takes in between did not read again
-    # (the feed's own rescan may come after a second; it finds nothing, and the feed waits idle).
+    # (the feed's own rescan may come after half a second; it finds nothing, and the feed waits idle).
     assert reads[0] == 6, reads
     assert len(reads) <= 3, reads
 
