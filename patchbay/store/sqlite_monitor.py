@@ -80,6 +80,29 @@ def _first_attempt_at(conn: sqlite3.Connection, t: float) -> int:
     return int(lo) - 1
 
 
+QUEUES_AT_ONCE = 400  # destinations a statement (two parameters each)
+_PENDING = "FROM deliveries d WHERE d.flow=p.flow AND d.destination=p.dest AND d.status='pending'"
+
+
+def _queues(
+    conn: sqlite3.Connection, pairs: list[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, float | None]]:
+    """Each destination's pending count and its oldest pending delivery's creation, a few hundred destinations
+    a statement (one each cost an idle cluster's alert node a statement per destination every few seconds).
+    The due index covers the count and the least id: no row is read but the oldest."""
+    queue: dict[tuple[str, str], tuple[int, float | None]] = {}
+    for i in range(0, len(pairs), QUEUES_AT_ONCE):
+        part = pairs[i : i + QUEUES_AT_ONCE]
+        rows = conn.execute(
+            f"WITH p(flow, dest) AS (VALUES {','.join(['(?, ?)'] * len(part))})"
+            f" SELECT p.flow, p.dest, (SELECT COUNT(*) {_PENDING}),"
+            f" (SELECT created_at FROM deliveries WHERE id=(SELECT MIN(id) {_PENDING})) FROM p",
+            [x for pair in part for x in pair],
+        ).fetchall()
+        queue.update({(r[0], r[1]): (r[2], r[3]) for r in rows})
+    return queue
+
+
 def q_snapshot(
     conn: sqlite3.Connection,
     now: float,
@@ -128,19 +151,7 @@ def q_snapshot(
                 (max(after_id, count_after), max_id),
             ):
                 retries[(flow, dest)] = n
-        queue: dict[tuple[str, str], tuple[int, float | None]] = {}
-        for flow, dest in pairs:  # the due index covers count and min id: no row is read but the oldest
-            n, first = conn.execute(
-                "SELECT COUNT(*), MIN(id) FROM deliveries"
-                " WHERE flow=? AND destination=? AND status='pending'",
-                (flow, dest),
-            ).fetchone()
-            oldest = (
-                conn.execute("SELECT created_at FROM deliveries WHERE id=?", (first,)).fetchone()
-                if n
-                else None
-            )
-            queue[(flow, dest)] = (n, oldest[0] if oldest else None)
+        queue = _queues(conn, pairs)
         dead: dict[float | None, dict[str, tuple[int, int]]] = {}
         for window in dead_windows:
             since = now - window if window is not None else 0.0

@@ -186,6 +186,22 @@ async def test_next_due_is_the_earliest_pending_of_each_destination_asked_in_one
     assert await store.next_due(asked) == {("orders", "crm"): 900.0}  # nothing pending: absent
 
 
+async def test_the_snapshot_counts_each_destinations_queue_a_few_hundred_destinations_a_statement(
+    store: Store,
+) -> None:
+    first = event(received_at=900.0, destinations=("crm", "chat"))
+    await store.accept(first)
+    await store.accept(event(received_at=1000.0))
+    [chat] = await due(store, dest="chat")
+    await store.record([result(chat, "success", "delivered")])
+    pairs = [("orders", "crm"), ("orders", "chat")] + [("idle", f"d{i}") for i in range(450)]
+    snap = await store.snapshot(time.time(), None, 0.0, pairs, set(), None, timeout=5)
+    assert len(snap.queue) == len(pairs)
+    n, oldest = snap.queue[("orders", "crm")]
+    assert n == 2 and oldest is not None and oldest <= time.time()
+    assert snap.queue[("orders", "chat")] == (0, None) == snap.queue[("idle", "d449")]
+
+
 # ------------------------------------------------------------------ record outcomes
 async def test_success_delivers_and_the_event_follows(store: Store) -> None:
     e = event(destinations=("crm", "chat"))
