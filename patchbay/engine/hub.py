@@ -9,7 +9,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -288,9 +288,21 @@ class Hub:
         resume, a decision): the workers here look now, and the workers of the other processes too."""
         for name in self.flows if flows is None else flows:
             fr = self.flows.get(name)
-            for w in fr.workers.values() if fr is not None else ():
-                w.notify(rescan=rescan)
+            self._notify(fr.workers.values() if fr is not None else (), rescan)
             self._tell_others(name, rescan)
+
+    def _notify(self, workers: Iterable[DestinationWorker], rescan: bool) -> None:
+        """New deliveries wake the workers. A rescan (a replay, a state changed elsewhere, a listener that
+        connected again) wakes those that are reading; for the idle ones the state watcher looks now: one read
+        finds which of them have anything due, where waking each made it take its sending slots and read."""
+        look = False
+        for w in workers:
+            if rescan and w.idle:
+                look = True
+            else:
+                w.notify(rescan=rescan)
+        if look:
+            self._look.set()
 
     def _tell_others(self, flow: str, rescan: bool = False) -> None:
         """Coalesced: the flows gathered while one announcement is sent go out together in the next."""
@@ -352,8 +364,7 @@ class Hub:
     def _woken(self, flow: str, rescan: bool) -> None:
         """Another process announced deliveries of `flow` (every flow: empty); `rescan`: states changed too."""
         for fr in self.flows.values() if not flow else filter(None, [self.flows.get(flow)]):
-            for w in fr.workers.values():
-                w.notify(rescan=rescan)
+            self._notify(fr.workers.values(), rescan)
         if rescan:
             self._look.set()
 

@@ -382,6 +382,12 @@ async def test_idle_destinations_cost_one_read_a_look_together_however_many_they
     assert all(sorted(c[1]) == sorted(("lead-capture", n) for n in workers) for c in looks), looks
     assert not [c for c in calls if c[0] == "due"], calls  # no feed read on its own
     assert len([c for c in calls if c[0] == "take_slots"]) <= 4, calls  # slots given back once, if held
+    # A rescan of every flow (a replay through the API, a listener that connected again) is one look too: no
+    # idle feed takes its slots and reads for it.
+    calls.clear()
+    hub.hub.wake()
+    await asyncio.sleep(0.2)
+    assert [c[0] for c in calls] == ["next_due"], calls
     # An event wakes the feeds of its destinations at once, and each goes idle again after.
     _, body = await hub.post("/hooks/lead-capture", lead(1))
     await eventually(lambda: _delivered(hub, body["event_id"]), what="delivered to the four")
