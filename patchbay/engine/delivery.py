@@ -46,8 +46,8 @@ log = logging.getLogger("patchbay.delivery")
 # A feed that is reading reads from the start of its pending deliveries (not past its cursor) this often: a
 # delivery committed after one with a higher id (PostgreSQL's accept groups commit two at a time, ids taken
 # before) is behind the cursor. It is what the state watcher's wake each half second made every feed do
-# until idle feeds stopped being woken by it; measured at 1 s, PostgreSQL one node was behind in 5 of 6
-# repetitions beside the old code and ahead at 0.5 s in 3 of 4 (bench/RESULTS.md, stop 19).
+# until idle feeds stopped being woken by it; at 1 s, PostgreSQL one node was behind the old code in 8 of 10
+# repetitions, at 0.5 s ahead of 1 s in 3 of 4 (bench/RESULTS.md, stop 19).
 RESCAN_S = 0.5
 
 # An attempt: its delivery, the answer, what was decided and the row that records it.
