@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import aiohttp
 from pydantic import BaseModel
@@ -24,6 +24,9 @@ from patchbay.config.models import DeliveryPolicy
 from patchbay.errors import ConfigError
 from patchbay.registry import install_hint, offline_resources
 from patchbay.security.ssrf import HttpSessions, resolve_allowed
+
+if TYPE_CHECKING:
+    from patchbay.connectors.http_wire import WirePool
 
 
 class OutcomeClass(StrEnum):
@@ -86,6 +89,12 @@ class Resources:
             self.http = HttpSessions()
         self._session = self.http.get(self.allow_private, self.allow_networks)
         return self._session
+
+    def wire(self) -> WirePool:
+        """This system's kept-alive HTTP connections (a destination's attempts): guarded unless it allows."""
+        if self.http is None or self.http.closed:
+            self.http = HttpSessions()
+        return self.http.wire(self.allow_private, self.allow_networks)
 
     async def allowed_addresses(self, host: str, port: int) -> list[str]:
         """For connectors that do not use HTTP: the addresses of `host` this system may connect to

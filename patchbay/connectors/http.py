@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 from pydantic import Field, field_validator
 
@@ -22,8 +20,8 @@ from patchbay.connectors.http_client import (
     classify_response,
     map_response,
     pick_fields,
-    read_bounded,
 )
+from patchbay.connectors.http_wire import BadAnswer, BadRequest
 from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.contracts import parse_answer
 from patchbay.expressions import compile_expr, render_template
@@ -128,7 +126,6 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
             if isinstance(config.body, dict)
             else None
         )
-        self._timeout = aiohttp.ClientTimeout(total=policy.timeout_s)
         self.client = HttpClient(
             resources, auth=system.auth, verify_tls=system.verify_tls, ca_bundle=system.ca_bundle
         )
@@ -178,38 +175,37 @@ class HttpSink(BaseSink[HttpSystem, HttpSinkConfig]):
         headers.update(request.get("headers") or {})
         headers[self.policy.idempotency_header] = key
         sw = Stopwatch()
+        keep = self.config.response or self.config.batch_format or self.keep_answer
         try:
-            async with self.client.request(
+            answer = await self.client.exchange(
                 request["method"],
                 request["url"],
-                data=body.encode() if body is not None else None,
                 headers=headers,
-                timeout=self._timeout,
-                allow_redirects=self.policy.follow_redirects,
-            ) as resp:
-                keep = self.config.response or self.config.batch_format or self.keep_answer
-                raw = await read_bounded(resp, RESPONSE_LIMIT if keep else 4096)
-                outcome = classify_response(
-                    resp.status, resp.headers, raw, sw.ms, self.resources.redact, self.retry_after
-                )
-                return outcome, raw, resp.status, resp.headers
+                body=body.encode() if body is not None else None,
+                timeout_s=self.policy.timeout_s,
+                limit=RESPONSE_LIMIT if keep else 4096,
+                follow_redirects=self.policy.follow_redirects,
+            )
         except BlockedAddress as exc:  # the same address is refused on every try: not worth a retry
             error = exc.explain(self.resources.system or None)
             return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=error), b"", None, {}
         except OAuth2Error as exc:  # no token: a refused grant pauses (AUTH), an unreachable provider retries
             cls = OutcomeClass.AUTH if exc.refused else OutcomeClass.TRANSIENT
             return Outcome(cls, None, sw.ms, error=str(exc)), b"", None, {}
-        except aiohttp.InvalidURL as exc:  # e.g. a legacy numeric IPv4 form such as http://2130706433/
-            return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=f"invalid URL: {exc}"), b"", None, {}
+        except BadRequest as exc:  # e.g. a header value with a line break: every try would be the same
+            return Outcome(OutcomeClass.TERMINAL, None, sw.ms, error=f"invalid request: {exc}"), b"", None, {}
         except TimeoutError:
             error = f"timed out after {self.policy.timeout_s:g}s"
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=error), b"", None, {}
-        except aiohttp.ClientConnectorError as exc:
-            error = f"cannot connect: {exc.os_error}"
+        except BadAnswer as exc:
+            return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=str(exc)), b"", None, {}
+        except OSError as exc:  # refused, unreachable, a name that does not resolve, a certificate refused
+            error = f"cannot connect: {exc}"
             return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=error), b"", None, {}
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            return Outcome(OutcomeClass.TRANSIENT, None, sw.ms, error=error), b"", None, {}
+        outcome = classify_response(
+            answer.status, answer.headers, answer.body, sw.ms, self.resources.redact, self.retry_after
+        )
+        return outcome, answer.body, answer.status, answer.headers
 
     # -- batches -----------------------------------------------------------
     @property

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -18,6 +20,7 @@ from pydantic import Field, model_validator
 
 from patchbay.config.models import SecretRef, Spec
 from patchbay.connectors.base import Outcome, OutcomeClass, Resources, excerpt
+from patchbay.connectors.http_wire import Answer
 from patchbay.connectors.tls_client import TlsSettings, tls_context
 
 
@@ -142,6 +145,65 @@ class HttpClient:
             return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
         return True
 
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout_s: float,
+        limit: int,
+        follow_redirects: bool = False,
+    ) -> Answer:
+        """One request with the system's credentials added to `headers` (they win over same-named ones),
+        on the system's kept-alive connections (http_wire.py), with at most `limit` bytes of the answer.
+        An OAuth2 system's request is sent once more with a refreshed token after a 401."""
+        pool, tls = self.resources.wire(), await self.tls()
+        if self.auth is None or not self.auth.oauth2:
+            own = self.auth_headers() if self.auth is not None else {}
+            return await pool.request(
+                method,
+                url,
+                {**headers, **own} if own else headers,
+                body,
+                timeout_s=timeout_s,
+                limit=limit,
+                tls=tls,
+                follow_redirects=follow_redirects,
+                credentials=frozenset(k.lower() for k in own),
+            )
+        from patchbay.connectors.oauth2_client import source_for
+
+        tokens = await source_for(self.resources, self.auth)
+        ssl = await self.ssl()
+        token = await tokens.access_token(self.resources, ssl=ssl)
+        for attempt in range(2):
+            answer = await pool.request(
+                method,
+                url,
+                {**headers, "Authorization": f"Bearer {token}"},
+                body,
+                timeout_s=timeout_s,
+                limit=limit,
+                tls=tls,
+                follow_redirects=follow_redirects,
+                credentials=frozenset({"authorization"}),
+            )
+            if answer.status != 401 or attempt:
+                return answer
+            token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
+        raise AssertionError("unreachable")
+
+    async def tls(self) -> SSLContext:
+        """The context https requests of this system are made with: verified (the system's CA bundle, or
+        the machine's CAs) unless the system turned verification off."""
+        if not self.verify_tls:
+            return _unverified()
+        if self.ca_bundle:
+            return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
+        return _verified()
+
     def request(self, method: str, url: str, *, headers: Mapping[str, str], **kwargs: Any) -> _Request:
         """One request with the system's credentials added to `headers` (they win over same-named ones):
         `async with client.request(...) as resp`."""
@@ -176,6 +238,19 @@ class HttpClient:
             yield resp
         finally:
             resp.release()
+
+
+@functools.cache
+def _verified() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+@functools.cache
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class _Request:
@@ -269,24 +344,6 @@ def classify_response(
     return Outcome(OutcomeClass.TERMINAL, status, latency_ms, text)
 
 
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The answer's body up to `limit` bytes (one `read(n)` may return only the first chunk). A body that
-    stalls or breaks off gives what came: the status already decided the outcome, and a 2xx whose body
-    never finishes must not become a retry (the remote acted on the request)."""
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        while size < limit:
-            chunk = await resp.content.read(limit - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except (TimeoutError, aiohttp.ClientPayloadError):
-        pass
-    return b"".join(chunks)
-
-
 def map_response(
     mapping: Mapping[str, str],
     status: int,
@@ -329,9 +386,3 @@ def appended_path(path: str) -> str:
     if path and not path.startswith(("/", "?")):
         raise ValueError(f"{path!r} must start with / (or ?): it is appended to the system's URL")
     return path
-
-
-def same_server(url: str, base: str) -> bool:
-    """`url` is on the server of `base` (scheme, host and port), so the system's credentials may go to it."""
-    a, b = urlsplit(url), urlsplit(base)
-    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)

@@ -14,7 +14,8 @@ from pydantic import Field, field_validator
 from patchbay.config.models import Spec
 from patchbay.connectors.base import Batch, OutcomeClass, Resources, SourceRecord
 from patchbay.connectors.http import HttpSystem
-from patchbay.connectors.http_client import HttpClient, appended_path, classify_response, same_server
+from patchbay.connectors.http_client import HttpClient, appended_path, classify_response
+from patchbay.connectors.http_wire import same_server
 from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig

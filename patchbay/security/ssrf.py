@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
     from patchbay.config.project import Project
+    from patchbay.connectors.http_wire import WirePool
 
 __all__ = [
     "AddressPolicy",
@@ -394,12 +395,29 @@ class HttpSessions:
             **connector_kwargs,
         }
         self._sessions: dict[tuple[Any, ...], aiohttp.ClientSession] = {}
+        self._wires: dict[tuple[Any, ...], WirePool] = {}
         self.closed = False
+
+    @staticmethod
+    def _key(allow_private: bool, allow_networks: Iterable[str]) -> tuple[Any, ...]:
+        nets = tuple(sorted({str(ipaddress.ip_network(n, strict=False)) for n in allow_networks}))
+        return ("open",) if allow_private else ("guarded", nets)
+
+    def wire(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> WirePool:
+        """The kept-alive connections of destinations with this address policy (connectors/http_wire.py)."""
+        from patchbay.connectors.http_wire import WirePool
+
+        key = self._key(allow_private, allow_networks)
+        pool = self._wires.get(key)
+        if pool is None or pool.closed:
+            pool = self._wires[key] = WirePool(allow_private, tuple(key[1]) if not allow_private else ())
+            self.closed = False
+        return pool
 
     def get(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> aiohttp.ClientSession:
         """The session for a system's policy (call from a running event loop)."""
-        nets = tuple(sorted({str(ipaddress.ip_network(n, strict=False)) for n in allow_networks}))
-        key: tuple[Any, ...] = ("open",) if allow_private else ("guarded", nets)
+        key = self._key(allow_private, allow_networks)
+        nets = () if allow_private else key[1]
         session = self._sessions.get(key)
         if session is None or session.closed:
             conn: aiohttp.TCPConnector
@@ -418,6 +436,9 @@ class HttpSessions:
     async def close(self) -> None:
         self.closed = True
         sessions, self._sessions = list(self._sessions.values()), {}
+        wires, self._wires = list(self._wires.values()), {}
+        for w in wires:
+            w.close()
         for s in sessions:
             await s.close()
 
