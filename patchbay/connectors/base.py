@@ -79,6 +79,7 @@ class Resources:
     allow_private: bool = False  # the system's allow_private_network: no address guard at all
     allow_networks: tuple[str, ...] = ()  # the system's allow_networks: exceptions to the guard
     _session: aiohttp.ClientSession | None = field(default=None, repr=False, compare=False)
+    _wire: WirePool | None = field(default=None, repr=False, compare=False)
 
     async def http_session(self) -> aiohttp.ClientSession:
         """The shared session for this system: guarded against internal addresses unless it allows them."""
@@ -92,9 +93,15 @@ class Resources:
 
     def wire(self) -> WirePool:
         """This system's kept-alive HTTP connections (a destination's attempts): guarded unless it allows."""
+        pool = self._wire
+        if pool is not None and not pool.closed:
+            return pool
         if self.http is None or self.http.closed:
             self.http = HttpSessions()
-        return self.http.wire(self.allow_private, self.allow_networks)
+        from patchbay.connectors.http_wire import WirePool
+
+        self._wire = self.http.pool(self.allow_private, self.allow_networks, WirePool)
+        return self._wire
 
     async def allowed_addresses(self, host: str, port: int) -> list[str]:
         """For connectors that do not use HTTP: the addresses of `host` this system may connect to

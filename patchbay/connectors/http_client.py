@@ -159,7 +159,7 @@ class HttpClient:
         """One request with the system's credentials added to `headers` (they win over same-named ones),
         on the system's kept-alive connections (http_wire.py), with at most `limit` bytes of the answer.
         An OAuth2 system's request is sent once more with a refreshed token after a 401."""
-        pool, tls = self.resources.wire(), await self.tls()
+        pool, tls = self.resources.wire(), self.tls
         if self.auth is None or not self.auth.oauth2:
             own = self.auth_headers() if self.auth is not None else {}
             return await pool.request(

@@ -25,11 +25,12 @@ What it keeps of the house rules:
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, cast
 from urllib.parse import urljoin, urlsplit
 
@@ -42,7 +43,6 @@ KEEP_IDLE_S = 15.0  # a connection idle longer than this is closed rather than r
 IDLE_PER_SERVER = 256  # kept-alive connections kept per server; more are closed when given back
 MAX_REDIRECTS = 10
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a method or a header name
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
@@ -169,28 +169,29 @@ class _Conn(asyncio.Protocol):
     async def exchange(self, raw: bytes, limit: int, deadline: float) -> Answer:
         loop = asyncio.get_running_loop()
         self.head, self.done = loop.create_future(), loop.create_future()
-        self.status, self.chunks, self.size, self.limit, self.inflate, self.complete = (
-            0,
-            [],
-            0,
-            limit,
-            None,
-            False,
-        )
+        self.status, self.chunks, self.size, self.limit = 0, [], 0, limit
+        self.inflate, self.complete = None, False
         assert self.transport is not None
-        self.transport.write(raw)
-        async with asyncio.timeout_at(deadline):
+        timer = loop.call_at(deadline, self._expire)  # one timer, not a timeout context per wait
+        try:
+            self.transport.write(raw)
             await self.head
-        if not self.done.done():
-            try:  # a body that stalls or breaks off gives what came
-                async with asyncio.timeout_at(deadline):
-                    await self.done
-            except TimeoutError:
-                self.lost = True
+            if not self.done.done():
+                await self.done
+        finally:
+            timer.cancel()
         headers, self.headers = CIMultiDictProxy(self.headers), CIMultiDict()
         body = b"".join(self.chunks)
         self.chunks, self.head, self.done = [], None, None
         return Answer(self.status, headers, body)
+
+    def _expire(self) -> None:
+        """The deadline: without the answer's head it is a timeout; a body that stalls gives what came."""
+        self.lost = True
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(TimeoutError())
+        elif self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
     @property
     def reusable(self) -> bool:
@@ -228,12 +229,12 @@ class WirePool:
         *,
         timeout_s: float,
         limit: int,
-        tls: ssl.SSLContext | None,
+        tls: Callable[[], Awaitable[ssl.SSLContext]],
         follow_redirects: bool = False,
         credentials: frozenset[str] = frozenset(),
     ) -> Answer:
-        """One exchange (and its redirects when `follow_redirects`), all within `timeout_s`. `tls` is the
-        context for https URLs; `credentials` names the headers that carry the system's credentials,
+        """One exchange (and its redirects when `follow_redirects`), all within `timeout_s`. `tls()` gives
+        the context for an https URL (asked only for one); `credentials` names the headers that carry the system's credentials,
         which are not sent on to another server a redirect points at."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         start = url
@@ -260,24 +261,12 @@ class WirePool:
         headers: Mapping[str, str],
         body: bytes | None,
         limit: int,
-        tls: ssl.SSLContext | None,
+        tls: Callable[[], Awaitable[ssl.SSLContext]],
         deadline: float,
     ) -> Answer:
-        parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname
-        if scheme not in ("http", "https") or not host:
-            raise BadRequest(f"not an absolute http(s) URL: {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise BadRequest("the URL holds credentials; give them as the system's auth instead")
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-        except ValueError as exc:
-            raise BadRequest(f"bad port in {url!r}: {exc}") from None
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        if _BAD_TARGET.search(target):
-            raise BadRequest("the URL's path holds a space or control character; quote it")
-        raw = _head(method, target, parts.netloc, headers, body)
-        context = tls if scheme == "https" else None
+        scheme, host, port, target, netloc = _parse(url)
+        raw = _head(method, target, netloc, headers, body)
+        context = await tls() if scheme == "https" else None
         key = (scheme, host, port, id(context))
         conn = self._take(key)
         if conn is None:
@@ -336,15 +325,40 @@ class WirePool:
                 c._close()
 
 
+@functools.lru_cache(maxsize=4096)  # a destination's URL is mostly the same one: parsed once
+def _parse(url: str) -> tuple[str, str, int, str, str]:
+    """scheme, host, port, request target and Host header of an absolute http(s) URL, or BadRequest."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme, parts.hostname
+    if scheme not in ("http", "https") or not host:
+        raise BadRequest(f"not an absolute http(s) URL: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise BadRequest("the URL holds credentials; give them as the system's auth instead")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise BadRequest(f"bad port in {url!r}: {exc}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if _BAD_TARGET.search(target):
+        raise BadRequest("the URL's path holds a space or control character; quote it")
+    return scheme, host, port, target, parts.netloc
+
+
+_NAMES_OK: set[str] = set()  # header names already found to be tokens (a few per destination)
+
+
 def _head(method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
     if not _TOKEN.fullmatch(method):
         raise BadRequest(f"bad HTTP method {method!r}")
     lines = [f"{method} {target} HTTP/1.1"]
     own_host = False
     for name, value in headers.items():
-        if not _TOKEN.fullmatch(name):
-            raise BadRequest(f"bad header name {name!r}: letters, digits and !#$%&'*+-.^_`|~ only")
-        if _BAD_VALUE.search(value):
+        if name not in _NAMES_OK:
+            if not _TOKEN.fullmatch(name):
+                raise BadRequest(f"bad header name {name!r}: letters, digits and !#$%&'*+-.^_`|~ only")
+            if len(_NAMES_OK) < 4096:
+                _NAMES_OK.add(name)
+        if "\r" in value or "\n" in value or "\x00" in value:
             raise BadRequest(f"header {name} holds a line break or NUL, which would end the header")
         low = name.lower()
         if low in _FRAMING:  # the body's length is ours to say

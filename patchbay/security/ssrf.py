@@ -29,7 +29,7 @@ import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
     from patchbay.config.project import Project
-    from patchbay.connectors.http_wire import WirePool
 
 __all__ = [
     "AddressPolicy",
@@ -378,6 +377,17 @@ def blocked_cause(exc: BaseException | None) -> BlockedAddress | None:
     return None
 
 
+class Pool(Protocol):
+    """A pool of connections HttpSessions keeps for another client (HttpSessions.pool)."""
+
+    closed: bool
+
+    def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=Pool)
+
+
 class HttpSessions:
     """The hub's outbound HTTP sessions, one per address policy, created on first use.
 
@@ -395,7 +405,7 @@ class HttpSessions:
             **connector_kwargs,
         }
         self._sessions: dict[tuple[Any, ...], aiohttp.ClientSession] = {}
-        self._wires: dict[tuple[Any, ...], WirePool] = {}
+        self._pools: dict[tuple[Any, ...], Pool] = {}
         self.closed = False
 
     @staticmethod
@@ -403,16 +413,17 @@ class HttpSessions:
         nets = tuple(sorted({str(ipaddress.ip_network(n, strict=False)) for n in allow_networks}))
         return ("open",) if allow_private else ("guarded", nets)
 
-    def wire(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> WirePool:
-        """The kept-alive connections of destinations with this address policy (connectors/http_wire.py)."""
-        from patchbay.connectors.http_wire import WirePool
-
-        key = self._key(allow_private, allow_networks)
-        pool = self._wires.get(key)
+    def pool(
+        self, allow_private: bool, allow_networks: Iterable[str], make: Callable[[bool, tuple[str, ...]], P]
+    ) -> P:
+        """Another client's connections for this address policy (`make(allow_private, networks)`, e.g.
+        connectors/http_wire.py's WirePool), one per policy and kind, closed with the sessions."""
+        key = (make, *self._key(allow_private, allow_networks))
+        pool = self._pools.get(key)
         if pool is None or pool.closed:
-            pool = self._wires[key] = WirePool(allow_private, tuple(key[1]) if not allow_private else ())
+            pool = self._pools[key] = make(allow_private, () if allow_private else key[2])
             self.closed = False
-        return pool
+        return cast(P, pool)
 
     def get(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> aiohttp.ClientSession:
         """The session for a system's policy (call from a running event loop)."""
@@ -436,9 +447,9 @@ class HttpSessions:
     async def close(self) -> None:
         self.closed = True
         sessions, self._sessions = list(self._sessions.values()), {}
-        wires, self._wires = list(self._wires.values()), {}
-        for w in wires:
-            w.close()
+        pools, self._pools = list(self._pools.values()), {}
+        for p in pools:
+            p.close()
         for s in sessions:
             await s.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import zlib
 
 import pytest
@@ -81,6 +82,10 @@ async def server():
     await runner.cleanup()
 
 
+async def _no_tls() -> ssl.SSLContext:
+    raise AssertionError("no https URL here")
+
+
 async def ask(pool: WirePool, url: str, *, limit: int = 65536, timeout_s: float = 2.0, **kw):
     return await pool.request(
         kw.pop("method", "POST"),
@@ -89,7 +94,7 @@ async def ask(pool: WirePool, url: str, *, limit: int = 65536, timeout_s: float 
         kw.pop("body", b'{"n": 1}'),
         timeout_s=timeout_s,
         limit=limit,
-        tls=None,
+        tls=_no_tls,
         **kw,
     )
 
@@ -360,7 +365,7 @@ async def test_a_url_with_credentials_in_it_is_refused():
 
 async def test_the_guarded_pool_refuses_loopback_before_connecting(server):
     url, seen = server
-    pool = HttpSessions().wire(False, ())
+    pool = HttpSessions().pool(False, (), WirePool)
     with pytest.raises(BlockedAddress):
         await ask(pool, url + "/ok")
     assert seen == []
@@ -368,8 +373,13 @@ async def test_the_guarded_pool_refuses_loopback_before_connecting(server):
 
 def test_each_address_policy_has_pools_of_its_own():
     sessions = HttpSessions()
-    open_, guarded = sessions.wire(True, ()), sessions.wire(False, ())
-    allowed = sessions.wire(False, ["127.0.0.0/8"])
+    open_, guarded = sessions.pool(True, (), WirePool), sessions.pool(False, (), WirePool)
+    allowed = sessions.pool(False, ["127.0.0.0/8"], WirePool)
     assert len({id(open_), id(guarded), id(allowed)}) == 3
-    assert sessions.wire(False, ["127.0.0.1/8"]) is allowed  # the same network, written otherwise
+    assert (open_.allow_private, guarded.allow_private, allowed.allow_networks) == (
+        True,
+        False,
+        ("127.0.0.0/8",),
+    )
+    assert sessions.pool(False, ["127.0.0.1/8"], WirePool) is allowed  # the same network, written otherwise
     assert Resources(http=sessions, allow_private=True).wire() is open_

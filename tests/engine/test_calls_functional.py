@@ -6,6 +6,7 @@ split: one record per element with per-element keys, a quarantined element not h
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from click.testing import CliRunner
@@ -86,7 +87,9 @@ async def test_find_or_create_routes_on_the_answer_and_keys_the_call(tmp_path, s
 
     by_key = {r.headers["Idempotency-Key"]: r for r in sink.received}
     find_new = by_key[f"{new['event_id']}.find_contact"]
-    assert find_new.method == "GET" and find_new.path == "/search?email=new@example.com"  # path_qs, decoded
+    # sent as rendered (the template quotes the value: %40); the server reads the same email from it
+    assert find_new.method == "GET" and find_new.path == "/search?email=new%40example.com"
+    assert unquote(find_new.path) == "/search?email=new@example.com"
     assert find_new.headers["Authorization"] == f"Bearer {SECRET_TOKEN}"  # the system's own auth
     create = by_key[f"{new['event_id']}.crm"]
     assert create.method == "POST" and create.body == {"email": "new@example.com"}
