@@ -8,13 +8,11 @@ import functools
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from ssl import SSLContext
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from pydantic import Field, model_validator
 
@@ -105,7 +103,7 @@ def check_url(v: str) -> str:
 
 
 class HttpClient:
-    """One system's requests: the shared session (address guard), its TLS settings and credentials.
+    """One system's requests (`exchange`): its kept-alive connections (address guard), TLS and credentials.
 
     Credentials are resolved on every request, so a rotated secret is used at once, and never stored
     in what `render` returns.
@@ -128,7 +126,7 @@ class HttpClient:
         auth, secret = self.auth, self.resources.secret
         if auth is None or auth.scheme == "none":
             return {}
-        if auth.oauth2:  # a token known only at send time (see `request`)
+        if auth.oauth2:  # a token known only at send time (see `exchange`)
             return {"Authorization": "Bearer [oauth2 access token]"}
         if auth.scheme == "bearer":
             return {"Authorization": f"Bearer {secret(auth.token)}"}
@@ -138,7 +136,8 @@ class HttpClient:
         return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
 
     async def ssl(self) -> ssl.SSLContext | bool:
-        """aiohttp's `ssl`: False (not verified), the system's CAs (built once), or True (aiohttp's)."""
+        """For the OAuth2 token endpoint's aiohttp request: False (not verified), the system's CAs (built
+        once), or True (aiohttp's)."""
         if not self.verify_tls:
             return False
         if self.ca_bundle:
@@ -204,41 +203,6 @@ class HttpClient:
             return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
         return _verified()
 
-    def request(self, method: str, url: str, *, headers: Mapping[str, str], **kwargs: Any) -> _Request:
-        """One request with the system's credentials added to `headers` (they win over same-named ones):
-        `async with client.request(...) as resp`."""
-        return _Request(self, method, url, headers, kwargs)
-
-    @asynccontextmanager
-    async def _oauth2_request(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        kwargs: dict[str, Any],
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """With an OAuth2 access token; on a 401, once more with a refreshed one (OAuth2Error if none)."""
-        from patchbay.connectors.oauth2_client import source_for
-
-        assert self.auth is not None
-        tokens = await source_for(self.resources, self.auth)
-        ssl = await self.ssl()
-        token = await tokens.access_token(self.resources, ssl=ssl)
-        resp = await session.request(
-            method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
-        )
-        try:
-            if resp.status == 401:
-                resp.release()
-                token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
-                resp = await session.request(
-                    method, url, headers={**headers, "Authorization": f"Bearer {token}"}, ssl=ssl, **kwargs
-                )
-            yield resp
-        finally:
-            resp.release()
-
 
 @functools.cache
 def _verified() -> ssl.SSLContext:
@@ -251,35 +215,6 @@ def _unverified() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-class _Request:
-    """`HttpClient.request`'s context: a class, not an `asynccontextmanager`, as it is on every delivery's
-    path (the generator-based one cost 3 % more instructions a send, bench/sendpath.py)."""
-
-    __slots__ = ("client", "method", "url", "headers", "kwargs", "_cm")
-
-    def __init__(
-        self, client: HttpClient, method: str, url: str, headers: Mapping[str, str], kwargs: dict[str, Any]
-    ) -> None:
-        self.client, self.method, self.url, self.headers, self.kwargs = client, method, url, headers, kwargs
-        self._cm: Any = None
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        c = self.client
-        session = await c.resources.http_session()
-        if c.auth is not None and c.auth.oauth2:
-            self._cm = c._oauth2_request(session, self.method, self.url, self.headers, self.kwargs)
-        else:
-            headers = {**self.headers, **c.auth_headers()} if c.auth is not None else self.headers
-            self._cm = session.request(
-                self.method, self.url, headers=headers, ssl=await c.ssl(), **self.kwargs
-            )
-        resp: aiohttp.ClientResponse = await self._cm.__aenter__()
-        return resp
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._cm.__aexit__(*exc)
 
 
 def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:

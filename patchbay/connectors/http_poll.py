@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
-from urllib.parse import urljoin
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
-import aiohttp
 import orjson
 from pydantic import Field, field_validator
 
@@ -15,12 +14,14 @@ from patchbay.config.models import Spec
 from patchbay.connectors.base import Batch, OutcomeClass, Resources, SourceRecord
 from patchbay.connectors.http import HttpSystem
 from patchbay.connectors.http_client import HttpClient, appended_path, classify_response
-from patchbay.connectors.http_wire import same_server
+from patchbay.connectors.http_wire import BadRequest, same_server
 from patchbay.connectors.oauth2_client import OAuth2Error
 from patchbay.errors import AuthError, TerminalError, TransientError
 from patchbay.records import dig
 from patchbay.registry import connector
 from patchbay.security.ssrf import BlockedAddress
+
+PAGE_LIMIT = 64 * 2**20  # bytes of one page read; a larger one is refused, not cut
 
 
 class Pagination(Spec):
@@ -168,39 +169,47 @@ class HttpPollSource:
 
     async def _get(self, url: str, params: dict[str, Any]) -> tuple[Any, Any]:
         headers = {"Accept": "application/json", "User-Agent": "patchbay/0.1", **self.system.headers}
+        if params:  # merged into the URL's own query, a parameter of the same name replaced
+            parts = urlsplit(url)
+            query = {k: v for k, v in parse_qsl(parts.query, keep_blank_values=True)} | params
+            url = urlunsplit(parts._replace(query=urlencode(query)))
         try:
-            async with self.client.request(
-                "GET",
-                url,
-                params=params,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
-            ) as resp:
-                raw = await resp.read()
-                retry_after = (self.system.retry_after_header, self.system.retry_after_unit)
-                outcome = classify_response(
-                    resp.status, resp.headers, raw[:4096], 0, self.resources.redact, retry_after
-                )
-                if outcome.cls is OutcomeClass.SUCCESS:
-                    try:
-                        return orjson.loads(raw), resp.headers
-                    except orjson.JSONDecodeError as exc:
-                        raise TerminalError(f"polling {url}: the answer is not JSON") from exc
-                # The status only: the shared classifier's words are a destination's ("destination paused").
-                msg = f"polling {url}: HTTP {resp.status} {outcome.excerpt[:200]}"
-                if outcome.cls is OutcomeClass.AUTH:
-                    raise AuthError(msg)
-                if outcome.cls is OutcomeClass.TRANSIENT:
-                    raise TransientError(msg, outcome.retry_after_s)
-                raise TerminalError(msg)
+            answer = await self.client.exchange(
+                "GET", url, headers=headers, body=None, timeout_s=self.config.timeout_s, limit=PAGE_LIMIT
+            )
         except BlockedAddress as exc:
             raise TerminalError(f"polling {url}: {exc}") from exc
         except OAuth2Error as exc:
             if exc.refused:
                 raise AuthError(f"polling {url}: {exc}") from exc
             raise TransientError(f"polling {url}: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except BadRequest as exc:
+            raise TerminalError(f"polling {url}: {exc}") from exc
+        except TimeoutError as exc:
+            raise TransientError(f"polling {url}: timed out after {self.config.timeout_s:g}s") from exc
+        except OSError as exc:  # refused, unreachable, cut: BadAnswer included
             raise TransientError(f"polling {url}: {type(exc).__name__}: {exc}") from exc
+        raw = answer.body
+        retry_after = (self.system.retry_after_header, self.system.retry_after_unit)
+        outcome = classify_response(
+            answer.status, answer.headers, raw[:4096], 0, self.resources.redact, retry_after
+        )
+        if outcome.cls is OutcomeClass.SUCCESS:
+            if len(raw) >= PAGE_LIMIT:
+                raise TerminalError(
+                    f"polling {url}: a page of {PAGE_LIMIT // 2**20} MiB or more is not read; ask for smaller pages"
+                )
+            try:
+                return orjson.loads(raw), answer.headers
+            except orjson.JSONDecodeError as exc:
+                raise TerminalError(f"polling {url}: the answer is not JSON") from exc
+        # The status only: the shared classifier's words are a destination's ("destination paused").
+        msg = f"polling {url}: HTTP {answer.status} {outcome.excerpt[:200]}"
+        if outcome.cls is OutcomeClass.AUTH:
+            raise AuthError(msg)
+        if outcome.cls is OutcomeClass.TRANSIENT:
+            raise TransientError(msg, outcome.retry_after_s)
+        raise TerminalError(msg)
 
     async def close(self) -> None:
         return None

@@ -213,3 +213,26 @@ def test_a_path_that_could_name_another_server_is_refused(path):
 
     with pytest.raises(ValueError, match="must start with /"):
         HttpSinkConfig.model_validate({"path": path})
+
+
+async def test_the_paths_own_query_and_the_polls_parameters_reach_the_api_together(api):
+    batches = await collect(
+        source(api.url, path="/orders?status=open&per_page=50", params={"channel": "web shop"})
+    )
+    assert [r.data["id"] for b in batches for r in b.records] == list(range(1, 8))
+    first = api.calls[0]
+    # the path's own parameter kept, one of the same name replaced by the pagination's
+    assert (first["status"], first["channel"], first["per_page"], first["page"]) == (
+        "open",
+        "web shop",
+        "3",
+        "1",
+    )
+
+
+async def test_a_page_over_the_read_limit_is_refused_not_cut(api, monkeypatch):
+    from patchbay.connectors import http_poll
+
+    monkeypatch.setattr(http_poll, "PAGE_LIMIT", 64)
+    with pytest.raises(TerminalError, match="ask for smaller pages"):
+        await collect(source(api.url))
