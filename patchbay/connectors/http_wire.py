@@ -1,11 +1,11 @@
-"""The HTTP/1.1 exchange every HTTP destination's attempt goes through: one request, a bounded answer.
+"""The HTTP/1.1 exchange of every request to a system's API (a destination's attempt, a poll's page).
 
 Why not aiohttp's client here: a delivery is one request and an answer read to a small limit, on a
-kept-alive connection, thousands of times a second. aiohttp's `ClientSession.request` spent ~140 µs of
-CPU on each (three times what the exchange itself costs: bench/sendpath.py), and in one hub process
-that was a third of all its CPU. This module writes the request itself and leaves the parsing of the
-answer to httptools (llhttp, the parser Node.js uses). Everything else that speaks HTTP (sources, OAuth2
-token endpoints, the console) stays on aiohttp.
+kept-alive connection, thousands of times a second. Through aiohttp's `ClientSession.request` a send
+(`HttpSink.send`) cost 215 µs of CPU, through this exchange 106 (bench/sendpath.py); in one hub process
+aiohttp's part was a third of all its CPU per event. This module writes the request itself and leaves the parsing of the
+answer to httptools (llhttp, the parser Node.js uses). OAuth2 token endpoints (form posts, rare) and the
+hub's own server stay on aiohttp.
 
 What it keeps of the house rules:
 - **The address guard**: every new connection resolves the name and connects only to an address the
@@ -13,7 +13,7 @@ What it keeps of the house rules:
   redirect's target is checked the same way.
 - **TLS** verified by default, with the system's CA bundle if it names one; the name checked is the
   URL's host while the connection goes to the checked address.
-- **Pools per address policy** (`HttpSessions.wire`): a kept-alive connection opened for an internal
+- **Pools per address policy** (`HttpSessions.pool`): a kept-alive connection opened for an internal
   system is never reused for a guarded one.
 - **Bounded**: at most `limit` bytes of an answer are kept (decompressed); a longer answer, one that
   breaks off or stalls after its head gives what came (the status decided the outcome) and its
