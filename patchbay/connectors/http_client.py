@@ -158,9 +158,9 @@ class HttpClient:
         """One request with the system's credentials added to `headers` (they win over same-named ones),
         on the system's kept-alive connections (http_wire.py), with at most `limit` bytes of the answer.
         An OAuth2 system's request is sent once more with a refreshed token after a 401."""
-        pool, tls = self.resources.wire(), self.tls
-        if self.auth is None or not self.auth.oauth2:
-            own = self.auth_headers() if self.auth is not None else {}
+        pool = self.resources.wire()
+
+        async def send(own: Mapping[str, str]) -> Answer:
             return await pool.request(
                 method,
                 url,
@@ -168,31 +168,23 @@ class HttpClient:
                 body,
                 timeout_s=timeout_s,
                 limit=limit,
-                tls=tls,
+                tls=self.tls,
                 follow_redirects=follow_redirects,
-                credentials=frozenset(k.lower() for k in own),
+                credentials=frozenset(k.lower() for k in own),  # not carried to another server
             )
+
+        if self.auth is None or not self.auth.oauth2:
+            return await send(self.auth_headers() if self.auth is not None else {})
         from patchbay.connectors.oauth2_client import source_for
 
         tokens = await source_for(self.resources, self.auth)
         ssl = await self.ssl()
         token = await tokens.access_token(self.resources, ssl=ssl)
-        for attempt in range(2):
-            answer = await pool.request(
-                method,
-                url,
-                {**headers, "Authorization": f"Bearer {token}"},
-                body,
-                timeout_s=timeout_s,
-                limit=limit,
-                tls=tls,
-                follow_redirects=follow_redirects,
-                credentials=frozenset({"authorization"}),
-            )
-            if answer.status != 401 or attempt:
-                return answer
+        answer = await send({"Authorization": f"Bearer {token}"})
+        if answer.status == 401:  # revoked or expired early: once more with a new token
             token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
-        raise AssertionError("unreachable")
+            answer = await send({"Authorization": f"Bearer {token}"})
+        return answer
 
     async def tls(self) -> SSLContext:
         """The context https requests of this system are made with: verified (the system's CA bundle, or

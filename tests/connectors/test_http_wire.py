@@ -287,34 +287,34 @@ async def raw_server(answer: bytes):
     return srv, f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
 
 
-async def test_an_interim_answer_is_skipped_for_the_final_one():
-    srv, url = await raw_server(
-        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
-        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Id: 7\r\n\r\nok"
-    )
+async def answer_to(raw: bytes):
+    """What one exchange makes of a server's `raw` answer, and whether its connection was kept."""
+    srv, url = await raw_server(raw)
     pool = WirePool(True, ())
     try:
         answer = await ask(pool, url + "/x")
+        return answer, any(pool._idle.values())
     finally:
         pool.close()
         srv.close()
+
+
+async def test_an_interim_answer_is_skipped_for_the_final_one():
+    answer, _ = await answer_to(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Id: 7\r\n\r\nok"
+    )
     assert (answer.status, answer.body, answer.headers["x-id"]) == (201, b"ok", "7")
     assert "Link" not in answer.headers
 
 
 async def test_a_second_answer_to_one_request_is_not_taken_for_the_next_ones():
-    srv, url = await raw_server(
+    answer, kept = await answer_to(
         b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
         b"HTTP/1.1 500 Stray\r\nContent-Length: 3\r\nX-Stray: 1\r\n\r\nbad"
     )
-    pool = WirePool(True, ())
-    try:
-        answer = await ask(pool, url + "/x")
-        assert not any(pool._idle.values())  # not kept: its next answer would be the stray one
-    finally:
-        pool.close()
-        srv.close()
     assert (answer.status, answer.body) == (201, b"ok") and "X-Stray" not in answer.headers
+    assert not kept  # its next answer would be the stray one
 
 
 @pytest.mark.parametrize(
