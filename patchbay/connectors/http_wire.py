@@ -46,6 +46,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: a method
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _REDIRECTS = frozenset((301, 302, 303, 307, 308))
 _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
+_DEFAULTS = (("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate"))
 
 
 class Answer(NamedTuple):
@@ -351,7 +352,7 @@ def _head(method: str, target: str, host: str, headers: Mapping[str, str], body:
     if not _TOKEN.fullmatch(method):
         raise BadRequest(f"bad HTTP method {method!r}")
     lines = [f"{method} {target} HTTP/1.1"]
-    own_host = False
+    given: set[str] = set()
     for name, value in headers.items():
         if name not in _NAMES_OK:
             if not _TOKEN.fullmatch(name):
@@ -363,10 +364,13 @@ def _head(method: str, target: str, host: str, headers: Mapping[str, str], body:
         low = name.lower()
         if low in _FRAMING:  # the body's length is ours to say
             continue
-        own_host = own_host or low == "host"
+        given.add(low)
         lines.append(f"{name}: {value}")
-    if not own_host:
+    if "host" not in given:
         lines.insert(1, f"Host: {host}")
+    for name, value in _DEFAULTS:  # what aiohttp sent: a server never answers in a coding we cannot read
+        if name.lower() not in given:
+            lines.append(f"{name}: {value}")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     try:

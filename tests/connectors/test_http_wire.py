@@ -111,6 +111,21 @@ async def test_one_kept_alive_connection_carries_request_after_request(server):
     assert len({port for port, _ in seen}) == 1  # one connection for all twenty
     assert seen[0][1]["Content-Length"] == str(len(b'{"n": 0}'))
     assert seen[0][1]["Host"] == url.removeprefix("http://")
+    # the defaults aiohttp sent: no answer comes in a coding the exchange cannot read (brotli, zstd)
+    assert (seen[0][1]["Accept"], seen[0][1]["Accept-Encoding"]) == ("*/*", "gzip, deflate")
+
+
+async def test_headers_given_win_over_the_defaults_and_the_body_length_is_ours(server):
+    url, seen = server
+    pool = WirePool(True, ())
+    headers = {"accept": "application/json", "Content-Length": "999", "Host": "crm.example"}
+    try:
+        assert (await ask(pool, url + "/ok", headers=headers, body=b"{}")).status == 201
+    finally:
+        pool.close()
+    got = seen[0][1]
+    assert (got["Accept"], got["Content-Length"], got["Host"]) == ("application/json", "2", "crm.example")
+    assert got["Accept-Encoding"] == "gzip, deflate"
 
 
 def test_the_hubs_event_loop_uvloop_keeps_the_connection_alive_too():
