@@ -111,11 +111,7 @@ class _Conn(asyncio.Protocol):
             self._fail(BadAnswer(f"the server's answer is not valid HTTP/1.1: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(BadAnswer("the server closed the connection without answering"))
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)  # after the head: what came is the answer (the status decided)
+        self._end(BadAnswer("the server closed the connection without answering"))
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -187,12 +183,7 @@ class _Conn(asyncio.Protocol):
         return Answer(self.status, headers, body)
 
     def _expire(self) -> None:
-        """The deadline: without the answer's head it is a timeout; a body that stalls gives what came."""
-        self.lost = True
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(TimeoutError())
-        elif self.done is not None and not self.done.done():
-            self.done.set_result(None)
+        self._end(TimeoutError())  # the deadline
 
     @property
     def reusable(self) -> bool:
@@ -200,11 +191,20 @@ class _Conn(asyncio.Protocol):
             self.complete and not self.lost and self.transport is not None and not self.transport.is_closing()
         )
 
-    def _fail(self, exc: BaseException) -> None:
+    def _end(self, exc: BaseException) -> None:
+        """The answer ends here (lost, broken, out of time): before its head the exchange raises `exc`;
+        after it, what came is the answer (the status decided the outcome, and a 2xx whose body never
+        finishes must not become a retry: the remote acted on the request)."""
         self.lost = True
-        for fut in (self.head, self.done):
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(exc)
+            if self.done is not None:
+                self.done.cancel()  # never awaited now
+        elif self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._end(exc)
         self._close()
 
     def _close(self) -> None:

@@ -4,6 +4,7 @@ connections and when they are not reused, answers of every framing, the bounds, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import ssl
 import zlib
@@ -330,6 +331,17 @@ async def test_a_second_answer_to_one_request_is_not_taken_for_the_next_ones():
     )
     assert (answer.status, answer.body) == (201, b"ok") and "X-Stray" not in answer.headers
     assert not kept  # its next answer would be the stray one
+
+
+async def test_a_body_that_breaks_the_protocol_after_the_head_gives_what_came(caplog):
+    """The status decided: a 2xx whose body turns to garbage is still the 2xx (the remote acted on it), its
+    connection is not kept, and nothing is left behind to be logged as an error never retrieved."""
+    answer, kept = await answer_to(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\nZZ not a chunk size\r\n"
+    )
+    gc.collect()
+    assert (answer.status, answer.body, kept) == (200, b"abcd", False)
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.parametrize(
