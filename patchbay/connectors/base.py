@@ -17,7 +17,6 @@ from enum import StrEnum
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-import aiohttp
 from pydantic import BaseModel
 
 from patchbay.config.models import DeliveryPolicy
@@ -71,28 +70,20 @@ class Outcome:
 class Resources:
     """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""
 
-    http: HttpSessions | None = None  # the hub's shared outbound sessions (one per address policy)
+    http: HttpSessions | None = (
+        None  # the hub's shared outbound HTTP connections (one pool per address policy)
+    )
     secret: Callable[[Any], str] = field(default=lambda ref: "")  # resolves a SecretRef, scoped per system
     redact: Callable[[str], str] = field(default=lambda s: s)
     extra: dict[str, Any] = field(default_factory=dict)
     system: str = ""  # the system's name, for messages
     allow_private: bool = False  # the system's allow_private_network: no address guard at all
     allow_networks: tuple[str, ...] = ()  # the system's allow_networks: exceptions to the guard
-    _session: aiohttp.ClientSession | None = field(default=None, repr=False, compare=False)
     _wire: WirePool | None = field(default=None, repr=False, compare=False)
 
-    async def http_session(self) -> aiohttp.ClientSession:
-        """The shared session for this system: guarded against internal addresses unless it allows them."""
-        session = self._session
-        if session is not None and not session.closed:
-            return session
-        if self.http is None or self.http.closed:
-            self.http = HttpSessions()
-        self._session = self.http.get(self.allow_private, self.allow_networks)
-        return self._session
-
     def wire(self) -> WirePool:
-        """This system's kept-alive HTTP connections (a destination's attempts): guarded unless it allows."""
+        """This system's kept-alive HTTP connections (every request to its API, OAuth2 token endpoint
+        included): guarded unless it allows internal addresses."""
         pool = self._wire
         if pool is not None and not pool.closed:
             return pool

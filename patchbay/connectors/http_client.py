@@ -121,6 +121,12 @@ class HttpClient:
         self.auth = auth
         self.verify_tls = verify_tls
         self.ca_bundle = ca_bundle
+        # The header that carries the credentials, not carried to another server a redirect points at.
+        self._credentials = frozenset(
+            ()
+            if auth is None or auth.scheme == "none"
+            else (auth.header.lower() if auth.scheme == "api_key" else "authorization",)
+        )
 
     def auth_headers(self) -> dict[str, str]:
         auth, secret = self.auth, self.resources.secret
@@ -134,15 +140,6 @@ class HttpClient:
             return {auth.header: secret(auth.token)}
         pair = f"{auth.username or ''}:{secret(auth.password)}".encode()
         return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
-
-    async def ssl(self) -> ssl.SSLContext | bool:
-        """For the OAuth2 token endpoint's aiohttp request: False (not verified), the system's CAs (built
-        once), or True (aiohttp's)."""
-        if not self.verify_tls:
-            return False
-        if self.ca_bundle:
-            return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
-        return True
 
     async def exchange(
         self,
@@ -170,7 +167,7 @@ class HttpClient:
                 limit=limit,
                 tls=self.tls,
                 follow_redirects=follow_redirects,
-                credentials=frozenset(k.lower() for k in own),  # not carried to another server
+                credentials=self._credentials,
             )
 
         if self.auth is None or not self.auth.oauth2:
@@ -178,11 +175,10 @@ class HttpClient:
         from patchbay.connectors.oauth2_client import source_for
 
         tokens = await source_for(self.resources, self.auth)
-        ssl = await self.ssl()
-        token = await tokens.access_token(self.resources, ssl=ssl)
+        token = await tokens.access_token(self.resources, tls=self.tls)
         answer = await send({"Authorization": f"Bearer {token}"})
         if answer.status == 401:  # revoked or expired early: once more with a new token
-            token = await tokens.access_token(self.resources, stale=token, ssl=ssl)
+            token = await tokens.access_token(self.resources, stale=token, tls=self.tls)
             answer = await send({"Authorization": f"Bearer {token}"})
         return answer
 

@@ -25,16 +25,19 @@ import re
 import secrets as _random
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-import aiohttp
 import orjson
 
+from patchbay.connectors.http_wire import BadAnswer, BadRequest
+from patchbay.connectors.tls_client import machine_tls
 from patchbay.errors import PatchbayError
+from patchbay.security.ssrf import BlockedAddress
 
 if TYPE_CHECKING:
     from patchbay.connectors.base import Resources
@@ -167,8 +170,11 @@ def take_pending(vault: Vault, state: str, *, now: float | None = None) -> Pendi
     return pending
 
 
+Tls = Callable[[], Awaitable[SSLContext]]  # the context an https token endpoint is reached with
+
+
 async def finish(
-    resources: Resources, auth: HttpAuth, pending: Pending, code: str, *, ssl: Any = True
+    resources: Resources, auth: HttpAuth, pending: Pending, code: str, *, tls: Tls = machine_tls
 ) -> Tokens:
     """Exchange the callback's code (with the PKCE verifier) and save the tokens in the vault."""
     source = await source_for(resources, auth)
@@ -178,7 +184,7 @@ async def finish(
         "redirect_uri": pending.redirect_uri,
         "code_verifier": pending.verifier,
     }
-    tokens = await source.token_request(resources, form, action="exchanging the authorization code", ssl=ssl)
+    tokens = await source.token_request(resources, form, action="exchanging the authorization code", tls=tls)
     if tokens.refresh_token is None:
         log.warning(
             "system %s: the provider gave no refresh token; when the access token expires, run "
@@ -200,7 +206,7 @@ _SOURCES: weakref.WeakKeyDictionary[HttpSessions, dict[tuple[str, str], TokenSou
 async def source_for(resources: Resources, auth: HttpAuth) -> TokenSource:
     """The token source of `resources.system` for this hub (its shared HTTP sessions): one per system,
     so the destinations and the source of one system never refresh the same grant twice."""
-    await resources.http_session()  # makes sure resources.http exists
+    resources.wire()  # makes sure resources.http exists
     assert resources.http is not None
     by_system = _SOURCES.setdefault(resources.http, {})
     key = (resources.system, auth.model_dump_json())
@@ -246,7 +252,9 @@ class TokenSource:
         self._tokens: Tokens | None = None
         self._refused: tuple[Tokens, OAuth2Error] | None = None  # stored tokens whose refresh was refused
 
-    async def access_token(self, resources: Resources, *, stale: str | None = None, ssl: Any = True) -> str:
+    async def access_token(
+        self, resources: Resources, *, stale: str | None = None, tls: Tls = machine_tls
+    ) -> str:
         """A token to send. `stale`: the token a 401 answered; a different one is returned or the call fails."""
         t = self._tokens
         if t is not None and t.access_token != stale and t.fresh(self._now()):
@@ -259,11 +267,11 @@ class TokenSource:
                 form = {"grant_type": "client_credentials"}
                 if self.auth.scopes:
                     form["scope"] = " ".join(self.auth.scopes)
-                self._tokens = await self.token_request(resources, form, action="getting a token", ssl=ssl)
+                self._tokens = await self.token_request(resources, form, action="getting a token", tls=tls)
                 return self._tokens.access_token
-            return (await self._refresh(resources, stale, ssl)).access_token
+            return (await self._refresh(resources, stale, tls)).access_token
 
-    async def _refresh(self, resources: Resources, stale: str | None, ssl: Any) -> Tokens:
+    async def _refresh(self, resources: Resources, stale: str | None, tls: Tls) -> Tokens:
         # The vault is read again first: `patchbay connect` may have stored a new grant since.
         stored = await self._load(resources)
         if stored is None:
@@ -286,7 +294,7 @@ class TokenSource:
             )
         form = {"grant_type": "refresh_token", "refresh_token": stored.refresh_token}
         try:
-            new = await self.token_request(resources, form, action="refreshing the access token", ssl=ssl)
+            new = await self.token_request(resources, form, action="refreshing the access token", tls=tls)
         except OAuth2Error as exc:
             if not exc.refused:
                 raise
@@ -335,13 +343,18 @@ class TokenSource:
         return self._vault
 
     async def token_request(
-        self, resources: Resources, form: dict[str, str], *, action: str, ssl: Any = True
+        self, resources: Resources, form: dict[str, str], *, action: str, tls: Tls = machine_tls
     ) -> Tokens:
-        """POST to the token endpoint (RFC 6749 §3.2) and parse the answer; errors name no value."""
+        """POST to the token endpoint (RFC 6749 §3.2) on the system's guarded connections (http_wire.py)
+        and parse the answer; errors name no value."""
         auth = self.auth
         assert auth.token_url and auth.client_id
         what = f"system {self.system}: {action} at {auth.token_url}"
-        headers = {"Accept": "application/json", "User-Agent": "patchbay/0.1"}
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "User-Agent": "patchbay/0.1",
+        }
         body = dict(form)
         secret = resources.secret(auth.client_secret) if auth.client_secret is not None else None
         if secret is not None and auth.client_auth == "basic":
@@ -351,25 +364,28 @@ class TokenSource:
             body["client_id"] = auth.client_id
             if secret is not None:
                 body["client_secret"] = secret
-        session = await resources.http_session()
         started = self._now()
         try:
-            async with session.post(
+            answer = await resources.wire().request(
+                "POST",
                 auth.token_url,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=TOKEN_TIMEOUT_S),
-                allow_redirects=False,
-                ssl=ssl,
-            ) as resp:
-                status = resp.status
-                raw = await resp.content.read(65536)
+                headers,
+                urlencode(body).encode(),
+                timeout_s=TOKEN_TIMEOUT_S,
+                limit=65536,
+                tls=tls,
+            )
+        except BlockedAddress as exc:  # the same on every try: paused until the system's policy changes
+            raise OAuth2Error(f"{what}: {exc}", refused=True) from None
+        except BadRequest as exc:
+            raise OAuth2Error(f"{what}: invalid request: {exc}", refused=True) from None
         except TimeoutError:
             raise OAuth2Error(f"{what}: timed out after {TOKEN_TIMEOUT_S:g}s", refused=False) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise OAuth2Error(f"{what}: cannot connect: {exc.os_error}", refused=False) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise OAuth2Error(f"{what}: {type(exc).__name__}", refused=False) from None
+        except BadAnswer as exc:
+            raise OAuth2Error(f"{what}: {exc}", refused=False) from None
+        except OSError as exc:
+            raise OAuth2Error(f"{what}: cannot connect: {exc}", refused=False) from None
+        status, raw = answer.status, answer.body
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError:

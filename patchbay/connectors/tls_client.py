@@ -88,6 +88,11 @@ async def tls_context(settings: TlsSettings) -> ssl.SSLContext:
     return await asyncio.to_thread(_kept_or_build, key)
 
 
+async def machine_tls() -> ssl.SSLContext:
+    """The machine's CAs, verified (where no system's own TLS settings apply)."""
+    return await tls_context(TlsSettings())
+
+
 def forget() -> None:
     """Drop every kept context (tests; a rotated CA file is noticed without this)."""
     with _lock:

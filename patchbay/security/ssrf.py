@@ -1,19 +1,19 @@
 """Outbound address guard: configured URLs may not reach loopback, link-local, private or reserved addresses.
 
-The check runs in the HTTP client's connector, on the addresses the socket is about to connect to
-(after DNS, for every connection, redirects included), so a name that resolves (or re-resolves) to
-an internal address is refused just like an IP literal. The database, broker and SMTP connectors
-call `Resources.allowed_addresses` (resolve_allowed) before each connection and hand their driver a
-checked IP, keeping the name for TLS. Systems that are internal on purpose opt out with
-`allow_private_network: true`, or open a few networks with `allow_networks: [CIDR]`.
+Every new connection is checked on the addresses it is about to connect to (after DNS, redirects
+included), so a name that resolves (or re-resolves) to an internal address is refused just like an IP
+literal. The HTTP client (connectors/http_wire.py) calls `resolve_allowed` for each connection it
+opens and connects to a checked IP; the database, broker and SMTP connectors do the same through
+`Resources.allowed_addresses` and hand their driver a checked IP, keeping the name for TLS. Systems
+that are internal on purpose opt out with `allow_private_network: true`, or open a few networks with
+`allow_networks: [CIDR]`.
 
-    HttpSessions          one shared aiohttp session per address policy (guarded by default)
-    GuardedConnector      aiohttp TCPConnector that filters resolved addresses through an AddressPolicy
+    HttpSessions          the hub's kept-alive HTTP connections, one pool per address policy (guarded by default)
     AddressPolicy         what is blocked and why; `allowed` networks are exceptions
     parse_host()          the IP a host written as a number stands for (127.1 and 0x7f.1 too): the one
                           reader of host forms, for the guard and for `patchbay check` alike
-    resolve_allowed()     the same check for connectors that do not speak HTTP (resolve, check, connect by IP)
-    connect_first()       try the checked addresses in turn (what happy eyeballs does for HTTP)
+    resolve_allowed()     resolve a host and keep the addresses the policy allows (then connect by IP)
+    connect_first()       try the checked addresses in turn
     open_socket()         a TCP socket connected to one of the checked addresses (for drivers that take one)
     tls_client_context()  a TLS context that checks the configured host name while the socket goes to an IP
     blocked_cause()       the BlockedAddress behind a driver's own wrapping exception
@@ -32,20 +32,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp.abc import ResolveResult
-
 from patchbay.errors import PatchbayError, Problem
 
 if TYPE_CHECKING:
-    from aiohttp.tracing import Trace
-
     from patchbay.config.project import Project
 
 __all__ = [
     "AddressPolicy",
     "BlockedAddress",
-    "GuardedConnector",
     "HttpSessions",
     "ServerNameContext",
     "blocked_cause",
@@ -131,7 +125,7 @@ def parse_host(host: str) -> IpAddress | None:
     return ipaddress.IPv4Address(number)
 
 
-class BlockedAddress(aiohttp.ClientConnectionError, PatchbayError):
+class BlockedAddress(PatchbayError):
     """A connection refused before it was made: the address is not a public one."""
 
     def __init__(self, address: str, host: str, reason: str) -> None:
@@ -206,35 +200,6 @@ class AddressPolicy:
 
     def reason(self, address: str) -> str | None:
         return blocked_reason(address, self.allowed)
-
-
-class GuardedConnector(aiohttp.TCPConnector):
-    """A TCPConnector that connects only to addresses its policy allows.
-
-    aiohttp resolves a host in `_resolve_host` (IP literals included) and connects to exactly the
-    addresses returned, for every new connection: the first request, each redirect, each reconnect.
-    Filtering there means what is checked is what is connected to, so DNS rebinding cannot slip an
-    internal address in between a check and the connect.
-    """
-
-    def __init__(self, *, policy: AddressPolicy | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.policy = policy or AddressPolicy()
-
-    async def _resolve_host(
-        self, host: str, port: int, traces: Sequence[Trace] | None = None
-    ) -> list[ResolveResult]:
-        _refuse_literal(host, self.policy)
-        hosts = await super()._resolve_host(host, port, traces=traces)
-        allowed = [h for h in hosts if self.policy.reason(h["host"]) is None]
-        if not allowed:
-            first = hosts[0]["host"] if hosts else host
-            raise BlockedAddress(first, host, self.policy.reason(first) or "no address")
-        return allowed
-
-
-if not hasattr(aiohttp.TCPConnector, "_resolve_host"):  # pragma: no cover - guards an aiohttp upgrade
-    raise ImportError("patchbay.security.ssrf needs aiohttp.TCPConnector._resolve_host (aiohttp 3.x)")
 
 
 def _refuse_literal(host: str, policy: AddressPolicy) -> None:
@@ -389,22 +354,14 @@ P = TypeVar("P", bound=Pool)
 
 
 class HttpSessions:
-    """The hub's outbound HTTP sessions, one per address policy, created on first use.
+    """The hub's outbound HTTP connection pools, one per address policy, created on first use.
 
     Guarded (the default) and unguarded (systems with allow_private_network) never share a
     connection pool, so a keep-alive connection opened for an internal system is never reused
     for a guarded one.
     """
 
-    def __init__(self, **connector_kwargs: Any) -> None:
-        self._connector_kwargs = {
-            "limit": 0,
-            "limit_per_host": 0,
-            "ttl_dns_cache": 300,
-            "enable_cleanup_closed": True,
-            **connector_kwargs,
-        }
-        self._sessions: dict[tuple[Any, ...], aiohttp.ClientSession] = {}
+    def __init__(self) -> None:
         self._pools: dict[tuple[Any, ...], Pool] = {}
         self.closed = False
 
@@ -416,7 +373,7 @@ class HttpSessions:
     def pool(
         self, allow_private: bool, allow_networks: Iterable[str], make: Callable[[bool, tuple[str, ...]], P]
     ) -> P:
-        """Another client's connections for this address policy (`make(allow_private, networks)`, e.g.
+        """A client's connections for this address policy (`make(allow_private, networks)`, e.g.
         connectors/http_wire.py's WirePool), one per policy and kind, closed with the sessions."""
         key = (make, *self._key(allow_private, allow_networks))
         pool = self._pools.get(key)
@@ -425,33 +382,11 @@ class HttpSessions:
             self.closed = False
         return cast(P, pool)
 
-    def get(self, allow_private: bool = False, allow_networks: Iterable[str] = ()) -> aiohttp.ClientSession:
-        """The session for a system's policy (call from a running event loop)."""
-        key = self._key(allow_private, allow_networks)
-        nets = () if allow_private else key[1]
-        session = self._sessions.get(key)
-        if session is None or session.closed:
-            conn: aiohttp.TCPConnector
-            if allow_private:
-                conn = aiohttp.TCPConnector(**self._connector_kwargs)
-            else:
-                conn = GuardedConnector(policy=AddressPolicy(nets), **self._connector_kwargs)
-            # No cookie jar: a cookie one destination sets must never ride along on another event's delivery.
-            session = aiohttp.ClientSession(
-                connector=conn, auto_decompress=True, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
-            )
-            self._sessions[key] = session
-            self.closed = False
-        return session
-
     async def close(self) -> None:
         self.closed = True
-        sessions, self._sessions = list(self._sessions.values()), {}
         pools, self._pools = list(self._pools.values()), {}
         for p in pools:
             p.close()
-        for s in sessions:
-            await s.close()
 
 
 # ------------------------------------------------------------------------------ check warnings

@@ -80,7 +80,7 @@ def add_oauth(app: web.Application, hub: Hub) -> None:
             ca_bundle=getattr(system.config, "ca_bundle", None),
         )
         try:
-            await oauth2.finish(res, auth, pending, code, ssl=await client.ssl())
+            await oauth2.finish(res, auth, pending, code, tls=client.tls)
         except oauth2.OAuth2Error as exc:
             log.warning("connecting system %s failed: %s", pending.system, exc)
             return _page(502 if not exc.refused else 400, "Not connected", str(exc))

@@ -40,6 +40,9 @@ class Provider:
     token_calls: list[str] = field(default_factory=list)  # grant_type of each token request
     api_calls: list[tuple[int, Any]] = field(default_factory=list)  # (status, body) of each API request
     expired_calls: int = 0
+    peers: set[Any] = field(
+        default_factory=set
+    )  # the client ends of the connections token and API requests came on
 
     # -- what a test does to the provider ----------------------------------------------------------
     def expire_access_tokens(self) -> None:
@@ -88,10 +91,15 @@ class Provider:
             doc["scope"] = grant.scope
         return web.json_response(doc, headers={"Cache-Control": "no-store"})
 
+    def _peer(self, request: web.Request) -> None:
+        if request.transport is not None:
+            self.peers.add(request.transport.get_extra_info("peername"))
+
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
         grant_type = str(form.get("grant_type", ""))
         self.token_calls.append(grant_type)
+        self._peer(request)
         if not self._client_ok(request, form):
             return web.json_response({"error": "invalid_client"}, status=401)
         if grant_type == "authorization_code":
@@ -117,6 +125,7 @@ class Provider:
         return web.json_response({"error": "unsupported_grant_type"}, status=400)
 
     async def api(self, request: web.Request) -> web.Response:
+        self._peer(request)
         header = request.headers.get("Authorization", "")
         token = header.removeprefix("Bearer ")
         grant, expires_at = self.access.get(token, (None, 0.0))

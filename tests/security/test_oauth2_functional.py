@@ -322,6 +322,44 @@ async def test_unreachable_token_endpoint_is_retried_not_paused(provider):
         await res.http.close()
 
 
+async def test_the_token_endpoint_is_behind_the_address_guard(provider):
+    """The token request goes out on the system's guarded connections, like its API calls: a token_url on
+    loopback is refused before connecting, and the destination pauses (AUTH) saying which setting opens it."""
+    system = HttpSystem.model_validate(
+        {"url": f"{provider.url}/api", "auth": _auth(provider, oauth2.CLIENT_CREDENTIALS)}
+    )
+    res = Resources(secret=lambda ref: CLIENT_SECRET, system="billing")
+    sink = HttpSink(system, HttpSinkConfig(), DeliveryPolicy(), res)
+    try:
+        out = await sink.send(sink.render({}, "k"), "k")
+    finally:
+        assert res.http is not None
+        await res.http.close()
+    assert out.cls is OutcomeClass.AUTH
+    assert "getting a token at http://127.0.0.1:" in out.error
+    assert "connecting to 127.0.0.1 is blocked: loopback address" in out.error
+    assert provider.token_calls == [] and CLIENT_SECRET not in out.error
+
+
+async def test_token_requests_share_the_systems_kept_alive_connections(provider):
+    """Token and API requests of one system ride the same kept-alive connection to a server they share."""
+    system = HttpSystem.model_validate(
+        {"url": f"{provider.url}/api", "auth": _auth(provider, oauth2.CLIENT_CREDENTIALS)}
+    )
+    res = Resources(secret=lambda ref: CLIENT_SECRET, system="billing", allow_private=True)
+    sink = HttpSink(system, HttpSinkConfig(path="/invoices"), DeliveryPolicy(), res)
+    try:
+        for n in range(3):
+            provider.expire_access_tokens()  # each send first asks for a new token (after a 401)
+            out = await sink.send(sink.render({"n": n}, f"k{n}"), f"k{n}")
+            assert out.cls is OutcomeClass.SUCCESS, out.error
+    finally:
+        assert res.http is not None
+        await res.http.close()
+    assert provider.token_calls == ["client_credentials"] * 3
+    assert len(provider.peers) == 1, provider.peers
+
+
 @pytest.mark.parametrize(
     ("auth", "message"),
     [

@@ -11,21 +11,21 @@ import ssl
 import sys
 import uuid
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from patchbay.config.models import DeliveryPolicy, SystemCommon
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.http import HttpSink, HttpSinkConfig, HttpSystem
+from patchbay.connectors.http_wire import WirePool
+from patchbay.connectors.tls_client import machine_tls
 from patchbay.errors import TerminalError, TransientError
 from patchbay.security.ssrf import (
     AddressPolicy,
@@ -96,35 +96,35 @@ def test_allow_networks_is_validated():
 
 
 # ----------------------------------------------------------------------------- on real sockets
-class FakeDns(AbstractResolver):
-    """Answers from a table; a list of answers is served in turn (a rebinding name)."""
+class FakeDns:
+    """Answers from a table in place of the event loop's getaddrinfo (what `resolve_allowed` asks); a list
+    of answers is served in turn (a rebinding name). Names not in the table are resolved for real."""
 
     def __init__(self, table: dict[str, Any]) -> None:
         self.table = table
         self.calls = 0
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        self.calls += 1
-        ips = self.table[host]
-        if isinstance(ips, list) and ips and isinstance(ips[0], list):  # successive answers
-            ips = ips.pop(0) if len(ips) > 1 else ips[0]
-        ips = ips if isinstance(ips, list) else [ips]
-        return [
-            {
-                "hostname": host,
-                "host": ip,
-                "port": port,
-                "family": socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for ip in ips
-        ]
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeDns:
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
 
-    async def close(self) -> None:
-        return None
+        async def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+            if host not in self.table:
+                return await real(host, port, *args, **kwargs)
+            self.calls += 1
+            ips = self.table[host]
+            if isinstance(ips, list) and ips and isinstance(ips[0], list):  # successive answers
+                ips = ips.pop(0) if len(ips) > 1 else ips[0]
+            ips = ips if isinstance(ips, list) else [ips]
+            return [
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0))
+                if ":" in ip
+                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                for ip in ips
+            ]
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        return self
 
 
 class Server:
@@ -137,7 +137,10 @@ class Server:
         self.hits.append(request.path_qs)
         if request.path.startswith("/redirect"):
             raise web.HTTPFound(request.query["to"])
-        return web.json_response({"ok": True})
+        answer = web.json_response({"ok": True})
+        if "close" in request.query:
+            answer.force_close()  # Connection: close, and the connection is closed after the answer
+        return answer
 
 
 @pytest.fixture
@@ -152,67 +155,68 @@ async def server():
 
 
 @pytest.fixture
-async def sessions():
-    made: list[HttpSessions] = []
+async def pools() -> AsyncIterator[Callable[..., WirePool]]:
+    """The HTTP client's connection pools (connectors/http_wire.py), one per address policy, as a
+    system's requests get them."""
+    sessions = HttpSessions()
 
-    def make(**kw: Any) -> HttpSessions:
-        made.append(HttpSessions(**kw))
-        return made[-1]
+    def make(allow_private: bool = False, allow_networks: tuple[str, ...] = ()) -> WirePool:
+        return sessions.pool(allow_private, allow_networks, WirePool)
 
     yield make
-    for s in made:
-        await s.close()
+    await sessions.close()
 
 
-async def fetch(session: aiohttp.ClientSession, url: str) -> int:
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
-        return r.status
+async def fetch(pool: WirePool, url: str) -> int:
+    answer = await pool.request(
+        "GET", url, {}, None, timeout_s=5, limit=65536, tls=machine_tls, follow_redirects=True
+    )
+    return answer.status
 
 
-async def test_loopback_is_blocked_unless_the_system_allows_private_networks(server, sessions):
-    pool = sessions()
+async def test_loopback_is_blocked_unless_the_system_allows_private_networks(server, pools):
     with pytest.raises(BlockedAddress, match=r"connecting to 127\.0\.0\.1 is blocked: loopback address"):
-        await fetch(pool.get(), server.url + "/x")
+        await fetch(pools(), server.url + "/x")
     assert server.hits == []  # refused before the connect, not after
-    assert await fetch(pool.get(allow_private=True), server.url + "/x") == 200
+    assert await fetch(pools(allow_private=True), server.url + "/x") == 200
     assert server.hits == ["/x"]
 
 
-async def test_ipv6_loopback_literal_is_blocked(server, sessions):
+async def test_ipv6_loopback_literal_is_blocked(server, pools):
     with pytest.raises(BlockedAddress, match=r"connecting to ::1 is blocked: loopback address"):
-        await fetch(sessions().get(), f"http://[::1]:{server.port}/x")
+        await fetch(pools(), f"http://[::1]:{server.port}/x")
 
 
-async def test_localhost_resolves_to_a_blocked_address(server, sessions):
+async def test_localhost_resolves_to_a_blocked_address(server, pools):
     with pytest.raises(BlockedAddress, match=r"\(localhost\) is blocked: loopback address"):
-        await fetch(sessions().get(), f"http://localhost:{server.port}/x")
+        await fetch(pools(), f"http://localhost:{server.port}/x")
     assert server.hits == []
 
 
-async def test_a_name_resolving_to_loopback_is_blocked(server, sessions):
-    dns = FakeDns({"evil.test": "127.0.0.1"})
+async def test_a_name_resolving_to_loopback_is_blocked(server, pools, monkeypatch):
+    dns = FakeDns({"evil.test": "127.0.0.1"}).install(monkeypatch)
     with pytest.raises(BlockedAddress, match=r"connecting to 127\.0\.0\.1 \(evil\.test\) is blocked"):
-        await fetch(sessions(resolver=dns).get(), f"http://evil.test:{server.port}/x")
+        await fetch(pools(), f"http://evil.test:{server.port}/x")
     assert dns.calls == 1 and server.hits == []
 
 
-async def test_cloud_metadata_is_blocked_without_connecting(sessions):
+async def test_cloud_metadata_is_blocked_without_connecting(pools):
     with pytest.raises(BlockedAddress, match="169.254.169.254 is blocked: cloud metadata address"):
-        await fetch(sessions().get(), "http://169.254.169.254/latest/meta-data/")
+        await fetch(pools(), "http://169.254.169.254/latest/meta-data/")
 
 
-async def test_rebinding_name_is_checked_on_every_connection(server, sessions):
+async def test_rebinding_name_is_checked_on_every_connection(server, pools, monkeypatch):
     """First answer allowed, second internal: the second connection is refused, the first one went through."""
-    dns = FakeDns({"rebind.test": [["127.0.0.1"], ["127.0.0.2"]]})
-    pool = sessions(resolver=dns, use_dns_cache=False, force_close=True)
-    guarded = pool.get(allow_networks=["127.0.0.1/32"])
-    assert await fetch(guarded, f"http://rebind.test:{server.port}/first") == 200
+    FakeDns({"rebind.test": [["127.0.0.1"], ["127.0.0.2"]]}).install(monkeypatch)
+    guarded = pools(allow_networks=("127.0.0.1/32",))
+    # The server closes the first connection after its answer, so the second request needs a new one.
+    assert await fetch(guarded, f"http://rebind.test:{server.port}/first?close") == 200
     with pytest.raises(BlockedAddress, match=r"127\.0\.0\.2 \(rebind\.test\) is blocked: loopback"):
         await fetch(guarded, f"http://rebind.test:{server.port}/second")
-    assert server.hits == ["/first"]
+    assert server.hits == ["/first?close"]
 
 
-async def test_only_allowed_addresses_of_a_name_are_connected_to(server, sessions):
+async def test_only_allowed_addresses_of_a_name_are_connected_to(server, pools, monkeypatch):
     """A name with an internal and an allowed address: the internal one is never tried."""
     internal = Server()
     app = web.Application()
@@ -225,17 +229,17 @@ async def test_only_allowed_addresses_of_a_name_are_connected_to(server, session
         await runner.cleanup()
         pytest.skip("cannot bind 127.0.0.2 here")
     try:
-        dns = FakeDns({"mixed.test": ["127.0.0.2", "127.0.0.1"]})
-        guarded = sessions(resolver=dns).get(allow_networks=["127.0.0.1/32"])
+        FakeDns({"mixed.test": ["127.0.0.2", "127.0.0.1"]}).install(monkeypatch)
+        guarded = pools(allow_networks=("127.0.0.1/32",))
         assert await fetch(guarded, f"http://mixed.test:{server.port}/x") == 200
         assert server.hits == ["/x"] and internal.hits == []
     finally:
         await runner.cleanup()
 
 
-async def test_a_redirect_to_an_internal_address_is_blocked(server, sessions):
+async def test_a_redirect_to_an_internal_address_is_blocked(server, pools):
     # The server stands in for an allowed host; it redirects to the cloud metadata address.
-    guarded = sessions().get(allow_networks=["127.0.0.1/32"])
+    guarded = pools(allow_networks=("127.0.0.1/32",))
     with pytest.raises(BlockedAddress, match="169.254.169.254 is blocked: cloud metadata"):
         await fetch(guarded, server.url + "/redirect?to=http://169.254.169.254/latest/meta-data/")
     with pytest.raises(BlockedAddress, match=r"::1 is blocked: loopback"):
@@ -1062,19 +1066,19 @@ def test_allow_networks_opens_the_local_use_nat64_prefix():
 
 
 @pytest.mark.parametrize("form", ["127.1", "0x7f.1", "2130706433"])
-async def test_the_guard_refuses_a_loopback_form_without_connecting(server, sessions, form):
+async def test_the_guard_refuses_a_loopback_form_without_connecting(server, pools, form):
     with pytest.raises(BlockedAddress, match=rf"connecting to 127\.0\.0\.1 \({form}\) is blocked: loopback"):
-        await fetch(sessions().get(), f"http://{form}:{server.port}/x")
+        await fetch(pools(), f"http://{form}:{server.port}/x")
     assert server.hits == []
     with pytest.raises(BlockedAddress, match="loopback address"):
         await resolve_allowed(form, server.port)
     assert await resolve_allowed(form, server.port, allow_networks=["127.0.0.0/8"]) == ["127.0.0.1"]
 
 
-async def test_a_name_resolving_to_local_use_nat64_is_blocked(sessions):
-    dns = FakeDns({"nat64.test": "64:ff9b:1::a00:5"})
+async def test_a_name_resolving_to_local_use_nat64_is_blocked(pools, monkeypatch):
+    FakeDns({"nat64.test": "64:ff9b:1::a00:5"}).install(monkeypatch)
     with pytest.raises(BlockedAddress, match=r"64:ff9b:1::a00:5 \(nat64\.test\) is blocked: local-use NAT64"):
-        await fetch(sessions(resolver=dns).get(), "http://nat64.test/x")
+        await fetch(pools(), "http://nat64.test/x")
     with pytest.raises(BlockedAddress, match="local-use NAT64 address"):
         await resolve_allowed("64:ff9b:1::a00:5", 5432)
 
