@@ -1,11 +1,11 @@
-"""The HTTP/1.1 exchange of every request to a system's API (a destination's attempt, a poll's page).
+"""The HTTP/1.1 exchange of every request to a system's API (a destination's attempt, a poll's page, an
+OAuth2 token request): the hub's one HTTP client.
 
 Why not aiohttp's client here: a delivery is one request and an answer read to a small limit, on a
 kept-alive connection, thousands of times a second. Through aiohttp's `ClientSession.request` a send
 (`HttpSink.send`) cost 215 µs of CPU, through this exchange 106 (bench/sendpath.py); in one hub process
 aiohttp's part was a third of all its CPU per event. This module writes the request itself and leaves the parsing of the
-answer to httptools (llhttp, the parser Node.js uses). OAuth2 token endpoints (form posts, rare) and the
-hub's own server stay on aiohttp.
+answer to httptools (llhttp, the parser Node.js uses). Only the hub's own server is aiohttp.
 
 What it keeps of the house rules:
 - **The address guard**: every new connection resolves the name and connects only to an address the
@@ -214,11 +214,15 @@ class _Conn(asyncio.Protocol):
 
 
 class WirePool:
-    """Kept-alive connections of one address policy, per server (scheme, host, port, TLS context)."""
+    """Kept-alive connections of one address policy, per server (scheme, host, port, TLS context).
+
+    A connection idle for KEEP_IDLE_S is closed: when its server is next asked for one, or by a timer
+    while any are idle, so a destination that goes quiet does not keep its connections open."""
 
     def __init__(self, allow_private: bool, allow_networks: tuple[str, ...]) -> None:
         self.allow_private, self.allow_networks = allow_private, allow_networks
         self._idle: dict[tuple[Any, ...], list[_Conn]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def request(
@@ -317,9 +321,29 @@ class WirePool:
             return
         conn.idle_at = now
         idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(KEEP_IDLE_S, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for KEEP_IDLE_S; come back while any are left (the oldest first)."""
+        self._sweeper = None
+        now = time.monotonic()
+        oldest = now
+        for key, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_at >= KEEP_IDLE_S:
+                idle.pop(0)._close()
+            if idle:
+                oldest = min(oldest, idle[0].idle_at)
+            else:
+                del self._idle[key]
+        if self._idle and not self.closed:
+            self._sweeper = asyncio.get_running_loop().call_later(oldest + KEEP_IDLE_S - now, self._sweep)
 
     def close(self) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for c in conns:

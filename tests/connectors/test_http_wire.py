@@ -4,6 +4,7 @@ connections and when they are not reused, answers of every framing, the bounds, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import gzip
 import ssl
@@ -12,6 +13,7 @@ import zlib
 import pytest
 from aiohttp import web
 
+from patchbay.connectors import http_wire
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.http_wire import BadAnswer, BadRequest, WirePool
 from patchbay.security.ssrf import BlockedAddress, HttpSessions
@@ -62,9 +64,12 @@ async def server():
             body=zlib.compress(b'{"deflated": true}'), headers={"Content-Encoding": "deflate"}
         )
 
+    stopping = asyncio.Event()
+
     async def slow(request: web.Request) -> web.Response:
         note(request)
-        await asyncio.sleep(5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 5)  # ends with the test, not 5 s after it
         return web.json_response({})
 
     app = web.Application()
@@ -80,6 +85,7 @@ async def server():
         app.router.add_route("*", path, handler)
     runner, url = await _start(app)
     yield url, seen
+    stopping.set()
     await runner.cleanup()
 
 
@@ -202,6 +208,25 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used_again():
         pool.close()
         await runner.cleanup()
     assert len(set(seen)) == 2
+
+
+async def test_a_connection_left_idle_is_closed_though_no_request_comes(server, monkeypatch):
+    """A destination that goes quiet: its kept-alive connection is closed after KEEP_IDLE_S by the pool,
+    not kept until the server ends it (or for ever, for a server that never does)."""
+    url, seen = server
+    monkeypatch.setattr(http_wire, "KEEP_IDLE_S", 0.2)
+    pool = WirePool(True, ())
+    try:
+        assert (await ask(pool, url + "/ok")).status == 201
+        [[conn]] = pool._idle.values()
+        assert conn.transport is not None and not conn.transport.is_closing()
+        await asyncio.sleep(0.5)
+        assert conn.transport.is_closing() and pool._idle == {} and pool._sweeper is None
+        assert (await ask(pool, url + "/ok")).status == 201  # and the next request opens a new one
+        assert pool._sweeper is not None
+    finally:
+        pool.close()
+    assert pool._sweeper is None and seen[0][0] != seen[1][0]
 
 
 @pytest.mark.parametrize(
