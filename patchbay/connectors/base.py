@@ -70,9 +70,7 @@ class Outcome:
 class Resources:
     """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""
 
-    http: HttpSessions | None = (
-        None  # the hub's shared outbound HTTP connections (one pool per address policy)
-    )
+    http: HttpSessions | None = None  # the hub's outbound HTTP connections (a pool per address policy)
     secret: Callable[[Any], str] = field(default=lambda ref: "")  # resolves a SecretRef, scoped per system
     redact: Callable[[str], str] = field(default=lambda s: s)
     extra: dict[str, Any] = field(default_factory=dict)

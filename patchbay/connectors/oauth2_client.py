@@ -52,6 +52,7 @@ PENDING_PREFIX = "oauth2.pending."  # a grant waiting for its callback: oauth2.p
 PENDING_TTL_S = 600.0  # how long the URL printed by `patchbay connect` stays usable
 REFRESH_MARGIN_S = 60.0  # refresh this long before expiry (at most a quarter of the token's lifetime)
 TOKEN_TIMEOUT_S = 15.0
+Tls = Callable[[], Awaitable[SSLContext]]  # gives the context an https token endpoint is reached with
 _STATE_RE = re.compile(r"^[A-Za-z0-9_\-]{32,64}$")
 AUTHORIZATION_CODE = "oauth2_authorization_code"
 CLIENT_CREDENTIALS = "oauth2_client_credentials"
@@ -168,9 +169,6 @@ def take_pending(vault: Vault, state: str, *, now: float | None = None) -> Pendi
             refused=True,
         )
     return pending
-
-
-Tls = Callable[[], Awaitable[SSLContext]]  # the context an https token endpoint is reached with
 
 
 async def finish(

@@ -215,8 +215,8 @@ def _refuse_literal(host: str, policy: AddressPolicy) -> None:
 async def resolve_allowed(
     host: str, port: int, *, allow_private: bool = False, allow_networks: Iterable[str] = ()
 ) -> list[str]:
-    """For connectors that do not use HTTP (databases, brokers, SMTP): the addresses of `host` a system
-    may connect to, or BlockedAddress. Connect to one of these addresses, not to the name again, so
+    """The addresses of `host` a system may connect to, or BlockedAddress (the HTTP client, databases,
+    brokers, SMTP). Connect to one of these addresses, not to the name again, so
     the address checked is the address connected to (pass the name on for TLS server_hostname)."""
     if not allow_private:
         _refuse_literal(host, AddressPolicy(allow_networks))
