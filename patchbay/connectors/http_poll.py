@@ -66,7 +66,11 @@ class HttpPollConfig(Spec):
     cursor: IncrementalCursor | None = Field(
         None, description="Incremental polling: only what changed since last time."
     )
-    pagination: Pagination = Field(default_factory=Pagination, description="How to ask for the next page.")
+    pagination: Pagination = Field(
+        default_factory=Pagination,
+        description=f"How to ask for the next page. A page is read up to {PAGE_LIMIT // 2**20} MiB; a larger one is refused "
+        "(ask for fewer records per page).",
+    )
     max_pages: int = Field(
         100, ge=1, description="Most pages read in one poll; the rest waits for the next poll."
     )
