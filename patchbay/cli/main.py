@@ -176,27 +176,33 @@ def check(directory: Path, as_json: bool) -> None:
     from patchbay.security.secrets import SecretResolver
     from patchbay.security.ssrf import outbound_warnings
 
+    unusable: StoreUnusable | None = None
     try:
-        resolver = open_resolver_for(directory)
-    except (ConfigError, StoreUnusable):  # the store is unusable: reported where its setting is written
-        resolver = SecretResolver(None)
-    project, problems = load_project(directory, resolver.exists)
+        exists = open_resolver_for(directory).exists
+    except ConfigError:  # reported by load_project, where it is written
+        exists = SecretResolver(None).exists
+    except (
+        StoreUnusable
+    ) as exc:  # the vault is in the store: its secrets cannot be judged; the store is reported
+        unusable, exists = exc, lambda ref: True
+    project, problems = load_project(directory, exists)
+    why: str | None = None
     if project is not None and project.store_url:  # a server: connect now, so `serve` does not fail later
         from patchbay.store.opening import probe
 
-        why = probe(project.store_url)
-        if why:
-            text = (directory / "patchbay.yaml").read_text()
-            line = next((n for n, ln in enumerate(text.splitlines(), 1) if ln.startswith("store:")), 0)
-            problems = [
-                Problem(
-                    str(directory / "patchbay.yaml"),
-                    line,
-                    f"store: the PostgreSQL store cannot be used: {why}; start the server, create the database,"
-                    " or set PGPASSWORD for its password",
-                )
-            ]
-            project = None
+        found = probe(project.store_url)
+        if found:
+            why = (
+                f"the PostgreSQL store cannot be used: {found}; start the server, create the database,"
+                " or set PGPASSWORD for its password"
+            )
+    elif unusable is not None:
+        why = str(unusable)
+    if why:
+        text = (directory / "patchbay.yaml").read_text() if (directory / "patchbay.yaml").exists() else ""
+        line = next((n for n, ln in enumerate(text.splitlines(), 1) if ln.startswith("store:")), 0)
+        problems = [Problem(str(directory / "patchbay.yaml"), line, f"store: {why}"), *problems]
+        project = None
     warnings = outbound_warnings(project) if project is not None else []  # reported, never failing
     if as_json:
         _echo_json(

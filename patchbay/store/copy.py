@@ -45,7 +45,7 @@ def copy_to_postgres(src: Path, url: str, progress: Progress | None = None) -> d
     """Copy the SQLite store at `src` into the empty PostgreSQL store at `url`; rows per table."""
     import psycopg
 
-    from patchbay.store.postgres.store import _reason, _split_schema, open_schema, redacted
+    from patchbay.store.postgres.store import _reason, _split_schema, connect_once, open_schema, redacted
     from patchbay.store.sqlite_schema import open_store
 
     src = Path(src)
@@ -53,13 +53,10 @@ def copy_to_postgres(src: Path, url: str, progress: Progress | None = None) -> d
         raise StoreUnusable(f"copying the store {src}: there is no store file there")
     _not_served(src)
     lite = open_store(src)  # refuses a damaged, foreign or newer file; takes it to the latest schema
-    conninfo, schema = _split_schema(url)
-    kwargs: dict[str, Any] = {"connect_timeout": 10}
-    if schema:
-        kwargs["options"] = f"-c search_path={schema}"
+    schema = _split_schema(url)[1]
     counts: dict[str, int] = {}
     try:
-        pg = psycopg.connect(conninfo, autocommit=True, **kwargs)  # each `transaction()` a real one
+        pg = connect_once(url, autocommit=True)  # each `transaction()` a real one
     except psycopg.Error as exc:
         lite.close()
         raise StoreUnusable(f"copying to the store {redacted(url)}: {_reason(exc)}") from None

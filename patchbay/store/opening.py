@@ -61,13 +61,14 @@ def migrate(location: str | Path) -> tuple[int, int, list[str]]:
     if is_postgres(location):
         import psycopg
 
-        from patchbay.store.postgres.store import PostgresStore, _split_schema
+        from patchbay.store.postgres.store import PostgresStore, connect_once, unusable
 
-        conninfo, schema = _split_schema(str(location))
-        options = {"options": f"-c search_path={schema}"} if schema else {}
-        with psycopg.connect(conninfo, connect_timeout=10, **options) as conn:  # type: ignore[arg-type]
-            exists = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
-            before = read_version(conn) if exists and exists[0] else 0
+        try:
+            with connect_once(str(location)) as conn:
+                exists = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+                before = read_version(conn) if exists and exists[0] else 0
+        except psycopg.Error as exc:
+            raise unusable(str(location), exc) from None
     else:
         from patchbay.store.sqlite_schema import connect, schema_version
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from patchbay.cli.main import main
 from patchbay.errors import StoreUnavailable
+from patchbay.security.vault import MasterKey
 from patchbay.store.base import Accepted, NodeRow
 from patchbay.store.postgres import PostgresStore
 from patchbay.store.postgres.ops import LEASE_S
@@ -490,6 +491,42 @@ def test_check_reports_a_postgres_store_it_cannot_reach_at_the_store_line(tmp_pa
     ok = lead_project(tmp_path / "q", "http://127.0.0.1:9", hub={"store": postgres_url()})
     res = CliRunner().invoke(main, ["check", str(ok)], env=env)
     assert res.exit_code == 0, res.output
+
+
+def test_check_blames_the_unreachable_store_not_the_secrets_kept_in_it(tmp_path: Path) -> None:
+    """The secrets live in the store's vault: with the store unreachable, `check` says so at the store
+    line, and does not report each secret as missing (setting them again would not help)."""
+    root = lead_project(
+        tmp_path / "p",
+        "http://127.0.0.1:9",
+        hub={"store": "postgresql://postgres@127.0.0.1:5432/pb_no_such_db"},
+    )
+    MasterKey.load_ring(root / ".patchbay", create=True)  # the project keeps its secrets in the vault
+    res = CliRunner().invoke(main, ["check", str(root)], env={})
+    assert res.exit_code == 2, res.output
+    assert "store: the PostgreSQL store cannot be used" in res.output
+    assert 'database "pb_no_such_db" does not exist' in res.output
+    assert "missing secret" not in res.output
+    doc = orjson.loads(CliRunner().invoke(main, ["check", str(root), "--json"], env={}).output)
+    assert [p["message"].split(":")[0] for p in doc["problems"]] == ["store"]
+
+
+@pytest.mark.parametrize(
+    ("command", "code"), [(["store", "migrate"], 1), (["store", "prune"], 3), (["cluster"], 3)]
+)
+def test_store_commands_on_a_store_that_cannot_be_reached_say_so_in_one_line(
+    tmp_path: Path, command: list[str], code: int
+) -> None:
+    root = lead_project(
+        tmp_path / "p",
+        "http://127.0.0.1:9",
+        hub={"store": "postgresql://postgres@127.0.0.1:5432/pb_no_such_db"},
+    )
+    res = CliRunner().invoke(main, [*command, "-p", str(root)])
+    assert res.exit_code == code, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert 'database "pb_no_such_db" does not exist' in res.output
+    assert "Traceback" not in res.output
 
 
 def _grow(url: str, copies: int) -> None:

@@ -92,6 +92,24 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
+def connect_once(url: str, *, timeout_s: int = 10, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """One connection to the store's database with its schema on the search path, for work outside the
+    pool (opening, migrating, probing, copying); psycopg's error when there is none."""
+    conninfo, schema = _split_schema(url)
+    kwargs: dict[str, Any] = {"connect_timeout": timeout_s, "autocommit": autocommit}
+    if schema:
+        kwargs["options"] = f"-c search_path={schema}"
+    return psycopg.connect(conninfo, **kwargs)
+
+
+def unusable(url: str, exc: psycopg.Error) -> StoreUnusable:
+    """The store cannot be opened: what the server said, and where to look."""
+    return StoreUnusable(
+        f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
+        " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
+    )
+
+
 def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migration]:
     """Create the schema's tables and apply the migrations it lacks (one transaction, under a lock that
     serialises openers), or refuse a store newer than this code. The migrations applied."""
@@ -121,11 +139,7 @@ def open_schema(conn: psycopg.Connection[Any], schema: str | None) -> list[Migra
 def probe(url: str) -> str | None:
     """Why the store at `url` cannot be used (unreachable, refused, newer schema), or None."""
     try:
-        conninfo, schema = _split_schema(url)
-        kwargs: dict[str, Any] = {"connect_timeout": 5}
-        if schema:
-            kwargs["options"] = f"-c search_path={schema}"
-        with psycopg.connect(conninfo, **kwargs) as conn:
+        with connect_once(url, timeout_s=5) as conn:
             found = conn.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
             if found and found[0]:
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -163,13 +177,10 @@ class PostgresStore(SqliteStore):
         if self.schema:
             kwargs["options"] = f"-c search_path={self.schema}"
         try:
-            with psycopg.connect(conninfo, **kwargs) as conn:
+            with connect_once(url) as conn:
                 open_schema(conn, self.schema)
         except psycopg.Error as exc:
-            raise StoreUnusable(
-                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
-                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
-            ) from None
+            raise unusable(url, exc) from None
         # A transaction is opened explicitly where one is needed; every execution is planned for the tables
         # as they are now (`_PLANNING`); a transaction left idle is ended by the server (IDLE_IN_TRANSACTION_S).
         idle = f"-c idle_in_transaction_session_timeout={max(1, int(idle_in_transaction_s * 1000))}"
@@ -227,18 +238,11 @@ class PostgresStore(SqliteStore):
     @staticmethod
     def migrate_only(url: str) -> None:
         """Create the tables and apply pending migrations, without opening a pool."""
-        conninfo, schema = _split_schema(url)
-        kwargs: dict[str, Any] = {"connect_timeout": 10}
-        if schema:
-            kwargs["options"] = f"-c search_path={schema}"
         try:
-            with psycopg.connect(conninfo, **kwargs) as conn:
-                open_schema(conn, schema)
+            with connect_once(url) as conn:
+                open_schema(conn, _split_schema(url)[1])
         except psycopg.Error as exc:
-            raise StoreUnusable(
-                f"opening the store {redacted(url)}: {_reason(exc)}; check that the server runs and the"
-                " `store:` URL in patchbay.yaml (its password comes from PGPASSWORD or ~/.pgpass)"
-            ) from None
+            raise unusable(url, exc) from None
 
     # -------------------------------------------------------------- plumbing
     def lock(self, roles: Collection[str] = (), node_id: str | None = None) -> None:
