@@ -181,9 +181,8 @@ def check(directory: Path, as_json: bool) -> None:
         exists = open_resolver_for(directory).exists
     except ConfigError:  # reported by load_project, where it is written
         exists = SecretResolver(None).exists
-    except (
-        StoreUnusable
-    ) as exc:  # the vault is in the store: its secrets cannot be judged; the store is reported
+    except StoreUnusable as exc:
+        # The vault is in the store: its secrets cannot be judged, and the store is what is reported.
         unusable, exists = exc, lambda ref: True
     project, problems = load_project(directory, exists)
     why: str | None = None
