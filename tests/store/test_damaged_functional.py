@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from patchbay.cli.main import main
+from patchbay.security.vault import MasterKey
 from patchbay.store.base import NewDelivery, NewEvent
 from patchbay.store.sqlite import SCHEMA_VERSION, SqliteStore, SyncStore, tx_accept
 from tests.cluster.harness import free_port
@@ -128,6 +131,20 @@ def test_serve_refuses_a_damaged_store_in_one_line_and_changes_nothing(tmp_path,
     assert "Traceback" not in res.stderr
     assert _fingerprint(db) == before  # refused, not repaired into an empty store
     assert not (tmp_path / ".patchbay" / "patchbay.db-wal").exists() or damage is newer
+
+
+def test_check_blames_a_damaged_store_not_the_secrets_kept_in_it(tmp_path):
+    """The vault is in the store file: with the file damaged, `check` says so at the store line (the default
+    store here, so line 0 of patchbay.yaml) and does not report each secret as missing."""
+    root = lead_project(tmp_path / "p", "http://127.0.0.1:9/")
+    MasterKey.load_ring(root / ".patchbay", create=True)
+    db = root / ".patchbay" / "patchbay.db"
+    db.write_bytes(b"not a store " * 1000)
+    res = CliRunner().invoke(main, ["check", str(root)])
+    assert res.exit_code == 2, res.output
+    assert "store: opening the store" in res.output and "is not a SQLite database" in res.output
+    assert "missing secret" not in res.output
+    assert db.read_bytes() == b"not a store " * 1000  # nothing was changed
 
 
 @pytest.mark.parametrize("damage", [damage_pages, half, schema_page, truncate, foreign])
