@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import functools
 import math
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from ssl import SSLContext
@@ -119,8 +117,7 @@ class HttpClient:
     ) -> None:
         self.resources = resources
         self.auth = auth
-        self.verify_tls = verify_tls
-        self.ca_bundle = ca_bundle
+        self._tls = TlsSettings(verify=verify_tls, ca_bundle=ca_bundle if verify_tls else None)
         # The header that carries the credentials, not carried to another server a redirect points at.
         self._credentials = frozenset(
             ()
@@ -183,26 +180,10 @@ class HttpClient:
         return answer
 
     async def tls(self) -> SSLContext:
-        """The context https requests of this system are made with: verified (the system's CA bundle, or
-        the machine's CAs) unless the system turned verification off."""
-        if not self.verify_tls:
-            return _unverified()
-        if self.ca_bundle:
-            return await tls_context(TlsSettings(ca_bundle=self.ca_bundle))
-        return _verified()
-
-
-@functools.cache
-def _verified() -> ssl.SSLContext:
-    return ssl.create_default_context()
-
-
-@functools.cache
-def _unverified() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+        """The context https requests of this system are made with (tls_client.py: one per setting, built
+        off the loop): verified (the system's CA bundle, or the machine's CAs) unless the system turned
+        verification off."""
+        return await tls_context(self._tls)
 
 
 def parse_retry_after(value: str | None, now: float | None = None, unit: str = "seconds") -> float | None:
