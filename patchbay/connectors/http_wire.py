@@ -49,6 +49,9 @@ _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 _DEFAULTS = (("Accept", "*/*"), ("Accept-Encoding", "gzip, deflate"))
 
 
+Tls = Callable[[], Awaitable[ssl.SSLContext]]  # gives the context for an https URL (asked only for one)
+
+
 class Answer(NamedTuple):
     status: int
     headers: CIMultiDictProxy[str]
@@ -234,7 +237,7 @@ class WirePool:
         *,
         timeout_s: float,
         limit: int,
-        tls: Callable[[], Awaitable[ssl.SSLContext]],
+        tls: Tls,
         follow_redirects: bool = False,
         credentials: frozenset[str] = frozenset(),
     ) -> Answer:
@@ -266,7 +269,7 @@ class WirePool:
         headers: Mapping[str, str],
         body: bytes | None,
         limit: int,
-        tls: Callable[[], Awaitable[ssl.SSLContext]],
+        tls: Tls,
         deadline: float,
     ) -> Answer:
         scheme, host, port, target, netloc = _parse(url)
@@ -407,6 +410,9 @@ def _head(method: str, target: str, host: str, headers: Mapping[str, str], body:
 
 
 def same_server(url: str, base: str) -> bool:
-    """`url` is on the server of `base` (scheme, host and port), so the system's credentials may go to it."""
-    a, b = urlsplit(url), urlsplit(base)
-    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+    """`url` is on the server of `base` (scheme, host and port, as the pools tell servers apart), so the
+    system's credentials may go to it. A URL no request could be made to is on no server."""
+    try:
+        return _parse(url)[:3] == _parse(base)[:3]
+    except BadRequest:
+        return False

@@ -25,16 +25,15 @@ import re
 import secrets as _random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
-from patchbay.connectors.http_wire import BadAnswer, BadRequest
+from patchbay.connectors.http_wire import BadAnswer, BadRequest, Tls
 from patchbay.connectors.tls_client import machine_tls
 from patchbay.errors import PatchbayError
 from patchbay.security.ssrf import BlockedAddress
@@ -52,7 +51,6 @@ PENDING_PREFIX = "oauth2.pending."  # a grant waiting for its callback: oauth2.p
 PENDING_TTL_S = 600.0  # how long the URL printed by `patchbay connect` stays usable
 REFRESH_MARGIN_S = 60.0  # refresh this long before expiry (at most a quarter of the token's lifetime)
 TOKEN_TIMEOUT_S = 15.0
-Tls = Callable[[], Awaitable[SSLContext]]  # gives the context an https token endpoint is reached with
 _STATE_RE = re.compile(r"^[A-Za-z0-9_\-]{32,64}$")
 AUTHORIZATION_CODE = "oauth2_authorization_code"
 CLIENT_CREDENTIALS = "oauth2_client_credentials"
