@@ -92,13 +92,23 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
-def connect_once(url: str, *, timeout_s: int = 10, autocommit: bool = False) -> psycopg.Connection[Any]:
-    """One connection to the store's database with its schema on the search path, for work outside the
-    pool (opening, migrating, probing, copying); psycopg's error when there is none."""
+def connect_args(
+    url: str, *, timeout_s: int = 10, autocommit: bool = False, options: str = ""
+) -> tuple[str, dict[str, Any]]:
+    """psycopg's conninfo and keyword arguments for a connection to the store: its schema on the search
+    path, then `options` (more `-c name=value` settings)."""
     conninfo, schema = _split_schema(url)
+    path = f"-c search_path={schema}" if schema else ""
     kwargs: dict[str, Any] = {"connect_timeout": timeout_s, "autocommit": autocommit}
-    if schema:
-        kwargs["options"] = f"-c search_path={schema}"
+    if path or options:
+        kwargs["options"] = f"{path} {options}".strip()
+    return conninfo, kwargs
+
+
+def connect_once(url: str, *, timeout_s: int = 10, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """One connection to the store, for work outside the pool (opening, migrating, probing, copying);
+    psycopg's error when there is none."""
+    conninfo, kwargs = connect_args(url, timeout_s=timeout_s, autocommit=autocommit)
     return psycopg.connect(conninfo, **kwargs)
 
 
@@ -172,10 +182,7 @@ class PostgresStore(SqliteStore):
     ) -> None:
         self.url = url
         self.path = Path(redacted(url))  # what messages name
-        conninfo, self.schema = _split_schema(url)
-        kwargs: dict[str, Any] = {"connect_timeout": 10}
-        if self.schema:
-            kwargs["options"] = f"-c search_path={self.schema}"
+        self.schema = _split_schema(url)[1]
         try:
             with connect_once(url) as conn:
                 open_schema(conn, self.schema)
@@ -184,11 +191,7 @@ class PostgresStore(SqliteStore):
         # A transaction is opened explicitly where one is needed; every execution is planned for the tables
         # as they are now (`_PLANNING`); a transaction left idle is ended by the server (IDLE_IN_TRANSACTION_S).
         idle = f"-c idle_in_transaction_session_timeout={max(1, int(idle_in_transaction_s * 1000))}"
-        self._conn_kwargs = {
-            **kwargs,
-            "autocommit": True,
-            "options": f"{kwargs.get('options', '')} {_PLANNING} {idle}".strip(),
-        }
+        conninfo, self._conn_kwargs = connect_args(url, autocommit=True, options=f"{_PLANNING} {idle}")
         self._pool = ConnectionPool(
             conninfo,
             min_size=1,
