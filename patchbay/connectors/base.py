@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from patchbay.config.models import DeliveryPolicy
 from patchbay.errors import ConfigError
 from patchbay.registry import install_hint, offline_resources
-from patchbay.security.ssrf import HttpSessions, resolve_allowed
+from patchbay.security.ssrf import HttpPools, resolve_allowed
 
 if TYPE_CHECKING:
     from patchbay.connectors.http_wire import WirePool
@@ -70,7 +70,7 @@ class Outcome:
 class Resources:
     """Shared, long-lived things a connector may use; the hub builds one per system it talks to."""
 
-    http: HttpSessions | None = None  # the hub's outbound HTTP connections (a pool per address policy)
+    http: HttpPools | None = None  # the hub's outbound HTTP connections (a pool per address policy)
     secret: Callable[[Any], str] = field(default=lambda ref: "")  # resolves a SecretRef, scoped per system
     redact: Callable[[str], str] = field(default=lambda s: s)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +86,7 @@ class Resources:
         if pool is not None and not pool.closed:
             return pool
         if self.http is None or self.http.closed:
-            self.http = HttpSessions()
+            self.http = HttpPools()
         from patchbay.connectors.http_wire import WirePool
 
         self._wire = self.http.pool(self.allow_private, self.allow_networks, WirePool)

@@ -13,7 +13,7 @@ What it keeps of the house rules:
   redirect's target is checked the same way.
 - **TLS** verified by default, with the system's CA bundle if it names one; the name checked is the
   URL's host while the connection goes to the checked address.
-- **Pools per address policy** (`HttpSessions.pool`): a kept-alive connection opened for an internal
+- **Pools per address policy** (`HttpPools.pool`): a kept-alive connection opened for an internal
   system is never reused for a guarded one.
 - **Bounded**: at most `limit` bytes of an answer are kept (decompressed); a longer answer, one that
   breaks off or stalls after its head gives what came (the status decided the outcome) and its

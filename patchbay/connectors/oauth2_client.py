@@ -41,7 +41,7 @@ from patchbay.security.ssrf import BlockedAddress
 if TYPE_CHECKING:
     from patchbay.connectors.base import Resources
     from patchbay.connectors.http_client import HttpAuth
-    from patchbay.security.ssrf import HttpSessions
+    from patchbay.security.ssrf import HttpPools
     from patchbay.security.vault import Vault
 
 log = logging.getLogger("patchbay.oauth2")
@@ -194,13 +194,13 @@ async def finish(
 
 
 # ----------------------------------------------------------------------------- the token source
-_SOURCES: weakref.WeakKeyDictionary[HttpSessions, dict[tuple[str, str], TokenSource]] = (
+_SOURCES: weakref.WeakKeyDictionary[HttpPools, dict[tuple[str, str], TokenSource]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 async def source_for(resources: Resources, auth: HttpAuth) -> TokenSource:
-    """The token source of `resources.system` for this hub (its shared HTTP sessions): one per system,
+    """The token source of `resources.system` for this hub (its shared HTTP connection pools): one per system,
     so the destinations and the source of one system never refresh the same grant twice."""
     resources.wire()  # makes sure resources.http exists
     assert resources.http is not None

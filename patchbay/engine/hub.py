@@ -42,7 +42,7 @@ from patchbay.metrics import Metrics
 from patchbay.records import new_id
 from patchbay.security.fields import FieldCipher, open_field_cipher
 from patchbay.security.secrets import SecretResolver
-from patchbay.security.ssrf import HttpSessions
+from patchbay.security.ssrf import HttpPools
 from patchbay.store.base import Accepted, Actor, Fence, NewEvent, NodeRow, SourceState
 from patchbay.store.opening import open_hub_store
 from patchbay.store.sqlite import SqliteStore, StoreLocked
@@ -171,7 +171,7 @@ class Hub:
         # What runs once in the cluster runs under a lease (schedules, consumers, windows, alerts, retention,
         # first runs); on a store one hub owns, every lease is this hub's.
         self.leader = Leader(self.store, self.node.id)
-        self.resources.http = HttpSessions()  # every system's connections, shared by its flows
+        self.resources.http = HttpPools()  # every system's connections, shared by its flows
         self.resources.redact = self.resolver.redactor
         self.batch = BatchRuns(self.project, self.resolver, self.store, self._batch_finished)
         await self.batch.load()
@@ -659,7 +659,7 @@ class Hub:
             for sink in fr.pipeline.sinks.values():
                 await _bounded(sink.close(), f"closing a destination of {fr.spec.name}")
         if self.resources.http is not None:
-            await _bounded(self.resources.http.close(), "closing HTTP sessions")
+            await _bounded(self.resources.http.close(), "closing HTTP connections")
         for task in (self._heartbeat, self._announcer):
             if task is not None:
                 task.cancel()

@@ -8,7 +8,7 @@ opens and connects to a checked IP; the database, broker and SMTP connectors do 
 that are internal on purpose opt out with `allow_private_network: true`, or open a few networks with
 `allow_networks: [CIDR]`.
 
-    HttpSessions          the hub's kept-alive HTTP connections, one pool per address policy (guarded by default)
+    HttpPools             the hub's kept-alive HTTP connections, one pool per address policy (guarded by default)
     AddressPolicy         what is blocked and why; `allowed` networks are exceptions
     parse_host()          the IP a host written as a number stands for (127.1 and 0x7f.1 too): the one
                           reader of host forms, for the guard and for `patchbay check` alike
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressPolicy",
     "BlockedAddress",
-    "HttpSessions",
+    "HttpPools",
     "ServerNameContext",
     "blocked_cause",
     "blocked_reason",
@@ -343,7 +343,7 @@ def blocked_cause(exc: BaseException | None) -> BlockedAddress | None:
 
 
 class Pool(Protocol):
-    """A pool of connections HttpSessions keeps for another client (HttpSessions.pool)."""
+    """A pool of connections HttpPools keeps for another client (HttpPools.pool)."""
 
     closed: bool
 
@@ -353,7 +353,7 @@ class Pool(Protocol):
 P = TypeVar("P", bound=Pool)
 
 
-class HttpSessions:
+class HttpPools:
     """The hub's outbound HTTP connection pools, one per address policy, created on first use.
 
     Guarded (the default) and unguarded (systems with allow_private_network) never share a
@@ -374,7 +374,7 @@ class HttpSessions:
         self, allow_private: bool, allow_networks: Iterable[str], make: Callable[[bool, tuple[str, ...]], P]
     ) -> P:
         """A client's connections for this address policy (`make(allow_private, networks)`, e.g.
-        connectors/http_wire.py's WirePool), one per policy and kind, closed with the sessions."""
+        connectors/http_wire.py's WirePool), one per policy and kind, closed with the others."""
         key = (make, *self._key(allow_private, allow_networks))
         pool = self._pools.get(key)
         if pool is None or pool.closed:

@@ -16,7 +16,7 @@ from aiohttp import web
 from patchbay.connectors import http_wire
 from patchbay.connectors.base import OutcomeClass, Resources
 from patchbay.connectors.http_wire import BadAnswer, BadRequest, WirePool
-from patchbay.security.ssrf import BlockedAddress, HttpSessions
+from patchbay.security.ssrf import BlockedAddress, HttpPools
 from tests.conftest import _start
 from tests.connectors.test_http import sink
 
@@ -417,14 +417,14 @@ async def test_a_url_with_credentials_in_it_is_refused():
 
 async def test_the_guarded_pool_refuses_loopback_before_connecting(server):
     url, seen = server
-    pool = HttpSessions().pool(False, (), WirePool)
+    pool = HttpPools().pool(False, (), WirePool)
     with pytest.raises(BlockedAddress):
         await ask(pool, url + "/ok")
     assert seen == []
 
 
 def test_each_address_policy_has_pools_of_its_own():
-    sessions = HttpSessions()
+    sessions = HttpPools()
     open_, guarded = sessions.pool(True, (), WirePool), sessions.pool(False, (), WirePool)
     allowed = sessions.pool(False, ["127.0.0.0/8"], WirePool)
     assert len({id(open_), id(guarded), id(allowed)}) == 3

@@ -696,9 +696,9 @@ def project_for(tmp_path, case: Case, url: str) -> Any:
 def resources() -> Resources:
     import os
 
-    from patchbay.security.ssrf import HttpSessions
+    from patchbay.security.ssrf import HttpPools
 
-    return Resources(HttpSessions(), allow_private=True, secret=lambda ref: os.environ[ref.env])
+    return Resources(HttpPools(), allow_private=True, secret=lambda ref: os.environ[ref.env])
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from patchbay.errors import TerminalError, TransientError
 from patchbay.security.ssrf import (
     AddressPolicy,
     BlockedAddress,
-    HttpSessions,
+    HttpPools,
     blocked_reason,
     outbound_warnings,
     parse_host,
@@ -158,7 +158,7 @@ async def server():
 async def pools() -> AsyncIterator[Callable[..., WirePool]]:
     """The HTTP client's connection pools (connectors/http_wire.py), one per address policy, as a
     system's requests get them."""
-    sessions = HttpSessions()
+    sessions = HttpPools()
 
     def make(allow_private: bool = False, allow_networks: tuple[str, ...] = ()) -> WirePool:
         return sessions.pool(allow_private, allow_networks, WirePool)
